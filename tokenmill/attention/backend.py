@@ -1,0 +1,138 @@
+"""Attention over the paged KV cache: the metadata a step carries, the backend protocol and the torch backends.
+
+KV cache layout, per layer: ``k_cache``/``v_cache`` of shape [num_blocks, block_size, num_kv_heads, head_dim].
+Token ``t`` of the flat batch is written to slot ``slot_mapping[t]`` (block * block_size + offset).
+
+Batch layout: requests are laid out one after another in the flat batch; ``query_start_loc[i]:query_start_loc[i+1]``
+are request i's new tokens, which are the last tokens of its ``seq_lens[i]`` cached ones. The first ``num_decodes``
+requests have exactly one new token.
+
+``ReferenceAttention`` loops over requests and is the oracle; ``TorchPagedAttention`` batches the decodes into one
+masked attention over a gathered view of the cache. A test holds them equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    query_start_loc: list[int]  # [num_reqs + 1], host ints
+    seq_lens: list[int]  # [num_reqs], context + new tokens, host ints
+    num_decodes: int  # the first num_decodes requests have query length 1
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    block_tables: torch.Tensor  # [num_reqs, max_num_blocks] int64, padded with 0
+    seq_lens_tensor: torch.Tensor  # [num_reqs] int64
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.seq_lens)
+
+
+class AttentionBackend(Protocol):
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor):
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+
+
+def _gather_seq(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[seq_len, num_kv_heads, head_dim] view of one request's cached tokens."""
+    block_size = cache.shape[1]
+    num_blocks = -(-seq_len // block_size)
+    return cache[block_table[:num_blocks]].flatten(0, 1)[:seq_len]
+
+
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of q's tokens (the last len(q) of the sequence) over k/v. Shapes as in forward()."""
+    q_len, seq_len = q.shape[0], k.shape[0]
+    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, len, head_dim]
+    if q_len == seq_len:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        context = seq_len - q_len
+        # key j is visible to query i when j <= context + i
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= (
+            context + torch.arange(q_len, device=q.device)[:, None]
+        )  # [q_len, seq_len]
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)  # [q_len, heads, head_dim]
+
+
+class ReferenceAttention:
+    """One request at a time. Simple, slow, the oracle for every other backend."""
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        for i in range(meta.num_reqs):
+            self._prefill_one(i, q, k_cache, v_cache, meta, scale, out)
+        return out
+
+    @staticmethod
+    def _prefill_one(i, q, k_cache, v_cache, meta, scale, out) -> None:
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        seq_len = meta.seq_lens[i]
+        keys = _gather_seq(k_cache, meta.block_tables[i], seq_len)
+        values = _gather_seq(v_cache, meta.block_tables[i], seq_len)
+        out[start:end] = _attend_one(q[start:end], keys, values, scale)
+
+
+class TorchPagedAttention(ReferenceAttention):
+    """Decodes batched into one masked attention; prefill chunks one request at a time (reference path)."""
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale)
+        for i in range(nd, meta.num_reqs):
+            self._prefill_one(i, q, k_cache, v_cache, meta, scale, out)
+        return out
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        nd = q.shape[0]
+        block_size = k_cache.shape[1]
+        max_len = max(meta.seq_lens[:nd])
+        num_blocks = -(-max_len // block_size)
+        tables = meta.block_tables[:nd, :num_blocks]  # [nd, num_blocks]
+        keys = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [nd, kv_heads, max_len, head_dim]
+        values = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+        valid = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens_tensor[:nd, None]  # [nd, max_len]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [nd, heads, 1, head_dim]
+            keys,
+            values,
+            attn_mask=valid[:, None, None, :],
+            scale=scale,
+            enable_gqa=True,
+        )
+        return out.squeeze(2)  # [nd, heads, head_dim]
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    if name == "reference":
+        return ReferenceAttention()
+    if name == "torch":
+        return TorchPagedAttention()
+    raise ValueError(f"unknown attention backend {name!r}; known: torch, reference")

@@ -1,0 +1,120 @@
+"""EngineConfig: every engine option in one frozen dataclass.
+
+Invariants:
+- Unknown keys are an error naming them (``EngineConfig.from_dict``), never silently dropped.
+- The object is never mutated: values that depend on the model (``max_model_len``) are filled in by ``resolve()``,
+  which returns a new, fully checked config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+PREEMPTION_MODES = ("none", "recompute")
+SCHEDULING_STRATEGIES = ("continuous", "prefill_first")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_BACKENDS = ("torch", "reference")
+
+
+class ConfigError(ValueError):
+    """A bad engine option: the message names the option and what is allowed."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Model
+    model: str | None = None  # HF model directory or .gguf file; None = the embedded default model
+    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+    cache_dir: str | None = None  # where converted GGUF models are kept; None = ~/.cache/tokenmill
+    # KV cache
+    block_size: int = 16
+    kv_cache_memory: float = 4.0  # GiB of KV cache on CPU
+    gpu_memory_utilization: float = 0.95  # fraction of GPU memory tokenmill may use on CUDA
+    num_kv_blocks: int | None = None  # exact pool size; overrides the memory budget (tests, tuning)
+    # Scheduler
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048  # token budget of one step
+    enable_chunked_prefill: bool = True
+    prefill_chunk_size: int | None = None  # most prompt tokens of one request in one step; None = the budget
+    preemption_mode: str = "none"
+    scheduling_strategy: str = "continuous"
+    sort_by_length: bool = False
+    # Execution
+    attention_backend: str = "torch"
+    num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default (physical cores)
+    seed: int = 0  # seeds the shared generator of requests that have no seed of their own
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown engine option(s): {', '.join(unknown)}; known options: {', '.join(sorted(known))}"
+            )
+        cfg = cls(**values)
+        cfg.check()
+        return cfg
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+    def check(self) -> None:
+        """Checks what can be checked without the model; raises ConfigError naming every bad option."""
+        problems = []
+
+        def positive_int(name: str, allow_none: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                problems.append(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            positive_int(name)
+        for name in ("max_model_len", "num_kv_blocks", "prefill_chunk_size", "num_threads"):
+            positive_int(name, allow_none=True)
+        if self.preemption_mode not in PREEMPTION_MODES:
+            problems.append(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
+        if self.scheduling_strategy not in SCHEDULING_STRATEGIES:
+            problems.append(
+                f"scheduling_strategy must be one of {SCHEDULING_STRATEGIES}, got {self.scheduling_strategy!r}"
+            )
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            problems.append(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            problems.append(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if not isinstance(self.kv_cache_memory, (int, float)) or self.kv_cache_memory <= 0:
+            problems.append(f"kv_cache_memory must be a positive number of GiB, got {self.kv_cache_memory!r}")
+        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
+            problems.append(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def resolve(self, model_max_len: int) -> "EngineConfig":
+        """Fills in model-dependent values and checks the options against each other."""
+        self.check()
+        max_model_len = self.max_model_len or model_max_len
+        if max_model_len > model_max_len:
+            raise ConfigError(
+                f"max_model_len={max_model_len} is longer than the model supports ({model_max_len} positions)"
+            )
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < max_model_len:
+            raise ConfigError(
+                f"with enable_chunked_prefill=False, max_num_batched_tokens ({self.max_num_batched_tokens}) must be "
+                f">= max_model_len ({max_model_len}) so every prompt fits one step; enable chunked prefill or "
+                f"lower max_model_len"
+            )
+        return self.replace(max_model_len=max_model_len)
+
+    @property
+    def chunk_limit(self) -> int:
+        """Most tokens of one request's prefill that one step may take."""
+        return min(self.prefill_chunk_size or self.max_num_batched_tokens, self.max_num_batched_tokens)

@@ -1,0 +1,265 @@
+"""Token-budget scheduler: decides, each step, which requests advance and by how many tokens.
+
+There is no prefill phase and no decode phase. A request is scheduled ``n`` tokens starting at its
+``num_computed_tokens``; when those reach ``num_tokens`` the runner samples one more token for it. Chunked prefill,
+mixed batches and recompute all follow from that one rule.
+
+Invariants (tested in tests/core):
+- a step never schedules more than ``max_num_batched_tokens`` tokens, nor more than ``max_num_seqs`` requests run;
+- decode tokens of running requests are scheduled before any prefill chunk; waiting requests are admitted FIFO;
+- under ``preemption_mode="none"`` a request is admitted only when blocks for its prompt plus ``max_tokens`` (capped
+  at ``max_model_len``) are free, and they are taken at admission, so a running request is never preempted;
+- under ``"recompute"`` blocks are taken as tokens are scheduled; when they run out the most recently admitted
+  running request gives its blocks back and is recomputed later (its outputs kept);
+- a finished request's blocks return to the pool in the step that finishes it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tokenmill.config import EngineConfig
+from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step: tokens [num_computed_tokens, num_computed_tokens + num_scheduled_tokens)."""
+
+    request: Request
+    num_computed_tokens: int
+    num_scheduled_tokens: int
+    block_ids: list[int]
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the request's last token, so the step samples its next one."""
+        return self.num_computed_tokens + self.num_scheduled_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    total_num_scheduled_tokens: int
+    preempted_request_ids: list[str] = field(default_factory=list)
+    finished_request_ids: list[str] = field(default_factory=list)  # finished since the previous step
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled_token_ids: dict[str, int]  # request_id -> token, only for chunks that sample
+    logprobs: dict[str, dict[int, float]] = field(default_factory=dict)  # request_id -> {token_id: logprob}
+
+
+@dataclass
+class SchedulerStats:
+    num_steps: int = 0
+    num_preemptions: int = 0
+    num_scheduled_tokens: int = 0
+    num_prefill_tokens: int = 0  # tokens scheduled in chunks that did not sample (or the last prompt chunk)
+    num_decode_tokens: int = 0
+    sum_running: int = 0  # sum over steps of the number of requests scheduled (for the average batch size)
+
+    @property
+    def avg_batch_size(self) -> float:
+        return self.sum_running / self.num_steps if self.num_steps else 0.0
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, kv_cache_manager: KVCacheManager) -> None:
+        if config.max_model_len is None:
+            raise ValueError("the scheduler needs a resolved EngineConfig (call config.resolve())")
+        self.config = config
+        self.kv = kv_cache_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last one is the first preemption victim
+        self.requests: dict[str, Request] = {}
+        self.stats = SchedulerStats()
+        self._finished_since_last_step: list[str] = []
+        self._decode_phase = False  # prefill_first only: True once the admitted wave is prefilled
+
+    # ---------------------------------------------------------------- requests in and out
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the engine")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
+        """Ends requests from outside (stop string, abort): frees their blocks at once."""
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            if req in self.running:
+                self.running.remove(req)
+            elif req in self.waiting:
+                self.waiting.remove(req)
+            self._finish(req, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.kv.free(req.request_id)
+        del self.requests[req.request_id]
+        self._finished_since_last_step.append(req.request_id)
+
+    # ---------------------------------------------------------------- scheduling
+    def _reservation(self, req: Request) -> int:
+        """Token slots a request is given at admission under preemption_mode=none: all it can ever use."""
+        limit = req.num_prompt_tokens + req.max_tokens
+        return min(limit, self.config.max_model_len)
+
+    def _chunk(self, req: Request, budget: int) -> int:
+        """Tokens to schedule for ``req`` under ``budget``; 0 when it cannot run this step."""
+        remaining = req.num_uncomputed_tokens
+        if remaining == 1:
+            return 1 if budget >= 1 else 0
+        if not self.config.enable_chunked_prefill:
+            return remaining if remaining <= budget else 0
+        return min(remaining, budget, self.config.chunk_limit)
+
+    def _preempt(self, victim: Request) -> None:
+        self.running.remove(victim)
+        self.kv.free(victim.request_id)
+        victim.num_computed_tokens = 0
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self.waiting.appendleft(victim)
+
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        scheduled: dict[str, ScheduledRequest] = {}
+        preempted: list[str] = []
+
+        prefill_first = cfg.scheduling_strategy == "prefill_first"
+        if prefill_first and not self.running:
+            self._decode_phase = False
+        if prefill_first and self._decode_phase:
+            candidates = [r for r in self.running if not r.is_prefilling]
+        else:
+            # Decode tokens first, then running prefills (chunks of admitted prompts, recomputes), admission order.
+            decodes = [r for r in self.running if not r.is_prefilling]
+            prefills = [r for r in self.running if r.is_prefilling]
+            candidates = prefills if prefill_first else decodes + prefills
+
+        for req in candidates:
+            if budget == 0:
+                break
+            if req.status != RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = self._chunk(req, budget)
+            if n == 0:
+                continue
+            while not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+                if cfg.preemption_mode == "none":
+                    raise RuntimeError(f"{req} ran out of reserved blocks under preemption_mode=none")
+                victim = self.running[-1]
+                undone = scheduled.pop(victim.request_id, None)
+                if undone is not None:
+                    budget += undone.num_scheduled_tokens
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                continue
+            scheduled[req.request_id] = ScheduledRequest(
+                req, req.num_computed_tokens, n, self.kv.block_ids(req.request_id)
+            )
+            budget -= n
+
+        admit = not preempted and not (prefill_first and self._decode_phase)
+        while admit and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            req = self.waiting[0]
+            n = self._chunk(req, budget)
+            if n == 0:
+                break  # FIFO: a request that does not fit blocks those behind it
+            slots = self._reservation(req) if cfg.preemption_mode == "none" else n
+            if not self.kv.allocate_slots(req.request_id, slots):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled[req.request_id] = ScheduledRequest(req, 0, n, self.kv.block_ids(req.request_id))
+            budget -= n
+
+        if prefill_first and not self._decode_phase and not scheduled and self.running:
+            # Nothing more to prefill or admit: the wave is complete; decode it until it drains.
+            self._decode_phase = True
+            return self.schedule()
+
+        if not scheduled and self.has_unfinished_requests():
+            raise RuntimeError(
+                f"scheduler made no progress with {len(self.running)} running and {len(self.waiting)} waiting "
+                f"requests ({self.kv.num_free_blocks} free blocks); this is a bug"
+            )
+        out = SchedulerOutput(
+            scheduled=list(scheduled.values()),
+            total_num_scheduled_tokens=cfg.max_num_batched_tokens - budget,
+            preempted_request_ids=preempted,
+            finished_request_ids=self._finished_since_last_step,
+        )
+        self._finished_since_last_step = []
+        self._record(out)
+        return out
+
+    def _record(self, out: SchedulerOutput) -> None:
+        s = self.stats
+        if out.scheduled:
+            s.num_steps += 1
+        s.num_scheduled_tokens += out.total_num_scheduled_tokens
+        s.sum_running += len(out.scheduled)
+        for sr in out.scheduled:
+            if sr.num_scheduled_tokens == 1 and sr.num_computed_tokens > 0 and sr.samples:
+                s.num_decode_tokens += 1
+            else:
+                s.num_prefill_tokens += sr.num_scheduled_tokens
+
+    # ---------------------------------------------------------------- results
+    def update_from_output(self, out: SchedulerOutput, runner_out: ModelRunnerOutput) -> list[Request]:
+        """Advances every scheduled request and appends sampled tokens; returns the requests this step finished."""
+        finished: list[Request] = []
+        for sr in out.scheduled:
+            req = sr.request
+            if req.status != RequestStatus.RUNNING:  # aborted while the step ran
+                continue
+            req.num_computed_tokens = sr.num_computed_tokens + sr.num_scheduled_tokens
+            token = runner_out.sampled_token_ids.get(req.request_id)
+            if token is None:
+                continue
+            req.append_output_token(token)
+            if req.logprobs is not None:
+                req.logprobs.append(runner_out.logprobs.get(req.request_id, {}))
+            status = self._stop_status(req, token)
+            if status is not None:
+                self.running.remove(req)
+                self._finish(req, status)
+                finished.append(req)
+        return finished
+
+    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
+        if token in req.stop_token_ids:
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

@@ -1,0 +1,141 @@
+"""LLMEngine: requests in, finished RequestOutputs out, one scheduler step at a time.
+
+The engine wires the scheduler (pure Python) to the model runner and does the output processing: stop strings
+(checked on a short detokenised tail, only for requests that have stop strings) and one bulk detokenisation of
+every request finished in a step. Token ids are collected per request; text is never built per step.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.request import Request, RequestStatus
+from tokenmill.core.scheduler import Scheduler
+from tokenmill.model.loader import load_model
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.worker.memory import plan_num_blocks
+from tokenmill.worker.model_runner import ModelRunner
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        config.check()
+        t0 = time.perf_counter()
+        self.device = resolve_device(config.device)
+        if config.num_threads and self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+        cache_dir = Path(config.cache_dir) if config.cache_dir else None
+        loaded = load_model(config.model, config.dtype, self.device, config.max_model_len, cache_dir)
+        self.config = config.resolve(loaded.model_config.max_position_embeddings)
+        self.model_config = loaded.model_config
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = loaded.eos_token_ids
+        self.model_path = loaded.path
+        dtype = next(loaded.model.parameters()).dtype
+        self.dtype = dtype
+        self.num_kv_blocks = plan_num_blocks(self.config, self.model_config, dtype, self.device)
+        self.kv_cache_manager = KVCacheManager(self.num_kv_blocks, self.config.block_size)
+        self.scheduler = Scheduler(self.config, self.kv_cache_manager)
+        self.runner = ModelRunner(self.config, loaded.model, self.num_kv_blocks, self.device)
+        self.load_seconds = time.perf_counter() - t0
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens_done = 0
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
+        problem = self.check_prompt(prompt_token_ids)
+        if problem:
+            raise ValueError(f"request {request_id!r}: {problem}")
+        self.scheduler.add_request(Request(request_id, prompt_token_ids, sampling_params, self.eos_token_ids))
+
+    def check_prompt(self, prompt_token_ids: list[int]) -> str | None:
+        """Why a prompt cannot run, or None. Used to find every bad input before any compute."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            return "empty prompt"
+        if n >= self.config.max_model_len:
+            return (
+                f"prompt has {n} tokens but max_model_len is {self.config.max_model_len} "
+                f"(a prompt needs at least one free position to generate into)"
+            )
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            return f"token ids out of the vocabulary range [0, {vocab}): {bad[:5]}"
+        return None
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    @property
+    def stats(self):
+        return self.scheduler.stats
+
+    # ---------------------------------------------------------------- the loop
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduler step; returns the requests it finished (stopped or out of length)."""
+        sched_out = self.scheduler.schedule()
+        runner_out = self.runner.execute(sched_out)
+        finished = self.scheduler.update_from_output(sched_out, runner_out)
+        self.num_generated_tokens += len(runner_out.sampled_token_ids)
+        self.num_prompt_tokens_done += sum(
+            s.num_scheduled_tokens for s in sched_out.scheduled if s.num_computed_tokens < s.request.num_prompt_tokens
+        )
+        finished += self._check_stop_strings(sched_out, runner_out.sampled_token_ids)
+        return self._make_outputs(finished)
+
+    def _check_stop_strings(self, sched_out, sampled: dict[str, int]) -> list[Request]:
+        hits = []
+        for s in sched_out.scheduled:
+            req = s.request
+            stops = req.sampling_params.stop
+            if not stops or req.request_id not in sampled or req.is_finished:
+                continue
+            window = max(len(x) for x in stops) + 2  # each token adds at least one character
+            tail = self.tokenizer.decode(req.output_token_ids[-window:], skip_special_tokens=True)
+            hit = next((x for x in stops if x in tail), None)
+            if hit is not None:
+                req.stop_reason = hit
+                self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+                hits.append(req)
+        return hits
+
+    def _make_outputs(self, finished: list[Request]) -> list[RequestOutput]:
+        if not finished:
+            return []
+        texts = self.tokenizer.batch_decode([r.output_token_ids for r in finished], skip_special_tokens=True)
+        outputs = []
+        for req, text in zip(finished, texts):
+            if isinstance(req.stop_reason, str):
+                text = text[: text.find(req.stop_reason)] if req.stop_reason in text else text
+            outputs.append(
+                RequestOutput(
+                    request_id=req.request_id,
+                    prompt=None,
+                    prompt_token_ids=req.prompt_token_ids,
+                    text=text,
+                    token_ids=req.output_token_ids,
+                    finish_reason=req.finish_reason.value,
+                    stop_reason=req.stop_reason,
+                    logprobs=req.logprobs,
+                    num_preemptions=req.num_preemptions,
+                )
+            )
+        return outputs

@@ -1,0 +1,1 @@
+"""Llama-family model code, weight loaders (HF safetensors directories and GGUF files) and the sampler."""

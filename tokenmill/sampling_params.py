@@ -1,0 +1,84 @@
+"""SamplingParams: how one request picks its next tokens and when it stops.
+
+Invariants:
+- An instance is frozen and valid: every out-of-range value is rejected at construction with a ValueError that
+  names every offending field, so nothing downstream re-checks.
+- ``temperature == 0`` means greedy; ``top_k``/``top_p``/``seed`` are then irrelevant.
+- A request with a ``seed`` draws from its own generator, so its tokens do not depend on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no top-k filtering
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top alternatives to return per token (0 = only the sampled one)
+
+    def __post_init__(self) -> None:
+        # Accept a single string / lists for convenience; store tuples so the object stays hashable and frozen.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif self.stop is None:
+            object.__setattr__(self, "stop", ())
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        problems = self._problems()
+        if problems:
+            raise ValueError("invalid sampling parameters: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        p = []
+
+        def is_int(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x: Any) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
+            p.append(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not is_num(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            p.append(f"temperature must be a number in [0, 100], got {self.temperature!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
+            p.append(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            p.append(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
+            p.append(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            p.append(f"stop must be non-empty strings, got {list(self.stop)!r}")
+        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
+            p.append(f"stop_token_ids must be non-negative integers, got {list(self.stop_token_ids)!r}")
+        if not isinstance(self.ignore_eos, bool):
+            p.append(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            p.append(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        return p
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SamplingParams":
+        """Build from a plain dict; an unknown key is a ValueError naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+

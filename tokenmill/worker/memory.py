@@ -1,0 +1,53 @@
+"""KV cache sizing: how many blocks the memory budget holds, and the start-up check that one request fits."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.config import ConfigError, EngineConfig
+from tokenmill.model.model_config import ModelConfig
+
+GIB = 2**30
+
+
+def kv_bytes_per_block(mc: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """K and V for ``block_size`` tokens across all layers."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * mc.num_hidden_layers * block_size * mc.num_key_value_heads * mc.head_dim * elem
+
+
+def kv_budget_bytes(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes the KV cache may take: ``kv_cache_memory`` GiB on CPU; on CUDA, what ``gpu_memory_utilization``
+    leaves after the weights already loaded and an estimate of the activations of one full step."""
+    if device.type != "cuda":
+        return int(config.kv_cache_memory * GIB)
+    free, total = torch.cuda.mem_get_info(device)
+    used = total - free
+    elem = torch.empty((), dtype=dtype).element_size()
+    activations = config.max_num_batched_tokens * (2 * mc.intermediate_size + 6 * mc.hidden_size) * elem * 2
+    activations += config.max_num_seqs * mc.vocab_size * 4 * 2  # logits of the sampled rows, float32
+    return int(total * config.gpu_memory_utilization - used - activations)
+
+
+def plan_num_blocks(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
+    """Number of KV blocks; raises ConfigError when they cannot hold one request of ``max_model_len`` tokens."""
+    per_block = kv_bytes_per_block(mc, config.block_size, dtype)
+    needed = -(-config.max_model_len // config.block_size)
+    if config.num_kv_blocks is not None:
+        num_blocks = config.num_kv_blocks
+        source = f"num_kv_blocks={num_blocks}"
+    else:
+        budget = kv_budget_bytes(config, mc, dtype, device)
+        num_blocks = max(budget, 0) // per_block
+        source = (
+            f"kv_cache_memory={config.kv_cache_memory} GiB"
+            if device.type != "cuda"
+            else f"gpu_memory_utilization={config.gpu_memory_utilization}"
+        )
+    if num_blocks < needed:
+        raise ConfigError(
+            f"the KV cache budget ({source}) holds {num_blocks} blocks of {config.block_size} tokens, but one request "
+            f"of max_model_len={config.max_model_len} tokens needs {needed} blocks "
+            f"({needed * per_block / GIB:.3f} GiB); raise the budget or lower max_model_len"
+        )
+    return num_blocks

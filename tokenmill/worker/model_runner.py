@@ -1,0 +1,103 @@
+"""ModelRunner: SchedulerOutput -> flat batch -> model -> sampled tokens.
+
+It owns the KV cache tensors and the sampler. Each step it lays the scheduled chunks out as one flat, unpadded batch
+(decodes first), runs the model once, runs the LM head only on the last token of each chunk that samples, and
+samples those rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tokenmill.attention.backend import AttentionMetadata, get_attention_backend
+from tokenmill.config import EngineConfig
+from tokenmill.core.scheduler import ModelRunnerOutput, SchedulerOutput
+from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.model.sampler import Sampler
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: LlamaForCausalLM, num_blocks: int, device: torch.device) -> None:
+        self.config = config
+        self.model = model
+        self.device = device
+        self.block_size = config.block_size
+        self.backend = get_attention_backend(config.attention_backend)
+        self.sampler = Sampler(config.seed, device)
+        mc = model.config
+        dtype = next(model.parameters()).dtype
+        shape = (num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        # Allocated uninitialised (zeroing gigabytes costs seconds at start-up); each block is zeroed the first time
+        # a step uses it, because attention reads whole blocks and masked slots must hold finite values.
+        self.kv_caches = [
+            (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+            for _ in range(mc.num_hidden_layers)
+        ]  # per layer: (k, v), each [num_blocks, block_size, num_kv_heads, head_dim]
+        self._block_zeroed = np.zeros(num_blocks, dtype=bool)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        self.sampler.forget(out.finished_request_ids)
+        # Decodes (one new token) first: the attention backend batches them.
+        chunks = sorted(out.scheduled, key=lambda s: s.num_scheduled_tokens != 1)
+        num_decodes = sum(1 for s in chunks if s.num_scheduled_tokens == 1)
+
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions = []
+        slots = []
+        query_start_loc = [0]
+        seq_lens = []
+        max_blocks = max(len(s.block_ids) for s in chunks)
+        block_tables = np.zeros((len(chunks), max_blocks), dtype=np.int64)
+        for i, s in enumerate(chunks):
+            start, n = s.num_computed_tokens, s.num_scheduled_tokens
+            input_ids.extend(s.request.all_token_ids[start : start + n])
+            pos = np.arange(start, start + n, dtype=np.int64)
+            table = np.asarray(s.block_ids, dtype=np.int64)
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            block_tables[i, : len(table)] = table
+            query_start_loc.append(query_start_loc[-1] + n)
+            seq_lens.append(start + n)
+
+        self._zero_new_blocks(block_tables)
+        dev = self.device
+        meta = AttentionMetadata(
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            num_decodes=num_decodes,
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            block_tables=torch.from_numpy(block_tables).to(dev),
+            seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+        )
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            torch.from_numpy(np.concatenate(positions)).to(dev),
+            self.kv_caches,
+            meta,
+            self.backend,
+        )  # [num_tokens, hidden]
+
+        sampling = [(i, s) for i, s in enumerate(chunks) if s.samples]
+        if not sampling:
+            return ModelRunnerOutput({})
+        rows = torch.tensor([query_start_loc[i + 1] - 1 for i, _ in sampling], device=dev)
+        logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab]
+        ids = [s.request_id for _, s in sampling]
+        result = self.sampler(logits, ids, [s.request.sampling_params for _, s in sampling])
+        logprobs = {rid: lp for rid, lp in zip(ids, result.logprobs) if lp is not None}
+        return ModelRunnerOutput(dict(zip(ids, result.token_ids)), logprobs)
+
+    def _zero_new_blocks(self, block_tables: np.ndarray) -> None:
+        """Zeroes the blocks (and the padding block 0) that no step has used yet."""
+        used = np.unique(block_tables)
+        new = used[~self._block_zeroed[used]]
+        if new.size == 0:
+            return
+        self._block_zeroed[new] = True
+        idx = torch.from_numpy(new).to(self.device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache.index_fill_(0, idx, 0)
+            v_cache.index_fill_(0, idx, 0)
