@@ -90,8 +90,9 @@ class Request:
 
     @property
     def is_prefilling(self) -> bool:
-        """True while more than the last sampled token is still uncomputed (a prompt, or a recompute)."""
-        return self.num_tokens - self.num_computed_tokens > 1
+        """True until the request is decoding: it has sampled a token and only that last token is uncomputed.
+        Covers a prompt (including its last token) and a recompute after preemption."""
+        return self.num_output_tokens == 0 or self.num_tokens - self.num_computed_tokens > 1
 
     @property
     def is_finished(self) -> bool:

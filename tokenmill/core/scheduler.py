@@ -86,7 +86,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
         self._finished_since_last_step: list[str] = []
-        self._decode_phase = False  # prefill_first only: True once the admitted wave is prefilled
+        # prefill_first only: a wave is admitted while _wave_open, prefilled, then decoded until it drains.
+        self._wave_open = True
+        self._decode_phase = False
 
     # ---------------------------------------------------------------- requests in and out
     def add_request(self, request: Request) -> None:
@@ -152,7 +154,7 @@ class Scheduler:
 
         prefill_first = cfg.scheduling_strategy == "prefill_first"
         if prefill_first and not self.running:
-            self._decode_phase = False
+            self._wave_open, self._decode_phase = True, False
         if prefill_first and self._decode_phase:
             candidates = [r for r in self.running if not r.is_prefilling]
         else:
@@ -178,6 +180,7 @@ class Scheduler:
                     budget += undone.num_scheduled_tokens
                 self._preempt(victim)
                 preempted.append(victim.request_id)
+                self._wave_open = False  # memory is full: this wave takes no more requests
                 if victim is req:
                     break
             if req.status != RequestStatus.RUNNING:
@@ -187,7 +190,10 @@ class Scheduler:
             )
             budget -= n
 
-        admit = not preempted and not (prefill_first and self._decode_phase)
+        if prefill_first:
+            admit = self._wave_open and not self._decode_phase
+        else:  # after a preemption, admitting would only thrash; unless nothing at all could run this step
+            admit = not preempted or not scheduled
         while admit and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = self.waiting[0]
             n = self._chunk(req, budget)
@@ -204,7 +210,7 @@ class Scheduler:
 
         if prefill_first and not self._decode_phase and not scheduled and self.running:
             # Nothing more to prefill or admit: the wave is complete; decode it until it drains.
-            self._decode_phase = True
+            self._wave_open, self._decode_phase = False, True
             return self.schedule()
 
         if not scheduled and self.has_unfinished_requests():
