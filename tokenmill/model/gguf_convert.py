@@ -111,6 +111,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
             arr = _unpermute_qk(arr, num_heads)
         elif permuted and t.name.endswith("attn_k.weight"):
             arr = _unpermute_qk(arr, num_kv_heads)
+        if not arr.flags.writeable:  # unquantised tensors are read-only views of the memory-mapped file
+            arr = arr.copy()
         state[hf_name] = torch.from_numpy(np.ascontiguousarray(arr))
 
     vocab_size = int(meta(f"{arch}.vocab_size", 0)) or state["model.embed_tokens.weight"].shape[0]

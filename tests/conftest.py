@@ -1,0 +1,32 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """A private GGUF conversion cache for the session, so tests also cover the first (converting) load."""
+    return str(tmp_path_factory.mktemp("tokenmill-cache"))
+
+
+@pytest.fixture(scope="session")
+def smollm2(cache_dir):
+    """The embedded default model, loaded once for the session (the engine is reused across tests)."""
+    from tokenmill import LLM
+
+    return LLM(cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' own LlamaForCausalLM from the same GGUF file (its own dequantisation and Q/K un-permute)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tokenmill.model.loader import default_model_path
+
+    path = default_model_path()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()

@@ -1,0 +1,94 @@
+"""Shared test helpers: tiny random-weight HF models on disk, the transformers greedy oracle, token comparison."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.1,  # sharper logits than the default 0.02: fewer near-ties in greedy decoding
+    bos_token_id=2,
+    eos_token_id=1,
+)
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(**TINY, tie_word_embeddings=False)
+    if arch == "llama3_tied":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        }
+        return tf.LlamaConfig(**TINY, tie_word_embeddings=True, rope_parameters=rope)
+    if arch == "mistral":
+        return tf.MistralConfig(**TINY, sliding_window=None, tie_word_embeddings=False)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**TINY, tie_word_embeddings=False)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=False)
+    raise ValueError(arch)
+
+
+def save_tiny_model(arch: str, path: Path, seed: int = 0):
+    """Writes a random-weight HF model directory (config, safetensors, a word-level tokenizer); returns the model."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    cfg = tiny_config(arch)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model.save_pretrained(str(path))
+    vocab = {f"w{i}": i for i in range(cfg.vocab_size)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", eos_token="w1", bos_token="w2")
+    tokenizer.save_pretrained(str(path))
+    return model
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers' own forward with its KV cache, argmax each step; returns tokens and each step's logits."""
+    out = model(torch.tensor([prompt_ids]), use_cache=True)
+    tokens, logits = [], []
+    for _ in range(max_new_tokens):
+        step_logits = out.logits[0, -1].float()
+        logits.append(step_logits)
+        tokens.append(int(step_logits.argmax()))
+        out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens, logits
+
+
+NEAR_TIE = 1e-3  # logit gap below which float32 summation order may legitimately pick the other token
+
+
+def assert_greedy_equal(ours: list[int], ref: list[int], ref_logits: list[torch.Tensor], label: str) -> None:
+    """Exact equality expected. A divergence is only tolerated at a near-tie of the reference's top two logits,
+    and then it is reported as a warning naming the position and the gap; tokens after it are not compared."""
+    assert len(ours) == len(ref), f"{label}: {len(ours)} tokens, reference has {len(ref)}"
+    if ours == ref:
+        return
+    j = next(i for i, (a, b) in enumerate(zip(ours, ref)) if a != b)
+    top2 = ref_logits[j].topk(2).values
+    gap = float(top2[0] - top2[1])
+    assert gap < NEAR_TIE, (
+        f"{label}: token {j} differs ({ours[j]} vs reference {ref[j]}) and the reference's top-2 logit gap is "
+        f"{gap:.3g}: not a near-tie, so this is a real divergence"
+    )
+    warnings.warn(f"{label}: diverged at token {j} at a near-tie of the top two logits (gap {gap:.2e})")
