@@ -1,0 +1,212 @@
+"""The ``tokenmill`` command line: thin flags -> JobOptions / EngineConfig -> tokenmill.jobs.
+
+Errors the user must fix (missing file, bad flag or config key, unknown model path) print one line on stderr and
+exit with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from tokenmill.config import ConfigError
+
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+def _engine_and_sampling(config: Path | None, model: str | None, engine_flags: dict, sampling_flags: dict):
+    """Merges --config (if any) with flags; flags win. Returns (model, engine options, sampling defaults)."""
+    from tokenmill.jobs.config_file import load_batch_config
+
+    file_model, engine, sampling = (None, {}, {})
+    if config is not None:
+        file_model, engine, sampling = load_batch_config(config)
+    engine.update({k: v for k, v in engine_flags.items() if v is not None})
+    sampling.update({k: v for k, v in sampling_flags.items() if v is not None and v != ()})
+    if "stop" in sampling and isinstance(sampling["stop"], (list, tuple)):
+        sampling["stop"] = list(sampling["stop"])
+    return model or file_model, engine, sampling
+
+
+def _job_context(model, engine, sampling):
+    from tokenmill.jobs.runner import JobContext
+
+    return JobContext(model, engine, {"max_tokens": 256, **sampling})
+
+
+model_option = click.option("--model", "-m", default=None, help="HF model directory or .gguf file "
+                            "(default: the embedded SmolLM2-135M-Instruct).")
+config_option = click.option("--config", "config", type=click.Path(path_type=Path), default=None,
+                             help="Batch config YAML (sections scheduler, memory, engine, sampling); flags override it.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tokenmill")
+def cli() -> None:
+    """tokenmill: offline batch LLM inference. Datasets in, results out, resumable."""
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Results JSONL. Beside it: OUTPUT.errors.jsonl, .manifest.json, .state.json, .lock.")
+@model_option
+@config_option
+@click.option("--max-tokens", type=int, default=None, help="Default max output tokens per request (256).")
+@click.option("--temperature", type=float, default=None, help="Default temperature (1.0; 0 = greedy).")
+@click.option("--top-p", type=float, default=None, help="Default top-p (1.0).")
+@click.option("--top-k", type=int, default=None, help="Default top-k (0 = off).")
+@click.option("--seed", type=int, default=None, help="Default per-request sampling seed.")
+@click.option("--stop", multiple=True, help="Default stop string (repeatable).")
+@click.option("--max-num-seqs", type=int, default=None, help="Most running requests (default: from the memory plan).")
+@click.option("--max-num-batched-tokens", type=int, default=None,
+              help="Token budget of one step (default: from the memory plan).")
+@click.option("--preemption-mode", type=click.Choice(["none", "recompute"]), default=None,
+              help="none (default): never evict a running request; recompute: evict the newest and redo it later.")
+@click.option("--scheduling-strategy", type=click.Choice(["continuous", "prefill_first"]), default=None,
+              help="continuous (default) or prefill_first.")
+@click.option("--sort-by-length/--no-sort-by-length", default=None, help="Admit longer prompts first within a window.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
+@click.option("--max-model-len", type=int, default=None, help="Longest sequence (default: the model's).")
+@click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU (default 4).")
+@click.option("--gpu-memory-utilization", type=float, default=None, help="Fraction of GPU memory on CUDA (0.95).")
+@click.option("--partition", type=int, default=0, show_default=True, help="This machine's partition index.")
+@click.option("--total-partitions", type=int, default=1, show_default=True, help="Number of partitions.")
+@click.option("--gpu-hourly-rate", type=float, default=None, help="USD per GPU-hour, for the cost summary.")
+@click.option("--num-gpus", type=int, default=1, show_default=True, help="GPUs billed, for the cost summary.")
+@click.option("--overwrite", is_flag=True, help="Discard earlier results for OUTPUT and start afresh.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k, seed, stop, max_num_seqs,
+        max_num_batched_tokens, preemption_mode, scheduling_strategy, sort_by_length, dtype, max_model_len,
+        kv_cache_memory, gpu_memory_utilization, partition, total_partitions, gpu_hourly_rate, num_gpus, overwrite,
+        quiet):
+    """Run a JSONL dataset through the model into OUTPUT; the same command resumes an interrupted job.
+
+    Input lines: {"id", "prompt"} or {"id", "messages"} (optional max_tokens, temperature, top_p, seed, stop), or
+    OpenAI Batch lines for /v1/chat/completions and /v1/completions. Bad lines go to OUTPUT.errors.jsonl.
+    """
+    from tokenmill.jobs.runner import JobOptions, run_job
+
+    model, engine, sampling = _engine_and_sampling(
+        config, model,
+        dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, preemption_mode=preemption_mode,
+             scheduling_strategy=scheduling_strategy, sort_by_length=sort_by_length, dtype=dtype,
+             max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
+             gpu_memory_utilization=gpu_memory_utilization),
+        dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop),
+    )
+    opts = JobOptions(input=input_path, output=output, model=model, engine_options=engine, sampling_defaults=sampling,
+                      partition=partition, total_partitions=total_partitions, gpu_hourly_rate=gpu_hourly_rate,
+                      num_gpus=num_gpus, quiet=quiet, overwrite=overwrite)
+    return run_job(opts)
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw state as JSON.")
+def status(output, as_json):
+    """State of the job writing OUTPUT: running / completed / interrupted / failed, progress, rates, ETA."""
+    from tokenmill.jobs.files import JobPaths
+    from tokenmill.jobs.state import format_status, read_status
+
+    path = JobPaths(output).state
+    if not path.exists():
+        raise UserError(f"no job state for {output} (expected {path})")
+    data = read_status(path)
+    click.echo(json.dumps(data, indent=1) if as_json else format_status(data))
+    return 0
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@model_option
+@config_option
+@click.option("--max-tokens", type=int, default=None, help="Default max output tokens per request (256).")
+@click.option("--max-model-len", type=int, default=None)
+@click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU.")
+@click.option("--gpu-memory-utilization", type=float, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, gpu_memory_utilization, as_json):
+    """Memory plan from the dataset's length statistics: KV blocks, concurrency, recommended settings."""
+    from tokenmill.jobs.runner import JobSetupError
+    from tokenmill.jobs.scan import scan
+
+    if not input_path.is_file():
+        raise JobSetupError(f"input file {input_path} does not exist")
+    model, engine, sampling = _engine_and_sampling(
+        config, model, dict(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
+                            gpu_memory_utilization=gpu_memory_utilization), dict(max_tokens=max_tokens))
+    ctx = _job_context(model, engine, sampling)
+    s = scan(input_path, ctx.pre, lambda n, e: None)
+    lines = [n for n in range(1, s.num_lines + 1) if s.valid[n]]
+    p = ctx.plan([s.prompt_tokens[n] for n in lines], [s.max_tokens[n] for n in lines])
+    click.echo(json.dumps(p.as_dict(), indent=1) if as_json else p.render())
+    if s.num_errors:
+        click.echo(f"({s.num_errors} invalid lines left out; see `tokenmill validate`)", err=True)
+    return 0
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@model_option
+@click.option("--max-model-len", type=int, default=None)
+def validate(input_path, model, max_model_len):
+    """Only the validation pass: exit 0 if every line is valid, else 1 with the error records on stdout."""
+    from tokenmill.jobs.runner import JobSetupError
+    from tokenmill.jobs.scan import scan
+
+    if not input_path.is_file():
+        raise JobSetupError(f"input file {input_path} does not exist")
+    ctx = _job_context(model, {"max_model_len": max_model_len} if max_model_len else {}, {})
+    s = scan(input_path, ctx.pre, lambda n, e: click.echo(json.dumps(e.to_record(n), ensure_ascii=False)))
+    click.echo(f"{s.num_valid} valid, {s.num_errors} invalid lines in {input_path}", err=True)
+    return 1 if s.num_errors else 0
+
+
+@cli.command()
+@click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Merged results JSONL.")
+@click.option("--input", "input_path", type=click.Path(path_type=Path), default=None,
+              help="The original input: order the merge by it and check every id is present exactly once.")
+def merge(parts, output, input_path):
+    """Merge partition outputs (and their .errors.jsonl) into one file, in input order when --input is given."""
+    from tokenmill.jobs.merge import merge_parts
+
+    problems = merge_parts(list(parts), output, input_path)
+    for p in problems[:20]:
+        click.echo(f"tokenmill: {p}", err=True)
+    if problems:
+        click.echo(f"tokenmill: merge found {len(problems)} problem(s)", err=True)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tokenmill.jobs.runner import JobSetupError
+    from tokenmill.model.loader import ModelNotFoundError
+
+    try:
+        code = cli.main(args=argv, prog_name="tokenmill", standalone_mode=False)
+    except click.exceptions.UsageError as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        print(f"tokenmill: error: {e.format_message()}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        print(f"tokenmill: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except (JobSetupError, ConfigError, ModelNotFoundError, FileNotFoundError) as e:
+        print(f"tokenmill: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

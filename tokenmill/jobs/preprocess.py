@@ -1,0 +1,77 @@
+"""Lines -> ready requests (token ids and SamplingParams) or JobErrors, tokenising a chunk of lines at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenmill.jobs.records import JobError, JobRequest, parse_line
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class Prepared:
+    request: JobRequest
+    token_ids: list[int]
+    params: SamplingParams
+
+
+class Preprocessor:
+    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, sampling_defaults: dict) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.defaults = dict(sampling_defaults)
+        SamplingParams.from_dict(self.defaults)  # the job's own defaults must be valid (checked by the CLI)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        if not self.tokenizer.chat_template:
+            raise ValueError("the model's tokenizer has no chat template")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def process(self, lines: list[tuple[int, bytes]]) -> list[tuple[int, Prepared | JobError]]:
+        """``lines`` are (line_no, raw bytes) of non-blank lines; results keep their order."""
+        parsed: list[tuple[int, JobRequest | JobError]] = []
+        for line_no, raw in lines:
+            try:
+                parsed.append((line_no, parse_line(raw, line_no, self.apply_chat_template)))
+            except JobError as e:
+                parsed.append((line_no, e))
+        # Tokenise every text prompt of the chunk in two batched calls (chat prompts carry their special tokens).
+        ids: dict[int, list[int]] = {}
+        for is_chat in (False, True):
+            group = [(n, r) for n, r in parsed if isinstance(r, JobRequest) and r.is_chat == is_chat
+                     and isinstance(r.prompt, str)]
+            if group:
+                enc = self.tokenizer([r.prompt for _, r in group], add_special_tokens=not is_chat).input_ids
+                ids.update((n, t) for (n, _), t in zip(group, enc))
+        out: list[tuple[int, Prepared | JobError]] = []
+        for line_no, r in parsed:
+            if isinstance(r, JobError):
+                out.append((line_no, r))
+                continue
+            token_ids = ids.get(line_no, r.prompt)
+            try:
+                out.append((line_no, self._finish(r, token_ids)))
+            except JobError as e:
+                out.append((line_no, e))
+        return out
+
+    def _finish(self, r: JobRequest, token_ids: list[int]) -> Prepared:
+        openai = r.kind != "plain"
+        if not token_ids:
+            raise JobError("empty_prompt", f"line {r.line_no}: the prompt has no tokens", r.record_id, openai)
+        if len(token_ids) >= self.max_model_len:
+            raise JobError(
+                "prompt_too_long",
+                f"line {r.line_no}: the prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}",
+                r.record_id, openai,
+            )
+        if any(t < 0 or t >= self.vocab_size for t in token_ids):
+            raise JobError(
+                "invalid_prompt", f"line {r.line_no}: token ids must be in [0, {self.vocab_size})", r.record_id, openai
+            )
+        try:
+            params = SamplingParams.from_dict({**self.defaults, **r.sampling})
+        except (ValueError, TypeError) as e:
+            raise JobError("invalid_sampling", f"line {r.line_no}: {e}", r.record_id, openai) from None
+        return Prepared(r, token_ids, params)

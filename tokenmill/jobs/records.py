@@ -1,0 +1,248 @@
+"""One input line -> a JobRequest (what to run) or a JobError (why not), and results -> output records.
+
+Input lines, detected per line:
+- ``{"id", "prompt"}`` (raw completion) or ``{"id", "messages"}`` (chat template applied), with optional per-line
+  ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop`` overriding the job defaults;
+- OpenAI Batch API lines ``{"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions",
+  "body": {...}}``.
+
+Every rejection carries a stable error ``code`` (see ``ERROR_CODES``) and a human message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.sampling_params import SamplingParams
+
+ERROR_CODES = {
+    "invalid_utf8": "the line is not valid UTF-8",
+    "invalid_json": "the line is not valid JSON",
+    "not_an_object": "the line is JSON but not an object",
+    "invalid_id": "id (or custom_id) is missing or not a string / integer",
+    "duplicate_id": "an earlier line has the same id",
+    "missing_input": "the line has neither prompt nor messages (or both)",
+    "invalid_prompt": "prompt is not a string or a list of token ids",
+    "invalid_messages": "messages is not a list of {role, content} objects the chat template accepts",
+    "empty_prompt": "the prompt is empty",
+    "prompt_too_long": "the prompt does not fit the model's max_model_len",
+    "invalid_sampling": "a sampling value is out of range or of the wrong type",
+    "unsupported_url": "the OpenAI url is not /v1/chat/completions or /v1/completions",
+    "unsupported_method": "the OpenAI method is not POST",
+    "unsupported_n": "n > 1 is not supported",
+    "invalid_body": "the OpenAI body is missing or not an object",
+}
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+
+
+class JobError(Exception):
+    def __init__(self, code: str, message: str, record_id: Any = None, openai: bool = False) -> None:
+        assert code in ERROR_CODES, code
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.record_id = record_id
+        self.openai = openai
+
+    def to_record(self, line_no: int) -> dict:
+        rec = {"line": line_no, "id": self.record_id, "code": self.code, "message": self.message}
+        if self.openai:  # also readable as an OpenAI Batch error-file line
+            rec.update(custom_id=self.record_id, response=None, error={"code": self.code, "message": self.message})
+        return rec
+
+
+@dataclass
+class JobRequest:
+    """A validated line, before tokenisation. ``prompt`` is text (template applied for chat) or token ids."""
+
+    line_no: int
+    record_id: Any  # the user's id (plain) or custom_id (OpenAI), type preserved
+    kind: str  # "plain", "openai_chat" or "openai_completion"
+    prompt: str | list[int]
+    sampling: dict  # per-line overrides of the job's sampling defaults
+    is_chat: bool
+
+    @property
+    def id_key(self) -> str:
+        return id_key(self.record_id)
+
+
+def id_key(record_id: Any) -> str:
+    """Canonical form of an id for equality: 1 and "1" are different ids."""
+    return json.dumps(record_id)
+
+
+def parse_line(raw: bytes, line_no: int, apply_chat_template) -> JobRequest:
+    """Parses and checks one non-blank line; raises JobError. ``apply_chat_template(messages) -> str``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JobError("invalid_utf8", f"line {line_no} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise JobError("invalid_json", f"line {line_no} is not valid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(obj, dict):
+        raise JobError("not_an_object", f"line {line_no} is a JSON {type(obj).__name__}, expected an object")
+    if "custom_id" in obj or "body" in obj or "url" in obj:
+        return _parse_openai(obj, line_no, apply_chat_template)
+    return _parse_plain(obj, line_no, apply_chat_template)
+
+
+def _check_id(value: Any, name: str, line_no: int, openai: bool) -> Any:
+    ok = isinstance(value, str) and value != "" or (isinstance(value, int) and not isinstance(value, bool))
+    if openai:
+        ok = isinstance(value, str) and value != ""
+    if not ok:
+        want = "a non-empty string" if openai else "a non-empty string or an integer"
+        shown = "missing" if value is None else f"{type(value).__name__} {json.dumps(value)[:40]}"
+        raise JobError("invalid_id", f"line {line_no}: {name} must be {want}, got {shown}", openai=openai)
+    return value
+
+
+def _parse_plain(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
+    rid = _check_id(obj.get("id"), "id", line_no, openai=False)
+    has_prompt, has_messages = "prompt" in obj, "messages" in obj
+    if has_prompt == has_messages:
+        which = "both prompt and messages" if has_prompt else "neither prompt nor messages"
+        raise JobError("missing_input", f"line {line_no}: has {which}; give exactly one", rid)
+    sampling = {k: obj[k] for k in SAMPLING_KEYS if k in obj}
+    _check_sampling(sampling, line_no, rid, openai=False)
+    if has_messages:
+        prompt = _render_chat(obj["messages"], line_no, rid, apply_chat_template, openai=False)
+    else:
+        prompt = _check_prompt(obj["prompt"], line_no, rid, openai=False)
+    return JobRequest(line_no, rid, "plain", prompt, sampling, has_messages)
+
+
+def _parse_openai(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
+    rid = _check_id(obj.get("custom_id"), "custom_id", line_no, openai=True)
+    method = obj.get("method", "POST")
+    if method != "POST":
+        raise JobError("unsupported_method", f"line {line_no}: method {method!r} is not supported; use POST", rid, True)
+    url = obj.get("url")
+    if url not in (CHAT_URL, COMPLETIONS_URL):
+        raise JobError(
+            "unsupported_url", f"line {line_no}: url {url!r} is not supported; use {CHAT_URL} or {COMPLETIONS_URL}",
+            rid, True,
+        )
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        raise JobError("invalid_body", f"line {line_no}: body must be an object", rid, True)
+    n = body.get("n", 1)
+    if n != 1:
+        raise JobError("unsupported_n", f"line {line_no}: n={n!r}; only n=1 is supported", rid, True)
+    sampling = {k: body[k] for k in SAMPLING_KEYS if k in body and body[k] is not None}
+    if body.get("max_completion_tokens") is not None:
+        sampling["max_tokens"] = body["max_completion_tokens"]
+    _check_sampling(sampling, line_no, rid, openai=True)
+    if url == CHAT_URL:
+        if "messages" not in body:
+            raise JobError("missing_input", f"line {line_no}: a chat completion body needs messages", rid, True)
+        prompt = _render_chat(body["messages"], line_no, rid, apply_chat_template, openai=True)
+        return JobRequest(line_no, rid, "openai_chat", prompt, sampling, True)
+    if "prompt" not in body:
+        raise JobError("missing_input", f"line {line_no}: a completion body needs prompt", rid, True)
+    prompt = _check_prompt(body["prompt"], line_no, rid, openai=True)
+    return JobRequest(line_no, rid, "openai_completion", prompt, sampling, False)
+
+
+def _check_prompt(prompt: Any, line_no: int, rid: Any, openai: bool) -> str | list[int]:
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if not prompt:
+            raise JobError("empty_prompt", f"line {line_no}: prompt is empty", rid, openai)
+        return prompt
+    if not isinstance(prompt, str):
+        raise JobError(
+            "invalid_prompt", f"line {line_no}: prompt must be a string or a list of token ids, got "
+            f"{type(prompt).__name__}", rid, openai,
+        )
+    if not prompt:
+        raise JobError("empty_prompt", f"line {line_no}: prompt is empty", rid, openai)
+    return prompt
+
+
+def _render_chat(messages: Any, line_no: int, rid: Any, apply_chat_template, openai: bool) -> str:
+    if not isinstance(messages, list) or not messages:
+        raise JobError("invalid_messages", f"line {line_no}: messages must be a non-empty list", rid, openai)
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise JobError("invalid_messages", f"line {line_no}: messages[{i}] needs a string role", rid, openai)
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise JobError(
+                    "invalid_messages", f"line {line_no}: messages[{i}].content parts must all be text", rid, openai
+                )
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise JobError(
+                "invalid_messages", f"line {line_no}: messages[{i}].content must be a string", rid, openai
+            )
+        clean.append({"role": m["role"], "content": content})
+    try:
+        return apply_chat_template(clean)
+    except Exception as e:  # the template itself rejects the conversation (e.g. roles out of order)
+        raise JobError("invalid_messages", f"line {line_no}: the chat template rejected messages: {e}", rid, openai)
+
+
+def _check_sampling(sampling: dict, line_no: int, rid: Any, openai: bool) -> None:
+    try:
+        SamplingParams.from_dict(sampling)
+    except (ValueError, TypeError) as e:
+        raise JobError("invalid_sampling", f"line {line_no}: {e}", rid, openai) from None
+
+
+# ---------------------------------------------------------------- output records
+def result_record(req: JobRequest, text: str, finish_reason: str, prompt_tokens: int, output_tokens: int,
+                  model_name: str) -> dict:
+    if req.kind == "plain":
+        return {
+            "id": req.record_id,
+            "completion": text,
+            "finish_reason": finish_reason,
+            "input_tokens": prompt_tokens,
+            "output_tokens": output_tokens,
+        }
+    digest = hashlib.sha256(str(req.record_id).encode()).hexdigest()
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": output_tokens,
+             "total_tokens": prompt_tokens + output_tokens}
+    created = int(time.time())
+    if req.kind == "openai_chat":
+        body = {
+            "id": f"chatcmpl-{digest[:29]}",
+            "object": "chat.completion",
+            "created": created,
+            "model": model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason, "logprobs": None}],
+            "usage": usage,
+        }
+    else:
+        body = {
+            "id": f"cmpl-{digest[:29]}",
+            "object": "text_completion",
+            "created": created,
+            "model": model_name,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+            "usage": usage,
+        }
+    return {
+        "id": f"batch_req_{digest[:32]}",
+        "custom_id": req.record_id,
+        "response": {"status_code": 200, "request_id": f"req_{digest[32:64]}", "body": body},
+        "error": None,
+    }
+
+
+def output_id_key(record: dict) -> str:
+    """The id a written output record answers (custom_id for OpenAI records)."""
+    return id_key(record["custom_id"] if "custom_id" in record else record["id"])

@@ -1,0 +1,70 @@
+"""The job's state file (OUTPUT.state.json, replaced atomically every ~2 s) and ``tokenmill status``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from tokenmill.jobs.files import write_json_atomic
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_status(path: Path) -> dict:
+    """The state file's content; a 'running' job whose process is gone is reported as 'interrupted'."""
+    data = json.loads(path.read_text())
+    if data.get("state") == "running" and not pid_alive(int(data.get("pid", -1))):
+        data["state"] = "interrupted"
+    return data
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "unknown"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def format_status(d: dict) -> str:
+    total = d.get("total", 0)
+    done = d.get("done", 0)
+    pct = 100.0 * done / total if total else 100.0
+    lines = [
+        f"state:        {d['state']}",
+        f"requests:     {done} / {total} done ({pct:.1f}%), {d.get('failed', 0)} failed",
+        f"throughput:   {d.get('prompt_tok_s', 0):.1f} prompt tok/s, {d.get('gen_tok_s', 0):.1f} generation tok/s",
+        f"elapsed:      {format_duration(d.get('elapsed_s'))}",
+    ]
+    if d["state"] == "running":
+        lines.append(f"ETA:          {format_duration(d.get('eta_s'))}")
+    if d.get("message"):
+        lines.append(f"note:         {d['message']}")
+    updated = d.get("updated_at")
+    if updated:
+        lines.append(f"updated:      {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(updated))}")
+    return "\n".join(lines)
+
+
+class StateFile:
+    def __init__(self, path: Path, interval: float = 2.0) -> None:
+        self.path = path
+        self.interval = interval
+        self._last = 0.0
+
+    def write(self, data: dict, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last >= self.interval:
+            write_json_atomic(self.path, {**data, "pid": os.getpid(), "updated_at": time.time()})
+            self._last = now
