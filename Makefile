@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/python examples/demo.py
+	$(BIN)/tokenmill run examples/prompts.jsonl -o results.jsonl --config examples/batch.yaml --overwrite
+	@echo "--- first results (results.jsonl) ---"
+	@head -n 3 results.jsonl
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -7,9 +7,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """A private GGUF conversion cache for the session, so tests also cover the first (converting) load."""
-    return str(tmp_path_factory.mktemp("tokenmill-cache"))
+def xdg_cache_home(tmp_path_factory):
+    """A private XDG cache for the session, so tests also cover the first (converting) load of the GGUF file;
+    subprocesses get it through XDG_CACHE_HOME."""
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(xdg_cache_home):
+    return str(xdg_cache_home / "tokenmill")
 
 
 @pytest.fixture(scope="session")
