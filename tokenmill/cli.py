@@ -144,8 +144,7 @@ def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, 
                             gpu_memory_utilization=gpu_memory_utilization), dict(max_tokens=max_tokens))
     ctx = _job_context(model, engine, sampling)
     s = scan(input_path, ctx.pre, lambda n, e: None)
-    lines = [n for n in range(1, s.num_lines + 1) if s.valid[n]]
-    p = ctx.plan([s.prompt_tokens[n] for n in lines], [s.max_tokens[n] for n in lines])
+    p = ctx.plan(*s.valid_lengths())
     click.echo(json.dumps(p.as_dict(), indent=1) if as_json else p.render())
     if s.num_errors:
         click.echo(f"({s.num_errors} invalid lines left out; see `tokenmill validate`)", err=True)

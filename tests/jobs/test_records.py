@@ -101,3 +101,14 @@ def test_planner_follows_the_seed_arithmetic():
 def test_cost_matches_seed_formula():
     # seeds: 4 GPUs at $3/h, 6,380 tok/s -> $0.52 per million
     assert round(cost_per_million_tokens(4, 3.0, 6380), 2) == 0.52
+
+
+def test_hash_set_across_merges():
+    from tokenmill.jobs.scan import HashSet
+
+    s = HashSet(batch=8)
+    values = [(i * 2654435761) % (2**64) for i in range(100)]
+    for v in values:
+        assert v not in s
+        s.add(v)
+    assert all(v in s for v in values) and 2**64 - 1 not in s and 3 not in s

@@ -1,7 +1,9 @@
 """BlockPool: the fixed set of KV cache blocks and the free queue.
 
 Invariant: every block id in [0, num_blocks) is either in the free queue or held by exactly one owner;
-``num_free_blocks + held == num_blocks``. Freed blocks go to the back of the queue (least recently freed first out).
+``num_free_blocks + held == num_blocks``. The most recently freed block is handed out first: the set of blocks a
+long job ever touches stays as small as its peak concurrency needs (the KV cache is allocated lazily, page by page,
+so this keeps resident memory flat however long the job runs) and reused blocks are still warm in cache.
 """
 
 from __future__ import annotations
@@ -35,4 +37,4 @@ class BlockPool:
             if self._is_free[b]:
                 raise RuntimeError(f"block {b} freed twice")
             self._is_free[b] = True
-            self._free.append(b)
+            self._free.appendleft(b)

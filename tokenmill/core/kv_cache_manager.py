@@ -51,8 +51,7 @@ class KVCacheManager:
         """Gives all of a request's blocks back to the pool (no-op if it holds none)."""
         blocks = self._blocks.pop(request_id, None)
         if blocks:
-            # Reverse order: the tail blocks of a request are the least likely to be reused soon.
-            self.pool.free(blocks[::-1])
+            self.pool.free(blocks)
 
     def block_ids(self, request_id: str) -> list[int]:
         return self._blocks.get(request_id, [])

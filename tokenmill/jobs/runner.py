@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from tokenmill.config import ConfigError, EngineConfig
@@ -207,8 +208,10 @@ def _run_locked(opts: JobOptions, paths: JobPaths) -> int:
     scanned = scan(opts.input, ctx.pre, on_error)
     errors.sync()
     members = partition_members(scanned, part, nparts)
-    member_lines = [n for n in range(1, scanned.num_lines + 1) if members[n]]
-    plan = ctx.plan([scanned.prompt_tokens[n] for n in member_lines], [scanned.max_tokens[n] for n in member_lines])
+    member_lines = np.flatnonzero(np.frombuffer(members, dtype=np.uint8))
+    member_prompt = np.frombuffer(scanned.prompt_tokens, dtype=np.uint32)[member_lines]
+    member_max = np.frombuffer(scanned.max_tokens, dtype=np.uint32)[member_lines]
+    plan = ctx.plan(member_prompt, member_max)
 
     engine_options = dict(opts.engine_options)
     engine_options.setdefault("max_num_seqs", plan.recommended_max_num_seqs)
@@ -223,8 +226,9 @@ def _run_locked(opts: JobOptions, paths: JobPaths) -> int:
              f"max_num_batched_tokens={engine.config.max_num_batched_tokens}")
 
     total = len(member_lines)
-    remaining_prompt = sum(scanned.prompt_tokens[n] for n in member_lines)
-    remaining_max = sum(scanned.max_tokens[n] for n in member_lines)
+    remaining_prompt = int(member_prompt.sum(dtype=np.int64))
+    remaining_max = int(member_max.sum(dtype=np.int64))
+    del member_lines, member_prompt, member_max
 
     def skip_done(line_no: int) -> None:  # a row finished by an earlier run: no work left in it
         nonlocal remaining_prompt, remaining_max

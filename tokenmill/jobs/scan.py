@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
 from tokenmill.jobs.records import JobError, id_key
 
@@ -40,6 +42,29 @@ def _id_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
+class HashSet:
+    """A set of 64-bit hashes at ~8 bytes each: recent ones in a small Python set, merged in batches into a sorted
+    numpy array (a Python set costs ~50 bytes per entry, which would grow with the input)."""
+
+    def __init__(self, batch: int = 1 << 16) -> None:
+        self._sorted = np.empty(0, dtype=np.uint64)
+        self._recent: set[int] = set()
+        self._batch = batch
+
+    def __contains__(self, h: int) -> bool:
+        if h in self._recent:
+            return True
+        i = int(np.searchsorted(self._sorted, np.uint64(h)))
+        return i < len(self._sorted) and int(self._sorted[i]) == h
+
+    def add(self, h: int) -> None:
+        self._recent.add(h)
+        if len(self._recent) >= self._batch:
+            fresh = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
+            self._sorted = np.union1d(self._sorted, fresh)
+            self._recent.clear()
+
+
 @dataclass
 class ScanResult:
     num_lines: int
@@ -49,12 +74,18 @@ class ScanResult:
     num_valid: int
     num_errors: int
 
+    def valid_lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt tokens, max_tokens) of every valid line."""
+        lines = np.flatnonzero(np.frombuffer(self.valid, dtype=np.uint8))
+        return (np.frombuffer(self.prompt_tokens, dtype=np.uint32)[lines],
+                np.frombuffer(self.max_tokens, dtype=np.uint32)[lines])
+
 
 def scan(path: Path, pre: Preprocessor, on_error: Callable[[int, JobError], None]) -> ScanResult:
     valid = bytearray(1)
     prompt_tokens = array("I", [0])
     max_tokens = array("I", [0])
-    seen_ids: set[int] = set()
+    seen_ids = HashSet()
     num_lines = num_valid = num_errors = 0
     for chunk in iter_line_chunks(path):
         last = chunk[-1][0]
@@ -95,12 +126,12 @@ def scan(path: Path, pre: Preprocessor, on_error: Callable[[int, JobError], None
 
 def partition_members(s: ScanResult, index: int, total: int) -> bytearray:
     """1 for the valid lines of partition ``index`` of ``total``."""
-    members = bytearray(s.num_lines + 1)
-    lines = [n for n in range(1, s.num_lines + 1) if s.valid[n]]
-    lines.sort(key=lambda n: (s.prompt_tokens[n], n))
-    for n in lines[index::total]:
-        members[n] = 1
-    return members
+    lines = np.flatnonzero(np.frombuffer(s.valid, dtype=np.uint8))  # valid line numbers, ascending
+    tokens = np.frombuffer(s.prompt_tokens, dtype=np.uint32)[lines]
+    order = lines[np.lexsort((lines, tokens))]  # by prompt tokens, then line number
+    members = np.zeros(s.num_lines + 1, dtype=np.uint8)
+    members[order[index::total]] = 1
+    return bytearray(members.tobytes())
 
 
 def error_in_partition(line_no: int, index: int, total: int) -> bool:
