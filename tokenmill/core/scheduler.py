@@ -69,6 +69,9 @@ class SchedulerStats:
     num_prefill_tokens: int = 0  # tokens scheduled in chunks that did not sample (or the last prompt chunk)
     num_decode_tokens: int = 0
     sum_running: int = 0  # sum over steps of the number of requests scheduled (for the average batch size)
+    # Steps that left capacity unused while requests waited (fewer than max_num_seqs scheduled and token budget
+    # left): the CPU stand-in for a GPU idling between prefill and decode phases.
+    num_underfilled_steps: int = 0
 
     @property
     def avg_batch_size(self) -> float:
@@ -234,6 +237,10 @@ class Scheduler:
             s.num_steps += 1
         s.num_scheduled_tokens += out.total_num_scheduled_tokens
         s.sum_running += len(out.scheduled)
+        cfg = self.config
+        if (self.waiting and len(out.scheduled) < cfg.max_num_seqs
+                and out.total_num_scheduled_tokens < cfg.max_num_batched_tokens):
+            s.num_underfilled_steps += 1
         for sr in out.scheduled:
             if sr.num_scheduled_tokens == 1 and sr.num_computed_tokens > 0 and sr.samples:
                 s.num_decode_tokens += 1

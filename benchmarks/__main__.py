@@ -1,0 +1,222 @@
+"""The benchmark harness: ``python -m benchmarks [--quick] [--model PATH] [--sections ...] [--out DIR]``.
+
+Runs named sections in one process, so peers are measured side by side on the same machine state, and writes a JSON
+result (machine, torch version, threads, commit, every figure) and a markdown table to ``--out``.
+
+Sections:
+- ``w``: workload W through tokenmill and through transformers ``generate`` with static batches (left padding).
+- ``scheduler``: the mixed workload under prefill_first, continuous without chunked prefill, continuous with it.
+- ``roofline``: this machine's GEMM rate (fp32, bf16) and each result as a percentage of the fp32 GEMM roofline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.workloads import Workload, workload_mixed, workload_w
+
+
+def machine_info() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+# ---------------------------------------------------------------- engines
+def run_tokenmill(llm, wl: Workload, label: str) -> dict:
+    from tokenmill import SamplingParams
+
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in wl.output_lens]
+    before = llm.engine.stats.num_steps, llm.engine.stats.sum_running, llm.engine.stats.num_underfilled_steps
+    t0 = time.perf_counter()
+    outs = llm.generate(wl.prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    st = llm.engine.stats
+    steps = st.num_steps - before[0]
+    gen = sum(len(o.token_ids) for o in outs)
+    return {"engine": label, "wall_s": wall, "prompt_tokens": wl.prompt_tokens, "output_tokens": gen,
+            "output_tok_s": gen / wall, "total_tok_s": (wl.prompt_tokens + gen) / wall, "steps": steps,
+            "avg_batch": (st.sum_running - before[1]) / max(1, steps),
+            "underfilled_steps": st.num_underfilled_steps - before[2]}
+
+
+def load_hf_model(model: str | None):
+    from transformers import AutoModelForCausalLM
+
+    from tokenmill.model.loader import resolve_model_path
+
+    path = resolve_model_path(model)
+    if path.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def run_hf_static(hf_model, wl: Workload, batch_size: int, pad_id: int) -> dict:
+    """transformers generate over static batches in input order, left-padded, exactly output_len new tokens."""
+    out_len = max(wl.output_lens)
+    padded = real = 0
+    t0 = time.perf_counter()
+    for i in range(0, len(wl.prompts), batch_size):
+        batch = wl.prompts[i:i + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        padded += width * len(batch)
+        real += sum(len(p) for p in batch)
+        hf_model.generate(ids, attention_mask=mask, max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False,
+                          pad_token_id=pad_id)
+    wall = time.perf_counter() - t0
+    gen = out_len * len(wl.prompts)
+    return {"engine": f"transformers static bs={batch_size}", "wall_s": wall, "prompt_tokens": wl.prompt_tokens,
+            "output_tokens": gen, "output_tok_s": gen / wall, "total_tok_s": (wl.prompt_tokens + gen) / wall,
+            "prompt_padding_fraction": 1 - real / padded}
+
+
+# ---------------------------------------------------------------- roofline
+def gemm_rate(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:
+    """Sustained GFLOP/s of an n x n x n matmul in ``dtype``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def workload_flops(mc, wl: Workload) -> float:
+    """2 x (non-embedding parameters) per token through the stack, the LM head only for sampled tokens,
+    plus attention (QK^T and PV: 4 x layers x heads x head_dim per visible key)."""
+    h, layers = mc.hidden_size, mc.num_hidden_layers
+    per_token = 2 * (mc.num_parameters() - mc.vocab_size * h * (1 if mc.tie_word_embeddings else 2) - h)
+    lm_head = 2 * mc.vocab_size * h
+    attn_per_key = 4 * layers * mc.num_attention_heads * mc.head_dim
+    total = 0.0
+    for p, o in zip(wl.prompts, wl.output_lens):
+        n_tokens = len(p) + o
+        total += per_token * n_tokens + lm_head * o
+        total += attn_per_key * (n_tokens * (n_tokens + 1) / 2)  # token i sees i keys (causal)
+    return total
+
+
+# ---------------------------------------------------------------- report
+def markdown(result: dict) -> str:
+    lines = [f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch "
+             f"{result['machine']['torch']}, {result['machine']['threads']} threads; commit "
+             f"`{result['machine']['commit']}`; {result['machine']['date']}", ""]
+    for section in ("w", "scheduler"):
+        rows = result.get(section)
+        if not rows:
+            continue
+        lines += [f"### {section}", "",
+                  "| engine | wall s | output tok/s | total tok/s | extra |", "|---|---|---|---|---|"]
+        for r in rows:
+            extra = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                              if k not in ("engine", "wall_s", "output_tok_s", "total_tok_s", "prompt_tokens",
+                                           "output_tokens"))
+            lines.append(f"| {r['engine']} | {r['wall_s']:.1f} | {r['output_tok_s']:.1f} | {r['total_tok_s']:.1f} | "
+                         f"{extra} |")
+        lines.append("")
+    if "roofline" in result:
+        rl = result["roofline"]
+        lines += ["### roofline", "", f"GEMM rate: fp32 {rl['gemm_gflops_fp32']:.1f} GFLOP/s, bf16 "
+                  f"{rl['gemm_gflops_bf16']:.1f} GFLOP/s; W needs {rl['w_flops'] / 1e12:.2f} TFLOP, a floor of "
+                  f"{rl['w_floor_s_fp32']:.1f} s in fp32.", ""]
+        for r in result.get("w", []):
+            lines.append(f"- {r['engine']}: {100 * rl['w_floor_s_fp32'] / r['wall_s']:.1f}% of the fp32 roofline")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)")
+    ap.add_argument("--sections", default="w,scheduler,roofline")
+    ap.add_argument("--hf-batch-sizes", default="16,64,128")
+    ap.add_argument("--quick", action="store_true", help="tiny workloads: a smoke run, not a measurement")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    from tokenmill import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(args.model)
+    result: dict = {"machine": machine_info(), "load_s": time.perf_counter() - t0, "quick": args.quick}
+    tok = llm.tokenizer
+    if args.quick:
+        w = workload_w(tok, num_prompts=6, min_len=8, max_len=40, output_len=6)
+        mixed = workload_mixed(tok, num_prompts=8, prompt_range=(4, 40), output_range=(2, 12))
+        batch_sizes = [4]
+    else:
+        w = workload_w(tok)
+        mixed = workload_mixed(tok)
+        batch_sizes = [int(b) for b in args.hf_batch_sizes.split(",")]
+    result["workloads"] = {wl.name: {"requests": len(wl.prompts), "prompt_tokens": wl.prompt_tokens,
+                                     "output_tokens": wl.output_tokens} for wl in (w, mixed)}
+
+    if "w" in sections:
+        rows = [run_tokenmill(llm, w, "tokenmill (float32, continuous + chunked)")]
+        hf = load_hf_model(args.model)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        hf_rows = [run_hf_static(hf, w, bs, pad) for bs in batch_sizes]
+        del hf
+        best = max(hf_rows, key=lambda r: r["total_tok_s"])
+        rows += hf_rows
+        rows[0]["vs_best_transformers_static"] = rows[0]["total_tok_s"] / best["total_tok_s"]
+        result["w"] = rows
+    if "scheduler" in sections:
+        mml = min(1024, llm.engine.model_config.max_position_embeddings)
+        configs = [
+            ("prefill_first", {"scheduling_strategy": "prefill_first", "max_model_len": mml,
+                               "max_num_batched_tokens": mml}),
+            ("continuous, no chunked prefill", {"enable_chunked_prefill": False, "max_model_len": mml,
+                                                "max_num_batched_tokens": mml}),
+            ("continuous + chunked prefill", {"max_model_len": mml, "max_num_batched_tokens": mml // 2}),
+        ]
+        rows = []
+        for label, opts in configs:
+            rows.append(run_tokenmill(LLM(args.model, max_num_seqs=64, **opts), mixed, label))
+        for r in rows:
+            r["vs_prefill_first"] = r["total_tok_s"] / rows[0]["total_tok_s"]
+        result["scheduler"] = rows
+    if "roofline" in sections:
+        flops = workload_flops(llm.engine.model_config, w)
+        rate32 = gemm_rate(torch.float32, seconds=0.2 if args.quick else 2.0)
+        rate16 = gemm_rate(torch.bfloat16, seconds=0.2 if args.quick else 2.0)
+        result["roofline"] = {"gemm_gflops_fp32": rate32, "gemm_gflops_bf16": rate16, "w_flops": flops,
+                              "w_floor_s_fp32": flops / (rate32 * 1e9), "w_floor_s_bf16": flops / (rate16 * 1e9)}
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out_dir / f"bench-{stamp}.json").write_text(json.dumps(result, indent=1))
+    md = markdown(result)
+    (out_dir / f"bench-{stamp}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""The benchmark harness runs end to end on a tiny model and writes well-formed results (no timing assertions)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import save_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_harness_quick_run_writes_json_and_markdown(tmp_path):
+    save_tiny_model("llama", tmp_path / "model")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--model", str(tmp_path / "model"),
+                           "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(next((tmp_path / "out").glob("bench-*.json")).read_text())
+    assert {"machine", "load_s", "workloads", "w", "scheduler", "roofline"} <= result.keys()
+    assert result["machine"]["torch"] and result["machine"]["threads"] >= 1
+    engines = [r["engine"] for r in result["w"]]
+    assert engines[0].startswith("tokenmill") and any(e.startswith("transformers static") for e in engines)
+    assert [r["engine"] for r in result["scheduler"]] == [
+        "prefill_first", "continuous, no chunked prefill", "continuous + chunked prefill"]
+    for r in result["w"] + result["scheduler"]:
+        assert r["output_tokens"] > 0 and r["wall_s"] > 0 and r["total_tok_s"] > 0
+    assert result["w"][0]["output_tokens"] == result["workloads"]["W"]["output_tokens"]
+    assert result["roofline"]["gemm_gflops_fp32"] > 0 and result["roofline"]["w_flops"] > 0
+    assert "### w" in next((tmp_path / "out").glob("bench-*.md")).read_text()
