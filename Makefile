@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# Peers for the benchmark harness. llama-cpp-python compiles llama.cpp (minutes): never part of `make test`.
+bench-peers: setup
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet llama-cpp-python==0.3.36
+
+bench: setup
+	$(BIN)/python -m benchmarks --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -6,7 +6,13 @@ result (machine, torch version, threads, commit, every figure) and a markdown ta
 Sections:
 - ``w``: workload W through tokenmill and through transformers ``generate`` with static batches (left padding).
 - ``scheduler``: the mixed workload under prefill_first, continuous without chunked prefill, continuous with it.
+- ``sweep``: throughput against max_num_seqs and max_num_batched_tokens (table and PNG plot).
+- ``scale``: throughput as the dataset grows (SmolLM2 at 100 requests; a tiny random-weight Llama for 100 to 10,000,
+  because SmolLM2 would take hours at the top size on this CPU).
 - ``roofline``: this machine's GEMM rate (fp32, bf16) and each result as a percentage of the fp32 GEMM roofline.
+
+Peers in ``w``: transformers ``generate`` with static batches (left padding), transformers continuous batching
+(``generate_batch``) when the installed version has it, and llama.cpp (``make bench-peers``) on the same GGUF.
 """
 
 from __future__ import annotations
@@ -92,6 +98,92 @@ def run_hf_static(hf_model, wl: Workload, batch_size: int, pad_id: int) -> dict:
             "prompt_padding_fraction": 1 - real / padded}
 
 
+def run_hf_continuous(hf_model, wl: Workload) -> dict | None:
+    """transformers' own continuous batching (generate_batch), when the installed version has it."""
+    if not hasattr(hf_model, "generate_batch"):
+        return None
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=max(wl.output_lens), do_sample=False, eos_token_id=-1,
+                           pad_token_id=0)
+    t0 = time.perf_counter()
+    try:
+        outs = hf_model.generate_batch(wl.prompts, generation_config=cfg)
+    except Exception as e:  # an experimental API: report why it did not run instead of failing the harness
+        return {"engine": "transformers generate_batch", "wall_s": float("nan"), "prompt_tokens": wl.prompt_tokens,
+                "output_tokens": 0, "output_tok_s": float("nan"), "total_tok_s": float("nan"),
+                "error": f"{type(e).__name__}: {str(e)[:120]}"}
+    wall = time.perf_counter() - t0
+    gen = sum(len(o.generated_tokens) for o in outs.values())
+    if gen < sum(wl.output_lens):
+        return {"engine": "transformers generate_batch", "wall_s": wall, "prompt_tokens": wl.prompt_tokens,
+                "output_tokens": gen, "output_tok_s": float("nan"), "total_tok_s": float("nan"),
+                "error": f"generated {gen} of {sum(wl.output_lens)} tokens (requests failed)"}
+    return {"engine": "transformers generate_batch", "wall_s": wall, "prompt_tokens": wl.prompt_tokens,
+            "output_tokens": gen, "output_tok_s": gen / wall, "total_tok_s": (wl.prompt_tokens + gen) / wall}
+
+
+def run_llama_cpp_rows(gguf_path: str, wl: Workload, parallel: list[int]) -> list[dict]:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return []
+    from benchmarks.llama_cpp_peer import run_llama_cpp
+
+    return [run_llama_cpp(gguf_path, wl.prompts, wl.output_lens, n, torch.get_num_threads()) for n in parallel]
+
+
+def run_sweep(model: str | None, wl: Workload, seqs: list[int], budgets: list[int], out_png: Path) -> list[dict]:
+    from tokenmill import LLM
+
+    rows = []
+    for budget in budgets:
+        for n in seqs:
+            r = run_tokenmill(LLM(model, max_num_seqs=n, max_num_batched_tokens=budget), wl,
+                              f"max_num_seqs={n} budget={budget}")
+            r.update(max_num_seqs=n, max_num_batched_tokens=budget)
+            rows.append(r)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for budget in budgets:
+        pts = [(r["max_num_seqs"], r["total_tok_s"]) for r in rows if r["max_num_batched_tokens"] == budget]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"max_num_batched_tokens={budget}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("max_num_seqs")
+    ax.set_ylabel("total tokens/s")
+    ax.set_title(f"tokenmill throughput sweep ({len(wl.prompts)} requests)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return rows
+
+
+def run_scale(model: str | None, tiny_model: str, sizes: list[int], smollm2_size: int, output_len: int,
+              max_len: int) -> list[dict]:
+    from tokenmill import LLM
+
+    rows = []
+    llm = LLM(model)
+    wl = workload_w(llm.tokenizer, num_prompts=smollm2_size, min_len=8, max_len=max_len, output_len=output_len,
+                    seed=7)
+    r = run_tokenmill(llm, wl, f"{llm.engine.model_path.name} x {smollm2_size}")
+    r["requests"] = smollm2_size
+    rows.append(r)
+    tiny = LLM(tiny_model)
+    for n in sizes:
+        wl = workload_w(tiny.tokenizer, num_prompts=n, min_len=8, max_len=64, output_len=output_len, seed=7)
+        r = run_tokenmill(tiny, wl, f"tiny random Llama x {n}")
+        r["requests"] = n
+        rows.append(r)
+    return rows
+
+
 # ---------------------------------------------------------------- roofline
 def gemm_rate(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:
     """Sustained GFLOP/s of an n x n x n matmul in ``dtype``."""
@@ -125,7 +217,7 @@ def markdown(result: dict) -> str:
     lines = [f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch "
              f"{result['machine']['torch']}, {result['machine']['threads']} threads; commit "
              f"`{result['machine']['commit']}`; {result['machine']['date']}", ""]
-    for section in ("w", "scheduler"):
+    for section in ("w", "scheduler", "sweep", "scale"):
         rows = result.get(section)
         if not rows:
             continue
@@ -146,6 +238,10 @@ def markdown(result: dict) -> str:
         for r in result.get("w", []):
             lines.append(f"- {r['engine']}: {100 * rl['w_floor_s_fp32'] / r['wall_s']:.1f}% of the fp32 roofline")
         lines.append("")
+    if result.get("sweep_plot"):
+        lines += [f"Sweep plot: `{result['sweep_plot']}`", ""]
+    for note in result.get("notes", []):
+        lines.append(f"Note: {note}")
     return "\n".join(lines)
 
 
@@ -153,7 +249,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)")
-    ap.add_argument("--sections", default="w,scheduler,roofline")
+    ap.add_argument("--sections", default="w,scheduler,sweep,scale,roofline")
     ap.add_argument("--hf-batch-sizes", default="16,64,128")
     ap.add_argument("--quick", action="store_true", help="tiny workloads: a smoke run, not a measurement")
     ap.add_argument("--out", default="benchmarks/results")
@@ -166,7 +262,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     llm = LLM(args.model)
-    result: dict = {"machine": machine_info(), "load_s": time.perf_counter() - t0, "quick": args.quick}
+    result: dict = {"machine": machine_info(), "load_s": time.perf_counter() - t0, "quick": args.quick, "notes": []}
     tok = llm.tokenizer
     if args.quick:
         w = workload_w(tok, num_prompts=6, min_len=8, max_len=40, output_len=6)
@@ -184,10 +280,22 @@ def main() -> None:
         hf = load_hf_model(args.model)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         hf_rows = [run_hf_static(hf, w, bs, pad) for bs in batch_sizes]
-        del hf
         best = max(hf_rows, key=lambda r: r["total_tok_s"])
         rows += hf_rows
         rows[0]["vs_best_transformers_static"] = rows[0]["total_tok_s"] / best["total_tok_s"]
+        cb = run_hf_continuous(hf, w)
+        if cb is not None:
+            rows.append(cb)
+        del hf
+        path = str(llm.engine.model_path)
+        if path.endswith(".gguf"):
+            lc_rows = run_llama_cpp_rows(path, w, [4] if args.quick else [64, 128])
+            if lc_rows:
+                rows += lc_rows
+                best_lc = max(lc_rows, key=lambda r: r["total_tok_s"])
+                rows[0]["vs_best_llama_cpp"] = rows[0]["total_tok_s"] / best_lc["total_tok_s"]
+            else:
+                result["notes"].append("llama.cpp peer skipped: llama-cpp-python is not installed (make bench-peers)")
         result["w"] = rows
     if "scheduler" in sections:
         mml = min(1024, llm.engine.model_config.max_position_embeddings)
@@ -204,6 +312,26 @@ def main() -> None:
         for r in rows:
             r["vs_prefill_first"] = r["total_tok_s"] / rows[0]["total_tok_s"]
         result["scheduler"] = rows
+    if "sweep" in sections:
+        sweep_wl = workload_w(tok, num_prompts=8 if args.quick else 32, min_len=32, max_len=128 if not args.quick else 40,
+                              output_len=6 if args.quick else 64, seed=3)
+        seqs = [1, 4] if args.quick else [1, 4, 16, 32, 64, 128, 256]
+        budgets = [64] if args.quick else [512, 2048]
+        png = out_dir / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}.png"
+        result["sweep"] = run_sweep(args.model, sweep_wl, seqs, budgets, png)
+        result["sweep_plot"] = str(png)
+    if "scale" in sections:
+        import tempfile
+        import sys as _sys
+
+        _sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from helpers import save_tiny_model
+
+        with tempfile.TemporaryDirectory() as d:
+            save_tiny_model("llama", Path(d))
+            sizes = [10, 40] if args.quick else [100, 1000, 10000]
+            result["scale"] = run_scale(args.model, d, sizes, 4 if args.quick else 100, 4 if args.quick else 32,
+                                        40 if args.quick else 256)
     if "roofline" in sections:
         flops = workload_flops(llm.engine.model_config, w)
         rate32 = gemm_rate(torch.float32, seconds=0.2 if args.quick else 2.0)

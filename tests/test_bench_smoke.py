@@ -16,13 +16,16 @@ def test_harness_quick_run_writes_json_and_markdown(tmp_path):
                            "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(next((tmp_path / "out").glob("bench-*.json")).read_text())
-    assert {"machine", "load_s", "workloads", "w", "scheduler", "roofline"} <= result.keys()
+    assert {"machine", "load_s", "workloads", "w", "scheduler", "sweep", "scale", "roofline"} <= result.keys()
+    assert Path(result["sweep_plot"]).stat().st_size > 1000  # a real PNG
+    assert {(r["max_num_seqs"], r["max_num_batched_tokens"]) for r in result["sweep"]} == {(1, 64), (4, 64)}
+    assert [r["requests"] for r in result["scale"]] == [4, 10, 40]
     assert result["machine"]["torch"] and result["machine"]["threads"] >= 1
     engines = [r["engine"] for r in result["w"]]
     assert engines[0].startswith("tokenmill") and any(e.startswith("transformers static") for e in engines)
     assert [r["engine"] for r in result["scheduler"]] == [
         "prefill_first", "continuous, no chunked prefill", "continuous + chunked prefill"]
-    for r in result["w"] + result["scheduler"]:
+    for r in result["w"][:2] + result["scheduler"] + result["sweep"] + result["scale"]:
         assert r["output_tokens"] > 0 and r["wall_s"] > 0 and r["total_tok_s"] > 0
     assert result["w"][0]["output_tokens"] == result["workloads"]["W"]["output_tokens"]
     assert result["roofline"]["gemm_gflops_fp32"] > 0 and result["roofline"]["w_flops"] > 0
