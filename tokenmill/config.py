@@ -16,7 +16,7 @@ PREEMPTION_MODES = ("none", "recompute")
 SCHEDULING_STRATEGIES = ("continuous", "prefill_first")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-ATTENTION_BACKENDS = ("torch", "reference")
+ATTENTION_BACKENDS = ("torch", "torch_gather", "reference")
 
 
 class ConfigError(ValueError):

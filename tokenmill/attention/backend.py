@@ -8,7 +8,8 @@ are request i's new tokens, which are the last tokens of its ``seq_lens[i]`` cac
 requests have exactly one new token.
 
 ``ReferenceAttention`` loops over requests and is the oracle; ``TorchPagedAttention`` batches the decodes into one
-masked attention over a gathered view of the cache. A test holds them equal.
+masked attention over a gathered view of the cache, or, on CPU when the C++ kernel builds (``cpu_kernel.py``), reads
+K/V through the block tables without the gather. Tests hold them equal.
 """
 
 from __future__ import annotations
@@ -97,13 +98,20 @@ class ReferenceAttention:
 
 
 class TorchPagedAttention(ReferenceAttention):
-    """Decodes batched into one masked attention; prefill chunks one request at a time (reference path)."""
+    """Decodes batched into one attention; prefill chunks one request at a time (reference path)."""
+
+    def __init__(self, cpu_kernel=None) -> None:
+        self.cpu_kernel = cpu_kernel  # the compiled module from cpu_kernel.load(), or None
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes
-        if nd:
+        if nd and self.cpu_kernel is not None and q.device.type == "cpu":
+            out[:nd] = self.cpu_kernel.paged_decode_attention(
+                q[:nd].contiguous(), k_cache, v_cache, meta.block_tables[:nd].contiguous(),
+                meta.seq_lens_tensor[:nd].contiguous(), scale)
+        elif nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale)
         for i in range(nd, meta.num_reqs):
             self._prefill_one(i, q, k_cache, v_cache, meta, scale, out)
@@ -130,9 +138,15 @@ class TorchPagedAttention(ReferenceAttention):
         return out.squeeze(2)  # [nd, heads, head_dim]
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
+def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """``torch``: the CPU kernel for decodes on CPU when it builds, else batched torch ops; ``torch_gather``:
+    always the batched torch ops; ``reference``: one request at a time."""
     if name == "reference":
         return ReferenceAttention()
-    if name == "torch":
+    if name == "torch_gather" or device.type != "cpu":
         return TorchPagedAttention()
-    raise ValueError(f"unknown attention backend {name!r}; known: torch, reference")
+    if name == "torch":
+        from tokenmill.attention import cpu_kernel
+
+        return TorchPagedAttention(cpu_kernel.load())
+    raise ValueError(f"unknown attention backend {name!r}; known: torch, torch_gather, reference")

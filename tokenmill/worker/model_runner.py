@@ -23,7 +23,7 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.block_size = config.block_size
-        self.backend = get_attention_backend(config.attention_backend)
+        self.backend = get_attention_backend(config.attention_backend, device)
         self.sampler = Sampler(config.seed, device)
         mc = model.config
         dtype = next(model.parameters()).dtype
