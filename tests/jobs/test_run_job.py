@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import read_jsonl, tokenmill_cmd, write_jsonl
+from helpers import read_jsonl, tokenmill_cmd, write_jsonl
 
 TOPICS = ["the sea", "a robot", "autumn leaves", "coffee", "a lighthouse", "mountains", "a library", "trains",
           "the moon", "a garden", "snow", "a violin"]

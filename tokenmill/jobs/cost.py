@@ -10,3 +10,10 @@ def cost_per_million_tokens(num_gpus: int, hourly_rate: float, throughput: float
 
 def job_cost(num_gpus: int, hourly_rate: float, wall_seconds: float) -> float:
     return num_gpus * hourly_rate * wall_seconds / 3600
+
+
+def cost_line(num_gpus: int, hourly_rate: float, throughput: float, wall_seconds: float, unit: str) -> str:
+    """The summary's cost line: $ per million ``unit`` tokens at ``throughput`` of them per second, and the run's cost."""
+    per_m = cost_per_million_tokens(num_gpus, hourly_rate, throughput)
+    return (f"  cost: ${per_m:.4f} per million {unit} tokens, ${job_cost(num_gpus, hourly_rate, wall_seconds):.4f} "
+            f"for this run ({num_gpus} x ${hourly_rate:.2f}/h)")

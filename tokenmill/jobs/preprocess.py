@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenmill.jobs.records import JobError, JobRequest, parse_line
+from tokenmill.jobs.records import JobError, JobRequest, id_key, parse_line
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -14,6 +14,10 @@ class Prepared:
     token_ids: list[int]
     params: SamplingParams
 
+    @property
+    def max_tokens(self) -> int:
+        return self.params.max_tokens
+
 
 class Preprocessor:
     def __init__(self, tokenizer, max_model_len: int, vocab_size: int, sampling_defaults: dict) -> None:
@@ -22,6 +26,10 @@ class Preprocessor:
         self.vocab_size = vocab_size
         self.defaults = dict(sampling_defaults)
         SamplingParams.from_dict(self.defaults)  # the job's own defaults must be valid (checked by the CLI)
+
+    @staticmethod
+    def id_key(record_id) -> str:
+        return id_key(record_id)
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         if not self.tokenizer.chat_template:

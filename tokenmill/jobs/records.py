@@ -25,16 +25,19 @@ ERROR_CODES = {
     "not_an_object": "the line is JSON but not an object",
     "invalid_id": "id (or custom_id) is missing or not a string / integer",
     "duplicate_id": "an earlier line has the same id",
-    "missing_input": "the line has neither prompt nor messages (or both)",
+    "missing_input": "the line has no input (neither prompt nor messages, or both; no text to embed)",
     "invalid_prompt": "prompt is not a string or a list of token ids",
     "invalid_messages": "messages is not a list of {role, content} objects the chat template accepts",
     "empty_prompt": "the prompt is empty",
     "prompt_too_long": "the prompt does not fit the model's max_model_len",
     "invalid_sampling": "a sampling value is out of range or of the wrong type",
-    "unsupported_url": "the OpenAI url is not /v1/chat/completions or /v1/completions",
+    "unsupported_url": "the OpenAI url is not one this command serves (run: chat/completions; embed: embeddings)",
     "unsupported_method": "the OpenAI method is not POST",
-    "unsupported_n": "n > 1 is not supported",
-    "invalid_body": "the OpenAI body is missing or not an object",
+    "unsupported_n": "n > 1 (or several embedding inputs on one line) is not supported",
+    "invalid_body": "the OpenAI body is missing, not an object, or holds an unsupported value",
+    "invalid_text": "text (or input) is not a string or a list of token ids",
+    "empty_text": "the text to embed is empty",
+    "dimensions_mismatch": "the requested dimensions differ from the model's embedding size",
 }
 
 CHAT_URL = "/v1/chat/completions"
@@ -79,8 +82,8 @@ def id_key(record_id: Any) -> str:
     return json.dumps(record_id)
 
 
-def parse_line(raw: bytes, line_no: int, apply_chat_template) -> JobRequest:
-    """Parses and checks one non-blank line; raises JobError. ``apply_chat_template(messages) -> str``."""
+def decode_line(raw: bytes, line_no: int) -> dict:
+    """UTF-8 -> JSON -> an object, or JobError (invalid_utf8 / invalid_json / not_an_object)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -91,12 +94,22 @@ def parse_line(raw: bytes, line_no: int, apply_chat_template) -> JobRequest:
         raise JobError("invalid_json", f"line {line_no} is not valid JSON: {e.msg} at column {e.colno}") from None
     if not isinstance(obj, dict):
         raise JobError("not_an_object", f"line {line_no} is a JSON {type(obj).__name__}, expected an object")
-    if "custom_id" in obj or "body" in obj or "url" in obj:
+    return obj
+
+
+def is_openai_line(obj: dict) -> bool:
+    return "custom_id" in obj or "body" in obj or "url" in obj
+
+
+def parse_line(raw: bytes, line_no: int, apply_chat_template) -> JobRequest:
+    """Parses and checks one non-blank line; raises JobError. ``apply_chat_template(messages) -> str``."""
+    obj = decode_line(raw, line_no)
+    if is_openai_line(obj):
         return _parse_openai(obj, line_no, apply_chat_template)
     return _parse_plain(obj, line_no, apply_chat_template)
 
 
-def _check_id(value: Any, name: str, line_no: int, openai: bool) -> Any:
+def check_id(value: Any, name: str, line_no: int, openai: bool) -> Any:
     ok = isinstance(value, str) and value != "" or (isinstance(value, int) and not isinstance(value, bool))
     if openai:
         ok = isinstance(value, str) and value != ""
@@ -108,7 +121,7 @@ def _check_id(value: Any, name: str, line_no: int, openai: bool) -> Any:
 
 
 def _parse_plain(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
-    rid = _check_id(obj.get("id"), "id", line_no, openai=False)
+    rid = check_id(obj.get("id"), "id", line_no, openai=False)
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
     if has_prompt == has_messages:
         which = "both prompt and messages" if has_prompt else "neither prompt nor messages"
@@ -123,7 +136,7 @@ def _parse_plain(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
 
 
 def _parse_openai(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
-    rid = _check_id(obj.get("custom_id"), "custom_id", line_no, openai=True)
+    rid = check_id(obj.get("custom_id"), "custom_id", line_no, openai=True)
     method = obj.get("method", "POST")
     if method != "POST":
         raise JobError("unsupported_method", f"line {line_no}: method {method!r} is not supported; use POST", rid, True)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from tokenmill.config import ConfigError, EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine, resolve_device
-from tokenmill.jobs.cost import cost_per_million_tokens, job_cost
+from tokenmill.jobs.cost import cost_line
 from tokenmill.jobs.files import JobLock, JobPaths, JsonlAppender, read_keys, repair_torn_tail, write_json_atomic
 from tokenmill.jobs.planner import MemoryPlan, plan_memory
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
@@ -119,13 +119,13 @@ def manifest_for(opts: JobOptions, model_path: Path) -> dict:
 COMPARED = ("model", "sampling_defaults", "engine_options", "partition", "total_partitions")
 
 
-def check_manifest(paths: JobPaths, manifest: dict) -> None:
+def check_manifest(paths: JobPaths, manifest: dict, compared: tuple[str, ...] = COMPARED) -> None:
     import json
 
     if not paths.manifest.exists():
         return
     old = json.loads(paths.manifest.read_text())
-    diffs = [k for k in COMPARED if old.get(k) != manifest.get(k)]
+    diffs = [k for k in compared if old.get(k) != manifest.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: was {old.get(k)!r}, now {manifest.get(k)!r}" for k in diffs)
         raise JobSetupError(
@@ -134,7 +134,7 @@ def check_manifest(paths: JobPaths, manifest: dict) -> None:
         )
 
 
-class _Signals:
+class SignalCatcher:
     def __init__(self) -> None:
         self.received: int | None = None
         self._old = {}
@@ -152,7 +152,7 @@ class _Signals:
             signal.signal(s, h)
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
     print(f"tokenmill: {msg}", file=sys.stderr, flush=True)
 
 
@@ -187,7 +187,7 @@ def _run_locked(opts: JobOptions, paths: JobPaths) -> int:
     done_error_lines = read_keys(paths.errors, lambda r: r["line"])
     resuming = bool(done_ids or done_error_lines)
     if resuming and not opts.quiet:
-        _say(f"resuming: {len(done_ids)} results and {len(done_error_lines)} error records already written"
+        say(f"resuming: {len(done_ids)} results and {len(done_error_lines)} error records already written"
              + (f" (cut a torn last line of {repaired} bytes)" if repaired else ""))
 
     state = StateFile(paths.state)
@@ -221,7 +221,7 @@ def _run_locked(opts: JobOptions, paths: JobPaths) -> int:
     except ConfigError as e:
         raise JobSetupError(str(e)) from None
     if not opts.quiet:
-        _say(f"model {ctx.model_name} loaded in {engine.load_seconds:.1f} s; {len(member_lines)} requests in this "
+        say(f"model {ctx.model_name} loaded in {engine.load_seconds:.1f} s; {len(member_lines)} requests in this "
              f"partition, max_num_seqs={engine.config.max_num_seqs}, "
              f"max_num_batched_tokens={engine.config.max_num_batched_tokens}")
 
@@ -258,7 +258,7 @@ def _run_locked(opts: JobOptions, paths: JobPaths) -> int:
         return {**base, "total": total, "done": done, "failed": num_failed, "prompt_tok_s": p_rate,
                 "gen_tok_s": g_rate, "elapsed_s": time.perf_counter() - t_start, "eta_s": eta, "message": None}
 
-    with _Signals() as sig, bar:
+    with SignalCatcher() as sig, bar:
         try:
             while True:
                 if sig.received is not None:
@@ -313,7 +313,7 @@ def _run_locked(opts: JobOptions, paths: JobPaths) -> int:
     snap = progress()
     if exit_code:
         state.write({**snap, "state": "interrupted", "message": f"stopped by signal {exit_code - 128}"}, force=True)
-        _say(f"stopped by signal after {done}/{total} requests; {len(in_flight)} in flight dropped. "
+        say(f"stopped by signal after {done}/{total} requests; {len(in_flight)} in flight dropped. "
              f"Run the same command again to resume.")
         return exit_code
     summary = _summary(done, total, num_failed, run_prompt, run_gen, wall, engine.stats.num_preemptions, opts)
@@ -333,9 +333,5 @@ def _summary(done, total, failed, prompt_tokens, gen_tokens, wall, preemptions, 
         f"{gen_s:.1f} output tok/s, {preemptions} preemptions",
     ]
     if opts.gpu_hourly_rate is not None:
-        per_m = cost_per_million_tokens(opts.num_gpus, opts.gpu_hourly_rate, gen_s)
-        lines.append(
-            f"  cost: ${per_m:.4f} per million output tokens, ${job_cost(opts.num_gpus, opts.gpu_hourly_rate, wall):.4f} "
-            f"for this run ({opts.num_gpus} x ${opts.gpu_hourly_rate:.2f}/h)"
-        )
+        lines.append(cost_line(opts.num_gpus, opts.gpu_hourly_rate, gen_s, wall, "output"))
     return "\n".join(lines)

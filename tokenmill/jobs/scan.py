@@ -4,6 +4,9 @@ Pass 1 reads every line once, keeping only a few bytes per line (valid flag, pro
 64-bit hash per id for duplicate detection; pass 2 streams the lines of this partition that are not done yet.
 Memory stays flat in the size of the file apart from those per-line counters.
 
+``pre`` is a preprocessor (``jobs/preprocess.py`` for generation, ``embed/preprocess.py`` for embeddings): its
+``process(lines)`` yields prepared items (with ``request.id_key``, ``token_ids``, ``max_tokens``) or JobErrors.
+
 Partitions (length-balanced, deterministic): valid lines sorted by (prompt tokens, line number) are dealt
 round-robin; line ``i``'s error record (if any) belongs to partition ``(i - 1) % N``.
 """
@@ -19,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
-from tokenmill.jobs.records import JobError, id_key
+from tokenmill.jobs.records import JobError
 
 CHUNK_LINES = 512
 
@@ -95,7 +98,7 @@ def scan(path: Path, pre: Preprocessor, on_error: Callable[[int, JobError], None
         max_tokens.extend([0] * grow)
         num_lines = last
         for line_no, item in pre.process(chunk):
-            if isinstance(item, Prepared):
+            if not isinstance(item, JobError):
                 h = _id_hash(item.request.id_key)
                 if h in seen_ids:
                     item = JobError(
@@ -106,11 +109,11 @@ def scan(path: Path, pre: Preprocessor, on_error: Callable[[int, JobError], None
                     seen_ids.add(h)
                     valid[line_no] = 1
                     prompt_tokens[line_no] = len(item.token_ids)
-                    max_tokens[line_no] = item.params.max_tokens
+                    max_tokens[line_no] = item.max_tokens
                     num_valid += 1
                     continue
             elif item.record_id is not None and item.code != "duplicate_id":
-                seen_ids.add(_id_hash(id_key(item.record_id)))  # a bad line still claims its id
+                seen_ids.add(_id_hash(pre.id_key(item.record_id)))  # a bad line still claims its id
             num_errors += 1
             on_error(line_no, item)
     # count trailing blank lines too, so line numbers stay exact
@@ -147,7 +150,7 @@ def iter_todo(path: Path, members: bytearray, done_ids: set[str], pre: Preproces
         if not mine:
             continue
         for line_no, item in pre.process(mine):
-            if not isinstance(item, Prepared):
+            if isinstance(item, JobError):
                 raise RuntimeError(f"line {line_no} was valid in the validation pass but not now: was the input "
                                    f"file changed while the job ran?")
             if item.request.id_key in done_ids:

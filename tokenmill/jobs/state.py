@@ -41,12 +41,14 @@ def format_status(d: dict) -> str:
     total = d.get("total", 0)
     done = d.get("done", 0)
     pct = 100.0 * done / total if total else 100.0
-    lines = [
-        f"state:        {d['state']}",
-        f"requests:     {done} / {total} done ({pct:.1f}%), {d.get('failed', 0)} failed",
-        f"throughput:   {d.get('prompt_tok_s', 0):.1f} prompt tok/s, {d.get('gen_tok_s', 0):.1f} generation tok/s",
-        f"elapsed:      {format_duration(d.get('elapsed_s'))}",
-    ]
+    if d.get("kind") == "embed":
+        counts = f"texts:        {done} / {total} done ({pct:.1f}%), {d.get('failed', 0)} failed"
+        rates = f"throughput:   {d.get('texts_s', 0):.1f} texts/s, {d.get('prompt_tok_s', 0):.1f} tok/s"
+    else:
+        counts = f"requests:     {done} / {total} done ({pct:.1f}%), {d.get('failed', 0)} failed"
+        rates = (f"throughput:   {d.get('prompt_tok_s', 0):.1f} prompt tok/s, {d.get('gen_tok_s', 0):.1f} generation "
+                 f"tok/s")
+    lines = [f"state:        {d['state']}", counts, rates, f"elapsed:      {format_duration(d.get('elapsed_s'))}"]
     if d["state"] == "running":
         lines.append(f"ETA:          {format_duration(d.get('eta_s'))}")
     if d.get("message"):

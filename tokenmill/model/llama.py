@@ -18,6 +18,7 @@ from torch import nn
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
 from tokenmill.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding
 from tokenmill.model.model_config import ModelConfig
+from tokenmill.model.weights import check_all_loaded, copy_weight, lookup_param
 
 
 class Attention(nn.Module):
@@ -83,7 +84,7 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Also Mistral, Qwen2 (qkv bias) and Qwen3 (q/k norm): the differences live in ModelConfig flags."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, with_lm_head: bool = True) -> None:
         super().__init__()
         self.config = cfg
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -91,7 +92,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = rotary
         self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings or not with_lm_head:  # embedding models need no LM head
             self.lm_head = None
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -140,30 +141,17 @@ class LlamaForCausalLM(nn.Module):
             for piece, (fused, shard) in self._STACKED.items():
                 if piece in name:
                     target = name.replace(piece, fused)
-                    param = _lookup(params, target, hf_name)
+                    param = lookup_param(params, target, hf_name)
                     sizes = shard_sizes[fused]
                     offset = sum(sizes[:shard])
-                    _copy(param.data[offset : offset + sizes[shard]], tensor, hf_name)
+                    copy_weight(param.data[offset : offset + sizes[shard]], tensor, hf_name)
                     stacked_seen.setdefault(target, set()).add(shard)
                     if len(stacked_seen[target]) == len(sizes):
                         loaded.add(target)
                     break
             else:
-                param = _lookup(params, name, hf_name)
-                _copy(param.data, tensor, hf_name)
+                param = lookup_param(params, name, hf_name)
+                copy_weight(param.data, tensor, hf_name)
                 loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        check_all_loaded(params, loaded)
 
-
-def _lookup(params: dict[str, nn.Parameter], name: str, hf_name: str) -> nn.Parameter:
-    if name not in params:
-        raise ValueError(f"checkpoint weight {hf_name!r} has no place in the model")
-    return params[name]
-
-
-def _copy(dst: torch.Tensor, src: torch.Tensor, hf_name: str) -> None:
-    if tuple(dst.shape) != tuple(src.shape):
-        raise ValueError(f"weight {hf_name!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
-    dst.copy_(src)

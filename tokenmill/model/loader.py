@@ -101,7 +101,7 @@ def load_model(
 
     with torch.device(device):  # parameters are left uninitialised: the checkpoint fills every one
         net = LlamaForCausalLM(cfg, max_positions or cfg.max_position_embeddings)
-    net.load_weights(_iter_safetensors(hf_dir))
+    net.load_weights(iter_safetensors(hf_dir))
     net.to(torch_dtype).eval()
 
     tokenizer = load_tokenizer(hf_dir)
@@ -127,7 +127,7 @@ def load_tokenizer(hf_dir: Path):
     return AutoTokenizer.from_pretrained(str(hf_dir))
 
 
-def _iter_safetensors(hf_dir: Path):
+def iter_safetensors(hf_dir: Path):
     from safetensors import safe_open
 
     index = hf_dir / "model.safetensors.index.json"

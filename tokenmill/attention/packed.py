@@ -1,0 +1,80 @@
+"""Attention over packed variable-length sequences with no KV cache: the embedding path's attention.
+
+A packed batch is the tokens of many sequences laid end to end ([num_tokens, ...]); ``seq_lens`` says where each
+ends. Nothing is padded: sequences of equal length are stacked into one ``scaled_dot_product_attention`` call, so a
+length-sorted batch needs a few calls per layer and computes no padding positions at all.
+
+``PackedAttention`` also satisfies the paged ``AttentionBackend`` protocol (the caches are ignored), so the
+Llama-family model code runs encoder-style passes for decoder embedding models unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def equal_length_groups(seq_lens: list[int]) -> dict[int, list[int]]:
+    """length -> indices of the sequences with that length, in batch order."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, n in enumerate(seq_lens):
+        groups[n].append(i)
+    return groups
+
+
+def packed_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    seq_lens: list[int],  # sum == num_tokens
+    scale: float,
+    causal: bool,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    starts = [0]
+    for n in seq_lens:
+        starts.append(starts[-1] + n)
+    assert starts[-1] == num_tokens, (starts[-1], num_tokens)
+    out = torch.empty_like(q)
+    for length, members in equal_length_groups(seq_lens).items():
+        if members[-1] - members[0] + 1 == len(members):  # consecutive sequences: a view, no copy
+            lo, hi = starts[members[0]], starts[members[-1]] + length
+            idx = None
+            qg, kg, vg = q[lo:hi], k[lo:hi], v[lo:hi]
+        else:
+            idx = torch.cat([torch.arange(starts[b], starts[b] + length) for b in members]).to(q.device)
+            qg, kg, vg = q[idx], k[idx], v[idx]
+        n = len(members)
+        qg = qg.view(n, length, num_heads, head_dim).transpose(1, 2)  # [n, heads, L, d]
+        kg = kg.view(n, length, num_kv_heads, head_dim).transpose(1, 2)
+        vg = vg.view(n, length, num_kv_heads, head_dim).transpose(1, 2)
+        if num_kv_heads != num_heads:
+            rep = num_heads // num_kv_heads
+            kg = kg.repeat_interleave(rep, dim=1)
+            vg = vg.repeat_interleave(rep, dim=1)
+        og = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal, scale=scale)
+        og = og.transpose(1, 2).reshape(n * length, num_heads, head_dim)
+        if idx is None:
+            out[lo:hi] = og
+        else:
+            out[idx] = og
+    return out
+
+
+@dataclass
+class PackedMetadata:
+    seq_lens: list[int]  # tokens of each packed sequence, in batch order
+
+
+class PackedAttention:
+    """Causal attention within each packed sequence, for decoder models used as encoders (no KV cache).
+
+    ``meta`` is a ``PackedMetadata``; the cache arguments are ignored.
+    """
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale: float) -> torch.Tensor:
+        return packed_attention(q, k, v, meta.seq_lens, scale, causal=True)

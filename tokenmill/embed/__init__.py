@@ -1,0 +1,1 @@
+"""Embeddings: the packed encoder engine, the embed job, vector files and ANN indexes."""

@@ -1,0 +1,192 @@
+"""Where an embedding job's vectors go: a Parquet file built from durable row-group parts, or OpenAI Batch JSONL.
+
+Parquet cannot be appended to after a crash (its footer is written last), so the job writes each row group as it
+goes into its own small Parquet file under ``OUTPUT.parts/`` (written to a temporary name, fsynced, then renamed:
+a part is either whole or absent). When the job completes, the parts are stitched in order into OUTPUT, one row
+group each (small neighbours coalesced), the file is renamed into place, and the parts are removed.
+
+Invariants: an id is in at most one of {OUTPUT, parts}; a part whose ids are already in OUTPUT (a crash between the
+rename and the clean-up) is deleted on the next start, never stitched twice.
+
+Schema: ``id`` string, ``embedding`` fixed_size_list<float32>[dim]; schema metadata ``tokenmill`` holds JSON with the
+model, pooling, normalisation and truncation length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tokenmill.embed.records import EmbedRequest, embed_id_key, openai_embedding_record
+from tokenmill.jobs.files import JsonlAppender, read_keys, repair_torn_tail
+
+ROW_GROUP_ROWS = 65536  # stitched row groups are at least this big, except the last
+
+
+def parts_dir(output: Path) -> Path:
+    return output.with_name(output.name + ".parts")
+
+
+def vector_schema(dim: int, metadata: dict) -> pa.Schema:
+    return pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
+                     metadata={"tokenmill": json.dumps(metadata)})
+
+
+def read_vector_metadata(path: Path) -> dict:
+    meta = pq.read_schema(path).metadata or {}
+    if b"tokenmill" not in meta:
+        raise ValueError(f"{path} is not a tokenmill vectors file (no tokenmill metadata)")
+    return json.loads(meta[b"tokenmill"])
+
+
+def iter_vector_batches(path: Path):
+    """(ids list[str], vectors [n, dim] float32) per row group."""
+    f = pq.ParquetFile(path)
+    for i in range(f.num_row_groups):
+        t = f.read_row_group(i)
+        emb = t.column("embedding").combine_chunks()
+        dim = emb.type.list_size
+        vecs = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+        yield t.column("id").to_pylist(), vecs
+
+
+def _ids_of(path: Path) -> list[str]:
+    return pq.read_table(path, columns=["id"]).column("id").to_pylist()
+
+
+class ParquetVectorSink:
+    """Buffers (id, vector) rows; ``flush`` makes them durable as a new part; ``finalize`` builds OUTPUT."""
+
+    def __init__(self, output: Path, dim: int, metadata: dict, sync_interval: float = 2.0,
+                 part_rows: int = 8192) -> None:
+        self.output = output
+        self.parts = parts_dir(output)
+        self.schema = vector_schema(dim, metadata)
+        self.dim = dim
+        self.sync_interval = sync_interval
+        self.part_rows = part_rows
+        self._ids: list[str] = []
+        self._vecs: list[np.ndarray] = []
+        self._last = time.monotonic()
+        self.parts.mkdir(exist_ok=True)
+        for tmp in self.parts.glob(".*.tmp"):
+            tmp.unlink()
+        self._next = 1 + max((int(p.stem.split("-")[1]) for p in self._part_files()), default=-1)
+
+    def _part_files(self) -> list[Path]:
+        return sorted(self.parts.glob("part-*.parquet"))
+
+    def done_ids(self) -> set[str]:
+        """Ids already durable in OUTPUT or a part; drops parts already stitched into OUTPUT."""
+        done: set[str] = set(_ids_of(self.output)) if self.output.exists() else set()
+        for part in self._part_files():
+            ids = _ids_of(part)
+            if ids and ids[0] in done:
+                part.unlink()  # stitched before a crash; its rows are in OUTPUT
+                continue
+            done.update(ids)
+        return done
+
+    def write(self, record_id: str, vector: np.ndarray) -> None:
+        self._ids.append(record_id)
+        self._vecs.append(vector)
+        if len(self._ids) >= self.part_rows or time.monotonic() - self._last >= self.sync_interval:
+            self.flush()
+
+    def write_many(self, ids: list[str], vectors: np.ndarray) -> None:  # vectors [n, dim]
+        for i, rid in enumerate(ids):
+            self.write(rid, vectors[i])
+
+    def flush(self) -> None:
+        self._last = time.monotonic()
+        if not self._ids:
+            return
+        vecs = np.ascontiguousarray(np.stack(self._vecs), dtype=np.float32)
+        table = pa.table({"id": pa.array(self._ids, pa.string()),
+                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), self.dim)},
+                         schema=self.schema)
+        final = self.parts / f"part-{self._next:06d}.parquet"
+        tmp = self.parts / f".{final.name}.tmp"
+        pq.write_table(table, tmp)
+        _fsync(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(self.parts)
+        self._next += 1
+        self._ids, self._vecs = [], []
+
+    def close(self) -> None:
+        self.flush()
+
+    def finalize(self) -> int:
+        """Stitches OUTPUT (if any) and every part into a new OUTPUT; returns the number of rows."""
+        self.flush()
+        tmp = self.output.with_name(f".{self.output.name}.tmp")
+        rows = 0
+        pending: list[pa.Table] = []
+        with pq.ParquetWriter(tmp, self.schema) as writer:
+            sources = ([self.output] if self.output.exists() else []) + self._part_files()
+            for src in sources:
+                f = pq.ParquetFile(src)
+                for i in range(f.num_row_groups):
+                    pending.append(f.read_row_group(i).replace_schema_metadata(self.schema.metadata))
+                    if sum(len(t) for t in pending) >= ROW_GROUP_ROWS:
+                        rows += _write_group(writer, pending)
+                        pending = []
+            if pending:
+                rows += _write_group(writer, pending)
+        _fsync(tmp)
+        os.replace(tmp, self.output)
+        _fsync_dir(self.output.parent)
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return rows
+
+
+def _write_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> int:
+    t = pa.concat_tables(tables)
+    writer.write_table(t, row_group_size=len(t))
+    return len(t)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    _fsync(path)
+
+
+class OpenAIVectorSink:
+    """OpenAI Batch output lines (``--format openai``), appended and fsynced like ``tokenmill run``'s results."""
+
+    def __init__(self, output: Path, model_name: str) -> None:
+        self.output = output
+        self.model_name = model_name
+        repair_torn_tail(output)
+        self._out = JsonlAppender(output)
+
+    def done_ids(self) -> set[str]:
+        return read_keys(self.output, lambda r: embed_id_key(r["custom_id"]))
+
+    def write_request(self, req: EmbedRequest, vector: np.ndarray, num_tokens: int) -> None:
+        self._out.write(openai_embedding_record(req, vector, num_tokens, self.model_name))
+
+    def flush(self) -> None:
+        self._out.sync()
+
+    def close(self) -> None:
+        self._out.close()
+
+    def finalize(self) -> int:
+        self.close()
+        return self._out.count
