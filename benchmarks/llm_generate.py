@@ -2,7 +2,8 @@
 
     python benchmarks/llm_generate.py --num-prompts 64 --max-tokens 128 [--option key=value ...]
 
-Prints load time (process start to engine ready), the first step's latency, and prompt / output / total tok/s.
+Prints load time (process start to engine ready), the first step's latency, prompt / output / total tok/s and the
+process's peak RSS.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ T_PROCESS = time.perf_counter()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import resource  # noqa: E402
 
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
          "you were her she there data model batch token river mountain city light music paper").split()
@@ -50,6 +52,7 @@ def main() -> None:
         "num_prompts": len(outs), "prompt_tokens": p, "output_tokens": g, "wall_s": round(wall, 2),
         "output_tok_s": round(g / wall, 1), "total_tok_s": round((p + g) / wall, 1),
         "steps": st.num_steps, "avg_batch": round(st.avg_batch_size, 1), "preemptions": st.num_preemptions,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "options": options,
     }))
 
