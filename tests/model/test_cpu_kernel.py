@@ -11,7 +11,11 @@ def test_kernel_builds_here():
     assert cpu_kernel.load() is not None, f"the CPU kernel did not build: {cpu_kernel.build_error()}"
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 32, 4), (8, 1, 16, 8)])
+# head_dim 32/64/128 take the unrolled vector paths, 16 and 80 the generic one
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,block_size",
+    [(9, 3, 64, 16), (4, 4, 32, 4), (8, 1, 16, 8), (4, 2, 128, 16), (6, 2, 80, 16)],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_torch_decode(heads, kv_heads, head_dim, block_size, dtype):
     mod = cpu_kernel.load()

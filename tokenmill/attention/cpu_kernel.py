@@ -1,9 +1,12 @@
 """A C++ CPU kernel for decode attention over the paged KV cache, compiled on first use.
 
 The torch path gathers every decoding sequence's K and V into padded dense tensors (a copy of the whole context per
-layer per step) before attending. This kernel reads each key and value row in place through the block table, one
-(sequence, KV head) pair per task, with the query heads of that KV group sharing the reads (GQA). It computes in
-float32 whatever the cache dtype.
+layer per step) before attending. This kernel reads the cache in place through the block table, one sequence per
+task: each block's token rows (all KV heads, contiguous) are read once per pass and shared by the query heads of
+each KV group (GQA), with the next block prefetched. It computes in float32 whatever the cache dtype, 16 lanes at a
+time (GCC/Clang vector extensions: AVX-512 here, narrower registers elsewhere), with a vectorisable exp in the
+softmax. On a W-like step (128 sequences, SmolLM2) it cut attention from 133 to 43 ms (float32) and from 185 to
+34 ms (bfloat16) against the previous scalar kernel.
 
 Compiled with ``torch.utils.cpp_extension.load_inline`` (needs a C++ compiler and ninja) into torch's extension
 cache, so the build happens once per machine. If it cannot be built, ``load()`` returns None and the torch path is
@@ -17,10 +20,103 @@ import threading
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
+// 16 floats: one AVX-512 register where the machine has it, two AVX2 or four SSE registers elsewhere (GCC/Clang
+// vector extension, so the code stays portable). Loads and stores go through memcpy: no alignment assumed.
+typedef float vec16 __attribute__((vector_size(64)));
+static inline vec16 load16(const float* p) { vec16 v; std::memcpy(&v, p, sizeof(v)); return v; }
+static inline void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+static inline float hsum16(vec16 v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];  // a shuffle tree under -fassociative-math
+  return s;
+}
+
+// Row conversion to float: a copy for float, a shift for bfloat16 (vectorises), a cast otherwise.
+static inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+static inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+}
+template <typename T>  // half (F16C), double
+static inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// exp(x) for x <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp). Branch-free so that the
+// softmax loop vectorises; std::exp does not.
+static inline float exp_nonpos(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  return p * scale;
+}
+
+// Ask for the next block's rows while this one is computed: blocks sit anywhere in the cache, so the hardware
+// prefetcher loses the stream at every block boundary.
 template <typename scalar_t>
+static inline void prefetch_block(const scalar_t* p, int64_t count) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < count * static_cast<int64_t>(sizeof(scalar_t)); off += 64) __builtin_prefetch(c + off);
+}
+
+// q . k over D = 16 * NV floats (NV > 0), or over any D with NV == 0.
+template <int NV>
+static inline float dot(const float* q, const float* k, int64_t D) {
+  if constexpr (NV == 0) {
+    float s = 0.f;
+    for (int64_t d = 0; d < D; ++d) s += q[d] * k[d];
+    return s;
+  } else {
+    vec16 a = load16(q) * load16(k);
+    for (int i = 1; i < NV; ++i) a += load16(q + 16 * i) * load16(k + 16 * i);
+    return hsum16(a);
+  }
+}
+
+// acc[0:D] += sum_t p[t] * rows[t * stride : t * stride + D] for t < n.
+template <int NV>
+static inline void axpy_rows(float* acc, const float* p, const float* rows, int64_t stride, int64_t n, int64_t D) {
+  if constexpr (NV == 0) {
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t d = 0; d < D; ++d) acc[d] += p[t] * rows[t * stride + d];
+  } else {
+    vec16 a[NV], b[NV];  // two accumulator sets: even and odd t, to halve the FMA dependency chains
+    for (int i = 0; i < NV; ++i) { a[i] = load16(acc + 16 * i); b[i] = vec16{}; }
+    int64_t t = 0;
+    for (; t + 1 < n; t += 2) {
+      const float* r0 = rows + t * stride;
+      const float* r1 = r0 + stride;
+      for (int i = 0; i < NV; ++i) {
+        a[i] += p[t] * load16(r0 + 16 * i);
+        b[i] += p[t + 1] * load16(r1 + 16 * i);
+      }
+    }
+    if (t < n)
+      for (int i = 0; i < NV; ++i) a[i] += p[t] * load16(rows + t * stride + 16 * i);
+    for (int i = 0; i < NV; ++i) store16(acc + 16 * i, a[i] + b[i]);
+  }
+}
+
+// One task per sequence: its cached token rows [Hkv * D] are read once per pass, block by block, by all H query
+// heads (the G = H / Hkv heads of a KV group share each K/V row). Two passes: scores then softmax, then P.V.
+template <typename scalar_t, int NV>
 static void decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                         const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
                         torch::Tensor& out) {
@@ -28,6 +124,7 @@ static void decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, co
   const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t G = H / Hkv;
   const int64_t max_blocks = block_tables.size(1);
+  const int64_t row = Hkv * D;  // one token's K (or V) for all KV heads; rows of a block are contiguous
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k_cache.data_ptr<scalar_t>();
   const scalar_t* vp = v_cache.data_ptr<scalar_t>();
@@ -35,53 +132,77 @@ static void decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, co
   const int64_t* lp = seq_lens.data_ptr<int64_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const float fscale = static_cast<float>(scale);
+  constexpr bool is_float = std::is_same_v<scalar_t, float>;
 
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), acc(G * D), scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, kvh = task % Hkv;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(H * D), acc(H * D), tile(is_float ? 0 : bs * row), scores, inv(H);
+    for (int64_t b = begin; b < end; ++b) {
       const int64_t L = lp[b];
-      scores.assign(G * L, 0.f);
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d)
-          qf[g * D + d] = static_cast<float>(qp[(b * H + kvh * G + g) * D + d]) * fscale;
-      // scores[g][t] = q_g . k_t
-      for (int64_t t = 0; t < L; ++t) {
-        const int64_t blk = tp[b * max_blocks + t / bs];
-        const scalar_t* krow = kp + ((blk * bs + t % bs) * Hkv + kvh) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qf.data() + g * D;
-          float s = 0.f;
-          for (int64_t d = 0; d < D; ++d) s += qg[d] * static_cast<float>(krow[d]);
-          scores[g * L + t] = s;
+      const int64_t nblocks = (L + bs - 1) / bs;
+      const int64_t* table = tp + b * max_blocks;
+      if (static_cast<int64_t>(scores.size()) < H * L) scores.resize(H * L);
+      to_float(qp + b * H * D, qf.data(), H * D);
+      for (int64_t i = 0; i < H * D; ++i) qf[i] *= fscale;
+      // pass 1: scores[h][t] = q_h . k_t
+      for (int64_t j = 0; j < nblocks; ++j) {
+        const int64_t n = std::min(bs, L - j * bs);
+        if (j + 1 < nblocks) prefetch_block(kp + table[j + 1] * bs * row, std::min(bs, L - (j + 1) * bs) * row);
+        const float* rows;
+        if constexpr (is_float) {
+          rows = kp + table[j] * bs * row;
+        } else {
+          to_float(kp + table[j] * bs * row, tile.data(), n * row);
+          rows = tile.data();
         }
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t h = 0; h < H; ++h)
+            scores[h * L + j * bs + t] = dot<NV>(qf.data() + h * D, rows + t * row + (h / G) * D, D);
       }
-      // softmax over t, per query head
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * L;
+      // softmax numerators; 1/sum is applied to the output
+      for (int64_t h = 0; h < H; ++h) {
+        float* sh = scores.data() + h * L;
         float m = -INFINITY;
-        for (int64_t t = 0; t < L; ++t) m = std::max(m, sg[t]);
+        for (int64_t t = 0; t < L; ++t) m = std::max(m, sh[t]);
         float sum = 0.f;
-        for (int64_t t = 0; t < L; ++t) { sg[t] = std::exp(sg[t] - m); sum += sg[t]; }
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < L; ++t) sg[t] *= inv;
-      }
-      // out_g = sum_t p[g][t] v_t
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < L; ++t) {
-        const int64_t blk = tp[b * max_blocks + t / bs];
-        const scalar_t* vrow = vp + ((blk * bs + t % bs) * Hkv + kvh) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = scores[g * L + t];
-          float* ag = acc.data() + g * D;
-          for (int64_t d = 0; d < D; ++d) ag[d] += p * static_cast<float>(vrow[d]);
+        for (int64_t t = 0; t < L; ++t) {
+          const float e = exp_nonpos(sh[t] - m);
+          sh[t] = e;
+          sum += e;
         }
+        inv[h] = 1.f / sum;
       }
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d)
-          op[(b * H + kvh * G + g) * D + d] = static_cast<scalar_t>(acc[g * D + d]);
+      // pass 2: acc_h = sum_t p[h][t] v_t
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < nblocks; ++j) {
+        const int64_t n = std::min(bs, L - j * bs);
+        if (j + 1 < nblocks) prefetch_block(vp + table[j + 1] * bs * row, std::min(bs, L - (j + 1) * bs) * row);
+        const float* rows;
+        if constexpr (is_float) {
+          rows = vp + table[j] * bs * row;
+        } else {
+          to_float(vp + table[j] * bs * row, tile.data(), n * row);
+          rows = tile.data();
+        }
+        for (int64_t h = 0; h < H; ++h)
+          axpy_rows<NV>(acc.data() + h * D, scores.data() + h * L + j * bs, rows + (h / G) * D, row, n, D);
+      }
+      scalar_t* ob = op + b * H * D;
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t d = 0; d < D; ++d) ob[h * D + d] = static_cast<scalar_t>(acc[h * D + d] * inv[h]);
     }
   });
+}
+
+template <typename scalar_t>
+static void decode_dispatch(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                            const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
+                            torch::Tensor& out) {
+  switch (q.size(2)) {  // head_dim: unrolled for the common sizes
+    case 32: return decode_impl<scalar_t, 2>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+    case 64: return decode_impl<scalar_t, 4>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+    case 128: return decode_impl<scalar_t, 8>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+    default: return decode_impl<scalar_t, 0>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+  }
 }
 
 // q [B, H, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int64;
@@ -94,7 +215,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, q.scalar_type(),
                                   "paged_decode_attention", [&] {
-    decode_impl<scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+    decode_dispatch<scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
   });
   return out;
 }
@@ -115,7 +236,7 @@ def load():
 
                 _put_ninja_on_path()
                 _module = load_inline(
-                    name="tokenmill_cpu_attention_v3",
+                    name="tokenmill_cpu_attention_v6",
                     cpp_sources=_SOURCE,
                     functions=["paged_decode_attention"],
                     extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
