@@ -1,28 +1,34 @@
-"""The C++ paged decode attention kernel equals the torch gather path (and so the reference backend)."""
+"""The C++ paged attention kernel equals the torch decode path and the reference backend (decodes, prefill chunks
+with cached context, and whole prompts mixed in one batch)."""
 
 import pytest
 import torch
 
 from tokenmill.attention import cpu_kernel
-from tokenmill.attention.backend import AttentionMetadata, TorchPagedAttention
+from tokenmill.attention.backend import AttentionMetadata, ReferenceAttention, TorchPagedAttention
 
 
 def test_kernel_builds_here():
     assert cpu_kernel.load() is not None, f"the CPU kernel did not build: {cpu_kernel.build_error()}"
 
 
+def _caches(num_blocks, block_size, kv_heads, head_dim, dtype):
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    return k_cache, v_cache
+
+
 # head_dim 32/64/128 take the unrolled vector paths, 16 and 80 the generic one
-@pytest.mark.parametrize(
-    "heads,kv_heads,head_dim,block_size",
-    [(9, 3, 64, 16), (4, 4, 32, 4), (8, 1, 16, 8), (4, 2, 128, 16), (6, 2, 80, 16)],
-)
+SHAPES = [(9, 3, 64, 16), (4, 4, 32, 4), (8, 1, 16, 8), (4, 2, 128, 16), (6, 2, 80, 16)]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_torch_decode(heads, kv_heads, head_dim, block_size, dtype):
     mod = cpu_kernel.load()
     torch.manual_seed(heads * 100 + head_dim)
     num_blocks, batch = 300, 12
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    k_cache, v_cache = _caches(num_blocks, block_size, kv_heads, head_dim, dtype)
     seq_lens = torch.tensor([1, 2, block_size, block_size + 1, 37, 100, 5, 64, 3, 90, 17, 150])
     max_blocks = -(-int(seq_lens.max()) // block_size)
     tables = torch.stack([torch.randperm(num_blocks)[:max_blocks] for _ in range(batch)])
@@ -30,6 +36,53 @@ def test_kernel_matches_torch_decode(heads, kv_heads, head_dim, block_size, dtyp
     meta = AttentionMetadata(list(range(batch + 1)), seq_lens.tolist(), batch, torch.empty(0), tables, seq_lens)
     scale = head_dim**-0.5
     ref = TorchPagedAttention._decode(q, k_cache, v_cache, meta, scale).float()
-    out = mod.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, scale).float()
+    qsl = torch.arange(batch + 1)
+    out = mod.paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, scale).float()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", SHAPES[:3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_reference_on_mixed_batch(heads, kv_heads, head_dim, block_size, dtype):
+    """Decodes first, then prefill chunks after cached context, then whole prompts, as the model runner lays them out;
+    the backend writes the new K/V and attends, and must equal the reference backend on the same inputs."""
+    torch.manual_seed(7 + head_dim)
+    # (context already cached, new tokens this step)
+    reqs = [(5, 1), (40, 1), (block_size - 1, 1), (0, 1), (17, 9), (block_size, block_size), (3, 50), (0, 33), (0, 1)]
+    num_blocks = 200
+    k_cache, v_cache = _caches(num_blocks, block_size, kv_heads, head_dim, dtype)
+    perm = torch.randperm(num_blocks - 1) + 1  # block 0 is the padding block
+    qsl, seq_lens, tables, slots, used = [0], [], [], [], 0
+    max_blocks = max(-(-(c + n) // block_size) for c, n in reqs)
+    for context, new in reqs:
+        nblocks = -(-(context + new) // block_size)
+        table = perm[used : used + nblocks]
+        used += nblocks
+        tables.append(torch.cat([table, torch.zeros(max_blocks - nblocks, dtype=torch.int64)]))
+        pos = torch.arange(context, context + new)
+        slots.append(table[pos // block_size] * block_size + pos % block_size)
+        qsl.append(qsl[-1] + new)
+        seq_lens.append(context + new)
+    num_tokens = qsl[-1]
+    q = torch.randn(num_tokens, heads, head_dim).to(dtype)
+    k = torch.randn(num_tokens, kv_heads, head_dim).to(dtype)
+    v = torch.randn(num_tokens, kv_heads, head_dim).to(dtype)
+    meta = AttentionMetadata(qsl, seq_lens, sum(1 for _, n in reqs[:4] if n == 1), torch.cat(slots),
+                             torch.stack(tables), torch.tensor(seq_lens))
+    scale = head_dim**-0.5
+    ref = ReferenceAttention().forward(q, k, v, k_cache.clone(), v_cache.clone(), meta, scale).float()
+    out = TorchPagedAttention(cpu_kernel.load()).forward(q, k, v, k_cache, v_cache, meta, scale).float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+def test_kernel_rejects_inconsistent_metadata():
+    mod = cpu_kernel.load()
+    k_cache, v_cache = _caches(4, 4, 1, 16, torch.float32)
+    q = torch.randn(3, 2, 16)
+    tables = torch.tensor([[1, 2]])
+    with pytest.raises(RuntimeError, match="query length"):  # 3 new tokens but only 2 in the sequence
+        mod.paged_attention(q, k_cache, v_cache, tables, torch.tensor([2]), torch.tensor([0, 3]), 0.25)
+    with pytest.raises(RuntimeError, match="num_tokens"):
+        mod.paged_attention(q, k_cache, v_cache, tables, torch.tensor([5]), torch.tensor([0, 2]), 0.25)

@@ -8,8 +8,9 @@ are request i's new tokens, which are the last tokens of its ``seq_lens[i]`` cac
 requests have exactly one new token.
 
 ``ReferenceAttention`` loops over requests and is the oracle; ``TorchPagedAttention`` batches the decodes into one
-masked attention over a gathered view of the cache, or, on CPU when the C++ kernel builds (``cpu_kernel.py``), reads
-K/V through the block tables without the gather. Tests hold them equal.
+masked attention over a gathered view of the cache, or, on CPU when the C++ kernel builds (``cpu_kernel.py``), runs
+every token of the step (decodes and prefill chunks) through the kernel, which reads K/V through the block tables
+without a gather. Tests hold them equal.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64
     block_tables: torch.Tensor  # [num_reqs, max_num_blocks] int64, padded with 0
     seq_lens_tensor: torch.Tensor  # [num_reqs] int64
+    query_start_loc_tensor: torch.Tensor | None = None  # [num_reqs + 1] int64; built from the list when not given
+
+    def query_start_loc_t(self) -> torch.Tensor:
+        if self.query_start_loc_tensor is None:
+            self.query_start_loc_tensor = torch.tensor(
+                self.query_start_loc, dtype=torch.int64, device=self.seq_lens_tensor.device)
+        return self.query_start_loc_tensor
 
     @property
     def num_reqs(self) -> int:
@@ -98,20 +106,22 @@ class ReferenceAttention:
 
 
 class TorchPagedAttention(ReferenceAttention):
-    """Decodes batched into one attention; prefill chunks one request at a time (reference path)."""
+    """On CPU with the C++ kernel: every token (decodes and prefill chunks) in one kernel call over the paged cache.
+    Otherwise decodes batched into one masked attention over a gathered view of the cache, and prefill chunks one
+    request at a time (reference path)."""
 
     def __init__(self, cpu_kernel=None) -> None:
         self.cpu_kernel = cpu_kernel  # the compiled module from cpu_kernel.load(), or None
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if self.cpu_kernel is not None and q.device.type == "cpu":
+            return self.cpu_kernel.paged_attention(
+                q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc_t(),
+                scale)
         out = torch.empty_like(q)
         nd = meta.num_decodes
-        if nd and self.cpu_kernel is not None and q.device.type == "cpu":
-            out[:nd] = self.cpu_kernel.paged_decode_attention(
-                q[:nd].contiguous(), k_cache, v_cache, meta.block_tables[:nd].contiguous(),
-                meta.seq_lens_tensor[:nd].contiguous(), scale)
-        elif nd:
+        if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale)
         for i in range(nd, meta.num_reqs):
             self._prefill_one(i, q, k_cache, v_cache, meta, scale, out)

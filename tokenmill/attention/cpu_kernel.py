@@ -114,108 +114,142 @@ static inline void axpy_rows(float* acc, const float* p, const float* rows, int6
   }
 }
 
-// One task per sequence: its cached token rows [Hkv * D] are read once per pass, block by block, by all H query
-// heads (the G = H / Hkv heads of a KV group share each K/V row). Two passes: scores then softmax, then P.V.
+// Attention of one query token (q: [H, D] float, pre-scaled) over the first L cached tokens of one sequence, read
+// block by block through its block table: each block's token rows (all KV heads, contiguous) are read once per pass
+// and shared by the G = H / Hkv query heads of each KV group. Two passes: scores then softmax, then P.V.
 template <typename scalar_t, int NV>
-static void decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                        const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
-                        torch::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
+static void attend(const float* qf, const scalar_t* kp, const scalar_t* vp, const int64_t* table, int64_t L,
+                   int64_t H, int64_t Hkv, int64_t D, int64_t bs, std::vector<float>& scores, std::vector<float>& acc,
+                   std::vector<float>& tile, std::vector<float>& inv, scalar_t* out) {
+  constexpr bool is_float = std::is_same_v<scalar_t, float>;
   const int64_t G = H / Hkv;
-  const int64_t max_blocks = block_tables.size(1);
   const int64_t row = Hkv * D;  // one token's K (or V) for all KV heads; rows of a block are contiguous
+  const int64_t nblocks = (L + bs - 1) / bs;
+  if (static_cast<int64_t>(scores.size()) < H * L) scores.resize(H * L);
+  // pass 1: scores[h][t] = q_h . k_t
+  for (int64_t j = 0; j < nblocks; ++j) {
+    const int64_t n = std::min(bs, L - j * bs);
+    if (j + 1 < nblocks) prefetch_block(kp + table[j + 1] * bs * row, std::min(bs, L - (j + 1) * bs) * row);
+    const float* rows;
+    if constexpr (is_float) {
+      rows = kp + table[j] * bs * row;
+    } else {
+      to_float(kp + table[j] * bs * row, tile.data(), n * row);
+      rows = tile.data();
+    }
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t h = 0; h < H; ++h) scores[h * L + j * bs + t] = dot<NV>(qf + h * D, rows + t * row + (h / G) * D, D);
+  }
+  // softmax numerators; 1/sum is applied to the output
+  for (int64_t h = 0; h < H; ++h) {
+    float* sh = scores.data() + h * L;
+    float m = -INFINITY;
+    for (int64_t t = 0; t < L; ++t) m = std::max(m, sh[t]);
+    float sum = 0.f;
+    for (int64_t t = 0; t < L; ++t) {
+      const float e = exp_nonpos(sh[t] - m);
+      sh[t] = e;
+      sum += e;
+    }
+    inv[h] = 1.f / sum;
+  }
+  // pass 2: acc_h = sum_t p[h][t] v_t
+  std::fill(acc.begin(), acc.end(), 0.f);
+  for (int64_t j = 0; j < nblocks; ++j) {
+    const int64_t n = std::min(bs, L - j * bs);
+    if (j + 1 < nblocks) prefetch_block(vp + table[j + 1] * bs * row, std::min(bs, L - (j + 1) * bs) * row);
+    const float* rows;
+    if constexpr (is_float) {
+      rows = vp + table[j] * bs * row;
+    } else {
+      to_float(vp + table[j] * bs * row, tile.data(), n * row);
+      rows = tile.data();
+    }
+    for (int64_t h = 0; h < H; ++h)
+      axpy_rows<NV>(acc.data() + h * D, scores.data() + h * L + j * bs, rows + (h / G) * D, row, n, D);
+  }
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<scalar_t>(acc[h * D + d] * inv[h]);
+}
+
+// Every token of the flat batch attends causally: token j (0-based) of request r's q_len new tokens sees the first
+// seq_lens[r] - q_len + j + 1 cached tokens. Decodes (q_len 1) and prefill chunks alike; one task per token, and the
+// tokens are split between threads by their cost (the number of keys they read), not by their count.
+template <typename scalar_t, int NV>
+static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                       const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+                       const torch::Tensor& query_start_loc, double scale, torch::Tensor& out) {
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
+  const int64_t R = seq_lens.size(0);
+  const int64_t max_blocks = block_tables.size(1);
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k_cache.data_ptr<scalar_t>();
   const scalar_t* vp = v_cache.data_ptr<scalar_t>();
   const int64_t* tp = block_tables.data_ptr<int64_t>();
   const int64_t* lp = seq_lens.data_ptr<int64_t>();
+  const int64_t* qs = query_start_loc.data_ptr<int64_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const float fscale = static_cast<float>(scale);
-  constexpr bool is_float = std::is_same_v<scalar_t, float>;
 
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(H * D), acc(H * D), tile(is_float ? 0 : bs * row), scores, inv(H);
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t L = lp[b];
-      const int64_t nblocks = (L + bs - 1) / bs;
-      const int64_t* table = tp + b * max_blocks;
-      if (static_cast<int64_t>(scores.size()) < H * L) scores.resize(H * L);
-      to_float(qp + b * H * D, qf.data(), H * D);
-      for (int64_t i = 0; i < H * D; ++i) qf[i] *= fscale;
-      // pass 1: scores[h][t] = q_h . k_t
-      for (int64_t j = 0; j < nblocks; ++j) {
-        const int64_t n = std::min(bs, L - j * bs);
-        if (j + 1 < nblocks) prefetch_block(kp + table[j + 1] * bs * row, std::min(bs, L - (j + 1) * bs) * row);
-        const float* rows;
-        if constexpr (is_float) {
-          rows = kp + table[j] * bs * row;
-        } else {
-          to_float(kp + table[j] * bs * row, tile.data(), n * row);
-          rows = tile.data();
-        }
-        for (int64_t t = 0; t < n; ++t)
-          for (int64_t h = 0; h < H; ++h)
-            scores[h * L + j * bs + t] = dot<NV>(qf.data() + h * D, rows + t * row + (h / G) * D, D);
-      }
-      // softmax numerators; 1/sum is applied to the output
-      for (int64_t h = 0; h < H; ++h) {
-        float* sh = scores.data() + h * L;
-        float m = -INFINITY;
-        for (int64_t t = 0; t < L; ++t) m = std::max(m, sh[t]);
-        float sum = 0.f;
-        for (int64_t t = 0; t < L; ++t) {
-          const float e = exp_nonpos(sh[t] - m);
-          sh[t] = e;
-          sum += e;
-        }
-        inv[h] = 1.f / sum;
-      }
-      // pass 2: acc_h = sum_t p[h][t] v_t
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < nblocks; ++j) {
-        const int64_t n = std::min(bs, L - j * bs);
-        if (j + 1 < nblocks) prefetch_block(vp + table[j + 1] * bs * row, std::min(bs, L - (j + 1) * bs) * row);
-        const float* rows;
-        if constexpr (is_float) {
-          rows = vp + table[j] * bs * row;
-        } else {
-          to_float(vp + table[j] * bs * row, tile.data(), n * row);
-          rows = tile.data();
-        }
-        for (int64_t h = 0; h < H; ++h)
-          axpy_rows<NV>(acc.data() + h * D, scores.data() + h * L + j * bs, rows + (h / G) * D, row, n, D);
-      }
-      scalar_t* ob = op + b * H * D;
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t d = 0; d < D; ++d) ob[h * D + d] = static_cast<scalar_t>(acc[h * D + d] * inv[h]);
+  std::vector<int64_t> req(T), len(T), cost(T + 1, 0);  // per token: its request, its visible length
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t q_len = qs[r + 1] - qs[r];
+    TORCH_CHECK(q_len >= 1 && q_len <= lp[r], "each request needs 1 <= query length <= seq_len");
+    for (int64_t i = qs[r]; i < qs[r + 1]; ++i) {
+      req[i] = r;
+      len[i] = lp[r] - q_len + (i - qs[r]) + 1;
     }
+  }
+  for (int64_t i = 0; i < T; ++i) cost[i + 1] = cost[i] + len[i] + 16;  // + a fixed per-token cost
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), T));
+  std::vector<int64_t> bounds(parts + 1, T);
+  bounds[0] = 0;
+  for (int64_t p = 1, i = 0; p < parts; ++p) {
+    const int64_t target = cost[T] * p / parts;
+    while (i < T && cost[i] < target) ++i;
+    bounds[p] = i;
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
+    std::vector<float> qf(H * D), acc(H * D), tile(bs * Hkv * D), scores, inv(H);
+    for (int64_t p = pbegin; p < pend; ++p)
+      for (int64_t i = bounds[p]; i < bounds[p + 1]; ++i) {
+        to_float(qp + i * H * D, qf.data(), H * D);
+        for (int64_t e = 0; e < H * D; ++e) qf[e] *= fscale;
+        attend<scalar_t, NV>(qf.data(), kp, vp, tp + req[i] * max_blocks, len[i], H, Hkv, D, bs, scores, acc, tile,
+                             inv, op + i * H * D);
+      }
   });
 }
 
 template <typename scalar_t>
-static void decode_dispatch(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                            const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
-                            torch::Tensor& out) {
+static void paged_dispatch(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                           const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+                           const torch::Tensor& query_start_loc, double scale, torch::Tensor& out) {
   switch (q.size(2)) {  // head_dim: unrolled for the common sizes
-    case 32: return decode_impl<scalar_t, 2>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
-    case 64: return decode_impl<scalar_t, 4>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
-    case 128: return decode_impl<scalar_t, 8>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
-    default: return decode_impl<scalar_t, 0>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+    case 32: return paged_impl<scalar_t, 2>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
+    case 64: return paged_impl<scalar_t, 4>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
+    case 128: return paged_impl<scalar_t, 8>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
+    default: return paged_impl<scalar_t, 0>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
   }
 }
 
-// q [B, H, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int64;
-// seq_lens [B] int64 (each >= 1). Returns [B, H, D].
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
+// q [T, H, D] (the flat batch's new tokens); k_cache/v_cache [num_blocks, block_size, Hkv, D] holding every token of
+// each request including the new ones; block_tables [R, max_blocks] int64; seq_lens [R] int64; query_start_loc
+// [R + 1] int64. Returns [T, H, D].
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                              torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start_loc,
+                              double scale) {
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous tensors only");
-  TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous(), "contiguous tables only");
+  TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous() && query_start_loc.is_contiguous(),
+              "contiguous tables only");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(query_start_loc.size(0) == seq_lens.size(0) + 1, "query_start_loc must have num_reqs + 1 entries");
+  TORCH_CHECK(query_start_loc[-1].item<int64_t>() == q.size(0), "query_start_loc must end at num_tokens");
   auto out = torch::empty_like(q);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, q.scalar_type(),
-                                  "paged_decode_attention", [&] {
-    decode_dispatch<scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, q.scalar_type(), "paged_attention",
+                                  [&] {
+    paged_dispatch<scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
   });
   return out;
 }
@@ -236,9 +270,9 @@ def load():
 
                 _put_ninja_on_path()
                 _module = load_inline(
-                    name="tokenmill_cpu_attention_v6",
+                    name="tokenmill_cpu_attention_v8",
                     cpp_sources=_SOURCE,
-                    functions=["paged_decode_attention"],
+                    functions=["paged_attention"],
                     extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
                                   "-fno-trapping-math", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],

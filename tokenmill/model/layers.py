@@ -53,6 +53,7 @@ class RotaryEmbedding(nn.Module):
 
     def build(self, device: torch.device | str) -> None:
         """(Re)computes the cos/sin tables on ``device`` in float32."""
+        self._cached = None
         with torch.device(device):
             inv_freq = rope_inv_freq(self.head_dim, self.rope)
             positions = torch.arange(self.max_positions, dtype=torch.float32)
@@ -63,9 +64,18 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         # positions [num_tokens]; q [num_tokens, heads, head_dim]; k [num_tokens, kv_heads, head_dim]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [num_tokens, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        cos, sin = self._cos_sin(positions, q.dtype)  # [num_tokens, 1, head_dim] each
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows for ``positions`` in ``dtype``. Every layer of a forward pass gets the same positions tensor, so
+        the gather and cast run once per pass, not once per layer (the tensor is held, so ``is`` is a safe test)."""
+        cached = self._cached
+        if cached is None or cached[0] is not positions or cached[1] != dtype:
+            cos = self.cos[positions].unsqueeze(1).to(dtype)
+            sin = self.sin[positions].unsqueeze(1).to(dtype)
+            self._cached = cached = (positions, dtype, cos, sin)
+        return cached[2], cached[3]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
