@@ -86,3 +86,22 @@ def test_kernel_rejects_inconsistent_metadata():
         mod.paged_attention(q, k_cache, v_cache, tables, torch.tensor([2]), torch.tensor([0, 3]), 0.25)
     with pytest.raises(RuntimeError, match="num_tokens"):
         mod.paged_attention(q, k_cache, v_cache, tables, torch.tensor([5]), torch.tensor([0, 2]), 0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rms_norm_kernel_matches_torch_ops(dtype):
+    """Bit-equal in bf16/fp16, where RMSNorm uses it; float32 keeps transformers' op order and is only close."""
+    from tokenmill.model.layers import RMSNorm
+
+    torch.manual_seed(3)
+    x = (torch.randn(37, 576) * 4).to(dtype)
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data = torch.randn(576).to(dtype)
+    xf = x.float()
+    expected = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    got = cpu_kernel.load().rms_norm(x, norm.weight, 1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(got, expected)
+        assert torch.equal(norm(x), expected)  # the module, which uses the kernel in this dtype

@@ -1,12 +1,17 @@
-"""A C++ CPU kernel for decode attention over the paged KV cache, compiled on first use.
+"""C++ CPU kernels, compiled on first use: paged attention over the KV cache, and RMSNorm for bf16/fp16.
 
+``paged_attention`` runs every token of a step (decodes and prefill chunks, each with its causal offset) in one call.
 The torch path gathers every decoding sequence's K and V into padded dense tensors (a copy of the whole context per
-layer per step) before attending. This kernel reads the cache in place through the block table, one sequence per
-task: each block's token rows (all KV heads, contiguous) are read once per pass and shared by the query heads of
-each KV group (GQA), with the next block prefetched. It computes in float32 whatever the cache dtype, 16 lanes at a
-time (GCC/Clang vector extensions: AVX-512 here, narrower registers elsewhere), with a vectorisable exp in the
-softmax. On a W-like step (128 sequences, SmolLM2) it cut attention from 133 to 43 ms (float32) and from 185 to
-34 ms (bfloat16) against the previous scalar kernel.
+layer per step) and prefills one request at a time; this kernel reads the cache in place through the block table,
+one query token per task, threads split by the number of keys read. Each block's token rows (all KV heads,
+contiguous) are read once per pass and shared by the query heads of each KV group (GQA), with the next block
+prefetched. It computes in float32 whatever the cache dtype, 16 lanes at a time (GCC/Clang vector extensions:
+AVX-512 here, narrower registers elsewhere), with a vectorisable exp in the softmax. On a W-like decode step
+(128 sequences, SmolLM2) it cut attention from 133 to 43 ms (float32) and from 185 to 34 ms (bfloat16) against the
+previous scalar kernel.
+
+``rms_norm`` is one pass per row instead of ~7 torch ops, bit-equal to them in bf16/fp16 (float32 keeps the torch
+ops, in transformers' order).
 
 Compiled with ``torch.utils.cpp_extension.load_inline`` (needs a C++ compiler and ninja) into torch's extension
 cache, so the build happens once per machine. If it cannot be built, ``load()`` returns None and the torch path is
@@ -47,6 +52,18 @@ static inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
 template <typename T>  // half (F16C), double
 static inline void to_float(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// float -> storage dtype, round to nearest even like torch's casts (branch-free for bfloat16, so it vectorises).
+template <typename T>
+static inline T from_float(float f) { return static_cast<T>(f); }
+template <>
+inline c10::BFloat16 from_float<c10::BFloat16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t bits = static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);  // NaN stays NaN
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
 }
 
 // exp(x) for x <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp). Branch-free so that the
@@ -234,6 +251,43 @@ static void paged_dispatch(const torch::Tensor& q, const torch::Tensor& k_cache,
   }
 }
 
+// y = weight * to_dtype(x * rsqrt(mean(x^2) + eps)), computed in float32 per row as transformers' LlamaRMSNorm does
+// (the normalised row is rounded to the storage dtype before the weight multiply). One pass instead of ~7 torch ops.
+template <typename scalar_t>
+static void rms_norm_impl(const torch::Tensor& x, const torch::Tensor& weight, double eps, torch::Tensor& out) {
+  const int64_t dim = x.size(-1), rows = x.numel() / dim;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* wp = weight.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const float feps = static_cast<float>(eps);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> xf(dim), wf(dim);
+    to_float(wp, wf.data(), dim);
+    for (int64_t r = begin; r < end; ++r) {
+      to_float(xp + r * dim, xf.data(), dim);
+      float ss = 0.f;
+      for (int64_t d = 0; d < dim; ++d) ss += xf[d] * xf[d];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(dim) + feps);
+      scalar_t* o = op + r * dim;
+      for (int64_t d = 0; d < dim; ++d) {
+        const float y = static_cast<float>(from_float<scalar_t>(xf[d] * inv));
+        o[d] = from_float<scalar_t>(wf[d] * y);
+      }
+    }
+  });
+}
+
+// x [..., dim] contiguous, weight [dim] of x's dtype. Returns a new tensor shaped like x.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "contiguous tensors only");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "weight must be [dim]");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight and x must share a dtype");
+  auto out = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, x.scalar_type(), "rms_norm",
+                                  [&] { rms_norm_impl<scalar_t>(x, weight, eps, out); });
+  return out;
+}
+
 // q [T, H, D] (the flat batch's new tokens); k_cache/v_cache [num_blocks, block_size, Hkv, D] holding every token of
 // each request including the new ones; block_tables [R, max_blocks] int64; seq_lens [R] int64; query_start_loc
 // [R + 1] int64. Returns [T, H, D].
@@ -270,9 +324,9 @@ def load():
 
                 _put_ninja_on_path()
                 _module = load_inline(
-                    name="tokenmill_cpu_attention_v8",
+                    name="tokenmill_cpu_kernels_v9",
                     cpp_sources=_SOURCE,
-                    functions=["paged_attention"],
+                    functions=["paged_attention", "rms_norm"],
                     extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
                                   "-fno-trapping-math", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],

@@ -18,10 +18,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and x.is_contiguous():
+            kernels = _cpu_kernels()  # one fused pass, bit-equal to the ops below in these dtypes (tested)
+            if kernels is not None and self.weight.dtype == x.dtype:
+                return kernels.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 whatever the weights' dtype, as transformers does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+def _cpu_kernels():
+    """The compiled CPU kernels (``tokenmill/attention/cpu_kernel.py``), or None where they do not build."""
+    from tokenmill.attention import cpu_kernel
+
+    return cpu_kernel.load()
 
 
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
