@@ -143,17 +143,20 @@ static void attend(const float* qf, const scalar_t* kp, const scalar_t* vp, cons
   const int64_t row = Hkv * D;  // one token's K (or V) for all KV heads; rows of a block are contiguous
   const int64_t nblocks = (L + bs - 1) / bs;
   if (static_cast<int64_t>(scores.size()) < H * L) scores.resize(H * L);
+  // The n float rows of block j of `cache` (converted into `tile` unless the cache is float); block j + 1 prefetched.
+  auto block_rows = [&](const scalar_t* cache, int64_t j, int64_t n) -> const float* {
+    if (j + 1 < nblocks) prefetch_block(cache + table[j + 1] * bs * row, std::min(bs, L - (j + 1) * bs) * row);
+    if constexpr (is_float) {
+      return cache + table[j] * bs * row;
+    } else {
+      to_float(cache + table[j] * bs * row, tile.data(), n * row);
+      return tile.data();
+    }
+  };
   // pass 1: scores[h][t] = q_h . k_t
   for (int64_t j = 0; j < nblocks; ++j) {
     const int64_t n = std::min(bs, L - j * bs);
-    if (j + 1 < nblocks) prefetch_block(kp + table[j + 1] * bs * row, std::min(bs, L - (j + 1) * bs) * row);
-    const float* rows;
-    if constexpr (is_float) {
-      rows = kp + table[j] * bs * row;
-    } else {
-      to_float(kp + table[j] * bs * row, tile.data(), n * row);
-      rows = tile.data();
-    }
+    const float* rows = block_rows(kp, j, n);
     for (int64_t t = 0; t < n; ++t)
       for (int64_t h = 0; h < H; ++h) scores[h * L + j * bs + t] = dot<NV>(qf + h * D, rows + t * row + (h / G) * D, D);
   }
@@ -174,14 +177,7 @@ static void attend(const float* qf, const scalar_t* kp, const scalar_t* vp, cons
   std::fill(acc.begin(), acc.end(), 0.f);
   for (int64_t j = 0; j < nblocks; ++j) {
     const int64_t n = std::min(bs, L - j * bs);
-    if (j + 1 < nblocks) prefetch_block(vp + table[j + 1] * bs * row, std::min(bs, L - (j + 1) * bs) * row);
-    const float* rows;
-    if constexpr (is_float) {
-      rows = vp + table[j] * bs * row;
-    } else {
-      to_float(vp + table[j] * bs * row, tile.data(), n * row);
-      rows = tile.data();
-    }
+    const float* rows = block_rows(vp, j, n);
     for (int64_t h = 0; h < H; ++h)
       axpy_rows<NV>(acc.data() + h * D, scores.data() + h * L + j * bs, rows + (h / G) * D, row, n, D);
   }
@@ -324,7 +320,7 @@ def load():
 
                 _put_ninja_on_path()
                 _module = load_inline(
-                    name="tokenmill_cpu_kernels_v9",
+                    name="tokenmill_cpu_kernels_v10",
                     cpp_sources=_SOURCE,
                     functions=["paged_attention", "rms_norm"],
                     extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
