@@ -320,7 +320,7 @@ def load():
 
                 _put_ninja_on_path()
                 _module = load_inline(
-                    name="tokenmill_cpu_kernels_v10",
+                    name=f"tokenmill_cpu_kernels_v10_{_cpu_tag()}",
                     cpp_sources=_SOURCE,
                     functions=["paged_attention", "rms_norm"],
                     extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
@@ -331,6 +331,22 @@ def load():
             except Exception as e:  # no compiler, no ninja, ...: fall back to the torch path
                 _failed = f"{type(e).__name__}: {e}"
         return _module
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's model and feature flags. The build uses -march=native, so a binary is only valid on
+    the CPU that built it; keying the cached build on the CPU keeps a shared extension cache (an NFS home, a copied
+    container) from loading a binary built for another machine."""
+    import hashlib
+    import platform
+
+    facts = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            facts += "".join(sorted({line for line in f if line.startswith(("model name", "flags"))}))
+    except OSError:
+        pass
+    return hashlib.sha1(facts.encode()).hexdigest()[:10]
 
 
 def _put_ninja_on_path() -> None:
