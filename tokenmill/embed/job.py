@@ -19,14 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from tokenmill.embed.embedder import DEFAULT_MAX_BATCH_TOKENS, Embedder
 from tokenmill.embed.preprocess import EmbedPrepared, EmbedPreprocessor
 from tokenmill.embed.vectors import OpenAIVectorSink, ParquetVectorSink, parts_dir
 from tokenmill.jobs.cost import cost_line
-from tokenmill.jobs.files import JobLock, JobPaths, JsonlAppender, read_keys, repair_torn_tail, write_json_atomic
-from tokenmill.jobs.runner import EXIT_SIGNAL, JobSetupError, SignalCatcher, check_manifest, check_paths, say
+from tokenmill.jobs.files import JobPaths, JsonlAppender, read_keys, repair_torn_tail, write_json_atomic
+from tokenmill.jobs.runner import (
+    EXIT_SIGNAL,
+    JobSetupError,
+    SignalCatcher,
+    check_manifest,
+    check_paths,
+    progress_bar,
+    run_locked,
+    say,
+)
 from tokenmill.jobs.scan import iter_todo, scan
 from tokenmill.jobs.state import StateFile, format_duration
 
@@ -60,15 +68,7 @@ def run_embed_job(opts: EmbedOptions) -> int:
     check_paths(opts.input, opts.output)
     if opts.format not in FORMATS:
         raise JobSetupError(f"--format must be one of {', '.join(FORMATS)}")
-    paths = JobPaths(opts.output)
-    try:
-        lock = JobLock(paths.lock)
-    except RuntimeError as e:
-        raise JobSetupError(f"{e} ({opts.output}); wait for it or stop it first") from None
-    try:
-        return _run_locked(opts, paths)
-    finally:
-        lock.release()
+    return run_locked(opts, _run_locked)
 
 
 def _load(opts: EmbedOptions) -> Embedder:
@@ -129,8 +129,7 @@ def _run_locked(opts: EmbedOptions, paths: JobPaths) -> int:
     todo = iter_todo(opts.input, scanned.valid, done_ids, pre, on_skip=skip_done)
     done = len(done_ids)
     run_texts = run_tokens = run_truncated = 0
-    bar = tqdm(total=total, initial=done, desc="tokenmill embed", unit="text", file=sys.stderr, disable=opts.quiet,
-               dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+    bar = progress_bar(total, done, "tokenmill embed", "text", opts.quiet)
     t_engine = time.perf_counter()
     exit_code = 0
 

@@ -156,20 +156,31 @@ def say(msg: str) -> None:
     print(f"tokenmill: {msg}", file=sys.stderr, flush=True)
 
 
-def run_job(opts: JobOptions) -> int:
-    """Runs (or resumes) a job; returns the process exit code. Raises JobSetupError for exit-2 problems."""
-    check_paths(opts.input, opts.output)
-    if not 0 <= opts.partition < opts.total_partitions:
-        raise JobSetupError(f"--partition must be in [0, {opts.total_partitions}), got {opts.partition}")
+def run_locked(opts, body) -> int:
+    """``body(opts, paths)`` under OUTPUT's job lock (one job per output at a time), for ``run`` and ``embed``."""
     paths = JobPaths(opts.output)
     try:
         lock = JobLock(paths.lock)
     except RuntimeError as e:
         raise JobSetupError(f"{e} ({opts.output}); wait for it or stop it first") from None
     try:
-        return _run_locked(opts, paths)
+        return body(opts, paths)
     finally:
         lock.release()
+
+
+def progress_bar(total: int, done: int, desc: str, unit: str, quiet: bool) -> tqdm:
+    """The job's stderr progress bar; the caller sets its postfix (rates, ETA)."""
+    return tqdm(total=total, initial=done, desc=desc, unit=unit, file=sys.stderr, disable=quiet, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+
+
+def run_job(opts: JobOptions) -> int:
+    """Runs (or resumes) a job; returns the process exit code. Raises JobSetupError for exit-2 problems."""
+    check_paths(opts.input, opts.output)
+    if not 0 <= opts.partition < opts.total_partitions:
+        raise JobSetupError(f"--partition must be in [0, {opts.total_partitions}), got {opts.partition}")
+    return run_locked(opts, _run_locked)
 
 
 def _run_locked(opts: JobOptions, paths: JobPaths) -> int:
@@ -241,8 +252,7 @@ def _run_locked(opts: JobOptions, paths: JobPaths) -> int:
     in_flight: dict[str, Prepared] = {}
     done = len(done_ids)
     run_prompt = run_gen = run_max = 0
-    bar = tqdm(total=total, initial=done, desc="tokenmill", unit="req", file=sys.stderr, disable=opts.quiet,
-               dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+    bar = progress_bar(total, done, "tokenmill", "req", opts.quiet)
     t_engine = time.perf_counter()
     exhausted = False
     exit_code = 0
