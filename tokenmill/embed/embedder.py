@@ -22,6 +22,7 @@ import torch
 
 from tokenmill.attention.packed import PackedAttention, PackedMetadata
 from tokenmill.embed.pooling import PoolingConfig, pool, read_pooling_config
+from tokenmill.model.gemm import cpu_gemm_backend
 from tokenmill.model.bert import BERT_MODEL_TYPES, BertConfig, BertModel
 from tokenmill.model.loader import (ModelNotFoundError, iter_safetensors, load_tokenizer, read_model_config,
                                     resolve_dtype, resolve_model_path)
@@ -68,6 +69,7 @@ class Embedder:
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
         self.dtype = resolve_dtype(dtype, self.device)
+        cpu_gemm_backend()  # a bad TOKENMILL_CPU_GEMM fails here
         self.path = default_embedding_model_path() if model is None else resolve_model_path(model)
         self.max_batch_tokens = max_batch_tokens
         hf_dir = self.path

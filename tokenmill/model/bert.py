@@ -13,21 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.attention.packed import packed_attention
+from tokenmill.model.gemm import linear_act, linear_add
 from tokenmill.model.layers import Embedding, Linear
 from tokenmill.model.model_config import UnsupportedModelError
 from tokenmill.model.weights import check_all_loaded, copy_weight, lookup_param
 
 BERT_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
-_ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
+_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}  # HF -> gemm
 
 
 @dataclass(frozen=True)
@@ -89,8 +84,10 @@ class BertLayer(nn.Module):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each [n, heads, head_dim]
         ctx = packed_attention(q, k, v, seq_lens, self.head_dim**-0.5, causal=False)
-        x = self.attn_norm(x + self.attn_out(ctx.reshape(n, -1)))
-        return self.out_norm(x + self.out(self.act(self.intermediate(x))))
+        # The residual adds and the activation run as GEMM epilogues (model/gemm.py).
+        x = self.attn_norm(linear_add(ctx.reshape(n, -1), self.attn_out.weight, self.attn_out.bias, x))
+        h = linear_act(x, self.intermediate.weight, self.intermediate.bias, self.act)  # [n, intermediate]
+        return self.out_norm(linear_add(h, self.out.weight, self.out.bias, x))
 
 
 class BertModel(nn.Module):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
+from tokenmill.model.gemm import linear
 from tokenmill.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding
 from tokenmill.model.model_config import ModelConfig
 from tokenmill.model.weights import check_all_loaded, copy_weight, lookup_param
@@ -112,7 +113,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [num_sampled, hidden] -> [num_sampled, vocab]
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return linear(hidden, weight).float()
 
     # ------------------------------------------------------------------ weights
     _STACKED = {  # HF name piece -> (our fused param piece, shard index)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from tokenmill.model.gemm import cpu_gemm_backend
 from tokenmill.model.gguf_convert import cached_hf_dir
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.model_config import ModelConfig
@@ -98,6 +99,7 @@ def load_model(
     path = resolve_model_path(model)
     hf_dir, cfg = read_model_config(path, cache_dir)
     torch_dtype = resolve_dtype(dtype, device)
+    cpu_gemm_backend()  # a bad TOKENMILL_CPU_GEMM fails here, before any weights are read
 
     with torch.device(device):  # parameters are left uninitialised: the checkpoint fills every one
         net = LlamaForCausalLM(cfg, max_positions or cfg.max_position_embeddings)

@@ -1,0 +1,89 @@
+"""Dense GEMMs of the model layers: ``y = x W^T + b``, optionally with an epilogue (GELU, or a residual add).
+
+On CPU, aten sends float32 ``F.linear`` to MKL's sgemm. MKL picks its kernels by CPU vendor, and on AMD it runs an
+AVX2 path: on this project's AMD EPYC (AVX-512) it reaches ~150-180 GFLOP/s where oneDNN's AVX-512 kernels reach
+~360-420 on the same shapes (the harness's roofline section measures both). bfloat16 already goes to oneDNN inside aten. So on CPU,
+float32 and bfloat16 linears here call oneDNN directly (``torch.ops.mkldnn._linear_pointwise``, the op PyTorch's
+own compiler emits for CPU linears), and its post-ops fold the GELU and the residual add of an encoder layer into the
+GEMM's epilogue instead of extra passes over the activations.
+
+Numerics: still IEEE float32 (or bf16 inputs with float32 accumulation); only the summation order differs from
+MKL's, i.e. the last-bit rounding that any change of batch shape already causes.
+
+``TOKENMILL_CPU_GEMM=aten`` turns the oneDNN path off (plain ``F.linear`` and separate epilogue ops); float16, other
+devices and torch builds without oneDNN always take the aten path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.config import ConfigError
+
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+_BACKENDS = ("onednn", "aten")
+_backend: str | None = None  # resolved on first use
+
+
+def cpu_gemm_backend() -> str:
+    """"onednn" or "aten": what CPU linears use in this process (``TOKENMILL_CPU_GEMM``; default onednn where the
+    torch build has it). Raises ConfigError for any other value; model loaders call it up front."""
+    global _backend
+    if _backend is None:
+        choice = os.environ.get("TOKENMILL_CPU_GEMM", "").strip().lower() or "onednn"
+        if choice not in _BACKENDS:
+            raise ConfigError(f"TOKENMILL_CPU_GEMM must be one of {', '.join(_BACKENDS)}, got {choice!r}")
+        _backend = choice if choice == "aten" or _onednn_available() else "aten"
+    return _backend
+
+
+def set_cpu_gemm_backend(name: str) -> None:
+    """Switches the CPU GEMM path for this process (benchmarks and tests compare the two)."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ConfigError(f"CPU GEMM backend must be one of {', '.join(_BACKENDS)}, got {name!r}")
+    _backend = name if name == "aten" or _onednn_available() else "aten"
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype
+            and (_backend or cpu_gemm_backend()) == "onednn")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., in] x [out, in] (+ [out]) -> [..., out]."""
+    if _use_onednn(x, weight) and x.dtype == torch.float32:  # bf16: aten already calls oneDNN, no gain
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+# activation name -> (oneDNN post-op, its algorithm, the same op in torch)
+ACTIVATIONS = {
+    "gelu": ("gelu", "none", lambda y: F.gelu(y)),
+    "gelu_tanh": ("gelu", "tanh", lambda y: F.gelu(y, approximate="tanh")),
+    "relu": ("relu", "", F.relu),
+}
+
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    """act(x W^T + b) for ``act`` in ACTIVATIONS; on CPU one GEMM with the activation as its epilogue."""
+    post, algorithm, torch_op = ACTIVATIONS[act]
+    if _use_onednn(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post, [], algorithm)
+    return torch_op(F.linear(x, weight, bias))
+
+
+def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               residual: torch.Tensor) -> torch.Tensor:
+    """residual + x W^T + b; one GEMM with an add epilogue on CPU (in bf16 the sum is rounded once, not twice).
+    ``residual`` [..., out] must be contiguous with x's leading shape."""
+    if _use_onednn(x, weight) and residual.dtype == x.dtype and residual.is_contiguous():
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    return residual + F.linear(x, weight, bias)
