@@ -105,3 +105,58 @@ def test_rms_norm_kernel_matches_torch_ops(dtype):
     else:
         assert torch.equal(got, expected)
         assert torch.equal(norm(x), expected)  # the module, which uses the kernel in this dtype
+
+
+# ----------------------------------------------------------------- varlen (packed, no cache) attention
+# head_dim 16/32/64/128 take the unrolled paths, 24 the generic one; (heads, kv_heads) covers MHA and GQA
+VARLEN_SHAPES = [(12, 12, 32), (4, 4, 16), (8, 2, 64), (4, 1, 128), (6, 3, 24)]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", VARLEN_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_kernel_matches_sdpa(heads, kv_heads, head_dim, dtype, causal):
+    """q/k/v as strided slices of one fused projection (as the models pass them), lengths from 1 to 257 with odd
+    tails, against the per-length-group SDPA path."""
+    from tokenmill.attention.packed import sdpa_packed_attention
+
+    mod = cpu_kernel.load()
+    torch.manual_seed(heads + head_dim)
+    lens = [1, 7, 16, 17, 64, 3, 257, 33, 2, 100]
+    T = sum(lens)
+    qkv = torch.randn(T, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    q = qkv[:, : heads * head_dim].view(T, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(T, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(T, kv_heads, head_dim)
+    cu = torch.tensor([0, *lens]).cumsum(0)
+    scale = head_dim**-0.5
+    out = mod.varlen_attention(q, k, v, cu, scale, causal)
+    assert out.shape == (T, heads, head_dim) and out.is_contiguous() and out.dtype == dtype
+    ref = sdpa_packed_attention(q.float(), k.float(), v.float(), lens, scale, causal)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+def test_varlen_kernel_sequences_do_not_mix():
+    """Changing one sequence's keys changes no other sequence's output (bidirectional attention stays inside each)."""
+    mod = cpu_kernel.load()
+    lens = [5, 9, 4]
+    q, k, v = (torch.randn(sum(lens), 2, 32) for _ in range(3))
+    cu = torch.tensor([0, *lens]).cumsum(0)
+    before = mod.varlen_attention(q, k, v, cu, 0.2, False)
+    k2 = k.clone()
+    k2[5:14] += 1.0  # the middle sequence only
+    after = mod.varlen_attention(q, k2, v, cu, 0.2, False)
+    assert torch.equal(before[:5], after[:5]) and torch.equal(before[14:], after[14:])
+    assert not torch.allclose(before[5:14], after[5:14])
+
+
+def test_varlen_kernel_rejects_bad_inputs():
+    mod = cpu_kernel.load()
+    q = torch.randn(10, 2, 32)
+    with pytest.raises(RuntimeError, match="num_tokens"):
+        mod.varlen_attention(q, q, q, torch.tensor([0, 4, 9]), 1.0, False)
+    with pytest.raises(RuntimeError, match="multiple"):
+        mod.varlen_attention(torch.randn(10, 3, 32), q, q, torch.tensor([0, 10]), 1.0, False)
+    with pytest.raises(RuntimeError, match="dense heads"):
+        mod.varlen_attention(q.transpose(1, 2).contiguous().transpose(1, 2), q, q, torch.tensor([0, 10]), 1.0, False)

@@ -1,4 +1,5 @@
-"""C++ CPU kernels, compiled on first use: paged attention over the KV cache, and RMSNorm for bf16/fp16.
+"""C++ CPU kernels, compiled on first use: paged attention over the KV cache, attention over packed sequences with
+no cache (embeddings), and RMSNorm for bf16/fp16.
 
 ``paged_attention`` runs every token of a step (decodes and prefill chunks, each with its causal offset) in one call.
 The torch path gathers every decoding sequence's K and V into padded dense tensors (a copy of the whole context per
@@ -9,6 +10,12 @@ prefetched. It computes in float32 whatever the cache dtype, 16 lanes at a time 
 AVX-512 here, narrower registers elsewhere), with a vectorisable exp in the softmax. On a W-like decode step
 (128 sequences, SmolLM2) it cut attention from 133 to 43 ms (float32) and from 185 to 34 ms (bfloat16) against the
 previous scalar kernel.
+
+``varlen_attention`` is the embedding path's attention: many sequences packed end to end, each attending to itself
+(bidirectional for encoders, causal for decoder embedding models), one task per (sequence, KV head) with K held
+transposed so the scores are broadcast-FMAs over 16 keys, RB query rows sharing every K/V load. For all-MiniLM
+(head_dim 32) it runs 1.3-2x (float32) and 2-5x (bfloat16) the rate of torch's SDPA kernels on length-sorted
+batches, and the whole batch is one call instead of one per distinct length.
 
 ``rms_norm`` is one pass per row instead of ~7 torch ops, bit-equal to them in bf16/fp16 (float32 keeps the torch
 ops, in transformers' order).
@@ -247,6 +254,161 @@ static void paged_dispatch(const torch::Tensor& q, const torch::Tensor& k_cache,
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Attention over packed variable-length sequences with no cache (the embedding path): sequence s owns rows
+// cu_seqlens[s] .. cu_seqlens[s + 1] of q, k and v, and each of its queries attends to all of its keys (or, causal,
+// to keys 0..i). One task per (sequence, KV head): the head's K is transposed into float [D][Lp] (Lp: L rounded up
+// to 16) and its V converted to float [L][D] once, then the query rows of each head of the group are processed RB
+// at a time, so every K/V vector load feeds RB rows: scores as broadcast-FMAs over 16 keys at a time, softmax,
+// then P.V as broadcast-FMAs over D. For head_dim 32 this runs at several times the rate of the SDPA kernels.
+// RB query rows per register block (8 for head_dim <= 32, 4 above), NV = head_dim / 16 (0: any head_dim, scalar
+// P.V): enough independent FMA chains to cover the FMA latency, few enough accumulators to stay in registers.
+template <typename scalar_t, int NV, int RB>
+static void varlen_task(const scalar_t* qp, const scalar_t* kp, const scalar_t* vp, int64_t q_stride,
+                        int64_t k_stride, int64_t v_stride, int64_t start, int64_t L, int64_t kvh, int64_t G,
+                        int64_t D, float scale, bool causal, float* kt, float* vf, float* sc, float* qf, float* of,
+                        float* row, scalar_t* op, int64_t H) {
+  const int64_t Lp = (L + 15) / 16 * 16;
+  for (int64_t d = 0; d < D; ++d) std::fill(kt + d * Lp + L, kt + (d + 1) * Lp, 0.f);
+  for (int64_t j = 0; j < L; ++j) {
+    to_float(kp + (start + j) * k_stride + kvh * D, row, D);
+    for (int64_t d = 0; d < D; ++d) kt[d * Lp + j] = row[d];
+    to_float(vp + (start + j) * v_stride + kvh * D, vf + j * D, D);
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t h = kvh * G + g;
+    for (int64_t i0 = 0; i0 < L; i0 += RB) {
+      const int64_t nr = std::min<int64_t>(RB, L - i0);
+      for (int64_t r = 0; r < RB; ++r) {  // rows past the end repeat the last row: computed, never stored
+        to_float(qp + (start + i0 + std::min<int64_t>(r, nr - 1)) * q_stride + h * D, qf + r * D, D);
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] *= scale;
+      }
+      const int64_t nk = causal ? i0 + nr : L;  // keys any row of this block can see
+      const int64_t nkp = (nk + 15) / 16 * 16;
+      // scores: sc[r][j] = q_r . k_j, 16 keys per step, each K^T vector shared by the RB rows
+      for (int64_t j = 0; j < nkp; j += 16) {
+        vec16 a[RB] = {};
+        for (int64_t d = 0; d < D; ++d) {
+          const vec16 kv = load16(kt + d * Lp + j);
+          for (int r = 0; r < RB; ++r) a[r] += qf[r * D + d] * kv;
+        }
+        for (int r = 0; r < RB; ++r) store16(sc + r * Lp + j, a[r]);
+      }
+      float inv[RB];
+      for (int r = 0; r < RB; ++r) {
+        float* sr = sc + r * Lp;
+        const int64_t n = causal ? std::min<int64_t>(i0 + r + 1, L) : L;  // this row's visible keys
+        float m = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) m = std::max(m, sr[j]);
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) {
+          const float e = exp_nonpos(sr[j] - m);
+          sr[j] = e;
+          sum += e;
+        }
+        for (int64_t j = n; j < nk; ++j) sr[j] = 0.f;  // causal: later keys get no weight
+        inv[r] = 1.f / sum;
+      }
+      // out_r = sum_j p_r[j] v_j: each V row shared by the RB rows
+      if constexpr (NV > 0) {
+        vec16 a[RB][NV] = {};
+        for (int64_t j = 0; j < nk; ++j) {
+          vec16 vv[NV];
+          for (int i = 0; i < NV; ++i) vv[i] = load16(vf + j * D + 16 * i);
+          for (int r = 0; r < RB; ++r) {
+            const float pr = sc[r * Lp + j];
+            for (int i = 0; i < NV; ++i) a[r][i] += pr * vv[i];
+          }
+        }
+        for (int r = 0; r < RB; ++r)
+          for (int i = 0; i < NV; ++i) store16(of + r * D + 16 * i, a[r][i]);
+      } else {
+        std::fill(of, of + RB * D, 0.f);
+        for (int64_t j = 0; j < nk; ++j)
+          for (int r = 0; r < RB; ++r)
+            for (int64_t d = 0; d < D; ++d) of[r * D + d] += sc[r * Lp + j] * vf[j * D + d];
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        scalar_t* o = op + (start + i0 + r) * H * D + h * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = from_float<scalar_t>(of[r * D + d] * inv[r]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, int NV, int RB>
+static void varlen_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                        const torch::Tensor& cu_seqlens, double scale, bool causal, torch::Tensor& out) {
+  const int64_t H = q.size(1), D = q.size(2), Hkv = k.size(1), G = H / Hkv;
+  const int64_t S = cu_seqlens.size(0) - 1;
+  const int64_t* cu = cu_seqlens.data_ptr<int64_t>();
+  int64_t max_len = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(cu[s + 1] >= cu[s], "cu_seqlens must be non-decreasing");
+    max_len = std::max(max_len, cu[s + 1] - cu[s]);
+  }
+  // tasks (sequence, KV head), split between threads by cost (~L^2 each, + a fixed part)
+  const int64_t ntask = S * Hkv;
+  std::vector<int64_t> cost(ntask + 1, 0);
+  for (int64_t t = 0; t < ntask; ++t) {
+    const int64_t L = cu[t / Hkv + 1] - cu[t / Hkv];
+    cost[t + 1] = cost[t] + L * (L + 16) * G;
+  }
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntask));
+  std::vector<int64_t> bounds(parts + 1, ntask);
+  bounds[0] = 0;
+  for (int64_t p = 1, t = 0; p < parts; ++p) {
+    const int64_t target = cost[ntask] * p / parts;
+    while (t < ntask && cost[t] < target) ++t;
+    bounds[p] = t;
+  }
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t Lp = (max_len + 15) / 16 * 16;
+  at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
+    std::vector<float> kt(D * Lp), vf(Lp * D), sc(RB * Lp), qf(RB * D), of(RB * D), row(D);
+    for (int64_t p = pbegin; p < pend; ++p)
+      for (int64_t t = bounds[p]; t < bounds[p + 1]; ++t) {
+        const int64_t s = t / Hkv, L = cu[s + 1] - cu[s];
+        if (L == 0) continue;
+        varlen_task<scalar_t, NV, RB>(qp, kp, vp, q.stride(0), k.stride(0), v.stride(0), cu[s], L, t % Hkv, G, D,
+                              static_cast<float>(scale), causal, kt.data(), vf.data(), sc.data(), qf.data(),
+                              of.data(), row.data(), op, H);
+      }
+  });
+}
+
+// q [T, H, D], k/v [T, Hkv, D]: each may be a row-strided view (heads and head_dim dense), e.g. slices of a fused
+// qkv projection. cu_seqlens [S + 1] int64 from 0 to T. Returns [T, H, D] contiguous.
+torch::Tensor varlen_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cu_seqlens,
+                               double scale, bool causal) {
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->dim() == 3 && t->stride(2) == 1 && t->stride(1) == t->size(2),
+                "q, k, v must be [T, heads, head_dim] with dense heads");
+  }
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(2) == q.size(2), "q, k, v shapes disagree");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v must share a dtype");
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1 && cu_seqlens.is_contiguous() &&
+              cu_seqlens.scalar_type() == at::kLong, "cu_seqlens must be a contiguous int64 vector");
+  TORCH_CHECK(cu_seqlens[0].item<int64_t>() == 0 && cu_seqlens[-1].item<int64_t>() == q.size(0),
+              "cu_seqlens must run from 0 to num_tokens");
+  auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, q.scalar_type(), "varlen_attention",
+                                  [&] {
+    switch (q.size(2)) {  // head_dim: unrolled for the common sizes
+      case 16: return varlen_impl<scalar_t, 1, 8>(q, k, v, cu_seqlens, scale, causal, out);
+      case 32: return varlen_impl<scalar_t, 2, 8>(q, k, v, cu_seqlens, scale, causal, out);
+      case 64: return varlen_impl<scalar_t, 4, 4>(q, k, v, cu_seqlens, scale, causal, out);
+      case 128: return varlen_impl<scalar_t, 8, 2>(q, k, v, cu_seqlens, scale, causal, out);
+      default: return varlen_impl<scalar_t, 0, 4>(q, k, v, cu_seqlens, scale, causal, out);
+    }
+  });
+  return out;
+}
+
 // y = weight * to_dtype(x * rsqrt(mean(x^2) + eps)), computed in float32 per row as transformers' LlamaRMSNorm does
 // (the normalised row is rounded to the storage dtype before the weight multiply). One pass instead of ~7 torch ops.
 template <typename scalar_t>
@@ -320,9 +482,9 @@ def load():
 
                 _put_ninja_on_path()
                 _module = load_inline(
-                    name=f"tokenmill_cpu_kernels_v10_{_cpu_tag()}",
+                    name=f"tokenmill_cpu_kernels_v11_{_cpu_tag()}",
                     cpp_sources=_SOURCE,
-                    functions=["paged_attention", "rms_norm"],
+                    functions=["paged_attention", "rms_norm", "varlen_attention"],
                     extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
                                   "-fno-trapping-math", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
