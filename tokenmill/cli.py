@@ -204,7 +204,8 @@ def merge(parts, output, input_path):
 @click.option("--format", "fmt", type=click.Choice(["parquet", "openai"]), default="parquet", show_default=True,
               help="parquet: columns id, embedding; openai: OpenAI Batch output lines with embedding objects.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True)
+              show_default=True, help="auto: float32 on CPU (the parity dtype), bfloat16 on CUDA. bfloat16 is ~1.7x "
+              "faster on CPUs with AVX512-BF16/AMX; float16 is CUDA only.")
 @click.option("--gpu-hourly-rate", type=float, default=None, help="USD per GPU-hour, for the cost summary.")
 @click.option("--num-gpus", type=int, default=1, show_default=True, help="GPUs billed, for the cost summary.")
 @click.option("--overwrite", is_flag=True, help="Discard earlier results for OUTPUT and start afresh.")

@@ -112,12 +112,13 @@ def test_embed_writes_parquet_errors_and_status(tmp_path, minilm, embed_env):
 
 
 def test_embed_resumes_after_sigkill(tmp_path, embed_env):
-    inp = write_jsonl(tmp_path / "in.jsonl", corpus(300, seed=1, max_words=150))
+    # big enough that a run outlives its first durable part plus the random delay (~6 s of float32 work on 2 cores)
+    inp = write_jsonl(tmp_path / "in.jsonl", corpus(1200, seed=1, max_words=150))
     ref_out = tmp_path / "ref.parquet"
     proc = run(embed_env, "embed", inp, "-o", ref_out, "--max-batch-tokens", 1024, "--quiet")
     assert proc.returncode == 0, proc.stderr
     ref = read_vectors(ref_out)
-    assert len(ref) == 300
+    assert len(ref) == 1200
 
     out = tmp_path / "out.parquet"
     cmd = tokenmill_cmd("embed", inp, "-o", out, "--max-batch-tokens", 1024, "--quiet")
