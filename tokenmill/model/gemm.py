@@ -2,10 +2,10 @@
 
 On CPU, aten sends float32 ``F.linear`` to MKL's sgemm. MKL picks its kernels by CPU vendor, and on AMD it runs an
 AVX2 path: on this project's AMD EPYC (AVX-512) it reaches ~150-180 GFLOP/s where oneDNN's AVX-512 kernels reach
-~360-420 on the same shapes (the harness's roofline section measures both). bfloat16 already goes to oneDNN inside aten. So on CPU,
-float32 and bfloat16 linears here call oneDNN directly (``torch.ops.mkldnn._linear_pointwise``, the op PyTorch's
-own compiler emits for CPU linears), and its post-ops fold the GELU and the residual add of an encoder layer into the
-GEMM's epilogue instead of extra passes over the activations.
+~340-420 on the same shapes (the harness's roofline section measures both). bfloat16 already goes to oneDNN inside
+aten. So on CPU, float32 linears here call oneDNN directly (``torch.ops.mkldnn._linear_pointwise``, the op PyTorch's
+own compiler emits for CPU linears), and in float32 and bfloat16 its post-ops fold the GELU and the residual add of
+an encoder layer into the GEMM's epilogue instead of extra passes over the activations.
 
 Numerics: still IEEE float32 (or bf16 inputs with float32 accumulation); only the summation order differs from
 MKL's, i.e. the last-bit rounding that any change of batch shape already causes.
