@@ -92,6 +92,34 @@ static inline float exp_nonpos(float x) {
   return p * scale;
 }
 
+// Items 0..n-1 with prefix costs cost[0..n] (cost[0] = 0) cut into one contiguous range per thread (at most n) of
+// about equal cost: range p is bounds[p] .. bounds[p + 1].
+static std::vector<int64_t> split_by_cost(const std::vector<int64_t>& cost) {
+  const int64_t n = static_cast<int64_t>(cost.size()) - 1;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  std::vector<int64_t> bounds(parts + 1, n);
+  bounds[0] = 0;
+  for (int64_t p = 1, i = 0; p < parts; ++p) {
+    const int64_t target = cost[n] * p / parts;
+    while (i < n && cost[i] < target) ++i;
+    bounds[p] = i;
+  }
+  return bounds;
+}
+
+// s[0:n] <- exp(s - max(s)) in place; returns 1 / their sum (applied to the output instead of dividing n scores).
+static inline float softmax_numerators(float* s, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = exp_nonpos(s[j] - m);
+    s[j] = e;
+    sum += e;
+  }
+  return 1.f / sum;
+}
+
 // Ask for the next block's rows while this one is computed: blocks sit anywhere in the cache, so the hardware
 // prefetcher loses the stream at every block boundary.
 template <typename scalar_t>
@@ -168,18 +196,7 @@ static void attend(const float* qf, const scalar_t* kp, const scalar_t* vp, cons
       for (int64_t h = 0; h < H; ++h) scores[h * L + j * bs + t] = dot<NV>(qf + h * D, rows + t * row + (h / G) * D, D);
   }
   // softmax numerators; 1/sum is applied to the output
-  for (int64_t h = 0; h < H; ++h) {
-    float* sh = scores.data() + h * L;
-    float m = -INFINITY;
-    for (int64_t t = 0; t < L; ++t) m = std::max(m, sh[t]);
-    float sum = 0.f;
-    for (int64_t t = 0; t < L; ++t) {
-      const float e = exp_nonpos(sh[t] - m);
-      sh[t] = e;
-      sum += e;
-    }
-    inv[h] = 1.f / sum;
-  }
+  for (int64_t h = 0; h < H; ++h) inv[h] = softmax_numerators(scores.data() + h * L, L);
   // pass 2: acc_h = sum_t p[h][t] v_t
   std::fill(acc.begin(), acc.end(), 0.f);
   for (int64_t j = 0; j < nblocks; ++j) {
@@ -222,14 +239,8 @@ static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
     }
   }
   for (int64_t i = 0; i < T; ++i) cost[i + 1] = cost[i] + len[i] + 16;  // + a fixed per-token cost
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), T));
-  std::vector<int64_t> bounds(parts + 1, T);
-  bounds[0] = 0;
-  for (int64_t p = 1, i = 0; p < parts; ++p) {
-    const int64_t target = cost[T] * p / parts;
-    while (i < T && cost[i] < target) ++i;
-    bounds[p] = i;
-  }
+  const std::vector<int64_t> bounds = split_by_cost(cost);
+  const int64_t parts = static_cast<int64_t>(bounds.size()) - 1;
   at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
     std::vector<float> qf(H * D), acc(H * D), tile(bs * Hkv * D), scores, inv(H);
     for (int64_t p = pbegin; p < pend; ++p)
@@ -298,16 +309,8 @@ static void varlen_task(const scalar_t* qp, const scalar_t* kp, const scalar_t* 
       for (int r = 0; r < RB; ++r) {
         float* sr = sc + r * Lp;
         const int64_t n = causal ? std::min<int64_t>(i0 + r + 1, L) : L;  // this row's visible keys
-        float m = -INFINITY;
-        for (int64_t j = 0; j < n; ++j) m = std::max(m, sr[j]);
-        float sum = 0.f;
-        for (int64_t j = 0; j < n; ++j) {
-          const float e = exp_nonpos(sr[j] - m);
-          sr[j] = e;
-          sum += e;
-        }
+        inv[r] = softmax_numerators(sr, n);
         for (int64_t j = n; j < nk; ++j) sr[j] = 0.f;  // causal: later keys get no weight
-        inv[r] = 1.f / sum;
       }
       // out_r = sum_j p_r[j] v_j: each V row shared by the RB rows
       if constexpr (NV > 0) {
@@ -354,14 +357,8 @@ static void varlen_impl(const torch::Tensor& q, const torch::Tensor& k, const to
     const int64_t L = cu[t / Hkv + 1] - cu[t / Hkv];
     cost[t + 1] = cost[t] + L * (L + 16) * G;
   }
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntask));
-  std::vector<int64_t> bounds(parts + 1, ntask);
-  bounds[0] = 0;
-  for (int64_t p = 1, t = 0; p < parts; ++p) {
-    const int64_t target = cost[ntask] * p / parts;
-    while (t < ntask && cost[t] < target) ++t;
-    bounds[p] = t;
-  }
+  const std::vector<int64_t> bounds = split_by_cost(cost);
+  const int64_t parts = static_cast<int64_t>(bounds.size()) - 1;
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
   const scalar_t* vp = v.data_ptr<scalar_t>();
@@ -482,7 +479,7 @@ def load():
 
                 _put_ninja_on_path()
                 _module = load_inline(
-                    name=f"tokenmill_cpu_kernels_v11_{_cpu_tag()}",
+                    name=f"tokenmill_cpu_kernels_v12_{_cpu_tag()}",
                     cpp_sources=_SOURCE,
                     functions=["paged_attention", "rms_norm", "varlen_attention"],
                     extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
