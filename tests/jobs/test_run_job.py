@@ -35,13 +35,22 @@ def by_id(records):
     return {json.dumps(r.get("custom_id", r.get("id"))): r for r in records}
 
 
+# Six requests at a time: results then stream out a few rows at a time over 6 waves, so a kill or a signal timed
+# from the job's own progress lands mid-job however fast the machine is.
+FEW_AT_A_TIME = ("--max-num-seqs", 6)
+
+
+def complete_lines(path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cli_env):
     """An uninterrupted run of the 36-row dataset (greedy by default, some rows seeded)."""
     d = tmp_path_factory.mktemp("reference")
     inp = write_jsonl(d / "in.jsonl", dataset(36))
     out = d / "out.jsonl"
-    proc = subprocess.run(tokenmill_cmd("run", inp, "-o", out, "--max-tokens", 20, "--temperature", 0),
+    proc = subprocess.run(tokenmill_cmd("run", inp, "-o", out, "--max-tokens", 20, "--temperature", 0, *FEW_AT_A_TIME),
                           env=cli_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "completed 36/36 requests ok, 0 failed" in proc.stderr
@@ -58,12 +67,16 @@ def test_uninterrupted_run_writes_every_row_once(reference):
 def test_sigkill_at_random_points_then_resume_gives_the_same_results(reference, tmp_path, cli_env):
     inp, ref, _ = reference
     out = tmp_path / "out.jsonl"
-    cmd = tokenmill_cmd("run", inp, "-o", out, "--max-tokens", 20, "--temperature", 0, "--quiet")
+    cmd = tokenmill_cmd("run", inp, "-o", out, "--max-tokens", 20, "--temperature", 0, "--quiet", *FEW_AT_A_TIME)
     rng = random.Random(42)
     kills = 0
-    for delay in (rng.uniform(3.0, 5.0), rng.uniform(5.0, 8.0), rng.uniform(6.0, 9.0)):
+    for _ in range(3):
+        before = complete_lines(out)
         proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(delay)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and complete_lines(out) <= before and time.monotonic() < deadline:
+            time.sleep(0.02)  # until this run has written a result of its own
+        time.sleep(rng.uniform(0.0, 0.3))  # then kill at a random point
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -86,7 +99,7 @@ def test_sigterm_stops_cleanly_and_resume_finishes(reference, tmp_path, cli_env)
     inp, ref, _ = reference
     out = tmp_path / "out.jsonl"
     # longer outputs than the reference, so the job is surely still running when the signal comes
-    cmd = tokenmill_cmd("run", inp, "-o", out, "--max-tokens", 80, "--temperature", 0, "--quiet")
+    cmd = tokenmill_cmd("run", inp, "-o", out, "--max-tokens", 40, "--temperature", 0, "--quiet", *FEW_AT_A_TIME)
     proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = tmp_path / "out.state.json"
     deadline = time.time() + 120
