@@ -120,8 +120,8 @@ def test_sigterm_stops_cleanly_and_resume_finishes(reference, tmp_path, cli_env)
 def test_status_while_running_and_lock_against_a_second_run(reference, tmp_path, cli_env, run_cli):
     inp, _, _ = reference
     out = tmp_path / "out.jsonl"
-    proc = subprocess.Popen(tokenmill_cmd("run", inp, "-o", out, "--max-tokens", 20, "--quiet"), env=cli_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(tokenmill_cmd("run", inp, "-o", out, "--max-tokens", 20, "--quiet", *FEW_AT_A_TIME),
+                            env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         seen_running = None
         deadline = time.time() + 120
