@@ -102,17 +102,26 @@ class LLMEngine:
         return self._make_outputs(finished)
 
     def _check_stop_strings(self, sched_out, sampled: dict[str, int]) -> list[Request]:
+        """Requests this step's tokens completed a stop string for: finished as stopped and returned. A request the
+        scheduler just finished for length whose last token completed a stop string is stopped instead (its text is
+        cut at the stop string, as vLLM does); it is already among the step's finished requests, so not returned."""
         hits = []
         for s in sched_out.scheduled:
             req = s.request
             stops = req.sampling_params.stop
-            if not stops or req.request_id not in sampled or req.is_finished:
+            if not stops or req.request_id not in sampled:
                 continue
+            if req.is_finished and req.status != RequestStatus.FINISHED_LENGTH:
+                continue  # EOS or a stop token ended it
             window = max(len(x) for x in stops) + 2  # each token adds at least one character
             tail = self.tokenizer.decode(req.output_token_ids[-window:], skip_special_tokens=True)
             hit = next((x for x in stops if x in tail), None)
-            if hit is not None:
-                req.stop_reason = hit
+            if hit is None:
+                continue
+            req.stop_reason = hit
+            if req.is_finished:  # finished for length by this very token: its blocks are already free
+                req.status = RequestStatus.FINISHED_STOPPED
+            else:
                 self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
                 hits.append(req)
         return hits
