@@ -22,8 +22,8 @@ import torch
 
 from tokenmill.attention.packed import PackedAttention, PackedMetadata
 from tokenmill.embed.pooling import PoolingConfig, pool, read_pooling_config
-from tokenmill.model.gemm import cpu_gemm_backend
 from tokenmill.model.bert import BERT_MODEL_TYPES, BertConfig, BertModel
+from tokenmill.model.gemm import cpu_gemm_backend
 from tokenmill.model.loader import (ModelNotFoundError, iter_safetensors, load_tokenizer, read_model_config,
                                     resolve_dtype, resolve_model_path)
 from tokenmill.model.llama import LlamaForCausalLM
