@@ -1,0 +1,434 @@
+// tokenmill's C++ CPU kernels, compiled on first use by tokenmill/attention/cpu_kernel.py (load_inline): see its
+// docstring for what each kernel does and why.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+// 16 floats: one AVX-512 register where the machine has it, two AVX2 or four SSE registers elsewhere (GCC/Clang
+// vector extension, so the code stays portable). Loads and stores go through memcpy: no alignment assumed.
+typedef float vec16 __attribute__((vector_size(64)));
+static inline vec16 load16(const float* p) { vec16 v; std::memcpy(&v, p, sizeof(v)); return v; }
+static inline void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+static inline float hsum16(vec16 v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];  // a shuffle tree under -fassociative-math
+  return s;
+}
+
+// Row conversion to float: a copy for float, a shift for bfloat16 (vectorises), a cast otherwise.
+static inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+static inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+}
+template <typename T>  // half (F16C), double
+static inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// float -> storage dtype, round to nearest even like torch's casts (branch-free for bfloat16, so it vectorises).
+template <typename T>
+static inline T from_float(float f) { return static_cast<T>(f); }
+template <>
+inline c10::BFloat16 from_float<c10::BFloat16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t bits = static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);  // NaN stays NaN
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
+
+// exp(x) for x <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp). Branch-free so that the
+// softmax loop vectorises; std::exp does not.
+static inline float exp_nonpos(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  return p * scale;
+}
+
+// Items 0..n-1 with prefix costs cost[0..n] (cost[0] = 0) cut into one contiguous range per thread (at most n) of
+// about equal cost: range p is bounds[p] .. bounds[p + 1].
+static std::vector<int64_t> split_by_cost(const std::vector<int64_t>& cost) {
+  const int64_t n = static_cast<int64_t>(cost.size()) - 1;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  std::vector<int64_t> bounds(parts + 1, n);
+  bounds[0] = 0;
+  for (int64_t p = 1, i = 0; p < parts; ++p) {
+    const int64_t target = cost[n] * p / parts;
+    while (i < n && cost[i] < target) ++i;
+    bounds[p] = i;
+  }
+  return bounds;
+}
+
+// s[0:n] <- exp(s - max(s)) in place; returns 1 / their sum (applied to the output instead of dividing n scores).
+static inline float softmax_numerators(float* s, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = exp_nonpos(s[j] - m);
+    s[j] = e;
+    sum += e;
+  }
+  return 1.f / sum;
+}
+
+// Ask for the next block's rows while this one is computed: blocks sit anywhere in the cache, so the hardware
+// prefetcher loses the stream at every block boundary.
+template <typename scalar_t>
+static inline void prefetch_block(const scalar_t* p, int64_t count) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < count * static_cast<int64_t>(sizeof(scalar_t)); off += 64) __builtin_prefetch(c + off);
+}
+
+// q . k over D = 16 * NV floats (NV > 0), or over any D with NV == 0.
+template <int NV>
+static inline float dot(const float* q, const float* k, int64_t D) {
+  if constexpr (NV == 0) {
+    float s = 0.f;
+    for (int64_t d = 0; d < D; ++d) s += q[d] * k[d];
+    return s;
+  } else {
+    vec16 a = load16(q) * load16(k);
+    for (int i = 1; i < NV; ++i) a += load16(q + 16 * i) * load16(k + 16 * i);
+    return hsum16(a);
+  }
+}
+
+// acc[0:D] += sum_t p[t] * rows[t * stride : t * stride + D] for t < n.
+template <int NV>
+static inline void axpy_rows(float* acc, const float* p, const float* rows, int64_t stride, int64_t n, int64_t D) {
+  if constexpr (NV == 0) {
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t d = 0; d < D; ++d) acc[d] += p[t] * rows[t * stride + d];
+  } else {
+    vec16 a[NV], b[NV];  // two accumulator sets: even and odd t, to halve the FMA dependency chains
+    for (int i = 0; i < NV; ++i) { a[i] = load16(acc + 16 * i); b[i] = vec16{}; }
+    int64_t t = 0;
+    for (; t + 1 < n; t += 2) {
+      const float* r0 = rows + t * stride;
+      const float* r1 = r0 + stride;
+      for (int i = 0; i < NV; ++i) {
+        a[i] += p[t] * load16(r0 + 16 * i);
+        b[i] += p[t + 1] * load16(r1 + 16 * i);
+      }
+    }
+    if (t < n)
+      for (int i = 0; i < NV; ++i) a[i] += p[t] * load16(rows + t * stride + 16 * i);
+    for (int i = 0; i < NV; ++i) store16(acc + 16 * i, a[i] + b[i]);
+  }
+}
+
+// Attention of one query token (q: [H, D] float, pre-scaled) over the first L cached tokens of one sequence, read
+// block by block through its block table: each block's token rows (all KV heads, contiguous) are read once per pass
+// and shared by the G = H / Hkv query heads of each KV group. Two passes: scores then softmax, then P.V.
+template <typename scalar_t, int NV>
+static void attend(const float* qf, const scalar_t* kp, const scalar_t* vp, const int64_t* table, int64_t L,
+                   int64_t H, int64_t Hkv, int64_t D, int64_t bs, std::vector<float>& scores, std::vector<float>& acc,
+                   std::vector<float>& tile, std::vector<float>& inv, scalar_t* out) {
+  constexpr bool is_float = std::is_same_v<scalar_t, float>;
+  const int64_t G = H / Hkv;
+  const int64_t row = Hkv * D;  // one token's K (or V) for all KV heads; rows of a block are contiguous
+  const int64_t nblocks = (L + bs - 1) / bs;
+  if (static_cast<int64_t>(scores.size()) < H * L) scores.resize(H * L);
+  // The n float rows of block j of `cache` (converted into `tile` unless the cache is float); block j + 1 prefetched.
+  auto block_rows = [&](const scalar_t* cache, int64_t j, int64_t n) -> const float* {
+    if (j + 1 < nblocks) prefetch_block(cache + table[j + 1] * bs * row, std::min(bs, L - (j + 1) * bs) * row);
+    if constexpr (is_float) {
+      return cache + table[j] * bs * row;
+    } else {
+      to_float(cache + table[j] * bs * row, tile.data(), n * row);
+      return tile.data();
+    }
+  };
+  // pass 1: scores[h][t] = q_h . k_t
+  for (int64_t j = 0; j < nblocks; ++j) {
+    const int64_t n = std::min(bs, L - j * bs);
+    const float* rows = block_rows(kp, j, n);
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t h = 0; h < H; ++h) scores[h * L + j * bs + t] = dot<NV>(qf + h * D, rows + t * row + (h / G) * D, D);
+  }
+  // softmax numerators; 1/sum is applied to the output
+  for (int64_t h = 0; h < H; ++h) inv[h] = softmax_numerators(scores.data() + h * L, L);
+  // pass 2: acc_h = sum_t p[h][t] v_t
+  std::fill(acc.begin(), acc.end(), 0.f);
+  for (int64_t j = 0; j < nblocks; ++j) {
+    const int64_t n = std::min(bs, L - j * bs);
+    const float* rows = block_rows(vp, j, n);
+    for (int64_t h = 0; h < H; ++h)
+      axpy_rows<NV>(acc.data() + h * D, scores.data() + h * L + j * bs, rows + (h / G) * D, row, n, D);
+  }
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<scalar_t>(acc[h * D + d] * inv[h]);
+}
+
+// Every token of the flat batch attends causally: token j (0-based) of request r's q_len new tokens sees the first
+// seq_lens[r] - q_len + j + 1 cached tokens. Decodes (q_len 1) and prefill chunks alike; one task per token, and the
+// tokens are split between threads by their cost (the number of keys they read), not by their count.
+template <typename scalar_t, int NV>
+static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                       const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+                       const torch::Tensor& query_start_loc, double scale, torch::Tensor& out) {
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
+  const int64_t R = seq_lens.size(0);
+  const int64_t max_blocks = block_tables.size(1);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k_cache.data_ptr<scalar_t>();
+  const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+  const int64_t* tp = block_tables.data_ptr<int64_t>();
+  const int64_t* lp = seq_lens.data_ptr<int64_t>();
+  const int64_t* qs = query_start_loc.data_ptr<int64_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const float fscale = static_cast<float>(scale);
+
+  std::vector<int64_t> req(T), len(T), cost(T + 1, 0);  // per token: its request, its visible length
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t q_len = qs[r + 1] - qs[r];
+    TORCH_CHECK(q_len >= 1 && q_len <= lp[r], "each request needs 1 <= query length <= seq_len");
+    for (int64_t i = qs[r]; i < qs[r + 1]; ++i) {
+      req[i] = r;
+      len[i] = lp[r] - q_len + (i - qs[r]) + 1;
+    }
+  }
+  for (int64_t i = 0; i < T; ++i) cost[i + 1] = cost[i] + len[i] + 16;  // + a fixed per-token cost
+  const std::vector<int64_t> bounds = split_by_cost(cost);
+  const int64_t parts = static_cast<int64_t>(bounds.size()) - 1;
+  at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
+    std::vector<float> qf(H * D), acc(H * D), tile(bs * Hkv * D), scores, inv(H);
+    for (int64_t p = pbegin; p < pend; ++p)
+      for (int64_t i = bounds[p]; i < bounds[p + 1]; ++i) {
+        to_float(qp + i * H * D, qf.data(), H * D);
+        for (int64_t e = 0; e < H * D; ++e) qf[e] *= fscale;
+        attend<scalar_t, NV>(qf.data(), kp, vp, tp + req[i] * max_blocks, len[i], H, Hkv, D, bs, scores, acc, tile,
+                             inv, op + i * H * D);
+      }
+  });
+}
+
+template <typename scalar_t>
+static void paged_dispatch(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                           const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+                           const torch::Tensor& query_start_loc, double scale, torch::Tensor& out) {
+  switch (q.size(2)) {  // head_dim: unrolled for the common sizes
+    case 32: return paged_impl<scalar_t, 2>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
+    case 64: return paged_impl<scalar_t, 4>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
+    case 128: return paged_impl<scalar_t, 8>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
+    default: return paged_impl<scalar_t, 0>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Attention over packed variable-length sequences with no cache (the embedding path): sequence s owns rows
+// cu_seqlens[s] .. cu_seqlens[s + 1] of q, k and v, and each of its queries attends to all of its keys (or, causal,
+// to keys 0..i). One task per (sequence, KV head): the head's K is transposed into float [D][Lp] (Lp: L rounded up
+// to 16) and its V converted to float [L][D] once, then the query rows of each head of the group are processed RB
+// at a time, so every K/V vector load feeds RB rows: scores as broadcast-FMAs over 16 keys at a time, softmax,
+// then P.V as broadcast-FMAs over D. For head_dim 32 this runs at several times the rate of the SDPA kernels.
+// RB query rows per register block (8 for head_dim <= 32, 4 above), NV = head_dim / 16 (0: any head_dim, scalar
+// P.V): enough independent FMA chains to cover the FMA latency, few enough accumulators to stay in registers.
+template <typename scalar_t, int NV, int RB>
+static void varlen_task(const scalar_t* qp, const scalar_t* kp, const scalar_t* vp, int64_t q_stride,
+                        int64_t k_stride, int64_t v_stride, int64_t start, int64_t L, int64_t kvh, int64_t G,
+                        int64_t D, float scale, bool causal, float* kt, float* vf, float* sc, float* qf, float* of,
+                        float* row, scalar_t* op, int64_t H) {
+  const int64_t Lp = (L + 15) / 16 * 16;
+  for (int64_t d = 0; d < D; ++d) std::fill(kt + d * Lp + L, kt + (d + 1) * Lp, 0.f);
+  for (int64_t j = 0; j < L; ++j) {
+    to_float(kp + (start + j) * k_stride + kvh * D, row, D);
+    for (int64_t d = 0; d < D; ++d) kt[d * Lp + j] = row[d];
+    to_float(vp + (start + j) * v_stride + kvh * D, vf + j * D, D);
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t h = kvh * G + g;
+    for (int64_t i0 = 0; i0 < L; i0 += RB) {
+      const int64_t nr = std::min<int64_t>(RB, L - i0);
+      for (int64_t r = 0; r < RB; ++r) {  // rows past the end repeat the last row: computed, never stored
+        to_float(qp + (start + i0 + std::min<int64_t>(r, nr - 1)) * q_stride + h * D, qf + r * D, D);
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] *= scale;
+      }
+      const int64_t nk = causal ? i0 + nr : L;  // keys any row of this block can see
+      const int64_t nkp = (nk + 15) / 16 * 16;
+      // scores: sc[r][j] = q_r . k_j, 16 keys per step, each K^T vector shared by the RB rows
+      for (int64_t j = 0; j < nkp; j += 16) {
+        vec16 a[RB] = {};
+        for (int64_t d = 0; d < D; ++d) {
+          const vec16 kv = load16(kt + d * Lp + j);
+          for (int r = 0; r < RB; ++r) a[r] += qf[r * D + d] * kv;
+        }
+        for (int r = 0; r < RB; ++r) store16(sc + r * Lp + j, a[r]);
+      }
+      float inv[RB];
+      for (int r = 0; r < RB; ++r) {
+        float* sr = sc + r * Lp;
+        const int64_t n = causal ? std::min<int64_t>(i0 + r + 1, L) : L;  // this row's visible keys
+        inv[r] = softmax_numerators(sr, n);
+        for (int64_t j = n; j < nk; ++j) sr[j] = 0.f;  // causal: later keys get no weight
+      }
+      // out_r = sum_j p_r[j] v_j: each V row shared by the RB rows
+      if constexpr (NV > 0) {
+        vec16 a[RB][NV] = {};
+        for (int64_t j = 0; j < nk; ++j) {
+          vec16 vv[NV];
+          for (int i = 0; i < NV; ++i) vv[i] = load16(vf + j * D + 16 * i);
+          for (int r = 0; r < RB; ++r) {
+            const float pr = sc[r * Lp + j];
+            for (int i = 0; i < NV; ++i) a[r][i] += pr * vv[i];
+          }
+        }
+        for (int r = 0; r < RB; ++r)
+          for (int i = 0; i < NV; ++i) store16(of + r * D + 16 * i, a[r][i]);
+      } else {
+        std::fill(of, of + RB * D, 0.f);
+        for (int64_t j = 0; j < nk; ++j)
+          for (int r = 0; r < RB; ++r)
+            for (int64_t d = 0; d < D; ++d) of[r * D + d] += sc[r * Lp + j] * vf[j * D + d];
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        scalar_t* o = op + (start + i0 + r) * H * D + h * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = from_float<scalar_t>(of[r * D + d] * inv[r]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, int NV, int RB>
+static void varlen_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                        const torch::Tensor& cu_seqlens, double scale, bool causal, torch::Tensor& out) {
+  const int64_t H = q.size(1), D = q.size(2), Hkv = k.size(1), G = H / Hkv;
+  const int64_t S = cu_seqlens.size(0) - 1;
+  const int64_t* cu = cu_seqlens.data_ptr<int64_t>();
+  int64_t max_len = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(cu[s + 1] >= cu[s], "cu_seqlens must be non-decreasing");
+    max_len = std::max(max_len, cu[s + 1] - cu[s]);
+  }
+  // tasks (sequence, KV head), split between threads by cost (~L^2 each, + a fixed part)
+  const int64_t ntask = S * Hkv;
+  std::vector<int64_t> cost(ntask + 1, 0);
+  for (int64_t t = 0; t < ntask; ++t) {
+    const int64_t L = cu[t / Hkv + 1] - cu[t / Hkv];
+    cost[t + 1] = cost[t] + L * (L + 16) * G;
+  }
+  const std::vector<int64_t> bounds = split_by_cost(cost);
+  const int64_t parts = static_cast<int64_t>(bounds.size()) - 1;
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t Lp = (max_len + 15) / 16 * 16;
+  at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
+    std::vector<float> kt(D * Lp), vf(Lp * D), sc(RB * Lp), qf(RB * D), of(RB * D), row(D);
+    for (int64_t p = pbegin; p < pend; ++p)
+      for (int64_t t = bounds[p]; t < bounds[p + 1]; ++t) {
+        const int64_t s = t / Hkv, L = cu[s + 1] - cu[s];
+        if (L == 0) continue;
+        varlen_task<scalar_t, NV, RB>(qp, kp, vp, q.stride(0), k.stride(0), v.stride(0), cu[s], L, t % Hkv, G, D,
+                              static_cast<float>(scale), causal, kt.data(), vf.data(), sc.data(), qf.data(),
+                              of.data(), row.data(), op, H);
+      }
+  });
+}
+
+// q [T, H, D], k/v [T, Hkv, D]: each may be a row-strided view (heads and head_dim dense), e.g. slices of a fused
+// qkv projection. cu_seqlens [S + 1] int64 from 0 to T. Returns [T, H, D] contiguous.
+torch::Tensor varlen_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cu_seqlens,
+                               double scale, bool causal) {
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->dim() == 3 && t->stride(2) == 1 && t->stride(1) == t->size(2),
+                "q, k, v must be [T, heads, head_dim] with dense heads");
+  }
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(2) == q.size(2), "q, k, v shapes disagree");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v must share a dtype");
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1 && cu_seqlens.is_contiguous() &&
+              cu_seqlens.scalar_type() == at::kLong, "cu_seqlens must be a contiguous int64 vector");
+  TORCH_CHECK(cu_seqlens[0].item<int64_t>() == 0 && cu_seqlens[-1].item<int64_t>() == q.size(0),
+              "cu_seqlens must run from 0 to num_tokens");
+  auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, q.scalar_type(), "varlen_attention",
+                                  [&] {
+    switch (q.size(2)) {  // head_dim: unrolled for the common sizes
+      case 16: return varlen_impl<scalar_t, 1, 8>(q, k, v, cu_seqlens, scale, causal, out);
+      case 32: return varlen_impl<scalar_t, 2, 8>(q, k, v, cu_seqlens, scale, causal, out);
+      case 64: return varlen_impl<scalar_t, 4, 4>(q, k, v, cu_seqlens, scale, causal, out);
+      case 128: return varlen_impl<scalar_t, 8, 2>(q, k, v, cu_seqlens, scale, causal, out);
+      default: return varlen_impl<scalar_t, 0, 4>(q, k, v, cu_seqlens, scale, causal, out);
+    }
+  });
+  return out;
+}
+
+// y = weight * to_dtype(x * rsqrt(mean(x^2) + eps)), computed in float32 per row as transformers' LlamaRMSNorm does
+// (the normalised row is rounded to the storage dtype before the weight multiply). One pass instead of ~7 torch ops.
+template <typename scalar_t>
+static void rms_norm_impl(const torch::Tensor& x, const torch::Tensor& weight, double eps, torch::Tensor& out) {
+  const int64_t dim = x.size(-1), rows = x.numel() / dim;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* wp = weight.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const float feps = static_cast<float>(eps);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> xf(dim), wf(dim);
+    to_float(wp, wf.data(), dim);
+    for (int64_t r = begin; r < end; ++r) {
+      to_float(xp + r * dim, xf.data(), dim);
+      float ss = 0.f;
+      for (int64_t d = 0; d < dim; ++d) ss += xf[d] * xf[d];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(dim) + feps);
+      scalar_t* o = op + r * dim;
+      for (int64_t d = 0; d < dim; ++d) {
+        const float y = static_cast<float>(from_float<scalar_t>(xf[d] * inv));
+        o[d] = from_float<scalar_t>(wf[d] * y);
+      }
+    }
+  });
+}
+
+// x [..., dim] contiguous, weight [dim] of x's dtype. Returns a new tensor shaped like x.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "contiguous tensors only");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "weight must be [dim]");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight and x must share a dtype");
+  auto out = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, x.scalar_type(), "rms_norm",
+                                  [&] { rms_norm_impl<scalar_t>(x, weight, eps, out); });
+  return out;
+}
+
+// q [T, H, D] (the flat batch's new tokens); k_cache/v_cache [num_blocks, block_size, Hkv, D] holding every token of
+// each request including the new ones; block_tables [R, max_blocks] int64; seq_lens [R] int64; query_start_loc
+// [R + 1] int64. Returns [T, H, D].
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                              torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start_loc,
+                              double scale) {
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous tensors only");
+  TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous() && query_start_loc.is_contiguous(),
+              "contiguous tables only");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(query_start_loc.size(0) == seq_lens.size(0) + 1, "query_start_loc must have num_reqs + 1 entries");
+  TORCH_CHECK(query_start_loc[-1].item<int64_t>() == q.size(0), "query_start_loc must end at num_tokens");
+  auto out = torch::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, q.scalar_type(), "paged_attention",
+                                  [&] {
+    paged_dispatch<scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
+  });
+  return out;
+}
