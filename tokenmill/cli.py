@@ -1,7 +1,8 @@
 """The ``tokenmill`` command line: thin flags -> JobOptions / EngineConfig -> tokenmill.jobs.
 
 Errors the user must fix (missing file, bad flag or config key, unknown model path) print one line on stderr and
-exit with code 2; no traceback.
+exit with code 2; a fault part way through a job (disk full, output unwritable, input changed, engine error) one
+line and exit code 3; no traceback. Exit codes are listed in ``EXIT_CODES_HELP`` and ``tokenmill --help``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,18 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+EXIT_CODES_HELP = """\b
+Exit codes of run / embed / validate / merge:
+  0    every row done (validate: every line valid)
+  1    finished, but some rows failed: see OUTPUT.errors.jsonl
+  2    usage or set-up error (bad flag, missing input, refused resume); nothing ran
+  3    stopped by a fault (disk full, output unwritable, input changed, engine error); rerun to resume
+  130  SIGINT / 143 SIGTERM: stopped and flushed; rerun to resume"""
+
+INPUT_HELP = ("INPUT: JSON Lines (.jsonl, optionally .gz / .zst / .bz2 / .xz compressed), CSV / TSV, Parquet, or - for "
+              "stdin.")
+
+
 def _engine_and_sampling(config: Path | None, model: str | None, engine_flags: dict, sampling_flags: dict):
     """Merges --config (if any) with flags; flags win. Returns (model, engine options, sampling defaults)."""
     from tokenmill.jobs.config_file import load_batch_config
@@ -35,27 +48,55 @@ def _engine_and_sampling(config: Path | None, model: str | None, engine_flags: d
 
 
 def _job_context(model, engine, sampling):
-    from tokenmill.jobs.runner import JobContext
+    from tokenmill.jobs.runner import DEFAULT_MAX_TOKENS, JobContext
 
-    return JobContext(model, engine, {"max_tokens": 256, **sampling})
+    return JobContext(model, engine, {"max_tokens": DEFAULT_MAX_TOKENS, **sampling})
+
+
+def _columns(text, fields):
+    from tokenmill.jobs.inputs import parse_columns
+
+    return parse_columns(text, fields)
+
+
+def _scan_input(input_path: str, input_format: str, columns, pre, on_error, fields):
+    """Pass 1 over an input for `plan` / `validate` (stdin is spooled to a temporary file first)."""
+    import tempfile
+
+    from tokenmill.jobs.inputs import InputSource, InputSpec
+    from tokenmill.jobs.scan import scan
+
+    with tempfile.TemporaryDirectory(prefix="tokenmill-") as tmp:
+        spec = InputSpec(input_path, input_format, columns)
+        with InputSource(spec, fields, spool=Path(tmp) / "stdin") as source:
+            return scan(source, pre, on_error)
 
 
 model_option = click.option("--model", "-m", default=None, help="HF model directory or .gguf file "
                             "(default: the embedded SmolLM2-135M-Instruct).")
 config_option = click.option("--config", "config", type=click.Path(path_type=Path), default=None,
                              help="Batch config YAML (sections scheduler, memory, engine, sampling); flags override it.")
+input_format_option = click.option("--input-format", type=click.Choice(["auto", "jsonl", "csv", "parquet"]),
+                                   default="auto", show_default=True,
+                                   help="auto: Parquet and compression by content, CSV/TSV by the .csv/.tsv name.")
+columns_option = click.option("--columns", default=None, metavar="FIELD=COL,...",
+                              help="CSV/Parquet: which column holds each field (default: columns named like the "
+                                   "fields, e.g. id, prompt, messages, text, max_tokens).")
+progress_option = click.option("--progress-interval", type=float, default=None, metavar="SECONDS",
+                               help="When stderr is not a terminal: seconds between plain progress lines (30).")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(package_name="tokenmill")
 def cli() -> None:
     """tokenmill: offline batch LLM inference. Datasets in, results out, resumable."""
 
 
-@cli.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("input_path", metavar="INPUT")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="Results JSONL. Beside it: OUTPUT.errors.jsonl, .manifest.json, .state.json, .lock.")
+              help="Results JSONL, in input order once the job completes (completion order while it runs). Beside "
+                   "it: OUTPUT.errors.jsonl (only if a row failed), .manifest.json, .state.json, .lock while running.")
 @model_option
 @config_option
 @click.option("--max-tokens", type=int, default=None, help="Default max output tokens per request (256).")
@@ -80,17 +121,25 @@ def cli() -> None:
 @click.option("--total-partitions", type=int, default=1, show_default=True, help="Number of partitions.")
 @click.option("--gpu-hourly-rate", type=float, default=None, help="USD per GPU-hour, for the cost summary.")
 @click.option("--num-gpus", type=int, default=1, show_default=True, help="GPUs billed, for the cost summary.")
+@click.option("--context-overflow", type=click.Choice(["error", "cap"]), default="error", show_default=True,
+              help="A line whose own max_tokens does not fit after its prompt: an error record, or capped to the room "
+                   "left. The job default (--max-tokens) is always capped.")
+@input_format_option
+@columns_option
+@progress_option
 @click.option("--overwrite", is_flag=True, help="Discard earlier results for OUTPUT and start afresh.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k, seed, stop, max_num_seqs,
         max_num_batched_tokens, preemption_mode, scheduling_strategy, sort_by_length, dtype, max_model_len,
-        kv_cache_memory, gpu_memory_utilization, partition, total_partitions, gpu_hourly_rate, num_gpus, overwrite,
-        quiet):
-    """Run a JSONL dataset through the model into OUTPUT; the same command resumes an interrupted job.
+        kv_cache_memory, gpu_memory_utilization, partition, total_partitions, gpu_hourly_rate, num_gpus,
+        context_overflow, input_format, columns, progress_interval, overwrite, quiet):
+    """Run a dataset through the model into OUTPUT; the same command resumes an interrupted job.
 
-    Input lines: {"id", "prompt"} or {"id", "messages"} (optional max_tokens, temperature, top_p, seed, stop), or
-    OpenAI Batch lines for /v1/chat/completions and /v1/completions. Bad lines go to OUTPUT.errors.jsonl.
+    Rows: {"id", "prompt"} or {"id", "messages"} (optional max_tokens, temperature, top_p, seed, stop), or OpenAI
+    Batch lines for /v1/chat/completions and /v1/completions. Bad rows go to OUTPUT.errors.jsonl and the job goes on.
+    INPUT: JSON Lines (.jsonl, optionally .gz / .zst / .bz2 / .xz), CSV / TSV, Parquet, or - for stdin.
     """
+    from tokenmill.jobs.inputs import RUN_FIELDS
     from tokenmill.jobs.runner import JobOptions, run_job
 
     model, engine, sampling = _engine_and_sampling(
@@ -103,7 +152,9 @@ def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k
     )
     opts = JobOptions(input=input_path, output=output, model=model, engine_options=engine, sampling_defaults=sampling,
                       partition=partition, total_partitions=total_partitions, gpu_hourly_rate=gpu_hourly_rate,
-                      num_gpus=num_gpus, quiet=quiet, overwrite=overwrite)
+                      num_gpus=num_gpus, quiet=quiet, overwrite=overwrite, input_format=input_format,
+                      columns=_columns(columns, RUN_FIELDS), context_overflow=context_overflow,
+                      progress_interval=progress_interval)
     return run_job(opts)
 
 
@@ -118,32 +169,36 @@ def status(output, as_json):
     path = JobPaths(output).state
     if not path.exists():
         raise UserError(f"no job state for {output} (expected {path})")
-    data = read_status(path)
+    try:
+        data = read_status(path)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"the job state file {path} is damaged ({type(e).__name__}); the job rewrites it when it "
+                        f"runs again") from None
     click.echo(json.dumps(data, indent=1) if as_json else format_status(data))
     return 0
 
 
 @cli.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("input_path", metavar="INPUT")
 @model_option
 @config_option
 @click.option("--max-tokens", type=int, default=None, help="Default max output tokens per request (256).")
 @click.option("--max-model-len", type=int, default=None)
 @click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU.")
 @click.option("--gpu-memory-utilization", type=float, default=None)
+@input_format_option
+@columns_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, gpu_memory_utilization, as_json):
+def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, gpu_memory_utilization, input_format,
+         columns, as_json):
     """Memory plan from the dataset's length statistics: KV blocks, concurrency, recommended settings."""
-    from tokenmill.jobs.runner import JobSetupError
-    from tokenmill.jobs.scan import scan
+    from tokenmill.jobs.inputs import RUN_FIELDS
 
-    if not input_path.is_file():
-        raise JobSetupError(f"input file {input_path} does not exist")
     model, engine, sampling = _engine_and_sampling(
         config, model, dict(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
                             gpu_memory_utilization=gpu_memory_utilization), dict(max_tokens=max_tokens))
     ctx = _job_context(model, engine, sampling)
-    s = scan(input_path, ctx.pre, lambda n, e: None)
+    s = _scan_input(input_path, input_format, _columns(columns, RUN_FIELDS), ctx.pre, lambda n, e: None, RUN_FIELDS)
     p = ctx.plan(*s.valid_lengths())
     click.echo(json.dumps(p.as_dict(), indent=1) if as_json else p.render())
     if s.num_errors:
@@ -151,24 +206,28 @@ def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, 
     return 0
 
 
-@cli.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("input_path", metavar="INPUT")
 @model_option
 @click.option("--max-model-len", type=int, default=None)
-def validate(input_path, model, max_model_len):
+@click.option("--context-overflow", type=click.Choice(["error", "cap"]), default="error", show_default=True,
+              help="As for `run`: a line's own max_tokens that does not fit is an error, or capped.")
+@input_format_option
+@columns_option
+def validate(input_path, model, max_model_len, context_overflow, input_format, columns):
     """Only the validation pass: exit 0 if every line is valid, else 1 with the error records on stdout."""
-    from tokenmill.jobs.runner import JobSetupError
-    from tokenmill.jobs.scan import scan
+    from tokenmill.jobs.inputs import RUN_FIELDS
+    from tokenmill.jobs.runner import DEFAULT_MAX_TOKENS, JobContext
 
-    if not input_path.is_file():
-        raise JobSetupError(f"input file {input_path} does not exist")
-    ctx = _job_context(model, {"max_model_len": max_model_len} if max_model_len else {}, {})
-    s = scan(input_path, ctx.pre, lambda n, e: click.echo(json.dumps(e.to_record(n), ensure_ascii=False)))
+    ctx = JobContext(model, {"max_model_len": max_model_len} if max_model_len else {},
+                     {"max_tokens": DEFAULT_MAX_TOKENS}, context_overflow)
+    s = _scan_input(input_path, input_format, _columns(columns, RUN_FIELDS), ctx.pre,
+                    lambda n, e: click.echo(json.dumps(e.to_record(n), ensure_ascii=False)), RUN_FIELDS)
     click.echo(f"{s.num_valid} valid, {s.num_errors} invalid lines in {input_path}", err=True)
     return 1 if s.num_errors else 0
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Merged results JSONL.")
 @click.option("--input", "input_path", type=click.Path(path_type=Path), default=None,
@@ -186,11 +245,12 @@ def merge(parts, output, input_path):
     return 0
 
 
-@cli.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("input_path", metavar="INPUT")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="VECTORS.parquet (or a .jsonl with --format openai). Beside it: .errors.jsonl, .manifest.json, "
-                   ".state.json, .lock, and .parts/ while the job runs.")
+              help="VECTORS.parquet (or a .jsonl with --format openai, in input order once complete). Beside it: "
+                   ".errors.jsonl (only if a row failed), .manifest.json, .state.json, and .lock and .parts/ while the "
+                   "job runs.")
 @click.option("--model", "-m", default=None,
               help="HF encoder directory (BERT family) or Llama-family decoder (HF directory or .gguf) "
                    "(default: the embedded all-MiniLM-L6-v2).")
@@ -208,17 +268,22 @@ def merge(parts, output, input_path):
               "faster on CPUs with AVX512-BF16/AMX; float16 is CUDA only.")
 @click.option("--gpu-hourly-rate", type=float, default=None, help="USD per GPU-hour, for the cost summary.")
 @click.option("--num-gpus", type=int, default=1, show_default=True, help="GPUs billed, for the cost summary.")
+@input_format_option
+@columns_option
+@progress_option
 @click.option("--overwrite", is_flag=True, help="Discard earlier results for OUTPUT and start afresh.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def embed(input_path, output, model, normalize, pooling, max_batch_tokens, max_seq_length, fmt, dtype,
-          gpu_hourly_rate, num_gpus, overwrite, quiet):
-    """Embed a JSONL corpus into OUTPUT; the same command resumes an interrupted job.
+          gpu_hourly_rate, num_gpus, input_format, columns, progress_interval, overwrite, quiet):
+    """Embed a corpus into OUTPUT; the same command resumes an interrupted job.
 
-    Input lines: {"id", "text"} or OpenAI Batch lines for /v1/embeddings (one input each). Bad lines go to
+    Rows: {"id", "text"} or OpenAI Batch lines for /v1/embeddings (one input each). Bad rows go to
     OUTPUT.errors.jsonl. Texts longer than the model's limit are truncated as sentence-transformers does.
+    INPUT: JSON Lines (.jsonl, optionally .gz / .zst / .bz2 / .xz), CSV / TSV, Parquet, or - for stdin.
     """
     from tokenmill.embed.embedder import DEFAULT_MAX_BATCH_TOKENS
     from tokenmill.embed.job import EmbedOptions, run_embed_job
+    from tokenmill.jobs.inputs import EMBED_FIELDS
 
     if max_batch_tokens is not None and max_batch_tokens < 1:
         raise UserError(f"--max-batch-tokens must be >= 1, got {max_batch_tokens}")
@@ -227,7 +292,8 @@ def embed(input_path, output, model, normalize, pooling, max_batch_tokens, max_s
     opts = EmbedOptions(input=input_path, output=output, model=model, normalize=normalize, pooling=pooling,
                         max_batch_tokens=max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS, max_seq_length=max_seq_length,
                         dtype=dtype, format=fmt, gpu_hourly_rate=gpu_hourly_rate, num_gpus=num_gpus, quiet=quiet,
-                        overwrite=overwrite)
+                        overwrite=overwrite, input_format=input_format, columns=_columns(columns, EMBED_FIELDS),
+                        progress_interval=progress_interval)
     return run_embed_job(opts)
 
 
@@ -277,8 +343,21 @@ def search(index_dir, query, k, as_json):
     return 0
 
 
+@cli.command("build-kernels")
+def build_kernels():
+    """Build the C++ CPU kernels now (once per machine; for images and CI), so no job pays for it."""
+    from tokenmill.attention.cpu_kernel import load_kernels
+
+    k = load_kernels()
+    if k.module is None:
+        raise UserError(f"the C++ CPU kernels could not be built: {k.error}")
+    how = f"built in {k.build_seconds:.1f} s" if k.build_seconds else "already built"
+    click.echo(f"tokenmill: C++ CPU kernels ready ({how}): {k.path}", err=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
-    from tokenmill.jobs.runner import JobSetupError
+    from tokenmill.jobs.errors import EXIT_FAULT, EXIT_USAGE, JobFault, JobSetupError
     from tokenmill.model.loader import ModelNotFoundError
 
     try:
@@ -286,15 +365,19 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.UsageError as e:
         hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
         print(f"tokenmill: error: {e.format_message()}{hint}", file=sys.stderr)
-        sys.exit(2)
-    except click.exceptions.Abort:
+        sys.exit(EXIT_USAGE)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("tokenmill: interrupted", file=sys.stderr)
         sys.exit(130)
     except click.ClickException as e:
         print(f"tokenmill: error: {e.format_message()}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (JobSetupError, ConfigError, ModelNotFoundError, FileNotFoundError) as e:
         print(f"tokenmill: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
+    except JobFault as e:
+        print(f"tokenmill: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_FAULT)
     sys.exit(code if isinstance(code, int) else 0)
 
 

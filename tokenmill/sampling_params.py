@@ -29,13 +29,15 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Accept a single string / lists for convenience; store tuples so the object stays hashable and frozen.
+        # Values of the wrong type are kept as given, for _problems() to name them.
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif self.stop is None:
             object.__setattr__(self, "stop", ())
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         problems = self._problems()
         if problems:
             raise ValueError("invalid sampling parameters: " + "; ".join(problems))
@@ -50,23 +52,23 @@ class SamplingParams:
             return isinstance(x, (int, float)) and not isinstance(x, bool)
 
         if not is_int(self.max_tokens) or self.max_tokens < 1:
-            p.append(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            p.append(f"max_tokens must be an integer >= 1, got {_shown(self.max_tokens)}")
         if not is_num(self.temperature) or not 0.0 <= self.temperature <= 100.0:
-            p.append(f"temperature must be a number in [0, 100], got {self.temperature!r}")
+            p.append(f"temperature must be a number in [0, 100], got {_shown(self.temperature)}")
         if not is_int(self.top_k) or self.top_k < 0:
-            p.append(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+            p.append(f"top_k must be an integer >= 0 (0 disables it), got {_shown(self.top_k)}")
         if not is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            p.append(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+            p.append(f"top_p must be a number in (0, 1], got {_shown(self.top_p)}")
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
-            p.append(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            p.append(f"stop must be non-empty strings, got {list(self.stop)!r}")
-        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
-            p.append(f"stop_token_ids must be non-negative integers, got {list(self.stop_token_ids)!r}")
+            p.append(f"seed must be an integer in [0, 2^63), got {_shown(self.seed)}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            p.append(f"stop must be a non-empty string or a list of them, got {_shown(self.stop)}")
+        if not isinstance(self.stop_token_ids, tuple) or not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
+            p.append(f"stop_token_ids must be a list of non-negative integers, got {_shown(self.stop_token_ids)}")
         if not isinstance(self.ignore_eos, bool):
-            p.append(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+            p.append(f"ignore_eos must be a boolean, got {_shown(self.ignore_eos)}")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            p.append(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+            p.append(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {_shown(self.logprobs)}")
         return p
 
     @property
@@ -82,3 +84,12 @@ class SamplingParams:
             raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**values)
 
+
+def _shown(value: Any) -> str:
+    """A value as an error message shows it: its type and a short repr ("str 'abc'", "int 5", "list [1, 2]")."""
+    try:
+        text = repr(list(value) if isinstance(value, tuple) else value)
+    except ValueError:  # an integer too long to print
+        text = "(too long to show)"
+    name = "list" if isinstance(value, tuple) else type(value).__name__
+    return f"{name} {text[:40]}{'...' if len(text) > 40 else ''}"

@@ -1,5 +1,3 @@
-import os
-
 import pytest
 
 
@@ -17,10 +15,3 @@ def st_minilm(minilm):
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(minilm.path), device="cpu")
-
-
-@pytest.fixture(scope="session")
-def embed_env():
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env

@@ -103,12 +103,13 @@ def test_cost_matches_seed_formula():
     assert round(cost_per_million_tokens(4, 3.0, 6380), 2) == 0.52
 
 
-def test_hash_set_across_merges():
-    from tokenmill.jobs.scan import HashSet
+def test_id_index_across_merges_keeps_each_ids_line():
+    from tokenmill.jobs.scan import IdIndex
 
-    s = HashSet(batch=8)
+    s = IdIndex(batch=8)
     values = [(i * 2654435761) % (2**64) for i in range(100)]
-    for v in values:
+    for line, v in enumerate(values, 1):
         assert v not in s
-        s.add(v)
+        s.add(v, line)
     assert all(v in s for v in values) and 2**64 - 1 not in s and 3 not in s
+    assert [s.line_of(v) for v in values] == list(range(1, 101))

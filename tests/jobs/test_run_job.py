@@ -181,8 +181,8 @@ def test_bad_input_corpus_becomes_error_records_and_the_job_goes_on(tmp_path, ru
         f.write("\n".join(BAD_CORPUS).encode() + b"\n")
         f.write(b'{"id": "bytes", "prompt": "caf\xe9"}\n')  # line 16: Latin-1, not UTF-8
     out = tmp_path / "out.jsonl"
-    proc = run_cli("run", inp, "-o", out, "--max-model-len", 256, check=0)
-    assert "completed 2/2 requests ok, 13 failed" in proc.stderr
+    proc = run_cli("run", inp, "-o", out, "--max-model-len", 256, check=1)  # 1: some rows failed
+    assert "completed 2/2 requests ok, 13 failed" in proc.stderr and "out.errors.jsonl" in proc.stderr
     assert sorted(r["id"] for r in read_jsonl(out)) == ["ok1", "ok2"]
     errors = read_jsonl(tmp_path / "out.errors.jsonl")
     assert {e["line"]: e["code"] for e in errors} == EXPECTED_CODES
@@ -192,7 +192,7 @@ def test_bad_input_corpus_becomes_error_records_and_the_job_goes_on(tmp_path, ru
     val = run_cli("validate", inp, "--max-model-len", 256, check=1)
     assert {json.loads(line)["line"] for line in val.stdout.splitlines()} == set(EXPECTED_CODES)
     # resuming writes nothing twice
-    run_cli("run", inp, "-o", out, "--max-model-len", 256, check=0)
+    run_cli("run", inp, "-o", out, "--max-model-len", 256, check=1)
     assert len(read_jsonl(tmp_path / "out.errors.jsonl")) == len(EXPECTED_CODES) and len(read_jsonl(out)) == 2
 
 
@@ -230,7 +230,7 @@ def test_three_partitions_merge_into_the_unpartitioned_result(reference, tmp_pat
     for i in range(3):
         part = tmp_path / f"part{i}.jsonl"
         run_cli("run", bad, "-o", part, "--max-tokens", 20, "--temperature", 0, "--quiet", "--partition", i,
-                "--total-partitions", 3, check=0)
+                "--total-partitions", 3, check=1 if i < 2 else 0)  # bad lines 37 and 38 fall to partitions 0 and 1
         parts.append(part)
     sizes = [len(read_jsonl(p)) for p in parts]
     assert sum(sizes) == 36 and max(sizes) - min(sizes) <= 1
@@ -263,7 +263,8 @@ def test_config_file_and_cli_errors_are_one_line_exit_2(tmp_path, run_cli):
     run_cli("run", inp, "-o", tmp_path / "out.jsonl", "--config", cfg, "--quiet", check=0)
     assert all(r["output_tokens"] <= 3 for r in read_jsonl(tmp_path / "out.jsonl"))
     manifest = json.loads((tmp_path / "out.manifest.json").read_text())
-    assert manifest["engine_options"] == {"max_num_seqs": 2, "preemption_mode": "recompute"}
+    assert manifest["speed"] == {"max_num_seqs": 2, "preemption_mode": "recompute"}
+    assert manifest["settings"]["sampling_defaults"] == {"max_tokens": 3, "temperature": 0}
 
     bad_cfg = tmp_path / "bad.yaml"
     bad_cfg.write_text("scheduler:\n  max_num_seq: 2\n")

@@ -20,68 +20,171 @@ batches, and the whole batch is one call instead of one per distinct length.
 ``rms_norm`` is one pass per row instead of ~7 torch ops, bit-equal to them in bf16/fp16 (float32 keeps the torch
 ops, in transformers' order).
 
-The C++ source is ``cpu_kernels.cpp`` beside this file, compiled with ``torch.utils.cpp_extension.load_inline``
-(needs a C++ compiler and ninja) into torch's extension cache, so the build happens once per machine. If it cannot be
-built, ``load()`` returns None and the torch path is used; ``tests/model/test_cpu_kernel.py`` holds the two equal.
+The C++ source is ``cpu_kernels.cpp`` beside this file. It is compiled (``-march=native``, needs a C++ compiler and
+ninja) once per machine and the shared library is kept under ``~/.cache/tokenmill/kernels/`` (``XDG_CACHE_HOME``
+honoured), keyed on what decides the binary: the source, the flags, the CPU model and features, torch and Python
+(the outer directory) and the compiler's version (the inner one). Later processes load the cached library directly:
+which ninja is on PATH plays no part. The first build is announced on stderr; a failed build is reported once as a
+warning saying what is missing and what it costs, and the torch path is used (``tests/model/test_cpu_kernel.py``
+holds the two equal). ``tokenmill build-kernels`` builds ahead of time (for images and CI).
 """
 
 from __future__ import annotations
 
-import threading
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 _SOURCE_FILE = Path(__file__).with_name("cpu_kernels.cpp")  # the C++ source, shipped as package data
-
-_lock = threading.Lock()
-_module = None
-_failed: str | None = None
-
-
-def load():
-    """The compiled module, or None when it cannot be built here (the reason is in ``build_error()``)."""
-    global _module, _failed
-    with _lock:
-        if _module is None and _failed is None:
-            try:
-                from torch.utils.cpp_extension import load_inline
-
-                _put_ninja_on_path()
-                _module = load_inline(
-                    name=f"tokenmill_cpu_kernels_v12_{_cpu_tag()}",
-                    cpp_sources=_SOURCE_FILE.read_text(),
-                    functions=["paged_attention", "rms_norm", "varlen_attention"],
-                    extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-                                  "-fno-trapping-math", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
-            except Exception as e:  # no compiler, no ninja, ...: fall back to the torch path
-                _failed = f"{type(e).__name__}: {e}"
-        return _module
+_MODULE = "tokenmill_cpu_kernels"
+_FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention"]
+_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+           "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+log = logging.getLogger("tokenmill")
 
 
-def _cpu_tag() -> str:
-    """A short hash of this CPU's model and feature flags. The build uses -march=native, so a binary is only valid on
-    the CPU that built it; keying the cached build on the CPU keeps a shared extension cache (an NFS home, a copied
-    container) from loading a binary built for another machine."""
-    import hashlib
-    import platform
+@dataclass(frozen=True)
+class KernelLoad:
+    """The outcome of loading the kernels in this process."""
 
+    module: object | None  # the extension module, or None when it could not be built
+    error: str | None  # why not
+    build_seconds: float  # seconds spent compiling in this process (0 when loaded from the cache)
+    path: Path | None  # the cached shared library
+
+
+def kernel_cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tokenmill" / "kernels"
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _cpu_facts() -> str:
+    """This CPU's model and feature flags: the build uses -march=native, so a binary only suits the CPU kind that
+    built it, and a shared cache (an NFS home, a copied image) must not hand one CPU's binary to another."""
     facts = platform.machine() + platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
             facts += "".join(sorted({line for line in f if line.startswith(("model name", "flags"))}))
     except OSError:
         pass
-    return hashlib.sha1(facts.encode()).hexdigest()[:10]
+    return facts
+
+
+def _compiler() -> tuple[str | None, str]:
+    """(the C++ compiler torch will call, its version line), or (None, why not)."""
+    cxx = os.environ.get("CXX", "c++")
+    path = shutil.which(cxx)
+    if path is None:
+        return None, f"no C++ compiler ({cxx!r} is not on PATH)"
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"the C++ compiler {path} does not run: {e}"
+    return path, (out.splitlines() or [""])[0]
+
+
+def _base_dir() -> Path:
+    import torch
+
+    key = _digest(_SOURCE_FILE.read_text(), " ".join(_CFLAGS + _LDFLAGS), _cpu_facts(), torch.__version__,
+                  sys.version.split()[0])
+    return kernel_cache_root() / key
+
+
+def _import(path: Path):
+    import torch  # noqa: F401  (the extension links against libtorch, loaded by importing torch)
+
+    spec = importlib.util.spec_from_file_location(_MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def load_kernels() -> KernelLoad:
+    """Loads the cached build, or builds it (once per machine). Never raises: a failure is in ``error``."""
+    base = _base_dir()
+    cxx, version = _compiler()
+    if cxx is None:  # no compiler now: a build made earlier by any compiler for this source and CPU still serves
+        cached = sorted(base.glob(f"*/{_MODULE}.so"), key=lambda p: p.stat().st_mtime)
+        if cached:
+            return _load_cached(cached[-1])
+        return _failed(version)
+    target = base / _digest(version) / f"{_MODULE}.so"
+    if target.exists():
+        return _load_cached(target)
+    log.info("building the C++ CPU kernels for this machine (once; about a minute; cached in %s)", target.parent)
+    t0 = time.perf_counter()
+    try:
+        module = _build(target)
+    except Exception as e:  # no ninja, a compile error, ...: fall back to the torch path
+        return _failed(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+    seconds = time.perf_counter() - t0
+    log.info("built the C++ CPU kernels in %.1f s", seconds)
+    return KernelLoad(module, None, seconds, target)
+
+
+def _load_cached(path: Path) -> KernelLoad:
+    try:
+        return KernelLoad(_import(path), None, 0.0, path)
+    except Exception as e:  # a damaged cache file: say so, use the torch path
+        return _failed(f"the cached build {path} does not load ({type(e).__name__}: {e}); delete it to rebuild")
+
+
+def _build(target: Path):
+    from torch.utils.cpp_extension import load_inline
+
+    _put_ninja_on_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as build_dir:
+        module = load_inline(name=_MODULE, cpp_sources=_SOURCE_FILE.read_text(), functions=_FUNCTIONS,
+                             extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, build_directory=build_dir, verbose=False)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.copyfile(Path(build_dir) / f"{_MODULE}.so", tmp)
+        os.replace(tmp, target)  # another process building at the same time writes the same bytes
+    return module
+
+
+def _failed(reason: str) -> KernelLoad:
+    log.warning("warning: the C++ CPU kernels are not available (%s). Attention and RMSNorm fall back to the torch "
+                "path, several times slower on CPU (a SmolLM2 decode step's attention: ~43 ms with the kernels, "
+                "~133 ms without). Install a C++ compiler (e.g. apt-get install g++) and ninja (pip install ninja), "
+                "then run `tokenmill build-kernels`.", reason)
+    return KernelLoad(None, reason, 0.0, None)
+
+
+def load():
+    """The compiled module, or None when it cannot be built here (the reason is in ``build_error()``)."""
+    return load_kernels().module
+
+
+def build_error() -> str | None:
+    return load_kernels().error
+
+
+def build_seconds_so_far() -> float:
+    """Seconds this process spent compiling the kernels (0 if it loaded them from the cache or never needed them)."""
+    return load_kernels().build_seconds if load_kernels.cache_info().currsize else 0.0
 
 
 def _put_ninja_on_path() -> None:
     """torch runs `ninja` from PATH; the pip-installed one lives in the venv's bin, which a non-activated
     interpreter does not have on PATH."""
-    import os
-    import shutil
-
     if shutil.which("ninja"):
         return
     try:
@@ -89,7 +192,3 @@ def _put_ninja_on_path() -> None:
     except ImportError:
         return
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-
-
-def build_error() -> str | None:
-    return _failed

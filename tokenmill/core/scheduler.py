@@ -17,6 +17,7 @@ Invariants (tested in tests/core):
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenmill.config import EngineConfig
@@ -79,11 +80,16 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv_cache_manager: KVCacheManager) -> None:
+    def __init__(self, config: EngineConfig, kv_cache_manager: KVCacheManager,
+                 stop_string_of: Callable[[Request], str | None] | None = None) -> None:
+        """``stop_string_of(req)``: the stop string the request's output now ends with, or None; called after each
+        new token of a request that has stop strings (the engine supplies it: it needs the tokenizer, which this
+        core does not)."""
         if config.max_model_len is None:
             raise ValueError("the scheduler needs a resolved EngineConfig (call config.resolve())")
         self.config = config
         self.kv = kv_cache_manager
+        self.stop_string_of = stop_string_of
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last one is the first preemption victim
         self.requests: dict[str, Request] = {}
@@ -101,7 +107,7 @@ class Scheduler:
         self.waiting.append(request)
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
-        """Ends requests from outside (stop string, abort): frees their blocks at once."""
+        """Ends requests from outside (abort): frees their blocks at once."""
         for rid in request_ids:
             req = self.requests.get(rid)
             if req is None or req.is_finished:
@@ -118,6 +124,10 @@ class Scheduler:
     @property
     def num_unfinished_requests(self) -> int:
         return len(self.waiting) + len(self.running)
+
+    @property
+    def num_running_requests(self) -> int:
+        return len(self.running)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
@@ -270,9 +280,16 @@ class Scheduler:
         return finished
 
     def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
+        """Why ``req`` ends with this token, if it does. A stop string wins over the length limit: one completed by
+        the last token ``max_tokens`` allows finishes as stopped (its text is cut at the stop string, as vLLM does)."""
         if token in req.stop_token_ids:
             req.stop_reason = token
             return RequestStatus.FINISHED_STOPPED
+        if req.sampling_params.stop and self.stop_string_of is not None:
+            hit = self.stop_string_of(req)
+            if hit is not None:
+                req.stop_reason = hit
+                return RequestStatus.FINISHED_STOPPED
         if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None

@@ -103,6 +103,10 @@ class Embedder:
         self.dim = self.hidden_size * len(self.pooling.modes)
         self.num_tokens = 0  # real tokens embedded so far
         self.num_positions = 0  # token positions the linear layers computed (real + padding)
+        if self.device.type == "cpu":  # load (or build, once per machine) the CPU kernels now, not mid-job
+            from tokenmill.attention import cpu_kernel
+
+            cpu_kernel.load()
         self.load_seconds = time.perf_counter() - t0
 
     @property

@@ -25,7 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokenmill.embed.records import EmbedRequest, embed_id_key, openai_embedding_record
-from tokenmill.jobs.files import JsonlAppender, read_keys, repair_torn_tail
+from tokenmill.jobs.errors import JobSetupError
+from tokenmill.jobs.files import JsonlAppender
+from tokenmill.jobs.skeleton import done_keys
 
 ROW_GROUP_ROWS = 65536  # stitched row groups are at least this big, except the last
 
@@ -84,10 +86,23 @@ class ParquetVectorSink:
         return sorted(self.parts.glob("part-*.parquet"))
 
     def done_ids(self) -> set[str]:
-        """Ids already durable in OUTPUT or a part; drops parts already stitched into OUTPUT."""
-        done: set[str] = set(_ids_of(self.output)) if self.output.exists() else set()
+        """Ids already durable in OUTPUT or a part; drops parts already stitched into OUTPUT, and parts that do not
+        read back (damaged outside tokenmill: parts are renamed into place whole), whose rows then run again."""
+        done: set[str] = set()
+        if self.output.exists():
+            try:
+                done = set(_ids_of(self.output))
+            except Exception as e:  # pyarrow raises ArrowInvalid & co for a damaged file
+                raise JobSetupError(f"{self.output} is damaged ({type(e).__name__}: {str(e)[:80]}); pass --overwrite "
+                                    f"to start afresh") from None
+        self.dropped = 0
         for part in self._part_files():
-            ids = _ids_of(part)
+            try:
+                ids = _ids_of(part)
+            except Exception:
+                part.unlink()
+                self.dropped += 1
+                continue
             if ids and ids[0] in done:
                 part.unlink()  # stitched before a crash; its rows are in OUTPUT
                 continue
@@ -123,6 +138,13 @@ class ParquetVectorSink:
 
     def close(self) -> None:
         self.flush()
+
+    def abandon(self) -> None:
+        """After a failure: make what it can durable; rows that do not fit run again on resume."""
+        try:
+            self.flush()
+        except OSError:
+            self._ids, self._vecs = [], []
 
     def finalize(self) -> int:
         """Stitches OUTPUT (if any) and every part into a new OUTPUT; returns the number of rows."""
@@ -172,11 +194,10 @@ class OpenAIVectorSink:
     def __init__(self, output: Path, model_name: str) -> None:
         self.output = output
         self.model_name = model_name
-        repair_torn_tail(output)
         self._out = JsonlAppender(output)
 
     def done_ids(self) -> set[str]:
-        return read_keys(self.output, lambda r: embed_id_key(r["custom_id"]))
+        return done_keys(self.output, lambda r: embed_id_key(r["custom_id"]))
 
     def write_request(self, req: EmbedRequest, vector: np.ndarray, num_tokens: int) -> None:
         self._out.write(openai_embedding_record(req, vector, num_tokens, self.model_name))
@@ -187,6 +208,11 @@ class OpenAIVectorSink:
     def close(self) -> None:
         self._out.close()
 
+    def abandon(self) -> None:
+        self._out.abandon()
+
     def finalize(self) -> int:
         self.close()
-        return self._out.count
+        self.output.touch()
+        with open(self.output, "rb") as f:
+            return sum(1 for line in f if line.strip())

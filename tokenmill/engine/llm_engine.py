@@ -1,8 +1,8 @@
 """LLMEngine: requests in, finished RequestOutputs out, one scheduler step at a time.
 
 The engine wires the scheduler (pure Python) to the model runner and does the output processing: stop strings
-(checked on a short detokenised tail, only for requests that have stop strings) and one bulk detokenisation of
-every request finished in a step. Token ids are collected per request; text is never built per step.
+(the scheduler asks ``_stop_string_of``, a check on a short detokenised tail, only for requests that have stop
+strings) and one bulk detokenisation of every request finished in a step. Token ids are collected per request; text is never built per step.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from tokenmill.attention.cpu_kernel import build_seconds_so_far
 from tokenmill.config import EngineConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
@@ -49,9 +50,10 @@ class LLMEngine:
         self.dtype = dtype
         self.num_kv_blocks = plan_num_blocks(self.config, self.model_config, dtype, self.device)
         self.kv_cache_manager = KVCacheManager(self.num_kv_blocks, self.config.block_size)
-        self.scheduler = Scheduler(self.config, self.kv_cache_manager)
+        self.scheduler = Scheduler(self.config, self.kv_cache_manager, self._stop_string_of)
         self.runner = ModelRunner(self.config, loaded.model, self.num_kv_blocks, self.device)
         self.load_seconds = time.perf_counter() - t0
+        self.kernel_build_seconds = build_seconds_so_far()  # a one-off per machine, inside load_seconds
         self.num_generated_tokens = 0
         self.num_prompt_tokens_done = 0
 
@@ -85,6 +87,16 @@ class LLMEngine:
         return self.scheduler.has_unfinished_requests()
 
     @property
+    def num_unfinished_requests(self) -> int:
+        """Requests added and not yet finished (running or waiting)."""
+        return self.scheduler.num_unfinished_requests
+
+    @property
+    def num_running_requests(self) -> int:
+        """Requests admitted and holding KV blocks."""
+        return self.scheduler.num_running_requests
+
+    @property
     def stats(self):
         return self.scheduler.stats
 
@@ -98,33 +110,15 @@ class LLMEngine:
         self.num_prompt_tokens_done += sum(
             s.num_scheduled_tokens for s in sched_out.scheduled if s.num_computed_tokens < s.request.num_prompt_tokens
         )
-        finished += self._check_stop_strings(sched_out, runner_out.sampled_token_ids)
         return self._make_outputs(finished)
 
-    def _check_stop_strings(self, sched_out, sampled: dict[str, int]) -> list[Request]:
-        """Requests this step's tokens completed a stop string for: finished as stopped and returned. A request the
-        scheduler just finished for length whose last token completed a stop string is stopped instead (its text is
-        cut at the stop string, as vLLM does); it is already among the step's finished requests, so not returned."""
-        hits = []
-        for s in sched_out.scheduled:
-            req = s.request
-            stops = req.sampling_params.stop
-            if not stops or req.request_id not in sampled:
-                continue
-            if req.is_finished and req.status != RequestStatus.FINISHED_LENGTH:
-                continue  # EOS or a stop token ended it
-            window = max(len(x) for x in stops) + 2  # each token adds at least one character
-            tail = self.tokenizer.decode(req.output_token_ids[-window:], skip_special_tokens=True)
-            hit = next((x for x in stops if x in tail), None)
-            if hit is None:
-                continue
-            req.stop_reason = hit
-            if req.is_finished:  # finished for length by this very token: its blocks are already free
-                req.status = RequestStatus.FINISHED_STOPPED
-            else:
-                self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
-                hits.append(req)
-        return hits
+    def _stop_string_of(self, req: Request) -> str | None:
+        """The stop string the request's output ends with now, from a short detokenised tail (the scheduler calls
+        this after each new token of a request that has stop strings)."""
+        stops = req.sampling_params.stop
+        window = max(len(x) for x in stops) + 2  # each token adds at least one character
+        tail = self.tokenizer.decode(req.output_token_ids[-window:], skip_special_tokens=True)
+        return next((x for x in stops if x in tail), None)
 
     def _make_outputs(self, finished: list[Request]) -> list[RequestOutput]:
         if not finished:

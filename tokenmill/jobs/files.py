@@ -1,7 +1,12 @@
-"""Files of a job beside its OUTPUT: results, errors, manifest, state, lock; durable appends; resume scans.
+"""Files of a job beside its OUTPUT: results, errors, manifest, state, lock (and a stdin spool); durable appends;
+resume scans; the final rewrite in input order.
 
-Invariant: only complete lines (ending in a newline) count as written. A torn last line left by a kill is cut off
-before the job appends again, so every record is whole and appears once.
+Invariants:
+- Only complete lines (ending in a newline) count as written. A torn last line left by a kill (or a full disk) is cut
+  off before the job appends again, so every record is whole and appears once. A damaged line in the middle of a file
+  is never guessed at: the job refuses to resume and names the line.
+- A file appended to is always a prefix of what the job meant to write, even when a write fails part way.
+- The lock file exists only while a job holds it.
 """
 
 from __future__ import annotations
@@ -10,10 +15,13 @@ import fcntl
 import json
 import os
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -41,8 +49,13 @@ class JobPaths:
     def lock(self) -> Path:
         return self._beside(".lock")
 
+    @property
+    def stdin(self) -> Path:
+        """Where a job reading ``-`` keeps its copy of stdin until it completes."""
+        return self._beside(".stdin")
+
     def all_files(self) -> list[Path]:
-        return [self.output, self.errors, self.manifest, self.state]
+        return [self.output, self.errors, self.manifest, self.state, self.stdin]
 
 
 class JobLockedError(RuntimeError):
@@ -50,27 +63,53 @@ class JobLockedError(RuntimeError):
 
 
 class JobLock:
-    """An exclusive, non-blocking flock on OUTPUT's lock file, held for the job's life (released by the OS on kill)."""
+    """An exclusive, non-blocking flock on OUTPUT's lock file, held for the job's life (released by the OS on kill).
+    ``release()`` deletes the file while still holding the lock; a process that opened the old file in between finds
+    its inode unlinked after locking it and tries again on a fresh file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
-            os.close(self._fd)
-            raise JobLockedError(
-                f"another tokenmill run{f' (pid {holder})' if holder else ''} is writing to this output"
-            ) from None
+        self._fd = -1
+        for _ in range(10):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise JobLockedError(
+                    f"another tokenmill run{f' (pid {holder})' if holder else ''} is writing to this output"
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                break
+            os.close(fd)  # locked a file its holder had just deleted: take the new one
+        else:
+            raise JobLockedError("could not take the job lock (it keeps changing hands)")
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, str(os.getpid()).encode(), 0)
 
     def release(self) -> None:
         if self._fd >= 0:
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only directory: the stale file is harmless (flock, not existence, is the lock)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = -1
+
+
+class CorruptFileError(Exception):
+    """A complete line in the middle of a job file that is not a record: the file was damaged outside tokenmill."""
+
+    def __init__(self, path: Path, line_no: int, reason: str) -> None:
+        super().__init__(f"{path} line {line_no} is not a valid record ({reason})")
+        self.path, self.line_no = path, line_no
 
 
 def repair_torn_tail(path: Path) -> int:
@@ -100,46 +139,118 @@ def repair_torn_tail(path: Path) -> int:
 
 
 def read_keys(path: Path, key: Callable[[dict], Any]) -> set:
-    """Keys of the complete records in a JSONL file (after ``repair_torn_tail``)."""
+    """Keys of the records in a JSONL file (after ``repair_torn_tail``); raises CorruptFileError for a line that is
+    not a JSON object with the key."""
     keys = set()
     if not path.exists():
         return keys
     with open(path, "rb") as f:
-        for line in f:
+        for line_no, line in enumerate(f, 1):
             if line.strip():
-                keys.add(key(json.loads(line)))
+                keys.add(_record_key(path, line_no, line, key))
     return keys
 
 
+def _record_key(path: Path, line_no: int, line: bytes, key: Callable[[dict], Any]):
+    try:
+        record = json.loads(line)
+        return key(record)
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise CorruptFileError(path, line_no, f"{type(e).__name__}: {e}"[:120]) from None
+
+
 class JsonlAppender:
-    """Appends records; flush + fsync at least every ``sync_interval`` seconds and on close."""
+    """Appends records; flush + fsync at least every ``sync_interval`` seconds and on close. The file is created at
+    the first record, so a job with nothing to say leaves no empty file."""
 
     def __init__(self, path: Path, sync_interval: float = 2.0) -> None:
         self.path = path
-        self._f = open(path, "ab", buffering=1 << 20)
+        self._f = None
         self._interval = sync_interval
         self._last_sync = time.monotonic()
         self.count = 0
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        try:
+            data = json.dumps(record, ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a lone surrogate got this far: escape it rather than lose the record
+            data = json.dumps(record).encode()
+        if self._f is None:
+            self._f = open(self.path, "ab", buffering=1 << 20)
+        self._f.write(data + b"\n")
         self.count += 1
         if time.monotonic() - self._last_sync >= self._interval:
             self.sync()
 
     def sync(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
         self._last_sync = time.monotonic()
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
 
     def close(self) -> None:
-        if not self._f.closed:
+        if self._f is not None and not self._f.closed:
             self.sync()
             self._f.close()
 
+    def abandon(self) -> None:
+        """Closes after a failure without raising: writes what it can (a prefix; a torn last line is cut on resume)."""
+        if self._f is not None and not self._f.closed:
+            try:
+                self._f.close()  # flushes what fits, then closes the file even if the flush fails
+            except OSError:
+                pass
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Writes JSON to ``path`` by rename, so a reader never sees half a file."""
+
+def write_json_atomic(path: Path, data: dict, durable: bool = False) -> None:
+    """Writes JSON to ``path`` by rename, so a reader never sees half a file; ``durable`` also fsyncs it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, indent=1))
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rewrite_in_order(path: Path, order_key: Callable[[dict], int]) -> bool:
+    """Rewrites a JSONL file with its records sorted by ``order_key`` (stable), through a temporary file, fsync and
+    rename, so a crash leaves either the old or the new file (the same records). Memory: ~20 bytes a record.
+    Returns whether the file needed it."""
+    offsets, lengths, keys = array("q"), array("q"), array("q")
+    with open(path, "rb") as f:
+        pos = 0
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                offsets.append(pos)
+                lengths.append(len(line))
+                keys.append(_record_key(path, line_no, line, order_key))
+            pos += len(line)
+    k = np.frombuffer(keys, dtype=np.int64)
+    if k.size < 2 or bool(np.all(k[:-1] <= k[1:])):
+        return False
+    order = np.argsort(k, kind="stable")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(path, "rb") as src, open(tmp, "wb", buffering=1 << 20) as dst:
+            fd = src.fileno()
+            for i in order:
+                dst.write(os.pread(fd, lengths[i], offsets[i]))
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent if str(path.parent) else Path("."))
+    return True

@@ -1,7 +1,8 @@
 """``tokenmill merge``: partition outputs back into one results file (and one errors file), in input order.
 
 With the input, every line is accounted for exactly once: its id has one result, or its line has one error record.
-Results are held as raw lines keyed by id while merging.
+Results are held as raw lines keyed by id while merging. A part that does not exist is a set-up error (exit 2)
+found before anything is written.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import json
 from pathlib import Path
 
 from tokenmill.jobs.files import JobPaths
-from tokenmill.jobs.records import id_key, output_id_key
+from tokenmill.jobs.records import id_key
+from tokenmill.jobs.results import output_id_key
 
 
 def _read_jsonl(path: Path):
@@ -21,33 +23,35 @@ def _read_jsonl(path: Path):
 
 
 def _input_keys(input_path: Path):
-    """(line_no, id key or None) for every non-blank input line."""
-    with open(input_path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
+    """(line_no, id key or None) for every non-blank input line (any input format ``tokenmill run`` reads)."""
+    from tokenmill.jobs.inputs import InputSource, InputSpec
+    from tokenmill.jobs.records import JobError, decode_line
+
+    with InputSource(InputSpec(str(input_path))) as source:
+        for line_no, raw in source.iter_lines():
+            if isinstance(raw, bytes) and not raw.strip():
                 continue
             try:
-                obj = json.loads(raw)
-            except ValueError:
+                obj = decode_line(raw, line_no)
+            except JobError:
                 yield line_no, None
                 continue
-            if isinstance(obj, dict):
-                rid = obj.get("custom_id", obj.get("id"))
-                yield line_no, (id_key(rid) if rid is not None else None)
-            else:
-                yield line_no, None
+            rid = obj.get("custom_id", obj.get("id"))
+            yield line_no, (id_key(rid) if rid is not None else None)
 
 
 def merge_parts(parts: list[Path], output: Path, input_path: Path | None) -> list[str]:
     """Writes the merged results and errors; returns the problems found (empty when every id is there once)."""
+    from tokenmill.jobs.errors import JobSetupError
+
+    missing = [str(p) for p in parts + ([input_path] if input_path else []) if not p.is_file()]
+    if missing:
+        raise JobSetupError(f"{', '.join(missing)}: no such file; nothing was written")
     problems: list[str] = []
     results: dict[str, bytes] = {}
     order: list[str] = []
     errors: dict[int, bytes] = {}
     for part in parts:
-        if not part.is_file():
-            problems.append(f"{part} does not exist")
-            continue
         for raw, rec in _read_jsonl(part):
             key = output_id_key(rec)
             if key in results:
@@ -79,7 +83,11 @@ def merge_parts(parts: list[Path], output: Path, input_path: Path | None) -> lis
     with open(output, "wb") as f:
         for key in order:
             f.write(results[key] + b"\n")
-    with open(JobPaths(output).errors, "wb") as f:
-        for line_no in sorted(errors):
-            f.write(errors[line_no] + b"\n")
+    err_path = JobPaths(output).errors
+    if errors:
+        with open(err_path, "wb") as f:
+            for line_no in sorted(errors):
+                f.write(errors[line_no] + b"\n")
+    else:
+        err_path.unlink(missing_ok=True)
     return problems

@@ -1,4 +1,10 @@
-"""Lines -> ready requests (token ids and SamplingParams) or JobErrors, tokenising a chunk of lines at once."""
+"""Lines -> ready requests (token ids and SamplingParams) or JobErrors, tokenising a chunk of lines at once.
+
+``max_tokens`` and the context: a request never runs past ``max_model_len``. The job-wide default ``max_tokens``
+is an upper bound, capped to the room the prompt leaves. A line's own ``max_tokens`` that does not fit is a
+``context_length_exceeded`` error record under ``context_overflow="error"`` (the default, as OpenAI's API answers),
+or capped the same way under ``"cap"``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ from dataclasses import dataclass
 
 from tokenmill.jobs.records import JobError, JobRequest, id_key, parse_line
 from tokenmill.sampling_params import SamplingParams
+
+CONTEXT_OVERFLOW = ("error", "cap")
 
 
 @dataclass
@@ -20,7 +28,11 @@ class Prepared:
 
 
 class Preprocessor:
-    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, sampling_defaults: dict) -> None:
+    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, sampling_defaults: dict,
+                 context_overflow: str = "error") -> None:
+        if context_overflow not in CONTEXT_OVERFLOW:
+            raise ValueError(f"context_overflow must be one of {', '.join(CONTEXT_OVERFLOW)}, got {context_overflow!r}")
+        self.context_overflow = context_overflow
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
@@ -78,8 +90,19 @@ class Preprocessor:
             raise JobError(
                 "invalid_prompt", f"line {r.line_no}: token ids must be in [0, {self.vocab_size})", r.record_id, openai
             )
+        values = {**self.defaults, **r.sampling}
+        room = self.max_model_len - len(token_ids)
+        asked = values.get("max_tokens")
+        if isinstance(asked, int) and asked > room:
+            if "max_tokens" in r.sampling and self.context_overflow == "error":
+                raise JobError(
+                    "context_length_exceeded",
+                    f"line {r.line_no}: max_tokens={asked} does not fit: the prompt has {len(token_ids)} tokens and "
+                    f"max_model_len is {self.max_model_len}, so at most {room} can be generated (lower max_tokens, "
+                    f"or run with --context-overflow cap)", r.record_id, openai)
+            values["max_tokens"] = room
         try:
-            params = SamplingParams.from_dict({**self.defaults, **r.sampling})
+            params = SamplingParams.from_dict(values)
         except (ValueError, TypeError) as e:
             raise JobError("invalid_sampling", f"line {r.line_no}: {e}", r.record_id, openai) from None
         return Prepared(r, token_ids, params)

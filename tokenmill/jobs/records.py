@@ -11,17 +11,17 @@ Every rejection carries a stable error ``code`` (see ``ERROR_CODES``) and a huma
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import MAX_LOGPROBS, SamplingParams
 
 ERROR_CODES = {
-    "invalid_utf8": "the line is not valid UTF-8",
-    "invalid_json": "the line is not valid JSON",
+    "invalid_utf8": "the line is not valid UTF-8 (or a JSON string in it holds a lone surrogate escape)",
+    "invalid_json": "the line is not valid JSON (strict: no NaN / Infinity, at most a few hundred levels of nesting)",
+    "line_too_long": "the line is longer than 64 MiB",
+    "invalid_csv": "the CSV record cannot be read (unbalanced quotes, a field over 64 MiB)",
     "not_an_object": "the line is JSON but not an object",
     "invalid_id": "id (or custom_id) is missing or not a string / integer",
     "duplicate_id": "an earlier line has the same id",
@@ -35,6 +35,8 @@ ERROR_CODES = {
     "unsupported_method": "the OpenAI method is not POST",
     "unsupported_n": "n > 1 (or several embedding inputs on one line) is not supported",
     "invalid_body": "the OpenAI body is missing, not an object, or holds an unsupported value",
+    "unsupported_field": "the OpenAI body asks for something tokenmill does not do (response_format, tools, ...)",
+    "context_length_exceeded": "the prompt plus the line's max_tokens do not fit the model's max_model_len",
     "invalid_text": "text (or input) is not a string or a list of token ids",
     "empty_text": "the text to embed is empty",
     "dimensions_mismatch": "the requested dimensions differ from the model's embedding size",
@@ -82,19 +84,61 @@ def id_key(record_id: Any) -> str:
     return json.dumps(record_id)
 
 
-def decode_line(raw: bytes, line_no: int) -> dict:
-    """UTF-8 -> JSON -> an object, or JobError (invalid_utf8 / invalid_json / not_an_object)."""
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (use a number or null)")
+
+
+def decode_line(raw, line_no: int) -> dict:
+    """UTF-8 -> strict JSON -> an object, or JobError (invalid_utf8 / invalid_json / not_an_object, or the code of a
+    row the input reader could not read). Never raises anything else, whatever the bytes."""
+    from tokenmill.jobs.inputs import BadRow
+
+    if isinstance(raw, BadRow):
+        raise JobError(raw.code, raw.message)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise JobError("invalid_utf8", f"line {line_no} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         raise JobError("invalid_json", f"line {line_no} is not valid JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise JobError("invalid_json", f"line {line_no} is nested too deeply to read as JSON") from None
+    except ValueError as e:  # NaN / Infinity, an integer of more than 4300 digits
+        raise JobError("invalid_json", f"line {line_no} is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise JobError("not_an_object", f"line {line_no} is a JSON {type(obj).__name__}, expected an object")
+    if (b"\\ud" in raw or b"\\uD" in raw) and (where := _lone_surrogate(obj)):
+        raise JobError("invalid_utf8", f"line {line_no}: {where} holds a lone UTF-16 surrogate escape, which is not "
+                                       f"valid Unicode text")
     return obj
+
+
+def _lone_surrogate(obj) -> str | None:
+    """Where in ``obj`` a string with a lone surrogate sits ("a key", "a string value"), or None. Iterative: the
+    object may be nested as deep as the JSON parser allows."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if not _is_unicode(k):
+                    return f"the key {k.encode('utf-8', 'backslashreplace').decode()[:40]!r}"
+                stack.append(v)
+        elif isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, str) and not _is_unicode(x):
+            return "a string value"
+    return None
+
+
+def _is_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def is_openai_line(obj: dict) -> bool:
@@ -135,26 +179,78 @@ def _parse_plain(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
     return JobRequest(line_no, rid, "plain", prompt, sampling, has_messages)
 
 
+# OpenAI body fields tokenmill honours (beyond the sampling keys), and fields it accepts only at their default value.
+_BODY_FIELDS = {
+    CHAT_URL: {"model", "messages", "max_completion_tokens", "n", "logprobs", "top_logprobs", "user", "metadata",
+               "store", "service_tier", "stream"},
+    COMPLETIONS_URL: {"model", "prompt", "n", "logprobs", "user", "stream", "echo", "best_of", "suffix"},
+}
+_DEFAULT_ONLY = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},), "stream": (False,),
+                 "echo": (False,), "best_of": (1,), "suffix": ("",), "parallel_tool_calls": (True, False)}
+
+
+def _check_body_fields(body: dict, url: str, line_no: int, rid: Any) -> None:
+    """Every field of the body is one tokenmill implements (or one it may ignore: model, user, metadata, ...), so
+    nothing a user asked for is silently dropped."""
+    for key, value in body.items():
+        if value is None or key in SAMPLING_KEYS:
+            continue
+        if key in _DEFAULT_ONLY:
+            if not any(value == d and type(value) is type(d) for d in _DEFAULT_ONLY[key]):
+                raise JobError("unsupported_field", f"line {line_no}: body.{key}={json.dumps(value)[:40]} is not "
+                               f"supported by tokenmill (only {json.dumps(_DEFAULT_ONLY[key][0])}); remove it to run "
+                               f"this request", rid, True)
+            continue
+        if key not in _BODY_FIELDS[url]:
+            raise JobError("unsupported_field", f"line {line_no}: body.{key} is not supported by tokenmill for {url}; "
+                           f"remove it to run this request", rid, True)
+
+
+def _logprobs_request(body: dict, url: str, line_no: int, rid: Any) -> int | None:
+    """The number of top alternatives to return per token (0 = only the sampled token's), or None for no logprobs.
+    Chat: ``logprobs: true`` with ``top_logprobs: k``; completions: ``logprobs: k``."""
+    def as_count(name: str, value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LOGPROBS:
+            raise JobError("invalid_body", f"line {line_no}: body.{name} must be an integer in [0, {MAX_LOGPROBS}], "
+                           f"got {json.dumps(value)[:40]}", rid, True)
+        return value
+
+    lp, top = body.get("logprobs"), body.get("top_logprobs")
+    if url == COMPLETIONS_URL:
+        return None if lp is None else as_count("logprobs", lp)
+    if lp is not None and not isinstance(lp, bool):
+        raise JobError("invalid_body", f"line {line_no}: body.logprobs must be true or false, got "
+                       f"{json.dumps(lp)[:40]}", rid, True)
+    if top is not None and not lp:
+        raise JobError("invalid_body", f"line {line_no}: body.top_logprobs needs logprobs: true", rid, True)
+    return (as_count("top_logprobs", top) if top is not None else 0) if lp else None
+
+
 def _parse_openai(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
     rid = check_id(obj.get("custom_id"), "custom_id", line_no, openai=True)
     method = obj.get("method", "POST")
     if method != "POST":
-        raise JobError("unsupported_method", f"line {line_no}: method {method!r} is not supported; use POST", rid, True)
+        raise JobError("unsupported_method", f"line {line_no}: method {json.dumps(method)[:40]} is not supported; use "
+                       f"POST", rid, True)
     url = obj.get("url")
     if url not in (CHAT_URL, COMPLETIONS_URL):
         raise JobError(
-            "unsupported_url", f"line {line_no}: url {url!r} is not supported; use {CHAT_URL} or {COMPLETIONS_URL}",
-            rid, True,
+            "unsupported_url", f"line {line_no}: url {json.dumps(url)[:60]} is not supported; use {CHAT_URL} or "
+            f"{COMPLETIONS_URL}", rid, True,
         )
     body = obj.get("body")
     if not isinstance(body, dict):
         raise JobError("invalid_body", f"line {line_no}: body must be an object", rid, True)
-    n = body.get("n", 1)
-    if n != 1:
-        raise JobError("unsupported_n", f"line {line_no}: n={n!r}; only n=1 is supported", rid, True)
+    n = body.get("n")
+    if n is not None and not (type(n) is int and n == 1):
+        raise JobError("unsupported_n", f"line {line_no}: n={json.dumps(n)[:40]}; only n=1 is supported", rid, True)
+    _check_body_fields(body, url, line_no, rid)
     sampling = {k: body[k] for k in SAMPLING_KEYS if k in body and body[k] is not None}
     if body.get("max_completion_tokens") is not None:
         sampling["max_tokens"] = body["max_completion_tokens"]
+    logprobs = _logprobs_request(body, url, line_no, rid)
+    if logprobs is not None:
+        sampling["logprobs"] = logprobs
     _check_sampling(sampling, line_no, rid, openai=True)
     if url == CHAT_URL:
         if "messages" not in body:
@@ -212,50 +308,3 @@ def _check_sampling(sampling: dict, line_no: int, rid: Any, openai: bool) -> Non
         SamplingParams.from_dict(sampling)
     except (ValueError, TypeError) as e:
         raise JobError("invalid_sampling", f"line {line_no}: {e}", rid, openai) from None
-
-
-# ---------------------------------------------------------------- output records
-def result_record(req: JobRequest, text: str, finish_reason: str, prompt_tokens: int, output_tokens: int,
-                  model_name: str) -> dict:
-    if req.kind == "plain":
-        return {
-            "id": req.record_id,
-            "completion": text,
-            "finish_reason": finish_reason,
-            "input_tokens": prompt_tokens,
-            "output_tokens": output_tokens,
-        }
-    digest = hashlib.sha256(str(req.record_id).encode()).hexdigest()
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": output_tokens,
-             "total_tokens": prompt_tokens + output_tokens}
-    created = int(time.time())
-    if req.kind == "openai_chat":
-        body = {
-            "id": f"chatcmpl-{digest[:29]}",
-            "object": "chat.completion",
-            "created": created,
-            "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason, "logprobs": None}],
-            "usage": usage,
-        }
-    else:
-        body = {
-            "id": f"cmpl-{digest[:29]}",
-            "object": "text_completion",
-            "created": created,
-            "model": model_name,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
-            "usage": usage,
-        }
-    return {
-        "id": f"batch_req_{digest[:32]}",
-        "custom_id": req.record_id,
-        "response": {"status_code": 200, "request_id": f"req_{digest[32:64]}", "body": body},
-        "error": None,
-    }
-
-
-def output_id_key(record: dict) -> str:
-    """The id a written output record answers (custom_id for OpenAI records)."""
-    return id_key(record["custom_id"] if "custom_id" in record else record["id"])

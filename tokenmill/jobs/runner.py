@@ -1,48 +1,63 @@
-"""``tokenmill run``: a JSONL dataset through the engine into a results file, resumable and observable.
+"""``tokenmill run``: a dataset through the engine into a results file, resumable and observable.
 
-Order of work: lock OUTPUT -> check/write the manifest -> repair torn tails and collect what is done -> pass 1
-(validate every line, write new error records) -> partition and memory plan -> engine -> pass 2 (stream the
-remaining requests into the engine through a bounded window, append each result as it finishes) -> summary.
+Order of work (the shared skeleton in ``jobs/skeleton.py``): check OUTPUT -> lock -> open the input -> manifest ->
+repair torn tails and collect what is done -> pass 1 (validate every line, write new error records) -> partition
+and memory plan -> engine -> pass 2 (stream the remaining requests into the engine through a bounded window, append
+each result as it finishes, in completion order) -> complete: OUTPUT rewritten in input order -> summary.
 
 Invariants: every valid input id of the partition ends up in OUTPUT exactly once and every bad line in the errors
-file exactly once, across any number of kills and restarts; at most ``window`` requests are held in memory.
+file exactly once, across any number of kills, faults and restarts; at most ``window`` requests are held in memory;
+a resume reads the same input bytes with the same output-deciding settings (``jobs/manifest.py``).
 """
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from tokenmill.config import ConfigError, EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine, resolve_device
 from tokenmill.jobs.cost import cost_line
-from tokenmill.jobs.files import JobLock, JobPaths, JsonlAppender, read_keys, repair_torn_tail, write_json_atomic
+from tokenmill.jobs.errors import JobSetupError
+from tokenmill.jobs.files import JobPaths, JsonlAppender, rewrite_in_order
+from tokenmill.jobs.inputs import RUN_FIELDS, InputSpec
+from tokenmill.jobs.manifest import build_manifest, check_manifest, model_fingerprint, split_engine_options, \
+    write_manifest
 from tokenmill.jobs.planner import MemoryPlan, plan_memory
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
-from tokenmill.jobs.records import output_id_key, result_record
+from tokenmill.jobs.progress import EXIT_SIGNAL, Progress, SignalCatcher, say
+from tokenmill.jobs.results import openai_logprobs, output_id_key, result_record
 from tokenmill.jobs.scan import error_in_partition, iter_todo, partition_members, scan
+from tokenmill.jobs.skeleton import (
+    ErrorRecords,
+    check_output,
+    complete_outputs,
+    done_keys,
+    exit_code,
+    failed_line,
+    faults_as_job_fault,
+    note,
+    open_input,
+    remove_job_files,
+    run_locked,
+)
 from tokenmill.jobs.state import StateFile, format_duration
 from tokenmill.model.loader import load_tokenizer, read_model_config, resolve_dtype, resolve_model_path
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.memory import kv_budget_bytes, kv_bytes_per_block
 
+__all__ = ["JobOptions", "JobContext", "JobSetupError", "run_job"]
+
 DEFAULT_MAX_TOKENS = 256
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-class JobSetupError(Exception):
-    """A problem the user fixes before the job can start (exit code 2, one line)."""
 
 
 @dataclass
 class JobOptions:
-    input: Path
+    input: str | Path  # a path, or "-" for stdin
     output: Path
     model: str | None = None
     engine_options: dict = field(default_factory=dict)  # as given (config file + flags); unset ones are planned
@@ -53,29 +68,23 @@ class JobOptions:
     num_gpus: int = 1
     quiet: bool = False
     overwrite: bool = False
+    input_format: str = "auto"
+    columns: tuple = ()  # (field, column) pairs for CSV / Parquet inputs
+    context_overflow: str = "error"
+    progress_interval: float | None = None  # seconds between progress lines when stderr is not a terminal
 
     def sampling(self) -> dict:
         return {"max_tokens": DEFAULT_MAX_TOKENS, **self.sampling_defaults}
 
-
-def check_paths(input_path: Path, output: Path) -> None:
-    if not input_path.is_file():
-        raise JobSetupError(f"input file {input_path} does not exist")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise JobSetupError(f"output directory {parent} does not exist")
-    probe = parent / f".tokenmill-write-test-{id(output)}"
-    try:
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise JobSetupError(f"output directory {parent} is not writable: {e.strerror}") from None
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec(str(self.input), self.input_format, tuple(self.columns))
 
 
 class JobContext:
     """Model facts needed before the engine exists: tokenizer, resolved config, preprocessor."""
 
-    def __init__(self, model: str | None, engine_options: dict, sampling: dict) -> None:
+    def __init__(self, model: str | None, engine_options: dict, sampling: dict, context_overflow: str = "error") -> None:
         try:
             self.config = EngineConfig.from_dict({"model": model, **engine_options})
             self.model_path = resolve_model_path(model)
@@ -83,10 +92,13 @@ class JobContext:
             hf_dir, self.model_config = read_model_config(self.model_path, cache_dir)
             self.config = self.config.resolve(self.model_config.max_position_embeddings)
             SamplingParams.from_dict(sampling)
+            self.tokenizer = load_tokenizer(hf_dir)
+            self.pre = Preprocessor(self.tokenizer, self.config.max_model_len, self.model_config.vocab_size, sampling,
+                                    context_overflow)
         except (ValueError, TypeError) as e:
             raise JobSetupError(str(e)) from None
-        self.tokenizer = load_tokenizer(hf_dir)
-        self.pre = Preprocessor(self.tokenizer, self.config.max_model_len, self.model_config.vocab_size, sampling)
+        self.device = resolve_device(self.config.device)
+        self.dtype = resolve_dtype(self.config.dtype, self.device)
 
     @property
     def model_name(self) -> str:
@@ -94,254 +106,239 @@ class JobContext:
         return p.stem if p.suffix == ".gguf" else p.name
 
     def plan(self, prompt_lens, max_tokens) -> MemoryPlan:
-        device = resolve_device(self.config.device)
-        dtype = resolve_dtype(self.config.dtype, device)
-        per_block = kv_bytes_per_block(self.model_config, self.config.block_size, dtype)
+        per_block = kv_bytes_per_block(self.model_config, self.config.block_size, self.dtype)
         if self.config.num_kv_blocks:
             num_blocks = self.config.num_kv_blocks
         else:
-            num_blocks = max(0, kv_budget_bytes(self.config, self.model_config, dtype, device)) // per_block
+            num_blocks = max(0, kv_budget_bytes(self.config, self.model_config, self.dtype, self.device)) // per_block
         return plan_memory(prompt_lens, max_tokens, self.config.max_model_len, self.config.block_size, per_block,
                            num_blocks)
 
 
-def manifest_for(opts: JobOptions, model_path: Path) -> dict:
-    return {
-        "model": str(model_path.resolve()),
+def manifest_for(opts: JobOptions, ctx: JobContext, input_identity: dict) -> dict:
+    decides, speed = split_engine_options(opts.engine_options)
+    decides.pop("dtype", None), decides.pop("max_model_len", None), decides.pop("model", None)
+    settings = {
+        "model": str(ctx.model_path.resolve()),
+        "model_fingerprint": model_fingerprint(ctx.model_path),
+        "dtype": str(ctx.dtype).removeprefix("torch."),
+        "quantization": "none",
+        "max_model_len": ctx.config.max_model_len,
         "sampling_defaults": opts.sampling(),
-        "engine_options": dict(sorted(opts.engine_options.items())),
+        "context_overflow": opts.context_overflow,
+        "engine_options": dict(sorted(decides.items())),
         "partition": opts.partition,
         "total_partitions": opts.total_partitions,
-        "input": str(opts.input.resolve()),
+        "columns": [list(c) for c in opts.columns],
     }
-
-
-COMPARED = ("model", "sampling_defaults", "engine_options", "partition", "total_partitions")
-
-
-def check_manifest(paths: JobPaths, manifest: dict, compared: tuple[str, ...] = COMPARED) -> None:
-    import json
-
-    if not paths.manifest.exists():
-        return
-    old = json.loads(paths.manifest.read_text())
-    diffs = [k for k in compared if old.get(k) != manifest.get(k)]
-    if diffs:
-        detail = "; ".join(f"{k}: was {old.get(k)!r}, now {manifest.get(k)!r}" for k in diffs)
-        raise JobSetupError(
-            f"{paths.output} was started with different settings ({detail}); run with the same settings to resume, "
-            f"or pass --overwrite to start afresh"
-        )
-
-
-class SignalCatcher:
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for s in EXIT_SIGNAL:
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def say(msg: str) -> None:
-    print(f"tokenmill: {msg}", file=sys.stderr, flush=True)
-
-
-def run_locked(opts, body) -> int:
-    """``body(opts, paths)`` under OUTPUT's job lock (one job per output at a time), for ``run`` and ``embed``."""
-    paths = JobPaths(opts.output)
-    try:
-        lock = JobLock(paths.lock)
-    except RuntimeError as e:
-        raise JobSetupError(f"{e} ({opts.output}); wait for it or stop it first") from None
-    try:
-        return body(opts, paths)
-    finally:
-        lock.release()
-
-
-def progress_bar(total: int, done: int, desc: str, unit: str, quiet: bool) -> tqdm:
-    """The job's stderr progress bar; the caller sets its postfix (rates, ETA)."""
-    return tqdm(total=total, initial=done, desc=desc, unit=unit, file=sys.stderr, disable=quiet, dynamic_ncols=True,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+    return build_manifest("run", input_identity, settings, speed)
 
 
 def run_job(opts: JobOptions) -> int:
-    """Runs (or resumes) a job; returns the process exit code. Raises JobSetupError for exit-2 problems."""
-    check_paths(opts.input, opts.output)
+    """Runs (or resumes) a job; returns the process exit code (0 all rows done, 1 some failed, 130/143 signals).
+    Raises JobSetupError (exit 2) before anything runs, JobFault (exit 3) for a fault part way."""
+    opts.output = Path(opts.output)
+    check_output(opts.output)
     if not 0 <= opts.partition < opts.total_partitions:
         raise JobSetupError(f"--partition must be in [0, {opts.total_partitions}), got {opts.partition}")
-    return run_locked(opts, _run_locked)
+    ctx = JobContext(opts.model, opts.engine_options, opts.sampling(), opts.context_overflow)
+    return run_locked(opts.output, lambda paths: _run_locked(opts, ctx, paths))
 
 
-def _run_locked(opts: JobOptions, paths: JobPaths) -> int:
-    sampling = opts.sampling()
-    ctx = JobContext(opts.model, opts.engine_options, sampling)
-    if opts.overwrite:
-        for p in paths.all_files():
-            p.unlink(missing_ok=True)
-    manifest = manifest_for(opts, ctx.model_path)
-    check_manifest(paths, manifest)
-    write_json_atomic(paths.manifest, manifest)
+def _run_locked(opts: JobOptions, ctx: JobContext, paths: JobPaths) -> int:
+    with open_input(opts.input_spec, paths, RUN_FIELDS) as source:
+        if opts.overwrite:
+            remove_job_files(paths)
+        manifest = manifest_for(opts, ctx, source.identity())
+        check_manifest(paths, manifest, lambda m: note(opts.quiet, m))
+        write_manifest(paths, manifest)
+        return _Run(opts, ctx, paths, source).run()
 
-    repaired = repair_torn_tail(paths.output) + repair_torn_tail(paths.errors)
-    done_ids = read_keys(paths.output, output_id_key)
-    done_error_lines = read_keys(paths.errors, lambda r: r["line"])
-    resuming = bool(done_ids or done_error_lines)
-    if resuming and not opts.quiet:
-        say(f"resuming: {len(done_ids)} results and {len(done_error_lines)} error records already written"
-             + (f" (cut a torn last line of {repaired} bytes)" if repaired else ""))
 
-    state = StateFile(paths.state)
-    t_start = time.perf_counter()
-    errors = JsonlAppender(paths.errors)
-    results = JsonlAppender(paths.output)
-    part, nparts = opts.partition, opts.total_partitions
-    num_failed = len(done_error_lines)
+class _Run:
+    """One run of a job, from the validation pass to the summary."""
 
-    def on_error(line_no, err) -> None:
-        nonlocal num_failed
-        if error_in_partition(line_no, part, nparts) and line_no not in done_error_lines:
-            errors.write(err.to_record(line_no))
-            num_failed += 1
+    def __init__(self, opts: JobOptions, ctx: JobContext, paths: JobPaths, source) -> None:
+        self.opts, self.ctx, self.paths, self.source = opts, ctx, paths, source
+        self.t_start = time.perf_counter()
+        self.done_ids = done_keys(paths.output, output_id_key)
+        part, nparts = opts.partition, opts.total_partitions
+        self.errors = ErrorRecords(paths, lambda line_no: error_in_partition(line_no, part, nparts))
+        if self.done_ids or self.errors.done_lines:
+            note(opts.quiet, f"resuming: {len(self.done_ids)} results and {len(self.errors.done_lines)} error records "
+                             f"already written")
+        self.results = JsonlAppender(paths.output)
+        self.state = StateFile(paths.state)
+        self.engine: LLMEngine | None = None
+        self.total = self.done = len(self.done_ids)
+        self.run_prompt = self.run_gen = self.run_max = 0
+        self.remaining_prompt = self.remaining_max = 0
+        self.t_engine = time.perf_counter()
 
-    base = {"state": "running", "output": str(opts.output), "total": 0, "done": len(done_ids), "failed": num_failed}
-    state.write({**base, "message": "validating input"}, force=True)
-    scanned = scan(opts.input, ctx.pre, on_error)
-    errors.sync()
-    members = partition_members(scanned, part, nparts)
-    member_lines = np.flatnonzero(np.frombuffer(members, dtype=np.uint8))
-    member_prompt = np.frombuffer(scanned.prompt_tokens, dtype=np.uint32)[member_lines]
-    member_max = np.frombuffer(scanned.max_tokens, dtype=np.uint32)[member_lines]
-    plan = ctx.plan(member_prompt, member_max)
-
-    engine_options = dict(opts.engine_options)
-    engine_options.setdefault("max_num_seqs", plan.recommended_max_num_seqs)
-    engine_options.setdefault("max_num_batched_tokens", plan.recommended_max_num_batched_tokens)
-    try:
-        engine = LLMEngine(EngineConfig.from_dict({"model": opts.model, **engine_options}))
-    except ConfigError as e:
-        raise JobSetupError(str(e)) from None
-    if not opts.quiet:
-        say(f"model {ctx.model_name} loaded in {engine.load_seconds:.1f} s; {len(member_lines)} requests in this "
-             f"partition, max_num_seqs={engine.config.max_num_seqs}, "
-             f"max_num_batched_tokens={engine.config.max_num_batched_tokens}")
-
-    total = len(member_lines)
-    remaining_prompt = int(member_prompt.sum(dtype=np.int64))
-    remaining_max = int(member_max.sum(dtype=np.int64))
-    del member_lines, member_prompt, member_max
-
-    def skip_done(line_no: int) -> None:  # a row finished by an earlier run: no work left in it
-        nonlocal remaining_prompt, remaining_max
-        remaining_prompt -= scanned.prompt_tokens[line_no]
-        remaining_max -= scanned.max_tokens[line_no]
-
-    todo = iter_todo(opts.input, members, done_ids, ctx.pre, on_skip=skip_done)
-
-    window = 2 * engine.config.max_num_seqs + 64
-    in_flight: dict[str, Prepared] = {}
-    done = len(done_ids)
-    run_prompt = run_gen = run_max = 0
-    bar = progress_bar(total, done, "tokenmill", "req", opts.quiet)
-    t_engine = time.perf_counter()
-    exhausted = False
-    exit_code = 0
-
-    def progress() -> dict:
-        elapsed = time.perf_counter() - t_engine
-        p_rate = engine.num_prompt_tokens_done / elapsed if elapsed > 0 else 0.0
-        g_rate = engine.num_generated_tokens / elapsed if elapsed > 0 else 0.0
-        ratio = run_gen / run_max if run_max else 1.0
-        work_left = remaining_prompt + remaining_max * ratio
+    def snapshot(self) -> dict:
+        e = self.engine
+        elapsed = time.perf_counter() - self.t_engine
+        p_rate = e.num_prompt_tokens_done / elapsed if e and elapsed > 0 else 0.0
+        g_rate = e.num_generated_tokens / elapsed if e and elapsed > 0 else 0.0
+        ratio = self.run_gen / self.run_max if self.run_max else 1.0
         rate = p_rate + g_rate
-        eta = work_left / rate if rate > 0 else None
-        return {**base, "total": total, "done": done, "failed": num_failed, "prompt_tok_s": p_rate,
-                "gen_tok_s": g_rate, "elapsed_s": time.perf_counter() - t_start, "eta_s": eta, "message": None}
+        work_left = self.remaining_prompt + self.remaining_max * ratio
+        return {"state": "running", "output": str(self.opts.output), "total": self.total, "done": self.done,
+                "failed": self.errors.count, "prompt_tok_s": p_rate, "gen_tok_s": g_rate,
+                "elapsed_s": time.perf_counter() - self.t_start, "eta_s": work_left / rate if rate > 0 else None,
+                "message": None}
 
-    with SignalCatcher() as sig, bar:
+    def postfix(self) -> str:
+        s = self.snapshot()
+        return (f"{s['prompt_tok_s']:.0f} prompt tok/s, {s['gen_tok_s']:.0f} gen tok/s, "
+                f"ETA {format_duration(s['eta_s'])}")
+
+    def run(self) -> int:
+        opts = self.opts
+        with faults_as_job_fault(opts.output, self.state, self.snapshot, [self.results, self.errors.appender]):
+            self.state.write({**self.snapshot(), "message": "validating input"}, force=True)
+            scanned = scan(self.source, self.ctx.pre, self.errors)
+            self.errors.appender.sync()
+            members = partition_members(scanned, opts.partition, opts.total_partitions)
+            member_lines = np.flatnonzero(np.frombuffer(members, dtype=np.uint8))
+            member_prompt = np.frombuffer(scanned.prompt_tokens, dtype=np.uint32)[member_lines]
+            member_max = np.frombuffer(scanned.max_tokens, dtype=np.uint32)[member_lines]
+            self.total = len(member_lines)
+            self.remaining_prompt = int(member_prompt.sum(dtype=np.int64))
+            self.remaining_max = int(member_max.sum(dtype=np.int64))
+            if self.done < self.total:
+                self.engine = self._engine(self.ctx.plan(member_prompt, member_max))
+            del member_lines, member_prompt, member_max
+            code = self._loop(scanned, members)
+            if code:
+                return code
+            self._complete(scanned)
+        return self._summary()
+
+    def _engine(self, plan: MemoryPlan) -> LLMEngine:
+        options = dict(self.opts.engine_options)
+        options.setdefault("max_num_seqs", plan.recommended_max_num_seqs)
+        options.setdefault("max_num_batched_tokens", plan.recommended_max_num_batched_tokens)
+        self.state.write({**self.snapshot(), "message": "loading the model"}, force=True)
         try:
-            while True:
-                if sig.received is not None:
-                    break
-                if not exhausted and engine.scheduler.num_unfinished_requests < window:
-                    batch = []
-                    for item in todo:
-                        batch.append(item)
-                        if len(batch) + engine.scheduler.num_unfinished_requests >= window:
+            engine = LLMEngine(EngineConfig.from_dict({"model": self.opts.model, **options}))
+        except ConfigError as e:
+            raise JobSetupError(str(e)) from None
+        note(self.opts.quiet, f"model {self.ctx.model_name} loaded in {engine.load_seconds:.1f} s; {self.total} "
+                              f"requests in this partition, max_num_seqs={engine.config.max_num_seqs}, "
+                              f"max_num_batched_tokens={engine.config.max_num_batched_tokens}")
+        self.t_engine = time.perf_counter()
+        return engine
+
+    def _loop(self, scanned, members) -> int:
+        """Pass 2: feeds the engine through a bounded window and writes each result; returns a signal's exit code
+        or 0 when every request of the partition is done."""
+        engine = self.engine
+        if engine is None:
+            return 0
+
+        def skip_done(line_no: int) -> None:  # a row finished by an earlier run: no work left in it
+            self.remaining_prompt -= scanned.prompt_tokens[line_no]
+            self.remaining_max -= scanned.max_tokens[line_no]
+
+        todo = iter_todo(self.source, members, self.done_ids, self.ctx.pre, on_skip=skip_done)
+        window = 2 * engine.config.max_num_seqs + 64
+        in_flight: dict[str, Prepared] = {}
+        exhausted = False
+        progress = Progress(self.total, self.done, "tokenmill", "request", self.opts.quiet, self.opts.progress_interval)
+        with SignalCatcher() as sig:
+            try:
+                while sig.received is None:
+                    if not exhausted and engine.num_unfinished_requests < window:
+                        exhausted = self._admit(todo, window, in_flight)
+                    if not engine.has_unfinished_requests():
+                        if exhausted:
                             break
-                    else:
-                        exhausted = True
-                    if engine.config.sort_by_length:
-                        batch.sort(key=lambda it: -len(it.token_ids))
-                    for item in batch:
-                        rid = f"L{item.request.line_no}"
-                        in_flight[rid] = item
-                        engine.add_request(rid, item.token_ids, item.params)
-                if not engine.has_unfinished_requests():
-                    if exhausted:
-                        break
-                    continue
-                for out in engine.step():
-                    item = in_flight.pop(out.request_id)
-                    results.write(result_record(item.request, out.text, out.finish_reason, out.num_prompt_tokens,
-                                                out.num_completion_tokens, ctx.model_name))
-                    done += 1
-                    run_prompt += out.num_prompt_tokens
-                    run_gen += out.num_completion_tokens
-                    run_max += item.params.max_tokens
-                    remaining_prompt -= out.num_prompt_tokens
-                    remaining_max -= item.params.max_tokens
-                    bar.update(1)
-                snap = progress()
-                if not opts.quiet:
-                    bar.set_postfix_str(
-                        f"{snap['prompt_tok_s']:.0f} prompt tok/s, {snap['gen_tok_s']:.0f} gen tok/s, "
-                        f"ETA {format_duration(snap['eta_s'])}", refresh=False)
-                state.write(snap)
-        except BaseException as e:
-            results.close()
-            errors.close()
-            state.write({**progress(), "state": "failed", "message": f"{type(e).__name__}: {e}"}, force=True)
-            raise
-        if sig.received is not None:
-            exit_code = EXIT_SIGNAL[sig.received]
+                        continue
+                    finished = engine.step()
+                    for out in finished:
+                        self._write(in_flight.pop(out.request_id), out)
+                    if finished:
+                        progress.update(len(finished), self.postfix)
+                    self.state.write(self.snapshot())
+            finally:
+                progress.close(self.postfix)
+            if sig.received is None:
+                return 0
+            running = engine.num_running_requests
+            queued = len(in_flight) - running
             engine.abort_request(list(in_flight))
+        self.results.close()
+        self.errors.appender.close()
+        code = EXIT_SIGNAL[sig.received]
+        self.state.write({**self.snapshot(), "state": "interrupted", "message": f"stopped by signal {code - 128}"},
+                         force=True)
+        say(f"stopped by signal after {self.done}/{self.total} requests; {running} running and {queued} queued requests "
+            f"will run on resume. Run the same command again to resume.")
+        return code
 
-    results.close()
-    errors.close()
-    wall = time.perf_counter() - t_start
-    snap = progress()
-    if exit_code:
-        state.write({**snap, "state": "interrupted", "message": f"stopped by signal {exit_code - 128}"}, force=True)
-        say(f"stopped by signal after {done}/{total} requests; {len(in_flight)} in flight dropped. "
-             f"Run the same command again to resume.")
-        return exit_code
-    summary = _summary(done, total, num_failed, run_prompt, run_gen, wall, engine.stats.num_preemptions, opts)
-    state.write({**snap, "state": "completed", "eta_s": 0, "message": summary.splitlines()[0]}, force=True)
-    if not opts.quiet:
-        print(summary, file=sys.stderr, flush=True)
-    return 0
+    def _admit(self, todo, window: int, in_flight: dict) -> bool:
+        """Adds requests up to the window; returns whether the input is exhausted."""
+        engine = self.engine
+        batch = []
+        exhausted = True
+        for item in todo:
+            batch.append(item)
+            if len(batch) + engine.num_unfinished_requests >= window:
+                exhausted = False
+                break
+        if engine.config.sort_by_length:
+            batch.sort(key=lambda it: -len(it.token_ids))
+        for item in batch:
+            rid = f"L{item.request.line_no}"
+            in_flight[rid] = item
+            engine.add_request(rid, item.token_ids, item.params)
+        return exhausted
 
+    def _write(self, item: Prepared, out) -> None:
+        req = item.request
+        logprobs = None
+        if req.kind != "plain" and item.params.logprobs is not None and out.logprobs is not None:
+            logprobs = openai_logprobs(req.kind, out.token_ids, out.logprobs, item.params.logprobs,
+                                       self.engine.tokenizer)
+        self.results.write(result_record(req, out.text, out.finish_reason, out.num_prompt_tokens,
+                                         out.num_completion_tokens, self.ctx.model_name, logprobs))
+        self.done += 1
+        self.run_prompt += out.num_prompt_tokens
+        self.run_gen += out.num_completion_tokens
+        self.run_max += item.params.max_tokens
+        self.remaining_prompt -= out.num_prompt_tokens
+        self.remaining_max -= item.params.max_tokens
 
-def _summary(done, total, failed, prompt_tokens, gen_tokens, wall, preemptions, opts: JobOptions) -> str:
-    tok_s = (prompt_tokens + gen_tokens) / wall if wall > 0 else 0.0
-    gen_s = gen_tokens / wall if wall > 0 else 0.0
-    lines = [
-        f"tokenmill: completed {done}/{total} requests ok, {failed} failed, in {format_duration(wall)} "
-        f"({wall:.1f} s)",
-        f"  this run: {prompt_tokens:,} input + {gen_tokens:,} output tokens, {tok_s:.1f} tok/s total, "
-        f"{gen_s:.1f} output tok/s, {preemptions} preemptions",
-    ]
-    if opts.gpu_hourly_rate is not None:
-        lines.append(cost_line(opts.num_gpus, opts.gpu_hourly_rate, gen_s, wall, "output"))
-    return "\n".join(lines)
+    def _complete(self, scanned) -> None:
+        """Results in input order (rewritten once, atomically), errors in line order, no empty errors file."""
+        self.results.close()
+        self.state.write({**self.snapshot(), "message": "writing the results in input order"}, force=True)
+        self.paths.output.touch()
+        rewrite_in_order(self.paths.output, lambda r: scanned.line_of(output_id_key(r)) or 0)
+        complete_outputs(self.paths, self.errors, self.source)
+
+    def _summary(self) -> int:
+        opts, engine = self.opts, self.engine
+        build = engine.kernel_build_seconds if engine else 0.0
+        wall = time.perf_counter() - self.t_start - build  # a one-off kernel build is not the job's cost
+        tok_s = (self.run_prompt + self.run_gen) / wall if wall > 0 else 0.0
+        gen_s = self.run_gen / wall if wall > 0 else 0.0
+        failed = self.errors.count
+        lines = [
+            f"tokenmill: completed {self.done}/{self.total} requests ok, {failed} failed, in "
+            f"{format_duration(wall)} ({wall:.1f} s)",
+            f"  this run: {self.run_prompt:,} input + {self.run_gen:,} output tokens, {tok_s:.1f} tok/s total, "
+            f"{gen_s:.1f} output tok/s, {engine.stats.num_preemptions if engine else 0} preemptions",
+        ]
+        if build:
+            lines.append(f"  (not counted: a one-off {build:.1f} s build of the C++ kernels for this machine)")
+        if opts.gpu_hourly_rate is not None:
+            lines.append(cost_line(opts.num_gpus, opts.gpu_hourly_rate, gen_s, wall, "output"))
+        if failed:
+            lines.append(failed_line(failed, self.paths))
+        summary = "\n".join(lines)
+        self.state.write({**self.snapshot(), "state": "completed", "eta_s": 0, "message": lines[0]}, force=True)
+        if not opts.quiet:
+            print(summary, file=sys.stderr, flush=True)
+        return exit_code(failed)

@@ -1,8 +1,9 @@
 """Reading the input: the validation pass (pass 1), partitions, and the stream of requests to run (pass 2).
 
 Pass 1 reads every line once, keeping only a few bytes per line (valid flag, prompt tokens, max_tokens) and a
-64-bit hash per id for duplicate detection; pass 2 streams the lines of this partition that are not done yet.
-Memory stays flat in the size of the file apart from those per-line counters.
+64-bit hash and line number per id (duplicate detection, and the input order of the results at the end); pass 2
+streams the lines of this partition that are not done yet. Memory stays flat in the size of the file apart from
+those per-line counters. Both passes read the ``InputSource`` (``jobs/inputs.py``), which holds the file open.
 
 ``pre`` is a preprocessor (``jobs/preprocess.py`` for generation, ``embed/preprocess.py`` for embeddings): its
 ``process(lines)`` yields prepared items (with ``request.id_key``, ``token_ids``, ``max_tokens``) or JobErrors.
@@ -17,26 +18,25 @@ import hashlib
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 
+from tokenmill.jobs.errors import JobFault
+from tokenmill.jobs.inputs import InputSource, RawRow
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
 from tokenmill.jobs.records import JobError
 
 CHUNK_LINES = 512
 
 
-def iter_line_chunks(path: Path, chunk: int = CHUNK_LINES) -> Iterator[list[tuple[int, bytes]]]:
-    """Non-blank lines as (line_no, bytes), 1-based, in chunks."""
-    buf: list[tuple[int, bytes]] = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            if raw.strip():
-                buf.append((line_no, raw.rstrip(b"\r\n")))
-                if len(buf) >= chunk:
-                    yield buf
-                    buf = []
+def iter_line_chunks(source: InputSource, chunk: int = CHUNK_LINES) -> Iterator[list[tuple[int, RawRow]]]:
+    """Non-blank lines (or table rows) as (line_no, raw), 1-based, in chunks."""
+    buf: list[tuple[int, RawRow]] = []
+    for line_no, raw in source.iter_lines():
+        if not isinstance(raw, bytes) or raw.strip():
+            buf.append((line_no, raw))
+            if len(buf) >= chunk:
+                yield buf
+                buf = []
     if buf:
         yield buf
 
@@ -45,27 +45,37 @@ def _id_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
-class HashSet:
-    """A set of 64-bit hashes at ~8 bytes each: recent ones in a small Python set, merged in batches into a sorted
-    numpy array (a Python set costs ~50 bytes per entry, which would grow with the input)."""
+class IdIndex:
+    """64-bit id hashes with the line each came from, at ~12 bytes an id: recent ones in a small dict, merged in
+    batches into sorted numpy arrays (a Python set costs ~50 bytes an entry, which would grow with the input)."""
 
     def __init__(self, batch: int = 1 << 16) -> None:
-        self._sorted = np.empty(0, dtype=np.uint64)
-        self._recent: set[int] = set()
+        self._hashes = np.empty(0, dtype=np.uint64)
+        self._lines = np.empty(0, dtype=np.uint32)
+        self._recent: dict[int, int] = {}
         self._batch = batch
 
     def __contains__(self, h: int) -> bool:
-        if h in self._recent:
-            return True
-        i = int(np.searchsorted(self._sorted, np.uint64(h)))
-        return i < len(self._sorted) and int(self._sorted[i]) == h
+        return self.line_of(h) is not None
 
-    def add(self, h: int) -> None:
-        self._recent.add(h)
+    def line_of(self, h: int) -> int | None:
+        if h in self._recent:
+            return self._recent[h]
+        i = int(np.searchsorted(self._hashes, np.uint64(h)))
+        return int(self._lines[i]) if i < len(self._hashes) and int(self._hashes[i]) == h else None
+
+    def add(self, h: int, line_no: int) -> None:
+        self._recent[h] = line_no
         if len(self._recent) >= self._batch:
-            fresh = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
-            self._sorted = np.union1d(self._sorted, fresh)
-            self._recent.clear()
+            self._merge()
+
+    def _merge(self) -> None:
+        hashes = np.concatenate([self._hashes, np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))])
+        lines = np.concatenate([self._lines, np.fromiter(self._recent.values(), dtype=np.uint32,
+                                                         count=len(self._recent))])
+        order = np.argsort(hashes, kind="stable")
+        self._hashes, self._lines = hashes[order], lines[order]
+        self._recent.clear()
 
 
 @dataclass
@@ -76,6 +86,11 @@ class ScanResult:
     max_tokens: array  # [num_lines + 1] uint32
     num_valid: int
     num_errors: int
+    ids: IdIndex  # id hash -> its (first) line
+
+    def line_of(self, key: str) -> int | None:
+        """The input line of the id whose ``id_key`` is ``key``."""
+        return self.ids.line_of(_id_hash(key))
 
     def valid_lengths(self) -> tuple[np.ndarray, np.ndarray]:
         """(prompt tokens, max_tokens) of every valid line."""
@@ -84,13 +99,13 @@ class ScanResult:
                 np.frombuffer(self.max_tokens, dtype=np.uint32)[lines])
 
 
-def scan(path: Path, pre: Preprocessor, on_error: Callable[[int, JobError], None]) -> ScanResult:
+def scan(source: InputSource, pre: Preprocessor, on_error: Callable[[int, JobError], None]) -> ScanResult:
     valid = bytearray(1)
     prompt_tokens = array("I", [0])
     max_tokens = array("I", [0])
-    seen_ids = HashSet()
+    seen_ids = IdIndex()
     num_lines = num_valid = num_errors = 0
-    for chunk in iter_line_chunks(path):
+    for chunk in iter_line_chunks(source):
         last = chunk[-1][0]
         grow = last - num_lines
         valid.extend(bytes(grow))
@@ -102,29 +117,29 @@ def scan(path: Path, pre: Preprocessor, on_error: Callable[[int, JobError], None
                 h = _id_hash(item.request.id_key)
                 if h in seen_ids:
                     item = JobError(
-                        "duplicate_id", f"line {line_no}: id {item.request.id_key} already appeared on an earlier line",
-                        item.request.record_id, item.request.kind != "plain",
+                        "duplicate_id", f"line {line_no}: id {item.request.id_key} already appeared on line "
+                        f"{seen_ids.line_of(h)}", item.request.record_id, item.request.kind != "plain",
                     )
                 else:
-                    seen_ids.add(h)
+                    seen_ids.add(h, line_no)
                     valid[line_no] = 1
                     prompt_tokens[line_no] = len(item.token_ids)
                     max_tokens[line_no] = item.max_tokens
                     num_valid += 1
                     continue
             elif item.record_id is not None and item.code != "duplicate_id":
-                seen_ids.add(_id_hash(pre.id_key(item.record_id)))  # a bad line still claims its id
+                h = _id_hash(pre.id_key(item.record_id))
+                if h not in seen_ids:
+                    seen_ids.add(h, line_no)  # a bad line still claims its id
             num_errors += 1
             on_error(line_no, item)
-    # count trailing blank lines too, so line numbers stay exact
-    with open(path, "rb") as f:
-        total = sum(1 for _ in f)
-    grow = total - num_lines
+    grow = source.num_lines - num_lines  # trailing blank lines count too, so line numbers stay exact
     if grow > 0:
         valid.extend(bytes(grow))
         prompt_tokens.extend([0] * grow)
         max_tokens.extend([0] * grow)
-    return ScanResult(total, valid, prompt_tokens, max_tokens, num_valid, num_errors)
+    return ScanResult(max(source.num_lines, num_lines), valid, prompt_tokens, max_tokens, num_valid, num_errors,
+                      seen_ids)
 
 
 def partition_members(s: ScanResult, index: int, total: int) -> bytearray:
@@ -141,19 +156,26 @@ def error_in_partition(line_no: int, index: int, total: int) -> bool:
     return (line_no - 1) % total == index
 
 
-def iter_todo(path: Path, members: bytearray, done_ids: set[str], pre: Preprocessor,
+def iter_todo(source: InputSource, members: bytearray, done_ids: set[str], pre: Preprocessor,
               on_skip: Callable[[int], None] = lambda line_no: None) -> Iterator[Prepared]:
     """Pass 2: the prepared requests of this partition whose ids are not in ``done_ids``, in input order;
-    ``on_skip(line_no)`` is called for each member line already done."""
-    for chunk in iter_line_chunks(path):
-        mine = [(n, raw) for n, raw in chunk if members[n]]
+    ``on_skip(line_no)`` is called for each member line already done. Raises JobFault if the input no longer holds
+    what pass 1 read (a member line turned invalid, or lines went missing)."""
+    expected = members.count(1)
+    seen = 0
+    for chunk in iter_line_chunks(source):
+        mine = [(n, raw) for n, raw in chunk if n < len(members) and members[n]]
         if not mine:
             continue
         for line_no, item in pre.process(mine):
+            seen += 1
             if isinstance(item, JobError):
-                raise RuntimeError(f"line {line_no} was valid in the validation pass but not now: was the input "
-                                   f"file changed while the job ran?")
+                raise JobFault(f"input line {line_no} was valid in the validation pass but not now: the input file "
+                               f"was changed while the job ran; restore it and run the same command to resume")
             if item.request.id_key in done_ids:
                 on_skip(line_no)
             else:
                 yield item
+    if seen != expected:
+        raise JobFault(f"the input now has {seen} of the {expected} valid lines the validation pass read: the input "
+                       f"file was changed while the job ran; restore it and run the same command to resume")

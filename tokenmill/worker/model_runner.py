@@ -39,6 +39,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self.sampler.forget(out.finished_request_ids)
+        if out.is_empty:  # nothing scheduled (e.g. every request was aborted): nothing to run
+            return ModelRunnerOutput({})
         # Decodes (one new token) first: the attention backend batches them.
         chunks = sorted(out.scheduled, key=lambda s: s.num_scheduled_tokens != 1)
         num_decodes = sum(1 for s in chunks if s.num_scheduled_tokens == 1)

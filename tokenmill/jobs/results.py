@@ -1,0 +1,110 @@
+"""Output records of ``tokenmill run``: a plain result line, or an OpenAI Batch output line (``chat.completion`` /
+``text_completion`` body with ``usage`` and, when the line asked for them, ``logprobs`` in OpenAI's shapes)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from functools import lru_cache
+
+from tokenmill.jobs.records import JobRequest, id_key
+
+
+def result_record(req: JobRequest, text: str, finish_reason: str, prompt_tokens: int, output_tokens: int,
+                  model_name: str, logprobs: dict | None = None) -> dict:
+    """``logprobs``: the choice's ``logprobs`` object (``openai_logprobs``) for OpenAI lines that asked for it."""
+    if req.kind == "plain":
+        return {
+            "id": req.record_id,
+            "completion": text,
+            "finish_reason": finish_reason,
+            "input_tokens": prompt_tokens,
+            "output_tokens": output_tokens,
+        }
+    digest = hashlib.sha256(str(req.record_id).encode()).hexdigest()
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": output_tokens,
+             "total_tokens": prompt_tokens + output_tokens}
+    created = int(time.time())
+    if req.kind == "openai_chat":
+        body = {
+            "id": f"chatcmpl-{digest[:29]}",
+            "object": "chat.completion",
+            "created": created,
+            "model": model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason, "logprobs": logprobs}],
+            "usage": usage,
+        }
+    else:
+        body = {
+            "id": f"cmpl-{digest[:29]}",
+            "object": "text_completion",
+            "created": created,
+            "model": model_name,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}],
+            "usage": usage,
+        }
+    return {
+        "id": f"batch_req_{digest[:32]}",
+        "custom_id": req.record_id,
+        "response": {"status_code": 200, "request_id": f"req_{digest[32:64]}", "body": body},
+        "error": None,
+    }
+
+
+def output_id_key(record: dict) -> str:
+    """The id a written output record answers (custom_id for OpenAI records)."""
+    return id_key(record["custom_id"] if "custom_id" in record else record["id"])
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte-level BPE alphabet (printable stand-ins for the 256 byte values)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes a token stands for: exact for byte-level BPE vocabularies (a token may be part of a character),
+    else the UTF-8 of its decoded text."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    table = _byte_decoder()
+    if isinstance(piece, str) and piece and all(ch in table for ch in piece):
+        return bytes(table[ch] for ch in piece)
+    return tokenizer.decode([token_id]).encode("utf-8")
+
+
+def openai_logprobs(kind: str, token_ids: list[int], steps: list[dict[int, float]], k: int, tokenizer) -> dict:
+    """The engine's per-token logprobs (``steps[i]``: the sampled token's logprob and the ``k`` most likely tokens')
+    in the shape of OpenAI's chat (``content``) or completions (``tokens`` / ``token_logprobs`` / ``top_logprobs`` /
+    ``text_offset``) ``logprobs`` object."""
+    def text_of(t: int) -> str:
+        return token_bytes(tokenizer, t).decode("utf-8", errors="replace")
+
+    def top(step: dict[int, float]) -> list[tuple[int, float]]:  # the sampled token is among them only if in the top k
+        return sorted(step.items(), key=lambda kv: -kv[1])[:k]
+
+    if kind == "openai_chat":
+        content = []
+        for t, step in zip(token_ids, steps):
+            b = token_bytes(tokenizer, t)
+            alternatives = [{"token": text_of(a), "logprob": lp, "bytes": list(token_bytes(tokenizer, a))}
+                            for a, lp in top(step)]
+            content.append({"token": b.decode("utf-8", errors="replace"), "logprob": step.get(t, 0.0),
+                            "bytes": list(b), "top_logprobs": alternatives})
+        return {"content": content, "refusal": None}
+    tokens, offsets, pos = [], [], 0
+    for t in token_ids:
+        tokens.append(text_of(t))
+        offsets.append(pos)
+        pos += len(tokens[-1])
+    tops = [{text_of(a): lp for a, lp in top(step)} for step in steps]
+    return {"tokens": tokens, "token_logprobs": [step.get(t, 0.0) for t, step in zip(token_ids, steps)],
+            "top_logprobs": tops, "text_offset": offsets}

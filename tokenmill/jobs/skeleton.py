@@ -1,0 +1,172 @@
+"""The job skeleton ``tokenmill run`` and ``tokenmill embed`` share: output checks and lock, the input, the manifest,
+resume bookkeeping, error records, faults, and the completion steps.
+
+Order of a job: check OUTPUT (before anything is created) -> lock -> open the input -> (--overwrite: delete the old
+files) -> check / write the manifest -> repair torn tails, collect what is done -> pass 1 (error records) -> the
+kind's own work loop -> complete: rewrite OUTPUT in input order, drop an empty errors file and the stdin spool,
+state "completed".
+
+Faults while the job runs (a full disk, an unwritable output, an input changed under the job, an engine exception)
+become one ``JobFault`` (exit 3): the appenders are closed with what fits, the state file says "failed" with the
+details when it can still be written, and the same command resumes.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import traceback
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from tokenmill.jobs.errors import EXIT_OK, EXIT_ROWS_FAILED, JobFault, JobSetupError
+from tokenmill.jobs.files import (
+    CorruptFileError,
+    JobLock,
+    JobLockedError,
+    JobPaths,
+    JsonlAppender,
+    read_keys,
+    repair_torn_tail,
+)
+from tokenmill.jobs.inputs import InputSource, InputSpec
+from tokenmill.jobs.progress import say
+from tokenmill.jobs.records import JobError
+from tokenmill.jobs.state import StateFile
+
+
+def check_output(output: Path) -> None:
+    """OUTPUT must be a file path in an existing, writable directory; checked before any file is created."""
+    if output.is_dir():
+        raise JobSetupError(f"output {output} is a directory; give a file path (e.g. {output}/results.jsonl)")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise JobSetupError(f"output directory {parent} does not exist")
+    probe = parent / f".tokenmill-write-test-{id(output)}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise JobSetupError(f"output directory {parent} is not writable: {e.strerror}") from None
+
+
+def run_locked(output: Path, body: Callable[[JobPaths], int]) -> int:
+    """``body(paths)`` under OUTPUT's job lock (one job per output at a time); the lock file goes when it ends."""
+    paths = JobPaths(output)
+    try:
+        lock = JobLock(paths.lock)
+    except JobLockedError as e:
+        raise JobSetupError(f"{e} ({output}); wait for it or stop it first") from None
+    except OSError as e:
+        raise JobSetupError(f"cannot create the lock file {paths.lock}: {e.strerror}") from None
+    try:
+        return body(paths)
+    finally:
+        lock.release()
+
+
+def open_input(spec: InputSpec, paths: JobPaths, fields: tuple[str, ...]) -> InputSource:
+    try:
+        return InputSource(spec, fields, spool=paths.stdin)
+    except OSError as e:
+        raise JobSetupError(f"cannot read input {spec.path}: {e.strerror}") from None
+
+
+def remove_job_files(paths: JobPaths, extra: tuple[Path, ...] = ()) -> None:
+    """--overwrite: the earlier job's files (not the lock, which this job holds; not a stdin spool just written)."""
+    for p in [paths.output, paths.errors, paths.manifest, paths.state, *extra]:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def done_keys(path: Path, key) -> set:
+    """Keys of the records already written to ``path``, after cutting a torn last line."""
+    try:
+        repair_torn_tail(path)
+        return read_keys(path, key)
+    except CorruptFileError as e:
+        raise JobSetupError(f"{e}: the file was damaged outside tokenmill. Delete that line (its row runs again on "
+                            f"resume) or pass --overwrite to start afresh") from None
+
+
+class ErrorRecords:
+    """The errors file of a job: records for lines not already written, of this partition only."""
+
+    def __init__(self, paths: JobPaths, in_partition: Callable[[int], bool] = lambda line_no: True) -> None:
+        self.done_lines = done_keys(paths.errors, lambda r: int(r["line"]))
+        self.appender = JsonlAppender(paths.errors)
+        self.in_partition = in_partition
+        self.count = len(self.done_lines)
+
+    def __call__(self, line_no: int, err: JobError) -> None:
+        if self.in_partition(line_no) and line_no not in self.done_lines:
+            self.appender.write(err.to_record(line_no))
+            self.count += 1
+
+
+def fault_message(e: BaseException, output: Path) -> str:
+    """One line for a fault that stopped a job part way."""
+    resume = "what was written is intact; run the same command again to resume"
+    if isinstance(e, JobFault):
+        return str(e)
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        if e.errno == errno.ENOSPC:
+            return f"no space left on the device{where}; {resume} once space is freed"
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return f"the output can no longer be written{where}: {e.strerror}; {resume} once it is writable"
+        return f"I/O error{where}: {e.strerror}; {resume}"
+    return f"the engine failed ({type(e).__name__}: {e}); {resume} (details in {JobPaths(output).state})"
+
+
+@contextmanager
+def faults_as_job_fault(output: Path, state: StateFile, snapshot: Callable[[], dict], closers: list):
+    """Turns any exception in the block into a JobFault after closing ``closers`` (``abandon()``) and marking the
+    state file failed (best effort: the disk may be full)."""
+    try:
+        yield
+    except (JobSetupError, KeyboardInterrupt):
+        for c in closers:
+            c.abandon()
+        raise
+    except Exception as e:
+        for c in closers:
+            c.abandon()
+        message = fault_message(e, output)
+        try:
+            state.write({**snapshot(), "state": "failed", "message": message,
+                         "traceback": traceback.format_exc(limit=20)}, force=True)
+        except OSError:
+            pass
+        raise JobFault(message) from e
+
+
+def complete_outputs(paths: JobPaths, errors: ErrorRecords, source: InputSource) -> None:
+    """The completion steps that touch files: an errors file only if it holds records, in line order; the stdin
+    spool removed."""
+    from tokenmill.jobs.files import rewrite_in_order
+
+    errors.appender.close()
+    if paths.errors.exists():
+        if paths.errors.stat().st_size == 0:
+            paths.errors.unlink()
+        else:
+            rewrite_in_order(paths.errors, lambda r: int(r["line"]))
+    if source.spec.is_stdin:
+        paths.stdin.unlink(missing_ok=True)
+
+
+def exit_code(num_failed: int) -> int:
+    return EXIT_ROWS_FAILED if num_failed else EXIT_OK
+
+
+def failed_line(num_failed: int, paths: JobPaths) -> str:
+    return f"  {num_failed} rows failed: their error records are in {paths.errors}" if num_failed else ""
+
+
+def note(quiet: bool, msg: str) -> None:
+    if not quiet:
+        say(msg)
