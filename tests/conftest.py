@@ -9,8 +9,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 @pytest.fixture(scope="session")
 def xdg_cache_home(tmp_path_factory):
     """A private XDG cache for the session, so tests also cover the first (converting) load of the GGUF file;
-    subprocesses get it through XDG_CACHE_HOME."""
-    return tmp_path_factory.mktemp("xdg-cache")
+    subprocesses get it through XDG_CACHE_HOME. The C++ kernels are the exception: built once per machine (by
+    `make setup`'s `tokenmill build-kernels`), they are shared with the user's cache rather than rebuilt per session."""
+    import os
+
+    xdg = tmp_path_factory.mktemp("xdg-cache")
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenmill" / "kernels"
+    user.mkdir(parents=True, exist_ok=True)
+    (xdg / "tokenmill").mkdir()
+    (xdg / "tokenmill" / "kernels").symlink_to(user, target_is_directory=True)
+    return xdg
 
 
 @pytest.fixture(scope="session")

@@ -231,3 +231,44 @@ def test_5_without_a_compiler_one_warning_and_the_torch_path(tmp_path):
     assert len(read_jsonl(tmp_path / "out.jsonl")) == 4
     proc = subprocess.run(tokenmill_cmd("build-kernels"), env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "could not be built" in proc.stderr
+
+
+def test_5_a_kernel_build_is_left_out_of_throughput_and_cost(tmp_path, cli_env):
+    """The child reports a 30 s kernel build for its engine (a fresh machine's first job): the summary leaves it
+    out of the wall time, tok/s and cost, and says so."""
+    inp = write_jsonl(tmp_path / "in.jsonl", ROWS[:2])
+    args = [str(a) for a in ("run", inp, "-o", tmp_path / "out.jsonl", "--max-tokens", 2, "--gpu-hourly-rate", 3600)]
+    child = ("import tokenmill.engine.llm_engine as e\ne.build_seconds_so_far = lambda: 30.0\n"
+             f"from tokenmill.cli import main\nmain({args!r})\n")
+    proc = subprocess.run([sys.executable, "-c", child], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "not counted: a one-off 30.0 s build of the C++ kernels" in proc.stderr
+    wall = float(proc.stderr.split("requests ok, 0 failed, in ")[1].split("(")[1].split(" s)")[0])
+    cost = float(proc.stderr.split("$")[2].split(" for this run")[0])  # $1/s: the run's cost in dollars = its seconds
+    assert wall < 30 and cost == pytest.approx(wall, abs=0.06)
+
+
+def test_progress_is_a_bar_on_a_terminal(tmp_path, cli_env):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    inp = write_jsonl(tmp_path / "in.jsonl", ROWS[:3])
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 columns wide
+    proc = subprocess.Popen(tokenmill_cmd("run", inp, "-o", tmp_path / "out.jsonl", "--max-tokens", 2), env=cli_env,
+                            stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=300) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "\r" in text and "3/3 [" in text and "requests (" not in text  # tqdm's bar, not log lines

@@ -2,7 +2,6 @@
 SIGKILL and resume, SIGTERM, the lock, the manifest, partitions and merge, status during a run, CLI errors."""
 
 import json
-import os
 import random
 import signal
 import subprocess

@@ -1,4 +1,4 @@
-"""C++ CPU kernels, compiled on first use: paged attention over the KV cache, attention over packed sequences with
+"""C++ CPU kernels, compiled once per machine: paged attention over the KV cache, attention over packed sequences with
 no cache (embeddings), and RMSNorm for bf16/fp16.
 
 ``paged_attention`` runs every token of a step (decodes and prefill chunks, each with its causal offset) in one call.
@@ -7,15 +7,12 @@ layer per step) and prefills one request at a time; this kernel reads the cache 
 one query token per task, threads split by the number of keys read. Each block's token rows (all KV heads,
 contiguous) are read once per pass and shared by the query heads of each KV group (GQA), with the next block
 prefetched. It computes in float32 whatever the cache dtype, 16 lanes at a time (GCC/Clang vector extensions:
-AVX-512 here, narrower registers elsewhere), with a vectorisable exp in the softmax. On a W-like decode step
-(128 sequences, SmolLM2) it cut attention from 133 to 43 ms (float32) and from 185 to 34 ms (bfloat16) against the
-previous scalar kernel.
+AVX-512 here, narrower registers elsewhere), with a vectorisable exp in the softmax. (Measurements: BENCHMARKS.md.)
 
 ``varlen_attention`` is the embedding path's attention: many sequences packed end to end, each attending to itself
 (bidirectional for encoders, causal for decoder embedding models), one task per (sequence, KV head) with K held
-transposed so the scores are broadcast-FMAs over 16 keys, RB query rows sharing every K/V load. For all-MiniLM
-(head_dim 32) it runs 1.3-2x (float32) and 2-5x (bfloat16) the rate of torch's SDPA kernels on length-sorted
-batches, and the whole batch is one call instead of one per distinct length.
+transposed so the scores are broadcast-FMAs over 16 keys, RB query rows sharing every K/V load; the whole batch is
+one call instead of one SDPA call per distinct length.
 
 ``rms_norm`` is one pass per row instead of ~7 torch ops, bit-equal to them in bf16/fp16 (float32 keeps the torch
 ops, in transformers' order).
@@ -107,7 +104,7 @@ def _base_dir() -> Path:
 
 
 def _import(path: Path):
-    import torch  # noqa: F401  (the extension links against libtorch, loaded by importing torch)
+    import torch  # noqa: F401  (the extension links against libtorch, which importing torch loads)
 
     spec = importlib.util.spec_from_file_location(_MODULE, path)
     module = importlib.util.module_from_spec(spec)
@@ -162,9 +159,9 @@ def _build(target: Path):
 
 def _failed(reason: str) -> KernelLoad:
     log.warning("warning: the C++ CPU kernels are not available (%s). Attention and RMSNorm fall back to the torch "
-                "path, several times slower on CPU (a SmolLM2 decode step's attention: ~43 ms with the kernels, "
-                "~133 ms without). Install a C++ compiler (e.g. apt-get install g++) and ninja (pip install ninja), "
-                "then run `tokenmill build-kernels`.", reason)
+                "path: attention runs several times slower on CPU and jobs lose much of their throughput. Install a "
+                "C++ compiler (e.g. apt-get install g++) and ninja (pip install ninja), then run "
+                "`tokenmill build-kernels`.", reason)
     return KernelLoad(None, reason, 0.0, None)
 
 

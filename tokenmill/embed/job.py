@@ -28,12 +28,13 @@ from tokenmill.embed.vectors import OpenAIVectorSink, ParquetVectorSink, parts_d
 from tokenmill.jobs.cost import cost_line
 from tokenmill.jobs.errors import JobSetupError
 from tokenmill.jobs.files import JobPaths, rewrite_in_order
-from tokenmill.jobs.inputs import EMBED_FIELDS, InputSpec
+from tokenmill.jobs.inputs import EMBED_FIELDS
 from tokenmill.jobs.manifest import build_manifest, check_manifest, model_fingerprint, write_manifest
-from tokenmill.jobs.progress import EXIT_SIGNAL, Progress, SignalCatcher, say
+from tokenmill.jobs.progress import Progress, SignalCatcher, say
 from tokenmill.jobs.scan import iter_todo, scan
 from tokenmill.jobs.skeleton import (
     ErrorRecords,
+    JobIO,
     check_output,
     complete_outputs,
     exit_code,
@@ -43,6 +44,7 @@ from tokenmill.jobs.skeleton import (
     open_input,
     remove_job_files,
     run_locked,
+    stop_interrupted,
 )
 from tokenmill.jobs.state import StateFile, format_duration
 
@@ -50,9 +52,7 @@ FORMATS = ("parquet", "openai")
 
 
 @dataclass
-class EmbedOptions:
-    input: str | Path  # a path, or "-" for stdin
-    output: Path
+class EmbedOptions(JobIO):
     model: str | None = None
     normalize: bool | None = None  # None: the model's sentence-transformers config
     pooling: str | None = None  # None: the model's config
@@ -61,21 +61,10 @@ class EmbedOptions:
     dtype: str = "auto"
     device: str = "auto"
     format: str = "parquet"
-    gpu_hourly_rate: float | None = None
-    num_gpus: int = 1
-    quiet: bool = False
-    overwrite: bool = False
-    input_format: str = "auto"
-    columns: tuple = ()
-    progress_interval: float | None = None
 
     @property
     def window_tokens(self) -> int:
         return 16 * self.max_batch_tokens
-
-    @property
-    def input_spec(self) -> InputSpec:
-        return InputSpec(str(self.input), self.input_format, tuple(self.columns))
 
 
 def run_embed_job(opts: EmbedOptions) -> int:
@@ -211,14 +200,8 @@ class _EmbedRun:
                 progress.close(self.postfix)
         if sig.received is None:
             return 0
-        sink.close()
-        self.errors.appender.close()
-        code = EXIT_SIGNAL[sig.received]
-        self.state.write({**self.snapshot(), "state": "interrupted", "message": f"stopped by signal {code - 128}"},
-                         force=True)
-        say(f"stopped by signal after {self.done}/{self.total} texts (all of them saved). Run the same command again "
-            f"to resume.")
-        return code
+        return stop_interrupted(sig.received, self.state, self.snapshot(), [sink, self.errors.appender],
+                                f"stopped by signal after {self.done}/{self.total} texts (all of them saved).")
 
     def _summary(self, rows: int) -> int:
         opts, emb = self.opts, self.emb

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from tokenmill.embed.records import EmbedRequest, embed_id_key, openai_embedding_record
 from tokenmill.jobs.errors import JobSetupError
-from tokenmill.jobs.files import JsonlAppender
+from tokenmill.jobs.files import JsonlAppender, fsync_path
 from tokenmill.jobs.skeleton import done_keys
 
 ROW_GROUP_ROWS = 65536  # stitched row groups are at least this big, except the last
@@ -130,9 +130,9 @@ class ParquetVectorSink:
         final = self.parts / f"part-{self._next:06d}.parquet"
         tmp = self.parts / f".{final.name}.tmp"
         pq.write_table(table, tmp)
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, final)
-        _fsync_dir(self.parts)
+        fsync_path(self.parts)
         self._next += 1
         self._ids, self._vecs = [], []
 
@@ -163,9 +163,9 @@ class ParquetVectorSink:
                         pending = []
             if pending:
                 rows += _write_group(writer, pending)
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, self.output)
-        _fsync_dir(self.output.parent)
+        fsync_path(self.output.parent)
         shutil.rmtree(self.parts, ignore_errors=True)
         return rows
 
@@ -174,18 +174,6 @@ def _write_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> int:
     t = pa.concat_tables(tables)
     writer.write_table(t, row_group_size=len(t))
     return len(t)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync(path)
 
 
 class OpenAIVectorSink:

@@ -216,7 +216,8 @@ def write_json_atomic(path: Path, data: dict, durable: bool = False) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory: so a rename in it is durable) by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -252,5 +253,5 @@ def rewrite_in_order(path: Path, order_key: Callable[[dict], int]) -> bool:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent if str(path.parent) else Path("."))
+    fsync_path(path.parent if str(path.parent) else Path("."))
     return True

@@ -24,16 +24,17 @@ from tokenmill.engine.llm_engine import LLMEngine, resolve_device
 from tokenmill.jobs.cost import cost_line
 from tokenmill.jobs.errors import JobSetupError
 from tokenmill.jobs.files import JobPaths, JsonlAppender, rewrite_in_order
-from tokenmill.jobs.inputs import RUN_FIELDS, InputSpec
+from tokenmill.jobs.inputs import RUN_FIELDS
 from tokenmill.jobs.manifest import build_manifest, check_manifest, model_fingerprint, split_engine_options, \
     write_manifest
 from tokenmill.jobs.planner import MemoryPlan, plan_memory
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
-from tokenmill.jobs.progress import EXIT_SIGNAL, Progress, SignalCatcher, say
+from tokenmill.jobs.progress import Progress, SignalCatcher
 from tokenmill.jobs.results import openai_logprobs, output_id_key, result_record
 from tokenmill.jobs.scan import error_in_partition, iter_todo, partition_members, scan
 from tokenmill.jobs.skeleton import (
     ErrorRecords,
+    JobIO,
     check_output,
     complete_outputs,
     done_keys,
@@ -44,6 +45,7 @@ from tokenmill.jobs.skeleton import (
     open_input,
     remove_job_files,
     run_locked,
+    stop_interrupted,
 )
 from tokenmill.jobs.state import StateFile, format_duration
 from tokenmill.model.loader import load_tokenizer, read_model_config, resolve_dtype, resolve_model_path
@@ -56,29 +58,16 @@ DEFAULT_MAX_TOKENS = 256
 
 
 @dataclass
-class JobOptions:
-    input: str | Path  # a path, or "-" for stdin
-    output: Path
+class JobOptions(JobIO):
     model: str | None = None
     engine_options: dict = field(default_factory=dict)  # as given (config file + flags); unset ones are planned
     sampling_defaults: dict = field(default_factory=dict)
     partition: int = 0
     total_partitions: int = 1
-    gpu_hourly_rate: float | None = None
-    num_gpus: int = 1
-    quiet: bool = False
-    overwrite: bool = False
-    input_format: str = "auto"
-    columns: tuple = ()  # (field, column) pairs for CSV / Parquet inputs
     context_overflow: str = "error"
-    progress_interval: float | None = None  # seconds between progress lines when stderr is not a terminal
 
     def sampling(self) -> dict:
         return {"max_tokens": DEFAULT_MAX_TOKENS, **self.sampling_defaults}
-
-    @property
-    def input_spec(self) -> InputSpec:
-        return InputSpec(str(self.input), self.input_format, tuple(self.columns))
 
 
 class JobContext:
@@ -268,14 +257,9 @@ class _Run:
             running = engine.num_running_requests
             queued = len(in_flight) - running
             engine.abort_request(list(in_flight))
-        self.results.close()
-        self.errors.appender.close()
-        code = EXIT_SIGNAL[sig.received]
-        self.state.write({**self.snapshot(), "state": "interrupted", "message": f"stopped by signal {code - 128}"},
-                         force=True)
-        say(f"stopped by signal after {self.done}/{self.total} requests; {running} running and {queued} queued requests "
-            f"will run on resume. Run the same command again to resume.")
-        return code
+        return stop_interrupted(sig.received, self.state, self.snapshot(), [self.results, self.errors.appender],
+                                f"stopped by signal after {self.done}/{self.total} requests; {running} running and "
+                                f"{queued} queued requests will run on resume.")
 
     def _admit(self, todo, window: int, in_flight: dict) -> bool:
         """Adds requests up to the window; returns whether the input is exhausted."""

@@ -18,6 +18,7 @@ import shutil
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenmill.jobs.errors import EXIT_OK, EXIT_ROWS_FAILED, JobFault, JobSetupError
@@ -31,9 +32,28 @@ from tokenmill.jobs.files import (
     repair_torn_tail,
 )
 from tokenmill.jobs.inputs import InputSource, InputSpec
-from tokenmill.jobs.progress import say
+from tokenmill.jobs.progress import EXIT_SIGNAL, say
 from tokenmill.jobs.records import JobError
 from tokenmill.jobs.state import StateFile
+
+
+@dataclass
+class JobIO:
+    """What every job command takes besides its model and kind-specific options."""
+
+    input: str | Path  # a path, or "-" for stdin
+    output: Path
+    input_format: str = "auto"
+    columns: tuple = ()  # (field, column) pairs for CSV / Parquet inputs
+    progress_interval: float | None = None  # seconds between progress lines when stderr is not a terminal
+    gpu_hourly_rate: float | None = None
+    num_gpus: int = 1
+    quiet: bool = False
+    overwrite: bool = False
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec(str(self.input), self.input_format, tuple(self.columns))
 
 
 def check_output(output: Path) -> None:
@@ -157,6 +177,17 @@ def complete_outputs(paths: JobPaths, errors: ErrorRecords, source: InputSource)
             rewrite_in_order(paths.errors, lambda r: int(r["line"]))
     if source.spec.is_stdin:
         paths.stdin.unlink(missing_ok=True)
+
+
+def stop_interrupted(signum: int, state: StateFile, snapshot: dict, closers: list, message: str) -> int:
+    """After SIGINT / SIGTERM: close the outputs (durable), mark the state interrupted, say ``message``; returns the
+    exit code (130 / 143)."""
+    for c in closers:
+        c.close()
+    code = EXIT_SIGNAL[signum]
+    state.write({**snapshot, "state": "interrupted", "message": f"stopped by signal {code - 128}"}, force=True)
+    say(f"{message} Run the same command again to resume.")
+    return code
 
 
 def exit_code(num_failed: int) -> int:
