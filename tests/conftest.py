@@ -54,3 +54,22 @@ def embed_env():
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture(scope="session")
+def cli_env(xdg_cache_home, smollm2):
+    """Environment for `tokenmill` subprocesses: the session's model cache (already converted by `smollm2`)."""
+    import os
+
+    env = dict(os.environ)
+    env["XDG_CACHE_HOME"] = str(xdg_cache_home)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The embedded default embedding model (all-MiniLM-L6-v2), loaded once."""
+    from tokenmill.embed.embedder import Embedder
+
+    return Embedder()

@@ -343,6 +343,55 @@ def search(index_dir, query, k, as_json):
     return 0
 
 
+@cli.command()
+@model_option
+@config_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on /v1/* requests.")
+@click.option("--served-model-name", default=None, help="The model name clients use (default: the model file's).")
+@click.option("--max-num-seqs", type=int, default=None, help="Most requests batched at once (256).")
+@click.option("--max-num-batched-tokens", type=int, default=None, help="Token budget of one step (2048).")
+@click.option("--max-wait-ms", type=float, default=0.0, show_default=True,
+              help="While fewer than max-num-seqs run and requests keep arriving, wait this long after the latest "
+                   "arrival before a step, to batch more.")
+@click.option("--max-queued-requests", type=int, default=1024, show_default=True,
+              help="Waiting requests beyond the running batch; past it, HTTP 429 with Retry-After.")
+@click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
+              help="On SIGTERM: seconds in-flight requests get to finish before they are aborted.")
+@click.option("--preemption-mode", type=click.Choice(["none", "recompute"]), default=None)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
+@click.option("--max-model-len", type=int, default=None, help="Longest sequence (default: the model's).")
+@click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU (default 4).")
+@click.option("--embedding-model", default=None,
+              help="Also serve POST /v1/embeddings with this encoder directory (or `default`: all-MiniLM-L6-v2).")
+def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, max_num_batched_tokens, max_wait_ms,
+          max_queued_requests, shutdown_timeout, preemption_mode, dtype, max_model_len, kv_cache_memory,
+          embedding_model):
+    """An OpenAI-compatible HTTP server on the same engine: /v1/chat/completions, /v1/completions (streaming or
+    not), /v1/embeddings, /v1/models, /health, /metrics."""
+    from tokenmill.serve.app import ServeSettings
+    from tokenmill.serve.app import serve as run_server
+
+    if max_queued_requests < 1:
+        raise UserError(f"--max-queued-requests must be >= 1, got {max_queued_requests}")
+    if max_wait_ms < 0 or shutdown_timeout < 0:
+        raise UserError("--max-wait-ms and --shutdown-timeout must be >= 0")
+    model, engine, _ = _engine_and_sampling(
+        config, model, dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                            preemption_mode=preemption_mode, dtype=dtype, max_model_len=max_model_len,
+                            kv_cache_memory=kv_cache_memory), {})
+    from tokenmill.config import EngineConfig
+    from tokenmill.model.loader import resolve_model_path
+
+    EngineConfig.from_dict({"model": model, **engine})  # a bad option: one line, exit 2, before binding the port
+    resolve_model_path(model)
+    settings = ServeSettings(engine_options={"model": model, **engine}, served_model_name=served_model_name,
+                             api_key=api_key, max_wait_ms=max_wait_ms, max_queued_requests=max_queued_requests,
+                             embedding_model=embedding_model)
+    return run_server(settings, host, port, shutdown_timeout)
+
+
 @cli.command("build-kernels")
 def build_kernels():
     """Build the C++ CPU kernels now (once per machine; for images and CI), so no job pays for it."""

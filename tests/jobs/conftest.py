@@ -1,18 +1,8 @@
-import os
 import subprocess
 
 import pytest
 
 from helpers import tokenmill_cmd
-
-
-@pytest.fixture(scope="session")
-def cli_env(xdg_cache_home, smollm2):
-    """Environment for `tokenmill` subprocesses: the session's model cache (already converted by `smollm2`)."""
-    env = dict(os.environ)
-    env["XDG_CACHE_HOME"] = str(xdg_cache_home)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ strings) and one bulk detokenisation of every request finished in a step. Token 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,14 @@ from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.memory import plan_num_blocks
 from tokenmill.worker.model_runner import ModelRunner
+
+
+@dataclass
+class StepResult:
+    new_token_ids: dict[str, int]  # request id -> the token this step sampled for it
+    scheduled_ids: list[str]  # requests that ran in this step (a request's first one ends its queue time)
+    num_scheduled_tokens: int
+    finished: list[RequestOutput]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -97,12 +106,21 @@ class LLMEngine:
         return self.scheduler.num_running_requests
 
     @property
+    def num_waiting_requests(self) -> int:
+        """Requests added and not admitted yet (or preempted and waiting to be recomputed)."""
+        return self.scheduler.num_unfinished_requests - self.scheduler.num_running_requests
+
+    @property
     def stats(self):
         return self.scheduler.stats
 
     # ---------------------------------------------------------------- the loop
     def step(self) -> list[RequestOutput]:
         """Runs one scheduler step; returns the requests it finished (stopped or out of length)."""
+        return self.step_with_deltas().finished
+
+    def step_with_deltas(self) -> StepResult:
+        """Runs one scheduler step; returns every request's new token (for streaming) and the finished outputs."""
         sched_out = self.scheduler.schedule()
         runner_out = self.runner.execute(sched_out)
         finished = self.scheduler.update_from_output(sched_out, runner_out)
@@ -110,7 +128,16 @@ class LLMEngine:
         self.num_prompt_tokens_done += sum(
             s.num_scheduled_tokens for s in sched_out.scheduled if s.num_computed_tokens < s.request.num_prompt_tokens
         )
-        return self._make_outputs(finished)
+        return StepResult(new_token_ids=runner_out.sampled_token_ids,
+                          scheduled_ids=[s.request_id for s in sched_out.scheduled],
+                          num_scheduled_tokens=sched_out.total_num_scheduled_tokens,
+                          finished=self._make_outputs(finished))
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Share of the KV cache's blocks held by requests, in [0, 1]."""
+        kv = self.kv_cache_manager
+        return 1.0 - kv.num_free_blocks / kv.num_blocks if kv.num_blocks else 0.0
 
     def _stop_string_of(self, req: Request) -> str | None:
         """The stop string the request's output ends with now, from a short detokenised tail (the scheduler calls

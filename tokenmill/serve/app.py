@@ -1,0 +1,298 @@
+"""The FastAPI app: routes, auth, errors, health, metrics. ``serve()`` runs it under uvicorn.
+
+- The model loads in a background thread after the server starts, so ``/health`` answers 503 while it loads (and
+  after the engine died), 200 when ready; the generation endpoints answer 503 until then.
+- Every error is an OpenAI-shaped body: 400 for a bad request (never a 500), 401 without the API key, 429 with
+  ``Retry-After`` when the waiting queue is full.
+- SIGTERM (uvicorn's handler): stop accepting, give in-flight requests ``shutdown_timeout`` seconds, then abort the
+  rest; the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from tokenmill.config import EngineConfig
+from tokenmill.jobs.preprocess import Preprocessor
+from tokenmill.jobs.records import CHAT_URL, COMPLETIONS_URL
+from tokenmill.jobs.results import openai_logprobs
+from tokenmill.serve.async_engine import AsyncEngine, EngineDead, QueueFull
+from tokenmill.serve.detokenizer import IncrementalDetokenizer
+from tokenmill.serve.metrics import ServerMetrics
+from tokenmill.serve.protocol import (
+    ApiError,
+    chunk,
+    embedding_inputs,
+    final_body,
+    parse_generation,
+    sse,
+    usage,
+    usage_chunk,
+)
+
+log = logging.getLogger("tokenmill")
+
+
+@dataclass
+class ServeSettings:
+    engine_options: dict = field(default_factory=dict)  # EngineConfig keys, model included
+    served_model_name: str | None = None
+    api_key: str | None = None
+    max_wait_ms: float = 0.0
+    max_queued_requests: int = 1024
+    embedding_model: str | None = None  # a directory, "default", or None
+
+
+class ServerState:
+    """What the routes need, filled in by the loader thread."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.ready = False
+        self.load_error: str | None = None
+        self.engine: AsyncEngine | None = None
+        self.pre: Preprocessor | None = None
+        self.model_name = settings.served_model_name or "tokenmill"
+        self.metrics: ServerMetrics | None = None
+        self.embedder = None
+        self.embedder_lock = threading.Lock()
+
+    def load(self) -> None:
+        from tokenmill.engine.llm_engine import LLMEngine
+
+        try:
+            engine = LLMEngine(EngineConfig.from_dict(self.settings.engine_options))
+            p = engine.model_path
+            self.model_name = self.settings.served_model_name or (p.stem if p.suffix == ".gguf" else p.name)
+            self.pre = Preprocessor(engine.tokenizer, engine.config.max_model_len, engine.model_config.vocab_size,
+                                    {"max_tokens": engine.config.max_model_len})
+            if self.settings.embedding_model:
+                from tokenmill.embed.embedder import Embedder
+
+                em = self.settings.embedding_model
+                self.embedder = Embedder(None if em == "default" else em)
+            self.metrics = ServerMetrics(self.model_name)
+            self.engine = AsyncEngine(engine, self.metrics, self.settings.max_wait_ms,
+                                      self.settings.max_queued_requests)
+            self.ready = True
+            log.info("model %s ready (loaded in %.1f s)", self.model_name, engine.load_seconds)
+        except Exception as e:  # a bad model path, an option that does not fit: /health says so
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("error: the model failed to load: %s", self.load_error)
+
+    @property
+    def model_names(self) -> set[str]:
+        names = {self.model_name}
+        if self.embedder is not None:
+            names.add(self.embedder.model_name)
+        return names
+
+    def require_ready(self) -> AsyncEngine:
+        if self.load_error:
+            raise ApiError(503, f"the model failed to load: {self.load_error}", "server_error")
+        if not self.ready:
+            raise ApiError(503, "the model is still loading", "server_error", headers={"Retry-After": "5"})
+        if self.engine.dead:
+            raise ApiError(503, f"the engine has stopped: {self.engine.dead}", "server_error")
+        return self.engine
+
+
+def build_app(settings: ServeSettings) -> FastAPI:
+    state = ServerState(settings)
+
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=state.load, name="tokenmill-load", daemon=True).start()
+        yield
+        if state.engine is not None:
+            state.engine.shutdown(abort_all=True)
+
+    app = FastAPI(title="tokenmill", lifespan=lifespan)
+    app.state.tokenmill = state
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        key = settings.api_key
+        if key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization") != f"Bearer {key}":
+                e = ApiError(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error",
+                             code="invalid_api_key")
+                return JSONResponse(e.body(), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if state.ready and not state.engine.dead:
+            return {"status": "ok"}
+        status = "error" if (state.load_error or (state.engine and state.engine.dead)) else "loading"
+        return JSONResponse({"status": status, "detail": state.load_error or (state.engine and state.engine.dead)},
+                            status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        if state.metrics is None:
+            return Response(b"", media_type=CONTENT_TYPE_LATEST)
+        state.engine._update_gauges()
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        state.require_ready()
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tokenmill"}
+                                           for n in sorted(state.model_names)]}
+
+    async def json_body(request: Request):
+        try:
+            return await request.json()
+        except Exception:  # not JSON, not UTF-8, empty
+            raise ApiError(400, "the request body is not valid JSON") from None
+
+    async def generate(request: Request, url: str):
+        engine = state.require_ready()
+        req = parse_generation(await json_body(request), url, state.pre, {state.model_name})
+        prepared = req.prepared
+        try:
+            stream = engine.add(req.request_id, prepared.token_ids, prepared.params)
+        except QueueFull:
+            raise ApiError(429, "the server's waiting queue is full; retry later", "rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        except EngineDead as e:
+            raise ApiError(503, f"the engine has stopped: {e}", "server_error") from None
+        if req.stream:
+            return StreamingResponse(_stream(state, engine, req, stream), media_type="text/event-stream")
+        return await _complete(state, engine, req, stream, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, CHAT_URL)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, COMPLETIONS_URL)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        state.require_ready()
+        if state.embedder is None:
+            raise ApiError(400, "this server has no embedding model (start it with --embedding-model)",
+                           code="model_not_found")
+        body = await json_body(request)
+        inputs = embedding_inputs(body)
+        if body.get("model") is not None and body["model"] != state.embedder.model_name:
+            raise ApiError(400, f"model {body['model']!r} is not this server's embedding model "
+                                f"({state.embedder.model_name})", code="model_not_found", param="model")
+
+        def run():
+            with state.embedder_lock:
+                texts = [x for x in inputs if isinstance(x, str)]
+                toks = state.embedder.tokenize(texts) if texts else []
+                it = iter(toks)
+                ids = [next(it).token_ids if isinstance(x, str) else state.embedder.truncate_ids(x).token_ids
+                       for x in inputs]
+                return ids, state.embedder.forward_packed(ids).cpu().numpy()
+
+        ids, vectors = await asyncio.get_running_loop().run_in_executor(None, run)
+        fmt = body.get("encoding_format") or "float"
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(np.asarray(v, "<f4").tobytes()).decode() if fmt == "base64"
+                 else [float(x) for x in v]} for i, v in enumerate(vectors)]
+        n = sum(len(t) for t in ids)
+        return {"object": "list", "data": data, "model": state.embedder.model_name,
+                "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    return app
+
+
+def _logprobs(state: ServerState, req, out) -> dict | None:
+    k = req.prepared.params.logprobs
+    if k is None or out.logprobs is None:
+        return None
+    return openai_logprobs(req.prepared.request.kind, out.token_ids, out.logprobs, k, state.engine.engine.tokenizer)
+
+
+async def _complete(state: ServerState, engine: AsyncEngine, req, stream, request: Request):
+    """A non-streamed request: wait for its end; a client that goes away aborts it."""
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(stream.queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    engine.abort(req.request_id)
+                    return Response(status_code=499)
+                continue
+            if event.error:
+                raise ApiError(503, f"the engine has stopped: {event.error}", "server_error")
+            if event.output is not None:
+                return final_body(req, event.output, state.model_name, _logprobs(state, req, event.output))
+    except asyncio.CancelledError:
+        engine.abort(req.request_id)
+        raise
+
+
+async def _stream(state: ServerState, engine: AsyncEngine, req, stream):
+    """Server-sent events: a first chunk (the role, for chat), text deltas, a final chunk with the finish reason,
+    the usage chunk when asked, then [DONE]. A client that disconnects cancels this generator: the request is
+    aborted and its KV blocks freed."""
+    name = state.model_name
+    detok = IncrementalDetokenizer(state.engine.engine.tokenizer, req.prepared.token_ids,
+                                   req.prepared.params.stop)
+    done = False
+    try:
+        if req.is_chat:
+            yield sse(chunk(req, name, "", first=True))
+        while True:
+            event = await stream.queue.get()
+            if event.error:
+                yield sse({"error": {"message": f"the engine has stopped: {event.error}", "type": "server_error"}})
+                done = True
+                return
+            if event.output is None:
+                text = detok.add(event.token_ids)
+                if text:
+                    yield sse(chunk(req, name, text))
+                continue
+            out = event.output
+            rest = detok.finish(out.text)  # the final text is cut at a stop string: take the rest from it
+            done = True
+            yield sse(chunk(req, name, rest or None, out.finish_reason))
+            if req.include_usage:
+                yield sse(usage_chunk(req, name, out))
+            yield sse("[DONE]")
+            return
+    finally:
+        if not done:
+            engine.abort(req.request_id)
+
+
+def serve(settings: ServeSettings, host: str, port: int, shutdown_timeout: float) -> int:
+    import uvicorn
+
+    config = uvicorn.Config(build_app(settings), host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=shutdown_timeout, access_log=False)
+    server = uvicorn.Server(config)
+    log.info("serving on http://%s:%d (OpenAI API under /v1; /health, /metrics)", host, port)
+    t0 = time.monotonic()
+    # uvicorn handles SIGTERM (graceful shutdown), then re-raises it to the handler it found: make that one a no-op,
+    # so a SIGTERM'd server exits 0 once its in-flight requests are done.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server.run()
+    log.info("stopped after %.0f s", time.monotonic() - t0)
+    return 0
+
+
+__all__ = ["ServeSettings", "build_app", "serve", "usage"]

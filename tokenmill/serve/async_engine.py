@@ -1,0 +1,197 @@
+"""The async front of the engine: one thread steps the engine while requests keep arriving from the event loop.
+
+Requests come in through ``add`` (from the event loop; the waiting queue is bounded: past ``max_queued`` it raises
+QueueFull, which the app turns into a 429) and each gets a ``RequestStream``: after every engine step the thread
+puts the request's new token (and, when it ends, its final ``RequestOutput``) on the stream's asyncio queue.
+``abort`` (a client that went away) finishes the request at the next step boundary and frees its KV blocks at once.
+
+``max_wait_ms``: while fewer than ``max_num_seqs`` requests run and new ones keep arriving, wait at most this long
+after the latest arrival before a step, to gather more into it (0: step at once).
+
+Invariants: every stream gets exactly one end event (a final output, or an error when the engine dies); the engine
+is only touched by the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.serve.metrics import ServerMetrics
+
+log = logging.getLogger("tokenmill")
+
+
+class QueueFull(Exception):
+    pass
+
+
+class EngineDead(Exception):
+    pass
+
+
+@dataclass
+class StreamEvent:
+    token_ids: list[int] = field(default_factory=list)
+    output: RequestOutput | None = None  # set on the last event of a finished request
+    error: str | None = None  # set when the engine died
+
+
+class RequestStream:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self.arrival = time.monotonic()
+        self.scheduled: float | None = None
+        self.last_token: float | None = None
+
+    def put(self, event: StreamEvent) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_wait_ms: float = 0.0,
+                 max_queued: int = 1024) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queued = max_queued
+        self.dead: str | None = None
+        self._cv = threading.Condition()
+        self._pending: list[tuple[str, list[int], SamplingParams]] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, RequestStream] = {}
+        self._last_arrival = 0.0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- event-loop side
+    def add(self, request_id: str, token_ids: list[int], params: SamplingParams) -> RequestStream:
+        stream = RequestStream(asyncio.get_running_loop())
+        with self._cv:
+            if self.dead is not None:
+                raise EngineDead(self.dead)
+            if len(self._pending) + self.engine.num_waiting_requests >= self.max_queued:
+                raise QueueFull()
+            self._streams[request_id] = stream
+            self._pending.append((request_id, token_ids, params))
+            self._last_arrival = time.monotonic()
+            self._cv.notify()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        with self._cv:
+            if request_id in self._streams:
+                self._aborts.append(request_id)
+                self._cv.notify()
+
+    def shutdown(self, abort_all: bool = True) -> None:
+        with self._cv:
+            if abort_all:
+                self._aborts.extend(self._streams)
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=60)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._pending) + self.engine.num_waiting_requests
+
+    # ---------------------------------------------------------------- engine thread
+    def _take_work(self) -> tuple[list, list[str]] | None:
+        """Waits for something to do; returns (new requests, aborts), or None to stop."""
+        with self._cv:
+            while not (self._pending or self._aborts or self.engine.has_unfinished_requests() or self._stopping):
+                self._cv.wait()
+            if self._stopping and not self._pending and not self._aborts and not self.engine.has_unfinished_requests():
+                return None
+            if self.max_wait and self._pending:
+                # gather: more may be on the way; stop waiting once a step would be full
+                while (len(self._pending) + self.engine.num_running_requests < self.engine.config.max_num_seqs
+                       and not self._stopping):
+                    left = self._last_arrival + self.max_wait - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+            new, self._pending = self._pending, []
+            aborts, self._aborts = self._aborts, []
+        return new, aborts
+
+    def _run(self) -> None:
+        try:
+            while (work := self._take_work()) is not None:
+                new, aborts = work
+                aborted = set(aborts)
+                for rid, ids, params in new:
+                    if rid not in aborted:
+                        self.engine.add_request(rid, ids, params)
+                if aborts:
+                    self.engine.abort_request(aborts)
+                    for rid in aborts:
+                        stream = self._pop(rid)
+                        if stream is not None:
+                            self.metrics.success.labels(self.metrics.model_name, "abort").inc()
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                self._update_gauges()
+        except Exception as e:  # the engine is broken: every stream ends with the error, /health turns 503
+            log.exception("the engine loop failed")
+            with self._cv:
+                self.dead = f"{type(e).__name__}: {e}"
+                streams, self._streams = self._streams, {}
+            for stream in streams.values():
+                stream.put(StreamEvent(error=self.dead))
+
+    def _pop(self, rid: str) -> RequestStream | None:
+        with self._cv:
+            return self._streams.pop(rid, None)
+
+    def _step(self) -> None:
+        m, name = self.metrics, self.metrics.model_name
+        before_prompt, before_pre = self.engine.num_prompt_tokens_done, self.engine.stats.num_preemptions
+        result = self.engine.step_with_deltas()
+        now = time.monotonic()
+        m.iteration_tokens.labels(name).observe(result.num_scheduled_tokens)
+        m.prompt_tokens.labels(name).inc(self.engine.num_prompt_tokens_done - before_prompt)
+        m.generation_tokens.labels(name).inc(len(result.new_token_ids))
+        m.preemptions.labels(name).inc(self.engine.stats.num_preemptions - before_pre)
+        with self._cv:
+            streams = dict(self._streams)
+        for rid in result.scheduled_ids:
+            s = streams.get(rid)
+            if s is not None and s.scheduled is None:
+                s.scheduled = now
+                m.queue_time.labels(name).observe(now - s.arrival)
+        finished = {out.request_id: out for out in result.finished}
+        for rid, token in result.new_token_ids.items():
+            s = streams.get(rid)
+            if s is None:
+                continue
+            if s.last_token is None:
+                m.ttft.labels(name).observe(now - s.arrival)
+            else:
+                m.itl.labels(name).observe(now - s.last_token)
+            s.last_token = now
+            if rid not in finished:
+                s.put(StreamEvent([token]))
+        for rid, out in finished.items():
+            s = self._pop(rid)
+            if s is None:
+                continue
+            m.e2e.labels(name).observe(now - s.arrival)
+            m.success.labels(name, out.finish_reason).inc()
+            last = [out.token_ids[-1]] if rid in result.new_token_ids and out.token_ids else []
+            s.put(StreamEvent(last, output=out))
+
+    def _update_gauges(self) -> None:
+        m, name = self.metrics, self.metrics.model_name
+        m.running.labels(name).set(self.engine.num_running_requests)
+        m.waiting.labels(name).set(self.num_waiting)
+        m.kv_usage.labels(name).set(self.engine.kv_cache_usage)

@@ -1,0 +1,128 @@
+"""Request checks and response bodies of the OpenAI-compatible endpoints.
+
+A request body is checked exactly as an OpenAI Batch line of ``tokenmill run`` is (``jobs/records.py`` and
+``jobs/preprocess.py``: the same sampling fields, the same unsupported-field rejections, the same context checks), so
+a row that a job accepts is a request the server accepts, and the reverse. The server adds ``stream`` and
+``stream_options`` and answers a rejection with HTTP 400 and an OpenAI-shaped error body.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+from tokenmill.jobs.preprocess import Prepared, Preprocessor
+from tokenmill.jobs.records import CHAT_URL, COMPLETIONS_URL, JobError
+from tokenmill.jobs.results import result_record
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class GenerationRequest:
+    prepared: Prepared
+    stream: bool
+    include_usage: bool
+    request_id: str
+    created: int
+
+    @property
+    def is_chat(self) -> bool:
+        return self.prepared.request.kind == "openai_chat"
+
+
+_LINE_PREFIX = re.compile(r"^line 0:? ")
+
+
+def parse_generation(body, url: str, pre: Preprocessor, model_names: set[str]) -> GenerationRequest:
+    """A chat or completions body -> the prepared request; raises ApiError (400)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    body = dict(body)
+    model = body.get("model")
+    if model is not None and model not in model_names:
+        raise ApiError(400, f"model {json.dumps(model)[:60]} does not exist; this server serves "
+                            f"{', '.join(sorted(model_names))}", code="model_not_found", param="model")
+    stream = body.pop("stream", False)
+    options = body.pop("stream_options", None)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream must be true or false", param="stream")
+    if options is not None and (not isinstance(options, dict) or not stream
+                                or not isinstance(options.get("include_usage", False), bool)):
+        raise ApiError(400, "stream_options must be an object like {\"include_usage\": true}, with stream: true",
+                       param="stream_options")
+    kind = "chatcmpl" if url == CHAT_URL else "cmpl"
+    request_id = f"{kind}-{uuid.uuid4().hex}"
+    line = json.dumps({"custom_id": request_id, "method": "POST", "url": url, "body": body}).encode()
+    [(_, item)] = pre.process([(0, line)])
+    if isinstance(item, JobError):
+        raise ApiError(400, _LINE_PREFIX.sub("", item.message), code=item.code)
+    return GenerationRequest(item, stream, bool(options and options.get("include_usage")), request_id,
+                             int(time.time()))
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def final_body(req: GenerationRequest, out, model_name: str, logprobs: dict | None) -> dict:
+    """The non-streamed response: the same body a `tokenmill run` OpenAI line gets."""
+    record = result_record(req.prepared.request, out.text, out.finish_reason, out.num_prompt_tokens,
+                           out.num_completion_tokens, model_name, logprobs)
+    body = record["response"]["body"]
+    body["id"] = req.request_id
+    body["created"] = req.created
+    return body
+
+
+def chunk(req: GenerationRequest, model_name: str, text: str | None, finish_reason: str | None = None,
+          first: bool = False) -> dict:
+    """One streamed ``chat.completion.chunk`` / ``text_completion`` object."""
+    if req.is_chat:
+        delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        obj = "text_completion"
+    return {"id": req.request_id, "object": obj, "created": req.created, "model": model_name, "choices": [choice]}
+
+
+def usage_chunk(req: GenerationRequest, model_name: str, out) -> dict:
+    obj = "chat.completion.chunk" if req.is_chat else "text_completion"
+    return {"id": req.request_id, "object": obj, "created": req.created, "model": model_name, "choices": [],
+            "usage": usage(out.num_prompt_tokens, out.num_completion_tokens)}
+
+
+def sse(data: dict | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def embedding_inputs(body) -> list:
+    """An embeddings body's ``input``: a string, a list of strings, token ids or lists of token ids."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    inp = body.get("input")
+    if isinstance(inp, str) or (isinstance(inp, list) and inp and all(isinstance(t, int) for t in inp)):
+        inp = [inp]
+    if not isinstance(inp, list) or not inp or not all(
+            (isinstance(x, str) and x.strip()) or (isinstance(x, list) and x and all(isinstance(t, int) for t in x))
+            for x in inp):
+        raise ApiError(400, "input must be a non-empty string, a list of them, or token ids", param="input")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise ApiError(400, "encoding_format must be float or base64", param="encoding_format")
+    return inp
