@@ -45,6 +45,7 @@ ERROR_CODES = {
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+VLLM_SAMPLING_KEYS = ("top_k", "ignore_eos")  # vLLM's extensions of the OpenAI body, honoured the same way
 
 
 class JobError(Exception):
@@ -193,7 +194,7 @@ def _check_body_fields(body: dict, url: str, line_no: int, rid: Any) -> None:
     """Every field of the body is one tokenmill implements (or one it may ignore: model, user, metadata, ...), so
     nothing a user asked for is silently dropped."""
     for key, value in body.items():
-        if value is None or key in SAMPLING_KEYS:
+        if value is None or key in SAMPLING_KEYS or key in VLLM_SAMPLING_KEYS:
             continue
         if key in _DEFAULT_ONLY:
             if not any(value == d and type(value) is type(d) for d in _DEFAULT_ONLY[key]):
@@ -245,7 +246,7 @@ def _parse_openai(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
     if n is not None and not (type(n) is int and n == 1):
         raise JobError("unsupported_n", f"line {line_no}: n={json.dumps(n)[:40]}; only n=1 is supported", rid, True)
     _check_body_fields(body, url, line_no, rid)
-    sampling = {k: body[k] for k in SAMPLING_KEYS if k in body and body[k] is not None}
+    sampling = {k: body[k] for k in SAMPLING_KEYS + VLLM_SAMPLING_KEYS if k in body and body[k] is not None}
     if body.get("max_completion_tokens") is not None:
         sampling["max_tokens"] = body["max_completion_tokens"]
     logprobs = _logprobs_request(body, url, line_no, rid)

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
-from tokenmill.jobs.records import CHAT_URL, COMPLETIONS_URL, JobError
+from tokenmill.jobs.records import CHAT_URL, JobError
 from tokenmill.jobs.results import result_record
 
 
