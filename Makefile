@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-peers clean
+.PHONY: setup demo test bench bench-peers bench-serve clean
+LLAMA_CPP_PY := 0.3.36
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,12 +34,24 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-# Peers for the benchmark harness. llama-cpp-python compiles llama.cpp (minutes): never part of `make test`.
+# Peers for the benchmark harness. llama-cpp-python compiles llama.cpp (minutes): never part of `make test`. Then
+# llama.cpp's own llama-server (the online peer), built from the llama.cpp tree vendored in the same sdist.
 bench-peers: setup
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet llama-cpp-python==0.3.36
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet llama-cpp-python==$(LLAMA_CPP_PY)
+	rm -rf build/llama-cpp && mkdir -p build/llama-cpp
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PY) -d build/llama-cpp
+	tar xzf build/llama-cpp/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz -C build/llama-cpp
+	cmake -S build/llama-cpp/llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp -B build/llama-cpp/build \
+	  -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+	cmake --build build/llama-cpp/build --target llama-server -j $$(nproc)
+	cp build/llama-cpp/build/bin/llama-server $(BIN)/llama-server
 
 bench: setup
 	$(BIN)/python -m benchmarks --out benchmarks/results
+
+bench-serve: setup
+	$(BIN)/python -m benchmarks.serve_bench --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -170,7 +170,8 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--llama-server", default=shutil.which("llama-server"))
+    beside = Path(sys.executable).parent / "llama-server"  # where `make bench-peers` puts it
+    ap.add_argument("--llama-server", default=str(beside) if beside.exists() else shutil.which("llama-server"))
     ap.add_argument("--levels", default=",".join(map(str, LEVELS)))
     ap.add_argument("--skip", default="", help="comma list of: tokenmill, llama-server, naive, offline, burst")
     args = ap.parse_args()

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from tokenmill.jobs.inputs import BadRow
 from tokenmill.sampling_params import MAX_LOGPROBS, SamplingParams
 
 ERROR_CODES = {
@@ -92,8 +93,6 @@ def _reject_constant(name: str):
 def decode_line(raw, line_no: int) -> dict:
     """UTF-8 -> strict JSON -> an object, or JobError (invalid_utf8 / invalid_json / not_an_object, or the code of a
     row the input reader could not read). Never raises anything else, whatever the bytes."""
-    from tokenmill.jobs.inputs import BadRow
-
     if isinstance(raw, BadRow):
         raise JobError(raw.code, raw.message)
     try:
