@@ -55,6 +55,11 @@ class RequestStream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
 
+def _deliver(items: list) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_wait_ms: float = 0.0,
                  max_queued: int = 1024) -> None:
@@ -170,6 +175,7 @@ class AsyncEngine:
                 s.scheduled = now
                 m.queue_time.labels(name).observe(now - s.arrival)
         finished = {out.request_id: out for out in result.finished}
+        deliveries: dict[asyncio.AbstractEventLoop, list] = {}  # one wake-up of each event loop per step
         for rid, token in result.new_token_ids.items():
             s = streams.get(rid)
             if s is None:
@@ -180,7 +186,7 @@ class AsyncEngine:
                 m.itl.labels(name).observe(now - s.last_token)
             s.last_token = now
             if rid not in finished:
-                s.put(StreamEvent([token]))
+                deliveries.setdefault(s.loop, []).append((s.queue, StreamEvent([token])))
         for rid, out in finished.items():
             s = self._pop(rid)
             if s is None:
@@ -188,7 +194,9 @@ class AsyncEngine:
             m.e2e.labels(name).observe(now - s.arrival)
             m.success.labels(name, out.finish_reason).inc()
             last = [out.token_ids[-1]] if rid in result.new_token_ids and out.token_ids else []
-            s.put(StreamEvent(last, output=out))
+            deliveries.setdefault(s.loop, []).append((s.queue, StreamEvent(last, output=out)))
+        for loop, items in deliveries.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
     def _update_gauges(self) -> None:
         m, name = self.metrics, self.metrics.model_name
