@@ -14,7 +14,7 @@ import asyncio
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -139,5 +139,3 @@ def main() -> None:
 if __name__ == "__main__":
     main()
 
-
-__all__ = ["run_load", "RequestResult", "asdict"]

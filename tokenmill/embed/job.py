@@ -195,7 +195,7 @@ class _EmbedRun:
                         self.run_tokens += n_tok
                         self.remaining_tokens -= n_tok
                         progress.update(len(items), self.postfix)
-                        self.state.write(self.snapshot())
+                        self.state.write_due(self.snapshot)
             finally:
                 progress.close(self.postfix)
         if sig.received is None:

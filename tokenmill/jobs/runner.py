@@ -249,7 +249,7 @@ class _Run:
                         self._write(in_flight.pop(out.request_id), out)
                     if finished:
                         progress.update(len(finished), self.postfix)
-                    self.state.write(self.snapshot())
+                    self.state.write_due(self.snapshot)
             finally:
                 progress.close(self.postfix)
             if sig.received is None:

@@ -70,3 +70,9 @@ class StateFile:
         if force or now - self._last >= self.interval:
             write_json_atomic(self.path, {**data, "pid": os.getpid(), "updated_at": time.time()})
             self._last = now
+
+    def write_due(self, snapshot) -> None:
+        """Writes ``snapshot()`` if the interval has passed; the snapshot is only built then (the job loop calls
+        this every step)."""
+        if time.monotonic() - self._last >= self.interval:
+            self.write(snapshot(), force=True)

@@ -37,7 +37,6 @@ from tokenmill.serve.protocol import (
     final_body,
     parse_generation,
     sse,
-    usage,
     usage_chunk,
 )
 
@@ -295,4 +294,4 @@ def serve(settings: ServeSettings, host: str, port: int, shutdown_timeout: float
     return 0
 
 
-__all__ = ["ServeSettings", "build_app", "serve", "usage"]
+__all__ = ["ServeSettings", "build_app", "serve"]
