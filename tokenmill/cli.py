@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from tokenmill.config import ConfigError
+from tokenmill.jobs.progress import SignalCatcher
 
 
 
@@ -72,6 +73,27 @@ def _scan_input(input_path: str, input_format: str, columns, pre, on_error, fiel
             return scan(source, pre, on_error)
 
 
+def _run_job(kind: str, opts, ray_address, num_workers, shard_size, max_shard_retries) -> int:
+    """A job on this machine, or over Ray with --ray; SIGINT / SIGTERM stop it between steps (handlers installed
+    here, in the main thread, never inside the job library)."""
+    if ray_address is None:
+        if num_workers is not None or shard_size is not None:
+            raise UserError("--num-workers and --shard-size need --ray")
+        with SignalCatcher() as stop:
+            if kind == "run":
+                from tokenmill.jobs.runner import run_job
+
+                return run_job(opts, stop)
+            from tokenmill.embed.job import run_embed_job
+
+            return run_embed_job(opts, stop)
+    from tokenmill.distributed.driver import RayOptions, run_distributed
+
+    ray_opts = RayOptions(ray_address, num_workers, shard_size, max_shard_retries)
+    with SignalCatcher() as stop:
+        return run_distributed(kind, opts, ray_opts, stop)
+
+
 model_option = click.option("--model", "-m", default=None, help="HF model directory or .gguf file "
                             "(default: the embedded SmolLM2-135M-Instruct).")
 config_option = click.option("--config", "config", type=click.Path(path_type=Path), default=None,
@@ -82,6 +104,24 @@ input_format_option = click.option("--input-format", type=click.Choice(["auto", 
 columns_option = click.option("--columns", default=None, metavar="FIELD=COL,...",
                               help="CSV/Parquet: which column holds each field (default: columns named like the "
                                    "fields, e.g. id, prompt, messages, text, max_tokens).")
+
+
+def ray_options(f):
+    """--ray and its companions, for run and embed."""
+    f = click.option("--max-shard-retries", type=int, default=3, show_default=True,
+                     help="--ray: times a shard is re-run after its worker is lost; then its rows become "
+                          "shard_failed error records (the same command retries them).")(f)
+    f = click.option("--shard-size", type=int, default=None, metavar="ROWS",
+                     help="--ray: rows per shard (default: ~8 shards per worker, at most 2M tokens each).")(f)
+    f = click.option("--num-workers", type=int, default=None,
+                     help="--ray: engines to start (default: one per node; one per GPU on a GPU cluster).")(f)
+    f = click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+                     help="Run the job over a Ray cluster: a Ray address, `auto` (this machine's cluster or "
+                          "RAY_ADDRESS) or `local` (start one here). OUTPUT's directory must be shared by every "
+                          "node.")(f)
+    return f
+
+
 progress_option = click.option("--progress-interval", type=float, default=None, metavar="SECONDS",
                                help="When stderr is not a terminal: seconds between plain progress lines (30).")
 
@@ -127,12 +167,14 @@ def cli() -> None:
 @input_format_option
 @columns_option
 @progress_option
+@ray_options
 @click.option("--overwrite", is_flag=True, help="Discard earlier results for OUTPUT and start afresh.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k, seed, stop, max_num_seqs,
         max_num_batched_tokens, preemption_mode, scheduling_strategy, sort_by_length, dtype, max_model_len,
         kv_cache_memory, gpu_memory_utilization, partition, total_partitions, gpu_hourly_rate, num_gpus,
-        context_overflow, input_format, columns, progress_interval, overwrite, quiet):
+        context_overflow, input_format, columns, progress_interval, ray_address, num_workers, shard_size,
+        max_shard_retries, overwrite, quiet):
     """Run a dataset through the model into OUTPUT; the same command resumes an interrupted job.
 
     Rows: {"id", "prompt"} or {"id", "messages"} (optional max_tokens, temperature, top_p, seed, stop), or OpenAI
@@ -140,7 +182,7 @@ def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k
     INPUT: JSON Lines (.jsonl, optionally .gz / .zst / .bz2 / .xz), CSV / TSV, Parquet, or - for stdin.
     """
     from tokenmill.jobs.inputs import RUN_FIELDS
-    from tokenmill.jobs.runner import JobOptions, run_job
+    from tokenmill.jobs.runner import JobOptions
 
     model, engine, sampling = _engine_and_sampling(
         config, model,
@@ -155,7 +197,7 @@ def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k
                       num_gpus=num_gpus, quiet=quiet, overwrite=overwrite, input_format=input_format,
                       columns=_columns(columns, RUN_FIELDS), context_overflow=context_overflow,
                       progress_interval=progress_interval)
-    return run_job(opts)
+    return _run_job("run", opts, ray_address, num_workers, shard_size, max_shard_retries)
 
 
 @cli.command()
@@ -271,10 +313,12 @@ def merge(parts, output, input_path):
 @input_format_option
 @columns_option
 @progress_option
+@ray_options
 @click.option("--overwrite", is_flag=True, help="Discard earlier results for OUTPUT and start afresh.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def embed(input_path, output, model, normalize, pooling, max_batch_tokens, max_seq_length, fmt, dtype,
-          gpu_hourly_rate, num_gpus, input_format, columns, progress_interval, overwrite, quiet):
+          gpu_hourly_rate, num_gpus, input_format, columns, progress_interval, ray_address, num_workers, shard_size,
+          max_shard_retries, overwrite, quiet):
     """Embed a corpus into OUTPUT; the same command resumes an interrupted job.
 
     Rows: {"id", "text"} or OpenAI Batch lines for /v1/embeddings (one input each). Bad rows go to
@@ -282,7 +326,7 @@ def embed(input_path, output, model, normalize, pooling, max_batch_tokens, max_s
     INPUT: JSON Lines (.jsonl, optionally .gz / .zst / .bz2 / .xz), CSV / TSV, Parquet, or - for stdin.
     """
     from tokenmill.embed.embedder import DEFAULT_MAX_BATCH_TOKENS
-    from tokenmill.embed.job import EmbedOptions, run_embed_job
+    from tokenmill.embed.job import EmbedOptions
     from tokenmill.jobs.inputs import EMBED_FIELDS
 
     if max_batch_tokens is not None and max_batch_tokens < 1:
@@ -294,7 +338,7 @@ def embed(input_path, output, model, normalize, pooling, max_batch_tokens, max_s
                         dtype=dtype, format=fmt, gpu_hourly_rate=gpu_hourly_rate, num_gpus=num_gpus, quiet=quiet,
                         overwrite=overwrite, input_format=input_format, columns=_columns(columns, EMBED_FIELDS),
                         progress_interval=progress_interval)
-    return run_embed_job(opts)
+    return _run_job("embed", opts, ray_address, num_workers, shard_size, max_shard_retries)
 
 
 @cli.command()

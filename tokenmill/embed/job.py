@@ -30,7 +30,7 @@ from tokenmill.jobs.errors import JobSetupError
 from tokenmill.jobs.files import JobPaths, rewrite_in_order
 from tokenmill.jobs.inputs import EMBED_FIELDS
 from tokenmill.jobs.manifest import build_manifest, check_manifest, model_fingerprint, write_manifest
-from tokenmill.jobs.progress import Progress, SignalCatcher, say
+from tokenmill.jobs.progress import Progress, StopFlag, say
 from tokenmill.jobs.scan import iter_todo, scan
 from tokenmill.jobs.skeleton import (
     ErrorRecords,
@@ -42,6 +42,7 @@ from tokenmill.jobs.skeleton import (
     faults_as_job_fault,
     note,
     open_input,
+    refuse_ray_leftovers,
     remove_job_files,
     run_locked,
     stop_interrupted,
@@ -67,18 +68,41 @@ class EmbedOptions(JobIO):
         return 16 * self.max_batch_tokens
 
 
-def run_embed_job(opts: EmbedOptions) -> int:
-    """Runs (or resumes) an embedding job; returns the exit code (0 / 1 rows failed / 130 / 143). Raises
-    JobSetupError (exit 2) before anything runs, JobFault (exit 3) for a fault part way."""
+def embed_batches(emb: Embedder, todo, window_tokens: int, should_stop=lambda: False):
+    """The embedding loop as a library: reads ``todo`` (EmbedPrepared) a window of ``window_tokens`` tokens at a
+    time, sorts each window by length into packed forward passes, and yields (items, vectors [len(items), dim]
+    float32) per pass until ``todo`` is exhausted or ``should_stop()`` (checked before each pass)."""
+    todo = iter(todo)
+    exhausted = False
+    while not exhausted and not should_stop():
+        window: list[EmbedPrepared] = []
+        tokens = 0
+        for item in todo:
+            window.append(item)
+            tokens += len(item.token_ids)
+            if tokens >= window_tokens:
+                break
+        else:
+            exhausted = True
+        for batch in emb.plan_batches([len(it.token_ids) for it in window]):
+            if should_stop():
+                return
+            items = [window[i] for i in batch]
+            yield items, emb.forward_packed([it.token_ids for it in items]).cpu().numpy()
+
+
+def run_embed_job(opts: EmbedOptions, stop: StopFlag | None = None) -> int:
+    """Runs (or resumes) an embedding job; returns the exit code (0 / 1 rows failed / 130 / 143 when ``stop`` was
+    set). Raises JobSetupError (exit 2) before anything runs, JobFault (exit 3) for a fault part way."""
     opts.output = Path(opts.output)
     if opts.format not in FORMATS:
         raise JobSetupError(f"--format must be one of {', '.join(FORMATS)}")
     check_output(opts.output)
-    emb = _load(opts)
-    return run_locked(opts.output, lambda paths: _run_locked(opts, emb, paths))
+    emb = load_embedder(opts)
+    return run_locked(opts.output, lambda paths: _run_locked(opts, emb, paths, stop or StopFlag()))
 
 
-def _load(opts: EmbedOptions) -> Embedder:
+def load_embedder(opts: EmbedOptions) -> Embedder:
     try:
         return Embedder(opts.model, dtype=opts.dtype, device=opts.device, max_batch_tokens=opts.max_batch_tokens,
                         pooling=opts.pooling, normalize=opts.normalize, max_seq_length=opts.max_seq_length)
@@ -86,25 +110,31 @@ def _load(opts: EmbedOptions) -> Embedder:
         raise JobSetupError(str(e)) from None
 
 
-def _run_locked(opts: EmbedOptions, emb: Embedder, paths: JobPaths) -> int:
+def embed_manifest(opts: EmbedOptions, emb: Embedder, input_identity: dict) -> dict:
+    d = emb.describe()
+    settings = {**{k: d[k] for k in ("model", "pooling", "normalize", "max_seq_length", "dim", "dtype")},
+                "model_fingerprint": model_fingerprint(Path(d["model"])), "format": opts.format,
+                "columns": [list(c) for c in opts.columns]}
+    return build_manifest("embed", input_identity, settings, {"max_batch_tokens": opts.max_batch_tokens})
+
+
+def _run_locked(opts: EmbedOptions, emb: Embedder, paths: JobPaths, stop: StopFlag) -> int:
     # the job's clock includes loading the model, not a one-off build of the C++ kernels
     t_start = time.perf_counter() - (emb.load_seconds - build_seconds_so_far())
+    refuse_ray_leftovers(paths, opts.overwrite)
     with open_input(opts.input_spec, paths, EMBED_FIELDS) as source:
         if opts.overwrite:
             remove_job_files(paths, (parts_dir(opts.output),))
-        d = emb.describe()
-        settings = {**{k: d[k] for k in ("model", "pooling", "normalize", "max_seq_length", "dim", "dtype")},
-                    "model_fingerprint": model_fingerprint(Path(d["model"])), "format": opts.format,
-                    "columns": [list(c) for c in opts.columns]}
-        manifest = build_manifest("embed", source.identity(), settings, {"max_batch_tokens": opts.max_batch_tokens})
+        manifest = embed_manifest(opts, emb, source.identity())
         check_manifest(paths, manifest, lambda m: note(opts.quiet, m))
         write_manifest(paths, manifest)
-        return _EmbedRun(opts, emb, paths, source, t_start).run()
+        return _EmbedRun(opts, emb, paths, source, t_start, stop).run()
 
 
 class _EmbedRun:
-    def __init__(self, opts: EmbedOptions, emb: Embedder, paths: JobPaths, source, t_start: float) -> None:
-        self.opts, self.emb, self.paths, self.source, self.t_start = opts, emb, paths, source, t_start
+    def __init__(self, opts: EmbedOptions, emb: Embedder, paths: JobPaths, source, t_start: float,
+                 stop: StopFlag) -> None:
+        self.opts, self.emb, self.paths, self.source, self.t_start, self.stop = opts, emb, paths, source, t_start, stop
         if opts.format == "parquet":
             self.sink = ParquetVectorSink(opts.output, emb.dim, emb.describe())
         else:
@@ -162,45 +192,30 @@ class _EmbedRun:
             self.remaining_tokens -= scanned.prompt_tokens[line_no]
 
         todo = iter_todo(self.source, scanned.valid, self.done_ids, pre, on_skip=skip_done)
-        emb, sink = self.emb, self.sink
+        sink, stop = self.sink, self.stop
         progress = Progress(self.total, self.done, "tokenmill embed", "text", self.opts.quiet,
                             self.opts.progress_interval)
-        with SignalCatcher() as sig:
-            try:
-                exhausted = False
-                while not exhausted and sig.received is None:
-                    window: list[EmbedPrepared] = []
-                    tokens = 0
-                    for item in todo:
-                        window.append(item)
-                        tokens += len(item.token_ids)
-                        if tokens >= self.opts.window_tokens:
-                            break
+        try:
+            for items, vectors in embed_batches(self.emb, todo, self.opts.window_tokens,
+                                                lambda: stop.received is not None):
+                for it, vec in zip(items, vectors):
+                    if isinstance(sink, ParquetVectorSink):
+                        sink.write(it.request.id_key, vec)
                     else:
-                        exhausted = True
-                    for batch in emb.plan_batches([len(it.token_ids) for it in window]):
-                        if sig.received is not None:
-                            break
-                        items = [window[i] for i in batch]
-                        vectors = emb.forward_packed([it.token_ids for it in items]).cpu().numpy()
-                        for it, vec in zip(items, vectors):
-                            if isinstance(sink, ParquetVectorSink):
-                                sink.write(it.request.id_key, vec)
-                            else:
-                                sink.write_request(it.request, vec, len(it.token_ids))
-                            self.run_truncated += it.truncated
-                        n_tok = sum(len(it.token_ids) for it in items)
-                        self.done += len(items)
-                        self.run_texts += len(items)
-                        self.run_tokens += n_tok
-                        self.remaining_tokens -= n_tok
-                        progress.update(len(items), self.postfix)
-                        self.state.write_due(self.snapshot)
-            finally:
-                progress.close(self.postfix)
-        if sig.received is None:
+                        sink.write_request(it.request, vec, len(it.token_ids))
+                    self.run_truncated += it.truncated
+                n_tok = sum(len(it.token_ids) for it in items)
+                self.done += len(items)
+                self.run_texts += len(items)
+                self.run_tokens += n_tok
+                self.remaining_tokens -= n_tok
+                progress.update(len(items), self.postfix)
+                self.state.write_due(self.snapshot)
+        finally:
+            progress.close(self.postfix)
+        if stop.received is None:
             return 0
-        return stop_interrupted(sig.received, self.state, self.snapshot(), [sink, self.errors.appender],
+        return stop_interrupted(stop.received, self.state, self.snapshot(), [sink, self.errors.appender],
                                 f"stopped by signal after {self.done}/{self.total} texts (all of them saved).")
 
     def _summary(self, rows: int) -> int:

@@ -59,6 +59,19 @@ def iter_vector_batches(path: Path):
         yield t.column("id").to_pylist(), vecs
 
 
+def vector_table(ids: list[str], vectors: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """ids and vectors [n, dim] float32 as a table of ``schema``."""
+    dim = schema.field("embedding").type.list_size
+    vecs = np.ascontiguousarray(vectors, dtype=np.float32)
+    return pa.table({"id": pa.array(ids, pa.string()),
+                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim)}, schema=schema)
+
+
+def write_vectors(path: Path, ids: list[str], vectors: np.ndarray, metadata: dict) -> None:
+    """One Parquet file of (id, embedding) rows (a part, or a shard of a distributed job)."""
+    pq.write_table(vector_table(ids, vectors, vector_schema(vectors.shape[1], metadata)), path)
+
+
 def _ids_of(path: Path) -> list[str]:
     return pq.read_table(path, columns=["id"]).column("id").to_pylist()
 
@@ -123,10 +136,7 @@ class ParquetVectorSink:
         self._last = time.monotonic()
         if not self._ids:
             return
-        vecs = np.ascontiguousarray(np.stack(self._vecs), dtype=np.float32)
-        table = pa.table({"id": pa.array(self._ids, pa.string()),
-                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), self.dim)},
-                         schema=self.schema)
+        table = vector_table(self._ids, np.stack(self._vecs), self.schema)
         final = self.parts / f"part-{self._next:06d}.parquet"
         tmp = self.parts / f".{final.name}.tmp"
         pq.write_table(table, tmp)
@@ -146,18 +156,26 @@ class ParquetVectorSink:
         except OSError:
             self._ids, self._vecs = [], []
 
-    def finalize(self) -> int:
-        """Stitches OUTPUT (if any) and every part into a new OUTPUT; returns the number of rows."""
+    def finalize(self, extra: list[Path] = ()) -> int:
+        """Stitches OUTPUT (if any), every part and the ``extra`` files (a distributed job's shards) into a new
+        OUTPUT, keeping each id's first row; returns the number of rows."""
         self.flush()
         tmp = self.output.with_name(f".{self.output.name}.tmp")
         rows = 0
+        seen: set[str] = set()
         pending: list[pa.Table] = []
         with pq.ParquetWriter(tmp, self.schema) as writer:
-            sources = ([self.output] if self.output.exists() else []) + self._part_files()
+            sources = ([self.output] if self.output.exists() else []) + self._part_files() + list(extra)
             for src in sources:
                 f = pq.ParquetFile(src)
                 for i in range(f.num_row_groups):
-                    pending.append(f.read_row_group(i).replace_schema_metadata(self.schema.metadata))
+                    t = f.read_row_group(i).replace_schema_metadata(self.schema.metadata)
+                    ids = t.column("id").to_pylist()
+                    keep = [k not in seen for k in ids]
+                    seen.update(ids)
+                    if not all(keep):
+                        t = t.filter(pa.array(keep))
+                    pending.append(t)
                     if sum(len(t) for t in pending) >= ROW_GROUP_ROWS:
                         rows += _write_group(writer, pending)
                         pending = []

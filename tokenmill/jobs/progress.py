@@ -64,12 +64,23 @@ class Progress:
             self._line(postfix())
 
 
-class SignalCatcher:
-    """SIGINT / SIGTERM set ``received`` instead of raising, so the job loop stops between steps. Installed only in
-    the main thread (elsewhere it is inert: a library caller owns its signals)."""
+class StopFlag:
+    """What a job loop checks between steps: ``received`` is the signal number that asked it to stop, or None.
+    Library callers (a Ray worker, a test) set ``received`` themselves; the CLI uses ``SignalCatcher``."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+
+    def set(self, signum: int = signal.SIGTERM) -> None:
+        self.received = signum
+
+
+class SignalCatcher(StopFlag):
+    """A StopFlag that SIGINT / SIGTERM set instead of raising, so the job loop stops between steps. The CLI
+    installs it around a job, in the main thread only (elsewhere it is inert: a library caller owns its signals)."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self._old = {}
 
     def __enter__(self):

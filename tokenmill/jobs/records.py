@@ -41,6 +41,8 @@ ERROR_CODES = {
     "invalid_text": "text (or input) is not a string or a list of token ids",
     "empty_text": "the text to embed is empty",
     "dimensions_mismatch": "the requested dimensions differ from the model's embedding size",
+    "shard_failed": "a distributed job (--ray) lost every worker that ran this row's shard, more than "
+                    "--max-shard-retries times; the same command retries it",
 }
 
 CHAT_URL = "/v1/chat/completions"

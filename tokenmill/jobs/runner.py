@@ -29,7 +29,8 @@ from tokenmill.jobs.manifest import build_manifest, check_manifest, model_finger
     write_manifest
 from tokenmill.jobs.planner import MemoryPlan, plan_memory
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
-from tokenmill.jobs.progress import Progress, SignalCatcher
+from tokenmill.jobs.progress import Progress, StopFlag
+from tokenmill.jobs.pump import RequestPump
 from tokenmill.jobs.results import openai_logprobs, output_id_key, result_record
 from tokenmill.jobs.scan import error_in_partition, iter_todo, partition_members, scan
 from tokenmill.jobs.skeleton import (
@@ -43,6 +44,7 @@ from tokenmill.jobs.skeleton import (
     faults_as_job_fault,
     note,
     open_input,
+    refuse_ray_leftovers,
     remove_job_files,
     run_locked,
     stop_interrupted,
@@ -104,6 +106,16 @@ class JobContext:
                            num_blocks)
 
 
+def output_record(item: Prepared, out, model_name: str, tokenizer) -> dict:
+    """The OUTPUT line of one finished request (plain or OpenAI Batch shape, with logprobs when asked)."""
+    req = item.request
+    logprobs = None
+    if req.kind != "plain" and item.params.logprobs is not None and out.logprobs is not None:
+        logprobs = openai_logprobs(req.kind, out.token_ids, out.logprobs, item.params.logprobs, tokenizer)
+    return result_record(req, out.text, out.finish_reason, out.num_prompt_tokens, out.num_completion_tokens,
+                         model_name, logprobs)
+
+
 def manifest_for(opts: JobOptions, ctx: JobContext, input_identity: dict) -> dict:
     decides, speed = split_engine_options(opts.engine_options)
     decides.pop("dtype", None), decides.pop("max_model_len", None), decides.pop("model", None)
@@ -123,32 +135,34 @@ def manifest_for(opts: JobOptions, ctx: JobContext, input_identity: dict) -> dic
     return build_manifest("run", input_identity, settings, speed)
 
 
-def run_job(opts: JobOptions) -> int:
-    """Runs (or resumes) a job; returns the process exit code (0 all rows done, 1 some failed, 130/143 signals).
-    Raises JobSetupError (exit 2) before anything runs, JobFault (exit 3) for a fault part way."""
+def run_job(opts: JobOptions, stop: StopFlag | None = None) -> int:
+    """Runs (or resumes) a job; returns the process exit code (0 all rows done, 1 some failed, 130/143 when
+    ``stop`` was set). Raises JobSetupError (exit 2) before anything runs, JobFault (exit 3) for a fault part way.
+    Installs no signal handler: the CLI passes a ``SignalCatcher`` as ``stop``."""
     opts.output = Path(opts.output)
     check_output(opts.output)
     if not 0 <= opts.partition < opts.total_partitions:
         raise JobSetupError(f"--partition must be in [0, {opts.total_partitions}), got {opts.partition}")
     ctx = JobContext(opts.model, opts.engine_options, opts.sampling(), opts.context_overflow)
-    return run_locked(opts.output, lambda paths: _run_locked(opts, ctx, paths))
+    return run_locked(opts.output, lambda paths: _run_locked(opts, ctx, paths, stop or StopFlag()))
 
 
-def _run_locked(opts: JobOptions, ctx: JobContext, paths: JobPaths) -> int:
+def _run_locked(opts: JobOptions, ctx: JobContext, paths: JobPaths, stop: StopFlag) -> int:
+    refuse_ray_leftovers(paths, opts.overwrite)
     with open_input(opts.input_spec, paths, RUN_FIELDS) as source:
         if opts.overwrite:
             remove_job_files(paths)
         manifest = manifest_for(opts, ctx, source.identity())
         check_manifest(paths, manifest, lambda m: note(opts.quiet, m))
         write_manifest(paths, manifest)
-        return _Run(opts, ctx, paths, source).run()
+        return _Run(opts, ctx, paths, source, stop).run()
 
 
 class _Run:
     """One run of a job, from the validation pass to the summary."""
 
-    def __init__(self, opts: JobOptions, ctx: JobContext, paths: JobPaths, source) -> None:
-        self.opts, self.ctx, self.paths, self.source = opts, ctx, paths, source
+    def __init__(self, opts: JobOptions, ctx: JobContext, paths: JobPaths, source, stop: StopFlag) -> None:
+        self.opts, self.ctx, self.paths, self.source, self.stop = opts, ctx, paths, source, stop
         self.t_start = time.perf_counter()
         self.done_ids = done_keys(paths.output, output_id_key)
         part, nparts = opts.partition, opts.total_partitions
@@ -230,63 +244,25 @@ class _Run:
             self.remaining_prompt -= scanned.prompt_tokens[line_no]
             self.remaining_max -= scanned.max_tokens[line_no]
 
-        todo = iter_todo(self.source, members, self.done_ids, self.ctx.pre, on_skip=skip_done)
-        window = 2 * engine.config.max_num_seqs + 64
-        in_flight: dict[str, Prepared] = {}
-        exhausted = False
+        pump = RequestPump(engine, iter_todo(self.source, members, self.done_ids, self.ctx.pre, on_skip=skip_done))
         progress = Progress(self.total, self.done, "tokenmill", "request", self.opts.quiet, self.opts.progress_interval)
-        with SignalCatcher() as sig:
-            try:
-                while sig.received is None:
-                    if not exhausted and engine.num_unfinished_requests < window:
-                        exhausted = self._admit(todo, window, in_flight)
-                    if not engine.has_unfinished_requests():
-                        if exhausted:
-                            break
-                        continue
-                    finished = engine.step()
-                    for out in finished:
-                        self._write(in_flight.pop(out.request_id), out)
-                    if finished:
-                        progress.update(len(finished), self.postfix)
-                    self.state.write_due(self.snapshot)
-            finally:
-                progress.close(self.postfix)
-            if sig.received is None:
-                return 0
-            running = engine.num_running_requests
-            queued = len(in_flight) - running
-            engine.abort_request(list(in_flight))
-        return stop_interrupted(sig.received, self.state, self.snapshot(), [self.results, self.errors.appender],
+        stop = self.stop
+        try:
+            for item, out in pump.run(lambda: stop.received is not None):
+                self._write(item, out)
+                progress.update(1, self.postfix)
+                self.state.write_due(self.snapshot)
+        finally:
+            progress.close(self.postfix)
+        if stop.received is None:
+            return 0
+        running, queued = pump.abort()
+        return stop_interrupted(stop.received, self.state, self.snapshot(), [self.results, self.errors.appender],
                                 f"stopped by signal after {self.done}/{self.total} requests; {running} running and "
                                 f"{queued} queued requests will run on resume.")
 
-    def _admit(self, todo, window: int, in_flight: dict) -> bool:
-        """Adds requests up to the window; returns whether the input is exhausted."""
-        engine = self.engine
-        batch = []
-        exhausted = True
-        for item in todo:
-            batch.append(item)
-            if len(batch) + engine.num_unfinished_requests >= window:
-                exhausted = False
-                break
-        if engine.config.sort_by_length:
-            batch.sort(key=lambda it: -len(it.token_ids))
-        for item in batch:
-            rid = f"L{item.request.line_no}"
-            in_flight[rid] = item
-            engine.add_request(rid, item.token_ids, item.params)
-        return exhausted
-
     def _write(self, item: Prepared, out) -> None:
-        req = item.request
-        logprobs = None
-        if req.kind != "plain" and item.params.logprobs is not None and out.logprobs is not None:
-            logprobs = openai_logprobs(req.kind, out.token_ids, out.logprobs, item.params.logprobs,
-                                       self.engine.tokenizer)
-        self.results.write(result_record(req, out.text, out.finish_reason, out.num_prompt_tokens,
-                                         out.num_completion_tokens, self.ctx.model_name, logprobs))
+        self.results.write(output_record(item, out, self.ctx.model_name, self.engine.tokenizer))
         self.done += 1
         self.run_prompt += out.num_prompt_tokens
         self.run_gen += out.num_completion_tokens

@@ -71,6 +71,14 @@ def check_output(output: Path) -> None:
         raise JobSetupError(f"output directory {parent} is not writable: {e.strerror}") from None
 
 
+def refuse_ray_leftovers(paths: JobPaths, overwrite: bool) -> None:
+    """A single-machine start on the output of an unfinished ``--ray`` job would run its committed shards again."""
+    shards = paths.output.with_name(paths.output.name + ".shards")
+    if shards.is_dir() and not overwrite:
+        raise JobSetupError(f"{shards} holds the committed shards of an unfinished --ray job: resume it with --ray, "
+                            f"or pass --overwrite to start afresh")
+
+
 def run_locked(output: Path, body: Callable[[JobPaths], int]) -> int:
     """``body(paths)`` under OUTPUT's job lock (one job per output at a time); the lock file goes when it ends."""
     paths = JobPaths(output)
@@ -95,7 +103,8 @@ def open_input(spec: InputSpec, paths: JobPaths, fields: tuple[str, ...]) -> Inp
 
 def remove_job_files(paths: JobPaths, extra: tuple[Path, ...] = ()) -> None:
     """--overwrite: the earlier job's files (not the lock, which this job holds; not a stdin spool just written)."""
-    for p in [paths.output, paths.errors, paths.manifest, paths.state, *extra]:
+    shards = paths.output.with_name(paths.output.name + ".shards")  # an unfinished --ray job's shards
+    for p in [paths.output, paths.errors, paths.manifest, paths.state, shards, *extra]:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:

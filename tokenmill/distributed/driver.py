@@ -1,0 +1,639 @@
+"""``tokenmill run --ray`` / ``tokenmill embed --ray``: one job over the workers of a Ray cluster.
+
+The driver does what a single-machine job does up to the engine (lock, manifest, resume bookkeeping, the
+validation pass and its error records, the memory plan), then cuts the remaining valid requests into shards and
+hands them to Ray actors (``distributed/worker.py``), one engine each, through the shard queue
+(``distributed/queue.py``): free workers pull, lost workers' shards go back, stragglers get a second copy. Each
+shard is committed by its worker under ``OUTPUT.shards/`` (``distributed/store.py``). When every shard is in, the
+driver merges them into OUTPUT (input order for JSONL; Parquet in commit order, as a single-machine job leaves
+it), writes the summary and the state file, and removes the shards.
+
+Requests travel to the workers already tokenised (``Prepared`` / ``EmbedPrepared``), so a worker needs the model
+and the shared output directory, not the input file. A driver killed at any point resumes with the same command:
+committed shards count as done, the rest is cut into new shards.
+
+Invariants: every valid id of the input ends up in OUTPUT exactly once (a shard commits once per name; the merge
+keeps an id's first record), every bad line has one error record; rows of a shard given up after
+``max_shard_retries`` lost workers get a ``shard_failed`` error record, which the next start removes to retry them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tokenmill.distributed.queue import Shard, ShardQueue
+from tokenmill.distributed.store import ShardStore, merge_jsonl, shards_dir
+from tokenmill.jobs.cost import cost_line
+from tokenmill.jobs.errors import JobFault, JobSetupError
+from tokenmill.jobs.files import JobPaths, read_keys, rewrite_in_order, write_json_atomic
+from tokenmill.jobs.progress import Progress, StopFlag
+from tokenmill.jobs.records import JobError
+from tokenmill.jobs.results import output_id_key
+from tokenmill.jobs.scan import iter_todo, scan
+from tokenmill.jobs.skeleton import (
+    ErrorRecords,
+    check_output,
+    complete_outputs,
+    done_keys,
+    exit_code,
+    failed_line,
+    faults_as_job_fault,
+    note,
+    open_input,
+    remove_job_files,
+    run_locked,
+    stop_interrupted,
+)
+from tokenmill.jobs.state import StateFile, format_duration
+
+SHARDS_PER_WORKER = 8  # default shard size: about this many shards per worker (a lost one re-runs 1/8 of a share)
+MAX_SHARD_WORK = 2_000_000  # ... and at most this many tokens (prompt + max_tokens) in one shard
+MIN_SHARD_ROWS = 8
+POLL_SECONDS = 0.5
+PROGRESS_POLL_SECONDS = 1.0
+NO_WORKER_TIMEOUT = 300.0  # no worker alive or starting for this long: the job stops (exit 3)
+
+
+@dataclass
+class RayOptions:
+    address: str  # a Ray address, "auto" (this machine's cluster or RAY_ADDRESS) or "local" (start one)
+    num_workers: int | None = None  # default: one per node (one per GPU on a GPU cluster)
+    shard_size: int | None = None  # rows per shard; default from the dataset (see default_shard_size)
+    max_shard_retries: int = 3
+    reissue: bool = True  # straggler copies once the queue is empty
+
+
+def default_shard_size(num_rows: int, num_workers: int, work_per_row: float) -> int:
+    """About SHARDS_PER_WORKER shards per worker, at most MAX_SHARD_WORK tokens and at least MIN_SHARD_ROWS rows."""
+    size = math.ceil(num_rows / max(1, num_workers * SHARDS_PER_WORKER))
+    size = min(size, max(1, int(MAX_SHARD_WORK / max(work_per_row, 1.0))))
+    return max(MIN_SHARD_ROWS, size)
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise JobSetupError("--ray needs Ray: pip install 'tokenmill[ray]'") from None
+    return ray
+
+
+def connect(address: str):
+    """ray.init for ``address``; returns (ray module, whether this process started the cluster)."""
+    ray = import_ray()
+    _check_reachable(address)
+    kwargs = dict(log_to_driver=False, include_dashboard=False, logging_level="ERROR", configure_logging=True)
+    try:
+        if address == "local":
+            ray.init(**kwargs)
+        else:
+            ray.init(address=address, **kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise JobSetupError(f"cannot connect to the Ray cluster at {address!r}: {str(e).splitlines()[0]}") from None
+    return ray, address == "local"
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A HOST:PORT address that nothing answers on is an error now, not minutes of Ray's connection retries."""
+    import socket
+
+    if address in ("local", "auto") or address.startswith("ray://") or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise JobSetupError(f"cannot connect to the Ray cluster at {address!r}: "
+                            f"{getattr(e, 'strerror', None) or e}") from None
+
+
+@dataclass
+class _Worker:
+    wid: str
+    actor: object
+    ready_ref: object | None
+    info: dict = field(default_factory=dict)
+    task: object | None = None  # the run_shard ObjectRef while busy
+    shard_name: str | None = None
+    progress_ref: object | None = None
+    polled_at: float = 0.0
+
+
+def run_distributed(kind: str, opts, ray_opts: RayOptions, stop: StopFlag | None = None) -> int:
+    """Runs (or resumes) a ``run`` or ``embed`` job on Ray; returns the exit code as ``run_job`` does. Raises
+    JobSetupError before anything runs, JobFault for a fault part way."""
+    opts.output = Path(opts.output)
+    check_output(opts.output)
+    if ray_opts.num_workers is not None and ray_opts.num_workers < 1:
+        raise JobSetupError(f"--num-workers must be >= 1, got {ray_opts.num_workers}")
+    if ray_opts.shard_size is not None and ray_opts.shard_size < 1:
+        raise JobSetupError(f"--shard-size must be >= 1, got {ray_opts.shard_size}")
+    if ray_opts.max_shard_retries < 0:
+        raise JobSetupError(f"--max-shard-retries must be >= 0, got {ray_opts.max_shard_retries}")
+    job = _GenerationKind(opts) if kind == "run" else _EmbedKind(opts)
+    ray, started = connect(ray_opts.address)
+    try:
+        return run_locked(opts.output, lambda paths: _Driver(job, opts, ray_opts, paths, ray,
+                                                             stop or StopFlag()).run())
+    finally:
+        ray.shutdown()
+
+
+class _GenerationKind:
+    name, unit = "run", "request"
+
+    def __init__(self, opts) -> None:
+        from tokenmill.jobs.inputs import RUN_FIELDS
+        from tokenmill.jobs.runner import JobContext
+
+        if opts.total_partitions != 1:
+            raise JobSetupError("--ray and --partition do not mix: the Ray job spreads the whole input itself")
+        self.opts, self.fields = opts, RUN_FIELDS
+        self.ctx = JobContext(opts.model, opts.engine_options, opts.sampling(), opts.context_overflow)
+        self.pre = self.ctx.pre
+        self.model_name = self.ctx.model_name
+        self.device = self.ctx.config.device
+
+    def manifest(self, identity: dict) -> dict:
+        from tokenmill.jobs.runner import manifest_for
+
+        return manifest_for(self.opts, self.ctx, identity)
+
+    def done_ids(self, paths: JobPaths) -> set[str]:
+        return done_keys(paths.output, output_id_key)
+
+    key = staticmethod(output_id_key)
+    shard_ext = ".jsonl"
+
+    def worker_spec(self, scanned, threads: int) -> dict:
+        plan = self.ctx.plan(*scanned.valid_lengths())
+        options = {"model": str(self.ctx.model_path), **self.opts.engine_options}
+        options.setdefault("max_num_seqs", plan.recommended_max_num_seqs)
+        options.setdefault("max_num_batched_tokens", plan.recommended_max_num_batched_tokens)
+        options.setdefault("num_threads", threads)
+        options["model_name"] = self.model_name
+        return options
+
+    def finalize(self, paths: JobPaths, store: ShardStore, scanned) -> tuple[int, int]:
+        """Merges the shards into OUTPUT in input order; returns (rows, duplicates dropped)."""
+        paths.output.touch()
+        seen = read_keys(paths.output, output_id_key)
+        dropped = merge_jsonl(paths.output, store.committed(), output_id_key, seen)
+        rewrite_in_order(paths.output, lambda r: scanned.line_of(output_id_key(r)) or 0)
+        return len(seen), dropped
+
+    def extra_files(self) -> tuple[Path, ...]:
+        return ()
+
+
+class _EmbedKind:
+    name, unit = "embed", "text"
+
+    def __init__(self, opts) -> None:
+        from tokenmill.embed.job import load_embedder
+        from tokenmill.embed.preprocess import EmbedPreprocessor
+        from tokenmill.jobs.inputs import EMBED_FIELDS
+
+        self.opts, self.fields = opts, EMBED_FIELDS
+        self.emb = load_embedder(opts)
+        self.pre = EmbedPreprocessor(self.emb)
+        self.model_name = self.emb.model_name
+        self.device = opts.device
+        self.shard_ext = ".parquet" if opts.format == "parquet" else ".jsonl"
+
+    @staticmethod
+    def key(r: dict) -> str:
+        from tokenmill.embed.records import embed_id_key
+
+        return embed_id_key(r["custom_id"])
+
+    def manifest(self, identity: dict) -> dict:
+        from tokenmill.embed.job import embed_manifest
+
+        return embed_manifest(self.opts, self.emb, identity)
+
+    def _sink(self, paths: JobPaths):
+        from tokenmill.embed.vectors import OpenAIVectorSink, ParquetVectorSink
+
+        if self.opts.format == "parquet":
+            return ParquetVectorSink(paths.output, self.emb.dim, self.emb.describe())
+        return OpenAIVectorSink(paths.output, self.model_name)
+
+    def done_ids(self, paths: JobPaths) -> set[str]:
+        return self._sink(paths).done_ids()
+
+    def worker_spec(self, scanned, threads: int) -> dict:
+        o = self.opts
+        return {"model": str(self.emb.path), "dtype": o.dtype, "device": o.device,
+                "max_batch_tokens": o.max_batch_tokens, "pooling": o.pooling, "normalize": o.normalize,
+                "max_seq_length": o.max_seq_length, "format": o.format, "num_threads": threads,
+                "window_tokens": o.window_tokens}
+
+    def finalize(self, paths: JobPaths, store: ShardStore, scanned) -> tuple[int, int]:
+        if self.opts.format == "parquet":
+            shards = store.committed()
+            before = sum(_parquet_rows(p) for p in shards)
+            sink = self._sink(paths)
+            existing = _parquet_rows(paths.output) if paths.output.exists() else 0
+            rows = sink.finalize(extra=shards)
+            return rows, existing + before - rows
+        paths.output.touch()
+        seen = read_keys(paths.output, self.key)
+        dropped = merge_jsonl(paths.output, store.committed(), self.key, seen)
+        rewrite_in_order(paths.output, lambda r: scanned.line_of(self.key(r)) or 0)
+        return len(seen), dropped
+
+    def extra_files(self) -> tuple[Path, ...]:
+        from tokenmill.embed.vectors import parts_dir
+
+        return (parts_dir(self.opts.output),)
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _shard_ids(path: Path, key) -> list[str]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path, columns=["id"]).column("id").to_pylist()
+    with open(path, "rb") as f:
+        return [key(json.loads(line)) for line in f if line.strip()]
+
+
+def _drop_shard_failed(paths: JobPaths) -> int:
+    """Removes the ``shard_failed`` error records of an earlier start, so their rows are retried."""
+    if not paths.errors.exists():
+        return 0
+    lines = paths.errors.read_bytes().splitlines(keepends=True)
+    keep = [ln for ln in lines if not ln.strip() or json.loads(ln).get("code") != "shard_failed"]
+    if len(keep) == len(lines):
+        return 0
+    tmp = paths.errors.with_name(f".{paths.errors.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(b"".join(keep))
+    os.replace(tmp, paths.errors)
+    return len(lines) - len(keep)
+
+
+class _Driver:
+    def __init__(self, job, opts, ray_opts: RayOptions, paths: JobPaths, ray, stop: StopFlag) -> None:
+        self.job, self.opts, self.ray_opts, self.paths, self.ray, self.stop = job, opts, ray_opts, paths, ray, stop
+        self.t_start = time.perf_counter()
+        self.store = ShardStore(paths.output)
+        self.state = StateFile(paths.state)
+        self.run_token = f"{int(time.time()):x}{os.getpid():x}"
+        self.workers: dict[str, _Worker] = {}
+        self.num_started = 0
+        self.items: dict[int, list] = {}  # shard id -> its prepared requests, until committed or given up
+        self.refs: dict[int, object] = {}  # shard id -> the requests in Ray's object store
+        self.shards: dict[int, Shard] = {}
+        self.total = self.done = 0
+        self.shards_total = self.shards_done = 0
+        self.run_rows = self.run_prompt = self.run_gen = 0
+        self.queue: ShardQueue | None = None
+        self.t_loop = time.perf_counter()
+        self.last_worker_seen = time.monotonic()
+        self.first_worker_error: str | None = None
+        self.num_threads = 1
+        self.num_nodes = 0
+        self.errors: ErrorRecords | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def run(self) -> int:
+        job, opts, paths = self.job, self.opts, self.paths
+        with open_input(opts.input_spec, paths, job.fields) as source:
+            if opts.overwrite:
+                remove_job_files(paths, (shards_dir(paths.output), *job.extra_files()))
+            manifest = job.manifest(source.identity())
+            from tokenmill.jobs.manifest import check_manifest, write_manifest
+
+            check_manifest(paths, manifest, lambda m: note(opts.quiet, m))
+            write_manifest(paths, manifest)
+            retried = _drop_shard_failed(paths)
+            self.store.prepare()
+            done = job.done_ids(paths)
+            for shard in self.store.committed():
+                done.update(_shard_ids(shard, job.key))
+            self.errors = ErrorRecords(paths)
+            if done or self.errors.done_lines:
+                note(opts.quiet, f"resuming: {len(done)} rows done and {len(self.errors.done_lines)} error records "
+                                 f"already written" + (f"; {retried} rows of failed shards run again" if retried
+                                                       else ""))
+            self.done = len(done)
+            closers = [self.errors.appender]
+            with faults_as_job_fault(opts.output, self.state, self.snapshot, closers):
+                self.state.write({**self.snapshot(), "message": "validating input"}, force=True)
+                scanned = scan(source, job.pre, self.errors)
+                self.errors.appender.sync()
+                self.total = scanned.num_valid
+                todo = iter_todo(source, scanned.valid, done, job.pre)
+                code = self._distribute(scanned, todo, len(done))
+                if code:
+                    return code
+                self.state.write({**self.snapshot(), "message": "merging the shards into the output"}, force=True)
+                rows, dropped = job.finalize(paths, self.store, scanned)
+                complete_outputs(paths, self.errors, source)
+                self.store.remove()
+            return self._summary(rows, dropped)
+
+    def _cluster_shape(self) -> tuple[int, dict]:
+        """(workers to start, Ray resources of one) from the cluster and the options."""
+        ray = self.ray
+        nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+        self.num_nodes = len(nodes)
+        if not nodes:
+            raise JobSetupError("the Ray cluster has no node with CPUs")
+        device = self.job.device
+        gpus = int(sum(n["Resources"].get("GPU", 0) for n in nodes))
+        if gpus and device != "cpu":
+            n = self.ray_opts.num_workers or gpus
+            self.num_threads = 1
+            return n, {"num_gpus": 1, "num_cpus": 1}
+        min_cpus = int(min(n["Resources"]["CPU"] for n in nodes))
+        n = self.ray_opts.num_workers or len(nodes)
+        per_node = math.ceil(n / len(nodes))
+        cpus = max(1, min_cpus // per_node)
+        self.num_threads = cpus
+        return n, {"num_cpus": cpus}
+
+    def _probe(self) -> str:
+        name = f".probe-{self.run_token}"
+        (self.store.dir / name).write_bytes(b"")
+        return name
+
+    def _start_worker(self, resources: dict, spec: dict, probe: str) -> None:
+        from tokenmill.distributed.worker import ShardWorker
+
+        remote = self.ray.remote(ShardWorker).options(max_concurrency=2, max_restarts=0, scheduling_strategy="SPREAD",
+                                                      **resources)
+        actor = remote.remote(self.job.name, spec, str(self.store.dir), probe)
+        wid = f"w{self.num_started}"
+        self.num_started += 1
+        self.workers[wid] = _Worker(wid, actor, actor.ready.remote())
+
+    # ------------------------------------------------------------------ the loop
+    def _shard_source(self, todo: Iterator, shard_size: int, scanned) -> Iterator[Shard]:
+        batch: list = []
+        next_id = 0
+
+        def make(items) -> Shard:
+            nonlocal next_id
+            work = float(sum(len(it.token_ids) + it.max_tokens for it in items))
+            shard = Shard(next_id, work, len(items))
+            self.items[next_id] = items
+            self.refs[next_id] = self.ray.put(items)
+            self.shards[next_id] = shard
+            next_id += 1
+            return shard
+
+        for item in todo:
+            batch.append(item)
+            if len(batch) >= shard_size:
+                yield make(batch)
+                batch = []
+        if batch:
+            yield make(batch)
+
+    def _distribute(self, scanned, todo: Iterator, num_done: int) -> int:
+        ray, ro = self.ray, self.ray_opts
+        todo_rows = max(0, scanned.num_valid - num_done)
+        if todo_rows == 0:
+            return 0
+        num_workers, resources = self._cluster_shape()
+        prompt, max_tokens = scanned.valid_lengths()
+        work_per_row = float(prompt.sum(dtype=np.int64) + max_tokens.sum(dtype=np.int64)) / max(1, len(prompt))
+        shard_size = ro.shard_size or default_shard_size(todo_rows, num_workers, work_per_row)
+        self.shard_size = shard_size
+        self.shards_total = math.ceil(todo_rows / shard_size)
+        self.num_workers = num_workers
+        spec = self.job.worker_spec(scanned, self.num_threads)
+        probe = self._probe()
+        self.state.write({**self.snapshot(), "message": f"starting {num_workers} workers"}, force=True)
+        for _ in range(num_workers):
+            self._start_worker(resources, spec, probe)
+        note(self.opts.quiet, f"Ray: {num_workers} workers ({self.num_threads} threads each) on {self.num_nodes} "
+                              f"nodes; {todo_rows} rows to run in {self.shards_total} shards of up to {shard_size}")
+        self.queue = ShardQueue(self._shard_source(todo, shard_size, scanned), ro.max_shard_retries, ro.reissue)
+        progress = Progress(self.total, self.done, f"tokenmill {self.job.name} (ray)", self.job.unit, self.opts.quiet,
+                            self.opts.progress_interval)
+        self.t_loop = time.perf_counter()
+        try:
+            while not self.queue.finished and self.stop.received is None:
+                self._step(resources, spec, probe, progress)
+                self.state.write_due(self.snapshot)
+        finally:
+            progress.close(self.postfix)
+            for w in self.workers.values():
+                ray.kill(w.actor, no_restart=True)
+        if self.stop.received is None:
+            return 0
+        running = len(self.queue.running)
+        return stop_interrupted(self.stop.received, self.state, self.snapshot(), [self.errors.appender],
+                                f"stopped by signal after {self.done}/{self.total} rows; {running} shards in flight "
+                                f"will run again on resume ({self.shards_done} committed).")
+
+    def _step(self, resources: dict, spec: dict, probe: str, progress: Progress) -> None:
+        ray, queue = self.ray, self.queue
+        now = time.monotonic()
+        for w in list(self.workers.values()):  # idle, ready workers take work
+            if w.ready_ref is None and w.task is None:
+                attempt = queue.assign(w.wid, now)
+                if attempt is not None:
+                    sid = attempt.shard.shard_id
+                    w.shard_name = f"{self.run_token}-{sid:06d}"
+                    w.task = w.actor.run_shard.remote(w.shard_name, self.refs[sid])
+                    w.polled_at = now
+        waiting = {}
+        for w in self.workers.values():
+            if w.ready_ref is not None:
+                waiting[w.ready_ref] = (w, "ready")
+            elif w.task is not None:
+                waiting[w.task] = (w, "task")
+        if not waiting:
+            if time.monotonic() - self.last_worker_seen > NO_WORKER_TIMEOUT:
+                raise JobFault(f"no Ray worker alive or starting for {NO_WORKER_TIMEOUT:.0f} s"
+                               + (f" (last worker error: {self.first_worker_error})" if self.first_worker_error
+                                  else "") + "; committed shards are kept: run the same command again to resume")
+            time.sleep(POLL_SECONDS)
+            return
+        self.last_worker_seen = time.monotonic()
+        ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=POLL_SECONDS)
+        for ref in ready:
+            w, what = waiting[ref]
+            if what == "ready":
+                self._on_ready(w, ref, resources, spec, probe)
+            else:
+                self._on_task(w, ref, resources, spec, probe, progress)
+        self._poll_progress()
+
+    def _on_ready(self, w: _Worker, ref, resources, spec, probe) -> None:
+        from tokenmill.distributed.worker import OutputNotShared
+
+        w.ready_ref = None
+        try:
+            w.info = self.ray.get(ref)
+        except Exception as e:  # the actor could not start (model load failed, node gone, output not shared)
+            cause = _cause(e)
+            if isinstance(cause, OutputNotShared):
+                raise JobSetupError(str(cause)) from None
+            self.first_worker_error = self.first_worker_error or f"{type(cause).__name__}: {cause}"
+            del self.workers[w.wid]
+            if not any(x.info for x in self.workers.values()) and not any(
+                    x.ready_ref is not None for x in self.workers.values()) and self.num_started >= self.num_workers:
+                raise JobFault(f"no Ray worker could start: {self.first_worker_error}") from None
+            self._replace(resources, spec, probe)
+
+    def _on_task(self, w: _Worker, ref, resources, spec, probe, progress: Progress) -> None:
+        queue = self.queue
+        now = time.monotonic()
+        w.task = None
+        w.progress_ref = None
+        try:
+            result = self.ray.get(ref)
+        except Exception as e:
+            self.ray.kill(w.actor, no_restart=True)
+            del self.workers[w.wid]
+            cause = _cause(e)
+            self.first_worker_error = self.first_worker_error or f"{type(cause).__name__}: {cause}"
+            given_up = queue.lost(w.wid)
+            if given_up is not None:
+                self._give_up(given_up, f"{type(cause).__name__}: {cause}")
+            self._replace(resources, spec, probe)
+            return
+        if result["status"] == "committed":
+            sid = queue.running[w.wid].shard.shard_id
+            for loser in queue.committed(w.wid, now):
+                other = self.workers.get(loser)
+                if other is not None and other.shard_name == w.shard_name:
+                    other.actor.cancel.remote(w.shard_name)
+            self.items.pop(sid, None)
+            self.refs.pop(sid, None)
+            self.shards_done += 1
+            self.done += result["rows"]
+            self.run_rows += result["rows"]
+            self.run_prompt += result["prompt_tokens"]
+            self.run_gen += result["gen_tokens"]
+            progress.update(result["rows"], self.postfix)
+        else:  # cancelled, or lost the commit race to another copy
+            queue.cancelled(w.wid)
+        w.shard_name = None
+
+    def _replace(self, resources, spec, probe) -> None:
+        """Starts a worker in place of a lost one (Ray places it wherever resources are free), within a budget."""
+        alive = len(self.workers)
+        if alive < self.num_workers and self.num_started < 2 * self.num_workers + self.ray_opts.max_shard_retries + 2:
+            self._start_worker(resources, spec, probe)
+
+    def _give_up(self, shard: Shard, reason: str) -> None:
+        items = self.items.pop(shard.shard_id)
+        self.refs.pop(shard.shard_id, None)
+        for it in items:
+            req = it.request
+            openai = req.kind not in ("plain",)
+            self.errors(req.line_no, JobError(
+                "shard_failed", f"line {req.line_no}: every worker that ran this row's shard was lost "
+                f"({shard.retries + 1} attempts; last: {reason[:200]}); run the same command again to retry it",
+                req.record_id, openai))
+        self.errors.appender.sync()
+        self.shards_done += 1
+
+    def _poll_progress(self) -> None:
+        ray, queue = self.ray, self.queue
+        now = time.monotonic()
+        refs = {w.progress_ref: w for w in self.workers.values() if w.progress_ref is not None}
+        if refs:
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+            for ref in ready:
+                w = refs[ref]
+                w.progress_ref = None
+                try:
+                    name, work = ray.get(ref)
+                except Exception:
+                    continue
+                if name is not None and name == w.shard_name:
+                    queue.progress(w.wid, work, now)
+        for w in self.workers.values():
+            if w.task is not None and w.progress_ref is None and now - w.polled_at >= PROGRESS_POLL_SECONDS:
+                w.progress_ref = w.actor.progress.remote()
+                w.polled_at = now
+
+    # ------------------------------------------------------------------ reporting
+    def snapshot(self) -> dict:
+        elapsed = time.perf_counter() - self.t_loop
+        rate = (self.run_prompt + self.run_gen) / elapsed if elapsed > 0 else 0.0
+        rows_s = self.run_rows / elapsed if elapsed > 0 else 0.0
+        q = self.queue
+        workers = []
+        if q is not None:
+            for w in self.workers.values():
+                a = q.running.get(w.wid)
+                workers.append({"id": w.wid, "pid": w.info.get("pid"), "host": w.info.get("host"),
+                                "node_id": w.info.get("node_id"), "state": "starting" if w.ready_ref is not None else
+                                ("busy" if w.task is not None else "idle"),
+                                "shard": w.shard_name, "shard_done_work": a.done_work if a else None})
+        snap = {"state": "running", "output": str(self.opts.output), "total": self.total, "done": self.done,
+                "failed": self.errors.count if self.errors else 0, "prompt_tok_s": rate if self.job.name == "embed"
+                else self.run_prompt / elapsed if elapsed > 0 else 0.0,
+                "gen_tok_s": self.run_gen / elapsed if elapsed > 0 else 0.0,
+                "elapsed_s": time.perf_counter() - self.t_start,
+                "eta_s": (self.total - self.done) / rows_s if rows_s > 0 else None, "message": None,
+                "ray": {"shards_total": self.shards_total, "shards_done": self.shards_done,
+                        "reissued": q.stats.reissued if q else 0, "copies_won": q.stats.copies_won if q else 0,
+                        "retried": q.stats.retried if q else 0, "workers_lost": q.stats.workers_lost if q else 0,
+                        "workers": workers}}
+        if self.job.name == "embed":
+            snap["kind"] = "embed"
+            snap["texts_s"] = rows_s
+        return snap
+
+    def postfix(self) -> str:
+        s = self.snapshot()
+        return (f"shards {self.shards_done}/{self.shards_total}, "
+                f"{s['prompt_tok_s'] + s['gen_tok_s']:.0f} tok/s, ETA {format_duration(s['eta_s'])}")
+
+    def _summary(self, rows: int, dropped: int) -> int:
+        opts, q = self.opts, self.queue
+        wall = time.perf_counter() - self.t_start
+        tokens = self.run_prompt + self.run_gen
+        failed = self.errors.count
+        unit = self.job.unit
+        lines = [f"tokenmill: completed {self.done}/{self.total} {unit}s ok, {failed} failed, in "
+                 f"{format_duration(wall)} ({wall:.1f} s); {rows} rows in {opts.output}"]
+        if q is not None:
+            s = q.stats
+            lines.append(f"  Ray: {self.num_workers} workers on {self.num_nodes} nodes, {self.shards_total} shards of up "
+                         f"to {self.shard_size} rows; {s.reissued} straggler shards re-issued ({s.copies_won} copies "
+                         f"won), {s.retried} re-run after {s.workers_lost} lost workers, {s.given_up} given up")
+        lines.append(f"  this run: {self.run_prompt:,} input + {self.run_gen:,} output tokens, "
+                     f"{tokens / wall if wall > 0 else 0:.1f} tok/s total over the cluster")
+        if dropped:
+            lines.append(f"  {dropped} duplicate rows from an earlier start's workers were dropped in the merge")
+        if opts.gpu_hourly_rate is not None:
+            throughput = (self.run_gen if self.job.name == "run" else self.run_prompt) / wall if wall > 0 else 0.0
+            billed = opts.num_gpus * max(1, getattr(self, "num_workers", 1))
+            lines.append(cost_line(billed, opts.gpu_hourly_rate, throughput, wall,
+                                   "output" if self.job.name == "run" else "input"))
+        if failed:
+            lines.append(failed_line(failed, self.paths))
+        self.state.write({**self.snapshot(), "state": "completed", "eta_s": 0, "message": lines[0]}, force=True)
+        if not opts.quiet:
+            print("\n".join(lines), file=sys.stderr, flush=True)
+        return exit_code(failed)
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The user-level exception inside a Ray error (RayTaskError wraps it as ``cause``)."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else e
