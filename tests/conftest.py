@@ -1,3 +1,4 @@
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,3 +74,17 @@ def minilm():
     from tokenmill.embed.embedder import Embedder
 
     return Embedder()
+
+
+@pytest.fixture
+def run_cli(cli_env):
+    """Runs `tokenmill ARGS` in a subprocess; ``check``: the exit code it must end with."""
+    from helpers import tokenmill_cmd
+
+    def run(*args, timeout=300, check=None):
+        proc = subprocess.run(tokenmill_cmd(*args), env=cli_env, capture_output=True, text=True, timeout=timeout)
+        if check is not None:
+            assert proc.returncode == check, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+        return proc
+
+    return run

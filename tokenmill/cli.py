@@ -230,19 +230,74 @@ def status(output, as_json):
 @click.option("--gpu-memory-utilization", type=float, default=None)
 @input_format_option
 @columns_option
+@click.option("--deadline", default=None, metavar="DURATION",
+              help="Fleet plan: finish the dataset within this time (e.g. 12h, 90m) on a --ray cluster.")
+@click.option("--gpu-hourly-rate", type=float, default=None, help="Fleet plan: USD per worker-hour.")
+@click.option("--spot-discount", type=float, default=0.6, show_default=True,
+              help="Fleet plan: spot price = on-demand x (1 - discount).")
+@click.option("--tok-per-s", type=float, default=None,
+              help="Fleet plan: one worker's speed in prompt + output tokens/s.")
+@click.option("--calibrate", is_flag=True,
+              help="Fleet plan: measure one worker's tok/s (and the share of max_tokens generated) on a sample of "
+                   "the dataset here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, gpu_memory_utilization, input_format,
-         columns, as_json):
-    """Memory plan from the dataset's length statistics: KV blocks, concurrency, recommended settings."""
-    from tokenmill.jobs.inputs import RUN_FIELDS
+         columns, deadline, gpu_hourly_rate, spot_discount, tok_per_s, calibrate, as_json):
+    """Memory plan from the dataset's length statistics: KV blocks, concurrency, recommended settings. With
+    --deadline: the fleet plan (workers, shard size, cost on demand and on spot) for a `run --ray` job."""
+    import tempfile
 
+    from tokenmill.jobs.inputs import RUN_FIELDS, InputSource, InputSpec
+    from tokenmill.jobs.scan import scan
+
+    fleet_args = dict(gpu_hourly_rate=gpu_hourly_rate, tok_per_s=tok_per_s, calibrate=calibrate or None)
+    deadline_s = None
+    if deadline is None:
+        given = [k.replace("_", "-") for k, v in fleet_args.items() if v is not None]
+        if given:
+            raise UserError(f"--{', --'.join(given)}: only with --deadline (the fleet plan)")
+    else:
+        from tokenmill.distributed.fleet import parse_duration
+
+        try:
+            deadline_s = parse_duration(deadline)
+        except ValueError as e:
+            raise UserError(f"--deadline: {e}") from None
+        if gpu_hourly_rate is None or gpu_hourly_rate < 0:
+            raise UserError("--deadline needs --gpu-hourly-rate USD (>= 0)")
+        if (tok_per_s is None) == (not calibrate):
+            raise UserError("--deadline needs one of --tok-per-s N or --calibrate")
     model, engine, sampling = _engine_and_sampling(
         config, model, dict(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
                             gpu_memory_utilization=gpu_memory_utilization), dict(max_tokens=max_tokens))
     ctx = _job_context(model, engine, sampling)
-    s = _scan_input(input_path, input_format, _columns(columns, RUN_FIELDS), ctx.pre, lambda n, e: None, RUN_FIELDS)
-    p = ctx.plan(*s.valid_lengths())
-    click.echo(json.dumps(p.as_dict(), indent=1) if as_json else p.render())
+    with tempfile.TemporaryDirectory(prefix="tokenmill-") as tmp:
+        spec = InputSpec(input_path, input_format, _columns(columns, RUN_FIELDS))
+        with InputSource(spec, RUN_FIELDS, spool=Path(tmp) / "stdin") as source:
+            s = scan(source, ctx.pre, lambda n, e: None)
+            p = ctx.plan(*s.valid_lengths())
+            fleet = None
+            if deadline_s is not None:
+                from tokenmill.distributed.fleet import calibrate as measure
+                from tokenmill.distributed.fleet import plan_fleet
+
+                ratio = 1.0
+                if calibrate:
+                    try:
+                        tok_per_s, ratio = measure(ctx, engine, s, source)
+                    except ValueError as e:
+                        raise UserError(str(e)) from None
+                try:
+                    fleet = plan_fleet(*s.valid_lengths(), tok_per_s, deadline_s, gpu_hourly_rate, spot_discount,
+                                       ratio, calibrated=bool(calibrate))
+                except ValueError as e:
+                    raise UserError(str(e)) from None
+    if as_json:
+        click.echo(json.dumps({**p.as_dict(), **({"fleet": fleet.as_dict()} if fleet else {})}, indent=1))
+    else:
+        click.echo(p.render())
+        if fleet:
+            click.echo(fleet.render())
     if s.num_errors:
         click.echo(f"({s.num_errors} invalid lines left out; see `tokenmill validate`)", err=True)
     return 0
