@@ -302,6 +302,7 @@ class _Driver:
         self.total = self.done = 0
         self.shards_total = self.shards_done = 0
         self.run_rows = self.run_prompt = self.run_gen = 0
+        self.shard_seconds: list[float] = []  # committed shards' times (the fleet simulator's input)
         self.queue: ShardQueue | None = None
         self.t_loop = time.perf_counter()
         self.last_worker_seen = time.monotonic()
@@ -525,6 +526,7 @@ class _Driver:
             self.run_rows += result["rows"]
             self.run_prompt += result["prompt_tokens"]
             self.run_gen += result["gen_tokens"]
+            self.shard_seconds.append(round(result["seconds"], 3))
             progress.update(result["rows"], self.postfix)
         else:  # cancelled, or lost the commit race to another copy
             queue.cancelled(w.wid)
@@ -627,7 +629,9 @@ class _Driver:
                                    "output" if self.job.name == "run" else "input"))
         if failed:
             lines.append(failed_line(failed, self.paths))
-        self.state.write({**self.snapshot(), "state": "completed", "eta_s": 0, "message": lines[0]}, force=True)
+        final = self.snapshot()
+        final["ray"]["shard_seconds"] = self.shard_seconds[:100_000]
+        self.state.write({**final, "state": "completed", "eta_s": 0, "message": lines[0]}, force=True)
         if not opts.quiet:
             print("\n".join(lines), file=sys.stderr, flush=True)
         return exit_code(failed)

@@ -71,6 +71,7 @@ class ShardQueue:
     committed_work: float = 0.0
     committed_seconds: float = 0.0  # worker-seconds of the attempts that committed
     source_exhausted: bool = False
+    copies: dict = field(default_factory=dict)  # shard id -> attempts running (1 or 2)
 
     @property
     def fleet_rate(self) -> float | None:
@@ -95,7 +96,18 @@ class ShardQueue:
         shard.attempts += 1
         attempt = Attempt(shard, worker, now, is_copy, progress_at=now)
         self.running[worker] = attempt
+        self.copies[shard.shard_id] = self.copies.get(shard.shard_id, 0) + 1
         return attempt
+
+    def _drop(self, worker: str) -> Attempt | None:
+        a = self.running.pop(worker, None)
+        if a is not None:
+            left = self.copies[a.shard.shard_id] - 1
+            if left:
+                self.copies[a.shard.shard_id] = left
+            else:
+                del self.copies[a.shard.shard_id]
+        return a
 
     def _next_new(self) -> Shard | None:
         if self.source_exhausted:
@@ -111,7 +123,7 @@ class ShardQueue:
         rate = self.fleet_rate
         best, best_finish = None, -1.0
         for a in self.running.values():
-            if len(self.attempts_of(a.shard)) > 1:
+            if self.copies[a.shard.shard_id] > 1:
                 continue
             finish = a.projected_finish(now, rate)
             if finish > best_finish:
@@ -129,31 +141,32 @@ class ShardQueue:
 
     def committed(self, worker: str, now: float) -> list[str]:
         """``worker``'s attempt committed its shard; returns the workers running other copies (to cancel)."""
-        a = self.running.pop(worker)
+        a = self._drop(worker)
         shard = a.shard
         shard.state = "committed"
         self.committed_work += shard.work
         self.committed_seconds += max(now - a.started, 1e-9)
         if a.is_copy:
             self.stats.copies_won += 1
-        losers = [w for w, other in self.running.items() if other.shard is shard]
+        losers = [w for w, other in self.running.items() if other.shard is shard] if shard.shard_id in self.copies \
+            else []
         for w in losers:
-            del self.running[w]
+            self._drop(w)
         return losers
 
     def cancelled(self, worker: str) -> None:
         """``worker`` stopped a copy whose shard another worker committed (or the driver dropped it)."""
-        self.running.pop(worker, None)
+        self._drop(worker)
 
     def lost(self, worker: str) -> Shard | None:
         """``worker`` died (process killed, node lost). Its shard goes back to the queue unless another copy still
         runs; returns the shard if it was given up (more than ``max_retries`` re-runs), else None."""
         self.stats.workers_lost += 1
-        a = self.running.pop(worker, None)
+        a = self._drop(worker)
         if a is None:
             return None
         shard = a.shard
-        if shard.state != "running" or self.attempts_of(shard):
+        if shard.state != "running" or shard.shard_id in self.copies:
             return None
         if shard.retries >= self.max_retries:
             shard.state = "given_up"
