@@ -118,14 +118,21 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
 
 @dataclass
 class _Worker:
+    """A Ray actor and its SLOTS shard slots (queue worker ids ``<wid>.<k>``)."""
+
     wid: str
     actor: object
     ready_ref: object | None
     info: dict = field(default_factory=dict)
-    task: object | None = None  # the run_shard ObjectRef while busy
-    shard_name: str | None = None
+    tasks: dict = field(default_factory=dict)  # slot -> run_shard ObjectRef
+    names: dict = field(default_factory=dict)  # slot -> shard name
     progress_ref: object | None = None
     polled_at: float = 0.0
+
+    def slots(self) -> list[str]:
+        from tokenmill.distributed.worker import SLOTS
+
+        return [f"{self.wid}.{k}" for k in range(SLOTS)]
 
 
 def run_distributed(kind: str, opts, ray_opts: RayOptions, stop: StopFlag | None = None) -> int:
@@ -240,12 +247,11 @@ class _EmbedKind:
 
     def finalize(self, paths: JobPaths, store: ShardStore, scanned) -> tuple[int, int]:
         if self.opts.format == "parquet":
-            shards = store.committed()
-            before = sum(_parquet_rows(p) for p in shards)
             sink = self._sink(paths)
-            existing = _parquet_rows(paths.output) if paths.output.exists() else 0
-            rows = sink.finalize(extra=shards)
-            return rows, existing + before - rows
+            sources = ([paths.output] if paths.output.exists() else []) + sink._part_files() + store.committed()
+            before = sum(_parquet_rows(p) for p in sources)
+            rows = sink.finalize(extra=store.committed())
+            return rows, before - rows
         paths.output.touch()
         seen = read_keys(paths.output, self.key)
         dropped = merge_jsonl(paths.output, store.committed(), self.key, seen)
@@ -375,10 +381,10 @@ class _Driver:
         return name
 
     def _start_worker(self, resources: dict, spec: dict, probe: str) -> None:
-        from tokenmill.distributed.worker import ShardWorker
+        from tokenmill.distributed.worker import SLOTS, ShardWorker
 
-        remote = self.ray.remote(ShardWorker).options(max_concurrency=2, max_restarts=0, scheduling_strategy="SPREAD",
-                                                      **resources)
+        remote = self.ray.remote(ShardWorker).options(max_concurrency=SLOTS + 2, max_restarts=0,
+                                                      scheduling_strategy="SPREAD", **resources)
         actor = remote.remote(self.job.name, spec, str(self.store.dir), probe)
         wid = f"w{self.num_started}"
         self.num_started += 1
@@ -426,7 +432,8 @@ class _Driver:
             self._start_worker(resources, spec, probe)
         note(self.opts.quiet, f"Ray: {num_workers} workers ({self.num_threads} threads each) on {self.num_nodes} "
                               f"nodes; {todo_rows} rows to run in {self.shards_total} shards of up to {shard_size}")
-        self.queue = ShardQueue(self._shard_source(todo, shard_size, scanned), ro.max_shard_retries, ro.reissue)
+        self.queue = ShardQueue(self._shard_source(todo, shard_size, scanned), ro.max_shard_retries, ro.reissue,
+                                machine_of=lambda slot: slot.partition(".")[0])
         progress = Progress(self.total, self.done, f"tokenmill {self.job.name} (ray)", self.job.unit, self.opts.quiet,
                             self.opts.progress_interval)
         self.t_loop = time.perf_counter()
@@ -448,20 +455,24 @@ class _Driver:
     def _step(self, resources: dict, spec: dict, probe: str, progress: Progress) -> None:
         ray, queue = self.ray, self.queue
         now = time.monotonic()
-        for w in list(self.workers.values()):  # idle, ready workers take work
-            if w.ready_ref is None and w.task is None:
-                attempt = queue.assign(w.wid, now)
-                if attempt is not None:
-                    sid = attempt.shard.shard_id
-                    w.shard_name = f"{self.run_token}-{sid:06d}"
-                    w.task = w.actor.run_shard.remote(w.shard_name, self.refs[sid])
-                    w.polled_at = now
+        for w in list(self.workers.values()):  # free slots of ready workers take work
+            if w.ready_ref is not None:
+                continue
+            for slot in w.slots():
+                if slot in w.tasks:
+                    continue
+                attempt = queue.assign(slot, now)
+                if attempt is None:
+                    break
+                sid = attempt.shard.shard_id
+                w.names[slot] = f"{self.run_token}-{sid:06d}"
+                w.tasks[slot] = w.actor.run_shard.remote(w.names[slot], self.refs[sid])
         waiting = {}
         for w in self.workers.values():
             if w.ready_ref is not None:
-                waiting[w.ready_ref] = (w, "ready")
-            elif w.task is not None:
-                waiting[w.task] = (w, "task")
+                waiting[w.ready_ref] = (w, None)
+            for slot, ref in w.tasks.items():
+                waiting[ref] = (w, slot)
         if not waiting:
             if time.monotonic() - self.last_worker_seen > NO_WORKER_TIMEOUT:
                 raise JobFault(f"no Ray worker alive or starting for {NO_WORKER_TIMEOUT:.0f} s"
@@ -472,11 +483,13 @@ class _Driver:
         self.last_worker_seen = time.monotonic()
         ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=POLL_SECONDS)
         for ref in ready:
-            w, what = waiting[ref]
-            if what == "ready":
+            w, slot = waiting[ref]
+            if w.wid not in self.workers:
+                continue  # lost with another of its slots in this round
+            if slot is None:
                 self._on_ready(w, ref, resources, spec, probe)
             else:
-                self._on_task(w, ref, resources, spec, probe, progress)
+                self._on_task(w, slot, ref, resources, spec, probe, progress)
         self._poll_progress()
 
     def _on_ready(self, w: _Worker, ref, resources, spec, probe) -> None:
@@ -496,29 +509,31 @@ class _Driver:
                 raise JobFault(f"no Ray worker could start: {self.first_worker_error}") from None
             self._replace(resources, spec, probe)
 
-    def _on_task(self, w: _Worker, ref, resources, spec, probe, progress: Progress) -> None:
+    def _on_task(self, w: _Worker, slot: str, ref, resources, spec, probe, progress: Progress) -> None:
         queue = self.queue
         now = time.monotonic()
-        w.task = None
-        w.progress_ref = None
+        del w.tasks[slot]
+        name = w.names.pop(slot)
         try:
             result = self.ray.get(ref)
-        except Exception as e:
+        except Exception as e:  # the worker died (or its engine failed): every shard in it is lost
+            cause = _cause(e)
+            reason = f"{type(cause).__name__}: {cause}"
+            self.first_worker_error = self.first_worker_error or reason
             self.ray.kill(w.actor, no_restart=True)
             del self.workers[w.wid]
-            cause = _cause(e)
-            self.first_worker_error = self.first_worker_error or f"{type(cause).__name__}: {cause}"
-            given_up = queue.lost(w.wid)
-            if given_up is not None:
-                self._give_up(given_up, f"{type(cause).__name__}: {cause}")
+            for i, s in enumerate([slot, *w.tasks]):
+                given_up = queue.lost(s, count=i == 0)
+                if given_up is not None:
+                    self._give_up(given_up, reason)
             self._replace(resources, spec, probe)
             return
         if result["status"] == "committed":
-            sid = queue.running[w.wid].shard.shard_id
-            for loser in queue.committed(w.wid, now):
-                other = self.workers.get(loser)
-                if other is not None and other.shard_name == w.shard_name:
-                    other.actor.cancel.remote(w.shard_name)
+            sid = queue.running[slot].shard.shard_id
+            for loser in queue.committed(slot, now):
+                other = self.workers.get(loser.partition(".")[0])
+                if other is not None and other.names.get(loser) == name:
+                    other.actor.cancel.remote(name)
             self.items.pop(sid, None)
             self.refs.pop(sid, None)
             self.shards_done += 1
@@ -529,8 +544,7 @@ class _Driver:
             self.shard_seconds.append(round(result["seconds"], 3))
             progress.update(result["rows"], self.postfix)
         else:  # cancelled, or lost the commit race to another copy
-            queue.cancelled(w.wid)
-        w.shard_name = None
+            queue.cancelled(slot)
 
     def _replace(self, resources, spec, probe) -> None:
         """Starts a worker in place of a lost one (Ray places it wherever resources are free), within a budget."""
@@ -561,13 +575,14 @@ class _Driver:
                 w = refs[ref]
                 w.progress_ref = None
                 try:
-                    name, work = ray.get(ref)
+                    work = ray.get(ref)
                 except Exception:
                     continue
-                if name is not None and name == w.shard_name:
-                    queue.progress(w.wid, work, now)
+                for slot, name in w.names.items():
+                    if name in work:
+                        queue.progress(slot, work[name], now)
         for w in self.workers.values():
-            if w.task is not None and w.progress_ref is None and now - w.polled_at >= PROGRESS_POLL_SECONDS:
+            if w.tasks and w.progress_ref is None and now - w.polled_at >= PROGRESS_POLL_SECONDS:
                 w.progress_ref = w.actor.progress.remote()
                 w.polled_at = now
 
@@ -580,11 +595,10 @@ class _Driver:
         workers = []
         if q is not None:
             for w in self.workers.values():
-                a = q.running.get(w.wid)
                 workers.append({"id": w.wid, "pid": w.info.get("pid"), "host": w.info.get("host"),
                                 "node_id": w.info.get("node_id"), "state": "starting" if w.ready_ref is not None else
-                                ("busy" if w.task is not None else "idle"),
-                                "shard": w.shard_name, "shard_done_work": a.done_work if a else None})
+                                ("busy" if w.tasks else "idle"), "shards": sorted(w.names.values()),
+                                "shard": min(w.names.values(), default=None)})
         snap = {"state": "running", "output": str(self.opts.output), "total": self.total, "done": self.done,
                 "failed": self.errors.count if self.errors else 0, "prompt_tok_s": rate if self.job.name == "embed"
                 else self.run_prompt / elapsed if elapsed > 0 else 0.0,

@@ -1,7 +1,8 @@
 """The shard queue of a distributed job, in pure Python (no Ray): which shard a free worker runs next.
 
 A free worker gets, in order: a shard put back after its worker was lost, else the next new shard, else (once no
-new shard is left) a copy of the in-flight shard projected to finish last, if a fresh copy would beat it. The first
+new shard is left, and only if its machine runs nothing else) a copy of the in-flight shard projected to finish
+last, if a fresh copy would beat it. A machine may hold several workers (the driver's slots, ``machine_of``). The first
 copy to commit wins and the others are cancelled. A shard whose attempts all died is given up after
 ``max_retries`` re-runs; the driver writes its rows to the error file.
 
@@ -15,7 +16,7 @@ attempts (the original and at most one copy), each on a different worker; a work
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 
@@ -71,6 +72,7 @@ class ShardQueue:
     committed_work: float = 0.0
     committed_seconds: float = 0.0  # worker-seconds of the attempts that committed
     source_exhausted: bool = False
+    machine_of: Callable[[str], str] = lambda worker: worker  # slots of one machine never copy each other
     copies: dict = field(default_factory=dict)  # shard id -> attempts running (1 or 2)
 
     @property
@@ -87,7 +89,7 @@ class ShardQueue:
         shard = self.pending.popleft() if self.pending else self._next_new()
         is_copy = False
         if shard is None:
-            shard = self._straggler(now) if self.reissue else None
+            shard = self._straggler(now, worker) if self.reissue else None
             if shard is None:
                 return None
             is_copy = True
@@ -117,10 +119,14 @@ class ShardQueue:
             self.source_exhausted = True
         return shard
 
-    def _straggler(self, now: float) -> Shard | None:
+    def _straggler(self, now: float, worker: str) -> Shard | None:
         """The single-attempt shard projected to finish last, if a fresh copy at the fleet's rate would finish
-        before it (with no rate known yet, any straggler qualifies)."""
+        before it (with no rate known yet, any straggler qualifies); only for a machine (all of ``worker``'s slots)
+        that runs nothing."""
         rate = self.fleet_rate
+        machine = self.machine_of(worker)
+        if any(self.machine_of(a.worker) == machine for a in self.running.values()):
+            return None  # only a machine with nothing to do takes a copy
         best, best_finish = None, -1.0
         for a in self.running.values():
             if self.copies[a.shard.shard_id] > 1:
@@ -158,10 +164,11 @@ class ShardQueue:
         """``worker`` stopped a copy whose shard another worker committed (or the driver dropped it)."""
         self._drop(worker)
 
-    def lost(self, worker: str) -> Shard | None:
+    def lost(self, worker: str, count: bool = True) -> Shard | None:
         """``worker`` died (process killed, node lost). Its shard goes back to the queue unless another copy still
-        runs; returns the shard if it was given up (more than ``max_retries`` re-runs), else None."""
-        self.stats.workers_lost += 1
+        runs; returns the shard if it was given up (more than ``max_retries`` re-runs), else None. ``count``: add
+        one to ``workers_lost`` (False for the other slots of a worker already counted)."""
+        self.stats.workers_lost += count
         a = self._drop(worker)
         if a is None:
             return None

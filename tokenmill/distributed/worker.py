@@ -2,22 +2,29 @@
 out. The driver runs it as a Ray actor (``ray.remote(ShardWorker)``); nothing here imports Ray, prints, exits or
 installs a signal handler, so it is a plain library class that a test can also drive in-process.
 
-``run_shard`` returns a dict (``status`` "committed", "lost_race" or "cancelled", rows, tokens, seconds) or raises.
-``progress`` and ``cancel`` are called from a second actor thread while a shard runs (the actor has
-``max_concurrency=2``): progress is in work units (prompt tokens + max_tokens per request, a finished request
-counting its whole max_tokens), the unit the driver's projection of stragglers uses.
+The driver keeps up to ``SLOTS`` shards in a worker at once, so its engine never runs dry between shards: for
+generation one engine thread (``_EngineLoop``) serves every shard, admitting the next shard's requests while the
+previous one drains; for embeddings the shards run one after the other.
+
+``run_shard`` blocks until its shard is done and returns a dict (``status`` "committed", "lost_race" or
+"cancelled", rows, tokens, seconds) or raises. ``progress`` and ``cancel`` are called from other actor threads while
+shards run: progress is in work units (prompt tokens + max_tokens per request: finished requests count whole,
+running ones by the tokens computed so far), the unit the driver's projection of stragglers uses.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from tokenmill.distributed.store import ShardStore, write_jsonl
 
+SLOTS = 2  # shards a worker holds at once (one running, one ready to start)
 CANCEL_CHECK_SECONDS = 1.0  # how often a running shard also looks for a copy committed by another worker
 
 
@@ -33,10 +40,10 @@ class ShardWorker:
         self.kind, self.spec = kind, dict(spec)
         self.shard_dir, self.probe = Path(shard_dir), probe
         self._lock = threading.Lock()
+        self._serial = threading.Lock()
         self._cancelled: set[str] = set()
-        self._current: str | None = None
-        self._done_work = 0.0
-        self.engine = self.embedder = None
+        self._embed_progress: dict[str, float] = {}
+        self.engine = self.embedder = self.loop = None
         if kind == "run":
             from tokenmill.config import EngineConfig
             from tokenmill.engine.llm_engine import LLMEngine
@@ -44,6 +51,7 @@ class ShardWorker:
             options = dict(self.spec)
             self.model_name = options.pop("model_name")
             self.engine = LLMEngine(EngineConfig.from_dict(options))
+            self.loop = _EngineLoop(self.engine, self.model_name)
         else:
             import torch
 
@@ -78,36 +86,31 @@ class ShardWorker:
             node = None
         return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": node}
 
-    def progress(self) -> tuple[str | None, float]:
+    def progress(self) -> dict[str, float]:
+        """Work done so far of each shard in this worker."""
+        if self.loop is not None:
+            return self.loop.progress()
         with self._lock:
-            return self._current, self._done_work
+            return dict(self._embed_progress)
 
     def cancel(self, name: str) -> None:
         """Stops shard ``name`` at the next step if it runs (another copy committed it)."""
         with self._lock:
             self._cancelled.add(name)
 
+    def _final(self, name: str) -> Path:
+        ext = "parquet" if self.kind == "embed" and self.format == "parquet" else "jsonl"
+        return self.shard_dir / f"{name}.{ext}"
+
     def run_shard(self, name: str, items: list) -> dict:
-        final = self.shard_dir / f"{name}.{'parquet' if self.kind == 'embed' and self.format == 'parquet' else 'jsonl'}"
-        with self._lock:
-            self._current, self._done_work = name, 0.0
+        final = self._final(name)
         t0 = time.perf_counter()
-        last_check = [time.monotonic()]
-
-        def should_stop() -> bool:
-            if name in self._cancelled:
-                return True
-            now = time.monotonic()
-            if now - last_check[0] >= CANCEL_CHECK_SECONDS:
-                last_check[0] = now
-                return final.exists()
-            return False
-
         try:
             if self.kind == "run":
-                out = self._generate(items, should_stop)
+                out = self.loop.run(name, items, final, lambda: name in self._cancelled)
             else:
-                out = self._embed(items, should_stop)
+                with self._serial:  # one shard at a time through the embedder
+                    out = self._embed(name, items, final)
             if out is None:
                 return {"status": "cancelled", "name": name, "seconds": time.perf_counter() - t0}
             write, stats = out
@@ -116,62 +119,177 @@ class ShardWorker:
                     "seconds": time.perf_counter() - t0, **stats}
         finally:
             with self._lock:
-                self._current = None
                 self._cancelled.discard(name)
+                self._embed_progress.pop(name, None)
 
-    def _generate(self, items: list, should_stop):
-        from tokenmill.jobs.pump import RequestPump
-        from tokenmill.jobs.runner import output_record
-
-        engine = self.engine
-        records: list[dict] = []
-        prompt = gen = 0
-        finished_work = 0.0
-        p0, g0 = engine.num_prompt_tokens_done, engine.num_generated_tokens
-        pump = RequestPump(engine, iter(items))
-        for item, out in pump.run(should_stop):
-            records.append(output_record(item, out, self.model_name, engine.tokenizer))
-            prompt += out.num_prompt_tokens
-            gen += out.num_completion_tokens
-            finished_work += item.params.max_tokens - out.num_completion_tokens
-            with self._lock:
-                self._done_work = (engine.num_prompt_tokens_done - p0) + (engine.num_generated_tokens - g0) + \
-                    finished_work
-        if len(records) < len(items):
-            pump.abort()
-            return None
-        return write_jsonl(records), {"rows": len(records), "prompt_tokens": prompt, "gen_tokens": gen,
-                                      "preemptions": 0}
-
-    def _embed(self, items: list, should_stop):
+    def _embed(self, name: str, items: list, final: Path):
         import numpy as np
 
         from tokenmill.embed.job import embed_batches
 
         emb = self.embedder
-        ids: list = []
+        done: list = []
         vecs: list = []
         tokens = truncated = 0
+        last_check = [time.monotonic()]
+
+        def should_stop() -> bool:
+            if name in self._cancelled:
+                return True
+            if time.monotonic() - last_check[0] >= CANCEL_CHECK_SECONDS:
+                last_check[0] = time.monotonic()
+                return final.exists()
+            return False
+
         for batch, vectors in embed_batches(emb, iter(items), self.window_tokens, should_stop):
             for it, vec in zip(batch, vectors):
-                ids.append(it)
+                done.append(it)
                 vecs.append(vec)
                 tokens += len(it.token_ids)
                 truncated += it.truncated
             with self._lock:
-                self._done_work = float(tokens)
-        if len(ids) < len(items):
+                self._embed_progress[name] = float(tokens)
+        if len(done) < len(items):
             return None
-        stats = {"rows": len(ids), "prompt_tokens": tokens, "gen_tokens": 0, "truncated": truncated}
+        stats = {"rows": len(done), "prompt_tokens": tokens, "gen_tokens": 0, "truncated": truncated}
         if self.format == "parquet":
             from tokenmill.embed.vectors import write_vectors
 
-            id_keys = [it.request.id_key for it in ids]
+            id_keys = [it.request.id_key for it in done]
             matrix = np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, emb.dim), np.float32)
             meta = emb.describe()
             return (lambda path: write_vectors(path, id_keys, matrix, meta)), stats
         from tokenmill.embed.records import openai_embedding_record
 
-        name = emb.model_name
-        records = [openai_embedding_record(it.request, v, len(it.token_ids), name) for it, v in zip(ids, vecs)]
+        model = emb.model_name
+        records = [openai_embedding_record(it.request, v, len(it.token_ids), model) for it, v in zip(done, vecs)]
         return write_jsonl(records), stats
+
+
+class _Shard:
+    """A shard inside the engine loop: its requests, the records of the finished ones, and when it is done."""
+
+    def __init__(self, name: str, items: list, final: Path, cancelled) -> None:
+        self.name, self.items, self.final, self.cancelled = name, items, final, cancelled
+        self.pending = deque(items)  # not yet admitted into the engine
+        self.in_engine: dict[str, object] = {}  # request id -> item
+        self.records: list[dict] = []
+        self.prompt = self.gen = 0
+        self.finished_work = 0.0
+        self.outcome: str | None = None  # "done" / "cancelled" / "failed"
+        self.error: BaseException | None = None
+        self.event = threading.Event()
+        self.last_check = time.monotonic()
+
+
+class _EngineLoop:
+    """One thread owns the engine and runs every shard of the worker through it: requests are admitted from the
+    shards in arrival order into a window of ``2 * max_num_seqs + 64``, so the next shard's requests fill the
+    batch while the previous shard's last requests finish. Invariant: a request id is ``<shard>/<line>``, and every
+    admitted request is either finished into its shard or aborted with it."""
+
+    def __init__(self, engine, model_name: str) -> None:
+        self.engine, self.model_name = engine, model_name
+        self.window = 2 * engine.config.max_num_seqs + 64
+        self.inbox: queue.Queue = queue.Queue()
+        self.shards: dict[str, _Shard] = {}  # in arrival order
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def run(self, name: str, items: list, final: Path, cancelled):
+        """Blocks until shard ``name`` is done; returns (write, stats), or None if it was cancelled."""
+        shard = _Shard(name, items, final, cancelled)
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="tokenmill-engine", daemon=True)
+                self._thread.start()
+        self.inbox.put(shard)
+        shard.event.wait()
+        if shard.outcome == "failed":
+            raise shard.error
+        if shard.outcome == "cancelled":
+            return None
+        stats = {"rows": len(shard.records), "prompt_tokens": shard.prompt, "gen_tokens": shard.gen}
+        return write_jsonl(shard.records), stats
+
+    def progress(self) -> dict[str, float]:
+        with self._lock:
+            shards = list(self.shards.values())
+        out = {}
+        for s in shards:
+            try:
+                rids = list(s.in_engine)
+            except RuntimeError:  # the engine thread changed it meanwhile: report the finished part only
+                rids = []
+            out[s.name] = s.finished_work + sum(self.engine.num_computed_tokens(rid) for rid in rids)
+        return out
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while True:
+            block = not engine.has_unfinished_requests()
+            try:
+                while True:
+                    shard = self.inbox.get(block=block)
+                    block = False
+                    with self._lock:
+                        self.shards[shard.name] = shard
+            except queue.Empty:
+                pass
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if not engine.has_unfinished_requests():
+                    continue
+                for out in engine.step():
+                    self._finish(out)
+            except BaseException as e:  # an engine fault fails every shard in the worker; the driver re-runs them
+                shards = list(self.shards.values())
+                try:
+                    engine.abort_request([rid for s in shards for rid in s.in_engine])
+                except BaseException:
+                    pass
+                for s in shards:
+                    self._close(s, "failed", e)
+
+    def _admit(self) -> None:
+        engine = self.engine
+        for s in list(self.shards.values()):
+            while s.pending and engine.num_unfinished_requests < self.window:
+                item = s.pending.popleft()
+                rid = f"{s.name}/{item.request.line_no}"
+                s.in_engine[rid] = item
+                engine.add_request(rid, item.token_ids, item.params)
+
+    def _finish(self, out) -> None:
+        from tokenmill.jobs.runner import output_record
+
+        name = out.request_id.rpartition("/")[0]
+        s = self.shards.get(name)
+        if s is None:
+            return
+        item = s.in_engine.pop(out.request_id)
+        s.records.append(output_record(item, out, self.model_name, self.engine.tokenizer))
+        s.prompt += out.num_prompt_tokens
+        s.gen += out.num_completion_tokens
+        s.finished_work += out.num_prompt_tokens + item.params.max_tokens
+        if not s.pending and not s.in_engine:
+            self._close(s, "done")
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        for s in list(self.shards.values()):
+            stop = s.cancelled()
+            if not stop and now - s.last_check >= CANCEL_CHECK_SECONDS:
+                s.last_check = now
+                stop = s.final.exists()  # another copy committed it
+            if stop:
+                if s.in_engine:
+                    self.engine.abort_request(list(s.in_engine))
+                self._close(s, "cancelled")
+
+    def _close(self, s: _Shard, outcome: str, error: BaseException | None = None) -> None:
+        with self._lock:
+            self.shards.pop(s.name, None)
+        s.outcome, s.error = outcome, error
+        s.event.set()

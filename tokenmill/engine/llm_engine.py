@@ -92,6 +92,11 @@ class LLMEngine:
     def abort_request(self, request_ids: list[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
+    def num_computed_tokens(self, request_id: str) -> int:
+        """Tokens of an unfinished request computed so far (prompt and output; 0 once finished or unknown)."""
+        req = self.scheduler.requests.get(request_id)
+        return req.num_computed_tokens if req is not None else 0
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 

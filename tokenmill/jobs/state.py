@@ -49,6 +49,17 @@ def format_status(d: dict) -> str:
         rates = (f"throughput:   {d.get('prompt_tok_s', 0):.1f} prompt tok/s, {d.get('gen_tok_s', 0):.1f} generation "
                  f"tok/s")
     lines = [f"state:        {d['state']}", counts, rates, f"elapsed:      {format_duration(d.get('elapsed_s'))}"]
+    ray = d.get("ray")
+    if ray:  # a --ray job
+        workers = ray.get("workers", [])
+        busy = sum(w.get("state") == "busy" for w in workers)
+        lines.append(f"shards:       {ray.get('shards_done', 0)} / {ray.get('shards_total', 0)} done; "
+                     f"{ray.get('reissued', 0)} re-issued as stragglers, {ray.get('retried', 0)} re-run after "
+                     f"{ray.get('workers_lost', 0)} lost workers")
+        if d["state"] == "running":
+            lines.append(f"workers:      {len(workers)} ({busy} busy): " + ", ".join(
+                f"{w['id']}@{w.get('host') or '?'}{':' + w['shard'] if w.get('shard') else ''}" for w in workers[:8])
+                + (" ..." if len(workers) > 8 else ""))
     if d["state"] == "running":
         lines.append(f"ETA:          {format_duration(d.get('eta_s'))}")
     if d.get("message"):
