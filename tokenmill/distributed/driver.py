@@ -118,7 +118,7 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
 
 @dataclass
 class _Worker:
-    """A Ray actor and its SLOTS shard slots (queue worker ids ``<wid>.<k>``)."""
+    """A Ray actor and its shard slots (queue worker ids ``<wid>.<k>``)."""
 
     wid: str
     actor: object
@@ -128,11 +128,10 @@ class _Worker:
     names: dict = field(default_factory=dict)  # slot -> shard name
     progress_ref: object | None = None
     polled_at: float = 0.0
+    num_slots: int = 2
 
     def slots(self) -> list[str]:
-        from tokenmill.distributed.worker import SLOTS
-
-        return [f"{self.wid}.{k}" for k in range(SLOTS)]
+        return [f"{self.wid}.{k}" for k in range(self.num_slots)]
 
 
 def run_distributed(kind: str, opts, ray_opts: RayOptions, stop: StopFlag | None = None) -> int:
@@ -314,6 +313,7 @@ class _Driver:
         self.last_worker_seen = time.monotonic()
         self.first_worker_error: str | None = None
         self.num_threads = 1
+        self.num_slots = 2
         self.num_nodes = 0
         self.errors: ErrorRecords | None = None
 
@@ -381,14 +381,14 @@ class _Driver:
         return name
 
     def _start_worker(self, resources: dict, spec: dict, probe: str) -> None:
-        from tokenmill.distributed.worker import SLOTS, ShardWorker
+        from tokenmill.distributed.worker import ShardWorker
 
-        remote = self.ray.remote(ShardWorker).options(max_concurrency=SLOTS + 2, max_restarts=0,
+        remote = self.ray.remote(ShardWorker).options(max_concurrency=self.num_slots + 2, max_restarts=0,
                                                       scheduling_strategy="SPREAD", **resources)
         actor = remote.remote(self.job.name, spec, str(self.store.dir), probe)
         wid = f"w{self.num_started}"
         self.num_started += 1
-        self.workers[wid] = _Worker(wid, actor, actor.ready.remote())
+        self.workers[wid] = _Worker(wid, actor, actor.ready.remote(), num_slots=self.num_slots)
 
     # ------------------------------------------------------------------ the loop
     def _shard_source(self, todo: Iterator, shard_size: int, scanned) -> Iterator[Shard]:
@@ -426,12 +426,16 @@ class _Driver:
         self.shards_total = math.ceil(todo_rows / shard_size)
         self.num_workers = num_workers
         spec = self.job.worker_spec(scanned, self.num_threads)
+        from tokenmill.distributed.worker import MIN_SLOTS, slots_for
+
+        self.num_slots = slots_for(spec["max_num_seqs"], shard_size) if self.job.name == "run" else MIN_SLOTS
         probe = self._probe()
         self.state.write({**self.snapshot(), "message": f"starting {num_workers} workers"}, force=True)
         for _ in range(num_workers):
             self._start_worker(resources, spec, probe)
         note(self.opts.quiet, f"Ray: {num_workers} workers ({self.num_threads} threads each) on {self.num_nodes} "
-                              f"nodes; {todo_rows} rows to run in {self.shards_total} shards of up to {shard_size}")
+                              f"nodes; {todo_rows} rows to run in {self.shards_total} shards of up to {shard_size}, "
+                              f"{self.num_slots} at a time per worker")
         self.queue = ShardQueue(self._shard_source(todo, shard_size, scanned), ro.max_shard_retries, ro.reissue,
                                 machine_of=lambda slot: slot.partition(".")[0])
         progress = Progress(self.total, self.done, f"tokenmill {self.job.name} (ray)", self.job.unit, self.opts.quiet,

@@ -2,9 +2,10 @@
 out. The driver runs it as a Ray actor (``ray.remote(ShardWorker)``); nothing here imports Ray, prints, exits or
 installs a signal handler, so it is a plain library class that a test can also drive in-process.
 
-The driver keeps up to ``SLOTS`` shards in a worker at once, so its engine never runs dry between shards: for
+The driver keeps several shards in a worker at once (``slots``: enough that their requests fill ``max_num_seqs``,
+at least two), so its engine never runs dry between shards and small shards still make full batches: for
 generation one engine thread (``_EngineLoop``) serves every shard, admitting the next shard's requests while the
-previous one drains; for embeddings the shards run one after the other.
+previous ones drain; for embeddings the shards run one after the other.
 
 ``run_shard`` blocks until its shard is done and returns a dict (``status`` "committed", "lost_race" or
 "cancelled", rows, tokens, seconds) or raises. ``progress`` and ``cancel`` are called from other actor threads while
@@ -24,7 +25,12 @@ from pathlib import Path
 
 from tokenmill.distributed.store import ShardStore, write_jsonl
 
-SLOTS = 2  # shards a worker holds at once (one running, one ready to start)
+MIN_SLOTS, MAX_SLOTS = 2, 8  # shards a worker holds at once
+
+
+def slots_for(max_num_seqs: int, shard_size: int) -> int:
+    """Shards a worker holds at once: enough for ``max_num_seqs`` requests plus one shard ready to start."""
+    return max(MIN_SLOTS, min(MAX_SLOTS, -(-max_num_seqs // shard_size) + 1))
 CANCEL_CHECK_SECONDS = 1.0  # how often a running shard also looks for a copy committed by another worker
 
 
