@@ -79,13 +79,16 @@ def _run_args(job: Job, out: Path) -> list:
     return ["run", job.input, "-o", out, "-m", job.model, "--config", job.config]
 
 
-def test_three_nodes_no_fault_equal_a_single_machine_run(tiny_job, ray_scenario, tmp_path):
+def test_three_nodes_no_fault_equal_a_single_machine_run(tiny_job, ray_scenario, tmp_path, run_cli):
     out = tmp_path / "out.jsonl"
     r = ray_scenario(out, *_run_args(tiny_job, out))
     assert r["codes"] == [1], r["stderr"][-1]
     assert "3 workers (1 threads each) on 3 nodes" in r["stderr"][-1]
     state = check_exactly_once(out, tiny_job)
     assert state["ray"]["workers_lost"] == 0 and state["ray"]["shards_done"] == state["ray"]["shards_total"]
+    assert len(state["ray"]["shard_seconds"]) == state["ray"]["shards_total"]
+    status = run_cli("status", out, check=0).stdout
+    assert "state:        completed" in status and f"shards:       {state['ray']['shards_total']} / " in status
 
 
 @pytest.mark.parametrize("fault", ["kill_worker", "remove_node"])

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,10 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from tokenmill.distributed.queue import Shard, ShardQueue
-from tokenmill.distributed.store import ShardStore, merge_jsonl, shards_dir
-from tokenmill.jobs.cost import cost_line
+from tokenmill.distributed.store import ShardStore, merge_jsonl
 from tokenmill.jobs.errors import JobFault, JobSetupError
-from tokenmill.jobs.files import JobPaths, read_keys, rewrite_in_order, write_json_atomic
+from tokenmill.jobs.files import JobPaths, read_keys, rewrite_in_order
 from tokenmill.jobs.progress import Progress, StopFlag
 from tokenmill.jobs.records import JobError
 from tokenmill.jobs.results import output_id_key
@@ -44,14 +42,13 @@ from tokenmill.jobs.skeleton import (
     check_output,
     complete_outputs,
     done_keys,
-    exit_code,
-    failed_line,
     faults_as_job_fault,
+    finish,
+    job_input,
     note,
-    open_input,
-    remove_job_files,
     run_locked,
     stop_interrupted,
+    summary_tail,
 )
 from tokenmill.jobs.state import StateFile, format_duration
 
@@ -320,14 +317,7 @@ class _Driver:
     # ------------------------------------------------------------------ set-up
     def run(self) -> int:
         job, opts, paths = self.job, self.opts, self.paths
-        with open_input(opts.input_spec, paths, job.fields) as source:
-            if opts.overwrite:
-                remove_job_files(paths, (shards_dir(paths.output), *job.extra_files()))
-            manifest = job.manifest(source.identity())
-            from tokenmill.jobs.manifest import check_manifest, write_manifest
-
-            check_manifest(paths, manifest, lambda m: note(opts.quiet, m))
-            write_manifest(paths, manifest)
+        with job_input(opts, paths, job.fields, job.manifest, job.extra_files(), ray=True) as source:
             retried = _drop_shard_failed(paths)
             self.store.prepare()
             done = job.done_ids(paths)
@@ -640,19 +630,13 @@ class _Driver:
                      f"{tokens / wall if wall > 0 else 0:.1f} tok/s total over the cluster")
         if dropped:
             lines.append(f"  {dropped} duplicate rows from an earlier start's workers were dropped in the merge")
-        if opts.gpu_hourly_rate is not None:
-            throughput = (self.run_gen if self.job.name == "run" else self.run_prompt) / wall if wall > 0 else 0.0
-            billed = opts.num_gpus * max(1, getattr(self, "num_workers", 1))
-            lines.append(cost_line(billed, opts.gpu_hourly_rate, throughput, wall,
-                                   "output" if self.job.name == "run" else "input"))
-        if failed:
-            lines.append(failed_line(failed, self.paths))
+        throughput = (self.run_gen if self.job.name == "run" else self.run_prompt) / wall if wall > 0 else 0.0
+        billed = opts.num_gpus * max(1, getattr(self, "num_workers", 1))  # every worker, for the whole run
+        lines += summary_tail(opts, self.paths, failed, billed, throughput, wall,
+                              "output" if self.job.name == "run" else "input")
         final = self.snapshot()
         final["ray"]["shard_seconds"] = self.shard_seconds[:100_000]
-        self.state.write({**final, "state": "completed", "eta_s": 0, "message": lines[0]}, force=True)
-        if not opts.quiet:
-            print("\n".join(lines), file=sys.stderr, flush=True)
-        return exit_code(failed)
+        return finish(self.state, final, lines, opts.quiet, failed)
 
 
 def _cause(e: BaseException) -> BaseException:

@@ -13,7 +13,6 @@ across any number of kills and restarts; at most one window of texts is held in 
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +24,10 @@ from tokenmill.embed.embedder import DEFAULT_MAX_BATCH_TOKENS, Embedder
 from tokenmill.embed.preprocess import EmbedPrepared, EmbedPreprocessor
 from tokenmill.embed.records import embed_id_key
 from tokenmill.embed.vectors import OpenAIVectorSink, ParquetVectorSink, parts_dir
-from tokenmill.jobs.cost import cost_line
 from tokenmill.jobs.errors import JobSetupError
 from tokenmill.jobs.files import JobPaths, rewrite_in_order
 from tokenmill.jobs.inputs import EMBED_FIELDS
-from tokenmill.jobs.manifest import build_manifest, check_manifest, model_fingerprint, write_manifest
+from tokenmill.jobs.manifest import build_manifest, model_fingerprint
 from tokenmill.jobs.progress import Progress, StopFlag, say
 from tokenmill.jobs.scan import iter_todo, scan
 from tokenmill.jobs.skeleton import (
@@ -37,15 +35,13 @@ from tokenmill.jobs.skeleton import (
     JobIO,
     check_output,
     complete_outputs,
-    exit_code,
-    failed_line,
     faults_as_job_fault,
+    finish,
+    job_input,
     note,
-    open_input,
-    refuse_ray_leftovers,
-    remove_job_files,
     run_locked,
     stop_interrupted,
+    summary_tail,
 )
 from tokenmill.jobs.state import StateFile, format_duration
 
@@ -121,13 +117,8 @@ def embed_manifest(opts: EmbedOptions, emb: Embedder, input_identity: dict) -> d
 def _run_locked(opts: EmbedOptions, emb: Embedder, paths: JobPaths, stop: StopFlag) -> int:
     # the job's clock includes loading the model, not a one-off build of the C++ kernels
     t_start = time.perf_counter() - (emb.load_seconds - build_seconds_so_far())
-    refuse_ray_leftovers(paths, opts.overwrite)
-    with open_input(opts.input_spec, paths, EMBED_FIELDS) as source:
-        if opts.overwrite:
-            remove_job_files(paths, (parts_dir(opts.output),))
-        manifest = embed_manifest(opts, emb, source.identity())
-        check_manifest(paths, manifest, lambda m: note(opts.quiet, m))
-        write_manifest(paths, manifest)
+    with job_input(opts, paths, EMBED_FIELDS, lambda identity: embed_manifest(opts, emb, identity),
+                   (parts_dir(opts.output),)) as source:
         return _EmbedRun(opts, emb, paths, source, t_start, stop).run()
 
 
@@ -231,11 +222,5 @@ class _EmbedRun:
             f"  {self.run_truncated} texts longer than {emb.max_seq_length} tokens were truncated to it "
             f"(sentence-transformers truncation: the end is cut, special tokens kept)",
         ]
-        if opts.gpu_hourly_rate is not None:
-            lines.append(cost_line(opts.num_gpus, opts.gpu_hourly_rate, tok_s, wall, "input"))
-        if failed:
-            lines.append(failed_line(failed, self.paths))
-        self.state.write({**self.snapshot(), "state": "completed", "eta_s": 0, "message": lines[0]}, force=True)
-        if not opts.quiet:
-            print("\n".join(lines), file=sys.stderr, flush=True)
-        return exit_code(failed)
+        lines += summary_tail(opts, self.paths, failed, opts.num_gpus, tok_s, wall, "input")
+        return finish(self.state, self.snapshot(), lines, opts.quiet, failed)

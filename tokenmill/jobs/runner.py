@@ -12,7 +12,6 @@ a resume reads the same input bytes with the same output-deciding settings (``jo
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +20,10 @@ import numpy as np
 
 from tokenmill.config import ConfigError, EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine, resolve_device
-from tokenmill.jobs.cost import cost_line
 from tokenmill.jobs.errors import JobSetupError
 from tokenmill.jobs.files import JobPaths, JsonlAppender, rewrite_in_order
 from tokenmill.jobs.inputs import RUN_FIELDS
-from tokenmill.jobs.manifest import build_manifest, check_manifest, model_fingerprint, split_engine_options, \
-    write_manifest
+from tokenmill.jobs.manifest import build_manifest, model_fingerprint, split_engine_options
 from tokenmill.jobs.planner import MemoryPlan, plan_memory
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
 from tokenmill.jobs.progress import Progress, StopFlag
@@ -39,15 +36,13 @@ from tokenmill.jobs.skeleton import (
     check_output,
     complete_outputs,
     done_keys,
-    exit_code,
-    failed_line,
     faults_as_job_fault,
+    finish,
+    job_input,
     note,
-    open_input,
-    refuse_ray_leftovers,
-    remove_job_files,
     run_locked,
     stop_interrupted,
+    summary_tail,
 )
 from tokenmill.jobs.state import StateFile, format_duration
 from tokenmill.model.loader import load_tokenizer, read_model_config, resolve_dtype, resolve_model_path
@@ -148,13 +143,7 @@ def run_job(opts: JobOptions, stop: StopFlag | None = None) -> int:
 
 
 def _run_locked(opts: JobOptions, ctx: JobContext, paths: JobPaths, stop: StopFlag) -> int:
-    refuse_ray_leftovers(paths, opts.overwrite)
-    with open_input(opts.input_spec, paths, RUN_FIELDS) as source:
-        if opts.overwrite:
-            remove_job_files(paths)
-        manifest = manifest_for(opts, ctx, source.identity())
-        check_manifest(paths, manifest, lambda m: note(opts.quiet, m))
-        write_manifest(paths, manifest)
+    with job_input(opts, paths, RUN_FIELDS, lambda identity: manifest_for(opts, ctx, identity)) as source:
         return _Run(opts, ctx, paths, source, stop).run()
 
 
@@ -293,12 +282,5 @@ class _Run:
         ]
         if build:
             lines.append(f"  (not counted: a one-off {build:.1f} s build of the C++ kernels for this machine)")
-        if opts.gpu_hourly_rate is not None:
-            lines.append(cost_line(opts.num_gpus, opts.gpu_hourly_rate, gen_s, wall, "output"))
-        if failed:
-            lines.append(failed_line(failed, self.paths))
-        summary = "\n".join(lines)
-        self.state.write({**self.snapshot(), "state": "completed", "eta_s": 0, "message": lines[0]}, force=True)
-        if not opts.quiet:
-            print(summary, file=sys.stderr, flush=True)
-        return exit_code(failed)
+        lines += summary_tail(opts, self.paths, failed, opts.num_gpus, gen_s, wall, "output")
+        return finish(self.state, self.snapshot(), lines, opts.quiet, failed)

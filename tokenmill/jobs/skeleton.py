@@ -199,6 +199,49 @@ def stop_interrupted(signum: int, state: StateFile, snapshot: dict, closers: lis
     return code
 
 
+@contextmanager
+def job_input(opts: JobIO, paths: JobPaths, fields: tuple[str, ...], manifest_of: Callable[[dict], dict],
+              extra: tuple[Path, ...] = (), ray: bool = False):
+    """The prologue every job kind shares, under the lock: a single-machine job refuses an unfinished --ray job's
+    output (unless --overwrite), open the input, delete the earlier job's files for --overwrite (and ``extra``), check the manifest
+    built by ``manifest_of(input identity)`` against the old one and write it. Yields the open InputSource."""
+    from tokenmill.jobs.manifest import check_manifest, write_manifest
+
+    if not ray:
+        refuse_ray_leftovers(paths, opts.overwrite)
+    with open_input(opts.input_spec, paths, fields) as source:
+        if opts.overwrite:
+            remove_job_files(paths, extra)
+        manifest = manifest_of(source.identity())
+        check_manifest(paths, manifest, lambda m: note(opts.quiet, m))
+        write_manifest(paths, manifest)
+        yield source
+
+
+def summary_tail(opts: JobIO, paths: JobPaths, failed: int, billed: int, throughput: float, wall: float,
+                 unit: str) -> list[str]:
+    """The summary's last lines every job kind shares: the cost line (with --gpu-hourly-rate) and failed rows."""
+    lines = []
+    if opts.gpu_hourly_rate is not None:
+        from tokenmill.jobs.cost import cost_line
+
+        lines.append(cost_line(billed, opts.gpu_hourly_rate, throughput, wall, unit))
+    if failed:
+        lines.append(failed_line(failed, paths))
+    return lines
+
+
+def finish(state: StateFile, snapshot: dict, lines: list[str], quiet: bool, failed: int) -> int:
+    """Marks the job completed (the summary's first line as its message), prints the summary; returns the exit
+    code."""
+    import sys
+
+    state.write({**snapshot, "state": "completed", "eta_s": 0, "message": lines[0]}, force=True)
+    if not quiet:
+        print("\n".join(lines), file=sys.stderr, flush=True)
+    return exit_code(failed)
+
+
 def exit_code(num_failed: int) -> int:
     return EXIT_ROWS_FAILED if num_failed else EXIT_OK
 
