@@ -24,8 +24,10 @@ class RequestPump:
         self.in_flight: dict[str, Prepared] = {}
         self.exhausted = False
 
-    def run(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[Prepared, RequestOutput]]:
-        """Steps the engine until every request is done or ``should_stop()`` (checked before each step)."""
+    def run(self, should_stop: Callable[[], bool] = lambda: False,
+            on_step: Callable[[], None] = lambda: None) -> Iterator[tuple[Prepared, RequestOutput]]:
+        """Steps the engine until every request is done or ``should_stop()`` (checked before each step);
+        ``on_step()`` after every step (a state file that must stay fresh through long generations)."""
         engine = self.engine
         while not should_stop():
             if not self.exhausted and engine.num_unfinished_requests < self.window:
@@ -36,6 +38,7 @@ class RequestPump:
                 continue
             for out in engine.step():
                 yield self.in_flight.pop(out.request_id), out
+            on_step()
 
     def _admit(self) -> None:
         engine = self.engine

@@ -237,10 +237,9 @@ class _Run:
         progress = Progress(self.total, self.done, "tokenmill", "request", self.opts.quiet, self.opts.progress_interval)
         stop = self.stop
         try:
-            for item, out in pump.run(lambda: stop.received is not None):
+            for item, out in pump.run(lambda: stop.received is not None, lambda: self.state.write_due(self.snapshot)):
                 self._write(item, out)
                 progress.update(1, self.postfix)
-                self.state.write_due(self.snapshot)
         finally:
             progress.close(self.postfix)
         if stop.received is None:
