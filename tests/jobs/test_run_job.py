@@ -296,3 +296,16 @@ def test_cost_summary(tmp_path, run_cli):
     proc = run_cli("run", inp, "-o", tmp_path / "o.jsonl", "--max-tokens", 4, "--gpu-hourly-rate", 2.5,
                    "--num-gpus", 2, check=0)
     assert "per million output tokens" in proc.stderr and "(2 x $2.50/h)" in proc.stderr
+
+
+def test_status_checks_the_pid_only_on_the_machine_that_wrote_the_state(tmp_path):
+    import socket
+
+    from tokenmill.jobs.state import read_status
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path = tmp_path / "s.state.json"
+    for host, expected in [(socket.gethostname(), "interrupted"), ("another-node", "running"), (None, "interrupted")]:
+        path.write_text(json.dumps({"state": "running", "pid": dead.pid, **({"host": host} if host else {})}))
+        assert read_status(path)["state"] == expected, host

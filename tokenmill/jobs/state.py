@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -21,9 +22,11 @@ def pid_alive(pid: int) -> bool:
 
 
 def read_status(path: Path) -> dict:
-    """The state file's content; a 'running' job whose process is gone is reported as 'interrupted'."""
+    """The state file's content; a 'running' job whose process is gone is reported as 'interrupted' (checked only
+    on the machine that wrote it: a --ray driver's output is read from other machines too)."""
     data = json.loads(path.read_text())
-    if data.get("state") == "running" and not pid_alive(int(data.get("pid", -1))):
+    here = data.get("host") in (None, socket.gethostname())
+    if data.get("state") == "running" and here and not pid_alive(int(data.get("pid", -1))):
         data["state"] = "interrupted"
     return data
 
@@ -79,7 +82,8 @@ class StateFile:
     def write(self, data: dict, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self._last >= self.interval:
-            write_json_atomic(self.path, {**data, "pid": os.getpid(), "updated_at": time.time()})
+            write_json_atomic(self.path, {**data, "pid": os.getpid(), "host": socket.gethostname(),
+                                          "updated_at": time.time()})
             self._last = now
 
     def write_due(self, snapshot) -> None:
