@@ -128,3 +128,30 @@ def test_gguf_qk_unpermute_inverts_llama_cpp_permute():
 
     w = torch.randn(48, 10).numpy()
     assert (_unpermute_qk(llama_cpp_permute(w, 3), 3) == w).all()
+
+
+@pytest.mark.parametrize("preemption", ["recompute", "none"])
+def test_tiny_prefix_caching_equals_transformers(tiny, preemption):
+    """Prompts sharing 9-, 23- and 40-token heads, and exact duplicates, with prefix caching on, in a busy batch
+    with 7-token chunks (recompute: a pool small enough to preempt), run twice (the second time on a warm cache):
+    greedy tokens equal transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    arch, path, prompts, _ = tiny
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    rng = random.Random(11)
+    heads = [[rng.randrange(3, 256) for _ in range(n)] for n in (9, 23, 40)]
+    cases = [heads[i % 3] + p[: rng.randint(1, 20)] for i, p in enumerate(prompts)]
+    cases += [cases[4]] * 3 + [heads[2][:16], heads[2][:17]]  # duplicates; a prompt that is exactly 4 blocks
+    refs = [hf_greedy(hf, c, NEW_TOKENS) for c in cases]
+    llm = LLM(path, block_size=4, num_kv_blocks=48 if preemption == "recompute" else 96, max_model_len=128,
+              max_num_seqs=32, max_num_batched_tokens=64, prefill_chunk_size=7, preemption_mode=preemption,
+              enable_prefix_caching=True)
+    for round_ in range(2):
+        outs = llm.generate(cases, GREEDY, use_tqdm=False)
+        for i, (out, (ref, ref_logits)) in enumerate(zip(outs, refs)):
+            assert_greedy_equal(out.token_ids, ref, ref_logits, f"{arch} prefix-cached prompt {i} round {round_}")
+    kv = llm.engine.kv_cache_manager
+    assert kv.num_hit_tokens > 0.3 * kv.num_queried_tokens, (kv.num_hit_tokens, kv.num_queried_tokens)
+    if preemption == "recompute":
+        assert llm.engine.stats.num_preemptions > 0

@@ -1,11 +1,21 @@
-"""KVCacheManager: the only door to the block pool. Maps each request to the block ids holding its K/V.
+"""KVCacheManager: the only door to the block pool. Maps each request to the block ids holding its K/V, and (with
+``enable_caching``) shares full blocks between requests whose tokens start the same way (automatic prefix caching).
 
 Invariant: a request's blocks cover at least the token slots it has been granted: ``len(block_ids) * block_size >=``
 the largest ``num_tokens`` passed to ``allocate_slots`` for it. Token ``i`` of a request lives in slot
 ``block_ids[i // block_size] * block_size + i % block_size``.
+
+Prefix caching: block ``i`` of a request is identified by a hash chained from block ``i - 1``'s hash and block
+``i``'s token ids (``block_hash``; ``extra`` leaves room for keys such as LoRA or multimodal inputs). A full block
+whose K/V has been computed is registered under its hash (``cache_full_blocks``); a new request's leading blocks
+found in the cache are shared (reference counted) instead of computed (``lookup`` + ``allocate_slots(hits=...)``):
+a head start on ``num_computed_tokens``. The last known token of a request is never a hit (its logits are needed).
+Cached blocks outlive their requests as free blocks, evicted least recently freed first (``BlockPool``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
 
 from tokenmill.core.block_pool import BlockPool
 
@@ -14,11 +24,20 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def block_hash(parent: Hashable | None, token_ids: Sequence[int], extra: Hashable | None = None) -> int:
+    return hash((parent, tuple(token_ids), extra))
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False) -> None:
         self.block_size = block_size
+        self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks)
         self._blocks: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[int]] = {}  # request -> hashes of its full blocks, computed so far
+        self._num_cached: dict[str, int] = {}  # request -> how many of its leading blocks are registered
+        self.num_queried_tokens = 0  # tokens of admitted requests looked up (vLLM's prefix_cache_queries)
+        self.num_hit_tokens = 0  # of those, found in the cache (prefix_cache_hits)
 
     @property
     def num_blocks(self) -> int:
@@ -31,27 +50,78 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
 
-    def allocate_slots(self, request_id: str, num_tokens: int) -> bool:
-        """Makes the request's blocks cover ``num_tokens`` token slots in all.
+    def _hashes_upto(self, request_id: str, token_ids: Sequence[int], num_blocks: int) -> list[int]:
+        hashes = self._hashes.setdefault(request_id, [])
+        bs = self.block_size
+        for i in range(len(hashes), num_blocks):
+            hashes.append(block_hash(hashes[-1] if hashes else None, token_ids[i * bs:(i + 1) * bs]))
+        return hashes
 
-        Returns False, allocating nothing, when the pool has too few free blocks.
+    def lookup(self, request_id: str, token_ids: Sequence[int]) -> list[int]:
+        """The cached blocks that hold the request's leading tokens (all but its last token at most), in order."""
+        if not self.enable_caching:
+            return []
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        hits: list[int] = []
+        for h in self._hashes_upto(request_id, token_ids, max_blocks):
+            b = self.pool.lookup(h)
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    def count_query(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """A request admitted after a lookup: ``num_hit_tokens`` of its ``num_tokens`` came from the cache."""
+        if self.enable_caching:
+            self.num_queried_tokens += num_tokens
+            self.num_hit_tokens += num_hit_tokens
+
+    def allocate_slots(self, request_id: str, num_tokens: int, hits: Sequence[int] = ()) -> bool:
+        """Makes the request's blocks cover ``num_tokens`` token slots in all; ``hits`` (from ``lookup``, for a
+        request that holds no blocks yet) are shared as its first blocks.
+
+        Returns False, allocating and sharing nothing, when the pool has too few free blocks.
         """
-        held = self._blocks.setdefault(request_id, [])
+        held = self._blocks.get(request_id)
+        if held is None:
+            needed = self.blocks_needed(num_tokens) - len(hits)
+            # hits that are free count against the free blocks: sharing them takes them off the free queue
+            if needed > self.pool.num_free_blocks - self.pool.free_cached_hits(list(hits)):
+                return False
+            self.pool.touch(list(hits))
+            self._blocks[request_id] = list(hits) + self.pool.allocate(max(0, needed))
+            return True
         extra = self.blocks_needed(num_tokens) - len(held)
         if extra <= 0:
             return True
         if extra > self.pool.num_free_blocks:
-            if not held:
-                del self._blocks[request_id]
             return False
         held.extend(self.pool.allocate(extra))
         return True
 
+    def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+        """Registers the request's blocks that are full and computed (``num_computed_tokens`` of ``token_ids``)."""
+        if not self.enable_caching:
+            return
+        blocks = self._blocks.get(request_id)
+        if not blocks:
+            return
+        full = min(num_computed_tokens // self.block_size, len(blocks))
+        start = self._num_cached.get(request_id, 0)
+        if full <= start:
+            return
+        hashes = self._hashes_upto(request_id, token_ids, full)
+        for i in range(start, full):
+            self.pool.cache(blocks[i], hashes[i])
+        self._num_cached[request_id] = full
+
     def free(self, request_id: str) -> None:
-        """Gives all of a request's blocks back to the pool (no-op if it holds none)."""
+        """Gives a request's blocks back, tail first (no-op if it holds none); cached ones stay hittable."""
+        self._hashes.pop(request_id, None)
+        self._num_cached.pop(request_id, None)
         blocks = self._blocks.pop(request_id, None)
         if blocks:
-            self.pool.free(blocks)
+            self.pool.free(blocks[::-1])
 
     def block_ids(self, request_id: str) -> list[int]:
         return self._blocks.get(request_id, [])

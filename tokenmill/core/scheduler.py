@@ -209,16 +209,20 @@ class Scheduler:
             admit = not preempted or not scheduled
         while admit and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = self.waiting[0]
+            hits = self.kv.lookup(req.request_id, req.all_token_ids)  # a cached prefix: a head start
+            req.num_computed_tokens = len(hits) * self.kv.block_size
             n = self._chunk(req, budget)
-            if n == 0:
+            # preemption_mode=none reserves all the request can use (the hits are part of it)
+            slots = self._reservation(req) if cfg.preemption_mode == "none" else req.num_computed_tokens + n
+            if n == 0 or not self.kv.allocate_slots(req.request_id, slots, hits):
+                req.num_computed_tokens = 0
                 break  # FIFO: a request that does not fit blocks those behind it
-            slots = self._reservation(req) if cfg.preemption_mode == "none" else n
-            if not self.kv.allocate_slots(req.request_id, slots):
-                break
             self.waiting.popleft()
+            self.kv.count_query(req.num_tokens, req.num_computed_tokens)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            scheduled[req.request_id] = ScheduledRequest(req, 0, n, self.kv.block_ids(req.request_id))
+            scheduled[req.request_id] = ScheduledRequest(req, req.num_computed_tokens, n,
+                                                         self.kv.block_ids(req.request_id))
             budget -= n
 
         if prefill_first and not self._decode_phase and not scheduled and self.running:
@@ -266,6 +270,7 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:  # aborted while the step ran
                 continue
             req.num_computed_tokens = sr.num_computed_tokens + sr.num_scheduled_tokens
+            self.kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
             token = runner_out.sampled_token_ids.get(req.request_id)
             if token is None:
                 continue

@@ -58,7 +58,8 @@ class LLMEngine:
         dtype = next(loaded.model.parameters()).dtype
         self.dtype = dtype
         self.num_kv_blocks = plan_num_blocks(self.config, self.model_config, dtype, self.device)
-        self.kv_cache_manager = KVCacheManager(self.num_kv_blocks, self.config.block_size)
+        self.kv_cache_manager = KVCacheManager(self.num_kv_blocks, self.config.block_size,
+                                               self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv_cache_manager, self._stop_string_of)
         self.runner = ModelRunner(self.config, loaded.model, self.num_kv_blocks, self.device)
         self.load_seconds = time.perf_counter() - t0
