@@ -153,6 +153,8 @@ def cli() -> None:
 @click.option("--scheduling-strategy", type=click.Choice(["continuous", "prefill_first"]), default=None,
               help="continuous (default) or prefill_first.")
 @click.option("--sort-by-length/--no-sort-by-length", default=None, help="Admit longer prompts first within a window.")
+@click.option("--prefix-caching/--no-prefix-caching", "prefix_caching", default=None,
+              help="Share the KV cache of common prompt prefixes (default: on).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
 @click.option("--max-model-len", type=int, default=None, help="Longest sequence (default: the model's).")
 @click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU (default 4).")
@@ -171,7 +173,8 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Discard earlier results for OUTPUT and start afresh.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k, seed, stop, max_num_seqs,
-        max_num_batched_tokens, preemption_mode, scheduling_strategy, sort_by_length, dtype, max_model_len,
+        max_num_batched_tokens, preemption_mode, scheduling_strategy, sort_by_length, prefix_caching, dtype,
+        max_model_len,
         kv_cache_memory, gpu_memory_utilization, partition, total_partitions, gpu_hourly_rate, num_gpus,
         context_overflow, input_format, columns, progress_interval, ray_address, num_workers, shard_size,
         max_shard_retries, overwrite, quiet):
@@ -187,7 +190,8 @@ def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k
     model, engine, sampling = _engine_and_sampling(
         config, model,
         dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, preemption_mode=preemption_mode,
-             scheduling_strategy=scheduling_strategy, sort_by_length=sort_by_length, dtype=dtype,
+             scheduling_strategy=scheduling_strategy, sort_by_length=sort_by_length,
+             enable_prefix_caching=prefix_caching, dtype=dtype,
              max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
              gpu_memory_utilization=gpu_memory_utilization),
         dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop),
@@ -459,14 +463,16 @@ def search(index_dir, query, k, as_json):
 @click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
               help="On SIGTERM: seconds in-flight requests get to finish before they are aborted.")
 @click.option("--preemption-mode", type=click.Choice(["none", "recompute"]), default=None)
+@click.option("--prefix-caching/--no-prefix-caching", "prefix_caching", default=None,
+              help="Share the KV cache of common prompt prefixes (default: on).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
 @click.option("--max-model-len", type=int, default=None, help="Longest sequence (default: the model's).")
 @click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU (default 4).")
 @click.option("--embedding-model", default=None,
               help="Also serve POST /v1/embeddings with this encoder directory (or `default`: all-MiniLM-L6-v2).")
 def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, max_num_batched_tokens, max_wait_ms,
-          max_queued_requests, shutdown_timeout, preemption_mode, dtype, max_model_len, kv_cache_memory,
-          embedding_model):
+          max_queued_requests, shutdown_timeout, preemption_mode, prefix_caching, dtype, max_model_len,
+          kv_cache_memory, embedding_model):
     """An OpenAI-compatible HTTP server on the same engine: /v1/chat/completions, /v1/completions (streaming or
     not), /v1/embeddings, /v1/models, /health, /metrics."""
     from tokenmill.serve.app import ServeSettings
@@ -478,8 +484,8 @@ def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, m
         raise UserError("--max-wait-ms and --shutdown-timeout must be >= 0")
     model, engine, _ = _engine_and_sampling(
         config, model, dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                            preemption_mode=preemption_mode, dtype=dtype, max_model_len=max_model_len,
-                            kv_cache_memory=kv_cache_memory), {})
+                            preemption_mode=preemption_mode, enable_prefix_caching=prefix_caching, dtype=dtype,
+                            max_model_len=max_model_len, kv_cache_memory=kv_cache_memory), {})
     from tokenmill.config import EngineConfig
     from tokenmill.model.loader import resolve_model_path
 

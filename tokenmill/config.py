@@ -44,7 +44,7 @@ class EngineConfig:
     preemption_mode: str = "none"
     scheduling_strategy: str = "continuous"
     sort_by_length: bool = False
-    enable_prefix_caching: bool = False  # share the KV blocks of common prompt prefixes (core/kv_cache_manager.py)
+    enable_prefix_caching: bool = True  # share the KV blocks of common prompt prefixes (core/kv_cache_manager.py)
     # Execution
     attention_backend: str = "torch"
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default (physical cores)

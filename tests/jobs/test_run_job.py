@@ -309,3 +309,23 @@ def test_status_checks_the_pid_only_on_the_machine_that_wrote_the_state(tmp_path
     for host, expected in [(socket.gethostname(), "interrupted"), ("another-node", "running"), (None, "interrupted")]:
         path.write_text(json.dumps({"state": "running", "pid": dead.pid, **({"host": host} if host else {})}))
         assert read_status(path)["state"] == expected, host
+
+
+def test_prefix_caching_in_a_job_changes_nothing_but_the_work(tmp_path, run_cli):
+    """Chat rows share the template's system prompt and a long common instruction: --prefix-caching gives the same
+    results as --no-prefix-caching, and the summary and status report the hit rate."""
+    head = "Answer in one short sentence, as a careful assistant who checks every fact twice before writing. " * 3
+    rows = [{"id": i, "messages": [{"role": "user", "content": f"{head} Question {i}: name a colour."}],
+             "max_tokens": 8, "temperature": 0} for i in range(24)]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    outs = {}
+    for flag in ("--prefix-caching", "--no-prefix-caching"):
+        out = tmp_path / f"out{flag}.jsonl"
+        p = run_cli("run", src, "-o", out, flag, "--max-num-seqs", 4, check=0)
+        outs[flag] = read_jsonl(out)
+        if flag == "--prefix-caching":
+            assert "prefix cache:" in p.stderr and "(0.0%)" not in p.stderr, p.stderr
+            assert "prefix cache:" in run_cli("status", out, check=0).stdout
+        else:
+            assert "prefix cache:" not in p.stderr
+    assert outs["--prefix-caching"] == outs["--no-prefix-caching"]

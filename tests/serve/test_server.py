@@ -89,7 +89,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(cli_env, smollm2):
     s = Server(cli_env, "--api-key", KEY, "--max-num-seqs", 2, "--max-queued-requests", 2, "--max-model-len", 256,
-               "--embedding-model", "default")
+               "--embedding-model", "default", "--prefix-caching")
     yield s
     s.stop()
 
@@ -208,9 +208,11 @@ def test_health_models_metrics_and_embeddings(server, minilm):
                  "generation_tokens_total", "num_preemptions_total", "request_success_total",
                  "time_to_first_token_seconds_count", "inter_token_latency_seconds_count",
                  "e2e_request_latency_seconds_count", "request_queue_time_seconds_count",
-                 "iteration_tokens_total_count"):
+                 "iteration_tokens_total_count", "prefix_cache_queries_total", "prefix_cache_hits_total"):
         assert any(k.startswith(f"tokenmill:{name}{{") and 'model_name="' in k for k in text), name
     assert metric(port, "generation_tokens_total") > 0 and metric(port, "e2e_request_latency_seconds_count") > 0
+    # the chat requests before this test share their template's system prompt (and some their messages)
+    assert 0 < metric(port, "prefix_cache_hits_total") < metric(port, "prefix_cache_queries_total")
     texts = ["the river flooded the old mill", "a violin concerto"]
     emb = server.client().embeddings.create(model="all-MiniLM-L6-v2", input=texts)
     got = np.asarray([d.embedding for d in emb.data], dtype=np.float32)

@@ -36,8 +36,6 @@ class KVCacheManager:
         self._blocks: dict[str, list[int]] = {}
         self._hashes: dict[str, list[int]] = {}  # request -> hashes of its full blocks, computed so far
         self._num_cached: dict[str, int] = {}  # request -> how many of its leading blocks are registered
-        self.num_queried_tokens = 0  # tokens of admitted requests looked up (vLLM's prefix_cache_queries)
-        self.num_hit_tokens = 0  # of those, found in the cache (prefix_cache_hits)
 
     @property
     def num_blocks(self) -> int:
@@ -70,11 +68,6 @@ class KVCacheManager:
             hits.append(b)
         return hits
 
-    def count_query(self, num_tokens: int, num_hit_tokens: int) -> None:
-        """A request admitted after a lookup: ``num_hit_tokens`` of its ``num_tokens`` came from the cache."""
-        if self.enable_caching:
-            self.num_queried_tokens += num_tokens
-            self.num_hit_tokens += num_hit_tokens
 
     def allocate_slots(self, request_id: str, num_tokens: int, hits: Sequence[int] = ()) -> bool:
         """Makes the request's blocks cover ``num_tokens`` token slots in all; ``hits`` (from ``lookup``, for a
@@ -122,6 +115,12 @@ class KVCacheManager:
         blocks = self._blocks.pop(request_id, None)
         if blocks:
             self.pool.free(blocks[::-1])
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached block (only while no request holds blocks)."""
+        if self._blocks:
+            raise RuntimeError("reset_prefix_cache() while requests hold blocks")
+        self.pool = BlockPool(self.pool.num_blocks)
 
     def block_ids(self, request_id: str) -> list[int]:
         return self._blocks.get(request_id, [])

@@ -73,10 +73,17 @@ class SchedulerStats:
     # Steps that left capacity unused while requests waited (fewer than max_num_seqs scheduled and token budget
     # left): the CPU stand-in for a GPU idling between prefill and decode phases.
     num_underfilled_steps: int = 0
+    # Prefix caching, counted as vLLM does: tokens of admitted requests looked up, and of those found in the cache.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
     @property
     def avg_batch_size(self) -> float:
         return self.sum_running / self.num_steps if self.num_steps else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 class Scheduler:
@@ -218,7 +225,9 @@ class Scheduler:
                 req.num_computed_tokens = 0
                 break  # FIFO: a request that does not fit blocks those behind it
             self.waiting.popleft()
-            self.kv.count_query(req.num_tokens, req.num_computed_tokens)
+            if self.kv.enable_caching:
+                self.stats.prefix_cache_queries += req.num_tokens
+                self.stats.prefix_cache_hits += req.num_computed_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             scheduled[req.request_id] = ScheduledRequest(req, req.num_computed_tokens, n,

@@ -93,6 +93,10 @@ class LLMEngine:
     def abort_request(self, request_ids: list[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
+    def reset_prefix_cache(self) -> None:
+        """Forgets the prefix cache (between benchmark runs; only while no request runs)."""
+        self.kv_cache_manager.reset_prefix_cache()
+
     def num_computed_tokens(self, request_id: str) -> int:
         """Tokens of an unfinished request computed so far (prompt and output; 0 once finished or unknown)."""
         req = self.scheduler.requests.get(request_id)

@@ -175,10 +175,13 @@ class _Run:
         ratio = self.run_gen / self.run_max if self.run_max else 1.0
         rate = p_rate + g_rate
         work_left = self.remaining_prompt + self.remaining_max * ratio
-        return {"state": "running", "output": str(self.opts.output), "total": self.total, "done": self.done,
+        snap = {"state": "running", "output": str(self.opts.output), "total": self.total, "done": self.done,
                 "failed": self.errors.count, "prompt_tok_s": p_rate, "gen_tok_s": g_rate,
                 "elapsed_s": time.perf_counter() - self.t_start, "eta_s": work_left / rate if rate > 0 else None,
                 "message": None}
+        if e is not None and e.config.enable_prefix_caching:
+            snap["prefix_cache_hit_rate"] = e.stats.prefix_cache_hit_rate
+        return snap
 
     def postfix(self) -> str:
         s = self.snapshot()
@@ -279,6 +282,10 @@ class _Run:
             f"  this run: {self.run_prompt:,} input + {self.run_gen:,} output tokens, {tok_s:.1f} tok/s total, "
             f"{gen_s:.1f} output tok/s, {engine.stats.num_preemptions if engine else 0} preemptions",
         ]
+        if engine is not None and engine.config.enable_prefix_caching:
+            st = engine.stats
+            lines.append(f"  prefix cache: {st.prefix_cache_hits:,} of {st.prefix_cache_queries:,} prompt tokens "
+                         f"({100 * st.prefix_cache_hit_rate:.1f}%) came from the cache")
         if build:
             lines.append(f"  (not counted: a one-off {build:.1f} s build of the C++ kernels for this machine)")
         lines += summary_tail(opts, self.paths, failed, opts.num_gpus, gen_s, wall, "output")

@@ -52,6 +52,8 @@ def format_status(d: dict) -> str:
         rates = (f"throughput:   {d.get('prompt_tok_s', 0):.1f} prompt tok/s, {d.get('gen_tok_s', 0):.1f} generation "
                  f"tok/s")
     lines = [f"state:        {d['state']}", counts, rates, f"elapsed:      {format_duration(d.get('elapsed_s'))}"]
+    if d.get("prefix_cache_hit_rate") is not None:
+        lines.append(f"prefix cache: {100 * d['prefix_cache_hit_rate']:.1f}% of prompt tokens hit")
     ray = d.get("ray")
     if ray:  # a --ray job
         workers = ray.get("workers", [])

@@ -160,13 +160,17 @@ class AsyncEngine:
 
     def _step(self) -> None:
         m, name = self.metrics, self.metrics.model_name
-        before_prompt, before_pre = self.engine.num_prompt_tokens_done, self.engine.stats.num_preemptions
+        st = self.engine.stats
+        before_prompt, before_pre = self.engine.num_prompt_tokens_done, st.num_preemptions
+        before_q, before_h = st.prefix_cache_queries, st.prefix_cache_hits
         result = self.engine.step_with_deltas()
         now = time.monotonic()
         m.iteration_tokens.labels(name).observe(result.num_scheduled_tokens)
         m.prompt_tokens.labels(name).inc(self.engine.num_prompt_tokens_done - before_prompt)
         m.generation_tokens.labels(name).inc(len(result.new_token_ids))
-        m.preemptions.labels(name).inc(self.engine.stats.num_preemptions - before_pre)
+        m.preemptions.labels(name).inc(st.num_preemptions - before_pre)
+        m.prefix_queries.labels(name).inc(st.prefix_cache_queries - before_q)
+        m.prefix_hits.labels(name).inc(st.prefix_cache_hits - before_h)
         with self._cv:
             streams = dict(self._streams)
         for rid in result.scheduled_ids:

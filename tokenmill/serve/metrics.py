@@ -22,6 +22,10 @@ class ServerMetrics:
         self.prompt_tokens = Counter("tokenmill:prompt_tokens", "Prefill tokens processed.", labels, registry=r)
         self.generation_tokens = Counter("tokenmill:generation_tokens", "Generated tokens.", labels, registry=r)
         self.preemptions = Counter("tokenmill:num_preemptions", "Preemptions.", labels, registry=r)
+        self.prefix_queries = Counter("tokenmill:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      labels, registry=r)
+        self.prefix_hits = Counter("tokenmill:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels,
+                                   registry=r)
         self.success = Counter("tokenmill:request_success", "Finished requests.", labels + ["finished_reason"],
                                registry=r)
         self.ttft = Histogram("tokenmill:time_to_first_token_seconds", "Time to first token.", labels,
@@ -35,7 +39,7 @@ class ServerMetrics:
         self.iteration_tokens = Histogram("tokenmill:iteration_tokens_total", "Tokens scheduled per engine step.",
                                           labels, buckets=ITERATION_BUCKETS, registry=r)
         for m in (self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens,
-                  self.preemptions):
+                  self.preemptions, self.prefix_queries, self.prefix_hits):
             m.labels(model_name)  # the series exist (at 0) from the start
         for reason in ("stop", "length", "abort"):
             self.success.labels(model_name, reason)
