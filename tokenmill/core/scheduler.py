@@ -11,7 +11,9 @@ Invariants (tested in tests/core):
   at ``max_model_len``) are free, and they are taken at admission, so a running request is never preempted;
 - under ``"recompute"`` blocks are taken as tokens are scheduled; when they run out the most recently admitted
   running request gives its blocks back and is recomputed later (its outputs kept);
-- a finished request's blocks return to the pool in the step that finishes it.
+- a finished request's blocks return to the pool in the step that finishes it;
+- with prefix caching, a request is admitted with the cached blocks of its leading tokens as a head start on
+  ``num_computed_tokens`` (never its last token); blocks are registered in the cache once full and computed.
 """
 
 from __future__ import annotations
