@@ -29,19 +29,19 @@ from pathlib import Path
 
 import numpy as np
 
+from tokenmill.distributed.cluster import connect
+from tokenmill.distributed.kinds import EmbedKind, GenerationKind
 from tokenmill.distributed.queue import Shard, ShardQueue
-from tokenmill.distributed.store import ShardStore, merge_jsonl
+from tokenmill.distributed.store import ShardStore, shard_ids
 from tokenmill.jobs.errors import JobFault, JobSetupError
-from tokenmill.jobs.files import JobPaths, read_keys, rewrite_in_order
+from tokenmill.jobs.files import JobPaths, fsync_path
 from tokenmill.jobs.progress import Progress, StopFlag
 from tokenmill.jobs.records import JobError
-from tokenmill.jobs.results import output_id_key
 from tokenmill.jobs.scan import iter_todo, scan
 from tokenmill.jobs.skeleton import (
     ErrorRecords,
     check_output,
     complete_outputs,
-    done_keys,
     faults_as_job_fault,
     finish,
     job_input,
@@ -76,43 +76,6 @@ def default_shard_size(num_rows: int, num_workers: int, work_per_row: float) -> 
     return max(MIN_SHARD_ROWS, size)
 
 
-def import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise JobSetupError("--ray needs Ray: pip install 'tokenmill[ray]'") from None
-    return ray
-
-
-def connect(address: str):
-    """ray.init for ``address``; returns (ray module, whether this process started the cluster)."""
-    ray = import_ray()
-    _check_reachable(address)
-    kwargs = dict(log_to_driver=False, include_dashboard=False, logging_level="ERROR", configure_logging=True)
-    try:
-        if address == "local":
-            ray.init(**kwargs)
-        else:
-            ray.init(address=address, **kwargs)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        raise JobSetupError(f"cannot connect to the Ray cluster at {address!r}: {str(e).splitlines()[0]}") from None
-    return ray, address == "local"
-
-
-def _check_reachable(address: str, timeout: float = 10.0) -> None:
-    """A HOST:PORT address that nothing answers on is an error now, not minutes of Ray's connection retries."""
-    import socket
-
-    if address in ("local", "auto") or address.startswith("ray://") or ":" not in address:
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except (OSError, ValueError) as e:
-        raise JobSetupError(f"cannot connect to the Ray cluster at {address!r}: "
-                            f"{getattr(e, 'strerror', None) or e}") from None
-
-
 @dataclass
 class _Worker:
     """A Ray actor and its shard slots (queue worker ids ``<wid>.<k>``)."""
@@ -142,137 +105,13 @@ def run_distributed(kind: str, opts, ray_opts: RayOptions, stop: StopFlag | None
         raise JobSetupError(f"--shard-size must be >= 1, got {ray_opts.shard_size}")
     if ray_opts.max_shard_retries < 0:
         raise JobSetupError(f"--max-shard-retries must be >= 0, got {ray_opts.max_shard_retries}")
-    job = _GenerationKind(opts) if kind == "run" else _EmbedKind(opts)
-    ray, started = connect(ray_opts.address)
+    job = GenerationKind(opts) if kind == "run" else EmbedKind(opts)
+    ray = connect(ray_opts.address)
     try:
         return run_locked(opts.output, lambda paths: _Driver(job, opts, ray_opts, paths, ray,
                                                              stop or StopFlag()).run())
     finally:
         ray.shutdown()
-
-
-class _GenerationKind:
-    name, unit = "run", "request"
-
-    def __init__(self, opts) -> None:
-        from tokenmill.jobs.inputs import RUN_FIELDS
-        from tokenmill.jobs.runner import JobContext
-
-        if opts.total_partitions != 1:
-            raise JobSetupError("--ray and --partition do not mix: the Ray job spreads the whole input itself")
-        self.opts, self.fields = opts, RUN_FIELDS
-        self.ctx = JobContext(opts.model, opts.engine_options, opts.sampling(), opts.context_overflow)
-        self.pre = self.ctx.pre
-        self.model_name = self.ctx.model_name
-        self.device = self.ctx.config.device
-
-    def manifest(self, identity: dict) -> dict:
-        from tokenmill.jobs.runner import manifest_for
-
-        return manifest_for(self.opts, self.ctx, identity)
-
-    def done_ids(self, paths: JobPaths) -> set[str]:
-        return done_keys(paths.output, output_id_key)
-
-    key = staticmethod(output_id_key)
-    shard_ext = ".jsonl"
-
-    def worker_spec(self, scanned, threads: int) -> dict:
-        plan = self.ctx.plan(*scanned.valid_lengths())
-        options = {"model": str(self.ctx.model_path), **self.opts.engine_options}
-        options.setdefault("max_num_seqs", plan.recommended_max_num_seqs)
-        options.setdefault("max_num_batched_tokens", plan.recommended_max_num_batched_tokens)
-        options.setdefault("num_threads", threads)
-        options["model_name"] = self.model_name
-        return options
-
-    def finalize(self, paths: JobPaths, store: ShardStore, scanned) -> tuple[int, int]:
-        """Merges the shards into OUTPUT in input order; returns (rows, duplicates dropped)."""
-        paths.output.touch()
-        seen = read_keys(paths.output, output_id_key)
-        dropped = merge_jsonl(paths.output, store.committed(), output_id_key, seen)
-        rewrite_in_order(paths.output, lambda r: scanned.line_of(output_id_key(r)) or 0)
-        return len(seen), dropped
-
-    def extra_files(self) -> tuple[Path, ...]:
-        return ()
-
-
-class _EmbedKind:
-    name, unit = "embed", "text"
-
-    def __init__(self, opts) -> None:
-        from tokenmill.embed.job import load_embedder
-        from tokenmill.embed.preprocess import EmbedPreprocessor
-        from tokenmill.jobs.inputs import EMBED_FIELDS
-
-        self.opts, self.fields = opts, EMBED_FIELDS
-        self.emb = load_embedder(opts)
-        self.pre = EmbedPreprocessor(self.emb)
-        self.model_name = self.emb.model_name
-        self.device = opts.device
-        self.shard_ext = ".parquet" if opts.format == "parquet" else ".jsonl"
-
-    @staticmethod
-    def key(r: dict) -> str:
-        from tokenmill.embed.records import embed_id_key
-
-        return embed_id_key(r["custom_id"])
-
-    def manifest(self, identity: dict) -> dict:
-        from tokenmill.embed.job import embed_manifest
-
-        return embed_manifest(self.opts, self.emb, identity)
-
-    def _sink(self, paths: JobPaths):
-        from tokenmill.embed.vectors import OpenAIVectorSink, ParquetVectorSink
-
-        if self.opts.format == "parquet":
-            return ParquetVectorSink(paths.output, self.emb.dim, self.emb.describe())
-        return OpenAIVectorSink(paths.output, self.model_name)
-
-    def done_ids(self, paths: JobPaths) -> set[str]:
-        return self._sink(paths).done_ids()
-
-    def worker_spec(self, scanned, threads: int) -> dict:
-        o = self.opts
-        return {"model": str(self.emb.path), "dtype": o.dtype, "device": o.device,
-                "max_batch_tokens": o.max_batch_tokens, "pooling": o.pooling, "normalize": o.normalize,
-                "max_seq_length": o.max_seq_length, "format": o.format, "num_threads": threads,
-                "window_tokens": o.window_tokens}
-
-    def finalize(self, paths: JobPaths, store: ShardStore, scanned) -> tuple[int, int]:
-        if self.opts.format == "parquet":
-            sink = self._sink(paths)
-            sources = ([paths.output] if paths.output.exists() else []) + sink._part_files() + store.committed()
-            before = sum(_parquet_rows(p) for p in sources)
-            rows = sink.finalize(extra=store.committed())
-            return rows, before - rows
-        paths.output.touch()
-        seen = read_keys(paths.output, self.key)
-        dropped = merge_jsonl(paths.output, store.committed(), self.key, seen)
-        rewrite_in_order(paths.output, lambda r: scanned.line_of(self.key(r)) or 0)
-        return len(seen), dropped
-
-    def extra_files(self) -> tuple[Path, ...]:
-        from tokenmill.embed.vectors import parts_dir
-
-        return (parts_dir(self.opts.output),)
-
-
-def _parquet_rows(path: Path) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(path).metadata.num_rows
-
-
-def _shard_ids(path: Path, key) -> list[str]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path, columns=["id"]).column("id").to_pylist()
-    with open(path, "rb") as f:
-        return [key(json.loads(line)) for line in f if line.strip()]
 
 
 def _drop_shard_failed(paths: JobPaths) -> int:
@@ -285,6 +124,7 @@ def _drop_shard_failed(paths: JobPaths) -> int:
         return 0
     tmp = paths.errors.with_name(f".{paths.errors.name}.{os.getpid()}.tmp")
     tmp.write_bytes(b"".join(keep))
+    fsync_path(tmp)
     os.replace(tmp, paths.errors)
     return len(lines) - len(keep)
 
@@ -300,7 +140,6 @@ class _Driver:
         self.num_started = 0
         self.items: dict[int, list] = {}  # shard id -> its prepared requests, until committed or given up
         self.refs: dict[int, object] = {}  # shard id -> the requests in Ray's object store
-        self.shards: dict[int, Shard] = {}
         self.total = self.done = 0
         self.shards_total = self.shards_done = 0
         self.run_rows = self.run_prompt = self.run_gen = 0
@@ -322,7 +161,7 @@ class _Driver:
             self.store.prepare()
             done = job.done_ids(paths)
             for shard in self.store.committed():
-                done.update(_shard_ids(shard, job.key))
+                done.update(shard_ids(shard, job.key))
             self.errors = ErrorRecords(paths)
             if done or self.errors.done_lines:
                 note(opts.quiet, f"resuming: {len(done)} rows done and {len(self.errors.done_lines)} error records "
@@ -381,7 +220,7 @@ class _Driver:
         self.workers[wid] = _Worker(wid, actor, actor.ready.remote(), num_slots=self.num_slots)
 
     # ------------------------------------------------------------------ the loop
-    def _shard_source(self, todo: Iterator, shard_size: int, scanned) -> Iterator[Shard]:
+    def _shard_source(self, todo: Iterator, shard_size: int) -> Iterator[Shard]:
         batch: list = []
         next_id = 0
 
@@ -391,7 +230,6 @@ class _Driver:
             shard = Shard(next_id, work, len(items))
             self.items[next_id] = items
             self.refs[next_id] = self.ray.put(items)
-            self.shards[next_id] = shard
             next_id += 1
             return shard
 
@@ -426,7 +264,7 @@ class _Driver:
         note(self.opts.quiet, f"Ray: {num_workers} workers ({self.num_threads} threads each) on {self.num_nodes} "
                               f"nodes; {todo_rows} rows to run in {self.shards_total} shards of up to {shard_size}, "
                               f"{self.num_slots} at a time per worker")
-        self.queue = ShardQueue(self._shard_source(todo, shard_size, scanned), ro.max_shard_retries, ro.reissue,
+        self.queue = ShardQueue(self._shard_source(todo, shard_size), ro.max_shard_retries, ro.reissue,
                                 machine_of=lambda slot: slot.partition(".")[0])
         progress = Progress(self.total, self.done, f"tokenmill {self.job.name} (ray)", self.job.unit, self.opts.quiet,
                             self.opts.progress_interval)

@@ -104,3 +104,32 @@ def merge_jsonl(output: Path, shards: list[Path], key: Callable[[dict], str], se
         out.flush()
         os.fsync(out.fileno())
     return dropped
+
+
+def merge_jsonl_in_order(output: Path, shards: list[Path], key: Callable[[dict], str],
+                         line_of: Callable[[str], int | None]) -> tuple[int, int]:
+    """OUTPUT plus the shards' records (each id's first), rewritten in input order (``line_of(key)``); returns
+    (rows, duplicates dropped)."""
+    from tokenmill.jobs.files import read_keys, rewrite_in_order
+
+    output.touch()
+    seen = read_keys(output, key)
+    dropped = merge_jsonl(output, shards, key, seen)
+    rewrite_in_order(output, lambda r: line_of(key(r)) or 0)
+    return len(seen), dropped
+
+
+def parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def shard_ids(path: Path, key: Callable[[dict], str]) -> list[str]:
+    """The ids in a committed shard file."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path, columns=["id"]).column("id").to_pylist()
+    with open(path, "rb") as f:
+        return [key(json.loads(line)) for line in f if line.strip()]

@@ -93,9 +93,9 @@ class ParquetVectorSink:
         self.parts.mkdir(exist_ok=True)
         for tmp in self.parts.glob(".*.tmp"):
             tmp.unlink()
-        self._next = 1 + max((int(p.stem.split("-")[1]) for p in self._part_files()), default=-1)
+        self._next = 1 + max((int(p.stem.split("-")[1]) for p in self.part_files()), default=-1)
 
-    def _part_files(self) -> list[Path]:
+    def part_files(self) -> list[Path]:
         return sorted(self.parts.glob("part-*.parquet"))
 
     def done_ids(self) -> set[str]:
@@ -109,7 +109,7 @@ class ParquetVectorSink:
                 raise JobSetupError(f"{self.output} is damaged ({type(e).__name__}: {str(e)[:80]}); pass --overwrite "
                                     f"to start afresh") from None
         self.dropped = 0
-        for part in self._part_files():
+        for part in self.part_files():
             try:
                 ids = _ids_of(part)
             except Exception:
@@ -165,7 +165,7 @@ class ParquetVectorSink:
         seen: set[str] = set()
         pending: list[pa.Table] = []
         with pq.ParquetWriter(tmp, self.schema) as writer:
-            sources = ([self.output] if self.output.exists() else []) + self._part_files() + list(extra)
+            sources = ([self.output] if self.output.exists() else []) + self.part_files() + list(extra)
             for src in sources:
                 f = pq.ParquetFile(src)
                 for i in range(f.num_row_groups):

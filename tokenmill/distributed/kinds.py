@@ -1,0 +1,112 @@
+"""What a distributed job does that depends on its kind: generation (``tokenmill run --ray``) or embeddings
+(``tokenmill embed --ray``). Each kind gives the driver its preprocessor, manifest, ids already done, the engine
+options its workers start with, and the merge of the committed shards into OUTPUT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenmill.distributed.store import ShardStore, merge_jsonl_in_order, parquet_rows
+from tokenmill.jobs.errors import JobSetupError
+from tokenmill.jobs.files import JobPaths
+from tokenmill.jobs.results import output_id_key
+from tokenmill.jobs.skeleton import done_keys
+
+
+class GenerationKind:
+    name, unit = "run", "request"
+
+    def __init__(self, opts) -> None:
+        from tokenmill.jobs.inputs import RUN_FIELDS
+        from tokenmill.jobs.runner import JobContext
+
+        if opts.total_partitions != 1:
+            raise JobSetupError("--ray and --partition do not mix: the Ray job spreads the whole input itself")
+        self.opts, self.fields = opts, RUN_FIELDS
+        self.ctx = JobContext(opts.model, opts.engine_options, opts.sampling(), opts.context_overflow)
+        self.pre = self.ctx.pre
+        self.model_name = self.ctx.model_name
+        self.device = self.ctx.config.device
+
+    def manifest(self, identity: dict) -> dict:
+        from tokenmill.jobs.runner import manifest_for
+
+        return manifest_for(self.opts, self.ctx, identity)
+
+    def done_ids(self, paths: JobPaths) -> set[str]:
+        return done_keys(paths.output, output_id_key)
+
+    key = staticmethod(output_id_key)
+
+    def worker_spec(self, scanned, threads: int) -> dict:
+        plan = self.ctx.plan(*scanned.valid_lengths())
+        options = {"model": str(self.ctx.model_path), **self.opts.engine_options}
+        options.setdefault("max_num_seqs", plan.recommended_max_num_seqs)
+        options.setdefault("max_num_batched_tokens", plan.recommended_max_num_batched_tokens)
+        options.setdefault("num_threads", threads)
+        options["model_name"] = self.model_name
+        return options
+
+    def finalize(self, paths: JobPaths, store: ShardStore, scanned) -> tuple[int, int]:
+        """Merges the shards into OUTPUT in input order; returns (rows, duplicates dropped)."""
+        return merge_jsonl_in_order(paths.output, store.committed(), self.key, scanned.line_of)
+
+    def extra_files(self) -> tuple[Path, ...]:
+        return ()
+
+
+class EmbedKind:
+    name, unit = "embed", "text"
+
+    def __init__(self, opts) -> None:
+        from tokenmill.embed.job import load_embedder
+        from tokenmill.embed.preprocess import EmbedPreprocessor
+        from tokenmill.jobs.inputs import EMBED_FIELDS
+
+        self.opts, self.fields = opts, EMBED_FIELDS
+        self.emb = load_embedder(opts)
+        self.pre = EmbedPreprocessor(self.emb)
+        self.model_name = self.emb.model_name
+        self.device = opts.device
+
+    @staticmethod
+    def key(r: dict) -> str:
+        from tokenmill.embed.records import embed_id_key
+
+        return embed_id_key(r["custom_id"])
+
+    def manifest(self, identity: dict) -> dict:
+        from tokenmill.embed.job import embed_manifest
+
+        return embed_manifest(self.opts, self.emb, identity)
+
+    def _sink(self, paths: JobPaths):
+        from tokenmill.embed.vectors import OpenAIVectorSink, ParquetVectorSink
+
+        if self.opts.format == "parquet":
+            return ParquetVectorSink(paths.output, self.emb.dim, self.emb.describe())
+        return OpenAIVectorSink(paths.output, self.model_name)
+
+    def done_ids(self, paths: JobPaths) -> set[str]:
+        return self._sink(paths).done_ids()
+
+    def worker_spec(self, scanned, threads: int) -> dict:
+        o = self.opts
+        return {"model": str(self.emb.path), "dtype": o.dtype, "device": o.device,
+                "max_batch_tokens": o.max_batch_tokens, "pooling": o.pooling, "normalize": o.normalize,
+                "max_seq_length": o.max_seq_length, "format": o.format, "num_threads": threads,
+                "window_tokens": o.window_tokens}
+
+    def finalize(self, paths: JobPaths, store: ShardStore, scanned) -> tuple[int, int]:
+        if self.opts.format == "parquet":
+            sink = self._sink(paths)
+            sources = ([paths.output] if paths.output.exists() else []) + sink.part_files() + store.committed()
+            before = sum(parquet_rows(p) for p in sources)
+            rows = sink.finalize(extra=store.committed())
+            return rows, before - rows
+        return merge_jsonl_in_order(paths.output, store.committed(), self.key, scanned.line_of)
+
+    def extra_files(self) -> tuple[Path, ...]:
+        from tokenmill.embed.vectors import parts_dir
+
+        return (parts_dir(self.opts.output),)
