@@ -155,6 +155,11 @@ def cli() -> None:
 @click.option("--sort-by-length/--no-sort-by-length", default=None, help="Admit longer prompts first within a window.")
 @click.option("--prefix-caching/--no-prefix-caching", "prefix_caching", default=None,
               help="Share the KV cache of common prompt prefixes (default: on).")
+@click.option("--dataset-order", type=click.Choice(["auto", "input"]), default="auto", show_default=True,
+              help="auto: run rows that share a prompt prefix (or repeat) together when that pays, with prefix "
+                   "caching; input: in input order. Results are written in input order either way.")
+@click.option("--dedupe/--no-dedupe", default=True, show_default=True,
+              help="Compute identical requests (same prompt and sampling, greedy or same seed) once.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
 @click.option("--max-model-len", type=int, default=None, help="Longest sequence (default: the model's).")
 @click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU (default 4).")
@@ -173,9 +178,8 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Discard earlier results for OUTPUT and start afresh.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k, seed, stop, max_num_seqs,
-        max_num_batched_tokens, preemption_mode, scheduling_strategy, sort_by_length, prefix_caching, dtype,
-        max_model_len,
-        kv_cache_memory, gpu_memory_utilization, partition, total_partitions, gpu_hourly_rate, num_gpus,
+        max_num_batched_tokens, preemption_mode, scheduling_strategy, sort_by_length, prefix_caching, dataset_order,
+        dedupe, dtype, max_model_len, kv_cache_memory, gpu_memory_utilization, partition, total_partitions, gpu_hourly_rate, num_gpus,
         context_overflow, input_format, columns, progress_interval, ray_address, num_workers, shard_size,
         max_shard_retries, overwrite, quiet):
     """Run a dataset through the model into OUTPUT; the same command resumes an interrupted job.
@@ -200,7 +204,7 @@ def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k
                       partition=partition, total_partitions=total_partitions, gpu_hourly_rate=gpu_hourly_rate,
                       num_gpus=num_gpus, quiet=quiet, overwrite=overwrite, input_format=input_format,
                       columns=_columns(columns, RUN_FIELDS), context_overflow=context_overflow,
-                      progress_interval=progress_interval)
+                      progress_interval=progress_interval, dataset_order=dataset_order, dedupe=dedupe)
     return _run_job("run", opts, ray_address, num_workers, shard_size, max_shard_retries)
 
 

@@ -124,3 +124,43 @@ def test_no_block_is_ever_both_free_and_in_use(ops):
         in_use = [b for rid in tokens for b in kv.block_ids(rid)]
         assert all(kv.pool.ref_cnt[b] >= 1 for b in in_use)
         assert sum(kv.pool.ref_cnt) == len(in_use)
+        assert sum(kv._pending.values()) == sum(hi - lo for lo, hi in kv._pending_of.values())
+    for rid in list(tokens):
+        kv.free(rid)
+    assert not kv._pending and not kv._pending_of  # nothing is left "being computed"
+
+
+def test_a_block_being_computed_is_pending_until_cached():
+    kv = KVCacheManager(num_blocks=10, block_size=4, enable_caching=True)
+    a = list(range(10, 23))  # 3 full blocks + 1
+    kv.lookup("a", a)
+    kv.allocate_slots("a", 13)
+    b = a[:8] + [99, 98, 97, 96, 95]
+    assert kv.lookup("b", b) == [] and kv.next_block_pending("b", 0)  # a is computing b's first block
+    assert not kv.next_block_pending("c", 0)  # unknown / never looked up
+    kv.cache_full_blocks("a", a, 8)  # a's first chunk: 2 blocks computed
+    hits = kv.lookup("b", b)
+    assert len(hits) == 2 and not kv.next_block_pending("b", 2)  # b's third block is its own
+    kv.free("a")
+    assert not kv._pending
+
+
+def test_the_scheduler_waits_a_step_for_a_prefix_being_computed_and_lets_others_pass():
+    from tokenmill.config import EngineConfig
+    from tokenmill.core.request import Request
+    from tokenmill.core.scheduler import ModelRunnerOutput, Scheduler
+    from tokenmill.sampling_params import SamplingParams
+
+    cfg = EngineConfig.from_dict({"block_size": 4, "max_num_batched_tokens": 256}).resolve(128)
+    sched = Scheduler(cfg, KVCacheManager(64, 4, enable_caching=True))
+    head = list(range(1, 25))  # 6 blocks
+    sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    for rid, prompt in (("a", head + [50, 51]), ("b", head + [60, 61, 62]), ("c", [70 + i for i in range(9)])):
+        sched.add_request(Request(rid, prompt, sp, eos_token_ids=frozenset()))
+    out = sched.schedule()
+    assert [s.request_id for s in out.scheduled] == ["a", "c"]  # b waits: its head is a's prefill
+    sched.update_from_output(out, ModelRunnerOutput({s.request_id: 7 for s in out.scheduled if s.samples}))
+    out = sched.schedule()
+    b = next(s for s in out.scheduled if s.request_id == "b")
+    assert b.num_computed_tokens == 24 and b.num_scheduled_tokens == 3  # a hit on all six blocks
+    assert sched.stats.prefix_cache_hits == 24

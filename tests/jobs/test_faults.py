@@ -168,10 +168,11 @@ def test_input_deleted_mid_run_the_job_still_completes(reference, tmp_path, cli_
 
 def test_input_truncated_mid_run_is_a_fault_not_a_silent_loss(reference, tmp_path, cli_env):
     """Truncating the file in place (not replacing it) changes what the held-open file reads: detected, exit 3.
-    The child reads its input 64 bytes and 8 lines at a time, so pass 2 is still reading when the file shrinks."""
+    The child reads its input 64 bytes and 8 lines at a time, so pass 2 is still reading when the file shrinks (in
+    input order: the grouped order reads each round whole before running it; tests/jobs/test_ordering.py)."""
     inp = write_jsonl(tmp_path / "in.jsonl", ROWS + [{"id": f"x{i}", "prompt": "more"} for i in range(200)])
     out = tmp_path / "out.jsonl"
-    args = [str(a) for a in ("run", inp, "-o", out, *ARGS)]
+    args = [str(a) for a in ("run", inp, "-o", out, *ARGS, "--dataset-order", "input")]
     child = ("from tokenmill.jobs import inputs, scan\ninputs.BLOCK = 64\nscan.iter_line_chunks.__defaults__ = (8,)\n"
              f"from tokenmill.cli import main\nmain({args!r})\n")
     proc = subprocess.Popen([sys.executable, "-c", child], env=cli_env, stdout=subprocess.DEVNULL,

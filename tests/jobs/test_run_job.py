@@ -329,3 +329,59 @@ def test_prefix_caching_in_a_job_changes_nothing_but_the_work(tmp_path, run_cli)
         else:
             assert "prefix cache:" not in p.stderr
     assert outs["--prefix-caching"] == outs["--no-prefix-caching"]
+
+
+def grouped_dataset() -> tuple[list[dict], list[dict]]:
+    """(unique rows, the same plus copies under new ids), shuffled: 3 long preambles x 5 greedy questions, and copies
+    of 4 greedy rows and of 2 seeded rows (computed once each) and of 2 freely sampled rows (computed every time)."""
+    rng = random.Random(5)
+    heads = [f"Instructions set {k}. " + " ".join(rng.choice(TOPICS) for _ in range(60)) for k in range(3)]
+    rows = [{"id": f"p{k}-{i}", "prompt": f"{heads[k]} Question {i}: what is {rng.choice(TOPICS)}?", "max_tokens": 8,
+             "temperature": 0} for k in range(3) for i in range(5)]
+    rows += [{"id": f"seeded{i}", "prompt": f"Facts about {TOPICS[i]}:", "max_tokens": 8, "temperature": 0.9,
+              "seed": 100 + i} for i in range(2)]
+    rows += [{"id": f"free{i}", "prompt": f"Ideas about {TOPICS[i]}:", "max_tokens": 8, "temperature": 0.9}
+             for i in range(2)]
+    copies = [{**rows[i], "id": f"copy-{rows[i]['id']}"} for i in (0, 6, 12, 13, 15, 16, 17, 18)]
+    both = rows + copies
+    rng.shuffle(rows)
+    rng.shuffle(both)
+    return rows, both
+
+
+def test_dataset_order_and_dedupe_change_nothing_but_the_work_and_resume(tmp_path, cli_env, run_cli):
+    """Rows sharing preambles are grouped, identical requests (greedy or same seed) computed once: results equal a
+    run of the unique rows with neither caching nor grouping, a copy's result is its original's, freely sampled
+    copies are computed apart; interrupted by SIGTERM and resumed, every id is written once with the same results."""
+    unique, both = grouped_dataset()
+    plain = run_cli("run", write_jsonl(tmp_path / "unique.jsonl", unique), "-o", tmp_path / "unique.out.jsonl",
+                    "--no-prefix-caching", "--max-num-seqs", 4, check=0)
+    assert "dataset order" not in plain.stderr and "deduplicated" not in plain.stderr
+    ref = {r["id"]: r for r in read_jsonl(tmp_path / "unique.out.jsonl")}
+    src = write_jsonl(tmp_path / "in.jsonl", both)
+    out = tmp_path / "out.jsonl"
+    p = run_cli("run", src, "-o", out, "--max-num-seqs", 4, check=0)
+    assert "dataset order: rows grouped by shared prefix" in p.stderr, p.stderr
+    assert "deduplicated: 6 rows" in p.stderr, p.stderr  # the freely sampled copies are not among them
+    assert "deduplicated: 6 rows" in run_cli("status", out, check=0).stdout
+    got = {r["id"]: r for r in read_jsonl(out)}
+    assert [r["id"] for r in read_jsonl(out)] == [r["id"] for r in both], "input order"
+    for rid, rec in got.items():
+        if not rid.startswith("free") and not rid.startswith("copy-free"):
+            assert rec["completion"] == ref[rid.removeprefix("copy-")]["completion"], rid
+    # interrupted part way (timed by the job's own progress), then resumed: the same results, every id once
+    out2 = tmp_path / "out2.jsonl"
+    cmd = tokenmill_cmd("run", src, "-o", out2, "--max-num-seqs", 2, "--quiet")
+    proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and complete_lines(out2) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert run_cli("run", src, "-o", out2, "--max-num-seqs", 2, check=0).returncode == 0
+    rows2 = read_jsonl(out2)
+    assert [r["id"] for r in rows2] == [r["id"] for r in both], "every id once, in input order"
+    for r in rows2:
+        if "free" not in r["id"]:
+            assert r["completion"] == got[r["id"]]["completion"], r["id"]

@@ -11,6 +11,10 @@ whose K/V has been computed is registered under its hash (``cache_full_blocks``)
 found in the cache are shared (reference counted) instead of computed (``lookup`` + ``allocate_slots(hits=...)``):
 a head start on ``num_computed_tokens``. The last known token of a request is never a hit (its logits are needed).
 Cached blocks outlive their requests as free blocks, evicted least recently freed first (``BlockPool``).
+
+Blocks being computed: the prompt blocks a request was admitted without (not hits) are ``pending`` until computed
+and cached. ``next_block_pending`` tells the scheduler that a waiting request's next block is one of them, so it can
+wait a step for a hit instead of computing the same block a second time in parallel.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class KVCacheManager:
         self._blocks: dict[str, list[int]] = {}
         self._hashes: dict[str, list[int]] = {}  # request -> hashes of its full blocks, computed so far
         self._num_cached: dict[str, int] = {}  # request -> how many of its leading blocks are registered
+        self._pending: dict[int, int] = {}  # block hash -> how many requests are computing that block now
+        self._pending_of: dict[str, list[int]] = {}  # request -> [first, end) indexes of its blocks still pending
 
     @property
     def num_blocks(self) -> int:
@@ -83,6 +89,11 @@ class KVCacheManager:
                 return False
             self.pool.touch(list(hits))
             self._blocks[request_id] = list(hits) + self.pool.allocate(max(0, needed))
+            if self.enable_caching:
+                hashes = self._hashes.get(request_id, [])  # the prompt's full blocks, from lookup()
+                self._pending_of[request_id] = [len(hits), len(hashes)]
+                for h in hashes[len(hits):]:
+                    self._pending[h] = self._pending.get(h, 0) + 1
             return True
         extra = self.blocks_needed(num_tokens) - len(held)
         if extra <= 0:
@@ -107,10 +118,30 @@ class KVCacheManager:
         for i in range(start, full):
             self.pool.cache(blocks[i], hashes[i])
         self._num_cached[request_id] = full
+        pending = self._pending_of.get(request_id)
+        if pending is not None and pending[0] < min(full, pending[1]):
+            self._unpend(hashes[pending[0]:min(full, pending[1])])
+            pending[0] = min(full, pending[1])
+
+    def _unpend(self, hashes: Sequence[int]) -> None:
+        for h in hashes:
+            if self._pending[h] == 1:
+                del self._pending[h]
+            else:
+                self._pending[h] -= 1
+
+    def next_block_pending(self, request_id: str, num_hits: int) -> bool:
+        """Whether the block after a waiting request's ``num_hits`` cached blocks is being computed by a running
+        request (``lookup`` first): it will be a hit once that request's chunk is done."""
+        hashes = self._hashes.get(request_id, ())
+        return num_hits < len(hashes) and hashes[num_hits] in self._pending
 
     def free(self, request_id: str) -> None:
         """Gives a request's blocks back, tail first (no-op if it holds none); cached ones stay hittable."""
-        self._hashes.pop(request_id, None)
+        pending = self._pending_of.pop(request_id, None)
+        hashes = self._hashes.pop(request_id, None)
+        if pending is not None:
+            self._unpend(hashes[pending[0]:pending[1]])
         self._num_cached.pop(request_id, None)
         blocks = self._blocks.pop(request_id, None)
         if blocks:

@@ -6,7 +6,9 @@ mixed batches and recompute all follow from that one rule.
 
 Invariants (tested in tests/core):
 - a step never schedules more than ``max_num_batched_tokens`` tokens, nor more than ``max_num_seqs`` requests run;
-- decode tokens of running requests are scheduled before any prefill chunk; waiting requests are admitted FIFO;
+- decode tokens of running requests are scheduled before any prefill chunk; waiting requests are admitted FIFO,
+  except that with prefix caching one whose next prompt block a running request is computing waits for it (then a
+  hit) while those behind it go ahead;
 - under ``preemption_mode="none"`` a request is admitted only when blocks for its prompt plus ``max_tokens`` (capped
   at ``max_model_len``) are free, and they are taken at admission, so a running request is never preempted;
 - under ``"recompute"`` blocks are taken as tokens are scheduled; when they run out the most recently admitted
@@ -216,9 +218,13 @@ class Scheduler:
             admit = self._wave_open and not self._decode_phase
         else:  # after a preemption, admitting would only thrash; unless nothing at all could run this step
             admit = not preempted or not scheduled
+        deferred: list[Request] = []
         while admit and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = self.waiting[0]
             hits = self.kv.lookup(req.request_id, req.all_token_ids)  # a cached prefix: a head start
+            if len(deferred) < cfg.max_num_seqs and self.kv.next_block_pending(req.request_id, len(hits)):
+                deferred.append(self.waiting.popleft())  # its next block is being computed: a hit in a step or two
+                continue
             req.num_computed_tokens = len(hits) * self.kv.block_size
             n = self._chunk(req, budget)
             # preemption_mode=none reserves all the request can use (the hits are part of it)
@@ -235,6 +241,7 @@ class Scheduler:
             scheduled[req.request_id] = ScheduledRequest(req, req.num_computed_tokens, n,
                                                          self.kv.block_ids(req.request_id))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
 
         if prefill_first and not self._decode_phase and not scheduled and self.running:
             # Nothing more to prefill or admit: the wave is complete; decode it until it drains.

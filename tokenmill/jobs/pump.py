@@ -1,10 +1,14 @@
 """The engine loop of a generation job, as a library: prepared requests in, (request, output) pairs out.
 
-``RequestPump`` keeps at most ``window`` requests in the engine (admitting more as earlier ones finish, longest
-prompts first within an admission when the engine sorts by length) and yields each finished request with its
-output. It neither prints nor writes files nor installs signal handlers: ``tokenmill run`` writes the results to
-OUTPUT, a Ray worker to its shard file. ``stop()`` between two steps ends the stream; ``abort()`` then drops what is
-still in the engine (it runs again on resume).
+``RequestPump`` keeps at most ``window`` requests in hand (in the engine, or waiting on an identical request) and
+yields each finished request with its output. It neither prints nor writes files nor installs signal handlers:
+``tokenmill run`` writes the results to OUTPUT, a Ray worker to its shard file. ``stop()`` between two steps ends the
+stream; ``abort()`` then drops what is still in hand (it runs again on resume).
+
+Deduplication: a request identical to one already in the engine (``ordering.dedupe_key``: same prompt and sampling,
+greedy or with the same seed) is not computed again; it is yielded with the output of the first one when that
+finishes. Requests in an admission are sorted longest prompt first when ``sort_by_length`` (default: the engine's
+setting); a caller that already ordered them (dataset ordering) passes False.
 """
 
 from __future__ import annotations
@@ -12,17 +16,30 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.jobs.ordering import dedupe_key
 from tokenmill.jobs.preprocess import Prepared
 from tokenmill.outputs import RequestOutput
 
 
 class RequestPump:
-    def __init__(self, engine: LLMEngine, todo: Iterator[Prepared], window: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine, todo: Iterator[Prepared], window: int | None = None,
+                 sort_by_length: bool | None = None, dedupe: bool = True) -> None:
         self.engine = engine
         self.todo = iter(todo)
         self.window = window or 2 * engine.config.max_num_seqs + 64
-        self.in_flight: dict[str, Prepared] = {}
+        self.sort_by_length = engine.config.sort_by_length if sort_by_length is None else sort_by_length
+        self.dedupe = dedupe
+        self.in_flight: dict[str, Prepared] = {}  # request id -> the request the engine computes
+        self.followers: dict[str, list[Prepared]] = {}  # request id -> identical requests waiting on its output
+        self._leader: dict[tuple, str] = {}  # dedupe key -> request id in flight
+        self._key_of: dict[str, tuple] = {}
+        self.num_followers = 0  # held now
+        self.num_deduplicated = 0  # ever
         self.exhausted = False
+
+    @property
+    def num_held(self) -> int:
+        return self.engine.num_unfinished_requests + self.num_followers
 
     def run(self, should_stop: Callable[[], bool] = lambda: False,
             on_step: Callable[[], None] = lambda: None) -> Iterator[tuple[Prepared, RequestOutput]]:
@@ -30,14 +47,21 @@ class RequestPump:
         ``on_step()`` after every step (a state file that must stay fresh through long generations)."""
         engine = self.engine
         while not should_stop():
-            if not self.exhausted and engine.num_unfinished_requests < self.window:
+            if not self.exhausted and self.num_held < self.window:
                 self._admit()
             if not engine.has_unfinished_requests():
                 if self.exhausted:
                     return
                 continue
             for out in engine.step():
-                yield self.in_flight.pop(out.request_id), out
+                rid = out.request_id
+                yield self.in_flight.pop(rid), out
+                key = self._key_of.pop(rid, None)
+                if key is not None:
+                    del self._leader[key]
+                for item in self.followers.pop(rid, ()):
+                    self.num_followers -= 1
+                    yield item, out
             on_step()
 
     def _admit(self) -> None:
@@ -46,21 +70,34 @@ class RequestPump:
         self.exhausted = True
         for item in self.todo:
             batch.append(item)
-            if len(batch) + engine.num_unfinished_requests >= self.window:
+            if len(batch) + self.num_held >= self.window:
                 self.exhausted = False
                 break
-        if engine.config.sort_by_length:
+        if self.sort_by_length:
             batch.sort(key=lambda it: -len(it.token_ids))
         for item in batch:
+            key = dedupe_key(item.token_ids, item.params) if self.dedupe else None
+            if key is not None and key in self._leader:
+                self.followers.setdefault(self._leader[key], []).append(item)
+                self.num_followers += 1
+                self.num_deduplicated += 1
+                continue
             rid = f"L{item.request.line_no}"
             self.in_flight[rid] = item
+            if key is not None:
+                self._leader[key] = rid
+                self._key_of[rid] = key
             engine.add_request(rid, item.token_ids, item.params)
 
     def abort(self) -> tuple[int, int]:
-        """Drops every request still in the engine; returns how many were (running, queued)."""
+        """Drops every request still in hand; returns how many were (running, queued or waiting on a duplicate)."""
         running = self.engine.num_running_requests
-        queued = len(self.in_flight) - running
+        queued = len(self.in_flight) - running + self.num_followers
         if self.in_flight:
             self.engine.abort_request(list(self.in_flight))
-            self.in_flight.clear()
+        self.in_flight.clear()
+        self.followers.clear()
+        self._leader.clear()
+        self._key_of.clear()
+        self.num_followers = 0
         return running, queued

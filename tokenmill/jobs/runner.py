@@ -1,9 +1,11 @@
 """``tokenmill run``: a dataset through the engine into a results file, resumable and observable.
 
 Order of work (the shared skeleton in ``jobs/skeleton.py``): check OUTPUT -> lock -> open the input -> manifest ->
-repair torn tails and collect what is done -> pass 1 (validate every line, write new error records) -> partition
-and memory plan -> engine -> pass 2 (stream the remaining requests into the engine through a bounded window, append
-each result as it finishes, in completion order) -> complete: OUTPUT rewritten in input order -> summary.
+repair torn tails and collect what is done -> pass 1 (validate every line, write new error records, record each
+line's prefix signature) -> partition, memory plan and dataset order -> engine -> pass 2 (stream the remaining
+requests into the engine through a bounded window, in input order or, when rows share prefixes or repeat, grouped
+by prefix (``jobs/ordering.py``); identical requests are computed once; append each result as it finishes, in
+completion order) -> complete: OUTPUT rewritten in input order -> summary.
 
 Invariants: every valid input id of the partition ends up in OUTPUT exactly once and every bad line in the errors
 file exactly once, across any number of kills, faults and restarts; at most ``window`` requests are held in memory;
@@ -24,6 +26,7 @@ from tokenmill.jobs.errors import JobSetupError
 from tokenmill.jobs.files import JobPaths, JsonlAppender, rewrite_in_order
 from tokenmill.jobs.inputs import RUN_FIELDS
 from tokenmill.jobs.manifest import build_manifest, model_fingerprint, split_engine_options
+from tokenmill.jobs.ordering import DatasetOrder, PrefixSignatures, dataset_order, iter_in_order, worth_ordering
 from tokenmill.jobs.planner import MemoryPlan, plan_memory
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
 from tokenmill.jobs.progress import Progress, StopFlag
@@ -62,6 +65,8 @@ class JobOptions(JobIO):
     partition: int = 0
     total_partitions: int = 1
     context_overflow: str = "error"
+    dataset_order: str = "auto"  # "auto": grouped by shared prefix when that pays (jobs/ordering.py); "input"
+    dedupe: bool = True  # identical requests computed once
 
     def sampling(self) -> dict:
         return {"max_tokens": DEFAULT_MAX_TOKENS, **self.sampling_defaults}
@@ -138,6 +143,8 @@ def run_job(opts: JobOptions, stop: StopFlag | None = None) -> int:
     check_output(opts.output)
     if not 0 <= opts.partition < opts.total_partitions:
         raise JobSetupError(f"--partition must be in [0, {opts.total_partitions}), got {opts.partition}")
+    if opts.dataset_order not in ("auto", "input"):
+        raise JobSetupError(f"--dataset-order must be auto or input, got {opts.dataset_order!r}")
     ctx = JobContext(opts.model, opts.engine_options, opts.sampling(), opts.context_overflow)
     return run_locked(opts.output, lambda paths: _run_locked(opts, ctx, paths, stop or StopFlag()))
 
@@ -162,6 +169,8 @@ class _Run:
         self.results = JsonlAppender(paths.output)
         self.state = StateFile(paths.state)
         self.engine: LLMEngine | None = None
+        self.pump: RequestPump | None = None
+        self.order: DatasetOrder | None = None  # None: input order
         self.total = self.done = len(self.done_ids)
         self.run_prompt = self.run_gen = self.run_max = 0
         self.remaining_prompt = self.remaining_max = 0
@@ -181,6 +190,8 @@ class _Run:
                 "message": None}
         if e is not None and e.config.enable_prefix_caching:
             snap["prefix_cache_hit_rate"] = e.stats.prefix_cache_hit_rate
+        if self.pump is not None:
+            snap["deduplicated"] = self.pump.num_deduplicated
         return snap
 
     def postfix(self) -> str:
@@ -192,7 +203,8 @@ class _Run:
         opts = self.opts
         with faults_as_job_fault(opts.output, self.state, self.snapshot, [self.results, self.errors.appender]):
             self.state.write({**self.snapshot(), "message": "validating input"}, force=True)
-            scanned = scan(self.source, self.ctx.pre, self.errors)
+            signatures = PrefixSignatures()
+            scanned = scan(self.source, self.ctx.pre, self.errors, signatures)
             self.errors.appender.sync()
             members = partition_members(scanned, opts.partition, opts.total_partitions)
             member_lines = np.flatnonzero(np.frombuffer(members, dtype=np.uint8))
@@ -202,13 +214,27 @@ class _Run:
             self.remaining_prompt = int(member_prompt.sum(dtype=np.int64))
             self.remaining_max = int(member_max.sum(dtype=np.int64))
             if self.done < self.total:
+                self.order = self._order(signatures, member_lines, member_prompt)
                 self.engine = self._engine(self.ctx.plan(member_prompt, member_max))
-            del member_lines, member_prompt, member_max
+            del member_lines, member_prompt, member_max, signatures
             code = self._loop(scanned, members)
             if code:
                 return code
             self._complete(scanned)
         return self._summary()
+
+    def _order(self, signatures: PrefixSignatures, lines: np.ndarray, prompt: np.ndarray) -> DatasetOrder | None:
+        """The dataset order when it pays (rows share prefixes the cache can reuse, or repeat), else None."""
+        if self.opts.dataset_order == "input":
+            return None
+        order = dataset_order(signatures, lines, prompt)
+        if ((order.duplicates and self.opts.dedupe)
+                or (self.ctx.config.enable_prefix_caching and worth_ordering(order, self.remaining_prompt))):
+            note(self.opts.quiet, f"dataset order: rows grouped by shared prefix (about {order.shared_tokens:,} of "
+                                  f"{self.remaining_prompt:,} prompt tokens shared, {order.duplicates:,} duplicate "
+                                  f"rows)")
+            return order
+        return None
 
     def _engine(self, plan: MemoryPlan) -> LLMEngine:
         options = dict(self.opts.engine_options)
@@ -236,7 +262,13 @@ class _Run:
             self.remaining_prompt -= scanned.prompt_tokens[line_no]
             self.remaining_max -= scanned.max_tokens[line_no]
 
-        pump = RequestPump(engine, iter_todo(self.source, members, self.done_ids, self.ctx.pre, on_skip=skip_done))
+        if self.order is None:
+            todo = iter_todo(self.source, members, self.done_ids, self.ctx.pre, on_skip=skip_done)
+        else:
+            todo = iter_in_order(self.source, self.order.lines, scanned.prompt_tokens, self.done_ids, self.ctx.pre,
+                                 on_skip=skip_done)
+        pump = self.pump = RequestPump(engine, todo, sort_by_length=False if self.order is not None else None,
+                                       dedupe=self.opts.dedupe)
         progress = Progress(self.total, self.done, "tokenmill", "request", self.opts.quiet, self.opts.progress_interval)
         stop = self.stop
         try:
@@ -286,6 +318,9 @@ class _Run:
             st = engine.stats
             lines.append(f"  prefix cache: {st.prefix_cache_hits:,} of {st.prefix_cache_queries:,} prompt tokens "
                          f"({100 * st.prefix_cache_hit_rate:.1f}%) came from the cache")
+        if self.pump is not None and self.pump.num_deduplicated:
+            lines.append(f"  deduplicated: {self.pump.num_deduplicated:,} rows repeated another row's prompt and "
+                         f"sampling and were computed once")
         if build:
             lines.append(f"  (not counted: a one-off {build:.1f} s build of the C++ kernels for this machine)")
         lines += summary_tail(opts, self.paths, failed, opts.num_gpus, gen_s, wall, "output")

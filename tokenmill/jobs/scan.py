@@ -18,12 +18,17 @@ import hashlib
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from tokenmill.jobs.errors import JobFault
 from tokenmill.jobs.inputs import InputSource, RawRow
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
 from tokenmill.jobs.records import JobError
+
+if TYPE_CHECKING:
+    from tokenmill.jobs.ordering import PrefixSignatures
 
 CHUNK_LINES = 512
 
@@ -99,7 +104,10 @@ class ScanResult:
                 np.frombuffer(self.max_tokens, dtype=np.uint32)[lines])
 
 
-def scan(source: InputSource, pre: Preprocessor, on_error: Callable[[int, JobError], None]) -> ScanResult:
+def scan(source: InputSource, pre: Preprocessor, on_error: Callable[[int, JobError], None],
+         signatures: PrefixSignatures | None = None) -> ScanResult:
+    """Pass 1: validates every line (errors to ``on_error``) and records each valid line's lengths and, when given,
+    its prefix signature (``jobs/ordering.py``)."""
     valid = bytearray(1)
     prompt_tokens = array("I", [0])
     max_tokens = array("I", [0])
@@ -112,6 +120,8 @@ def scan(source: InputSource, pre: Preprocessor, on_error: Callable[[int, JobErr
         prompt_tokens.extend([0] * grow)
         max_tokens.extend([0] * grow)
         num_lines = last
+        if signatures is not None:
+            signatures.grow(num_lines)
         for line_no, item in pre.process(chunk):
             if not isinstance(item, JobError):
                 h = _id_hash(item.request.id_key)
@@ -125,6 +135,8 @@ def scan(source: InputSource, pre: Preprocessor, on_error: Callable[[int, JobErr
                     valid[line_no] = 1
                     prompt_tokens[line_no] = len(item.token_ids)
                     max_tokens[line_no] = item.max_tokens
+                    if signatures is not None:
+                        signatures.record(line_no, item.token_ids, item.params)
                     num_valid += 1
                     continue
             elif item.record_id is not None and item.code != "duplicate_id":
@@ -138,6 +150,8 @@ def scan(source: InputSource, pre: Preprocessor, on_error: Callable[[int, JobErr
         valid.extend(bytes(grow))
         prompt_tokens.extend([0] * grow)
         max_tokens.extend([0] * grow)
+        if signatures is not None:
+            signatures.grow(source.num_lines)
     return ScanResult(max(source.num_lines, num_lines), valid, prompt_tokens, max_tokens, num_valid, num_errors,
                       seen_ids)
 

@@ -54,6 +54,8 @@ def format_status(d: dict) -> str:
     lines = [f"state:        {d['state']}", counts, rates, f"elapsed:      {format_duration(d.get('elapsed_s'))}"]
     if d.get("prefix_cache_hit_rate") is not None:
         lines.append(f"prefix cache: {100 * d['prefix_cache_hit_rate']:.1f}% of prompt tokens hit")
+    if d.get("deduplicated"):
+        lines.append(f"deduplicated: {d['deduplicated']:,} rows computed once for an identical row")
     ray = d.get("ray")
     if ray:  # a --ray job
         workers = ray.get("workers", [])
