@@ -48,6 +48,53 @@ def _engine_and_sampling(config: Path | None, model: str | None, engine_flags: d
     return model or file_model, engine, sampling
 
 
+def _structured_flags(json_schema: Path | None, choices: str | None, regex: str | None,
+                      grammar: Path | None) -> dict | None:
+    """--json-schema FILE / --choices a,b,c / --regex R / --grammar FILE -> a job-wide ``structured`` default."""
+    given = [(k, v) for k, v in (("json", json_schema), ("choice", choices), ("regex", regex), ("grammar", grammar))
+             if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise UserError("give at most one of --json-schema, --choices, --regex and --grammar")
+    kind, value = given[0]
+    if kind in ("json", "grammar"):
+        try:
+            text = Path(value).read_text()
+        except OSError as e:
+            raise UserError(f"cannot read {value}: {e.strerror}") from None
+        if kind == "grammar":
+            return {"grammar": text}
+        try:
+            schema = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"--json-schema {value} is not valid JSON: {e}") from None
+        if isinstance(schema, dict) and schema.get("type") == "json_schema" and "json_schema" in schema:
+            schema = schema["json_schema"].get("schema", {})  # an OpenAI response_format object
+        return {"json": schema}
+    if kind == "choice":
+        items = [c.strip() for c in value.split(",")]
+        if not all(items):
+            raise UserError(f"--choices expects labels separated by commas, got {value!r}")
+        return {"choice": items}
+    return {"regex": value}
+
+
+def structured_options(f):
+    for opt in reversed([
+        click.option("--json-schema", type=click.Path(path_type=Path), default=None, metavar="FILE",
+                     help="Default output constraint: a JSON schema file (or an OpenAI response_format object). A "
+                          "line's own response_format / structured_outputs wins."),
+        click.option("--choices", default=None, metavar="A,B,C",
+                     help="Default output constraint: one of these labels."),
+        click.option("--regex", default=None, help="Default output constraint: a regular expression."),
+        click.option("--grammar", type=click.Path(path_type=Path), default=None, metavar="FILE",
+                     help="Default output constraint: a context-free grammar file (GBNF, as llama.cpp's, or Lark)."),
+    ]):
+        f = opt(f)
+    return f
+
+
 def _job_context(model, engine, sampling):
     from tokenmill.jobs.runner import DEFAULT_MAX_TOKENS, JobContext
 
@@ -171,6 +218,7 @@ def cli() -> None:
 @click.option("--context-overflow", type=click.Choice(["error", "cap"]), default="error", show_default=True,
               help="A line whose own max_tokens does not fit after its prompt: an error record, or capped to the room "
                    "left. The job default (--max-tokens) is always capped.")
+@structured_options
 @input_format_option
 @columns_option
 @progress_option
@@ -180,8 +228,8 @@ def cli() -> None:
 def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k, seed, stop, max_num_seqs,
         max_num_batched_tokens, preemption_mode, scheduling_strategy, sort_by_length, prefix_caching, dataset_order,
         dedupe, dtype, max_model_len, kv_cache_memory, gpu_memory_utilization, partition, total_partitions, gpu_hourly_rate, num_gpus,
-        context_overflow, input_format, columns, progress_interval, ray_address, num_workers, shard_size,
-        max_shard_retries, overwrite, quiet):
+        context_overflow, json_schema, choices, regex, grammar, input_format, columns, progress_interval, ray_address,
+        num_workers, shard_size, max_shard_retries, overwrite, quiet):
     """Run a dataset through the model into OUTPUT; the same command resumes an interrupted job.
 
     Rows: {"id", "prompt"} or {"id", "messages"} (optional max_tokens, temperature, top_p, seed, stop), or OpenAI
@@ -198,7 +246,8 @@ def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k
              enable_prefix_caching=prefix_caching, dtype=dtype,
              max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
              gpu_memory_utilization=gpu_memory_utilization),
-        dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop),
+        dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+             structured=_structured_flags(json_schema, choices, regex, grammar)),
     )
     opts = JobOptions(input=input_path, output=output, model=model, engine_options=engine, sampling_defaults=sampling,
                       partition=partition, total_partitions=total_partitions, gpu_hourly_rate=gpu_hourly_rate,

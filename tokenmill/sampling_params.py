@@ -5,12 +5,17 @@ Invariants:
   names every offending field, so nothing downstream re-checks.
 - ``temperature == 0`` means greedy; ``top_k``/``top_p``/``seed`` are then irrelevant.
 - A request with a ``seed`` draws from its own generator, so its tokens do not depend on the rest of the batch.
+- ``structured`` constrains the output to a JSON schema, any JSON object, a regex, a choice or a grammar
+  (``tokenmill.structured``); a dict such as ``{"json": {...}}`` is converted. Whether the schema or grammar compiles
+  is checked when the request is added (or in a job's validation pass), not here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from typing import Any
+
+from tokenmill.structured.params import StructuredOutputs
 
 MAX_LOGPROBS = 20
 
@@ -26,6 +31,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return per token (0 = only the sampled one)
+    structured: StructuredOutputs | None = None  # what the output must match (None: free text)
 
     def __post_init__(self) -> None:
         # Accept a single string / lists for convenience; store tuples so the object stays hashable and frozen.
@@ -38,7 +44,17 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         if self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        structured_problem = None
+        if self.structured is not None:
+            try:
+                object.__setattr__(self, "structured", StructuredOutputs.from_value(self.structured))
+            except (ValueError, TypeError) as e:
+                structured_problem = str(e)
         problems = self._problems()
+        if structured_problem:
+            problems.append(structured_problem)
+        elif self.structured is not None and self.ignore_eos:
+            problems.append("structured outputs end where the grammar ends: ignore_eos cannot be combined with them")
         if problems:
             raise ValueError("invalid sampling parameters: " + "; ".join(problems))
 

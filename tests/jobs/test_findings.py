@@ -123,7 +123,8 @@ def test_8_openai_fields_logprobs_and_max_tokens_beyond_the_context(tmp_path, ru
     rows = [
         line("lp-chat", chat, model="m", messages=msgs, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2),
         line("lp-cmpl", cmpl, model="m", prompt="The sky is", max_tokens=3, temperature=0, logprobs=3),
-        line("schema", chat, model="m", messages=msgs, response_format={"type": "json_object"}),
+        line("schema", chat, model="m", messages=msgs, response_format={"type": "json_object"}, max_tokens=40,
+             temperature=0),
         line("tools", chat, model="m", messages=msgs, tools=[{"type": "function", "function": {"name": "f"}}]),
         line("penalty", chat, model="m", messages=msgs, presence_penalty=0.5),
         line("zero-penalty", chat, model="m", messages=msgs, presence_penalty=0, max_tokens=2, temperature=0),
@@ -133,11 +134,11 @@ def test_8_openai_fields_logprobs_and_max_tokens_beyond_the_context(tmp_path, ru
     run_cli("run", inp, "-o", tmp_path / "out.jsonl", "--quiet", check=1)
     out = {r["custom_id"]: r for r in read_jsonl(tmp_path / "out.jsonl")}
     errors = {e["custom_id"]: e for e in read_jsonl(tmp_path / "out.errors.jsonl")}
-    assert set(out) == {"lp-chat", "lp-cmpl", "zero-penalty"}
+    assert set(out) == {"lp-chat", "lp-cmpl", "zero-penalty", "schema"}  # response_format is honoured (issue 16)
     assert {k: e["code"] for k, e in errors.items()} == {
-        "schema": "unsupported_field", "tools": "unsupported_field", "penalty": "unsupported_field",
-        "huge": "context_length_exceeded"}
-    assert "response_format" in errors["schema"]["message"] and "max_model_len" in errors["huge"]["message"]
+        "tools": "unsupported_field", "penalty": "unsupported_field", "huge": "context_length_exceeded"}
+    assert "tools" in errors["tools"]["message"] and "max_model_len" in errors["huge"]["message"]
+    assert ChatCompletion.model_validate(out["schema"]["response"]["body"]).choices[0].message.content.startswith("{")
 
     cc = ChatCompletion.model_validate(out["lp-chat"]["response"]["body"])
     content = cc.choices[0].logprobs.content

@@ -137,6 +137,25 @@ def test_completions_stream_never_sends_a_stop_string(server):
     assert full.choices[0].finish_reason == "stop"
 
 
+def test_response_format_json_schema_streamed_and_not(server):
+    import jsonschema
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "country"],
+              "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"type": "string",
+                                                                                       "maxLength": 20}}}
+    c = server.client()
+    model = c.models.list().data[0].id
+    kw = dict(model=model, messages=[{"role": "user", "content": "Name a city and its country, as JSON."}],
+              max_tokens=60, temperature=0,
+              response_format={"type": "json_schema", "json_schema": {"name": "place", "strict": True,
+                                                                      "schema": schema}})
+    full = c.chat.completions.create(**kw)
+    jsonschema.validate(json.loads(full.choices[0].message.content), schema)
+    text = "".join((ch.choices[0].delta.content or "") for ch in c.chat.completions.create(**kw, stream=True)
+                   if ch.choices)
+    assert text == full.choices[0].message.content
+
+
 def test_bad_requests_get_400_with_an_openai_error_body(server):
     port = server.port
     model = server.client().models.list().data[0].id
@@ -146,7 +165,10 @@ def test_bad_requests_get_400_with_an_openai_error_body(server):
         ({**chat, "model": "gpt-9"}, None, "does not exist"),
         ({**chat, "temperature": -1}, None, "temperature"),
         ({**chat, "n": 2}, None, "n=2"),
-        ({**chat, "response_format": {"type": "json_object"}}, None, "response_format"),
+        ({**chat, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no"}}}},
+         None, "invalid json"),
+        ({**chat, "response_format": {"type": "xml"}}, None, "response_format"),
+        ({**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, None, "tools"),
         ({"model": model, "prompt": list(range(5, 400))}, None, "max_model_len"),
         ({**chat, "messages": "hi"}, None, "messages"),
         ({**chat, "stream": "yes"}, None, "stream"),

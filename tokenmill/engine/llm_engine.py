@@ -3,6 +3,8 @@
 The engine wires the scheduler (pure Python) to the model runner and does the output processing: stop strings
 (the scheduler asks ``_stop_string_of``, a check on a short detokenised tail, only for requests that have stop
 strings) and one bulk detokenisation of every request finished in a step. Token ids are collected per request; text is never built per step.
+A request with structured outputs has its constraint compiled when it is added (``grammars``, shared with a job's
+validation pass so each distinct constraint compiles once): an invalid one is a ValueError there, never in a step.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tokenmill.core.scheduler import Scheduler
 from tokenmill.model.loader import load_model
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured.backend import GrammarBackend
 from tokenmill.worker.memory import plan_num_blocks
 from tokenmill.worker.model_runner import ModelRunner
 
@@ -42,7 +45,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, grammars: GrammarBackend | None = None) -> None:
+        """``grammars``: a GrammarBackend made for this model's tokenizer (a job's, already holding the constraints
+        its validation pass compiled); by default the engine makes its own."""
         config.check()
         t0 = time.perf_counter()
         self.device = resolve_device(config.device)
@@ -61,7 +66,8 @@ class LLMEngine:
         self.kv_cache_manager = KVCacheManager(self.num_kv_blocks, self.config.block_size,
                                                self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv_cache_manager, self._stop_string_of)
-        self.runner = ModelRunner(self.config, loaded.model, self.num_kv_blocks, self.device)
+        self.grammars = grammars or GrammarBackend(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self.runner = ModelRunner(self.config, loaded.model, self.num_kv_blocks, self.device, self.grammars)
         self.load_seconds = time.perf_counter() - t0
         self.kernel_build_seconds = build_seconds_so_far()  # a one-off per machine, inside load_seconds
         self.num_generated_tokens = 0
@@ -72,6 +78,11 @@ class LLMEngine:
         problem = self.check_prompt(prompt_token_ids)
         if problem:
             raise ValueError(f"request {request_id!r}: {problem}")
+        if sampling_params.structured is not None:
+            try:
+                self.grammars.compile(sampling_params.structured)
+            except ValueError as e:
+                raise ValueError(f"request {request_id!r}: {e}") from None
         self.scheduler.add_request(Request(request_id, prompt_token_ids, sampling_params, self.eos_token_ids))
 
     def check_prompt(self, prompt_token_ids: list[int]) -> str | None:

@@ -6,7 +6,8 @@ scheduler: {max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, prefil
             preemption_mode, scheduling_strategy, sort_by_length}
 memory:    {gpu_memory_utilization, kv_cache_memory, num_kv_blocks, block_size}
 engine:    {dtype, device, max_model_len, attention_backend, num_threads, seed, cache_dir}
-sampling:  {max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos}
+sampling:  {max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos,
+            structured: {json: SCHEMA | json_object: true | regex: R | choice: [A, B] | grammar: GBNF}}
 ```
 An unknown section or key is an error naming it.
 """
@@ -24,7 +25,8 @@ SECTIONS = {
                   "preemption_mode", "scheduling_strategy", "sort_by_length", "enable_prefix_caching"},
     "memory": {"gpu_memory_utilization", "kv_cache_memory", "num_kv_blocks", "block_size"},
     "engine": {"dtype", "device", "max_model_len", "attention_backend", "num_threads", "seed", "cache_dir"},
-    "sampling": {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos"},
+    "sampling": {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
+                 "structured"},
 }
 
 

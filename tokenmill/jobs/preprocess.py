@@ -4,6 +4,10 @@
 is an upper bound, capped to the room the prompt leaves. A line's own ``max_tokens`` that does not fit is a
 ``context_length_exceeded`` error record under ``context_overflow="error"`` (the default, as OpenAI's API answers),
 or capped the same way under ``"cap"``.
+
+Structured outputs: a request's constraint (``response_format`` / ``structured_outputs`` / the job default) is
+compiled here, once per distinct constraint (``grammars`` caches them and is handed to the engine), so an invalid
+schema, regex or grammar is an ``invalid_structured_output`` error record of the validation pass.
 """
 
 from __future__ import annotations
@@ -29,13 +33,14 @@ class Prepared:
 
 class Preprocessor:
     def __init__(self, tokenizer, max_model_len: int, vocab_size: int, sampling_defaults: dict,
-                 context_overflow: str = "error") -> None:
+                 context_overflow: str = "error", grammars=None) -> None:
         if context_overflow not in CONTEXT_OVERFLOW:
             raise ValueError(f"context_overflow must be one of {', '.join(CONTEXT_OVERFLOW)}, got {context_overflow!r}")
         self.context_overflow = context_overflow
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        self.grammars = grammars  # a structured.backend.GrammarBackend, or None: constraints are not compiled here
         self.defaults = dict(sampling_defaults)
         SamplingParams.from_dict(self.defaults)  # the job's own defaults must be valid (checked by the CLI)
 
@@ -105,4 +110,9 @@ class Preprocessor:
             params = SamplingParams.from_dict(values)
         except (ValueError, TypeError) as e:
             raise JobError("invalid_sampling", f"line {r.line_no}: {e}", r.record_id, openai) from None
+        if params.structured is not None and self.grammars is not None:
+            try:
+                self.grammars.compile(params.structured)
+            except ValueError as e:
+                raise JobError("invalid_structured_output", f"line {r.line_no}: {e}", r.record_id, openai) from None
         return Prepared(r, token_ids, params)

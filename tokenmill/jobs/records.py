@@ -2,9 +2,11 @@
 
 Input lines, detected per line:
 - ``{"id", "prompt"}`` (raw completion) or ``{"id", "messages"}`` (chat template applied), with optional per-line
-  ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop`` overriding the job defaults;
+  ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop`` overriding the job defaults, and an output constraint
+  as OpenAI's ``response_format`` or vLLM's ``structured_outputs`` (``{"json" | "regex" | "choice" | "grammar" |
+  "json_object": ...}``);
 - OpenAI Batch API lines ``{"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions",
-  "body": {...}}``.
+  "body": {...}}`` (``response_format`` / ``structured_outputs`` in the body).
 
 Every rejection carries a stable error ``code`` (see ``ERROR_CODES``) and a human message.
 """
@@ -17,6 +19,7 @@ from typing import Any
 
 from tokenmill.jobs.inputs import BadRow
 from tokenmill.sampling_params import MAX_LOGPROBS, SamplingParams
+from tokenmill.structured.params import StructuredOutputs, from_response_format
 
 ERROR_CODES = {
     "invalid_utf8": "the line is not valid UTF-8 (or a JSON string in it holds a lone surrogate escape)",
@@ -36,7 +39,9 @@ ERROR_CODES = {
     "unsupported_method": "the OpenAI method is not POST",
     "unsupported_n": "n > 1 (or several embedding inputs on one line) is not supported",
     "invalid_body": "the OpenAI body is missing, not an object, or holds an unsupported value",
-    "unsupported_field": "the OpenAI body asks for something tokenmill does not do (response_format, tools, ...)",
+    "unsupported_field": "the OpenAI body asks for something tokenmill does not do (tools, ...)",
+    "invalid_structured_output": "response_format / structured_outputs is malformed, or its schema, regex or grammar "
+                                 "does not compile",
     "context_length_exceeded": "the prompt plus the line's max_tokens do not fit the model's max_model_len",
     "invalid_text": "text (or input) is not a string or a list of token ids",
     "empty_text": "the text to embed is empty",
@@ -173,6 +178,7 @@ def _parse_plain(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
         which = "both prompt and messages" if has_prompt else "neither prompt nor messages"
         raise JobError("missing_input", f"line {line_no}: has {which}; give exactly one", rid)
     sampling = {k: obj[k] for k in SAMPLING_KEYS if k in obj}
+    _structured(obj, sampling, line_no, rid, openai=False)
     _check_sampling(sampling, line_no, rid, openai=False)
     if has_messages:
         prompt = _render_chat(obj["messages"], line_no, rid, apply_chat_template, openai=False)
@@ -184,9 +190,28 @@ def _parse_plain(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
 # OpenAI body fields tokenmill honours (beyond the sampling keys), and fields it accepts only at their default value.
 _BODY_FIELDS = {
     CHAT_URL: {"model", "messages", "max_completion_tokens", "n", "logprobs", "top_logprobs", "user", "metadata",
-               "store", "service_tier", "stream"},
-    COMPLETIONS_URL: {"model", "prompt", "n", "logprobs", "user", "stream", "echo", "best_of", "suffix"},
+               "store", "service_tier", "stream", "response_format", "structured_outputs"},
+    COMPLETIONS_URL: {"model", "prompt", "n", "logprobs", "user", "stream", "echo", "best_of", "suffix",
+                      "response_format", "structured_outputs"},
 }
+
+
+def _structured(obj: dict, sampling: dict, line_no: int, rid: Any, openai: bool) -> None:
+    """``response_format`` (OpenAI) or ``structured_outputs`` (vLLM) -> ``sampling["structured"]``: a dict the
+    SamplingParams turns into StructuredOutputs, or None for ``{"type": "text"}`` (which overrides a job default)."""
+    rf, so = obj.get("response_format"), obj.get("structured_outputs")
+    if rf is None and so is None:
+        return
+    where = "body." if openai else ""
+    if rf is not None and so is not None:
+        raise JobError("invalid_structured_output", f"line {line_no}: give {where}response_format or "
+                       f"{where}structured_outputs, not both", rid, openai)
+    try:
+        spec = from_response_format(rf) if rf is not None else StructuredOutputs.from_value(so)
+    except (ValueError, TypeError) as e:  # response_format's messages name it; the others name their field
+        name = "" if rf is not None else "structured_outputs: "
+        raise JobError("invalid_structured_output", f"line {line_no}: {where}{name}{e}", rid, openai) from None
+    sampling["structured"] = spec
 _DEFAULT_ONLY = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},), "stream": (False,),
                  "echo": (False,), "best_of": (1,), "suffix": ("",), "parallel_tool_calls": (True, False)}
 
@@ -253,6 +278,7 @@ def _parse_openai(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
     logprobs = _logprobs_request(body, url, line_no, rid)
     if logprobs is not None:
         sampling["logprobs"] = logprobs
+    _structured(body, sampling, line_no, rid, openai=True)
     _check_sampling(sampling, line_no, rid, openai=True)
     if url == CHAT_URL:
         if "messages" not in body:

@@ -48,8 +48,9 @@ from tokenmill.jobs.skeleton import (
     summary_tail,
 )
 from tokenmill.jobs.state import StateFile, format_duration
-from tokenmill.model.loader import load_tokenizer, read_model_config, resolve_dtype, resolve_model_path
+from tokenmill.model.loader import eos_token_ids, load_tokenizer, read_model_config, resolve_dtype, resolve_model_path
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured.backend import GrammarBackend
 from tokenmill.worker.memory import kv_budget_bytes, kv_bytes_per_block
 
 __all__ = ["JobOptions", "JobContext", "JobSetupError", "run_job"]
@@ -82,10 +83,14 @@ class JobContext:
             cache_dir = Path(self.config.cache_dir) if self.config.cache_dir else None
             hf_dir, self.model_config = read_model_config(self.model_path, cache_dir)
             self.config = self.config.resolve(self.model_config.max_position_embeddings)
-            SamplingParams.from_dict(sampling)
+            defaults = SamplingParams.from_dict(sampling)
             self.tokenizer = load_tokenizer(hf_dir)
+            self.grammars = GrammarBackend(self.tokenizer, self.model_config.vocab_size,
+                                           eos_token_ids(hf_dir, self.model_config, self.tokenizer))
             self.pre = Preprocessor(self.tokenizer, self.config.max_model_len, self.model_config.vocab_size, sampling,
-                                    context_overflow)
+                                    context_overflow, self.grammars)
+            if defaults.structured is not None:  # the job's own default must compile (else: one line, exit 2)
+                self.grammars.compile(defaults.structured)
         except (ValueError, TypeError) as e:
             raise JobSetupError(str(e)) from None
         self.device = resolve_device(self.config.device)
@@ -173,6 +178,7 @@ class _Run:
         self.order: DatasetOrder | None = None  # None: input order
         self.total = self.done = len(self.done_ids)
         self.run_prompt = self.run_gen = self.run_max = 0
+        self.structured_cut = 0  # constrained rows that hit max_tokens before their grammar completed
         self.remaining_prompt = self.remaining_max = 0
         self.t_engine = time.perf_counter()
 
@@ -242,7 +248,7 @@ class _Run:
         options.setdefault("max_num_batched_tokens", plan.recommended_max_num_batched_tokens)
         self.state.write({**self.snapshot(), "message": "loading the model"}, force=True)
         try:
-            engine = LLMEngine(EngineConfig.from_dict({"model": self.opts.model, **options}))
+            engine = LLMEngine(EngineConfig.from_dict({"model": self.opts.model, **options}), self.ctx.grammars)
         except ConfigError as e:
             raise JobSetupError(str(e)) from None
         note(self.opts.quiet, f"model {self.ctx.model_name} loaded in {engine.load_seconds:.1f} s; {self.total} "
@@ -290,6 +296,8 @@ class _Run:
         self.run_prompt += out.num_prompt_tokens
         self.run_gen += out.num_completion_tokens
         self.run_max += item.params.max_tokens
+        if item.params.structured is not None and out.finish_reason == "length":
+            self.structured_cut += 1
         self.remaining_prompt -= out.num_prompt_tokens
         self.remaining_max -= item.params.max_tokens
 
@@ -321,6 +329,9 @@ class _Run:
         if self.pump is not None and self.pump.num_deduplicated:
             lines.append(f"  deduplicated: {self.pump.num_deduplicated:,} rows repeated another row's prompt and "
                          f"sampling and were computed once")
+        if self.structured_cut:
+            lines.append(f"  structured outputs: {self.structured_cut:,} rows reached max_tokens before their schema "
+                         f"or grammar was complete (finish_reason \"length\"; raise max_tokens)")
         if build:
             lines.append(f"  (not counted: a one-off {build:.1f} s build of the C++ kernels for this machine)")
         lines += summary_tail(opts, self.paths, failed, opts.num_gpus, gen_s, wall, "output")

@@ -107,6 +107,11 @@ def load_model(
     net.to(torch_dtype).eval()
 
     tokenizer = load_tokenizer(hf_dir)
+    return LoadedModel(net, cfg, tokenizer, eos_token_ids(hf_dir, cfg, tokenizer), path, time.perf_counter() - t0)
+
+
+def eos_token_ids(hf_dir: Path, cfg: ModelConfig, tokenizer) -> frozenset[int]:
+    """Every token that ends a generation: the config's, generation_config.json's and the tokenizer's."""
     eos = set(cfg.eos_token_ids)
     gen_cfg = hf_dir / "generation_config.json"
     if gen_cfg.is_file():
@@ -114,7 +119,7 @@ def load_model(
         eos |= set(e) if isinstance(e, list) else ({e} if e is not None else set())
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
-    return LoadedModel(net, cfg, tokenizer, frozenset(eos), path, time.perf_counter() - t0)
+    return frozenset(eos)
 
 
 def load_tokenizer(hf_dir: Path):

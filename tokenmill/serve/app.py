@@ -75,7 +75,7 @@ class ServerState:
             p = engine.model_path
             self.model_name = self.settings.served_model_name or (p.stem if p.suffix == ".gguf" else p.name)
             self.pre = Preprocessor(engine.tokenizer, engine.config.max_model_len, engine.model_config.vocab_size,
-                                    {"max_tokens": engine.config.max_model_len})
+                                    {"max_tokens": engine.config.max_model_len}, grammars=engine.grammars)
             if self.settings.embedding_model:
                 from tokenmill.embed.embedder import Embedder
 

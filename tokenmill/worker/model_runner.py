@@ -2,7 +2,8 @@
 
 It owns the KV cache tensors and the sampler. Each step it lays the scheduled chunks out as one flat, unpadded batch
 (decodes first), runs the model once, runs the LM head only on the last token of each chunk that samples, and
-samples those rows.
+samples those rows. The rows of requests with structured outputs are first masked to what their grammar allows
+(``structured/backend.py``: one batched operation; the matchers advance by the sampled tokens).
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ from tokenmill.config import EngineConfig
 from tokenmill.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.sampler import Sampler
+from tokenmill.structured.backend import GrammarBackend, StructuredState
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model: LlamaForCausalLM, num_blocks: int, device: torch.device) -> None:
+    def __init__(self, config: EngineConfig, model: LlamaForCausalLM, num_blocks: int, device: torch.device,
+                 grammars: GrammarBackend | None = None) -> None:
         self.config = config
         self.model = model
         self.device = device
         self.block_size = config.block_size
         self.backend = get_attention_backend(config.attention_backend, device)
         self.sampler = Sampler(config.seed, device)
+        self.structured = StructuredState(grammars) if grammars is not None else None
         mc = model.config
         dtype = next(model.parameters()).dtype
         shape = (num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
@@ -39,6 +43,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self.sampler.forget(out.finished_request_ids)
+        if self.structured is not None:
+            self.structured.forget(out.finished_request_ids)
         if out.is_empty:  # nothing scheduled (e.g. every request was aborted): nothing to run
             return ModelRunnerOutput({})
         # Decodes (one new token) first: the attention backend batches them.
@@ -88,7 +94,11 @@ class ModelRunner:
         rows = torch.tensor([query_start_loc[i + 1] - 1 for i, _ in sampling], device=dev)
         logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab]
         ids = [s.request_id for _, s in sampling]
-        result = self.sampler(logits, ids, [s.request.sampling_params for _, s in sampling])
+        params = [s.request.sampling_params for _, s in sampling]
+        constrained = self.structured.apply_masks(logits, ids, params) if self.structured is not None else []
+        result = self.sampler(logits, ids, params)
+        if constrained:
+            self.structured.accept(ids, constrained, result.token_ids)
         logprobs = {rid: lp for rid, lp in zip(ids, result.logprobs) if lp is not None}
         return ModelRunnerOutput(dict(zip(ids, result.token_ids)), logprobs)
 

@@ -1,0 +1,149 @@
+"""The grammar engine behind structured outputs (llguidance), and the batched token mask of a step.
+
+Why llguidance (measured side by side with xgrammar on SmolLM2's 49,152-token vocabulary, BENCHMARKS.md
+"Structured outputs"): both compile a JSON schema in milliseconds and fill a request's mask in microseconds, and
+their masks cost far less than the model step; llguidance has no dependencies (xgrammar pulls in triton, hundreds of
+megabytes, on every Linux install), reads GBNF (llama.cpp's grammar syntax) and Lark, and its JSON schema support
+covers what OpenAI's ``strict`` mode accepts. The mask is applied by our own batched operation (numpy bit unpacking
+and one ``masked_fill_``): both libraries' CPU helpers were slower.
+
+Invariants:
+- ``GrammarBackend.compile(spec)`` is cached by the spec's content (``StructuredOutputs`` is hashable): each distinct
+  schema, regex, choice list or grammar is compiled once per backend (least recently used ones dropped past
+  ``CACHE_SIZE``). An invalid one raises ValueError with the engine's message, at add time (or in a job's
+  validation pass), never in a step.
+- ``StructuredState`` holds one matcher per constrained request that has sampled; its state is the request's output
+  tokens so far. Preemption under ``recompute`` keeps a request's output tokens, so its matcher stays valid and needs
+  no rollback; a finished or aborted request's matcher is dropped at the next step (as its seeded generator is).
+- In a step, only the rows of constrained requests are touched: an unconstrained batch pays one ``any()``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from tokenmill.structured.params import StructuredOutputs
+
+CACHE_SIZE = 1024  # distinct compiled constraints kept per backend
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _llguidance():
+    import llguidance
+    import llguidance.hf
+
+    return llguidance
+
+
+class GrammarBackend:
+    """Compiles constraints for one tokenizer and vocabulary (``vocab_size`` is the model's: the logits' width)."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids) -> None:
+        self.vocab_size = vocab_size
+        self._hf_tokenizer = tokenizer
+        self._eos = sorted(eos_token_ids)
+        self._tokenizer = None  # built on first use (~0.3 s)
+        self._compiled: OrderedDict[StructuredOutputs, str] = OrderedDict()
+
+    @property
+    def ll_tokenizer(self):
+        if self._tokenizer is None:
+            llg = _llguidance()
+            self._tokenizer = llg.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size,
+                                                    eos_token=self._eos or None)
+        return self._tokenizer
+
+    def compile(self, spec: StructuredOutputs) -> str:
+        """The engine's grammar for ``spec``; raises ValueError saying why it is invalid."""
+        hit = self._compiled.get(spec)
+        if hit is not None:
+            self._compiled.move_to_end(spec)
+            return hit
+        llg = _llguidance()
+        try:
+            grammar = self._grammar_text(llg, spec)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"invalid {spec.kind}: {e}") from None
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.ll_tokenizer)
+        if is_error:
+            raise ValueError(f"invalid {spec.kind}: {_short(messages[0])}")
+        self._compiled[spec] = grammar
+        if len(self._compiled) > CACHE_SIZE:
+            self._compiled.popitem(last=False)
+        return grammar
+
+    @staticmethod
+    def _grammar_text(llg, spec: StructuredOutputs) -> str:
+        from llguidance._grammar_from import grammar_from
+
+        if spec.json is not None or spec.json_object:
+            # one space after "," and ":" (as json.dumps writes), no other whitespace: a model cannot pad forever
+            return llg.LLMatcher.grammar_from_json_schema(spec.json or '{"type": "object"}', defaults=JSON_OPTIONS)
+        if spec.regex is not None:
+            return llg.LLMatcher.grammar_from_regex(spec.regex)
+        if spec.choice is not None:
+            return grammar_from("choice", json.dumps(list(spec.choice)))
+        return grammar_from("grammar", spec.grammar)  # GBNF / EBNF, or Lark
+
+    def matcher(self, spec: StructuredOutputs):
+        llg = _llguidance()
+        m = llg.LLMatcher(self.ll_tokenizer, self.compile(spec), log_level=0)
+        if m.is_error():
+            raise ValueError(f"invalid {spec.kind}: {_short(m.get_error())}")
+        return m
+
+
+def _short(message: str) -> str:
+    message = " ".join(str(message).split())
+    return message[:300] + ("..." if len(message) > 300 else "")
+
+
+class StructuredState:
+    """The matchers of a runner's constrained requests and the step's batched mask."""
+
+    def __init__(self, backend: GrammarBackend) -> None:
+        self.backend = backend
+        self.matchers: dict[str, object] = {}
+
+    def forget(self, request_ids) -> None:
+        for rid in request_ids:
+            self.matchers.pop(rid, None)
+
+    def apply_masks(self, logits: torch.Tensor, request_ids: list[str], params) -> list[int]:
+        """Masks, in place, the logits rows of constrained requests to the tokens their grammar allows next;
+        returns those rows. logits: [num_rows, vocab] float32."""
+        rows = [i for i, p in enumerate(params) if p.structured is not None]
+        if not rows:
+            return rows
+        words = (self.backend.vocab_size + 31) // 32
+        bitmask = np.full((len(rows), words), -1, dtype=np.int32)  # [rows, vocab / 32], bit set = allowed
+        for j, i in enumerate(rows):
+            m = self.matchers.get(request_ids[i])
+            if m is None:
+                m = self.matchers[request_ids[i]] = self.backend.matcher(params[i].structured)
+            if not m.is_stopped():
+                m.unsafe_compute_mask_ptr(bitmask[j].ctypes.data, words * 4)
+            # a stopped matcher (the grammar is complete) keeps the row's EOS tokens only
+            else:
+                bitmask[j] = 0
+                for t in self.backend.ll_tokenizer.eos_tokens:
+                    bitmask[j, t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
+        vocab = logits.shape[-1]
+        allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab]  # [rows, vocab] 0/1
+        blocked = torch.from_numpy(allowed.view(np.bool_)).logical_not_()
+        index = torch.tensor(rows, device=logits.device)
+        sub = logits.index_select(0, index)
+        sub.masked_fill_(blocked.to(logits.device), float("-inf"))
+        logits.index_copy_(0, index, sub)
+        return rows
+
+    def accept(self, request_ids: list[str], rows: list[int], token_ids: list[int]) -> None:
+        """Advances the matchers of the constrained rows by the tokens just sampled."""
+        for i in rows:
+            m = self.matchers[request_ids[i]]
+            if not m.is_stopped():
+                m.consume_token(token_ids[i])
