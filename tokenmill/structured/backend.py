@@ -1,11 +1,12 @@
 """The grammar engine behind structured outputs (llguidance), and the batched token mask of a step.
 
-Why llguidance (measured side by side with xgrammar on SmolLM2's 49,152-token vocabulary, BENCHMARKS.md
-"Structured outputs"): both compile a JSON schema in milliseconds and fill a request's mask in microseconds, and
-their masks cost far less than the model step; llguidance has no dependencies (xgrammar pulls in triton, hundreds of
-megabytes, on every Linux install), reads GBNF (llama.cpp's grammar syntax) and Lark, and its JSON schema support
-covers what OpenAI's ``strict`` mode accepts. The mask is applied by our own batched operation (numpy bit unpacking
-and one ``masked_fill_``): both libraries' CPU helpers were slower.
+Why llguidance (measured side by side with xgrammar on SmolLM2's 49,152-token vocabulary: ``benchmarks/
+grammar_engines.py``, BENCHMARKS.md "Structured outputs"): xgrammar fills a mask ~3.6x faster, but compiles a
+schema ~100x slower (139 ms against 1.3 ms for the benchmark's schema). A batch file of OpenAI lines often carries a
+schema per line, so compile time multiplies by the row count. llguidance also has no dependencies (xgrammar pulls in
+triton, hundreds of megabytes, on every Linux install) and reads GBNF (llama.cpp's grammar syntax) and Lark. Its fill
+cost is overlapped with the model's forward pass (``StructuredState.start_masks``). The mask is applied by our own
+batched operation (numpy bit unpacking and one ``masked_fill_``): both libraries' CPU helpers were slower.
 
 Invariants:
 - ``GrammarBackend.compile(spec)`` is cached by the spec's content (``StructuredOutputs`` is hashable): each distinct
@@ -15,13 +16,15 @@ Invariants:
 - ``StructuredState`` holds one matcher per constrained request that has sampled; its state is the request's output
   tokens so far. Preemption under ``recompute`` keeps a request's output tokens, so its matcher stays valid and needs
   no rollback; a finished or aborted request's matcher is dropped at the next step (as its seeded generator is).
-- In a step, only the rows of constrained requests are touched: an unconstrained batch pays one ``any()``.
+- In a step, only the rows of constrained requests are touched: an unconstrained batch pays one scan of its params.
+  The masks are filled while the model runs (``start_masks``) and applied to its logits after (``apply_masks``).
 """
 
 from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -103,42 +106,67 @@ def _short(message: str) -> str:
 
 
 class StructuredState:
-    """The matchers of a runner's constrained requests and the step's batched mask."""
+    """The matchers of a runner's constrained requests and the step's batched mask.
+
+    A step's masks depend only on tokens already sampled, so ``start_masks`` fills them in a background thread
+    (llguidance releases the GIL, as torch does) while the model runs; ``apply_masks`` waits for them and masks the
+    logits."""
 
     def __init__(self, backend: GrammarBackend) -> None:
         self.backend = backend
         self.matchers: dict[str, object] = {}
+        self._executor = None  # llguidance's thread pool: the masks of a step are filled in parallel
+        self._thread = None  # a one-thread pool: the fill overlaps the model's forward pass
 
     def forget(self, request_ids) -> None:
         for rid in request_ids:
             self.matchers.pop(rid, None)
 
-    def apply_masks(self, logits: torch.Tensor, request_ids: list[str], params) -> list[int]:
-        """Masks, in place, the logits rows of constrained requests to the tokens their grammar allows next;
-        returns those rows. logits: [num_rows, vocab] float32."""
+    def start_masks(self, request_ids: list[str], params) -> "PendingMasks | None":
+        """Starts filling the masks of the constrained requests among those about to sample (None: none is)."""
         rows = [i for i, p in enumerate(params) if p.structured is not None]
         if not rows:
-            return rows
+            return None
         words = (self.backend.vocab_size + 31) // 32
         bitmask = np.full((len(rows), words), -1, dtype=np.int32)  # [rows, vocab / 32], bit set = allowed
+        live = []
         for j, i in enumerate(rows):
             m = self.matchers.get(request_ids[i])
             if m is None:
                 m = self.matchers[request_ids[i]] = self.backend.matcher(params[i].structured)
             if not m.is_stopped():
-                m.unsafe_compute_mask_ptr(bitmask[j].ctypes.data, words * 4)
-            # a stopped matcher (the grammar is complete) keeps the row's EOS tokens only
-            else:
+                live.append((m, j))
+            else:  # the grammar is complete: only its end (EOS) may follow
                 bitmask[j] = 0
                 for t in self.backend.ll_tokenizer.eos_tokens:
                     bitmask[j, t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
+        future = None
+        if live:
+            if self._executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._executor = _llguidance().LLExecutor()
+                self._thread = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-masks")
+            future = self._thread.submit(self._executor.unsafe_compute_mask_ptr, live, bitmask.ctypes.data,
+                                         words * 4, len(rows))
+        return PendingMasks(rows, bitmask, future)
+
+    def apply_masks(self, logits: torch.Tensor, pending: "PendingMasks | None") -> list[int]:
+        """Masks, in place, the logits rows of constrained requests to the tokens their grammar allows next;
+        returns those rows. logits: [num_rows, vocab] float32."""
+        if pending is None:
+            return []
+        if pending.future is not None:
+            pending.future.result()
+        rows = pending.rows
         vocab = logits.shape[-1]
-        allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab]  # [rows, vocab] 0/1
-        blocked = torch.from_numpy(allowed.view(np.bool_)).logical_not_()
-        index = torch.tensor(rows, device=logits.device)
-        sub = logits.index_select(0, index)
-        sub.masked_fill_(blocked.to(logits.device), float("-inf"))
-        logits.index_copy_(0, index, sub)
+        allowed = np.unpackbits(pending.bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab]  # [rows, vocab]
+        blocked = torch.from_numpy(allowed.view(np.bool_)).logical_not_().to(logits.device)
+        if len(rows) == logits.shape[0]:
+            logits.masked_fill_(blocked, float("-inf"))
+        else:
+            for j, i in enumerate(rows):  # in place on each row (no copy of the batch's logits)
+                logits[i].masked_fill_(blocked[j], float("-inf"))
         return rows
 
     def accept(self, request_ids: list[str], rows: list[int], token_ids: list[int]) -> None:
@@ -147,3 +175,10 @@ class StructuredState:
             m = self.matchers[request_ids[i]]
             if not m.is_stopped():
                 m.consume_token(token_ids[i])
+
+
+@dataclass
+class PendingMasks:
+    rows: list[int]  # the sampling rows that are constrained
+    bitmask: np.ndarray  # [len(rows), vocab / 32] int32, being filled by ``future``
+    future: object | None

@@ -80,6 +80,11 @@ class ModelRunner:
             block_tables=torch.from_numpy(block_tables).to(dev),
             seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
         )
+        sampling = [(i, s) for i, s in enumerate(chunks) if s.samples]
+        ids = [s.request_id for _, s in sampling]
+        params = [s.request.sampling_params for _, s in sampling]
+        # the grammar masks of this step's constrained rows are filled while the model runs
+        masks = self.structured.start_masks(ids, params) if self.structured is not None else None
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.int64, device=dev),
             torch.from_numpy(np.concatenate(positions)).to(dev),
@@ -88,14 +93,11 @@ class ModelRunner:
             self.backend,
         )  # [num_tokens, hidden]
 
-        sampling = [(i, s) for i, s in enumerate(chunks) if s.samples]
         if not sampling:
             return ModelRunnerOutput({})
         rows = torch.tensor([query_start_loc[i + 1] - 1 for i, _ in sampling], device=dev)
         logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab]
-        ids = [s.request_id for _, s in sampling]
-        params = [s.request.sampling_params for _, s in sampling]
-        constrained = self.structured.apply_masks(logits, ids, params) if self.structured is not None else []
+        constrained = self.structured.apply_masks(logits, masks) if masks is not None else []
         result = self.sampler(logits, ids, params)
         if constrained:
             self.structured.accept(ids, constrained, result.token_ids)
