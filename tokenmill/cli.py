@@ -360,6 +360,33 @@ def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, 
     return 0
 
 
+@cli.command("eval")
+@model_option
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
+@click.option("--text", "text_path", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Text file for perplexity (default: a ~1,000-word text shipped with tokenmill).")
+@click.option("--context", type=int, default=512, show_default=True, help="Tokens per perplexity window.")
+@click.option("--limit-tokens", type=int, default=None, help="Score at most this many tokens of the text.")
+@click.option("--prompts", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Prompts for greedy agreement with float32, one per line or JSONL with prompt (default: 8 built-in).")
+@click.option("--max-tokens", type=int, default=32, show_default=True, help="Greedy output tokens per prompt.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_cmd(model, dtype, text_path, context, limit_tokens, prompts, max_tokens, as_json):
+    """What a setting costs in quality: perplexity on a text and, for a setting other than float32, the float32
+    perplexity and greedy agreement with float32 (run it before a large job in another dtype)."""
+    from tokenmill.eval import render, run_eval
+
+    if context < 2 or max_tokens < 1 or (limit_tokens is not None and limit_tokens < 2):
+        raise UserError("--context and --limit-tokens must be at least 2, --max-tokens at least 1")
+    try:
+        result = run_eval(model, {"dtype": dtype} if dtype else {}, text_path, context, limit_tokens, prompts,
+                          max_tokens)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(str(e)) from None
+    click.echo(json.dumps(result, indent=1) if as_json else render(result))
+    return 0
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("input_path", metavar="INPUT")
 @model_option

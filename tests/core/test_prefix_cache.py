@@ -164,3 +164,11 @@ def test_the_scheduler_waits_a_step_for_a_prefix_being_computed_and_lets_others_
     b = next(s for s in out.scheduled if s.request_id == "b")
     assert b.num_computed_tokens == 24 and b.num_scheduled_tokens == 3  # a hit on all six blocks
     assert sched.stats.prefix_cache_hits == 24
+
+
+def test_blocks_allocated_without_a_lookup_are_freed_cleanly():
+    kv = KVCacheManager(num_blocks=6, block_size=4, enable_caching=True)
+    assert kv.allocate_slots("x", 10)  # no lookup first (LLMEngine.score does this)
+    kv.cache_full_blocks("x", list(range(10)), 10)
+    kv.free("x")
+    assert kv.num_free_blocks == 6 and not kv._pending and not kv._pending_of

@@ -285,7 +285,7 @@ def test_config_file_and_cli_errors_are_one_line_exit_2(tmp_path, run_cli):
 
 def test_help_describes_every_command(run_cli):
     top = run_cli("--help", check=0).stdout
-    for cmd in ("run", "status", "plan", "validate", "merge"):
+    for cmd in ("run", "status", "plan", "validate", "merge", "eval"):
         assert cmd in top
         assert "--help" in run_cli(cmd, "--help", check=0).stdout
     assert "--gpu-hourly-rate" in run_cli("run", "--help", check=0).stdout

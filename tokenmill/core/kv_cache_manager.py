@@ -89,8 +89,8 @@ class KVCacheManager:
                 return False
             self.pool.touch(list(hits))
             self._blocks[request_id] = list(hits) + self.pool.allocate(max(0, needed))
-            if self.enable_caching:
-                hashes = self._hashes.get(request_id, [])  # the prompt's full blocks, from lookup()
+            hashes = self._hashes.get(request_id, ())  # the prompt's full blocks, from lookup() (if it ran)
+            if self.enable_caching and len(hashes) > len(hits):
                 self._pending_of[request_id] = [len(hits), len(hashes)]
                 for h in hashes[len(hits):]:
                     self._pending[h] = self._pending.get(h, 0) + 1
@@ -140,7 +140,7 @@ class KVCacheManager:
         """Gives a request's blocks back, tail first (no-op if it holds none); cached ones stay hittable."""
         pending = self._pending_of.pop(request_id, None)
         hashes = self._hashes.pop(request_id, None)
-        if pending is not None:
+        if pending is not None and hashes is not None:
             self._unpend(hashes[pending[0]:pending[1]])
         self._num_cached.pop(request_id, None)
         blocks = self._blocks.pop(request_id, None)

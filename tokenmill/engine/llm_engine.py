@@ -108,6 +108,22 @@ class LLMEngine:
         """Forgets the prefix cache (between benchmark runs; only while no request runs)."""
         self.kv_cache_manager.reset_prefix_cache()
 
+    def score(self, token_ids: list[int]) -> list[float]:
+        """The log-probability of each token after the first given the ones before it (``tokenmill eval``'s
+        perplexity): one prefill into blocks borrowed from the KV cache and given back. At most max_model_len
+        tokens; may run between steps (the blocks are taken from the free pool, the running requests keep theirs)."""
+        n = len(token_ids)
+        if not 2 <= n <= self.config.max_model_len:
+            raise ValueError(f"score() needs 2 to max_model_len={self.config.max_model_len} tokens, got {n}")
+        rid = "__score__"
+        kv = self.kv_cache_manager
+        if not kv.allocate_slots(rid, n):
+            raise RuntimeError(f"not enough free KV blocks to score {n} tokens")
+        try:
+            return self.runner.prompt_logprobs(token_ids, kv.block_ids(rid)).tolist()
+        finally:
+            kv.free(rid)
+
     def num_computed_tokens(self, request_id: str) -> int:
         """Tokens of an unfinished request computed so far (prompt and output; 0 once finished or unknown)."""
         req = self.scheduler.requests.get(request_id)

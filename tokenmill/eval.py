@@ -1,0 +1,145 @@
+"""``tokenmill eval``: what a setting costs in quality before a million rows run with it (the seeds' "gated by an
+eval").
+
+- Perplexity on a text file: the text is tokenised once and cut into consecutive windows of ``context`` tokens;
+  each window is one prefill (``LLMEngine.score``) and every token after a window's first is scored given the ones
+  before it in that window. ``perplexity = exp(mean negative log-likelihood)`` over the scored tokens. (Windows do
+  not overlap: the first tokens of each have little context, as in most perplexity harnesses with stride =
+  context; compare settings with the same ``context``.)
+- Greedy agreement with a float32 reference on a prompt set: the share of prompts whose greedy outputs are
+  identical, and the mean share of output tokens before the first divergence.
+
+A small default text ships with the package (``data/eval.txt``, written for the project: encyclopedic prose on
+common topics).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_TEXT = Path(__file__).with_name("data") / "eval.txt"
+DEFAULT_PROMPTS = ("The capital of France is", "Photosynthesis is the process by which",
+                   "A list of prime numbers: 2, 3, 5,", "def fibonacci(n):", "The three states of matter are",
+                   "Once upon a time, in a small village,", "The main causes of the French Revolution were",
+                   "To make a cup of tea, first")
+
+
+@dataclass
+class Perplexity:
+    tokens_scored: int
+    windows: int
+    mean_nll: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll)
+
+
+def perplexity(engine, token_ids: list[int], context: int, limit: int | None = None) -> Perplexity:
+    """Perplexity of ``token_ids`` in windows of ``context`` tokens (at most ``limit`` tokens read)."""
+    if context < 2:
+        raise ValueError(f"context must be at least 2 tokens, got {context}")
+    ids = token_ids[:limit] if limit else token_ids
+    nll, scored, windows = 0.0, 0, 0
+    for start in range(0, len(ids), context):
+        window = ids[start:start + context]
+        if len(window) < 2:
+            break
+        logprobs = engine.score(window)
+        nll -= sum(logprobs)
+        scored += len(logprobs)
+        windows += 1
+    if not scored:
+        raise ValueError("the text has fewer than 2 tokens to score")
+    return Perplexity(scored, windows, nll / scored)
+
+
+@dataclass
+class Agreement:
+    prompts: int
+    identical: int
+    prefix_share: float  # mean share of the reference's output tokens matched before the first divergence
+
+    @property
+    def identical_share(self) -> float:
+        return self.identical / self.prompts if self.prompts else 0.0
+
+
+def greedy_agreement(outputs: list[list[int]], reference: list[list[int]]) -> Agreement:
+    """Compares greedy token outputs with a reference's, prompt by prompt."""
+    identical, shares = 0, []
+    for ours, ref in zip(outputs, reference):
+        identical += ours == ref
+        same = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
+        shares.append(same / len(ref) if ref else 1.0)
+    return Agreement(len(reference), identical, sum(shares) / len(shares) if shares else 1.0)
+
+
+def read_prompts(path: Path | None) -> list[str]:
+    """Prompts for the agreement check: a text file, one per line, or JSONL with a ``prompt`` field."""
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    import json
+
+    prompts = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            obj = json.loads(line)
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise ValueError(f"{path}: a JSON line needs a string prompt")
+            prompts.append(obj["prompt"])
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def run_eval(model: str | None, engine_options: dict, text_path: Path | None, context: int, limit: int | None,
+             prompts_path: Path | None, max_tokens: int) -> dict:
+    """Perplexity of the setting in ``engine_options`` (and of float32 when that setting is not float32), and its
+    greedy agreement with float32. Raises ValueError / OSError for bad inputs."""
+    from tokenmill.engine.llm import LLM
+    from tokenmill.sampling_params import SamplingParams
+
+    path = text_path or DEFAULT_TEXT
+    text = path.read_text()
+    prompts = read_prompts(prompts_path)
+    greedy = SamplingParams(max_tokens=max_tokens, temperature=0)
+
+    def measure(options: dict) -> tuple[str, Perplexity, list[list[int]]]:
+        llm = LLM(model, **options)
+        ids = llm.tokenizer(text, add_special_tokens=False).input_ids
+        ctx = min(context, llm.engine.config.max_model_len)
+        ppl = perplexity(llm.engine, ids, ctx, limit)
+        outs = [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+        return str(llm.engine.dtype).removeprefix("torch."), ppl, outs
+
+    dtype, ppl, outs = measure(engine_options)
+    result = {"text": str(path), "context": context, "dtype": dtype, "tokens_scored": ppl.tokens_scored,
+              "windows": ppl.windows, "mean_nll": ppl.mean_nll, "perplexity": ppl.perplexity}
+    if dtype != "float32":
+        _, ref, ref_outs = measure({**engine_options, "dtype": "float32"})
+        agree = greedy_agreement(outs, ref_outs)
+        result["reference"] = {"dtype": "float32", "perplexity": ref.perplexity, "mean_nll": ref.mean_nll}
+        result["perplexity_change"] = ppl.perplexity / ref.perplexity - 1
+        result["agreement"] = {"prompts": agree.prompts, "identical": agree.identical,
+                               "prefix_share": agree.prefix_share}
+    return result
+
+
+def render(r: dict) -> str:
+    lines = [f"text:        {r['text']} ({r['tokens_scored']:,} tokens scored in {r['windows']} windows of up to "
+             f"{r['context']})",
+             f"perplexity:  {r['perplexity']:.3f} ({r['dtype']}; mean NLL {r['mean_nll']:.4f})"]
+    if "reference" in r:
+        a = r["agreement"]
+        lines += [f"float32:     {r['reference']['perplexity']:.3f} ({100 * r['perplexity_change']:+.2f}% for "
+                  f"{r['dtype']})",
+                  f"agreement:   {a['identical']}/{a['prompts']} greedy outputs identical to float32; "
+                  f"{100 * a['prefix_share']:.1f}% of tokens before the first divergence"]
+    return "\n".join(lines)
