@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.cli_run import run_cli
 from benchmarks.workloads import WORDS, workload_w
 from tokenmill import LLM, SamplingParams
 
@@ -59,21 +58,14 @@ def run_job(rows: list[dict], tmp: Path, name: str, extra: list[str]) -> dict:
     if not src.exists():
         src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp / f"{name}.{len(list(tmp.iterdir()))}.out.jsonl"
-    cmd = [sys.executable, "-m", "tokenmill.cli", "run", str(src), "-o", str(out), "--temperature", "0", *extra]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr}")
-    m = re.search(r"this run: ([\d,]+) input \+ ([\d,]+) output tokens, ([\d.]+) tok/s total", p.stderr)
-    hit = re.search(r"\(([\d.]+)%\) came from the cache", p.stderr)
-    dedup = re.search(r"deduplicated: ([\d,]+) rows", p.stderr)
-    tokens = int(m.group(1).replace(",", "")) + int(m.group(2).replace(",", ""))
+    r = run_cli(src, out, "--temperature", 0, *extra)
+    tokens = sum(r.summary_tokens())
     texts = {r["id"]: r["completion"] for r in map(json.loads, out.read_text().splitlines())}
-    return {"wall_s": wall, "tok_s": tokens / wall, "job_tok_s": float(m.group(3)),
-            "hit_rate": float(hit.group(1)) / 100 if hit else 0.0,
-            "deduplicated": int(dedup.group(1).replace(",", "")) if dedup else 0,
-            "ordered": "dataset order:" in p.stderr, "texts": texts}
+    return {"wall_s": r.wall_s, "tok_s": tokens / r.wall_s,
+            "job_tok_s": float(r.find(r"([\d.]+) tok/s total")),
+            "hit_rate": float(r.find(r"\(([\d.]+)%\) came from the cache", 0)) / 100,
+            "deduplicated": int(r.find(r"deduplicated: ([\d,]+) rows", "0").replace(",", "")),
+            "ordered": "dataset order:" in r.stderr, "texts": texts}
 
 
 def preamble_rows(tok, rng: random.Random, preambles: int, per_preamble: int, head_tokens: int, max_tokens: int):

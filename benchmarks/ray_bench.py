@@ -24,13 +24,13 @@ import argparse
 import json
 import os
 import random
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.cli_run import run_cli
 
 FLEETS = (8, 32, 128, 512)
 POLICIES = ("static", "queue", "queue+reissue")
@@ -61,16 +61,11 @@ def make_input(path: Path, rows: int, max_tokens: int) -> None:
 
 
 def run_job(args: list, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "tokenmill.cli", "run", *map(str, args), "-o", str(out), "--overwrite"]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
-    m = re.search(r"in [\d:]+ \(([\d.]+) s\)", p.stderr)
+    r = run_cli(args[0], out, *args[1:], "--overwrite")
+    job_wall = r.find(r"in [\d:]+ \(([\d.]+) s\)")
     state = json.loads(out.with_name(out.stem + ".state.json").read_text())
-    return {"command_wall_s": wall, "job_wall_s": float(m.group(1)) if m else None,
-            "shard_seconds": state.get("ray", {}).get("shard_seconds", []), "summary": p.stderr.strip()[-600:]}
+    return {"command_wall_s": r.wall_s, "job_wall_s": float(job_wall) if job_wall else None,
+            "shard_seconds": state.get("ray", {}).get("shard_seconds", []), "summary": r.stderr.strip()[-600:]}
 
 
 def measure(work: Path, rows: int, max_tokens: int, repeats: int) -> dict:

@@ -18,15 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import jsonschema
 
+from benchmarks.cli_run import run_cli
 from tokenmill import LLM, SamplingParams
 
 JOBS = ["nurse", "teacher", "engineer", "chef", "pilot", "lawyer", "farmer", "artist", "doctor", "driver"]
@@ -65,14 +64,9 @@ def run_job(data: list[dict], tmp: Path, extra: list[str]) -> dict:
     src = tmp / "in.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in data))
     out = tmp / f"out{len(list(tmp.iterdir()))}.jsonl"
-    cmd = [sys.executable, "-m", "tokenmill.cli", "run", str(src), "-o", str(out), "--temperature", "0", *extra]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise SystemExit(p.stderr)
-    m = re.search(r"this run: ([\d,]+) input \+ ([\d,]+) output tokens", p.stderr)
-    prompt, gen = (int(m.group(k).replace(",", "")) for k in (1, 2))
+    r = run_cli(src, out, "--temperature", 0, *extra)
+    prompt, gen = r.summary_tokens()
+    wall = r.wall_s
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     return {"wall_s": wall, "tok_s": (prompt + gen) / wall, "output_tok_s": gen / wall, "output_tokens": gen,
             "valid": sum(valid(r["completion"]) for r in recs) / len(recs),
