@@ -204,9 +204,9 @@ def cli() -> None:
               help="Share the KV cache of common prompt prefixes (default: on).")
 @click.option("--dataset-order", type=click.Choice(["auto", "input"]), default="auto", show_default=True,
               help="auto: run rows that share a prompt prefix (or repeat) together when that pays, with prefix "
-                   "caching; input: in input order. Results are written in input order either way. Not with --ray.")
+                   "caching; input: in input order. Results are written in input order either way.")
 @click.option("--dedupe/--no-dedupe", default=True, show_default=True,
-              help="Compute identical requests (same prompt and sampling, greedy or same seed) once.")
+              help="Compute identical requests (same prompt and sampling, greedy or same seed) once (not with --ray).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
 @click.option("--max-model-len", type=int, default=None, help="Longest sequence (default: the model's).")
 @click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU (default 4).")

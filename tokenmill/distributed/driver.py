@@ -37,7 +37,7 @@ from tokenmill.jobs.errors import JobFault, JobSetupError
 from tokenmill.jobs.files import JobPaths, fsync_path
 from tokenmill.jobs.progress import Progress, StopFlag
 from tokenmill.jobs.records import JobError
-from tokenmill.jobs.scan import iter_todo, scan
+from tokenmill.jobs.scan import scan
 from tokenmill.jobs.skeleton import (
     ErrorRecords,
     check_output,
@@ -171,10 +171,12 @@ class _Driver:
             closers = [self.errors.appender]
             with faults_as_job_fault(opts.output, self.state, self.snapshot, closers):
                 self.state.write({**self.snapshot(), "message": "validating input"}, force=True)
-                scanned = scan(source, job.pre, self.errors)
+                signatures = job.signatures()
+                scanned = scan(source, job.pre, self.errors, signatures)
                 self.errors.appender.sync()
                 self.total = scanned.num_valid
-                todo = iter_todo(source, scanned.valid, done, job.pre)
+                todo = job.todo(source, scanned, signatures, done)
+                del signatures
                 code = self._distribute(scanned, todo, len(done))
                 if code:
                     return code

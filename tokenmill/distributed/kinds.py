@@ -33,6 +33,28 @@ class GenerationKind:
 
         return manifest_for(self.opts, self.ctx, identity)
 
+    def signatures(self):
+        """Prefix signatures for the validation pass to fill (``jobs/ordering.py``), or None."""
+        from tokenmill.jobs.ordering import PrefixSignatures
+
+        return PrefixSignatures() if self.opts.dataset_order == "auto" else None
+
+    def todo(self, source, scanned, signatures, done: set[str]):
+        """The rows to cut into shards: grouped by shared prefix when that pays (as ``tokenmill run`` orders them),
+        so a shard holds a group and its worker's cache computes the group's prefix once; else in input order."""
+        import numpy as np
+
+        from tokenmill.jobs.ordering import dataset_order, iter_in_order, worth_ordering
+        from tokenmill.jobs.scan import iter_todo
+
+        if signatures is not None and self.ctx.config.enable_prefix_caching:
+            lines = np.flatnonzero(np.frombuffer(scanned.valid, dtype=np.uint8))
+            prompt = np.frombuffer(scanned.prompt_tokens, dtype=np.uint32)[lines]
+            order = dataset_order(signatures, lines, prompt)
+            if order.duplicates or worth_ordering(order, int(prompt.sum(dtype=np.int64))):
+                return iter_in_order(source, order.lines, scanned.prompt_tokens, done, self.pre)
+        return iter_todo(source, scanned.valid, done, self.pre)
+
     def done_ids(self, paths: JobPaths) -> set[str]:
         return done_keys(paths.output, output_id_key)
 
@@ -74,6 +96,14 @@ class EmbedKind:
         from tokenmill.embed.records import embed_id_key
 
         return embed_id_key(r["custom_id"])
+
+    def signatures(self):
+        return None  # texts to embed share no KV cache: input order
+
+    def todo(self, source, scanned, signatures, done: set[str]):
+        from tokenmill.jobs.scan import iter_todo
+
+        return iter_todo(source, scanned.valid, done, self.pre)
 
     def manifest(self, identity: dict) -> dict:
         from tokenmill.embed.job import embed_manifest
