@@ -368,7 +368,8 @@ def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, 
 @click.option("--context", type=int, default=512, show_default=True, help="Tokens per perplexity window.")
 @click.option("--limit-tokens", type=int, default=None, help="Score at most this many tokens of the text.")
 @click.option("--prompts", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
-              help="Prompts for greedy agreement with float32, one per line or JSONL with prompt (default: 8 built-in).")
+              help="Prompts for greedy agreement with float32: one per line, or JSONL with prompt (default: 8 "
+                   "built in).")
 @click.option("--max-tokens", type=int, default=32, show_default=True, help="Greedy output tokens per prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_cmd(model, dtype, text_path, context, limit_tokens, prompts, max_tokens, as_json):
