@@ -6,6 +6,7 @@ naming their lines, rows cut by max_tokens reported as "length", and a config-fi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jsonschema
 
@@ -83,3 +84,16 @@ def test_a_config_file_default_and_flag_errors(tmp_path, run_cli):
     bad.write_text('{"type": "nonsense"}')
     p = run_cli("run", src, "-o", tmp_path / "o3.jsonl", "--json-schema", bad, check=2)
     assert "invalid json" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_the_readme_extraction_example(tmp_path, run_cli):
+    """README's schema-extraction command on the shipped example files: every row validates."""
+    root = Path(__file__).resolve().parents[2] / "examples"
+    schema = json.loads((root / "review.schema.json").read_text())
+    out = tmp_path / "labels.jsonl"
+    run_cli("run", root / "reviews.jsonl", "-o", out, "--json-schema", root / "review.schema.json", "--temperature", 0,
+            check=0)
+    rows = read_jsonl(out)
+    assert len(rows) == 10
+    for r in rows:
+        jsonschema.validate(json.loads(r["completion"]), schema)
