@@ -14,7 +14,7 @@ import pytest
 from helpers import write_jsonl
 from tokenmill.jobs.errors import JobFault
 from tokenmill.jobs.inputs import InputSource, InputSpec
-from tokenmill.jobs.ordering import PrefixSignatures, dataset_order, dedupe_key, iter_in_order, worth_ordering
+from tokenmill.jobs.ordering import PrefixSignatures, choose_order, dataset_order, dedupe_key, iter_in_order
 from tokenmill.jobs.scan import scan
 from tokenmill.sampling_params import SamplingParams
 
@@ -45,12 +45,13 @@ def ordered(pre, tmp_path, rows):
     s = scan(src, pre, lambda n, e: pytest.fail(str(e)), sig)
     lines = np.flatnonzero(np.frombuffer(s.valid, dtype=np.uint8))
     plen = np.frombuffer(s.prompt_tokens, dtype=np.uint32)[lines]
-    return src, s, dataset_order(sig, lines, plen), int(plen.sum())
+    return src, s, dataset_order(sig, lines, plen), choose_order(sig, lines, plen, prefix_caching=True, dedupe=False)
 
 
 def test_rows_sharing_a_preamble_become_adjacent_and_duplicates_are_found(pre, tmp_path):
     rows = shared_prefix_rows()
-    src, s, o, total = ordered(pre, tmp_path, rows)
+    src, s, o, chosen = ordered(pre, tmp_path, rows)
+    total = int(np.frombuffer(s.prompt_tokens, dtype=np.uint32).sum())
     ids = [rows[n - 1]["id"] for n in o.lines.tolist()]
     assert sorted(ids) == sorted(r["id"] for r in rows)
     for k in range(4):  # each preamble's rows (and duplicates of them) form one run
@@ -60,14 +61,14 @@ def test_rows_sharing_a_preamble_become_adjacent_and_duplicates_are_found(pre, t
         if x.startswith("dup-of-"):
             assert x.removeprefix("dup-of-") in (ids[i - 1], ids[i + 1])
     assert o.duplicates == 3
-    assert o.shared_tokens > 0.5 * total and worth_ordering(o, total)
+    assert o.shared_tokens > 0.5 * total and chosen is not None  # worth it for the shared prefixes alone
 
 
 def test_nothing_shared_keeps_input_order(pre, tmp_path):
     rng = random.Random(3)
     rows = [{"id": i, "prompt": [rng.randrange(100, 40000) for _ in range(rng.randint(5, 60))]} for i in range(40)]
-    _, _, o, total = ordered(pre, tmp_path, rows)
-    assert o.duplicates == 0 and not worth_ordering(o, total)
+    _, _, o, chosen = ordered(pre, tmp_path, rows)
+    assert o.duplicates == 0 and chosen is None
 
 
 def test_dedupe_key_only_for_requests_whose_copies_must_agree():

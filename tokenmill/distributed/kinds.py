@@ -44,14 +44,15 @@ class GenerationKind:
         so a shard holds a group and its worker's cache computes the group's prefix once; else in input order."""
         import numpy as np
 
-        from tokenmill.jobs.ordering import dataset_order, iter_in_order, worth_ordering
+        from tokenmill.jobs.ordering import choose_order, iter_in_order
         from tokenmill.jobs.scan import iter_todo
 
-        if signatures is not None and self.ctx.config.enable_prefix_caching:
+        if signatures is not None:
             lines = np.flatnonzero(np.frombuffer(scanned.valid, dtype=np.uint8))
             prompt = np.frombuffer(scanned.prompt_tokens, dtype=np.uint32)[lines]
-            order = dataset_order(signatures, lines, prompt)
-            if order.duplicates or worth_ordering(order, int(prompt.sum(dtype=np.int64))):
+            # no dedupe in Ray workers: duplicates alone are no reason to reorder, shared prefixes are
+            order = choose_order(signatures, lines, prompt, self.ctx.config.enable_prefix_caching, dedupe=False)
+            if order is not None:
                 return iter_in_order(source, order.lines, scanned.prompt_tokens, done, self.pre)
         return iter_todo(source, scanned.valid, done, self.pre)
 

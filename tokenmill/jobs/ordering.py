@@ -25,8 +25,7 @@ import numpy as np
 from tokenmill.jobs.errors import JobFault
 from tokenmill.jobs.inputs import InputSource
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
-from tokenmill.jobs.records import JobError
-from tokenmill.jobs.scan import iter_line_chunks
+from tokenmill.jobs.scan import iter_line_chunks, prepare_again
 from tokenmill.sampling_params import SamplingParams
 
 LEVELS = (16, 32, 64, 128, 256, 512, 1024, 2048)  # prompt prefix lengths (tokens) hashed into a signature
@@ -102,8 +101,15 @@ def dataset_order(sig: PrefixSignatures, lines: np.ndarray, prompt_tokens: np.nd
     return DatasetOrder(lines[order].astype(np.uint32), int(shared.sum()), dups)
 
 
-def worth_ordering(o: DatasetOrder, total_prompt_tokens: int) -> bool:
-    return o.duplicates > 0 or o.shared_tokens >= MIN_SHARED_FRACTION * max(1, total_prompt_tokens)
+def choose_order(sig: PrefixSignatures, lines: np.ndarray, prompt_tokens: np.ndarray, prefix_caching: bool,
+                 dedupe: bool) -> DatasetOrder | None:
+    """The grouped order when it pays: rows repeat (and are deduplicated), or, with prefix caching, at least
+    ``MIN_SHARED_FRACTION`` of the prompt tokens could be shared. None: keep input order."""
+    order = dataset_order(sig, lines, prompt_tokens)
+    total = int(np.asarray(prompt_tokens, dtype=np.int64).sum())
+    if (dedupe and order.duplicates) or (prefix_caching and order.shared_tokens >= MIN_SHARED_FRACTION * max(1, total)):
+        return order
+    return None
 
 
 def iter_in_order(source: InputSource, order: np.ndarray, prompt_tokens: array, done_ids: set[str],
@@ -131,12 +137,4 @@ def iter_in_order(source: InputSource, order: np.ndarray, prompt_tokens: array, 
                            f"to resume")
         for i in range(0, b - a, PROCESS_CHUNK):
             part = [(int(n), raw.pop(int(n))) for n in wanted[i:i + PROCESS_CHUNK]]
-            for line_no, item in pre.process(part):
-                if isinstance(item, JobError):
-                    raise JobFault(f"input line {line_no} was valid in the validation pass but not now: the input "
-                                   f"file was changed while the job ran; restore it and run the same command to "
-                                   f"resume")
-                if item.request.id_key in done_ids:
-                    on_skip(line_no)
-                else:
-                    yield item
+            yield from prepare_again(pre, part, done_ids, on_skip)

@@ -26,7 +26,7 @@ from tokenmill.jobs.errors import JobSetupError
 from tokenmill.jobs.files import JobPaths, JsonlAppender, rewrite_in_order
 from tokenmill.jobs.inputs import RUN_FIELDS
 from tokenmill.jobs.manifest import build_manifest, model_fingerprint, split_engine_options
-from tokenmill.jobs.ordering import DatasetOrder, PrefixSignatures, dataset_order, iter_in_order, worth_ordering
+from tokenmill.jobs.ordering import DatasetOrder, PrefixSignatures, choose_order, iter_in_order
 from tokenmill.jobs.planner import MemoryPlan, plan_memory
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
 from tokenmill.jobs.progress import Progress, StopFlag
@@ -233,14 +233,12 @@ class _Run:
         """The dataset order when it pays (rows share prefixes the cache can reuse, or repeat), else None."""
         if self.opts.dataset_order == "input":
             return None
-        order = dataset_order(signatures, lines, prompt)
-        if ((order.duplicates and self.opts.dedupe)
-                or (self.ctx.config.enable_prefix_caching and worth_ordering(order, self.remaining_prompt))):
+        order = choose_order(signatures, lines, prompt, self.ctx.config.enable_prefix_caching, self.opts.dedupe)
+        if order is not None:
             note(self.opts.quiet, f"dataset order: rows grouped by shared prefix (about {order.shared_tokens:,} of "
                                   f"{self.remaining_prompt:,} prompt tokens shared, {order.duplicates:,} duplicate "
                                   f"rows)")
-            return order
-        return None
+        return order
 
     def _engine(self, plan: MemoryPlan) -> LLMEngine:
         options = dict(self.opts.engine_options)

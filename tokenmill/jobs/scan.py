@@ -170,6 +170,20 @@ def error_in_partition(line_no: int, index: int, total: int) -> bool:
     return (line_no - 1) % total == index
 
 
+def prepare_again(pre: Preprocessor, lines: list[tuple[int, RawRow]], done_ids: set[str],
+                  on_skip: Callable[[int], None]) -> Iterator[Prepared]:
+    """Pass 2 on lines pass 1 found valid: their prepared requests, less the ids in ``done_ids`` (``on_skip(line_no)``
+    for each); a JobFault if one is no longer valid (the input changed under the job)."""
+    for line_no, item in pre.process(lines):
+        if isinstance(item, JobError):
+            raise JobFault(f"input line {line_no} was valid in the validation pass but not now: the input file "
+                           f"was changed while the job ran; restore it and run the same command to resume")
+        if item.request.id_key in done_ids:
+            on_skip(line_no)
+        else:
+            yield item
+
+
 def iter_todo(source: InputSource, members: bytearray, done_ids: set[str], pre: Preprocessor,
               on_skip: Callable[[int], None] = lambda line_no: None) -> Iterator[Prepared]:
     """Pass 2: the prepared requests of this partition whose ids are not in ``done_ids``, in input order;
@@ -181,15 +195,8 @@ def iter_todo(source: InputSource, members: bytearray, done_ids: set[str], pre: 
         mine = [(n, raw) for n, raw in chunk if n < len(members) and members[n]]
         if not mine:
             continue
-        for line_no, item in pre.process(mine):
-            seen += 1
-            if isinstance(item, JobError):
-                raise JobFault(f"input line {line_no} was valid in the validation pass but not now: the input file "
-                               f"was changed while the job ran; restore it and run the same command to resume")
-            if item.request.id_key in done_ids:
-                on_skip(line_no)
-            else:
-                yield item
+        seen += len(mine)
+        yield from prepare_again(pre, mine, done_ids, on_skip)
     if seen != expected:
         raise JobFault(f"the input now has {seen} of the {expected} valid lines the validation pass read: the input "
                        f"file was changed while the job ran; restore it and run the same command to resume")

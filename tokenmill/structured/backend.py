@@ -137,9 +137,10 @@ class StructuredState:
             if not m.is_stopped():
                 live.append((m, j))
             else:  # the grammar is complete: only its end (EOS) may follow
-                bitmask[j] = 0
+                bits = bitmask.view(np.uint32)
+                bits[j] = 0
                 for t in self.backend.ll_tokenizer.eos_tokens:
-                    bitmask[j, t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
+                    bits[j, t // 32] |= np.uint32(1 << (t % 32))
         future = None
         if live:
             if self._executor is None:
