@@ -169,6 +169,10 @@ def ray_options(f):
     return f
 
 
+quantization_option = click.option(
+    "--quantization", type=click.Choice(["none", "w8a8", "int8", "int4"]), default=None,
+    help="CPU: w8a8 = int8 GEMMs (fastest), int8 / int4 = weights only (least memory; a GGUF's Q4 blocks load as "
+         "they are). Default none. See `tokenmill eval` for what each costs in quality.")
 progress_option = click.option("--progress-interval", type=float, default=None, metavar="SECONDS",
                                help="When stderr is not a terminal: seconds between plain progress lines (30).")
 
@@ -208,6 +212,7 @@ def cli() -> None:
 @click.option("--dedupe/--no-dedupe", default=True, show_default=True,
               help="Compute identical requests (same prompt and sampling, greedy or same seed) once (not with --ray).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
+@quantization_option
 @click.option("--max-model-len", type=int, default=None, help="Longest sequence (default: the model's).")
 @click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU (default 4).")
 @click.option("--gpu-memory-utilization", type=float, default=None, help="Fraction of GPU memory on CUDA (0.95).")
@@ -227,7 +232,7 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k, seed, stop, max_num_seqs,
         max_num_batched_tokens, preemption_mode, scheduling_strategy, sort_by_length, prefix_caching, dataset_order,
-        dedupe, dtype, max_model_len, kv_cache_memory, gpu_memory_utilization, partition, total_partitions, gpu_hourly_rate, num_gpus,
+        dedupe, dtype, quantization, max_model_len, kv_cache_memory, gpu_memory_utilization, partition, total_partitions, gpu_hourly_rate, num_gpus,
         context_overflow, json_schema, choices, regex, grammar, input_format, columns, progress_interval, ray_address,
         num_workers, shard_size, max_shard_retries, overwrite, quiet):
     """Run a dataset through the model into OUTPUT; the same command resumes an interrupted job.
@@ -243,7 +248,7 @@ def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k
         config, model,
         dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, preemption_mode=preemption_mode,
              scheduling_strategy=scheduling_strategy, sort_by_length=sort_by_length,
-             enable_prefix_caching=prefix_caching, dtype=dtype,
+             enable_prefix_caching=prefix_caching, dtype=dtype, quantization=quantization,
              max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
              gpu_memory_utilization=gpu_memory_utilization),
         dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
@@ -363,6 +368,7 @@ def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, 
 @cli.command("eval")
 @model_option
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
+@quantization_option
 @click.option("--text", "text_path", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Text file for perplexity (default: a ~1,000-word text shipped with tokenmill).")
 @click.option("--context", type=int, default=512, show_default=True, help="Tokens per perplexity window.")
@@ -372,16 +378,17 @@ def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, 
                    "built in).")
 @click.option("--max-tokens", type=int, default=32, show_default=True, help="Greedy output tokens per prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_cmd(model, dtype, text_path, context, limit_tokens, prompts, max_tokens, as_json):
-    """What a setting costs in quality: perplexity on a text and, for a setting other than float32, the float32
-    perplexity and greedy agreement with float32 (run it before a large job in another dtype)."""
+def eval_cmd(model, dtype, quantization, text_path, context, limit_tokens, prompts, max_tokens, as_json):
+    """What a setting costs in quality: perplexity on a text and, for a setting other than float32 unquantized, the
+    float32 perplexity and greedy agreement with float32 (run it before a large job in another dtype or
+    quantization)."""
     from tokenmill.eval import render, run_eval
 
     if context < 2 or max_tokens < 1 or (limit_tokens is not None and limit_tokens < 2):
         raise UserError("--context and --limit-tokens must be at least 2, --max-tokens at least 1")
     try:
-        result = run_eval(model, {"dtype": dtype} if dtype else {}, text_path, context, limit_tokens, prompts,
-                          max_tokens)
+        options = {k: v for k, v in (("dtype", dtype), ("quantization", quantization)) if v}
+        result = run_eval(model, options, text_path, context, limit_tokens, prompts, max_tokens)
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(str(e)) from None
     click.echo(json.dumps(result, indent=1) if as_json else render(result))
@@ -448,6 +455,7 @@ def merge(parts, output, input_path):
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: float32 on CPU (the parity dtype), bfloat16 on CUDA. bfloat16 is ~1.7x "
               "faster on CPUs with AVX512-BF16/AMX; float16 is CUDA only.")
+@quantization_option
 @click.option("--gpu-hourly-rate", type=float, default=None, help="USD per GPU-hour, for the cost summary.")
 @click.option("--num-gpus", type=int, default=1, show_default=True, help="GPUs billed, for the cost summary.")
 @input_format_option
@@ -456,7 +464,7 @@ def merge(parts, output, input_path):
 @ray_options
 @click.option("--overwrite", is_flag=True, help="Discard earlier results for OUTPUT and start afresh.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def embed(input_path, output, model, normalize, pooling, max_batch_tokens, max_seq_length, fmt, dtype,
+def embed(input_path, output, model, normalize, pooling, max_batch_tokens, max_seq_length, fmt, dtype, quantization,
           gpu_hourly_rate, num_gpus, input_format, columns, progress_interval, ray_address, num_workers, shard_size,
           max_shard_retries, overwrite, quiet):
     """Embed a corpus into OUTPUT; the same command resumes an interrupted job.
@@ -475,7 +483,7 @@ def embed(input_path, output, model, normalize, pooling, max_batch_tokens, max_s
         raise UserError(f"--max-seq-length must be >= 2, got {max_seq_length}")
     opts = EmbedOptions(input=input_path, output=output, model=model, normalize=normalize, pooling=pooling,
                         max_batch_tokens=max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS, max_seq_length=max_seq_length,
-                        dtype=dtype, format=fmt, gpu_hourly_rate=gpu_hourly_rate, num_gpus=num_gpus, quiet=quiet,
+                        dtype=dtype, quantization=quantization or "none", format=fmt, gpu_hourly_rate=gpu_hourly_rate, num_gpus=num_gpus, quiet=quiet,
                         overwrite=overwrite, input_format=input_format, columns=_columns(columns, EMBED_FIELDS),
                         progress_interval=progress_interval)
     return _run_job("embed", opts, ray_address, num_workers, shard_size, max_shard_retries)
@@ -547,12 +555,13 @@ def search(index_dir, query, k, as_json):
 @click.option("--prefix-caching/--no-prefix-caching", "prefix_caching", default=None,
               help="Share the KV cache of common prompt prefixes (default: on).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
+@quantization_option
 @click.option("--max-model-len", type=int, default=None, help="Longest sequence (default: the model's).")
 @click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU (default 4).")
 @click.option("--embedding-model", default=None,
               help="Also serve POST /v1/embeddings with this encoder directory (or `default`: all-MiniLM-L6-v2).")
 def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, max_num_batched_tokens, max_wait_ms,
-          max_queued_requests, shutdown_timeout, preemption_mode, prefix_caching, dtype, max_model_len,
+          max_queued_requests, shutdown_timeout, preemption_mode, prefix_caching, dtype, quantization, max_model_len,
           kv_cache_memory, embedding_model):
     """An OpenAI-compatible HTTP server on the same engine: /v1/chat/completions, /v1/completions (streaming or
     not), /v1/embeddings, /v1/models, /health, /metrics."""
@@ -566,7 +575,7 @@ def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, m
     model, engine, _ = _engine_and_sampling(
         config, model, dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             preemption_mode=preemption_mode, enable_prefix_caching=prefix_caching, dtype=dtype,
-                            max_model_len=max_model_len, kv_cache_memory=kv_cache_memory), {})
+                            quantization=quantization, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory), {})
     from tokenmill.config import EngineConfig
     from tokenmill.model.loader import resolve_model_path
 
@@ -581,7 +590,7 @@ def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, m
 @cli.command("build-kernels")
 def build_kernels():
     """Build the C++ CPU kernels now (once per machine; for images and CI), so no job pays for it."""
-    from tokenmill.attention.cpu_kernel import load_kernels
+    from tokenmill.kernels.cpu_kernel import load_kernels
 
     k = load_kernels()
     if k.module is None:

@@ -17,6 +17,8 @@ SCHEDULING_STRATEGIES = ("continuous", "prefill_first")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("torch", "torch_gather", "reference")
+QUANTIZATIONS = ("none", "w8a8", "int8", "int4")  # model/quant.py
+LOAD_FORMATS = ("auto", "dummy")
 
 
 class ConfigError(ValueError):
@@ -31,6 +33,8 @@ class EngineConfig:
     device: str = "auto"
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     cache_dir: str | None = None  # where converted GGUF models are kept; None = ~/.cache/tokenmill
+    quantization: str = "none"  # none | w8a8 | int8 | int4 (weight-only); CPU (model/quant.py)
+    load_format: str = "auto"  # auto = the checkpoint; dummy = random weights of the config's shapes (benchmarks)
     # KV cache
     block_size: int = 16
     kv_cache_memory: float = 4.0  # GiB of KV cache on CPU
@@ -88,6 +92,10 @@ class EngineConfig:
             )
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            problems.append(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.load_format not in LOAD_FORMATS:
+            problems.append(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.device not in DEVICES:
             problems.append(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:

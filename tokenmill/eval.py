@@ -6,7 +6,8 @@ eval").
   before it in that window. ``perplexity = exp(mean negative log-likelihood)`` over the scored tokens. (Windows do
   not overlap: the first tokens of each have little context, as in most perplexity harnesses with stride =
   context; compare settings with the same ``context``.)
-- Greedy agreement with a float32 reference on a prompt set: the share of prompts whose greedy outputs are
+- For a setting other than float32 unquantized (another dtype, or ``quantization``): the same against float32, and
+  greedy agreement with a float32 reference on a prompt set: the share of prompts whose greedy outputs are
   identical, and the mean share of output tokens before the first divergence.
 
 A small default text ships with the package (``data/eval.txt``, written for the project: encyclopedic prose on
@@ -111,19 +112,22 @@ def run_eval(model: str | None, engine_options: dict, text_path: Path | None, co
     prompts = read_prompts(prompts_path)
     greedy = SamplingParams(max_tokens=max_tokens, temperature=0)
 
-    def measure(options: dict) -> tuple[str, Perplexity, list[list[int]]]:
+    def measure(options: dict) -> tuple[str, int, Perplexity, list[list[int]]]:
         llm = LLM(model, **options)
         ids = llm.tokenizer(text, add_special_tokens=False).input_ids
         ctx = min(context, llm.engine.config.max_model_len)
         ppl = perplexity(llm.engine, ids, ctx, limit)
         outs = [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
-        return str(llm.engine.dtype).removeprefix("torch."), ppl, outs
+        return str(llm.engine.dtype).removeprefix("torch."), llm.engine.weight_bytes, ppl, outs
 
-    dtype, ppl, outs = measure(engine_options)
-    result = {"text": str(path), "context": context, "dtype": dtype, "tokens_scored": ppl.tokens_scored,
+    dtype, weight_bytes, ppl, outs = measure(engine_options)
+    quantization = engine_options.get("quantization") or "none"
+    setting = dtype if quantization == "none" else f"{dtype} {quantization}"
+    result = {"text": str(path), "context": context, "dtype": dtype, "quantization": quantization,
+              "setting": setting, "weight_bytes": weight_bytes, "tokens_scored": ppl.tokens_scored,
               "windows": ppl.windows, "mean_nll": ppl.mean_nll, "perplexity": ppl.perplexity}
-    if dtype != "float32":
-        _, ref, ref_outs = measure({**engine_options, "dtype": "float32"})
+    if setting != "float32":
+        _, _, ref, ref_outs = measure({**engine_options, "dtype": "float32", "quantization": "none"})
         agree = greedy_agreement(outs, ref_outs)
         result["reference"] = {"dtype": "float32", "perplexity": ref.perplexity, "mean_nll": ref.mean_nll}
         result["perplexity_change"] = ppl.perplexity / ref.perplexity - 1
@@ -135,11 +139,12 @@ def run_eval(model: str | None, engine_options: dict, text_path: Path | None, co
 def render(r: dict) -> str:
     lines = [f"text:        {r['text']} ({r['tokens_scored']:,} tokens scored in {r['windows']} windows of up to "
              f"{r['context']})",
-             f"perplexity:  {r['perplexity']:.3f} ({r['dtype']}; mean NLL {r['mean_nll']:.4f})"]
+             f"perplexity:  {r['perplexity']:.3f} ({r['setting']}; mean NLL {r['mean_nll']:.4f}; weights "
+             f"{r['weight_bytes'] / 2**20:,.0f} MiB)"]
     if "reference" in r:
         a = r["agreement"]
         lines += [f"float32:     {r['reference']['perplexity']:.3f} ({100 * r['perplexity_change']:+.2f}% for "
-                  f"{r['dtype']})",
+                  f"{r['setting']})",
                   f"agreement:   {a['identical']}/{a['prompts']} greedy outputs identical to float32; "
                   f"{100 * a['prefix_share']:.1f}% of tokens before the first divergence"]
     return "\n".join(lines)

@@ -203,7 +203,7 @@ def test_5_kernels_load_from_the_cache_whatever_ninja_is_on_path(tmp_path, cli_e
     (fake / "ninja").write_text("#!/bin/sh\necho 'this ninja must not run' >&2\nexit 1\n")
     os.chmod(fake / "ninja", 0o755)
     env = {**cli_env, "PATH": f"{fake}:{cli_env['PATH']}"}
-    code = ("from tokenmill.attention.cpu_kernel import load_kernels\n"
+    code = ("from tokenmill.kernels.cpu_kernel import load_kernels\n"
             "k = load_kernels()\nprint(k.module is not None, k.build_seconds)\n")
     subprocess.run(tokenmill_cmd("build-kernels"), env=cli_env, check=True, capture_output=True, timeout=600)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,

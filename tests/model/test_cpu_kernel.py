@@ -4,7 +4,7 @@ with cached context, and whole prompts mixed in one batch)."""
 import pytest
 import torch
 
-from tokenmill.attention import cpu_kernel
+from tokenmill.kernels import cpu_kernel
 from tokenmill.attention.backend import AttentionMetadata, ReferenceAttention, TorchPagedAttention
 
 

@@ -121,7 +121,7 @@ def test_smollm2_in_busy_batch_with_chunks_and_preemption(smollm2, smollm2_cases
 
 
 def test_gguf_qk_unpermute_inverts_llama_cpp_permute():
-    from tokenmill.model.gguf_convert import _unpermute_qk
+    from tokenmill.model.gguf_weights import _unpermute_qk
 
     def llama_cpp_permute(w, n_head):  # as in llama.cpp's convert_hf_to_gguf.py
         return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

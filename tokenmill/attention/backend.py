@@ -156,7 +156,7 @@ def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "torch_gather" or device.type != "cpu":
         return TorchPagedAttention()
     if name == "torch":
-        from tokenmill.attention import cpu_kernel
+        from tokenmill.kernels import cpu_kernel
 
         return TorchPagedAttention(cpu_kernel.load())
     raise ValueError(f"unknown attention backend {name!r}; known: torch, torch_gather, reference")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenmill.attention import cpu_kernel
+from tokenmill.kernels import cpu_kernel
 
 
 def equal_length_groups(seq_lens: list[int]) -> dict[int, list[int]]:

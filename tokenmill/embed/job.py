@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenmill.attention.cpu_kernel import build_seconds_so_far
+from tokenmill.kernels.cpu_kernel import build_seconds_so_far
 from tokenmill.embed.embedder import DEFAULT_MAX_BATCH_TOKENS, Embedder
 from tokenmill.embed.preprocess import EmbedPrepared, EmbedPreprocessor
 from tokenmill.embed.records import embed_id_key
@@ -56,6 +56,7 @@ class EmbedOptions(JobIO):
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     max_seq_length: int | None = None
     dtype: str = "auto"
+    quantization: str = "none"
     device: str = "auto"
     format: str = "parquet"
 
@@ -101,14 +102,16 @@ def run_embed_job(opts: EmbedOptions, stop: StopFlag | None = None) -> int:
 def load_embedder(opts: EmbedOptions) -> Embedder:
     try:
         return Embedder(opts.model, dtype=opts.dtype, device=opts.device, max_batch_tokens=opts.max_batch_tokens,
-                        pooling=opts.pooling, normalize=opts.normalize, max_seq_length=opts.max_seq_length)
+                        pooling=opts.pooling, normalize=opts.normalize, max_seq_length=opts.max_seq_length,
+                        quantization=opts.quantization)
     except (ValueError, TypeError, OSError) as e:
         raise JobSetupError(str(e)) from None
 
 
 def embed_manifest(opts: EmbedOptions, emb: Embedder, input_identity: dict) -> dict:
     d = emb.describe()
-    settings = {**{k: d[k] for k in ("model", "pooling", "normalize", "max_seq_length", "dim", "dtype")},
+    settings = {**{k: d[k] for k in ("model", "pooling", "normalize", "max_seq_length", "dim", "dtype",
+                                     "quantization")},
                 "model_fingerprint": model_fingerprint(Path(d["model"])), "format": opts.format,
                 "columns": [list(c) for c in opts.columns]}
     return build_manifest("embed", input_identity, settings, {"max_batch_tokens": opts.max_batch_tokens})

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from tokenmill.attention.cpu_kernel import build_seconds_so_far
+from tokenmill.kernels.cpu_kernel import build_seconds_so_far
 from tokenmill.config import EngineConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.model.loader import load_model
+from tokenmill.model.weights import weight_bytes
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.backend import GrammarBackend
@@ -54,7 +55,8 @@ class LLMEngine:
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
-        loaded = load_model(config.model, config.dtype, self.device, config.max_model_len, cache_dir)
+        loaded = load_model(config.model, config.dtype, self.device, config.max_model_len, cache_dir,
+                            config.quantization, config.load_format)
         self.config = config.resolve(loaded.model_config.max_position_embeddings)
         self.model_config = loaded.model_config
         self.tokenizer = loaded.tokenizer
@@ -68,6 +70,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config, self.kv_cache_manager, self._stop_string_of)
         self.grammars = grammars or GrammarBackend(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(self.config, loaded.model, self.num_kv_blocks, self.device, self.grammars)
+        self.weight_bytes = weight_bytes(loaded.model)
         self.load_seconds = time.perf_counter() - t0
         self.kernel_build_seconds = build_seconds_so_far()  # a one-off per machine, inside load_seconds
         self.num_generated_tokens = 0

@@ -48,7 +48,8 @@ from tokenmill.jobs.skeleton import (
     summary_tail,
 )
 from tokenmill.jobs.state import StateFile, format_duration
-from tokenmill.model.loader import eos_token_ids, load_tokenizer, read_model_config, resolve_dtype, resolve_model_path
+from tokenmill.model.loader import (eos_token_ids, load_tokenizer, read_model_config, resolve_dtype, resolve_model_path,
+                                    tokenizer_dir)
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.backend import GrammarBackend
 from tokenmill.worker.memory import kv_budget_bytes, kv_bytes_per_block
@@ -84,7 +85,7 @@ class JobContext:
             hf_dir, self.model_config = read_model_config(self.model_path, cache_dir)
             self.config = self.config.resolve(self.model_config.max_position_embeddings)
             defaults = SamplingParams.from_dict(sampling)
-            self.tokenizer = load_tokenizer(hf_dir)
+            self.tokenizer = load_tokenizer(tokenizer_dir(hf_dir, self.config.load_format, cache_dir))
             self.grammars = GrammarBackend(self.tokenizer, self.model_config.vocab_size,
                                            eos_token_ids(hf_dir, self.model_config, self.tokenizer))
             self.pre = Preprocessor(self.tokenizer, self.config.max_model_len, self.model_config.vocab_size, sampling,
@@ -123,12 +124,13 @@ def output_record(item: Prepared, out, model_name: str, tokenizer) -> dict:
 
 def manifest_for(opts: JobOptions, ctx: JobContext, input_identity: dict) -> dict:
     decides, speed = split_engine_options(opts.engine_options)
-    decides.pop("dtype", None), decides.pop("max_model_len", None), decides.pop("model", None)
+    for key in ("dtype", "quantization", "max_model_len", "model"):
+        decides.pop(key, None)
     settings = {
         "model": str(ctx.model_path.resolve()),
         "model_fingerprint": model_fingerprint(ctx.model_path),
         "dtype": str(ctx.dtype).removeprefix("torch."),
-        "quantization": "none",
+        "quantization": ctx.config.quantization,
         "max_model_len": ctx.config.max_model_len,
         "sampling_defaults": opts.sampling(),
         "context_overflow": opts.context_overflow,

@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from tokenmill.attention.packed import packed_attention
-from tokenmill.model.gemm import linear_act, linear_add
 from tokenmill.model.layers import Embedding, Linear
 from tokenmill.model.model_config import UnsupportedModelError
-from tokenmill.model.weights import check_all_loaded, copy_weight, lookup_param
+from tokenmill.model.weights import check_all_loaded, linear_weights, place
 
 BERT_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}  # HF -> gemm
@@ -67,16 +66,16 @@ class BertConfig:
 
 
 class BertLayer(nn.Module):
-    def __init__(self, cfg: BertConfig) -> None:
+    def __init__(self, cfg: BertConfig, quantization: str) -> None:
         super().__init__()
         h = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.head_dim = h // self.num_heads
-        self.qkv = Linear(h, 3 * h, bias=True)
-        self.attn_out = Linear(h, h, bias=True)
+        self.qkv = Linear(h, 3 * h, True, quantization)
+        self.attn_out = Linear(h, h, True, quantization)
         self.attn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.intermediate = Linear(h, cfg.intermediate_size, bias=True)
-        self.out = Linear(cfg.intermediate_size, h, bias=True)
+        self.intermediate = Linear(h, cfg.intermediate_size, True, quantization)
+        self.out = Linear(cfg.intermediate_size, h, True, quantization)
         self.out_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.act = _ACTIVATIONS[cfg.hidden_act]
 
@@ -85,13 +84,15 @@ class BertLayer(nn.Module):
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each [n, heads, head_dim]
         ctx = packed_attention(q, k, v, seq_lens, self.head_dim**-0.5, causal=False)
         # The residual adds and the activation run as GEMM epilogues (model/gemm.py).
-        x = self.attn_norm(linear_add(ctx.reshape(n, -1), self.attn_out.weight, self.attn_out.bias, x))
-        h = linear_act(x, self.intermediate.weight, self.intermediate.bias, self.act)  # [n, intermediate]
-        return self.out_norm(linear_add(h, self.out.weight, self.out.bias, x))
+        x = self.attn_norm(self.attn_out.forward_add(ctx.reshape(n, -1), x))
+        h = self.intermediate.forward_act(x, self.act)  # [n, intermediate]
+        return self.out_norm(self.out.forward_add(h, x))
 
 
 class BertModel(nn.Module):
-    def __init__(self, cfg: BertConfig) -> None:
+    """``quantization`` (model/quant.py) applies to the encoder layers' linears; embeddings stay float."""
+
+    def __init__(self, cfg: BertConfig, quantization: str = "none") -> None:
         super().__init__()
         self.config = cfg
         h = cfg.hidden_size
@@ -99,7 +100,7 @@ class BertModel(nn.Module):
         self.position_embeddings = Embedding(cfg.max_position_embeddings, h)
         self.token_type_embeddings = Embedding(cfg.type_vocab_size, h)
         self.embed_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(BertLayer(cfg, quantization) for _ in range(cfg.num_hidden_layers))
 
     def forward(
         self,
@@ -132,6 +133,7 @@ class BertModel(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies HF-named tensors in; raises if any parameter is left unloaded or a name is unknown."""
         params = dict(self.named_parameters())
+        linears = linear_weights(self)
         loaded: set[str] = set()
         h = self.config.hidden_size
         for hf_name, tensor in weights:
@@ -144,17 +146,19 @@ class BertModel(nn.Module):
             for piece, shard in self._QKV.items():
                 if piece in name:
                     target = name.replace("encoder.layer.", "layers.").replace(piece, ".qkv.")
-                    param = lookup_param(params, target, hf_name)
-                    copy_weight(param.data[shard * h : (shard + 1) * h], tensor, hf_name)
+                    place(params, linears, target, tensor, hf_name, shard * h, h)
                     loaded.add(f"{target}#{shard}")
+                    if all(f"{target}#{s}" in loaded for s in range(3)):
+                        loaded.add(target)
+                        if target in linears:
+                            linears[target].finalize()
                     break
             else:
                 for old, new in self._RENAMES:
                     name = name.replace(old, new)
-                copy_weight(lookup_param(params, name, hf_name).data, tensor, hf_name)
+                place(params, linears, name, tensor, hf_name)
+                if name in linears:
+                    linears[name].finalize()
                 loaded.add(name)
-        for name in list(params):
-            if ".qkv." in name and all(f"{name}#{s}" in loaded for s in range(3)):
-                loaded.add(name)
-        check_all_loaded(params, loaded)
+        check_all_loaded(self, loaded)
 

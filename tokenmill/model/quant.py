@@ -1,0 +1,229 @@
+"""Quantized weights for the linear layers (CPU): ``w8a8``, and ``int8`` / ``int4`` weight-only.
+
+- ``w8a8``: int8 weights, symmetric per output channel; activations quantized to int8 per token on the fly (symmetric,
+  absmax); ``torch._int_mm`` multiplies them with int32 accumulation (oneDNN, VNNI on this CPU); the epilogue scales
+  by ``x_scale[token] * w_scale[channel]``. The throughput mode: int8 GEMMs run ~1.6x bf16's rate here.
+- ``int8``: int8 weights per output channel, activations stay float (``torch._weight_int8pack_mm``). Half of bf16's
+  weight bytes.
+- ``int4``: 4-bit weights in groups of 32 along K with a scale and a zero per group, ``w = (q - 8) * scale + zero``
+  (``torch._weight_int4pack_mm_for_cpu``). GGUF's Q4_0, Q4_1 and Q4_K blocks are exactly this form, so those files
+  load without any rounding (``Int4Groups``, from ``model/gguf_weights.py``). A quarter of bf16's weight bytes.
+
+Loading is row by row, because the model fuses checkpoint tensors (q/k/v, gate/up) into one weight: ``load_rows``
+quantizes each shard as it arrives (one float tensor at a time, never the whole model) and ``finalize`` packs the
+weight once every row is in. Per-channel and per-group scales make rows independent, so quantizing a shard alone
+equals quantizing the fused weight.
+
+Which layers stay in float: the token embeddings (a gather, not a GEMM) and the LM head (measured; BENCHMARKS.md
+"Quantization").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+INT4_GROUP_SIZE = 32  # GGUF's block size: Q4_0 / Q4_1 / Q4_K sub-blocks map onto groups one to one
+
+
+@dataclass
+class Int4Groups:
+    """A weight already in 4-bit groups (a GGUF Q4 tensor): ``w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g]``
+    with ``g = k // INT4_GROUP_SIZE``."""
+
+    q: torch.Tensor  # [N, K] uint8 in 0..15
+    scale: torch.Tensor  # [N, K // 32] float32
+    zero: torch.Tensor  # [N, K // 32] float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self) -> torch.Tensor:  # [N, K] float32
+        g = INT4_GROUP_SIZE
+        return (self.q.float() - 8) * self.scale.repeat_interleave(g, 1) + self.zero.repeat_interleave(g, 1)
+
+
+def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``w ~ q * scale[:, None]``, |q| <= 127. [N, K] -> ([N, K] int8, [N] float32)."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4_groups(w: torch.Tensor, group: int = INT4_GROUP_SIZE) -> Int4Groups:
+    """Asymmetric min/max 4-bit groups along K. [N, K] float -> Int4Groups. The error is at most half a step,
+    ``(max - min) / 30`` per group."""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"int4 needs the input dimension to be a multiple of {group}, got {k}")
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    return Int4Groups(q, scale, lo + 8 * scale)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of activations: [M, K] -> ([M, K] int8, [M] float32), ``x ~ q * scale[:, None]``.
+    One C++ pass on CPU (bit-equal to the torch ops here, tested)."""
+    kernels = _kernels(x)
+    if kernels is not None:
+        q, scale = kernels.quantize_rows_int8(x.contiguous())
+        return q, scale
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12) / 127
+    return torch.round(x / scale).to(torch.int8), scale[:, 0]
+
+
+def scaled_int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                         residual: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """acc [M, N] int32 -> ``acc * x_scale[:, None] * w_scale (+ bias) (+ residual)`` in ``dtype``: one C++ pass on
+    CPU (rounded once), torch ops elsewhere."""
+    kernels = _kernels(acc)
+    if kernels is not None:
+        out = torch.empty(acc.shape, dtype=dtype, device=acc.device)
+        if bias is not None:
+            bias = bias.to(dtype).contiguous()
+        if residual is not None:
+            residual = residual.to(dtype).contiguous()
+        kernels.int8_epilogue(acc, x_scale, w_scale, bias, residual, out)
+        return out
+    y = acc.float().mul_(x_scale[:, None]).mul_(w_scale)
+    if bias is not None:
+        y += bias
+    if residual is not None:
+        y += residual
+    return y.to(dtype)
+
+
+def _kernels(t: torch.Tensor):
+    if t.device.type != "cpu":
+        return None
+    from tokenmill.kernels import cpu_kernel
+
+    return cpu_kernel.load()
+
+
+class QuantizedWeight(nn.Module):
+    """One linear layer's weight in a quantized format: ``load_rows`` then ``finalize`` once, then ``forward``."""
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+
+    def load_rows(self, offset: int, w: torch.Tensor | Int4Groups) -> None:
+        raise NotImplementedError
+
+    def finalize(self, dtype: torch.dtype) -> None:
+        """Called once every row is loaded; ``dtype`` is the activations' dtype."""
+
+    def init_dummy(self, generator: torch.Generator, dtype: torch.dtype) -> None:
+        """Random weights straight in the stored format (``load_format="dummy"``)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., in] -> [..., out] (+ bias) (+ residual [..., out])."""
+        raise NotImplementedError
+
+
+def _to_float(w: torch.Tensor | Int4Groups) -> torch.Tensor:
+    return w.dequantize() if isinstance(w, Int4Groups) else w
+
+
+class W8A8Weight(QuantizedWeight):
+    """``qweight`` is [N, K] while loading and [K, N] contiguous once final (``torch._int_mm``'s faster layout)."""
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__(out_features, in_features)
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))  # [N, K]
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))  # [N]
+
+    def finalize(self, dtype: torch.dtype) -> None:
+        self.qweight = self.qweight.t().contiguous()  # [K, N]
+
+    def load_rows(self, offset: int, w: torch.Tensor | Int4Groups) -> None:
+        q, s = quantize_int8_rows(_to_float(w))
+        self.qweight[offset:offset + q.shape[0]] = q
+        self.scale[offset:offset + q.shape[0]] = s
+
+    def init_dummy(self, generator: torch.Generator, dtype: torch.dtype) -> None:
+        self.qweight.copy_(torch.randint(-127, 128, self.qweight.shape, generator=generator, dtype=torch.int8))
+        self.scale.fill_(1e-3 / 127)
+        self.finalize(dtype)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xq, xs = quantize_per_token(x.reshape(-1, self.in_features))  # [M, K] int8, [M]
+        acc = torch._int_mm(xq, self.qweight)  # [M, K] x [K, N] -> [M, N] int32
+        res = None if residual is None else residual.reshape(-1, self.out_features)
+        return scaled_int8_epilogue(acc, xs, self.scale, bias, res, x.dtype).reshape(*lead, self.out_features)
+
+
+class Int8Weight(W8A8Weight):
+    """The same int8 rows as w8a8 (kept [N, K]); the activations stay float."""
+
+    def finalize(self, dtype: torch.dtype) -> None:
+        self.scale = self.scale.to(dtype)  # the kernel takes the scales in the activations' dtype
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scale)  # [M, N]
+        return _add_bias_residual(y, bias, residual).reshape(*x.shape[:-1], self.out_features)
+
+
+class Int4Weight(QuantizedWeight):
+    """Staged as one uint8 per weight while loading (the packed layout tiles rows, so shards cannot be packed alone);
+    ``finalize`` packs to two weights per byte and frees the staging."""
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__(out_features, in_features)
+        if in_features % INT4_GROUP_SIZE:
+            raise ValueError(f"int4 needs in_features to be a multiple of {INT4_GROUP_SIZE}, got {in_features}")
+        groups = in_features // INT4_GROUP_SIZE
+        self._q = torch.empty(out_features, in_features, dtype=torch.uint8)  # staging, [N, K]
+        self._scale = torch.empty(out_features, groups, dtype=torch.float32)
+        self._zero = torch.empty(out_features, groups, dtype=torch.float32)
+        self.register_buffer("packed", None)  # [N, K / 2] uint8 once final
+        self.register_buffer("scales_and_zeros", None)  # [K / 32, N, 2] in x's dtype once final
+
+    def load_rows(self, offset: int, w: torch.Tensor | Int4Groups) -> None:
+        groups = w if isinstance(w, Int4Groups) else quantize_int4_groups(w)
+        rows = slice(offset, offset + groups.q.shape[0])
+        self._q[rows], self._scale[rows], self._zero[rows] = groups.q, groups.scale, groups.zero
+
+    def finalize(self, dtype: torch.dtype) -> None:
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(self._q.to(torch.int32), 1)
+        self.scales_and_zeros = torch.stack([self._scale.t(), self._zero.t()], dim=-1).to(dtype).contiguous()
+        del self._q, self._scale, self._zero
+
+    def init_dummy(self, generator: torch.Generator, dtype: torch.dtype) -> None:
+        self._q.copy_(torch.randint(0, 16, self._q.shape, generator=generator, dtype=torch.uint8))
+        self._scale.fill_(1e-3 / 8)
+        self._zero.zero_()
+        self.finalize(dtype)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.packed, INT4_GROUP_SIZE,
+                                              self.scales_and_zeros)  # [M, N]
+        return _add_bias_residual(y, bias, residual).reshape(*x.shape[:-1], self.out_features)
+
+
+def _add_bias_residual(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+    if bias is not None:
+        y += bias
+    if residual is not None:
+        y += residual.reshape(y.shape)
+    return y
+
+
+_WEIGHTS = {"w8a8": W8A8Weight, "int8": Int8Weight, "int4": Int4Weight}
+
+
+def make_quantized_weight(quantization: str, out_features: int, in_features: int) -> QuantizedWeight:
+    return _WEIGHTS[quantization](out_features, in_features)
