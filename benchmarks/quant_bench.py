@@ -89,12 +89,14 @@ def child(spec: dict, timeout: int = 3600) -> dict:
     return json.loads(lines[-1])
 
 
-def section_w(model: str | None) -> list[dict]:
+def section_w(model: str | None, settings: list[tuple[str, str]] = W_SETTINGS, peers: bool = True) -> list[dict]:
     rows = []
-    for dtype, q in W_SETTINGS:
+    for dtype, q in settings:
         r = child({"model": model, "dtype": dtype, "quantization": q, "workload": "W"})
         print(f"W {dtype} {q}: {r.get('output_tok_s', r.get('error'))}", flush=True)
         rows.append(r)
+    if not peers:
+        return rows
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -225,6 +227,8 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help="GGUF or HF directory (default: the embedded SmolLM2)")
     ap.add_argument("--sections", default="w,eval,shapes,embed")
+    ap.add_argument("--w-settings", default=None, metavar="DTYPE:QUANT,...",
+                    help="only these W settings, and no llama.cpp (e.g. bfloat16:none,bfloat16:w8a8)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if args.one:
@@ -235,7 +239,11 @@ def main() -> None:
     result: dict = {"machine": machine_info()}
     sections = args.sections.split(",")
     if "w" in sections:
-        result["w"] = section_w(args.model)
+        if args.w_settings:
+            chosen = [tuple(x.split(":")) for x in args.w_settings.split(",")]
+            result["w"] = section_w(args.model, chosen, peers=False)
+        else:
+            result["w"] = section_w(args.model)
     if "eval" in sections:
         result["eval"] = section_eval(args.model)
     if "shapes" in sections:

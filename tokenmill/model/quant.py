@@ -5,6 +5,8 @@
   by ``x_scale[token] * w_scale[channel]``. The throughput mode: int8 GEMMs run ~1.6x bf16's rate here.
 - ``int8``: int8 weights per output channel, activations stay float (``torch._weight_int8pack_mm``). Half of bf16's
   weight bytes.
+- Both weight-only kernels multiply in bfloat16: in a float32 model the layer's input is rounded to bfloat16 and its
+  output widened back (their float32 paths run ~40x slower here, measured).
 - ``int4``: 4-bit weights in groups of 32 along K with a scale and a zero per group, ``w = (q - 8) * scale + zero``
   (``torch._weight_int4pack_mm_for_cpu``). GGUF's Q4_0, Q4_1 and Q4_K blocks are exactly this form, so those files
   load without any rounding (``Int4Groups``, from ``model/gguf_weights.py``). A quarter of bf16's weight bytes.
@@ -164,15 +166,21 @@ class W8A8Weight(QuantizedWeight):
         return scaled_int8_epilogue(acc, xs, self.scale, bias, res, x.dtype).reshape(*lead, self.out_features)
 
 
+def _weight_only_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the weight-only kernels multiply in: bfloat16 for a float32 model (see the module docstring)."""
+    return torch.bfloat16 if dtype == torch.float32 else dtype
+
+
 class Int8Weight(W8A8Weight):
-    """The same int8 rows as w8a8 (kept [N, K]); the activations stay float."""
+    """The same int8 rows as w8a8 (kept [N, K]); the activations stay float (bfloat16 in the kernel)."""
 
     def finalize(self, dtype: torch.dtype) -> None:
-        self.scale = self.scale.to(dtype)  # the kernel takes the scales in the activations' dtype
+        self.scale = self.scale.to(_weight_only_dtype(dtype))  # the kernel takes the scales in its input's dtype
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scale)  # [M, N]
+        xc = x.reshape(-1, self.in_features).to(self.scale.dtype)
+        y = torch._weight_int8pack_mm(xc, self.qweight, self.scale).to(x.dtype)  # [M, N]
         return _add_bias_residual(y, bias, residual).reshape(*x.shape[:-1], self.out_features)
 
 
@@ -189,7 +197,7 @@ class Int4Weight(QuantizedWeight):
         self._scale = torch.empty(out_features, groups, dtype=torch.float32)
         self._zero = torch.empty(out_features, groups, dtype=torch.float32)
         self.register_buffer("packed", None)  # [N, K / 2] uint8 once final
-        self.register_buffer("scales_and_zeros", None)  # [K / 32, N, 2] in x's dtype once final
+        self.register_buffer("scales_and_zeros", None)  # [K / 32, N, 2] in the kernel's dtype once final
 
     def load_rows(self, offset: int, w: torch.Tensor | Int4Groups) -> None:
         groups = w if isinstance(w, Int4Groups) else quantize_int4_groups(w)
@@ -198,7 +206,8 @@ class Int4Weight(QuantizedWeight):
 
     def finalize(self, dtype: torch.dtype) -> None:
         self.packed = torch._convert_weight_to_int4pack_for_cpu(self._q.to(torch.int32), 1)
-        self.scales_and_zeros = torch.stack([self._scale.t(), self._zero.t()], dim=-1).to(dtype).contiguous()
+        self.scales_and_zeros = torch.stack([self._scale.t(), self._zero.t()], dim=-1).to(
+            _weight_only_dtype(dtype)).contiguous()
         del self._q, self._scale, self._zero
 
     def init_dummy(self, generator: torch.Generator, dtype: torch.dtype) -> None:
@@ -209,8 +218,9 @@ class Int4Weight(QuantizedWeight):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.packed, INT4_GROUP_SIZE,
-                                              self.scales_and_zeros)  # [M, N]
+        xc = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
+        y = torch._weight_int4pack_mm_for_cpu(xc, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)  # [M, N]
+        y = y.to(x.dtype)
         return _add_bias_residual(y, bias, residual).reshape(*x.shape[:-1], self.out_features)
 
 
