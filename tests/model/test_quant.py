@@ -165,8 +165,9 @@ def test_smollm2_int4_loads_its_q4_blocks_without_rounding(cache_dir):
 
 
 # ------------------------------------------------------------------ whole models
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama3_tied", "qwen2", "qwen3"])
 def test_tiny_models_in_every_mode_stay_close_to_float(tmp_path, arch):
+    """w8a8 also runs the LM head as an int8 GEMM (a tied one from its own copy of the embeddings)."""
     save_tiny_model(arch, tmp_path / arch)
     ids = [(5 * i + 1) % 200 + 3 for i in range(40)]
     ref = torch.tensor(LLM(str(tmp_path / arch), kv_cache_memory=0.05, cache_dir=str(tmp_path)).engine.score(ids))
@@ -174,6 +175,8 @@ def test_tiny_models_in_every_mode_stay_close_to_float(tmp_path, arch):
         llm = LLM(str(tmp_path / arch), quantization=q, kv_cache_memory=0.05, cache_dir=str(tmp_path))
         ours = torch.tensor(llm.engine.score(ids))
         assert (ours - ref).abs().mean() < tol, (q, (ours - ref).abs().mean())
+        head = llm.engine.runner.model.lm_head
+        assert (head is not None and head.quantized is not None) == (q == "w8a8")
         out = llm.generate([ids[:10]], SamplingParams(max_tokens=5, temperature=0), use_tqdm=False)[0]
         assert len(out.token_ids) == 5
 
@@ -228,7 +231,7 @@ def test_dummy_weights_at_a_config_only_directory(tmp_path):
                            use_tqdm=False)[0]
         assert len(out.token_ids) == 4
         sizes[q] = llm.engine.weight_bytes
-    assert sizes["int4"] < sizes["int8"] <= sizes["w8a8"] < sizes["none"]  # int8 keeps its scales in bf16
+    assert sizes["int4"] < sizes["int8"] < sizes["none"] and sizes["w8a8"] < sizes["none"]
 
 
 # ------------------------------------------------------------------ SmolLM2: the quality gates

@@ -16,8 +16,8 @@ quantizes each shard as it arrives (one float tensor at a time, never the whole 
 weight once every row is in. Per-channel and per-group scales make rows independent, so quantizing a shard alone
 equals quantizing the fused weight.
 
-Which layers stay in float: the token embeddings (a gather, not a GEMM) and the LM head (measured; BENCHMARKS.md
-"Quantization").
+Which layers stay in float: the token embeddings (a gather, not a GEMM) always; the LM head except in w8a8
+(``model/llama.py``; measured in BENCHMARKS.md "Quantization").
 """
 
 from __future__ import annotations
@@ -157,13 +157,15 @@ class W8A8Weight(QuantizedWeight):
         self.scale.fill_(1e-3 / 127)
         self.finalize(dtype)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``out_dtype``: the result's dtype (default x's; the LM head asks for float32 logits directly)."""
         lead = x.shape[:-1]
         xq, xs = quantize_per_token(x.reshape(-1, self.in_features))  # [M, K] int8, [M]
         acc = torch._int_mm(xq, self.qweight)  # [M, K] x [K, N] -> [M, N] int32
         res = None if residual is None else residual.reshape(-1, self.out_features)
-        return scaled_int8_epilogue(acc, xs, self.scale, bias, res, x.dtype).reshape(*lead, self.out_features)
+        y = scaled_int8_epilogue(acc, xs, self.scale, bias, res, out_dtype or x.dtype)
+        return y.reshape(*lead, self.out_features)
 
 
 def _weight_only_dtype(dtype: torch.dtype) -> torch.dtype:
