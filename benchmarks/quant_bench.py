@@ -10,6 +10,7 @@ Sections:
 - ``shapes``: random weights (``load_format="dummy"``) at Llama-3.2-1B and Llama-3.1-8B shapes
   (``benchmarks/shapes/``): resident memory after loading, its peak while loading, and generation speed on a small
   batch. The 8B model runs only in the modes that fit this machine; the others get their weight bytes computed.
+- ``smoothquant``: the ablation behind w8a8's SmoothQuant (no smoothing, and several alphas).
 - ``embed``: the embed harness's texts through all-MiniLM-L6-v2 in each setting, with each vector's cosine to
   float32's.
 
@@ -148,6 +149,45 @@ def section_shapes() -> list[dict]:
     return rows
 
 
+def section_smoothquant(model: str | None) -> list[dict]:
+    """The ablation behind w8a8's SmoothQuant: perplexity of the float32 model with its decoder layers' linears
+    turned into w8a8 in place, with no smoothing and with the factors at several alphas (the LM head left float)."""
+    from tokenmill import LLM
+    from tokenmill.eval import DEFAULT_TEXT, perplexity
+    from tokenmill.model import smoothquant
+    from tokenmill.model.layers import Linear
+    from tokenmill.model.quant import make_quantized_weight
+
+    rows = []
+    for alpha in (None, 0.3, 0.4, 0.5, 0.6, 0.7):
+        llm = LLM(model, dtype="float32", kv_cache_memory=0.5, max_model_len=1024)
+        net = llm.engine.runner.model
+        ids = llm.tokenizer(DEFAULT_TEXT.read_text(), add_special_tokens=False).input_ids
+        if alpha is None:
+            ref = perplexity(llm.engine, ids, 512).perplexity
+        else:
+            cal = llm.tokenizer(smoothquant.CALIBRATION_TEXT.read_text(), add_special_tokens=False).input_ids
+            factors = smoothquant.smoothing_factors(net, smoothquant.input_absmax(net, cal), alpha)
+            for i, layer in enumerate(net.layers):  # fold in place: the same algebra as smoothquant.smooth
+                f, mlp, att = factors[i], layer.mlp, layer.self_attn
+                att.qkv_proj.weight.data *= f["qkv"]
+                layer.input_layernorm.weight.data /= f["qkv"]
+                mlp.gate_up_proj.weight.data *= f["gate_up"]
+                layer.post_attention_layernorm.weight.data /= f["gate_up"]
+                mlp.gate_up_proj.weight.data[mlp.intermediate_size:] /= f["down"][:, None]
+                mlp.down_proj.weight.data *= f["down"]
+        for name, m in net.named_modules():
+            if isinstance(m, Linear) and name.startswith("layers."):
+                q = make_quantized_weight("w8a8", m.out_features, m.in_features)
+                q.load_rows(0, m.weight.data)
+                q.finalize(m.dtype)
+                m.quantized, m.weight = q, None
+        p = perplexity(llm.engine, ids, 512).perplexity
+        rows.append({"alpha": alpha, "perplexity": p, "float32": ref, "change": p / ref - 1})
+        print(f"smoothquant alpha={alpha}: {100 * (p / ref - 1):+.2f}%", flush=True)
+    return rows
+
+
 def section_embed(num_texts: int = 3000) -> list[dict]:
     """The embed harness's texts through all-MiniLM-L6-v2 in each setting; cosine of each vector to float32's."""
     import numpy as np
@@ -212,6 +252,13 @@ def render(result: dict) -> str:
                              f"{r['rss_after_load_gib']:.2f} | {r['peak_rss_load_gib']:.2f} | {r['load_s']:.1f} | "
                              f"{r['output_tok_s']:.2f} | {r['total_tok_s']:.1f} |")
         lines.append("")
+    if "smoothquant" in result:
+        lines += ["## SmoothQuant ablation (float32 activations, LM head float)", "", "| alpha | perplexity | change |",
+                  "|---|---|---|"]
+        for r in result["smoothquant"]:
+            lines.append(f"| {'none' if r['alpha'] is None else r['alpha']} | {r['perplexity']:.3f} | "
+                         f"{100 * r['change']:+.2f}% |")
+        lines.append("")
     if "embed" in result:
         lines += ["## embed (all-MiniLM-L6-v2)", "", "| setting | texts/s | vs float32 | min cosine to float32 | "
                   "mean cosine |", "|---|---|---|---|---|"]
@@ -226,7 +273,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help="GGUF or HF directory (default: the embedded SmolLM2)")
-    ap.add_argument("--sections", default="w,eval,shapes,embed")
+    ap.add_argument("--sections", default="w,eval,shapes,smoothquant,embed")
     ap.add_argument("--w-settings", default=None, metavar="DTYPE:QUANT,...",
                     help="only these W settings, and no llama.cpp (e.g. bfloat16:none,bfloat16:w8a8)")
     ap.add_argument("--out", default="benchmarks/results")
@@ -248,6 +295,8 @@ def main() -> None:
         result["eval"] = section_eval(args.model)
     if "shapes" in sections:
         result["shapes"] = section_shapes()
+    if "smoothquant" in sections:
+        result["smoothquant"] = section_smoothquant(args.model)
     if "embed" in sections:
         result["embed"] = section_embed()
     out = Path(args.out)
