@@ -158,6 +158,10 @@ def section_smoothquant(model: str | None) -> list[dict]:
     from tokenmill.model.layers import Linear
     from tokenmill.model.quant import make_quantized_weight
 
+    from tokenmill.model.loader import checkpoint_weights, read_model_config, resolve_model_path
+
+    path = resolve_model_path(model)
+    hf_dir, _ = read_model_config(path, with_weights=True)
     rows = []
     for alpha in (None, 0.3, 0.4, 0.5, 0.6, 0.7):
         llm = LLM(model, dtype="float32", kv_cache_memory=0.5, max_model_len=1024)
@@ -165,17 +169,10 @@ def section_smoothquant(model: str | None) -> list[dict]:
         ids = llm.tokenizer(DEFAULT_TEXT.read_text(), add_special_tokens=False).input_ids
         if alpha is None:
             ref = perplexity(llm.engine, ids, 512).perplexity
-        else:
+        else:  # the float checkpoint again, with the factors folded in as w8a8's loading does
             cal = llm.tokenizer(smoothquant.CALIBRATION_TEXT.read_text(), add_special_tokens=False).input_ids
             factors = smoothquant.smoothing_factors(net, smoothquant.input_absmax(net, cal), alpha)
-            for i, layer in enumerate(net.layers):  # fold in place: the same algebra as smoothquant.smooth
-                f, mlp, att = factors[i], layer.mlp, layer.self_attn
-                att.qkv_proj.weight.data *= f["qkv"]
-                layer.input_layernorm.weight.data /= f["qkv"]
-                mlp.gate_up_proj.weight.data *= f["gate_up"]
-                layer.post_attention_layernorm.weight.data /= f["gate_up"]
-                mlp.gate_up_proj.weight.data[mlp.intermediate_size:] /= f["down"][:, None]
-                mlp.down_proj.weight.data *= f["down"]
+            net.load_weights(smoothquant.smooth(checkpoint_weights(path, hf_dir, "none"), factors))
         for name, m in net.named_modules():
             if isinstance(m, Linear) and name.startswith("layers."):
                 q = make_quantized_weight("w8a8", m.out_features, m.in_features)

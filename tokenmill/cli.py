@@ -232,7 +232,8 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k, seed, stop, max_num_seqs,
         max_num_batched_tokens, preemption_mode, scheduling_strategy, sort_by_length, prefix_caching, dataset_order,
-        dedupe, dtype, quantization, max_model_len, kv_cache_memory, gpu_memory_utilization, partition, total_partitions, gpu_hourly_rate, num_gpus,
+        dedupe, dtype, quantization, max_model_len, kv_cache_memory, gpu_memory_utilization, partition,
+        total_partitions, gpu_hourly_rate, num_gpus,
         context_overflow, json_schema, choices, regex, grammar, input_format, columns, progress_interval, ray_address,
         num_workers, shard_size, max_shard_retries, overwrite, quiet):
     """Run a dataset through the model into OUTPUT; the same command resumes an interrupted job.
@@ -483,7 +484,8 @@ def embed(input_path, output, model, normalize, pooling, max_batch_tokens, max_s
         raise UserError(f"--max-seq-length must be >= 2, got {max_seq_length}")
     opts = EmbedOptions(input=input_path, output=output, model=model, normalize=normalize, pooling=pooling,
                         max_batch_tokens=max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS, max_seq_length=max_seq_length,
-                        dtype=dtype, quantization=quantization or "none", format=fmt, gpu_hourly_rate=gpu_hourly_rate, num_gpus=num_gpus, quiet=quiet,
+                        dtype=dtype, quantization=quantization or "none", format=fmt,
+                        gpu_hourly_rate=gpu_hourly_rate, num_gpus=num_gpus, quiet=quiet,
                         overwrite=overwrite, input_format=input_format, columns=_columns(columns, EMBED_FIELDS),
                         progress_interval=progress_interval)
     return _run_job("embed", opts, ray_address, num_workers, shard_size, max_shard_retries)
@@ -575,7 +577,8 @@ def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, m
     model, engine, _ = _engine_and_sampling(
         config, model, dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             preemption_mode=preemption_mode, enable_prefix_caching=prefix_caching, dtype=dtype,
-                            quantization=quantization, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory), {})
+                            quantization=quantization, max_model_len=max_model_len,
+                            kv_cache_memory=kv_cache_memory), {})
     from tokenmill.config import EngineConfig
     from tokenmill.model.loader import resolve_model_path
 

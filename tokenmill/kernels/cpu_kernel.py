@@ -163,8 +163,8 @@ def _build(target: Path):
 
 def _failed(reason: str) -> KernelLoad:
     log.warning("warning: the C++ CPU kernels are not available (%s). Attention, RMSNorm and the int8 helpers fall "
-                "back to the torch path: attention runs several times slower on CPU and jobs lose much of their throughput. Install a "
-                "C++ compiler (e.g. apt-get install g++) and ninja (pip install ninja), then run "
+                "back to the torch path: attention runs several times slower on CPU and jobs lose much of their "
+                "throughput. Install a C++ compiler (e.g. apt-get install g++) and ninja (pip install ninja), then run "
                 "`tokenmill build-kernels`.", reason)
     return KernelLoad(None, reason, 0.0, None)
 
