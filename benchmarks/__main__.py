@@ -195,19 +195,15 @@ def gemm_rate(dtype: torch.dtype, m: int = 1024, k: int = 1024, n: int = 1024, s
     take) with the given CPU GEMM backend ("onednn" or "aten"; None: the process default)."""
     from tokenmill.model import gemm
 
-    before = gemm.cpu_gemm_backend()
-    gemm.set_cpu_gemm_backend(backend or before)
-    try:
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
-        for _ in range(3):
-            gemm.linear(a, b)
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            gemm.linear(a, b)
-            reps += 1
-        return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
-    finally:
-        gemm.set_cpu_gemm_backend(before)
+    name = gemm.check_backend(backend or "onednn")
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    for _ in range(3):
+        gemm.linear(a, b, None, name)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        gemm.linear(a, b, None, name)
+        reps += 1
+    return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
 
 
 # GEMM shapes of the benchmarked models: (what, M, K, N)

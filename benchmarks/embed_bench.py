@@ -78,17 +78,17 @@ def run_embed_section(quick: bool) -> dict:
 
     rows = []
     vectors = {}
-    gemm_default = gemm.cpu_gemm_backend()
+    gemm_default = gemm.check_backend("onednn")
     # the two shipped paths, then float32 with aten's (MKL) GEMMs as an ablation of model/gemm.py
     for dt, e, backend in (("float32", emb, gemm_default), ("bfloat16", Embedder(dtype="bfloat16"), gemm_default),
                            ("float32", emb, "aten")):
-        gemm.set_cpu_gemm_backend(backend)
+        gemm.set_gemm_backend(e.net, backend)
         key = dt if backend == gemm_default else f"{dt}-{backend}"
         wall = timed(lambda t: vectors.__setitem__(key, e.encode(t)))
         rows.append({"engine": f"tokenmill {dt} (packed, max_batch_tokens={e.max_batch_tokens}, {backend} GEMMs)",
                      "dtype": dt, "wall_s": wall, "texts_s": len(texts) / wall, "tok_s": num_tokens / wall,
                      "padding": e.padding_fraction})
-    gemm.set_cpu_gemm_backend(gemm_default)
+    gemm.set_gemm_backend(emb.net, gemm_default)
     st_runs = [("float32", 32)] if quick else [("float32", 32), ("float32", 16), ("float32", 64), ("float32", 128),
                                                 ("bfloat16", 16), ("bfloat16", 32)]
     models = {}

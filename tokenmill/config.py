@@ -51,6 +51,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # share the KV blocks of common prompt prefixes (core/kv_cache_manager.py)
     # Execution
     attention_backend: str = "torch"
+    cpu_gemm: str = "onednn"  # the float linears' CPU GEMMs: onednn, or aten (MKL on this CPU; model/gemm.py)
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default (physical cores)
     seed: int = 0  # seeds the shared generator of requests that have no seed of their own
 
@@ -92,6 +93,8 @@ class EngineConfig:
             )
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.cpu_gemm not in ("onednn", "aten"):
+            problems.append(f"cpu_gemm must be one of ('onednn', 'aten'), got {self.cpu_gemm!r}")
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.load_format not in LOAD_FORMATS:

@@ -1,5 +1,6 @@
 """model/gemm.py: the oneDNN CPU linears (plain, with an activation epilogue, with a residual-add epilogue) equal
-the aten ops they replace, are really the ones that run, and the backend switch rejects unknown names."""
+the aten ops they replace, are really the ones that run, the backend is a per-model choice (engine option
+``cpu_gemm``), and unknown names are rejected."""
 
 import pytest
 import torch
@@ -7,14 +8,6 @@ import torch.nn.functional as F
 
 from tokenmill.config import ConfigError
 from tokenmill.model import gemm
-
-
-@pytest.fixture
-def backend():
-    """Restores the process-wide backend after a test switches it."""
-    before = gemm.cpu_gemm_backend()
-    yield gemm.set_cpu_gemm_backend
-    gemm.set_cpu_gemm_backend(before)
 
 
 def _ops_run(fn) -> set[str]:
@@ -25,7 +18,7 @@ def _ops_run(fn) -> set[str]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 300])
-def test_onednn_linears_equal_aten(backend, dtype, rows):
+def test_onednn_linears_equal_aten(dtype, rows):
     if not gemm._onednn_available():
         pytest.skip("this torch build has no oneDNN")
     torch.manual_seed(rows)
@@ -37,9 +30,9 @@ def test_onednn_linears_equal_aten(backend, dtype, rows):
     tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.25, rtol=2e-2)
     results = {}
     for name in ("onednn", "aten"):
-        backend(name)
-        results[name] = [gemm.linear(x, w, b), gemm.linear(x, w), gemm.linear_add(h, w2, b2, res)]
-        results[name] += [gemm.linear_act(x, w, b, act) for act in gemm.ACTIVATIONS]
+        results[name] = [gemm.linear(x, w, b, name), gemm.linear(x, w, None, name),
+                         gemm.linear_add(h, w2, b2, res, name)]
+        results[name] += [gemm.linear_act(x, w, b, act, name) for act in gemm.ACTIVATIONS]
     for got, want in zip(results["onednn"], results["aten"]):
         assert got.dtype == dtype and got.shape == want.shape
         torch.testing.assert_close(got.float(), want.float(), **tol)
@@ -48,23 +41,39 @@ def test_onednn_linears_equal_aten(backend, dtype, rows):
     torch.testing.assert_close(results["onednn"][3].double(), want64, **tol)
 
 
-def test_backend_decides_which_kernel_runs(backend):
+def test_backend_decides_which_kernel_runs():
     if not gemm._onednn_available():
         pytest.skip("this torch build has no oneDNN")
     x, w = torch.randn(64, 32), torch.randn(48, 32)
-    backend("onednn")
-    assert "mkldnn::_linear_pointwise" in _ops_run(lambda: gemm.linear(x, w))
-    backend("aten")
-    ops = _ops_run(lambda: gemm.linear(x, w))
+    assert "mkldnn::_linear_pointwise" in _ops_run(lambda: gemm.linear(x, w, None, "onednn"))
+    ops = _ops_run(lambda: gemm.linear(x, w, None, "aten"))
     assert "mkldnn::_linear_pointwise" not in ops and ("aten::mm" in ops or "aten::linear" in ops)
 
 
-def test_backend_names_are_checked(backend, monkeypatch):
+def test_the_backend_is_a_per_model_engine_option(tmp_path):
+    """cpu_gemm="aten" reaches every linear layer and the LM head of that model only; other models keep oneDNN."""
+    from helpers import save_tiny_model
+    from tokenmill import LLM
+    from tokenmill.model.layers import Linear
+
+    save_tiny_model("llama3_tied", tmp_path / "m")
+    aten = LLM(str(tmp_path / "m"), cpu_gemm="aten", kv_cache_memory=0.05).engine.runner.model
+    default = LLM(str(tmp_path / "m"), kv_cache_memory=0.05).engine.runner.model
+    expected = "onednn" if gemm._onednn_available() else "aten"
+    assert aten.gemm_backend == "aten" and default.gemm_backend == expected
+    assert all(m.gemm_backend == "aten" for m in aten.modules() if isinstance(m, Linear))
+    assert all(m.gemm_backend == expected for m in default.modules() if isinstance(m, Linear))
+    ids = [5, 9, 13, 2, 7]
+    torch.testing.assert_close(torch.tensor(LLM(str(tmp_path / "m"), cpu_gemm="aten", kv_cache_memory=0.05)
+                                            .engine.score(ids)),
+                               torch.tensor(LLM(str(tmp_path / "m"), kv_cache_memory=0.05).engine.score(ids)),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_backend_names_are_checked():
     with pytest.raises(ConfigError, match="onednn, aten"):
-        backend("mkl")
-    monkeypatch.setattr(gemm, "_backend", None)
-    monkeypatch.setenv("TOKENMILL_CPU_GEMM", "fast")
-    with pytest.raises(ConfigError, match="TOKENMILL_CPU_GEMM"):
-        gemm.cpu_gemm_backend()
-    monkeypatch.setenv("TOKENMILL_CPU_GEMM", "ATEN")
-    assert gemm.cpu_gemm_backend() == "aten"
+        gemm.check_backend("mkl")
+    from tokenmill.config import EngineConfig
+
+    with pytest.raises(ConfigError, match="cpu_gemm"):
+        EngineConfig.from_dict({"cpu_gemm": "fast"})

@@ -23,7 +23,7 @@ import torch
 from tokenmill.attention.packed import PackedAttention, PackedMetadata
 from tokenmill.embed.pooling import PoolingConfig, pool, read_pooling_config
 from tokenmill.model.bert import BERT_MODEL_TYPES, BertConfig, BertModel
-from tokenmill.model.gemm import cpu_gemm_backend
+from tokenmill.model.gemm import check_backend, set_gemm_backend
 from tokenmill.model.loader import (ModelNotFoundError, building, check_quantization, checkpoint_weights,
                                     load_tokenizer, read_model_config, resolve_dtype, resolve_model_path)
 from tokenmill.model.llama import LlamaForCausalLM
@@ -62,7 +62,7 @@ class Embedder:
     def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "auto",
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, pooling: str | None = None,
                  normalize: bool | None = None, max_seq_length: int | None = None,
-                 cache_dir: str | None = None, quantization: str = "none") -> None:
+                 cache_dir: str | None = None, quantization: str = "none", cpu_gemm: str = "onednn") -> None:
         t0 = time.perf_counter()
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
@@ -71,7 +71,7 @@ class Embedder:
         self.dtype = resolve_dtype(dtype, self.device)
         check_quantization(quantization, self.device)
         self.quantization = quantization
-        cpu_gemm_backend()  # a bad TOKENMILL_CPU_GEMM fails here
+        gemm = check_backend(cpu_gemm)  # a bad name fails here
         self.path = default_embedding_model_path() if model is None else resolve_model_path(model)
         self.max_batch_tokens = max_batch_tokens
         hf_dir = self.path
@@ -96,6 +96,7 @@ class Embedder:
                     0 if mcfg.tie_word_embeddings else 1)
                 self._backend = PackedAttention()
         self.net.load_weights(checkpoint_weights(self.path, hf_dir, quantization))
+        set_gemm_backend(self.net, gemm)
         self.net.eval()
         self.pooling: PoolingConfig = read_pooling_config(hf_dir, self.is_decoder).with_overrides(pooling, normalize)
         self.tokenizer = load_tokenizer(hf_dir)

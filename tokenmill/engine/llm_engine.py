@@ -56,7 +56,7 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
         loaded = load_model(config.model, config.dtype, self.device, config.max_model_len, cache_dir,
-                            config.quantization, config.load_format)
+                            config.quantization, config.load_format, config.cpu_gemm)
         self.config = config.resolve(loaded.model_config.max_position_embeddings)
         self.model_config = loaded.model_config
         self.tokenizer = loaded.tokenizer

@@ -10,56 +10,56 @@ an encoder layer into the GEMM's epilogue instead of extra passes over the activ
 Numerics: still IEEE float32 (or bf16 inputs with float32 accumulation); only the summation order differs from
 MKL's, i.e. the last-bit rounding that any change of batch shape already causes.
 
-``TOKENMILL_CPU_GEMM=aten`` turns the oneDNN path off (plain ``F.linear`` and separate epilogue ops); float16, other
-devices and torch builds without oneDNN always take the aten path.
+The path is a property of each model, not of the process: every ``Linear`` (and a Llama model's LM head) holds its
+``gemm_backend``, "onednn" by default, "aten" (plain ``F.linear`` and separate epilogue ops) when asked through the
+engine option ``cpu_gemm`` (or ``set_gemm_backend(model, name)``); float16, other devices and torch builds without
+oneDNN always take the aten path.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tokenmill.config import ConfigError
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-_BACKENDS = ("onednn", "aten")
-_backend: str | None = None  # resolved on first use
+GEMM_BACKENDS = ("onednn", "aten")
 
 
-def cpu_gemm_backend() -> str:
-    """"onednn" or "aten": what CPU linears use in this process (``TOKENMILL_CPU_GEMM``; default onednn where the
-    torch build has it). Raises ConfigError for any other value; model loaders call it up front."""
-    global _backend
-    if _backend is None:
-        choice = os.environ.get("TOKENMILL_CPU_GEMM", "").strip().lower() or "onednn"
-        if choice not in _BACKENDS:
-            raise ConfigError(f"TOKENMILL_CPU_GEMM must be one of {', '.join(_BACKENDS)}, got {choice!r}")
-        _backend = choice if choice == "aten" or _onednn_available() else "aten"
-    return _backend
+def check_backend(name: str) -> str:
+    """The backend a model gets for ``name``: "onednn" falls back to "aten" where this torch build lacks oneDNN.
+    Raises ConfigError for any other name."""
+    if name not in GEMM_BACKENDS:
+        raise ConfigError(f"cpu_gemm must be one of {', '.join(GEMM_BACKENDS)}, got {name!r}")
+    return name if name == "aten" or _onednn_available() else "aten"
 
 
-def set_cpu_gemm_backend(name: str) -> None:
-    """Switches the CPU GEMM path for this process (benchmarks and tests compare the two)."""
-    global _backend
-    if name not in _BACKENDS:
-        raise ConfigError(f"CPU GEMM backend must be one of {', '.join(_BACKENDS)}, got {name!r}")
-    _backend = name if name == "aten" or _onednn_available() else "aten"
+def set_gemm_backend(model: nn.Module, name: str) -> None:
+    """Switches every linear layer of ``model`` (and its LM head) to the CPU GEMM path ``name``."""
+    name = check_backend(name)
+    for m in model.modules():
+        if hasattr(m, "gemm_backend"):
+            m.gemm_backend = name
 
 
 def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype
-            and (_backend or cpu_gemm_backend()) == "onednn")
+_HAVE_ONEDNN = _onednn_available()  # a fact about this torch build
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor, backend: str) -> bool:
+    return (backend == "onednn" and _HAVE_ONEDNN and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES
+            and weight.dtype == x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           backend: str = "onednn") -> torch.Tensor:
     """[..., in] x [out, in] (+ [out]) -> [..., out]."""
-    if _use_onednn(x, weight) and x.dtype == torch.float32:  # bf16: aten already calls oneDNN, no gain
+    if _use_onednn(x, weight, backend) and x.dtype == torch.float32:  # bf16: aten already calls oneDNN, no gain
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -72,18 +72,19 @@ ACTIVATIONS = {
 }
 
 
-def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str,
+               backend: str = "onednn") -> torch.Tensor:
     """act(x W^T + b) for ``act`` in ACTIVATIONS; on CPU one GEMM with the activation as its epilogue."""
     post, algorithm, torch_op = ACTIVATIONS[act]
-    if _use_onednn(x, weight):
+    if _use_onednn(x, weight, backend):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post, [], algorithm)
     return torch_op(F.linear(x, weight, bias))
 
 
-def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               residual: torch.Tensor) -> torch.Tensor:
+def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+               backend: str = "onednn") -> torch.Tensor:
     """residual + x W^T + b; one GEMM with an add epilogue on CPU (in bf16 the sum is rounded once, not twice).
     ``residual`` [..., out] must be contiguous with x's leading shape."""
-    if _use_onednn(x, weight) and residual.dtype == x.dtype and residual.is_contiguous():
+    if _use_onednn(x, weight, backend) and residual.dtype == x.dtype and residual.is_contiguous():
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
     return residual + F.linear(x, weight, bias)

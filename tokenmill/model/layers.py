@@ -109,6 +109,7 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.dtype = torch.get_default_dtype()
+        self.gemm_backend = "onednn"  # the float path's CPU GEMMs (model/gemm.py; set_gemm_backend switches it)
         if quantization == "none":
             self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
             self.quantized = None
@@ -144,19 +145,19 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         if self.quantized is None:
-            return linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias, self.gemm_backend)
         return self.quantized(x, self.bias)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + x W^T + b (a GEMM epilogue on the float path)."""
         if self.quantized is None:
-            return linear_add(x, self.weight, self.bias, residual)
+            return linear_add(x, self.weight, self.bias, residual, self.gemm_backend)
         return self.quantized(x, self.bias, residual)
 
     def forward_act(self, x: torch.Tensor, act: str) -> torch.Tensor:
         """act(x W^T + b), ``act`` one of gemm.ACTIVATIONS (a GEMM epilogue on the float path)."""
         if self.quantized is None:
-            return linear_act(x, self.weight, self.bias, act)
+            return linear_act(x, self.weight, self.bias, act, self.gemm_backend)
         return ACTIVATIONS[act][2](self.quantized(x, self.bias))
 
 

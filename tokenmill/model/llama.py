@@ -98,6 +98,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = rotary
         self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, quantization) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gemm_backend = "onednn"  # of the LM head when it is the embeddings (model/gemm.py)
         head_quantization = "w8a8" if quantization == "w8a8" else "none"
         if not with_lm_head or (cfg.tie_word_embeddings and head_quantization == "none"):
             self.lm_head = None  # embedding models need no LM head; a float tied head is the embeddings themselves
@@ -120,8 +121,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [num_sampled, hidden] -> [num_sampled, vocab]
         if self.lm_head is not None and self.lm_head.quantized is not None:
             return self.lm_head.quantized(hidden, None, out_dtype=torch.float32)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        return linear(hidden, self.embed_tokens.weight, None, self.gemm_backend).float()
 
     # ------------------------------------------------------------------ weights
     _STACKED = {  # HF name piece -> (our fused param piece, shard index)

@@ -18,7 +18,7 @@ import torch
 
 from tokenmill.config import QUANTIZATIONS
 from tokenmill.model import smoothquant
-from tokenmill.model.gemm import cpu_gemm_backend
+from tokenmill.model.gemm import check_backend, set_gemm_backend
 from tokenmill.model.gguf_convert import cached_hf_dir, default_cache_dir
 from tokenmill.model.gguf_weights import iter_gguf_weights, open_gguf
 from tokenmill.model.llama import LlamaForCausalLM
@@ -122,6 +122,7 @@ def load_model(
     cache_dir: Path | None = None,
     quantization: str = "none",
     load_format: str = "auto",
+    cpu_gemm: str = "onednn",
 ) -> LoadedModel:
     """``quantization``: model/quant.py. ``load_format="dummy"``: random weights of the config's shapes (the model
     path may then be a directory holding only config.json; without a tokenizer there, the default model's is used)."""
@@ -133,7 +134,7 @@ def load_model(
     # A quantized model reads a GGUF file's tensors directly: never a float copy of the whole model.
     hf_dir, cfg = read_model_config(path, cache_dir, with_weights=quantization == "none" and not dummy)
     torch_dtype = resolve_dtype(dtype, device)
-    cpu_gemm_backend()  # a bad TOKENMILL_CPU_GEMM fails here, before any weights are read
+    gemm = check_backend(cpu_gemm)  # a bad name fails here, before any weights are read
 
     tokenizer = load_tokenizer(tokenizer_dir(hf_dir, load_format, cache_dir))
     positions = max_positions or cfg.max_position_embeddings
@@ -155,6 +156,7 @@ def load_model(
         net.load_weights(smoothquant.smooth(checkpoint_weights(path, hf_dir, quantization), factors))
     else:
         net.load_weights(checkpoint_weights(path, hf_dir, quantization))
+    set_gemm_backend(net, gemm)
     net.eval()
     return LoadedModel(net, cfg, tokenizer, eos_token_ids(hf_dir, cfg, tokenizer), path, time.perf_counter() - t0)
 
