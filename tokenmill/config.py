@@ -19,6 +19,7 @@ DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("torch", "torch_gather", "reference")
 QUANTIZATIONS = ("none", "w8a8", "int8", "int4")  # model/quant.py
 LOAD_FORMATS = ("auto", "dummy")
+CPU_GEMMS = ("onednn", "aten")  # model/gemm.py
 
 
 class ConfigError(ValueError):
@@ -93,8 +94,8 @@ class EngineConfig:
             )
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.cpu_gemm not in ("onednn", "aten"):
-            problems.append(f"cpu_gemm must be one of ('onednn', 'aten'), got {self.cpu_gemm!r}")
+        if self.cpu_gemm not in CPU_GEMMS:
+            problems.append(f"cpu_gemm must be one of {CPU_GEMMS}, got {self.cpu_gemm!r}")
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.load_format not in LOAD_FORMATS:

@@ -22,17 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.config import ConfigError
+from tokenmill.config import CPU_GEMMS, ConfigError
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-GEMM_BACKENDS = ("onednn", "aten")
 
 
 def check_backend(name: str) -> str:
     """The backend a model gets for ``name``: "onednn" falls back to "aten" where this torch build lacks oneDNN.
     Raises ConfigError for any other name."""
-    if name not in GEMM_BACKENDS:
-        raise ConfigError(f"cpu_gemm must be one of {', '.join(GEMM_BACKENDS)}, got {name!r}")
+    if name not in CPU_GEMMS:
+        raise ConfigError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {name!r}")
     return name if name == "aten" or _onednn_available() else "aten"
 
 

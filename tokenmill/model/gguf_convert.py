@@ -27,7 +27,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "tokenmill"
 
 
-def cached_hf_dir(gguf_path: Path, cache_dir: Path | None = None, with_weights: bool = True) -> Path:
+def cached_hf_dir(gguf_path: Path, cache_dir: Path | None = None, with_weights: bool = False) -> Path:
     """The converted HF directory for ``gguf_path`` (config and tokenizer; and model.safetensors when
     ``with_weights``), converting first what the cache lacks."""
     gguf_path = gguf_path.resolve()

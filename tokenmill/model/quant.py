@@ -22,10 +22,13 @@ Which layers stay in float: the token embeddings (a gather, not a GEMM) always; 
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from tokenmill.kernels import cpu_kernel
 
 INT4_GROUP_SIZE = 32  # GGUF's block size: Q4_0 / Q4_1 / Q4_K sub-blocks map onto groups one to one
 
@@ -102,34 +105,32 @@ def scaled_int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torc
 
 
 def _kernels(t: torch.Tensor):
-    if t.device.type != "cpu":
-        return None
-    from tokenmill.kernels import cpu_kernel
-
-    return cpu_kernel.load()
+    return cpu_kernel.load() if t.device.type == "cpu" else None
 
 
-class QuantizedWeight(nn.Module):
+class QuantizedWeight(nn.Module, abc.ABC):
     """One linear layer's weight in a quantized format: ``load_rows`` then ``finalize`` once, then ``forward``."""
 
     def __init__(self, out_features: int, in_features: int) -> None:
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
 
+    @abc.abstractmethod
     def load_rows(self, offset: int, w: torch.Tensor | Int4Groups) -> None:
-        raise NotImplementedError
+        """Rows ``offset:offset + len(w)`` from a float tensor (or 4-bit groups) of shape [rows, in_features]."""
 
+    @abc.abstractmethod
     def finalize(self, dtype: torch.dtype) -> None:
         """Called once every row is loaded; ``dtype`` is the activations' dtype."""
 
+    @abc.abstractmethod
     def init_dummy(self, generator: torch.Generator, dtype: torch.dtype) -> None:
-        """Random weights straight in the stored format (``load_format="dummy"``)."""
-        raise NotImplementedError
+        """Random weights straight in the stored format (``load_format="dummy"``), finalized."""
 
+    @abc.abstractmethod
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """[..., in] -> [..., out] (+ bias) (+ residual [..., out])."""
-        raise NotImplementedError
 
 
 def _to_float(w: torch.Tensor | Int4Groups) -> torch.Tensor:
@@ -178,6 +179,10 @@ class Int8Weight(W8A8Weight):
 
     def finalize(self, dtype: torch.dtype) -> None:
         self.scale = self.scale.to(_weight_only_dtype(dtype))  # the kernel takes the scales in its input's dtype
+
+    def column_absmax(self) -> torch.Tensor:
+        """max |W[:, j]| of the dequantized weight: [in_features] float32 (SmoothQuant's weight statistic)."""
+        return (self.qweight.float().abs() * self.scale.float()[:, None]).amax(0)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:

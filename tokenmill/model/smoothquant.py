@@ -76,8 +76,7 @@ def weight_column_absmax(layer: Linear) -> torch.Tensor:
     """max |W[:, j]| of a float or int8 weight-only layer: [in_features] float32."""
     if layer.quantized is None:
         return layer.weight.detach().abs().amax(0).float()
-    q = layer.quantized
-    return (q.qweight.float().abs() * q.scale.float()[:, None]).amax(0)
+    return layer.quantized.column_absmax()
 
 
 def smoothing_factors(net, stats: dict[str, torch.Tensor], alpha: float = ALPHA) -> Factors:
