@@ -6,7 +6,7 @@ It speaks just enough of the OpenAI completions API for ``benchmarks/serve_load.
 token-id (or text) prompts, ``stream`` (the whole completion arrives as one chunk when its batch ends, so its TTFT is
 its latency), ``stream_options.include_usage`` and ``ignore_eos``; GET /v1/models.
 
-``python -m benchmarks.naive_server --port 8100 [--max-batch-size 64 --max-wait-ms 20]``
+``python -m benchmarks.naive_server --port 8100 [--max-batch-size 64 --max-wait-ms 20 --dtype float32]``
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class DynamicBatcher:
         return res
 
 
-def build_app(model_path: str, max_batch_size: int, max_wait_ms: float) -> FastAPI:
+def build_app(model_path: str, max_batch_size: int, max_wait_ms: float, dtype: str = "float32") -> FastAPI:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tokenmill.model.loader import resolve_model_path
@@ -80,7 +80,7 @@ def build_app(model_path: str, max_batch_size: int, max_wait_ms: float) -> FastA
     path = resolve_model_path(model_path)
     kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
     src = str(path.parent) if path.suffix == ".gguf" else str(path)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw).eval()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype), **kw).eval()
     tokenizer = AutoTokenizer.from_pretrained(src, **kw)
     batcher = DynamicBatcher(model, tokenizer, max_batch_size, max_wait_ms)
     name = path.stem
@@ -131,8 +131,9 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8100)
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--max-wait-ms", type=float, default=20.0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
-    uvicorn.run(build_app(args.model, args.max_batch_size, args.max_wait_ms), host="127.0.0.1", port=args.port,
+    uvicorn.run(build_app(args.model, args.max_batch_size, args.max_wait_ms, args.dtype), host="127.0.0.1", port=args.port,
                 log_level="warning")
 
 

@@ -1,6 +1,6 @@
 """model/gemm.py: the oneDNN CPU linears (plain, with an activation epilogue, with a residual-add epilogue) equal
-the aten ops they replace, are really the ones that run, the backend is a per-model choice (engine option
-``cpu_gemm``), and unknown names are rejected."""
+the aten ops they replace, are really the ones that run, prepacked weights give the plain weights' results, the
+backend is a per-model choice (engine option ``cpu_gemm``), and unknown names are rejected."""
 
 import pytest
 import torch
@@ -39,6 +39,52 @@ def test_onednn_linears_equal_aten(dtype, rows):
     # and against float64 math, so the aten path is not the only witness
     want64 = F.gelu(F.linear(x.double(), w.double(), b.double()))
     torch.testing.assert_close(results["onednn"][3].double(), want64, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_weights_give_the_plain_weights_results(dtype):
+    """From 8 rows up (the batches that matter) bit for bit, with every epilogue; 1 row within rounding."""
+    if not gemm._onednn_available():
+        pytest.skip("this torch build has no oneDNN")
+    torch.manual_seed(0)
+    w, b = torch.randn(160, 96).to(dtype), torch.randn(160).to(dtype)
+    packed = gemm.pack(w, "onednn")
+    assert packed.is_mkldnn and gemm.pack(packed, "onednn") is packed and gemm.pack(w, "aten") is w
+    assert torch.equal(gemm.unpack(packed), w)
+    for rows in (1, 8, 33, 300):
+        x, res = torch.randn(rows, 96).to(dtype), torch.randn(rows, 160).to(dtype)
+        pairs = [(gemm.linear(x, packed, b), gemm.linear(x, w, b, "onednn")),
+                 (gemm.linear_add(x, packed, b, res), gemm.linear_add(x, w, b, res, "onednn"))]
+        pairs += [(gemm.linear_act(x, packed, b, act), gemm.linear_act(x, w, b, act, "onednn"))
+                  for act in gemm.ACTIVATIONS]
+        for got, want in pairs:
+            if rows >= 8:
+                assert torch.equal(got, want), rows
+            else:
+                torch.testing.assert_close(got.float(), want.float(), atol=1e-4, rtol=1e-2)
+
+
+def test_loaded_float_weights_are_packed_on_onednn_only(tmp_path):
+    """Every float Linear and a tied LM head hold packed weights on "onednn", plain ones on "aten"; switching back
+    and forth keeps the weights, and loading again into a packed model works."""
+    if not gemm._onednn_available():
+        pytest.skip("this torch build has no oneDNN")
+    from helpers import save_tiny_model
+    from tokenmill.model.layers import Linear
+    from tokenmill.model.loader import iter_safetensors, load_model
+
+    save_tiny_model("llama3_tied", tmp_path / "m")
+    net = load_model(str(tmp_path / "m"), "float32").model
+    linears = [m for m in net.modules() if isinstance(m, Linear)]
+    assert linears and all(m.weight.is_mkldnn for m in linears) and net.tied_head.is_mkldnn
+    before = [m.dense_weight().clone() for m in linears]
+    gemm.set_gemm_backend(net, "aten")
+    assert not any(m.weight.is_mkldnn for m in linears) and net.tied_head is None
+    assert all(torch.equal(m.weight, w) for m, w in zip(linears, before))
+    gemm.set_gemm_backend(net, "onednn")
+    net.load_weights(iter_safetensors(tmp_path / "m"))
+    assert all(m.weight.is_mkldnn and torch.equal(m.dense_weight(), w) for m, w in zip(linears, before))
+    assert torch.equal(gemm.unpack(net.tied_head), net.embed_tokens.weight)
 
 
 def test_backend_decides_which_kernel_runs():

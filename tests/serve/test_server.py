@@ -243,6 +243,25 @@ def test_health_models_metrics_and_embeddings(server, minilm):
     assert emb.usage.prompt_tokens > 4
 
 
+def test_the_load_generator_counts_what_the_server_sends(server):
+    """benchmarks/serve_load.py (raw server-sent events over aiohttp) against this server: every request completes,
+    the output tokens are the usage's, and the latency figures are consistent."""
+    import asyncio
+
+    from benchmarks.serve_load import run_load
+
+    model = server.client().models.list().data[0].id
+    prompts = [{"prompt": "Once upon a time", "max_tokens": 6}, {"prompt": [1, 2, 3, 4], "max_tokens": 4},
+               {"prompt": "The sea is", "max_tokens": 5}]
+    res = asyncio.run(run_load(f"http://127.0.0.1:{server.port}/v1", model, prompts, concurrency=2, api_key=KEY,
+                               extra={"ignore_eos": True}))
+    assert res["completed"] == 3 and res["failed"] == 0
+    assert res["output_tok_s"] * res["wall_s"] == pytest.approx(15)
+    assert 0 < res["ttft_ms"]["p50"] <= res["e2e_ms"]["p50"] and res["tpot_ms"]["p50"] > 0
+    bad = asyncio.run(run_load(f"http://127.0.0.1:{server.port}/v1", model, prompts[:1], api_key="wrong"))
+    assert bad["failed"] == 1 and bad["failures"][0].startswith("HTTP 401")
+
+
 def test_sigterm_lets_in_flight_requests_finish_then_exits_0(cli_env):
     s = Server(cli_env, "--max-num-seqs", 2, "--shutdown-timeout", 60)
     try:

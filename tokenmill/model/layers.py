@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.model.gemm import ACTIVATIONS, linear, linear_act, linear_add
+from tokenmill.model.gemm import ACTIVATIONS, linear, linear_act, linear_add, pack, unpack
 from tokenmill.model.model_config import RopeConfig
 from tokenmill.model.quant import Int4Groups, make_quantized_weight
 
@@ -101,7 +101,8 @@ class Linear(nn.Module):
 
     With ``quantization`` other than "none" the weight lives in ``self.quantized`` (a QuantizedWeight,
     model/quant.py) and ``self.weight`` is None; the bias stays float. Either way checkpoint tensors arrive through
-    ``load_rows`` (a fused layer gets one call per shard) and ``finalize`` runs once, when every row is in.
+    ``load_rows`` (a fused layer gets one call per shard) and ``finalize`` runs once, when every row is in (a float
+    weight is then prepacked for oneDNN: model/gemm.py).
     Activations are in the default dtype at construction (the model's dtype).
     """
 
@@ -125,7 +126,7 @@ class Linear(nn.Module):
             raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected "
                              f"[<= {self.out_features - offset}, {self.in_features}]")
         if self.quantized is None:
-            self.weight.data[offset:offset + rows].copy_(
+            self._plain_weight()[offset:offset + rows].copy_(  # repacked in finalize
                 tensor.dequantize() if isinstance(tensor, Int4Groups) else tensor)
         else:
             self.quantized.load_rows(offset, tensor)
@@ -133,11 +134,32 @@ class Linear(nn.Module):
     def finalize(self) -> None:
         if self.quantized is not None:
             self.quantized.finalize(self.dtype)
+        else:
+            self.use_gemm_backend(self.gemm_backend)  # packs the weight on the oneDNN path
+
+    def use_gemm_backend(self, name: str) -> None:
+        """The float path's CPU GEMMs (model/gemm.py): on "onednn" the weight is prepacked, on "aten" it is plain."""
+        self.gemm_backend = name
+        if self.quantized is None:
+            held = self.weight.data
+            w = pack(held, name) if name == "onednn" else unpack(held)
+            if w is not held:
+                self.weight = nn.Parameter(w, requires_grad=False)
+
+    def _plain_weight(self) -> torch.Tensor:
+        """The float weight's storage for writing rows into (unpacked first if it was packed)."""
+        if self.weight.is_mkldnn:
+            self.weight = nn.Parameter(unpack(self.weight.data), requires_grad=False)
+        return self.weight.data
+
+    def dense_weight(self) -> torch.Tensor:
+        """The float weight as a plain [out, in] tensor (packed or not)."""
+        return unpack(self.weight.detach())
 
     def init_dummy(self, generator: torch.Generator) -> None:
         """Random weights (``load_format="dummy"``): uniform in +-1e-3, or random codes of that size."""
         if self.quantized is None:
-            self.weight.data.uniform_(-1e-3, 1e-3, generator=generator)
+            self._plain_weight().uniform_(-1e-3, 1e-3, generator=generator)
         else:
             self.quantized.init_dummy(generator, self.dtype)
         if self.bias is not None:

@@ -75,7 +75,7 @@ def input_absmax(net, token_ids: list[int]) -> dict[str, torch.Tensor]:
 def weight_column_absmax(layer: Linear) -> torch.Tensor:
     """max |W[:, j]| of a float or int8 weight-only layer: [in_features] float32."""
     if layer.quantized is None:
-        return layer.weight.detach().abs().amax(0).float()
+        return layer.dense_weight().abs().amax(0).float()
     return layer.quantized.column_absmax()
 
 
