@@ -92,8 +92,10 @@ async def run_load(base_url: str, model: str, prompts: list[dict], concurrency: 
 
     url = base_url.rstrip("/") + "/completions"
     headers = {"Authorization": f"Bearer {api_key}"}
+    # a fresh connection per request, as vllm bench serve opens one: a server that closes kept-alive connections
+    # (llama-server after a few requests) would otherwise fail the requests sent on them
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600),
-                                    connector=aiohttp.TCPConnector(limit=0))
+                                    connector=aiohttp.TCPConnector(limit=0, force_close=True))
     limit = asyncio.Semaphore(concurrency or len(prompts))
     rng = random.Random(seed)
     extra = extra or {}

@@ -1,0 +1,69 @@
+"""The CPU GEMM paths side by side on a model's linear shapes: aten ``F.linear``, oneDNN with the plain weight
+(reordered inside every call) and oneDNN with the weight prepacked once (``model/gemm.py``'s ``pack``), float32 and
+bfloat16, at the row counts a batch engine runs (1 row: a lone decode; 32-256: decode batches; 2048: a prefill chunk).
+
+    python -m benchmarks.gemm_bench [--rows 1,8,32,128,512,2048] [--json OUT]
+
+Prints GFLOP/s per (dtype, shape, rows, path) and checks that the packed result equals the plain one bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.model import gemm
+
+# SmolLM2-135M's linears: (name, out, in)
+SHAPES = [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536), ("lm_head", 49152, 576)]
+
+
+def rate(fn, flops: float, min_s: float = 0.3) -> float:
+    for _ in range(3):
+        fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_s:
+        fn()
+        n += 1
+    return flops * n / (time.perf_counter() - t0) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="1,8,32,128,512,2048")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows_list = [int(r) for r in args.rows.split(",")]
+    torch.manual_seed(0)
+    results = []
+    print(f"threads {torch.get_num_threads()}; GFLOP/s: aten | oneDNN plain | oneDNN packed (packed / plain)")
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, n, k in SHAPES:
+            w = torch.randn(n, k).to(dtype)
+            packed = gemm.pack(w, "onednn")
+            for m in rows_list:
+                x = torch.randn(m, k).to(dtype)
+                flops = 2.0 * m * n * k
+                r = {"dtype": str(dtype).removeprefix("torch."), "shape": name, "out": n, "in": k, "rows": m,
+                     "aten": rate(lambda: F.linear(x, w), flops),
+                     "onednn_plain": rate(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
+                                          flops),
+                     "onednn_packed": rate(lambda: gemm.linear(x, packed), flops),
+                     "bit_equal": torch.equal(gemm.linear(x, packed),
+                                              torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))}
+                results.append(r)
+                print(f"{r['dtype']:>8} {name:>7} {n:>5}x{k:<4} rows {m:>4}: {r['aten']:6.0f} | "
+                      f"{r['onednn_plain']:6.0f} | {r['onednn_packed']:6.0f} "
+                      f"({r['onednn_packed'] / r['onednn_plain']:.2f}x){'' if r['bit_equal'] else '  (last bits differ)'}",
+                      flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
