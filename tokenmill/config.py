@@ -16,7 +16,7 @@ PREEMPTION_MODES = ("none", "recompute")
 SCHEDULING_STRATEGIES = ("continuous", "prefill_first")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-ATTENTION_BACKENDS = ("torch", "torch_gather", "reference")
+ATTENTION_BACKENDS = ("auto", "cpu_kernel", "torch", "reference")
 QUANTIZATIONS = ("none", "w8a8", "int8", "int4")  # model/quant.py
 LOAD_FORMATS = ("auto", "dummy")
 CPU_GEMMS = ("onednn", "aten")  # model/gemm.py
@@ -51,7 +51,7 @@ class EngineConfig:
     sort_by_length: bool = False
     enable_prefix_caching: bool = True  # share the KV blocks of common prompt prefixes (core/kv_cache_manager.py)
     # Execution
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"
     cpu_gemm: str = "onednn"  # the float linears' CPU GEMMs: onednn, or aten (MKL on this CPU; model/gemm.py)
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default (physical cores)
     seed: int = 0  # seeds the shared generator of requests that have no seed of their own

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tokenmill.kernels import cpu_kernel
-from tokenmill.attention.backend import AttentionMetadata, ReferenceAttention, TorchPagedAttention
+from tokenmill.attention.backend import AttentionMetadata, CpuKernelAttention, ReferenceAttention, TorchPagedAttention
 
 
 def test_kernel_builds_here():
@@ -72,7 +72,7 @@ def test_kernel_matches_reference_on_mixed_batch(heads, kv_heads, head_dim, bloc
                              torch.stack(tables), torch.tensor(seq_lens))
     scale = head_dim**-0.5
     ref = ReferenceAttention().forward(q, k, v, k_cache.clone(), v_cache.clone(), meta, scale).float()
-    out = TorchPagedAttention(cpu_kernel.load()).forward(q, k, v, k_cache, v_cache, meta, scale).float()
+    out = CpuKernelAttention(cpu_kernel.load()).forward(q, k, v, k_cache, v_cache, meta, scale).float()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 

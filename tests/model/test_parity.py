@@ -34,7 +34,7 @@ def test_tiny_alone(tiny):
         assert_greedy_equal(out.token_ids, ref, ref_logits, f"{arch} prompt {i} alone")
 
 
-@pytest.mark.parametrize("backend", ["torch", "torch_gather", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "cpu_kernel", "torch", "reference"])
 def test_tiny_in_busy_batch_with_chunks_and_preemption(tiny, backend):
     arch, path, prompts, refs = tiny
     llm = LLM(

@@ -7,10 +7,14 @@ Batch layout: requests are laid out one after another in the flat batch; ``query
 are request i's new tokens, which are the last tokens of its ``seq_lens[i]`` cached ones. The first ``num_decodes``
 requests have exactly one new token.
 
-``ReferenceAttention`` loops over requests and is the oracle; ``TorchPagedAttention`` batches the decodes into one
-masked attention over a gathered view of the cache, or, on CPU when the C++ kernel builds (``cpu_kernel.py``), runs
-every token of the step (decodes and prefill chunks) through the kernel, which reads K/V through the block tables
-without a gather. Tests hold them equal.
+Backends (engine option ``attention_backend``):
+- ``reference``: ``ReferenceAttention`` loops over requests; the oracle.
+- ``torch``: ``TorchPagedAttention`` batches the decodes into one masked attention over a gathered view of the cache
+  and runs prefill chunks per request, in torch ops (any device).
+- ``cpu_kernel``: ``CpuKernelAttention`` runs every token of the step (decodes and prefill chunks) through the C++
+  kernel (``kernels/cpu_kernel.py``), which reads K/V through the block tables without a gather. CPU only.
+- ``auto`` (the default): ``cpu_kernel`` on CPU when the kernel builds there, else ``torch``.
+Tests hold them equal.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from tokenmill.config import ConfigError
 
 
 @dataclass
@@ -106,19 +112,11 @@ class ReferenceAttention:
 
 
 class TorchPagedAttention(ReferenceAttention):
-    """On CPU with the C++ kernel: every token (decodes and prefill chunks) in one kernel call over the paged cache.
-    Otherwise decodes batched into one masked attention over a gathered view of the cache, and prefill chunks one
-    request at a time (reference path)."""
-
-    def __init__(self, cpu_kernel=None) -> None:
-        self.cpu_kernel = cpu_kernel  # the compiled module from cpu_kernel.load(), or None
+    """Decodes batched into one masked attention over a gathered view of the cache; prefill chunks one request at a
+    time (the reference path)."""
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if self.cpu_kernel is not None and q.device.type == "cpu":
-            return self.cpu_kernel.paged_attention(
-                q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc_t(),
-                scale)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
@@ -148,15 +146,37 @@ class TorchPagedAttention(ReferenceAttention):
         return out.squeeze(2)  # [nd, heads, head_dim]
 
 
+class CpuKernelAttention:
+    """Every token of the step (decodes and prefill chunks) in one call of the C++ kernel over the paged cache."""
+
+    def __init__(self, kernels) -> None:
+        self.kernels = kernels  # the compiled module from cpu_kernel.load()
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.kernels.paged_attention(q.contiguous(), k_cache, v_cache, meta.block_tables,
+                                            meta.seq_lens_tensor, meta.query_start_loc_t(), scale)
+
+
 def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """``torch``: the CPU kernel for decodes on CPU when it builds, else batched torch ops; ``torch_gather``:
-    always the batched torch ops; ``reference``: one request at a time."""
+    """The backend ``name`` (module docstring) for ``device``. Raises ValueError for an unknown name, and ConfigError
+    for ``cpu_kernel`` off CPU or where the kernel cannot be built (with the build's error)."""
     if name == "reference":
         return ReferenceAttention()
-    if name == "torch_gather" or device.type != "cpu":
-        return TorchPagedAttention()
     if name == "torch":
-        from tokenmill.kernels import cpu_kernel
+        return TorchPagedAttention()
+    if name not in ("auto", "cpu_kernel"):
+        raise ValueError(f"unknown attention backend {name!r}; known: auto, cpu_kernel, torch, reference")
+    if device.type != "cpu":
+        if name == "cpu_kernel":
+            raise ConfigError(f"attention_backend cpu_kernel runs on CPU only, not on {device.type}")
+        return TorchPagedAttention()
+    from tokenmill.kernels import cpu_kernel
 
-        return TorchPagedAttention(cpu_kernel.load())
-    raise ValueError(f"unknown attention backend {name!r}; known: torch, torch_gather, reference")
+    kernels = cpu_kernel.load()
+    if kernels is not None:
+        return CpuKernelAttention(kernels)
+    if name == "cpu_kernel":
+        raise ConfigError(f"attention_backend cpu_kernel: the C++ kernel cannot be built here "
+                         f"({cpu_kernel.build_error()})")
+    return TorchPagedAttention()

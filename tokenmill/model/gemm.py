@@ -109,7 +109,8 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
                backend: str = "onednn") -> torch.Tensor:
     """residual + x W^T + b; one GEMM with an add epilogue on CPU (in bf16 the sum is rounded once, not twice).
-    ``residual`` [..., out] must be contiguous with x's leading shape."""
-    if _use_onednn(x, weight, backend) and residual.dtype == x.dtype and residual.is_contiguous():
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    ``residual`` [..., out] has x's leading shape (a packed weight takes it made contiguous, in x's dtype)."""
+    if weight.is_mkldnn or (_use_onednn(x, weight, backend) and residual.dtype == x.dtype
+                            and residual.is_contiguous()):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual.to(x.dtype).contiguous(), weight, bias, "add")
     return residual + F.linear(x, weight, bias)
