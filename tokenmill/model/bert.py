@@ -18,7 +18,7 @@ from torch import nn
 from tokenmill.attention.packed import packed_attention
 from tokenmill.model.layers import Embedding, Linear
 from tokenmill.model.model_config import UnsupportedModelError
-from tokenmill.model.weights import check_all_loaded, linear_weights, place
+from tokenmill.model.weights import WeightPlacer
 
 BERT_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}  # HF -> gemm
@@ -132,9 +132,7 @@ class BertModel(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies HF-named tensors in; raises if any parameter is left unloaded or a name is unknown."""
-        params = dict(self.named_parameters())
-        linears = linear_weights(self)
-        loaded: set[str] = set()
+        placer = WeightPlacer(self)
         h = self.config.hidden_size
         for hf_name, tensor in weights:
             name = hf_name
@@ -146,19 +144,11 @@ class BertModel(nn.Module):
             for piece, shard in self._QKV.items():
                 if piece in name:
                     target = name.replace("encoder.layer.", "layers.").replace(piece, ".qkv.")
-                    place(params, linears, target, tensor, hf_name, shard * h, h)
-                    loaded.add(f"{target}#{shard}")
-                    if all(f"{target}#{s}" in loaded for s in range(3)):
-                        loaded.add(target)
-                        if target in linears:
-                            linears[target].finalize()
+                    placer.put(target, tensor, hf_name, shard, len(self._QKV), shard * h, h)
                     break
             else:
                 for old, new in self._RENAMES:
                     name = name.replace(old, new)
-                place(params, linears, name, tensor, hf_name)
-                if name in linears:
-                    linears[name].finalize()
-                loaded.add(name)
-        check_all_loaded(self, loaded)
+                placer.put(name, tensor, hf_name)
+        placer.check()
 

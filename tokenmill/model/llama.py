@@ -19,7 +19,7 @@ from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
 from tokenmill.model.gemm import linear, pack
 from tokenmill.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding
 from tokenmill.model.model_config import ModelConfig
-from tokenmill.model.weights import check_all_loaded, linear_weights, place
+from tokenmill.model.weights import WeightPlacer
 
 
 class Attention(nn.Module):
@@ -154,14 +154,11 @@ class LlamaForCausalLM(nn.Module):
         """Copies HF-named tensors in (float tensors, or Int4Groups from a GGUF file); each linear layer is finalized
         (quantized weights packed) as soon as all its rows are in. Raises if any weight is left unloaded or a name is
         unknown."""
-        params = dict(self.named_parameters())
-        linears = linear_weights(self)
-        loaded: set[str] = set()
+        placer = WeightPlacer(self)
         shard_sizes = {
             ".qkv_proj.": [self.layers[0].self_attn.q_size] + [self.layers[0].self_attn.kv_size] * 2,
             ".gate_up_proj.": [self.config.intermediate_size] * 2,
         }
-        stacked_seen: dict[str, set[int]] = {}
         for hf_name, tensor in weights:
             name = hf_name.removeprefix("model.")
             if "rotary_emb.inv_freq" in name:
@@ -170,24 +167,16 @@ class LlamaForCausalLM(nn.Module):
                 continue  # tied: some checkpoints store the copy anyway
             for piece, (fused, shard) in self._STACKED.items():
                 if piece in name:
-                    target = name.replace(piece, fused)
                     sizes = shard_sizes[fused]
-                    place(params, linears, target, tensor, hf_name, sum(sizes[:shard]), sizes[shard])
-                    stacked_seen.setdefault(target, set()).add(shard)
-                    if len(stacked_seen[target]) == len(sizes):
-                        loaded.add(target)
-                        if target in linears:
-                            linears[target].finalize()
+                    placer.put(name.replace(piece, fused), tensor, hf_name, shard, len(sizes), sum(sizes[:shard]),
+                               sizes[shard])
                     break
             else:
-                place(params, linears, name, tensor, hf_name)
-                if name in linears:
-                    linears[name].finalize()
-                loaded.add(name)
-        if self.lm_head is not None and self.config.tie_word_embeddings and "embed_tokens.weight" in loaded:
+                placer.put(name, tensor, hf_name)
+        if self.lm_head is not None and self.config.tie_word_embeddings and "embed_tokens.weight" in placer.loaded:
             self.lm_head.load_rows(0, self.embed_tokens.weight.detach(), "embed_tokens.weight")  # the quantized copy
             self.lm_head.finalize()
-            loaded.add("lm_head.weight")
-        if "embed_tokens.weight" in loaded:
+            placer.loaded.add("lm_head.weight")
+        if "embed_tokens.weight" in placer.loaded:
             self._pack_tied_head()
-        check_all_loaded(self, loaded)
+        placer.check()

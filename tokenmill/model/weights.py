@@ -26,7 +26,7 @@ def place(params: dict[str, nn.Parameter], linears: dict[str, Linear], name: str
           hf_name: str, offset: int = 0, rows: int | None = None) -> None:
     """Puts checkpoint tensor ``hf_name`` at rows ``offset:offset + rows`` of our weight or bias ``name`` (the whole
     of it when ``rows`` is None), checking its shape. A linear layer whose last rows these are is finalized by the
-    caller (``Linear.finalize``)."""
+    caller (``WeightPlacer`` does it)."""
     layer = linears.get(name)
     if layer is None:
         dst = lookup_param(params, name, hf_name).data
@@ -36,6 +36,31 @@ def place(params: dict[str, nn.Parameter], linears: dict[str, Linear], name: str
     if tuple(tensor.shape) != (rows, layer.in_features):
         raise ValueError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}, expected {(rows, layer.in_features)}")
     layer.load_rows(offset, tensor, hf_name)
+
+
+class WeightPlacer:
+    """One ``load_weights`` call: puts checkpoint tensors in place (``place``), finalizes each linear layer as soon as
+    all its shards are in (a fused layer gets ``num_shards`` of them), and records what was loaded for ``check``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.params = dict(model.named_parameters())
+        self.linears = linear_weights(model)
+        self.loaded: set[str] = set()
+        self._shards: dict[str, set[int]] = {}
+
+    def put(self, name: str, tensor: torch.Tensor | Int4Groups, hf_name: str, shard: int = 0, num_shards: int = 1,
+            offset: int = 0, rows: int | None = None) -> None:
+        place(self.params, self.linears, name, tensor, hf_name, offset, rows)
+        seen = self._shards.setdefault(name, set())
+        seen.add(shard)
+        if len(seen) == num_shards:
+            self.loaded.add(name)
+            if name in self.linears:
+                self.linears[name].finalize()
+
+    def check(self) -> None:
+        check_all_loaded(self.model, self.loaded)
 
 
 def linear_weights(model: nn.Module) -> dict[str, Linear]:
