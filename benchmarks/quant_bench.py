@@ -52,7 +52,8 @@ def run_one(spec: dict) -> dict:
     torch.ones(1)  # torch's own start-up memory belongs to the baseline
     base_kib = _status_kib("VmRSS")
     t0 = time.perf_counter()
-    options = dict(dtype=spec["dtype"], quantization=spec["quantization"], kv_cache_memory=spec.get("kv_gib", 4.0))
+    options = dict(dtype=spec["dtype"], quantization=spec["quantization"], kv_cache_memory=spec.get("kv_gib", 4.0),
+                   kv_cache_dtype=spec.get("kv_cache_dtype", "auto"))
     if spec.get("shape"):
         options.update(load_format="dummy", max_model_len=spec["max_model_len"])
     llm = LLM(spec.get("model"), **options)
@@ -90,11 +91,15 @@ def child(spec: dict, timeout: int = 3600) -> dict:
     return json.loads(lines[-1])
 
 
-def section_w(model: str | None, settings: list[tuple[str, str]] = W_SETTINGS, peers: bool = True) -> list[dict]:
+def section_w(model: str | None, settings: list[tuple[str, ...]] = W_SETTINGS, peers: bool = True) -> list[dict]:
+    """``settings``: (dtype, quantization) or (dtype, quantization, kv_cache_dtype)."""
     rows = []
-    for dtype, q in settings:
-        r = child({"model": model, "dtype": dtype, "quantization": q, "workload": "W"})
-        print(f"W {dtype} {q}: {r.get('output_tok_s', r.get('error'))}", flush=True)
+    for dtype, q, *kv in settings:
+        spec = {"model": model, "dtype": dtype, "quantization": q, "workload": "W"}
+        if kv:
+            spec["kv_cache_dtype"] = kv[0]
+        r = child(spec)
+        print(f"W {dtype} {q} {' '.join(kv)}: {r.get('output_tok_s', r.get('error'))}", flush=True)
         rows.append(r)
     if not peers:
         return rows
@@ -271,8 +276,8 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help="GGUF or HF directory (default: the embedded SmolLM2)")
     ap.add_argument("--sections", default="w,eval,shapes,smoothquant,embed")
-    ap.add_argument("--w-settings", default=None, metavar="DTYPE:QUANT,...",
-                    help="only these W settings, and no llama.cpp (e.g. bfloat16:none,bfloat16:w8a8)")
+    ap.add_argument("--w-settings", default=None, metavar="DTYPE:QUANT[:KV_CACHE_DTYPE],...",
+                    help="only these W settings, and no llama.cpp (e.g. bfloat16:none,bfloat16:w8a8,bfloat16:none:fp8)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if args.one:

@@ -173,6 +173,10 @@ quantization_option = click.option(
     "--quantization", type=click.Choice(["none", "w8a8", "int8", "int4"]), default=None,
     help="CPU: w8a8 = int8 GEMMs (fastest), int8 / int4 = weights only (least memory; a GGUF's Q4 blocks load as "
          "they are). Default none. See `tokenmill eval` for what each costs in quality.")
+kv_cache_dtype_option = click.option(
+    "--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default=None,
+    help="auto (default): the model's dtype; fp8: float8 e4m3, half of bfloat16's KV bytes (twice the tokens in "
+         "--kv-cache-memory). See `tokenmill eval --kv-cache-dtype fp8` for what it costs in quality.")
 progress_option = click.option("--progress-interval", type=float, default=None, metavar="SECONDS",
                                help="When stderr is not a terminal: seconds between plain progress lines (30).")
 
@@ -215,6 +219,7 @@ def cli() -> None:
 @quantization_option
 @click.option("--max-model-len", type=int, default=None, help="Longest sequence (default: the model's).")
 @click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU (default 4).")
+@kv_cache_dtype_option
 @click.option("--gpu-memory-utilization", type=float, default=None, help="Fraction of GPU memory on CUDA (0.95).")
 @click.option("--partition", type=int, default=0, show_default=True, help="This machine's partition index.")
 @click.option("--total-partitions", type=int, default=1, show_default=True, help="Number of partitions.")
@@ -232,7 +237,7 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k, seed, stop, max_num_seqs,
         max_num_batched_tokens, preemption_mode, scheduling_strategy, sort_by_length, prefix_caching, dataset_order,
-        dedupe, dtype, quantization, max_model_len, kv_cache_memory, gpu_memory_utilization, partition,
+        dedupe, dtype, quantization, max_model_len, kv_cache_memory, kv_cache_dtype, gpu_memory_utilization, partition,
         total_partitions, gpu_hourly_rate, num_gpus,
         context_overflow, json_schema, choices, regex, grammar, input_format, columns, progress_interval, ray_address,
         num_workers, shard_size, max_shard_retries, overwrite, quiet):
@@ -250,7 +255,7 @@ def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k
         dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, preemption_mode=preemption_mode,
              scheduling_strategy=scheduling_strategy, sort_by_length=sort_by_length,
              enable_prefix_caching=prefix_caching, dtype=dtype, quantization=quantization,
-             max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
+             max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
              gpu_memory_utilization=gpu_memory_utilization),
         dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
              structured=_structured_flags(json_schema, choices, regex, grammar)),
@@ -290,6 +295,7 @@ def status(output, as_json):
 @click.option("--max-tokens", type=int, default=None, help="Default max output tokens per request (256).")
 @click.option("--max-model-len", type=int, default=None)
 @click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU.")
+@kv_cache_dtype_option
 @click.option("--gpu-memory-utilization", type=float, default=None)
 @input_format_option
 @columns_option
@@ -304,8 +310,8 @@ def status(output, as_json):
               help="Fleet plan: measure one worker's tok/s (and the share of max_tokens generated) on a sample of "
                    "the dataset here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, gpu_memory_utilization, input_format,
-         columns, deadline, gpu_hourly_rate, spot_discount, tok_per_s, calibrate, as_json):
+def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, kv_cache_dtype, gpu_memory_utilization,
+         input_format, columns, deadline, gpu_hourly_rate, spot_discount, tok_per_s, calibrate, as_json):
     """Memory plan from the dataset's length statistics: KV blocks, concurrency, recommended settings. With
     --deadline: the fleet plan (workers, shard size, cost on demand and on spot) for a `run --ray` job."""
     import tempfile
@@ -331,7 +337,7 @@ def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, 
         if (tok_per_s is None) == (not calibrate):
             raise UserError("--deadline needs one of --tok-per-s N or --calibrate")
     model, engine, sampling = _engine_and_sampling(
-        config, model, dict(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
+        config, model, dict(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
                             gpu_memory_utilization=gpu_memory_utilization), dict(max_tokens=max_tokens))
     ctx = _job_context(model, engine, sampling)
     with tempfile.TemporaryDirectory(prefix="tokenmill-") as tmp:
@@ -370,6 +376,7 @@ def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, 
 @model_option
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
 @quantization_option
+@kv_cache_dtype_option
 @click.option("--text", "text_path", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Text file for perplexity (default: a ~1,000-word text shipped with tokenmill).")
 @click.option("--context", type=int, default=512, show_default=True, help="Tokens per perplexity window.")
@@ -379,7 +386,7 @@ def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, 
                    "built in).")
 @click.option("--max-tokens", type=int, default=32, show_default=True, help="Greedy output tokens per prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_cmd(model, dtype, quantization, text_path, context, limit_tokens, prompts, max_tokens, as_json):
+def eval_cmd(model, dtype, quantization, kv_cache_dtype, text_path, context, limit_tokens, prompts, max_tokens, as_json):
     """What a setting costs in quality: perplexity on a text and, for a setting other than float32 unquantized, the
     float32 perplexity and greedy agreement with float32 (run it before a large job in another dtype or
     quantization)."""
@@ -388,7 +395,8 @@ def eval_cmd(model, dtype, quantization, text_path, context, limit_tokens, promp
     if context < 2 or max_tokens < 1 or (limit_tokens is not None and limit_tokens < 2):
         raise UserError("--context and --limit-tokens must be at least 2, --max-tokens at least 1")
     try:
-        options = {k: v for k, v in (("dtype", dtype), ("quantization", quantization)) if v}
+        options = {k: v for k, v in (("dtype", dtype), ("quantization", quantization),
+                                     ("kv_cache_dtype", kv_cache_dtype)) if v}
         result = run_eval(model, options, text_path, context, limit_tokens, prompts, max_tokens)
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(str(e)) from None
@@ -560,11 +568,12 @@ def search(index_dir, query, k, as_json):
 @quantization_option
 @click.option("--max-model-len", type=int, default=None, help="Longest sequence (default: the model's).")
 @click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU (default 4).")
+@kv_cache_dtype_option
 @click.option("--embedding-model", default=None,
               help="Also serve POST /v1/embeddings with this encoder directory (or `default`: all-MiniLM-L6-v2).")
 def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, max_num_batched_tokens, max_wait_ms,
           max_queued_requests, shutdown_timeout, preemption_mode, prefix_caching, dtype, quantization, max_model_len,
-          kv_cache_memory, embedding_model):
+          kv_cache_memory, kv_cache_dtype, embedding_model):
     """An OpenAI-compatible HTTP server on the same engine: /v1/chat/completions, /v1/completions (streaming or
     not), /v1/embeddings, /v1/models, /health, /metrics."""
     from tokenmill.serve.app import ServeSettings
@@ -578,7 +587,7 @@ def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, m
         config, model, dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             preemption_mode=preemption_mode, enable_prefix_caching=prefix_caching, dtype=dtype,
                             quantization=quantization, max_model_len=max_model_len,
-                            kv_cache_memory=kv_cache_memory), {})
+                            kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype), {})
     from tokenmill.config import EngineConfig
     from tokenmill.model.loader import resolve_model_path
 

@@ -18,6 +18,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "cpu_kernel", "torch", "reference")
 QUANTIZATIONS = ("none", "w8a8", "int8", "int4")  # model/quant.py
+KV_CACHE_DTYPES = ("auto", "fp8")  # auto = the model's dtype; fp8 = float8 e4m3 (worker/memory.py)
 LOAD_FORMATS = ("auto", "dummy")
 CPU_GEMMS = ("onednn", "aten")  # model/gemm.py
 
@@ -39,6 +40,7 @@ class EngineConfig:
     # KV cache
     block_size: int = 16
     kv_cache_memory: float = 4.0  # GiB of KV cache on CPU
+    kv_cache_dtype: str = "auto"  # auto = the model's dtype; fp8 = float8 e4m3, half of bf16's bytes per token
     gpu_memory_utilization: float = 0.95  # fraction of GPU memory tokenmill may use on CUDA
     num_kv_blocks: int | None = None  # exact pool size; overrides the memory budget (tests, tuning)
     # Scheduler
@@ -102,6 +104,8 @@ class EngineConfig:
             problems.append(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.device not in DEVICES:
             problems.append(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            problems.append(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             problems.append(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if not isinstance(self.kv_cache_memory, (int, float)) or self.kv_cache_memory <= 0:

@@ -6,7 +6,8 @@ eval").
   before it in that window. ``perplexity = exp(mean negative log-likelihood)`` over the scored tokens. (Windows do
   not overlap: the first tokens of each have little context, as in most perplexity harnesses with stride =
   context; compare settings with the same ``context``.)
-- For a setting other than float32 unquantized (another dtype, or ``quantization``): the same against float32, and
+- For a setting other than float32 unquantized (another dtype, ``quantization``, or ``kv_cache_dtype``): the same
+  against float32 (with a float32 KV cache), and
   greedy agreement with a float32 reference on a prompt set: the share of prompts whose greedy outputs are
   identical, and the mean share of output tokens before the first divergence.
 
@@ -122,12 +123,15 @@ def run_eval(model: str | None, engine_options: dict, text_path: Path | None, co
 
     dtype, weight_bytes, ppl, outs = measure(engine_options)
     quantization = engine_options.get("quantization") or "none"
-    setting = dtype if quantization == "none" else f"{dtype} {quantization}"
+    kv_cache_dtype = engine_options.get("kv_cache_dtype") or "auto"
+    setting = " ".join([dtype] + [quantization] * (quantization != "none") +
+                       [f"kv-cache {kv_cache_dtype}"] * (kv_cache_dtype != "auto"))
     result = {"text": str(path), "context": context, "dtype": dtype, "quantization": quantization,
-              "setting": setting, "weight_bytes": weight_bytes, "tokens_scored": ppl.tokens_scored,
+              "kv_cache_dtype": kv_cache_dtype, "setting": setting, "weight_bytes": weight_bytes, "tokens_scored": ppl.tokens_scored,
               "windows": ppl.windows, "mean_nll": ppl.mean_nll, "perplexity": ppl.perplexity}
     if setting != "float32":
-        _, _, ref, ref_outs = measure({**engine_options, "dtype": "float32", "quantization": "none"})
+        _, _, ref, ref_outs = measure({**engine_options, "dtype": "float32", "quantization": "none",
+                                       "kv_cache_dtype": "auto"})
         agree = greedy_agreement(outs, ref_outs)
         result["reference"] = {"dtype": "float32", "perplexity": ref.perplexity, "mean_nll": ref.mean_nll}
         result["perplexity_change"] = ppl.perplexity / ref.perplexity - 1

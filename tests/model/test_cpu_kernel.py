@@ -42,16 +42,22 @@ def test_kernel_matches_torch_decode(heads, kv_heads, head_dim, block_size, dtyp
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
+FP8 = torch.float8_e4m3fn
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", SHAPES[:3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_reference_on_mixed_batch(heads, kv_heads, head_dim, block_size, dtype):
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, FP8),
+                                               (torch.bfloat16, FP8)])
+def test_kernel_matches_reference_on_mixed_batch(heads, kv_heads, head_dim, block_size, dtype, cache_dtype):
     """Decodes first, then prefill chunks after cached context, then whole prompts, as the model runner lays them out;
-    the backend writes the new K/V and attends, and must equal the reference backend on the same inputs."""
+    the backend writes the new K/V and attends, and must equal the reference backend on the same inputs. With a
+    float8 cache both read the same stored values back exactly, so the tolerance is the queries' dtype's."""
+    cache_dtype = cache_dtype or dtype
     torch.manual_seed(7 + head_dim)
     # (context already cached, new tokens this step)
     reqs = [(5, 1), (40, 1), (block_size - 1, 1), (0, 1), (17, 9), (block_size, block_size), (3, 50), (0, 33), (0, 1)]
     num_blocks = 200
-    k_cache, v_cache = _caches(num_blocks, block_size, kv_heads, head_dim, dtype)
+    k_cache, v_cache = _caches(num_blocks, block_size, kv_heads, head_dim, cache_dtype)
     perm = torch.randperm(num_blocks - 1) + 1  # block 0 is the padding block
     qsl, seq_lens, tables, slots, used = [0], [], [], [], 0
     max_blocks = max(-(-(c + n) // block_size) for c, n in reqs)
@@ -75,6 +81,31 @@ def test_kernel_matches_reference_on_mixed_batch(heads, kv_heads, head_dim, bloc
     out = CpuKernelAttention(cpu_kernel.load()).forward(q, k, v, k_cache, v_cache, meta, scale).float()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_reads_every_float8_code_exactly(dtype):
+    """A sequence of one token attends only to itself, so the output is its V row: a row holding all 254 finite e4m3
+    codes must come back equal to torch's conversion of them (exact in float32; rounded once in bfloat16)."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[codes & 0x7F == 0x7F] = 0  # the two NaN codes; the cache never holds them (torch saturates)
+    v_cache = torch.zeros(2, 4, 1, 256, dtype=torch.uint8)
+    v_cache[1, 0, 0] = codes
+    v_cache = v_cache.view(FP8)
+    k_cache = torch.zeros_like(v_cache)
+    q = torch.randn(1, 2, 256).to(dtype)
+    out = cpu_kernel.load().paged_attention(q, k_cache, v_cache, torch.tensor([[1]]), torch.tensor([1]),
+                                           torch.tensor([0, 1]), 0.0625)
+    expected = codes.view(FP8).float().to(dtype)
+    assert torch.equal(out[0, 0], expected) and torch.equal(out[0, 1], expected)
+
+
+def test_kernel_rejects_a_cache_of_another_dtype():
+    mod = cpu_kernel.load()
+    k_cache, v_cache = _caches(4, 4, 1, 16, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="q's dtype or float8"):
+        mod.paged_attention(torch.randn(1, 2, 16), k_cache, v_cache, torch.tensor([[1]]), torch.tensor([1]),
+                            torch.tensor([0, 1]), 0.25)
 
 
 def test_kernel_rejects_inconsistent_metadata():

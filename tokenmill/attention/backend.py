@@ -1,6 +1,7 @@
 """Attention over the paged KV cache: the metadata a step carries, the backend protocol and the torch backends.
 
-KV cache layout, per layer: ``k_cache``/``v_cache`` of shape [num_blocks, block_size, num_kv_heads, head_dim].
+KV cache layout, per layer: ``k_cache``/``v_cache`` of shape [num_blocks, block_size, num_kv_heads, head_dim], in the
+model's dtype or float8 e4m3 (``kv_cache_dtype="fp8"``; every backend reads it back exactly and attends in q's dtype).
 Token ``t`` of the flat batch is written to slot ``slot_mapping[t]`` (block * block_size + offset).
 
 Batch layout: requests are laid out one after another in the flat batch; ``query_start_loc[i]:query_start_loc[i+1]``
@@ -64,9 +65,15 @@ class AttentionBackend(Protocol):
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor):
+    """Writes the step's K and V into their slots, cast to the cache's dtype (a float8 cache is written through a
+    byte view: torch has no index_copy_ for float8)."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        if cache.dtype == new.dtype:
+            cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, new)
+        else:
+            cache.view(torch.uint8).view(-1, num_kv_heads, head_dim).index_copy_(
+                0, slots, new.to(cache.dtype).view(torch.uint8))
 
 
 def _gather_seq(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -74,6 +81,11 @@ def _gather_seq(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) ->
     block_size = cache.shape[1]
     num_blocks = -(-seq_len // block_size)
     return cache[block_table[:num_blocks]].flatten(0, 1)[:seq_len]
+
+
+def _read_as(cache_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Gathered cache rows in the queries' dtype (a float8 cache is read back exactly)."""
+    return cache_rows if cache_rows.dtype == dtype else cache_rows.to(dtype)
 
 
 def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -106,8 +118,8 @@ class ReferenceAttention:
     def _prefill_one(i, q, k_cache, v_cache, meta, scale, out) -> None:
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         seq_len = meta.seq_lens[i]
-        keys = _gather_seq(k_cache, meta.block_tables[i], seq_len)
-        values = _gather_seq(v_cache, meta.block_tables[i], seq_len)
+        keys = _read_as(_gather_seq(k_cache, meta.block_tables[i], seq_len), q.dtype)
+        values = _read_as(_gather_seq(v_cache, meta.block_tables[i], seq_len), q.dtype)
         out[start:end] = _attend_one(q[start:end], keys, values, scale)
 
 
@@ -132,8 +144,8 @@ class TorchPagedAttention(ReferenceAttention):
         max_len = max(meta.seq_lens[:nd])
         num_blocks = -(-max_len // block_size)
         tables = meta.block_tables[:nd, :num_blocks]  # [nd, num_blocks]
-        keys = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [nd, kv_heads, max_len, head_dim]
-        values = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+        keys = _read_as(k_cache[tables].flatten(1, 2)[:, :max_len], q.dtype).transpose(1, 2)  # [nd, kv_heads, len, D]
+        values = _read_as(v_cache[tables].flatten(1, 2)[:, :max_len], q.dtype).transpose(1, 2)
         valid = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens_tensor[:nd, None]  # [nd, max_len]
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # [nd, heads, 1, head_dim]

@@ -52,7 +52,7 @@ from tokenmill.model.loader import (eos_token_ids, load_tokenizer, read_model_co
                                     tokenizer_dir)
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.backend import GrammarBackend
-from tokenmill.worker.memory import kv_budget_bytes, kv_bytes_per_block
+from tokenmill.worker.memory import kv_budget_bytes, kv_bytes_per_block, kv_cache_dtype
 
 __all__ = ["JobOptions", "JobContext", "JobSetupError", "run_job"]
 
@@ -103,7 +103,8 @@ class JobContext:
         return p.stem if p.suffix == ".gguf" else p.name
 
     def plan(self, prompt_lens, max_tokens) -> MemoryPlan:
-        per_block = kv_bytes_per_block(self.model_config, self.config.block_size, self.dtype)
+        per_block = kv_bytes_per_block(self.model_config, self.config.block_size,
+                                       kv_cache_dtype(self.config, self.dtype))
         if self.config.num_kv_blocks:
             num_blocks = self.config.num_kv_blocks
         else:

@@ -5,8 +5,9 @@ no cache (embeddings), RMSNorm for bf16/fp16, and the two passes around w8a8's i
 The torch path gathers every decoding sequence's K and V into padded dense tensors (a copy of the whole context per
 layer per step) and prefills one request at a time; this kernel reads the cache in place through the block table,
 one query token per task, threads split by the number of keys read. Each block's token rows (all KV heads,
-contiguous) are read once per pass and shared by the query heads of each KV group (GQA), with the next block
-prefetched. It computes in float32 whatever the cache dtype, 16 lanes at a time (GCC/Clang vector extensions:
+contiguous) are read once per pass and shared by the query heads of each KV group (GQA), with the next blocks
+prefetched (two blocks ahead, K and V together). It computes in float32 whatever the cache dtype (the model's, or
+float8 e4m3 for ``kv_cache_dtype="fp8"``, converted exactly), 16 lanes at a time (GCC/Clang vector extensions:
 AVX-512 here, narrower registers elsewhere), with a vectorisable exp in the softmax. (Measurements: BENCHMARKS.md.)
 
 ``varlen_attention`` is the embedding path's attention: many sequences packed end to end, each attending to itself

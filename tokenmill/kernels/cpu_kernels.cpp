@@ -29,6 +29,31 @@ static inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
   uint32_t* d = reinterpret_cast<uint32_t*>(dst);
   for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
 }
+// float8 e4m3 (the fp8 KV cache) -> float, exact: the byte's exponent and mantissa bits, moved to bits 20-26 of a
+// float, read as the value times 2^-120 (the exponent biases are 127 and 7) for normal and subnormal codes alike, so
+// one multiply by 2^120 scales both; the sign moves to bit 31. (Leaving the 2^-120 in and taking it out of the
+// scores instead measured 1.8x slower: the rows are then float subnormals.) Code 0x7f (NaN) reads as 480: the cache
+// never holds it (torch's cast saturates).
+static inline float fp8_to_float(uint8_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b & 0x7f) << 20;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return (b & 0x80) ? -(f * 0x1p120f) : f * 0x1p120f;
+}
+static inline void to_float(const c10::Float8_e4m3fn* src, float* dst, int64_t n) {
+  const uint8_t* s = reinterpret_cast<const uint8_t*>(src);
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+    const __m512i mag = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x7f)), 20);
+    const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+    const __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(mag), _mm512_set1_ps(0x1p120f));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = fp8_to_float(s[i]);
+}
 template <typename T>  // half (F16C), double
 static inline void to_float(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
@@ -165,18 +190,18 @@ static inline void axpy_rows(float* acc, const float* p, const float* rows, int6
 // and shared by the G = H / Hkv query heads of each KV group. Two passes: scores then softmax, then P.V.
 // With a bfloat16 cache on a CPU with AVX512-BF16 (and D % 32 == 0), pass 1 multiplies the raw bfloat16 q (``qb``)
 // and K rows (dot_bf16) and applies ``scale`` to the scores, instead of converting K to float first.
-template <typename scalar_t, int NV>
-static void attend(const float* qf, const scalar_t* qb, float scale, const scalar_t* kp, const scalar_t* vp,
+template <typename scalar_t, typename cache_t, int NV>
+static void attend(const float* qf, const scalar_t* qb, float scale, const cache_t* kp, const cache_t* vp,
                    const int64_t* table, int64_t L, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
                    std::vector<float>& scores, std::vector<float>& acc, std::vector<float>& tile,
                    std::vector<float>& inv, scalar_t* out) {
-  constexpr bool is_float = std::is_same_v<scalar_t, float>;
+  constexpr bool is_float = std::is_same_v<cache_t, float>;
   const int64_t G = H / Hkv;
   const int64_t row = Hkv * D;  // one token's K (or V) for all KV heads; rows of a block are contiguous
   const int64_t nblocks = (L + bs - 1) / bs;
   if (static_cast<int64_t>(scores.size()) < H * L) scores.resize(H * L);
   // The n float rows of block j of `cache` (converted into `tile` unless the cache is float); block j + 1 prefetched.
-  auto block_rows = [&](const scalar_t* cache, int64_t j, int64_t n) -> const float* {
+  auto block_rows = [&](const cache_t* cache, int64_t j, int64_t n) -> const float* {
     if (j + 1 < nblocks) prefetch_block(cache + table[j + 1] * bs * row, std::min(bs, L - (j + 1) * bs) * row);
     if constexpr (is_float) {
       return cache + table[j] * bs * row;
@@ -231,7 +256,7 @@ static void attend(const float* qf, const scalar_t* qb, float scale, const scala
 // Every token of the flat batch attends causally: token j (0-based) of request r's q_len new tokens sees the first
 // seq_lens[r] - q_len + j + 1 cached tokens. Decodes (q_len 1) and prefill chunks alike; one task per token, and the
 // tokens are split between threads by their cost (the number of keys they read), not by their count.
-template <typename scalar_t, int NV>
+template <typename scalar_t, typename cache_t, int NV>
 static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                        const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
                        const torch::Tensor& query_start_loc, double scale, torch::Tensor& out) {
@@ -240,14 +265,15 @@ static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
   const int64_t R = seq_lens.size(0);
   const int64_t max_blocks = block_tables.size(1);
   const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k_cache.data_ptr<scalar_t>();
-  const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+  const cache_t* kp = static_cast<const cache_t*>(k_cache.data_ptr());
+  const cache_t* vp = static_cast<const cache_t*>(v_cache.data_ptr());
   const int64_t* tp = block_tables.data_ptr<int64_t>();
   const int64_t* lp = seq_lens.data_ptr<int64_t>();
   const int64_t* qs = query_start_loc.data_ptr<int64_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const float fscale = static_cast<float>(scale);
-  const bool raw_bf16 = std::is_same_v<scalar_t, c10::BFloat16> && bf16_dot_ok && D % 32 == 0;
+  const bool raw_bf16 = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<cache_t, c10::BFloat16> &&
+                        bf16_dot_ok && D % 32 == 0;
 
   std::vector<int64_t> req(T), len(T), cost(T + 1, 0);  // per token: its request, its visible length
   for (int64_t r = 0; r < R; ++r) {
@@ -274,21 +300,21 @@ static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
         }
         to_float(qp + i * H * D, qf.data(), H * D);
         for (int64_t e = 0; e < H * D; ++e) qf[e] *= fscale;
-        attend<scalar_t, NV>(qf.data(), raw_bf16 ? qp + i * H * D : nullptr, fscale, kp, vp, tp + req[i] * max_blocks,
+        attend<scalar_t, cache_t, NV>(qf.data(), raw_bf16 ? qp + i * H * D : nullptr, fscale, kp, vp, tp + req[i] * max_blocks,
                              len[i], H, Hkv, D, bs, scores, acc, tile, inv, op + i * H * D);
       }
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename cache_t>
 static void paged_dispatch(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                            const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
                            const torch::Tensor& query_start_loc, double scale, torch::Tensor& out) {
   switch (q.size(2)) {  // head_dim: unrolled for the common sizes
-    case 32: return paged_impl<scalar_t, 2>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
-    case 64: return paged_impl<scalar_t, 4>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
-    case 128: return paged_impl<scalar_t, 8>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
-    default: return paged_impl<scalar_t, 0>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
+    case 32: return paged_impl<scalar_t, cache_t, 2>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
+    case 64: return paged_impl<scalar_t, cache_t, 4>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
+    case 128: return paged_impl<scalar_t, cache_t, 8>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
+    default: return paged_impl<scalar_t, cache_t, 0>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
   }
 }
 
@@ -471,8 +497,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 }
 
 // q [T, H, D] (the flat batch's new tokens); k_cache/v_cache [num_blocks, block_size, Hkv, D] holding every token of
-// each request including the new ones; block_tables [R, max_blocks] int64; seq_lens [R] int64; query_start_loc
-// [R + 1] int64. Returns [T, H, D].
+// each request including the new ones, in q's dtype or (float32 / bfloat16 q) float8 e4m3; block_tables [R,
+// max_blocks] int64; seq_lens [R] int64; query_start_loc [R + 1] int64. Returns [T, H, D] in q's dtype.
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start_loc,
                               double scale) {
@@ -482,10 +508,22 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(query_start_loc.size(0) == seq_lens.size(0) + 1, "query_start_loc must have num_reqs + 1 entries");
   TORCH_CHECK(query_start_loc[-1].item<int64_t>() == q.size(0), "query_start_loc must end at num_tokens");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must share a dtype");
   auto out = torch::empty_like(q);
+  if (k_cache.scalar_type() == at::ScalarType::Float8_e4m3fn) {
+    TORCH_CHECK(q.scalar_type() == torch::kFloat32 || q.scalar_type() == torch::kBFloat16,
+                "a float8 cache takes float32 or bfloat16 queries");
+    if (q.scalar_type() == torch::kFloat32)
+      paged_dispatch<float, c10::Float8_e4m3fn>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
+    else
+      paged_dispatch<c10::BFloat16, c10::Float8_e4m3fn>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                                         scale, out);
+    return out;
+  }
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "the cache must be in q's dtype or float8_e4m3fn");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, q.scalar_type(), "paged_attention",
                                   [&] {
-    paged_dispatch<scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
+    paged_dispatch<scalar_t, scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
   });
   return out;
 }

@@ -10,8 +10,18 @@ from tokenmill.model.model_config import ModelConfig
 GIB = 2**30
 
 
+def kv_cache_dtype(config: EngineConfig, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type: the model's dtype, or float8 e4m3 for ``kv_cache_dtype="fp8"``.
+
+    fp8 stores K and V as torch casts them (round to nearest, saturating at +-448, no scale: K and V of the models
+    here stay far inside that range) and attention reads them back exactly, in float32. Half of bfloat16's bytes and a
+    quarter of float32's, so the same ``kv_cache_memory`` holds 2x / 4x the tokens; what it costs in quality is
+    measured by ``tokenmill eval --kv-cache-dtype fp8`` (BENCHMARKS.md)."""
+    return torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else model_dtype
+
+
 def kv_bytes_per_block(mc: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """K and V for ``block_size`` tokens across all layers."""
+    """K and V for ``block_size`` tokens across all layers, stored in ``dtype`` (the KV cache's)."""
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * mc.num_hidden_layers * block_size * mc.num_key_value_heads * mc.head_dim * elem
 
@@ -31,7 +41,7 @@ def kv_budget_bytes(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, d
 
 def plan_num_blocks(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
     """Number of KV blocks; raises ConfigError when they cannot hold one request of ``max_model_len`` tokens."""
-    per_block = kv_bytes_per_block(mc, config.block_size, dtype)
+    per_block = kv_bytes_per_block(mc, config.block_size, kv_cache_dtype(config, dtype))
     needed = -(-config.max_model_len // config.block_size)
     if config.num_kv_blocks is not None:
         num_blocks = config.num_kv_blocks

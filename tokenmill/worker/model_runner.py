@@ -17,6 +17,7 @@ from tokenmill.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.sampler import Sampler
 from tokenmill.structured.backend import GrammarBackend, StructuredState
+from tokenmill.worker.memory import kv_cache_dtype
 
 
 class ModelRunner:
@@ -30,7 +31,7 @@ class ModelRunner:
         self.sampler = Sampler(config.seed, device)
         self.structured = StructuredState(grammars) if grammars is not None else None
         mc = model.config
-        dtype = next(model.parameters()).dtype
+        dtype = kv_cache_dtype(config, next(model.parameters()).dtype)
         shape = (num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
         # Allocated uninitialised (zeroing gigabytes costs seconds at start-up); each block is zeroed the first time
         # a step uses it, because attention reads whole blocks and masked slots must hold finite values.
