@@ -386,7 +386,8 @@ def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, 
                    "built in).")
 @click.option("--max-tokens", type=int, default=32, show_default=True, help="Greedy output tokens per prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_cmd(model, dtype, quantization, kv_cache_dtype, text_path, context, limit_tokens, prompts, max_tokens, as_json):
+def eval_cmd(model, dtype, quantization, kv_cache_dtype, text_path, context, limit_tokens, prompts, max_tokens,
+             as_json):
     """What a setting costs in quality: perplexity on a text and, for a setting other than float32 unquantized, the
     float32 perplexity and greedy agreement with float32 (run it before a large job in another dtype or
     quantization)."""

@@ -127,8 +127,8 @@ def run_eval(model: str | None, engine_options: dict, text_path: Path | None, co
     setting = " ".join([dtype] + [quantization] * (quantization != "none") +
                        [f"kv-cache {kv_cache_dtype}"] * (kv_cache_dtype != "auto"))
     result = {"text": str(path), "context": context, "dtype": dtype, "quantization": quantization,
-              "kv_cache_dtype": kv_cache_dtype, "setting": setting, "weight_bytes": weight_bytes, "tokens_scored": ppl.tokens_scored,
-              "windows": ppl.windows, "mean_nll": ppl.mean_nll, "perplexity": ppl.perplexity}
+              "kv_cache_dtype": kv_cache_dtype, "setting": setting, "weight_bytes": weight_bytes,
+              "tokens_scored": ppl.tokens_scored, "windows": ppl.windows, "mean_nll": ppl.mean_nll, "perplexity": ppl.perplexity}
     if setting != "float32":
         _, _, ref, ref_outs = measure({**engine_options, "dtype": "float32", "quantization": "none",
                                        "kv_cache_dtype": "auto"})

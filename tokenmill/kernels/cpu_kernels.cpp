@@ -300,8 +300,9 @@ static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
         }
         to_float(qp + i * H * D, qf.data(), H * D);
         for (int64_t e = 0; e < H * D; ++e) qf[e] *= fscale;
-        attend<scalar_t, cache_t, NV>(qf.data(), raw_bf16 ? qp + i * H * D : nullptr, fscale, kp, vp, tp + req[i] * max_blocks,
-                             len[i], H, Hkv, D, bs, scores, acc, tile, inv, op + i * H * D);
+        attend<scalar_t, cache_t, NV>(qf.data(), raw_bf16 ? qp + i * H * D : nullptr, fscale, kp, vp,
+                                      tp + req[i] * max_blocks, len[i], H, Hkv, D, bs, scores, acc, tile, inv,
+                                      op + i * H * D);
       }
   });
 }
@@ -310,11 +311,15 @@ template <typename scalar_t, typename cache_t>
 static void paged_dispatch(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                            const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
                            const torch::Tensor& query_start_loc, double scale, torch::Tensor& out) {
+  auto run = [&](auto nv) {
+    paged_impl<scalar_t, cache_t, decltype(nv)::value>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                                       scale, out);
+  };
   switch (q.size(2)) {  // head_dim: unrolled for the common sizes
-    case 32: return paged_impl<scalar_t, cache_t, 2>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
-    case 64: return paged_impl<scalar_t, cache_t, 4>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
-    case 128: return paged_impl<scalar_t, cache_t, 8>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
-    default: return paged_impl<scalar_t, cache_t, 0>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
+    case 32: return run(std::integral_constant<int, 2>{});
+    case 64: return run(std::integral_constant<int, 4>{});
+    case 128: return run(std::integral_constant<int, 8>{});
+    default: return run(std::integral_constant<int, 0>{});
   }
 }
 
