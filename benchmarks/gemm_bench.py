@@ -3,8 +3,10 @@
 bfloat16, at the row counts a batch engine runs (1 row: a lone decode; 32-256: decode batches; 2048: a prefill chunk).
 
     python -m benchmarks.gemm_bench [--rows 1,8,32,128,512,2048] [--json OUT]
+    python -m benchmarks.gemm_bench --int8 [--rows ...]   # w8a8: torch._int_mm + epilogue against int8_gemm
 
 Prints GFLOP/s per (dtype, shape, rows, path) and checks that the packed result equals the plain one bit for bit.
+With --int8: GOP/s of w8a8's two CPU paths (the activations' quantization included in both), bfloat16 output.
 """
 
 from __future__ import annotations
@@ -32,13 +34,54 @@ def rate(fn, flops: float, min_s: float = 0.3) -> float:
     return flops * n / (time.perf_counter() - t0) / 1e9
 
 
+def int8_paths(rows_list: list[int]) -> list[dict]:
+    """w8a8's layer on each shape: quantize + torch._int_mm + int8_epilogue against quantize + the fused int8_gemm."""
+    from tokenmill.kernels import cpu_kernel
+    from tokenmill.model.quant import quantize_per_token, scaled_int8_epilogue
+
+    kernels = cpu_kernel.load()
+    results = []
+    print(f"threads {torch.get_num_threads()}; GOP/s: _int_mm + epilogue | int8_gemm (ratio)")
+    for name, n, k in SHAPES:
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        w_kn, ws = w.t().contiguous(), torch.rand(n) / 100
+        packed, comp = kernels.int8_pack_weight(w)
+        for m in rows_list:
+            x = torch.randn(m, k).bfloat16()
+            out = torch.empty(m, n, dtype=torch.bfloat16)
+
+            def int_mm():
+                q, xs = quantize_per_token(x)
+                return scaled_int8_epilogue(torch._int_mm(q, w_kn), xs, ws, None, None, torch.bfloat16)
+
+            def fused():
+                u, xs = kernels.quantize_rows_uint8(x)
+                kernels.int8_gemm(u, packed, comp, xs, ws, None, None, out)
+
+            ops = 2.0 * m * n * k
+            r = {"shape": name, "out": n, "in": k, "rows": m,
+                 "int_mm": rate(int_mm, ops), "int8_gemm": rate(fused, ops)}
+            results.append(r)
+            print(f"{name:>7} {n:>5}x{k:<4} rows {m:>4}: {r['int_mm']:6.0f} | {r['int8_gemm']:6.0f} "
+                  f"({r['int8_gemm'] / r['int_mm']:.2f}x)", flush=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,8,32,128,512,2048")
+    ap.add_argument("--int8", action="store_true", help="w8a8's int8 paths instead of the float ones")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows_list = [int(r) for r in args.rows.split(",")]
     torch.manual_seed(0)
+    if args.int8:
+        results = int8_paths(rows_list)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "int8": results}, f,
+                          indent=1)
+        return
     results = []
     print(f"threads {torch.get_num_threads()}; GFLOP/s: aten | oneDNN plain | oneDNN packed (packed / plain)")
     for dtype in (torch.float32, torch.bfloat16):

@@ -55,21 +55,57 @@ def test_int8_epilogue_kernel_equals_torch(dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 16), (7, 100, 40), (13, 576, 960), (50, 1536, 576), (3, 64, 130)])
+def test_int8_gemm_kernel_equals_int_mm_and_the_epilogue(dtype, m, k, n):
+    """The fused VNNI GEMM (uint8 codes + 128 against the packed weight, 128 * the channel sums taken off) gives
+    torch._int_mm's int32 sums exactly, scaled, biased and added to the residual as int8_epilogue does: equal up to
+    the one rounding (float32 / bfloat16) of that epilogue. Shapes cover row tiles of 1-6 and partial 64-channel
+    panels."""
+    mod = cpu_kernel.load()
+    if not mod.int8_gemm_available():
+        pytest.skip("no AVX512-VNNI here")
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    ws = torch.rand(n, generator=g) / 100
+    bias, res = torch.randn(n, generator=g).to(dtype), torch.randn(m, n, generator=g).to(dtype)
+    q, xs = mod.quantize_rows_int8(x)
+    u, xs_u = mod.quantize_rows_uint8(x)
+    assert torch.equal(xs_u, xs) and torch.equal((u.int() - 128).to(torch.int8), q)
+    packed, comp = mod.int8_pack_weight(w)
+    acc = q.int() @ w.int().T  # exact in int32 here
+    eps = torch.finfo(dtype).eps
+    for b, r in [(None, None), (bias, res), (None, res)]:
+        out = torch.empty(m, n, dtype=dtype)
+        mod.int8_gemm(u, packed, comp, xs, ws, b, r, out)
+        ref = scaled_int8_epilogue(acc, xs, ws, b, r, dtype)
+        torch.testing.assert_close(out.double(), ref.double(), rtol=eps, atol=1e-5)
+
+
+@needs_kernels
 def test_w8a8_without_the_kernels_equals_with_them(monkeypatch):
     """Where the C++ kernels do not build, w8a8 runs the torch ops: the same int8 codes, the result within one
     rounding of the activations' dtype (the kernel rounds the fused epilogue once)."""
     from tokenmill.model import quant
 
     w, x, res = _rand(48, 64, seed=9, scale=0.05), _rand(5, 64, seed=10).bfloat16(), _rand(5, 48, seed=11).bfloat16()
-    layer = W8A8Weight(48, 64)
-    layer.load_rows(0, w)
-    layer.finalize(torch.bfloat16)
-    with_kernels, q_k = layer(x, None, res), quantize_per_token(x)
+
+    def layer():
+        lin = W8A8Weight(48, 64)
+        lin.load_rows(0, w)
+        lin.finalize(torch.bfloat16)
+        return lin
+
+    with_kernels = layer()
+    assert with_kernels.packed is not None  # this CPU has AVX512-VNNI: the fused int8 GEMM
+    y_k, q_k = with_kernels(x, None, res), quantize_per_token(x)
     monkeypatch.setattr(quant, "_kernels", lambda t: None)
-    without, q_t = layer(x, None, res), quantize_per_token(x)
+    without = layer()
+    assert without.packed is None and without.qweight.shape == (64, 48)  # torch._int_mm's [K, N]
+    y_t, q_t = without(x, None, res), quantize_per_token(x)
     assert torch.equal(q_k[0], q_t[0]) and torch.equal(q_k[1], q_t[1])
-    torch.testing.assert_close(without.float(), with_kernels.float(), rtol=2 * torch.finfo(torch.bfloat16).eps,
-                               atol=1e-2)
+    torch.testing.assert_close(y_t.float(), y_k.float(), rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-2)
 
 
 # ------------------------------------------------------------------ layers against the float product

@@ -567,11 +567,12 @@ static inline float abs_max(const float* x, int64_t K) {
   return amax;
 }
 
+// offset: store q + 128 as uint8 (the unsigned operand of VNNI's u8 x s8 dot product) instead of q.
 template <typename scalar_t>
-static void quantize_rows_impl(const torch::Tensor& x, torch::Tensor& q, torch::Tensor& scale) {
+static void quantize_rows_impl(const torch::Tensor& x, torch::Tensor& q, torch::Tensor& scale, bool offset) {
   const int64_t K = x.size(1), M = x.size(0);
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  int8_t* qp = q.data_ptr<int8_t>();
+  int8_t* qp = static_cast<int8_t*>(q.data_ptr());
   float* sp = scale.data_ptr<float>();
   at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> xf(K);
@@ -580,18 +581,27 @@ static void quantize_rows_impl(const torch::Tensor& x, torch::Tensor& q, torch::
       const float s = std::max(abs_max(xf.data(), K), 1e-12f) / 127.f;
       sp[r] = s;
       quantize_row(xf.data(), qp + r * K, s, K);
+      if (offset) {  // q + 128 == q with its sign bit flipped
+        uint8_t* u = reinterpret_cast<uint8_t*>(qp + r * K);
+        for (int64_t k = 0; k < K; ++k) u[k] ^= 0x80;
+      }
     }
   });
 }
 
-std::vector<torch::Tensor> quantize_rows_int8(torch::Tensor x) {
+static std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x, bool offset) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] tensor");
-  auto q = torch::empty(x.sizes(), x.options().dtype(torch::kInt8));
+  auto q = torch::empty(x.sizes(), x.options().dtype(offset ? torch::kUInt8 : torch::kInt8));
   auto scale = torch::empty({x.size(0)}, x.options().dtype(torch::kFloat32));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, x.scalar_type(), "quantize_rows",
-                                  [&] { quantize_rows_impl<scalar_t>(x, q, scale); });
+                                  [&] { quantize_rows_impl<scalar_t>(x, q, scale, offset); });
   return {q, scale};
 }
+
+std::vector<torch::Tensor> quantize_rows_int8(torch::Tensor x) { return quantize_rows(x, false); }
+
+// The same codes plus 128, as uint8: the activations' operand of int8_gemm.
+std::vector<torch::Tensor> quantize_rows_uint8(torch::Tensor x) { return quantize_rows(x, true); }
 
 // out[m, n] = float(acc[m, n]) * x_scale[m] * w_scale[n] (+ bias[n]) (+ residual[m, n]), rounded once to out's dtype.
 template <typename scalar_t>
@@ -636,4 +646,182 @@ void int8_epilogue(torch::Tensor acc, torch::Tensor x_scale, torch::Tensor w_sca
                             residual->scalar_type() == out.scalar_type()), "residual must be [M, N] of out's dtype");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, out.scalar_type(), "int8_epilogue",
                                   [&] { int8_epilogue_impl<scalar_t>(acc, x_scale, w_scale, bias, residual, out); });
+}
+
+// ---------------------------------------------------------------------------------------------- int8 GEMM (VNNI)
+// w8a8's GEMM with its epilogue fused: out[m, n] = float(sum_k q_x[m, k] q_w[n, k]) * x_scale[m] * w_scale[n]
+// (+ bias[n]) (+ residual[m, n]), rounded once to out's dtype (the same expression, in the same order, as
+// int8_epilogue after torch._int_mm). AVX512-VNNI's vpdpbusd multiplies unsigned by signed bytes, so the activations
+// come as q + 128 (quantize_rows_uint8) and 128 * sum_k q_w[n, k] (``comp``, computed when packing) is taken off the
+// int32 sums. The weight is packed once into panels of 64 output channels, [N/64][K/4][64][4]: one k-step of 4 bytes
+// for 64 channels is four 64-byte loads. A register tile of MR rows x 64 channels (24 accumulators at MR = 6) walks
+// K; threads take (panel, row block) tasks, panel-major so a thread's next task reuses the panel from cache.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+static constexpr bool int8_gemm_ok = true;
+constexpr int64_t GEMM_NR = 64;  // output channels per panel (4 x 16 int32 lanes)
+constexpr int64_t GEMM_MB = 48;  // rows per task (8 register tiles of 6)
+
+// float -> bfloat16, round to nearest even (NaN stays NaN): from_float<BFloat16>, 16 lanes at a time.
+static inline __m256i bf16_round(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                _mm512_set1_epi32(0x7F800000));
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+template <typename scalar_t>
+static inline __m512 load16_as_float(const scalar_t* p, __mmask16 m) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <typename scalar_t>
+static inline void store16_masked(scalar_t* p, __m512 f, __mmask16 m) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm512_mask_storeu_ps(p, m, f);
+  } else {
+    _mm256_mask_storeu_epi16(p, m, bf16_round(f));
+  }
+}
+
+// rows m0 .. m0 + MR - 1 of the output's columns n0 .. n0 + ncols - 1 (ncols <= 64; the panel is zero-padded).
+template <typename scalar_t, int MR>
+static inline void int8_tile(const uint8_t* a, int64_t K, const int8_t* panel, const int32_t* comp, const float* xs,
+                             const float* ws, const scalar_t* bias, const scalar_t* res, scalar_t* out, int64_t N,
+                             int64_t ncols) {
+  __m512i acc[MR][4];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+  const int64_t K4 = K / 4;
+  for (int64_t k = 0; k < K4; ++k) {
+    const int8_t* b = panel + k * 4 * GEMM_NR;
+    const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);
+    const __m512i b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192);
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+      int32_t a4;
+      std::memcpy(&a4, a + i * K + 4 * k, sizeof(a4));
+      const __m512i va = _mm512_set1_epi32(a4);
+      acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], va, b0);
+      acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], va, b1);
+      acc[i][2] = _mm512_dpbusd_epi32(acc[i][2], va, b2);
+      acc[i][3] = _mm512_dpbusd_epi32(acc[i][3], va, b3);
+    }
+  }
+  _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) {
+    const int64_t left = ncols - 16 * j;
+    if (left <= 0) break;
+    const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+    const __m512i cj = _mm512_loadu_si512(comp + 16 * j);
+    const __m512 wj = _mm512_maskz_loadu_ps(m, ws + 16 * j);
+    const __m512 bj = bias ? load16_as_float(bias + 16 * j, m) : _mm512_setzero_ps();
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+      __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], cj));
+      f = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(f, _mm512_set1_ps(xs[i])), wj), bj);
+      if (res) f = _mm512_add_ps(f, load16_as_float(res + i * N + 16 * j, m));
+      store16_masked(out + i * N + 16 * j, f, m);
+    }
+  }
+}
+
+template <typename scalar_t>
+static void int8_gemm_impl(const torch::Tensor& a, const torch::Tensor& packed, const torch::Tensor& comp,
+                           const torch::Tensor& xs, const torch::Tensor& ws, const std::optional<torch::Tensor>& bias,
+                           const std::optional<torch::Tensor>& residual, torch::Tensor& out) {
+  const int64_t M = a.size(0), K = a.size(1), N = out.size(1), panels = packed.size(0);
+  const uint8_t* ap = a.data_ptr<uint8_t>();
+  const int8_t* pp = packed.data_ptr<int8_t>();
+  const int32_t* cp = comp.data_ptr<int32_t>();
+  const float* xsp = xs.data_ptr<float>();
+  const float* wsp = ws.data_ptr<float>();
+  const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t blocks = (M + GEMM_MB - 1) / GEMM_MB;
+  at::parallel_for(0, panels * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p = t / blocks, mb = t % blocks, n0 = p * GEMM_NR;
+      const int64_t ncols = std::min(GEMM_NR, N - n0);
+      const int8_t* panel = pp + p * K * GEMM_NR;
+      for (int64_t m = mb * GEMM_MB; m < std::min(M, (mb + 1) * GEMM_MB); m += 6) {
+        auto tile = [&](auto mr) {
+          int8_tile<scalar_t, decltype(mr)::value>(ap + m * K, K, panel, cp + n0, xsp + m, wsp + n0,
+                                                    bp ? bp + n0 : nullptr, rp ? rp + m * N + n0 : nullptr,
+                                                    op + m * N + n0, N, ncols);
+        };
+        switch (std::min<int64_t>(6, M - m)) {
+          case 6: tile(std::integral_constant<int, 6>{}); break;
+          case 5: tile(std::integral_constant<int, 5>{}); break;
+          case 4: tile(std::integral_constant<int, 4>{}); break;
+          case 3: tile(std::integral_constant<int, 3>{}); break;
+          case 2: tile(std::integral_constant<int, 2>{}); break;
+          default: tile(std::integral_constant<int, 1>{}); break;
+        }
+      }
+    }
+  });
+}
+#else
+static constexpr bool int8_gemm_ok = false;
+constexpr int64_t GEMM_NR = 64;
+#endif
+
+bool int8_gemm_available() { return int8_gemm_ok; }
+
+// w [N, K] int8 contiguous, K % 4 == 0 -> {packed [ceil(N / 64), K / 4, 64, 4] int8 (channels past N are zero),
+// comp [ceil(N / 64) * 64] int32 = 128 * sum_k w[n, k]}.
+std::vector<torch::Tensor> int8_pack_weight(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == torch::kInt8, "w must be a contiguous [N, K] "
+              "int8 tensor");
+  const int64_t N = w.size(0), K = w.size(1), panels = (N + GEMM_NR - 1) / GEMM_NR;
+  TORCH_CHECK(K % 4 == 0, "K must be a multiple of 4");
+  auto packed = torch::zeros({panels, K / 4, GEMM_NR, 4}, w.options());
+  auto comp = torch::zeros({panels * GEMM_NR}, w.options().dtype(torch::kInt32));
+  const int8_t* wp = w.data_ptr<int8_t>();
+  int8_t* pp = packed.data_ptr<int8_t>();
+  int32_t* cp = comp.data_ptr<int32_t>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      int8_t* dst = pp + (n / GEMM_NR) * K * GEMM_NR + (n % GEMM_NR) * 4;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        dst[(k / 4) * 4 * GEMM_NR + k % 4] = wp[n * K + k];
+        sum += wp[n * K + k];
+      }
+      cp[n] = 128 * sum;
+    }
+  });
+  return {packed, comp};
+}
+
+// a [M, K] uint8 (quantize_rows_uint8), packed / comp from int8_pack_weight, x_scale [M] and w_scale [N] float32,
+// bias [N] and residual [M, N] (optional) of out's dtype, out [M, N] float32 or bfloat16 contiguous, written in place.
+void int8_gemm(torch::Tensor a, torch::Tensor packed, torch::Tensor comp, torch::Tensor x_scale, torch::Tensor w_scale,
+               std::optional<torch::Tensor> bias, std::optional<torch::Tensor> residual, torch::Tensor out) {
+  TORCH_CHECK(int8_gemm_ok, "int8_gemm needs AVX512-VNNI (check int8_gemm_available())");
+  TORCH_CHECK(a.dim() == 2 && a.is_contiguous() && a.scalar_type() == torch::kUInt8, "a must be [M, K] uint8");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 4 == a.size(1) && packed.size(2) == GEMM_NR,
+              "packed does not match a's K (int8_pack_weight)");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == a.size(0) &&
+              (out.size(1) + GEMM_NR - 1) / GEMM_NR == packed.size(0), "out must be [M, N] for this packed weight");
+  TORCH_CHECK(x_scale.scalar_type() == torch::kFloat32 && w_scale.scalar_type() == torch::kFloat32 &&
+              x_scale.numel() == a.size(0) && w_scale.numel() == out.size(1), "scales: float32 [M] and [N]");
+  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == out.size(1) &&
+                        bias->scalar_type() == out.scalar_type()), "bias must be [N] of out's dtype");
+  TORCH_CHECK(!residual || (residual->is_contiguous() && residual->sizes() == out.sizes() &&
+                            residual->scalar_type() == out.scalar_type()), "residual must be [M, N] of out's dtype");
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  if (out.scalar_type() == torch::kFloat32)
+    int8_gemm_impl<float>(a, packed, comp, x_scale, w_scale, bias, residual, out);
+  else if (out.scalar_type() == torch::kBFloat16)
+    int8_gemm_impl<c10::BFloat16>(a, packed, comp, x_scale, w_scale, bias, residual, out);
+  else
+    TORCH_CHECK(false, "out must be float32 or bfloat16");
+#endif
 }

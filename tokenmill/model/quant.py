@@ -1,8 +1,9 @@
 """Quantized weights for the linear layers (CPU): ``w8a8``, and ``int8`` / ``int4`` weight-only.
 
 - ``w8a8``: int8 weights, symmetric per output channel; activations quantized to int8 per token on the fly (symmetric,
-  absmax); ``torch._int_mm`` multiplies them with int32 accumulation (oneDNN, VNNI on this CPU); the epilogue scales
-  by ``x_scale[token] * w_scale[channel]``. The throughput mode: int8 GEMMs run ~1.6x bf16's rate here.
+  absmax), multiplied with int32 accumulation, then scaled by ``x_scale[token] * w_scale[channel]``. On a CPU with
+  AVX512-VNNI the weight is packed once for the C++ kernels' ``int8_gemm`` (VNNI tiles, the scales, bias and residual
+  fused into its stores); elsewhere ``torch._int_mm`` (oneDNN) and a separate epilogue pass. The throughput mode.
 - ``int8``: int8 weights per output channel, activations stay float (``torch._weight_int8pack_mm``). Half of bf16's
   weight bytes.
 - Both weight-only kernels multiply in bfloat16: in a float32 model the layer's input is rounded to bfloat16 and its
@@ -138,15 +139,25 @@ def _to_float(w: torch.Tensor | Int4Groups) -> torch.Tensor:
 
 
 class W8A8Weight(QuantizedWeight):
-    """``qweight`` is [N, K] while loading and [K, N] contiguous once final (``torch._int_mm``'s faster layout)."""
+    """``qweight`` is [N, K] while loading. Once final, where the C++ kernels run ``int8_gemm`` (a CPU with
+    AVX512-VNNI, K a multiple of 4, float32 or bfloat16 activations): ``packed`` / ``comp`` (``int8_pack_weight``)
+    and no ``qweight``; elsewhere ``qweight`` is [K, N] contiguous (``torch._int_mm``'s faster layout)."""
 
     def __init__(self, out_features: int, in_features: int) -> None:
         super().__init__(out_features, in_features)
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))  # [N, K]
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))  # [N]
+        self.register_buffer("packed", None)  # [ceil(N / 64), K / 4, 64, 4] int8 once final, on the kernel path
+        self.register_buffer("comp", None)  # [ceil(N / 64) * 64] int32: 128 * each channel's sum of codes
 
     def finalize(self, dtype: torch.dtype) -> None:
-        self.qweight = self.qweight.t().contiguous()  # [K, N]
+        kernels = _kernels(self.qweight)
+        if (kernels is not None and kernels.int8_gemm_available() and self.in_features % 4 == 0
+                and dtype in (torch.float32, torch.bfloat16)):
+            self.packed, self.comp = kernels.int8_pack_weight(self.qweight.contiguous())
+            self.qweight = None
+        else:
+            self.qweight = self.qweight.t().contiguous()  # [K, N]
 
     def load_rows(self, offset: int, w: torch.Tensor | Int4Groups) -> None:
         q, s = quantize_int8_rows(_to_float(w))
@@ -161,12 +172,23 @@ class W8A8Weight(QuantizedWeight):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """``out_dtype``: the result's dtype (default x's; the LM head asks for float32 logits directly)."""
-        lead = x.shape[:-1]
-        xq, xs = quantize_per_token(x.reshape(-1, self.in_features))  # [M, K] int8, [M]
-        acc = torch._int_mm(xq, self.qweight)  # [M, K] x [K, N] -> [M, N] int32
+        lead, dtype = x.shape[:-1], out_dtype or x.dtype
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
         res = None if residual is None else residual.reshape(-1, self.out_features)
-        y = scaled_int8_epilogue(acc, xs, self.scale, bias, res, out_dtype or x.dtype)
+        if self.packed is not None:
+            kernels = cpu_kernel.load()
+            xu, xs = kernels.quantize_rows_uint8(x2.contiguous())  # [M, K] uint8 (codes + 128), [M]
+            y = torch.empty(x2.shape[0], self.out_features, dtype=dtype)
+            kernels.int8_gemm(xu, self.packed, self.comp, xs, self.scale, _as(bias, dtype), _as(res, dtype), y)
+            return y.reshape(*lead, self.out_features)
+        xq, xs = quantize_per_token(x2)  # [M, K] int8, [M]
+        acc = torch._int_mm(xq, self.qweight)  # [M, K] x [K, N] -> [M, N] int32
+        y = scaled_int8_epilogue(acc, xs, self.scale, bias, res, dtype)
         return y.reshape(*lead, self.out_features)
+
+
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype).contiguous()
 
 
 def _weight_only_dtype(dtype: torch.dtype) -> torch.dtype:
