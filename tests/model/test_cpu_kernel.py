@@ -108,6 +108,29 @@ def test_kernel_rejects_a_cache_of_another_dtype():
                             torch.tensor([0, 1]), 0.25)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, FP8])
+def test_write_kv_kernel_equals_index_copy(dtype):
+    """The C++ row copy puts every new K and V row where index_copy_ puts it, from strided rows (V is a view of the
+    fused qkv output), and refuses a slot outside the cache."""
+    torch.manual_seed(3)
+    qkv = torch.randn(7, 3 * 2 * 16).to(dtype if dtype != FP8 else torch.float32)
+    k = qkv[:, :32].reshape(7, 2, 16).contiguous()
+    v = qkv[:, 32:64].view(7, 2, 16)  # rows 96 elements apart
+    if dtype == FP8:
+        k, v = k.to(FP8), v.to(FP8)
+    slots = torch.tensor([5, 0, 17, 3, 31, 8, 16])
+    caches = [torch.zeros(4, 8, 2, 16, dtype=torch.uint8).view(dtype) if dtype == FP8 else torch.zeros(4, 8, 2, 16,
+              dtype=dtype) for _ in range(4)]
+    cpu_kernel.load().write_kv(k, v, caches[0], caches[1], slots)
+    for new, cache in ((k, caches[2]), (v, caches[3])):
+        cache.view(torch.uint8).view(-1, 2, 16 * cache.element_size()).index_copy_(
+            0, slots, new.contiguous().view(torch.uint8).view(7, 2, -1))
+    assert torch.equal(caches[0].view(torch.uint8), caches[2].view(torch.uint8))
+    assert torch.equal(caches[1].view(torch.uint8), caches[3].view(torch.uint8))
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        cpu_kernel.load().write_kv(k, v, caches[0], caches[1], torch.tensor([0, 1, 2, 3, 4, 5, 32]))
+
+
 def test_kernel_rejects_inconsistent_metadata():
     mod = cpu_kernel.load()
     k_cache, v_cache = _caches(4, 4, 1, 16, torch.float32)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.config import ConfigError
+from tokenmill.kernels import cpu_kernel
 
 
 @dataclass
@@ -66,7 +67,13 @@ class AttentionBackend(Protocol):
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor):
     """Writes the step's K and V into their slots, cast to the cache's dtype (a float8 cache is written through a
-    byte view: torch has no index_copy_ for float8)."""
+    byte view: torch has no index_copy_ for float8). On CPU the C++ kernels copy the rows (``write_kv``)."""
+    if k_cache.dtype != k.dtype:
+        k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
+    kernels = cpu_kernel.load() if k_cache.device.type == "cpu" else None
+    if kernels is not None:
+        kernels.write_kv(k, v, k_cache, v_cache, slots)
+        return
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     for new, cache in ((k, k_cache), (v, v_cache)):
         if cache.dtype == new.dtype:
