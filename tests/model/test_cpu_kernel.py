@@ -131,6 +131,20 @@ def test_write_kv_kernel_equals_index_copy(dtype):
         cpu_kernel.load().write_kv(k, v, caches[0], caches[1], torch.tensor([0, 1, 2, 3, 4, 5, 32]))
 
 
+def test_argmax_rows_equals_torch_argmax():
+    """Greedy sampling's argmax: the first of tied maxima, the first NaN, an all -inf row, a maximum in the tail
+    past the last 16 lanes, and rows shorter than 16."""
+    torch.manual_seed(4)
+    x = torch.randn(9, 1000)
+    x[1, 100] = x[1, 700] = 50.0
+    x[2, 7] = x[2, 9] = float("nan")
+    x[3] = -float("inf")
+    x[4, 999] = 50.0
+    x[5, 3] = float("inf")
+    for t in (x, torch.randn(4, 13), x[:1].clone()):
+        assert torch.equal(cpu_kernel.load().argmax_rows(t), t.argmax(dim=-1))
+
+
 def test_kernel_rejects_inconsistent_metadata():
     mod = cpu_kernel.load()
     k_cache, v_cache = _caches(4, 4, 1, 16, torch.float32)

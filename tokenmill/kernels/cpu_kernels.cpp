@@ -490,6 +490,50 @@ static void rms_norm_impl(const torch::Tensor& x, const torch::Tensor& weight, d
   });
 }
 
+// Greedy sampling's argmax over each row of x [R, V] float32 contiguous -> [R] int64, with torch.argmax's answer:
+// the first maximal value, or the first NaN if a row has one. A vectorised max pass, then a scan for the first index
+// holding it (the row is in cache by then); rows split between threads. torch's argmax took ~1.7 ms on a decode
+// step's 128 x 49k logits, 8x its own amax.
+torch::Tensor argmax_rows(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32 && x.size(1) > 0,
+              "x must be a contiguous, non-empty [R, V] float32 tensor");
+  const int64_t R = x.size(0), V = x.size(1);
+  auto out = torch::empty({R}, x.options().dtype(torch::kInt64));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * V;
+      vec16 m = vec16{} - INFINITY;
+      vec16 nan = vec16{};  // lanes where a NaN was seen: nonzero
+      int64_t j = 0;
+      for (; j + 16 <= V; j += 16) {
+        const vec16 v = load16(row + j);
+        m = v > m ? v : m;
+        nan = v != v ? vec16{} + 1.f : nan;
+      }
+      float best = -INFINITY;
+      bool has_nan = false;
+      for (int i = 0; i < 16; ++i) {
+        best = std::max(best, m[i]);
+        has_nan |= nan[i] != 0.f;
+      }
+      for (; j < V; ++j) {
+        best = std::max(best, row[j]);
+        has_nan |= row[j] != row[j];
+      }
+      int64_t idx = 0;
+      if (has_nan) {
+        while (row[idx] == row[idx]) ++idx;
+      } else {
+        while (row[idx] != best) ++idx;
+      }
+      op[r] = idx;
+    }
+  });
+  return out;
+}
+
 // x [..., dim] contiguous, weight [dim] of x's dtype. Returns a new tensor shaped like x.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "contiguous tensors only");
