@@ -615,16 +615,19 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 // max(|x| over the row, 1e-12) / 127. Bit-equal to the torch ops in model/quant.py (same division, same rounding).
 // One row: the scalar loop is the definition; with AVX-512 the same division and round-half-even (cvtps2dq under
 // the default rounding mode) run 16 lanes at a time.
-static inline void quantize_row(const float* x, int8_t* o, float s, int64_t K) {
+// offset: each code's sign bit flipped, i.e. q + 128 as uint8 (the unsigned operand of VNNI's u8 x s8 products).
+static inline void quantize_row(const float* x, int8_t* o, float s, int64_t K, bool offset) {
   int64_t k = 0;
+  const uint8_t flip = offset ? 0x80 : 0;
 #if defined(__AVX512F__)
   const __m512 sv = _mm512_set1_ps(s);
+  const __m128i flipv = _mm_set1_epi8(static_cast<char>(flip));
   for (; k + 16 <= K; k += 16) {
     __m512i i = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + k), sv));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + k), _mm512_cvtsepi32_epi8(i));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + k), _mm_xor_si128(_mm512_cvtsepi32_epi8(i), flipv));
   }
 #endif
-  for (; k < K; ++k) o[k] = static_cast<int8_t>(std::nearbyint(x[k] / s));
+  for (; k < K; ++k) o[k] = static_cast<int8_t>(static_cast<uint8_t>(std::nearbyint(x[k] / s)) ^ flip);
 }
 
 static inline float abs_max(const float* x, int64_t K) {
@@ -641,7 +644,7 @@ static inline float abs_max(const float* x, int64_t K) {
   return amax;
 }
 
-// offset: store q + 128 as uint8 (the unsigned operand of VNNI's u8 x s8 dot product) instead of q.
+// offset: store q + 128 as uint8 instead of q (quantize_row).
 template <typename scalar_t>
 static void quantize_rows_impl(const torch::Tensor& x, torch::Tensor& q, torch::Tensor& scale, bool offset) {
   const int64_t K = x.size(1), M = x.size(0);
@@ -654,11 +657,7 @@ static void quantize_rows_impl(const torch::Tensor& x, torch::Tensor& q, torch::
       to_float(xp + r * K, xf.data(), K);
       const float s = std::max(abs_max(xf.data(), K), 1e-12f) / 127.f;
       sp[r] = s;
-      quantize_row(xf.data(), qp + r * K, s, K);
-      if (offset) {  // q + 128 == q with its sign bit flipped
-        uint8_t* u = reinterpret_cast<uint8_t*>(qp + r * K);
-        for (int64_t k = 0; k < K; ++k) u[k] ^= 0x80;
-      }
+      quantize_row(xf.data(), qp + r * K, s, K, offset);
     }
   });
 }
