@@ -165,16 +165,18 @@ class Linear(nn.Module):
         if self.bias is not None:
             self.bias.data.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., in] -> [..., out], plus ``residual`` [..., out] when given (in the GEMM's epilogue on the float
+        path and under w8a8)."""
         if self.quantized is None:
-            return linear(x, self.weight, self.bias, self.gemm_backend)
-        return self.quantized(x, self.bias)
-
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + x W^T + b (a GEMM epilogue on the float path)."""
-        if self.quantized is None:
+            if residual is None:
+                return linear(x, self.weight, self.bias, self.gemm_backend)
             return linear_add(x, self.weight, self.bias, residual, self.gemm_backend)
         return self.quantized(x, self.bias, residual)
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + x W^T + b, through the module call (so forward hooks, e.g. SmoothQuant's statistics, see it)."""
+        return self(x, residual)
 
     def forward_act(self, x: torch.Tensor, act: str) -> torch.Tensor:
         """act(x W^T + b), ``act`` one of gemm.ACTIVATIONS (a GEMM epilogue on the float path)."""

@@ -44,6 +44,7 @@ class Attention(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],  # 2 x [num_blocks, block_size, kv_heads, head_dim]
         meta: AttentionMetadata,
         backend: AttentionBackend,
+        residual: torch.Tensor,  # [num_tokens, hidden]: added to the output in the o_proj GEMM's epilogue
     ) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -54,7 +55,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [num_tokens, heads, head_dim]
-        return self.o_proj(out.reshape(n, self.q_size))
+        return self.o_proj.forward_add(out.reshape(n, self.q_size), residual)
 
 
 class MLP(nn.Module):
@@ -64,9 +65,10 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, quantization)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, quantization)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + MLP(x), the add in the down projection's epilogue."""
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj.forward_add(F.silu(gate) * up, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -78,8 +80,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, quantization)
 
     def forward(self, positions, x, kv_cache, meta, backend) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """The residual adds run in the o_proj and down_proj GEMMs' epilogues (one rounding in bfloat16; in float32
+        the same single addition as x + out)."""
+        x = self.self_attn(positions, self.input_layernorm(x), kv_cache, meta, backend, residual=x)
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 class LlamaForCausalLM(nn.Module):
