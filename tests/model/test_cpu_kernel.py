@@ -131,6 +131,25 @@ def test_write_kv_kernel_equals_index_copy(dtype):
         cpu_kernel.load().write_kv(k, v, caches[0], caches[1], torch.tensor([0, 1, 2, 3, 4, 5, 32]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_kernel_is_bit_equal_to_the_torch_ops(dtype):
+    """q and k as views of a fused qkv output (strided rows), llama3-scaled frequencies, far positions: the kernel
+    rounds as torch's mul, mul, add do (no fused multiply-add), so the results are identical."""
+    from tokenmill.model.layers import RotaryEmbedding, _rotate_half
+    from tokenmill.model.model_config import RopeConfig
+
+    torch.manual_seed(5)
+    t, heads, kv_heads, d = 37, 6, 2, 64
+    q, k, _ = (torch.randn(t, (heads + 2 * kv_heads) * d) * 3).to(dtype).split(
+        [heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k = q.view(t, heads, d), k.view(t, kv_heads, d)
+    rotary = RotaryEmbedding(d, 8192, RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0))
+    cos, sin = rotary._cos_sin(torch.randint(0, 8192, (t,), generator=torch.Generator().manual_seed(1)), dtype)
+    out_q, out_k = cpu_kernel.load().rope(q, k, cos[:, 0], sin[:, 0])
+    assert torch.equal(out_q, q * cos + _rotate_half(q) * sin)
+    assert torch.equal(out_k, k * cos + _rotate_half(k) * sin)
+
+
 def test_argmax_rows_equals_torch_argmax():
     """Greedy sampling's argmax: the first of tied maxima, the first NaN, an all -inf row, a maximum in the tail
     past the last 16 lanes, and rows shorter than 16."""

@@ -534,6 +534,58 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   return out;
 }
 
+// Rotary embeddings (HF's "rotate half" layout) on q and k in one pass: x [T, heads, D] (rows may be strided, each
+// head's D contiguous), cos / sin [T, D] in x's dtype -> a new contiguous [T, heads, D]:
+//   out[d] = x[d] * cos[d] + (d < D/2 ? -x[d + D/2] : x[d - D/2]) * sin[d],
+// with each product and the sum rounded to x's dtype as torch's ops round them (q * cos, rotate_half(q) * sin, +),
+// and no fused multiply-add (fp-contract off), so it equals model/layers.py's torch ops bit for bit in every dtype.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+template <typename scalar_t>
+static void rope_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& out) {
+  const int64_t T = x.size(0), Hn = x.size(1), D = x.size(2), half = D / 2;
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* cp = cos.data_ptr<scalar_t>();
+  const scalar_t* sp = sin.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> c(D), s(D), v(D);
+    for (int64_t t = begin; t < end; ++t) {
+      to_float(cp + t * D, c.data(), D);
+      to_float(sp + t * D, s.data(), D);
+      for (int64_t h = 0; h < Hn; ++h) {
+        to_float(xp + t * xs0 + h * xs1, v.data(), D);
+        scalar_t* o = op + (t * Hn + h) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          const float rot = d < half ? -v[d + half] : v[d - half];
+          const float a = static_cast<float>(from_float<scalar_t>(v[d] * c[d]));
+          const float b = static_cast<float>(from_float<scalar_t>(rot * s[d]));
+          o[d] = from_float<scalar_t>(a + b);
+        }
+      }
+    }
+  });
+}
+#pragma GCC pop_options
+
+std::vector<torch::Tensor> rope(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.size(0) == q.size(0) && k.size(2) == q.size(2) &&
+              q.size(2) % 2 == 0, "q [T, H, D] and k [T, Hkv, D] with an even D");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.dim() == 2 && cos.size(0) == q.size(0) &&
+              cos.size(1) == q.size(2) && sin.sizes() == cos.sizes(), "cos and sin: contiguous [T, D]");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && cos.scalar_type() == q.scalar_type() &&
+              sin.scalar_type() == q.scalar_type(), "q, k, cos and sin must share a dtype");
+  for (const auto& t : {q, k}) TORCH_CHECK(t.stride(2) == 1, "each head's D values must be contiguous");
+  auto qo = torch::empty(q.sizes(), q.options());
+  auto ko = torch::empty(k.sizes(), k.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, q.scalar_type(), "rope", [&] {
+    rope_rows<scalar_t>(q, cos, sin, qo);
+    rope_rows<scalar_t>(k, cos, sin, ko);
+  });
+  return {qo, ko};
+}
+
 // x [..., dim] contiguous, weight [dim] of x's dtype. Returns a new tensor shaped like x.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "contiguous tensors only");

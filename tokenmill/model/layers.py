@@ -76,8 +76,14 @@ class RotaryEmbedding(nn.Module):
             self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # positions [num_tokens]; q [num_tokens, heads, head_dim]; k [num_tokens, kv_heads, head_dim]
+        """positions [num_tokens]; q [num_tokens, heads, head_dim]; k [num_tokens, kv_heads, head_dim]. On CPU in
+        float32 / bfloat16 one C++ pass over q and k (bit-equal to the torch ops below, tested)."""
         cos, sin = self._cos_sin(positions, q.dtype)  # [num_tokens, 1, head_dim] each
+        if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.stride(-1) == 1:
+            kernels = _cpu_kernels()
+            if kernels is not None:
+                q, k = kernels.rope(q, k, cos[:, 0], sin[:, 0])
+                return q, k
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
