@@ -84,6 +84,39 @@ def test_int8_gemm_kernel_equals_int_mm_and_the_epilogue(dtype, m, k, n):
 
 
 @needs_kernels
+def test_w8a8_gated_down_projection_fuses_the_activation():
+    """Linear.forward_gated under w8a8 in bfloat16: silu(gate) * up and its quantization in one C++ pass give the
+    codes quantize_rows_uint8 gives for the torch ops' product (exp's last bit aside), so the layer's output equals
+    the unfused one's (checked element for element, with a tolerance of one code step for a flipped rounding)."""
+    import torch.nn.functional as F
+
+    from tokenmill.model.layers import Linear
+
+    torch.manual_seed(12)
+    with torch.device("cpu"):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            down = Linear(64, 48, quantization="w8a8")
+        finally:
+            torch.set_default_dtype(torch.float32)
+    w = _rand(48, 64, seed=13, scale=0.05)
+    down.load_rows(0, w, "down")
+    down.finalize()
+    gate_up = (torch.randn(9, 128) * 3).bfloat16()
+    residual = torch.randn(9, 48).bfloat16()
+    fused = down.forward_gated(gate_up, residual)
+    gate, up = gate_up.split(64, dim=-1)
+    unfused = down(F.silu(gate) * up, residual)
+    h = (F.silu(gate) * up).float()
+    qw, ws = quantize_int8_rows(w)
+    step = (h.abs().amax(1) / 127)[:, None] * (qw.float().abs().sum(1) * ws)[None, :]  # every input code off by one
+    assert ((fused.float() - unfused.float()).abs() <= step + 2 * torch.finfo(torch.bfloat16).eps * (
+        unfused.float().abs() + 1)).all()
+    assert torch.equal(cpu_kernel.load().silu_mul_quantize_uint8(gate_up)[1],
+                       cpu_kernel.load().quantize_rows_uint8((F.silu(gate) * up).contiguous())[1])
+
+
+@needs_kernels
 def test_w8a8_without_the_kernels_equals_with_them(monkeypatch):
     """Where the C++ kernels do not build, w8a8 runs the torch ops: the same int8 codes, the result within one
     rounding of the activations' dtype (the kernel rounds the fused epilogue once)."""

@@ -723,6 +723,39 @@ static std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x, bool off
   return {q, scale};
 }
 
+// The gated MLP's activation and the down projection's input quantization in one pass, for w8a8 in bfloat16:
+// gate_up [M, 2I] bfloat16 contiguous (gate first) -> {[M, I] uint8 codes + 128, [M] float32 scales}, the codes and
+// scales quantize_rows_uint8 gives for torch's bf16(bf16(silu(gate)) * up) (the same roundings; sigmoid from
+// exp(-|g|) with Cephes' expf where torch uses Sleef's, so a product may differ in its last bit).
+std::vector<torch::Tensor> silu_mul_quantize_uint8(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0 &&
+              gate_up.scalar_type() == torch::kBFloat16, "gate_up must be a contiguous [M, 2I] bfloat16 tensor");
+  const int64_t M = gate_up.size(0), I = gate_up.size(1) / 2;
+  auto q = torch::empty({M, I}, gate_up.options().dtype(torch::kUInt8));
+  auto scale = torch::empty({M}, gate_up.options().dtype(torch::kFloat32));
+  const c10::BFloat16* gp = gate_up.data_ptr<c10::BFloat16>();
+  int8_t* qp = static_cast<int8_t*>(q.data_ptr());
+  float* sp = scale.data_ptr<float>();
+  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> g(I), u(I);
+    for (int64_t m = begin; m < end; ++m) {
+      to_float(gp + m * 2 * I, g.data(), I);
+      to_float(gp + m * 2 * I + I, u.data(), I);
+      for (int64_t i = 0; i < I; ++i) {
+        const float x = g[i];
+        const float e = exp_nonpos(-std::fabs(x));
+        const float sig = (x >= 0.f ? 1.f : e) / (1.f + e);
+        const float silu = static_cast<float>(from_float<c10::BFloat16>(x * sig));
+        g[i] = static_cast<float>(from_float<c10::BFloat16>(silu * u[i]));
+      }
+      const float s = std::max(abs_max(g.data(), I), 1e-12f) / 127.f;
+      sp[m] = s;
+      quantize_row(g.data(), qp + m * I, s, I, true);
+    }
+  });
+  return {q, scale};
+}
+
 std::vector<torch::Tensor> quantize_rows_int8(torch::Tensor x) { return quantize_rows(x, false); }
 
 // The same codes plus 128, as uint8: the activations' operand of int8_gemm.

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
@@ -67,8 +66,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + MLP(x), the add in the down projection's epilogue."""
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj.forward_add(F.silu(gate) * up, residual)
+        return self.down_proj.forward_gated(self.gate_up_proj(x), residual)
 
 
 class DecoderLayer(nn.Module):

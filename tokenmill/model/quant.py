@@ -176,15 +176,30 @@ class W8A8Weight(QuantizedWeight):
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         res = None if residual is None else residual.reshape(-1, self.out_features)
         if self.packed is not None:
-            kernels = cpu_kernel.load()
-            xu, xs = kernels.quantize_rows_uint8(x2.contiguous())  # [M, K] uint8 (codes + 128), [M]
-            y = torch.empty(x2.shape[0], self.out_features, dtype=dtype)
-            kernels.int8_gemm(xu, self.packed, self.comp, xs, self.scale, _as(bias, dtype), _as(res, dtype), y)
-            return y.reshape(*lead, self.out_features)
+            xu, xs = cpu_kernel.load().quantize_rows_uint8(x2.contiguous())  # [M, K] uint8 (codes + 128), [M]
+            return self._gemm(xu, xs, bias, res, dtype).reshape(*lead, self.out_features)
         xq, xs = quantize_per_token(x2)  # [M, K] int8, [M]
         acc = torch._int_mm(xq, self.qweight)  # [M, K] x [K, N] -> [M, N] int32
         y = scaled_int8_epilogue(acc, xs, self.scale, bias, res, dtype)
         return y.reshape(*lead, self.out_features)
+
+
+    def forward_silu_mul(self, gate_up: torch.Tensor, bias: torch.Tensor | None,
+                         residual: torch.Tensor | None) -> torch.Tensor | None:
+        """(silu(gate) * up) W^T (+ bias) (+ residual) for gate_up [M, 2K] = [gate | up], the activation and its
+        quantization one C++ pass (``silu_mul_quantize_uint8``). None where that path does not apply (no packed
+        weight, or not bfloat16): the caller then runs the torch ops."""
+        if self.packed is None or gate_up.dtype != torch.bfloat16 or gate_up.dim() != 2:
+            return None
+        xu, xs = cpu_kernel.load().silu_mul_quantize_uint8(gate_up.contiguous())  # [M, K] uint8, [M]
+        return self._gemm(xu, xs, bias, residual, gate_up.dtype)
+
+    def _gemm(self, xu: torch.Tensor, xs: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+              dtype: torch.dtype) -> torch.Tensor:  # [M, K] uint8 codes + 128, [M] scales -> [M, N] in dtype
+        y = torch.empty(xu.shape[0], self.out_features, dtype=dtype)
+        cpu_kernel.load().int8_gemm(xu, self.packed, self.comp, xs, self.scale, _as(bias, dtype), _as(residual, dtype),
+                                    y)
+        return y
 
 
 def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
