@@ -183,7 +183,6 @@ class W8A8Weight(QuantizedWeight):
         y = scaled_int8_epilogue(acc, xs, self.scale, bias, res, dtype)
         return y.reshape(*lead, self.out_features)
 
-
     def forward_silu_mul(self, gate_up: torch.Tensor, bias: torch.Tensor | None,
                          residual: torch.Tensor | None) -> torch.Tensor | None:
         """(silu(gate) * up) W^T (+ bias) (+ residual) for gate_up [M, 2K] = [gate | up], the activation and its
