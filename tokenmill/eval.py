@@ -124,8 +124,12 @@ def run_eval(model: str | None, engine_options: dict, text_path: Path | None, co
     dtype, weight_bytes, ppl, outs = measure(engine_options)
     quantization = engine_options.get("quantization") or "none"
     kv_cache_dtype = engine_options.get("kv_cache_dtype") or "auto"
-    setting = " ".join([dtype] + [quantization] * (quantization != "none") +
-                       [f"kv-cache {kv_cache_dtype}"] * (kv_cache_dtype != "auto"))
+    parts = [dtype]
+    if quantization != "none":
+        parts.append(quantization)
+    if kv_cache_dtype != "auto":
+        parts.append(f"kv-cache {kv_cache_dtype}")
+    setting = " ".join(parts)
     result = {"text": str(path), "context": context, "dtype": dtype, "quantization": quantization,
               "kv_cache_dtype": kv_cache_dtype, "setting": setting, "weight_bytes": weight_bytes,
               "tokens_scored": ppl.tokens_scored, "windows": ppl.windows, "mean_nll": ppl.mean_nll, "perplexity": ppl.perplexity}

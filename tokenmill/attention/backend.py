@@ -76,11 +76,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         return
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     for new, cache in ((k, k_cache), (v, v_cache)):
-        if cache.dtype == new.dtype:
-            cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, new)
-        else:
-            cache.view(torch.uint8).view(-1, num_kv_heads, head_dim).index_copy_(
-                0, slots, new.to(cache.dtype).view(torch.uint8))
+        if cache.element_size() == 1:  # float8: copied as bytes
+            cache, new = cache.view(torch.uint8), new.contiguous().view(torch.uint8)
+        cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, new)
 
 
 def _gather_seq(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
