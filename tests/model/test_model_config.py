@@ -65,3 +65,19 @@ def test_sampler_top_k_never_leaves_the_top_k():
     sampler = Sampler(seed=0, device=torch.device("cpu"))
     draws = {sampler(logits, [f"r{i}"], [SamplingParams(temperature=2.0, top_k=3)]).token_ids[0] for i in range(200)}
     assert draws <= top3 and len(draws) == 3
+
+
+def test_sampler_on_bfloat16_logits_equals_their_float32_widening():
+    """The runner hands the sampler bfloat16 logits as the LM head computed them: greedy, seeded and logprob rows
+    must come out exactly as from the same values widened to float32 (the widening is exact)."""
+    torch.manual_seed(2)
+    logits = torch.randn(5, 3000).to(torch.bfloat16)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, seed=3),
+              SamplingParams(temperature=0.0, logprobs=3), SamplingParams(temperature=1.0, top_p=0.9, seed=4),
+              SamplingParams(temperature=0.0)]
+    ids = [f"r{i}" for i in range(5)]
+    out16 = Sampler(seed=0, device=torch.device("cpu"))(logits, ids, params)
+    out32 = Sampler(seed=0, device=torch.device("cpu"))(logits.float(), ids, params)
+    assert out16.token_ids == out32.token_ids
+    assert out16.logprobs == out32.logprobs and out16.logprobs[2] is not None
+    assert out16.token_ids[0] == logits[0].float().argmax().item()

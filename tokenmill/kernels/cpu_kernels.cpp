@@ -253,6 +253,143 @@ static void attend(const float* qf, const scalar_t* qb, float scale, const cache
     for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<scalar_t>(acc[h * D + d] * inv[h]);
 }
 
+#if defined(__AVX512F__)
+// 16 cache values as 16 float lanes: loaded as they are, or widened from bfloat16 (a shift).
+static inline __m512 load_f32x16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load_f32x16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// The 16 lane sums of a[0..15] in one register: lane l holds the sum of a[4 * (l % 4) + l / 4]'s lanes (a
+// transposition, its own inverse: put token t's products in a[4 * (t % 4) + t / 4] to get the sums in token order).
+// Three rounds of shuffle-and-add, 45 instructions for 16 sums where a horizontal sum each takes ~8.
+static inline __m512 sum_lanes16(const __m512* a) {
+  __m512 c[8], d[4];
+  for (int i = 0; i < 8; ++i)  // c[i] = [a[2i] q0+q2, q1+q3 | a[2i+1] q0+q2, q1+q3] (q: 128-bit quarters)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // quarter k of d[i]: 4 partial sums of a[4i + k]
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+  const __m512 e0 = _mm512_add_ps(_mm512_unpacklo_ps(d[0], d[1]), _mm512_unpackhi_ps(d[0], d[1]));
+  const __m512 e1 = _mm512_add_ps(_mm512_unpacklo_ps(d[2], d[3]), _mm512_unpackhi_ps(d[2], d[3]));
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(e0), _mm512_castps_pd(e1))),
+                       _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(e0), _mm512_castps_pd(e1))));
+}
+
+// scores[t0 + t] for t < m (m <= 16) of one query head against the K rows at k + (t0 + t) * row: each row's products
+// stay in a register (16 lanes) and sum_lanes16 adds all 16 rows' lanes at once. Rows past m repeat row m - 1 (their
+// sums are not stored). With RAW (bfloat16 cache, AVX512-BF16) the raw bfloat16 q and K rows are multiplied
+// (vdpbf16ps) and the sums scaled after; otherwise K is widened to float and multiplied by the pre-scaled float q.
+template <typename cache_t, int NV, bool RAW>
+static inline void score_rows16(const float* qf, const uint16_t* q16, float scale, const cache_t* k, int64_t row,
+                                int64_t m, float* scores) {
+  __m512 part[16];
+  for (int i = 0; i < 16; ++i) {
+    const cache_t* kr = k + std::min<int64_t>(4 * (i % 4) + i / 4, m - 1) * row;
+    if constexpr (RAW) {
+#if defined(__AVX512BF16__)
+      const uint16_t* k16 = reinterpret_cast<const uint16_t*>(kr);
+      __m512 a = _mm512_setzero_ps();
+      for (int v = 0; v < NV / 2; ++v)
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q16 + 32 * v), (__m512bh)_mm512_loadu_si512(k16 + 32 * v));
+      part[i] = a;
+#endif
+    } else {
+      __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qf), load_f32x16(kr));
+      for (int v = 1; v < NV; ++v) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + 16 * v), load_f32x16(kr + 16 * v), a);
+      part[i] = a;
+    }
+  }
+  __m512 s = sum_lanes16(part);
+  if constexpr (RAW) s = _mm512_mul_ps(s, _mm512_set1_ps(scale));
+  _mm512_mask_storeu_ps(scores, static_cast<__mmask16>((1u << m) - 1), s);
+}
+
+// acc[b][0:D] += sum_t p[b][t] * v_t for HB query heads of one KV group over one block's n V rows (v_t at
+// v + t * row): each V row is widened once and feeds the HB heads, whose accumulators stay in registers.
+template <typename cache_t, int NV, int HB>
+static inline void pv_block(float* const* acc, const float* const* p, const cache_t* v, int64_t row, int64_t n) {
+  __m512 a[HB][NV];
+  for (int b = 0; b < HB; ++b)
+    for (int i = 0; i < NV; ++i) a[b][i] = _mm512_loadu_ps(acc[b] + 16 * i);
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 x[NV];
+    for (int i = 0; i < NV; ++i) x[i] = load_f32x16(v + t * row + 16 * i);
+    for (int b = 0; b < HB; ++b) {
+      const __m512 pt = _mm512_set1_ps(p[b][t]);
+      for (int i = 0; i < NV; ++i) a[b][i] = _mm512_fmadd_ps(pt, x[i], a[b][i]);
+    }
+  }
+  for (int b = 0; b < HB; ++b)
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc[b] + 16 * i, a[b][i]);
+}
+
+// attend() for float, bfloat16 and fp8 caches with D = 16 * NV on AVX-512: the same two passes, with K rows scored
+// 16 at a time (score_rows16) and V rows widened in registers, once per KV group, instead of into a float tile.
+// HB: query heads per register block in pass 2 (a group of G heads runs in ceil(G / HB) blocks; a last, partial
+// block repeats its last head, whose duplicate sums are stored twice, identically).
+template <typename scalar_t, typename cache_t, int NV, int HB>
+static void attend_avx512(const float* qf, const scalar_t* qb, float scale, const cache_t* kp, const cache_t* vp,
+                          const int64_t* table, int64_t L, int64_t H, int64_t Hkv, int64_t bs,
+                          std::vector<float>& scores, std::vector<float>& acc, std::vector<float>& tile,
+                          std::vector<float>& inv, scalar_t* out) {
+  constexpr int64_t D = 16 * NV;
+  constexpr bool raw = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<cache_t, c10::BFloat16> &&
+                       bf16_dot_ok;
+  const int64_t G = H / Hkv;
+  const int64_t row = Hkv * D;
+  const int64_t nblocks = (L + bs - 1) / bs;
+  if (static_cast<int64_t>(scores.size()) < H * L) scores.resize(H * L);
+  const uint16_t* q16 = reinterpret_cast<const uint16_t*>(qb);
+  // A float8 block is converted into `tile` once (each row then feeds G heads); float and bfloat16 rows are read in
+  // place (bfloat16 widened in registers: a shift).
+  constexpr bool convert = std::is_same_v<cache_t, c10::Float8_e4m3fn>;
+  using row_t = std::conditional_t<convert, float, cache_t>;
+  auto block_rows = [&](const cache_t* cache, int64_t j, int64_t n) -> const row_t* {
+    if constexpr (convert) {
+      to_float(cache + table[j] * bs * row, tile.data(), n * row);
+      return tile.data();
+    } else {
+      return cache + table[j] * bs * row;
+    }
+  };
+  for (int64_t j = 0; j < nblocks; ++j) {  // pass 1: scores[h][t] = q_h . k_t
+    const int64_t n = std::min(bs, L - j * bs);
+    for (int64_t a = 1; a <= PREFETCH_BLOCKS; ++a)
+      if (j + a < nblocks) {
+        prefetch_block(kp + table[j + a] * bs * row, std::min(bs, L - (j + a) * bs) * row);
+        prefetch_block(vp + table[j + a] * bs * row, std::min(bs, L - (j + a) * bs) * row);
+      }
+    const auto* rows = block_rows(kp, j, n);
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t0 = 0; t0 < n; t0 += 16)
+        score_rows16<row_t, NV, raw>(qf + h * D, q16 + h * D, scale, rows + t0 * row + (h / G) * D, row,
+                                     std::min<int64_t>(16, n - t0), scores.data() + h * L + j * bs + t0);
+  }
+  for (int64_t h = 0; h < H; ++h) inv[h] = softmax_numerators(scores.data() + h * L, L);
+  std::fill(acc.begin(), acc.end(), 0.f);
+  for (int64_t j = 0; j < nblocks; ++j) {  // pass 2: acc_h = sum_t p[h][t] v_t
+    const int64_t n = std::min(bs, L - j * bs);
+    const auto* rows = block_rows(vp, j, n);
+    for (int64_t g = 0; g < Hkv; ++g)
+      for (int64_t h0 = g * G; h0 < (g + 1) * G; h0 += HB) {
+        float* accs[HB];
+        const float* ps[HB];
+        for (int b = 0; b < HB; ++b) {
+          const int64_t h = std::min(h0 + b, (g + 1) * G - 1);
+          accs[b] = acc.data() + h * D;
+          ps[b] = scores.data() + h * L + j * bs;
+        }
+        pv_block<row_t, NV, HB>(accs, ps, rows + g * D, row, n);
+      }
+  }
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<scalar_t>(acc[h * D + d] * inv[h]);
+}
+#endif
+
 // Every token of the flat batch attends causally: token j (0-based) of request r's q_len new tokens sees the first
 // seq_lens[r] - q_len + j + 1 cached tokens. Decodes (q_len 1) and prefill chunks alike; one task per token, and the
 // tokens are split between threads by their cost (the number of keys they read), not by their count.
@@ -287,6 +424,21 @@ static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
   for (int64_t i = 0; i < T; ++i) cost[i + 1] = cost[i] + len[i] + 16;  // + a fixed per-token cost
   const std::vector<int64_t> bounds = split_by_cost(cost);
   const int64_t parts = static_cast<int64_t>(bounds.size()) - 1;
+  using attend_fn = void (*)(const float*, const scalar_t*, float, const cache_t*, const cache_t*, const int64_t*,
+                             int64_t, int64_t, int64_t, int64_t, std::vector<float>&, std::vector<float>&,
+                             std::vector<float>&, std::vector<float>&, scalar_t*);
+  attend_fn fast = nullptr;  // attend_avx512 for this head count per KV group, where it applies
+#if defined(__AVX512F__)
+  if constexpr (NV > 0 && (std::is_same_v<cache_t, float> || std::is_same_v<cache_t, c10::BFloat16> ||
+                           std::is_same_v<cache_t, c10::Float8_e4m3fn>)) {
+    switch (std::min<int64_t>(H / Hkv, NV <= 4 ? 4 : 2)) {
+      case 1: fast = attend_avx512<scalar_t, cache_t, NV, 1>; break;
+      case 2: fast = attend_avx512<scalar_t, cache_t, NV, 2>; break;
+      case 3: fast = attend_avx512<scalar_t, cache_t, NV, 3>; break;
+      default: fast = attend_avx512<scalar_t, cache_t, NV, 4>; break;
+    }
+  }
+#endif
   at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
     std::vector<float> qf(H * D), acc(H * D), tile(bs * Hkv * D), scores, inv(H);
     for (int64_t p = pbegin; p < pend; ++p)
@@ -300,6 +452,11 @@ static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
         }
         to_float(qp + i * H * D, qf.data(), H * D);
         for (int64_t e = 0; e < H * D; ++e) qf[e] *= fscale;
+        if (fast != nullptr) {
+          fast(qf.data(), qp + i * H * D, fscale, kp, vp, tp + req[i] * max_blocks, len[i], H, Hkv, bs, scores, acc,
+               tile, inv, op + i * H * D);
+          continue;
+        }
         attend<scalar_t, cache_t, NV>(qf.data(), raw_bf16 ? qp + i * H * D : nullptr, fscale, kp, vp,
                                       tp + req[i] * max_blocks, len[i], H, Hkv, D, bs, scores, acc, tile, inv,
                                       op + i * H * D);
@@ -490,25 +647,23 @@ static void rms_norm_impl(const torch::Tensor& x, const torch::Tensor& weight, d
   });
 }
 
-// Greedy sampling's argmax over each row of x [R, V] float32 contiguous -> [R] int64, with torch.argmax's answer:
-// the first maximal value, or the first NaN if a row has one. A vectorised max pass, then a scan for the first index
-// holding it (the row is in cache by then); rows split between threads. torch's argmax took ~1.7 ms on a decode
-// step's 128 x 49k logits, 8x its own amax.
-torch::Tensor argmax_rows(torch::Tensor x) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32 && x.size(1) > 0,
-              "x must be a contiguous, non-empty [R, V] float32 tensor");
-  const int64_t R = x.size(0), V = x.size(1);
-  auto out = torch::empty({R}, x.options().dtype(torch::kInt64));
-  const float* xp = x.data_ptr<float>();
-  int64_t* op = out.data_ptr<int64_t>();
+// Greedy sampling's argmax over each row of x [R, V] (float32, or bfloat16 logits as the LM head left them: widening
+// is exact, so the answer is the same) contiguous -> [R] int64, with torch.argmax's answer: the first maximal value,
+// or the first NaN if a row has one. A vectorised max pass, then a scan for the first index holding it (the row is in
+// cache by then); rows split between threads. torch's argmax took ~1.7 ms on a decode step's 128 x 49k logits, 8x
+// its own amax.
+template <typename T>
+static void argmax_impl(const T* xp, int64_t R, int64_t V, int64_t* op) {
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float* row = xp + r * V;
+      const T* row = xp + r * V;
       vec16 m = vec16{} - INFINITY;
       vec16 nan = vec16{};  // lanes where a NaN was seen: nonzero
       int64_t j = 0;
       for (; j + 16 <= V; j += 16) {
-        const vec16 v = load16(row + j);
+        float f[16];
+        to_float(row + j, f, 16);
+        const vec16 v = load16(f);
         m = v > m ? v : m;
         nan = v != v ? vec16{} + 1.f : nan;
       }
@@ -519,18 +674,30 @@ torch::Tensor argmax_rows(torch::Tensor x) {
         has_nan |= nan[i] != 0.f;
       }
       for (; j < V; ++j) {
-        best = std::max(best, row[j]);
-        has_nan |= row[j] != row[j];
+        const float x = static_cast<float>(row[j]);
+        best = std::max(best, x);
+        has_nan |= x != x;
       }
       int64_t idx = 0;
       if (has_nan) {
-        while (row[idx] == row[idx]) ++idx;
+        while (static_cast<float>(row[idx]) == static_cast<float>(row[idx])) ++idx;
       } else {
-        while (row[idx] != best) ++idx;
+        while (static_cast<float>(row[idx]) != best) ++idx;
       }
       op[r] = idx;
     }
   });
+}
+
+torch::Tensor argmax_rows(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) > 0 &&
+                  (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "x must be a contiguous, non-empty [R, V] float32 or bfloat16 tensor");
+  auto out = torch::empty({x.size(0)}, x.options().dtype(torch::kInt64));
+  if (x.scalar_type() == torch::kFloat32)
+    argmax_impl(x.data_ptr<float>(), x.size(0), x.size(1), out.data_ptr<int64_t>());
+  else
+    argmax_impl(x.data_ptr<c10::BFloat16>(), x.size(0), x.size(1), out.data_ptr<int64_t>());
   return out;
 }
 

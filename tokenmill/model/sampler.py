@@ -44,7 +44,7 @@ class Sampler:
 
     def __call__(
         self,
-        logits: torch.Tensor,  # [num_rows, vocab] float32
+        logits: torch.Tensor,  # [num_rows, vocab] float32 or the model's dtype (widened where a row needs more)
         request_ids: list[str],
         params: list[SamplingParams],
     ) -> SamplerOutput:
@@ -52,7 +52,7 @@ class Sampler:
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)
-            probs = _filtered_probs(logits[rows], [params[i] for i in random_rows])  # [num_random, vocab]
+            probs = _filtered_probs(logits[rows].float(), [params[i] for i in random_rows])  # [num_random, vocab]
             noise = torch.empty_like(probs)
             for j, i in enumerate(random_rows):
                 noise[j].exponential_(generator=self._generator(request_ids[i], params[i]))
@@ -61,7 +61,7 @@ class Sampler:
         logprobs: list[dict[int, float] | None] = [None] * len(params)
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         if wanted:
-            lp = torch.log_softmax(logits[wanted], dim=-1)  # [num_wanted, vocab]
+            lp = torch.log_softmax(logits[wanted].float(), dim=-1)  # [num_wanted, vocab]
             for j, i in enumerate(wanted):
                 entry = {ids[i]: lp[j, ids[i]].item()}
                 k = params[i].logprobs
@@ -94,8 +94,9 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
     """[rows, vocab] -> [rows] int64, torch.argmax's answer (first maximum; first NaN); on CPU the C++ kernels' one
-    vectorised pass per row, several times faster than torch's argmax over a vocabulary."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.shape[1] > 0:
+    vectorised pass per row (float32 or bfloat16), several times faster than torch's argmax over a vocabulary."""
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
+            and x.shape[1] > 0):
         kernels = cpu_kernel.load()
         if kernels is not None:
             return kernels.argmax_rows(x)

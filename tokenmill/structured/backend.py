@@ -154,7 +154,7 @@ class StructuredState:
 
     def apply_masks(self, logits: torch.Tensor, pending: "PendingMasks | None") -> list[int]:
         """Masks, in place, the logits rows of constrained requests to the tokens their grammar allows next;
-        returns those rows. logits: [num_rows, vocab] float32."""
+        returns those rows. logits: [num_rows, vocab], float32 or the model's dtype."""
         if pending is None:
             return []
         if pending.future is not None:

@@ -97,7 +97,7 @@ class ModelRunner:
         if not sampling:
             return ModelRunnerOutput({})
         rows = torch.tensor([query_start_loc[i + 1] - 1 for i, _ in sampling], device=dev)
-        logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab]
+        logits = self.model.compute_logits(hidden[rows], as_float32=False)  # [num_sampled, vocab]
         constrained = self.structured.apply_masks(logits, masks) if masks is not None else []
         result = self.sampler(logits, ids, params)
         if constrained:
