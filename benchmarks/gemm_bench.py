@@ -44,19 +44,19 @@ def int8_paths(rows_list: list[int]) -> list[dict]:
     print(f"threads {torch.get_num_threads()}; GOP/s: _int_mm + epilogue | int8_gemm (ratio)")
     for name, n, k in SHAPES:
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-        w_kn, ws = w.t().contiguous(), torch.rand(n) / 100
+        w_kn, ws, w_sum = w.t().contiguous(), torch.rand(n) / 100, w.sum(1, dtype=torch.int32).float()
         packed, comp = kernels.int8_pack_weight(w)
         for m in rows_list:
             x = torch.randn(m, k).bfloat16()
             out = torch.empty(m, n, dtype=torch.bfloat16)
 
             def int_mm():
-                q, xs = quantize_per_token(x)
-                return scaled_int8_epilogue(torch._int_mm(q, w_kn), xs, ws, None, None, torch.bfloat16)
+                q, xs, xlo = quantize_per_token(x)
+                return scaled_int8_epilogue(torch._int_mm(q, w_kn), xs, xlo, ws, w_sum, None, None, torch.bfloat16)
 
             def fused():
-                u, xs = kernels.quantize_rows_uint8(x)
-                kernels.int8_gemm(u, packed, comp, xs, ws, None, None, out)
+                u, xs, xlo = kernels.quantize_rows_uint8(x)
+                kernels.int8_gemm(u, packed, comp, xs, xlo, ws, None, None, out)
 
             ops = 2.0 * m * n * k
             r = {"shape": name, "out": n, "in": k, "rows": m,

@@ -21,12 +21,13 @@ one call instead of one SDPA call per distinct length.
 ``rms_norm`` is one pass per row instead of ~7 torch ops, bit-equal to them in bf16/fp16 (float32 keeps the torch
 ops, in transformers' order).
 
-``quantize_rows_int8`` (per-token int8 activations, bit-equal to the torch ops) and ``int8_epilogue`` (int32 GEMM
-result times the token and channel scales, plus bias and residual, rounded once) are one pass each instead of 4-6
-torch ops with as many temporaries (model/quant.py). Where the CPU has AVX512-VNNI, w8a8 skips both torch._int_mm and
-the separate epilogue: ``int8_pack_weight`` packs each weight once into panels of 64 channels, and ``int8_gemm``
-multiplies the activations' codes + 128 (``quantize_rows_uint8``) with VNNI's u8 x s8 dot products, takes off 128 x
-each channel's code sum, and applies the epilogue in registers before its one store (``int8_gemm_available()`` says
+``quantize_rows_int8`` (per-token asymmetric 8-bit activations, bit-equal to the torch ops) and ``int8_epilogue``
+(int32 GEMM result times the token and channel scales, plus the activations' zero-point term, bias and residual,
+rounded once) are one pass each instead of 4-6 torch ops with as many temporaries (model/quant.py). Where the CPU has
+AVX512-VNNI, w8a8 skips both torch._int_mm and the separate epilogue: ``int8_pack_weight`` packs each weight once
+into panels of 64 channels, and ``int8_gemm`` multiplies the activations' unsigned codes (``quantize_rows_uint8``)
+with VNNI's u8 x s8 dot products, takes off 128 x each channel's code sum, and applies the epilogue in registers
+before its one store (``int8_gemm_available()`` says
 whether this build has it).
 
 The C++ source is ``cpu_kernels.cpp`` beside this file. It is compiled (``-march=native``, needs a C++ compiler and
@@ -58,7 +59,7 @@ _SOURCE_FILE = Path(__file__).with_name("cpu_kernels.cpp")  # the C++ source, sh
 _MODULE = "tokenmill_cpu_kernels"
 _FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention", "quantize_rows_int8", "int8_epilogue",
               "quantize_rows_uint8", "int8_gemm_available", "int8_pack_weight", "int8_gemm", "write_kv",
-              "argmax_rows", "rope", "silu_mul_quantize_uint8"]
+              "argmax_rows", "rope", "silu_mul_quantize_uint8", "silu_mul"]
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
            "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

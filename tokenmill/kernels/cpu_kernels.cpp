@@ -830,69 +830,94 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 // w8a8 (model/quant.py): activations are quantized per row before torch._int_mm, and its int32 result is scaled back
 // after it. Each is one pass over the data here instead of 4-6 torch ops with as many temporaries.
 
-// x [M, K] contiguous (float32 / bf16 / fp16) -> q [M, K] int8 = round_half_even(x / scale), scale [M] float32 =
-// max(|x| over the row, 1e-12) / 127. Bit-equal to the torch ops in model/quant.py (same division, same rounding).
-// One row: the scalar loop is the definition; with AVX-512 the same division and round-half-even (cvtps2dq under
-// the default rounding mode) run 16 lanes at a time.
-// offset: each code's sign bit flipped, i.e. q + 128 as uint8 (the unsigned operand of VNNI's u8 x s8 products).
-static inline void quantize_row(const float* x, int8_t* o, float s, int64_t K, bool offset) {
+// x [M, K] contiguous (float32 / bf16 / fp16) -> per row, asymmetric: lo = min(x), scale = max(max(x) - lo, 1e-12)
+// / 255 (float32), codes u = round_half_even((x - lo) / scale) in 0..255. Bit-equal to the torch ops in
+// model/quant.py (same subtraction, division and rounding). The value of u is lo + u * scale; with q = u - 128 (the
+// int8 codes torch._int_mm takes) it is q * scale + (lo + 128 * scale), which the epilogues use. Asymmetric codes
+// spend all 256 levels on the row's own range: w8a8's perplexity cost on SmolLM2 fell from ~3% to ~2% against
+// symmetric absmax codes (BENCHMARKS.md).
+// One row: the scalar loop is the definition; with AVX-512 the same subtraction, division and round-half-even
+// (cvtps2dq under the default rounding mode) run 16 lanes at a time.
+// offset: store u as uint8 (the unsigned operand of VNNI's u8 x s8 products); otherwise q = u - 128 as int8 (the
+// same byte with its top bit flipped).
+static inline void quantize_row(const float* x, int8_t* o, float lo, float s, int64_t K, bool offset) {
   int64_t k = 0;
-  const uint8_t flip = offset ? 0x80 : 0;
+  const uint8_t flip = offset ? 0 : 0x80;
 #if defined(__AVX512F__)
-  const __m512 sv = _mm512_set1_ps(s);
+  const __m512 sv = _mm512_set1_ps(s), lov = _mm512_set1_ps(lo);
   const __m128i flipv = _mm_set1_epi8(static_cast<char>(flip));
   for (; k + 16 <= K; k += 16) {
-    __m512i i = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + k), sv));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + k), _mm_xor_si128(_mm512_cvtsepi32_epi8(i), flipv));
+    const __m512i i = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(x + k), lov), sv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + k), _mm_xor_si128(_mm512_cvtusepi32_epi8(i), flipv));
   }
 #endif
-  for (; k < K; ++k) o[k] = static_cast<int8_t>(static_cast<uint8_t>(std::nearbyint(x[k] / s)) ^ flip);
+  for (; k < K; ++k) {
+    const float u = std::min(std::nearbyint((x[k] - lo) / s), 255.f);
+    o[k] = static_cast<int8_t>(static_cast<uint8_t>(u) ^ flip);
+  }
 }
 
-static inline float abs_max(const float* x, int64_t K) {
-  vec16 m = {0};
+// {min, max} of x[0:K].
+static inline std::pair<float, float> min_max(const float* x, int64_t K) {
+  vec16 lo = vec16{} + INFINITY, hi = vec16{} - INFINITY;
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    vec16 v = load16(x + k);
-    v = v < 0 ? -v : v;
-    m = v > m ? v : m;
+    const vec16 v = load16(x + k);
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
   }
-  float amax = 0.f;
-  for (int i = 0; i < 16; ++i) amax = std::max(amax, m[i]);
-  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
-  return amax;
+  float a = INFINITY, b = -INFINITY;
+  for (int i = 0; i < 16; ++i) {
+    a = std::min(a, lo[i]);
+    b = std::max(b, hi[i]);
+  }
+  for (; k < K; ++k) {
+    a = std::min(a, x[k]);
+    b = std::max(b, x[k]);
+  }
+  return {a, b};
 }
 
-// offset: store q + 128 as uint8 instead of q (quantize_row).
+// One row's scale and codes (quantize_row); returns the row's minimum.
+static inline float quantize_row_minmax(const float* x, int8_t* o, float* scale, int64_t K, bool offset) {
+  const auto [lo, hi] = min_max(x, K);
+  const float s = std::max(hi - lo, 1e-12f) / 255.f;
+  *scale = s;
+  quantize_row(x, o, lo, s, K, offset);
+  return lo;
+}
+
 template <typename scalar_t>
-static void quantize_rows_impl(const torch::Tensor& x, torch::Tensor& q, torch::Tensor& scale, bool offset) {
+static void quantize_rows_impl(const torch::Tensor& x, torch::Tensor& q, torch::Tensor& scale, torch::Tensor& lo,
+                               bool offset) {
   const int64_t K = x.size(1), M = x.size(0);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   int8_t* qp = static_cast<int8_t*>(q.data_ptr());
   float* sp = scale.data_ptr<float>();
+  float* lp = lo.data_ptr<float>();
   at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> xf(K);
     for (int64_t r = begin; r < end; ++r) {
       to_float(xp + r * K, xf.data(), K);
-      const float s = std::max(abs_max(xf.data(), K), 1e-12f) / 127.f;
-      sp[r] = s;
-      quantize_row(xf.data(), qp + r * K, s, K, offset);
+      lp[r] = quantize_row_minmax(xf.data(), qp + r * K, sp + r, K, offset);
     }
   });
 }
 
+// -> {codes [M, K], scale [M] float32, min [M] float32}.
 static std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x, bool offset) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] tensor");
   auto q = torch::empty(x.sizes(), x.options().dtype(offset ? torch::kUInt8 : torch::kInt8));
   auto scale = torch::empty({x.size(0)}, x.options().dtype(torch::kFloat32));
+  auto lo = torch::empty({x.size(0)}, x.options().dtype(torch::kFloat32));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, x.scalar_type(), "quantize_rows",
-                                  [&] { quantize_rows_impl<scalar_t>(x, q, scale, offset); });
-  return {q, scale};
+                                  [&] { quantize_rows_impl<scalar_t>(x, q, scale, lo, offset); });
+  return {q, scale, lo};
 }
 
 // The gated MLP's activation and the down projection's input quantization in one pass, for w8a8 in bfloat16:
-// gate_up [M, 2I] bfloat16 contiguous (gate first) -> {[M, I] uint8 codes + 128, [M] float32 scales}, the codes and
-// scales quantize_rows_uint8 gives for torch's bf16(bf16(silu(gate)) * up) (the same roundings; sigmoid from
+// gate_up [M, 2I] bfloat16 contiguous (gate first) -> {[M, I] uint8 codes, [M] float32 scales, [M] minima}, what
+// quantize_rows_uint8 gives for torch's bf16(bf16(silu(gate)) * up) (the same roundings; sigmoid from
 // exp(-|g|) with Cephes' expf where torch uses Sleef's, so a product may differ in its last bit).
 std::vector<torch::Tensor> silu_mul_quantize_uint8(torch::Tensor gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0 &&
@@ -900,9 +925,11 @@ std::vector<torch::Tensor> silu_mul_quantize_uint8(torch::Tensor gate_up) {
   const int64_t M = gate_up.size(0), I = gate_up.size(1) / 2;
   auto q = torch::empty({M, I}, gate_up.options().dtype(torch::kUInt8));
   auto scale = torch::empty({M}, gate_up.options().dtype(torch::kFloat32));
+  auto lo = torch::empty({M}, gate_up.options().dtype(torch::kFloat32));
   const c10::BFloat16* gp = gate_up.data_ptr<c10::BFloat16>();
   int8_t* qp = static_cast<int8_t*>(q.data_ptr());
   float* sp = scale.data_ptr<float>();
+  float* lp = lo.data_ptr<float>();
   at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
     std::vector<float> g(I), u(I);
     for (int64_t m = begin; m < end; ++m) {
@@ -915,28 +942,65 @@ std::vector<torch::Tensor> silu_mul_quantize_uint8(torch::Tensor gate_up) {
         const float silu = static_cast<float>(from_float<c10::BFloat16>(x * sig));
         g[i] = static_cast<float>(from_float<c10::BFloat16>(silu * u[i]));
       }
-      const float s = std::max(abs_max(g.data(), I), 1e-12f) / 127.f;
-      sp[m] = s;
-      quantize_row(g.data(), qp + m * I, s, I, true);
+      lp[m] = quantize_row_minmax(g.data(), qp + m * I, sp + m, I, true);
     }
   });
-  return {q, scale};
+  return {q, scale, lo};
+}
+
+// A gated MLP's activation in one pass: gate_up [M, 2I] float32 or bfloat16 contiguous (gate first) -> [M, I]
+// silu(gate) * up, with torch's roundings in bfloat16 (F.silu's result rounded, then the product); the sigmoid as in
+// silu_mul_quantize_uint8, so a value may differ from torch's in its last bit. Replaces two torch ops and their
+// [M, I] temporary: ~1.1 ms of a 128-row decode step and ~33 ms of a 1,700-token prefill step in SmolLM2 bfloat16.
+template <typename scalar_t>
+static void silu_mul_impl(const scalar_t* gp, scalar_t* op, int64_t M, int64_t I) {
+  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> g(I), u(I);
+    for (int64_t m = begin; m < end; ++m) {
+      to_float(gp + m * 2 * I, g.data(), I);
+      to_float(gp + m * 2 * I + I, u.data(), I);
+      scalar_t* o = op + m * I;
+      for (int64_t i = 0; i < I; ++i) {
+        const float x = g[i];
+        const float e = exp_nonpos(-std::fabs(x));
+        const float sig = (x >= 0.f ? 1.f : e) / (1.f + e);
+        const float silu = static_cast<float>(from_float<scalar_t>(x * sig));
+        o[i] = from_float<scalar_t>(silu * u[i]);
+      }
+    }
+  });
+}
+
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0 &&
+                  (gate_up.scalar_type() == torch::kFloat32 || gate_up.scalar_type() == torch::kBFloat16),
+              "gate_up must be a contiguous [M, 2I] float32 or bfloat16 tensor");
+  const int64_t M = gate_up.size(0), I = gate_up.size(1) / 2;
+  auto out = torch::empty({M, I}, gate_up.options());
+  if (gate_up.scalar_type() == torch::kFloat32)
+    silu_mul_impl(gate_up.data_ptr<float>(), out.data_ptr<float>(), M, I);
+  else
+    silu_mul_impl(gate_up.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), M, I);
+  return out;
 }
 
 std::vector<torch::Tensor> quantize_rows_int8(torch::Tensor x) { return quantize_rows(x, false); }
 
-// The same codes plus 128, as uint8: the activations' operand of int8_gemm.
+// The same codes as uint8 (u, not u - 128): the activations' operand of int8_gemm.
 std::vector<torch::Tensor> quantize_rows_uint8(torch::Tensor x) { return quantize_rows(x, true); }
 
 // out[m, n] = float(acc[m, n]) * x_scale[m] * w_scale[n] (+ bias[n]) (+ residual[m, n]), rounded once to out's dtype.
 template <typename scalar_t>
-static void int8_epilogue_impl(const torch::Tensor& acc, const torch::Tensor& xs, const torch::Tensor& ws,
+static void int8_epilogue_impl(const torch::Tensor& acc, const torch::Tensor& xs, const torch::Tensor& xlo,
+                               const torch::Tensor& ws, const torch::Tensor& wsum,
                                const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
                                torch::Tensor& out) {
   const int64_t M = acc.size(0), N = acc.size(1);
   const int32_t* ap = acc.data_ptr<int32_t>();
   const float* xsp = xs.data_ptr<float>();
+  const float* xlp = xlo.data_ptr<float>();
   const float* wsp = ws.data_ptr<float>();
+  const float* wup = wsum.data_ptr<float>();
   const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
   const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
   scalar_t* op = out.data_ptr<scalar_t>();
@@ -945,40 +1009,47 @@ static void int8_epilogue_impl(const torch::Tensor& acc, const torch::Tensor& xs
     if (bp) to_float(bp, bf.data(), N);
     for (int64_t m = begin; m < end; ++m) {
       const int32_t* a = ap + m * N;
-      const float s = xsp[m];
+      const float s = xsp[m], z = xlp[m] + 128.f * s;  // z: the value of code q = 0
       scalar_t* o = op + m * N;
       if (rp) {
         to_float(rp + m * N, rf.data(), N);
-        for (int64_t n = 0; n < N; ++n) o[n] = from_float<scalar_t>(static_cast<float>(a[n]) * s * wsp[n] + bf[n] + rf[n]);
+        for (int64_t n = 0; n < N; ++n)
+          o[n] = from_float<scalar_t>((static_cast<float>(a[n]) * s + z * wup[n]) * wsp[n] + bf[n] + rf[n]);
       } else {
-        for (int64_t n = 0; n < N; ++n) o[n] = from_float<scalar_t>(static_cast<float>(a[n]) * s * wsp[n] + bf[n]);
+        for (int64_t n = 0; n < N; ++n)
+          o[n] = from_float<scalar_t>((static_cast<float>(a[n]) * s + z * wup[n]) * wsp[n] + bf[n]);
       }
     }
   });
 }
 
-// acc [M, N] int32, x_scale [M] and w_scale [N] float32, bias [N] and residual [M, N] (optional) of out's dtype;
-// out [M, N] contiguous, written in place.
-void int8_epilogue(torch::Tensor acc, torch::Tensor x_scale, torch::Tensor w_scale, std::optional<torch::Tensor> bias,
-                   std::optional<torch::Tensor> residual, torch::Tensor out) {
+// out = (acc * x_scale + (x_min + 128 x_scale) * w_sum) * w_scale (+ bias) (+ residual), rounded once: the layer's
+// output from torch._int_mm's int32 sums of quantize_rows_int8's codes (u - 128) against the int8 weight.
+// acc [M, N] int32, x_scale / x_min [M] and w_scale / w_sum [N] (each channel's sum of codes) float32, bias [N] and
+// residual [M, N] (optional) of out's dtype; out [M, N] contiguous, written in place.
+void int8_epilogue(torch::Tensor acc, torch::Tensor x_scale, torch::Tensor x_min, torch::Tensor w_scale,
+                   torch::Tensor w_sum, std::optional<torch::Tensor> bias, std::optional<torch::Tensor> residual,
+                   torch::Tensor out) {
   TORCH_CHECK(acc.is_contiguous() && out.is_contiguous() && acc.sizes() == out.sizes(), "acc and out: same [M, N]");
   TORCH_CHECK(acc.scalar_type() == torch::kInt32 && x_scale.scalar_type() == torch::kFloat32 &&
               w_scale.scalar_type() == torch::kFloat32, "acc int32, scales float32");
   TORCH_CHECK(x_scale.numel() == acc.size(0) && w_scale.numel() == acc.size(1), "scales must be [M] and [N]");
+  TORCH_CHECK(x_min.scalar_type() == torch::kFloat32 && x_min.numel() == acc.size(0) &&
+              w_sum.scalar_type() == torch::kFloat32 && w_sum.numel() == acc.size(1), "x_min [M], w_sum [N] float32");
   TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == acc.size(1) && bias->scalar_type() == out.scalar_type()),
               "bias must be [N] of out's dtype");
   TORCH_CHECK(!residual || (residual->is_contiguous() && residual->sizes() == out.sizes() &&
                             residual->scalar_type() == out.scalar_type()), "residual must be [M, N] of out's dtype");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, out.scalar_type(), "int8_epilogue",
-                                  [&] { int8_epilogue_impl<scalar_t>(acc, x_scale, w_scale, bias, residual, out); });
+                                  [&] { int8_epilogue_impl<scalar_t>(acc, x_scale, x_min, w_scale, w_sum, bias, residual, out); });
 }
 
 // ---------------------------------------------------------------------------------------------- int8 GEMM (VNNI)
-// w8a8's GEMM with its epilogue fused: out[m, n] = float(sum_k q_x[m, k] q_w[n, k]) * x_scale[m] * w_scale[n]
-// (+ bias[n]) (+ residual[m, n]), rounded once to out's dtype (the same expression, in the same order, as
-// int8_epilogue after torch._int_mm). AVX512-VNNI's vpdpbusd multiplies unsigned by signed bytes, so the activations
-// come as q + 128 (quantize_rows_uint8) and 128 * sum_k q_w[n, k] (``comp``, computed when packing) is taken off the
-// int32 sums. The weight is packed once into panels of 64 output channels, [N/64][K/4][64][4]: one k-step of 4 bytes
+// w8a8's GEMM with its epilogue fused: out[m, n] = (float(sum_k q_x[m, k] q_w[n, k]) * x_scale[m] + z[m] *
+// sum_k q_w[n, k]) * w_scale[n] (+ bias[n]) (+ residual[m, n]) with q_x = u - 128 and z = x_min + 128 x_scale,
+// rounded once to out's dtype (the same expression, in the same order, as int8_epilogue after torch._int_mm).
+// AVX512-VNNI's vpdpbusd multiplies unsigned by signed bytes: the activations come as their codes u
+// (quantize_rows_uint8) and 128 * sum_k q_w[n, k] (``comp``, computed when packing) is taken off the int32 sums. The weight is packed once into panels of 64 output channels, [N/64][K/4][64][4]: one k-step of 4 bytes
 // for 64 channels is four 64-byte loads. A register tile of MR rows x 64 channels (24 accumulators at MR = 6) walks
 // K; threads take (panel, row block) tasks, panel-major so a thread's next task reuses the panel from cache.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -1019,8 +1090,8 @@ static inline void store16_masked(scalar_t* p, __m512 f, __mmask16 m) {
 // rows m0 .. m0 + MR - 1 of the output's columns n0 .. n0 + ncols - 1 (ncols <= 64; the panel is zero-padded).
 template <typename scalar_t, int MR>
 static inline void int8_tile(const uint8_t* a, int64_t K, const int8_t* panel, const int32_t* comp, const float* xs,
-                             const float* ws, const scalar_t* bias, const scalar_t* res, scalar_t* out, int64_t N,
-                             int64_t ncols) {
+                             const float* xlo, const float* ws, const scalar_t* bias, const scalar_t* res,
+                             scalar_t* out, int64_t N, int64_t ncols) {
   __m512i acc[MR][4];
   _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
     _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
@@ -1044,11 +1115,14 @@ static inline void int8_tile(const uint8_t* a, int64_t K, const int8_t* panel, c
     if (left <= 0) break;
     const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
     const __m512i cj = _mm512_loadu_si512(comp + 16 * j);
+    const __m512 sumj = _mm512_cvtepi32_ps(_mm512_srai_epi32(cj, 7));  // sum_k q_w[n, k], exact
     const __m512 wj = _mm512_maskz_loadu_ps(m, ws + 16 * j);
     const __m512 bj = bias ? load16_as_float(bias + 16 * j, m) : _mm512_setzero_ps();
     _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+      const float z = xlo[i] + 128.f * xs[i];
       __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], cj));
-      f = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(f, _mm512_set1_ps(xs[i])), wj), bj);
+      f = _mm512_add_ps(_mm512_mul_ps(f, _mm512_set1_ps(xs[i])), _mm512_mul_ps(_mm512_set1_ps(z), sumj));
+      f = _mm512_add_ps(_mm512_mul_ps(f, wj), bj);
       if (res) f = _mm512_add_ps(f, load16_as_float(res + i * N + 16 * j, m));
       store16_masked(out + i * N + 16 * j, f, m);
     }
@@ -1057,13 +1131,15 @@ static inline void int8_tile(const uint8_t* a, int64_t K, const int8_t* panel, c
 
 template <typename scalar_t>
 static void int8_gemm_impl(const torch::Tensor& a, const torch::Tensor& packed, const torch::Tensor& comp,
-                           const torch::Tensor& xs, const torch::Tensor& ws, const std::optional<torch::Tensor>& bias,
-                           const std::optional<torch::Tensor>& residual, torch::Tensor& out) {
+                           const torch::Tensor& xs, const torch::Tensor& xlo, const torch::Tensor& ws,
+                           const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
+                           torch::Tensor& out) {
   const int64_t M = a.size(0), K = a.size(1), N = out.size(1), panels = packed.size(0);
   const uint8_t* ap = a.data_ptr<uint8_t>();
   const int8_t* pp = packed.data_ptr<int8_t>();
   const int32_t* cp = comp.data_ptr<int32_t>();
   const float* xsp = xs.data_ptr<float>();
+  const float* xlp = xlo.data_ptr<float>();
   const float* wsp = ws.data_ptr<float>();
   const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
   const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
@@ -1076,7 +1152,7 @@ static void int8_gemm_impl(const torch::Tensor& a, const torch::Tensor& packed, 
       const int8_t* panel = pp + p * K * GEMM_NR;
       for (int64_t m = mb * GEMM_MB; m < std::min(M, (mb + 1) * GEMM_MB); m += 6) {
         auto tile = [&](auto mr) {
-          int8_tile<scalar_t, decltype(mr)::value>(ap + m * K, K, panel, cp + n0, xsp + m, wsp + n0,
+          int8_tile<scalar_t, decltype(mr)::value>(ap + m * K, K, panel, cp + n0, xsp + m, xlp + m, wsp + n0,
                                                     bp ? bp + n0 : nullptr, rp ? rp + m * N + n0 : nullptr,
                                                     op + m * N + n0, N, ncols);
         };
@@ -1125,10 +1201,12 @@ std::vector<torch::Tensor> int8_pack_weight(torch::Tensor w) {
   return {packed, comp};
 }
 
-// a [M, K] uint8 (quantize_rows_uint8), packed / comp from int8_pack_weight, x_scale [M] and w_scale [N] float32,
-// bias [N] and residual [M, N] (optional) of out's dtype, out [M, N] float32 or bfloat16 contiguous, written in place.
-void int8_gemm(torch::Tensor a, torch::Tensor packed, torch::Tensor comp, torch::Tensor x_scale, torch::Tensor w_scale,
-               std::optional<torch::Tensor> bias, std::optional<torch::Tensor> residual, torch::Tensor out) {
+// a [M, K] uint8 with x_scale / x_min [M] float32 (quantize_rows_uint8), packed / comp from int8_pack_weight,
+// w_scale [N] float32, bias [N] and residual [M, N] (optional) of out's dtype, out [M, N] float32 or bfloat16
+// contiguous, written in place.
+void int8_gemm(torch::Tensor a, torch::Tensor packed, torch::Tensor comp, torch::Tensor x_scale, torch::Tensor x_min,
+               torch::Tensor w_scale, std::optional<torch::Tensor> bias, std::optional<torch::Tensor> residual,
+               torch::Tensor out) {
   TORCH_CHECK(int8_gemm_ok, "int8_gemm needs AVX512-VNNI (check int8_gemm_available())");
   TORCH_CHECK(a.dim() == 2 && a.is_contiguous() && a.scalar_type() == torch::kUInt8, "a must be [M, K] uint8");
   TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 4 == a.size(1) && packed.size(2) == GEMM_NR,
@@ -1137,15 +1215,16 @@ void int8_gemm(torch::Tensor a, torch::Tensor packed, torch::Tensor comp, torch:
               (out.size(1) + GEMM_NR - 1) / GEMM_NR == packed.size(0), "out must be [M, N] for this packed weight");
   TORCH_CHECK(x_scale.scalar_type() == torch::kFloat32 && w_scale.scalar_type() == torch::kFloat32 &&
               x_scale.numel() == a.size(0) && w_scale.numel() == out.size(1), "scales: float32 [M] and [N]");
+  TORCH_CHECK(x_min.scalar_type() == torch::kFloat32 && x_min.numel() == a.size(0), "x_min: float32 [M]");
   TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == out.size(1) &&
                         bias->scalar_type() == out.scalar_type()), "bias must be [N] of out's dtype");
   TORCH_CHECK(!residual || (residual->is_contiguous() && residual->sizes() == out.sizes() &&
                             residual->scalar_type() == out.scalar_type()), "residual must be [M, N] of out's dtype");
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
   if (out.scalar_type() == torch::kFloat32)
-    int8_gemm_impl<float>(a, packed, comp, x_scale, w_scale, bias, residual, out);
+    int8_gemm_impl<float>(a, packed, comp, x_scale, x_min, w_scale, bias, residual, out);
   else if (out.scalar_type() == torch::kBFloat16)
-    int8_gemm_impl<c10::BFloat16>(a, packed, comp, x_scale, w_scale, bias, residual, out);
+    int8_gemm_impl<c10::BFloat16>(a, packed, comp, x_scale, x_min, w_scale, bias, residual, out);
   else
     TORCH_CHECK(false, "out must be float32 or bfloat16");
 #endif

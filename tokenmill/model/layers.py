@@ -37,6 +37,17 @@ def _cpu_kernels():
     return cpu_kernel.load()
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] = [gate | up] -> [..., I] silu(gate) * up; on CPU in float32 / bfloat16 one C++ pass (torch's
+    roundings; a value may differ in its last bit, tested)."""
+    if gate_up.device.type == "cpu" and gate_up.dtype in (torch.float32, torch.bfloat16) and gate_up.dim() == 2:
+        kernels = _cpu_kernels()
+        if kernels is not None:
+            return kernels.silu_mul(gate_up.contiguous())
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
     """Inverse frequencies [head_dim // 2], with linear or llama3 scaling applied."""
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -183,13 +194,12 @@ class Linear(nn.Module):
     def forward_gated(self, gate_up: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + (silu(gate) * up) W^T (+ b) for gate_up [M, 2 * in] = [gate | up]: a gated MLP's down
         projection. Under w8a8 in bfloat16 on the C++ kernels the activation and the quantization of its result are
-        one pass; otherwise the torch ops, then this layer through the module call."""
+        one pass; otherwise ``silu_mul`` (one C++ pass on CPU), then this layer through the module call."""
         if isinstance(self.quantized, W8A8Weight):
             y = self.quantized.forward_silu_mul(gate_up, self.bias, residual)
             if y is not None:
                 return y
-        gate, up = gate_up.split(self.in_features, dim=-1)
-        return self(F.silu(gate) * up, residual)
+        return self(silu_mul(gate_up), residual)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + x W^T + b, through the module call (so forward hooks, e.g. SmoothQuant's statistics, see it)."""

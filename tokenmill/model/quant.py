@@ -1,7 +1,10 @@
 """Quantized weights for the linear layers (CPU): ``w8a8``, and ``int8`` / ``int4`` weight-only.
 
-- ``w8a8``: int8 weights, symmetric per output channel; activations quantized to int8 per token on the fly (symmetric,
-  absmax), multiplied with int32 accumulation, then scaled by ``x_scale[token] * w_scale[channel]``. On a CPU with
+- ``w8a8``: int8 weights, symmetric per output channel; activations quantized to 8 bits per token on the fly
+  (asymmetric: 256 levels from the token's minimum to its maximum), multiplied with int32 accumulation, then
+  ``(acc * x_scale[token] + z[token] * w_sum[channel]) * w_scale[channel]``, where ``z`` is the value of code 0 and
+  ``w_sum`` each channel's sum of codes. (Asymmetric codes cost SmolLM2 ~1 point of perplexity less than symmetric
+  absmax ones: BENCHMARKS.md.) On a CPU with
   AVX512-VNNI the weight is packed once for the C++ kernels' ``int8_gemm`` (VNNI tiles, the scales, bias and residual
   fused into its stores); elsewhere ``torch._int_mm`` (oneDNN) and a separate epilogue pass. The throughput mode.
 - ``int8``: int8 weights per output channel, activations stay float (``torch._weight_int8pack_mm``). Half of bf16's
@@ -73,21 +76,26 @@ def quantize_int4_groups(w: torch.Tensor, group: int = INT4_GROUP_SIZE) -> Int4G
     return Int4Groups(q, scale, lo + 8 * scale)
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8 of activations: [M, K] -> ([M, K] int8, [M] float32), ``x ~ q * scale[:, None]``.
-    One C++ pass on CPU (bit-equal to the torch ops here, tested)."""
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric per-row 8-bit codes of activations: [M, K] -> (q [M, K] int8, scale [M], x_min [M] float32) with
+    ``u = round((x - x_min) / scale)`` in 0..255, ``scale = (max - min) / 255``, ``q = u - 128``, so
+    ``x ~ q * scale + (x_min + 128 * scale)``. One C++ pass on CPU (bit-equal to the torch ops here, tested)."""
     kernels = _kernels(x)
     if kernels is not None:
-        q, scale = kernels.quantize_rows_int8(x.contiguous())
-        return q, scale
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12) / 127
-    return torch.round(x / scale).to(torch.int8), scale[:, 0]
+        q, scale, lo = kernels.quantize_rows_int8(x.contiguous())
+        return q, scale, lo
+    lo, hi = x.amin(dim=1, keepdim=True).float(), x.amax(dim=1, keepdim=True).float()
+    scale = (hi - lo).clamp_(min=1e-12) / 255
+    u = torch.round((x - lo) / scale).clamp_(max=255)
+    return (u - 128).to(torch.int8), scale[:, 0], lo[:, 0]
 
 
-def scaled_int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                         residual: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """acc [M, N] int32 -> ``acc * x_scale[:, None] * w_scale (+ bias) (+ residual)`` in ``dtype``: one C++ pass on
-    CPU (rounded once), torch ops elsewhere."""
+def scaled_int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, x_min: torch.Tensor, w_scale: torch.Tensor,
+                         w_sum: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """acc [M, N] int32 (quantize_per_token's codes times the int8 weight) -> ``(acc * x_scale[:, None] + z[:, None]
+    * w_sum) * w_scale (+ bias) (+ residual)`` in ``dtype``, ``z = x_min + 128 * x_scale``: one C++ pass on CPU
+    (rounded once), torch ops elsewhere."""
     kernels = _kernels(acc)
     if kernels is not None:
         out = torch.empty(acc.shape, dtype=dtype, device=acc.device)
@@ -95,9 +103,10 @@ def scaled_int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torc
             bias = bias.to(dtype).contiguous()
         if residual is not None:
             residual = residual.to(dtype).contiguous()
-        kernels.int8_epilogue(acc, x_scale, w_scale, bias, residual, out)
+        kernels.int8_epilogue(acc, x_scale, x_min, w_scale, w_sum, bias, residual, out)
         return out
-    y = acc.float().mul_(x_scale[:, None]).mul_(w_scale)
+    z = x_min + 128 * x_scale
+    y = (acc.float() * x_scale[:, None] + z[:, None] * w_sum).mul_(w_scale)
     if bias is not None:
         y += bias
     if residual is not None:
@@ -141,7 +150,8 @@ def _to_float(w: torch.Tensor | Int4Groups) -> torch.Tensor:
 class W8A8Weight(QuantizedWeight):
     """``qweight`` is [N, K] while loading. Once final, where the C++ kernels run ``int8_gemm`` (a CPU with
     AVX512-VNNI, K a multiple of 4, float32 or bfloat16 activations): ``packed`` / ``comp`` (``int8_pack_weight``)
-    and no ``qweight``; elsewhere ``qweight`` is [K, N] contiguous (``torch._int_mm``'s faster layout)."""
+    and no ``qweight``; elsewhere ``qweight`` is [K, N] contiguous (``torch._int_mm``'s faster layout) and ``w_sum``
+    its channels' sums of codes (the epilogue's term for the activations' zero point)."""
 
     def __init__(self, out_features: int, in_features: int) -> None:
         super().__init__(out_features, in_features)
@@ -149,6 +159,7 @@ class W8A8Weight(QuantizedWeight):
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))  # [N]
         self.register_buffer("packed", None)  # [ceil(N / 64), K / 4, 64, 4] int8 once final, on the kernel path
         self.register_buffer("comp", None)  # [ceil(N / 64) * 64] int32: 128 * each channel's sum of codes
+        self.register_buffer("w_sum", None)  # [N] float32: each channel's sum of codes (the torch._int_mm path)
 
     def finalize(self, dtype: torch.dtype) -> None:
         kernels = _kernels(self.qweight)
@@ -157,6 +168,7 @@ class W8A8Weight(QuantizedWeight):
             self.packed, self.comp = kernels.int8_pack_weight(self.qweight.contiguous())
             self.qweight = None
         else:
+            self.w_sum = self.qweight.sum(dim=1, dtype=torch.int32).float()
             self.qweight = self.qweight.t().contiguous()  # [K, N]
 
     def load_rows(self, offset: int, w: torch.Tensor | Int4Groups) -> None:
@@ -176,11 +188,11 @@ class W8A8Weight(QuantizedWeight):
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         res = None if residual is None else residual.reshape(-1, self.out_features)
         if self.packed is not None:
-            xu, xs = cpu_kernel.load().quantize_rows_uint8(x2.contiguous())  # [M, K] uint8 (codes + 128), [M]
-            return self._gemm(xu, xs, bias, res, dtype).reshape(*lead, self.out_features)
-        xq, xs = quantize_per_token(x2)  # [M, K] int8, [M]
+            xu, xs, xlo = cpu_kernel.load().quantize_rows_uint8(x2.contiguous())  # [M, K] uint8 codes, [M], [M]
+            return self._gemm(xu, xs, xlo, bias, res, dtype).reshape(*lead, self.out_features)
+        xq, xs, xlo = quantize_per_token(x2)  # [M, K] int8, [M], [M]
         acc = torch._int_mm(xq, self.qweight)  # [M, K] x [K, N] -> [M, N] int32
-        y = scaled_int8_epilogue(acc, xs, self.scale, bias, res, dtype)
+        y = scaled_int8_epilogue(acc, xs, xlo, self.scale, self.w_sum, bias, res, dtype)
         return y.reshape(*lead, self.out_features)
 
     def forward_silu_mul(self, gate_up: torch.Tensor, bias: torch.Tensor | None,
@@ -190,14 +202,15 @@ class W8A8Weight(QuantizedWeight):
         weight, or not bfloat16): the caller then runs the torch ops."""
         if self.packed is None or gate_up.dtype != torch.bfloat16 or gate_up.dim() != 2:
             return None
-        xu, xs = cpu_kernel.load().silu_mul_quantize_uint8(gate_up.contiguous())  # [M, K] uint8, [M]
-        return self._gemm(xu, xs, bias, residual, gate_up.dtype)
+        xu, xs, xlo = cpu_kernel.load().silu_mul_quantize_uint8(gate_up.contiguous())  # [M, K] uint8, [M], [M]
+        return self._gemm(xu, xs, xlo, bias, residual, gate_up.dtype)
 
-    def _gemm(self, xu: torch.Tensor, xs: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-              dtype: torch.dtype) -> torch.Tensor:  # [M, K] uint8 codes + 128, [M] scales -> [M, N] in dtype
+    def _gemm(self, xu: torch.Tensor, xs: torch.Tensor, xlo: torch.Tensor, bias: torch.Tensor | None,
+              residual: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """[M, K] uint8 codes with their [M] scales and minima -> [M, N] in dtype."""
         y = torch.empty(xu.shape[0], self.out_features, dtype=dtype)
-        cpu_kernel.load().int8_gemm(xu, self.packed, self.comp, xs, self.scale, _as(bias, dtype), _as(residual, dtype),
-                                    y)
+        cpu_kernel.load().int8_gemm(xu, self.packed, self.comp, xs, xlo, self.scale, _as(bias, dtype),
+                                    _as(residual, dtype), y)
         return y
 
 
