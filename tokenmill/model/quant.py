@@ -78,7 +78,7 @@ def quantize_int4_groups(w: torch.Tensor, group: int = INT4_GROUP_SIZE) -> Int4G
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric per-row 8-bit codes of activations: [M, K] -> (q [M, K] int8, scale [M], x_min [M] float32) with
-    ``u = round((x - x_min) / scale)`` in 0..255, ``scale = (max - min) / 255``, ``q = u - 128``, so
+    ``u = round((x - x_min) * (1 / scale))`` in 0..255, ``scale = (max - min) / 255``, ``q = u - 128``, so
     ``x ~ q * scale + (x_min + 128 * scale)``. One C++ pass on CPU (bit-equal to the torch ops here, tested)."""
     kernels = _kernels(x)
     if kernels is not None:
@@ -86,7 +86,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
         return q, scale, lo
     lo, hi = x.amin(dim=1, keepdim=True).float(), x.amax(dim=1, keepdim=True).float()
     scale = (hi - lo).clamp_(min=1e-12) / 255
-    u = torch.round((x - lo) / scale).clamp_(max=255)
+    u = torch.round((x - lo) * (1 / scale)).clamp_(max=255)
     return (u - 128).to(torch.int8), scale[:, 0], lo[:, 0]
 
 
