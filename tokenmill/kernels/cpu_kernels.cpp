@@ -327,7 +327,8 @@ static inline void pv_block(float* const* acc, const float* const* p, const cach
 }
 
 // attend() for float, bfloat16 and fp8 caches with D = 16 * NV on AVX-512: the same two passes, with K rows scored
-// 16 at a time (score_rows16) and V rows widened in registers, once per KV group, instead of into a float tile.
+// 16 at a time (score_rows16) and V rows widened in registers, once per KV group, instead of into a float tile (an
+// fp8 block still goes through the tile: converting it once beats converting each row for every head).
 // HB: query heads per register block in pass 2 (a group of G heads runs in ceil(G / HB) blocks; a last, partial
 // block repeats its last head, whose duplicate sums are stored twice, identically).
 template <typename scalar_t, typename cache_t, int NV, int HB>
@@ -831,12 +832,12 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 // after it. Each is one pass over the data here instead of 4-6 torch ops with as many temporaries.
 
 // x [M, K] contiguous (float32 / bf16 / fp16) -> per row, asymmetric: lo = min(x), scale = max(max(x) - lo, 1e-12)
-// / 255 (float32), codes u = round_half_even((x - lo) * (1 / scale)) in 0..255 (a multiply by the reciprocal: a
-// division per value cost several percent of a w8a8 decode step). Bit-equal to the torch ops in model/quant.py (same
-// subtraction, reciprocal, product and rounding). The value of u is lo + u * scale; with q = u - 128 (the
-// int8 codes torch._int_mm takes) it is q * scale + (lo + 128 * scale), which the epilogues use. Asymmetric codes
-// spend all 256 levels on the row's own range: w8a8's perplexity cost on SmolLM2 fell from ~3% to ~2% against
-// symmetric absmax codes (BENCHMARKS.md).
+// / 255 (float32), codes u = round_half_even((x - lo) * (1 / scale)) in 0..255 (one reciprocal per row, then a
+// multiply per value instead of a division). Bit-equal to the torch ops in model/quant.py (same subtraction,
+// reciprocal, product and rounding). The value of u is lo + u * scale; with q = u - 128 (the int8 codes
+// torch._int_mm takes) it is q * scale + (lo + 128 * scale), which the epilogues use. Asymmetric codes spend all 256
+// levels on the row's own range, where symmetric absmax codes leave half of them unused on a one-sided row (the
+// perplexity this saves: BENCHMARKS.md).
 // One row: the scalar loop is the definition; with AVX-512 the same subtraction, product and round-half-even
 // (cvtps2dq under the default rounding mode) run 16 lanes at a time.
 // offset: store u as uint8 (the unsigned operand of VNNI's u8 x s8 products); otherwise q = u - 128 as int8 (the
@@ -953,7 +954,7 @@ std::vector<torch::Tensor> silu_mul_quantize_uint8(torch::Tensor gate_up) {
 // A gated MLP's activation in one pass: gate_up [M, 2I] float32 or bfloat16 contiguous (gate first) -> [M, I]
 // silu(gate) * up, with torch's roundings in bfloat16 (F.silu's result rounded, then the product); the sigmoid as in
 // silu_mul_quantize_uint8, so a value may differ from torch's in its last bit. Replaces two torch ops and their
-// [M, I] temporary: ~1.1 ms of a 128-row decode step and ~33 ms of a 1,700-token prefill step in SmolLM2 bfloat16.
+// [M, I] temporary (BENCHMARKS.md).
 template <typename scalar_t>
 static void silu_mul_impl(const scalar_t* gp, scalar_t* op, int64_t M, int64_t I) {
   at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
@@ -1043,7 +1044,9 @@ void int8_epilogue(torch::Tensor acc, torch::Tensor x_scale, torch::Tensor x_min
   TORCH_CHECK(!residual || (residual->is_contiguous() && residual->sizes() == out.sizes() &&
                             residual->scalar_type() == out.scalar_type()), "residual must be [M, N] of out's dtype");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, out.scalar_type(), "int8_epilogue",
-                                  [&] { int8_epilogue_impl<scalar_t>(acc, x_scale, x_min, w_scale, w_sum, bias, residual, out); });
+                                  [&] {
+    int8_epilogue_impl<scalar_t>(acc, x_scale, x_min, w_scale, w_sum, bias, residual, out);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------- int8 GEMM (VNNI)
@@ -1051,8 +1054,9 @@ void int8_epilogue(torch::Tensor acc, torch::Tensor x_scale, torch::Tensor x_min
 // sum_k q_w[n, k]) * w_scale[n] (+ bias[n]) (+ residual[m, n]) with q_x = u - 128 and z = x_min + 128 x_scale,
 // rounded once to out's dtype (the same expression, in the same order, as int8_epilogue after torch._int_mm).
 // AVX512-VNNI's vpdpbusd multiplies unsigned by signed bytes: the activations come as their codes u
-// (quantize_rows_uint8) and 128 * sum_k q_w[n, k] (``comp``, computed when packing) is taken off the int32 sums. The weight is packed once into panels of 64 output channels, [N/64][K/4][64][4]: one k-step of 4 bytes
-// for 64 channels is four 64-byte loads. A register tile of MR rows x 64 channels (24 accumulators at MR = 6) walks
+// (quantize_rows_uint8) and 128 * sum_k q_w[n, k] (``comp``, computed when packing) is taken off the int32 sums.
+// The weight is packed once into panels of 64 output channels, [N/64][K/4][64][4]: one k-step of 4 bytes for 64
+// channels is four 64-byte loads. A register tile of MR rows x 64 channels (24 accumulators at MR = 6) walks
 // K; threads take (panel, row block) tasks, panel-major so a thread's next task reuses the panel from cache.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 static constexpr bool int8_gemm_ok = true;

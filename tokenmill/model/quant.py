@@ -1,12 +1,12 @@
 """Quantized weights for the linear layers (CPU): ``w8a8``, and ``int8`` / ``int4`` weight-only.
 
 - ``w8a8``: int8 weights, symmetric per output channel; activations quantized to 8 bits per token on the fly
-  (asymmetric: 256 levels from the token's minimum to its maximum), multiplied with int32 accumulation, then
-  ``(acc * x_scale[token] + z[token] * w_sum[channel]) * w_scale[channel]``, where ``z`` is the value of code 0 and
-  ``w_sum`` each channel's sum of codes. (Asymmetric codes cost SmolLM2 ~1 point of perplexity less than symmetric
-  absmax ones: BENCHMARKS.md.) On a CPU with
-  AVX512-VNNI the weight is packed once for the C++ kernels' ``int8_gemm`` (VNNI tiles, the scales, bias and residual
-  fused into its stores); elsewhere ``torch._int_mm`` (oneDNN) and a separate epilogue pass. The throughput mode.
+  (asymmetric: 256 levels from the token's minimum to its maximum, which costs less perplexity than symmetric absmax
+  codes; BENCHMARKS.md), multiplied with int32 accumulation, then ``(acc * x_scale[token] + z[token] *
+  w_sum[channel]) * w_scale[channel]``, where ``z`` is the value of code 0 and ``w_sum`` each channel's sum of codes.
+  On a CPU with AVX512-VNNI the weight is packed once for the C++ kernels' ``int8_gemm`` (VNNI tiles, the scales,
+  zero points, bias and residual fused into its stores); elsewhere ``torch._int_mm`` (oneDNN) and a separate epilogue
+  pass. The throughput mode.
 - ``int8``: int8 weights per output channel, activations stay float (``torch._weight_int8pack_mm``). Half of bf16's
   weight bytes.
 - Both weight-only kernels multiply in bfloat16: in a float32 model the layer's input is rounded to bfloat16 and its

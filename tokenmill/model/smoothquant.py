@@ -1,9 +1,9 @@
 """SmoothQuant for ``w8a8`` Llama-family models: move activation outliers into the weights before quantizing.
 
-Per-token int8 activations lose the small channels of a token that has a few huge ones (LLM activations have such
+Per-token 8-bit activations lose the small channels of a token that has a few huge ones (LLM activations have such
 outlier channels). SmoothQuant (Xiao et al., 2023) divides input channel j of a linear layer by
 ``s_j = max|X_j| ** alpha / max|W[:, j]| ** (1 - alpha)`` and multiplies the weight's column j by it, which leaves
-the product unchanged and evens out the channels the int8 activations must cover. The division is folded into what
+the product unchanged and evens out the channels the 8-bit activation codes must cover. The division is folded into what
 produces the input, so it costs nothing at run time:
 
 - q/k/v projections: their input is ``input_layernorm``'s output, so its weight is divided by s;
