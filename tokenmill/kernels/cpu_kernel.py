@@ -27,8 +27,7 @@ rounded once) are one pass each instead of 4-6 torch ops with as many temporarie
 AVX512-VNNI, w8a8 skips both torch._int_mm and the separate epilogue: ``int8_pack_weight`` packs each weight once
 into panels of 64 channels, and ``int8_gemm`` multiplies the activations' unsigned codes (``quantize_rows_uint8``)
 with VNNI's u8 x s8 dot products, takes off 128 x each channel's code sum, and applies the epilogue in registers
-before its one store (``int8_gemm_available()`` says
-whether this build has it).
+before its one store (``int8_gemm_available()`` says whether this build has it).
 
 The C++ source is ``cpu_kernels.cpp`` beside this file. It is compiled (``-march=native``, needs a C++ compiler and
 ninja) once per machine and the shared library is kept under ``~/.cache/tokenmill/kernels/`` (``XDG_CACHE_HOME``

@@ -199,7 +199,7 @@ class W8A8Weight(QuantizedWeight):
                          residual: torch.Tensor | None) -> torch.Tensor | None:
         """(silu(gate) * up) W^T (+ bias) (+ residual) for gate_up [M, 2K] = [gate | up], the activation and its
         quantization one C++ pass (``silu_mul_quantize_uint8``). None where that path does not apply (no packed
-        weight, or not bfloat16): the caller then runs the torch ops."""
+        weight, or not bfloat16): the caller then runs ``silu_mul`` and ``forward``."""
         if self.packed is None or gate_up.dtype != torch.bfloat16 or gate_up.dim() != 2:
             return None
         xu, xs, xlo = cpu_kernel.load().silu_mul_quantize_uint8(gate_up.contiguous())  # [M, K] uint8, [M], [M]
