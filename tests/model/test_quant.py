@@ -1,7 +1,8 @@
 """Quantized linear layers (w8a8, int8 and int4 weight-only): each against the float product within a bound derived
-from its quantization step; the C++ helpers against the torch ops; GGUF 4-bit blocks unpacked equal to the gguf
-package's dequantization; SmoothQuant's folding leaves the float model unchanged; whole models (tiny random ones and
-SmolLM2) through every mode, and the quality gates of the README on SmolLM2."""
+from its quantization step; the C++ helpers against the torch ops; GGUF 4-bit and Q8_0 blocks unpacked equal to the
+gguf package's dequantization (int4 / int8 hold them as they are); SmoothQuant's folding leaves the float model
+unchanged; whole models (tiny random ones and SmolLM2) through every mode, and the quality gates of the README on
+SmolLM2."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import torch
 from helpers import save_tiny_model
 from tokenmill import LLM, SamplingParams
 from tokenmill.kernels import cpu_kernel
-from tokenmill.model.quant import (INT4_GROUP_SIZE, Int4Groups, Int4Weight, Int8Weight, W8A8Weight,
-                                   quantize_int4_groups, quantize_int8_rows, quantize_per_token, scaled_int8_epilogue)
+from tokenmill.model.quant import (INT4_GROUP_SIZE, INT8_GROUP_SIZE, Int4Groups, Int4Weight, Int8Groups, Int8Weight,
+                                   W8A8Weight, quantize_int4_groups, quantize_int8_groups, quantize_int8_rows,
+                                   quantize_per_token, scaled_int8_epilogue)
 
 needs_kernels = pytest.mark.skipif(cpu_kernel.load() is None, reason="the C++ CPU kernels do not build here")
 
@@ -173,19 +175,84 @@ def _bound(x: torch.Tensor, dw: torch.Tensor, w: torch.Tensor | None = None, dx:
     return b
 
 
+@needs_kernels
+@pytest.mark.parametrize("m,k,n", [(1, 32, 16), (7, 96, 50), (53, 576, 96), (130, 64, 33)])
+def test_int8g_gemm_kernel_equals_the_float_product(m, k, n):
+    """The grouped int8 weight-only GEMM (codes widened to bfloat16, a group's sum scaled once) equals the float64
+    product of the bfloat16 input with the dequantized groups, up to float32 summation (K products, exact in float32,
+    and K / 32 scaled partial sums) and the output's one rounding. Shapes cover row counts across register tiles (6)
+    and tasks (48) and channels past a panel of 32; bias and residual fused."""
+    mod = cpu_kernel.load()
+    if not mod.int8g_gemm_available():
+        pytest.skip("int8g_gemm needs AVX512-BF16")
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = (torch.rand(n, k // 32, generator=g) * 1e-2 + 1e-4).half()
+    x = _rand(m, k, seed=n).bfloat16()
+    packed, scales = mod.int8g_pack_weight(q, scale)
+    ref_w = q.double() * scale.double().repeat_interleave(32, 1)
+    mag = x.double().abs() @ ref_w.abs().T  # sum of |terms|
+    for dtype in (torch.float32, torch.bfloat16):
+        b, r = _rand(n, seed=1).to(dtype), _rand(m, n, seed=2).to(dtype)
+        for bias, res in ((None, None), (b, r)):
+            out = torch.empty(m, n, dtype=dtype)
+            mod.int8g_gemm(x, packed, scales, bias, res, out)
+            ref = x.double() @ ref_w.T
+            if bias is not None:
+                ref = ref + bias.double() + res.double()
+            tol = 4 * k * torch.finfo(torch.float32).eps * (mag + ref.abs() + 1)
+            if dtype == torch.bfloat16:
+                tol = tol + torch.finfo(torch.bfloat16).eps / 2 * ref.abs() * 1.01
+            assert ((out.double() - ref).abs() <= tol).all(), dtype
+
+
+def test_int8_groups_within_half_a_step_with_float16_scales():
+    w = _rand(24, 96, seed=11, scale=0.05)
+    w[3, 40] = 4.0  # an outlier costs only its own group
+    w[5, :32] = 0.0  # an all-zero group stays zero
+    groups = quantize_int8_groups(w)
+    assert torch.equal(groups.scale, groups.scale.half().float())  # float16 values, as Q8_0 stores them
+    assert int(groups.q.abs().max()) <= 127 and (groups.q[5, :32] == 0).all()
+    step = groups.scale.repeat_interleave(INT8_GROUP_SIZE, 1)
+    assert ((groups.dequantize() - w).abs() <= step / 2 * 1.001 + 1e-9).all()
+    assert (groups.dequantize()[3, 64:] - w[3, 64:]).abs().max() < 0.05 / 127  # other groups keep a fine step
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Int8Weight(8, 48)
+
+
+@pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_weight_only_within_half_a_step(dtype):
+def test_int8_weight_only_within_half_a_step(dtype, kernels, monkeypatch):
+    """With the C++ kernels: groups of 32 (half a group's step); without them, the groups requantized per channel
+    (within half a group step plus half a channel step). Loading int8 groups (a Q8_0 file's) keeps them as they are."""
+    if not kernels:
+        monkeypatch.setattr(cpu_kernel, "load", lambda: None)
+    elif cpu_kernel.load() is None or not cpu_kernel.load().int8g_gemm_available():
+        pytest.skip("int8g_gemm needs the C++ kernels and AVX512-BF16")
     w, x, bias = _rand(96, 64, seed=1, scale=0.05), _rand(5, 64, seed=2), _rand(96, seed=3)
     layer = Int8Weight(96, 64)
     layer.load_rows(0, w[:40])  # two shards, as a fused layer is loaded
     layer.load_rows(40, w[40:])
     layer.finalize(dtype)
+    assert (layer.packed is not None) == kernels
     y = layer(x.to(dtype), bias.to(dtype)).float()
-    _, scale = quantize_int8_rows(w)
-    step = (scale / 2)[:, None].expand_as(w)  # |dW| <= half a step per row
+    groups = quantize_int8_groups(w)
+    step = (groups.scale / 2).repeat_interleave(INT8_GROUP_SIZE, 1)  # |dW| <= half a step per group
+    if not kernels:
+        step = step + (quantize_int8_rows(groups.dequantize())[1] / 2)[:, None]
     err = (y - (x @ w.T + bias)).abs()
     bf16 = torch.finfo(torch.bfloat16).eps  # weight-only kernels multiply in bfloat16, whatever the model's dtype
     assert (err <= _bound(x, step) + 3 * bf16 * (x.abs() @ w.abs().T + bias.abs())).all()
+    if kernels:
+        back = layer.groups()  # the packed panels give back exactly the loaded groups
+        assert torch.equal(back.q, groups.q) and torch.equal(back.scale, groups.scale)
+        exact = Int8Weight(96, 64)
+        exact.load_rows(0, groups)
+        exact.finalize(torch.float32)
+        deq = groups.dequantize()
+        xb = x.bfloat16().float()  # the kernel's only rounding is of the input (and float32 summation)
+        assert ((exact(x, None) - xb @ deq.T).abs() <= 1e-5 * (xb.abs() @ deq.abs().T) + 1e-7).all()
+        torch.testing.assert_close(layer.column_absmax(), deq.abs().amax(0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -257,6 +324,42 @@ def test_gguf_blocks_unpack_equal_to_the_gguf_dequantization(qtype):
     np.testing.assert_allclose(groups.dequantize().numpy(), ref, rtol=1e-6, atol=1e-6)
 
 
+def test_gguf_q8_0_blocks_load_as_int8_groups(tmp_path):
+    """A Q8_0 GGUF tensor unpacks into Int8Groups equal to the gguf package's dequantization, and iter_gguf_weights
+    gives them for the linear weights under int8 (Q rows unpermuted like the float path's), floats otherwise."""
+    import gguf
+
+    from tokenmill.model.gguf_weights import iter_gguf_weights, open_gguf, unpack_q8_0
+
+    rng = np.random.default_rng(0)
+    n, k, heads = 8, 64, 2
+    w = {name: rng.standard_normal((n, k)).astype(np.float32) for name in ("blk.0.attn_q.weight",
+                                                                          "blk.0.ffn_up.weight")}
+    data = {name: gguf.quantize(a, gguf.GGMLQuantizationType.Q8_0) for name, a in w.items()}
+    groups = unpack_q8_0(data["blk.0.ffn_up.weight"], [n, k])
+    ref = gguf.dequantize(data["blk.0.ffn_up.weight"], gguf.GGMLQuantizationType.Q8_0).reshape(n, k)
+    assert groups.q.dtype == torch.int8 and torch.equal(groups.scale, groups.scale.half().float())
+    np.testing.assert_array_equal(groups.dequantize().numpy(), ref)
+
+    path = tmp_path / "q8.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(heads)
+    for name, raw in data.items():
+        writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model = open_gguf(path)
+    floats = dict(iter_gguf_weights(model))
+    as_groups = dict(iter_gguf_weights(model, groups="int8"))
+    assert set(floats) == set(as_groups) == {"model.layers.0.self_attn.q_proj.weight",
+                                             "model.layers.0.mlp.up_proj.weight"}
+    for name, t in as_groups.items():
+        assert isinstance(t, Int8Groups) and torch.equal(t.dequantize(), floats[name])
+
+
 def test_smollm2_int4_loads_its_q4_blocks_without_rounding(cache_dir):
     """The default model is Q4_1: int4 holds the file's own codes, so its layers equal the dequantized weights."""
     import gguf
@@ -267,7 +370,7 @@ def test_smollm2_int4_loads_its_q4_blocks_without_rounding(cache_dir):
     model = open_gguf(default_model_path())
     reader_types = {hf_name_of(t.name): t.tensor_type for t in model.reader.tensors}
     seen = 0
-    for name, w in iter_gguf_weights(model, int4_groups=True):
+    for name, w in iter_gguf_weights(model, groups="int4"):
         if isinstance(w, Int4Groups):
             assert reader_types[name] == gguf.GGMLQuantizationType.Q4_1
             seen += 1

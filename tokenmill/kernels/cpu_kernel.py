@@ -58,7 +58,8 @@ _SOURCE_FILE = Path(__file__).with_name("cpu_kernels.cpp")  # the C++ source, sh
 _MODULE = "tokenmill_cpu_kernels"
 _FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention", "quantize_rows_int8", "int8_epilogue",
               "quantize_rows_uint8", "int8_gemm_available", "int8_pack_weight", "int8_gemm", "write_kv",
-              "argmax_rows", "rope", "silu_mul_quantize_uint8", "silu_mul"]
+              "argmax_rows", "rope", "silu_mul_quantize_uint8", "silu_mul", "int8g_gemm_available",
+              "int8g_pack_weight", "int8g_gemm"]
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
            "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

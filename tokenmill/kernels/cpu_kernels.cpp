@@ -1235,3 +1235,169 @@ void int8_gemm(torch::Tensor a, torch::Tensor packed, torch::Tensor comp, torch:
     TORCH_CHECK(false, "out must be float32 or bfloat16");
 #endif
 }
+
+// ------------------------------------------------------------------ int8 weights in groups of 32, bf16 activations
+// The int8 weight-only GEMM: y[m, n] = sum_g s[n, g] * sum_{k in group g} x[m, k] * q[n, k] (+ bias) (+ residual),
+// with int8 codes q and one float16 scale per 32 weights along K (GGUF's Q8_0 blocks exactly), x in bfloat16.
+// The weight is packed once into panels of 32 channels, [N/32][K/2][32][2] int8, the scales into [N/32][K/32][32].
+// A task (panel, block of rows) widens its panel's codes to bfloat16 in a thread-local buffer (exact: |q| <= 127
+// needs 7 bits), which the thread's next task on the same panel reuses. Register tiles of MR rows x 32 channels
+// then walk the groups: vdpbf16ps sums a group's products in float32 (products of bfloat16 values are exact), and
+// one fma per group and 16 channels applies the group's scales.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+static constexpr bool int8g_gemm_ok = true;
+constexpr int64_t G8_NR = 32;     // output channels per panel (2 x 16 float lanes)
+constexpr int64_t G8_GROUP = 32;  // weights per scale along K
+constexpr int64_t G8_MB = 48;     // rows per task (8 register tiles of 6)
+
+// panel codes [K/2][32][2] int8 -> the same layout in bfloat16 (32 values per 64-byte vector).
+static void int8g_widen(const int8_t* src, uint16_t* dst, int64_t K) {
+  for (int64_t i = 0; i < K * G8_NR; i += 32) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(src + i))));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(src + i + 16))));
+    _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
+
+// rows m0 .. m0 + MR - 1 of the output's columns n0 .. n0 + ncols - 1 (ncols <= 32; the panel is zero-padded).
+template <typename scalar_t, int MR>
+static inline void int8g_tile(const uint16_t* x, int64_t K, const uint16_t* wb, const uint16_t* sc,
+                              const scalar_t* bias, const scalar_t* res, scalar_t* out, int64_t N, int64_t ncols) {
+  __m512 acc[MR][2];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < K / G8_GROUP; ++g) {
+    __m512 part[MR][2];
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) part[i][0] = part[i][1] = _mm512_setzero_ps();
+    const uint16_t* w = wb + g * G8_GROUP * G8_NR;
+    const uint16_t* xg = x + g * G8_GROUP;
+    _Pragma("GCC unroll 4") for (int p = 0; p < G8_GROUP / 2; ++p) {
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 2 * G8_NR);
+      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + p * 2 * G8_NR + 32);
+      _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+        int32_t x2;
+        std::memcpy(&x2, xg + i * K + 2 * p, sizeof(x2));
+        const __m512bh va = (__m512bh)_mm512_set1_epi32(x2);
+        part[i][0] = _mm512_dpbf16_ps(part[i][0], va, w0);
+        part[i][1] = _mm512_dpbf16_ps(part[i][1], va, w1);
+      }
+    }
+    const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sc + g * G8_NR)));
+    const __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sc + g * G8_NR + 16)));
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+      acc[i][0] = _mm512_fmadd_ps(part[i][0], s0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(part[i][1], s1, acc[i][1]);
+    }
+  }
+  _Pragma("GCC unroll 2") for (int j = 0; j < 2; ++j) {
+    const int64_t left = ncols - 16 * j;
+    if (left <= 0) break;
+    const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+    const __m512 bj = bias ? load16_as_float(bias + 16 * j, m) : _mm512_setzero_ps();
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+      __m512 f = _mm512_add_ps(acc[i][j], bj);
+      if (res) f = _mm512_add_ps(f, load16_as_float(res + i * N + 16 * j, m));
+      store16_masked(out + i * N + 16 * j, f, m);
+    }
+  }
+}
+
+template <typename scalar_t>
+static void int8g_gemm_impl(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                            const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
+                            torch::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), panels = packed.size(0);
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const int8_t* pp = packed.data_ptr<int8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t blocks = (M + G8_MB - 1) / G8_MB;
+  at::parallel_for(0, panels * blocks, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<uint16_t> wide;
+    int64_t widened = -1;  // the panel in `wide` during this call
+    wide.resize(K * G8_NR);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p = t / blocks, mb = t % blocks, n0 = p * G8_NR;
+      if (p != widened) {
+        int8g_widen(pp + p * K * G8_NR, wide.data(), K);
+        widened = p;
+      }
+      const int64_t ncols = std::min(G8_NR, N - n0);
+      const uint16_t* sc = sp + p * (K / G8_GROUP) * G8_NR;
+      for (int64_t m = mb * G8_MB; m < std::min(M, (mb + 1) * G8_MB); m += 6) {
+        auto tile = [&](auto mr) {
+          int8g_tile<scalar_t, decltype(mr)::value>(xp + m * K, K, wide.data(), sc, bp ? bp + n0 : nullptr,
+                                                     rp ? rp + m * N + n0 : nullptr, op + m * N + n0, N, ncols);
+        };
+        switch (std::min<int64_t>(6, M - m)) {
+          case 6: tile(std::integral_constant<int, 6>{}); break;
+          case 5: tile(std::integral_constant<int, 5>{}); break;
+          case 4: tile(std::integral_constant<int, 4>{}); break;
+          case 3: tile(std::integral_constant<int, 3>{}); break;
+          case 2: tile(std::integral_constant<int, 2>{}); break;
+          default: tile(std::integral_constant<int, 1>{}); break;
+        }
+      }
+    }
+  });
+}
+#else
+static constexpr bool int8g_gemm_ok = false;
+constexpr int64_t G8_NR = 32;
+constexpr int64_t G8_GROUP = 32;
+#endif
+
+bool int8g_gemm_available() { return int8g_gemm_ok; }
+
+// q [N, K] int8 and scales [N, K / 32] float16, both contiguous, K % 32 == 0 -> {packed [ceil(N / 32), K / 2, 32, 2]
+// int8, scales [ceil(N / 32), K / 32, 32] float16} (channels past N are zero).
+std::vector<torch::Tensor> int8g_pack_weight(torch::Tensor q, torch::Tensor scales) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8, "q must be a contiguous [N, K] "
+              "int8 tensor");
+  const int64_t N = q.size(0), K = q.size(1), G = K / G8_GROUP, panels = (N + G8_NR - 1) / G8_NR;
+  TORCH_CHECK(K % G8_GROUP == 0, "K must be a multiple of 32");
+  TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == torch::kFloat16 && scales.dim() == 2 &&
+              scales.size(0) == N && scales.size(1) == G, "scales must be a contiguous [N, K / 32] float16 tensor");
+  auto packed = torch::zeros({panels, K / 2, G8_NR, 2}, q.options());
+  auto ps = torch::zeros({panels, G, G8_NR}, scales.options());
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  int8_t* pp = packed.data_ptr<int8_t>();
+  at::Half* psp = ps.data_ptr<at::Half>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t p = n / G8_NR, c = n % G8_NR;
+      int8_t* dst = pp + p * K * G8_NR + c * 2;
+      for (int64_t k = 0; k < K; ++k) dst[(k / 2) * 2 * G8_NR + k % 2] = qp[n * K + k];
+      for (int64_t g = 0; g < G; ++g) psp[(p * G + g) * G8_NR + c] = sp[n * G + g];
+    }
+  });
+  return {packed, ps};
+}
+
+// x [M, K] bfloat16 contiguous, packed / scales from int8g_pack_weight, bias [N] and residual [M, N] (optional) of
+// out's dtype, out [M, N] float32 or bfloat16 contiguous, written in place.
+void int8g_gemm(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, std::optional<torch::Tensor> bias,
+                std::optional<torch::Tensor> residual, torch::Tensor out) {
+  TORCH_CHECK(int8g_gemm_ok, "int8g_gemm needs AVX512-BF16 (check int8g_gemm_available())");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16, "x must be [M, K] bfloat16");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 2 == x.size(1) && packed.size(2) == G8_NR,
+              "packed does not match x's K (int8g_pack_weight)");
+  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == packed.size(0) && scales.size(1) * G8_GROUP == x.size(1) &&
+              scales.scalar_type() == torch::kFloat16, "scales do not match packed (int8g_pack_weight)");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == x.size(0) &&
+              (out.size(1) + G8_NR - 1) / G8_NR == packed.size(0), "out must be [M, N] for this packed weight");
+  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == out.size(1) &&
+                        bias->scalar_type() == out.scalar_type()), "bias must be [N] of out's dtype");
+  TORCH_CHECK(!residual || (residual->is_contiguous() && residual->sizes() == out.sizes() &&
+                            residual->scalar_type() == out.scalar_type()), "residual must be [M, N] of out's dtype");
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  if (out.scalar_type() == torch::kFloat32)
+    int8g_gemm_impl<float>(x, packed, scales, bias, residual, out);
+  else if (out.scalar_type() == torch::kBFloat16)
+    int8g_gemm_impl<c10::BFloat16>(x, packed, scales, bias, residual, out);
+  else
+    TORCH_CHECK(false, "out must be float32 or bfloat16");
+#endif
+}

@@ -1,8 +1,9 @@
 """A GGUF file's tensors, one at a time, under HF names and in HF layout.
 
 ``iter_gguf_weights`` reads the memory-mapped file tensor by tensor: each is dequantized to float32 on its own, or,
-with ``int4_groups=True``, a Q4_0 / Q4_1 / Q4_K matrix is unpacked into ``Int4Groups`` (4-bit codes plus a scale
-and a zero per 32 weights) with no rounding at all, since those blocks are exactly ``(q - 8) * scale + zero``:
+with ``groups="int4"``, a Q4_0 / Q4_1 / Q4_K matrix is unpacked into ``Int4Groups`` (4-bit codes plus a scale
+and a zero per 32 weights) with no rounding at all, since those blocks are exactly ``(q - 8) * scale + zero``; with
+``groups="int8"`` a Q8_0 matrix (34 bytes per 32: f16 d, 32 int8 codes; w = d * q) into ``Int8Groups``:
 
 - Q4_0 (18 bytes per 32): f16 d, 16 bytes of nibbles; w = d * (q - 8), so scale = d, zero = 0.
 - Q4_1 (20 bytes per 32): f16 d, f16 m, nibbles; w = d * q + m, so scale = d, zero = m + 8 d.
@@ -14,7 +15,7 @@ bytes hold two sub-blocks, the low nibbles first. Nothing holds more than one te
 model loads in about its file's size.
 
 llama.cpp stores the Q and K projections of Llama-architecture models with rows permuted for its interleaved RoPE;
-``_unpermute_qk`` undoes that (for Int4Groups too: it moves whole rows).
+``_unpermute_qk`` undoes that (for Int4Groups and Int8Groups too: it moves whole rows).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenmill.model.quant import Int4Groups
+from tokenmill.model.quant import Int4Groups, Int8Groups
 
 # GGUF general.architecture -> (HF architecture, whether Q/K rows are permuted by llama.cpp's converter)
 GGUF_ARCHITECTURES = {
@@ -90,16 +91,23 @@ def open_gguf(path: Path) -> GGUFModel:
     return GGUFModel(reader, arch, hf_arch, permuted, heads, heads if kv_field is None else int(kv_field.contents()))
 
 
-def iter_gguf_weights(model: GGUFModel, int4_groups: bool = False) -> Iterator[tuple[str, torch.Tensor | Int4Groups]]:
-    """(HF name, tensor) for every tensor: float32 tensors, or Int4Groups for the 4-bit linear weights when
-    ``int4_groups`` (the token embeddings are always dequantized: they are looked up, not multiplied)."""
+def iter_gguf_weights(model: GGUFModel, groups: str | None = None
+                      ) -> Iterator[tuple[str, torch.Tensor | Int4Groups | Int8Groups]]:
+    """(HF name, tensor) for every tensor: float32 tensors, or, for the linear weights, Int4Groups of the Q4 ones when
+    ``groups == "int4"`` and Int8Groups of the Q8_0 ones when ``groups == "int8"`` (the token embeddings are always
+    dequantized: they are looked up, not multiplied)."""
     import gguf
 
     for t in model.reader.tensors:
         hf_name = hf_name_of(t.name)
         shape = [int(d) for d in reversed(t.shape)]  # GGUF lists dims fastest-first
-        if int4_groups and t.tensor_type.name in _UNPACK and len(shape) == 2 and t.name != "token_embd.weight":
-            w: torch.Tensor | Int4Groups = unpack_int4(np.asarray(t.data), t.tensor_type.name, shape)
+        kind = t.tensor_type.name
+        matrix = len(shape) == 2 and t.name != "token_embd.weight"
+        w: torch.Tensor | Int4Groups | Int8Groups
+        if matrix and groups == "int4" and kind in _UNPACK:
+            w = unpack_int4(np.asarray(t.data), kind, shape)
+        elif matrix and groups == "int8" and kind == "Q8_0":
+            w = unpack_q8_0(np.asarray(t.data), shape)
         else:
             arr = gguf.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
             w = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # F32 tensors: read-only views of the file
@@ -166,9 +174,18 @@ def unpack_int4(data: np.ndarray, type_name: str, shape: list[int]) -> Int4Group
                       torch.from_numpy(np.ascontiguousarray(zero, dtype=np.float32)))
 
 
-def _unpermute(w: torch.Tensor | Int4Groups, n_head: int) -> torch.Tensor | Int4Groups:
-    if isinstance(w, Int4Groups):
-        return Int4Groups(*(torch.from_numpy(_unpermute_qk(a.numpy(), n_head)) for a in (w.q, w.scale, w.zero)))
+def unpack_q8_0(data: np.ndarray, shape: list[int]) -> Int8Groups:
+    """A Q8_0 matrix's raw bytes ([N, bytes per row]) -> Int8Groups of shape ``shape`` = [N, K]."""
+    n, k = shape
+    blocks = data.reshape(n, k // 32, 34)
+    codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, k)
+    return Int8Groups(torch.from_numpy(codes), torch.from_numpy(np.ascontiguousarray(_f16(blocks[..., 0:2]))))
+
+
+def _unpermute(w: torch.Tensor | Int4Groups | Int8Groups, n_head: int) -> torch.Tensor | Int4Groups | Int8Groups:
+    if isinstance(w, (Int4Groups, Int8Groups)):
+        parts = (w.q, w.scale, w.zero) if isinstance(w, Int4Groups) else (w.q, w.scale)
+        return type(w)(*(torch.from_numpy(_unpermute_qk(a.numpy(), n_head)) for a in parts))
     return torch.from_numpy(_unpermute_qk(w.numpy(), n_head))
 
 

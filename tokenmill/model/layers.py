@@ -10,7 +10,7 @@ from torch import nn
 
 from tokenmill.model.gemm import ACTIVATIONS, linear, linear_act, linear_add, pack, unpack
 from tokenmill.model.model_config import RopeConfig
-from tokenmill.model.quant import Int4Groups, W8A8Weight, make_quantized_weight
+from tokenmill.model.quant import Int4Groups, Int8Groups, W8A8Weight, make_quantized_weight
 
 
 class RMSNorm(nn.Module):
@@ -136,7 +136,7 @@ class Linear(nn.Module):
             self.quantized = make_quantized_weight(quantization, out_features, in_features)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
-    def load_rows(self, offset: int, tensor: torch.Tensor | Int4Groups, name: str) -> None:
+    def load_rows(self, offset: int, tensor: torch.Tensor | Int4Groups | Int8Groups, name: str) -> None:
         """Rows ``offset:offset + len(tensor)`` of the weight from checkpoint tensor ``name`` ([rows, in])."""
         rows = tensor.shape[0]
         if len(tensor.shape) != 2 or tensor.shape[1] != self.in_features or offset + rows > self.out_features:
@@ -144,7 +144,7 @@ class Linear(nn.Module):
                              f"[<= {self.out_features - offset}, {self.in_features}]")
         if self.quantized is None:
             self._plain_weight()[offset:offset + rows].copy_(  # repacked in finalize
-                tensor.dequantize() if isinstance(tensor, Int4Groups) else tensor)
+                tensor.dequantize() if isinstance(tensor, (Int4Groups, Int8Groups)) else tensor)
         else:
             self.quantized.load_rows(offset, tensor)
 

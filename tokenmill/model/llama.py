@@ -158,9 +158,9 @@ class LlamaForCausalLM(nn.Module):
     }
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copies HF-named tensors in (float tensors, or Int4Groups from a GGUF file); each linear layer is finalized
-        (quantized weights packed) as soon as all its rows are in. Raises if any weight is left unloaded or a name is
-        unknown."""
+        """Copies HF-named tensors in (float tensors, or Int4Groups / Int8Groups from a GGUF file); each linear layer is
+        finalized (quantized weights packed) as soon as all its rows are in. Raises if any weight is left unloaded or a
+        name is unknown."""
         placer = WeightPlacer(self)
         shard_sizes = {
             ".qkv_proj.": [self.layers[0].self_attn.q_size] + [self.layers[0].self_attn.kv_size] * 2,

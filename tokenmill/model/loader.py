@@ -195,9 +195,10 @@ def load_tokenizer(hf_dir: Path):
 
 def checkpoint_weights(path: Path, hf_dir: Path, quantization: str):
     """(name, tensor) pairs of the checkpoint: a quantized model reads a GGUF file's tensors directly, one at a time
-    (with int4, Q4 blocks stay 4-bit: Int4Groups); otherwise the safetensors of the (converted) HF directory."""
+    (with int4, Q4 blocks stay 4-bit: Int4Groups; with int8, Q8_0 blocks stay as they are: Int8Groups); otherwise
+    the safetensors of the (converted) HF directory."""
     if path.suffix == ".gguf" and quantization != "none":
-        return iter_gguf_weights(open_gguf(path), int4_groups=quantization == "int4")
+        return iter_gguf_weights(open_gguf(path), groups=quantization if quantization in ("int4", "int8") else None)
     return iter_safetensors(hf_dir)
 
 

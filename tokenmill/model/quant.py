@@ -7,10 +7,13 @@
   On a CPU with AVX512-VNNI the weight is packed once for the C++ kernels' ``int8_gemm`` (VNNI tiles, the scales,
   zero points, bias and residual fused into its stores); elsewhere ``torch._int_mm`` (oneDNN) and a separate epilogue
   pass. The throughput mode.
-- ``int8``: int8 weights per output channel, activations stay float (``torch._weight_int8pack_mm``). Half of bf16's
-  weight bytes.
-- Both weight-only kernels multiply in bfloat16: in a float32 model the layer's input is rounded to bfloat16 and its
-  output widened back (their float32 paths run ~40x slower here, measured).
+- ``int8``: int8 weight-only, in groups of 32 along K with a float16 scale each, ``w = q * scale`` (GGUF's Q8_0
+  blocks exactly, so a Q8_0 file loads without rounding: ``Int8Groups``). Activations stay float: where the C++
+  kernels have ``int8g_gemm`` (AVX512-BF16) they are multiplied in bfloat16 with the codes, widened to bfloat16 in
+  the kernel (exact), each group's float32 sum scaled once; elsewhere ``finalize`` requantizes the groups per output
+  channel for ``torch._weight_int8pack_mm`` (a rounding). A little over half of bf16's weight bytes.
+- The weight-only kernels multiply in bfloat16: in a float32 model the layer's input is rounded to bfloat16 (torch's
+  float32 weight-only paths run ~40x slower here, measured).
 - ``int4``: 4-bit weights in groups of 32 along K with a scale and a zero per group, ``w = (q - 8) * scale + zero``
   (``torch._weight_int4pack_mm_for_cpu``). GGUF's Q4_0, Q4_1 and Q4_K blocks are exactly this form, so those files
   load without any rounding (``Int4Groups``, from ``model/gguf_weights.py``). A quarter of bf16's weight bytes.
@@ -35,6 +38,7 @@ from torch import nn
 from tokenmill.kernels import cpu_kernel
 
 INT4_GROUP_SIZE = 32  # GGUF's block size: Q4_0 / Q4_1 / Q4_K sub-blocks map onto groups one to one
+INT8_GROUP_SIZE = 32  # GGUF Q8_0's block size
 
 
 @dataclass
@@ -53,6 +57,36 @@ class Int4Groups:
     def dequantize(self) -> torch.Tensor:  # [N, K] float32
         g = INT4_GROUP_SIZE
         return (self.q.float() - 8) * self.scale.repeat_interleave(g, 1) + self.zero.repeat_interleave(g, 1)
+
+
+@dataclass
+class Int8Groups:
+    """A weight in int8 groups along K (a GGUF Q8_0 tensor): ``w[n, k] = q[n, k] * scale[n, k // 32]``, the scales
+    values of float16 (as Q8_0 stores them)."""
+
+    q: torch.Tensor  # [N, K] int8, |q| <= 127
+    scale: torch.Tensor  # [N, K // 32] float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self) -> torch.Tensor:  # [N, K] float32
+        return self.q.float() * self.scale.repeat_interleave(INT8_GROUP_SIZE, 1)
+
+
+def quantize_int8_groups(w: torch.Tensor) -> Int8Groups:
+    """Symmetric absmax int8 in groups of 32 along K, the scale rounded to float16 first (Q8_0's form). [N, K] float
+    -> Int8Groups; the error is at most half a step, ``scale / 2`` per group. (A group whose scale underflows float16,
+    all |w| < ~4e-6, becomes zeros, as in Q8_0.)"""
+    n, k = w.shape
+    if k % INT8_GROUP_SIZE:
+        raise ValueError(f"int8 needs the input dimension to be a multiple of {INT8_GROUP_SIZE}, got {k}")
+    g = w.float().reshape(n, k // INT8_GROUP_SIZE, INT8_GROUP_SIZE)
+    scale = (g.abs().amax(dim=2) / 127).to(torch.float16).float()  # [N, G]
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    q = torch.round(g * inv[..., None]).clamp_(-127, 127).to(torch.int8).reshape(n, k)
+    return Int8Groups(q, scale)
 
 
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,8 +160,8 @@ class QuantizedWeight(nn.Module, abc.ABC):
         self.out_features, self.in_features = out_features, in_features
 
     @abc.abstractmethod
-    def load_rows(self, offset: int, w: torch.Tensor | Int4Groups) -> None:
-        """Rows ``offset:offset + len(w)`` from a float tensor (or 4-bit groups) of shape [rows, in_features]."""
+    def load_rows(self, offset: int, w: torch.Tensor | Int4Groups | Int8Groups) -> None:
+        """Rows ``offset:offset + len(w)`` from a float tensor (or 4- / 8-bit groups) of shape [rows, in_features]."""
 
     @abc.abstractmethod
     def finalize(self, dtype: torch.dtype) -> None:
@@ -143,8 +177,8 @@ class QuantizedWeight(nn.Module, abc.ABC):
         """[..., in] -> [..., out] (+ bias) (+ residual [..., out])."""
 
 
-def _to_float(w: torch.Tensor | Int4Groups) -> torch.Tensor:
-    return w.dequantize() if isinstance(w, Int4Groups) else w
+def _to_float(w: torch.Tensor | Int4Groups | Int8Groups) -> torch.Tensor:
+    return w.dequantize() if isinstance(w, (Int4Groups, Int8Groups)) else w
 
 
 class W8A8Weight(QuantizedWeight):
@@ -171,7 +205,7 @@ class W8A8Weight(QuantizedWeight):
             self.w_sum = self.qweight.sum(dim=1, dtype=torch.int32).float()
             self.qweight = self.qweight.t().contiguous()  # [K, N]
 
-    def load_rows(self, offset: int, w: torch.Tensor | Int4Groups) -> None:
+    def load_rows(self, offset: int, w: torch.Tensor | Int4Groups | Int8Groups) -> None:
         q, s = quantize_int8_rows(_to_float(w))
         self.qweight[offset:offset + q.shape[0]] = q
         self.scale[offset:offset + q.shape[0]] = s
@@ -223,21 +257,68 @@ def _weight_only_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
-class Int8Weight(W8A8Weight):
-    """The same int8 rows as w8a8 (kept [N, K]); the activations stay float (bfloat16 in the kernel)."""
+class Int8Weight(QuantizedWeight):
+    """Staged as int8 groups while loading (``_q`` / ``_scale``). Once final, where the C++ kernels run
+    ``int8g_gemm`` (a CPU with AVX512-BF16, float32 or bfloat16 activations): ``packed`` / ``scales``
+    (``int8g_pack_weight``: panels of 32 channels, float16 scales); elsewhere ``qweight`` [N, K] and ``scale`` [N],
+    the groups requantized per channel for ``torch._weight_int8pack_mm``."""
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__(out_features, in_features)
+        if in_features % INT8_GROUP_SIZE:
+            raise ValueError(f"int8 needs in_features to be a multiple of {INT8_GROUP_SIZE}, got {in_features}")
+        self._q = torch.empty(out_features, in_features, dtype=torch.int8)  # staging, [N, K]
+        self._scale = torch.empty(out_features, in_features // INT8_GROUP_SIZE, dtype=torch.float32)  # [N, G]
+        self.register_buffer("packed", None)  # [ceil(N / 32), K / 2, 32, 2] int8 once final, on the kernel path
+        self.register_buffer("scales", None)  # [ceil(N / 32), K / 32, 32] float16 once final, on the kernel path
+        self.register_buffer("qweight", None)  # [N, K] int8 once final, on the torch path
+        self.register_buffer("scale", None)  # [N] in the kernel's dtype once final, on the torch path
+
+    def load_rows(self, offset: int, w: torch.Tensor | Int4Groups | Int8Groups) -> None:
+        groups = w if isinstance(w, Int8Groups) else quantize_int8_groups(_to_float(w))
+        rows = slice(offset, offset + groups.q.shape[0])
+        self._q[rows], self._scale[rows] = groups.q, groups.scale
 
     def finalize(self, dtype: torch.dtype) -> None:
-        self.scale = self.scale.to(_weight_only_dtype(dtype))  # the kernel takes the scales in its input's dtype
+        kernels = _kernels(self._q)
+        if kernels is not None and kernels.int8g_gemm_available() and dtype in (torch.float32, torch.bfloat16):
+            self.packed, self.scales = kernels.int8g_pack_weight(self._q, self._scale.half())
+        else:  # one layer's float copy at a time
+            q, s = quantize_int8_rows(Int8Groups(self._q, self._scale).dequantize())
+            self.qweight, self.scale = q, s.to(_weight_only_dtype(dtype))  # the kernel takes its input's dtype
+        del self._q, self._scale
+
+    def init_dummy(self, generator: torch.Generator, dtype: torch.dtype) -> None:
+        self._q.copy_(torch.randint(-127, 128, self._q.shape, generator=generator, dtype=torch.int8))
+        self._scale.fill_(1e-3 / 127)
+        self.finalize(dtype)
+
+    def groups(self) -> Int8Groups:
+        """The final weight as int8 groups again (from the packed panels; on the torch path, its per-channel rows
+        as groups with one scale per row)."""
+        if self.packed is None:
+            return Int8Groups(self.qweight, self.scale.float()[:, None].expand(-1, self.in_features // INT8_GROUP_SIZE))
+        n, k = self.out_features, self.in_features
+        q = self.packed.permute(0, 2, 1, 3).reshape(-1, k)[:n]  # [P, K/2, 32, 2] -> [P * 32, K]
+        scale = self.scales.permute(0, 2, 1).reshape(-1, k // INT8_GROUP_SIZE)[:n].float()  # [P, G, 32] -> [N, G]
+        return Int8Groups(q, scale)
 
     def column_absmax(self) -> torch.Tensor:
         """max |W[:, j]| of the dequantized weight: [in_features] float32 (SmoothQuant's weight statistic)."""
-        return (self.qweight.float().abs() * self.scale.float()[:, None]).amax(0)
+        return self.groups().dequantize().abs().amax(0)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        if self.packed is not None:
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # [M, K]
+            y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)
+            res = None if residual is None else residual.reshape(-1, self.out_features)
+            cpu_kernel.load().int8g_gemm(x2, self.packed, self.scales, _as(bias, x.dtype), _as(res, x.dtype), y)
+            return y.reshape(*lead, self.out_features)
         xc = x.reshape(-1, self.in_features).to(self.scale.dtype)
         y = torch._weight_int8pack_mm(xc, self.qweight, self.scale).to(x.dtype)  # [M, N]
-        return _add_bias_residual(y, bias, residual).reshape(*x.shape[:-1], self.out_features)
+        return _add_bias_residual(y, bias, residual).reshape(*lead, self.out_features)
 
 
 class Int4Weight(QuantizedWeight):
@@ -255,8 +336,8 @@ class Int4Weight(QuantizedWeight):
         self.register_buffer("packed", None)  # [N, K / 2] uint8 once final
         self.register_buffer("scales_and_zeros", None)  # [K / 32, N, 2] in the kernel's dtype once final
 
-    def load_rows(self, offset: int, w: torch.Tensor | Int4Groups) -> None:
-        groups = w if isinstance(w, Int4Groups) else quantize_int4_groups(w)
+    def load_rows(self, offset: int, w: torch.Tensor | Int4Groups | Int8Groups) -> None:
+        groups = w if isinstance(w, Int4Groups) else quantize_int4_groups(_to_float(w))
         rows = slice(offset, offset + groups.q.shape[0])
         self._q[rows], self._scale[rows], self._zero[rows] = groups.q, groups.scale, groups.zero
 
