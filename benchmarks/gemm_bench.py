@@ -4,9 +4,12 @@ bfloat16, at the row counts a batch engine runs (1 row: a lone decode; 32-256: d
 
     python -m benchmarks.gemm_bench [--rows 1,8,32,128,512,2048] [--json OUT]
     python -m benchmarks.gemm_bench --int8 [--rows ...]   # w8a8: torch._int_mm + epilogue against int8_gemm
+    python -m benchmarks.gemm_bench --int8-weight-only [--rows ...]   # int8: int8g_gemm against torch's and bf16
 
 Prints GFLOP/s per (dtype, shape, rows, path) and checks that the packed result equals the plain one bit for bit.
 With --int8: GOP/s of w8a8's two CPU paths (the activations' quantization included in both), bfloat16 output.
+With --int8-weight-only: GFLOP/s of int8's grouped C++ GEMM (``int8g_gemm``), torch's per-channel int8 kernel and the
+bfloat16 model's prepacked oneDNN GEMM, bfloat16 activations and output.
 """
 
 from __future__ import annotations
@@ -67,20 +70,48 @@ def int8_paths(rows_list: list[int]) -> list[dict]:
     return results
 
 
+def int8_weight_only_paths(rows_list: list[int]) -> list[dict]:
+    """int8 weight-only on each shape: int8g_gemm (groups of 32) | torch._weight_int8pack_mm (per channel) | packed
+    bfloat16 (the float model's GEMM, for scale)."""
+    from tokenmill.kernels import cpu_kernel
+
+    kernels = cpu_kernel.load()
+    results = []
+    print(f"threads {torch.get_num_threads()}; GFLOP/s: int8g_gemm | _weight_int8pack_mm | bf16 packed "
+          "(int8g / bf16)")
+    for name, n, k in SHAPES:
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        packed, scales = kernels.int8g_pack_weight(q, (torch.rand(n, k // 32) / 100).half())
+        channel_scale, bf16_w = (torch.rand(n) / 100).bfloat16(), gemm.pack(torch.randn(n, k).bfloat16(), "onednn")
+        for m in rows_list:
+            x = torch.randn(m, k).bfloat16()
+            out = torch.empty(m, n, dtype=torch.bfloat16)
+            flops = 2.0 * m * n * k
+            r = {"shape": name, "out": n, "in": k, "rows": m,
+                 "int8g_gemm": rate(lambda: kernels.int8g_gemm(x, packed, scales, None, None, out), flops),
+                 "int8pack_mm": rate(lambda: torch._weight_int8pack_mm(x, q, channel_scale), flops),
+                 "bf16_packed": rate(lambda: gemm.linear(x, bf16_w), flops)}
+            results.append(r)
+            print(f"{name:>7} {n:>5}x{k:<4} rows {m:>4}: {r['int8g_gemm']:6.0f} | {r['int8pack_mm']:6.0f} | "
+                  f"{r['bf16_packed']:6.0f} ({r['int8g_gemm'] / r['bf16_packed']:.2f}x)", flush=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,8,32,128,512,2048")
     ap.add_argument("--int8", action="store_true", help="w8a8's int8 paths instead of the float ones")
+    ap.add_argument("--int8-weight-only", action="store_true", help="int8 weight-only paths against packed bf16")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows_list = [int(r) for r in args.rows.split(",")]
     torch.manual_seed(0)
-    if args.int8:
-        results = int8_paths(rows_list)
+    if args.int8 or args.int8_weight_only:
+        key = "int8" if args.int8 else "int8_weight_only"
+        results = int8_paths(rows_list) if args.int8 else int8_weight_only_paths(rows_list)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "int8": results}, f,
-                          indent=1)
+                json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, key: results}, f, indent=1)
         return
     results = []
     print(f"threads {torch.get_num_threads()}; GFLOP/s: aten | oneDNN plain | oneDNN packed (packed / plain)")

@@ -1,5 +1,6 @@
 """C++ CPU kernels, compiled once per machine: paged attention over the KV cache, attention over packed sequences with
-no cache (embeddings), RMSNorm for bf16/fp16, and the two passes around w8a8's int8 GEMM.
+no cache (embeddings), RMSNorm for bf16/fp16, w8a8's int8 GEMM and the passes around it, and int8 weight-only's
+grouped GEMM.
 
 ``paged_attention`` runs every token of a step (decodes and prefill chunks, each with its causal offset) in one call.
 The torch path gathers every decoding sequence's K and V into padded dense tensors (a copy of the whole context per
@@ -28,6 +29,11 @@ AVX512-VNNI, w8a8 skips both torch._int_mm and the separate epilogue: ``int8_pac
 into panels of 64 channels, and ``int8_gemm`` multiplies the activations' unsigned codes (``quantize_rows_uint8``)
 with VNNI's u8 x s8 dot products, takes off 128 x each channel's code sum, and applies the epilogue in registers
 before its one store (``int8_gemm_available()`` says whether this build has it).
+
+``int8g_gemm`` is int8 weight-only's GEMM (AVX512-BF16; ``int8g_gemm_available()``): bfloat16 activations against
+int8 codes with one float16 scale per 32 weights along K (GGUF Q8_0's blocks), packed by ``int8g_pack_weight`` into
+panels of 32 channels. Each task widens its panel's codes to bfloat16 once (exact), vdpbf16ps sums a group's products
+in float32 and one fma per group applies its scales; bias and residual are added before the store.
 
 The C++ source is ``cpu_kernels.cpp`` beside this file. It is compiled (``-march=native``, needs a C++ compiler and
 ninja) once per machine and the shared library is kept under ``~/.cache/tokenmill/kernels/`` (``XDG_CACHE_HOME``
