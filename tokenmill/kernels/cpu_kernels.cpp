@@ -1049,6 +1049,20 @@ void int8_epilogue(torch::Tensor acc, torch::Tensor x_scale, torch::Tensor x_min
   });
 }
 
+// Calls tile(std::integral_constant<int, R>{}) with R = min(6, rows): the GEMMs' register tiles of up to 6 rows, the
+// row count a compile-time constant so each tile's accumulators stay in registers.
+template <typename F>
+static inline void with_tile_rows(int64_t rows, F&& tile) {
+  switch (std::min<int64_t>(6, rows)) {
+    case 6: tile(std::integral_constant<int, 6>{}); break;
+    case 5: tile(std::integral_constant<int, 5>{}); break;
+    case 4: tile(std::integral_constant<int, 4>{}); break;
+    case 3: tile(std::integral_constant<int, 3>{}); break;
+    case 2: tile(std::integral_constant<int, 2>{}); break;
+    default: tile(std::integral_constant<int, 1>{}); break;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------- int8 GEMM (VNNI)
 // w8a8's GEMM with its epilogue fused: out[m, n] = (float(sum_k q_x[m, k] q_w[n, k]) * x_scale[m] + z[m] *
 // sum_k q_w[n, k]) * w_scale[n] (+ bias[n]) (+ residual[m, n]) with q_x = u - 128 and z = x_min + 128 x_scale,
@@ -1157,19 +1171,11 @@ static void int8_gemm_impl(const torch::Tensor& a, const torch::Tensor& packed, 
       const int64_t ncols = std::min(GEMM_NR, N - n0);
       const int8_t* panel = pp + p * K * GEMM_NR;
       for (int64_t m = mb * GEMM_MB; m < std::min(M, (mb + 1) * GEMM_MB); m += 6) {
-        auto tile = [&](auto mr) {
+        with_tile_rows(M - m, [&](auto mr) {
           int8_tile<scalar_t, decltype(mr)::value>(ap + m * K, K, panel, cp + n0, xsp + m, xlp + m, wsp + n0,
                                                     bp ? bp + n0 : nullptr, rp ? rp + m * N + n0 : nullptr,
                                                     op + m * N + n0, N, ncols);
-        };
-        switch (std::min<int64_t>(6, M - m)) {
-          case 6: tile(std::integral_constant<int, 6>{}); break;
-          case 5: tile(std::integral_constant<int, 5>{}); break;
-          case 4: tile(std::integral_constant<int, 4>{}); break;
-          case 3: tile(std::integral_constant<int, 3>{}); break;
-          case 2: tile(std::integral_constant<int, 2>{}); break;
-          default: tile(std::integral_constant<int, 1>{}); break;
-        }
+        });
       }
     }
   });
@@ -1326,18 +1332,10 @@ static void int8g_gemm_impl(const torch::Tensor& x, const torch::Tensor& packed,
       const int64_t ncols = std::min(G8_NR, N - n0);
       const uint16_t* sc = sp + p * (K / G8_GROUP) * G8_NR;
       for (int64_t m = mb * G8_MB; m < std::min(M, (mb + 1) * G8_MB); m += 6) {
-        auto tile = [&](auto mr) {
+        with_tile_rows(M - m, [&](auto mr) {
           int8g_tile<scalar_t, decltype(mr)::value>(xp + m * K, K, wide.data(), sc, bp ? bp + n0 : nullptr,
                                                      rp ? rp + m * N + n0 : nullptr, op + m * N + n0, N, ncols);
-        };
-        switch (std::min<int64_t>(6, M - m)) {
-          case 6: tile(std::integral_constant<int, 6>{}); break;
-          case 5: tile(std::integral_constant<int, 5>{}); break;
-          case 4: tile(std::integral_constant<int, 4>{}); break;
-          case 3: tile(std::integral_constant<int, 3>{}); break;
-          case 2: tile(std::integral_constant<int, 2>{}); break;
-          default: tile(std::integral_constant<int, 1>{}); break;
-        }
+        });
       }
     }
   });
