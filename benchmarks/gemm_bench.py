@@ -74,6 +74,7 @@ def int8_weight_only_paths(rows_list: list[int]) -> list[dict]:
     """int8 weight-only on each shape: int8g_gemm (groups of 32) | torch._weight_int8pack_mm (per channel) | packed
     bfloat16 (the float model's GEMM, for scale)."""
     from tokenmill.kernels import cpu_kernel
+    from tokenmill.model.quant import Int8Groups, pack_int8_groups
 
     kernels = cpu_kernel.load()
     results = []
@@ -81,7 +82,7 @@ def int8_weight_only_paths(rows_list: list[int]) -> list[dict]:
           "(int8g / bf16)")
     for name, n, k in SHAPES:
         q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-        packed, scales = kernels.int8g_pack_weight(q, (torch.rand(n, k // 32) / 100).half())
+        packed, scales = pack_int8_groups(Int8Groups(q, (torch.rand(n, k // 32) / 100).half().float()))
         channel_scale, bf16_w = (torch.rand(n) / 100).bfloat16(), gemm.pack(torch.randn(n, k).bfloat16(), "onednn")
         for m in rows_list:
             x = torch.randn(m, k).bfloat16()

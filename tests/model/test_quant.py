@@ -16,8 +16,8 @@ from helpers import save_tiny_model
 from tokenmill import LLM, SamplingParams
 from tokenmill.kernels import cpu_kernel
 from tokenmill.model.quant import (INT4_GROUP_SIZE, INT8_GROUP_SIZE, Int4Groups, Int4Weight, Int8Groups, Int8Weight,
-                                   W8A8Weight, quantize_int4_groups, quantize_int8_groups, quantize_int8_rows,
-                                   quantize_per_token, scaled_int8_epilogue)
+                                   W8A8Weight, pack_int8_groups, quantize_int4_groups, quantize_int8_groups,
+                                   quantize_int8_rows, quantize_per_token, scaled_int8_epilogue)
 
 needs_kernels = pytest.mark.skipif(cpu_kernel.load() is None, reason="the C++ CPU kernels do not build here")
 
@@ -189,7 +189,7 @@ def test_int8g_gemm_kernel_equals_the_float_product(m, k, n):
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     scale = (torch.rand(n, k // 32, generator=g) * 1e-2 + 1e-4).half()
     x = _rand(m, k, seed=n).bfloat16()
-    packed, scales = mod.int8g_pack_weight(q, scale)
+    packed, scales = pack_int8_groups(Int8Groups(q, scale.float()))
     ref_w = q.double() * scale.double().repeat_interleave(32, 1)
     mag = x.double().abs() @ ref_w.abs().T  # sum of |terms|
     for dtype in (torch.float32, torch.bfloat16):
@@ -223,8 +223,9 @@ def test_int8_groups_within_half_a_step_with_float16_scales():
 @pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_weight_only_within_half_a_step(dtype, kernels, monkeypatch):
-    """With the C++ kernels: groups of 32 (half a group's step); without them, the groups requantized per channel
-    (within half a group step plus half a channel step). Loading int8 groups (a Q8_0 file's) keeps them as they are."""
+    """With the C++ kernels: groups of 32 (half a group's step), written into the kernel's panels as the rows load
+    (two shards, the first ending inside a panel); without them, the groups requantized per channel (within half a
+    group step plus half a channel step). Loading int8 groups (a Q8_0 file's) keeps them as they are."""
     if not kernels:
         monkeypatch.setattr(cpu_kernel, "load", lambda: None)
     elif cpu_kernel.load() is None or not cpu_kernel.load().int8g_gemm_available():
@@ -234,7 +235,7 @@ def test_int8_weight_only_within_half_a_step(dtype, kernels, monkeypatch):
     layer.load_rows(0, w[:40])  # two shards, as a fused layer is loaded
     layer.load_rows(40, w[40:])
     layer.finalize(dtype)
-    assert (layer.packed is not None) == kernels
+    assert (layer.packed is not None) == kernels and not hasattr(layer, "_q")  # rows went straight into the panels
     y = layer(x.to(dtype), bias.to(dtype)).float()
     groups = quantize_int8_groups(w)
     step = (groups.scale / 2).repeat_interleave(INT8_GROUP_SIZE, 1)  # |dW| <= half a step per group

@@ -1348,42 +1348,17 @@ constexpr int64_t G8_GROUP = 32;
 
 bool int8g_gemm_available() { return int8g_gemm_ok; }
 
-// q [N, K] int8 and scales [N, K / 32] float16, both contiguous, K % 32 == 0 -> {packed [ceil(N / 32), K / 2, 32, 2]
-// int8, scales [ceil(N / 32), K / 32, 32] float16} (channels past N are zero).
-std::vector<torch::Tensor> int8g_pack_weight(torch::Tensor q, torch::Tensor scales) {
-  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8, "q must be a contiguous [N, K] "
-              "int8 tensor");
-  const int64_t N = q.size(0), K = q.size(1), G = K / G8_GROUP, panels = (N + G8_NR - 1) / G8_NR;
-  TORCH_CHECK(K % G8_GROUP == 0, "K must be a multiple of 32");
-  TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == torch::kFloat16 && scales.dim() == 2 &&
-              scales.size(0) == N && scales.size(1) == G, "scales must be a contiguous [N, K / 32] float16 tensor");
-  auto packed = torch::zeros({panels, K / 2, G8_NR, 2}, q.options());
-  auto ps = torch::zeros({panels, G, G8_NR}, scales.options());
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const at::Half* sp = scales.data_ptr<at::Half>();
-  int8_t* pp = packed.data_ptr<int8_t>();
-  at::Half* psp = ps.data_ptr<at::Half>();
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t p = n / G8_NR, c = n % G8_NR;
-      int8_t* dst = pp + p * K * G8_NR + c * 2;
-      for (int64_t k = 0; k < K; ++k) dst[(k / 2) * 2 * G8_NR + k % 2] = qp[n * K + k];
-      for (int64_t g = 0; g < G; ++g) psp[(p * G + g) * G8_NR + c] = sp[n * G + g];
-    }
-  });
-  return {packed, ps};
-}
-
-// x [M, K] bfloat16 contiguous, packed / scales from int8g_pack_weight, bias [N] and residual [M, N] (optional) of
+// x [M, K] bfloat16 contiguous, packed [ceil(N / 32), K / 2, 32, 2] int8 and scales [ceil(N / 32), K / 32, 32] float16
+// (model/quant.py's pack_int8_groups; channels past N zero), bias [N] and residual [M, N] (optional) of
 // out's dtype, out [M, N] float32 or bfloat16 contiguous, written in place.
 void int8g_gemm(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, std::optional<torch::Tensor> bias,
                 std::optional<torch::Tensor> residual, torch::Tensor out) {
   TORCH_CHECK(int8g_gemm_ok, "int8g_gemm needs AVX512-BF16 (check int8g_gemm_available())");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16, "x must be [M, K] bfloat16");
   TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 2 == x.size(1) && packed.size(2) == G8_NR,
-              "packed does not match x's K (int8g_pack_weight)");
+              "packed does not match x's K (pack_int8_groups)");
   TORCH_CHECK(scales.dim() == 3 && scales.size(0) == packed.size(0) && scales.size(1) * G8_GROUP == x.size(1) &&
-              scales.scalar_type() == torch::kFloat16, "scales do not match packed (int8g_pack_weight)");
+              scales.scalar_type() == torch::kFloat16, "scales do not match packed (pack_int8_groups)");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == x.size(0) &&
               (out.size(1) + G8_NR - 1) / G8_NR == packed.size(0), "out must be [M, N] for this packed weight");
   TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == out.size(1) &&

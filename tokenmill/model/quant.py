@@ -10,8 +10,9 @@
 - ``int8``: int8 weight-only, in groups of 32 along K with a float16 scale each, ``w = q * scale`` (GGUF's Q8_0
   blocks exactly, so a Q8_0 file loads without rounding: ``Int8Groups``). Activations stay float: where the C++
   kernels have ``int8g_gemm`` (AVX512-BF16) they are multiplied in bfloat16 with the codes, widened to bfloat16 in
-  the kernel (exact), each group's float32 sum scaled once; elsewhere ``finalize`` requantizes the groups per output
-  channel for ``torch._weight_int8pack_mm`` (a rounding). A little over half of bf16's weight bytes.
+  the kernel (exact), each group's float32 sum scaled once; the rows are written straight into its panels as they
+  load. Elsewhere ``finalize`` requantizes the groups per output channel for ``torch._weight_int8pack_mm`` (a
+  rounding). A little over half of bf16's weight bytes.
 - The weight-only kernels multiply in bfloat16: in a float32 model the layer's input is rounded to bfloat16 (torch's
   float32 weight-only paths run ~40x slower here, measured).
 - ``int4``: 4-bit weights in groups of 32 along K with a scale and a zero per group, ``w = (q - 8) * scale + zero``
@@ -257,45 +258,102 @@ def _weight_only_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
+INT8_PANEL = 32  # int8g_gemm's output channels per panel
+
+
+def write_int8_panels(packed: torch.Tensor, scales: torch.Tensor, offset: int, groups: Int8Groups) -> None:
+    """Rows ``offset:offset + len(groups)`` of a weight into int8g_gemm's layout, in place: ``packed`` [P, K/2, 32, 2]
+    int8 (row n is channel n % 32 of panel n // 32; codes k and k + 1 adjacent) and ``scales`` [P, K/32, 32] float16."""
+    codes = packed.permute(0, 2, 1, 3)  # [P, 32, K/2, 2], a view
+    sview = scales.permute(0, 2, 1)  # [P, 32, G], a view
+    q, s = groups.q, groups.scale.half()
+    k = q.shape[1]
+    row, end = offset, offset + q.shape[0]
+    while row < end:
+        p, c = divmod(row, INT8_PANEL)
+        if c == 0 and end - row >= INT8_PANEL:  # whole panels: one copy
+            n = (end - row) // INT8_PANEL * INT8_PANEL
+            rows = slice(row - offset, row - offset + n)
+            codes[p:p + n // INT8_PANEL] = q[rows].reshape(-1, INT8_PANEL, k // 2, 2)
+            sview[p:p + n // INT8_PANEL] = s[rows].reshape(-1, INT8_PANEL, s.shape[1])
+        else:  # part of one panel
+            n = min(end - row, INT8_PANEL - c)
+            rows = slice(row - offset, row - offset + n)
+            codes[p, c:c + n] = q[rows].reshape(n, k // 2, 2)
+            sview[p, c:c + n] = s[rows]
+        row += n
+
+
+def pack_int8_groups(groups: Int8Groups) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int8Groups [N, K] -> (packed [ceil(N / 32), K / 2, 32, 2] int8, scales [ceil(N / 32), K / 32, 32] float16),
+    int8g_gemm's operands (channels past N zero)."""
+    n, k = groups.shape
+    panels = -(-n // INT8_PANEL)
+    packed = torch.zeros(panels, k // 2, INT8_PANEL, 2, dtype=torch.int8)
+    scales = torch.zeros(panels, k // INT8_GROUP_SIZE, INT8_PANEL, dtype=torch.float16)
+    write_int8_panels(packed, scales, 0, groups)
+    return packed, scales
+
+
+def _int8g_kernels():
+    """The C++ kernels where they have int8g_gemm (AVX512-BF16), else None."""
+    kernels = cpu_kernel.load()
+    return kernels if kernels is not None and kernels.int8g_gemm_available() else None
+
+
 class Int8Weight(QuantizedWeight):
-    """Staged as int8 groups while loading (``_q`` / ``_scale``). Once final, where the C++ kernels run
-    ``int8g_gemm`` (a CPU with AVX512-BF16, float32 or bfloat16 activations): ``packed`` / ``scales``
-    (``int8g_pack_weight``: panels of 32 channels, float16 scales); elsewhere ``qweight`` [N, K] and ``scale`` [N],
-    the groups requantized per channel for ``torch._weight_int8pack_mm``."""
+    """Where the C++ kernels run ``int8g_gemm`` (a CPU with AVX512-BF16) and the activations are float32 or
+    bfloat16: ``packed`` / ``scales`` in its panels of 32 channels, written as the rows load (no staging copy, so a
+    model never holds more than its packed weights and one checkpoint tensor). Elsewhere the groups are staged
+    (``_q`` / ``_scale``) and ``finalize`` requantizes them per channel for ``torch._weight_int8pack_mm``:
+    ``qweight`` [N, K] and ``scale`` [N]."""
 
     def __init__(self, out_features: int, in_features: int) -> None:
         super().__init__(out_features, in_features)
         if in_features % INT8_GROUP_SIZE:
             raise ValueError(f"int8 needs in_features to be a multiple of {INT8_GROUP_SIZE}, got {in_features}")
-        self._q = torch.empty(out_features, in_features, dtype=torch.int8)  # staging, [N, K]
-        self._scale = torch.empty(out_features, in_features // INT8_GROUP_SIZE, dtype=torch.float32)  # [N, G]
-        self.register_buffer("packed", None)  # [ceil(N / 32), K / 2, 32, 2] int8 once final, on the kernel path
-        self.register_buffer("scales", None)  # [ceil(N / 32), K / 32, 32] float16 once final, on the kernel path
+        groups, panels = in_features // INT8_GROUP_SIZE, -(-out_features // INT8_PANEL)
+        self.register_buffer("packed", None)  # [ceil(N / 32), K / 2, 32, 2] int8, on the kernel path
+        self.register_buffer("scales", None)  # [ceil(N / 32), K / 32, 32] float16, on the kernel path
         self.register_buffer("qweight", None)  # [N, K] int8 once final, on the torch path
         self.register_buffer("scale", None)  # [N] in the kernel's dtype once final, on the torch path
+        if _int8g_kernels() is not None:
+            self.packed = torch.zeros(panels, in_features // 2, INT8_PANEL, 2, dtype=torch.int8)
+            self.scales = torch.zeros(panels, groups, INT8_PANEL, dtype=torch.float16)
+        else:
+            self._q = torch.empty(out_features, in_features, dtype=torch.int8)  # staging, [N, K]
+            self._scale = torch.empty(out_features, groups, dtype=torch.float32)  # [N, G]
 
     def load_rows(self, offset: int, w: torch.Tensor | Int4Groups | Int8Groups) -> None:
         groups = w if isinstance(w, Int8Groups) else quantize_int8_groups(_to_float(w))
-        rows = slice(offset, offset + groups.q.shape[0])
-        self._q[rows], self._scale[rows] = groups.q, groups.scale
+        if self.packed is not None:
+            write_int8_panels(self.packed, self.scales, offset, groups)
+        else:
+            rows = slice(offset, offset + groups.q.shape[0])
+            self._q[rows], self._scale[rows] = groups.q, groups.scale
 
     def finalize(self, dtype: torch.dtype) -> None:
-        kernels = _kernels(self._q)
-        if kernels is not None and kernels.int8g_gemm_available() and dtype in (torch.float32, torch.bfloat16):
-            self.packed, self.scales = kernels.int8g_pack_weight(self._q, self._scale.half())
-        else:  # one layer's float copy at a time
-            q, s = quantize_int8_rows(Int8Groups(self._q, self._scale).dequantize())
-            self.qweight, self.scale = q, s.to(_weight_only_dtype(dtype))  # the kernel takes its input's dtype
-        del self._q, self._scale
+        if self.packed is not None and dtype in (torch.float32, torch.bfloat16):
+            return
+        # the torch path (one layer's float copy at a time); a kernel-path layer in another dtype converts here
+        groups = self.groups() if self.packed is not None else Int8Groups(self._q, self._scale)
+        q, s = quantize_int8_rows(groups.dequantize())
+        self.qweight, self.scale = q, s.to(_weight_only_dtype(dtype))  # the kernel takes its input's dtype
+        self.packed = self.scales = None
+        self.__dict__.pop("_q", None), self.__dict__.pop("_scale", None)
 
     def init_dummy(self, generator: torch.Generator, dtype: torch.dtype) -> None:
-        self._q.copy_(torch.randint(-127, 128, self._q.shape, generator=generator, dtype=torch.int8))
-        self._scale.fill_(1e-3 / 127)
+        if self.packed is not None:
+            self.packed.random_(-127, 128, generator=generator)  # channels past N too: the kernel never stores them
+            self.scales.fill_(1e-3 / 127)
+        else:
+            self._q.random_(-127, 128, generator=generator)
+            self._scale.fill_(1e-3 / 127)
         self.finalize(dtype)
 
     def groups(self) -> Int8Groups:
-        """The final weight as int8 groups again (from the packed panels; on the torch path, its per-channel rows
-        as groups with one scale per row)."""
+        """The weight as int8 groups again (from the packed panels; on the torch path once final, its per-channel
+        rows as groups with one scale per row)."""
         if self.packed is None:
             return Int8Groups(self.qweight, self.scale.float()[:, None].expand(-1, self.in_features // INT8_GROUP_SIZE))
         n, k = self.out_features, self.in_features
