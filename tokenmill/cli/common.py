@@ -1,0 +1,171 @@
+"""What the ``tokenmill`` commands share: the user-error exception, the options several commands take, and the
+helpers that turn flags into job options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from tokenmill.jobs.progress import SignalCatcher
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+EXIT_CODES_HELP = """\b
+Exit codes of run / embed / validate / merge:
+  0    every row done (validate: every line valid)
+  1    finished, but some rows failed: see OUTPUT.errors.jsonl
+  2    usage or set-up error (bad flag, missing input, refused resume); nothing ran
+  3    stopped by a fault (disk full, output unwritable, input changed, engine error); rerun to resume
+  130  SIGINT / 143 SIGTERM: stopped and flushed; rerun to resume"""
+
+
+def engine_and_sampling(config: Path | None, model: str | None, engine_flags: dict, sampling_flags: dict):
+    """Merges --config (if any) with flags; flags win. Returns (model, engine options, sampling defaults)."""
+    from tokenmill.jobs.config_file import load_batch_config
+
+    file_model, engine, sampling = (None, {}, {})
+    if config is not None:
+        file_model, engine, sampling = load_batch_config(config)
+    engine.update({k: v for k, v in engine_flags.items() if v is not None})
+    sampling.update({k: v for k, v in sampling_flags.items() if v is not None and v != ()})
+    if "stop" in sampling and isinstance(sampling["stop"], (list, tuple)):
+        sampling["stop"] = list(sampling["stop"])
+    return model or file_model, engine, sampling
+
+
+def structured_flags(json_schema: Path | None, choices: str | None, regex: str | None,
+                      grammar: Path | None) -> dict | None:
+    """--json-schema FILE / --choices a,b,c / --regex R / --grammar FILE -> a job-wide ``structured`` default."""
+    given = [(k, v) for k, v in (("json", json_schema), ("choice", choices), ("regex", regex), ("grammar", grammar))
+             if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise UserError("give at most one of --json-schema, --choices, --regex and --grammar")
+    kind, value = given[0]
+    if kind in ("json", "grammar"):
+        try:
+            text = Path(value).read_text()
+        except OSError as e:
+            raise UserError(f"cannot read {value}: {e.strerror}") from None
+        if kind == "grammar":
+            return {"grammar": text}
+        try:
+            schema = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"--json-schema {value} is not valid JSON: {e}") from None
+        if isinstance(schema, dict) and schema.get("type") == "json_schema" and "json_schema" in schema:
+            schema = schema["json_schema"].get("schema", {})  # an OpenAI response_format object
+        return {"json": schema}
+    if kind == "choice":
+        items = [c.strip() for c in value.split(",")]
+        if not all(items):
+            raise UserError(f"--choices expects labels separated by commas, got {value!r}")
+        return {"choice": items}
+    return {"regex": value}
+
+
+def structured_options(f):
+    for opt in reversed([
+        click.option("--json-schema", type=click.Path(path_type=Path), default=None, metavar="FILE",
+                     help="Default output constraint: a JSON schema file (or an OpenAI response_format object). A "
+                          "line's own response_format / structured_outputs wins."),
+        click.option("--choices", default=None, metavar="A,B,C",
+                     help="Default output constraint: one of these labels."),
+        click.option("--regex", default=None, help="Default output constraint: a regular expression."),
+        click.option("--grammar", type=click.Path(path_type=Path), default=None, metavar="FILE",
+                     help="Default output constraint: a context-free grammar file (GBNF, as llama.cpp's, or Lark)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def job_context(model, engine, sampling):
+    from tokenmill.jobs.runner import DEFAULT_MAX_TOKENS, JobContext
+
+    return JobContext(model, engine, {"max_tokens": DEFAULT_MAX_TOKENS, **sampling})
+
+
+def columns_of(text, fields):
+    from tokenmill.jobs.inputs import parse_columns
+
+    return parse_columns(text, fields)
+
+
+def scan_input(input_path: str, input_format: str, columns, pre, on_error, fields):
+    """Pass 1 over an input for `plan` / `validate` (stdin is spooled to a temporary file first)."""
+    import tempfile
+
+    from tokenmill.jobs.inputs import InputSource, InputSpec
+    from tokenmill.jobs.scan import scan
+
+    with tempfile.TemporaryDirectory(prefix="tokenmill-") as tmp:
+        spec = InputSpec(input_path, input_format, columns)
+        with InputSource(spec, fields, spool=Path(tmp) / "stdin") as source:
+            return scan(source, pre, on_error)
+
+
+def run_job(kind: str, opts, ray_address, num_workers, shard_size, max_shard_retries) -> int:
+    """A job on this machine, or over Ray with --ray; SIGINT / SIGTERM stop it between steps (handlers installed
+    here, in the main thread, never inside the job library)."""
+    if ray_address is None:
+        if num_workers is not None or shard_size is not None:
+            raise UserError("--num-workers and --shard-size need --ray")
+        with SignalCatcher() as stop:
+            if kind == "run":
+                from tokenmill.jobs.runner import run_job
+
+                return run_job(opts, stop)
+            from tokenmill.embed.job import run_embed_job
+
+            return run_embed_job(opts, stop)
+    from tokenmill.distributed.driver import RayOptions, run_distributed
+
+    ray_opts = RayOptions(ray_address, num_workers, shard_size, max_shard_retries)
+    with SignalCatcher() as stop:
+        return run_distributed(kind, opts, ray_opts, stop)
+
+
+model_option = click.option("--model", "-m", default=None, help="HF model directory or .gguf file "
+                            "(default: the embedded SmolLM2-135M-Instruct).")
+config_option = click.option("--config", "config", type=click.Path(path_type=Path), default=None,
+                             help="Batch config YAML (sections scheduler, memory, engine, sampling); flags override it.")
+input_format_option = click.option("--input-format", type=click.Choice(["auto", "jsonl", "csv", "parquet"]),
+                                   default="auto", show_default=True,
+                                   help="auto: Parquet and compression by content, CSV/TSV by the .csv/.tsv name.")
+columns_option = click.option("--columns", default=None, metavar="FIELD=COL,...",
+                              help="CSV/Parquet: which column holds each field (default: columns named like the "
+                                   "fields, e.g. id, prompt, messages, text, max_tokens).")
+
+
+def ray_options(f):
+    """--ray and its companions, for run and embed."""
+    f = click.option("--max-shard-retries", type=int, default=3, show_default=True,
+                     help="--ray: times a shard is re-run after its worker is lost; then its rows become "
+                          "shard_failed error records (the same command retries them).")(f)
+    f = click.option("--shard-size", type=int, default=None, metavar="ROWS",
+                     help="--ray: rows per shard (default: ~8 shards per worker, at most 2M tokens each).")(f)
+    f = click.option("--num-workers", type=int, default=None,
+                     help="--ray: engines to start (default: one per node; one per GPU on a GPU cluster).")(f)
+    f = click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+                     help="Run the job over a Ray cluster: a Ray address, `auto` (this machine's cluster or "
+                          "RAY_ADDRESS) or `local` (start one here). OUTPUT's directory must be shared by every "
+                          "node.")(f)
+    return f
+
+
+quantization_option = click.option(
+    "--quantization", type=click.Choice(["none", "w8a8", "int8", "int4"]), default=None,
+    help="CPU: w8a8 = int8 GEMMs (fastest), int8 / int4 = weights only (least memory; a GGUF's Q8_0 / Q4 blocks "
+         "load as they are). Default none. See `tokenmill eval` for what each costs in quality.")
+kv_cache_dtype_option = click.option(
+    "--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default=None,
+    help="auto (default): the model's dtype; fp8: float8 e4m3, half of bfloat16's KV bytes (twice the tokens in "
+         "--kv-cache-memory). See `tokenmill eval --kv-cache-dtype fp8` for what it costs in quality.")
+progress_option = click.option("--progress-interval", type=float, default=None, metavar="SECONDS",
+                               help="When stderr is not a terminal: seconds between plain progress lines (30).")

@@ -1,0 +1,112 @@
+"""``tokenmill eval``, ``serve`` and ``build-kernels``: what a setting costs in quality, the online server, the C++
+kernels built ahead of time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from tokenmill.cli.common import (UserError, config_option, engine_and_sampling, kv_cache_dtype_option, model_option,
+                                  quantization_option)
+
+
+@click.command("eval")
+@model_option
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
+@quantization_option
+@kv_cache_dtype_option
+@click.option("--text", "text_path", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Text file for perplexity (default: a ~3,300-word text shipped with tokenmill).")
+@click.option("--context", type=int, default=512, show_default=True, help="Tokens per perplexity window.")
+@click.option("--limit-tokens", type=int, default=None, help="Score at most this many tokens of the text.")
+@click.option("--prompts", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Prompts for greedy agreement with float32: one per line, or JSONL with prompt (default: 8 "
+                   "built in).")
+@click.option("--max-tokens", type=int, default=32, show_default=True, help="Greedy output tokens per prompt.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_cmd(model, dtype, quantization, kv_cache_dtype, text_path, context, limit_tokens, prompts, max_tokens,
+             as_json):
+    """What a setting costs in quality: perplexity on a text and, for a setting other than float32 unquantized, the
+    float32 perplexity and greedy agreement with float32 (run it before a large job in another dtype or
+    quantization)."""
+    from tokenmill.eval import render, run_eval
+
+    if context < 2 or max_tokens < 1 or (limit_tokens is not None and limit_tokens < 2):
+        raise UserError("--context and --limit-tokens must be at least 2, --max-tokens at least 1")
+    try:
+        options = {k: v for k, v in (("dtype", dtype), ("quantization", quantization),
+                                     ("kv_cache_dtype", kv_cache_dtype)) if v}
+        result = run_eval(model, options, text_path, context, limit_tokens, prompts, max_tokens)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(str(e)) from None
+    click.echo(json.dumps(result, indent=1) if as_json else render(result))
+    return 0
+
+
+@click.command()
+@model_option
+@config_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on /v1/* requests.")
+@click.option("--served-model-name", default=None, help="The model name clients use (default: the model file's).")
+@click.option("--max-num-seqs", type=int, default=None, help="Most requests batched at once (256).")
+@click.option("--max-num-batched-tokens", type=int, default=None, help="Token budget of one step (2048).")
+@click.option("--max-wait-ms", type=float, default=0.0, show_default=True,
+              help="While fewer than max-num-seqs run and requests keep arriving, wait this long after the latest "
+                   "arrival before a step, to batch more.")
+@click.option("--max-queued-requests", type=int, default=1024, show_default=True,
+              help="Waiting requests beyond the running batch; past it, HTTP 429 with Retry-After.")
+@click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
+              help="On SIGTERM: seconds in-flight requests get to finish before they are aborted.")
+@click.option("--preemption-mode", type=click.Choice(["none", "recompute"]), default=None)
+@click.option("--prefix-caching/--no-prefix-caching", "prefix_caching", default=None,
+              help="Share the KV cache of common prompt prefixes (default: on).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
+@quantization_option
+@click.option("--max-model-len", type=int, default=None, help="Longest sequence (default: the model's).")
+@click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU (default 4).")
+@kv_cache_dtype_option
+@click.option("--embedding-model", default=None,
+              help="Also serve POST /v1/embeddings with this encoder directory (or `default`: all-MiniLM-L6-v2).")
+def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, max_num_batched_tokens, max_wait_ms,
+          max_queued_requests, shutdown_timeout, preemption_mode, prefix_caching, dtype, quantization, max_model_len,
+          kv_cache_memory, kv_cache_dtype, embedding_model):
+    """An OpenAI-compatible HTTP server on the same engine: /v1/chat/completions, /v1/completions (streaming or
+    not), /v1/embeddings, /v1/models, /health, /metrics."""
+    from tokenmill.serve.app import ServeSettings
+    from tokenmill.serve.app import serve as run_server
+
+    if max_queued_requests < 1:
+        raise UserError(f"--max-queued-requests must be >= 1, got {max_queued_requests}")
+    if max_wait_ms < 0 or shutdown_timeout < 0:
+        raise UserError("--max-wait-ms and --shutdown-timeout must be >= 0")
+    model, engine, _ = engine_and_sampling(
+        config, model, dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                            preemption_mode=preemption_mode, enable_prefix_caching=prefix_caching, dtype=dtype,
+                            quantization=quantization, max_model_len=max_model_len,
+                            kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype), {})
+    from tokenmill.config import EngineConfig
+    from tokenmill.model.loader import resolve_model_path
+
+    EngineConfig.from_dict({"model": model, **engine})  # a bad option: one line, exit 2, before binding the port
+    resolve_model_path(model)
+    settings = ServeSettings(engine_options={"model": model, **engine}, served_model_name=served_model_name,
+                             api_key=api_key, max_wait_ms=max_wait_ms, max_queued_requests=max_queued_requests,
+                             embedding_model=embedding_model)
+    return run_server(settings, host, port, shutdown_timeout)
+
+
+@click.command("build-kernels")
+def build_kernels():
+    """Build the C++ CPU kernels now (once per machine; for images and CI), so no job pays for it."""
+    from tokenmill.kernels.cpu_kernel import load_kernels
+
+    k = load_kernels()
+    if k.module is None:
+        raise UserError(f"the C++ CPU kernels could not be built: {k.error}")
+    how = f"built in {k.build_seconds:.1f} s" if k.build_seconds else "already built"
+    click.echo(f"tokenmill: C++ CPU kernels ready ({how}): {k.path}", err=True)
+    return 0
