@@ -224,8 +224,8 @@ def test_int8_groups_within_half_a_step_with_float16_scales():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_weight_only_within_half_a_step(dtype, kernels, monkeypatch):
     """With the C++ kernels: groups of 32 (half a group's step), written into the kernel's panels as the rows load
-    (two shards, the first ending inside a panel); without them, the groups requantized per channel (within half a
-    group step plus half a channel step). Loading int8 groups (a Q8_0 file's) keeps them as they are."""
+    (two shards, the first ending inside a panel); without them, per channel (half a channel's step). Loading int8
+    groups (a Q8_0 file's) keeps them as they are on the kernel path."""
     if not kernels:
         monkeypatch.setattr(cpu_kernel, "load", lambda: None)
     elif cpu_kernel.load() is None or not cpu_kernel.load().int8g_gemm_available():
@@ -235,12 +235,13 @@ def test_int8_weight_only_within_half_a_step(dtype, kernels, monkeypatch):
     layer.load_rows(0, w[:40])  # two shards, as a fused layer is loaded
     layer.load_rows(40, w[40:])
     layer.finalize(dtype)
-    assert (layer.packed is not None) == kernels and not hasattr(layer, "_q")  # rows went straight into the panels
+    assert (layer.packed is not None) == kernels
     y = layer(x.to(dtype), bias.to(dtype)).float()
     groups = quantize_int8_groups(w)
-    step = (groups.scale / 2).repeat_interleave(INT8_GROUP_SIZE, 1)  # |dW| <= half a step per group
-    if not kernels:
-        step = step + (quantize_int8_rows(groups.dequantize())[1] / 2)[:, None]
+    if kernels:
+        step = (groups.scale / 2).repeat_interleave(INT8_GROUP_SIZE, 1)  # |dW| <= half a step per group
+    else:
+        step = (quantize_int8_rows(w)[1] / 2)[:, None].expand_as(w)  # half a step per row
     err = (y - (x @ w.T + bias)).abs()
     bf16 = torch.finfo(torch.bfloat16).eps  # weight-only kernels multiply in bfloat16, whatever the model's dtype
     assert (err <= _bound(x, step) + 3 * bf16 * (x.abs() @ w.abs().T + bias.abs())).all()

@@ -11,8 +11,8 @@
   blocks exactly, so a Q8_0 file loads without rounding: ``Int8Groups``). Activations stay float: where the C++
   kernels have ``int8g_gemm`` (AVX512-BF16) they are multiplied in bfloat16 with the codes, widened to bfloat16 in
   the kernel (exact), each group's float32 sum scaled once; the rows are written straight into its panels as they
-  load. Elsewhere ``finalize`` requantizes the groups per output channel for ``torch._weight_int8pack_mm`` (a
-  rounding). A little over half of bf16's weight bytes.
+  load. Elsewhere the rows are quantized per output channel for ``torch._weight_int8pack_mm`` (a Q8_0 file's
+  groups requantized: a rounding). A little over half of bf16's weight bytes.
 - The weight-only kernels multiply in bfloat16: in a float32 model the layer's input is rounded to bfloat16 (torch's
   float32 weight-only paths run ~40x slower here, measured).
 - ``int4``: 4-bit weights in groups of 32 along K with a scale and a zero per group, ``w = (q - 8) * scale + zero``
@@ -304,9 +304,9 @@ def _int8g_kernels():
 class Int8Weight(QuantizedWeight):
     """Where the C++ kernels run ``int8g_gemm`` (a CPU with AVX512-BF16) and the activations are float32 or
     bfloat16: ``packed`` / ``scales`` in its panels of 32 channels, written as the rows load (no staging copy, so a
-    model never holds more than its packed weights and one checkpoint tensor). Elsewhere the groups are staged
-    (``_q`` / ``_scale``) and ``finalize`` requantizes them per channel for ``torch._weight_int8pack_mm``:
-    ``qweight`` [N, K] and ``scale`` [N]."""
+    model never holds more than its packed weights and one checkpoint tensor). Elsewhere the rows are quantized per
+    channel as they load (float rows once; Q8_0 groups requantized) for ``torch._weight_int8pack_mm``: ``qweight``
+    [N, K] and ``scale`` [N]."""
 
     def __init__(self, out_features: int, in_features: int) -> None:
         super().__init__(out_features, in_features)
@@ -315,45 +315,45 @@ class Int8Weight(QuantizedWeight):
         groups, panels = in_features // INT8_GROUP_SIZE, -(-out_features // INT8_PANEL)
         self.register_buffer("packed", None)  # [ceil(N / 32), K / 2, 32, 2] int8, on the kernel path
         self.register_buffer("scales", None)  # [ceil(N / 32), K / 32, 32] float16, on the kernel path
-        self.register_buffer("qweight", None)  # [N, K] int8 once final, on the torch path
-        self.register_buffer("scale", None)  # [N] in the kernel's dtype once final, on the torch path
+        self.register_buffer("qweight", None)  # [N, K] int8, on the torch path
+        self.register_buffer("scale", None)  # [N] (float32 while loading, then the kernel's dtype), on the torch path
         if _int8g_kernels() is not None:
             self.packed = torch.zeros(panels, in_features // 2, INT8_PANEL, 2, dtype=torch.int8)
             self.scales = torch.zeros(panels, groups, INT8_PANEL, dtype=torch.float16)
         else:
-            self._q = torch.empty(out_features, in_features, dtype=torch.int8)  # staging, [N, K]
-            self._scale = torch.empty(out_features, groups, dtype=torch.float32)  # [N, G]
+            self.qweight = torch.empty(out_features, in_features, dtype=torch.int8)
+            self.scale = torch.empty(out_features, dtype=torch.float32)
 
     def load_rows(self, offset: int, w: torch.Tensor | Int4Groups | Int8Groups) -> None:
-        groups = w if isinstance(w, Int8Groups) else quantize_int8_groups(_to_float(w))
         if self.packed is not None:
+            groups = w if isinstance(w, Int8Groups) else quantize_int8_groups(_to_float(w))
             write_int8_panels(self.packed, self.scales, offset, groups)
         else:
-            rows = slice(offset, offset + groups.q.shape[0])
-            self._q[rows], self._scale[rows] = groups.q, groups.scale
+            q, s = quantize_int8_rows(_to_float(w))
+            self.qweight[offset:offset + q.shape[0]], self.scale[offset:offset + q.shape[0]] = q, s
 
     def finalize(self, dtype: torch.dtype) -> None:
-        if self.packed is not None and dtype in (torch.float32, torch.bfloat16):
-            return
-        # the torch path (one layer's float copy at a time); a kernel-path layer in another dtype converts here
-        groups = self.groups() if self.packed is not None else Int8Groups(self._q, self._scale)
-        q, s = quantize_int8_rows(groups.dequantize())
-        self.qweight, self.scale = q, s.to(_weight_only_dtype(dtype))  # the kernel takes its input's dtype
-        self.packed = self.scales = None
-        self.__dict__.pop("_q", None), self.__dict__.pop("_scale", None)
+        if self.packed is not None:
+            if dtype in (torch.float32, torch.bfloat16):
+                return
+            # int8g_gemm takes float32 or bfloat16 activations: in another dtype the groups go per channel (one
+            # layer's float copy at a time)
+            self.qweight, self.scale = quantize_int8_rows(self.groups().dequantize())
+            self.packed = self.scales = None
+        self.scale = self.scale.to(_weight_only_dtype(dtype))  # torch's kernel takes its input's dtype
 
     def init_dummy(self, generator: torch.Generator, dtype: torch.dtype) -> None:
         if self.packed is not None:
             self.packed.random_(-127, 128, generator=generator)  # channels past N too: the kernel never stores them
             self.scales.fill_(1e-3 / 127)
         else:
-            self._q.random_(-127, 128, generator=generator)
-            self._scale.fill_(1e-3 / 127)
+            self.qweight.random_(-127, 128, generator=generator)
+            self.scale.fill_(1e-3 / 127)
         self.finalize(dtype)
 
     def groups(self) -> Int8Groups:
-        """The weight as int8 groups again (from the packed panels; on the torch path once final, its per-channel
-        rows as groups with one scale per row)."""
+        """The weight as int8 groups again (from the packed panels; on the torch path, its per-channel rows as groups
+        with one scale per row)."""
         if self.packed is None:
             return Int8Groups(self.qweight, self.scale.float()[:, None].expand(-1, self.in_features // INT8_GROUP_SIZE))
         n, k = self.out_features, self.in_features
