@@ -143,6 +143,20 @@ columns_option = click.option("--columns", default=None, metavar="FIELD=COL,..."
                                    "fields, e.g. id, prompt, messages, text, max_tokens).")
 
 
+def job_options(f):
+    """The options of a job command (run, embed): the cost summary's rate, the input's format and columns, progress,
+    --ray, --overwrite and --quiet."""
+    for opt in reversed([
+        click.option("--gpu-hourly-rate", type=float, default=None, help="USD per GPU-hour, for the cost summary."),
+        click.option("--num-gpus", type=int, default=1, show_default=True, help="GPUs billed, for the cost summary."),
+        input_format_option, columns_option, progress_option, ray_options,
+        click.option("--overwrite", is_flag=True, help="Discard earlier results for OUTPUT and start afresh."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary."),
+    ]):
+        f = opt(f)
+    return f
+
+
 def ray_options(f):
     """--ray and its companions, for run and embed."""
     f = click.option("--max-shard-retries", type=int, default=3, show_default=True,

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from tokenmill.cli.common import (EXIT_CODES_HELP, UserError, columns_of, columns_option, input_format_option,
-                                  progress_option, quantization_option, ray_options, run_job)
+from tokenmill.cli.common import EXIT_CODES_HELP, UserError, columns_of, job_options, quantization_option, run_job
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -33,14 +32,7 @@ from tokenmill.cli.common import (EXIT_CODES_HELP, UserError, columns_of, column
               show_default=True, help="auto: float32 on CPU (the parity dtype), bfloat16 on CUDA. bfloat16 is ~1.7x "
               "faster on CPUs with AVX512-BF16/AMX; float16 is CUDA only.")
 @quantization_option
-@click.option("--gpu-hourly-rate", type=float, default=None, help="USD per GPU-hour, for the cost summary.")
-@click.option("--num-gpus", type=int, default=1, show_default=True, help="GPUs billed, for the cost summary.")
-@input_format_option
-@columns_option
-@progress_option
-@ray_options
-@click.option("--overwrite", is_flag=True, help="Discard earlier results for OUTPUT and start afresh.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@job_options
 def embed(input_path, output, model, normalize, pooling, max_batch_tokens, max_seq_length, fmt, dtype, quantization,
           gpu_hourly_rate, num_gpus, input_format, columns, progress_interval, ray_address, num_workers, shard_size,
           max_shard_retries, overwrite, quiet):

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from tokenmill.cli.common import (EXIT_CODES_HELP, UserError, columns_of, columns_option, config_option,
-                                  engine_and_sampling, input_format_option, job_context, kv_cache_dtype_option,
-                                  model_option, progress_option, quantization_option, ray_options, run_job, scan_input,
+                                  engine_and_sampling, input_format_option, job_context, job_options,
+                                  kv_cache_dtype_option, model_option, quantization_option, run_job, scan_input,
                                   structured_flags, structured_options)
 
 
@@ -49,18 +49,11 @@ from tokenmill.cli.common import (EXIT_CODES_HELP, UserError, columns_of, column
 @click.option("--gpu-memory-utilization", type=float, default=None, help="Fraction of GPU memory on CUDA (0.95).")
 @click.option("--partition", type=int, default=0, show_default=True, help="This machine's partition index.")
 @click.option("--total-partitions", type=int, default=1, show_default=True, help="Number of partitions.")
-@click.option("--gpu-hourly-rate", type=float, default=None, help="USD per GPU-hour, for the cost summary.")
-@click.option("--num-gpus", type=int, default=1, show_default=True, help="GPUs billed, for the cost summary.")
 @click.option("--context-overflow", type=click.Choice(["error", "cap"]), default="error", show_default=True,
               help="A line whose own max_tokens does not fit after its prompt: an error record, or capped to the room "
                    "left. The job default (--max-tokens) is always capped.")
 @structured_options
-@input_format_option
-@columns_option
-@progress_option
-@ray_options
-@click.option("--overwrite", is_flag=True, help="Discard earlier results for OUTPUT and start afresh.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@job_options
 def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k, seed, stop, max_num_seqs,
         max_num_batched_tokens, preemption_mode, scheduling_strategy, sort_by_length, prefix_caching, dataset_order,
         dedupe, dtype, quantization, max_model_len, kv_cache_memory, kv_cache_dtype, gpu_memory_utilization, partition,
