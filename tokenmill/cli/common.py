@@ -143,6 +143,19 @@ columns_option = click.option("--columns", default=None, metavar="FIELD=COL,..."
                                    "fields, e.g. id, prompt, messages, text, max_tokens).")
 
 
+def model_memory_options(f):
+    """--dtype, --quantization, --max-model-len, --kv-cache-memory and --kv-cache-dtype, for run and serve."""
+    for opt in reversed([
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None),
+        quantization_option,
+        click.option("--max-model-len", type=int, default=None, help="Longest sequence (default: the model's)."),
+        click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU (default 4)."),
+        kv_cache_dtype_option,
+    ]):
+        f = opt(f)
+    return f
+
+
 def job_options(f):
     """The options of a job command (run, embed): the cost summary's rate, the input's format and columns, progress,
     --ray, --overwrite and --quiet."""

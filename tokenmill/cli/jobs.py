@@ -9,7 +9,7 @@ import click
 
 from tokenmill.cli.common import (EXIT_CODES_HELP, UserError, columns_of, columns_option, config_option,
                                   engine_and_sampling, input_format_option, job_context, job_options,
-                                  kv_cache_dtype_option, model_option, quantization_option, run_job, scan_input,
+                                  kv_cache_dtype_option, model_memory_options, model_option, run_job, scan_input,
                                   structured_flags, structured_options)
 
 
@@ -41,11 +41,7 @@ from tokenmill.cli.common import (EXIT_CODES_HELP, UserError, columns_of, column
                    "caching; input: in input order. Results are written in input order either way.")
 @click.option("--dedupe/--no-dedupe", default=True, show_default=True,
               help="Compute identical requests (same prompt and sampling, greedy or same seed) once (not with --ray).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
-@quantization_option
-@click.option("--max-model-len", type=int, default=None, help="Longest sequence (default: the model's).")
-@click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU (default 4).")
-@kv_cache_dtype_option
+@model_memory_options
 @click.option("--gpu-memory-utilization", type=float, default=None, help="Fraction of GPU memory on CUDA (0.95).")
 @click.option("--partition", type=int, default=0, show_default=True, help="This machine's partition index.")
 @click.option("--total-partitions", type=int, default=1, show_default=True, help="Number of partitions.")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from tokenmill.cli.common import (UserError, config_option, engine_and_sampling, kv_cache_dtype_option, model_option,
-                                  quantization_option)
+from tokenmill.cli.common import (UserError, config_option, engine_and_sampling, kv_cache_dtype_option,
+                                  model_memory_options, model_option, quantization_option)
 
 
 @click.command("eval")
@@ -64,11 +64,7 @@ def eval_cmd(model, dtype, quantization, kv_cache_dtype, text_path, context, lim
 @click.option("--preemption-mode", type=click.Choice(["none", "recompute"]), default=None)
 @click.option("--prefix-caching/--no-prefix-caching", "prefix_caching", default=None,
               help="Share the KV cache of common prompt prefixes (default: on).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None)
-@quantization_option
-@click.option("--max-model-len", type=int, default=None, help="Longest sequence (default: the model's).")
-@click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU (default 4).")
-@kv_cache_dtype_option
+@model_memory_options
 @click.option("--embedding-model", default=None,
               help="Also serve POST /v1/embeddings with this encoder directory (or `default`: all-MiniLM-L6-v2).")
 def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, max_num_batched_tokens, max_wait_ms,
