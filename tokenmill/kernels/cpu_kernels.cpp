@@ -992,6 +992,15 @@ std::vector<torch::Tensor> quantize_rows_int8(torch::Tensor x) { return quantize
 // The same codes as uint8 (u, not u - 128): the activations' operand of int8_gemm.
 std::vector<torch::Tensor> quantize_rows_uint8(torch::Tensor x) { return quantize_rows(x, true); }
 
+// The optional epilogue operands of an [M, N] output: bias [N] and residual [M, N], contiguous, of out's dtype.
+static void check_bias_residual(const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
+                                const torch::Tensor& out) {
+  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == out.size(1) &&
+                        bias->scalar_type() == out.scalar_type()), "bias must be [N] of out's dtype");
+  TORCH_CHECK(!residual || (residual->is_contiguous() && residual->sizes() == out.sizes() &&
+                            residual->scalar_type() == out.scalar_type()), "residual must be [M, N] of out's dtype");
+}
+
 // out[m, n] = float(acc[m, n]) * x_scale[m] * w_scale[n] (+ bias[n]) (+ residual[m, n]), rounded once to out's dtype.
 template <typename scalar_t>
 static void int8_epilogue_impl(const torch::Tensor& acc, const torch::Tensor& xs, const torch::Tensor& xlo,
@@ -1039,10 +1048,7 @@ void int8_epilogue(torch::Tensor acc, torch::Tensor x_scale, torch::Tensor x_min
   TORCH_CHECK(x_scale.numel() == acc.size(0) && w_scale.numel() == acc.size(1), "scales must be [M] and [N]");
   TORCH_CHECK(x_min.scalar_type() == torch::kFloat32 && x_min.numel() == acc.size(0) &&
               w_sum.scalar_type() == torch::kFloat32 && w_sum.numel() == acc.size(1), "x_min [M], w_sum [N] float32");
-  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == acc.size(1) && bias->scalar_type() == out.scalar_type()),
-              "bias must be [N] of out's dtype");
-  TORCH_CHECK(!residual || (residual->is_contiguous() && residual->sizes() == out.sizes() &&
-                            residual->scalar_type() == out.scalar_type()), "residual must be [M, N] of out's dtype");
+  check_bias_residual(bias, residual, out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, out.scalar_type(), "int8_epilogue",
                                   [&] {
     int8_epilogue_impl<scalar_t>(acc, x_scale, x_min, w_scale, w_sum, bias, residual, out);
@@ -1228,10 +1234,7 @@ void int8_gemm(torch::Tensor a, torch::Tensor packed, torch::Tensor comp, torch:
   TORCH_CHECK(x_scale.scalar_type() == torch::kFloat32 && w_scale.scalar_type() == torch::kFloat32 &&
               x_scale.numel() == a.size(0) && w_scale.numel() == out.size(1), "scales: float32 [M] and [N]");
   TORCH_CHECK(x_min.scalar_type() == torch::kFloat32 && x_min.numel() == a.size(0), "x_min: float32 [M]");
-  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == out.size(1) &&
-                        bias->scalar_type() == out.scalar_type()), "bias must be [N] of out's dtype");
-  TORCH_CHECK(!residual || (residual->is_contiguous() && residual->sizes() == out.sizes() &&
-                            residual->scalar_type() == out.scalar_type()), "residual must be [M, N] of out's dtype");
+  check_bias_residual(bias, residual, out);
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
   if (out.scalar_type() == torch::kFloat32)
     int8_gemm_impl<float>(a, packed, comp, x_scale, x_min, w_scale, bias, residual, out);
@@ -1361,10 +1364,7 @@ void int8g_gemm(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, std
               scales.scalar_type() == torch::kFloat16, "scales do not match packed (pack_int8_groups)");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == x.size(0) &&
               (out.size(1) + G8_NR - 1) / G8_NR == packed.size(0), "out must be [M, N] for this packed weight");
-  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == out.size(1) &&
-                        bias->scalar_type() == out.scalar_type()), "bias must be [N] of out's dtype");
-  TORCH_CHECK(!residual || (residual->is_contiguous() && residual->sizes() == out.sizes() &&
-                            residual->scalar_type() == out.scalar_type()), "residual must be [M, N] of out's dtype");
+  check_bias_residual(bias, residual, out);
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
   if (out.scalar_type() == torch::kFloat32)
     int8g_gemm_impl<float>(x, packed, scales, bias, residual, out);
