@@ -176,20 +176,23 @@ def _bound(x: torch.Tensor, dw: torch.Tensor, w: torch.Tensor | None = None, dx:
 @needs_kernels
 @pytest.mark.parametrize("m,k,n", [(1, 32, 16), (7, 96, 50), (53, 576, 96), (130, 64, 33)])
 def test_int8g_gemm_kernel_equals_the_float_product(m, k, n):
-    """The grouped int8 weight-only GEMM (codes widened to bfloat16, a group's sum scaled once) equals the float64
-    product of the bfloat16 input with the dequantized groups, up to float32 summation (K products, exact in float32,
-    and K / 32 scaled partial sums) and the output's one rounding. Shapes cover row counts across register tiles (6)
-    and tasks (48) and channels past a panel of 32; bias and residual fused."""
+    """The grouped int8 weight-only GEMM (codes widened to bfloat16, a group's sum scaled once, its offset times the
+    input's group sum added) equals the float64 product of the bfloat16 input with the dequantized groups, up to
+    float32 summation (K products, exact in float32, K / 32 group sums of the input and 2K / 32 scaled partial sums)
+    and the output's one rounding. Shapes cover row counts across register tiles (6) and tasks (48) and channels past
+    a panel of 32; bias and residual fused."""
     mod = cpu_kernel.load()
     if not mod.int8g_gemm_available():
         pytest.skip("int8g_gemm needs AVX512-BF16")
     g = torch.Generator().manual_seed(m * 1000 + n)
-    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     scale = (torch.rand(n, k // 32, generator=g) * 1e-2 + 1e-4).half()
+    offset = (torch.rand(n, k // 32, generator=g) - 0.5).half()
     x = _rand(m, k, seed=n).bfloat16()
-    packed, scales = pack_int8_groups(Int8Groups(q, scale.float()))
-    ref_w = q.double() * scale.double().repeat_interleave(32, 1)
-    mag = x.double().abs() @ ref_w.abs().T  # sum of |terms|
+    packed, scales = pack_int8_groups(Int8Groups(q, scale.float(), offset.float()))
+    ref_w = (q.double() * scale.double().repeat_interleave(32, 1) + offset.double().repeat_interleave(32, 1))
+    mag = x.double().abs() @ (q.double().abs() * scale.double().repeat_interleave(32, 1)  # sum of |terms|
+                              + offset.double().abs().repeat_interleave(32, 1)).T
     for dtype in (torch.float32, torch.bfloat16):
         b, r = _rand(n, seed=1).to(dtype), _rand(m, n, seed=2).to(dtype)
         for bias, res in ((None, None), (b, r)):
@@ -204,16 +207,21 @@ def test_int8g_gemm_kernel_equals_the_float_product(m, k, n):
             assert ((out.double() - ref).abs() <= tol).all(), dtype
 
 
-def test_int8_groups_within_half_a_step_with_float16_scales():
+def test_int8_groups_within_half_a_step_with_float16_scales_and_offsets():
     w = _rand(24, 96, seed=11, scale=0.05)
     w[3, 40] = 4.0  # an outlier costs only its own group
     w[5, :32] = 0.0  # an all-zero group stays zero
+    w[6, 32:64] = w[6, 32:64].abs()  # a lopsided group (all >= 0): 256 codes over its range, not 2 x its max
+    w[7, :32] = 0.3  # a constant group
     groups = quantize_int8_groups(w)
-    assert torch.equal(groups.scale, groups.scale.half().float())  # float16 values, as Q8_0 stores them
-    assert int(groups.q.abs().max()) <= 127 and (groups.q[5, :32] == 0).all()
+    for t in (groups.scale, groups.offset):
+        assert torch.equal(t, t.half().float())  # float16 values
     step = groups.scale.repeat_interleave(INT8_GROUP_SIZE, 1)
-    assert ((groups.dequantize() - w).abs() <= step / 2 * 1.001 + 1e-9).all()
+    assert ((groups.dequantize() - w).abs() <= step / 2 * 1.0001).all()  # no weight pushed past the codes
+    assert (groups.dequantize()[5, :32] == 0).all() and (groups.dequantize()[7, :32] - 0.3).abs().max() < 1e-6
     assert (groups.dequantize()[3, 64:] - w[3, 64:]).abs().max() < 0.05 / 127  # other groups keep a fine step
+    lopsided = w[6, 32:64]
+    assert groups.scale[6, 1] <= (lopsided.max() - lopsided.min()) / 255 * 1.002  # symmetric: max / 127, 2x coarser
     with pytest.raises(ValueError, match="multiple of 32"):
         Int8Weight(8, 48)
 
@@ -245,7 +253,8 @@ def test_int8_weight_only_within_half_a_step(dtype, kernels, monkeypatch):
     assert (err <= _bound(x, step) + 3 * bf16 * (x.abs() @ w.abs().T + bias.abs())).all()
     if kernels:
         back = layer.groups()  # the packed panels give back exactly the loaded groups
-        assert torch.equal(back.q, groups.q) and torch.equal(back.scale, groups.scale)
+        assert all(torch.equal(a, b) for a, b in zip((back.q, back.scale, back.offset),
+                                                     (groups.q, groups.scale, groups.offset)))
         exact = Int8Weight(96, 64)
         exact.load_rows(0, groups)
         exact.finalize(torch.float32)

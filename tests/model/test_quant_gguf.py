@@ -116,6 +116,7 @@ def test_a_q8_0_model_loads_its_blocks_without_rounding(tmp_path, cache_dir):
     rows = want.q.shape[0]  # gate_up = [gate | up]: the gate's rows come first
     if mlp.gate_up_proj.quantized.packed is not None:  # int8g_gemm (AVX512-BF16); elsewhere per channel, a rounding
         assert torch.equal(got.q[:rows], want.q) and torch.equal(got.scale[:rows], want.scale)
+        assert (got.offset[:rows] == 0).all()  # Q8_0 is symmetric: the case offset = 0
     ids = [(7 * i + 3) % 5000 + 100 for i in range(48)]
     ref = torch.tensor(LLM(str(path), kv_cache_memory=0.1, max_model_len=256, cache_dir=cache_dir).engine.score(ids))
     ours = torch.tensor(llm.engine.score(ids))

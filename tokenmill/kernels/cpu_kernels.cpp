@@ -1246,13 +1246,14 @@ void int8_gemm(torch::Tensor a, torch::Tensor packed, torch::Tensor comp, torch:
 }
 
 // ------------------------------------------------------------------ int8 weights in groups of 32, bf16 activations
-// The int8 weight-only GEMM: y[m, n] = sum_g s[n, g] * sum_{k in group g} x[m, k] * q[n, k] (+ bias) (+ residual),
-// with int8 codes q and one float16 scale per 32 weights along K (GGUF's Q8_0 blocks exactly), x in bfloat16.
-// The weight is packed once into panels of 32 channels, [N/32][K/2][32][2] int8, the scales into [N/32][K/32][32].
-// A task (panel, block of rows) widens its panel's codes to bfloat16 in a thread-local buffer (exact: |q| <= 127
-// needs 7 bits), which the thread's next task on the same panel reuses. Register tiles of MR rows x 32 channels
-// then walk the groups: vdpbf16ps sums a group's products in float32 (products of bfloat16 values are exact), and
-// one fma per group and 16 channels applies the group's scales.
+// The int8 weight-only GEMM: y[m, n] = sum_g (s[n, g] * sum_{k in g} x[m, k] * q[n, k] + o[n, g] * X[m, g])
+// (+ bias) (+ residual), with int8 codes q, a float16 scale s and offset o per 32 weights along K (w = q * s + o:
+// asymmetric groups; GGUF's Q8_0 blocks are the case o = 0) and X[m, g] the sum of x[m, k] over group g, x in
+// bfloat16. The weight is packed once into panels of 32 channels, [N/32][K/2][32][2] int8, the scales and offsets into
+// [N/32][K/32][2][32]. A task (panel, block of rows) widens its panel's codes to bfloat16 in a thread-local buffer
+// (exact: -128..127 needs 8 bits), which the thread's next task on the same panel reuses. Register tiles of MR rows x
+// 32 channels then walk the groups: vdpbf16ps sums a group's products in float32 (products of bfloat16 values are
+// exact), and two fmas per group and 16 channels apply the group's scale and offset.
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 static constexpr bool int8g_gemm_ok = true;
 constexpr int64_t G8_NR = 32;     // output channels per panel (2 x 16 float lanes)
@@ -1270,7 +1271,7 @@ static void int8g_widen(const int8_t* src, uint16_t* dst, int64_t K) {
 
 // rows m0 .. m0 + MR - 1 of the output's columns n0 .. n0 + ncols - 1 (ncols <= 32; the panel is zero-padded).
 template <typename scalar_t, int MR>
-static inline void int8g_tile(const uint16_t* x, int64_t K, const uint16_t* wb, const uint16_t* sc,
+static inline void int8g_tile(const uint16_t* x, const float* xs, int64_t K, const uint16_t* wb, const uint16_t* sc,
                               const scalar_t* bias, const scalar_t* res, scalar_t* out, int64_t N, int64_t ncols) {
   __m512 acc[MR][2];
   _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -1290,11 +1291,15 @@ static inline void int8g_tile(const uint16_t* x, int64_t K, const uint16_t* wb, 
         part[i][1] = _mm512_dpbf16_ps(part[i][1], va, w1);
       }
     }
-    const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sc + g * G8_NR)));
-    const __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sc + g * G8_NR + 16)));
+    const uint16_t* so = sc + g * 2 * G8_NR;  // 32 scales, then 32 offsets
+    const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)so));
+    const __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(so + 16)));
+    const __m512 o0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(so + G8_NR)));
+    const __m512 o1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(so + G8_NR + 16)));
     _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
-      acc[i][0] = _mm512_fmadd_ps(part[i][0], s0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(part[i][1], s1, acc[i][1]);
+      const __m512 xg_sum = _mm512_set1_ps(xs[i * (K / G8_GROUP) + g]);
+      acc[i][0] = _mm512_fmadd_ps(xg_sum, o0, _mm512_fmadd_ps(part[i][0], s0, acc[i][0]));
+      acc[i][1] = _mm512_fmadd_ps(xg_sum, o1, _mm512_fmadd_ps(part[i][1], s1, acc[i][1]));
     }
   }
   _Pragma("GCC unroll 2") for (int j = 0; j < 2; ++j) {
@@ -1321,7 +1326,18 @@ static void int8g_gemm_impl(const torch::Tensor& x, const torch::Tensor& packed,
   const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
   const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
   scalar_t* op = out.data_ptr<scalar_t>();
-  const int64_t blocks = (M + G8_MB - 1) / G8_MB;
+  const int64_t blocks = (M + G8_MB - 1) / G8_MB, G = K / G8_GROUP;
+  std::vector<float> xsum(M * G);  // [M, G]: each row's sum over each group (the offsets' operand)
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 a = _mm512_setzero_ps();
+        const uint16_t* xg = xp + m * K + g * G8_GROUP;
+        a = _mm512_add_ps(a, load_f32x16(reinterpret_cast<const c10::BFloat16*>(xg)));
+        a = _mm512_add_ps(a, load_f32x16(reinterpret_cast<const c10::BFloat16*>(xg + 16)));
+        xsum[m * G + g] = _mm512_reduce_add_ps(a);
+      }
+  });
   at::parallel_for(0, panels * blocks, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<uint16_t> wide;
     int64_t widened = -1;  // the panel in `wide` during this call
@@ -1333,10 +1349,10 @@ static void int8g_gemm_impl(const torch::Tensor& x, const torch::Tensor& packed,
         widened = p;
       }
       const int64_t ncols = std::min(G8_NR, N - n0);
-      const uint16_t* sc = sp + p * (K / G8_GROUP) * G8_NR;
+      const uint16_t* sc = sp + p * G * 2 * G8_NR;
       for (int64_t m = mb * G8_MB; m < std::min(M, (mb + 1) * G8_MB); m += 6) {
         with_tile_rows(M - m, [&](auto mr) {
-          int8g_tile<scalar_t, decltype(mr)::value>(xp + m * K, K, wide.data(), sc, bp ? bp + n0 : nullptr,
+          int8g_tile<scalar_t, decltype(mr)::value>(xp + m * K, xsum.data() + m * G, K, wide.data(), sc, bp ? bp + n0 : nullptr,
                                                      rp ? rp + m * N + n0 : nullptr, op + m * N + n0, N, ncols);
         });
       }
@@ -1351,7 +1367,8 @@ constexpr int64_t G8_GROUP = 32;
 
 bool int8g_gemm_available() { return int8g_gemm_ok; }
 
-// x [M, K] bfloat16 contiguous, packed [ceil(N / 32), K / 2, 32, 2] int8 and scales [ceil(N / 32), K / 32, 32] float16
+// x [M, K] bfloat16 contiguous, packed [ceil(N / 32), K / 2, 32, 2] int8 and scales [ceil(N / 32), K / 32, 2, 32]
+// float16 (the scales, then the offsets)
 // (model/quant.py's pack_int8_groups; channels past N zero), bias [N] and residual [M, N] (optional) of
 // out's dtype, out [M, N] float32 or bfloat16 contiguous, written in place.
 void int8g_gemm(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, std::optional<torch::Tensor> bias,
@@ -1360,7 +1377,8 @@ void int8g_gemm(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, std
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16, "x must be [M, K] bfloat16");
   TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 2 == x.size(1) && packed.size(2) == G8_NR,
               "packed does not match x's K (pack_int8_groups)");
-  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == packed.size(0) && scales.size(1) * G8_GROUP == x.size(1) &&
+  TORCH_CHECK(scales.dim() == 4 && scales.size(0) == packed.size(0) && scales.size(1) * G8_GROUP == x.size(1) &&
+              scales.size(2) == 2 && scales.size(3) == G8_NR && scales.is_contiguous() &&
               scales.scalar_type() == torch::kFloat16, "scales do not match packed (pack_int8_groups)");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == x.size(0) &&
               (out.size(1) + G8_NR - 1) / G8_NR == packed.size(0), "out must be [M, N] for this packed weight");

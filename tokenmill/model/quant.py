@@ -7,12 +7,14 @@
   On a CPU with AVX512-VNNI the weight is packed once for the C++ kernels' ``int8_gemm`` (VNNI tiles, the scales,
   zero points, bias and residual fused into its stores); elsewhere ``torch._int_mm`` (oneDNN) and a separate epilogue
   pass. The throughput mode.
-- ``int8``: int8 weight-only, in groups of 32 along K with a float16 scale each, ``w = q * scale`` (GGUF's Q8_0
-  blocks exactly, so a Q8_0 file loads without rounding: ``Int8Groups``). Activations stay float: where the C++
-  kernels have ``int8g_gemm`` (AVX512-BF16) they are multiplied in bfloat16 with the codes, widened to bfloat16 in
-  the kernel (exact), each group's float32 sum scaled once; the rows are written straight into its panels as they
-  load. Elsewhere the rows are quantized per output channel for ``torch._weight_int8pack_mm`` (a Q8_0 file's
-  groups requantized: a rounding). A little over half of bf16's weight bytes.
+- ``int8``: int8 weight-only, in groups of 32 along K with a float16 scale and offset each, ``w = q * scale +
+  offset``: asymmetric codes spanning each group's minimum to its maximum (``quantize_int8_groups``). GGUF's Q8_0
+  blocks are the case offset = 0, so a Q8_0 file loads without rounding (``Int8Groups``). Activations stay float:
+  where the C++ kernels have ``int8g_gemm`` (AVX512-BF16) they are multiplied in bfloat16 with the codes, widened to
+  bfloat16 in the kernel (exact), each group's float32 sum scaled once and the offset times the input's group sum
+  added; the rows are written straight into its panels as they load. Elsewhere the rows are quantized symmetrically
+  per output channel for ``torch._weight_int8pack_mm`` (a Q8_0 file's groups requantized: a rounding). A little over
+  half of bf16's weight bytes.
 - The weight-only kernels multiply in bfloat16: in a float32 model the layer's input is rounded to bfloat16 (torch's
   float32 weight-only paths run ~40x slower here, measured).
 - ``int4``: 4-bit weights in groups of 32 along K with a scale and a zero per group, ``w = (q - 8) * scale + zero``
@@ -62,32 +64,43 @@ class Int4Groups:
 
 @dataclass
 class Int8Groups:
-    """A weight in int8 groups along K (a GGUF Q8_0 tensor): ``w[n, k] = q[n, k] * scale[n, k // 32]``, the scales
-    values of float16 (as Q8_0 stores them)."""
+    """A weight in int8 groups along K: ``w[n, k] = q[n, k] * scale[n, g] + offset[n, g]`` with ``g = k // 32``, the
+    scales and offsets values of float16. A GGUF Q8_0 tensor is the case ``offset = None`` (zero)."""
 
-    q: torch.Tensor  # [N, K] int8, |q| <= 127
+    q: torch.Tensor  # [N, K] int8
     scale: torch.Tensor  # [N, K // 32] float32
+    offset: torch.Tensor | None = None  # [N, K // 32] float32; None: zero
 
     @property
     def shape(self) -> torch.Size:
         return self.q.shape
 
     def dequantize(self) -> torch.Tensor:  # [N, K] float32
-        return self.q.float() * self.scale.repeat_interleave(INT8_GROUP_SIZE, 1)
+        w = self.q.float() * self.scale.repeat_interleave(INT8_GROUP_SIZE, 1)
+        return w if self.offset is None else w + self.offset.repeat_interleave(INT8_GROUP_SIZE, 1)
 
 
 def quantize_int8_groups(w: torch.Tensor) -> Int8Groups:
-    """Symmetric absmax int8 in groups of 32 along K, the scale rounded to float16 first (Q8_0's form). [N, K] float
-    -> Int8Groups; the error is at most half a step, ``scale / 2`` per group. (A group whose scale underflows float16,
-    all |w| < ~4e-6, becomes zeros, as in Q8_0.)"""
+    """Asymmetric int8 in groups of 32 along K: the group's 256 codes span its minimum to its maximum. [N, K] float ->
+    Int8Groups with float16 scales and offsets; every weight within half a step, ``scale / 2``, of its value.
+
+    The offset (the value of code 0, about the group's midpoint) is rounded to float16 first, and the scale is then
+    the smallest float16 whose codes -128..127 still reach both ends of the group from that offset, so rounding the
+    two never pushes a weight past the codes. (Against symmetric absmax codes, Q8_0's form, the step is up to 2x
+    finer where a group's values are lopsided: BENCHMARKS.md "int8 in asymmetric groups".)"""
     n, k = w.shape
     if k % INT8_GROUP_SIZE:
         raise ValueError(f"int8 needs the input dimension to be a multiple of {INT8_GROUP_SIZE}, got {k}")
     g = w.float().reshape(n, k // INT8_GROUP_SIZE, INT8_GROUP_SIZE)
-    scale = (g.abs().amax(dim=2) / 127).to(torch.float16).float()  # [N, G]
+    lo, hi = g.amin(dim=2), g.amax(dim=2)  # [N, G]
+    offset = (lo + 128 * ((hi - lo) / 255)).to(torch.float16).float()
+    need = torch.maximum((hi - offset) / 127, (offset - lo) / 128)  # the smallest step that reaches both ends
+    scale = need.to(torch.float16)
+    scale = torch.where(scale.float() < need, torch.nextafter(scale, torch.full_like(scale, float("inf"))),
+                        scale).float()
     inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    q = torch.round(g * inv[..., None]).clamp_(-127, 127).to(torch.int8).reshape(n, k)
-    return Int8Groups(q, scale)
+    q = torch.round((g - offset[..., None]) * inv[..., None]).clamp_(-128, 127).to(torch.int8).reshape(n, k)
+    return Int8Groups(q, scale, offset)
 
 
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,10 +276,12 @@ INT8_PANEL = 32  # int8g_gemm's output channels per panel
 
 def write_int8_panels(packed: torch.Tensor, scales: torch.Tensor, offset: int, groups: Int8Groups) -> None:
     """Rows ``offset:offset + len(groups)`` of a weight into int8g_gemm's layout, in place: ``packed`` [P, K/2, 32, 2]
-    int8 (row n is channel n % 32 of panel n // 32; codes k and k + 1 adjacent) and ``scales`` [P, K/32, 32] float16."""
+    int8 (row n is channel n % 32 of panel n // 32; codes k and k + 1 adjacent) and ``scales`` [P, K/32, 2, 32]
+    float16 (each group's 32 scales, then its 32 offsets)."""
     codes = packed.permute(0, 2, 1, 3)  # [P, 32, K/2, 2], a view
-    sview = scales.permute(0, 2, 1)  # [P, 32, G], a view
-    q, s = groups.q, groups.scale.half()
+    sview = scales.permute(0, 3, 1, 2)  # [P, 32, G, 2], a view
+    o = groups.offset if groups.offset is not None else torch.zeros_like(groups.scale)
+    q, s = groups.q, torch.stack([groups.scale, o], dim=2).half()  # [N, G, 2]
     k = q.shape[1]
     row, end = offset, offset + q.shape[0]
     while row < end:
@@ -275,7 +290,7 @@ def write_int8_panels(packed: torch.Tensor, scales: torch.Tensor, offset: int, g
             n = (end - row) // INT8_PANEL * INT8_PANEL
             rows = slice(row - offset, row - offset + n)
             codes[p:p + n // INT8_PANEL] = q[rows].reshape(-1, INT8_PANEL, k // 2, 2)
-            sview[p:p + n // INT8_PANEL] = s[rows].reshape(-1, INT8_PANEL, s.shape[1])
+            sview[p:p + n // INT8_PANEL] = s[rows].reshape(-1, INT8_PANEL, s.shape[1], 2)
         else:  # part of one panel
             n = min(end - row, INT8_PANEL - c)
             rows = slice(row - offset, row - offset + n)
@@ -285,12 +300,12 @@ def write_int8_panels(packed: torch.Tensor, scales: torch.Tensor, offset: int, g
 
 
 def pack_int8_groups(groups: Int8Groups) -> tuple[torch.Tensor, torch.Tensor]:
-    """Int8Groups [N, K] -> (packed [ceil(N / 32), K / 2, 32, 2] int8, scales [ceil(N / 32), K / 32, 32] float16),
+    """Int8Groups [N, K] -> (packed [ceil(N / 32), K / 2, 32, 2] int8, scales [ceil(N / 32), K / 32, 2, 32] float16),
     int8g_gemm's operands (channels past N zero)."""
     n, k = groups.shape
     panels = -(-n // INT8_PANEL)
     packed = torch.zeros(panels, k // 2, INT8_PANEL, 2, dtype=torch.int8)
-    scales = torch.zeros(panels, k // INT8_GROUP_SIZE, INT8_PANEL, dtype=torch.float16)
+    scales = torch.zeros(panels, k // INT8_GROUP_SIZE, 2, INT8_PANEL, dtype=torch.float16)
     write_int8_panels(packed, scales, 0, groups)
     return packed, scales
 
@@ -314,12 +329,12 @@ class Int8Weight(QuantizedWeight):
             raise ValueError(f"int8 needs in_features to be a multiple of {INT8_GROUP_SIZE}, got {in_features}")
         groups, panels = in_features // INT8_GROUP_SIZE, -(-out_features // INT8_PANEL)
         self.register_buffer("packed", None)  # [ceil(N / 32), K / 2, 32, 2] int8, on the kernel path
-        self.register_buffer("scales", None)  # [ceil(N / 32), K / 32, 32] float16, on the kernel path
+        self.register_buffer("scales", None)  # [ceil(N / 32), K / 32, 2, 32] float16 (scales, offsets), kernel path
         self.register_buffer("qweight", None)  # [N, K] int8, on the torch path
         self.register_buffer("scale", None)  # [N] (float32 while loading, then the kernel's dtype), on the torch path
         if _int8g_kernels() is not None:
             self.packed = torch.zeros(panels, in_features // 2, INT8_PANEL, 2, dtype=torch.int8)
-            self.scales = torch.zeros(panels, groups, INT8_PANEL, dtype=torch.float16)
+            self.scales = torch.zeros(panels, groups, 2, INT8_PANEL, dtype=torch.float16)
         else:
             self.qweight = torch.empty(out_features, in_features, dtype=torch.int8)
             self.scale = torch.empty(out_features, dtype=torch.float32)
@@ -345,7 +360,7 @@ class Int8Weight(QuantizedWeight):
     def init_dummy(self, generator: torch.Generator, dtype: torch.dtype) -> None:
         if self.packed is not None:
             self.packed.random_(-127, 128, generator=generator)  # channels past N too: the kernel never stores them
-            self.scales.fill_(1e-3 / 127)
+            self.scales[:, :, 0].fill_(1e-3 / 127)  # offsets zero
         else:
             self.qweight.random_(-127, 128, generator=generator)
             self.scale.fill_(1e-3 / 127)
@@ -358,8 +373,8 @@ class Int8Weight(QuantizedWeight):
             return Int8Groups(self.qweight, self.scale.float()[:, None].expand(-1, self.in_features // INT8_GROUP_SIZE))
         n, k = self.out_features, self.in_features
         q = self.packed.permute(0, 2, 1, 3).reshape(-1, k)[:n]  # [P, K/2, 32, 2] -> [P * 32, K]
-        scale = self.scales.permute(0, 2, 1).reshape(-1, k // INT8_GROUP_SIZE)[:n].float()  # [P, G, 32] -> [N, G]
-        return Int8Groups(q, scale)
+        so = self.scales.permute(0, 3, 1, 2).reshape(-1, k // INT8_GROUP_SIZE, 2)[:n].float()  # [P, G, 2, 32] -> [N, G, 2]
+        return Int8Groups(q, so[..., 0], so[..., 1])
 
     def column_absmax(self) -> torch.Tensor:
         """max |W[:, j]| of the dequantized weight: [in_features] float32 (SmoothQuant's weight statistic)."""

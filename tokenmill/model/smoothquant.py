@@ -31,7 +31,7 @@ from tokenmill.model.layers import Linear
 
 CALIBRATION_TEXT = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
 ALPHA = 0.5  # chosen by measurement (BENCHMARKS.md "Quantization")
-VERSION = 2  # 2: calibrated on int8 weights in groups of 32 (was per channel)
+VERSION = 3  # 2: calibrated on int8 weights in groups of 32 (was per channel); 3: asymmetric groups
 _SMOOTHED = ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 Factors = dict[int, dict[str, torch.Tensor]]  # layer index -> {"qkv", "gate_up", "down"} -> s [in_features] float32
