@@ -31,9 +31,10 @@ with VNNI's u8 x s8 dot products, takes off 128 x each channel's code sum, and a
 before its one store (``int8_gemm_available()`` says whether this build has it).
 
 ``int8g_gemm`` is int8 weight-only's GEMM (AVX512-BF16; ``int8g_gemm_available()``): bfloat16 activations against
-int8 codes with one float16 scale per 32 weights along K (GGUF Q8_0's blocks), in panels of 32 channels (packed as
-the rows load: ``model/quant.py``). Each task widens its panel's codes to bfloat16 once (exact), vdpbf16ps sums a
-group's products in float32 and one fma per group applies its scales; bias and residual are added before the store.
+int8 codes with a float16 scale and offset per 32 weights along K (``w = q * scale + offset``; GGUF's Q8_0 blocks
+have offset 0), in panels of 32 channels (packed as the rows load: ``model/quant.py``). Each task widens its panel's
+codes to bfloat16 once (exact), vdpbf16ps sums a group's products in float32, and per group one fma applies the
+scales and one adds the offsets times the input's sum over the group; bias and residual are added before the store.
 
 The C++ source is ``cpu_kernels.cpp`` beside this file. It is compiled (``-march=native``, needs a C++ compiler and
 ninja) once per machine and the shared library is kept under ``~/.cache/tokenmill/kernels/`` (``XDG_CACHE_HOME``
