@@ -8,8 +8,8 @@ bfloat16, at the row counts a batch engine runs (1 row: a lone decode; 32-256: d
 
 Prints GFLOP/s per (dtype, shape, rows, path) and checks that the packed result equals the plain one bit for bit.
 With --int8: GOP/s of w8a8's two CPU paths (the activations' quantization included in both), bfloat16 output.
-With --int8-weight-only: GFLOP/s of int8's grouped C++ GEMM (``int8g_gemm``), torch's per-channel int8 kernel and the
-bfloat16 model's prepacked oneDNN GEMM, bfloat16 activations and output.
+With --int8-weight-only: GFLOP/s of int8's grouped C++ GEMM (``int8g_gemm``, bfloat16 input and float32 input),
+torch's per-channel int8 kernel and the bfloat16 model's prepacked oneDNN GEMM, bfloat16 output.
 """
 
 from __future__ import annotations
@@ -71,30 +71,37 @@ def int8_paths(rows_list: list[int]) -> list[dict]:
 
 
 def int8_weight_only_paths(rows_list: list[int]) -> list[dict]:
-    """int8 weight-only on each shape: int8g_gemm (groups of 32) | torch._weight_int8pack_mm (per channel) | packed
-    bfloat16 (the float model's GEMM, for scale)."""
+    """int8 weight-only on each shape: int8g_gemm with bfloat16 input (AVX512-BF16) | int8g_gemm with float32 input
+    (the portable path, any CPU) | torch._weight_int8pack_mm (per channel) | packed bfloat16 (the float model's GEMM,
+    for scale)."""
     from tokenmill.kernels import cpu_kernel
     from tokenmill.model.quant import Int8Groups, pack_int8_groups
 
     kernels = cpu_kernel.load()
+    bf16_ok = kernels.int8g_bf16_available()
     results = []
-    print(f"threads {torch.get_num_threads()}; GFLOP/s: int8g_gemm | _weight_int8pack_mm | bf16 packed "
-          "(int8g / bf16)")
+    print(f"threads {torch.get_num_threads()}; GFLOP/s: int8g_gemm bf16 | int8g_gemm f32 | _weight_int8pack_mm | "
+          "bf16 packed (int8g bf16 / bf16, int8g f32 / bf16)")
     for name, n, k in SHAPES:
-        q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-        packed, scales = pack_int8_groups(Int8Groups(q, (torch.rand(n, k // 32) / 100).half().float()))
+        q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+        packed, scales = pack_int8_groups(Int8Groups(q, (torch.rand(n, k // 32) / 100).half().float(),
+                                                     (torch.rand(n, k // 32) / 100).half().float()))
         channel_scale, bf16_w = (torch.rand(n) / 100).bfloat16(), gemm.pack(torch.randn(n, k).bfloat16(), "onednn")
         for m in rows_list:
             x = torch.randn(m, k).bfloat16()
+            x32 = x.float()
             out = torch.empty(m, n, dtype=torch.bfloat16)
             flops = 2.0 * m * n * k
             r = {"shape": name, "out": n, "in": k, "rows": m,
-                 "int8g_gemm": rate(lambda: kernels.int8g_gemm(x, packed, scales, None, None, out), flops),
-                 "int8pack_mm": rate(lambda: torch._weight_int8pack_mm(x, q, channel_scale), flops),
+                 "int8g_gemm": (rate(lambda: kernels.int8g_gemm(x, packed, scales, None, None, out), flops)
+                                if bf16_ok else float("nan")),
+                 "int8g_gemm_f32": rate(lambda: kernels.int8g_gemm(x32, packed, scales, None, None, out), flops),
+                 "int8pack_mm": rate(lambda: torch._weight_int8pack_mm(x, q.clamp(-127, 127), channel_scale), flops),
                  "bf16_packed": rate(lambda: gemm.linear(x, bf16_w), flops)}
             results.append(r)
-            print(f"{name:>7} {n:>5}x{k:<4} rows {m:>4}: {r['int8g_gemm']:6.0f} | {r['int8pack_mm']:6.0f} | "
-                  f"{r['bf16_packed']:6.0f} ({r['int8g_gemm'] / r['bf16_packed']:.2f}x)", flush=True)
+            print(f"{name:>7} {n:>5}x{k:<4} rows {m:>4}: {r['int8g_gemm']:6.0f} | {r['int8g_gemm_f32']:6.0f} | "
+                  f"{r['int8pack_mm']:6.0f} | {r['bf16_packed']:6.0f} ({r['int8g_gemm'] / r['bf16_packed']:.2f}x, "
+                  f"{r['int8g_gemm_f32'] / r['bf16_packed']:.2f}x)", flush=True)
     return results
 
 

@@ -174,21 +174,23 @@ def _bound(x: torch.Tensor, dw: torch.Tensor, w: torch.Tensor | None = None, dx:
 
 
 @needs_kernels
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m,k,n", [(1, 32, 16), (7, 96, 50), (53, 576, 96), (130, 64, 33)])
-def test_int8g_gemm_kernel_equals_the_float_product(m, k, n):
+def test_int8g_gemm_kernel_equals_the_float_product(m, k, n, xdtype):
     """The grouped int8 weight-only GEMM (codes widened to bfloat16, a group's sum scaled once, its offset times the
     input's group sum added) equals the float64 product of the bfloat16 input with the dequantized groups, up to
     float32 summation (K products, exact in float32, K / 32 group sums of the input and 2K / 32 scaled partial sums)
-    and the output's one rounding. Shapes cover row counts across register tiles (6) and tasks (48) and channels past
-    a panel of 32; bias and residual fused."""
+    and the output's one rounding; with float32 x (the portable path: the panel dequantized to float32, one rounding
+    per weight, then K float32 products) within the same bound. Shapes cover row counts across register tiles (6, or
+    3 without AVX-512) and tasks (48) and channels past a panel of 32; bias and residual fused."""
     mod = cpu_kernel.load()
-    if not mod.int8g_gemm_available():
-        pytest.skip("int8g_gemm needs AVX512-BF16")
+    if xdtype == torch.bfloat16 and not mod.int8g_bf16_available():
+        pytest.skip("int8g_gemm with bfloat16 input needs AVX512-BF16")
     g = torch.Generator().manual_seed(m * 1000 + n)
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     scale = (torch.rand(n, k // 32, generator=g) * 1e-2 + 1e-4).half()
     offset = (torch.rand(n, k // 32, generator=g) - 0.5).half()
-    x = _rand(m, k, seed=n).bfloat16()
+    x = _rand(m, k, seed=n).to(xdtype)
     packed, scales = pack_int8_groups(Int8Groups(q, scale.float(), offset.float()))
     ref_w = (q.double() * scale.double().repeat_interleave(32, 1) + offset.double().repeat_interleave(32, 1))
     mag = x.double().abs() @ (q.double().abs() * scale.double().repeat_interleave(32, 1)  # sum of |terms|
@@ -226,16 +228,22 @@ def test_int8_groups_within_half_a_step_with_float16_scales_and_offsets():
         Int8Weight(8, 48)
 
 
-@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("path", ["bfloat16", "portable", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_weight_only_within_half_a_step(dtype, kernels, monkeypatch):
+def test_int8_weight_only_within_half_a_step(dtype, path, monkeypatch):
     """With the C++ kernels: groups of 32 (half a group's step), written into the kernel's panels as the rows load
-    (two shards, the first ending inside a panel); without them, per channel (half a channel's step). Loading int8
-    groups (a Q8_0 file's) keeps them as they are on the kernel path."""
+    (two shards, the first ending inside a panel), the input multiplied in bfloat16 (AVX512-BF16) or in float32 (the
+    portable path, as on a CPU without it); without the kernels, per channel (half a channel's step). Loading int8
+    groups (a Q8_0 file's) keeps them as they are on the kernel paths."""
+    kernels = path != "none"
     if not kernels:
         monkeypatch.setattr(cpu_kernel, "load", lambda: None)
-    elif cpu_kernel.load() is None or not cpu_kernel.load().int8g_gemm_available():
-        pytest.skip("int8g_gemm needs the C++ kernels and AVX512-BF16")
+    elif cpu_kernel.load() is None:
+        pytest.skip("needs the C++ kernels")
+    elif path == "portable":
+        monkeypatch.setattr(cpu_kernel.load(), "int8g_bf16_available", lambda: False)
+    elif not cpu_kernel.load().int8g_bf16_available():
+        pytest.skip("int8g_gemm with bfloat16 input needs AVX512-BF16")
     w, x, bias = _rand(96, 64, seed=1, scale=0.05), _rand(5, 64, seed=2), _rand(96, seed=3)
     layer = Int8Weight(96, 64)
     layer.load_rows(0, w[:40])  # two shards, as a fused layer is loaded
@@ -259,7 +267,7 @@ def test_int8_weight_only_within_half_a_step(dtype, kernels, monkeypatch):
         exact.load_rows(0, groups)
         exact.finalize(torch.float32)
         deq = groups.dequantize()
-        xb = x.bfloat16().float()  # the kernel's only rounding is of the input (and float32 summation)
+        xb = x.bfloat16().float() if path == "bfloat16" else x  # the input's rounding (and float32 summation)
         assert ((exact(x, None) - xb @ deq.T).abs() <= 1e-5 * (xb.abs() @ deq.abs().T) + 1e-7).all()
         torch.testing.assert_close(layer.column_absmax(), deq.abs().amax(0))
 

@@ -30,11 +30,12 @@ into panels of 64 channels, and ``int8_gemm`` multiplies the activations' unsign
 with VNNI's u8 x s8 dot products, takes off 128 x each channel's code sum, and applies the epilogue in registers
 before its one store (``int8_gemm_available()`` says whether this build has it).
 
-``int8g_gemm`` is int8 weight-only's GEMM (AVX512-BF16; ``int8g_gemm_available()``): bfloat16 activations against
-int8 codes with a float16 scale and offset per 32 weights along K (``w = q * scale + offset``; GGUF's Q8_0 blocks
-have offset 0), in panels of 32 channels (packed as the rows load: ``model/quant.py``). Each task widens its panel's
-codes to bfloat16 once (exact), vdpbf16ps sums a group's products in float32, and per group one fma applies the
-scales and one adds the offsets times the input's sum over the group; bias and residual are added before the store.
+``int8g_gemm`` is int8 weight-only's GEMM: int8 codes with a float16 scale and offset per 32 weights along K (``w = q *
+scale + offset``; GGUF's Q8_0 blocks have offset 0), in panels of 32 channels (packed as the rows load:
+``model/quant.py``). With bfloat16 input (AVX512-BF16; ``int8g_bf16_available()``) each task widens its panel's codes
+to bfloat16 once (exact), vdpbf16ps sums a group's products in float32, and per group one fma applies the scales and
+one adds the offsets times the input's sum over the group. With float32 input (any CPU: the portable path) each task
+dequantizes its panel to float32 and runs a float GEMM. Bias and residual are added before the store.
 
 The C++ source is ``cpu_kernels.cpp`` beside this file. It is compiled (``-march=native``, needs a C++ compiler and
 ninja) once per machine and the shared library is kept under ``~/.cache/tokenmill/kernels/`` (``XDG_CACHE_HOME``
@@ -65,7 +66,7 @@ _SOURCE_FILE = Path(__file__).with_name("cpu_kernels.cpp")  # the C++ source, sh
 _MODULE = "tokenmill_cpu_kernels"
 _FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention", "quantize_rows_int8", "int8_epilogue",
               "quantize_rows_uint8", "int8_gemm_available", "int8_pack_weight", "int8_gemm", "write_kv",
-              "argmax_rows", "rope", "silu_mul_quantize_uint8", "silu_mul", "int8g_gemm_available",
+              "argmax_rows", "rope", "silu_mul_quantize_uint8", "silu_mul", "int8g_bf16_available",
               "int8g_gemm"]
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
            "-fopenmp"]

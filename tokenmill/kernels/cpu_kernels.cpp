@@ -1248,17 +1248,127 @@ void int8_gemm(torch::Tensor a, torch::Tensor packed, torch::Tensor comp, torch:
 // ------------------------------------------------------------------ int8 weights in groups of 32, bf16 activations
 // The int8 weight-only GEMM: y[m, n] = sum_g (s[n, g] * sum_{k in g} x[m, k] * q[n, k] + o[n, g] * X[m, g])
 // (+ bias) (+ residual), with int8 codes q, a float16 scale s and offset o per 32 weights along K (w = q * s + o:
-// asymmetric groups; GGUF's Q8_0 blocks are the case o = 0) and X[m, g] the sum of x[m, k] over group g, x in
-// bfloat16. The weight is packed once into panels of 32 channels, [N/32][K/2][32][2] int8, the scales and offsets into
-// [N/32][K/32][2][32]. A task (panel, block of rows) widens its panel's codes to bfloat16 in a thread-local buffer
-// (exact: -128..127 needs 8 bits), which the thread's next task on the same panel reuses. Register tiles of MR rows x
-// 32 channels then walk the groups: vdpbf16ps sums a group's products in float32 (products of bfloat16 values are
-// exact), and two fmas per group and 16 channels apply the group's scale and offset.
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-static constexpr bool int8g_gemm_ok = true;
+// asymmetric groups; GGUF's Q8_0 blocks are the case o = 0) and X[m, g] the sum of x[m, k] over group g. The weight
+// is packed once into panels of 32 channels, [N/32][K/2][32][2] int8, the scales and offsets into [N/32][K/32][2][32].
+// Two paths share that packing: bfloat16 x with AVX512-BF16 (the fast one), float32 x on any CPU.
 constexpr int64_t G8_NR = 32;     // output channels per panel (2 x 16 float lanes)
 constexpr int64_t G8_GROUP = 32;  // weights per scale along K
 constexpr int64_t G8_MB = 48;     // rows per task (8 register tiles of 6)
+
+// Runs task(panel, first row, last row) for every (panel of 32 channels, block of G8_MB rows) of an int8g GEMM, in
+// parallel, panel-major so that a thread's consecutive tasks share a panel; a thread's buffer holds the panel it last
+// prepared (prepare(panel, buffer)), so the next task on that panel skips preparing it.
+template <typename buf_t, typename Prepare, typename Task>
+static void int8g_for_tasks(int64_t M, int64_t panels, int64_t panel_size, Prepare&& prepare, Task&& task) {
+  const int64_t blocks = (M + G8_MB - 1) / G8_MB;
+  at::parallel_for(0, panels * blocks, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<buf_t> buffer;
+    int64_t prepared = -1;  // the panel in `buffer` during this call
+    buffer.resize(panel_size);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p = t / blocks, mb = t % blocks;
+      if (p != prepared) {
+        prepare(p, buffer.data());
+        prepared = p;
+      }
+      task(p, buffer.data(), mb * G8_MB, std::min(M, (mb + 1) * G8_MB));
+    }
+  });
+}
+
+// ------------------------------------------- the portable path: float32 activations, any CPU (vector extensions)
+// Each task dequantizes its panel to float, [K][32] (w = q * s + o, one rounding), then register tiles of rows x 32
+// channels run a float GEMM over K. Slower than the bfloat16 path below, but the same asymmetric groups (so the same
+// quality) on a CPU without AVX512-BF16, and the input is not rounded.
+#ifdef __AVX512F__
+constexpr int G8F_MR = 6;  // 12 accumulators of 16 lanes
+#else
+constexpr int G8F_MR = 3;  // AVX2: a vec16 is two registers
+#endif
+
+static void int8g_dequantize_panel(const int8_t* codes, const c10::Half* so, float* dst, int64_t K) {
+  for (int64_t g = 0; g < K / G8_GROUP; ++g) {
+    float s[G8_NR], o[G8_NR];
+    for (int64_t c = 0; c < G8_NR; ++c) {
+      s[c] = static_cast<float>(so[g * 2 * G8_NR + c]);
+      o[c] = static_cast<float>(so[g * 2 * G8_NR + G8_NR + c]);
+    }
+    for (int64_t k = g * G8_GROUP; k < (g + 1) * G8_GROUP; k += 2) {
+      const int8_t* pair = codes + k * G8_NR;  // [32][2]: codes k and k + 1 adjacent per channel
+      float f[2 * G8_NR];
+      for (int64_t i = 0; i < 2 * G8_NR; ++i) f[i] = static_cast<float>(pair[i]);
+      for (int64_t c = 0; c < G8_NR; ++c) {
+        dst[k * G8_NR + c] = f[2 * c] * s[c] + o[c];
+        dst[(k + 1) * G8_NR + c] = f[2 * c + 1] * s[c] + o[c];
+      }
+    }
+  }
+}
+
+template <typename scalar_t, int MR>
+static inline void int8f_tile(const float* x, int64_t K, const float* w, const scalar_t* bias, const scalar_t* res,
+                              scalar_t* out, int64_t N, int64_t ncols) {
+  vec16 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = vec16{};
+  for (int64_t k = 0; k < K; ++k) {
+    const vec16 w0 = load16(w + k * G8_NR), w1 = load16(w + k * G8_NR + 16);
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+      const float xv = x[i * K + k];
+      acc[i][0] += xv * w0;
+      acc[i][1] += xv * w1;
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float f[G8_NR];
+    store16(f, acc[i][0]);
+    store16(f + 16, acc[i][1]);
+    for (int64_t c = 0; c < ncols; ++c) {
+      float v = f[c];
+      if (bias) v += static_cast<float>(bias[c]);
+      if (res) v += static_cast<float>(res[i * N + c]);
+      out[i * N + c] = from_float<scalar_t>(v);
+    }
+  }
+}
+
+template <int MAX, typename F>
+static inline void with_rows_upto(int64_t rows, F&& tile) {
+  if constexpr (MAX > 1) {
+    if (rows < MAX) return with_rows_upto<MAX - 1>(rows, tile);
+  }
+  tile(std::integral_constant<int, MAX>{});
+}
+
+template <typename scalar_t>
+static void int8f_gemm_impl(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                            const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
+                            torch::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
+  const float* xp = x.data_ptr<float>();
+  const int8_t* pp = packed.data_ptr<int8_t>();
+  const c10::Half* sp = scales.data_ptr<at::Half>();
+  const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = out.data_ptr<scalar_t>();
+  int8g_for_tasks<float>(M, packed.size(0), K * G8_NR,
+    [&](int64_t p, float* buf) { int8g_dequantize_panel(pp + p * K * G8_NR, sp + p * (K / G8_GROUP) * 2 * G8_NR,
+                                                        buf, K); },
+    [&](int64_t p, const float* buf, int64_t m0, int64_t m1) {
+      const int64_t n0 = p * G8_NR, ncols = std::min(G8_NR, N - n0);
+      for (int64_t m = m0; m < m1; m += G8F_MR)
+        with_rows_upto<G8F_MR>(m1 - m, [&](auto mr) {
+          int8f_tile<scalar_t, decltype(mr)::value>(xp + m * K, K, buf, bp ? bp + n0 : nullptr,
+                                                     rp ? rp + m * N + n0 : nullptr, op + m * N + n0, N, ncols);
+        });
+    });
+}
+
+// ----------------------------------------------------------- the bfloat16 path: AVX512-BF16 (vdpbf16ps)
+// A task widens its panel's codes to bfloat16 (exact: -128..127 needs 8 bits). Register tiles of MR rows x 32
+// channels then walk the groups: vdpbf16ps sums a group's products in float32 (products of bfloat16 values are
+// exact), and two fmas per group and 16 channels apply the group's scale and offset.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+static constexpr bool int8g_bf16_ok = true;
 
 // panel codes [K/2][32][2] int8 -> the same layout in bfloat16 (32 values per 64-byte vector).
 static void int8g_widen(const int8_t* src, uint16_t* dst, int64_t K) {
@@ -1326,69 +1436,66 @@ static void int8g_gemm_impl(const torch::Tensor& x, const torch::Tensor& packed,
   const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
   const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
   scalar_t* op = out.data_ptr<scalar_t>();
-  const int64_t blocks = (M + G8_MB - 1) / G8_MB, G = K / G8_GROUP;
+  const int64_t G = K / G8_GROUP;
   std::vector<float> xsum(M * G);  // [M, G]: each row's sum over each group (the offsets' operand)
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m)
       for (int64_t g = 0; g < G; ++g) {
-        __m512 a = _mm512_setzero_ps();
         const uint16_t* xg = xp + m * K + g * G8_GROUP;
-        a = _mm512_add_ps(a, load_f32x16(reinterpret_cast<const c10::BFloat16*>(xg)));
-        a = _mm512_add_ps(a, load_f32x16(reinterpret_cast<const c10::BFloat16*>(xg + 16)));
+        const __m512 a = _mm512_add_ps(load_f32x16(reinterpret_cast<const c10::BFloat16*>(xg)),
+                                       load_f32x16(reinterpret_cast<const c10::BFloat16*>(xg + 16)));
         xsum[m * G + g] = _mm512_reduce_add_ps(a);
       }
   });
-  at::parallel_for(0, panels * blocks, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<uint16_t> wide;
-    int64_t widened = -1;  // the panel in `wide` during this call
-    wide.resize(K * G8_NR);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t p = t / blocks, mb = t % blocks, n0 = p * G8_NR;
-      if (p != widened) {
-        int8g_widen(pp + p * K * G8_NR, wide.data(), K);
-        widened = p;
-      }
-      const int64_t ncols = std::min(G8_NR, N - n0);
+  int8g_for_tasks<uint16_t>(M, panels, K * G8_NR,
+    [&](int64_t p, uint16_t* buf) { int8g_widen(pp + p * K * G8_NR, buf, K); },
+    [&](int64_t p, const uint16_t* buf, int64_t m0, int64_t m1) {
+      const int64_t n0 = p * G8_NR, ncols = std::min(G8_NR, N - n0);
       const uint16_t* sc = sp + p * G * 2 * G8_NR;
-      for (int64_t m = mb * G8_MB; m < std::min(M, (mb + 1) * G8_MB); m += 6) {
-        with_tile_rows(M - m, [&](auto mr) {
-          int8g_tile<scalar_t, decltype(mr)::value>(xp + m * K, xsum.data() + m * G, K, wide.data(), sc, bp ? bp + n0 : nullptr,
-                                                     rp ? rp + m * N + n0 : nullptr, op + m * N + n0, N, ncols);
+      for (int64_t m = m0; m < m1; m += 6) {
+        with_tile_rows(m1 - m, [&](auto mr) {
+          int8g_tile<scalar_t, decltype(mr)::value>(xp + m * K, xsum.data() + m * G, K, buf, sc,
+                                                     bp ? bp + n0 : nullptr, rp ? rp + m * N + n0 : nullptr,
+                                                     op + m * N + n0, N, ncols);
         });
       }
-    }
-  });
+    });
 }
 #else
-static constexpr bool int8g_gemm_ok = false;
-constexpr int64_t G8_NR = 32;
-constexpr int64_t G8_GROUP = 32;
+static constexpr bool int8g_bf16_ok = false;
 #endif
 
-bool int8g_gemm_available() { return int8g_gemm_ok; }
+bool int8g_bf16_available() { return int8g_bf16_ok; }
 
-// x [M, K] bfloat16 contiguous, packed [ceil(N / 32), K / 2, 32, 2] int8 and scales [ceil(N / 32), K / 32, 2, 32]
-// float16 (the scales, then the offsets)
-// (model/quant.py's pack_int8_groups; channels past N zero), bias [N] and residual [M, N] (optional) of
-// out's dtype, out [M, N] float32 or bfloat16 contiguous, written in place.
+// x [M, K] contiguous, bfloat16 (needs AVX512-BF16: int8g_bf16_available()) or float32 (any CPU), packed
+// [ceil(N / 32), K / 2, 32, 2] int8 and scales [ceil(N / 32), K / 32, 2, 32] float16 (the scales, then the offsets;
+// model/quant.py's pack_int8_groups; channels past N zero), bias [N] and residual [M, N] (optional) of out's dtype,
+// out [M, N] float32 or bfloat16 contiguous, written in place.
 void int8g_gemm(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, std::optional<torch::Tensor> bias,
                 std::optional<torch::Tensor> residual, torch::Tensor out) {
-  TORCH_CHECK(int8g_gemm_ok, "int8g_gemm needs AVX512-BF16 (check int8g_gemm_available())");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16, "x must be [M, K] bfloat16");
-  TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 2 == x.size(1) && packed.size(2) == G8_NR,
-              "packed does not match x's K (pack_int8_groups)");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+              (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "x must be [M, K] float32 or bfloat16");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || int8g_bf16_ok,
+              "int8g_gemm with bfloat16 x needs AVX512-BF16 (check int8g_bf16_available()); pass float32 x");
+  TORCH_CHECK(packed.dim() == 4 && packed.is_contiguous() && packed.size(1) * 2 == x.size(1) &&
+              packed.size(2) == G8_NR, "packed does not match x's K (pack_int8_groups)");
   TORCH_CHECK(scales.dim() == 4 && scales.size(0) == packed.size(0) && scales.size(1) * G8_GROUP == x.size(1) &&
               scales.size(2) == 2 && scales.size(3) == G8_NR && scales.is_contiguous() &&
               scales.scalar_type() == torch::kFloat16, "scales do not match packed (pack_int8_groups)");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == x.size(0) &&
               (out.size(1) + G8_NR - 1) / G8_NR == packed.size(0), "out must be [M, N] for this packed weight");
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 || out.scalar_type() == torch::kBFloat16,
+              "out must be float32 or bfloat16");
   check_bias_residual(bias, residual, out);
+  const bool f32_out = out.scalar_type() == torch::kFloat32;
+  if (x.scalar_type() == torch::kFloat32) {
+    if (f32_out) int8f_gemm_impl<float>(x, packed, scales, bias, residual, out);
+    else int8f_gemm_impl<c10::BFloat16>(x, packed, scales, bias, residual, out);
+    return;
+  }
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-  if (out.scalar_type() == torch::kFloat32)
-    int8g_gemm_impl<float>(x, packed, scales, bias, residual, out);
-  else if (out.scalar_type() == torch::kBFloat16)
-    int8g_gemm_impl<c10::BFloat16>(x, packed, scales, bias, residual, out);
-  else
-    TORCH_CHECK(false, "out must be float32 or bfloat16");
+  if (f32_out) int8g_gemm_impl<float>(x, packed, scales, bias, residual, out);
+  else int8g_gemm_impl<c10::BFloat16>(x, packed, scales, bias, residual, out);
 #endif
 }

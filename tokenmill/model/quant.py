@@ -9,14 +9,15 @@
   pass. The throughput mode.
 - ``int8``: int8 weight-only, in groups of 32 along K with a float16 scale and offset each, ``w = q * scale +
   offset``: asymmetric codes spanning each group's minimum to its maximum (``quantize_int8_groups``). GGUF's Q8_0
-  blocks are the case offset = 0, so a Q8_0 file loads without rounding (``Int8Groups``). Activations stay float:
-  where the C++ kernels have ``int8g_gemm`` (AVX512-BF16) they are multiplied in bfloat16 with the codes, widened to
-  bfloat16 in the kernel (exact), each group's float32 sum scaled once and the offset times the input's group sum
-  added; the rows are written straight into its panels as they load. Elsewhere the rows are quantized symmetrically
-  per output channel for ``torch._weight_int8pack_mm`` (a Q8_0 file's groups requantized: a rounding). A little over
-  half of bf16's weight bytes.
-- The weight-only kernels multiply in bfloat16: in a float32 model the layer's input is rounded to bfloat16 (torch's
-  float32 weight-only paths run ~40x slower here, measured).
+  blocks are the case offset = 0, so a Q8_0 file loads without rounding (``Int8Groups``). The rows are written
+  straight into the panels of the C++ kernels' ``int8g_gemm`` as they load. Activations stay float: on a CPU with
+  AVX512-BF16 they are multiplied in bfloat16 with the codes, widened to bfloat16 in the kernel (exact), each group's
+  float32 sum scaled once and the offset times the input's group sum added; elsewhere the kernel's portable path
+  dequantizes a panel of 32 channels at a time to float32 and multiplies the float32 input. Without the C++ kernels
+  (no compiler) the rows are quantized symmetrically per output channel for ``torch._weight_int8pack_mm`` (a Q8_0
+  file's groups requantized: a rounding). A little over half of bf16's weight bytes.
+- The weight-only kernels multiply in bfloat16 (int8's on a CPU with AVX512-BF16): in a float32 model the layer's
+  input is rounded to bfloat16 (torch's float32 weight-only paths run ~40x slower here, measured).
 - ``int4``: 4-bit weights in groups of 32 along K with a scale and a zero per group, ``w = (q - 8) * scale + zero``
   (``torch._weight_int4pack_mm_for_cpu``). GGUF's Q4_0, Q4_1 and Q4_K blocks are exactly this form, so those files
   load without any rounding (``Int4Groups``, from ``model/gguf_weights.py``). A quarter of bf16's weight bytes.
@@ -310,16 +311,11 @@ def pack_int8_groups(groups: Int8Groups) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, scales
 
 
-def _int8g_kernels():
-    """The C++ kernels where they have int8g_gemm (AVX512-BF16), else None."""
-    kernels = cpu_kernel.load()
-    return kernels if kernels is not None and kernels.int8g_gemm_available() else None
-
-
 class Int8Weight(QuantizedWeight):
-    """Where the C++ kernels run ``int8g_gemm`` (a CPU with AVX512-BF16) and the activations are float32 or
-    bfloat16: ``packed`` / ``scales`` in its panels of 32 channels, written as the rows load (no staging copy, so a
-    model never holds more than its packed weights and one checkpoint tensor). Elsewhere the rows are quantized per
+    """Where the C++ kernels load and the activations are float32 or bfloat16: ``packed`` / ``scales`` in
+    ``int8g_gemm``'s panels of 32 channels, written as the rows load (no staging copy, so a model never holds more
+    than its packed weights and one checkpoint tensor); the input goes in as bfloat16 on a CPU with AVX512-BF16, as
+    float32 elsewhere (the kernel's portable path). Without the kernels (no C++ compiler) the rows are quantized per
     channel as they load (float rows once; Q8_0 groups requantized) for ``torch._weight_int8pack_mm``: ``qweight``
     [N, K] and ``scale`` [N]."""
 
@@ -332,7 +328,7 @@ class Int8Weight(QuantizedWeight):
         self.register_buffer("scales", None)  # [ceil(N / 32), K / 32, 2, 32] float16 (scales, offsets), kernel path
         self.register_buffer("qweight", None)  # [N, K] int8, on the torch path
         self.register_buffer("scale", None)  # [N] (float32 while loading, then the kernel's dtype), on the torch path
-        if _int8g_kernels() is not None:
+        if cpu_kernel.load() is not None:
             self.packed = torch.zeros(panels, in_features // 2, INT8_PANEL, 2, dtype=torch.int8)
             self.scales = torch.zeros(panels, groups, 2, INT8_PANEL, dtype=torch.float16)
         else:
@@ -384,10 +380,12 @@ class Int8Weight(QuantizedWeight):
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         if self.packed is not None:
-            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # [M, K]
+            kernels = cpu_kernel.load()
+            xdtype = torch.bfloat16 if kernels.int8g_bf16_available() else torch.float32
+            x2 = x.reshape(-1, self.in_features).to(xdtype).contiguous()  # [M, K]
             y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)
             res = None if residual is None else residual.reshape(-1, self.out_features)
-            cpu_kernel.load().int8g_gemm(x2, self.packed, self.scales, _as(bias, x.dtype), _as(res, x.dtype), y)
+            kernels.int8g_gemm(x2, self.packed, self.scales, _as(bias, x.dtype), _as(res, x.dtype), y)
             return y.reshape(*lead, self.out_features)
         xc = x.reshape(-1, self.in_features).to(self.scale.dtype)
         y = torch._weight_int8pack_mm(xc, self.qweight, self.scale).to(x.dtype)  # [M, N]
