@@ -1,5 +1,6 @@
 """The C++ paged attention kernel equals the torch decode path and the reference backend (decodes, prefill chunks
-with cached context, and whole prompts mixed in one batch)."""
+with cached context, and whole prompts mixed in one batch); every kernel test runs on this CPU's build and on the
+portable one (the ``kernels`` fixture, tests/model/conftest.py)."""
 
 import pytest
 import torch
@@ -27,8 +28,8 @@ SHAPES = [(9, 3, 64, 16), (10, 2, 64, 32), (4, 4, 32, 4), (8, 1, 16, 8), (4, 2, 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_torch_decode(heads, kv_heads, head_dim, block_size, dtype):
-    mod = cpu_kernel.load()
+def test_kernel_matches_torch_decode(heads, kv_heads, head_dim, block_size, dtype, kernels):
+    mod = kernels
     torch.manual_seed(heads * 100 + head_dim)
     num_blocks, batch = 300, 12
     k_cache, v_cache = _caches(num_blocks, block_size, kv_heads, head_dim, dtype)
@@ -51,7 +52,8 @@ FP8 = torch.float8_e4m3fn
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", SHAPES[:4])
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, FP8),
                                                (torch.bfloat16, FP8)])
-def test_kernel_matches_reference_on_mixed_batch(heads, kv_heads, head_dim, block_size, dtype, cache_dtype):
+def test_kernel_matches_reference_on_mixed_batch(heads, kv_heads, head_dim, block_size, dtype, cache_dtype,
+                                                 kernels):
     """Decodes first, then prefill chunks after cached context, then whole prompts, as the model runner lays them out;
     the backend writes the new K/V and attends, and must equal the reference backend on the same inputs. With a
     float8 cache both read the same stored values back exactly, so the tolerance is the queries' dtype's."""
@@ -81,13 +83,13 @@ def test_kernel_matches_reference_on_mixed_batch(heads, kv_heads, head_dim, bloc
                              torch.stack(tables), torch.tensor(seq_lens))
     scale = head_dim**-0.5
     ref = ReferenceAttention().forward(q, k, v, k_cache.clone(), v_cache.clone(), meta, scale).float()
-    out = CpuKernelAttention(cpu_kernel.load()).forward(q, k, v, k_cache, v_cache, meta, scale).float()
+    out = CpuKernelAttention(kernels).forward(q, k, v, k_cache, v_cache, meta, scale).float()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_reads_every_float8_code_exactly(dtype):
+def test_kernel_reads_every_float8_code_exactly(dtype, kernels):
     """A sequence of one token attends only to itself, so the output is its V row: a row holding all 254 finite e4m3
     codes must come back equal to torch's conversion of them (exact in float32; rounded once in bfloat16)."""
     codes = torch.arange(256, dtype=torch.uint8)
@@ -97,14 +99,14 @@ def test_kernel_reads_every_float8_code_exactly(dtype):
     v_cache = v_cache.view(FP8)
     k_cache = torch.zeros_like(v_cache)
     q = torch.randn(1, 2, 256).to(dtype)
-    out = cpu_kernel.load().paged_attention(q, k_cache, v_cache, torch.tensor([[1]]), torch.tensor([1]),
+    out = kernels.paged_attention(q, k_cache, v_cache, torch.tensor([[1]]), torch.tensor([1]),
                                            torch.tensor([0, 1]), 0.0625)
     expected = codes.view(FP8).float().to(dtype)
     assert torch.equal(out[0, 0], expected) and torch.equal(out[0, 1], expected)
 
 
-def test_kernel_rejects_a_cache_of_another_dtype():
-    mod = cpu_kernel.load()
+def test_kernel_rejects_a_cache_of_another_dtype(kernels):
+    mod = kernels
     k_cache, v_cache = _caches(4, 4, 1, 16, torch.bfloat16)
     with pytest.raises(RuntimeError, match="q's dtype or float8"):
         mod.paged_attention(torch.randn(1, 2, 16), k_cache, v_cache, torch.tensor([[1]]), torch.tensor([1]),
@@ -112,7 +114,7 @@ def test_kernel_rejects_a_cache_of_another_dtype():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, FP8])
-def test_write_kv_kernel_equals_index_copy(dtype):
+def test_write_kv_kernel_equals_index_copy(dtype, kernels):
     """The C++ row copy puts every new K and V row where index_copy_ puts it, from strided rows (V is a view of the
     fused qkv output), and refuses a slot outside the cache."""
     torch.manual_seed(3)
@@ -124,18 +126,18 @@ def test_write_kv_kernel_equals_index_copy(dtype):
     slots = torch.tensor([5, 0, 17, 3, 31, 8, 16])
     caches = [torch.zeros(4, 8, 2, 16, dtype=torch.uint8).view(dtype) if dtype == FP8 else torch.zeros(4, 8, 2, 16,
               dtype=dtype) for _ in range(4)]
-    cpu_kernel.load().write_kv(k, v, caches[0], caches[1], slots)
+    kernels.write_kv(k, v, caches[0], caches[1], slots)
     for new, cache in ((k, caches[2]), (v, caches[3])):
         cache.view(torch.uint8).view(-1, 2, 16 * cache.element_size()).index_copy_(
             0, slots, new.contiguous().view(torch.uint8).view(7, 2, -1))
     assert torch.equal(caches[0].view(torch.uint8), caches[2].view(torch.uint8))
     assert torch.equal(caches[1].view(torch.uint8), caches[3].view(torch.uint8))
     with pytest.raises(RuntimeError, match="slot out of range"):
-        cpu_kernel.load().write_kv(k, v, caches[0], caches[1], torch.tensor([0, 1, 2, 3, 4, 5, 32]))
+        kernels.write_kv(k, v, caches[0], caches[1], torch.tensor([0, 1, 2, 3, 4, 5, 32]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_kernel_is_bit_equal_to_the_torch_ops(dtype):
+def test_rope_kernel_is_bit_equal_to_the_torch_ops(dtype, kernels):
     """q and k as views of a fused qkv output (strided rows), llama3-scaled frequencies, far positions: the kernel
     rounds as torch's mul, mul, add do (no fused multiply-add), so the results are identical."""
     from tokenmill.model.layers import RotaryEmbedding, _rotate_half
@@ -148,12 +150,12 @@ def test_rope_kernel_is_bit_equal_to_the_torch_ops(dtype):
     q, k = q.view(t, heads, d), k.view(t, kv_heads, d)
     rotary = RotaryEmbedding(d, 8192, RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0))
     cos, sin = rotary._cos_sin(torch.randint(0, 8192, (t,), generator=torch.Generator().manual_seed(1)), dtype)
-    out_q, out_k = cpu_kernel.load().rope(q, k, cos[:, 0], sin[:, 0])
+    out_q, out_k = kernels.rope(q, k, cos[:, 0], sin[:, 0])
     assert torch.equal(out_q, q * cos + _rotate_half(q) * sin)
     assert torch.equal(out_k, k * cos + _rotate_half(k) * sin)
 
 
-def test_argmax_rows_equals_torch_argmax():
+def test_argmax_rows_equals_torch_argmax(kernels):
     """Greedy sampling's argmax: the first of tied maxima, the first NaN, an all -inf row, a maximum in the tail
     past the last 16 lanes, and rows shorter than 16; float32 logits, and bfloat16 ones as the LM head leaves them
     (rounding makes more ties)."""
@@ -167,11 +169,11 @@ def test_argmax_rows_equals_torch_argmax():
     for t in (x, torch.randn(4, 13), x[:1].clone()):
         for dtype in (torch.float32, torch.bfloat16):
             t = t.to(dtype)
-            assert torch.equal(cpu_kernel.load().argmax_rows(t), t.argmax(dim=-1))
+            assert torch.equal(kernels.argmax_rows(t), t.argmax(dim=-1))
 
 
-def test_kernel_rejects_inconsistent_metadata():
-    mod = cpu_kernel.load()
+def test_kernel_rejects_inconsistent_metadata(kernels):
+    mod = kernels
     k_cache, v_cache = _caches(4, 4, 1, 16, torch.float32)
     q = torch.randn(3, 2, 16)
     tables = torch.tensor([[1, 2]])
@@ -182,7 +184,7 @@ def test_kernel_rejects_inconsistent_metadata():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_rms_norm_kernel_matches_torch_ops(dtype):
+def test_rms_norm_kernel_matches_torch_ops(dtype, kernels):
     """Bit-equal in bf16/fp16, where RMSNorm uses it; float32 keeps transformers' op order and is only close."""
     from tokenmill.model.layers import RMSNorm
 
@@ -192,7 +194,7 @@ def test_rms_norm_kernel_matches_torch_ops(dtype):
     norm.weight.data = torch.randn(576).to(dtype)
     xf = x.float()
     expected = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
-    got = cpu_kernel.load().rms_norm(x, norm.weight, 1e-5)
+    got = kernels.rms_norm(x, norm.weight, 1e-5)
     if dtype == torch.float32:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     else:
@@ -208,12 +210,12 @@ VARLEN_SHAPES = [(12, 12, 32), (4, 4, 16), (8, 2, 64), (4, 1, 128), (6, 3, 24)]
 @pytest.mark.parametrize("heads,kv_heads,head_dim", VARLEN_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
-def test_varlen_kernel_matches_sdpa(heads, kv_heads, head_dim, dtype, causal):
+def test_varlen_kernel_matches_sdpa(heads, kv_heads, head_dim, dtype, causal, kernels):
     """q/k/v as strided slices of one fused projection (as the models pass them), lengths from 1 to 257 with odd
     tails, against the per-length-group SDPA path."""
     from tokenmill.attention.packed import sdpa_packed_attention
 
-    mod = cpu_kernel.load()
+    mod = kernels
     torch.manual_seed(heads + head_dim)
     lens = [1, 7, 16, 17, 64, 3, 257, 33, 2, 100]
     T = sum(lens)
@@ -230,9 +232,9 @@ def test_varlen_kernel_matches_sdpa(heads, kv_heads, head_dim, dtype, causal):
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
-def test_varlen_kernel_sequences_do_not_mix():
+def test_varlen_kernel_sequences_do_not_mix(kernels):
     """Changing one sequence's keys changes no other sequence's output (bidirectional attention stays inside each)."""
-    mod = cpu_kernel.load()
+    mod = kernels
     lens = [5, 9, 4]
     q, k, v = (torch.randn(sum(lens), 2, 32) for _ in range(3))
     cu = torch.tensor([0, *lens]).cumsum(0)
@@ -244,8 +246,8 @@ def test_varlen_kernel_sequences_do_not_mix():
     assert not torch.allclose(before[5:14], after[5:14])
 
 
-def test_varlen_kernel_rejects_bad_inputs():
-    mod = cpu_kernel.load()
+def test_varlen_kernel_rejects_bad_inputs(kernels):
+    mod = kernels
     q = torch.randn(10, 2, 32)
     with pytest.raises(RuntimeError, match="num_tokens"):
         mod.varlen_attention(q, q, q, torch.tensor([0, 4, 9]), 1.0, False)
@@ -256,7 +258,7 @@ def test_varlen_kernel_rejects_bad_inputs():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_silu_mul_kernel_matches_torch_ops(dtype):
+def test_silu_mul_kernel_matches_torch_ops(dtype, kernels):
     """The gated MLP's activation in one pass equals F.silu(gate) * up with torch's roundings, up to the last bit
     (its sigmoid's exp is Cephes', torch's is Sleef's): within 8 ulp of float32 (float32 rows: the exp's error goes
     through the sigmoid's division and two products), and at most one
@@ -264,7 +266,7 @@ def test_silu_mul_kernel_matches_torch_ops(dtype):
     torch.manual_seed(11)
     gate_up = (torch.randn(37, 2 * 200) * 4).to(dtype)
     gate_up[0, :4] = torch.tensor([0.0, -0.0, 30.0, -30.0]).to(dtype)
-    out = cpu_kernel.load().silu_mul(gate_up)
+    out = kernels.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     ref = F.silu(gate) * up
     assert out.shape == ref.shape and out.dtype == dtype

@@ -180,6 +180,18 @@ def _build(target: Path):
     return module
 
 
+def build_for_arch(march: str, build_dir: Path):
+    """The kernels compiled for another ``-march`` (e.g. "x86-64-v3": AVX2 without AVX-512) into ``build_dir``, not
+    cached: the tests run the portable code paths that this CPU's own build never takes."""
+    from torch.utils.cpp_extension import load_inline
+
+    _put_ninja_on_path()
+    flags = [f"-march={march}" if f == "-march=native" else f for f in _CFLAGS]
+    return load_inline(name=f"{_MODULE}_{march.replace('-', '_')}", cpp_sources=_SOURCE_FILE.read_text(),
+                       functions=_FUNCTIONS, extra_cflags=flags, extra_ldflags=_LDFLAGS, build_directory=str(build_dir),
+                       verbose=False)
+
+
 def _failed(reason: str) -> KernelLoad:
     log.warning("warning: the C++ CPU kernels are not available (%s). Attention, RMSNorm and the int8 helpers fall "
                 "back to the torch path: attention runs several times slower on CPU and jobs lose much of their "
