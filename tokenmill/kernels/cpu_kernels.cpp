@@ -1119,18 +1119,14 @@ void int8_epilogue(torch::Tensor acc, torch::Tensor x_scale, torch::Tensor x_min
   });
 }
 
-// Calls tile(std::integral_constant<int, R>{}) with R = min(6, rows): the GEMMs' register tiles of up to 6 rows, the
-// row count a compile-time constant so each tile's accumulators stay in registers.
-template <typename F>
+// Calls tile(std::integral_constant<int, R>{}) with R = min(MAX, rows): the GEMMs' register tiles of up to MAX rows
+// (6 unless given), the row count a compile-time constant so each tile's accumulators stay in registers.
+template <int MAX = 6, typename F>
 static inline void with_tile_rows(int64_t rows, F&& tile) {
-  switch (std::min<int64_t>(6, rows)) {
-    case 6: tile(std::integral_constant<int, 6>{}); break;
-    case 5: tile(std::integral_constant<int, 5>{}); break;
-    case 4: tile(std::integral_constant<int, 4>{}); break;
-    case 3: tile(std::integral_constant<int, 3>{}); break;
-    case 2: tile(std::integral_constant<int, 2>{}); break;
-    default: tile(std::integral_constant<int, 1>{}); break;
+  if constexpr (MAX > 1) {
+    if (rows < MAX) return with_tile_rows<MAX - 1>(rows, tile);
   }
+  tile(std::integral_constant<int, MAX>{});
 }
 
 // ---------------------------------------------------------------------------------------------- int8 GEMM (VNNI)
@@ -1309,7 +1305,7 @@ void int8_gemm(torch::Tensor a, torch::Tensor packed, torch::Tensor comp, torch:
 #endif
 }
 
-// ------------------------------------------------------------------ int8 weights in groups of 32, bf16 activations
+// ------------------------------------------------------- int8 weights in groups of 32, bf16 or float32 activations
 // The int8 weight-only GEMM: y[m, n] = sum_g (s[n, g] * sum_{k in g} x[m, k] * q[n, k] + o[n, g] * X[m, g])
 // (+ bias) (+ residual), with int8 codes q, a float16 scale s and offset o per 32 weights along K (w = q * s + o:
 // asymmetric groups; GGUF's Q8_0 blocks are the case o = 0) and X[m, g] the sum of x[m, k] over group g. The weight
@@ -1395,14 +1391,6 @@ static inline void int8f_tile(const float* x, int64_t K, const float* w, const s
   }
 }
 
-template <int MAX, typename F>
-static inline void with_rows_upto(int64_t rows, F&& tile) {
-  if constexpr (MAX > 1) {
-    if (rows < MAX) return with_rows_upto<MAX - 1>(rows, tile);
-  }
-  tile(std::integral_constant<int, MAX>{});
-}
-
 template <typename scalar_t>
 static void int8f_gemm_impl(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                             const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
@@ -1420,7 +1408,7 @@ static void int8f_gemm_impl(const torch::Tensor& x, const torch::Tensor& packed,
     [&](int64_t p, const float* buf, int64_t m0, int64_t m1) {
       const int64_t n0 = p * G8_NR, ncols = std::min(G8_NR, N - n0);
       for (int64_t m = m0; m < m1; m += G8F_MR)
-        with_rows_upto<G8F_MR>(m1 - m, [&](auto mr) {
+        with_tile_rows<G8F_MR>(m1 - m, [&](auto mr) {
           int8f_tile<scalar_t, decltype(mr)::value>(xp + m * K, K, buf, bp ? bp + n0 : nullptr,
                                                      rp ? rp + m * N + n0 : nullptr, op + m * N + n0, N, ncols);
         });
