@@ -328,6 +328,7 @@ class Int8Weight(QuantizedWeight):
         self.register_buffer("scales", None)  # [ceil(N / 32), K / 32, 2, 32] float16 (scales, offsets), kernel path
         self.register_buffer("qweight", None)  # [N, K] int8, on the torch path
         self.register_buffer("scale", None)  # [N] (float32 while loading, then the kernel's dtype), on the torch path
+        self.x_dtype: torch.dtype | None = None  # the kernel path's input dtype, set by finalize
         if cpu_kernel.load() is not None:
             self.packed = torch.zeros(panels, in_features // 2, INT8_PANEL, 2, dtype=torch.int8)
             self.scales = torch.zeros(panels, groups, 2, INT8_PANEL, dtype=torch.float16)
@@ -346,6 +347,8 @@ class Int8Weight(QuantizedWeight):
     def finalize(self, dtype: torch.dtype) -> None:
         if self.packed is not None:
             if dtype in (torch.float32, torch.bfloat16):
+                # the input's dtype for int8g_gemm, decided once: bfloat16 where the CPU has AVX512-BF16
+                self.x_dtype = torch.bfloat16 if cpu_kernel.load().int8g_bf16_available() else torch.float32
                 return
             # int8g_gemm takes float32 or bfloat16 activations: in another dtype the groups go per channel (one
             # layer's float copy at a time)
@@ -380,12 +383,10 @@ class Int8Weight(QuantizedWeight):
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         if self.packed is not None:
-            kernels = cpu_kernel.load()
-            xdtype = torch.bfloat16 if kernels.int8g_bf16_available() else torch.float32
-            x2 = x.reshape(-1, self.in_features).to(xdtype).contiguous()  # [M, K]
+            x2 = x.reshape(-1, self.in_features).to(self.x_dtype).contiguous()  # [M, K]
             y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)
             res = None if residual is None else residual.reshape(-1, self.out_features)
-            kernels.int8g_gemm(x2, self.packed, self.scales, _as(bias, x.dtype), _as(res, x.dtype), y)
+            cpu_kernel.load().int8g_gemm(x2, self.packed, self.scales, _as(bias, x.dtype), _as(res, x.dtype), y)
             return y.reshape(*lead, self.out_features)
         xc = x.reshape(-1, self.in_features).to(self.scale.dtype)
         y = torch._weight_int8pack_mm(xc, self.qweight, self.scale).to(x.dtype)  # [M, N]
