@@ -54,8 +54,9 @@ def int8_paths(rows_list: list[int]) -> list[dict]:
             out = torch.empty(m, n, dtype=torch.bfloat16)
 
             def int_mm():
-                q, xs, xlo = quantize_per_token(x)
-                return scaled_int8_epilogue(torch._int_mm(q, w_kn), xs, xlo, ws, w_sum, None, None, torch.bfloat16)
+                q, xs, xlo = quantize_per_token(x, kernels)
+                return scaled_int8_epilogue(torch._int_mm(q, w_kn), xs, xlo, ws, w_sum, None, None, torch.bfloat16,
+                                            kernels)
 
             def fused():
                 u, xs, xlo = kernels.quantize_rows_uint8(x)

@@ -42,8 +42,9 @@ def _status_kib(field: str) -> int:
     return 0
 
 
-def run_one(spec: dict) -> dict:
-    """In a child process: load one setting, run its workload, report speed and memory."""
+def run_one(spec: dict, ops=None) -> dict:
+    """In a child process: load one setting, run its workload, report speed and memory. ``ops``: a kernel family to
+    build the engine with (default: the engine's choice)."""
     import torch
 
     from benchmarks.workloads import workload_w
@@ -56,7 +57,7 @@ def run_one(spec: dict) -> dict:
                    kv_cache_dtype=spec.get("kv_cache_dtype", "auto"))
     if spec.get("shape"):
         options.update(load_format="dummy", max_model_len=spec["max_model_len"])
-    llm = LLM(spec.get("model"), **options)
+    llm = LLM(spec.get("model"), ops=ops, **options)
     load_s = time.perf_counter() - t0
     rss_gib = (_status_kib("VmRSS") - base_kib) / 2**20
     peak_gib = (_status_kib("VmHWM") - base_kib) / 2**20
@@ -180,7 +181,7 @@ def section_smoothquant(model: str | None) -> list[dict]:
             net.load_weights(smoothquant.smooth(checkpoint_weights(path, hf_dir, "none"), factors))
         for name, m in net.named_modules():
             if isinstance(m, Linear) and name.startswith("layers."):
-                q = make_quantized_weight("w8a8", m.out_features, m.in_features)
+                q = make_quantized_weight("w8a8", m.out_features, m.in_features, m.ops.kernels)
                 q.load_rows(0, m.weight.data)
                 q.finalize(m.dtype)
                 m.quantized, m.weight = q, None

@@ -16,7 +16,7 @@ PREEMPTION_MODES = ("none", "recompute")
 SCHEDULING_STRATEGIES = ("continuous", "prefill_first")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-ATTENTION_BACKENDS = ("auto", "cpu_kernel", "torch", "reference")
+ATTENTION_BACKENDS = ("auto", "cpu_kernel", "triton", "torch", "reference")  # kernel families: ops/__init__.py
 QUANTIZATIONS = ("none", "w8a8", "int8", "int4")  # model/quant.py
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto = the model's dtype; fp8 = float8 e4m3 (worker/memory.py)
 LOAD_FORMATS = ("auto", "dummy")

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.kernels import cpu_kernel
-from tokenmill.attention.backend import AttentionMetadata, CpuKernelAttention, ReferenceAttention, TorchPagedAttention
+from tokenmill.attention.backend import AttentionMetadata, ReferenceAttention, TorchPagedAttention
+from tokenmill.ops.cpu_ops import CpuKernelAttention
 
 
 def test_kernel_builds_here():
@@ -56,7 +57,9 @@ def test_kernel_matches_reference_on_mixed_batch(heads, kv_heads, head_dim, bloc
                                                  kernels):
     """Decodes first, then prefill chunks after cached context, then whole prompts, as the model runner lays them out;
     the backend writes the new K/V and attends, and must equal the reference backend on the same inputs. With a
-    float8 cache both read the same stored values back exactly, so the tolerance is the queries' dtype's."""
+    float8 cache both read the same stored values back exactly, so the tolerance is the queries' dtype's. The
+    reference writes K/V in plain torch ops, the kernel backend with the C++ row copy: the caches must come out equal
+    byte for byte."""
     cache_dtype = cache_dtype or dtype
     torch.manual_seed(7 + head_dim)
     # (context already cached, new tokens this step)
@@ -82,10 +85,13 @@ def test_kernel_matches_reference_on_mixed_batch(heads, kv_heads, head_dim, bloc
     meta = AttentionMetadata(qsl, seq_lens, sum(1 for _, n in reqs[:4] if n == 1), torch.cat(slots),
                              torch.stack(tables), torch.tensor(seq_lens))
     scale = head_dim**-0.5
-    ref = ReferenceAttention().forward(q, k, v, k_cache.clone(), v_cache.clone(), meta, scale).float()
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    ref = ReferenceAttention().forward(q, k, v, ref_k, ref_v, meta, scale).float()
     out = CpuKernelAttention(kernels).forward(q, k, v, k_cache, v_cache, meta, scale).float()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    assert torch.equal(k_cache.view(torch.uint8), ref_k.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), ref_v.view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -140,19 +146,23 @@ def test_write_kv_kernel_equals_index_copy(dtype, kernels):
 def test_rope_kernel_is_bit_equal_to_the_torch_ops(dtype, kernels):
     """q and k as views of a fused qkv output (strided rows), llama3-scaled frequencies, far positions: the kernel
     rounds as torch's mul, mul, add do (no fused multiply-add), so the results are identical."""
-    from tokenmill.model.layers import RotaryEmbedding, _rotate_half
+    from tokenmill.model.layers import Build, RotaryEmbedding
     from tokenmill.model.model_config import RopeConfig
+    from tokenmill.ops import TorchOps
+    from tokenmill.ops.torch_ops import rotate_half
 
     torch.manual_seed(5)
     t, heads, kv_heads, d = 37, 6, 2, 64
     q, k, _ = (torch.randn(t, (heads + 2 * kv_heads) * d) * 3).to(dtype).split(
         [heads * d, kv_heads * d, kv_heads * d], dim=-1)
     q, k = q.view(t, heads, d), k.view(t, kv_heads, d)
-    rotary = RotaryEmbedding(d, 8192, RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0))
+    rotary = RotaryEmbedding(d, 8192, RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0),
+                             Build(TorchOps("cpu"), dtype))
     cos, sin = rotary._cos_sin(torch.randint(0, 8192, (t,), generator=torch.Generator().manual_seed(1)), dtype)
-    out_q, out_k = kernels.rope(q, k, cos[:, 0], sin[:, 0])
-    assert torch.equal(out_q, q * cos + _rotate_half(q) * sin)
-    assert torch.equal(out_k, k * cos + _rotate_half(k) * sin)
+    out_q, out_k = kernels.rope(q, k, cos, sin)
+    cos, sin = cos[:, None], sin[:, None]
+    assert torch.equal(out_q, q * cos + rotate_half(q) * sin)
+    assert torch.equal(out_k, k * cos + rotate_half(k) * sin)
 
 
 def test_argmax_rows_equals_torch_argmax(kernels):
@@ -186,11 +196,12 @@ def test_kernel_rejects_inconsistent_metadata(kernels):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_rms_norm_kernel_matches_torch_ops(dtype, kernels):
     """Bit-equal in bf16/fp16, where RMSNorm uses it; float32 keeps transformers' op order and is only close."""
-    from tokenmill.model.layers import RMSNorm
+    from tokenmill.model.layers import Build, RMSNorm
+    from tokenmill.ops.cpu_ops import CpuOps
 
     torch.manual_seed(3)
     x = (torch.randn(37, 576) * 4).to(dtype)
-    norm = RMSNorm(576, 1e-5)
+    norm = RMSNorm(576, 1e-5, Build(CpuOps(kernels), dtype))
     norm.weight.data = torch.randn(576).to(dtype)
     xf = x.float()
     expected = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)

@@ -71,19 +71,19 @@ def test_a_resume_with_another_kv_cache_dtype_is_refused(tmp_path, run_cli):
     assert "kv_cache_dtype" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
-def test_the_fp8_cache_is_written_alike_without_the_kernels(monkeypatch):
-    """Where the C++ kernels do not run (no compiler, CUDA), write_kv casts and copies through index_copy_ on a byte
-    view (torch has no index_copy_ for float8): the same cache bytes as the kernel's row copy."""
+def test_the_fp8_cache_is_written_alike_without_the_kernels():
+    """Where the C++ kernels do not run (TorchOps: no compiler, CUDA without Triton, the reference), write_kv casts and
+    copies through index_copy_ on a byte view (torch has no index_copy_ for float8): the same cache bytes as the
+    kernel's row copy."""
     from tokenmill.attention import backend
+    from tokenmill.kernels import cpu_kernel
 
     torch.manual_seed(2)
     k, v = torch.randn(5, 2, 16), torch.randn(5, 2, 16)
     slots = torch.tensor([9, 0, 4, 31, 17])
     caches = [torch.zeros(4, 8, 2, 16, dtype=torch.float8_e4m3fn) for _ in range(4)]
-    backend.write_kv(k, v, caches[0], caches[1], slots)
-    monkeypatch.setattr(backend.cpu_kernel, "load", lambda: None)
+    cpu_kernel.load().write_kv(k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn), caches[0], caches[1], slots)
     backend.write_kv(k, v, caches[2], caches[3], slots)
     for with_kernels, without in ((caches[0], caches[2]), (caches[1], caches[3])):
         assert torch.equal(with_kernels.view(torch.uint8), without.view(torch.uint8))
     assert torch.equal(caches[2].view(-1, 2, 16)[slots].float(), k.to(torch.float8_e4m3fn).float())
-

@@ -28,20 +28,18 @@ def _rand(*shape, seed=0, scale=1.0):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 576), (7, 100), (33, 1536)])  # tails that are not a multiple of 16
-def test_quantize_rows_kernel_is_bit_equal_to_torch(dtype, shape, monkeypatch):
+def test_quantize_rows_kernel_is_bit_equal_to_torch(dtype, shape):
     """Asymmetric per-row codes: the kernel's int8 codes, scales and minima equal quantize_per_token's torch ops bit for
     bit; the uint8 variant is the same codes + 128; a constant row and an outlier row included, and every value comes
     back within half a step."""
-    from tokenmill.model import quant
-
     x = _rand(*shape, seed=shape[1]).to(dtype)
     x[0, 3] = 40.0  # an outlier channel
     if shape[0] > 1:
         x[1] = 0.5  # a constant row: every code 0
     q, s, lo = cpu_kernel.load().quantize_rows_int8(x)
     u, s_u, lo_u = cpu_kernel.load().quantize_rows_uint8(x)
-    monkeypatch.setattr(quant, "_kernels", lambda t: None)
-    ref_q, ref_s, ref_lo = quantize_per_token(x)
+    assert all(torch.equal(a, b) for a, b in zip(quantize_per_token(x, cpu_kernel.load()), (q, s, lo)))
+    ref_q, ref_s, ref_lo = quantize_per_token(x)  # no kernels: the torch ops
     assert torch.equal(s, ref_s) and torch.equal(lo, ref_lo) and torch.equal(q, ref_q)
     assert torch.equal(s_u, s) and torch.equal(lo_u, lo) and torch.equal((u.int() - 128).to(torch.int8), q)
     back = q.float() * s[:, None] + (lo + 128 * s)[:, None]
@@ -51,9 +49,7 @@ def test_quantize_rows_kernel_is_bit_equal_to_torch(dtype, shape, monkeypatch):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_epilogue_kernel_equals_torch(dtype, monkeypatch):
-    from tokenmill.model import quant
-
+def test_int8_epilogue_kernel_equals_torch(dtype):
     g = torch.Generator().manual_seed(1)
     acc = torch.randint(-50000, 50000, (9, 40), dtype=torch.int32, generator=g)
     xs, ws = torch.rand(9, generator=g) / 100, torch.rand(40, generator=g) / 100
@@ -68,8 +64,8 @@ def test_int8_epilogue_kernel_equals_torch(dtype, monkeypatch):
     none = torch.empty(9, 40, dtype=dtype)
     cpu_kernel.load().int8_epilogue(acc, xs, xlo, ws, wsum, None, None, none)
     torch.testing.assert_close(none.double(), exact, atol=1e-5, rtol=eps)
-    assert torch.equal(scaled_int8_epilogue(acc, xs, xlo, ws, wsum, bias, res, dtype), out)
-    monkeypatch.setattr(quant, "_kernels", lambda t: None)  # the torch ops: the same within their two roundings
+    assert torch.equal(scaled_int8_epilogue(acc, xs, xlo, ws, wsum, bias, res, dtype, cpu_kernel.load()), out)
+    # without kernels, the torch ops: the same within their two roundings
     torch.testing.assert_close(scaled_int8_epilogue(acc, xs, xlo, ws, wsum, bias, res, dtype).double(), out.double(),
                                atol=1e-5, rtol=2 * eps)
 
@@ -111,15 +107,11 @@ def test_w8a8_gated_down_projection_fuses_the_activation():
     the unfused one's (checked element for element, with a tolerance of one code step for a flipped rounding)."""
     import torch.nn.functional as F
 
-    from tokenmill.model.layers import Linear
+    from tokenmill.model.layers import Build, Linear
+    from tokenmill.ops.cpu_ops import CpuOps
 
     torch.manual_seed(12)
-    with torch.device("cpu"):
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            down = Linear(64, 48, quantization="w8a8")
-        finally:
-            torch.set_default_dtype(torch.float32)
+    down = Linear(64, 48, False, Build(CpuOps(cpu_kernel.load()), torch.bfloat16, "w8a8"))
     w = _rand(48, 64, seed=13, scale=0.05)
     down.load_rows(0, w, "down")
     down.finalize()
@@ -140,26 +132,23 @@ def test_w8a8_gated_down_projection_fuses_the_activation():
 
 
 @needs_kernels
-def test_w8a8_without_the_kernels_equals_with_them(monkeypatch):
-    """Where the C++ kernels do not build, w8a8 runs the torch ops: the same int8 codes, the result within one
-    rounding of the activations' dtype (the kernel rounds the fused epilogue once)."""
-    from tokenmill.model import quant
-
+def test_w8a8_without_the_kernels_equals_with_them():
+    """Without the C++ kernels (TorchOps, or no compiler), w8a8 runs the torch ops: the same int8 codes, the result
+    within one rounding of the activations' dtype (the kernel rounds the fused epilogue once)."""
     w, x, res = _rand(48, 64, seed=9, scale=0.05), _rand(5, 64, seed=10).bfloat16(), _rand(5, 48, seed=11).bfloat16()
 
-    def layer():
-        lin = W8A8Weight(48, 64)
+    def layer(kernels):
+        lin = W8A8Weight(48, 64, kernels)
         lin.load_rows(0, w)
         lin.finalize(torch.bfloat16)
         return lin
 
     if not cpu_kernel.load().int8_gemm_available():
         pytest.skip("the fused int8 GEMM needs AVX512-VNNI")
-    with_kernels = layer()
+    with_kernels = layer(cpu_kernel.load())
     assert with_kernels.packed is not None  # the fused int8 GEMM
-    y_k, q_k = with_kernels(x, None, res), quantize_per_token(x)
-    monkeypatch.setattr(quant, "_kernels", lambda t: None)
-    without = layer()
+    y_k, q_k = with_kernels(x, None, res), quantize_per_token(x, cpu_kernel.load())
+    without = layer(None)
     assert without.packed is None and without.qweight.shape == (64, 48)  # torch._int_mm's [K, N]
     y_t, q_t = without(x, None, res), quantize_per_token(x)
     assert all(torch.equal(a, b) for a, b in zip(q_k, q_t))
@@ -237,35 +226,35 @@ def test_int8_weight_only_within_half_a_step(dtype, path, monkeypatch):
     (two shards, the first ending inside a panel), the input multiplied in bfloat16 (AVX512-BF16) or in float32 (the
     portable path, as on a CPU without it); without the kernels, per channel (half a channel's step). Loading int8
     groups (a Q8_0 file's) keeps them as they are on the kernel paths."""
-    kernels = path != "none"
-    if not kernels:
-        monkeypatch.setattr(cpu_kernel, "load", lambda: None)
-    elif cpu_kernel.load() is None:
+    kernels = cpu_kernel.load() if path != "none" else None
+    if path == "none":
+        pass
+    elif kernels is None:
         pytest.skip("needs the C++ kernels")
     elif path == "portable":
         monkeypatch.setattr(cpu_kernel.load(), "int8g_bf16_available", lambda: False)
     elif not cpu_kernel.load().int8g_bf16_available():
         pytest.skip("int8g_gemm with bfloat16 input needs AVX512-BF16")
     w, x, bias = _rand(96, 64, seed=1, scale=0.05), _rand(5, 64, seed=2), _rand(96, seed=3)
-    layer = Int8Weight(96, 64)
+    layer = Int8Weight(96, 64, kernels)
     layer.load_rows(0, w[:40])  # two shards, as a fused layer is loaded
     layer.load_rows(40, w[40:])
     layer.finalize(dtype)
-    assert (layer.packed is not None) == kernels
+    assert (layer.packed is not None) == (kernels is not None)
     y = layer(x.to(dtype), bias.to(dtype)).float()
     groups = quantize_int8_groups(w)
-    if kernels:
+    if kernels is not None:
         step = (groups.scale / 2).repeat_interleave(INT8_GROUP_SIZE, 1)  # |dW| <= half a step per group
     else:
         step = (quantize_int8_rows(w)[1] / 2)[:, None].expand_as(w)  # half a step per row
     err = (y - (x @ w.T + bias)).abs()
     bf16 = torch.finfo(torch.bfloat16).eps  # weight-only kernels multiply in bfloat16, whatever the model's dtype
     assert (err <= _bound(x, step) + 3 * bf16 * (x.abs() @ w.abs().T + bias.abs())).all()
-    if kernels:
+    if kernels is not None:
         back = layer.groups()  # the packed panels give back exactly the loaded groups
         assert all(torch.equal(a, b) for a, b in zip((back.q, back.scale, back.offset),
                                                      (groups.q, groups.scale, groups.offset)))
-        exact = Int8Weight(96, 64)
+        exact = Int8Weight(96, 64, kernels)
         exact.load_rows(0, groups)
         exact.finalize(torch.float32)
         deq = groups.dequantize()
@@ -300,7 +289,7 @@ def test_int4_within_half_a_step_and_from_groups_exact(dtype):
 def test_w8a8_within_the_rounding_of_weights_and_activations(dtype):
     w, x, res = _rand(80, 64, seed=6, scale=0.05), _rand(6, 64, seed=7), _rand(6, 80, seed=8)
     x[2, 5] = 30.0  # a token with an outlier channel
-    layer = W8A8Weight(80, 64)
+    layer = W8A8Weight(80, 64, cpu_kernel.load())
     layer.load_rows(0, w)
     layer.finalize(dtype)
     xd = x.to(dtype)

@@ -1,3 +1,3 @@
-from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, get_attention_backend
+from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "get_attention_backend"]
+__all__ = ["AttentionBackend", "AttentionMetadata"]

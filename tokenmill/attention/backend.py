@@ -2,19 +2,20 @@
 
 KV cache layout, per layer: ``k_cache``/``v_cache`` of shape [num_blocks, block_size, num_kv_heads, head_dim], in the
 model's dtype or float8 e4m3 (``kv_cache_dtype="fp8"``; every backend reads it back exactly and attends in q's dtype).
-Token ``t`` of the flat batch is written to slot ``slot_mapping[t]`` (block * block_size + offset).
+Token ``t`` of the flat batch is written to slot ``slot_mapping[t]`` (block * block_size + offset); a slot of -1 is
+not written (padding rows of a CUDA graph's batch).
 
 Batch layout: requests are laid out one after another in the flat batch; ``query_start_loc[i]:query_start_loc[i+1]``
 are request i's new tokens, which are the last tokens of its ``seq_lens[i]`` cached ones. The first ``num_decodes``
 requests have exactly one new token.
 
-Backends (engine option ``attention_backend``):
-- ``reference``: ``ReferenceAttention`` loops over requests; the oracle.
-- ``torch``: ``TorchPagedAttention`` batches the decodes into one masked attention over a gathered view of the cache
-  and runs prefill chunks per request, in torch ops (any device).
-- ``cpu_kernel``: ``CpuKernelAttention`` runs every token of the step (decodes and prefill chunks) through the C++
-  kernel (``kernels/cpu_kernel.py``), which reads K/V through the block tables without a gather. CPU only.
-- ``auto`` (the default): ``cpu_kernel`` on CPU when the kernel builds there, else ``torch``.
+Backends (each an attention algorithm; an ``Ops`` family, ``tokenmill/ops/``, holds one as ``ops.attention``):
+- ``ReferenceAttention`` loops over requests in plain torch ops, K/V written by ``index_copy_``: no compiled code
+  anywhere, the oracle for every other backend.
+- ``TorchPagedAttention`` batches the decodes into one masked attention over a gathered view of the cache and runs
+  prefill chunks per request, in torch ops (any device).
+- ``CpuKernelAttention`` (``ops/cpu_ops.py``) and ``TritonAttention`` (``ops/triton_ops.py``) run every token of the step
+  in one call of their kernel.
 Tests hold them equal.
 """
 
@@ -26,8 +27,6 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from tokenmill.config import ConfigError
-from tokenmill.kernels import cpu_kernel
 
 
 @dataclass
@@ -66,14 +65,11 @@ class AttentionBackend(Protocol):
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor):
-    """Writes the step's K and V into their slots, cast to the cache's dtype (a float8 cache is written through a
-    byte view: torch has no index_copy_ for float8). On CPU the C++ kernels copy the rows (``write_kv``)."""
+    """Writes the step's K and V into their slots in plain torch ops, cast to the cache's dtype (a float8 cache is
+    written through a byte view: torch has no index_copy_ for float8). Every slot is a real one (padded batches are
+    the Triton backend's)."""
     if k_cache.dtype != k.dtype:
         k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
-    kernels = cpu_kernel.load() if k_cache.device.type == "cpu" else None
-    if kernels is not None:
-        kernels.write_kv(k, v, k_cache, v_cache, slots)
-        return
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     for new, cache in ((k, k_cache), (v, v_cache)):
         if cache.element_size() == 1:  # float8: copied as bytes
@@ -161,39 +157,3 @@ class TorchPagedAttention(ReferenceAttention):
             enable_gqa=True,
         )
         return out.squeeze(2)  # [nd, heads, head_dim]
-
-
-class CpuKernelAttention:
-    """Every token of the step (decodes and prefill chunks) in one call of the C++ kernel over the paged cache."""
-
-    def __init__(self, kernels) -> None:
-        self.kernels = kernels  # the compiled module from cpu_kernel.load()
-
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.kernels.paged_attention(q.contiguous(), k_cache, v_cache, meta.block_tables,
-                                            meta.seq_lens_tensor, meta.query_start_loc_t(), scale)
-
-
-def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """The backend ``name`` (module docstring) for ``device``. Raises ValueError for an unknown name, and ConfigError
-    for ``cpu_kernel`` off CPU or where the kernel cannot be built (with the build's error)."""
-    if name == "reference":
-        return ReferenceAttention()
-    if name == "torch":
-        return TorchPagedAttention()
-    if name not in ("auto", "cpu_kernel"):
-        raise ValueError(f"unknown attention backend {name!r}; known: auto, cpu_kernel, torch, reference")
-    if device.type != "cpu":
-        if name == "cpu_kernel":
-            raise ConfigError(f"attention_backend cpu_kernel runs on CPU only, not on {device.type}")
-        return TorchPagedAttention()
-    from tokenmill.kernels import cpu_kernel
-
-    kernels = cpu_kernel.load()
-    if kernels is not None:
-        return CpuKernelAttention(kernels)
-    if name == "cpu_kernel":
-        raise ConfigError(f"attention_backend cpu_kernel: the C++ kernel cannot be built here "
-                         f"({cpu_kernel.build_error()})")
-    return TorchPagedAttention()

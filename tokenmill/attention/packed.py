@@ -1,9 +1,10 @@
 """Attention over packed variable-length sequences with no KV cache: the embedding path's attention.
 
 A packed batch is the tokens of many sequences laid end to end ([num_tokens, ...]); ``seq_lens`` says where each
-ends. Nothing is padded. On CPU one C++ kernel call (``cpu_kernel.varlen_attention``) covers the whole batch; the
-torch path (``sdpa_packed_attention``, also the kernel's test oracle) stacks sequences of equal length into one
-``scaled_dot_product_attention`` call each, so a length-sorted batch needs a few calls per layer.
+ends. Nothing is padded. The ops family runs it (``ops.packed_attention``): on the C++ kernels one call
+(``varlen_attention``) covers the whole batch; the torch path (``sdpa_packed_attention``, also the kernel's test
+oracle) stacks sequences of equal length into one ``scaled_dot_product_attention`` call each, so a length-sorted batch
+needs a few calls per layer.
 
 ``PackedAttention`` also satisfies the paged ``AttentionBackend`` protocol (the caches are ignored), so the
 Llama-family model code runs encoder-style passes for decoder embedding models unchanged.
@@ -11,14 +12,11 @@ Llama-family model code runs encoder-style passes for decoder embedding models u
 
 from __future__ import annotations
 
-import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from tokenmill.kernels import cpu_kernel
 
 
 def equal_length_groups(seq_lens: list[int]) -> dict[int, list[int]]:
@@ -29,23 +27,6 @@ def equal_length_groups(seq_lens: list[int]) -> dict[int, list[int]]:
     return groups
 
 
-def packed_attention(
-    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-    seq_lens: list[int],  # sum == num_tokens
-    scale: float,
-    causal: bool,
-) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Each sequence's queries attend to its own keys only (causal: to keys up to their own position)."""
-    if q.device.type == "cpu" and all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] for t in (q, k, v)):
-        kernels = cpu_kernel.load()
-        if kernels is not None:
-            cu_seqlens = torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int64)  # [num_seqs + 1]
-            return kernels.varlen_attention(q, k, v, cu_seqlens, scale, causal)
-    return sdpa_packed_attention(q, k, v, seq_lens, scale, causal)
-
-
 def sdpa_packed_attention(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -54,7 +35,8 @@ def sdpa_packed_attention(
     scale: float,
     causal: bool,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """``packed_attention`` with torch's SDPA, one call per group of equal-length sequences (any device)."""
+    """Each sequence's queries attend to its own keys only (causal: to keys up to their own position), with torch's
+    SDPA, one call per group of equal-length sequences (any device)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     starts = [0]
@@ -95,8 +77,11 @@ class PackedMetadata:
 class PackedAttention:
     """Causal attention within each packed sequence, for decoder models used as encoders (no KV cache).
 
-    ``meta`` is a ``PackedMetadata``; the cache arguments are ignored.
+    ``meta`` is a ``PackedMetadata``; the cache arguments are ignored. ``ops``: the kernel family that runs it.
     """
 
+    def __init__(self, ops) -> None:
+        self.ops = ops
+
     def forward(self, q, k, v, k_cache, v_cache, meta, scale: float) -> torch.Tensor:
-        return packed_attention(q, k, v, meta.seq_lens, scale, causal=True)
+        return self.ops.packed_attention(q, k, v, meta.seq_lens, scale, causal=True)

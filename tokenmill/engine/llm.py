@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.ops import Ops
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -22,8 +23,10 @@ Conversation = list[dict[str, Any]]
 
 
 class LLM:
-    def __init__(self, model: str | None = None, **engine_options: Any) -> None:
-        self.engine = LLMEngine(EngineConfig.from_dict({"model": model, **engine_options}))
+    def __init__(self, model: str | None = None, ops: Ops | None = None, **engine_options: Any) -> None:
+        """``ops``: a kernel family to build the engine with (``tokenmill/ops/``) instead of the one
+        ``attention_backend`` names (tests, benchmarks of another build)."""
+        self.engine = LLMEngine(EngineConfig.from_dict({"model": model, **engine_options}), ops=ops)
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 

@@ -22,6 +22,7 @@ from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.model.loader import load_model
 from tokenmill.model.weights import weight_bytes
+from tokenmill.ops import Ops, make_ops
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.backend import GrammarBackend
@@ -46,17 +47,19 @@ def resolve_device(device: str) -> torch.device:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, grammars: GrammarBackend | None = None) -> None:
+    def __init__(self, config: EngineConfig, grammars: GrammarBackend | None = None, ops: Ops | None = None) -> None:
         """``grammars``: a GrammarBackend made for this model's tokenizer (a job's, already holding the constraints
-        its validation pass compiled); by default the engine makes its own."""
+        its validation pass compiled); by default the engine makes its own. ``ops``: the kernel family
+        (``tokenmill/ops/``); by default the one ``config.attention_backend`` names on the device."""
         config.check()
         t0 = time.perf_counter()
         self.device = resolve_device(config.device)
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
+        self.ops = ops if ops is not None else make_ops(config.attention_backend, self.device)  # chosen once
         loaded = load_model(config.model, config.dtype, self.device, config.max_model_len, cache_dir,
-                            config.quantization, config.load_format, config.cpu_gemm)
+                            config.quantization, config.load_format, config.cpu_gemm, self.ops)
         self.config = config.resolve(loaded.model_config.max_position_embeddings)
         self.model_config = loaded.model_config
         self.tokenizer = loaded.tokenizer

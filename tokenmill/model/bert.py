@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenmill.attention.packed import packed_attention
-from tokenmill.model.layers import Embedding, Linear
+from tokenmill.model.layers import Build, Embedding, Linear
 from tokenmill.model.model_config import UnsupportedModelError
 from tokenmill.model.weights import WeightPlacer
 
@@ -66,23 +65,25 @@ class BertConfig:
 
 
 class BertLayer(nn.Module):
-    def __init__(self, cfg: BertConfig, quantization: str) -> None:
+    def __init__(self, cfg: BertConfig, build: Build) -> None:
         super().__init__()
         h = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.head_dim = h // self.num_heads
-        self.qkv = Linear(h, 3 * h, True, quantization)
-        self.attn_out = Linear(h, h, True, quantization)
-        self.attn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.intermediate = Linear(h, cfg.intermediate_size, True, quantization)
-        self.out = Linear(cfg.intermediate_size, h, True, quantization)
-        self.out_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.ops = build.ops
+        norm = dict(eps=cfg.layer_norm_eps, dtype=build.dtype, device=build.device)
+        self.qkv = Linear(h, 3 * h, True, build)
+        self.attn_out = Linear(h, h, True, build)
+        self.attn_norm = nn.LayerNorm(h, **norm)
+        self.intermediate = Linear(h, cfg.intermediate_size, True, build)
+        self.out = Linear(cfg.intermediate_size, h, True, build)
+        self.out_norm = nn.LayerNorm(h, **norm)
         self.act = _ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:  # x: [num_tokens, hidden]
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each [n, heads, head_dim]
-        ctx = packed_attention(q, k, v, seq_lens, self.head_dim**-0.5, causal=False)
+        ctx = self.ops.packed_attention(q, k, v, seq_lens, self.head_dim**-0.5, causal=False)
         # The residual adds and the activation run as GEMM epilogues (model/gemm.py).
         x = self.attn_norm(self.attn_out.forward_add(ctx.reshape(n, -1), x))
         h = self.intermediate.forward_act(x, self.act)  # [n, intermediate]
@@ -90,17 +91,18 @@ class BertLayer(nn.Module):
 
 
 class BertModel(nn.Module):
-    """``quantization`` (model/quant.py) applies to the encoder layers' linears; embeddings stay float."""
+    """``build.quantization`` (model/quant.py) applies to the encoder layers' linears; embeddings stay float."""
 
-    def __init__(self, cfg: BertConfig, quantization: str = "none") -> None:
+    def __init__(self, cfg: BertConfig, build: Build) -> None:
         super().__init__()
         self.config = cfg
         h = cfg.hidden_size
-        self.word_embeddings = Embedding(cfg.vocab_size, h)
-        self.position_embeddings = Embedding(cfg.max_position_embeddings, h)
-        self.token_type_embeddings = Embedding(cfg.type_vocab_size, h)
-        self.embed_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.layers = nn.ModuleList(BertLayer(cfg, quantization) for _ in range(cfg.num_hidden_layers))
+        floats = build.with_quantization("none")
+        self.word_embeddings = Embedding(cfg.vocab_size, h, floats)
+        self.position_embeddings = Embedding(cfg.max_position_embeddings, h, floats)
+        self.token_type_embeddings = Embedding(cfg.type_vocab_size, h, floats)
+        self.embed_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps, dtype=build.dtype, device=build.device)
+        self.layers = nn.ModuleList(BertLayer(cfg, build) for _ in range(cfg.num_hidden_layers))
 
     def forward(
         self,

