@@ -40,13 +40,15 @@ def test_every_backend_reads_the_fp8_cache_alike(tmp_path):
     save_tiny_model("llama", tmp_path / "m")
     ids = [(7 * i + 3) % 200 + 5 for i in range(45)]  # several blocks, a partial last one
     scores = {}
-    for kv, backend in [("fp8", "cpu_kernel"), ("fp8", "torch"), ("fp8", "reference"), ("auto", "cpu_kernel")]:
+    for kv, backend in [("fp8", "cpu_kernel"), ("fp8", "torch"), ("fp8", "triton"), ("fp8", "reference"),
+                        ("auto", "cpu_kernel")]:
         llm = LLM(str(tmp_path / "m"), kv_cache_memory=0.05, block_size=4, kv_cache_dtype=kv, attention_backend=backend)
         assert llm.engine.runner.kv_caches[0][0].dtype == (torch.float8_e4m3fn if kv == "fp8" else torch.float32)
         scores[kv, backend] = torch.tensor(llm.engine.score(ids))
     ref = scores["fp8", "reference"]
     torch.testing.assert_close(scores["fp8", "cpu_kernel"], ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(scores["fp8", "torch"], ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(scores["fp8", "triton"], ref, atol=1e-4, rtol=1e-4)  # interpreted on CPU
     diff = (scores["auto", "cpu_kernel"] - ref).abs().max().item()
     assert 1e-4 < diff < 0.1
 

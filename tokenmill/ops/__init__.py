@@ -15,12 +15,13 @@ Families (engine option ``attention_backend``, which names the family by its att
 - ``triton``: ``TritonOps``, the Triton kernels (``kernels/triton/``); on CUDA, and on CPU under
   ``TRITON_INTERPRET=1`` (Triton's interpreter: how the tests and a user without a GPU check the GPU path).
 - ``auto``: ``cpu_kernel`` on CPU where the kernels build (else ``torch``); ``triton`` on CUDA where Triton imports
-  (else ``torch``).
+  and ``TritonOps.self_check`` passes (else ``torch``, with a warning saying why).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -55,9 +56,17 @@ def make_ops(attention_backend: str, device: torch.device | str) -> TorchOps:
         if problem is None:
             from tokenmill.ops.triton_ops import TritonOps
 
-            return TritonOps(device)
+            ops = TritonOps(device)
+            if name == "triton":
+                return ops
+            try:
+                ops.self_check()
+                return ops
+            except Exception as e:  # a Triton, driver or GPU these kernels do not compile or run on
+                problem = f"its self-check failed ({type(e).__name__}: {e})"
         if name == "triton":
             raise ConfigError(f"attention_backend triton: {problem}")
+        warnings.warn(f"attention_backend auto: the Triton kernels are not used, {problem}; running torch's ops")
         return TorchOps(device)
     if name not in ("auto", "cpu_kernel"):
         raise ValueError(f"unknown attention backend {name!r}; known: auto, cpu_kernel, triton, torch, reference")
