@@ -18,6 +18,7 @@ from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.sampler import Sampler
 from tokenmill.structured.backend import GrammarBackend, StructuredState
 from tokenmill.worker.memory import kv_cache_dtype
+from tokenmill.worker.step_inputs import StepBuffers
 
 
 class ModelRunner:
@@ -42,6 +43,8 @@ class ModelRunner:
             for _ in range(mc.num_hidden_layers)
         ]  # per layer: (k, v), each [num_blocks, block_size, num_kv_heads, head_dim]
         self._block_zeroed = np.zeros(num_blocks, dtype=bool)
+        max_blocks = -(-config.max_model_len // self.block_size) if config.max_model_len else 1
+        self.buffers = StepBuffers(config.max_num_batched_tokens, config.max_num_seqs, max_blocks, device)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
@@ -54,52 +57,27 @@ class ModelRunner:
         chunks = sorted(out.scheduled, key=lambda s: s.num_scheduled_tokens != 1)
         num_decodes = sum(1 for s in chunks if s.num_scheduled_tokens == 1)
 
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions = []
-        slots = []
-        query_start_loc = [0]
-        seq_lens = []
-        max_blocks = max(len(s.block_ids) for s in chunks)
-        block_tables = np.zeros((len(chunks), max_blocks), dtype=np.int64)
-        for i, s in enumerate(chunks):
-            start, n = s.num_computed_tokens, s.num_scheduled_tokens
-            input_ids.extend(s.request.all_token_ids[start : start + n])
-            pos = np.arange(start, start + n, dtype=np.int64)
-            table = np.asarray(s.block_ids, dtype=np.int64)
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            block_tables[i, : len(table)] = table
-            query_start_loc.append(query_start_loc[-1] + n)
-            seq_lens.append(start + n)
-
-        self._zero_new_blocks(block_tables)
-        dev = self.device
+        step = self.buffers.fill(chunks, self.block_size)  # one host-to-device copy (none on CPU)
+        self._zero_new_blocks(step.block_table_np)
         meta = AttentionMetadata(
-            query_start_loc=query_start_loc,
-            seq_lens=seq_lens,
+            query_start_loc=step.query_start_loc_list,
+            seq_lens=step.seq_lens_list,
             num_decodes=num_decodes,
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
-            block_tables=torch.from_numpy(block_tables).to(dev),
-            seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+            slot_mapping=step.slot_mapping,
+            block_tables=step.block_tables,
+            seq_lens_tensor=step.seq_lens,
+            query_start_loc_tensor=step.query_start_loc,
         )
         sampling = [(i, s) for i, s in enumerate(chunks) if s.samples]
         ids = [s.request_id for _, s in sampling]
         params = [s.request.sampling_params for _, s in sampling]
         # the grammar masks of this step's constrained rows are filled while the model runs
         masks = self.structured.start_masks(ids, params) if self.structured is not None else None
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            torch.from_numpy(np.concatenate(positions)).to(dev),
-            self.kv_caches,
-            meta,
-            self.backend,
-        )  # [num_tokens, hidden]
+        hidden = self.model(step.input_ids, step.positions, self.kv_caches, meta, self.backend)  # [num_tokens, hidden]
 
         if not sampling:
             return ModelRunnerOutput({})
-        rows = torch.tensor([query_start_loc[i + 1] - 1 for i, _ in sampling], device=dev)
-        logits = self.model.compute_logits(hidden[rows], as_float32=False)  # [num_sampled, vocab]
+        logits = self.model.compute_logits(hidden[step.sample_rows], as_float32=False)  # [num_sampled, vocab]
         constrained = self.structured.apply_masks(logits, masks) if masks is not None else []
         result = self.sampler(logits, ids, params)
         if constrained:

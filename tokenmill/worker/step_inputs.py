@@ -1,0 +1,113 @@
+"""StepBuffers: a step's integer inputs laid out in one persistent buffer, reaching the device in one copy.
+
+Every int64 input of a forward pass lives in a fixed region of one host buffer (pinned on CUDA) with a device twin:
+
+    [input_ids | positions | slot_mapping : max_tokens each][query_start_loc : max_reqs + 1][seq_lens | sample_rows :
+    max_reqs each][block_tables : max_reqs * max_blocks]
+
+A step fills the host regions in numpy and copies the used prefix (everything up to the end of this step's block
+table) to the device once, non-blocking; the tensors the model gets are views of the device twin. On CPU the twin is
+the host buffer itself: no copy at all. The step's block table is packed [num_reqs, width] at the start of its
+region (width = the step's widest request), so kernels see a contiguous table.
+
+Invariants: regions never move while the capacity suffices (a capacity change reallocates, before the step's
+fill); each ``fill`` returns new view objects (``RotaryEmbedding`` caches by the positions tensor's identity); the
+host buffer is rewritten only by the next ``fill``, after the previous step's sampled ids were read back (that read
+waits for the copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tokenmill.core.scheduler import ScheduledRequest
+
+
+@dataclass
+class StepInputs:
+    """Device views of one step's inputs (shapes in the comments; all int64)."""
+
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    slot_mapping: torch.Tensor  # [num_tokens]
+    query_start_loc: torch.Tensor  # [num_reqs + 1]
+    seq_lens: torch.Tensor  # [num_reqs]
+    sample_rows: torch.Tensor  # [num_sampled]: the flat-batch row of each sampling request's last token
+    block_tables: torch.Tensor  # [num_reqs, width]
+    block_table_np: np.ndarray  # the same table on the host
+    query_start_loc_list: list[int]  # host ints (the attention metadata's)
+    seq_lens_list: list[int]
+
+
+class StepBuffers:
+    def __init__(self, max_tokens: int, max_reqs: int, max_blocks: int, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self._allocate(max_tokens, max_reqs, max_blocks)
+
+    def _allocate(self, max_tokens: int, max_reqs: int, max_blocks: int) -> None:
+        self.max_tokens, self.max_reqs, self.max_blocks = max_tokens, max_reqs, max_blocks
+        t, r = max_tokens, max_reqs
+        self._off = {"input_ids": 0, "positions": t, "slot_mapping": 2 * t, "query_start_loc": 3 * t,
+                     "seq_lens": 3 * t + r + 1, "sample_rows": 3 * t + 2 * r + 1, "block_tables": 3 * t + 3 * r + 1}
+        size = self._off["block_tables"] + r * max_blocks
+        cuda = self.device.type == "cuda"
+        self.host = torch.zeros(size, dtype=torch.int64, pin_memory=cuda)
+        self.host_np = self.host.numpy()
+        self.dev = torch.zeros(size, dtype=torch.int64, device=self.device) if cuda else self.host
+
+    def _host(self, name: str, n: int) -> np.ndarray:
+        start = self._off[name]
+        return self.host_np[start:start + n]
+
+    def _dev(self, name: str, n: int) -> torch.Tensor:
+        start = self._off[name]
+        return self.dev[start:start + n]
+
+    def fill(self, chunks: list[ScheduledRequest], block_size: int) -> StepInputs:
+        """Lays out ``chunks`` (decodes first, as the runner orders them) and copies them to the device."""
+        num_reqs = len(chunks)
+        num_tokens = sum(s.num_scheduled_tokens for s in chunks)
+        width = max(len(s.block_ids) for s in chunks)
+        if num_tokens > self.max_tokens or num_reqs > self.max_reqs or width > self.max_blocks:
+            self._allocate(max(num_tokens, self.max_tokens), max(num_reqs, self.max_reqs),
+                           max(width, self.max_blocks))
+        ids, pos, slots = (self._host(n, num_tokens) for n in ("input_ids", "positions", "slot_mapping"))
+        qsl = self._host("query_start_loc", num_reqs + 1)
+        seq_lens = self._host("seq_lens", num_reqs)
+        table = self._host("block_tables", num_reqs * width).reshape(num_reqs, width)
+        table.fill(0)
+        rows = []
+        t = 0
+        qsl[0] = 0
+        for i, s in enumerate(chunks):
+            start, n = s.num_computed_tokens, s.num_scheduled_tokens
+            ids[t:t + n] = s.request.all_token_ids[start:start + n]
+            p = np.arange(start, start + n, dtype=np.int64)
+            pos[t:t + n] = p
+            blocks = np.asarray(s.block_ids, dtype=np.int64)
+            table[i, :len(blocks)] = blocks
+            slots[t:t + n] = blocks[p // block_size] * block_size + p % block_size
+            t += n
+            qsl[i + 1] = t
+            seq_lens[i] = start + n
+            if s.samples:
+                rows.append(t - 1)
+        self._host("sample_rows", len(rows))[:] = rows
+        used = self._off["block_tables"] + num_reqs * width
+        if self.dev is not self.host:
+            self.dev[:used].copy_(self.host[:used], non_blocking=True)
+        return StepInputs(
+            input_ids=self._dev("input_ids", num_tokens),
+            positions=self._dev("positions", num_tokens),
+            slot_mapping=self._dev("slot_mapping", num_tokens),
+            query_start_loc=self._dev("query_start_loc", num_reqs + 1),
+            seq_lens=self._dev("seq_lens", num_reqs),
+            sample_rows=self._dev("sample_rows", len(rows)),
+            block_tables=self._dev("block_tables", num_reqs * width).view(num_reqs, width),
+            block_table_np=table,
+            query_start_loc_list=qsl.tolist(),
+            seq_lens_list=seq_lens.tolist(),
+        )
