@@ -77,7 +77,7 @@ def test_logprobs(smollm2):
 
 
 def test_seeded_sampling_is_reproducible_across_batch_compositions(smollm2):
-    seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
     alone = smollm2.generate("Write a sentence about the moon.", seeded, use_tqdm=False)[0].token_ids
     others = ["Hello there", "List some fruits:", "Once upon a time"]
     batch = smollm2.generate(
@@ -86,7 +86,7 @@ def test_seeded_sampling_is_reproducible_across_batch_compositions(smollm2):
         use_tqdm=False,
     )
     assert batch[3].token_ids == alone
-    other_seed = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=99)
+    other_seed = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=99, ignore_eos=True)
     assert smollm2.generate("Write a sentence about the moon.", other_seed, use_tqdm=False)[0].token_ids != alone
 
 

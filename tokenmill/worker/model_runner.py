@@ -48,7 +48,6 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        self.sampler.forget(out.finished_request_ids)
         if self.structured is not None:
             self.structured.forget(out.finished_request_ids)
         if out.is_empty:  # nothing scheduled (e.g. every request was aborted): nothing to run
@@ -79,7 +78,7 @@ class ModelRunner:
             return ModelRunnerOutput({})
         logits = self.model.compute_logits(hidden[step.sample_rows], as_float32=False)  # [num_sampled, vocab]
         constrained = self.structured.apply_masks(logits, masks) if masks is not None else []
-        result = self.sampler(logits, ids, params)
+        result = self.sampler(logits, params, [s.request.num_output_tokens for _, s in sampling])
         if constrained:
             self.structured.accept(ids, constrained, result.token_ids)
         logprobs = {rid: lp for rid, lp in zip(ids, result.logprobs) if lp is not None}
