@@ -35,3 +35,34 @@ def test_harness_quick_run_writes_json_and_markdown(tmp_path):
     assert emb["min_cosine_vs_st"] >= 0.9999 and {r["kind"] for r in emb["index"]} == {"flat", "hnsw", "ivf"}
     md = next((tmp_path / "out").glob("bench-*.md")).read_text()
     assert "### w" in md and "### embed" in md
+
+
+def test_gpu_bench_smoke_runs_every_section(tmp_path):
+    """benchmarks/gpu_bench.py is run once on a lent GPU with no second chance: its --smoke mode (the same code at
+    tiny shapes, on this CPU) must go through every section without an error."""
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(next(tmp_path.glob("gpu-*.json")).read_text())
+    assert result["smoke"] and result["device"] == "cpu"
+    for name in ("nanovllm", "llama8b_short", "llama8b_long"):
+        r = result[name]
+        assert "error" not in r, r
+        assert r["output_tokens"] > 0 and not r["truncated_at_deadline"]
+    assert result["nanovllm"]["output_tokens"] == sum(_nanovllm_output_lens())
+    floor = result["decode_floor"]
+    assert "error" not in floor, floor
+    assert floor["batch"] == 8 and floor["median_step_ms"] > 0 and floor["floor_over_step"] > 0
+    hf = result["hf"]
+    assert not [r for r in hf if "error" in r], hf
+    assert {r["workload"] for r in hf if r.get("best_static")} == {"nanovllm", "llama8b_short", "llama8b_long"}
+    assert set(result["ratios"]) >= {"nanovllm: tokenmill / transformers best", "llama8b_long: tokenmill / transformers best"}
+    md = next(tmp_path.glob("gpu-*.md")).read_text()
+    assert "| nanovllm | tokenmill |" in md and "Decode floor" in md
+
+
+def _nanovllm_output_lens() -> list[int]:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.gpu_bench import random_job, settings
+
+    return random_job("nanovllm", *settings(smoke=True)["nanovllm"], vocab=500, temperature=0.6).output_lens
