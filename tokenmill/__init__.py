@@ -12,12 +12,32 @@ if not _log.handlers:
     _log.setLevel(_logging.INFO)
     _log.propagate = False
 
-from tokenmill.config import ConfigError, EngineConfig
-from tokenmill.embed.embedder import Embedder
-from tokenmill.engine.llm import LLM
-from tokenmill.engine.llm_engine import LLMEngine
-from tokenmill.outputs import RequestOutput
-from tokenmill.sampling_params import SamplingParams
+# The public names load on first use (PEP 562), so importing a light module (tokenmill.core, tokenmill.config) does
+# not pull in torch and the model code.
+_EXPORTS = {
+    "LLM": "tokenmill.engine.llm",
+    "Embedder": "tokenmill.embed.embedder",
+    "LLMEngine": "tokenmill.engine.llm_engine",
+    "EngineConfig": "tokenmill.config",
+    "ConfigError": "tokenmill.config",
+    "SamplingParams": "tokenmill.sampling_params",
+    "RequestOutput": "tokenmill.outputs",
+}
 
-__all__ = ["LLM", "Embedder", "LLMEngine", "EngineConfig", "ConfigError", "SamplingParams", "RequestOutput"]
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tokenmill' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
