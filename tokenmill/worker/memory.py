@@ -26,28 +26,35 @@ def kv_bytes_per_block(mc: ModelConfig, block_size: int, dtype: torch.dtype) -> 
     return 2 * mc.num_hidden_layers * block_size * mc.num_key_value_heads * mc.head_dim * elem
 
 
-def kv_budget_bytes(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
-    """Bytes the KV cache may take: ``kv_cache_memory`` GiB on CPU; on CUDA, what ``gpu_memory_utilization``
-    leaves after the weights already loaded and an estimate of the activations of one full step."""
+def kv_budget_bytes(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device,
+                    activation_bytes: int | None = None) -> int:
+    """Bytes the KV cache may take: ``kv_cache_memory`` GiB on CPU; on CUDA, what ``gpu_memory_utilization`` of the
+    device leaves after what is in use (the weights, other processes) and the activations of one full step: as the
+    profiling pass measured them (``worker/profile.py``), or else an estimate from the model's shapes."""
     if device.type != "cuda":
         return int(config.kv_cache_memory * GIB)
     free, total = torch.cuda.mem_get_info(device)
     used = total - free
-    elem = torch.empty((), dtype=dtype).element_size()
-    activations = config.max_num_batched_tokens * (2 * mc.intermediate_size + 6 * mc.hidden_size) * elem * 2
-    activations += config.max_num_seqs * mc.vocab_size * 4 * 2  # logits of the sampled rows, float32
+    if activation_bytes is not None:
+        activations = activation_bytes
+    else:
+        elem = torch.empty((), dtype=dtype).element_size()
+        activations = config.max_num_batched_tokens * (2 * mc.intermediate_size + 6 * mc.hidden_size) * elem * 2
+        activations += config.max_num_seqs * mc.vocab_size * 4 * 2  # logits of the sampled rows, float32
     return int(total * config.gpu_memory_utilization - used - activations)
 
 
-def plan_num_blocks(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
-    """Number of KV blocks; raises ConfigError when they cannot hold one request of ``max_model_len`` tokens."""
+def plan_num_blocks(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device,
+                    activation_bytes: int | None = None) -> int:
+    """Number of KV blocks; raises ConfigError when they cannot hold one request of ``max_model_len`` tokens.
+    ``activation_bytes``: the profiling pass's measure of one step (CUDA), else estimated."""
     per_block = kv_bytes_per_block(mc, config.block_size, kv_cache_dtype(config, dtype))
     needed = -(-config.max_model_len // config.block_size)
     if config.num_kv_blocks is not None:
         num_blocks = config.num_kv_blocks
         source = f"num_kv_blocks={num_blocks}"
     else:
-        budget = kv_budget_bytes(config, mc, dtype, device)
+        budget = kv_budget_bytes(config, mc, dtype, device, activation_bytes)
         num_blocks = max(budget, 0) // per_block
         source = (
             f"kv_cache_memory={config.kv_cache_memory} GiB"
