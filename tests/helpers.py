@@ -23,8 +23,11 @@ TINY = dict(
 )
 
 
-def tiny_config(arch: str):
+def tiny_config(arch: str, **overrides):
+    """A tiny config of ``arch``; ``overrides`` replace TINY's values (e.g. an odd vocabulary)."""
     import transformers as tf
+
+    TINY = {**globals()["TINY"], **overrides}  # noqa: N806 (the module's table, overridden)
 
     if arch == "llama":
         return tf.LlamaConfig(**TINY, tie_word_embeddings=False)
@@ -47,12 +50,12 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
-def save_tiny_model(arch: str, path: Path, seed: int = 0):
+def save_tiny_model(arch: str, path: Path, seed: int = 0, **overrides):
     """Writes a random-weight HF model directory (config, safetensors, a word-level tokenizer); returns the model."""
     import transformers as tf
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    cfg = tiny_config(arch)
+    cfg = tiny_config(arch, **overrides)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     model.save_pretrained(str(path))

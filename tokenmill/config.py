@@ -54,6 +54,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # share the KV blocks of common prompt prefixes (core/kv_cache_manager.py)
     # Execution
     attention_backend: str = "auto"
+    tensor_parallel_size: int = 1  # ranks one model is split over (tokenmill/parallel/): gloo on CPU, NCCL on CUDA
     cpu_gemm: str = "onednn"  # the float linears' CPU GEMMs: onednn, or aten (MKL on this CPU; model/gemm.py)
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default (physical cores)
     seed: int = 0  # seeds the shared generator of requests that have no seed of their own
@@ -84,7 +85,7 @@ class EngineConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 problems.append(f"{name} must be a positive integer, got {v!r}")
 
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             positive_int(name)
         for name in ("max_model_len", "num_kv_blocks", "prefill_chunk_size", "num_threads"):
             positive_int(name, allow_none=True)
@@ -100,6 +101,8 @@ class EngineConfig:
             problems.append(f"cpu_gemm must be one of {CPU_GEMMS}, got {self.cpu_gemm!r}")
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        elif self.quantization != "none" and isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size > 1:
+            problems.append(f"tensor_parallel_size > 1 runs float weights only, not quantization={self.quantization!r}")
         if self.load_format not in LOAD_FORMATS:
             problems.append(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.device not in DEVICES:

@@ -144,13 +144,22 @@ columns_option = click.option("--columns", default=None, metavar="FIELD=COL,..."
 
 
 def model_memory_options(f):
-    """--dtype, --quantization, --max-model-len, --kv-cache-memory and --kv-cache-dtype, for run and serve."""
+    """--device, --dtype, --quantization, --max-model-len, --kv-cache-memory, --kv-cache-dtype,
+    --attention-backend and --tensor-parallel-size, for run and serve."""
     for opt in reversed([
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+                     help="auto (default): CUDA when present, else CPU."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None),
         quantization_option,
         click.option("--max-model-len", type=int, default=None, help="Longest sequence (default: the model's)."),
         click.option("--kv-cache-memory", type=float, default=None, help="GiB of KV cache on CPU (default 4)."),
         kv_cache_dtype_option,
+        click.option("--attention-backend", default=None,
+                     type=click.Choice(["auto", "reference", "torch", "cpu_kernel", "triton"]),
+                     help="auto (default): the C++ kernels on CPU, Triton on CUDA (after a self-check). triton on a "
+                          "CPU runs only under TRITON_INTERPRET=1 (slow: for checking, not for jobs)."),
+        click.option("--tensor-parallel-size", type=int, default=None,
+                     help="Split the model over N ranks (processes): N GPUs on CUDA, gloo on CPU. Default 1."),
     ]):
         f = opt(f)
     return f

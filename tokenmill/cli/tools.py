@@ -65,11 +65,13 @@ def eval_cmd(model, dtype, quantization, kv_cache_dtype, text_path, context, lim
 @click.option("--prefix-caching/--no-prefix-caching", "prefix_caching", default=None,
               help="Share the KV cache of common prompt prefixes (default: on).")
 @model_memory_options
+@click.option("--gpu-memory-utilization", type=float, default=None, help="Fraction of GPU memory on CUDA (0.90).")
 @click.option("--embedding-model", default=None,
               help="Also serve POST /v1/embeddings with this encoder directory (or `default`: all-MiniLM-L6-v2).")
 def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, max_num_batched_tokens, max_wait_ms,
-          max_queued_requests, shutdown_timeout, preemption_mode, prefix_caching, dtype, quantization, max_model_len,
-          kv_cache_memory, kv_cache_dtype, embedding_model):
+          max_queued_requests, shutdown_timeout, preemption_mode, prefix_caching, device, dtype, quantization,
+          max_model_len, kv_cache_memory, kv_cache_dtype, attention_backend, tensor_parallel_size,
+          gpu_memory_utilization, embedding_model):
     """An OpenAI-compatible HTTP server on the same engine: /v1/chat/completions, /v1/completions (streaming or
     not), /v1/embeddings, /v1/models, /health, /metrics."""
     from tokenmill.serve.app import ServeSettings
@@ -81,9 +83,12 @@ def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, m
         raise UserError("--max-wait-ms and --shutdown-timeout must be >= 0")
     model, engine, _ = engine_and_sampling(
         config, model, dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                            preemption_mode=preemption_mode, enable_prefix_caching=prefix_caching, dtype=dtype,
-                            quantization=quantization, max_model_len=max_model_len,
-                            kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype), {})
+                            preemption_mode=preemption_mode, enable_prefix_caching=prefix_caching, device=device,
+                            dtype=dtype, quantization=quantization, max_model_len=max_model_len,
+                            kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
+                            attention_backend=attention_backend, tensor_parallel_size=tensor_parallel_size,
+                            gpu_memory_utilization=gpu_memory_utilization), {})
+    engine.setdefault("gpu_memory_utilization", 0.90)  # a server leaves headroom (the seeds: 0.90 serve, 0.95 run)
     from tokenmill.config import EngineConfig
     from tokenmill.model.loader import resolve_model_path
 

@@ -34,6 +34,17 @@ class LLM:
     def config(self) -> EngineConfig:
         return self.engine.config
 
+    def close(self) -> None:
+        """Stops the engine's tensor-parallel worker processes (with one rank there is nothing to stop). Also
+        ``with LLM(...) as llm:``."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ---------------------------------------------------------------- public API
     def generate(
         self,

@@ -9,6 +9,9 @@ validation pass so each distinct constraint compiles once): an invalid one is a 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,21 @@ class StepResult:
     finished: list[RequestOutput]
 
 
+def _profiled_activations(model, config: EngineConfig, dtype: torch.dtype, device: torch.device) -> int | None:
+    """The profiling pass's measure of one full step's activations (worker/profile.py); None (the shape estimate)
+    with a warning if it fails, so a problem in it never stops an engine from starting."""
+    from tokenmill.worker.memory import kv_cache_dtype
+    from tokenmill.worker.profile import measure_activation_bytes
+
+    try:
+        return measure_activation_bytes(model, config, kv_cache_dtype(config, dtype), device)
+    except Exception as e:  # noqa: BLE001 (any failure: fall back, say so)
+        logging.getLogger("tokenmill").warning("the profiling pass failed (%s: %s); the KV pool is sized from an "
+                                               "estimate of the activations", type(e).__name__, e)
+        torch.cuda.empty_cache()
+        return None
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -57,9 +75,26 @@ class LLMEngine:
         if config.num_threads and self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
+        self.tp_workers = None
+        if config.tensor_parallel_size > 1:  # ranks 1..N-1 in processes of their own; this one is rank 0
+            from tokenmill.parallel.workers import rank_device, start_workers
+
+            self.device = rank_device(self.device, 0)
+            self.tp_workers = start_workers(config, self.device)
+        try:
+            self._build(config, cache_dir, ops, grammars, t0)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config: EngineConfig, cache_dir: Path | None, ops: Ops | None, grammars: GrammarBackend | None,
+               t0: float) -> None:
+        from tokenmill.parallel.group import SINGLE
+
+        tp = self.tp_workers.tp if self.tp_workers is not None else SINGLE
         self.ops = ops if ops is not None else make_ops(config.attention_backend, self.device)  # chosen once
         loaded = load_model(config.model, config.dtype, self.device, config.max_model_len, cache_dir,
-                            config.quantization, config.load_format, config.cpu_gemm, self.ops)
+                            config.quantization, config.load_format, config.cpu_gemm, self.ops, tp)
         self.config = config.resolve(loaded.model_config.max_position_embeddings)
         self.model_config = loaded.model_config
         self.tokenizer = loaded.tokenizer
@@ -67,17 +102,32 @@ class LLMEngine:
         self.model_path = loaded.path
         dtype = next(loaded.model.parameters()).dtype
         self.dtype = dtype
-        self.num_kv_blocks = plan_num_blocks(self.config, self.model_config, dtype, self.device)
+        # one rank's share of the KV cache: its KV heads (every rank holds every block, for its heads)
+        rank_mc = dataclasses.replace(self.model_config,
+                                      num_key_value_heads=self.model_config.num_key_value_heads // tp.size)
+        activations = None
+        if self.device.type == "cuda" and self.config.num_kv_blocks is None:
+            activations = _profiled_activations(loaded.model, self.config, dtype, self.device)
+        self.num_kv_blocks = plan_num_blocks(self.config, rank_mc, dtype, self.device, activations)
+        if self.tp_workers is not None:
+            self.tp_workers.send_num_blocks(self.num_kv_blocks, self.device)
         self.kv_cache_manager = KVCacheManager(self.num_kv_blocks, self.config.block_size,
                                                self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv_cache_manager, self._stop_string_of)
         self.grammars = grammars or GrammarBackend(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(self.config, loaded.model, self.num_kv_blocks, self.device, self.grammars)
+        if self.tp_workers is not None:
+            self.tp_workers.runner = self.runner
         self.weight_bytes = weight_bytes(loaded.model)
         self.load_seconds = time.perf_counter() - t0
         self.kernel_build_seconds = build_seconds_so_far()  # a one-off per machine, inside load_seconds
         self.num_generated_tokens = 0
         self.num_prompt_tokens_done = 0
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers (nothing to do with one rank). The engine cannot step afterwards."""
+        if self.tp_workers is not None:
+            self.tp_workers.close()
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:

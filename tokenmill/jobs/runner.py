@@ -209,6 +209,13 @@ class _Run:
                 f"ETA {format_duration(s['eta_s'])}")
 
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            if self.engine is not None:
+                self.engine.close()  # a tensor-parallel engine's worker processes
+
+    def _run(self) -> int:
         opts = self.opts
         with faults_as_job_fault(opts.output, self.state, self.snapshot, [self.results, self.errors.appender]):
             self.state.write({**self.snapshot(), "message": "validating input"}, force=True)

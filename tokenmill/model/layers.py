@@ -16,16 +16,19 @@ from tokenmill.model.gemm import ACTIVATIONS, linear, linear_act, linear_add, pa
 from tokenmill.model.model_config import RopeConfig
 from tokenmill.model.quant import Int4Groups, Int8Groups, W8A8Weight, make_quantized_weight
 from tokenmill.ops import Ops
+from tokenmill.parallel.group import SINGLE, TPGroup
 
 
 @dataclass(frozen=True)
 class Build:
     """What every layer is made with: the kernel family (``tokenmill/ops/``), the parameters' and activations' dtype,
-    and the linears' quantization (model/quant.py; "none" for float). The device is the kernels'."""
+    the linears' quantization (model/quant.py; "none" for float) and the tensor-parallel group the model is split
+    over (``tokenmill/parallel/``; one rank by default). The device is the kernels'."""
 
     ops: Ops
     dtype: torch.dtype
     quantization: str = "none"
+    tp: TPGroup = SINGLE
 
     @property
     def device(self) -> torch.device:
@@ -204,10 +207,21 @@ class Linear(nn.Module):
 
 
 class Embedding(nn.Module):
+    """The token embeddings; split over a tensor-parallel group by vocabulary rows (rank r holds rows
+    ``start:start + per_rank``, the last slice zero-padded past the vocabulary): a rank looks up the ids in its
+    slice, zeros the others, and the ranks' rows are summed."""
+
     def __init__(self, num_embeddings: int, dim: int, build: Build) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_embeddings, dim, dtype=build.dtype, device=build.device),
+        self.tp = build.tp
+        self.vocab_start, rows = build.tp.pad_split(num_embeddings)
+        self.weight = nn.Parameter(torch.empty(rows, dim, dtype=build.dtype, device=build.device),
                                    requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [num_tokens] -> [num_tokens, dim]
-        return F.embedding(ids, self.weight)
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])  # [num_tokens]
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(x.masked_fill_(outside[:, None], 0.0))

@@ -5,6 +5,12 @@ the attention metadata; it returns hidden states for every token. ``compute_logi
 rows the caller selects (the tokens whose next token is sampled).
 
 q/k/v and gate/up projections are fused into one matmul each; ``load_weights`` maps HF checkpoint names onto them.
+
+Under tensor parallelism (``build.tp``, N ranks) each rank holds 1/N of the q and KV heads (qkv_proj's rows, o_proj's
+columns), of the MLP's intermediate channels (gate_up_proj's rows, down_proj's columns) and of the vocabulary
+(embedding and LM-head rows); o_proj and down_proj sum the ranks' partial outputs (rank 0 adds the residual), and
+``compute_logits`` joins the vocabulary slices. ``load_weights`` takes the full checkpoint tensors and keeps this
+rank's slice of each.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from tokenmill.model.weights import WeightPlacer
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, build: Build) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        self.tp = build.tp
+        self.num_heads = build.tp.split(cfg.num_attention_heads, "num_attention_heads")  # this rank's
+        self.num_kv_heads = build.tp.split(cfg.num_key_value_heads, "num_key_value_heads")
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -54,19 +61,26 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [num_tokens, heads, head_dim]
-        return self.o_proj.forward_add(out.reshape(n, self.q_size), residual)
+        if self.tp.size == 1:
+            return self.o_proj.forward_add(out.reshape(n, self.q_size), residual)
+        partial = self.o_proj(out.reshape(n, self.q_size), residual if self.tp.rank == 0 else None)
+        return self.tp.all_reduce(partial)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, build: Build) -> None:
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, build)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, build)
+        self.tp = build.tp
+        self.intermediate_size = build.tp.split(cfg.intermediate_size, "intermediate_size")  # this rank's
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * self.intermediate_size, False, build)
+        self.down_proj = Linear(self.intermediate_size, cfg.hidden_size, False, build)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + MLP(x), the add in the down projection's epilogue."""
-        return self.down_proj.forward_gated(self.gate_up_proj(x), residual)
+        """residual + MLP(x), the add in the down projection's epilogue (under TP: rank 0's, then the sum)."""
+        if self.tp.size == 1:
+            return self.down_proj.forward_gated(self.gate_up_proj(x), residual)
+        partial = self.down_proj.forward_gated(self.gate_up_proj(x), residual if self.tp.rank == 0 else None)
+        return self.tp.all_reduce(partial)
 
 
 class DecoderLayer(nn.Module):
@@ -99,7 +113,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.ops = build.ops
+        self.tp = build.tp
         quantization = build.quantization
+        if build.tp.size > 1 and quantization != "none":
+            raise ValueError(f"tensor parallelism runs float weights only, not quantization={quantization!r}")
         floats = build.with_quantization("none")
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, floats)
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope, floats)
@@ -113,7 +130,8 @@ class LlamaForCausalLM(nn.Module):
         if not with_lm_head or (cfg.tie_word_embeddings and head_quantization == "none"):
             self.lm_head = None  # embedding models need no LM head; a float tied head is the embeddings themselves
         else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, build.with_quantization(head_quantization))
+            vocab_rows = build.tp.pad_split(cfg.vocab_size)[1]  # this rank's slice of the vocabulary
+            self.lm_head = Linear(cfg.hidden_size, vocab_rows, False, build.with_quantization(head_quantization))
 
     def forward(
         self,
@@ -139,6 +157,8 @@ class LlamaForCausalLM(nn.Module):
         else:
             head = self.tied_head if self.tied_head is not None else self.embed_tokens.weight
             logits = linear(hidden, head, None, self.gemm_backend)
+        if self.tp.size > 1:  # [num_sampled, vocab / N] on each rank -> the whole vocabulary
+            logits = self.tp.all_gather_last(logits)[:, : self.config.vocab_size]
         return logits.float() if as_float32 else logits
 
     def use_gemm_backend(self, name: str) -> None:
@@ -168,7 +188,7 @@ class LlamaForCausalLM(nn.Module):
         placer = WeightPlacer(self)
         shard_sizes = {
             ".qkv_proj.": [self.layers[0].self_attn.q_size] + [self.layers[0].self_attn.kv_size] * 2,
-            ".gate_up_proj.": [self.config.intermediate_size] * 2,
+            ".gate_up_proj.": [self.layers[0].mlp.intermediate_size] * 2,
         }
         for hf_name, tensor in weights:
             name = hf_name.removeprefix("model.")
@@ -176,6 +196,8 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and (self.lm_head is None or self.config.tie_word_embeddings):
                 continue  # tied: some checkpoints store the copy anyway
+            if self.tp.size > 1:
+                tensor = self._tp_slice(name, tensor)
             for piece, (fused, shard) in self._STACKED.items():
                 if piece in name:
                     sizes = shard_sizes[fused]
@@ -191,3 +213,25 @@ class LlamaForCausalLM(nn.Module):
         if "embed_tokens.weight" in placer.loaded:
             self._pack_tied_head()
         placer.check()
+
+    # HF name piece -> the dimension split over the ranks: 0 = rows (a column-parallel layer's outputs, the
+    # vocabulary), 1 = columns (a row-parallel layer's inputs). Norms are not split.
+    _TP_SPLIT = {".q_proj.": 0, ".k_proj.": 0, ".v_proj.": 0, ".gate_proj.": 0, ".up_proj.": 0,
+                 ".o_proj.weight": 1, ".down_proj.weight": 1}
+
+    def _tp_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full checkpoint tensor (equal slices; the vocabulary's last one zero-padded)."""
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"tensor parallelism needs float checkpoint tensors; {name!r} is {type(tensor).__name__}")
+        tp = self.tp
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            start, per = tp.pad_split(tensor.shape[0])
+            part = tensor[start:start + per]
+            if part.shape[0] < per:
+                part = torch.cat([part, part.new_zeros(per - part.shape[0], *part.shape[1:])])
+            return part
+        dim = next((d for piece, d in self._TP_SPLIT.items() if piece in name), None)
+        if dim is None:
+            return tensor
+        per = tp.split(tensor.shape[dim], name)
+        return tensor.narrow(dim, tp.rank * per, per)

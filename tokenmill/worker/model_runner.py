@@ -4,6 +4,11 @@ It owns the KV cache tensors and the sampler. Each step it lays the scheduled ch
 (decodes first), runs the model once, runs the LM head only on the last token of each chunk that samples, and
 samples those rows. The rows of requests with structured outputs are first masked to what their grammar allows
 (``structured/backend.py``: one batched operation; the matchers advance by the sampled tokens).
+
+Under tensor parallelism every rank has a runner over its slice of the model and of the KV cache (its KV heads).
+Rank 0's ``execute`` broadcasts each step's shape and integer inputs (the StepBuffers prefix, as it lies) before its
+forward pass; ranks 1..N-1 sit in ``follow``, receive them into their own StepBuffers, and run the same forward and
+LM head (their collectives meet rank 0's); only rank 0 samples.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from tokenmill.config import EngineConfig
 from tokenmill.core.scheduler import ModelRunnerOutput, SchedulerOutput
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.sampler import Sampler
+from tokenmill.parallel.group import TPGroup
 from tokenmill.structured.backend import GrammarBackend, StructuredState
 from tokenmill.worker.memory import kv_cache_dtype
-from tokenmill.worker.step_inputs import StepBuffers
+from tokenmill.worker.step_inputs import StepBuffers, StepInputs, StepShape
+
+STOP, STEP = 0, 1  # the commands rank 0 broadcasts to tensor-parallel workers
 
 
 class ModelRunner:
@@ -33,9 +41,11 @@ class ModelRunner:
         self.backend = model.ops.attention
         self.sampler = Sampler(config.seed, device, model.ops.argmax)
         self.structured = StructuredState(grammars) if grammars is not None else None
+        self.tp: TPGroup = model.tp
         mc = model.config
         dtype = kv_cache_dtype(config, next(model.parameters()).dtype)
-        shape = (num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        kv_heads = model.layers[0].self_attn.num_kv_heads  # this rank's
+        shape = (num_blocks, self.block_size, kv_heads, mc.head_dim)
         # Allocated uninitialised (zeroing gigabytes costs seconds at start-up); each block is zeroed the first time
         # a step uses it, because attention reads whole blocks and masked slots must hold finite values.
         self.kv_caches = [
@@ -57,6 +67,25 @@ class ModelRunner:
         num_decodes = sum(1 for s in chunks if s.num_scheduled_tokens == 1)
 
         step = self.buffers.fill(chunks, self.block_size)  # one host-to-device copy (none on CPU)
+        if self.tp.size > 1:
+            self._send_step(self.buffers.shape, num_decodes)
+        sampling = [(i, s) for i, s in enumerate(chunks) if s.samples]
+        ids = [s.request_id for _, s in sampling]
+        params = [s.request.sampling_params for _, s in sampling]
+        # the grammar masks of this step's constrained rows are filled while the model runs
+        masks = self.structured.start_masks(ids, params) if self.structured is not None else None
+        logits = self._forward(step, num_decodes)  # [num_sampled, vocab]
+        if logits is None:
+            return ModelRunnerOutput({})
+        constrained = self.structured.apply_masks(logits, masks) if masks is not None else []
+        result = self.sampler(logits, params, [s.request.num_output_tokens for _, s in sampling])
+        if constrained:
+            self.structured.accept(ids, constrained, result.token_ids)
+        logprobs = {rid: lp for rid, lp in zip(ids, result.logprobs) if lp is not None}
+        return ModelRunnerOutput(dict(zip(ids, result.token_ids)), logprobs)
+
+    def _forward(self, step: StepInputs, num_decodes: int) -> torch.Tensor | None:
+        """The model over a step's flat batch, then the LM head on its sampled rows (None if it samples none)."""
         self._zero_new_blocks(step.block_table_np)
         meta = AttentionMetadata(
             query_start_loc=step.query_start_loc_list,
@@ -67,27 +96,52 @@ class ModelRunner:
             seq_lens_tensor=step.seq_lens,
             query_start_loc_tensor=step.query_start_loc,
         )
-        sampling = [(i, s) for i, s in enumerate(chunks) if s.samples]
-        ids = [s.request_id for _, s in sampling]
-        params = [s.request.sampling_params for _, s in sampling]
-        # the grammar masks of this step's constrained rows are filled while the model runs
-        masks = self.structured.start_masks(ids, params) if self.structured is not None else None
         hidden = self.model(step.input_ids, step.positions, self.kv_caches, meta, self.backend)  # [num_tokens, hidden]
+        if step.sample_rows.numel() == 0:
+            return None
+        return self.model.compute_logits(hidden[step.sample_rows], as_float32=False)  # [num_sampled, vocab]
 
-        if not sampling:
-            return ModelRunnerOutput({})
-        logits = self.model.compute_logits(hidden[step.sample_rows], as_float32=False)  # [num_sampled, vocab]
-        constrained = self.structured.apply_masks(logits, masks) if masks is not None else []
-        result = self.sampler(logits, params, [s.request.num_output_tokens for _, s in sampling])
-        if constrained:
-            self.structured.accept(ids, constrained, result.token_ids)
-        logprobs = {rid: lp for rid, lp in zip(ids, result.logprobs) if lp is not None}
-        return ModelRunnerOutput(dict(zip(ids, result.token_ids)), logprobs)
+    # ---------------------------------------------------------------- tensor parallel
+    def _header(self) -> torch.Tensor:
+        return torch.empty(9, dtype=torch.int64, device=self.buffers.dev.device)
+
+    def _send_step(self, shape: StepShape, num_decodes: int) -> None:
+        header = self._header()
+        header.copy_(torch.tensor([STEP, shape.num_tokens, shape.num_reqs, shape.width, shape.num_sampled,
+                                   num_decodes, *self.buffers.capacity()]))
+        self.tp.broadcast(header)
+        self.tp.broadcast(self.buffers.dev[: self.buffers.used(shape)])
+
+    def stop_followers(self) -> None:
+        """Ends the ``follow`` loops of ranks 1..N-1 (rank 0, once, when the engine closes)."""
+        header = self._header().zero_()  # STOP
+        self.tp.broadcast(header)
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """A worker rank's loop: each step rank 0 sends runs here too, until STOP."""
+        buffers = self.buffers
+        while True:
+            header = self._header()
+            self.tp.broadcast(header)
+            cmd, t, r, w, n_sampled, num_decodes, *capacity = header.tolist()
+            if cmd == STOP:
+                return
+            buffers.ensure_capacity(tuple(capacity))
+            shape = StepShape(t, r, w, n_sampled)
+            used = buffers.used(shape)
+            self.tp.broadcast(buffers.dev[:used])
+            if buffers.dev is not buffers.host:
+                buffers.host[:used].copy_(buffers.dev[:used])  # the host views attention's metadata reads
+            self._forward(buffers.views(shape), num_decodes)
 
     @torch.inference_mode()
     def prompt_logprobs(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor:
         """log p(token_ids[i] | token_ids[:i]) for i >= 1, one prefill of the whole sequence into ``block_ids``
         (enough blocks for ``len(token_ids)`` slots, owned by the caller). Returns [len - 1] float32."""
+        if self.tp.size > 1:
+            raise ValueError("prompt log-probabilities (score, tokenmill eval) do not run with tensor_parallel_size > 1 "
+                             "yet")
         n, bs, dev = len(token_ids), self.block_size, self.device
         table = np.asarray(block_ids, dtype=np.int64)
         pos = np.arange(n, dtype=np.int64)

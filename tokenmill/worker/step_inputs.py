@@ -96,18 +96,46 @@ class StepBuffers:
             if s.samples:
                 rows.append(t - 1)
         self._host("sample_rows", len(rows))[:] = rows
-        used = self._off["block_tables"] + num_reqs * width
+        self.shape = StepShape(num_tokens, num_reqs, width, len(rows))
+        used = self.used(self.shape)
         if self.dev is not self.host:
             self.dev[:used].copy_(self.host[:used], non_blocking=True)
+        return self.views(self.shape)
+
+    def used(self, shape: "StepShape") -> int:
+        """Length of the buffer prefix a step of ``shape`` fills (what is copied, and broadcast to TP ranks)."""
+        return self._off["block_tables"] + shape.num_reqs * shape.width
+
+    def capacity(self) -> tuple[int, int, int]:
+        return self.max_tokens, self.max_reqs, self.max_blocks
+
+    def ensure_capacity(self, capacity: tuple[int, int, int]) -> None:
+        """The exact layout of another rank's buffers (a tensor-parallel worker receives rank 0's prefix as is)."""
+        if capacity != self.capacity():
+            self._allocate(*capacity)
+
+    def views(self, shape: "StepShape") -> StepInputs:
+        """The device views of a filled (or received) step of ``shape``, and the host copies attention needs."""
+        t, r, w = shape.num_tokens, shape.num_reqs, shape.width
         return StepInputs(
-            input_ids=self._dev("input_ids", num_tokens),
-            positions=self._dev("positions", num_tokens),
-            slot_mapping=self._dev("slot_mapping", num_tokens),
-            query_start_loc=self._dev("query_start_loc", num_reqs + 1),
-            seq_lens=self._dev("seq_lens", num_reqs),
-            sample_rows=self._dev("sample_rows", len(rows)),
-            block_tables=self._dev("block_tables", num_reqs * width).view(num_reqs, width),
-            block_table_np=table,
-            query_start_loc_list=qsl.tolist(),
-            seq_lens_list=seq_lens.tolist(),
+            input_ids=self._dev("input_ids", t),
+            positions=self._dev("positions", t),
+            slot_mapping=self._dev("slot_mapping", t),
+            query_start_loc=self._dev("query_start_loc", r + 1),
+            seq_lens=self._dev("seq_lens", r),
+            sample_rows=self._dev("sample_rows", shape.num_sampled),
+            block_tables=self._dev("block_tables", r * w).view(r, w),
+            block_table_np=self._host("block_tables", r * w).reshape(r, w),
+            query_start_loc_list=self._host("query_start_loc", r + 1).tolist(),
+            seq_lens_list=self._host("seq_lens", r).tolist(),
         )
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The sizes of one step's inputs (what a tensor-parallel worker needs to read the buffer rank 0 sent)."""
+
+    num_tokens: int
+    num_reqs: int
+    width: int  # block-table columns
+    num_sampled: int
