@@ -110,7 +110,10 @@ def run_tokenmill(llm, job: Job, deadline: float) -> dict:
     return {"engine": "tokenmill", "requests": len(job.prompts), "output_tokens": gen, "wall_s": round(wall, 3),
             "output_tok_s": round(gen / wall, 1), "steps": steps,
             "avg_batch": round((eng.stats.sum_running - before[1]) / max(1, steps), 1),
-            "warmup_s": round(warmup_s, 2), "truncated_at_deadline": truncated}
+            "warmup_s": round(warmup_s, 2), "truncated_at_deadline": truncated,
+            "cuda_graphs": eng.runner.graphs is not None,
+            "graph_replays": eng.runner.graphs.num_replays if eng.runner.graphs is not None else 0,
+            "attention_backend": eng.ops.name, "load_s": round(eng.load_seconds, 1)}
 
 
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
@@ -163,6 +166,7 @@ def run_decode_floor(llm, batch: int, context: int, steps: int, bw_bytes: int, d
     step_s = sorted(times)[len(times) // 2]
     floor_s = step_bytes / bw
     return {"batch": batch, "context": context, "median_step_ms": round(step_s * 1e3, 3),
+            "cuda_graphs": eng.runner.graphs is not None,
             "weight_gb": round(eng.weight_bytes / 1e9, 3), "kv_read_gb": round(batch * mean_ctx * kv_per_token / 1e9, 3),
             "copy_bandwidth_gb_s": round(bw / 1e9, 1), "floor_ms": round(floor_s * 1e3, 3),
             "floor_over_step": round(floor_s / step_s, 3)}
@@ -303,8 +307,9 @@ def markdown(result: dict) -> str:
     lines += ["| workload | engine | requests | output tokens | wall s | output tok/s | note |", "|---|---|---|---|---|---|---|"]
     for name in ("nanovllm", "llama8b_short", "llama8b_long"):
         r = result.get(name, {})
-        note = r.get("error") or r.get("skipped") or ("truncated at the deadline" if r.get("truncated_at_deadline")
-                                                      else "")
+        note = r.get("error") or r.get("skipped") or "; ".join(
+            [f"{r.get('attention_backend')}, CUDA graphs {'on' if r.get('cuda_graphs') else 'off'}"]
+            + (["truncated at the deadline"] if r.get("truncated_at_deadline") else []))
         lines.append(f"| {name} | tokenmill | {r.get('requests', '')} | {r.get('output_tokens', '')} | "
                      f"{r.get('wall_s', '')} | {r.get('output_tok_s', '')} | {note} |")
     for r in result.get("hf", []):

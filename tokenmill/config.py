@@ -54,6 +54,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # share the KV blocks of common prompt prefixes (core/kv_cache_manager.py)
     # Execution
     attention_backend: str = "auto"
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps (worker/cuda_graphs.py)
     tensor_parallel_size: int = 1  # ranks one model is split over (tokenmill/parallel/): gloo on CPU, NCCL on CUDA
     cpu_gemm: str = "onednn"  # the float linears' CPU GEMMs: onednn, or aten (MKL on this CPU; model/gemm.py)
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default (physical cores)

@@ -94,3 +94,18 @@ def test_two_ranks_over_nccl_equal_one(tiny):
     with LLM(str(path), dtype="float32", tensor_parallel_size=2, gpu_memory_utilization=0.3) as llm:
         two = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert two == one
+
+
+def test_cuda_graphs_replay_decode_steps_and_equal_eager(tiny):
+    from tokenmill import LLM, SamplingParams
+
+    path, hf = tiny
+    prompts = _prompts(hf.config.vocab_size, n=20)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    graphs = LLM(str(path), dtype="float32", max_num_seqs=16, gpu_memory_utilization=0.3)
+    assert graphs.engine.runner.graphs is not None  # captured and self-checked
+    with_graphs = [o.token_ids for o in graphs.generate(prompts, params, use_tqdm=False)]
+    assert graphs.engine.runner.graphs.num_replays > 0
+    eager = LLM(str(path), dtype="float32", max_num_seqs=16, gpu_memory_utilization=0.3, enforce_eager=True)
+    assert eager.engine.runner.graphs is None
+    assert [o.token_ids for o in eager.generate(prompts, params, use_tqdm=False)] == with_graphs

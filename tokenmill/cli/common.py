@@ -145,7 +145,7 @@ columns_option = click.option("--columns", default=None, metavar="FIELD=COL,..."
 
 def model_memory_options(f):
     """--device, --dtype, --quantization, --max-model-len, --kv-cache-memory, --kv-cache-dtype,
-    --attention-backend and --tensor-parallel-size, for run and serve."""
+    --attention-backend, --enforce-eager and --tensor-parallel-size, for run and serve."""
     for opt in reversed([
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
                      help="auto (default): CUDA when present, else CPU."),
@@ -158,6 +158,8 @@ def model_memory_options(f):
                      type=click.Choice(["auto", "reference", "torch", "cpu_kernel", "triton"]),
                      help="auto (default): the C++ kernels on CPU, Triton on CUDA (after a self-check). triton on a "
                           "CPU runs only under TRITON_INTERPRET=1 (slow: for checking, not for jobs)."),
+        click.option("--enforce-eager", is_flag=True, default=None,
+                     help="CUDA: no CUDA graphs for decode steps (they are captured at start-up by default)."),
         click.option("--tensor-parallel-size", type=int, default=None,
                      help="Split the model over N ranks (processes): N GPUs on CUDA, gloo on CPU. Default 1."),
     ]):

@@ -53,7 +53,7 @@ from tokenmill.cli.common import (EXIT_CODES_HELP, UserError, columns_of, column
 def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k, seed, stop, max_num_seqs,
         max_num_batched_tokens, preemption_mode, scheduling_strategy, sort_by_length, prefix_caching, dataset_order,
         dedupe, device, dtype, quantization, max_model_len, kv_cache_memory, kv_cache_dtype, attention_backend,
-        tensor_parallel_size, gpu_memory_utilization, partition,
+        enforce_eager, tensor_parallel_size, gpu_memory_utilization, partition,
         total_partitions, gpu_hourly_rate, num_gpus,
         context_overflow, json_schema, choices, regex, grammar, input_format, columns, progress_interval, ray_address,
         num_workers, shard_size, max_shard_retries, overwrite, quiet):
@@ -72,7 +72,8 @@ def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k
              scheduling_strategy=scheduling_strategy, sort_by_length=sort_by_length,
              enable_prefix_caching=prefix_caching, device=device, dtype=dtype, quantization=quantization,
              max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
-             attention_backend=attention_backend, tensor_parallel_size=tensor_parallel_size,
+             attention_backend=attention_backend, enforce_eager=enforce_eager or None,
+             tensor_parallel_size=tensor_parallel_size,
              gpu_memory_utilization=gpu_memory_utilization),
         dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
              structured=structured_flags(json_schema, choices, regex, grammar)),

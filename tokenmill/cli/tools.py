@@ -70,7 +70,7 @@ def eval_cmd(model, dtype, quantization, kv_cache_dtype, text_path, context, lim
               help="Also serve POST /v1/embeddings with this encoder directory (or `default`: all-MiniLM-L6-v2).")
 def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, max_num_batched_tokens, max_wait_ms,
           max_queued_requests, shutdown_timeout, preemption_mode, prefix_caching, device, dtype, quantization,
-          max_model_len, kv_cache_memory, kv_cache_dtype, attention_backend, tensor_parallel_size,
+          max_model_len, kv_cache_memory, kv_cache_dtype, attention_backend, enforce_eager, tensor_parallel_size,
           gpu_memory_utilization, embedding_model):
     """An OpenAI-compatible HTTP server on the same engine: /v1/chat/completions, /v1/completions (streaming or
     not), /v1/embeddings, /v1/models, /health, /metrics."""
@@ -86,8 +86,8 @@ def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, m
                             preemption_mode=preemption_mode, enable_prefix_caching=prefix_caching, device=device,
                             dtype=dtype, quantization=quantization, max_model_len=max_model_len,
                             kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
-                            attention_backend=attention_backend, tensor_parallel_size=tensor_parallel_size,
-                            gpu_memory_utilization=gpu_memory_utilization), {})
+                            attention_backend=attention_backend, enforce_eager=enforce_eager or None,
+                            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization), {})
     engine.setdefault("gpu_memory_utilization", 0.90)  # a server leaves headroom (the seeds: 0.90 serve, 0.95 run)
     from tokenmill.config import EngineConfig
     from tokenmill.model.loader import resolve_model_path

@@ -55,6 +55,20 @@ class ModelRunner:
         self._block_zeroed = np.zeros(num_blocks, dtype=bool)
         max_blocks = -(-config.max_model_len // self.block_size) if config.max_model_len else 1
         self.buffers = StepBuffers(config.max_num_batched_tokens, config.max_num_seqs, max_blocks, device)
+        self.graphs = self._capture_graphs(max_blocks)  # None: every step eager
+
+    def _capture_graphs(self, max_blocks: int):
+        """CUDA graphs of decode steps (worker/cuda_graphs.py) where they can serve: CUDA, the Triton family, one
+        rank, and not ``enforce_eager``."""
+        if (self.device.type != "cuda" or self.config.enforce_eager or self.ops.name != "triton"
+                or self.tp.size > 1):
+            return None
+        from tokenmill.worker.cuda_graphs import DecodeGraphs
+
+        self._zero_new_blocks(np.zeros((1, 1), dtype=np.int64))  # the padding block the graphs' padded rows read
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, min(self.config.max_num_seqs, 512),
+                              max_blocks, self.device)
+        return graphs if graphs.capture() else None
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
@@ -85,8 +99,13 @@ class ModelRunner:
         return ModelRunnerOutput(dict(zip(ids, result.token_ids)), logprobs)
 
     def _forward(self, step: StepInputs, num_decodes: int) -> torch.Tensor | None:
-        """The model over a step's flat batch, then the LM head on its sampled rows (None if it samples none)."""
+        """The model over a step's flat batch, then the LM head on its sampled rows (None if it samples none).
+        A decode-only step runs through its CUDA graph where one fits (every row then samples)."""
         self._zero_new_blocks(step.block_table_np)
+        if self._graph_fits(step, num_decodes):
+            hidden = self.graphs.run(step.input_ids, step.positions, step.slot_mapping, step.seq_lens,
+                                     step.block_tables)  # [num_reqs, hidden]
+            return self.model.compute_logits(hidden, as_float32=False)
         meta = AttentionMetadata(
             query_start_loc=step.query_start_loc_list,
             seq_lens=step.seq_lens_list,
@@ -100,6 +119,17 @@ class ModelRunner:
         if step.sample_rows.numel() == 0:
             return None
         return self.model.compute_logits(hidden[step.sample_rows], as_float32=False)  # [num_sampled, vocab]
+
+    def _graph_fits(self, step: StepInputs, num_decodes: int) -> bool:
+        if self.graphs is None or num_decodes != len(step.seq_lens_list):
+            return False
+        if not self.graphs.fits(num_decodes, step.block_tables.shape[1]):
+            return False
+        from tokenmill.kernels.triton.paged_attention import choose_num_splits
+
+        b = self.backend  # a graph is captured without split-KV: steps that would split run eagerly
+        return choose_num_splits(num_decodes, self.kv_caches[0][0].shape[2], max(step.seq_lens_list),
+                                 b.num_programs_target, b.min_keys_per_split) == 1
 
     # ---------------------------------------------------------------- tensor parallel
     def _header(self) -> torch.Tensor:
