@@ -16,6 +16,10 @@ class RequestOutput:
     stop_reason: int | str | None = None  # the stop token id or stop string, if one ended the request
     logprobs: list[dict[int, float]] | None = None
     num_preemptions: int = 0
+    # with SamplingParams.prompt_logprobs: per prompt token, {its id: its logprob, the top alternatives: theirs}
+    # and its rank among all tokens (1 = the most likely); None for the first token, which nothing predicts
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_token_ranks: list[int | None] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -31,6 +31,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return per token (0 = only the sampled one)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (with its rank), computed
+    # during the request's own prefill (such a request takes no prefix-cache hits: their logits were never computed)
     structured: StructuredOutputs | None = None  # what the output must match (None: free text)
 
     def __post_init__(self) -> None:
@@ -85,6 +87,9 @@ class SamplingParams:
             p.append(f"ignore_eos must be a boolean, got {_shown(self.ignore_eos)}")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             p.append(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {_shown(self.logprobs)}")
+        if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            p.append(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {_shown(self.prompt_logprobs)}")
         return p
 
     @property

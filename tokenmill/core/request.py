@@ -63,6 +63,10 @@ class Request:
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
         self.logprobs: list[dict[int, float]] | None = [] if sampling_params.logprobs is not None else None
+        # per prompt token: {token: logprob, top alternatives...} and its rank (None for the first token)
+        wants = sampling_params.prompt_logprobs is not None
+        self.prompt_logprobs: list[dict[int, float] | None] | None = [None] if wants else None
+        self.prompt_ranks: list[int | None] | None = [None] if wants else None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -104,6 +108,16 @@ class Request:
 
     def append_output_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
+
+    def add_prompt_logprobs(self, first: int, entries: list[dict[int, float]], ranks: list[int]) -> None:
+        """Records the logprobs of prompt tokens ``first, first + 1, ...``; positions already recorded (a chunk
+        computed again after a preemption) are skipped, so each prompt token has exactly one entry."""
+        have = len(self.prompt_logprobs)
+        skip = have - first
+        if skip < 0:
+            raise RuntimeError(f"{self}: prompt logprobs from token {first} arrived before token {have}")
+        self.prompt_logprobs.extend(entries[skip:])
+        self.prompt_ranks.extend(ranks[skip:])
 
     def __repr__(self) -> str:
         return (

@@ -64,6 +64,8 @@ class SchedulerOutput:
 class ModelRunnerOutput:
     sampled_token_ids: dict[str, int]  # request_id -> token, only for chunks that sample
     logprobs: dict[str, dict[int, float]] = field(default_factory=dict)  # request_id -> {token_id: logprob}
+    # request_id -> (first prompt position, its entries, their ranks): the prompt tokens this step's chunk predicted
+    prompt_logprobs: dict[str, tuple[int, list[dict[int, float]], list[int]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,8 +223,12 @@ class Scheduler:
         deferred: list[Request] = []
         while admit and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = self.waiting[0]
-            hits = self.kv.lookup(req.request_id, req.all_token_ids)  # a cached prefix: a head start
-            if len(deferred) < cfg.max_num_seqs and self.kv.next_block_pending(req.request_id, len(hits)):
+            # a cached prefix is a head start, except for a request that wants its prompt's logprobs: a hit's logits
+            # were never computed, so it computes its whole prompt (its blocks are still cached for others)
+            wants_prompt = req.prompt_logprobs is not None
+            hits = [] if wants_prompt else self.kv.lookup(req.request_id, req.all_token_ids)
+            if (not wants_prompt and len(deferred) < cfg.max_num_seqs
+                    and self.kv.next_block_pending(req.request_id, len(hits))):
                 deferred.append(self.waiting.popleft())  # its next block is being computed: a hit in a step or two
                 continue
             req.num_computed_tokens = len(hits) * self.kv.block_size
@@ -289,6 +295,9 @@ class Scheduler:
                 continue
             req.num_computed_tokens = sr.num_computed_tokens + sr.num_scheduled_tokens
             self.kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            prompt_lp = runner_out.prompt_logprobs.get(req.request_id)
+            if prompt_lp is not None:
+                req.add_prompt_logprobs(*prompt_lp)
             token = runner_out.sampled_token_ids.get(req.request_id)
             if token is None:
                 continue

@@ -134,6 +134,8 @@ class LLMEngine:
         problem = self.check_prompt(prompt_token_ids)
         if problem:
             raise ValueError(f"request {request_id!r}: {problem}")
+        if sampling_params.prompt_logprobs is not None and self.tp_workers is not None:
+            raise ValueError(f"request {request_id!r}: prompt_logprobs do not run with tensor_parallel_size > 1 yet")
         if sampling_params.structured is not None:
             try:
                 self.grammars.compile(sampling_params.structured)
@@ -258,6 +260,8 @@ class LLMEngine:
                     finish_reason=req.finish_reason.value,
                     stop_reason=req.stop_reason,
                     logprobs=req.logprobs,
+                    prompt_logprobs=req.prompt_logprobs,
+                    prompt_token_ranks=req.prompt_ranks,
                     num_preemptions=req.num_preemptions,
                 )
             )
