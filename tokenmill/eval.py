@@ -44,15 +44,13 @@ def perplexity(engine, token_ids: list[int], context: int, limit: int | None = N
     if context < 2:
         raise ValueError(f"context must be at least 2 tokens, got {context}")
     ids = token_ids[:limit] if limit else token_ids
-    nll, scored, windows = 0.0, 0, 0
-    for start in range(0, len(ids), context):
-        window = ids[start:start + context]
-        if len(window) < 2:
-            break
-        logprobs = engine.score(window)
+    windows = [ids[start:start + context] for start in range(0, len(ids), context)]
+    windows = [w for w in windows if len(w) >= 2]
+    nll, scored = 0.0, 0
+    for logprobs in engine.score_batch(windows):  # every window in one batched run of the engine
         nll -= sum(logprobs)
         scored += len(logprobs)
-        windows += 1
+    windows = len(windows)
     if not scored:
         raise ValueError("the text has fewer than 2 tokens to score")
     return Perplexity(scored, windows, nll / scored)

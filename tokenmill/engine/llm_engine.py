@@ -168,19 +168,29 @@ class LLMEngine:
 
     def score(self, token_ids: list[int]) -> list[float]:
         """The log-probability of each token after the first given the ones before it (``tokenmill eval``'s
-        perplexity): one prefill into blocks borrowed from the KV cache and given back. At most max_model_len
-        tokens; may run between steps (the blocks are taken from the free pool, the running requests keep theirs)."""
-        n = len(token_ids)
-        if not 2 <= n <= self.config.max_model_len:
-            raise ValueError(f"score() needs 2 to max_model_len={self.config.max_model_len} tokens, got {n}")
-        rid = "__score__"
-        kv = self.kv_cache_manager
-        if not kv.allocate_slots(rid, n):
-            raise RuntimeError(f"not enough free KV blocks to score {n} tokens")
-        try:
-            return self.runner.prompt_logprobs(token_ids, kv.block_ids(rid)).tolist()
-        finally:
-            kv.free(rid)
+        perplexity). One request with ``prompt_logprobs`` through the normal steps (``score_batch``)."""
+        return self.score_batch([token_ids])[0]
+
+    def score_batch(self, prompts: list[list[int]]) -> list[list[float]]:
+        """``score`` for many token lists at once: requests with ``prompt_logprobs=0`` (and one greedy token, not
+        returned) batched and chunked like any others. It steps the engine until they finish, so it runs only while
+        no other request is in the engine. Each list needs 2 to max_model_len - 1 tokens."""
+        limit = self.config.max_model_len - 1
+        bad = [i for i, p in enumerate(prompts) if not 2 <= len(p) <= limit]
+        if bad:
+            raise ValueError(f"score() needs 2 to max_model_len - 1 = {limit} tokens per list; list {bad[0]} has "
+                             f"{len(prompts[bad[0]])}")
+        if self.has_unfinished_requests():
+            raise RuntimeError("score() steps the engine itself: call it while no request is in the engine")
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        for i, p in enumerate(prompts):
+            self.add_request(f"__score__{i}", p, params)
+        done: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                done[out.request_id] = out
+        return [[entry[t] for entry, t in zip(done[f"__score__{i}"].prompt_logprobs[1:], p[1:])]
+                for i, p in enumerate(prompts)]
 
     def num_computed_tokens(self, request_id: str) -> int:
         """Tokens of an unfinished request computed so far (prompt and output; 0 once finished or unknown)."""

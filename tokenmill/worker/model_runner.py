@@ -213,28 +213,6 @@ class ModelRunner:
             if n_sampled:  # the LM head's all-gather meets rank 0's
                 self.model.compute_logits(hidden[step.sample_rows], as_float32=False)
 
-    @torch.inference_mode()
-    def prompt_logprobs(self, token_ids: list[int], block_ids: list[int]) -> torch.Tensor:
-        """log p(token_ids[i] | token_ids[:i]) for i >= 1, one prefill of the whole sequence into ``block_ids``
-        (enough blocks for ``len(token_ids)`` slots, owned by the caller). Returns [len - 1] float32."""
-        if self.tp.size > 1:
-            raise ValueError("prompt log-probabilities (score, tokenmill eval) do not run with tensor_parallel_size > 1 "
-                             "yet")
-        n, bs, dev = len(token_ids), self.block_size, self.device
-        table = np.asarray(block_ids, dtype=np.int64)
-        pos = np.arange(n, dtype=np.int64)
-        self._zero_new_blocks(table[None, :])
-        meta = AttentionMetadata(
-            query_start_loc=[0, n], seq_lens=[n], num_decodes=0,
-            slot_mapping=torch.from_numpy(table[pos // bs] * bs + pos % bs).to(dev),
-            block_tables=torch.from_numpy(table[None, :]).to(dev),
-            seq_lens_tensor=torch.tensor([n], dtype=torch.int64, device=dev),
-        )
-        ids = torch.tensor(token_ids, dtype=torch.int64, device=dev)
-        hidden = self.model(ids, torch.from_numpy(pos).to(dev), self.kv_caches, meta, self.backend)  # [n, hidden]
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden[:-1]), dim=-1)  # [n - 1, vocab]
-        return logprobs.gather(1, ids[1:, None]).squeeze(1).cpu()
-
     def _zero_new_blocks(self, block_tables: np.ndarray) -> None:
         """Zeroes the blocks (and the padding block 0) that no step has used yet."""
         used = np.unique(block_tables)
