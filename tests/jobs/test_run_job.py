@@ -385,3 +385,30 @@ def test_dataset_order_and_dedupe_change_nothing_but_the_work_and_resume(tmp_pat
     for r in rows2:
         if "free" not in r["id"]:
             assert r["completion"] == got[r["id"]]["completion"], r["id"]
+
+
+def test_openai_completion_lines_with_echo_score_their_prompts(tmp_path, run_cli, smollm2):
+    """An OpenAI Batch line for /v1/completions with echo + logprobs (max_tokens 0: score only) gets the prompt's
+    text and its tokens' logprobs, equal to the engine's own prompt_logprobs; a line with echo and max_tokens 2
+    gets the prompt followed by its completion."""
+    from tokenmill import SamplingParams
+
+    text = "Rivers carry water from the mountains to the sea"
+    lines = [{"custom_id": "score", "url": "/v1/completions",
+              "body": {"prompt": text, "echo": True, "max_tokens": 0, "logprobs": 2}},
+             {"custom_id": "gen", "url": "/v1/completions",
+              "body": {"prompt": text, "echo": True, "max_tokens": 2, "temperature": 0}}]
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    run_cli("run", tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "-q", check=0)
+    out = {r["custom_id"]: r["response"]["body"] for r in read_jsonl(tmp_path / "out.jsonl")}
+    score = out["score"]["choices"][0]
+    assert score["text"] == text and out["score"]["usage"]["completion_tokens"] == 0
+    ids = smollm2.tokenizer(text).input_ids
+    ref = smollm2.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=2), use_tqdm=False)[0]
+    lp = score["logprobs"]
+    assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None
+    for i in range(1, len(ids)):
+        assert abs(lp["token_logprobs"][i] - ref.prompt_logprobs[i][ids[i]]) < 1e-5
+        assert len(lp["top_logprobs"][i]) == 2
+    gen = out["gen"]["choices"][0]
+    assert gen["text"].startswith(text) and len(gen["text"]) > len(text) and out["gen"]["usage"]["completion_tokens"] == 2

@@ -82,6 +82,8 @@ class JobRequest:
     prompt: str | list[int]
     sampling: dict  # per-line overrides of the job's sampling defaults
     is_chat: bool
+    echo: bool = False  # completions: the prompt (and, with logprobs, its tokens' logprobs) precede the completion
+    score_only: bool = False  # echo with max_tokens 0: the prompt scored, nothing generated (one token runs, unused)
 
     @property
     def id_key(self) -> str:
@@ -213,7 +215,7 @@ def _structured(obj: dict, sampling: dict, line_no: int, rid: Any, openai: bool)
         raise JobError("invalid_structured_output", f"line {line_no}: {where}{name}{e}", rid, openai) from None
     sampling["structured"] = spec
 _DEFAULT_ONLY = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},), "stream": (False,),
-                 "echo": (False,), "best_of": (1,), "suffix": ("",), "parallel_tool_calls": (True, False)}
+                 "best_of": (1,), "suffix": ("",), "parallel_tool_calls": (True, False)}
 
 
 def _check_body_fields(body: dict, url: str, line_no: int, rid: Any) -> None:
@@ -279,7 +281,11 @@ def _parse_openai(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
     if logprobs is not None:
         sampling["logprobs"] = logprobs
     _structured(body, sampling, line_no, rid, openai=True)
-    _check_sampling(sampling, line_no, rid, openai=True)
+    if url == COMPLETIONS_URL and body.get("echo") is True and sampling.get("max_tokens") == 0:
+        checked = {**sampling, "max_tokens": 1}  # max_tokens 0 is a score-only echo (_echo)
+    else:
+        checked = sampling
+    _check_sampling(checked, line_no, rid, openai=True)
     if url == CHAT_URL:
         if "messages" not in body:
             raise JobError("missing_input", f"line {line_no}: a chat completion body needs messages", rid, True)
@@ -288,7 +294,26 @@ def _parse_openai(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
     if "prompt" not in body:
         raise JobError("missing_input", f"line {line_no}: a completion body needs prompt", rid, True)
     prompt = _check_prompt(body["prompt"], line_no, rid, openai=True)
-    return JobRequest(line_no, rid, "openai_completion", prompt, sampling, False)
+    echo, score_only = _echo(body, sampling, logprobs, line_no, rid)
+    return JobRequest(line_no, rid, "openai_completion", prompt, sampling, False, echo, score_only)
+
+
+def _echo(body: dict, sampling: dict, logprobs: int | None, line_no: int, rid: Any) -> tuple[bool, bool]:
+    """Completions' ``echo``: the prompt's text first, and with ``logprobs`` the logprobs of its tokens (the
+    request's ``prompt_logprobs``; the first token's is null). ``max_tokens: 0`` with echo scores the prompt only.
+    Returns (echo, score_only); the sampling dict is adjusted in place."""
+    echo = body.get("echo", False)
+    if echo is None:
+        echo = False
+    if not isinstance(echo, bool):
+        raise JobError("invalid_body", f"line {line_no}: body.echo must be true or false, got "
+                       f"{json.dumps(echo)[:40]}", rid, True)
+    score_only = echo and sampling.get("max_tokens") == 0 and type(sampling.get("max_tokens")) is int
+    if score_only:
+        sampling["max_tokens"] = 1  # the request runs to its first token; the response leaves it out
+    if echo and logprobs is not None:
+        sampling["prompt_logprobs"] = logprobs
+    return echo, score_only
 
 
 def _check_prompt(prompt: Any, line_no: int, rid: Any, openai: bool) -> str | list[int]:

@@ -105,6 +105,30 @@ def openai_logprobs(kind: str, token_ids: list[int], steps: list[dict[int, float
         tokens.append(text_of(t))
         offsets.append(pos)
         pos += len(tokens[-1])
-    tops = [{text_of(a): lp for a, lp in top(step)} for step in steps]
-    return {"tokens": tokens, "token_logprobs": [step.get(t, 0.0) for t, step in zip(token_ids, steps)],
+    # a step of None (an echoed prompt's first token, which nothing predicts) is null in both lists, as OpenAI's
+    tops = [None if step is None else {text_of(a): lp for a, lp in top(step)} for step in steps]
+    return {"tokens": tokens,
+            "token_logprobs": [None if step is None else step.get(t, 0.0) for t, step in zip(token_ids, steps)],
             "top_logprobs": tops, "text_offset": offsets}
+
+
+def choice_content(item, out, tokenizer) -> tuple[str, dict | None, int]:
+    """A finished request's choice as an OpenAI body shows it: (text, the ``logprobs`` object or None, completion
+    tokens). With completions' ``echo`` the prompt comes first (its text; with logprobs, its tokens' logprobs, the
+    first one null); a score-only echo (``max_tokens: 0``) leaves out the one token the request generated.
+    ``item``: the Prepared request; ``out``: its RequestOutput."""
+    req, k = item.request, item.params.logprobs
+    gen_ids, gen_steps, text = out.token_ids, out.logprobs, out.text
+    if req.score_only:
+        gen_ids, gen_steps, text = [], [], ""
+    if not req.echo:
+        lp = openai_logprobs(req.kind, gen_ids, gen_steps, k, tokenizer) if k is not None and gen_steps is not None \
+            else None
+        return text, lp, len(gen_ids)
+    prompt_text = req.prompt if isinstance(req.prompt, str) else tokenizer.decode(req.prompt)
+    lp = None
+    if k is not None:
+        prompt_steps = out.prompt_logprobs or [None] * len(item.token_ids)
+        lp = openai_logprobs(req.kind, list(item.token_ids) + list(gen_ids), list(prompt_steps) + list(gen_steps or []),
+                             k, tokenizer)
+    return prompt_text + text, lp, len(gen_ids)

@@ -31,7 +31,7 @@ from tokenmill.jobs.planner import MemoryPlan, plan_memory
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
 from tokenmill.jobs.progress import Progress, StopFlag
 from tokenmill.jobs.pump import RequestPump
-from tokenmill.jobs.results import openai_logprobs, output_id_key, result_record
+from tokenmill.jobs.results import choice_content, output_id_key, result_record
 from tokenmill.jobs.scan import error_in_partition, iter_todo, partition_members, scan
 from tokenmill.jobs.skeleton import (
     ErrorRecords,
@@ -116,11 +116,11 @@ class JobContext:
 def output_record(item: Prepared, out, model_name: str, tokenizer) -> dict:
     """The OUTPUT line of one finished request (plain or OpenAI Batch shape, with logprobs when asked)."""
     req = item.request
-    logprobs = None
-    if req.kind != "plain" and item.params.logprobs is not None and out.logprobs is not None:
-        logprobs = openai_logprobs(req.kind, out.token_ids, out.logprobs, item.params.logprobs, tokenizer)
-    return result_record(req, out.text, out.finish_reason, out.num_prompt_tokens, out.num_completion_tokens,
-                         model_name, logprobs)
+    if req.kind == "plain":
+        return result_record(req, out.text, out.finish_reason, out.num_prompt_tokens, out.num_completion_tokens,
+                             model_name)
+    text, logprobs, completion_tokens = choice_content(item, out, tokenizer)
+    return result_record(req, text, out.finish_reason, out.num_prompt_tokens, completion_tokens, model_name, logprobs)
 
 
 def manifest_for(opts: JobOptions, ctx: JobContext, input_identity: dict) -> dict:

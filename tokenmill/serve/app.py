@@ -26,7 +26,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from tokenmill.config import EngineConfig
 from tokenmill.jobs.preprocess import Preprocessor
 from tokenmill.jobs.records import CHAT_URL, COMPLETIONS_URL
-from tokenmill.jobs.results import openai_logprobs
 from tokenmill.serve.async_engine import AsyncEngine, EngineDead, QueueFull
 from tokenmill.serve.detokenizer import IncrementalDetokenizer
 from tokenmill.serve.metrics import ServerMetrics
@@ -35,7 +34,8 @@ from tokenmill.serve.protocol import (
     chunk,
     embedding_inputs,
     final_body,
-    parse_generation,
+    merged_body,
+    parse_generations,
     sse,
     usage_chunk,
 )
@@ -175,18 +175,29 @@ def build_app(settings: ServeSettings) -> FastAPI:
 
     async def generate(request: Request, url: str):
         engine = state.require_ready()
-        req = parse_generation(await json_body(request), url, state.pre, {state.model_name})
-        prepared = req.prepared
+        reqs = parse_generations(await json_body(request), url, state.pre, {state.model_name})
+        streams = []
         try:
-            stream = engine.add(req.request_id, prepared.token_ids, prepared.params)
+            for req in reqs:
+                prepared = req.prepared
+                streams.append(engine.add(req.request_id, prepared.token_ids, prepared.params))
         except QueueFull:
+            for req in reqs[:len(streams)]:
+                engine.abort(req.request_id)
             raise ApiError(429, "the server's waiting queue is full; retry later", "rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
         except EngineDead as e:
             raise ApiError(503, f"the engine has stopped: {e}", "server_error") from None
-        if req.stream:
-            return StreamingResponse(_stream(state, engine, req, stream), media_type="text/event-stream")
-        return await _complete(state, engine, req, stream, request)
+        if reqs[0].stream:
+            return StreamingResponse(_stream(state, engine, reqs[0], streams[0]), media_type="text/event-stream")
+        if len(reqs) == 1:
+            return await _complete(state, engine, reqs[0], streams[0], request)
+        bodies = await asyncio.gather(*(_complete(state, engine, r, st, request) for r, st in zip(reqs, streams)))
+        if any(not isinstance(b, dict) for b in bodies):  # the client went away: every prompt was aborted
+            for r in reqs:
+                engine.abort(r.request_id)
+            return Response(status_code=499)
+        return merged_body(reqs, bodies)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -229,13 +240,6 @@ def build_app(settings: ServeSettings) -> FastAPI:
     return app
 
 
-def _logprobs(state: ServerState, req, out) -> dict | None:
-    k = req.prepared.params.logprobs
-    if k is None or out.logprobs is None:
-        return None
-    return openai_logprobs(req.prepared.request.kind, out.token_ids, out.logprobs, k, state.engine.engine.tokenizer)
-
-
 async def _complete(state: ServerState, engine: AsyncEngine, req, stream, request: Request):
     """A non-streamed request: wait for its end; a client that goes away aborts it."""
     try:
@@ -250,7 +254,7 @@ async def _complete(state: ServerState, engine: AsyncEngine, req, stream, reques
             if event.error:
                 raise ApiError(503, f"the engine has stopped: {event.error}", "server_error")
             if event.output is not None:
-                return final_body(req, event.output, state.model_name, _logprobs(state, req, event.output))
+                return final_body(req, event.output, state.model_name, state.engine.engine.tokenizer)
     except asyncio.CancelledError:
         engine.abort(req.request_id)
         raise

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
 from tokenmill.jobs.records import CHAT_URL, JobError
-from tokenmill.jobs.results import result_record
+from tokenmill.jobs.results import choice_content, result_record
 
 
 class ApiError(Exception):
@@ -37,6 +37,7 @@ class GenerationRequest:
     include_usage: bool
     request_id: str
     created: int
+    index: int = 0  # the choice's index: the prompt's place in a list of prompts
 
     @property
     def is_chat(self) -> bool:
@@ -44,6 +45,32 @@ class GenerationRequest:
 
 
 _LINE_PREFIX = re.compile(r"^line 0:? ")
+
+
+def prompt_list(body) -> list | None:
+    """A completions body's ``prompt`` when it holds several prompts (strings, or lists of token ids), else None
+    (one string, or one list of token ids)."""
+    p = body.get("prompt") if isinstance(body, dict) else None
+    if isinstance(p, list) and p and all(isinstance(x, str) or (isinstance(x, list) and x
+                                                                  and all(isinstance(t, int) for t in x)) for x in p):
+        return p
+    return None
+
+
+def parse_generations(body, url: str, pre: Preprocessor, model_names: set[str]) -> list[GenerationRequest]:
+    """A chat or completions body -> one prepared request per prompt (completions take a list of prompts: one choice
+    each, in order); raises ApiError (400)."""
+    prompts = prompt_list(body) if url != CHAT_URL else None
+    if prompts is None:
+        return [parse_generation(body, url, pre, model_names)]
+    if body.get("stream"):
+        raise ApiError(400, "a list of prompts cannot be streamed; send one prompt per request, or stream: false",
+                       param="stream")
+    reqs = [parse_generation({**body, "prompt": p}, url, pre, model_names) for p in prompts]
+    for i, r in enumerate(reqs):
+        r.index = i
+        r.request_id = f"{reqs[0].request_id}-{i}" if i else reqs[0].request_id
+    return reqs
 
 
 def parse_generation(body, url: str, pre: Preprocessor, model_names: set[str]) -> GenerationRequest:
@@ -63,6 +90,8 @@ def parse_generation(body, url: str, pre: Preprocessor, model_names: set[str]) -
                                 or not isinstance(options.get("include_usage", False), bool)):
         raise ApiError(400, "stream_options must be an object like {\"include_usage\": true}, with stream: true",
                        param="stream_options")
+    if stream and body.get("echo") is True:
+        raise ApiError(400, "echo cannot be streamed yet; use stream: false", param="echo")
     kind = "chatcmpl" if url == CHAT_URL else "cmpl"
     request_id = f"{kind}-{uuid.uuid4().hex}"
     line = json.dumps({"custom_id": request_id, "method": "POST", "url": url, "body": body}).encode()
@@ -78,13 +107,26 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def final_body(req: GenerationRequest, out, model_name: str, logprobs: dict | None) -> dict:
-    """The non-streamed response: the same body a `tokenmill run` OpenAI line gets."""
-    record = result_record(req.prepared.request, out.text, out.finish_reason, out.num_prompt_tokens,
-                           out.num_completion_tokens, model_name, logprobs)
+def final_body(req: GenerationRequest, out, model_name: str, tokenizer) -> dict:
+    """The non-streamed response: the same body a `tokenmill run` OpenAI line gets (echo and logprobs included)."""
+    text, logprobs, completion_tokens = choice_content(req.prepared, out, tokenizer)
+    record = result_record(req.prepared.request, text, out.finish_reason, out.num_prompt_tokens, completion_tokens,
+                           model_name, logprobs)
     body = record["response"]["body"]
     body["id"] = req.request_id
     body["created"] = req.created
+    body["choices"][0]["index"] = req.index
+    return body
+
+
+def merged_body(reqs: list[GenerationRequest], bodies: list[dict]) -> dict:
+    """One completions response for a list of prompts: every prompt's choice, by index; the usage summed."""
+    body = dict(bodies[0])
+    body["choices"] = [c for b in bodies for c in b["choices"]]
+    p = sum(b["usage"]["prompt_tokens"] for b in bodies)
+    c = sum(b["usage"]["completion_tokens"] for b in bodies)
+    body["usage"] = usage(p, c)
+    body["id"] = reqs[0].request_id
     return body
 
 
