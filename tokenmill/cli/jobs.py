@@ -39,6 +39,10 @@ from tokenmill.cli.common import (EXIT_CODES_HELP, UserError, columns_of, column
 @click.option("--dataset-order", type=click.Choice(["auto", "input"]), default="auto", show_default=True,
               help="auto: run rows that share a prompt prefix (or repeat) together when that pays, with prefix "
                    "caching; input: in input order. Results are written in input order either way.")
+@click.option("--task", type=click.Choice(["generate", "score"]), default="generate", show_default=True,
+              help="score: each row's prompt (or its `continuation` after the prompt) is scored by the model: the "
+                   "log-probability sum and mean, perplexity and is_greedy per row; nothing is generated.")
+@click.option("--score-tokens", is_flag=True, help="--task score: each scored token's logprob in the record too.")
 @click.option("--dedupe/--no-dedupe", default=True, show_default=True,
               help="Compute identical requests (same prompt and sampling, greedy or same seed) once (not with --ray).")
 @model_memory_options
@@ -52,7 +56,7 @@ from tokenmill.cli.common import (EXIT_CODES_HELP, UserError, columns_of, column
 @job_options
 def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k, seed, stop, max_num_seqs,
         max_num_batched_tokens, preemption_mode, scheduling_strategy, sort_by_length, prefix_caching, dataset_order,
-        dedupe, device, dtype, quantization, max_model_len, kv_cache_memory, kv_cache_dtype, attention_backend,
+        task, score_tokens, dedupe, device, dtype, quantization, max_model_len, kv_cache_memory, kv_cache_dtype, attention_backend,
         enforce_eager, tensor_parallel_size, gpu_memory_utilization, partition,
         total_partitions, gpu_hourly_rate, num_gpus,
         context_overflow, json_schema, choices, regex, grammar, input_format, columns, progress_interval, ray_address,
@@ -82,7 +86,12 @@ def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k
                       partition=partition, total_partitions=total_partitions, gpu_hourly_rate=gpu_hourly_rate,
                       num_gpus=num_gpus, quiet=quiet, overwrite=overwrite, input_format=input_format,
                       columns=columns_of(columns, RUN_FIELDS), context_overflow=context_overflow,
-                      progress_interval=progress_interval, dataset_order=dataset_order, dedupe=dedupe)
+                      progress_interval=progress_interval, dataset_order=dataset_order, dedupe=dedupe, task=task,
+                      score_tokens=score_tokens)
+    if score_tokens and task != "score":
+        raise UserError("--score-tokens needs --task score")
+    if task == "score" and ray_address is not None:
+        raise UserError("--task score does not run with --ray yet; run it per machine with --partition")
     return run_job("run", opts, ray_address, num_workers, shard_size, max_shard_retries)
 
 

@@ -25,15 +25,25 @@ class Prepared:
     request: JobRequest
     token_ids: list[int]
     params: SamplingParams
+    score_from: int | None = None  # score jobs: the first scored token (the continuation's first, or 1)
 
     @property
     def max_tokens(self) -> int:
         return self.params.max_tokens
 
 
+TASKS = ("generate", "score")
+SCORE_PARAMS = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)  # a score row's request
+
+
 class Preprocessor:
     def __init__(self, tokenizer, max_model_len: int, vocab_size: int, sampling_defaults: dict,
-                 context_overflow: str = "error", grammars=None) -> None:
+                 context_overflow: str = "error", grammars=None, task: str = "generate") -> None:
+        """``task``: "generate", or "score" (``tokenmill run --task score``: each row's prompt, or its continuation
+        after the prompt, is scored by the model; the rows' sampling fields do not apply)."""
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        self.task = task
         if context_overflow not in CONTEXT_OVERFLOW:
             raise ValueError(f"context_overflow must be one of {', '.join(CONTEXT_OVERFLOW)}, got {context_overflow!r}")
         self.context_overflow = context_overflow
@@ -69,6 +79,11 @@ class Preprocessor:
             if group:
                 enc = self.tokenizer([r.prompt for _, r in group], add_special_tokens=not is_chat).input_ids
                 ids.update((n, t) for (n, _), t in zip(group, enc))
+        conts = [(n, r) for n, r in parsed if isinstance(r, JobRequest) and r.continuation is not None]
+        cont_ids: dict[int, list[int]] = {}
+        if conts and self.task == "score":  # tokenized on its own (no special tokens), appended to the prompt's
+            enc = self.tokenizer([r.continuation for _, r in conts], add_special_tokens=False).input_ids
+            cont_ids.update((n, t) for (n, _), t in zip(conts, enc))
         out: list[tuple[int, Prepared | JobError]] = []
         for line_no, r in parsed:
             if isinstance(r, JobError):
@@ -76,10 +91,37 @@ class Preprocessor:
                 continue
             token_ids = ids.get(line_no, r.prompt)
             try:
+                if self.task == "score":
+                    out.append((line_no, self._finish_score(r, token_ids, cont_ids.get(line_no))))
+                    continue
                 out.append((line_no, self._finish(r, token_ids)))
             except JobError as e:
                 out.append((line_no, e))
         return out
+
+    def _finish_score(self, r: JobRequest, token_ids: list[int], continuation: list[int] | None) -> Prepared:
+        """A score row: its prompt (and continuation) as one request that computes its prompt's logprobs and
+        generates one (unused) token; ``score_from`` marks where the scored tokens start."""
+        if r.kind != "plain":
+            raise JobError("not_a_score_row", f"line {r.line_no}: a score job takes rows {{id, prompt[, "
+                           f"continuation]}} or {{id, messages[, continuation]}}; for OpenAI lines use a generate "
+                           f"job with /v1/completions echo + logprobs", r.record_id, True)
+        if not token_ids:
+            raise JobError("empty_prompt", f"line {r.line_no}: the prompt has no tokens", r.record_id)
+        if r.continuation is not None and not continuation:
+            raise JobError("invalid_continuation", f"line {r.line_no}: the continuation has no tokens", r.record_id)
+        score_from = len(token_ids) if continuation else 1
+        ids = list(token_ids) + list(continuation or [])
+        if len(ids) < 2:
+            raise JobError("empty_prompt", f"line {r.line_no}: a score row needs at least 2 tokens (the first one is "
+                           f"not scored), it has 1", r.record_id)
+        if len(ids) >= self.max_model_len:
+            raise JobError("prompt_too_long", f"line {r.line_no}: the row has {len(ids)} tokens to score; "
+                           f"max_model_len is {self.max_model_len} (at most {self.max_model_len - 1})", r.record_id)
+        if any(t < 0 or t >= self.vocab_size for t in ids):
+            raise JobError("invalid_prompt", f"line {r.line_no}: token ids must be in [0, {self.vocab_size})",
+                           r.record_id)
+        return Prepared(r, ids, SCORE_PARAMS, score_from)
 
     def _finish(self, r: JobRequest, token_ids: list[int]) -> Prepared:
         openai = r.kind != "plain"

@@ -43,6 +43,8 @@ ERROR_CODES = {
     "invalid_structured_output": "response_format / structured_outputs is malformed, or its schema, regex or grammar "
                                  "does not compile",
     "context_length_exceeded": "the prompt plus the line's max_tokens do not fit the model's max_model_len",
+    "invalid_continuation": "a score row's continuation is not a non-empty string",
+    "not_a_score_row": "a score job (--task score) got an OpenAI Batch line; it takes {id, prompt[, continuation]}",
     "invalid_text": "text (or input) is not a string or a list of token ids",
     "empty_text": "the text to embed is empty",
     "dimensions_mismatch": "the requested dimensions differ from the model's embedding size",
@@ -83,6 +85,7 @@ class JobRequest:
     sampling: dict  # per-line overrides of the job's sampling defaults
     is_chat: bool
     echo: bool = False  # completions: the prompt (and, with logprobs, its tokens' logprobs) precede the completion
+    continuation: str | None = None  # score jobs: the text scored after the prompt (the prompt is then its context)
     score_only: bool = False  # echo with max_tokens 0: the prompt scored, nothing generated (one token runs, unused)
 
     @property
@@ -186,7 +189,10 @@ def _parse_plain(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
         prompt = _render_chat(obj["messages"], line_no, rid, apply_chat_template, openai=False)
     else:
         prompt = _check_prompt(obj["prompt"], line_no, rid, openai=False)
-    return JobRequest(line_no, rid, "plain", prompt, sampling, has_messages)
+    continuation = obj.get("continuation")
+    if continuation is not None and (not isinstance(continuation, str) or not continuation):
+        raise JobError("invalid_continuation", f"line {line_no}: continuation must be a non-empty string", rid)
+    return JobRequest(line_no, rid, "plain", prompt, sampling, has_messages, continuation=continuation)
 
 
 # OpenAI body fields tokenmill honours (beyond the sampling keys), and fields it accepts only at their default value.
@@ -295,7 +301,7 @@ def _parse_openai(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
         raise JobError("missing_input", f"line {line_no}: a completion body needs prompt", rid, True)
     prompt = _check_prompt(body["prompt"], line_no, rid, openai=True)
     echo, score_only = _echo(body, sampling, logprobs, line_no, rid)
-    return JobRequest(line_no, rid, "openai_completion", prompt, sampling, False, echo, score_only)
+    return JobRequest(line_no, rid, "openai_completion", prompt, sampling, False, echo=echo, score_only=score_only)
 
 
 def _echo(body: dict, sampling: dict, logprobs: int | None, line_no: int, rid: Any) -> tuple[bool, bool]:

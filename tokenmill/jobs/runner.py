@@ -14,6 +14,7 @@ a resume reads the same input bytes with the same output-deciding settings (``jo
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,8 @@ class JobOptions(JobIO):
     context_overflow: str = "error"
     dataset_order: str = "auto"  # "auto": grouped by shared prefix when that pays (jobs/ordering.py); "input"
     dedupe: bool = True  # identical requests computed once
+    task: str = "generate"  # or "score": each row's prompt (or continuation) scored, nothing generated
+    score_tokens: bool = False  # score: each scored token's logprob in the record too
 
     def sampling(self) -> dict:
         return {"max_tokens": DEFAULT_MAX_TOKENS, **self.sampling_defaults}
@@ -77,7 +80,8 @@ class JobOptions(JobIO):
 class JobContext:
     """Model facts needed before the engine exists: tokenizer, resolved config, preprocessor."""
 
-    def __init__(self, model: str | None, engine_options: dict, sampling: dict, context_overflow: str = "error") -> None:
+    def __init__(self, model: str | None, engine_options: dict, sampling: dict, context_overflow: str = "error",
+                 task: str = "generate") -> None:
         try:
             self.config = EngineConfig.from_dict({"model": model, **engine_options})
             self.model_path = resolve_model_path(model)
@@ -89,7 +93,7 @@ class JobContext:
             self.grammars = GrammarBackend(self.tokenizer, self.model_config.vocab_size,
                                            eos_token_ids(hf_dir, self.model_config, self.tokenizer))
             self.pre = Preprocessor(self.tokenizer, self.config.max_model_len, self.model_config.vocab_size, sampling,
-                                    context_overflow, self.grammars)
+                                    context_overflow, self.grammars, task)
             if defaults.structured is not None:  # the job's own default must compile (else: one line, exit 2)
                 self.grammars.compile(defaults.structured)
         except (ValueError, TypeError) as e:
@@ -113,14 +117,32 @@ class JobContext:
                            num_blocks)
 
 
-def output_record(item: Prepared, out, model_name: str, tokenizer) -> dict:
-    """The OUTPUT line of one finished request (plain or OpenAI Batch shape, with logprobs when asked)."""
+def output_record(item: Prepared, out, model_name: str, tokenizer, score_tokens: bool = False) -> dict:
+    """The OUTPUT line of one finished request (plain or OpenAI Batch shape, with logprobs when asked; a score
+    row's scores)."""
     req = item.request
+    if item.score_from is not None:
+        return score_record(item, out, score_tokens)
     if req.kind == "plain":
         return result_record(req, out.text, out.finish_reason, out.num_prompt_tokens, out.num_completion_tokens,
                              model_name)
     text, logprobs, completion_tokens = choice_content(item, out, tokenizer)
     return result_record(req, text, out.finish_reason, out.num_prompt_tokens, completion_tokens, model_name, logprobs)
+
+
+def score_record(item: Prepared, out, score_tokens: bool) -> dict:
+    """A score row's line: the scored tokens' count, the sum and mean of their logprobs, the perplexity
+    (exp(-mean)), whether each was the model's most likely token (``is_greedy``, as lm-eval's), the row's tokens."""
+    start = item.score_from
+    lps = [entry[t] for entry, t in zip(out.prompt_logprobs[start:], item.token_ids[start:])]
+    total = sum(lps)
+    mean = total / len(lps)
+    rec = {"id": item.request.record_id, "num_tokens": len(lps), "logprob": total, "mean_logprob": mean,
+           "perplexity": math.exp(-mean), "is_greedy": all(r == 1 for r in out.prompt_token_ranks[start:]),
+           "input_tokens": len(item.token_ids)}
+    if score_tokens:
+        rec["token_logprobs"] = lps
+    return rec
 
 
 def manifest_for(opts: JobOptions, ctx: JobContext, input_identity: dict) -> dict:
@@ -139,6 +161,8 @@ def manifest_for(opts: JobOptions, ctx: JobContext, input_identity: dict) -> dic
         "partition": opts.partition,
         "total_partitions": opts.total_partitions,
         "columns": [list(c) for c in opts.columns],
+        "task": opts.task,
+        "score_tokens": opts.score_tokens,
     }
     return build_manifest("run", input_identity, settings, speed)
 
@@ -153,7 +177,9 @@ def run_job(opts: JobOptions, stop: StopFlag | None = None) -> int:
         raise JobSetupError(f"--partition must be in [0, {opts.total_partitions}), got {opts.partition}")
     if opts.dataset_order not in ("auto", "input"):
         raise JobSetupError(f"--dataset-order must be auto or input, got {opts.dataset_order!r}")
-    ctx = JobContext(opts.model, opts.engine_options, opts.sampling(), opts.context_overflow)
+    if opts.task not in ("generate", "score"):
+        raise JobSetupError(f"--task must be generate or score, got {opts.task!r}")
+    ctx = JobContext(opts.model, opts.engine_options, opts.sampling(), opts.context_overflow, opts.task)
     return run_locked(opts.output, lambda paths: _run_locked(opts, ctx, paths, stop or StopFlag()))
 
 
@@ -299,10 +325,10 @@ class _Run:
                                 f"{queued} queued requests will run on resume.")
 
     def _write(self, item: Prepared, out) -> None:
-        self.results.write(output_record(item, out, self.ctx.model_name, self.engine.tokenizer))
+        self.results.write(output_record(item, out, self.ctx.model_name, self.engine.tokenizer, self.opts.score_tokens))
         self.done += 1
         self.run_prompt += out.num_prompt_tokens
-        self.run_gen += out.num_completion_tokens
+        self.run_gen += out.num_completion_tokens if item.score_from is None else 0  # a score row's token is unused
         self.run_max += item.params.max_tokens
         if item.params.structured is not None and out.finish_reason == "length":
             self.structured_cut += 1
@@ -342,5 +368,8 @@ class _Run:
                          f"or grammar was complete (finish_reason \"length\"; raise max_tokens)")
         if build:
             lines.append(f"  (not counted: a one-off {build:.1f} s build of the C++ kernels for this machine)")
-        lines += summary_tail(opts, self.paths, failed, opts.num_gpus, gen_s, wall, "output")
+        if opts.task == "score":  # what a score job buys is scored (input) tokens
+            lines += summary_tail(opts, self.paths, failed, opts.num_gpus, tok_s, wall, "input")
+        else:
+            lines += summary_tail(opts, self.paths, failed, opts.num_gpus, gen_s, wall, "output")
         return finish(self.state, self.snapshot(), lines, opts.quiet, failed)
