@@ -24,6 +24,7 @@ from tokenmill.model.sampler import Sampler
 from tokenmill.parallel.group import TPGroup
 from tokenmill.structured.backend import GrammarBackend, StructuredState
 from tokenmill.worker.memory import kv_cache_dtype
+from tokenmill.worker.prompt_logprobs import prompt_logprobs
 from tokenmill.worker.step_inputs import StepBuffers, StepInputs, StepShape
 
 STOP, STEP = 0, 1  # the commands rank 0 broadcasts to tensor-parallel workers
@@ -89,7 +90,7 @@ class ModelRunner:
         # the grammar masks of this step's constrained rows are filled while the model runs
         masks = self.structured.start_masks(ids, params) if self.structured is not None else None
         hidden = self._forward(step, num_decodes)  # [num_tokens, hidden]
-        prompt_lp = self._prompt_logprobs(chunks, step, hidden)
+        prompt_lp = prompt_logprobs(self.model, chunks, step.query_start_loc_list, hidden)  # requests that ask
         if not sampling:
             return ModelRunnerOutput({}, prompt_logprobs=prompt_lp)
         logits = self.model.compute_logits(hidden[step.sample_rows], as_float32=False)  # [num_sampled, vocab]
@@ -99,53 +100,6 @@ class ModelRunner:
             self.structured.accept(ids, constrained, result.token_ids)
         logprobs = {rid: lp for rid, lp in zip(ids, result.logprobs) if lp is not None}
         return ModelRunnerOutput(dict(zip(ids, result.token_ids)), logprobs, prompt_lp)
-
-    def _prompt_logprobs(self, chunks, step: StepInputs, hidden: torch.Tensor) -> dict:
-        """The logprobs of the prompt tokens this step's chunks predict, for requests that asked for them: the row
-        of position p gives token p + 1, for p up to the prompt's second-to-last token (the last one's row samples).
-        Returns request_id -> (first token position, entries, ranks); the LM head runs on 256 rows at a time."""
-        wanted = []  # (request_id, first target position, flat rows, target token ids, top-k)
-        for i, s in enumerate(chunks):
-            k = s.request.sampling_params.prompt_logprobs
-            if k is None:
-                continue
-            start, end = s.num_computed_tokens, min(s.num_computed_tokens + s.num_scheduled_tokens,
-                                                    s.request.num_prompt_tokens - 1)
-            if end > start:
-                row0 = step.query_start_loc_list[i]
-                wanted.append((s.request_id, start + 1, range(row0, row0 + end - start),
-                               s.request.all_token_ids[start + 1:end + 1], k))
-        if not wanted:
-            return {}
-        if self.tp.size > 1:
-            raise RuntimeError("prompt logprobs do not run with tensor_parallel_size > 1 yet")
-        rows = torch.tensor([r for w in wanted for r in w[2]], dtype=torch.int64, device=hidden.device)
-        targets = torch.tensor([t for w in wanted for t in w[3]], dtype=torch.int64, device=hidden.device)
-        k_max = max(w[4] for w in wanted)
-        chosen, ranks, top_v, top_i = [], [], [], []
-        for a in range(0, rows.numel(), 256):
-            lp = torch.log_softmax(self.model.compute_logits(hidden[rows[a:a + 256]]), dim=-1)  # [<=256, vocab] fp32
-            c = lp.gather(1, targets[a:a + 256, None])  # [<=256, 1]
-            chosen.append(c.squeeze(1))
-            ranks.append((lp > c).sum(dim=1) + 1)
-            if k_max:
-                top = lp.topk(k_max, dim=1)
-                top_v.append(top.values)
-                top_i.append(top.indices)
-        chosen_l, ranks_l = torch.cat(chosen).tolist(), torch.cat(ranks).tolist()
-        top_vl = torch.cat(top_v).tolist() if k_max else None
-        top_il = torch.cat(top_i).tolist() if k_max else None
-        out, j = {}, 0
-        for rid, first, rws, tgts, k in wanted:
-            entries = []
-            for t in tgts:
-                e = {t: chosen_l[j]}
-                if k:
-                    e.update(zip(top_il[j][:k], top_vl[j][:k]))
-                entries.append(e)
-                j += 1
-            out[rid] = (first, entries, ranks_l[j - len(tgts):j])
-        return out
 
     def _forward(self, step: StepInputs, num_decodes: int) -> torch.Tensor:
         """The model over a step's flat batch: [num_tokens, hidden]. A decode-only step runs through its CUDA graph

@@ -1,0 +1,64 @@
+"""The logprobs of the prompt tokens a step's chunks predict, for the requests that asked for them
+(``SamplingParams.prompt_logprobs``), from the hidden states of the step's own forward pass.
+
+The row of position p predicts token p + 1, so a chunk covering positions [s, s + n) gives the logprobs of tokens
+s + 1 .. min(s + n, prompt_len - 1) (the last prompt token's row samples the first output token, as for any
+request). The LM head runs on those rows 256 at a time in float32: each token's logprob, its rank among the whole
+vocabulary (1 = the most likely) and the top K. The scheduler appends them to the request (``Request.
+add_prompt_logprobs`` skips positions already recorded, so a recomputed chunk adds nothing twice).
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROWS_PER_PASS = 256  # bounds the [rows, vocab] float32 logits held at once
+
+
+@torch.inference_mode()
+def prompt_logprobs(model, chunks, query_start_loc: list[int], hidden: torch.Tensor) -> dict:
+    """``chunks``: the step's ScheduledRequests in the flat batch's order (``query_start_loc`` their row offsets);
+    ``hidden`` [num_tokens, hidden]. Returns request_id -> (first token position, entries, ranks), where an entry is
+    {the token: its logprob, each top-K token: its logprob}; {} when no chunk asks."""
+    wanted = []  # (request_id, first target position, flat rows, target token ids, top-k)
+    for i, s in enumerate(chunks):
+        k = s.request.sampling_params.prompt_logprobs
+        if k is None:
+            continue
+        start = s.num_computed_tokens
+        end = min(start + s.num_scheduled_tokens, s.request.num_prompt_tokens - 1)
+        if end > start:
+            row0 = query_start_loc[i]
+            wanted.append((s.request_id, start + 1, range(row0, row0 + end - start),
+                           s.request.all_token_ids[start + 1:end + 1], k))
+    if not wanted:
+        return {}
+    if model.tp.size > 1:
+        raise RuntimeError("prompt logprobs do not run with tensor_parallel_size > 1 yet")
+    rows = torch.tensor([r for w in wanted for r in w[2]], dtype=torch.int64, device=hidden.device)
+    targets = torch.tensor([t for w in wanted for t in w[3]], dtype=torch.int64, device=hidden.device)
+    k_max = max(w[4] for w in wanted)
+    chosen, ranks, top_v, top_i = [], [], [], []
+    for a in range(0, rows.numel(), ROWS_PER_PASS):
+        lp = torch.log_softmax(model.compute_logits(hidden[rows[a:a + ROWS_PER_PASS]]), dim=-1)  # [<=256, vocab]
+        c = lp.gather(1, targets[a:a + ROWS_PER_PASS, None])  # [<=256, 1]
+        chosen.append(c.squeeze(1))
+        ranks.append((lp > c).sum(dim=1) + 1)
+        if k_max:
+            top = lp.topk(k_max, dim=1)
+            top_v.append(top.values)
+            top_i.append(top.indices)
+    chosen_l, ranks_l = torch.cat(chosen).tolist(), torch.cat(ranks).tolist()  # one read back for the step
+    top_vl = torch.cat(top_v).tolist() if k_max else None
+    top_il = torch.cat(top_i).tolist() if k_max else None
+    out, j = {}, 0
+    for rid, first, _, tgts, k in wanted:
+        entries = []
+        for t in tgts:
+            e = {t: chosen_l[j]}
+            if k:
+                e.update(zip(top_il[j][:k], top_vl[j][:k]))
+            entries.append(e)
+            j += 1
+        out[rid] = (first, entries, ranks_l[j - len(tgts):j])
+    return out
