@@ -106,6 +106,11 @@ class SamplingParams:
         return cls(**values)
 
 
+# what a scoring request asks for: its prompt's logprobs, and one greedy token that nobody reads (the engine's
+# score_batch and a score job's rows share it)
+SCORE_PARAMS = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+
+
 def _shown(value: Any) -> str:
     """A value as an error message shows it: its type and a short repr ("str 'abc'", "int 5", "list [1, 2]")."""
     try:

@@ -27,7 +27,7 @@ from tokenmill.model.loader import load_model
 from tokenmill.model.weights import weight_bytes
 from tokenmill.ops import Ops, make_ops
 from tokenmill.outputs import RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import SCORE_PARAMS, SamplingParams
 from tokenmill.structured.backend import GrammarBackend
 from tokenmill.worker.memory import plan_num_blocks
 from tokenmill.worker.model_runner import ModelRunner
@@ -182,9 +182,8 @@ class LLMEngine:
                              f"{len(prompts[bad[0]])}")
         if self.has_unfinished_requests():
             raise RuntimeError("score() steps the engine itself: call it while no request is in the engine")
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         for i, p in enumerate(prompts):
-            self.add_request(f"__score__{i}", p, params)
+            self.add_request(f"__score__{i}", p, SCORE_PARAMS)
         done: dict[str, RequestOutput] = {}
         while self.has_unfinished_requests():
             for out in self.step():

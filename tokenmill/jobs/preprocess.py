@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenmill.jobs.records import JobError, JobRequest, id_key, parse_line
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import SCORE_PARAMS, SamplingParams
 
 CONTEXT_OVERFLOW = ("error", "cap")
 
@@ -33,7 +33,6 @@ class Prepared:
 
 
 TASKS = ("generate", "score")
-SCORE_PARAMS = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)  # a score row's request
 
 
 class Preprocessor:
