@@ -5,6 +5,9 @@ Invariants:
   names every offending field, so nothing downstream re-checks.
 - ``temperature == 0`` means greedy; ``top_k``/``top_p``/``seed`` are then irrelevant.
 - A request with a ``seed`` draws from its own generator, so its tokens do not depend on the rest of the batch.
+- ``n`` samples are returned; ``best_of`` (>= n, default n) are drawn and the n with the highest mean logprob per
+  token kept. Sample i of a seeded request draws with ``sample_seed(seed, i)`` (sample 0 with the seed itself, so
+  n = 1 gives the first sample of n > 1), so a seeded request stays reproducible (engine/parallel_sampling.py).
 - ``structured`` constrains the output to a JSON schema, any JSON object, a regex, a choice or a grammar
   (``tokenmill.structured``); a dict such as ``{"json": {...}}`` is converted. Whether the schema or grammar compiles
   is checked when the request is added (or in a job's validation pass), not here.
@@ -18,6 +21,7 @@ from typing import Any
 from tokenmill.structured.params import StructuredOutputs
 
 MAX_LOGPROBS = 20
+MAX_SAMPLES = 128  # n and best_of (OpenAI's limit for n)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (with its rank), computed
     # during the request's own prefill (such a request takes no prefix-cache hits: their logits were never computed)
     structured: StructuredOutputs | None = None  # what the output must match (None: free text)
+    n: int = 1  # samples returned
+    best_of: int | None = None  # samples drawn (None: n); the best n by mean logprob per token are returned
 
     def __post_init__(self) -> None:
         # Accept a single string / lists for convenience; store tuples so the object stays hashable and frozen.
@@ -90,7 +96,16 @@ class SamplingParams:
         if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs)
                                                  or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
             p.append(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {_shown(self.prompt_logprobs)}")
+        if not is_int(self.n) or not 1 <= self.n <= MAX_SAMPLES:
+            p.append(f"n must be an integer in [1, {MAX_SAMPLES}], got {_shown(self.n)}")
+        elif self.best_of is not None and (not is_int(self.best_of) or not self.n <= self.best_of <= MAX_SAMPLES):
+            p.append(f"best_of must be an integer in [n, {MAX_SAMPLES}] (n = {self.n}), got {_shown(self.best_of)}")
         return p
+
+    @property
+    def num_samples(self) -> int:
+        """How many samples run: best_of, else n."""
+        return self.best_of if self.best_of is not None else self.n
 
     @property
     def greedy(self) -> bool:

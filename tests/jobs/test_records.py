@@ -62,7 +62,11 @@ def test_openai_lines():
     ({"id": 1, "prompt": "x", "max_tokens": "ten"}, "invalid_sampling"),
     ({"custom_id": "c", "method": "POST", "url": "/v1/embeddings", "body": {}}, "unsupported_url"),
     ({"custom_id": "c", "method": "GET", "url": "/v1/completions", "body": {}}, "unsupported_method"),
-    ({"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"prompt": "p", "n": 2}}, "unsupported_n"),
+    ({"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"prompt": "p", "n": 0}}, "invalid_sampling"),
+    ({"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"prompt": "p", "n": 3, "best_of": 2}},
+     "invalid_sampling"),
+    ({"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
+      "body": {"messages": [{"role": "user", "content": "x"}], "best_of": 2}}, "unsupported_field"),
     ({"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": "x"}, "invalid_body"),
     ({"custom_id": 5, "method": "POST", "url": "/v1/completions", "body": {"prompt": "p"}}, "invalid_id"),
 ])

@@ -88,3 +88,64 @@ def test_echo_bad_requests(server):
     for path, body, needle in cases:
         status, _, payload = request(server.port, "POST", path, body)
         assert status == 400 and needle in json.loads(payload)["error"]["message"], (body, payload)
+
+
+def test_n_and_best_of_choices(server):
+    c = server.client()
+    msgs = [{"role": "user", "content": "Name a fruit."}]
+    chat = c.chat.completions.create(model=c.models.list().data[0].id, messages=msgs, n=3, max_tokens=5,
+                                     temperature=1.0, seed=11)
+    assert [ch.index for ch in chat.choices] == [0, 1, 2] and len({ch.message.content for ch in chat.choices}) > 1
+    again = c.chat.completions.create(model=chat.model, messages=msgs, n=3, max_tokens=5, temperature=1.0, seed=11)
+    assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in chat.choices]
+    # streamed: each choice's deltas by index add up to the same texts, one finish chunk each
+    texts, finishes = {}, {}
+    for ch in c.chat.completions.create(model=chat.model, messages=msgs, n=3, max_tokens=5, temperature=1.0, seed=11,
+                                        stream=True):
+        for choice in ch.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finishes[choice.index] = finishes.get(choice.index, []) + [choice.finish_reason]
+    assert texts == {ch.index: ch.message.content for ch in chat.choices}
+    assert finishes == {ch.index: [ch.finish_reason] for ch in chat.choices}
+    # a list of prompts with n = 2: prompt p's choices are 2p and 2p + 1
+    cmpl = c.completions.create(model=chat.model, prompt=["The sky is", "Grass is"], n=2, best_of=3, max_tokens=4,
+                                temperature=1.0, seed=5)
+    assert sorted(ch.index for ch in cmpl.choices) == [0, 1, 2, 3]
+    greedy = c.completions.create(model=chat.model, prompt=["The sky is", "Grass is"], max_tokens=4, temperature=0,
+                                  n=2)
+    texts = {ch.index: ch.text for ch in greedy.choices}
+    status, _, payload = request(server.port, "POST", "/v1/completions", {"prompt": "x", "n": 5})  # max_num_seqs 4
+    assert status == 400 and "n=5 samples cannot run at once: max_num_seqs is 4" in json.loads(payload)["error"][
+        "message"]
+    assert texts[0] == texts[1] and texts[2] == texts[3] and texts[0] != texts[2]
+
+
+def test_vllm_prompt_logprobs_field(server, smollm2, smollm2_hf):
+    ids = smollm2.tokenizer.encode("The capital of France is Paris")
+    status, _, payload = request(server.port, "POST", "/v1/completions",
+                                 {"prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 2})
+    assert status == 200, payload
+    [choice] = json.loads(payload)["choices"]
+    rows = choice["prompt_logprobs"]
+    assert len(rows) == len(ids) and rows[0] is None and choice["logprobs"] is None
+    ref = hf_logprobs(smollm2_hf, ids)
+    for i in range(1, len(ids)):
+        row, want = rows[i], ref[i - 1]
+        assert abs(row[str(ids[i])]["logprob"] - want[ids[i]].item()) < 2e-4
+        assert row[str(ids[i])]["rank"] == int((want > want[ids[i]]).sum()) + 1
+        top2 = want.topk(2).indices.tolist()
+        assert {str(t) for t in top2} <= set(row) and row[str(top2[0])]["rank"] == 1
+        assert row[str(top2[0])]["decoded_token"] == smollm2.tokenizer.decode([top2[0]])
+    status, _, payload = request(server.port, "POST", "/v1/chat/completions",
+                                 {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                                  "prompt_logprobs": 0})
+    body = json.loads(payload)
+    assert status == 200 and body["prompt_logprobs"][0] is None
+    assert body["usage"]["prompt_tokens"] == len(body["prompt_logprobs"])
+    assert all(len(r) == 1 for r in body["prompt_logprobs"][1:])  # K = 0: the token itself only
+    for bad in ({"prompt": "x", "prompt_logprobs": 21}, {"prompt": "x", "prompt_logprobs": 1, "stream": True},
+                {"prompt": "x", "n": 2, "best_of": 3, "stream": True, "prompt_logprobs": None}):
+        status, _, payload = request(server.port, "POST", "/v1/completions", bad)
+        message = json.loads(payload)["error"]["message"]
+        assert status == 400 and ("prompt_logprobs" in message or "best_of > n cannot be streamed" in message), payload

@@ -150,8 +150,8 @@ def calibrate(ctx, engine_options: dict, scanned, source, sample_rows: int = 64)
     t0 = time.perf_counter()
     tokens = generated = asked = 0
     for item, out in RequestPump(engine, iter(items)).run():
-        tokens += out.num_prompt_tokens + out.num_completion_tokens
-        generated += out.num_completion_tokens
-        asked += item.params.max_tokens
+        tokens += out.num_prompt_tokens + out.num_generated_tokens
+        generated += out.num_generated_tokens
+        asked += item.max_tokens
     seconds = time.perf_counter() - t0
     return tokens / seconds, (generated / asked if asked else 1.0)

@@ -277,8 +277,8 @@ class _EngineLoop:
         item = s.in_engine.pop(out.request_id)
         s.records.append(output_record(item, out, self.model_name, self.engine.tokenizer))
         s.prompt += out.num_prompt_tokens
-        s.gen += out.num_completion_tokens
-        s.finished_work += out.num_prompt_tokens + item.params.max_tokens
+        s.gen += out.num_generated_tokens
+        s.finished_work += out.num_prompt_tokens + item.max_tokens
         if not s.pending and not s.in_engine:
             self._close(s, "done")
 

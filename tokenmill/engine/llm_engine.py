@@ -26,7 +26,8 @@ from tokenmill.core.scheduler import Scheduler
 from tokenmill.model.loader import load_model
 from tokenmill.model.weights import weight_bytes
 from tokenmill.ops import Ops, make_ops
-from tokenmill.outputs import RequestOutput
+from tokenmill.engine.parallel_sampling import CHILD_SEP, ParentRequest
+from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SCORE_PARAMS, SamplingParams
 from tokenmill.structured.backend import GrammarBackend
 from tokenmill.worker.memory import plan_num_blocks
@@ -35,7 +36,8 @@ from tokenmill.worker.model_runner import ModelRunner
 
 @dataclass
 class StepResult:
-    new_token_ids: dict[str, int]  # request id -> the token this step sampled for it
+    new_token_ids: dict[str, int]  # request id -> the token this step sampled for it (a request with n > 1: each
+    # sample's, under its child id "{request_id}::{i}", see parent_of)
     scheduled_ids: list[str]  # requests that ran in this step (a request's first one ends its queue time)
     num_scheduled_tokens: int
     finished: list[RequestOutput]
@@ -123,6 +125,7 @@ class LLMEngine:
         self.kernel_build_seconds = build_seconds_so_far()  # a one-off per machine, inside load_seconds
         self.num_generated_tokens = 0
         self.num_prompt_tokens_done = 0
+        self._parents: dict[str, ParentRequest] = {}  # requests with several samples, by id (parallel_sampling.py)
 
     def close(self) -> None:
         """Stops the tensor-parallel workers (nothing to do with one rank). The engine cannot step afterwards."""
@@ -131,9 +134,14 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
+        """Queues a request; with ``n > 1`` or ``best_of`` it runs as that many samples sharing the prompt's KV
+        (engine/parallel_sampling.py) and finishes as one RequestOutput. A ValueError for a bad prompt, a constraint
+        that does not compile, or an id already in the engine."""
         problem = self.check_prompt(prompt_token_ids)
         if problem:
             raise ValueError(f"request {request_id!r}: {problem}")
+        if request_id in self.scheduler.requests or request_id in self._parents:
+            raise ValueError(f"request {request_id!r} is already in the engine")
         if sampling_params.prompt_logprobs is not None and self.tp_workers is not None:
             raise ValueError(f"request {request_id!r}: prompt_logprobs do not run with tensor_parallel_size > 1 yet")
         if sampling_params.structured is not None:
@@ -141,7 +149,31 @@ class LLMEngine:
                 self.grammars.compile(sampling_params.structured)
             except ValueError as e:
                 raise ValueError(f"request {request_id!r}: {e}") from None
-        self.scheduler.add_request(Request(request_id, prompt_token_ids, sampling_params, self.eos_token_ids))
+        if sampling_params.num_samples == 1:
+            self.scheduler.add_request(Request(request_id, prompt_token_ids, sampling_params, self.eos_token_ids))
+            return
+        parent = ParentRequest(request_id, sampling_params)
+        clash = [c for c in parent.child_ids if c in self.scheduler.requests]
+        if clash:
+            raise ValueError(f"request {request_id!r}: its sample id {clash[0]!r} is already in the engine")
+        self._parents[request_id] = parent
+        for i, cid in enumerate(parent.child_ids):
+            self.scheduler.add_request(Request(cid, prompt_token_ids, parent.child_params(i), self.eos_token_ids))
+
+    def parent_of(self, request_id: str) -> tuple[str, int]:
+        """(the request, the sample's index) a StepResult id stands for: a child id's parent, else (the id, 0)."""
+        head, sep, tail = request_id.rpartition(CHILD_SEP)
+        if sep and head in self._parents:
+            return head, int(tail)
+        return request_id, 0
+
+    def _engine_ids(self, request_ids: list[str]) -> list[str]:
+        """Request ids as the scheduler knows them: a request with several samples stands for its children."""
+        out = []
+        for rid in request_ids:
+            parent = self._parents.get(rid)
+            out.extend(parent.child_ids if parent is not None else [rid])
+        return out
 
     def check_prompt(self, prompt_token_ids: list[int]) -> str | None:
         """Why a prompt cannot run, or None. Used to find every bad input before any compute."""
@@ -160,7 +192,11 @@ class LLMEngine:
         return None
 
     def abort_request(self, request_ids: list[str]) -> None:
-        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        """Drops the requests (every sample of one with n > 1); nothing is returned for them."""
+        ids = self._engine_ids(request_ids)
+        for rid in request_ids:
+            self._parents.pop(rid, None)
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
 
     def reset_prefix_cache(self) -> None:
         """Forgets the prefix cache (between benchmark runs; only while no request runs)."""
@@ -192,16 +228,17 @@ class LLMEngine:
                 for i, p in enumerate(prompts)]
 
     def num_computed_tokens(self, request_id: str) -> int:
-        """Tokens of an unfinished request computed so far (prompt and output; 0 once finished or unknown)."""
-        req = self.scheduler.requests.get(request_id)
-        return req.num_computed_tokens if req is not None else 0
+        """Tokens of an unfinished request computed so far (prompt and output, summed over its samples; 0 once
+        finished or unknown)."""
+        reqs = (self.scheduler.requests.get(rid) for rid in self._engine_ids([request_id]))
+        return sum(r.num_computed_tokens for r in reqs if r is not None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
     @property
     def num_unfinished_requests(self) -> int:
-        """Requests added and not yet finished (running or waiting)."""
+        """Requests added and not yet finished (running or waiting; each sample of one with n > 1 counts)."""
         return self.scheduler.num_unfinished_requests
 
     @property
@@ -259,19 +296,26 @@ class LLMEngine:
         for req, text in zip(finished, texts):
             if isinstance(req.stop_reason, str):
                 text = text[: text.find(req.stop_reason)] if req.stop_reason in text else text
-            outputs.append(
-                RequestOutput(
-                    request_id=req.request_id,
-                    prompt=None,
-                    prompt_token_ids=req.prompt_token_ids,
-                    text=text,
-                    token_ids=req.output_token_ids,
-                    finish_reason=req.finish_reason.value,
-                    stop_reason=req.stop_reason,
-                    logprobs=req.logprobs,
-                    prompt_logprobs=req.prompt_logprobs,
-                    prompt_token_ranks=req.prompt_ranks,
-                    num_preemptions=req.num_preemptions,
-                )
+            cumulative = None
+            if req.logprobs is not None:
+                cumulative = sum(step.get(t, 0.0) for step, t in zip(req.logprobs, req.output_token_ids))
+            sample = CompletionOutput(0, text, req.output_token_ids, req.finish_reason.value, req.stop_reason,
+                                      req.logprobs, cumulative)
+            out = RequestOutput(
+                request_id=req.request_id,
+                prompt=None,
+                prompt_token_ids=req.prompt_token_ids,
+                outputs=[sample],
+                prompt_logprobs=req.prompt_logprobs,
+                prompt_token_ranks=req.prompt_ranks,
+                num_preemptions=req.num_preemptions,
+                num_generated_tokens=len(req.output_token_ids),
             )
+            parent_id, index = self.parent_of(req.request_id)
+            if parent_id != req.request_id:  # a sample: its request finishes with its last sample
+                out = self._parents[parent_id].add(index, out)
+                if out is None:
+                    continue
+                del self._parents[parent_id]
+            outputs.append(out)
         return outputs

@@ -29,7 +29,8 @@ class Prepared:
 
     @property
     def max_tokens(self) -> int:
-        return self.params.max_tokens
+        """The most tokens the row can generate: max_tokens for each of its samples (n, or best_of)."""
+        return self.params.max_tokens * self.params.num_samples
 
 
 TASKS = ("generate", "score")
@@ -37,9 +38,13 @@ TASKS = ("generate", "score")
 
 class Preprocessor:
     def __init__(self, tokenizer, max_model_len: int, vocab_size: int, sampling_defaults: dict,
-                 context_overflow: str = "error", grammars=None, task: str = "generate") -> None:
+                 context_overflow: str = "error", grammars=None, task: str = "generate",
+                 max_num_seqs: int | None = None) -> None:
         """``task``: "generate", or "score" (``tokenmill run --task score``: each row's prompt, or its continuation
-        after the prompt, is scored by the model; the rows' sampling fields do not apply)."""
+        after the prompt, is scored by the model; the rows' sampling fields do not apply). ``max_num_seqs``: when
+        given (the server's), a request whose samples (n, best_of) cannot all run at once is refused; a job runs
+        them as room allows."""
+        self.max_num_seqs = max_num_seqs
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
         self.task = task
@@ -151,6 +156,10 @@ class Preprocessor:
             params = SamplingParams.from_dict(values)
         except (ValueError, TypeError) as e:
             raise JobError("invalid_sampling", f"line {r.line_no}: {e}", r.record_id, openai) from None
+        if self.max_num_seqs is not None and params.num_samples > self.max_num_seqs:
+            which = "best_of" if params.best_of is not None else "n"
+            raise JobError("invalid_sampling", f"line {r.line_no}: {which}={params.num_samples} samples cannot run at "
+                           f"once: max_num_seqs is {self.max_num_seqs}", r.record_id, openai)
         if params.structured is not None and self.grammars is not None:
             try:
                 self.grammars.compile(params.structured)

@@ -37,7 +37,7 @@ ERROR_CODES = {
     "invalid_sampling": "a sampling value is out of range or of the wrong type",
     "unsupported_url": "the OpenAI url is not one this command serves (run: chat/completions; embed: embeddings)",
     "unsupported_method": "the OpenAI method is not POST",
-    "unsupported_n": "n > 1 (or several embedding inputs on one line) is not supported",
+    "unsupported_n": "several embedding inputs on one line are not supported",
     "invalid_body": "the OpenAI body is missing, not an object, or holds an unsupported value",
     "unsupported_field": "the OpenAI body asks for something tokenmill does not do (tools, ...)",
     "invalid_structured_output": "response_format / structured_outputs is malformed, or its schema, regex or grammar "
@@ -54,7 +54,7 @@ ERROR_CODES = {
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "n")
 VLLM_SAMPLING_KEYS = ("top_k", "ignore_eos")  # vLLM's extensions of the OpenAI body, honoured the same way
 
 
@@ -87,6 +87,7 @@ class JobRequest:
     echo: bool = False  # completions: the prompt (and, with logprobs, its tokens' logprobs) precede the completion
     continuation: str | None = None  # score jobs: the text scored after the prompt (the prompt is then its context)
     score_only: bool = False  # echo with max_tokens 0: the prompt scored, nothing generated (one token runs, unused)
+    prompt_logprobs: int | None = None  # vLLM's body field: the response carries the prompt tokens' logprobs (top K)
 
     @property
     def id_key(self) -> str:
@@ -182,7 +183,7 @@ def _parse_plain(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
     if has_prompt == has_messages:
         which = "both prompt and messages" if has_prompt else "neither prompt nor messages"
         raise JobError("missing_input", f"line {line_no}: has {which}; give exactly one", rid)
-    sampling = {k: obj[k] for k in SAMPLING_KEYS if k in obj}
+    sampling = {k: obj[k] for k in SAMPLING_KEYS + ("best_of",) if k in obj}
     _structured(obj, sampling, line_no, rid, openai=False)
     _check_sampling(sampling, line_no, rid, openai=False)
     if has_messages:
@@ -198,9 +199,9 @@ def _parse_plain(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
 # OpenAI body fields tokenmill honours (beyond the sampling keys), and fields it accepts only at their default value.
 _BODY_FIELDS = {
     CHAT_URL: {"model", "messages", "max_completion_tokens", "n", "logprobs", "top_logprobs", "user", "metadata",
-               "store", "service_tier", "stream", "response_format", "structured_outputs"},
+               "store", "service_tier", "stream", "response_format", "structured_outputs", "prompt_logprobs"},
     COMPLETIONS_URL: {"model", "prompt", "n", "logprobs", "user", "stream", "echo", "best_of", "suffix",
-                      "response_format", "structured_outputs"},
+                      "response_format", "structured_outputs", "prompt_logprobs"},
 }
 
 
@@ -221,7 +222,7 @@ def _structured(obj: dict, sampling: dict, line_no: int, rid: Any, openai: bool)
         raise JobError("invalid_structured_output", f"line {line_no}: {where}{name}{e}", rid, openai) from None
     sampling["structured"] = spec
 _DEFAULT_ONLY = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},), "stream": (False,),
-                 "best_of": (1,), "suffix": ("",), "parallel_tool_calls": (True, False)}
+                 "suffix": ("",), "parallel_tool_calls": (True, False)}
 
 
 def _check_body_fields(body: dict, url: str, line_no: int, rid: Any) -> None:
@@ -276,11 +277,9 @@ def _parse_openai(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
     body = obj.get("body")
     if not isinstance(body, dict):
         raise JobError("invalid_body", f"line {line_no}: body must be an object", rid, True)
-    n = body.get("n")
-    if n is not None and not (type(n) is int and n == 1):
-        raise JobError("unsupported_n", f"line {line_no}: n={json.dumps(n)[:40]}; only n=1 is supported", rid, True)
     _check_body_fields(body, url, line_no, rid)
-    sampling = {k: body[k] for k in SAMPLING_KEYS + VLLM_SAMPLING_KEYS if k in body and body[k] is not None}
+    keys = SAMPLING_KEYS + VLLM_SAMPLING_KEYS + (("best_of",) if url == COMPLETIONS_URL else ())
+    sampling = {k: body[k] for k in keys if k in body and body[k] is not None}
     if body.get("max_completion_tokens") is not None:
         sampling["max_tokens"] = body["max_completion_tokens"]
     logprobs = _logprobs_request(body, url, line_no, rid)
@@ -291,17 +290,27 @@ def _parse_openai(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
         checked = {**sampling, "max_tokens": 1}  # max_tokens 0 is a score-only echo (_echo)
     else:
         checked = sampling
+    vllm_prompt = body.get("prompt_logprobs")
+    if vllm_prompt is not None:
+        if type(vllm_prompt) is not int or not 0 <= vllm_prompt <= MAX_LOGPROBS:
+            raise JobError("invalid_body", f"line {line_no}: body.prompt_logprobs must be an integer in [0, "
+                           f"{MAX_LOGPROBS}], got {json.dumps(vllm_prompt)[:40]}", rid, True)
+        sampling["prompt_logprobs"] = max(vllm_prompt, sampling.get("prompt_logprobs") or 0)
+        checked = {**checked, "prompt_logprobs": sampling["prompt_logprobs"]}
     _check_sampling(checked, line_no, rid, openai=True)
     if url == CHAT_URL:
         if "messages" not in body:
             raise JobError("missing_input", f"line {line_no}: a chat completion body needs messages", rid, True)
         prompt = _render_chat(body["messages"], line_no, rid, apply_chat_template, openai=True)
-        return JobRequest(line_no, rid, "openai_chat", prompt, sampling, True)
+        return JobRequest(line_no, rid, "openai_chat", prompt, sampling, True, prompt_logprobs=vllm_prompt)
     if "prompt" not in body:
         raise JobError("missing_input", f"line {line_no}: a completion body needs prompt", rid, True)
     prompt = _check_prompt(body["prompt"], line_no, rid, openai=True)
     echo, score_only = _echo(body, sampling, logprobs, line_no, rid)
-    return JobRequest(line_no, rid, "openai_completion", prompt, sampling, False, echo=echo, score_only=score_only)
+    if vllm_prompt is not None:
+        sampling["prompt_logprobs"] = max(vllm_prompt, sampling.get("prompt_logprobs") or 0)
+    return JobRequest(line_no, rid, "openai_completion", prompt, sampling, False, echo=echo, score_only=score_only,
+                      prompt_logprobs=vllm_prompt)
 
 
 def _echo(body: dict, sampling: dict, logprobs: int | None, line_no: int, rid: Any) -> tuple[bool, bool]:

@@ -10,17 +10,20 @@ from functools import lru_cache
 from tokenmill.jobs.records import JobRequest, id_key
 
 
-def result_record(req: JobRequest, text: str, finish_reason: str, prompt_tokens: int, output_tokens: int,
-                  model_name: str, logprobs: dict | None = None) -> dict:
-    """``logprobs``: the choice's ``logprobs`` object (``openai_logprobs``) for OpenAI lines that asked for it."""
+def result_record(req: JobRequest, choices: list[tuple[str, str, dict | None]], prompt_tokens: int,
+                  output_tokens: int, model_name: str, prompt_logprobs: list | None = None) -> dict:
+    """``choices``: per sample, (text, finish_reason, its ``logprobs`` object or None), in index order (one unless
+    the line asked for ``n`` > 1). A plain line with several samples gets ``completions`` / ``finish_reasons``
+    lists instead of ``completion`` / ``finish_reason``. ``prompt_logprobs`` (vLLM's field, ``vllm_prompt_logprobs``)
+    goes on every completions choice, or on a chat body, as vLLM places it."""
     if req.kind == "plain":
-        return {
-            "id": req.record_id,
-            "completion": text,
-            "finish_reason": finish_reason,
-            "input_tokens": prompt_tokens,
-            "output_tokens": output_tokens,
-        }
+        rec = {"id": req.record_id}
+        if len(choices) == 1:
+            rec.update(completion=choices[0][0], finish_reason=choices[0][1])
+        else:
+            rec.update(completions=[c[0] for c in choices], finish_reasons=[c[1] for c in choices])
+        rec.update(input_tokens=prompt_tokens, output_tokens=output_tokens)
+        return rec
     digest = hashlib.sha256(str(req.record_id).encode()).hexdigest()
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": output_tokens,
              "total_tokens": prompt_tokens + output_tokens}
@@ -31,17 +34,21 @@ def result_record(req: JobRequest, text: str, finish_reason: str, prompt_tokens:
             "object": "chat.completion",
             "created": created,
             "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason, "logprobs": logprobs}],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish, "logprobs": lp} for i, (text, finish, lp) in enumerate(choices)],
             "usage": usage,
         }
+        if prompt_logprobs is not None:
+            body["prompt_logprobs"] = prompt_logprobs
     else:
         body = {
             "id": f"cmpl-{digest[:29]}",
             "object": "text_completion",
             "created": created,
             "model": model_name,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}],
+            "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": lp,
+                         **({"prompt_logprobs": prompt_logprobs} if prompt_logprobs is not None else {})}
+                        for i, (text, finish, lp) in enumerate(choices)],
             "usage": usage,
         }
     return {
@@ -112,23 +119,48 @@ def openai_logprobs(kind: str, token_ids: list[int], steps: list[dict[int, float
             "top_logprobs": tops, "text_offset": offsets}
 
 
-def choice_content(item, out, tokenizer) -> tuple[str, dict | None, int]:
-    """A finished request's choice as an OpenAI body shows it: (text, the ``logprobs`` object or None, completion
-    tokens). With completions' ``echo`` the prompt comes first (its text; with logprobs, its tokens' logprobs, the
-    first one null); a score-only echo (``max_tokens: 0``) leaves out the one token the request generated.
-    ``item``: the Prepared request; ``out``: its RequestOutput."""
+def choice_contents(item, out, tokenizer) -> tuple[list[tuple[str, str, dict | None]], int]:
+    """A finished request's choices as an OpenAI body shows them: per sample (text, finish_reason, the ``logprobs``
+    object or None), and the completion tokens of them all. With completions' ``echo`` the prompt comes first in
+    each (its text; with logprobs, its tokens' logprobs, the first one null); a score-only echo (``max_tokens: 0``)
+    leaves out the one token the request generated. ``item``: the Prepared request; ``out``: its RequestOutput."""
     req, k = item.request, item.params.logprobs
-    gen_ids, gen_steps, text = out.token_ids, out.logprobs, out.text
-    if req.score_only:
-        gen_ids, gen_steps, text = [], [], ""
-    if not req.echo:
-        lp = openai_logprobs(req.kind, gen_ids, gen_steps, k, tokenizer) if k is not None and gen_steps is not None \
-            else None
-        return text, lp, len(gen_ids)
-    prompt_text = req.prompt if isinstance(req.prompt, str) else tokenizer.decode(req.prompt)
-    lp = None
-    if k is not None:
-        prompt_steps = out.prompt_logprobs or [None] * len(item.token_ids)
-        lp = openai_logprobs(req.kind, list(item.token_ids) + list(gen_ids), list(prompt_steps) + list(gen_steps or []),
-                             k, tokenizer)
-    return prompt_text + text, lp, len(gen_ids)
+    choices, completion_tokens = [], 0
+    prompt_text = None
+    if req.echo:
+        prompt_text = req.prompt if isinstance(req.prompt, str) else tokenizer.decode(req.prompt)
+    for sample in out.outputs:
+        gen_ids, gen_steps, text = sample.token_ids, sample.logprobs, sample.text
+        if req.score_only:
+            gen_ids, gen_steps, text = [], [], ""
+        completion_tokens += len(gen_ids)
+        lp = None
+        if not req.echo:
+            if k is not None and gen_steps is not None:
+                lp = openai_logprobs(req.kind, gen_ids, gen_steps, k, tokenizer)
+            choices.append((text, sample.finish_reason, lp))
+            continue
+        if k is not None:
+            prompt_steps = out.prompt_logprobs or [None] * len(item.token_ids)
+            lp = openai_logprobs(req.kind, list(item.token_ids) + list(gen_ids),
+                                 list(prompt_steps) + list(gen_steps or []), k, tokenizer)
+        choices.append((prompt_text + text, sample.finish_reason, lp))
+    return choices, completion_tokens
+
+
+def vllm_prompt_logprobs(item, out, tokenizer) -> list | None:
+    """vLLM's ``prompt_logprobs`` response field, for a line whose body asked for it (K): per prompt token, None for
+    the first, else ``{token id: {"logprob", "rank", "decoded_token"}}`` for the token itself and the K most likely
+    ones (ranks 1 = most likely); None when the line did not ask."""
+    k = item.request.prompt_logprobs
+    if k is None or out.prompt_logprobs is None:
+        return None
+    rows: list = [None]
+    for i in range(1, len(item.token_ids)):
+        step, tok = out.prompt_logprobs[i], item.token_ids[i]
+        top = sorted(step.items(), key=lambda kv: -kv[1])[:k]
+        ranked = {t: r for r, (t, _) in enumerate(top, 1)}
+        ranked[tok] = out.prompt_token_ranks[i]
+        rows.append({str(t): {"logprob": step[t], "rank": r, "decoded_token": tokenizer.decode([t])}
+                     for t, r in ranked.items()})
+    return rows

@@ -32,7 +32,7 @@ from tokenmill.jobs.planner import MemoryPlan, plan_memory
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
 from tokenmill.jobs.progress import Progress, StopFlag
 from tokenmill.jobs.pump import RequestPump
-from tokenmill.jobs.results import choice_content, output_id_key, result_record
+from tokenmill.jobs.results import choice_contents, output_id_key, result_record, vllm_prompt_logprobs
 from tokenmill.jobs.scan import error_in_partition, iter_todo, partition_members, scan
 from tokenmill.jobs.skeleton import (
     ErrorRecords,
@@ -124,10 +124,11 @@ def output_record(item: Prepared, out, model_name: str, tokenizer, score_tokens:
     if item.score_from is not None:
         return score_record(item, out, score_tokens)
     if req.kind == "plain":
-        return result_record(req, out.text, out.finish_reason, out.num_prompt_tokens, out.num_completion_tokens,
-                             model_name)
-    text, logprobs, completion_tokens = choice_content(item, out, tokenizer)
-    return result_record(req, text, out.finish_reason, out.num_prompt_tokens, completion_tokens, model_name, logprobs)
+        choices = [(s.text, s.finish_reason, None) for s in out.outputs]
+        return result_record(req, choices, out.num_prompt_tokens, out.num_completion_tokens, model_name)
+    choices, completion_tokens = choice_contents(item, out, tokenizer)
+    return result_record(req, choices, out.num_prompt_tokens, completion_tokens, model_name,
+                         vllm_prompt_logprobs(item, out, tokenizer))
 
 
 def score_record(item: Prepared, out, score_tokens: bool) -> dict:
@@ -328,12 +329,12 @@ class _Run:
         self.results.write(output_record(item, out, self.ctx.model_name, self.engine.tokenizer, self.opts.score_tokens))
         self.done += 1
         self.run_prompt += out.num_prompt_tokens
-        self.run_gen += out.num_completion_tokens if item.score_from is None else 0  # a score row's token is unused
-        self.run_max += item.params.max_tokens
-        if item.params.structured is not None and out.finish_reason == "length":
+        self.run_gen += out.num_generated_tokens if item.score_from is None else 0  # a score row's token is unused
+        self.run_max += item.max_tokens
+        if item.params.structured is not None and any(s.finish_reason == "length" for s in out.outputs):
             self.structured_cut += 1
         self.remaining_prompt -= out.num_prompt_tokens
-        self.remaining_max -= item.params.max_tokens
+        self.remaining_max -= item.max_tokens
 
     def _complete(self, scanned) -> None:
         """Results in input order (rewritten once, atomically), errors in line order, no empty errors file."""

@@ -75,7 +75,8 @@ class ServerState:
             p = engine.model_path
             self.model_name = self.settings.served_model_name or (p.stem if p.suffix == ".gguf" else p.name)
             self.pre = Preprocessor(engine.tokenizer, engine.config.max_model_len, engine.model_config.vocab_size,
-                                    {"max_tokens": engine.config.max_model_len}, grammars=engine.grammars)
+                                    {"max_tokens": engine.config.max_model_len}, grammars=engine.grammars,
+                                    max_num_seqs=engine.config.max_num_seqs)
             if self.settings.embedding_model:
                 from tokenmill.embed.embedder import Embedder
 
@@ -262,15 +263,17 @@ async def _complete(state: ServerState, engine: AsyncEngine, req, stream, reques
 
 async def _stream(state: ServerState, engine: AsyncEngine, req, stream):
     """Server-sent events: a first chunk (the role, for chat), text deltas, a final chunk with the finish reason,
-    the usage chunk when asked, then [DONE]. A client that disconnects cancels this generator: the request is
-    aborted and its KV blocks freed."""
+    the usage chunk when asked, then [DONE]; with n > 1 each choice's chunks carry its index (its text deltas as its
+    tokens come, every final chunk when the last sample ends). A client that disconnects cancels this generator:
+    the request is aborted and its KV blocks freed."""
     name = state.model_name
-    detok = IncrementalDetokenizer(state.engine.engine.tokenizer, req.prepared.token_ids,
-                                   req.prepared.params.stop)
+    detoks = [IncrementalDetokenizer(state.engine.engine.tokenizer, req.prepared.token_ids, req.prepared.params.stop)
+              for _ in range(req.prepared.params.n)]
     done = False
     try:
         if req.is_chat:
-            yield sse(chunk(req, name, "", first=True))
+            for i in range(len(detoks)):
+                yield sse(chunk(req, name, "", first=True, index=i))
         while True:
             event = await stream.queue.get()
             if event.error:
@@ -278,14 +281,15 @@ async def _stream(state: ServerState, engine: AsyncEngine, req, stream):
                 done = True
                 return
             if event.output is None:
-                text = detok.add(event.token_ids)
+                text = detoks[event.index].add(event.token_ids)
                 if text:
-                    yield sse(chunk(req, name, text))
+                    yield sse(chunk(req, name, text, index=event.index))
                 continue
             out = event.output
-            rest = detok.finish(out.text)  # the final text is cut at a stop string: take the rest from it
             done = True
-            yield sse(chunk(req, name, rest or None, out.finish_reason))
+            for sample in out.outputs:  # the final text is cut at a stop string: take the rest from it
+                rest = detoks[sample.index].finish(sample.text)
+                yield sse(chunk(req, name, rest or None, sample.finish_reason, index=sample.index))
             if req.include_usage:
                 yield sse(usage_chunk(req, name, out))
             yield sse("[DONE]")

@@ -39,6 +39,7 @@ class EngineDead(Exception):
 @dataclass
 class StreamEvent:
     token_ids: list[int] = field(default_factory=list)
+    index: int = 0  # the sample the tokens belong to (a request with n > 1)
     output: RequestOutput | None = None  # set on the last event of a finished request
     error: str | None = None  # set when the engine died
 
@@ -173,24 +174,29 @@ class AsyncEngine:
         m.prefix_hits.labels(name).inc(st.prefix_cache_hits - before_h)
         with self._cv:
             streams = dict(self._streams)
+        parent_of = self.engine.parent_of  # a request with n > 1 runs as samples with ids of their own
         for rid in result.scheduled_ids:
-            s = streams.get(rid)
+            s = streams.get(parent_of(rid)[0])
             if s is not None and s.scheduled is None:
                 s.scheduled = now
                 m.queue_time.labels(name).observe(now - s.arrival)
         finished = {out.request_id: out for out in result.finished}
         deliveries: dict[asyncio.AbstractEventLoop, list] = {}  # one wake-up of each event loop per step
+        stepped: set[str] = set()
         for rid, token in result.new_token_ids.items():
-            s = streams.get(rid)
+            parent, index = parent_of(rid)
+            s = streams.get(parent)
             if s is None:
                 continue
-            if s.last_token is None:
-                m.ttft.labels(name).observe(now - s.arrival)
-            else:
-                m.itl.labels(name).observe(now - s.last_token)
-            s.last_token = now
-            if rid not in finished:
-                deliveries.setdefault(s.loop, []).append((s.queue, StreamEvent([token])))
+            if parent not in stepped:  # one TTFT / inter-token gap per request and step, whatever its n
+                stepped.add(parent)
+                if s.last_token is None:
+                    m.ttft.labels(name).observe(now - s.arrival)
+                else:
+                    m.itl.labels(name).observe(now - s.last_token)
+                s.last_token = now
+            if parent not in finished:  # a finished request's texts come whole with its output
+                deliveries.setdefault(s.loop, []).append((s.queue, StreamEvent([token], index)))
         for rid, out in finished.items():
             s = self._pop(rid)
             if s is None:

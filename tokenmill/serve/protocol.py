@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
 from tokenmill.jobs.records import CHAT_URL, JobError
-from tokenmill.jobs.results import choice_content, result_record
+from tokenmill.jobs.results import choice_contents, result_record, vllm_prompt_logprobs
 
 
 class ApiError(Exception):
@@ -98,6 +98,13 @@ def parse_generation(body, url: str, pre: Preprocessor, model_names: set[str]) -
     [(_, item)] = pre.process([(0, line)])
     if isinstance(item, JobError):
         raise ApiError(400, _LINE_PREFIX.sub("", item.message), code=item.code)
+    if stream and item.params.logprobs is not None:  # chunks carry no logprobs yet: refused, never dropped
+        raise ApiError(400, "logprobs cannot be streamed yet; use stream: false", param="stream")
+    if stream and item.request.prompt_logprobs is not None:
+        raise ApiError(400, "prompt_logprobs cannot be streamed yet; use stream: false", param="stream")
+    if stream and item.params.num_samples > item.params.n:
+        raise ApiError(400, "best_of > n cannot be streamed (the best samples are known only at the end); use "
+                            "stream: false", param="stream")
     return GenerationRequest(item, stream, bool(options and options.get("include_usage")), request_id,
                              int(time.time()))
 
@@ -109,13 +116,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def final_body(req: GenerationRequest, out, model_name: str, tokenizer) -> dict:
     """The non-streamed response: the same body a `tokenmill run` OpenAI line gets (echo and logprobs included)."""
-    text, logprobs, completion_tokens = choice_content(req.prepared, out, tokenizer)
-    record = result_record(req.prepared.request, text, out.finish_reason, out.num_prompt_tokens, completion_tokens,
-                           model_name, logprobs)
+    choices, completion_tokens = choice_contents(req.prepared, out, tokenizer)
+    record = result_record(req.prepared.request, choices, out.num_prompt_tokens, completion_tokens, model_name,
+                           vllm_prompt_logprobs(req.prepared, out, tokenizer))
     body = record["response"]["body"]
     body["id"] = req.request_id
     body["created"] = req.created
-    body["choices"][0]["index"] = req.index
+    for choice in body["choices"]:  # a list of prompts: prompt p's n choices are p*n .. p*n + n-1, as OpenAI's
+        choice["index"] += req.index * len(choices)
     return body
 
 
@@ -131,14 +139,14 @@ def merged_body(reqs: list[GenerationRequest], bodies: list[dict]) -> dict:
 
 
 def chunk(req: GenerationRequest, model_name: str, text: str | None, finish_reason: str | None = None,
-          first: bool = False) -> dict:
-    """One streamed ``chat.completion.chunk`` / ``text_completion`` object."""
+          first: bool = False, index: int = 0) -> dict:
+    """One streamed ``chat.completion.chunk`` / ``text_completion`` object, for choice ``index``."""
     if req.is_chat:
         delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         obj = "text_completion"
     return {"id": req.request_id, "object": obj, "created": req.created, "model": model_name, "choices": [choice]}
 
