@@ -50,6 +50,31 @@ def test_two_ranks_equal_one_and_transformers(tmp_path, arch):
         assert_greedy_equal(ours, ref, ref_logits, f"{arch} tp=2")
 
 
+def test_prompt_logprobs_with_two_ranks_equal_one(tmp_path):
+    """Rank 0 sends the prompt-logprob rows with the step; rank 1 runs the same LM-head passes over them."""
+    save_tiny_model("llama", tmp_path / "m")
+    prompts = _prompts(256, n=6)
+    params = [SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=[0, 3, None][i % 3]) for i in range(6)]
+    options = dict(max_num_batched_tokens=32, max_num_seqs=4, num_kv_blocks=64, block_size=4)  # chunked prefill
+    one = LLM(str(tmp_path / "m"), **options).generate(prompts, params, use_tqdm=False)
+    llm = LLM(str(tmp_path / "m"), tensor_parallel_size=2, **options)
+    try:
+        two = llm.generate(prompts, params, use_tqdm=False)
+        scores = llm.engine.score_batch(prompts[:2])
+    finally:
+        llm.close()
+    for a, b, p in zip(one, two, params):
+        assert a.token_ids == b.token_ids and a.prompt_token_ranks == b.prompt_token_ranks
+        if p.prompt_logprobs is None:
+            assert b.prompt_logprobs is None
+            continue
+        for ea, eb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert ea.keys() == eb.keys() and all(abs(ea[t] - eb[t]) < 1e-5 for t in ea)
+    for got, out in zip(scores, one[:2]):
+        want = [e[t] for e, t in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])]
+        assert max(abs(x - y) for x, y in zip(got, want)) < 1e-5
+
+
 def test_a_split_that_does_not_divide_is_one_clear_error(tmp_path):
     save_tiny_model("llama", tmp_path / "m", num_attention_heads=6, num_key_value_heads=3, hidden_size=48)
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2 must divide num_key_value_heads \(3\)"):

@@ -142,8 +142,6 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r}: {problem}")
         if request_id in self.scheduler.requests or request_id in self._parents:
             raise ValueError(f"request {request_id!r} is already in the engine")
-        if sampling_params.prompt_logprobs is not None and self.tp_workers is not None:
-            raise ValueError(f"request {request_id!r}: prompt_logprobs do not run with tensor_parallel_size > 1 yet")
         if sampling_params.structured is not None:
             try:
                 self.grammars.compile(sampling_params.structured)

@@ -24,7 +24,7 @@ from tokenmill.model.sampler import Sampler
 from tokenmill.parallel.group import TPGroup
 from tokenmill.structured.backend import GrammarBackend, StructuredState
 from tokenmill.worker.memory import kv_cache_dtype
-from tokenmill.worker.prompt_logprobs import prompt_logprobs
+from tokenmill.worker.prompt_logprobs import flat_rows, follow_rows, prompt_logprobs, wanted_rows
 from tokenmill.worker.step_inputs import StepBuffers, StepInputs, StepShape
 
 STOP, STEP = 0, 1  # the commands rank 0 broadcasts to tensor-parallel workers
@@ -82,15 +82,16 @@ class ModelRunner:
         num_decodes = sum(1 for s in chunks if s.num_scheduled_tokens == 1)
 
         step = self.buffers.fill(chunks, self.block_size)  # one host-to-device copy (none on CPU)
+        wanted = wanted_rows(chunks, step.query_start_loc_list)  # rows whose prompt logprobs a request asked for
         if self.tp.size > 1:
-            self._send_step(self.buffers.shape, num_decodes)
+            self._send_step(self.buffers.shape, num_decodes, flat_rows(wanted))
         sampling = [(i, s) for i, s in enumerate(chunks) if s.samples]
         ids = [s.request_id for _, s in sampling]
         params = [s.request.sampling_params for _, s in sampling]
         # the grammar masks of this step's constrained rows are filled while the model runs
         masks = self.structured.start_masks(ids, params) if self.structured is not None else None
         hidden = self._forward(step, num_decodes)  # [num_tokens, hidden]
-        prompt_lp = prompt_logprobs(self.model, chunks, step.query_start_loc_list, hidden)  # requests that ask
+        prompt_lp = prompt_logprobs(self.model, wanted, hidden)
         if not sampling:
             return ModelRunnerOutput({}, prompt_logprobs=prompt_lp)
         logits = self.model.compute_logits(hidden[step.sample_rows], as_float32=False)  # [num_sampled, vocab]
@@ -132,14 +133,18 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- tensor parallel
     def _header(self) -> torch.Tensor:
-        return torch.empty(9, dtype=torch.int64, device=self.buffers.dev.device)
+        return torch.empty(10, dtype=torch.int64, device=self.buffers.dev.device)
 
-    def _send_step(self, shape: StepShape, num_decodes: int) -> None:
+    def _send_step(self, shape: StepShape, num_decodes: int, prompt_rows: list[int]) -> None:
+        """The step's header (shape, decodes, buffer capacity, how many prompt-logprob rows), its integer inputs,
+        then the prompt-logprob rows, if any."""
         header = self._header()
         header.copy_(torch.tensor([STEP, shape.num_tokens, shape.num_reqs, shape.width, shape.num_sampled,
-                                   num_decodes, *self.buffers.capacity()]))
+                                   num_decodes, len(prompt_rows), *self.buffers.capacity()]))
         self.tp.broadcast(header)
         self.tp.broadcast(self.buffers.dev[: self.buffers.used(shape)])
+        if prompt_rows:
+            self.tp.broadcast(torch.tensor(prompt_rows, dtype=torch.int64, device=self.buffers.dev.device))
 
     def stop_followers(self) -> None:
         """Ends the ``follow`` loops of ranks 1..N-1 (rank 0, once, when the engine closes)."""
@@ -153,7 +158,7 @@ class ModelRunner:
         while True:
             header = self._header()
             self.tp.broadcast(header)
-            cmd, t, r, w, n_sampled, num_decodes, *capacity = header.tolist()
+            cmd, t, r, w, n_sampled, num_decodes, n_prompt_rows, *capacity = header.tolist()
             if cmd == STOP:
                 return
             buffers.ensure_capacity(tuple(capacity))
@@ -163,7 +168,13 @@ class ModelRunner:
             if buffers.dev is not buffers.host:
                 buffers.host[:used].copy_(buffers.dev[:used])  # the host views attention's metadata reads
             step = buffers.views(shape)
+            prompt_rows = None
+            if n_prompt_rows:
+                prompt_rows = torch.empty(n_prompt_rows, dtype=torch.int64, device=buffers.dev.device)
+                self.tp.broadcast(prompt_rows)
             hidden = self._forward(step, num_decodes)
+            if prompt_rows is not None:
+                follow_rows(self.model, hidden, prompt_rows)
             if n_sampled:  # the LM head's all-gather meets rank 0's
                 self.model.compute_logits(hidden[step.sample_rows], as_float32=False)
 

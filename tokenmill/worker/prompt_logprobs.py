@@ -6,6 +6,9 @@ s + 1 .. min(s + n, prompt_len - 1) (the last prompt token's row samples the fir
 request). The LM head runs on those rows 256 at a time in float32: each token's logprob, its rank among the whole
 vocabulary (1 = the most likely) and the top K. The scheduler appends them to the request (``Request.
 add_prompt_logprobs`` skips positions already recorded, so a recomputed chunk adds nothing twice).
+
+Under tensor parallelism the LM head's all-gather needs every rank: rank 0 sends the rows (``wanted_rows``) with
+the step, and ranks 1..N-1 run the same head passes over them (``follow_rows``).
 """
 
 from __future__ import annotations
@@ -15,12 +18,10 @@ import torch
 ROWS_PER_PASS = 256  # bounds the [rows, vocab] float32 logits held at once
 
 
-@torch.inference_mode()
-def prompt_logprobs(model, chunks, query_start_loc: list[int], hidden: torch.Tensor) -> dict:
-    """``chunks``: the step's ScheduledRequests in the flat batch's order (``query_start_loc`` their row offsets);
-    ``hidden`` [num_tokens, hidden]. Returns request_id -> (first token position, entries, ranks), where an entry is
-    {the token: its logprob, each top-K token: its logprob}; {} when no chunk asks."""
-    wanted = []  # (request_id, first target position, flat rows, target token ids, top-k)
+def wanted_rows(chunks, query_start_loc: list[int]) -> list[tuple]:
+    """``chunks``: the step's ScheduledRequests in the flat batch's order (``query_start_loc`` their row offsets).
+    Per chunk that asks: (request_id, first target position, its flat rows, the target token ids, K)."""
+    wanted = []
     for i, s in enumerate(chunks):
         k = s.request.sampling_params.prompt_logprobs
         if k is None:
@@ -31,11 +32,28 @@ def prompt_logprobs(model, chunks, query_start_loc: list[int], hidden: torch.Ten
             row0 = query_start_loc[i]
             wanted.append((s.request_id, start + 1, range(row0, row0 + end - start),
                            s.request.all_token_ids[start + 1:end + 1], k))
+    return wanted
+
+
+def flat_rows(wanted: list[tuple]) -> list[int]:
+    return [r for w in wanted for r in w[2]]
+
+
+@torch.inference_mode()
+def follow_rows(model, hidden: torch.Tensor, rows: torch.Tensor) -> None:
+    """A tensor-parallel worker's share: the LM head over ``rows`` in rank 0's passes (their all-gathers meet)."""
+    for a in range(0, rows.numel(), ROWS_PER_PASS):
+        model.compute_logits(hidden[rows[a:a + ROWS_PER_PASS]])
+
+
+@torch.inference_mode()
+def prompt_logprobs(model, wanted: list[tuple], hidden: torch.Tensor) -> dict:
+    """``wanted``: ``wanted_rows``'s; ``hidden`` [num_tokens, hidden]. Returns request_id -> (first token position,
+    entries, ranks), where an entry is {the token: its logprob, each top-K token: its logprob}; {} when no chunk
+    asks."""
     if not wanted:
         return {}
-    if model.tp.size > 1:
-        raise RuntimeError("prompt logprobs do not run with tensor_parallel_size > 1 yet")
-    rows = torch.tensor([r for w in wanted for r in w[2]], dtype=torch.int64, device=hidden.device)
+    rows = torch.tensor(flat_rows(wanted), dtype=torch.int64, device=hidden.device)
     targets = torch.tensor([t for w in wanted for t in w[3]], dtype=torch.int64, device=hidden.device)
     k_max = max(w[4] for w in wanted)
     chosen, ranks, top_v, top_i = [], [], [], []
