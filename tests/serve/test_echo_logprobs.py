@@ -108,6 +108,26 @@ def test_n_and_best_of_choices(server):
                 finishes[choice.index] = finishes.get(choice.index, []) + [choice.finish_reason]
     assert texts == {ch.index: ch.message.content for ch in chat.choices}
     assert finishes == {ch.index: [ch.finish_reason] for ch in chat.choices}
+    # streamed with logprobs: per choice, the chunks' logprobs join into the non-streamed choice's
+    kw = dict(model=chat.model, messages=msgs, n=2, max_tokens=6, temperature=1.0, seed=3, logprobs=True,
+              top_logprobs=2)
+    whole = c.chat.completions.create(**kw)
+    joined = {}
+    for ch in c.chat.completions.create(**kw, stream=True):
+        for choice in ch.choices:
+            if choice.logprobs is not None:
+                joined.setdefault(choice.index, []).extend(choice.logprobs.content)
+    for choice in whole.choices:
+        assert [(t.token, round(t.logprob, 4), [a.token for a in t.top_logprobs]) for t in joined[choice.index]] == \
+            [(t.token, round(t.logprob, 4), [a.token for a in t.top_logprobs]) for t in choice.logprobs.content]
+    kw = dict(model=chat.model, prompt="Once upon a time", max_tokens=7, temperature=0, logprobs=1)
+    whole = c.completions.create(**kw).choices[0].logprobs
+    tokens, offsets = [], []
+    for ch in c.completions.create(**kw, stream=True):
+        if ch.choices and ch.choices[0].logprobs is not None:
+            tokens += ch.choices[0].logprobs.tokens
+            offsets += ch.choices[0].logprobs.text_offset
+    assert tokens == whole.tokens and offsets == whole.text_offset
     # a list of prompts with n = 2: prompt p's choices are 2p and 2p + 1
     cmpl = c.completions.create(model=chat.model, prompt=["The sky is", "Grass is"], n=2, best_of=3, max_tokens=4,
                                 temperature=1.0, seed=5)

@@ -164,7 +164,7 @@ def test_bad_requests_get_400_with_an_openai_error_body(server):
         (None, b"{not json", "not valid JSON"),
         ({**chat, "model": "gpt-9"}, None, "does not exist"),
         ({**chat, "temperature": -1}, None, "temperature"),
-        ({**chat, "n": 2, "stream": True, "logprobs": True}, None, "logprobs"),
+        ({**chat, "n": 2, "best_of": 3, "stream": True}, None, "best_of"),
         ({**chat, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no"}}}},
          None, "invalid json"),
         ({**chat, "response_format": {"type": "xml"}}, None, "response_format"),

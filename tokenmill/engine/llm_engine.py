@@ -39,6 +39,7 @@ class StepResult:
     new_token_ids: dict[str, int]  # request id -> the token this step sampled for it (a request with n > 1: each
     # sample's, under its child id "{request_id}::{i}", see parent_of)
     scheduled_ids: list[str]  # requests that ran in this step (a request's first one ends its queue time)
+    new_logprobs: dict[str, dict[int, float]]  # for the requests that asked for logprobs: their new token's
     num_scheduled_tokens: int
     finished: list[RequestOutput]
 
@@ -269,6 +270,7 @@ class LLMEngine:
         )
         return StepResult(new_token_ids=runner_out.sampled_token_ids,
                           scheduled_ids=[s.request_id for s in sched_out.scheduled],
+                          new_logprobs=runner_out.logprobs,
                           num_scheduled_tokens=sched_out.total_num_scheduled_tokens,
                           finished=self._make_outputs(finished))
 

@@ -36,6 +36,7 @@ from tokenmill.serve.protocol import (
     final_body,
     merged_body,
     parse_generations,
+    StreamLogprobs,
     sse,
     usage_chunk,
 )
@@ -267,8 +268,10 @@ async def _stream(state: ServerState, engine: AsyncEngine, req, stream):
     tokens come, every final chunk when the last sample ends). A client that disconnects cancels this generator:
     the request is aborted and its KV blocks freed."""
     name = state.model_name
-    detoks = [IncrementalDetokenizer(state.engine.engine.tokenizer, req.prepared.token_ids, req.prepared.params.stop)
+    tokenizer = state.engine.engine.tokenizer
+    detoks = [IncrementalDetokenizer(tokenizer, req.prepared.token_ids, req.prepared.params.stop)
               for _ in range(req.prepared.params.n)]
+    owed = StreamLogprobs(req, tokenizer)
     done = False
     try:
         if req.is_chat:
@@ -282,14 +285,16 @@ async def _stream(state: ServerState, engine: AsyncEngine, req, stream):
                 return
             if event.output is None:
                 text = detoks[event.index].add(event.token_ids)
+                owed.add(event.index, event.token_ids, event.logprobs)
                 if text:
-                    yield sse(chunk(req, name, text, index=event.index))
+                    yield sse(chunk(req, name, text, index=event.index, logprobs=owed.take(event.index)))
                 continue
             out = event.output
             done = True
             for sample in out.outputs:  # the final text is cut at a stop string: take the rest from it
                 rest = detoks[sample.index].finish(sample.text)
-                yield sse(chunk(req, name, rest or None, sample.finish_reason, index=sample.index))
+                lp = owed.take(sample.index, sample.token_ids, sample.logprobs)
+                yield sse(chunk(req, name, rest or None, sample.finish_reason, index=sample.index, logprobs=lp))
             if req.include_usage:
                 yield sse(usage_chunk(req, name, out))
             yield sse("[DONE]")

@@ -40,6 +40,7 @@ class EngineDead(Exception):
 class StreamEvent:
     token_ids: list[int] = field(default_factory=list)
     index: int = 0  # the sample the tokens belong to (a request with n > 1)
+    logprobs: list[dict[int, float]] | None = None  # the tokens' logprobs, for a request that asked for them
     output: RequestOutput | None = None  # set on the last event of a finished request
     error: str | None = None  # set when the engine died
 
@@ -196,7 +197,9 @@ class AsyncEngine:
                     m.itl.labels(name).observe(now - s.last_token)
                 s.last_token = now
             if parent not in finished:  # a finished request's texts come whole with its output
-                deliveries.setdefault(s.loop, []).append((s.queue, StreamEvent([token], index)))
+                lp = result.new_logprobs.get(rid)
+                event = StreamEvent([token], index, [lp] if lp is not None else None)
+                deliveries.setdefault(s.loop, []).append((s.queue, event))
         for rid, out in finished.items():
             s = self._pop(rid)
             if s is None:

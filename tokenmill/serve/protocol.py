@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
 from tokenmill.jobs.records import CHAT_URL, JobError
-from tokenmill.jobs.results import choice_contents, result_record, vllm_prompt_logprobs
+from tokenmill.jobs.results import choice_contents, openai_logprobs, result_record, vllm_prompt_logprobs
 
 
 class ApiError(Exception):
@@ -98,8 +98,6 @@ def parse_generation(body, url: str, pre: Preprocessor, model_names: set[str]) -
     [(_, item)] = pre.process([(0, line)])
     if isinstance(item, JobError):
         raise ApiError(400, _LINE_PREFIX.sub("", item.message), code=item.code)
-    if stream and item.params.logprobs is not None:  # chunks carry no logprobs yet: refused, never dropped
-        raise ApiError(400, "logprobs cannot be streamed yet; use stream: false", param="stream")
     if stream and item.request.prompt_logprobs is not None:
         raise ApiError(400, "prompt_logprobs cannot be streamed yet; use stream: false", param="stream")
     if stream and item.params.num_samples > item.params.n:
@@ -139,16 +137,53 @@ def merged_body(reqs: list[GenerationRequest], bodies: list[dict]) -> dict:
 
 
 def chunk(req: GenerationRequest, model_name: str, text: str | None, finish_reason: str | None = None,
-          first: bool = False, index: int = 0) -> dict:
-    """One streamed ``chat.completion.chunk`` / ``text_completion`` object, for choice ``index``."""
+          first: bool = False, index: int = 0, logprobs: dict | None = None) -> dict:
+    """One streamed ``chat.completion.chunk`` / ``text_completion`` object, for choice ``index`` (``logprobs``: its
+    tokens' since the previous chunk, in the shape of the non-streamed choice's)."""
     if req.is_chat:
         delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
     return {"id": req.request_id, "object": obj, "created": req.created, "model": model_name, "choices": [choice]}
+
+
+class StreamLogprobs:
+    """The logprobs a stream owes each choice: its tokens' since the last chunk that carried them (sent with the next
+    chunk that carries text, the rest with the final one); completions' ``text_offset`` counts from the start of
+    the choice's text, as in the non-streamed body."""
+
+    def __init__(self, req: GenerationRequest, tokenizer) -> None:
+        self.k = req.prepared.params.logprobs
+        self.kind, self.tokenizer = req.prepared.request.kind, tokenizer
+        n = req.prepared.params.n
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.steps: list[list[dict]] = [[] for _ in range(n)]
+        self.sent, self.offset = [0] * n, [0] * n
+
+    def add(self, index: int, token_ids: list[int], steps: list[dict] | None) -> None:
+        if self.k is not None:
+            self.ids[index] += token_ids
+            self.steps[index] += steps or [{} for _ in token_ids]
+
+    def take(self, index: int, final_ids: list[int] | None = None, final_steps: list[dict] | None = None):
+        """The owed logprobs object of choice ``index`` (None when the request did not ask, or nothing is owed);
+        at the end pass the sample's own token ids and logprobs, which hold the tokens no event carried."""
+        if self.k is None:
+            return None
+        ids = final_ids if final_ids is not None else self.ids[index]
+        steps = final_steps if final_steps is not None else self.steps[index]
+        start = self.sent[index]
+        if start >= len(ids):
+            return None
+        obj = openai_logprobs(self.kind, ids[start:], steps[start:], self.k, self.tokenizer)
+        self.sent[index] = len(ids)
+        if "text_offset" in obj:
+            obj["text_offset"] = [o + self.offset[index] for o in obj["text_offset"]]
+            self.offset[index] += sum(len(t) for t in obj["tokens"])
+        return obj
 
 
 def usage_chunk(req: GenerationRequest, model_name: str, out) -> dict:
