@@ -73,6 +73,7 @@ def cli_env(xdg_cache_home, smollm2):
 
     env = dict(os.environ)
     env["XDG_CACHE_HOME"] = str(xdg_cache_home)
+    env["XDG_DATA_HOME"] = str(xdg_cache_home.parent / "xdg-data")  # a server's default --state-dir
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

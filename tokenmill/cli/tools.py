@@ -68,12 +68,15 @@ def eval_cmd(model, dtype, quantization, kv_cache_dtype, text_path, context, lim
 @click.option("--gpu-memory-utilization", type=float, default=None, help="Fraction of GPU memory on CUDA (0.90).")
 @click.option("--embedding-model", default=None,
               help="Also serve POST /v1/embeddings with this encoder directory (or `default`: all-MiniLM-L6-v2).")
+@click.option("--state-dir", default=None, type=click.Path(file_okay=False),
+              help="Where uploaded files (/v1/files) and their database live (default: "
+                   "$XDG_DATA_HOME/tokenmill/serve, else ~/.local/share/tokenmill/serve).")
 def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, max_num_batched_tokens, max_wait_ms,
           max_queued_requests, shutdown_timeout, preemption_mode, prefix_caching, device, dtype, quantization,
           max_model_len, kv_cache_memory, kv_cache_dtype, attention_backend, enforce_eager, tensor_parallel_size,
-          gpu_memory_utilization, embedding_model):
+          gpu_memory_utilization, embedding_model, state_dir):
     """An OpenAI-compatible HTTP server on the same engine: /v1/chat/completions, /v1/completions (streaming or
-    not), /v1/embeddings, /v1/models, /health, /metrics."""
+    not), /v1/embeddings, /v1/files, /v1/models, /health, /metrics."""
     from tokenmill.serve.app import ServeSettings
     from tokenmill.serve.app import serve as run_server
 
@@ -94,9 +97,15 @@ def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, m
 
     EngineConfig.from_dict({"model": model, **engine})  # a bad option: one line, exit 2, before binding the port
     resolve_model_path(model)
+    from tokenmill.serve.state_store import default_state_dir
+
+    try:
+        Path(state_dir or default_state_dir()).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--state-dir {state_dir or default_state_dir()}: {e.strerror or e}") from None
     settings = ServeSettings(engine_options={"model": model, **engine}, served_model_name=served_model_name,
                              api_key=api_key, max_wait_ms=max_wait_ms, max_queued_requests=max_queued_requests,
-                             embedding_model=embedding_model)
+                             embedding_model=embedding_model, state_dir=state_dir)
     return run_server(settings, host, port, shutdown_timeout)
 
 

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -52,6 +53,7 @@ class ServeSettings:
     max_wait_ms: float = 0.0
     max_queued_requests: int = 1024
     embedding_model: str | None = None  # a directory, "default", or None
+    state_dir: str | None = None  # the Batch API's files and database (None: state_store.default_state_dir())
 
 
 class ServerState:
@@ -147,6 +149,11 @@ def build_app(settings: ServeSettings) -> FastAPI:
 
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key)
+
+    from tokenmill.serve.files_api import add_file_routes
+    from tokenmill.serve.state_store import StateStore, default_state_dir
+
+    add_file_routes(app, StateStore(Path(settings.state_dir) if settings.state_dir else default_state_dir()))
 
     @app.get("/health")
     async def health():
