@@ -23,10 +23,10 @@ from tokenmill.config import EngineConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
+from tokenmill.engine.parallel_sampling import CHILD_SEP, ParentRequest
 from tokenmill.model.loader import load_model
 from tokenmill.model.weights import weight_bytes
 from tokenmill.ops import Ops, make_ops
-from tokenmill.engine.parallel_sampling import CHILD_SEP, ParentRequest
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SCORE_PARAMS, SamplingParams
 from tokenmill.structured.backend import GrammarBackend
