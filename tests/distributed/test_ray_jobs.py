@@ -136,6 +136,31 @@ def test_smollm2_on_three_nodes_equals_a_single_machine_run(ray_scenario, tmp_pa
     assert single.read_bytes() == out.read_bytes()
 
 
+def test_a_score_job_on_three_nodes_equals_a_single_machine_run(ray_scenario, tmp_path, cli_env):
+    """`--task score` over Ray: each row's logprobs (prompts, and continuations after a context) as a single run's."""
+    rng = random.Random(4)
+    words = "the sea river stone bread violin moon rain falcon harbour".split()
+    rows = [{"id": i, "prompt": " ".join(rng.choice(words) for _ in range(rng.randint(2, 30)))} for i in range(60)]
+    rows += [{"id": f"c{i}", "prompt": "The capital of France is", "continuation": f" {w}"}
+             for i, w in enumerate(words)]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    single = tmp_path / "single.jsonl"
+    p = _cli(cli_env, "run", src, "-o", single, "-q", "--task", "score", "--score-tokens")
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "out.jsonl"
+    r = ray_scenario(out, "run", src, "-o", out, "--task", "score", "--score-tokens", "--shard-size", 16,
+                     "--gpu-hourly-rate", 2)
+    assert r["codes"] == [0], r["stderr"][-1]
+    a = {json.dumps(x["id"]): x for x in map(json.loads, single.read_text().splitlines())}
+    b = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [json.dumps(x["id"]) for x in b] == list(a)  # every row once, in input order
+    for x in b:
+        y = a[json.dumps(x["id"])]
+        assert x["num_tokens"] == y["num_tokens"] and x["is_greedy"] == y["is_greedy"]
+        assert abs(x["logprob"] - y["logprob"]) < 1e-3 and len(x["token_logprobs"]) == x["num_tokens"]
+    assert "per million input tokens" in r["stderr"][-1]  # a score job buys scored tokens
+
+
 def test_embed_on_three_nodes_equals_a_single_machine_run(ray_scenario, tmp_path, cli_env):
     import pyarrow.parquet as pq
 

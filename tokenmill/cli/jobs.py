@@ -90,8 +90,6 @@ def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k
                       score_tokens=score_tokens)
     if score_tokens and task != "score":
         raise UserError("--score-tokens needs --task score")
-    if task == "score" and ray_address is not None:
-        raise UserError("--task score does not run with --ray yet; run it per machine with --partition")
     return run_job("run", opts, ray_address, num_workers, shard_size, max_shard_retries)
 
 

@@ -470,10 +470,11 @@ class _Driver:
                      f"{tokens / wall if wall > 0 else 0:.1f} tok/s total over the cluster")
         if dropped:
             lines.append(f"  {dropped} duplicate rows from an earlier start's workers were dropped in the merge")
-        throughput = (self.run_gen if self.job.name == "run" else self.run_prompt) / wall if wall > 0 else 0.0
+        # what a generation job buys is output tokens; an embed or score job's, its input tokens
+        per_output = self.job.name == "run" and getattr(opts, "task", "generate") != "score"
+        throughput = (self.run_gen if per_output else self.run_prompt) / wall if wall > 0 else 0.0
         billed = opts.num_gpus * max(1, getattr(self, "num_workers", 1))  # every worker, for the whole run
-        lines += summary_tail(opts, self.paths, failed, billed, throughput, wall,
-                              "output" if self.job.name == "run" else "input")
+        lines += summary_tail(opts, self.paths, failed, billed, throughput, wall, "output" if per_output else "input")
         final = self.snapshot()
         final["ray"]["shard_seconds"] = self.shard_seconds[:100_000]
         return finish(self.state, final, lines, opts.quiet, failed)

@@ -23,7 +23,7 @@ class GenerationKind:
         if opts.total_partitions != 1:
             raise JobSetupError("--ray and --partition do not mix: the Ray job spreads the whole input itself")
         self.opts, self.fields = opts, RUN_FIELDS
-        self.ctx = JobContext(opts.model, opts.engine_options, opts.sampling(), opts.context_overflow)
+        self.ctx = JobContext(opts.model, opts.engine_options, opts.sampling(), opts.context_overflow, opts.task)
         self.pre = self.ctx.pre
         self.model_name = self.ctx.model_name
         self.device = self.ctx.config.device
@@ -68,6 +68,7 @@ class GenerationKind:
         options.setdefault("max_num_batched_tokens", plan.recommended_max_num_batched_tokens)
         options.setdefault("num_threads", threads)
         options["model_name"] = self.model_name
+        options["score_tokens"] = self.opts.score_tokens  # --task score: rows scored, records as a single run's
         return options
 
     def finalize(self, paths: JobPaths, store: ShardStore, scanned) -> tuple[int, int]:

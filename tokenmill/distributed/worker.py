@@ -40,7 +40,8 @@ class OutputNotShared(RuntimeError):
 
 class ShardWorker:
     def __init__(self, kind: str, spec: dict, shard_dir: str, probe: str) -> None:
-        """``kind`` "run" or "embed"; ``spec`` the engine options (run: EngineConfig dict plus ``model_name``;
+        """``kind`` "run" or "embed"; ``spec`` the engine options (run: EngineConfig dict plus ``model_name`` and
+        ``score_tokens``;
         embed: Embedder keyword arguments plus ``format`` and ``num_threads``); ``probe`` a file the driver wrote
         into ``shard_dir``, which must be visible here."""
         self.kind, self.spec = kind, dict(spec)
@@ -56,8 +57,9 @@ class ShardWorker:
 
             options = dict(self.spec)
             self.model_name = options.pop("model_name")
+            score_tokens = options.pop("score_tokens", False)
             self.engine = LLMEngine(EngineConfig.from_dict(options))
-            self.loop = _EngineLoop(self.engine, self.model_name)
+            self.loop = _EngineLoop(self.engine, self.model_name, score_tokens)
         else:
             import torch
 
@@ -194,8 +196,8 @@ class _EngineLoop:
     batch while the previous shard's last requests finish. Invariant: a request id is ``<shard>/<line>``, and every
     admitted request is either finished into its shard or aborted with it."""
 
-    def __init__(self, engine, model_name: str) -> None:
-        self.engine, self.model_name = engine, model_name
+    def __init__(self, engine, model_name: str, score_tokens: bool = False) -> None:
+        self.engine, self.model_name, self.score_tokens = engine, model_name, score_tokens
         self.window = 2 * engine.config.max_num_seqs + 64
         self.inbox: queue.Queue = queue.Queue()
         self.shards: dict[str, _Shard] = {}  # in arrival order
@@ -275,9 +277,9 @@ class _EngineLoop:
         if s is None:
             return
         item = s.in_engine.pop(out.request_id)
-        s.records.append(output_record(item, out, self.model_name, self.engine.tokenizer))
+        s.records.append(output_record(item, out, self.model_name, self.engine.tokenizer, self.score_tokens))
         s.prompt += out.num_prompt_tokens
-        s.gen += out.num_generated_tokens
+        s.gen += out.num_generated_tokens if item.score_from is None else 0  # a score row's token is unused
         s.finished_work += out.num_prompt_tokens + item.max_tokens
         if not s.pending and not s.in_engine:
             self._close(s, "done")
