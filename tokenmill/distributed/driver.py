@@ -143,6 +143,7 @@ class _Driver:
         self.total = self.done = 0
         self.shards_total = self.shards_done = 0
         self.run_rows = self.run_prompt = self.run_gen = 0
+        self.run_deduplicated = 0  # committed rows a worker wrote with an identical row's output
         self.shard_seconds: list[float] = []  # committed shards' times (the fleet simulator's input)
         self.queue: ShardQueue | None = None
         self.t_loop = time.perf_counter()
@@ -375,6 +376,7 @@ class _Driver:
             self.run_rows += result["rows"]
             self.run_prompt += result["prompt_tokens"]
             self.run_gen += result["gen_tokens"]
+            self.run_deduplicated += result.get("deduplicated", 0)
             self.shard_seconds.append(round(result["seconds"], 3))
             progress.update(result["rows"], self.postfix)
         else:  # cancelled, or lost the commit race to another copy
@@ -470,6 +472,9 @@ class _Driver:
                      f"{tokens / wall if wall > 0 else 0:.1f} tok/s total over the cluster")
         if dropped:
             lines.append(f"  {dropped} duplicate rows from an earlier start's workers were dropped in the merge")
+        if self.run_deduplicated:
+            lines.append(f"  deduplicated: {self.run_deduplicated:,} rows repeated another row's prompt and sampling "
+                         f"in their shard and were computed once")
         # what a generation job buys is output tokens; an embed or score job's, its input tokens
         per_output = self.job.name == "run" and getattr(opts, "task", "generate") != "score"
         throughput = (self.run_gen if per_output else self.run_prompt) / wall if wall > 0 else 0.0

@@ -50,8 +50,8 @@ class GenerationKind:
         if signatures is not None:
             lines = np.flatnonzero(np.frombuffer(scanned.valid, dtype=np.uint8))
             prompt = np.frombuffer(scanned.prompt_tokens, dtype=np.uint32)[lines]
-            # no dedupe in Ray workers: duplicates alone are no reason to reorder, shared prefixes are
-            order = choose_order(signatures, lines, prompt, self.ctx.config.enable_prefix_caching, dedupe=False)
+            # duplicates grouped together land in one shard, where the worker computes them once
+            order = choose_order(signatures, lines, prompt, self.ctx.config.enable_prefix_caching, self.opts.dedupe)
             if order is not None:
                 return iter_in_order(source, order.lines, scanned.prompt_tokens, done, self.pre)
         return iter_todo(source, scanned.valid, done, self.pre)
@@ -69,6 +69,7 @@ class GenerationKind:
         options.setdefault("num_threads", threads)
         options["model_name"] = self.model_name
         options["score_tokens"] = self.opts.score_tokens  # --task score: rows scored, records as a single run's
+        options["dedupe"] = self.opts.dedupe  # a shard's identical rows computed once, as in a single run
         return options
 
     def finalize(self, paths: JobPaths, store: ShardStore, scanned) -> tuple[int, int]:

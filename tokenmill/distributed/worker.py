@@ -58,8 +58,9 @@ class ShardWorker:
             options = dict(self.spec)
             self.model_name = options.pop("model_name")
             score_tokens = options.pop("score_tokens", False)
+            dedupe = options.pop("dedupe", True)
             self.engine = LLMEngine(EngineConfig.from_dict(options))
-            self.loop = _EngineLoop(self.engine, self.model_name, score_tokens)
+            self.loop = _EngineLoop(self.engine, self.model_name, score_tokens, dedupe)
         else:
             import torch
 
@@ -183,6 +184,7 @@ class _Shard:
         self.in_engine: dict[str, object] = {}  # request id -> item
         self.records: list[dict] = []
         self.prompt = self.gen = 0
+        self.deduplicated = 0  # rows written with an identical row's output
         self.finished_work = 0.0
         self.outcome: str | None = None  # "done" / "cancelled" / "failed"
         self.error: BaseException | None = None
@@ -193,11 +195,16 @@ class _Shard:
 class _EngineLoop:
     """One thread owns the engine and runs every shard of the worker through it: requests are admitted from the
     shards in arrival order into a window of ``2 * max_num_seqs + 64``, so the next shard's requests fill the
-    batch while the previous shard's last requests finish. Invariant: a request id is ``<shard>/<line>``, and every
-    admitted request is either finished into its shard or aborted with it."""
+    batch while the previous shard's last requests finish. A row identical to one of its shard in flight
+    (``jobs/pump.Duplicates``) waits on it and is written with its output, as in a single-machine run. Invariant: a
+    request id is ``<shard>/<line>``, and every admitted request (and every row waiting on one) is either finished
+    into its shard or aborted with it."""
 
-    def __init__(self, engine, model_name: str, score_tokens: bool = False) -> None:
+    def __init__(self, engine, model_name: str, score_tokens: bool = False, dedupe: bool = True) -> None:
+        from tokenmill.jobs.pump import Duplicates
+
         self.engine, self.model_name, self.score_tokens = engine, model_name, score_tokens
+        self.duplicates = Duplicates() if dedupe else None
         self.window = 2 * engine.config.max_num_seqs + 64
         self.inbox: queue.Queue = queue.Queue()
         self.shards: dict[str, _Shard] = {}  # in arrival order
@@ -217,7 +224,8 @@ class _EngineLoop:
             raise shard.error
         if shard.outcome == "cancelled":
             return None
-        stats = {"rows": len(shard.records), "prompt_tokens": shard.prompt, "gen_tokens": shard.gen}
+        stats = {"rows": len(shard.records), "prompt_tokens": shard.prompt, "gen_tokens": shard.gen,
+                 "deduplicated": shard.deduplicated}
         return write_jsonl(shard.records), stats
 
     def progress(self) -> dict[str, float]:
@@ -257,6 +265,8 @@ class _EngineLoop:
                     engine.abort_request([rid for s in shards for rid in s.in_engine])
                 except BaseException:
                     pass
+                if self.duplicates is not None:
+                    self.duplicates.clear()
                 for s in shards:
                     self._close(s, "failed", e)
 
@@ -266,6 +276,8 @@ class _EngineLoop:
             while s.pending and engine.num_unfinished_requests < self.window:
                 item = s.pending.popleft()
                 rid = f"{s.name}/{item.request.line_no}"
+                if self.duplicates is not None and self.duplicates.follow(item, rid, s.name):
+                    continue
                 s.in_engine[rid] = item
                 engine.add_request(rid, item.token_ids, item.params)
 
@@ -281,6 +293,10 @@ class _EngineLoop:
         s.prompt += out.num_prompt_tokens
         s.gen += out.num_generated_tokens if item.score_from is None else 0  # a score row's token is unused
         s.finished_work += out.num_prompt_tokens + item.max_tokens
+        for twin in self.duplicates.finished(out.request_id) if self.duplicates is not None else ():
+            s.records.append(output_record(twin, out, self.model_name, self.engine.tokenizer, self.score_tokens))
+            s.finished_work += out.num_prompt_tokens + twin.max_tokens
+            s.deduplicated += 1
         if not s.pending and not s.in_engine:
             self._close(s, "done")
 
@@ -294,6 +310,8 @@ class _EngineLoop:
             if stop:
                 if s.in_engine:
                     self.engine.abort_request(list(s.in_engine))
+                    for rid in s.in_engine if self.duplicates is not None else ():
+                        self.duplicates.finished(rid)  # the rows that waited on them go with the shard
                 self._close(s, "cancelled")
 
     def _close(self, s: _Shard, outcome: str, error: BaseException | None = None) -> None:

@@ -21,6 +21,52 @@ from tokenmill.jobs.preprocess import Prepared
 from tokenmill.outputs import RequestOutput
 
 
+class Duplicates:
+    """Requests identical to one in flight (``ordering.dedupe_key``) wait on it instead of being computed again.
+    ``scope`` narrows "identical" (a Ray worker's shard: a shard cancelled with its leaders takes their followers
+    with it). Invariant: a held follower is handed back exactly once, by ``finished`` of its leader, or dropped by
+    ``clear``."""
+
+    def __init__(self) -> None:
+        self._leader: dict[tuple, str] = {}  # (scope, dedupe key) -> the request id in flight
+        self._key_of: dict[str, tuple] = {}
+        self._followers: dict[str, list[Prepared]] = {}  # request id -> identical requests waiting on its output
+        self.num_followers = 0  # held now
+        self.num_deduplicated = 0  # ever
+
+    def follow(self, item: Prepared, rid: str, scope: str = "") -> bool:
+        """True if ``item`` now waits on an identical request in flight; else, when it has a dedupe key, it becomes
+        that key's leader under ``rid`` (the caller then computes it)."""
+        key = dedupe_key(item.token_ids, item.params)
+        if key is None:
+            return False
+        key = (scope, key)
+        leader = self._leader.get(key)
+        if leader is not None:
+            self._followers.setdefault(leader, []).append(item)
+            self.num_followers += 1
+            self.num_deduplicated += 1
+            return True
+        self._leader[key] = rid
+        self._key_of[rid] = key
+        return False
+
+    def finished(self, rid: str) -> list[Prepared]:
+        """The requests that waited on ``rid`` (finished or dropped); its key has no leader any more."""
+        key = self._key_of.pop(rid, None)
+        if key is not None:
+            del self._leader[key]
+        items = self._followers.pop(rid, [])
+        self.num_followers -= len(items)
+        return items
+
+    def clear(self) -> None:
+        self._leader.clear()
+        self._key_of.clear()
+        self._followers.clear()
+        self.num_followers = 0
+
+
 class RequestPump:
     def __init__(self, engine: LLMEngine, todo: Iterator[Prepared], window: int | None = None,
                  sort_by_length: bool | None = None, dedupe: bool = True) -> None:
@@ -30,16 +76,16 @@ class RequestPump:
         self.sort_by_length = engine.config.sort_by_length if sort_by_length is None else sort_by_length
         self.dedupe = dedupe
         self.in_flight: dict[str, Prepared] = {}  # request id -> the request the engine computes
-        self.followers: dict[str, list[Prepared]] = {}  # request id -> identical requests waiting on its output
-        self._leader: dict[tuple, str] = {}  # dedupe key -> request id in flight
-        self._key_of: dict[str, tuple] = {}
-        self.num_followers = 0  # held now
-        self.num_deduplicated = 0  # ever
+        self.duplicates = Duplicates()
         self.exhausted = False
 
     @property
     def num_held(self) -> int:
-        return self.engine.num_unfinished_requests + self.num_followers
+        return self.engine.num_unfinished_requests + self.duplicates.num_followers
+
+    @property
+    def num_deduplicated(self) -> int:
+        return self.duplicates.num_deduplicated
 
     def run(self, should_stop: Callable[[], bool] = lambda: False,
             on_step: Callable[[], None] = lambda: None) -> Iterator[tuple[Prepared, RequestOutput]]:
@@ -56,11 +102,7 @@ class RequestPump:
             for out in engine.step():
                 rid = out.request_id
                 yield self.in_flight.pop(rid), out
-                key = self._key_of.pop(rid, None)
-                if key is not None:
-                    del self._leader[key]
-                for item in self.followers.pop(rid, ()):
-                    self.num_followers -= 1
+                for item in self.duplicates.finished(rid):
                     yield item, out
             on_step()
 
@@ -76,28 +118,18 @@ class RequestPump:
         if self.sort_by_length:
             batch.sort(key=lambda it: -len(it.token_ids))
         for item in batch:
-            key = dedupe_key(item.token_ids, item.params) if self.dedupe else None
-            if key is not None and key in self._leader:
-                self.followers.setdefault(self._leader[key], []).append(item)
-                self.num_followers += 1
-                self.num_deduplicated += 1
-                continue
             rid = f"L{item.request.line_no}"
+            if self.dedupe and self.duplicates.follow(item, rid):
+                continue
             self.in_flight[rid] = item
-            if key is not None:
-                self._leader[key] = rid
-                self._key_of[rid] = key
             engine.add_request(rid, item.token_ids, item.params)
 
     def abort(self) -> tuple[int, int]:
         """Drops every request still in hand; returns how many were (running, queued or waiting on a duplicate)."""
         running = self.engine.num_running_requests
-        queued = len(self.in_flight) - running + self.num_followers
+        queued = max(0, len(self.in_flight) - running) + self.duplicates.num_followers  # (running counts samples)
         if self.in_flight:
             self.engine.abort_request(list(self.in_flight))
         self.in_flight.clear()
-        self.followers.clear()
-        self._leader.clear()
-        self._key_of.clear()
-        self.num_followers = 0
+        self.duplicates.clear()
         return running, queued
