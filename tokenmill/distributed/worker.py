@@ -40,8 +40,8 @@ class OutputNotShared(RuntimeError):
 
 class ShardWorker:
     def __init__(self, kind: str, spec: dict, shard_dir: str, probe: str) -> None:
-        """``kind`` "run" or "embed"; ``spec`` the engine options (run: EngineConfig dict plus ``model_name`` and
-        ``score_tokens``;
+        """``kind`` "run" or "embed"; ``spec`` the engine options (run: EngineConfig dict plus ``model_name``,
+        ``score_tokens`` and ``dedupe``;
         embed: Embedder keyword arguments plus ``format`` and ``num_threads``); ``probe`` a file the driver wrote
         into ``shard_dir``, which must be visible here."""
         self.kind, self.spec = kind, dict(spec)
@@ -203,8 +203,8 @@ class _EngineLoop:
     def __init__(self, engine, model_name: str, score_tokens: bool = False, dedupe: bool = True) -> None:
         from tokenmill.jobs.pump import Duplicates
 
-        self.engine, self.model_name, self.score_tokens = engine, model_name, score_tokens
-        self.duplicates = Duplicates() if dedupe else None
+        self.engine, self.model_name, self.score_tokens, self.dedupe = engine, model_name, score_tokens, dedupe
+        self.duplicates = Duplicates()
         self.window = 2 * engine.config.max_num_seqs + 64
         self.inbox: queue.Queue = queue.Queue()
         self.shards: dict[str, _Shard] = {}  # in arrival order
@@ -265,8 +265,7 @@ class _EngineLoop:
                     engine.abort_request([rid for s in shards for rid in s.in_engine])
                 except BaseException:
                     pass
-                if self.duplicates is not None:
-                    self.duplicates.clear()
+                self.duplicates.clear()
                 for s in shards:
                     self._close(s, "failed", e)
 
@@ -276,7 +275,7 @@ class _EngineLoop:
             while s.pending and engine.num_unfinished_requests < self.window:
                 item = s.pending.popleft()
                 rid = f"{s.name}/{item.request.line_no}"
-                if self.duplicates is not None and self.duplicates.follow(item, rid, s.name):
+                if self.dedupe and self.duplicates.follow(item, rid, s.name):
                     continue
                 s.in_engine[rid] = item
                 engine.add_request(rid, item.token_ids, item.params)
@@ -293,7 +292,7 @@ class _EngineLoop:
         s.prompt += out.num_prompt_tokens
         s.gen += out.num_generated_tokens if item.score_from is None else 0  # a score row's token is unused
         s.finished_work += out.num_prompt_tokens + item.max_tokens
-        for twin in self.duplicates.finished(out.request_id) if self.duplicates is not None else ():
+        for twin in self.duplicates.finished(out.request_id):
             s.records.append(output_record(twin, out, self.model_name, self.engine.tokenizer, self.score_tokens))
             s.finished_work += out.num_prompt_tokens + twin.max_tokens
             s.deduplicated += 1
@@ -310,7 +309,7 @@ class _EngineLoop:
             if stop:
                 if s.in_engine:
                     self.engine.abort_request(list(s.in_engine))
-                    for rid in s.in_engine if self.duplicates is not None else ():
+                    for rid in s.in_engine:
                         self.duplicates.finished(rid)  # the rows that waited on them go with the shard
                 self._close(s, "cancelled")
 

@@ -161,6 +161,8 @@ class LLMEngine:
 
     def parent_of(self, request_id: str) -> tuple[str, int]:
         """(the request, the sample's index) a StepResult id stands for: a child id's parent, else (the id, 0)."""
+        if not self._parents:  # the common case, once per new token in the server's loop
+            return request_id, 0
         head, sep, tail = request_id.rpartition(CHILD_SEP)
         if sep and head in self._parents:
             return head, int(tail)

@@ -295,8 +295,8 @@ def _parse_openai(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
         if type(vllm_prompt) is not int or not 0 <= vllm_prompt <= MAX_LOGPROBS:
             raise JobError("invalid_body", f"line {line_no}: body.prompt_logprobs must be an integer in [0, "
                            f"{MAX_LOGPROBS}], got {json.dumps(vllm_prompt)[:40]}", rid, True)
-        sampling["prompt_logprobs"] = max(vllm_prompt, sampling.get("prompt_logprobs") or 0)
-        checked = {**checked, "prompt_logprobs": sampling["prompt_logprobs"]}
+        sampling["prompt_logprobs"] = vllm_prompt
+        checked = {**checked, "prompt_logprobs": vllm_prompt}
     _check_sampling(checked, line_no, rid, openai=True)
     if url == CHAT_URL:
         if "messages" not in body:
@@ -307,8 +307,6 @@ def _parse_openai(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
         raise JobError("missing_input", f"line {line_no}: a completion body needs prompt", rid, True)
     prompt = _check_prompt(body["prompt"], line_no, rid, openai=True)
     echo, score_only = _echo(body, sampling, logprobs, line_no, rid)
-    if vllm_prompt is not None:
-        sampling["prompt_logprobs"] = max(vllm_prompt, sampling.get("prompt_logprobs") or 0)
     return JobRequest(line_no, rid, "openai_completion", prompt, sampling, False, echo=echo, score_only=score_only,
                       prompt_logprobs=vllm_prompt)
 
@@ -326,8 +324,8 @@ def _echo(body: dict, sampling: dict, logprobs: int | None, line_no: int, rid: A
     score_only = echo and sampling.get("max_tokens") == 0 and type(sampling.get("max_tokens")) is int
     if score_only:
         sampling["max_tokens"] = 1  # the request runs to its first token; the response leaves it out
-    if echo and logprobs is not None:
-        sampling["prompt_logprobs"] = logprobs
+    if echo and logprobs is not None:  # (vLLM's body field may have asked for more alternatives already)
+        sampling["prompt_logprobs"] = max(logprobs, sampling.get("prompt_logprobs") or 0)
     return echo, score_only
 
 
