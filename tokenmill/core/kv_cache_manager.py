@@ -75,17 +75,18 @@ class KVCacheManager:
         return hits
 
 
-    def allocate_slots(self, request_id: str, num_tokens: int, hits: Sequence[int] = ()) -> bool:
+    def allocate_slots(self, request_id: str, num_tokens: int, hits: Sequence[int] = (), keep_free: int = 0) -> bool:
         """Makes the request's blocks cover ``num_tokens`` token slots in all; ``hits`` (from ``lookup``, for a
         request that holds no blocks yet) are shared as its first blocks.
 
-        Returns False, allocating and sharing nothing, when the pool has too few free blocks.
+        Returns False, allocating and sharing nothing, when the pool has too few free blocks, or would keep fewer
+        than ``keep_free`` free after it (a batch row leaving the online headroom).
         """
         held = self._blocks.get(request_id)
         if held is None:
             needed = self.blocks_needed(num_tokens) - len(hits)
             # hits that are free count against the free blocks: sharing them takes them off the free queue
-            if needed > self.pool.num_free_blocks - self.pool.free_cached_hits(list(hits)):
+            if needed + keep_free > self.pool.num_free_blocks - self.pool.free_cached_hits(list(hits)):
                 return False
             self.pool.touch(list(hits))
             self._blocks[request_id] = list(hits) + self.pool.allocate(max(0, needed))
@@ -98,7 +99,7 @@ class KVCacheManager:
         extra = self.blocks_needed(num_tokens) - len(held)
         if extra <= 0:
             return True
-        if extra > self.pool.num_free_blocks:
+        if extra + keep_free > self.pool.num_free_blocks:
             return False
         held.extend(self.pool.allocate(extra))
         return True

@@ -46,12 +46,14 @@ class Request:
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
         eos_token_ids: frozenset[int] = frozenset(),
+        priority: int = 0,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r} has an empty prompt")
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
+        self.priority = priority  # core/priority.py: 0 online (first), 1 a batch row (in what online leaves)
         # Token ids that end the request: EOS (unless ignore_eos) and the request's own stop tokens.
         stop_ids = set(sampling_params.stop_token_ids)
         if not sampling_params.ignore_eos:

@@ -9,6 +9,8 @@ Invariants (tested in tests/core):
 - decode tokens of running requests are scheduled before any prefill chunk; waiting requests are admitted FIFO,
   except that with prefix caching one whose next prompt block a running request is computing waits for it (then a
   hit) while those behind it go ahead;
+- priority classes (``core/priority.py``): a batch row is admitted only after the step's online admissions, and
+  only while the online headroom of blocks and sequence slots stays free; a full pool preempts a batch row first;
 - under ``preemption_mode="none"`` a request is admitted only when blocks for its prompt plus ``max_tokens`` (capped
   at ``max_model_len``) are free, and they are taken at admission, so a running request is never preempted;
 - under ``"recompute"`` blocks are taken as tokens are scheduled; when they run out the most recently admitted
@@ -20,12 +22,12 @@ Invariants (tested in tests/core):
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenmill.config import EngineConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.priority import BATCH, ONLINE, OnlineHeadroom, WaitingQueues
 from tokenmill.core.request import Request, RequestStatus
 
 
@@ -69,6 +71,19 @@ class ModelRunnerOutput:
 
 
 @dataclass
+class _Step:
+    """What one ``schedule()`` has decided so far."""
+
+    budget: int  # tokens left under max_num_batched_tokens
+    scheduled: dict[str, ScheduledRequest] = field(default_factory=dict)
+    preempted: list[str] = field(default_factory=list)
+
+    def add(self, req: Request, n: int, block_ids: list[int]) -> None:
+        self.scheduled[req.request_id] = ScheduledRequest(req, req.num_computed_tokens, n, block_ids)
+        self.budget -= n
+
+
+@dataclass
 class SchedulerStats:
     num_steps: int = 0
     num_preemptions: int = 0
@@ -103,7 +118,9 @@ class Scheduler:
         self.config = config
         self.kv = kv_cache_manager
         self.stop_string_of = stop_string_of
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueues()  # one FIFO per priority class (core/priority.py)
+        self.headroom = OnlineHeadroom(kv_cache_manager.num_blocks, kv_cache_manager.block_size, config.max_num_seqs,
+                                       config.max_model_len)
         self.running: list[Request] = []  # in admission order: the last one is the first preemption victim
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
@@ -172,102 +189,124 @@ class Scheduler:
         self.stats.num_preemptions += 1
         self.waiting.appendleft(victim)
 
+    def _victim(self) -> Request:
+        """The request a full pool preempts: the most recently admitted of the lowest class (a batch row first)."""
+        lowest = max(r.priority for r in self.running)
+        return next(r for r in reversed(self.running) if r.priority == lowest)
+
     def schedule(self) -> SchedulerOutput:
+        """Order within a step: decode tokens; running prefill chunks of online requests; online admissions; running
+        prefill chunks of batch rows; batch admissions (under the online headroom, ``core/priority.py``)."""
         cfg = self.config
-        budget = cfg.max_num_batched_tokens
-        scheduled: dict[str, ScheduledRequest] = {}
-        preempted: list[str] = []
+        step = _Step(cfg.max_num_batched_tokens)
+        self.headroom.tick()
 
         prefill_first = cfg.scheduling_strategy == "prefill_first"
         if prefill_first and not self.running:
             self._wave_open, self._decode_phase = True, False
-        if prefill_first and self._decode_phase:
-            candidates = [r for r in self.running if not r.is_prefilling]
+        if prefill_first:
+            # a wave: its prefills (every class, admission order), or, once complete, its decodes
+            self._run_chunks(step, [r for r in self.running if r.is_prefilling != self._decode_phase])
+            admit = self._wave_open and not self._decode_phase
         else:
-            # Decode tokens first, then running prefills (chunks of admitted prompts, recomputes), admission order.
-            decodes = [r for r in self.running if not r.is_prefilling]
-            prefills = [r for r in self.running if r.is_prefilling]
-            candidates = prefills if prefill_first else decodes + prefills
+            self._run_chunks(step, [r for r in self.running if not r.is_prefilling])
+            self._run_chunks(step, [r for r in self.running if r.is_prefilling and r.priority == ONLINE])
+            admit = not step.preempted or not step.scheduled  # after a preemption admitting would only thrash
+        blocked = admit and self._admit(step, ONLINE)
+        if not prefill_first:
+            self._run_chunks(step, [r for r in self.running if r.is_prefilling and r.priority == BATCH])
+        if admit and not blocked:
+            self._admit(step, BATCH)
 
+        if prefill_first and not self._decode_phase and not step.scheduled and self.running:
+            # Nothing more to prefill or admit: the wave is complete; decode it until it drains.
+            self._wave_open, self._decode_phase = False, True
+            return self.schedule()
+
+        if not step.scheduled and self.has_unfinished_requests():
+            raise RuntimeError(
+                f"scheduler made no progress with {len(self.running)} running and {len(self.waiting)} waiting "
+                f"requests ({self.kv.num_free_blocks} free blocks); this is a bug"
+            )
+        out = SchedulerOutput(
+            scheduled=list(step.scheduled.values()),
+            total_num_scheduled_tokens=cfg.max_num_batched_tokens - step.budget,
+            preempted_request_ids=step.preempted,
+            finished_request_ids=self._finished_since_last_step,
+        )
+        self._finished_since_last_step = []
+        self._record(out)
+        return out
+
+    def _run_chunks(self, step: _Step, candidates: list[Request]) -> None:
+        """Schedules the next chunk of each running candidate, in order, while budget lasts; under
+        ``recompute`` a full pool preempts (``_victim``) until the chunk fits."""
         for req in candidates:
-            if budget == 0:
+            if step.budget == 0:
                 break
-            if req.status != RequestStatus.RUNNING:  # preempted earlier in this loop
+            if req.status != RequestStatus.RUNNING:  # preempted earlier in this step
                 continue
-            n = self._chunk(req, budget)
+            n = self._chunk(req, step.budget)
             if n == 0:
                 continue
             while not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
-                if cfg.preemption_mode == "none":
+                if self.config.preemption_mode == "none":
                     raise RuntimeError(f"{req} ran out of reserved blocks under preemption_mode=none")
-                victim = self.running[-1]
-                undone = scheduled.pop(victim.request_id, None)
+                victim = self._victim()
+                undone = step.scheduled.pop(victim.request_id, None)
                 if undone is not None:
-                    budget += undone.num_scheduled_tokens
+                    step.budget += undone.num_scheduled_tokens
                 self._preempt(victim)
-                preempted.append(victim.request_id)
+                step.preempted.append(victim.request_id)
                 self._wave_open = False  # memory is full: this wave takes no more requests
                 if victim is req:
                     break
             if req.status != RequestStatus.RUNNING:
                 continue
-            scheduled[req.request_id] = ScheduledRequest(
-                req, req.num_computed_tokens, n, self.kv.block_ids(req.request_id)
-            )
-            budget -= n
+            step.add(req, n, self.kv.block_ids(req.request_id))
 
-        if prefill_first:
-            admit = self._wave_open and not self._decode_phase
-        else:  # after a preemption, admitting would only thrash; unless nothing at all could run this step
-            admit = not preempted or not scheduled
+    def _admit(self, step: _Step, priority: int) -> bool:
+        """Admits waiting requests of one class, FIFO, while budget, sequence slots and blocks last; a batch row
+        leaves the online headroom free (unless nothing runs: then it takes what it needs, so a batch always
+        progresses). Returns True when the class's head request did not fit in the blocks left (those behind it,
+        and lower classes, then wait too)."""
+        cfg = self.config
+        queue = self.waiting.queues[priority]
         deferred: list[Request] = []
-        while admit and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
-            req = self.waiting[0]
+        blocked = False
+        while queue and step.budget > 0:
+            gated = priority != ONLINE and bool(self.running)
+            keep_free = self.headroom.blocks if gated else 0
+            if len(self.running) >= cfg.max_num_seqs - (self.headroom.seqs if gated else 0):
+                break
+            req = queue[0]
             # a cached prefix is a head start, except for a request that wants its prompt's logprobs: a hit's logits
             # were never computed, so it computes its whole prompt (its blocks are still cached for others)
             wants_prompt = req.prompt_logprobs is not None
             hits = [] if wants_prompt else self.kv.lookup(req.request_id, req.all_token_ids)
             if (not wants_prompt and len(deferred) < cfg.max_num_seqs
                     and self.kv.next_block_pending(req.request_id, len(hits))):
-                deferred.append(self.waiting.popleft())  # its next block is being computed: a hit in a step or two
+                deferred.append(queue.popleft())  # its next block is being computed: a hit in a step or two
                 continue
             req.num_computed_tokens = len(hits) * self.kv.block_size
-            n = self._chunk(req, budget)
+            n = self._chunk(req, step.budget)
             # preemption_mode=none reserves all the request can use (the hits are part of it)
             slots = self._reservation(req) if cfg.preemption_mode == "none" else req.num_computed_tokens + n
-            if n == 0 or not self.kv.allocate_slots(req.request_id, slots, hits):
+            if n == 0 or not self.kv.allocate_slots(req.request_id, slots, hits, keep_free):
                 req.num_computed_tokens = 0
+                blocked = n > 0
                 break  # FIFO: a request that does not fit blocks those behind it
-            self.waiting.popleft()
+            queue.popleft()
+            if priority == ONLINE:
+                self.headroom.observe(self._reservation(req))
             if self.kv.enable_caching:
                 self.stats.prefix_cache_queries += req.num_tokens
                 self.stats.prefix_cache_hits += req.num_computed_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            scheduled[req.request_id] = ScheduledRequest(req, req.num_computed_tokens, n,
-                                                         self.kv.block_ids(req.request_id))
-            budget -= n
-        self.waiting.extendleft(reversed(deferred))
-
-        if prefill_first and not self._decode_phase and not scheduled and self.running:
-            # Nothing more to prefill or admit: the wave is complete; decode it until it drains.
-            self._wave_open, self._decode_phase = False, True
-            return self.schedule()
-
-        if not scheduled and self.has_unfinished_requests():
-            raise RuntimeError(
-                f"scheduler made no progress with {len(self.running)} running and {len(self.waiting)} waiting "
-                f"requests ({self.kv.num_free_blocks} free blocks); this is a bug"
-            )
-        out = SchedulerOutput(
-            scheduled=list(scheduled.values()),
-            total_num_scheduled_tokens=cfg.max_num_batched_tokens - budget,
-            preempted_request_ids=preempted,
-            finished_request_ids=self._finished_since_last_step,
-        )
-        self._finished_since_last_step = []
-        self._record(out)
-        return out
+            step.add(req, n, self.kv.block_ids(req.request_id))
+        queue.extendleft(reversed(deferred))
+        return blocked
 
     def _record(self, out: SchedulerOutput) -> None:
         s = self.stats

@@ -21,6 +21,7 @@ import torch
 from tokenmill.kernels.cpu_kernel import build_seconds_so_far
 from tokenmill.config import EngineConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.priority import ONLINE
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.engine.parallel_sampling import CHILD_SEP, ParentRequest
@@ -134,10 +135,12 @@ class LLMEngine:
             self.tp_workers.close()
 
     # ---------------------------------------------------------------- requests
-    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
+                    priority: int = ONLINE) -> None:
         """Queues a request; with ``n > 1`` or ``best_of`` it runs as that many samples sharing the prompt's KV
-        (engine/parallel_sampling.py) and finishes as one RequestOutput. A ValueError for a bad prompt, a constraint
-        that does not compile, or an id already in the engine."""
+        (engine/parallel_sampling.py) and finishes as one RequestOutput. ``priority``: ``core.priority.BATCH`` for a
+        row that only fills what online requests leave. A ValueError for a bad prompt, a constraint that does not
+        compile, or an id already in the engine."""
         problem = self.check_prompt(prompt_token_ids)
         if problem:
             raise ValueError(f"request {request_id!r}: {problem}")
@@ -149,7 +152,8 @@ class LLMEngine:
             except ValueError as e:
                 raise ValueError(f"request {request_id!r}: {e}") from None
         if sampling_params.num_samples == 1:
-            self.scheduler.add_request(Request(request_id, prompt_token_ids, sampling_params, self.eos_token_ids))
+            self.scheduler.add_request(Request(request_id, prompt_token_ids, sampling_params, self.eos_token_ids,
+                                               priority))
             return
         parent = ParentRequest(request_id, sampling_params)
         clash = [c for c in parent.child_ids if c in self.scheduler.requests]
@@ -157,7 +161,8 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r}: its sample id {clash[0]!r} is already in the engine")
         self._parents[request_id] = parent
         for i, cid in enumerate(parent.child_ids):
-            self.scheduler.add_request(Request(cid, prompt_token_ids, parent.child_params(i), self.eos_token_ids))
+            self.scheduler.add_request(Request(cid, prompt_token_ids, parent.child_params(i), self.eos_token_ids,
+                                               priority))
 
     def parent_of(self, request_id: str) -> tuple[str, int]:
         """(the request, the sample's index) a StepResult id stands for: a child id's parent, else (the id, 0)."""
@@ -251,6 +256,10 @@ class LLMEngine:
     def num_waiting_requests(self) -> int:
         """Requests added and not admitted yet (or preempted and waiting to be recomputed)."""
         return self.scheduler.num_unfinished_requests - self.scheduler.num_running_requests
+
+    def num_waiting_at(self, priority: int) -> int:
+        """Requests of one priority class (core/priority.py) waiting to be admitted."""
+        return self.scheduler.waiting.count(priority)
 
     @property
     def stats(self):

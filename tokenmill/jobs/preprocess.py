@@ -12,9 +12,10 @@ schema, regex or grammar is an ``invalid_structured_output`` error record of the
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-from tokenmill.jobs.records import JobError, JobRequest, id_key, parse_line
+from tokenmill.jobs.records import CHAT_URL, COMPLETIONS_URL, JobError, JobRequest, id_key, parse_line
 from tokenmill.sampling_params import SCORE_PARAMS, SamplingParams
 
 CONTEXT_OVERFLOW = ("error", "cap")
@@ -39,12 +40,16 @@ TASKS = ("generate", "score")
 class Preprocessor:
     def __init__(self, tokenizer, max_model_len: int, vocab_size: int, sampling_defaults: dict,
                  context_overflow: str = "error", grammars=None, task: str = "generate",
-                 max_num_seqs: int | None = None) -> None:
+                 max_num_seqs: int | None = None, endpoint: str | None = None,
+                 models: set[str] | None = None) -> None:
         """``task``: "generate", or "score" (``tokenmill run --task score``: each row's prompt, or its continuation
         after the prompt, is scored by the model; the rows' sampling fields do not apply). ``max_num_seqs``: when
         given (the server's), a request whose samples (n, best_of) cannot all run at once is refused; a job runs
-        them as room allows."""
+        them as room allows. ``endpoint`` (a Batch API batch's): every line must be an OpenAI Batch request for that
+        url, and name one of ``models`` (or none); any other line is an error record."""
         self.max_num_seqs = max_num_seqs
+        self.endpoint = endpoint
+        self.models = models
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
         self.task = task
@@ -72,7 +77,7 @@ class Preprocessor:
         parsed: list[tuple[int, JobRequest | JobError]] = []
         for line_no, raw in lines:
             try:
-                parsed.append((line_no, parse_line(raw, line_no, self.apply_chat_template)))
+                parsed.append((line_no, self._check_endpoint(parse_line(raw, line_no, self.apply_chat_template))))
             except JobError as e:
                 parsed.append((line_no, e))
         # Tokenise every text prompt of the chunk in two batched calls (chat prompts carry their special tokens).
@@ -102,6 +107,21 @@ class Preprocessor:
             except JobError as e:
                 out.append((line_no, e))
         return out
+
+    def _check_endpoint(self, r: JobRequest) -> JobRequest:
+        if self.endpoint is None:
+            return r
+        if r.kind == "plain":
+            raise JobError("not_a_batch_request", f"line {r.line_no}: a batch's lines are OpenAI Batch requests "
+                           f"({{custom_id, method, url, body}}); this one is a plain row", r.record_id, True)
+        url = CHAT_URL if r.kind == "openai_chat" else COMPLETIONS_URL
+        if url != self.endpoint:
+            raise JobError("mismatched_endpoint", f"line {r.line_no}: url {url} does not match the batch's endpoint "
+                           f"{self.endpoint}", r.record_id, True)
+        if self.models is not None and r.model is not None and r.model not in self.models:
+            raise JobError("model_not_found", f"line {r.line_no}: model {json.dumps(r.model)[:60]} does not exist; "
+                           f"this server serves {', '.join(sorted(self.models))}", r.record_id, True)
+        return r
 
     def _finish_score(self, r: JobRequest, token_ids: list[int], continuation: list[int] | None) -> Prepared:
         """A score row: its prompt (and continuation) as one request that computes its prompt's logprobs and

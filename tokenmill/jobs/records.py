@@ -37,6 +37,9 @@ ERROR_CODES = {
     "invalid_sampling": "a sampling value is out of range or of the wrong type",
     "unsupported_url": "the OpenAI url is not one this command serves (run: chat/completions; embed: embeddings)",
     "unsupported_method": "the OpenAI method is not POST",
+    "mismatched_endpoint": "a Batch API batch's line asks for another url than the batch's endpoint",
+    "not_a_batch_request": "a Batch API batch's line is a plain row, not an OpenAI Batch request",
+    "model_not_found": "a Batch API batch's line names a model the server does not serve",
     "unsupported_n": "several embedding inputs on one line are not supported",
     "invalid_body": "the OpenAI body is missing, not an object, or holds an unsupported value",
     "unsupported_field": "the OpenAI body asks for something tokenmill does not do (tools, ...)",
@@ -88,6 +91,7 @@ class JobRequest:
     continuation: str | None = None  # score jobs: the text scored after the prompt (the prompt is then its context)
     score_only: bool = False  # echo with max_tokens 0: the prompt scored, nothing generated (one token runs, unused)
     prompt_logprobs: int | None = None  # vLLM's body field: the response carries the prompt tokens' logprobs (top K)
+    model: Any = None  # an OpenAI line's body.model (checked only by a server's batch: Preprocessor.models)
 
     @property
     def id_key(self) -> str:
@@ -302,13 +306,14 @@ def _parse_openai(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
         if "messages" not in body:
             raise JobError("missing_input", f"line {line_no}: a chat completion body needs messages", rid, True)
         prompt = _render_chat(body["messages"], line_no, rid, apply_chat_template, openai=True)
-        return JobRequest(line_no, rid, "openai_chat", prompt, sampling, True, prompt_logprobs=vllm_prompt)
+        return JobRequest(line_no, rid, "openai_chat", prompt, sampling, True, prompt_logprobs=vllm_prompt,
+                          model=body.get("model"))
     if "prompt" not in body:
         raise JobError("missing_input", f"line {line_no}: a completion body needs prompt", rid, True)
     prompt = _check_prompt(body["prompt"], line_no, rid, openai=True)
     echo, score_only = _echo(body, sampling, logprobs, line_no, rid)
     return JobRequest(line_no, rid, "openai_completion", prompt, sampling, False, echo=echo, score_only=score_only,
-                      prompt_logprobs=vllm_prompt)
+                      prompt_logprobs=vllm_prompt, model=body.get("model"))
 
 
 def _echo(body: dict, sampling: dict, logprobs: int | None, line_no: int, rid: Any) -> tuple[bool, bool]:

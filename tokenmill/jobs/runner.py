@@ -78,7 +78,11 @@ class JobOptions(JobIO):
 
 
 class JobContext:
-    """Model facts needed before the engine exists: tokenizer, resolved config, preprocessor."""
+    """Model facts needed before the engine exists: tokenizer, resolved config, preprocessor. ``engine``: set when
+    the job runs on an engine that exists already (``served``), None when the job loads its own."""
+
+    engine = None
+    on_validated = None  # served jobs: called with (valid rows, bad rows) after the validation pass
 
     def __init__(self, model: str | None, engine_options: dict, sampling: dict, context_overflow: str = "error",
                  task: str = "generate") -> None:
@@ -100,6 +104,23 @@ class JobContext:
             raise JobSetupError(str(e)) from None
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
+
+    @classmethod
+    def served(cls, engine, sampling: dict, endpoint: str | None = None, models: set[str] | None = None) -> JobContext:
+        """A job on an engine that already runs (a Batch API batch on the server: ``serve/engine_port.py``):
+        its config, tokenizer and grammars, nothing loaded again. ``endpoint``: the url every line must have;
+        ``models``: the names a line's model may have."""
+        ctx = cls.__new__(cls)
+        ctx.engine = engine
+        ctx.config, ctx.model_path, ctx.model_config = engine.config, engine.model_path, engine.model_config
+        ctx.tokenizer, ctx.grammars = engine.tokenizer, engine.grammars
+        ctx.device, ctx.dtype = engine.device, engine.dtype
+        try:
+            ctx.pre = Preprocessor(engine.tokenizer, engine.config.max_model_len, engine.model_config.vocab_size,
+                                   sampling, grammars=engine.grammars, endpoint=endpoint, models=models)
+        except (ValueError, TypeError) as e:
+            raise JobSetupError(str(e)) from None
+        return ctx
 
     @property
     def model_name(self) -> str:
@@ -168,10 +189,11 @@ def manifest_for(opts: JobOptions, ctx: JobContext, input_identity: dict) -> dic
     return build_manifest("run", input_identity, settings, speed)
 
 
-def run_job(opts: JobOptions, stop: StopFlag | None = None) -> int:
+def run_job(opts: JobOptions, stop: StopFlag | None = None, ctx: JobContext | None = None) -> int:
     """Runs (or resumes) a job; returns the process exit code (0 all rows done, 1 some failed, 130/143 when
     ``stop`` was set). Raises JobSetupError (exit 2) before anything runs, JobFault (exit 3) for a fault part way.
-    Installs no signal handler: the CLI passes a ``SignalCatcher`` as ``stop``."""
+    Installs no signal handler: the CLI passes a ``SignalCatcher`` as ``stop``. ``ctx``: a ``JobContext.served``
+    to run on an engine that exists already (else the job loads the model)."""
     opts.output = Path(opts.output)
     check_output(opts.output)
     if not 0 <= opts.partition < opts.total_partitions:
@@ -180,7 +202,8 @@ def run_job(opts: JobOptions, stop: StopFlag | None = None) -> int:
         raise JobSetupError(f"--dataset-order must be auto or input, got {opts.dataset_order!r}")
     if opts.task not in ("generate", "score"):
         raise JobSetupError(f"--task must be generate or score, got {opts.task!r}")
-    ctx = JobContext(opts.model, opts.engine_options, opts.sampling(), opts.context_overflow, opts.task)
+    if ctx is None:
+        ctx = JobContext(opts.model, opts.engine_options, opts.sampling(), opts.context_overflow, opts.task)
     return run_locked(opts.output, lambda paths: _run_locked(opts, ctx, paths, stop or StopFlag()))
 
 
@@ -256,9 +279,12 @@ class _Run:
             self.total = len(member_lines)
             self.remaining_prompt = int(member_prompt.sum(dtype=np.int64))
             self.remaining_max = int(member_max.sum(dtype=np.int64))
+            if self.ctx.on_validated is not None:
+                self.ctx.on_validated(self.total, self.errors.count)
             if self.done < self.total:
                 self.order = self._order(signatures, member_lines, member_prompt)
-                self.engine = self._engine(self.ctx.plan(member_prompt, member_max))
+                self.engine = self.ctx.engine or self._engine(self.ctx.plan(member_prompt, member_max))
+                self.t_engine = time.perf_counter()
             del member_lines, member_prompt, member_max, signatures
             code = self._loop(scanned, members)
             if code:

@@ -59,8 +59,10 @@ class ServeSettings:
 class ServerState:
     """What the routes need, filled in by the loader thread."""
 
-    def __init__(self, settings: ServeSettings) -> None:
+    def __init__(self, settings: ServeSettings, store) -> None:
         self.settings = settings
+        self.store = store  # the Batch API's files and batches (serve/state_store.py)
+        self.batches = None  # the BatchRunner, once the engine runs (serve/batches.py)
         self.ready = False
         self.load_error: str | None = None
         self.engine: AsyncEngine | None = None
@@ -88,6 +90,10 @@ class ServerState:
             self.metrics = ServerMetrics(self.model_name)
             self.engine = AsyncEngine(engine, self.metrics, self.settings.max_wait_ms,
                                       self.settings.max_queued_requests)
+            from tokenmill.serve.batches import BatchRunner
+
+            self.batches = BatchRunner(self.store, self.engine, self.model_name)
+            self.batches.start()  # unfinished batches of an earlier run resume first
             self.ready = True
             log.info("model %s ready (loaded in %.1f s)", self.model_name, engine.load_seconds)
         except Exception as e:  # a bad model path, an option that does not fit: /health says so
@@ -132,11 +138,18 @@ class ApiKeyMiddleware:
 
 
 def build_app(settings: ServeSettings) -> FastAPI:
-    state = ServerState(settings)
+    from tokenmill.serve.batches_api import add_batch_routes
+    from tokenmill.serve.files_api import add_file_routes
+    from tokenmill.serve.state_store import StateStore, default_state_dir
+
+    store = StateStore(Path(settings.state_dir) if settings.state_dir else default_state_dir())
+    state = ServerState(settings, store)
 
     async def lifespan(app: FastAPI):
         threading.Thread(target=state.load, name="tokenmill-load", daemon=True).start()
         yield
+        if state.batches is not None:  # the running batch stops between two steps; it resumes on the next start
+            await asyncio.to_thread(state.batches.stop)
         if state.engine is not None:
             state.engine.shutdown(abort_all=True)
 
@@ -150,10 +163,8 @@ def build_app(settings: ServeSettings) -> FastAPI:
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key)
 
-    from tokenmill.serve.files_api import add_file_routes
-    from tokenmill.serve.state_store import StateStore, default_state_dir
-
-    add_file_routes(app, StateStore(Path(settings.state_dir) if settings.state_dir else default_state_dir()))
+    add_file_routes(app, store)
+    add_batch_routes(app, store, lambda: state.batches, lambda: state.model_name)
 
     @app.get("/health")
     async def health():

@@ -8,6 +8,11 @@ puts the request's new token (and, when it ends, its final ``RequestOutput``) on
 ``max_wait_ms``: while fewer than ``max_num_seqs`` requests run and new ones keep arriving, wait at most this long
 after the latest arrival before a step, to gather more into it (0: step at once).
 
+A job on the server (a Batch API batch) hands its rows in from its own thread through ``submit``, at priority
+``BATCH`` (core/priority.py: they fill what online requests leave); each finished output, not each token, goes on
+the ``queue.Queue`` the job gave (``serve/engine_port.py``). Batch rows count neither in the waiting queue's bound
+nor in the online metrics.
+
 Invariants: every stream gets exactly one end event (a final output, or an error when the engine dies); the engine
 is only touched by the engine thread.
 """
@@ -16,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
 
+from tokenmill.core.priority import BATCH, ONLINE
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -71,9 +78,10 @@ class AsyncEngine:
         self.max_queued = max_queued
         self.dead: str | None = None
         self._cv = threading.Condition()
-        self._pending: list[tuple[str, list[int], SamplingParams]] = []
+        self._pending: list[tuple[str, list[int], SamplingParams, int]] = []  # ..., priority
         self._aborts: list[str] = []
         self._streams: dict[str, RequestStream] = {}
+        self._sinks: dict[str, queue.Queue] = {}  # submitted batch rows: where their outputs go
         self._last_arrival = 0.0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
@@ -85,17 +93,27 @@ class AsyncEngine:
         with self._cv:
             if self.dead is not None:
                 raise EngineDead(self.dead)
-            if len(self._pending) + self.engine.num_waiting_requests >= self.max_queued:
+            if self.num_waiting >= self.max_queued:
                 raise QueueFull()
             self._streams[request_id] = stream
-            self._pending.append((request_id, token_ids, params))
+            self._pending.append((request_id, token_ids, params, ONLINE))
             self._last_arrival = time.monotonic()
             self._cv.notify()
         return stream
 
+    def submit(self, request_id: str, token_ids: list[int], params: SamplingParams, sink: queue.Queue) -> None:
+        """From a job's thread: queues a batch row; its ``RequestOutput`` goes on ``sink`` when it finishes (an
+        ``EngineDead`` instead, if the engine dies first). No bound here: the job keeps its own window."""
+        with self._cv:
+            if self.dead is not None:
+                raise EngineDead(self.dead)
+            self._sinks[request_id] = sink
+            self._pending.append((request_id, token_ids, params, BATCH))
+            self._cv.notify()
+
     def abort(self, request_id: str) -> None:
         with self._cv:
-            if request_id in self._streams:
+            if request_id in self._streams or request_id in self._sinks:
                 self._aborts.append(request_id)
                 self._cv.notify()
 
@@ -103,13 +121,15 @@ class AsyncEngine:
         with self._cv:
             if abort_all:
                 self._aborts.extend(self._streams)
+                self._aborts.extend(self._sinks)
             self._stopping = True
             self._cv.notify()
         self._thread.join(timeout=60)
 
     @property
     def num_waiting(self) -> int:
-        return len(self._pending) + self.engine.num_waiting_requests
+        """Online requests not admitted yet (batch rows wait at their own priority and count here not at all)."""
+        return sum(p[3] == ONLINE for p in self._pending) + self.engine.num_waiting_at(ONLINE)
 
     # ---------------------------------------------------------------- engine thread
     def _take_work(self) -> tuple[list, list[str]] | None:
@@ -136,15 +156,17 @@ class AsyncEngine:
             while (work := self._take_work()) is not None:
                 new, aborts = work
                 aborted = set(aborts)
-                for rid, ids, params in new:
+                for rid, ids, params, priority in new:
                     if rid not in aborted:
-                        self.engine.add_request(rid, ids, params)
+                        self.engine.add_request(rid, ids, params, priority)
                 if aborts:
                     self.engine.abort_request(aborts)
                     for rid in aborts:
                         stream = self._pop(rid)
                         if stream is not None:
                             self.metrics.success.labels(self.metrics.model_name, "abort").inc()
+                        with self._cv:
+                            self._sinks.pop(rid, None)
                 if self.engine.has_unfinished_requests():
                     self._step()
                 self._update_gauges()
@@ -153,8 +175,11 @@ class AsyncEngine:
             with self._cv:
                 self.dead = f"{type(e).__name__}: {e}"
                 streams, self._streams = self._streams, {}
+                sinks, self._sinks = self._sinks, {}
             for stream in streams.values():
                 stream.put(StreamEvent(error=self.dead))
+            for sink in sinks.values():
+                sink.put(EngineDead(self.dead))
 
     def _pop(self, rid: str) -> RequestStream | None:
         with self._cv:
@@ -203,6 +228,10 @@ class AsyncEngine:
         for rid, out in finished.items():
             s = self._pop(rid)
             if s is None:
+                with self._cv:
+                    sink = self._sinks.pop(rid, None)
+                if sink is not None:
+                    sink.put(out)
                 continue
             m.e2e.labels(name).observe(now - s.arrival)
             m.success.labels(name, out.finish_reason).inc()

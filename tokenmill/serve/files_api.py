@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
 from tokenmill.serve.protocol import ApiError
-from tokenmill.serve.state_store import FILE_PURPOSES, StateStore
+from tokenmill.serve.state_store import FILE_PURPOSES, FileInUse, StateStore
 
 
 def _no_such_file(file_id: str) -> ApiError:
@@ -73,6 +73,11 @@ def add_file_routes(app: FastAPI, store: StateStore) -> None:
 
     @app.delete("/v1/files/{file_id}")
     async def delete_file(file_id: str):
-        if not await asyncio.to_thread(store.delete_file, file_id):
+        try:
+            gone = await asyncio.to_thread(store.delete_file, file_id)
+        except FileInUse as e:
+            raise ApiError(409, f"file {file_id} is the input of batch {e}, which has not finished; cancel it or wait",
+                           param="id") from None
+        if not gone:
             raise _no_such_file(file_id)
         return {"id": file_id, "object": "file", "deleted": True}
