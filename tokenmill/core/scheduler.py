@@ -215,6 +215,7 @@ class Scheduler:
         blocked = admit and self._admit(step, ONLINE)
         if not prefill_first:
             self._run_chunks(step, [r for r in self.running if r.is_prefilling and r.priority == BATCH])
+            admit = admit and (not step.preempted or not step.scheduled)  # (the same rule, after the batch chunks)
         if admit and not blocked:
             self._admit(step, BATCH)
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from fastapi import FastAPI, Request
 
 from tokenmill.serve.batches import BatchRunner
-from tokenmill.serve.protocol import ApiError
+from tokenmill.serve.protocol import ApiError, list_page
 from tokenmill.serve.state_store import BATCH_ENDPOINTS, COMPLETION_WINDOW_S, StateStore
 
 MAX_METADATA = 16  # pairs, as OpenAI's: keys up to 64 characters, values up to 512
@@ -96,8 +96,7 @@ def add_batch_routes(app: FastAPI, store: StateStore, runner: Callable[[], Batch
         r = runner()
         if r is not None:
             data = [r.live_counts(b) for b in data]
-        return {"object": "list", "data": data, "has_more": more,
-                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+        return list_page(data, more)
 
     @app.post("/v1/batches/{batch_id}/cancel")
     async def cancel_batch(batch_id: str):

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
-from tokenmill.serve.protocol import ApiError
+from tokenmill.serve.protocol import ApiError, list_page
 from tokenmill.serve.state_store import FILE_PURPOSES, FileInUse, StateStore
 
 
@@ -53,8 +53,7 @@ def add_file_routes(app: FastAPI, store: StateStore) -> None:
             data, more = await asyncio.to_thread(store.list_files, purpose, after, limit, order)
         except KeyError:
             raise _no_such_file(str(after)) from None
-        return {"object": "list", "data": data, "has_more": more,
-                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+        return list_page(data, more)
 
     @app.get("/v1/files/{file_id}")
     async def get_file(file_id: str):

@@ -30,6 +30,12 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def list_page(data: list[dict], has_more: bool) -> dict:
+    """One page of a cursor-paginated listing (files, batches), in the OpenAI API's envelope."""
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
 @dataclass
 class GenerationRequest:
     prepared: Prepared
