@@ -1,6 +1,6 @@
-"""C++ CPU kernels, compiled once per machine: paged attention over the KV cache, attention over packed sequences with
-no cache (embeddings), RMSNorm for bf16/fp16, w8a8's int8 GEMM and the passes around it, and int8 weight-only's
-grouped GEMM.
+"""C++ CPU kernels, compiled once per machine: paged attention over the KV cache (prefill on AMX tiles where the CPU
+has them), attention over packed sequences with no cache (embeddings), RMSNorm for bf16/fp16, w8a8's int8 GEMM and
+the passes around it, and int8 weight-only's grouped GEMM.
 
 ``paged_attention`` runs every token of a step (decodes and prefill chunks, each with its causal offset) in one call.
 The torch path gathers every decoding sequence's K and V into padded dense tensors (a copy of the whole context per
@@ -37,7 +37,14 @@ to bfloat16 once (exact), vdpbf16ps sums a group's products in float32, and per 
 one adds the offsets times the input's sum over the group. With float32 input (any CPU: the portable path) each task
 dequantizes its panel to float32 and runs a float GEMM. Bias and residual are added before the store.
 
-The C++ source is ``cpu_kernels.cpp`` beside this file. It is compiled (``-march=native``, needs a C++ compiler and
+``paged_attention_amx`` is ``paged_attention`` with the prefill tokens of long-enough requests attended on AMX tiles
+(AMX-BF16: bfloat16 queries and cache, head_dim 32 / 64 / 128), in tiles of 16 query tokens per request and KV group:
+S = Q K^T and P V as tile products, the softmax on AVX-512 between them (``cpu_attention_amx.cpp``; P rounded to
+bfloat16 before P V, as flash attention does on GPUs). ``amx_available()`` says whether this build targets a CPU with
+AMX and the OS granted the process the tile state; elsewhere the function is ``paged_attention``. The ops object
+decides once whether to call it (``ops/cpu_ops.py``).
+
+The C++ sources are ``cpu_kernels.cpp`` and ``cpu_attention_amx.cpp`` beside this file, compiled as one module. It is compiled (``-march=native``, needs a C++ compiler and
 ninja) once per machine and the shared library is kept under ``~/.cache/tokenmill/kernels/`` (``XDG_CACHE_HOME``
 honoured), keyed on what decides the binary: the source, the flags, the CPU model and features, torch and Python
 (the outer directory) and the compiler's version (the inner one). Later processes load the cached library directly:
@@ -62,12 +69,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-_SOURCE_FILE = Path(__file__).with_name("cpu_kernels.cpp")  # the C++ source, shipped as package data
+# the C++ sources, shipped as package data; compiled as one module, in this order (later files use earlier ones)
+_SOURCE_FILES = [Path(__file__).with_name(n) for n in ("cpu_kernels.cpp", "cpu_attention_amx.cpp")]
 _MODULE = "tokenmill_cpu_kernels"
 _FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention", "quantize_rows_int8", "int8_epilogue",
               "quantize_rows_uint8", "int8_gemm_available", "int8_pack_weight", "int8_gemm", "write_kv",
               "argmax_rows", "rope", "silu_mul_quantize_uint8", "silu_mul", "int8g_bf16_available",
-              "int8g_gemm"]
+              "int8g_gemm", "amx_available", "paged_attention_amx"]
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
            "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
@@ -121,9 +129,13 @@ def _compiler() -> tuple[str | None, str]:
 def _base_dir() -> Path:
     import torch
 
-    key = _digest(_SOURCE_FILE.read_text(), " ".join(_CFLAGS + _LDFLAGS), _cpu_facts(), torch.__version__,
+    key = _digest(_source(), " ".join(_CFLAGS + _LDFLAGS), _cpu_facts(), torch.__version__,
                   sys.version.split()[0])
     return kernel_cache_root() / key
+
+
+def _source() -> str:
+    return "\n".join(p.read_text() for p in _SOURCE_FILES)
 
 
 def _import(path: Path):
@@ -172,7 +184,7 @@ def _build(target: Path):
     _put_ninja_on_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as build_dir:
-        module = load_inline(name=_MODULE, cpp_sources=_SOURCE_FILE.read_text(), functions=_FUNCTIONS,
+        module = load_inline(name=_MODULE, cpp_sources=_source(), functions=_FUNCTIONS,
                              extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, build_directory=build_dir, verbose=False)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         shutil.copyfile(Path(build_dir) / f"{_MODULE}.so", tmp)
@@ -187,7 +199,7 @@ def build_for_arch(march: str, build_dir: Path):
 
     _put_ninja_on_path()
     flags = [f"-march={march}" if f == "-march=native" else f for f in _CFLAGS]
-    return load_inline(name=f"{_MODULE}_{march.replace('-', '_')}", cpp_sources=_SOURCE_FILE.read_text(),
+    return load_inline(name=f"{_MODULE}_{march.replace('-', '_')}", cpp_sources=_source(),
                        functions=_FUNCTIONS, extra_cflags=flags, extra_ldflags=_LDFLAGS, build_directory=str(build_dir),
                        verbose=False)
 

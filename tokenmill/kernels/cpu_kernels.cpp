@@ -169,13 +169,25 @@ static std::vector<int64_t> split_by_cost(const std::vector<int64_t>& cost) {
   return bounds;
 }
 
-// s[0:n] <- exp(s - max(s)) in place; returns 1 / their sum (applied to the output instead of dividing n scores).
-static inline float softmax_numerators(float* s, int64_t n) {
+// max(s[0:n]), 16 lanes at a time: GCC vectorises a max reduction only under -ffinite-math-only, and the scalar
+// loop (a chain of dependent maxss) was half of a long prompt's attention time.
+static inline float max_of(const float* s, int64_t n) {
+  vec16 mv = vec16{} - INFINITY;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) mv = vmax16(load16(s + j), mv);
   float m = -INFINITY;
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+  for (int i = 0; i < 16; ++i) m = std::max(m, mv[i]);
+  for (; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+// s[0:n] <- exp(scale * (s - max(s))) in place (scale > 0); returns 1 / their sum (applied to the output instead of
+// dividing n scores).
+static inline float softmax_numerators(float* s, int64_t n, float scale = 1.f) {
+  const float m = max_of(s, n);
   float sum = 0.f;
   for (int64_t j = 0; j < n; ++j) {
-    const float e = exp_nonpos(s[j] - m);
+    const float e = exp_nonpos(scale == 1.f ? s[j] - m : scale * (s[j] - m));
     s[j] = e;
     sum += e;
   }
@@ -461,7 +473,7 @@ static void attend_avx512(const float* qf, const scalar_t* qb, float scale, cons
 template <typename scalar_t, typename cache_t, int NV>
 static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                        const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
-                       const torch::Tensor& query_start_loc, double scale, torch::Tensor& out) {
+                       const torch::Tensor& query_start_loc, double scale, torch::Tensor& out, int64_t skip_q) {
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t R = seq_lens.size(0);
@@ -477,16 +489,18 @@ static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
   const bool raw_bf16 = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<cache_t, c10::BFloat16> &&
                         bf16_dot_ok && D % 32 == 0;
 
-  std::vector<int64_t> req(T), len(T), cost(T + 1, 0);  // per token: its request, its visible length
+  // per token: its request, its visible length; tokens of requests with at least skip_q new tokens (skip_q > 0)
+  // are left out (another kernel attends them) and cost nothing
+  std::vector<int64_t> req(T), len(T), cost(T + 1, 0);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t q_len = qs[r + 1] - qs[r];
     TORCH_CHECK(q_len >= 1 && q_len <= lp[r], "each request needs 1 <= query length <= seq_len");
     for (int64_t i = qs[r]; i < qs[r + 1]; ++i) {
       req[i] = r;
-      len[i] = lp[r] - q_len + (i - qs[r]) + 1;
+      len[i] = skip_q > 0 && q_len >= skip_q ? 0 : lp[r] - q_len + (i - qs[r]) + 1;
     }
   }
-  for (int64_t i = 0; i < T; ++i) cost[i + 1] = cost[i] + len[i] + 16;  // + a fixed per-token cost
+  for (int64_t i = 0; i < T; ++i) cost[i + 1] = cost[i] + (len[i] > 0 ? len[i] + 16 : 0);  // + a fixed per-token cost
   const std::vector<int64_t> bounds = split_by_cost(cost);
   const int64_t parts = static_cast<int64_t>(bounds.size()) - 1;
   using attend_fn = void (*)(const float*, const scalar_t*, float, const cache_t*, const cache_t*, const int64_t*,
@@ -508,6 +522,7 @@ static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
     std::vector<float> qf(H * D), acc(H * D), tile(bs * Hkv * D), scores, inv(H);
     for (int64_t p = pbegin; p < pend; ++p)
       for (int64_t i = bounds[p]; i < bounds[p + 1]; ++i) {
+        if (len[i] == 0) continue;  // skipped (skip_q)
         if (i + 1 < bounds[p + 1]) {  // the next query's first blocks, read while this one computes
           const int64_t* next = tp + req[i + 1] * max_blocks;
           for (int64_t a = 0; a < std::min(PREFETCH_BLOCKS, (len[i + 1] + bs - 1) / bs); ++a) {
@@ -532,10 +547,11 @@ static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
 template <typename scalar_t, typename cache_t>
 static void paged_dispatch(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                            const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
-                           const torch::Tensor& query_start_loc, double scale, torch::Tensor& out) {
+                           const torch::Tensor& query_start_loc, double scale, torch::Tensor& out,
+                           int64_t skip_q = 0) {
   auto run = [&](auto nv) {
     paged_impl<scalar_t, cache_t, decltype(nv)::value>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                                       scale, out);
+                                                       scale, out, skip_q);
   };
   switch (q.size(2)) {  // head_dim: unrolled for the common sizes
     case 32: return run(std::integral_constant<int, 2>{});
@@ -862,9 +878,9 @@ void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
 // q [T, H, D] (the flat batch's new tokens); k_cache/v_cache [num_blocks, block_size, Hkv, D] holding every token of
 // each request including the new ones, in q's dtype or (float32 / bfloat16 q) float8 e4m3; block_tables [R,
 // max_blocks] int64; seq_lens [R] int64; query_start_loc [R + 1] int64. Returns [T, H, D] in q's dtype.
-torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                              torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start_loc,
-                              double scale) {
+static void check_paged_args(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                             const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+                             const torch::Tensor& query_start_loc) {
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous tensors only");
   TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous() && query_start_loc.is_contiguous(),
               "contiguous tables only");
@@ -872,6 +888,12 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   TORCH_CHECK(query_start_loc.size(0) == seq_lens.size(0) + 1, "query_start_loc must have num_reqs + 1 entries");
   TORCH_CHECK(query_start_loc[-1].item<int64_t>() == q.size(0), "query_start_loc must end at num_tokens");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must share a dtype");
+}
+
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                              torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start_loc,
+                              double scale) {
+  check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc);
   auto out = torch::empty_like(q);
   if (k_cache.scalar_type() == at::ScalarType::Float8_e4m3fn) {
     TORCH_CHECK(q.scalar_type() == torch::kFloat32 || q.scalar_type() == torch::kBFloat16,

@@ -13,28 +13,42 @@ from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.ops.torch_ops import TorchOps
 
 
+AMX_MIN_QUERY = 16  # new tokens a request needs in a step for its prefill tokens to go to the AMX tiles
+
+
 class CpuKernelAttention:
     """Every token of the step (decodes and prefill chunks) in one call of the C++ kernel over the paged cache; K/V
-    written by the C++ ``write_kv``."""
+    written by the C++ ``write_kv``. With ``amx`` (bfloat16 on a CPU with AMX-BF16), the prefill tokens of requests
+    with at least AMX_MIN_QUERY new tokens are attended in tiles of 16 on AMX (``cpu_attention_amx.cpp``); decodes
+    and short chunks keep the per-token kernel."""
 
-    def __init__(self, kernels) -> None:
+    def __init__(self, kernels, amx: bool = False) -> None:
         self.kernels = kernels  # the compiled module from cpu_kernel.load()
+        self.amx_min_q = AMX_MIN_QUERY if amx else 0
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if k_cache.dtype != k.dtype:
             k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
         self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if self.amx_min_q:
+            return self.kernels.paged_attention_amx(q.contiguous(), k_cache, v_cache, meta.block_tables,
+                                                    meta.seq_lens_tensor, meta.query_start_loc_t(), scale,
+                                                    self.amx_min_q)
         return self.kernels.paged_attention(q.contiguous(), k_cache, v_cache, meta.block_tables,
                                             meta.seq_lens_tensor, meta.query_start_loc_t(), scale)
 
 
 class CpuOps(TorchOps):
+    """``amx``: use the AMX tiles where they apply (bfloat16 prefill attention); None = where this machine has them
+    (``kernels.amx_available()``: the build targets a CPU with AMX and the OS grants the tile state)."""
+
     name = "cpu_kernel"
 
-    def __init__(self, kernels, device: torch.device | str = "cpu") -> None:
+    def __init__(self, kernels, device: torch.device | str = "cpu", amx: bool | None = None) -> None:
         super().__init__(torch.device(device))
         self.kernels = kernels
-        self.attention = CpuKernelAttention(kernels)
+        self.amx = kernels.amx_available() if amx is None else amx and kernels.amx_available()
+        self.attention = CpuKernelAttention(kernels, self.amx)
 
     def rms_norm(self, x, weight, eps):
         """One pass per row in bfloat16 / float16 (bit-equal to the torch ops there); float32 keeps the torch ops."""

@@ -1,0 +1,161 @@
+"""The AMX paths (Intel Advanced Matrix Extensions) of the C++ kernels and how they are chosen.
+
+On a CPU with AMX-BF16 the prefill tokens of long-enough requests are attended on AMX tiles
+(``cpu_attention_amx.cpp``): those tests compare them with the reference attention and run only where the machine
+has AMX. What must hold on every machine runs everywhere: where AMX is missing (this CPU, or the portable build) the
+AMX entry point is the per-token kernel exactly, the ops object takes AMX only where the build and the OS allow it,
+and the AMX source compiles for an AMX target even on a CPU without AMX (so a build error cannot wait for an AMX
+host)."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenmill.attention.backend import AttentionMetadata, ReferenceAttention
+from tokenmill.kernels import cpu_kernel
+from tokenmill.ops.cpu_ops import AMX_MIN_QUERY, CpuKernelAttention, CpuOps
+
+CPU_FLAGS = set()
+if Path("/proc/cpuinfo").exists():
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            CPU_FLAGS = set(line.split(":", 1)[1].split())
+            break
+HOST_AMX = {"amx_tile", "amx_bf16"} <= CPU_FLAGS
+
+
+def _batch(reqs, heads, kv_heads, head_dim, block_size, dtype, seed):
+    """Caches with random rows, and a step's q/k/v for requests given as (context cached, new tokens)."""
+    torch.manual_seed(seed)
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in reqs) + 8
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    perm = torch.randperm(num_blocks - 1) + 1  # scattered blocks; block 0 pads the tables
+    max_blocks = max(-(-(c + n) // block_size) for c, n in reqs)
+    qsl, seq_lens, tables, slots, used = [0], [], [], [], 0
+    for context, new in reqs:
+        nblocks = -(-(context + new) // block_size)
+        table = perm[used:used + nblocks]
+        used += nblocks
+        tables.append(torch.cat([table, torch.zeros(max_blocks - nblocks, dtype=torch.int64)]))
+        pos = torch.arange(context, context + new)
+        slots.append(table[pos // block_size] * block_size + pos % block_size)
+        qsl.append(qsl[-1] + new)
+        seq_lens.append(context + new)
+    t = qsl[-1]
+    q = torch.randn(t, heads, head_dim).to(dtype)
+    k = torch.randn(t, kv_heads, head_dim).to(dtype)
+    v = torch.randn(t, kv_heads, head_dim).to(dtype)
+    num_decodes = sum(1 for _, n in reqs if n == 1)
+    meta = AttentionMetadata(qsl, seq_lens, num_decodes, torch.cat(slots), torch.stack(tables),
+                             torch.tensor(seq_lens))
+    return q, k, v, k_cache, v_cache, meta
+
+
+# decodes, short chunks (per-token kernel) and long ones (tiles), chunks after cached context, lengths off the tile
+# and block sizes, a chunk of exactly one tile
+REQS = [(5, 1), (0, 40), (17, 33), (3, 15), (0, 16), (100, 1), (31, 70), (64, 17)]
+
+
+def test_amx_entry_is_the_per_token_kernel_where_amx_is_off(kernels):
+    """amx_min_q 0, or a machine / build without AMX: paged_attention_amx returns what paged_attention returns, bit
+    for bit (the portable build never has AMX)."""
+    q, k, v, k_cache, v_cache, meta = _batch(REQS, 6, 2, 64, 16, torch.bfloat16, seed=1)
+    CpuKernelAttention(kernels).forward(q, k, v, k_cache, v_cache, meta, 0.125)  # writes the step's K/V
+    args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc_t(), 0.125)
+    plain = kernels.paged_attention(*args)
+    assert torch.equal(kernels.paged_attention_amx(*args, 0), plain)
+    if not kernels.amx_available():
+        assert torch.equal(kernels.paged_attention_amx(*args, AMX_MIN_QUERY), plain)
+
+
+def test_ops_take_amx_only_where_the_machine_allows_it(kernels):
+    """The choice is made once, from what the build and the OS allow: never on a CPU without AMX-BF16 (whatever is
+    asked), and by default wherever it is available."""
+    assert not kernels.amx_available() or HOST_AMX
+    assert CpuOps(kernels).amx == kernels.amx_available()
+    assert not CpuOps(kernels, amx=False).amx
+    assert CpuOps(kernels, amx=True).amx == kernels.amx_available()
+    assert CpuOps(kernels, amx=False).attention.amx_min_q == 0
+
+
+def test_amx_is_available_on_an_amx_host():
+    """On a CPU with AMX-BF16 the native build has the AMX paths (the OS grants the tile state to the process)."""
+    if not HOST_AMX:
+        pytest.skip("this CPU has no AMX-BF16 (the AMX source is compile-checked by the next test)")
+    assert cpu_kernel.load().amx_available()
+
+
+def test_amx_source_compiles_for_an_amx_target():
+    """The kernels' C++ (with the AMX file) type-checks for a Sapphire Rapids target on any x86-64 machine with g++,
+    so code that only an AMX host compiles natively is still checked on every CI host."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++ here")
+    from torch.utils.cpp_extension import include_paths
+
+    src = "\n".join(p.read_text() for p in cpu_kernel._SOURCE_FILES)
+    cmd = [cxx, "-fsyntax-only", "-std=c++17", "-march=sapphirerapids", "-x", "c++", "-",
+           *[f"-I{p}" for p in include_paths()], "-DTORCH_EXTENSION_NAME=tokenmill_check"]
+    import sysconfig
+
+    cmd.append(f"-I{sysconfig.get_paths()['include']}")
+    proc = subprocess.run(cmd, input=src, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+needs_amx = pytest.mark.skipif(not HOST_AMX, reason="runs on a CPU with AMX-BF16 (this one has none)")
+
+
+@needs_amx
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 32, 16), (8, 2, 128, 16),
+                                                                 (6, 2, 64, 32), (6, 1, 64, 8), (4, 2, 128, 4)])
+def test_amx_attention_matches_reference(heads, kv_heads, head_dim, block_size):
+    """Decodes, short and long prefill chunks with and without cached context, in one step: the AMX tiles and the
+    per-token kernel both equal the reference (float32 math on the bfloat16 inputs) within bfloat16 rounding, and
+    the K/V the backend wrote equal the reference backend's byte for byte."""
+    kernels = cpu_kernel.load()
+    q, k, v, k_cache, v_cache, meta = _batch(REQS, heads, kv_heads, head_dim, block_size, torch.bfloat16,
+                                             seed=heads + head_dim)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    ref = ReferenceAttention().forward(q.float(), k.float(), v.float(), ref_k.float(), ref_v.float(), meta,
+                                       head_dim**-0.5)
+    ReferenceAttention().forward(q, k, v, ref_k, ref_v, meta, head_dim**-0.5)
+    out = CpuKernelAttention(kernels, amx=True).forward(q, k, v, k_cache, v_cache, meta, head_dim**-0.5)
+    assert torch.equal(k_cache.view(torch.uint8), ref_k.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), ref_v.view(torch.uint8))
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    # the decodes and short chunks took the per-token kernel: identical to it
+    per_token = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor,
+                                        meta.query_start_loc_t(), head_dim**-0.5)
+    short = torch.cat([torch.arange(meta.query_start_loc[i], meta.query_start_loc[i + 1])
+                       for i, (_, n) in enumerate(REQS) if n < AMX_MIN_QUERY])
+    assert torch.equal(out[short], per_token[short])
+
+
+@needs_amx
+def test_amx_model_logits_match_the_per_token_kernel():
+    """A tiny bfloat16 Llama (head_dim 32, GQA) prefilled through the AMX tiles gives the greedy tokens of the
+    per-token kernel, with their logprobs within bfloat16 noise."""
+    import tempfile
+
+    from helpers import save_tiny_model
+
+    from tokenmill import LLM, SamplingParams
+
+    with tempfile.TemporaryDirectory() as d:
+        save_tiny_model("llama", Path(d), head_dim=32)
+        prompts = [[(7 * i + 3 * j) % 250 + 3 for j in range(40 + 13 * i)] for i in range(4)]
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+        outs = {}
+        for amx in (False, True):
+            llm = LLM(d, dtype="bfloat16", ops=CpuOps(cpu_kernel.load(), amx=amx))
+            assert llm.engine.ops.amx == amx
+            outs[amx] = llm.generate(prompts, params, use_tqdm=False)
+        for a, b in zip(outs[False], outs[True]):
+            assert a.token_ids == b.token_ids
+            for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids):
+                assert abs(la[t] - lb[t]) < 0.05

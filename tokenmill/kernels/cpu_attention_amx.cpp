@@ -1,0 +1,376 @@
+// Prefill attention on AMX tiles (Intel Advanced Matrix Extensions, AMX-BF16), compiled after cpu_kernels.cpp into
+// the same module (kernels/cpu_kernel.py joins the sources): see its docstring.
+//
+// The per-token kernel (paged_impl) gives each query token its own pass over the keys it sees: right for decodes,
+// but a prompt of L tokens then reads ~L^2/2 key rows per head and multiplies them on the vector units. Here a tile
+// of 16 query tokens of one request and one KV group is one task: S = Q K^T and O = P V run as tile products
+// (tdpbf16ps: bfloat16 pairs, float32 sums), 16 x 16 x 32 per instruction, and only the softmax runs on the vector
+// units. Two passes over the keys (scores for all of them, then P.V), as the per-token kernel does, so no running
+// rescale of O.
+//
+// Layouts (tiles are 16 rows of 64 bytes):
+// - Q, per head: 16 token rows of D bfloat16, as D / 32 A tiles (rows past the tile's tokens are zero).
+// - K^T, per 16 keys and 32 dims: a B tile of 16 rows (dim pairs) x 16 keys x 2 (the pair): B[p][2 k + b] =
+//   K[k][2 p + b], i.e. a 16 x 16 transposition of 32-bit pairs (kt_block).
+// - S: 16 rows x L float32 in memory, stored tile by tile; softmax row by row into P (bfloat16, zero past each row's
+//   causal length and past L).
+// - V, per 32 keys and 16 dims: a B tile of 16 rows (key pairs) x 16 dims x 2: B[p][2 d + b] = V[2 p + b][d], two V
+//   rows interleaved (one two-source permute per 32 values).
+// - O, per head: D / 16 tiles of 16 x 16 float32, at most 4 live at once (D = 128 takes two sweeps over the keys).
+//
+// Numerics: the scores are exact sums of exact bfloat16 products in float32, like the per-token kernel's vdpbf16ps
+// path; P is rounded to bfloat16 before P.V (flash attention's rounding on GPUs), where the per-token kernel keeps
+// it in float32: outputs differ from it by bfloat16 rounding (tests/model/test_cpu_kernel.py bounds it).
+//
+// AMX needs the OS's permission for the tile state once per process (arch_prctl ARCH_REQ_XCOMP_PERM), and each
+// thread loads the tile configuration before its first tile instruction; amx_available() says whether both hold on
+// this machine. Where the compiler target has no AMX (another CPU: -march=native), none of this is compiled and
+// amx_available() is false.
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define TM_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define TM_AMX 0
+#endif
+
+#if TM_AMX
+static bool amx_permission() {
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+static bool amx_ok() {
+  static const bool ok = amx_permission();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile 16 rows x 64 bytes; loaded by each thread before its first tile instruction.
+static void amx_configure() {
+  TileConfig c;
+  for (int i = 0; i < 8; ++i) {
+    c.colsb[i] = 64;
+    c.rows[i] = 16;
+  }
+  // GCC 12 does not see ldtilecfg's builtin read its operand and moved these stores after it: a barrier
+  asm volatile("" ::: "memory");
+  _tile_loadconfig(&c);
+}
+
+// dst[p * 16 + k] = src[k][p] for 16 rows of 16 32-bit values (rows at src + k * stride, in 32-bit units).
+static inline void transpose16x16_32(const uint32_t* const* rows, uint32_t* dst) {
+  __m512i r[16], t[16];
+  for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_si512(rows[k]);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // r[4i + m], 128-bit lane j: rows 4i..4i+3 of column 4j + m; two rounds of lane shuffles gather each column
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0xDD);
+    t[8 + i] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xDD);
+    r[4 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0x88);
+    r[12 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0xDD);
+  }
+  for (int p = 0; p < 16; ++p) _mm512_storeu_si512(dst + p * 16, r[p]);
+}
+
+// A thread's scratch, kept across its tasks. The K^T and V tiles are built incrementally: consecutive tasks of a
+// thread are the successive query tiles of one request and KV group, each seeing more keys, so a task builds only
+// the keys past those already built (from the 32-key chunk that held the last build's zero padding).
+struct AmxScratch {
+  std::vector<uint32_t> kt;  // [Lp / 16][D / 32][16 x 16] K^T B tiles
+  std::vector<uint16_t> vv;  // [Lp / 32][D / 16][16 x 32] V B tiles
+  std::vector<float> s;      // [16][Ls] scores
+  std::vector<uint16_t> p;   // [16][Ls] probabilities, bfloat16
+  std::vector<uint16_t> q;   // [16][D] one head's queries, bfloat16
+  std::vector<float> o;      // [16][D]
+  std::vector<uint16_t> zero;  // a zero K/V row
+  int64_t r = -1, g = -1, built = 0;  // the request and KV group the tiles hold, and how many keys
+};
+
+// exp(x) for x <= 0, 16 lanes: range reduction by ln 2 and a degree-5 Taylor polynomial, relative error < 3e-6
+// (the probabilities are rounded to bfloat16, 4e-3, right after).
+static inline __m512 exp_nonpos16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945f), x);
+  __m512 p = _mm512_set1_ps(1.f / 120.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One row of P: pr[0:Lp] = bfloat16(exp(scale * (sr[k] - max))) for k < len, 0 past it; returns 1 / the sum (of
+// the float32 values). Lp % 32 == 0, len <= Lp.
+static inline float softmax_row_bf16(const float* sr, uint16_t* pr, int64_t len, int64_t Lp, float scale) {
+  const __m512 m = _mm512_set1_ps(max_of(sr, len));
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t k = 0; k < Lp; k += 32) {
+    const int64_t left = len - k;
+    const __mmask16 m0 = left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : static_cast<__mmask16>((1u << (left - 16)) - 1);
+    const __m512 e0 = _mm512_maskz_mov_ps(m0, exp_nonpos16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + k), m), sc)));
+    const __m512 e1 = _mm512_maskz_mov_ps(
+        m1, exp_nonpos16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + k + 16), m), sc)));
+    sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+    _mm512_storeu_si512(pr + k, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+  }
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
+// The tile products of one head over Lp keys (Lp % 32 == 0): S = Q K^T into sc.s, then (after the caller's softmax)
+// O = P V into sc.o. QT = D / 32 query tiles (tiles 0..QT-1), scores in tiles 4 and 5, K^T / V B tiles in 6 and 7,
+// O accumulators in tiles 0..3 (the Q tiles are dead by then).
+template <int QT>
+static void amx_scores(AmxScratch& sc, int64_t Lp, int64_t Ls) {
+  constexpr int64_t D = 32 * QT;
+  _tile_loadd(0, sc.q.data(), D * 2);
+  if constexpr (QT > 1) _tile_loadd(1, sc.q.data() + 32, D * 2);
+  if constexpr (QT > 2) _tile_loadd(2, sc.q.data() + 64, D * 2);
+  if constexpr (QT > 3) _tile_loadd(3, sc.q.data() + 96, D * 2);
+  for (int64_t c = 0; c < Lp / 16; c += 2) {  // 32 keys: tiles 4 and 5
+    const uint32_t* b0 = sc.kt.data() + c * QT * 256;
+    const uint32_t* b1 = b0 + QT * 256;
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_loadd(6, b0, 64);
+    _tile_loadd(7, b1, 64);
+    _tile_dpbf16ps(4, 0, 6);
+    _tile_dpbf16ps(5, 0, 7);
+    if constexpr (QT > 1) {
+      _tile_loadd(6, b0 + 256, 64);
+      _tile_loadd(7, b1 + 256, 64);
+      _tile_dpbf16ps(4, 1, 6);
+      _tile_dpbf16ps(5, 1, 7);
+    }
+    if constexpr (QT > 2) {
+      _tile_loadd(6, b0 + 512, 64);
+      _tile_loadd(7, b1 + 512, 64);
+      _tile_dpbf16ps(4, 2, 6);
+      _tile_dpbf16ps(5, 2, 7);
+    }
+    if constexpr (QT > 3) {
+      _tile_loadd(6, b0 + 768, 64);
+      _tile_loadd(7, b1 + 768, 64);
+      _tile_dpbf16ps(4, 3, 6);
+      _tile_dpbf16ps(5, 3, 7);
+    }
+    _tile_stored(4, sc.s.data() + c * 16, Ls * 4);
+    _tile_stored(5, sc.s.data() + c * 16 + 16, Ls * 4);
+  }
+}
+
+// O[:, 16 * first .. 16 * (first + n)) = P V for n <= 4 dim slices of 16.
+template <int N>
+static void amx_pv(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t first) {
+  const int64_t slices = D / 16;
+  _tile_zero(0);
+  if constexpr (N > 1) _tile_zero(1);
+  if constexpr (N > 2) _tile_zero(2);
+  if constexpr (N > 3) _tile_zero(3);
+  for (int64_t c = 0; c < Lp / 32; ++c) {
+    _tile_loadd(4, sc.p.data() + c * 32, Ls * 2);
+    const uint16_t* b = sc.vv.data() + (c * slices + first) * 512;
+    _tile_loadd(6, b, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (N > 1) {
+      _tile_loadd(7, b + 512, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (N > 2) {
+      _tile_loadd(6, b + 1024, 64);
+      _tile_dpbf16ps(2, 4, 6);
+    }
+    if constexpr (N > 3) {
+      _tile_loadd(7, b + 1536, 64);
+      _tile_dpbf16ps(3, 4, 7);
+    }
+  }
+  float* o = sc.o.data() + first * 16;
+  _tile_stored(0, o, D * 4);
+  if constexpr (N > 1) _tile_stored(1, o + 16, D * 4);
+  if constexpr (N > 2) _tile_stored(2, o + 32, D * 4);
+  if constexpr (N > 3) _tile_stored(3, o + 48, D * 4);
+}
+
+// One task: query tokens i0 .. i0 + n - 1 (n <= 16) of one request, the G heads of KV head g. Token t sees the first
+// ctx + t + 1 keys. kp / vp: the caches; table: the request's block table.
+static void amx_prefill_task(const c10::BFloat16* qp, const c10::BFloat16* kp, const c10::BFloat16* vp,
+                             const int64_t* table, int64_t r, int64_t i0, int64_t n, int64_t ctx, int64_t g,
+                             int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale, c10::BFloat16* op,
+                             AmxScratch& sc) {
+  const int64_t G = H / Hkv, row = Hkv * D;
+  const int64_t L = ctx + n, Lp = (L + 31) / 32 * 32;
+  // rows of S and P: Lp plus a cache line, so that the 16 rows of a tile do not share L1 sets (a stride of a multiple
+  // of 4 KiB puts them all in one set)
+  const int64_t Ls = Lp + 16;
+  if (static_cast<int64_t>(sc.s.size()) < 16 * Ls) {
+    sc.s.resize(16 * Ls);
+    sc.p.resize(16 * Ls);
+  }
+  if (static_cast<int64_t>(sc.vv.size()) < Lp * D) {  // resize keeps the tiles built so far
+    sc.kt.resize(Lp * D / 2);
+    sc.vv.resize(Lp * D);
+  }
+  sc.q.assign(16 * D, 0);
+  sc.o.resize(16 * D);
+  sc.zero.assign(D, 0);
+  auto key_row = [&](int64_t key, const c10::BFloat16* cache) -> const uint16_t* {
+    if (key >= L) return sc.zero.data();
+    return reinterpret_cast<const uint16_t*>(cache + (table[key / bs] * bs + key % bs) * row + g * D);
+  };
+  const int64_t first = sc.r == r && sc.g == g && sc.built <= L ? sc.built / 32 * 32 : 0;  // first key to build
+  // K^T tiles: per 16 keys and 32 dims, a transposition of 32-bit dim pairs
+  for (int64_t c = first / 16; c < Lp / 16; ++c) {
+    const uint32_t* rows[16];
+    for (int64_t dc = 0; dc < D / 32; ++dc) {
+      for (int k = 0; k < 16; ++k) rows[k] = reinterpret_cast<const uint32_t*>(key_row(c * 16 + k, kp)) + dc * 16;
+      transpose16x16_32(rows, sc.kt.data() + (c * (D / 32) + dc) * 256);
+    }
+  }
+  // V tiles: per 32 keys and 16 dims, rows 2p and 2p + 1 interleaved
+  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                          37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  const int64_t slices = D / 16;
+  for (int64_t c = first / 32; c < Lp / 32; ++c)
+    for (int64_t p = 0; p < 16; ++p) {
+      const uint16_t* r0 = key_row(c * 32 + 2 * p, vp);
+      const uint16_t* r1 = key_row(c * 32 + 2 * p + 1, vp);
+      for (int64_t d = 0; d < D; d += 32) {  // two slices at a time
+        const __m512i a = _mm512_loadu_si512(r0 + d), b = _mm512_loadu_si512(r1 + d);
+        uint16_t* dst = sc.vv.data() + (c * slices + d / 16) * 512 + p * 32;
+        _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, lo_idx, b));
+        _mm512_storeu_si512(dst + 512, _mm512_permutex2var_epi16(a, hi_idx, b));
+      }
+    }
+  sc.r = r;
+  sc.g = g;
+  sc.built = L;
+  float inv[16];
+  for (int64_t t = n; t < 16; ++t) std::memset(sc.p.data() + t * Ls, 0, Lp * 2);  // padding rows: P = 0
+  for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+    for (int64_t t = 0; t < n; ++t)
+      std::memcpy(sc.q.data() + t * D, qp + ((i0 + t) * H + h) * D, D * 2);
+    switch (D / 32) {
+      case 1: amx_scores<1>(sc, Lp, Ls); break;
+      case 2: amx_scores<2>(sc, Lp, Ls); break;
+      default: amx_scores<4>(sc, Lp, Ls); break;
+    }
+    for (int64_t t = 0; t < n; ++t)  // softmax of each token's visible keys (the first ctx + t + 1)
+      inv[t] = softmax_row_bf16(sc.s.data() + t * Ls, sc.p.data() + t * Ls, ctx + t + 1, Lp, scale);
+    for (int64_t f = 0; f < slices; f += 4) {
+      switch (std::min<int64_t>(4, slices - f)) {
+        case 2: amx_pv<2>(sc, Lp, Ls, D, f); break;
+        default: amx_pv<4>(sc, Lp, Ls, D, f); break;
+      }
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      c10::BFloat16* dst = op + ((i0 + t) * H + h) * D;
+      const float* src = sc.o.data() + t * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = from_float<c10::BFloat16>(src[d] * inv[t]);
+    }
+  }
+}
+
+// The tokens of requests with at least min_q new tokens, in tiles of 16 (per request and KV head), split between
+// threads by cost (keys read); the other tokens are left to the per-token kernel.
+static void amx_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                        const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+                        const torch::Tensor& query_start_loc, double scale, int64_t min_q, torch::Tensor& out) {
+  const int64_t H = q.size(1), D = q.size(2), bs = k_cache.size(1), Hkv = k_cache.size(2);
+  const int64_t R = seq_lens.size(0), max_blocks = block_tables.size(1);
+  const int64_t* lp = seq_lens.data_ptr<int64_t>();
+  const int64_t* qs = query_start_loc.data_ptr<int64_t>();
+  struct Task { int64_t r, i0, n, ctx, g; };
+  std::vector<Task> tasks;
+  std::vector<int64_t> cost{0};
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t q_len = qs[r + 1] - qs[r];
+    TORCH_CHECK(q_len >= 1 && q_len <= lp[r], "each request needs 1 <= query length <= seq_len");
+    if (q_len < min_q) continue;
+    for (int64_t g = 0; g < Hkv; ++g)  // a KV group's tiles in order: a thread extends its K/V tiles (AmxScratch)
+      for (int64_t i0 = qs[r]; i0 < qs[r + 1]; i0 += 16) {
+        const int64_t n = std::min<int64_t>(16, qs[r + 1] - i0);
+        const int64_t ctx = lp[r] - q_len + (i0 - qs[r]);
+        tasks.push_back({r, i0, n, ctx, g});
+        cost.push_back(cost.back() + ctx + n + 64);
+      }
+  }
+  if (tasks.empty()) return;
+  const std::vector<int64_t> bounds = split_by_cost(cost);
+  const auto* qp = q.data_ptr<c10::BFloat16>();
+  const auto* kp = k_cache.data_ptr<c10::BFloat16>();
+  const auto* vp = v_cache.data_ptr<c10::BFloat16>();
+  const int64_t* tp = block_tables.data_ptr<int64_t>();
+  auto* op = out.data_ptr<c10::BFloat16>();
+  const float fscale = static_cast<float>(scale);
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t pbegin, int64_t pend) {
+    amx_configure();
+    AmxScratch sc;
+    for (int64_t part = pbegin; part < pend; ++part)
+      for (int64_t i = bounds[part]; i < bounds[part + 1]; ++i) {
+        const Task& t = tasks[i];
+        amx_prefill_task(qp, kp, vp, tp + t.r * max_blocks, t.r, t.i0, t.n, t.ctx, t.g, H, Hkv, D, bs, fscale, op,
+                         sc);
+      }
+    _tile_release();
+  });
+}
+#endif  // TM_AMX
+
+bool amx_available() {
+#if TM_AMX
+  return amx_ok();
+#else
+  return false;
+#endif
+}
+
+// paged_attention with the prefill tokens of requests of at least amx_min_q new tokens (0: none) on AMX tiles, where
+// this machine has them (amx_available()), for bfloat16 queries and cache with head_dim 32, 64 or 128; every other
+// token (and everything where AMX does not apply) goes through the per-token kernel, as paged_attention.
+torch::Tensor paged_attention_amx(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                  torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start_loc,
+                                  double scale, int64_t amx_min_q) {
+#if TM_AMX
+  const int64_t D = q.size(2);
+  if (amx_min_q > 0 && amx_ok() && q.scalar_type() == torch::kBFloat16 &&
+      k_cache.scalar_type() == torch::kBFloat16 && (D == 32 || D == 64 || D == 128)) {
+    check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc);
+    auto out = torch::empty_like(q);
+    amx_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, amx_min_q, out);
+    paged_dispatch<c10::BFloat16, c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                                                 out, amx_min_q);
+    return out;
+  }
+#endif
+  return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale);
+}
