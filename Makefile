@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-peers bench-serve clean
+.PHONY: setup demo test bench bench-peers bench-cpu-peers bench-serve clean
 LLAMA_CPP_PY := 0.3.36
 
 $(STAMP): pyproject.toml
@@ -46,6 +46,23 @@ bench-peers: setup
 	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 	cmake --build build/llama-cpp/build --target llama-server -j $$(nproc)
 	cp build/llama-cpp/build/bin/llama-server $(BIN)/llama-server
+
+# The CPU peers (issue 28): OpenVINO GenAI and CTranslate2 in a venv of their own (never the project's .venv), then
+# the model exported with their own tools (optimum-cli export openvino: fp32 / int8 / int4 IR; ct2-transformers-
+# converter) into build/peers/models. optimum-intel lists torchvision, which its export does not use and which PyPI
+# does not build for this torch: it goes in with --no-deps and its other requirements by name.
+PEERS := build/peers
+$(PEERS)/venv/.installed:
+	$(PYTHON) -m venv $(PEERS)/venv
+	$(PEERS)/venv/bin/pip install --quiet torch==2.13.0
+	$(PEERS)/venv/bin/pip install --quiet --no-deps optimum-intel==2.2.0
+	$(PEERS)/venv/bin/pip install --quiet optimum==2.3.0 transformers==5.5.4 'huggingface-hub<1.22' nncf==3.4.0 \
+	  openvino==2026.4.1 openvino-tokenizers==2026.4.1.0 openvino-genai==2026.4.1.0 ctranslate2==4.8.5 setuptools \
+	  'requests>=2.33,<3'
+	touch $@
+
+bench-cpu-peers: setup $(PEERS)/venv/.installed
+	$(BIN)/python -m benchmarks.cpu_peers --prepare
 
 bench: setup
 	$(BIN)/python -m benchmarks --out benchmarks/results

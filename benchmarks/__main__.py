@@ -13,6 +13,8 @@ Sections:
 - ``embed``: ``tokenmill`` embeddings (all-MiniLM-L6-v2) against sentence-transformers ``encode`` (its default batch
   size and others) on a few thousand mixed-length texts, plus index build time per 100,000 vectors
   (``benchmarks/embed_bench.py``).
+- ``peers`` (not in the default list: ~1 hour): OpenVINO GenAI and CTranslate2 against tokenmill at each precision
+  tier, on W and a long-prompt workload (``benchmarks/cpu_peers.py``; ``make bench-cpu-peers`` installs the peers).
 
 Peers in ``w``: transformers ``generate`` with static batches (left padding), transformers continuous batching
 (``generate_batch``) when the installed version has it, and llama.cpp (``make bench-peers``) on the same GGUF.
@@ -270,6 +272,10 @@ def markdown(result: dict) -> str:
         from benchmarks.embed_bench import markdown as embed_markdown
 
         lines += embed_markdown(result["embed"])
+    if "peers" in result:
+        from benchmarks.cpu_peers import markdown as peers_markdown
+
+        lines += ["### peers", "", peers_markdown(result["peers"])]
     for note in result.get("notes", []):
         lines.append(f"Note: {note}")
     return "\n".join(lines)
@@ -402,6 +408,11 @@ def main() -> None:
         from benchmarks.embed_bench import run_embed_section
 
         result["embed"] = run_embed_section(args.quick)
+    if "peers" in sections:
+        from benchmarks import cpu_peers
+
+        result["peers"] = cpu_peers.run_section(args.model, tok, ["w", "long"], list(cpu_peers.TIERS),
+                                                1 if args.quick else 2, args.quick)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out_dir / f"bench-{stamp}.json").write_text(json.dumps(result, indent=1))

@@ -66,3 +66,22 @@ def _nanovllm_output_lens() -> list[int]:
     from benchmarks.gpu_bench import random_job, settings
 
     return random_job("nanovllm", *settings(smoke=True)["nanovllm"], vocab=500, temperature=0.6).output_lens
+
+
+def test_cpu_peers_harness_runs_tokenmill_at_every_tier(tmp_path):
+    """benchmarks/cpu_peers.py (issue 28) end to end on a tiny model with the peers left out: every tier's tokenmill
+    row runs in its child process and the report names the peers as not run (never silently dropped)."""
+    save_tiny_model("llama", tmp_path / "model")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_peers", "--quick", "--no-peers", "--rounds", "1",
+                           "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(next((tmp_path / "out").glob("peers-*.json")).read_text())
+    assert result["host"]["cpu"] and result["gemm_gflops"]["bfloat16"] > 0
+    for name, wl in result["workloads"].items():
+        tm = [r for r in wl["rows"] if r["family"] == "tokenmill"]
+        assert [r["tier"] for r in tm] == ["float32", "bfloat16", "int8", "int4", "w8a8"], name
+        assert all("missing" not in r and r["output_tokens"] == wl["output_tokens"] for r in tm), tm
+        assert all("missing" in r for r in wl["rows"] if r["family"] != "tokenmill")
+    md = next((tmp_path / "out").glob("peers-*.md")).read_text()
+    assert "### W" in md and "### long" in md and "not run: peers not installed" in md
