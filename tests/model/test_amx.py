@@ -1,7 +1,7 @@
 """The AMX paths (Intel Advanced Matrix Extensions) of the C++ kernels and how they are chosen.
 
 On a CPU with AMX-BF16 the prefill tokens of long-enough requests are attended on AMX tiles
-(``cpu_attention_amx.cpp``): those tests compare them with the reference attention and run only where the machine
+(``cpu_amx.cpp``): those tests compare them with the reference attention and run only where the machine
 has AMX. What must hold on every machine runs everywhere: where AMX is missing (this CPU, or the portable build) the
 AMX entry point is the per-token kernel exactly, the ops object takes AMX only where the build and the OS allow it,
 and the AMX source compiles for an AMX target even on a CPU without AMX (so a build error cannot wait for an AMX
@@ -159,3 +159,46 @@ def test_amx_model_logits_match_the_per_token_kernel():
             assert a.token_ids == b.token_ids
             for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids):
                 assert abs(la[t] - lb[t]) < 0.05
+
+
+def _int8_weight(n, k, kernels, amx, seed=0):
+    from tokenmill.model.quant import Int8Weight
+
+    torch.manual_seed(seed)
+    w = Int8Weight(n, k, kernels, amx=amx)
+    w.load_rows(0, torch.randn(n, k) * 0.05 + 0.01)
+    w.finalize(torch.bfloat16)
+    return w
+
+
+def test_int8_amx_entry_is_int8g_gemm_where_amx_is_off(kernels):
+    """Without AMX (this CPU, or the portable build) int8g_gemm_amx is int8g_gemm bit for bit; the weight takes the
+    AMX kernel only where the ops object chose AMX."""
+    w = _int8_weight(40, 64, kernels, amx=False)
+    x = torch.randn(21, 64).to(w.x_dtype)
+    a, b = torch.empty(21, 40), torch.empty(21, 40)
+    kernels.int8g_gemm(x, w.packed, w.scales, None, None, a)
+    kernels.int8g_gemm_amx(x, w.packed, w.scales, None, None, b)
+    if not kernels.amx_available() or x.dtype == torch.float32:
+        assert torch.equal(a, b)
+    assert not CpuOps(kernels, amx=False).amx and not _int8_weight(8, 32, kernels, amx=False).amx
+
+
+@needs_amx
+@pytest.mark.parametrize("m,n,k", [(1, 32, 32), (17, 40, 96), (128, 96, 576), (50, 300, 1536)])
+def test_int8_amx_gemm_matches_its_dequantized_weights(m, n, k):
+    """int8g_gemm_amx (rows not a multiple of 16, channels not a multiple of 32, bias and residual) equals x times the
+    weight dequantized and rounded to bfloat16 once (its documented arithmetic), within float32 summation order, and
+    the exact AVX-512 path within that one rounding."""
+    kernels = cpu_kernel.load()
+    w = _int8_weight(n, k, kernels, amx=True, seed=m + n)
+    assert w.amx
+    x = torch.randn(m, k).bfloat16()
+    bias, res = torch.randn(n).bfloat16(), torch.randn(m, n).bfloat16()
+    y = w(x, bias, res).float()
+    wq = w.groups().dequantize().bfloat16().float()  # [n, k], rounded once
+    ref = x.float() @ wq.t() + bias.float() + res.float()
+    torch.testing.assert_close(y, ref, atol=2e-2, rtol=1e-2)
+    exact = torch.empty(m, n, dtype=torch.bfloat16)
+    kernels.int8g_gemm(x, w.packed, w.scales, bias, res, exact)
+    torch.testing.assert_close(y, exact.float(), atol=5e-2, rtol=2e-2)

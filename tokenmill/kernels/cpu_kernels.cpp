@@ -1453,6 +1453,22 @@ static void int8g_widen(const int8_t* src, uint16_t* dst, int64_t K) {
   }
 }
 
+// [M, K / 32]: each bfloat16 row's sum over each group of 32 (the offsets' operand).
+static std::vector<float> int8g_group_sums(const uint16_t* xp, int64_t M, int64_t K) {
+  const int64_t G = K / G8_GROUP;
+  std::vector<float> xsum(M * G);
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        const uint16_t* xg = xp + m * K + g * G8_GROUP;
+        const __m512 a = _mm512_add_ps(load_f32x16(reinterpret_cast<const c10::BFloat16*>(xg)),
+                                       load_f32x16(reinterpret_cast<const c10::BFloat16*>(xg + 16)));
+        xsum[m * G + g] = _mm512_reduce_add_ps(a);
+      }
+  });
+  return xsum;
+}
+
 // rows m0 .. m0 + MR - 1 of the output's columns n0 .. n0 + ncols - 1 (ncols <= 32; the panel is zero-padded).
 template <typename scalar_t, int MR>
 static inline void int8g_tile(const uint16_t* x, const float* xs, int64_t K, const uint16_t* wb, const uint16_t* sc,
@@ -1511,16 +1527,7 @@ static void int8g_gemm_impl(const torch::Tensor& x, const torch::Tensor& packed,
   const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t G = K / G8_GROUP;
-  std::vector<float> xsum(M * G);  // [M, G]: each row's sum over each group (the offsets' operand)
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m)
-      for (int64_t g = 0; g < G; ++g) {
-        const uint16_t* xg = xp + m * K + g * G8_GROUP;
-        const __m512 a = _mm512_add_ps(load_f32x16(reinterpret_cast<const c10::BFloat16*>(xg)),
-                                       load_f32x16(reinterpret_cast<const c10::BFloat16*>(xg + 16)));
-        xsum[m * G + g] = _mm512_reduce_add_ps(a);
-      }
-  });
+  const std::vector<float> xsum = int8g_group_sums(xp, M, K);
   int8g_for_tasks<uint16_t>(M, panels, K * G8_NR,
     [&](int64_t p, uint16_t* buf) { int8g_widen(pp + p * K * G8_NR, buf, K); },
     [&](int64_t p, const uint16_t* buf, int64_t m0, int64_t m1) {
@@ -1545,8 +1552,9 @@ bool int8g_bf16_available() { return int8g_bf16_ok; }
 // [ceil(N / 32), K / 2, 32, 2] int8 and scales [ceil(N / 32), K / 32, 2, 32] float16 (the scales, then the offsets;
 // model/quant.py's pack_int8_groups; channels past N zero), bias [N] and residual [M, N] (optional) of out's dtype,
 // out [M, N] float32 or bfloat16 contiguous, written in place.
-void int8g_gemm(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, std::optional<torch::Tensor> bias,
-                std::optional<torch::Tensor> residual, torch::Tensor out) {
+static void check_int8g_args(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                             const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
+                             const torch::Tensor& out) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
               (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
               "x must be [M, K] float32 or bfloat16");
@@ -1562,6 +1570,11 @@ void int8g_gemm(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, std
   TORCH_CHECK(out.scalar_type() == torch::kFloat32 || out.scalar_type() == torch::kBFloat16,
               "out must be float32 or bfloat16");
   check_bias_residual(bias, residual, out);
+}
+
+void int8g_gemm(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, std::optional<torch::Tensor> bias,
+                std::optional<torch::Tensor> residual, torch::Tensor out) {
+  check_int8g_args(x, packed, scales, bias, residual, out);
   const bool f32_out = out.scalar_type() == torch::kFloat32;
   if (x.scalar_type() == torch::kFloat32) {
     if (f32_out) int8f_gemm_impl<float>(x, packed, scales, bias, residual, out);

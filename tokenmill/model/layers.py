@@ -127,7 +127,8 @@ class Linear(nn.Module):
             self.quantized = None
         else:
             self.register_parameter("weight", None)
-            self.quantized = make_quantized_weight(build.quantization, out_features, in_features, build.ops.kernels)
+            self.quantized = make_quantized_weight(build.quantization, out_features, in_features, build.ops.kernels,
+                                                   getattr(build.ops, "amx", False))
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
 
     def load_rows(self, offset: int, tensor: torch.Tensor | Int4Groups | Int8Groups, name: str) -> None:

@@ -12,7 +12,9 @@
   blocks are the case offset = 0, so a Q8_0 file loads without rounding (``Int8Groups``). The rows are written
   straight into the panels of the C++ kernels' ``int8g_gemm`` as they load. Activations stay float: on a CPU with
   AVX512-BF16 they are multiplied in bfloat16 with the codes, widened to bfloat16 in the kernel (exact), each group's
-  float32 sum scaled once and the offset times the input's group sum added; elsewhere the kernel's portable path
+  float32 sum scaled once and the offset times the input's group sum added (on a CPU with AMX, ``int8g_gemm_amx``:
+  each panel dequantized to bfloat16 weights, one rounding per weight as oneDNN's and OpenVINO's weight decompression
+  do, then tile products over all of K; several times faster); elsewhere the kernel's portable path
   dequantizes a panel of 32 channels at a time to float32 and multiplies the float32 input. Without the C++ kernels
   (no compiler) the rows are quantized symmetrically per output channel for ``torch._weight_int8pack_mm`` (a Q8_0
   file's groups requantized: a rounding). A little over half of bf16's weight bytes.
@@ -162,12 +164,14 @@ def scaled_int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, x_min: torch.
 
 class QuantizedWeight(nn.Module, abc.ABC):
     """One linear layer's weight in a quantized format: ``load_rows`` then ``finalize`` once, then ``forward``.
-    ``kernels`` is the C++ module (``ops.kernels``) or None: the torch paths then."""
+    ``kernels`` is the C++ module (``ops.kernels``) or None: the torch paths then. ``amx``: the ops object chose the
+    AMX kernels (``ops.amx``), which the formats that have one use."""
 
-    def __init__(self, out_features: int, in_features: int, kernels=None) -> None:
+    def __init__(self, out_features: int, in_features: int, kernels=None, amx: bool = False) -> None:
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
         self.kernels = kernels
+        self.amx = amx and kernels is not None
 
     @abc.abstractmethod
     def load_rows(self, offset: int, w: torch.Tensor | Int4Groups | Int8Groups) -> None:
@@ -197,8 +201,8 @@ class W8A8Weight(QuantizedWeight):
     and no ``qweight``; elsewhere ``qweight`` is [K, N] contiguous (``torch._int_mm``'s faster layout) and ``w_sum``
     its channels' sums of codes (the epilogue's term for the activations' zero point)."""
 
-    def __init__(self, out_features: int, in_features: int, kernels=None) -> None:
-        super().__init__(out_features, in_features, kernels)
+    def __init__(self, out_features: int, in_features: int, kernels=None, amx: bool = False) -> None:
+        super().__init__(out_features, in_features, kernels, amx)
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))  # [N, K]
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))  # [N]
         self.register_buffer("packed", None)  # [ceil(N / 64), K / 4, 64, 4] int8 once final, on the kernel path
@@ -314,8 +318,8 @@ class Int8Weight(QuantizedWeight):
     channel as they load (float rows once; Q8_0 groups requantized) for ``torch._weight_int8pack_mm``: ``qweight``
     [N, K] and ``scale`` [N]."""
 
-    def __init__(self, out_features: int, in_features: int, kernels=None) -> None:
-        super().__init__(out_features, in_features, kernels)
+    def __init__(self, out_features: int, in_features: int, kernels=None, amx: bool = False) -> None:
+        super().__init__(out_features, in_features, kernels, amx)
         if in_features % INT8_GROUP_SIZE:
             raise ValueError(f"int8 needs in_features to be a multiple of {INT8_GROUP_SIZE}, got {in_features}")
         groups, panels = in_features // INT8_GROUP_SIZE, -(-out_features // INT8_PANEL)
@@ -381,7 +385,8 @@ class Int8Weight(QuantizedWeight):
             x2 = x.reshape(-1, self.in_features).to(self.x_dtype).contiguous()  # [M, K]
             y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)
             res = None if residual is None else residual.reshape(-1, self.out_features)
-            self.kernels.int8g_gemm(x2, self.packed, self.scales, _as(bias, x.dtype), _as(res, x.dtype), y)
+            gemm = self.kernels.int8g_gemm_amx if self.amx else self.kernels.int8g_gemm  # same operands
+            gemm(x2, self.packed, self.scales, _as(bias, x.dtype), _as(res, x.dtype), y)
             return y.reshape(*lead, self.out_features)
         xc = x.reshape(-1, self.in_features).to(self.scale.dtype)
         y = torch._weight_int8pack_mm(xc, self.qweight, self.scale).to(x.dtype)  # [M, N]
@@ -392,8 +397,8 @@ class Int4Weight(QuantizedWeight):
     """Staged as one uint8 per weight while loading (the packed layout tiles rows, so shards cannot be packed alone);
     ``finalize`` packs to two weights per byte and frees the staging."""
 
-    def __init__(self, out_features: int, in_features: int, kernels=None) -> None:
-        super().__init__(out_features, in_features, kernels)
+    def __init__(self, out_features: int, in_features: int, kernels=None, amx: bool = False) -> None:
+        super().__init__(out_features, in_features, kernels, amx)
         if in_features % INT4_GROUP_SIZE:
             raise ValueError(f"int4 needs in_features to be a multiple of {INT4_GROUP_SIZE}, got {in_features}")
         groups = in_features // INT4_GROUP_SIZE
@@ -439,6 +444,8 @@ def _add_bias_residual(y: torch.Tensor, bias: torch.Tensor | None, residual: tor
 _WEIGHTS = {"w8a8": W8A8Weight, "int8": Int8Weight, "int4": Int4Weight}
 
 
-def make_quantized_weight(quantization: str, out_features: int, in_features: int, kernels=None) -> QuantizedWeight:
-    """``kernels``: the C++ module, or None for the torch paths."""
-    return _WEIGHTS[quantization](out_features, in_features, kernels)
+def make_quantized_weight(quantization: str, out_features: int, in_features: int, kernels=None,
+                          amx: bool = False) -> QuantizedWeight:
+    """``kernels``: the C++ module, or None for the torch paths; ``amx``: use its AMX kernels where a format has one
+    (int8 weight-only's GEMM)."""
+    return _WEIGHTS[quantization](out_features, in_features, kernels, amx)

@@ -19,7 +19,7 @@ AMX_MIN_QUERY = 16  # new tokens a request needs in a step for its prefill token
 class CpuKernelAttention:
     """Every token of the step (decodes and prefill chunks) in one call of the C++ kernel over the paged cache; K/V
     written by the C++ ``write_kv``. With ``amx`` (bfloat16 on a CPU with AMX-BF16), the prefill tokens of requests
-    with at least AMX_MIN_QUERY new tokens are attended in tiles of 16 on AMX (``cpu_attention_amx.cpp``); decodes
+    with at least AMX_MIN_QUERY new tokens are attended in tiles of 16 on AMX (``cpu_amx.cpp``); decodes
     and short chunks keep the per-token kernel."""
 
     def __init__(self, kernels, amx: bool = False) -> None:

@@ -1,5 +1,8 @@
-// Prefill attention on AMX tiles (Intel Advanced Matrix Extensions, AMX-BF16), compiled after cpu_kernels.cpp into
-// the same module (kernels/cpu_kernel.py joins the sources): see its docstring.
+// The kernels on AMX tiles (Intel Advanced Matrix Extensions, AMX-BF16), compiled after cpu_kernels.cpp into the
+// same module (kernels/cpu_kernel.py joins the sources): prefill attention, and int8 weight-only's GEMM. See the
+// loader's docstring.
+//
+// ---- Prefill attention ----
 //
 // The per-token kernel (paged_impl) gives each query token its own pass over the keys it sees: right for decodes,
 // but a prompt of L tokens then reads ~L^2/2 key rows per head and multiplies them on the vector units. Here a tile
@@ -27,7 +30,8 @@
 // this machine. Where the compiler target has no AMX (another CPU: -march=native), none of this is compiled and
 // amx_available() is false.
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && \
+    defined(__AVX512VL__)
 #define TM_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -344,6 +348,90 @@ static void amx_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, co
     _tile_release();
   });
 }
+
+// ---- int8 weight-only GEMM (int8g_gemm's operands, bfloat16 activations) ----
+// A task dequantizes its panel of 32 channels to bfloat16 weights, w = bf16(q * scale + offset) (one rounding per
+// weight, as oneDNN's and OpenVINO's weight decompression do, where the AVX-512 path scales each group's exact sum),
+// in the panel's own layout [K/2][32][2], which is already two B tiles per 32 along K (channels 0-15 and 16-31: rows
+// of 64 bytes, 128 apart); the rows of x are A tiles as they lie. Each block of 16 rows then accumulates over K in
+// two tiles, stored once, with the bias and residual added on the way out.
+static void int8g_dequantize_panel_bf16(const int8_t* codes, const uint16_t* so, uint16_t* dst, int64_t K) {
+  const __m512i lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+  for (int64_t g = 0; g < K / G8_GROUP; ++g) {
+    const uint16_t* sg = so + g * 2 * G8_NR;  // 32 scales, then 32 offsets
+    const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sg));
+    const __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sg + 16)));
+    const __m512 o0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sg + G8_NR)));
+    const __m512 o1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sg + G8_NR + 16)));
+    // lanes of a 16-code load: channels c..c+7, two codes each: each channel's scale twice
+    const __m512 sc[4] = {_mm512_permutexvar_ps(lo, s0), _mm512_permutexvar_ps(hi, s0), _mm512_permutexvar_ps(lo, s1),
+                          _mm512_permutexvar_ps(hi, s1)};
+    const __m512 of[4] = {_mm512_permutexvar_ps(lo, o0), _mm512_permutexvar_ps(hi, o0), _mm512_permutexvar_ps(lo, o1),
+                          _mm512_permutexvar_ps(hi, o1)};
+    for (int64_t kp = g * G8_GROUP / 2; kp < (g + 1) * G8_GROUP / 2; ++kp) {
+      const int8_t* src = codes + kp * 2 * G8_NR;
+      __m512 w[4];
+      for (int i = 0; i < 4; ++i)
+        w[i] = _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(src + 16 * i)))), sc[i], of[i]);
+      _mm512_storeu_si512(dst + kp * 2 * G8_NR, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
+      _mm512_storeu_si512(dst + kp * 2 * G8_NR + 32, (__m512i)_mm512_cvtne2ps_pbh(w[3], w[2]));
+    }
+  }
+}
+
+template <typename scalar_t>
+static void int8g_amx_impl(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                           const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
+                           torch::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), panels = packed.size(0), G = K / G8_GROUP;
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const int8_t* pp = packed.data_ptr<int8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = out.data_ptr<scalar_t>();
+  int8g_for_tasks<uint16_t>(M, panels, K * G8_NR,
+    [&](int64_t p, uint16_t* buf) { int8g_dequantize_panel_bf16(pp + p * K * G8_NR, sp + p * G * 2 * G8_NR, buf, K); },
+    [&](int64_t p, const uint16_t* buf, int64_t m0, int64_t m1) {
+      amx_configure();
+      const int64_t n0 = p * G8_NR, ncols = std::min(G8_NR, N - n0);
+      alignas(64) float acc[16 * 32];  // [16 rows][32 channels]
+      std::vector<uint16_t> pad;  // a last block of fewer than 16 rows, zero-padded
+      for (int64_t m = m0; m < m1; m += 16) {
+        const int64_t rows = std::min<int64_t>(16, m1 - m);
+        const uint16_t* a = xp + m * K;
+        if (rows < 16) {
+          pad.assign(16 * K, 0);
+          std::memcpy(pad.data(), a, rows * K * 2);
+          a = pad.data();
+        }
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t g = 0; g < G; ++g) {
+          _tile_loadd(2, a + g * G8_GROUP, K * 2);
+          _tile_loadd(3, buf + g * 16 * 2 * G8_NR, 4 * G8_NR);
+          _tile_loadd(4, buf + g * 16 * 2 * G8_NR + 32, 4 * G8_NR);
+          _tile_dpbf16ps(0, 2, 3);
+          _tile_dpbf16ps(1, 2, 4);
+        }
+        _tile_stored(0, acc, 128);
+        _tile_stored(1, acc + 16, 128);
+        for (int64_t j = 0; j < 2; ++j) {
+          const int64_t left = ncols - 16 * j;
+          if (left <= 0) break;
+          const __mmask16 mk = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+          const __m512 bj = bp ? load16_as_float(bp + n0 + 16 * j, mk) : _mm512_setzero_ps();
+          for (int64_t i = 0; i < rows; ++i) {
+            __m512 f = _mm512_add_ps(_mm512_load_ps(acc + i * 32 + 16 * j), bj);
+            if (rp) f = _mm512_add_ps(f, load16_as_float(rp + (m + i) * N + n0 + 16 * j, mk));
+            store16_masked(op + (m + i) * N + n0 + 16 * j, f, mk);
+          }
+        }
+      }
+    });
+}
 #endif  // TM_AMX
 
 bool amx_available() {
@@ -373,4 +461,19 @@ torch::Tensor paged_attention_amx(torch::Tensor q, torch::Tensor k_cache, torch:
   }
 #endif
   return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale);
+}
+
+// int8g_gemm with bfloat16 x on AMX tiles where this machine has them (amx_available()); int8g_gemm elsewhere. Same
+// operands; each weight rounded once to bfloat16 after its scale and offset (int8g_dequantize_panel_bf16).
+void int8g_gemm_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, std::optional<torch::Tensor> bias,
+                    std::optional<torch::Tensor> residual, torch::Tensor out) {
+#if TM_AMX
+  if (amx_ok() && x.scalar_type() == torch::kBFloat16) {
+    check_int8g_args(x, packed, scales, bias, residual, out);
+    if (out.scalar_type() == torch::kFloat32) int8g_amx_impl<float>(x, packed, scales, bias, residual, out);
+    else int8g_amx_impl<c10::BFloat16>(x, packed, scales, bias, residual, out);
+    return;
+  }
+#endif
+  int8g_gemm(x, packed, scales, bias, residual, out);
 }
