@@ -234,7 +234,7 @@ def contenders(tiers: list[str], models: dict[str, Path] | None, quick: bool) ->
             out.append(Contender(tier, "ct2", [], missing=f"this CTranslate2 build has no {ct2_type} on CPU "
                                                          f"(it has {', '.join(sorted(ct2_types))})"))
         else:
-            sizes = [4] if quick else [16, 32, 64]  # 128 was never better
+            sizes = [4] if quick else [16, 32]  # 64 and 128 were slower (BENCHMARKS.md)
             types = [ct2_type] + (["int8"] if tier == "w8a8" and "int8" in ct2_types else [])
             out.append(Contender(tier, "ct2", [{"model": str(models["ct2"]), "compute_type": t, "batch_size": s}
                                                for t in types for s in sizes]))
