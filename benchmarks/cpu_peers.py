@@ -320,7 +320,7 @@ def run_section(model: str | None, tokenizer, workload_names: list[str], tiers: 
         models = prepare(model)
     result = {"host": host_info(), "threads": threads, "notes": notes, "workloads": {}}
     for name, wl in workloads(tokenizer, workload_names, quick).items():
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, dir=ROOT / "build") as f:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump({"prompts": wl.prompts, "output_lens": wl.output_lens}, f)
         wl_file = Path(f.name)
         cs = contenders(tiers, models, quick)
