@@ -60,26 +60,28 @@ def _batch(reqs, heads, kv_heads, head_dim, block_size, dtype, seed):
 REQS = [(5, 1), (0, 40), (17, 33), (3, 15), (0, 16), (100, 1), (31, 70), (64, 17)]
 
 
-def test_amx_entry_is_the_per_token_kernel_where_amx_is_off(kernels):
-    """amx_min_q 0, or a machine / build without AMX: paged_attention_amx returns what paged_attention returns, bit
-    for bit (the portable build never has AMX)."""
+def test_amx_entry_is_the_tiled_kernel_where_amx_is_off(kernels):
+    """amx_min_q 0: paged_attention_amx returns what paged_attention returns, bit for bit; on a machine / build
+    without AMX (the portable build never has it), what paged_attention_tiled returns."""
     q, k, v, k_cache, v_cache, meta = _batch(REQS, 6, 2, 64, 16, torch.bfloat16, seed=1)
     CpuKernelAttention(kernels).forward(q, k, v, k_cache, v_cache, meta, 0.125)  # writes the step's K/V
     args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc_t(), 0.125)
-    plain = kernels.paged_attention(*args)
-    assert torch.equal(kernels.paged_attention_amx(*args, 0), plain)
+    assert torch.equal(kernels.paged_attention_amx(*args, 0), kernels.paged_attention(*args))
     if not kernels.amx_available():
-        assert torch.equal(kernels.paged_attention_amx(*args, AMX_MIN_QUERY), plain)
+        assert torch.equal(kernels.paged_attention_amx(*args, AMX_MIN_QUERY),
+                           kernels.paged_attention_tiled(*args, AMX_MIN_QUERY))
 
 
 def test_ops_take_amx_only_where_the_machine_allows_it(kernels):
     """The choice is made once, from what the build and the OS allow: never on a CPU without AMX-BF16 (whatever is
-    asked), and by default wherever it is available."""
+    asked), and by default wherever it is available; prefill tiles either way."""
     assert not kernels.amx_available() or HOST_AMX
     assert CpuOps(kernels).amx == kernels.amx_available()
     assert not CpuOps(kernels, amx=False).amx
     assert CpuOps(kernels, amx=True).amx == kernels.amx_available()
-    assert CpuOps(kernels, amx=False).attention.amx_min_q == 0
+    assert CpuOps(kernels, amx=False).attention.amx is False
+    assert CpuOps(kernels, amx=False).attention.min_q == AMX_MIN_QUERY
+    assert CpuKernelAttention(kernels, tiled=False).min_q == 0
 
 
 def test_amx_is_available_on_an_amx_host():

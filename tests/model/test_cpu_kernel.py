@@ -94,6 +94,72 @@ def test_kernel_matches_reference_on_mixed_batch(heads, kv_heads, head_dim, bloc
     assert torch.equal(v_cache.view(torch.uint8), ref_v.view(torch.uint8))
 
 
+def _paged_step(reqs, heads, kv_heads, head_dim, block_size, dtype, cache_dtype, seed):
+    """A step over scattered cache blocks holding random rows: requests given as (context cached, new tokens), the
+    new tokens' K/V already in the cache. Returns the kernels' positional arguments (q, caches, tables, seq_lens,
+    query_start_loc, scale)."""
+    torch.manual_seed(seed)
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in reqs) + 4
+    k_cache, v_cache = _caches(num_blocks, block_size, kv_heads, head_dim, cache_dtype)
+    perm = torch.randperm(num_blocks - 1) + 1  # block 0 pads the tables
+    max_blocks = max(-(-(c + n) // block_size) for c, n in reqs)
+    tables, used, qsl = [], 0, [0]
+    for context, new in reqs:
+        nblocks = -(-(context + new) // block_size)
+        tables.append(torch.cat([perm[used:used + nblocks], torch.zeros(max_blocks - nblocks, dtype=torch.int64)]))
+        used += nblocks
+        qsl.append(qsl[-1] + new)
+    q = torch.randn(qsl[-1], heads, head_dim).to(dtype)
+    seq_lens = torch.tensor([c + n for c, n in reqs])
+    return q, k_cache, v_cache, torch.stack(tables), seq_lens, torch.tensor(qsl), head_dim**-0.5
+
+
+# decodes and short chunks (per-token kernel) beside long chunks (tiles) after cached context, lengths off the tile,
+# register block and block sizes, a chunk of exactly one tile, and a prompt of many tiles (a thread's K^T/V extended
+# tile after tile, and handed to the other thread midway)
+TILED_REQS = [(5, 1), (0, 40), (17, 33), (3, 15), (0, 16), (100, 1), (31, 70), (64, 17), (0, 301)]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", SHAPES)
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
+                                               (torch.float32, FP8), (torch.bfloat16, FP8)])
+def test_tiled_prefill_matches_the_per_token_kernel(heads, kv_heads, head_dim, block_size, dtype, cache_dtype,
+                                                    kernels):
+    """paged_attention_tiled: the long requests' tokens equal the per-token kernel's within float32 summation order
+    (both compute in float32 on the same stored values), the others are the per-token kernel's bit for bit, and
+    min_q 0 is paged_attention itself."""
+    args = _paged_step(TILED_REQS, heads, kv_heads, head_dim, block_size, dtype, cache_dtype or dtype,
+                       seed=heads + head_dim + block_size)
+    per_token = kernels.paged_attention(*args)
+    tiled = kernels.paged_attention_tiled(*args, 16)
+    tol = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(tiled.float(), per_token.float(), atol=tol, rtol=tol)
+    qsl = args[5].tolist()
+    short = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i, (_, n) in enumerate(TILED_REQS) if n < 16])
+    assert torch.equal(tiled[short], per_token[short])
+    assert torch.equal(kernels.paged_attention_tiled(*args, 0), per_token)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_tiled_prefill_matches_the_reference_whatever_the_threads(threads, kernels):
+    """float32, GQA: the tiles equal the reference attention (float64 on the same inputs) to float32 accuracy
+    however the tiles are split between threads (each split restarts or extends a thread's K^T/V)."""
+    reqs = [(0, 300), (200, 130), (7, 1), (0, 20), (45, 64)]
+    q, k_cache, v_cache, tables, seq_lens, qsl, scale = _paged_step(reqs, 8, 2, 64, 16, torch.float32, torch.float32,
+                                                                    seed=5)
+    meta = AttentionMetadata(qsl.tolist(), seq_lens.tolist(), 0, torch.empty(0, dtype=torch.int64), tables, seq_lens)
+    ref = torch.empty_like(q, dtype=torch.float64)
+    for i in range(len(reqs)):  # the reference's attention over what the cache holds (its K/V write left out)
+        ReferenceAttention._prefill_one(i, q.double(), k_cache.double(), v_cache.double(), meta, scale, ref)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = kernels.paged_attention_tiled(q, k_cache, v_cache, tables, seq_lens, qsl, scale, 16)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=2e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_reads_every_float8_code_exactly(dtype, kernels):
     """A sequence of one token attends only to itself, so the output is its V row: a row holding all 254 finite e4m3

@@ -310,24 +310,10 @@ static void amx_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, co
                         const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
                         const torch::Tensor& query_start_loc, double scale, int64_t min_q, torch::Tensor& out) {
   const int64_t H = q.size(1), D = q.size(2), bs = k_cache.size(1), Hkv = k_cache.size(2);
-  const int64_t R = seq_lens.size(0), max_blocks = block_tables.size(1);
-  const int64_t* lp = seq_lens.data_ptr<int64_t>();
-  const int64_t* qs = query_start_loc.data_ptr<int64_t>();
-  struct Task { int64_t r, i0, n, ctx, g; };
-  std::vector<Task> tasks;
-  std::vector<int64_t> cost{0};
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t q_len = qs[r + 1] - qs[r];
-    TORCH_CHECK(q_len >= 1 && q_len <= lp[r], "each request needs 1 <= query length <= seq_len");
-    if (q_len < min_q) continue;
-    for (int64_t g = 0; g < Hkv; ++g)  // a KV group's tiles in order: a thread extends its K/V tiles (AmxScratch)
-      for (int64_t i0 = qs[r]; i0 < qs[r + 1]; i0 += 16) {
-        const int64_t n = std::min<int64_t>(16, qs[r + 1] - i0);
-        const int64_t ctx = lp[r] - q_len + (i0 - qs[r]);
-        tasks.push_back({r, i0, n, ctx, g});
-        cost.push_back(cost.back() + ctx + n + 64);
-      }
-  }
+  const int64_t max_blocks = block_tables.size(1);
+  std::vector<PrefillTile> tasks;
+  std::vector<int64_t> cost;
+  prefill_tiles(seq_lens, query_start_loc, Hkv, min_q, tasks, cost);
   if (tasks.empty()) return;
   const std::vector<int64_t> bounds = split_by_cost(cost);
   const auto* qp = q.data_ptr<c10::BFloat16>();
@@ -341,7 +327,7 @@ static void amx_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, co
     AmxScratch sc;
     for (int64_t part = pbegin; part < pend; ++part)
       for (int64_t i = bounds[part]; i < bounds[part + 1]; ++i) {
-        const Task& t = tasks[i];
+        const PrefillTile& t = tasks[i];
         amx_prefill_task(qp, kp, vp, tp + t.r * max_blocks, t.r, t.i0, t.n, t.ctx, t.g, H, Hkv, D, bs, fscale, op,
                          sc);
       }
@@ -443,8 +429,8 @@ bool amx_available() {
 }
 
 // paged_attention with the prefill tokens of requests of at least amx_min_q new tokens (0: none) on AMX tiles, where
-// this machine has them (amx_available()), for bfloat16 queries and cache with head_dim 32, 64 or 128; every other
-// token (and everything where AMX does not apply) goes through the per-token kernel, as paged_attention.
+// this machine has them (amx_available()), for bfloat16 queries and cache with head_dim 32, 64 or 128; the other
+// tokens go through the per-token kernel. Where AMX does not apply, paged_attention_tiled (vector-unit tiles).
 torch::Tensor paged_attention_amx(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                   torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start_loc,
                                   double scale, int64_t amx_min_q) {
@@ -460,7 +446,7 @@ torch::Tensor paged_attention_amx(torch::Tensor q, torch::Tensor k_cache, torch:
     return out;
   }
 #endif
-  return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale);
+  return paged_attention_tiled(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, amx_min_q);
 }
 
 // int8g_gemm with bfloat16 x on AMX tiles where this machine has them (amx_available()); int8g_gemm elsewhere. Same

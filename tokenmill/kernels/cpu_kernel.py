@@ -37,14 +37,20 @@ to bfloat16 once (exact), vdpbf16ps sums a group's products in float32, and per 
 one adds the offsets times the input's sum over the group. With float32 input (any CPU: the portable path) each task
 dequantizes its panel to float32 and runs a float GEMM. Bias and residual are added before the store.
 
+``paged_attention_tiled`` is ``paged_attention`` with the prefill tokens of requests with at least ``min_q`` new
+tokens in the step attended in tiles of 16 query tokens per request and KV head (``cpu_prefill.cpp``): the keys a tile
+sees converted once to float K^T and V (kept by a thread across a request's successive tiles), the scores and P V as
+register-blocked broadcast-FMAs shared by several query rows (``varlen_attention``'s inner loops), where the per-token
+kernel reads every key row once per query token and sums each score across the lanes. Any CPU, any cache dtype.
+
 ``paged_attention_amx`` is ``paged_attention`` with the prefill tokens of long-enough requests attended on AMX tiles
 (AMX-BF16: bfloat16 queries and cache, head_dim 32 / 64 / 128), in tiles of 16 query tokens per request and KV group:
 S = Q K^T and P V as tile products, the softmax on AVX-512 between them (``cpu_amx.cpp``; P rounded to
 bfloat16 before P V, as flash attention does on GPUs). ``amx_available()`` says whether this build targets a CPU with
-AMX and the OS granted the process the tile state; elsewhere the function is ``paged_attention``. The ops object
+AMX and the OS granted the process the tile state; elsewhere the function is ``paged_attention_tiled``. The ops object
 decides once whether to call it (``ops/cpu_ops.py``).
 
-The C++ sources are ``cpu_kernels.cpp`` and ``cpu_amx.cpp`` beside this file, compiled as one module. It is compiled (``-march=native``, needs a C++ compiler and
+The C++ sources are ``cpu_kernels.cpp``, ``cpu_prefill.cpp`` and ``cpu_amx.cpp`` beside this file, compiled as one module. It is compiled (``-march=native``, needs a C++ compiler and
 ninja) once per machine and the shared library is kept under ``~/.cache/tokenmill/kernels/`` (``XDG_CACHE_HOME``
 honoured), keyed on what decides the binary: the source, the flags, the CPU model and features, torch and Python
 (the outer directory) and the compiler's version (the inner one). Later processes load the cached library directly:
@@ -70,13 +76,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # the C++ sources, shipped as package data; compiled as one module, in this order (later files use earlier ones)
-_SOURCE_FILES = [Path(__file__).with_name(n) for n in ("cpu_kernels.cpp", "cpu_amx.cpp")]
+_SOURCE_FILES = [Path(__file__).with_name(n) for n in ("cpu_kernels.cpp", "cpu_prefill.cpp", "cpu_amx.cpp")]
 _MODULE = "tokenmill_cpu_kernels"
 _FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention", "quantize_rows_int8", "int8_epilogue",
               "quantize_rows_uint8", "int8_gemm_available", "int8_pack_weight", "int8_gemm", "write_kv",
               "argmax_rows", "rope", "silu_mul_quantize_uint8", "silu_mul", "int8g_bf16_available",
               "int8g_gemm", "amx_available", "paged_attention_amx",
-              "int8g_gemm_amx"]
+              "int8g_gemm_amx", "paged_attention_tiled"]
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
            "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

@@ -562,20 +562,77 @@ static void paged_dispatch(const torch::Tensor& q, const torch::Tensor& k_cache,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// A register block of RB query rows against keys held as float K^T [D][ldk] and V [nk][D] (the tiled kernels: the
+// embedding path's varlen_attention, and paged prefill in cpu_prefill.cpp): scores as broadcast-FMAs over 16 keys at
+// a time, each K^T vector shared by the RB rows, the softmax per row, then P.V as broadcast-FMAs over D, each V row
+// shared by the RB rows. qf [RB][D]: the queries, already times the scale. Row r sees keys 0 .. lens[r] - 1
+// (lens[r] <= nk; ldk a multiple of KEY_PAD >= nk: K^T columns past nk up to the next multiple of KEY_PAD are read
+// but their scores never used).
+// of [RB][D] <- the unnormalised outputs, inv[r] <- 1 / row r's softmax sum; sc: RB rows of ldk floats of scratch.
+// RB (8 for head_dim <= 32, 4 for 64, 2 for 128) and NV = head_dim / 16 (0: any head_dim, scalar P.V): enough
+// independent FMA chains to cover the FMA latency, few enough accumulators to stay in registers.
+constexpr int64_t KEY_PAD = 64;  // attend_rows' K^T row length (ldk) is a multiple of this
+
+template <int NV, int RB>
+static inline void attend_rows(const float* qf, const float* kt, int64_t ldk, const float* vf, int64_t nk,
+                               const int64_t* lens, int64_t D, float* sc, float* of, float* inv) {
+  // K^T vectors per step: with AVX-512 (one register per vec16, 32 registers) RB * KB >= 8 independent FMA chains;
+  // narrower vec16s are already 2 or 4 chains each, and KB > 1 would spill their 16 registers
+#if defined(__AVX512F__)
+  constexpr int KB = RB >= 8 ? 1 : 8 / RB;
+#else
+  constexpr int KB = 1;
+#endif
+  const int64_t nkp = (nk + 16 * KB - 1) / (16 * KB) * (16 * KB);
+  for (int64_t j = 0; j < nkp; j += 16 * KB) {  // sc[r][j] = q_r . k_j
+    vec16 a[RB][KB] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      vec16 kv[KB];
+      for (int b = 0; b < KB; ++b) kv[b] = load16(kt + d * ldk + j + 16 * b);
+      for (int r = 0; r < RB; ++r) {
+        const float qv = qf[r * D + d];
+        for (int b = 0; b < KB; ++b) a[r][b] += qv * kv[b];
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int b = 0; b < KB; ++b) store16(sc + r * ldk + j + 16 * b, a[r][b]);
+  }
+  for (int r = 0; r < RB; ++r) {
+    float* sr = sc + r * ldk;
+    inv[r] = softmax_numerators(sr, lens[r]);
+    for (int64_t j = lens[r]; j < nk; ++j) sr[j] = 0.f;  // causal: later keys get no weight
+  }
+  if constexpr (NV > 0) {  // of_r = sum_j p_r[j] v_j
+    vec16 a[RB][NV] = {};
+    for (int64_t j = 0; j < nk; ++j) {
+      vec16 vv[NV];
+      for (int i = 0; i < NV; ++i) vv[i] = load16(vf + j * D + 16 * i);
+      for (int r = 0; r < RB; ++r) {
+        const float pr = sc[r * ldk + j];
+        for (int i = 0; i < NV; ++i) a[r][i] += pr * vv[i];
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int i = 0; i < NV; ++i) store16(of + r * D + 16 * i, a[r][i]);
+  } else {
+    std::fill(of, of + RB * D, 0.f);
+    for (int64_t j = 0; j < nk; ++j)
+      for (int r = 0; r < RB; ++r)
+        for (int64_t d = 0; d < D; ++d) of[r * D + d] += sc[r * ldk + j] * vf[j * D + d];
+  }
+}
+
 // Attention over packed variable-length sequences with no cache (the embedding path): sequence s owns rows
 // cu_seqlens[s] .. cu_seqlens[s + 1] of q, k and v, and each of its queries attends to all of its keys (or, causal,
 // to keys 0..i). One task per (sequence, KV head): the head's K is transposed into float [D][Lp] (Lp: L rounded up
-// to 16) and its V converted to float [L][D] once, then the query rows of each head of the group are processed RB
-// at a time, so every K/V vector load feeds RB rows: scores as broadcast-FMAs over 16 keys at a time, softmax,
-// then P.V as broadcast-FMAs over D. For head_dim 32 this runs at several times the rate of the SDPA kernels.
-// RB query rows per register block (8 for head_dim <= 32, 4 above), NV = head_dim / 16 (0: any head_dim, scalar
-// P.V): enough independent FMA chains to cover the FMA latency, few enough accumulators to stay in registers.
+// to KEY_PAD) and its V converted to float [L][D] once, then the query rows of each head of the group go through
+// attend_rows RB at a time. For head_dim 32 this runs at several times the rate of the SDPA kernels.
 template <typename scalar_t, int NV, int RB>
 static void varlen_task(const scalar_t* qp, const scalar_t* kp, const scalar_t* vp, int64_t q_stride,
                         int64_t k_stride, int64_t v_stride, int64_t start, int64_t L, int64_t kvh, int64_t G,
                         int64_t D, float scale, bool causal, float* kt, float* vf, float* sc, float* qf, float* of,
                         float* row, scalar_t* op, int64_t H) {
-  const int64_t Lp = (L + 15) / 16 * 16;
+  const int64_t Lp = (L + KEY_PAD - 1) / KEY_PAD * KEY_PAD;
   for (int64_t d = 0; d < D; ++d) std::fill(kt + d * Lp + L, kt + (d + 1) * Lp, 0.f);
   for (int64_t j = 0; j < L; ++j) {
     to_float(kp + (start + j) * k_stride + kvh * D, row, D);
@@ -586,47 +643,14 @@ static void varlen_task(const scalar_t* qp, const scalar_t* kp, const scalar_t* 
     const int64_t h = kvh * G + g;
     for (int64_t i0 = 0; i0 < L; i0 += RB) {
       const int64_t nr = std::min<int64_t>(RB, L - i0);
+      int64_t lens[RB];
       for (int64_t r = 0; r < RB; ++r) {  // rows past the end repeat the last row: computed, never stored
         to_float(qp + (start + i0 + std::min<int64_t>(r, nr - 1)) * q_stride + h * D, qf + r * D, D);
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] *= scale;
-      }
-      const int64_t nk = causal ? i0 + nr : L;  // keys any row of this block can see
-      const int64_t nkp = (nk + 15) / 16 * 16;
-      // scores: sc[r][j] = q_r . k_j, 16 keys per step, each K^T vector shared by the RB rows
-      for (int64_t j = 0; j < nkp; j += 16) {
-        vec16 a[RB] = {};
-        for (int64_t d = 0; d < D; ++d) {
-          const vec16 kv = load16(kt + d * Lp + j);
-          for (int r = 0; r < RB; ++r) a[r] += qf[r * D + d] * kv;
-        }
-        for (int r = 0; r < RB; ++r) store16(sc + r * Lp + j, a[r]);
+        lens[r] = causal ? std::min<int64_t>(i0 + r + 1, L) : L;  // this row's visible keys
       }
       float inv[RB];
-      for (int r = 0; r < RB; ++r) {
-        float* sr = sc + r * Lp;
-        const int64_t n = causal ? std::min<int64_t>(i0 + r + 1, L) : L;  // this row's visible keys
-        inv[r] = softmax_numerators(sr, n);
-        for (int64_t j = n; j < nk; ++j) sr[j] = 0.f;  // causal: later keys get no weight
-      }
-      // out_r = sum_j p_r[j] v_j: each V row shared by the RB rows
-      if constexpr (NV > 0) {
-        vec16 a[RB][NV] = {};
-        for (int64_t j = 0; j < nk; ++j) {
-          vec16 vv[NV];
-          for (int i = 0; i < NV; ++i) vv[i] = load16(vf + j * D + 16 * i);
-          for (int r = 0; r < RB; ++r) {
-            const float pr = sc[r * Lp + j];
-            for (int i = 0; i < NV; ++i) a[r][i] += pr * vv[i];
-          }
-        }
-        for (int r = 0; r < RB; ++r)
-          for (int i = 0; i < NV; ++i) store16(of + r * D + 16 * i, a[r][i]);
-      } else {
-        std::fill(of, of + RB * D, 0.f);
-        for (int64_t j = 0; j < nk; ++j)
-          for (int r = 0; r < RB; ++r)
-            for (int64_t d = 0; d < D; ++d) of[r * D + d] += sc[r * Lp + j] * vf[j * D + d];
-      }
+      attend_rows<NV, RB>(qf, kt, Lp, vf, causal ? i0 + nr : L, lens, D, sc, of, inv);
       for (int64_t r = 0; r < nr; ++r) {
         scalar_t* o = op + (start + i0 + r) * H * D + h * D;
         for (int64_t d = 0; d < D; ++d) o[d] = from_float<scalar_t>(of[r * D + d] * inv[r]);
@@ -659,7 +683,7 @@ static void varlen_impl(const torch::Tensor& q, const torch::Tensor& k, const to
   const scalar_t* kp = k.data_ptr<scalar_t>();
   const scalar_t* vp = v.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
-  const int64_t Lp = (max_len + 15) / 16 * 16;
+  const int64_t Lp = (max_len + KEY_PAD - 1) / KEY_PAD * KEY_PAD;
   at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
     std::vector<float> kt(D * Lp), vf(Lp * D), sc(RB * Lp), qf(RB * D), of(RB * D), row(D);
     for (int64_t p = pbegin; p < pend; ++p)
@@ -890,25 +914,30 @@ static void check_paged_args(const torch::Tensor& q, const torch::Tensor& k_cach
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must share a dtype");
 }
 
+// fn(scalar_t{}, cache_t{}) for the (query, cache) dtype pairs the paged kernels take: a float8 e4m3 cache with
+// float32 or bfloat16 queries, or a cache in the queries' dtype (float32, float64, bfloat16, float16).
+template <typename F>
+static void with_paged_types(const torch::Tensor& q, const torch::Tensor& k_cache, F&& fn) {
+  if (k_cache.scalar_type() == at::ScalarType::Float8_e4m3fn) {
+    TORCH_CHECK(q.scalar_type() == torch::kFloat32 || q.scalar_type() == torch::kBFloat16,
+                "a float8 cache takes float32 or bfloat16 queries");
+    if (q.scalar_type() == torch::kFloat32) fn(float{}, c10::Float8_e4m3fn{});
+    else fn(c10::BFloat16{}, c10::Float8_e4m3fn{});
+    return;
+  }
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "the cache must be in q's dtype or float8_e4m3fn");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, q.scalar_type(), "paged_attention",
+                                  [&] { fn(scalar_t{}, scalar_t{}); });
+}
+
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start_loc,
                               double scale) {
   check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc);
   auto out = torch::empty_like(q);
-  if (k_cache.scalar_type() == at::ScalarType::Float8_e4m3fn) {
-    TORCH_CHECK(q.scalar_type() == torch::kFloat32 || q.scalar_type() == torch::kBFloat16,
-                "a float8 cache takes float32 or bfloat16 queries");
-    if (q.scalar_type() == torch::kFloat32)
-      paged_dispatch<float, c10::Float8_e4m3fn>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
-    else
-      paged_dispatch<c10::BFloat16, c10::Float8_e4m3fn>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                                         scale, out);
-    return out;
-  }
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "the cache must be in q's dtype or float8_e4m3fn");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, q.scalar_type(), "paged_attention",
-                                  [&] {
-    paged_dispatch<scalar_t, scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
+  with_paged_types(q, k_cache, [&](auto scalar_tag, auto cache_tag) {
+    paged_dispatch<decltype(scalar_tag), decltype(cache_tag)>(q, k_cache, v_cache, block_tables, seq_lens,
+                                                              query_start_loc, scale, out);
   });
   return out;
 }

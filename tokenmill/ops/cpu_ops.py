@@ -13,34 +13,34 @@ from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.ops.torch_ops import TorchOps
 
 
-AMX_MIN_QUERY = 16  # new tokens a request needs in a step for its prefill tokens to go to the AMX tiles
+TILE_MIN_QUERY = 16  # new tokens a request needs in a step for its prefill tokens to be attended in tiles
+AMX_MIN_QUERY = TILE_MIN_QUERY
 
 
 class CpuKernelAttention:
-    """Every token of the step (decodes and prefill chunks) in one call of the C++ kernel over the paged cache; K/V
-    written by the C++ ``write_kv``. With ``amx`` (bfloat16 on a CPU with AMX-BF16), the prefill tokens of requests
-    with at least AMX_MIN_QUERY new tokens are attended in tiles of 16 on AMX (``cpu_amx.cpp``); decodes
-    and short chunks keep the per-token kernel."""
+    """Every token of the step (decodes and prefill chunks) in one call of the C++ kernels over the paged cache; K/V
+    written by the C++ ``write_kv``. The prefill tokens of requests with at least ``min_q`` (TILE_MIN_QUERY; 0: none)
+    new tokens are attended in tiles of 16 query tokens: on AMX (``cpu_amx.cpp``) with ``amx`` for bfloat16, on the
+    vector units otherwise (``cpu_prefill.cpp``); decodes and short chunks take the per-token kernel."""
 
-    def __init__(self, kernels, amx: bool = False) -> None:
+    def __init__(self, kernels, amx: bool = False, tiled: bool = True) -> None:
         self.kernels = kernels  # the compiled module from cpu_kernel.load()
-        self.amx_min_q = AMX_MIN_QUERY if amx else 0
+        self.amx = amx
+        self.min_q = TILE_MIN_QUERY if tiled else 0
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if k_cache.dtype != k.dtype:
             k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
         self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if self.amx_min_q:
-            return self.kernels.paged_attention_amx(q.contiguous(), k_cache, v_cache, meta.block_tables,
-                                                    meta.seq_lens_tensor, meta.query_start_loc_t(), scale,
-                                                    self.amx_min_q)
-        return self.kernels.paged_attention(q.contiguous(), k_cache, v_cache, meta.block_tables,
-                                            meta.seq_lens_tensor, meta.query_start_loc_t(), scale)
+        attend = self.kernels.paged_attention_amx if self.amx else self.kernels.paged_attention_tiled
+        return attend(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor,
+                      meta.query_start_loc_t(), scale, self.min_q)
 
 
 class CpuOps(TorchOps):
-    """``amx``: use the AMX tiles where they apply (bfloat16 prefill attention); None = where this machine has them
-    (``kernels.amx_available()``: the build targets a CPU with AMX and the OS grants the tile state)."""
+    """``amx``: use the AMX tiles where they apply (bfloat16 prefill attention, int8 weight-only GEMMs); None = where
+    this machine has them (``kernels.amx_available()``: the build targets a CPU with AMX and the OS grants the tile
+    state)."""
 
     name = "cpu_kernel"
 

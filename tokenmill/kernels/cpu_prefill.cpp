@@ -1,0 +1,154 @@
+// Prefill attention over the paged cache in tiles of query tokens, on the vector units (any CPU, any cache dtype),
+// compiled after cpu_kernels.cpp into the same module (kernels/cpu_kernel.py joins the sources).
+//
+// The per-token kernel (paged_impl) gives each query token its own pass over the keys it sees: right for decodes,
+// but a prompt of L tokens then reads ~L^2/2 key rows per head, each score a dot product summed across the lanes.
+// Here a tile of 16 query tokens of one request and one KV head is one task: the keys it sees are converted once
+// to float K^T [D][ldk] and V [L][D], and the query rows of each head of the group go through attend_rows (scores
+// as broadcast-FMAs over 16 keys, each K^T vector shared by a register block of rows; the same register blocking
+// for P.V). Tiles are ordered (request, KV head, tokens) and a thread's tiles are contiguous, so a thread keeps its
+// K^T / V across a request's successive tiles and converts only the keys past those it already holds. Numerics: the
+// per-token kernel's (float32 products and sums, the same exp), in another summation order.
+//
+// The tiles (prefill_tiles) are also the AMX kernel's (cpu_amx.cpp), which takes them for bfloat16 where the CPU has
+// AMX-BF16.
+
+// 16 query tokens (n <= 16) of request r starting at flat token i0, KV head g; token i0 + t sees the first
+// ctx + t + 1 keys.
+struct PrefillTile {
+  int64_t r, i0, n, ctx, g;
+};
+
+// The tiles of the requests with at least min_q new tokens (min_q > 0), in (request, KV head, tokens) order, with
+// prefix costs (cost[0] = 0; a tile costs the keys it reads plus a fixed part) for split_by_cost.
+static void prefill_tiles(const torch::Tensor& seq_lens, const torch::Tensor& query_start_loc, int64_t Hkv,
+                          int64_t min_q, std::vector<PrefillTile>& tiles, std::vector<int64_t>& cost) {
+  const int64_t R = seq_lens.size(0);
+  const int64_t* lp = seq_lens.data_ptr<int64_t>();
+  const int64_t* qs = query_start_loc.data_ptr<int64_t>();
+  cost.assign(1, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t q_len = qs[r + 1] - qs[r];
+    TORCH_CHECK(q_len >= 1 && q_len <= lp[r], "each request needs 1 <= query length <= seq_len");
+    if (q_len < min_q) continue;
+    for (int64_t g = 0; g < Hkv; ++g)
+      for (int64_t i0 = qs[r]; i0 < qs[r + 1]; i0 += 16) {
+        const int64_t n = std::min<int64_t>(16, qs[r + 1] - i0);
+        const int64_t ctx = lp[r] - q_len + (i0 - qs[r]);
+        tiles.push_back({r, i0, n, ctx, g});
+        cost.push_back(cost.back() + ctx + n + 64);
+      }
+  }
+}
+
+// A thread's scratch, kept across its tiles: K^T [D][ldk] and V [ldk][D] of keys 0 .. built - 1 of request r's KV
+// head g.
+struct TiledScratch {
+  std::vector<float> kt, vf, sc, qf, of, row;
+  int64_t ldk = 0, r = -1, g = -1, built = 0;
+};
+
+template <typename scalar_t, typename cache_t, int NV, int RB>
+static void tiled_prefill_task(const scalar_t* qp, const cache_t* kp, const cache_t* vp, const int64_t* table,
+                               const PrefillTile& t, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale,
+                               scalar_t* op, TiledScratch& s) {
+  const int64_t G = H / Hkv, row = Hkv * D, L = t.ctx + t.n;
+  const int64_t first = s.r == t.r && s.g == t.g && s.built <= L ? s.built : 0;
+  for (int64_t key = first; key < L; ++key) {
+    const int64_t slot = table[key / bs] * bs + key % bs;
+    to_float(kp + slot * row + t.g * D, s.row.data(), D);
+    for (int64_t d = 0; d < D; ++d) s.kt[d * s.ldk + key] = s.row[d];
+    to_float(vp + slot * row + t.g * D, s.vf.data() + key * D, D);
+  }
+  s.r = t.r;
+  s.g = t.g;
+  s.built = L;
+  float* qf = s.qf.data();
+  for (int64_t h = t.g * G; h < (t.g + 1) * G; ++h)
+    for (int64_t a = 0; a < t.n; a += RB) {
+      const int64_t nr = std::min<int64_t>(RB, t.n - a);
+      int64_t lens[RB];
+      for (int64_t r = 0; r < RB; ++r) {  // rows past the tile repeat its last row: computed, never stored
+        const int64_t i = a + std::min<int64_t>(r, nr - 1);
+        to_float(qp + ((t.i0 + i) * H + h) * D, qf + r * D, D);
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] *= scale;
+        lens[r] = t.ctx + i + 1;
+      }
+      float inv[RB];
+      attend_rows<NV, RB>(qf, s.kt.data(), s.ldk, s.vf.data(), t.ctx + a + nr, lens, D, s.sc.data(), s.of.data(),
+                          inv);
+      for (int64_t r = 0; r < nr; ++r) {
+        scalar_t* o = op + ((t.i0 + a + r) * H + h) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = from_float<scalar_t>(s.of[r * D + d] * inv[r]);
+      }
+    }
+}
+
+template <typename scalar_t, typename cache_t, int NV, int RB>
+static void tiled_prefill_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                               const torch::Tensor& block_tables, const std::vector<PrefillTile>& tiles,
+                               const std::vector<int64_t>& cost, double scale, torch::Tensor& out) {
+  const int64_t H = q.size(1), D = q.size(2), bs = k_cache.size(1), Hkv = k_cache.size(2);
+  const int64_t max_blocks = block_tables.size(1);
+  int64_t max_len = 0;
+  for (const PrefillTile& t : tiles) max_len = std::max(max_len, t.ctx + t.n);
+  const int64_t ldk = (max_len + KEY_PAD - 1) / KEY_PAD * KEY_PAD;
+  const std::vector<int64_t> bounds = split_by_cost(cost);
+  const auto* qp = q.data_ptr<scalar_t>();
+  const auto* kp = static_cast<const cache_t*>(k_cache.data_ptr());
+  const auto* vp = static_cast<const cache_t*>(v_cache.data_ptr());
+  const int64_t* tp = block_tables.data_ptr<int64_t>();
+  auto* op = out.data_ptr<scalar_t>();
+  const float fscale = static_cast<float>(scale);
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t pbegin, int64_t pend) {
+    TiledScratch s;
+    s.ldk = ldk;
+    s.kt.assign(D * ldk, 0.f);
+    s.vf.assign(ldk * D, 0.f);
+    s.sc.resize(RB * ldk);
+    s.qf.resize(RB * D);
+    s.of.resize(RB * D);
+    s.row.resize(D);
+    for (int64_t part = pbegin; part < pend; ++part)
+      for (int64_t i = bounds[part]; i < bounds[part + 1]; ++i) {
+        const PrefillTile& t = tiles[i];
+        tiled_prefill_task<scalar_t, cache_t, NV, RB>(qp, kp, vp, tp + t.r * max_blocks, t, H, Hkv, D, bs, fscale,
+                                                      op, s);
+      }
+  });
+}
+
+// The tiles' tokens into out; the other tokens are left (the per-token kernel's, with skip_q = min_q).
+template <typename scalar_t, typename cache_t>
+static void tiled_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                          const torch::Tensor& block_tables, const std::vector<PrefillTile>& tiles,
+                          const std::vector<int64_t>& cost, double scale, torch::Tensor& out) {
+  if (tiles.empty()) return;
+  switch (q.size(2)) {  // head_dim: NV = head_dim / 16 and the register block as in varlen_attention
+    case 16: return tiled_prefill_impl<scalar_t, cache_t, 1, 8>(q, k_cache, v_cache, block_tables, tiles, cost, scale, out);
+    case 32: return tiled_prefill_impl<scalar_t, cache_t, 2, 8>(q, k_cache, v_cache, block_tables, tiles, cost, scale, out);
+    case 64: return tiled_prefill_impl<scalar_t, cache_t, 4, 4>(q, k_cache, v_cache, block_tables, tiles, cost, scale, out);
+    case 128: return tiled_prefill_impl<scalar_t, cache_t, 8, 2>(q, k_cache, v_cache, block_tables, tiles, cost, scale, out);
+    default: return tiled_prefill_impl<scalar_t, cache_t, 0, 4>(q, k_cache, v_cache, block_tables, tiles, cost, scale, out);
+  }
+}
+
+// paged_attention with the prefill tokens of requests of at least min_q new tokens in a step attended in tiles
+// (min_q 0: paged_attention). Same arguments, dtypes and result up to float32 summation order.
+torch::Tensor paged_attention_tiled(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                    torch::Tensor block_tables, torch::Tensor seq_lens,
+                                    torch::Tensor query_start_loc, double scale, int64_t min_q) {
+  if (min_q <= 0) return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale);
+  check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc);
+  auto out = torch::empty_like(q);
+  std::vector<PrefillTile> tiles;
+  std::vector<int64_t> cost;
+  prefill_tiles(seq_lens, query_start_loc, k_cache.size(2), min_q, tiles, cost);
+  with_paged_types(q, k_cache, [&](auto scalar_tag, auto cache_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using cache_t = decltype(cache_tag);
+    tiled_prefill<scalar_t, cache_t>(q, k_cache, v_cache, block_tables, tiles, cost, scale, out);
+    paged_dispatch<scalar_t, cache_t>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, min_q);
+  });
+  return out;
+}
