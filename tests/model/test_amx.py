@@ -204,3 +204,31 @@ def test_int8_amx_gemm_matches_its_dequantized_weights(m, n, k):
     exact = torch.empty(m, n, dtype=torch.bfloat16)
     kernels.int8g_gemm(x, w.packed, w.scales, bias, res, exact)
     torch.testing.assert_close(y, exact.float(), atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 32, 64), (37, 48, 96), (128, 96, 576)])
+def test_int4_takes_the_int8_amx_gemm_where_amx_is_on(m, n, k, kernels):
+    """int4 weights with amx: on an AMX build, held as int8 groups (codes q - 8) in int8g_gemm's panels and
+    multiplied on AMX, equal to x times the 4-bit weights rounded once to bfloat16, and to torch's int4 kernel within
+    bfloat16 rounding; elsewhere torch's kernel. A scale float16 cannot hold keeps torch's kernel on any build."""
+    from tokenmill.model.quant import Int4Weight, quantize_int4_groups
+
+    torch.manual_seed(m + n + k)
+    w = torch.randn(n, k) * 0.05
+    layers = {}
+    for amx in (False, True):
+        layers[amx] = Int4Weight(n, k, kernels, amx=amx)
+        layers[amx].load_rows(0, w)
+        layers[amx].finalize(torch.bfloat16)
+    assert layers[False].panels is None
+    assert (layers[True].panels is not None) == kernels.amx_available()
+    x = torch.randn(m, k).bfloat16()
+    bias, res = torch.randn(n).bfloat16(), torch.randn(m, n).bfloat16()
+    y = layers[True](x, bias, res).float()
+    wq = quantize_int4_groups(w).dequantize().bfloat16().float()  # [n, k]
+    torch.testing.assert_close(y, x.float() @ wq.t() + bias.float() + res.float(), atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(y, layers[False](x, bias, res).float(), atol=6e-2, rtol=3e-2)
+    tiny = Int4Weight(n, k, kernels, amx=True)
+    tiny.load_rows(0, w * 1e-5)  # scales below float16's normal range
+    tiny.finalize(torch.bfloat16)
+    assert tiny.panels is None and tiny.packed is not None

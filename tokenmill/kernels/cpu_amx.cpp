@@ -341,7 +341,11 @@ static void amx_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, co
 // in the panel's own layout [K/2][32][2], which is already two B tiles per 32 along K (channels 0-15 and 16-31: rows
 // of 64 bytes, 128 apart); the rows of x are A tiles as they lie. Each block of 16 rows then accumulates over K in
 // two tiles, stored once, with the bias and residual added on the way out.
-static void int8g_dequantize_panel_bf16(const int8_t* codes, const uint16_t* so, uint16_t* dst, int64_t K) {
+// A panel's weights w = bf16(code * scale + offset) into dst [K/2][32][2] bfloat16. so: the panel's [K/32][2][32]
+// float16 scales and offsets; codes(kp, i): the 16 codes (as float) of pair row kp, channels 8i .. 8i + 7, two each
+// (k = 2 kp, 2 kp + 1), in that order.
+template <typename Codes>
+static inline void dequantize_panel_bf16(const uint16_t* so, uint16_t* dst, int64_t K, Codes&& codes) {
   const __m512i lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
   for (int64_t g = 0; g < K / G8_GROUP; ++g) {
@@ -350,36 +354,57 @@ static void int8g_dequantize_panel_bf16(const int8_t* codes, const uint16_t* so,
     const __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sg + 16)));
     const __m512 o0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sg + G8_NR)));
     const __m512 o1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sg + G8_NR + 16)));
-    // lanes of a 16-code load: channels c..c+7, two codes each: each channel's scale twice
+    // lanes of 16 codes: channels c..c+7, two codes each: each channel's scale twice
     const __m512 sc[4] = {_mm512_permutexvar_ps(lo, s0), _mm512_permutexvar_ps(hi, s0), _mm512_permutexvar_ps(lo, s1),
                           _mm512_permutexvar_ps(hi, s1)};
     const __m512 of[4] = {_mm512_permutexvar_ps(lo, o0), _mm512_permutexvar_ps(hi, o0), _mm512_permutexvar_ps(lo, o1),
                           _mm512_permutexvar_ps(hi, o1)};
     for (int64_t kp = g * G8_GROUP / 2; kp < (g + 1) * G8_GROUP / 2; ++kp) {
-      const int8_t* src = codes + kp * 2 * G8_NR;
       __m512 w[4];
-      for (int i = 0; i < 4; ++i)
-        w[i] = _mm512_fmadd_ps(
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(src + 16 * i)))), sc[i], of[i]);
+      for (int i = 0; i < 4; ++i) w[i] = _mm512_fmadd_ps(codes(kp, i), sc[i], of[i]);
       _mm512_storeu_si512(dst + kp * 2 * G8_NR, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
       _mm512_storeu_si512(dst + kp * 2 * G8_NR + 32, (__m512i)_mm512_cvtne2ps_pbh(w[3], w[2]));
     }
   }
 }
 
+// int8g panels: [K/2][32][2] int8 codes.
+static void int8g_dequantize_panel_bf16(const uint8_t* panel, const uint16_t* so, uint16_t* dst, int64_t K) {
+  const int8_t* codes = reinterpret_cast<const int8_t*>(panel);
+  dequantize_panel_bf16(so, dst, K, [&](int64_t kp, int i) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(codes + kp * 2 * G8_NR + 16 * i))));
+  });
+}
+
+// int4 panels: [K/2][32] bytes, a channel's codes k = 2 kp and 2 kp + 1 in the low and the high nibble of one byte,
+// w = (q - 8) * scale + offset.
+static void int4g_dequantize_panel_bf16(const uint8_t* panel, const uint16_t* so, uint16_t* dst, int64_t K) {
+  const __m512i dup = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  const __m512i nibble = _mm512_set1_epi32(0xF), eight = _mm512_set1_epi32(8);
+  dequantize_panel_bf16(so, dst, K, [&](int64_t kp, int i) {
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(panel + kp * G8_NR + 8 * i)));
+    const __m512i q = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(dup, bytes), shift), nibble);
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(q, eight));
+  });
+}
+
+// dequantize: int8g_dequantize_panel_bf16 or int4g_dequantize_panel_bf16; packed: panels of panel_bytes each.
 template <typename scalar_t>
 static void int8g_amx_impl(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                            const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
-                           torch::Tensor& out) {
+                           torch::Tensor& out,
+                           void (*dequantize)(const uint8_t*, const uint16_t*, uint16_t*, int64_t)) {
   const int64_t M = x.size(0), K = x.size(1), N = out.size(1), panels = packed.size(0), G = K / G8_GROUP;
+  const int64_t panel_bytes = packed.numel() / panels;
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const int8_t* pp = packed.data_ptr<int8_t>();
+  const uint8_t* pp = static_cast<const uint8_t*>(packed.data_ptr());
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
   const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
   scalar_t* op = out.data_ptr<scalar_t>();
   int8g_for_tasks<uint16_t>(M, panels, K * G8_NR,
-    [&](int64_t p, uint16_t* buf) { int8g_dequantize_panel_bf16(pp + p * K * G8_NR, sp + p * G * 2 * G8_NR, buf, K); },
+    [&](int64_t p, uint16_t* buf) { dequantize(pp + p * panel_bytes, sp + p * G * 2 * G8_NR, buf, K); },
     [&](int64_t p, const uint16_t* buf, int64_t m0, int64_t m1) {
       amx_configure();
       const int64_t n0 = p * G8_NR, ncols = std::min(G8_NR, N - n0);
@@ -456,10 +481,33 @@ void int8g_gemm_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
 #if TM_AMX
   if (amx_ok() && x.scalar_type() == torch::kBFloat16) {
     check_int8g_args(x, packed, scales, bias, residual, out);
-    if (out.scalar_type() == torch::kFloat32) int8g_amx_impl<float>(x, packed, scales, bias, residual, out);
-    else int8g_amx_impl<c10::BFloat16>(x, packed, scales, bias, residual, out);
+    if (out.scalar_type() == torch::kFloat32)
+      int8g_amx_impl<float>(x, packed, scales, bias, residual, out, int8g_dequantize_panel_bf16);
+    else
+      int8g_amx_impl<c10::BFloat16>(x, packed, scales, bias, residual, out, int8g_dequantize_panel_bf16);
     return;
   }
 #endif
   int8g_gemm(x, packed, scales, bias, residual, out);
+}
+
+// int4 weight-only on AMX tiles (this machine must have them: amx_available()): bfloat16 x [M, K]; packed
+// [ceil(N / 32), K / 2, 32] uint8, int8g_gemm's panels with two 4-bit codes q per byte (k even in the low nibble);
+// scales as int8g_gemm's (float16 scale and offset per 32 weights along K): w = bf16((q - 8) * scale + offset), then
+// as int8g_gemm_amx. No other path takes this layout: Int4Weight uses it only where AMX is available.
+void int4g_gemm_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, std::optional<torch::Tensor> bias,
+                    std::optional<torch::Tensor> residual, torch::Tensor out) {
+#if TM_AMX
+  TORCH_CHECK(amx_ok(), "int4g_gemm_amx needs AMX (check amx_available())");
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "int4g_gemm_amx takes bfloat16 x");
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kUInt8, "packed must be [panels, K / 2, 32] uint8");
+  // int8g_gemm's checks on a [panels, K / 2, 32, 1] view: the same panel count and K
+  check_int8g_args(x, packed.unsqueeze(3), scales, bias, residual, out);
+  if (out.scalar_type() == torch::kFloat32)
+    int8g_amx_impl<float>(x, packed, scales, bias, residual, out, int4g_dequantize_panel_bf16);
+  else
+    int8g_amx_impl<c10::BFloat16>(x, packed, scales, bias, residual, out, int4g_dequantize_panel_bf16);
+#else
+  TORCH_CHECK(false, "int4g_gemm_amx needs AMX (check amx_available()): this build has none");
+#endif
 }

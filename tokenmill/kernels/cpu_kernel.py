@@ -37,6 +37,10 @@ to bfloat16 once (exact), vdpbf16ps sums a group's products in float32, and per 
 one adds the offsets times the input's sum over the group. With float32 input (any CPU: the portable path) each task
 dequantizes its panel to float32 and runs a float GEMM. Bias and residual are added before the store.
 
+``int8g_gemm_amx`` is ``int8g_gemm`` on AMX tiles (each panel dequantized to bfloat16 weights once per task, then
+tile products over K), and ``int4g_gemm_amx`` the same over int4 panels (two 4-bit codes a byte, ``w = (q - 8) *
+scale + offset``), AMX hosts only (``cpu_amx.cpp``).
+
 ``paged_attention_tiled`` is ``paged_attention`` with the prefill tokens of requests with at least ``min_q`` new
 tokens in the step attended in tiles of 16 query tokens per request and KV head (``cpu_prefill.cpp``): the keys a tile
 sees converted once to float K^T and V (kept by a thread across a request's successive tiles), the scores and P V as
@@ -82,7 +86,7 @@ _FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention", "quantize_rows_
               "quantize_rows_uint8", "int8_gemm_available", "int8_pack_weight", "int8_gemm", "write_kv",
               "argmax_rows", "rope", "silu_mul_quantize_uint8", "silu_mul", "int8g_bf16_available",
               "int8g_gemm", "amx_available", "paged_attention_amx",
-              "int8g_gemm_amx", "paged_attention_tiled"]
+              "int8g_gemm_amx", "paged_attention_tiled", "int4g_gemm_amx"]
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
            "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

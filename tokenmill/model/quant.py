@@ -22,7 +22,8 @@
   input is rounded to bfloat16 (torch's float32 weight-only paths run ~40x slower here, measured).
 - ``int4``: 4-bit weights in groups of 32 along K with a scale and a zero per group, ``w = (q - 8) * scale + zero``
   (``torch._weight_int4pack_mm_for_cpu``). GGUF's Q4_0, Q4_1 and Q4_K blocks are exactly this form, so those files
-  load without any rounding (``Int4Groups``, from ``model/gguf_weights.py``). A quarter of bf16's weight bytes.
+  load without any rounding (``Int4Groups``, from ``model/gguf_weights.py``). A quarter of bf16's weight bytes. On a
+  CPU with AMX the same values go through int8 weight-only's AMX GEMM instead (``Int4Weight``: half of bf16's bytes).
 
 Loading is row by row, because the model fuses checkpoint tensors (q/k/v, gate/up) into one weight: ``load_rows``
 quantizes each shard as it arrives (one float tensor at a time, never the whole model) and ``finalize`` packs the
@@ -310,6 +311,15 @@ def pack_int8_groups(groups: Int8Groups) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, scales
 
 
+def pack_int4_panels(groups: Int4Groups) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int4Groups [N, K] -> (packed [ceil(N / 32), K / 2, 32] uint8, scales [ceil(N / 32), K / 32, 2, 32] float16),
+    int4g_gemm_amx's operands: int8g_gemm's panels (pack_int8_groups of the groups as int8 codes q - 8 with offset
+    ``zero``) with a channel's codes k = 2j and 2j + 1 as the low and the high nibble of one byte."""
+    packed8, scales = pack_int8_groups(Int8Groups(groups.q.to(torch.int8) - 8, groups.scale, groups.zero))
+    q = (packed8 + 8).to(torch.uint8)  # [P, K/2, 32, 2]; channels past N: code 8, zero scale
+    return (q[..., 0] | (q[..., 1] << 4)).contiguous(), scales
+
+
 class Int8Weight(QuantizedWeight):
     """Where the C++ kernels load and the activations are float32 or bfloat16: ``packed`` / ``scales`` in
     ``int8g_gemm``'s panels of 32 channels, written as the rows load (no staging copy, so a model never holds more
@@ -395,7 +405,15 @@ class Int8Weight(QuantizedWeight):
 
 class Int4Weight(QuantizedWeight):
     """Staged as one uint8 per weight while loading (the packed layout tiles rows, so shards cannot be packed alone);
-    ``finalize`` packs to two weights per byte and frees the staging."""
+    ``finalize`` packs to two weights per byte for ``torch._weight_int4pack_mm_for_cpu`` and frees the staging.
+
+    On a CPU with AMX (``amx``), in a float32 or bfloat16 model, the same groups go instead into ``int8g_gemm``'s
+    panels of 32 channels with two 4-bit codes per byte (``pack_int4_panels``; the same bytes as torch's layout) and
+    its float16 scales and offsets (``w = (q - 8) * scale + zero``: the offset is ``zero``), multiplied by
+    ``int4g_gemm_amx``: each panel dequantized to bfloat16 once per task, then AMX tile products, as int8
+    weight-only's AMX GEMM (~3x torch's int4 kernel here; BENCHMARKS.md). float16 holds the scales to 11 significant
+    bits where torch's kernel takes bfloat16's 8; a weight with a scale float16 cannot hold to that precision (a
+    nonzero magnitude below 2^-14 or above 65504) keeps torch's kernel."""
 
     def __init__(self, out_features: int, in_features: int, kernels=None, amx: bool = False) -> None:
         super().__init__(out_features, in_features, kernels, amx)
@@ -405,18 +423,31 @@ class Int4Weight(QuantizedWeight):
         self._q = torch.empty(out_features, in_features, dtype=torch.uint8)  # staging, [N, K]
         self._scale = torch.empty(out_features, groups, dtype=torch.float32)
         self._zero = torch.empty(out_features, groups, dtype=torch.float32)
-        self.register_buffer("packed", None)  # [N, K / 2] uint8 once final
+        self.register_buffer("packed", None)  # [N, K / 2] uint8 once final (torch's int4 kernel)
         self.register_buffer("scales_and_zeros", None)  # [K / 32, N, 2] in the kernel's dtype once final
+        self.register_buffer("panels", None)  # [ceil(N / 32), K / 2, 32] uint8 (two codes a byte), on the AMX path
+        self.register_buffer("panel_scales", None)  # [ceil(N / 32), K / 32, 2, 32] float16, on the AMX path
 
     def load_rows(self, offset: int, w: torch.Tensor | Int4Groups | Int8Groups) -> None:
         groups = w if isinstance(w, Int4Groups) else quantize_int4_groups(_to_float(w))
         rows = slice(offset, offset + groups.q.shape[0])
         self._q[rows], self._scale[rows], self._zero[rows] = groups.q, groups.scale, groups.zero
 
+    def _float16_holds(self) -> bool:
+        """Whether float16 holds the groups at least as well as bfloat16: every scale 0 or a normal float16 (11
+        significant bits), every zero within float16's range (a zero below its normal range is off by at most 2^-25,
+        under 1/1000 of the smallest such step)."""
+        s, z = self._scale.abs(), self._zero.abs()
+        return bool(((s == 0) | ((s >= 2.0**-14) & (s <= 65504))).all() and (z <= 65504).all())
+
     def finalize(self, dtype: torch.dtype) -> None:
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(self._q.to(torch.int32), 1)
-        self.scales_and_zeros = torch.stack([self._scale.t(), self._zero.t()], dim=-1).to(
-            _weight_only_dtype(dtype)).contiguous()
+        if (self.amx and self.kernels.amx_available() and dtype in (torch.float32, torch.bfloat16)
+                and self._float16_holds()):
+            self.panels, self.panel_scales = pack_int4_panels(Int4Groups(self._q, self._scale, self._zero))
+        else:
+            self.packed = torch._convert_weight_to_int4pack_for_cpu(self._q.to(torch.int32), 1)
+            self.scales_and_zeros = torch.stack([self._scale.t(), self._zero.t()], dim=-1).to(
+                _weight_only_dtype(dtype)).contiguous()
         del self._q, self._scale, self._zero
 
     def init_dummy(self, generator: torch.Generator, dtype: torch.dtype) -> None:
@@ -427,10 +458,17 @@ class Int4Weight(QuantizedWeight):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        if self.panels is not None:
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # [M, K]
+            y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)
+            res = None if residual is None else residual.reshape(-1, self.out_features)
+            self.kernels.int4g_gemm_amx(x2, self.panels, self.panel_scales, _as(bias, x.dtype), _as(res, x.dtype), y)
+            return y.reshape(*lead, self.out_features)
         xc = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
         y = torch._weight_int4pack_mm_for_cpu(xc, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)  # [M, N]
         y = y.to(x.dtype)
-        return _add_bias_residual(y, bias, residual).reshape(*x.shape[:-1], self.out_features)
+        return _add_bias_residual(y, bias, residual).reshape(*lead, self.out_features)
 
 
 def _add_bias_residual(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
