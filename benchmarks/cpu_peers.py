@@ -206,7 +206,8 @@ class Contender:
     missing: str | None = None  # why this peer did not run
 
 
-def contenders(tiers: list[str], models: dict[str, Path] | None, quick: bool) -> list[Contender]:
+def contenders(tiers: list[str], models: dict[str, Path] | None, quick: bool,
+               ct2_sizes: list[int] | None = None) -> list[Contender]:
     ct2_types = _ct2_compute_types() if models else set()
     budgets = [2048] if quick else [512, 2048]  # 4096 was never better (BENCHMARKS.md)
     out = []
@@ -234,7 +235,7 @@ def contenders(tiers: list[str], models: dict[str, Path] | None, quick: bool) ->
             out.append(Contender(tier, "ct2", [], missing=f"this CTranslate2 build has no {ct2_type} on CPU "
                                                          f"(it has {', '.join(sorted(ct2_types))})"))
         else:
-            sizes = [4] if quick else [16, 32]  # 64 and 128 were slower (BENCHMARKS.md)
+            sizes = [4] if quick else ct2_sizes or [16, 32]  # 64 and 128 were slower (BENCHMARKS.md)
             types = [ct2_type] + (["int8"] if tier == "w8a8" and "int8" in ct2_types else [])
             out.append(Contender(tier, "ct2", [{"model": str(models["ct2"]), "compute_type": t, "batch_size": s}
                                                for t in types for s in sizes]))
@@ -308,8 +309,9 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def run_section(model: str | None, tokenizer, workload_names: list[str], tiers: list[str], rounds: int, quick: bool,
-                threads: int = 2, peers: bool = True) -> dict:
-    """The side-by-side runs; ``peers=False`` runs tokenmill alone (the harness's own smoke test)."""
+                threads: int = 2, peers: bool = True, ct2_sizes: list[int] | None = None) -> dict:
+    """The side-by-side runs; ``peers=False`` runs tokenmill alone (the harness's own smoke test); ``ct2_sizes``:
+    CTranslate2's batch sizes to search (default 16 and 32)."""
     models = None
     notes = []
     if not peers:
@@ -323,7 +325,7 @@ def run_section(model: str | None, tokenizer, workload_names: list[str], tiers: 
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump({"prompts": wl.prompts, "output_lens": wl.output_lens}, f)
         wl_file = Path(f.name)
-        cs = contenders(tiers, models, quick)
+        cs = contenders(tiers, models, quick, ct2_sizes)
         try:
             for r in range(rounds):
                 for c in cs:
@@ -423,6 +425,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny workloads and grids: a smoke run, not a measurement")
     ap.add_argument("--prepare", action="store_true", help="only export the peers' models, then exit")
     ap.add_argument("--no-peers", action="store_true", help="tokenmill alone (a smoke test of the harness)")
+    ap.add_argument("--ct2-batch-sizes", default="16,32",
+                    help="CTranslate2's batch sizes to search (on the long workload one float32 run takes ~10 min)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tokenmill-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -440,8 +444,12 @@ def main() -> None:
     from tokenmill.model.loader import load_tokenizer, read_model_config, resolve_model_path
 
     tok = load_tokenizer(read_model_config(resolve_model_path(args.model))[0])
+    try:
+        ct2_sizes = [int(x) for x in args.ct2_batch_sizes.split(",")]
+    except ValueError:
+        ap.error(f"--ct2-batch-sizes takes integers separated by commas, got {args.ct2_batch_sizes!r}")
     result = run_section(args.model, tok, args.workloads.split(","), tiers, args.rounds, args.quick, args.threads,
-                         peers=not args.no_peers)
+                         peers=not args.no_peers, ct2_sizes=ct2_sizes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -23,7 +23,7 @@
 - ``int4``: 4-bit weights in groups of 32 along K with a scale and a zero per group, ``w = (q - 8) * scale + zero``
   (``torch._weight_int4pack_mm_for_cpu``). GGUF's Q4_0, Q4_1 and Q4_K blocks are exactly this form, so those files
   load without any rounding (``Int4Groups``, from ``model/gguf_weights.py``). A quarter of bf16's weight bytes. On a
-  CPU with AMX the same values go through int8 weight-only's AMX GEMM instead (``Int4Weight``: half of bf16's bytes).
+  CPU with AMX the same bytes go through an AMX GEMM instead (``Int4Weight``, ``int4g_gemm_amx``).
 
 Loading is row by row, because the model fuses checkpoint tensors (q/k/v, gate/up) into one weight: ``load_rows``
 quantizes each shard as it arrives (one float tensor at a time, never the whole model) and ``finalize`` packs the
@@ -411,7 +411,7 @@ class Int4Weight(QuantizedWeight):
     panels of 32 channels with two 4-bit codes per byte (``pack_int4_panels``; the same bytes as torch's layout) and
     its float16 scales and offsets (``w = (q - 8) * scale + zero``: the offset is ``zero``), multiplied by
     ``int4g_gemm_amx``: each panel dequantized to bfloat16 once per task, then AMX tile products, as int8
-    weight-only's AMX GEMM (~3x torch's int4 kernel here; BENCHMARKS.md). float16 holds the scales to 11 significant
+    weight-only's AMX GEMM (4-10x torch's int4 kernel on the model's shapes; BENCHMARKS.md). float16 holds the scales to 11 significant
     bits where torch's kernel takes bfloat16's 8; a weight with a scale float16 cannot hold to that precision (a
     nonzero magnitude below 2^-14 or above 65504) keeps torch's kernel."""
 
