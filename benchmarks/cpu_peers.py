@@ -2,6 +2,7 @@
 
     make bench-cpu-peers                               # once: the peers' venv and the exported models (build/peers/)
     python -m benchmarks.cpu_peers --out benchmarks/results [--workloads w,long] [--tiers ...] [--rounds 2]
+                                   [--ct2-batch-sizes 16,32]
 
 Also the ``peers`` section of ``python -m benchmarks``. Every engine gets the same prompts as token ids, the same greedy
 tokens with EOS ignored (128 for W, 64 for the long-prompt workload) and the same threads; runs alternate engine by
