@@ -47,6 +47,7 @@ PEERS = ROOT / "build" / "peers"
 PEER_PYTHON = PEERS / "venv" / "bin" / "python"
 MODELS = PEERS / "models"
 TIERS = ("float32", "bfloat16", "int8", "int4", "w8a8")
+CT2_BATCH_SIZES = (16, 32)  # 64 and 128 were slower on W (BENCHMARKS.md)
 
 
 # ---------------------------------------------------------------- host facts
@@ -236,7 +237,7 @@ def contenders(tiers: list[str], models: dict[str, Path] | None, quick: bool,
             out.append(Contender(tier, "ct2", [], missing=f"this CTranslate2 build has no {ct2_type} on CPU "
                                                          f"(it has {', '.join(sorted(ct2_types))})"))
         else:
-            sizes = [4] if quick else ct2_sizes or [16, 32]  # 64 and 128 were slower (BENCHMARKS.md)
+            sizes = [4] if quick else list(ct2_sizes or CT2_BATCH_SIZES)
             types = [ct2_type] + (["int8"] if tier == "w8a8" and "int8" in ct2_types else [])
             out.append(Contender(tier, "ct2", [{"model": str(models["ct2"]), "compute_type": t, "batch_size": s}
                                                for t in types for s in sizes]))
@@ -426,7 +427,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny workloads and grids: a smoke run, not a measurement")
     ap.add_argument("--prepare", action="store_true", help="only export the peers' models, then exit")
     ap.add_argument("--no-peers", action="store_true", help="tokenmill alone (a smoke test of the harness)")
-    ap.add_argument("--ct2-batch-sizes", default="16,32",
+    ap.add_argument("--ct2-batch-sizes", default=",".join(map(str, CT2_BATCH_SIZES)),
                     help="CTranslate2's batch sizes to search (on the long workload one float32 run takes ~10 min)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tokenmill-child", help=argparse.SUPPRESS)

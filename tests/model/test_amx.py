@@ -16,7 +16,7 @@ import torch
 
 from tokenmill.attention.backend import AttentionMetadata, ReferenceAttention
 from tokenmill.kernels import cpu_kernel
-from tokenmill.ops.cpu_ops import AMX_MIN_QUERY, CpuKernelAttention, CpuOps
+from tokenmill.ops.cpu_ops import TILE_MIN_QUERY, CpuKernelAttention, CpuOps
 
 CPU_FLAGS = set()
 if Path("/proc/cpuinfo").exists():
@@ -68,8 +68,8 @@ def test_amx_entry_is_the_tiled_kernel_where_amx_is_off(kernels):
     args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc_t(), 0.125)
     assert torch.equal(kernels.paged_attention_amx(*args, 0), kernels.paged_attention(*args))
     if not kernels.amx_available():
-        assert torch.equal(kernels.paged_attention_amx(*args, AMX_MIN_QUERY),
-                           kernels.paged_attention_tiled(*args, AMX_MIN_QUERY))
+        assert torch.equal(kernels.paged_attention_amx(*args, TILE_MIN_QUERY),
+                           kernels.paged_attention_tiled(*args, TILE_MIN_QUERY))
 
 
 def test_ops_take_amx_only_where_the_machine_allows_it(kernels):
@@ -80,7 +80,7 @@ def test_ops_take_amx_only_where_the_machine_allows_it(kernels):
     assert not CpuOps(kernels, amx=False).amx
     assert CpuOps(kernels, amx=True).amx == kernels.amx_available()
     assert CpuOps(kernels, amx=False).attention.amx is False
-    assert CpuOps(kernels, amx=False).attention.min_q == AMX_MIN_QUERY
+    assert CpuOps(kernels, amx=False).attention.min_q == TILE_MIN_QUERY
     assert CpuKernelAttention(kernels, tiled=False).min_q == 0
 
 
@@ -134,7 +134,7 @@ def test_amx_attention_matches_reference(heads, kv_heads, head_dim, block_size):
     per_token = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor,
                                         meta.query_start_loc_t(), head_dim**-0.5)
     short = torch.cat([torch.arange(meta.query_start_loc[i], meta.query_start_loc[i + 1])
-                       for i, (_, n) in enumerate(REQS) if n < AMX_MIN_QUERY])
+                       for i, (_, n) in enumerate(REQS) if n < TILE_MIN_QUERY])
     assert torch.equal(out[short], per_token[short])
 
 

@@ -622,6 +622,20 @@ static inline void attend_rows(const float* qf, const float* kt, int64_t ldk, co
   }
 }
 
+// fn(NV, RB) as integral constants for attend_rows, by head_dim D: unrolled for the common sizes (NV = D / 16, RB
+// from the register budget), NV = 0 (any D) otherwise.
+template <typename F>
+static void with_attend_shape(int64_t D, F&& fn) {
+  using std::integral_constant;
+  switch (D) {
+    case 16: return fn(integral_constant<int, 1>{}, integral_constant<int, 8>{});
+    case 32: return fn(integral_constant<int, 2>{}, integral_constant<int, 8>{});
+    case 64: return fn(integral_constant<int, 4>{}, integral_constant<int, 4>{});
+    case 128: return fn(integral_constant<int, 8>{}, integral_constant<int, 2>{});
+    default: return fn(integral_constant<int, 0>{}, integral_constant<int, 4>{});
+  }
+}
+
 // Attention over packed variable-length sequences with no cache (the embedding path): sequence s owns rows
 // cu_seqlens[s] .. cu_seqlens[s + 1] of q, k and v, and each of its queries attends to all of its keys (or, causal,
 // to keys 0..i). One task per (sequence, KV head): the head's K is transposed into float [D][Lp] (Lp: L rounded up
@@ -715,13 +729,9 @@ torch::Tensor varlen_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, q.scalar_type(), "varlen_attention",
                                   [&] {
-    switch (q.size(2)) {  // head_dim: unrolled for the common sizes
-      case 16: return varlen_impl<scalar_t, 1, 8>(q, k, v, cu_seqlens, scale, causal, out);
-      case 32: return varlen_impl<scalar_t, 2, 8>(q, k, v, cu_seqlens, scale, causal, out);
-      case 64: return varlen_impl<scalar_t, 4, 4>(q, k, v, cu_seqlens, scale, causal, out);
-      case 128: return varlen_impl<scalar_t, 8, 2>(q, k, v, cu_seqlens, scale, causal, out);
-      default: return varlen_impl<scalar_t, 0, 4>(q, k, v, cu_seqlens, scale, causal, out);
-    }
+    with_attend_shape(q.size(2), [&](auto nv, auto rb) {
+      varlen_impl<scalar_t, decltype(nv)::value, decltype(rb)::value>(q, k, v, cu_seqlens, scale, causal, out);
+    });
   });
   return out;
 }

@@ -124,13 +124,10 @@ static void tiled_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, 
                           const torch::Tensor& block_tables, const std::vector<PrefillTile>& tiles,
                           const std::vector<int64_t>& cost, double scale, torch::Tensor& out) {
   if (tiles.empty()) return;
-  switch (q.size(2)) {  // head_dim: NV = head_dim / 16 and the register block as in varlen_attention
-    case 16: return tiled_prefill_impl<scalar_t, cache_t, 1, 8>(q, k_cache, v_cache, block_tables, tiles, cost, scale, out);
-    case 32: return tiled_prefill_impl<scalar_t, cache_t, 2, 8>(q, k_cache, v_cache, block_tables, tiles, cost, scale, out);
-    case 64: return tiled_prefill_impl<scalar_t, cache_t, 4, 4>(q, k_cache, v_cache, block_tables, tiles, cost, scale, out);
-    case 128: return tiled_prefill_impl<scalar_t, cache_t, 8, 2>(q, k_cache, v_cache, block_tables, tiles, cost, scale, out);
-    default: return tiled_prefill_impl<scalar_t, cache_t, 0, 4>(q, k_cache, v_cache, block_tables, tiles, cost, scale, out);
-  }
+  with_attend_shape(q.size(2), [&](auto nv, auto rb) {
+    tiled_prefill_impl<scalar_t, cache_t, decltype(nv)::value, decltype(rb)::value>(q, k_cache, v_cache, block_tables,
+                                                                                     tiles, cost, scale, out);
+  });
 }
 
 // paged_attention with the prefill tokens of requests of at least min_q new tokens in a step attended in tiles

@@ -392,12 +392,8 @@ class Int8Weight(QuantizedWeight):
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         if self.packed is not None:
-            x2 = x.reshape(-1, self.in_features).to(self.x_dtype).contiguous()  # [M, K]
-            y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)
-            res = None if residual is None else residual.reshape(-1, self.out_features)
             gemm = self.kernels.int8g_gemm_amx if self.amx else self.kernels.int8g_gemm  # same operands
-            gemm(x2, self.packed, self.scales, _as(bias, x.dtype), _as(res, x.dtype), y)
-            return y.reshape(*lead, self.out_features)
+            return _panel_gemm(gemm, x, self.x_dtype, self.packed, self.scales, bias, residual, self.out_features)
         xc = x.reshape(-1, self.in_features).to(self.scale.dtype)
         y = torch._weight_int8pack_mm(xc, self.qweight, self.scale).to(x.dtype)  # [M, N]
         return _add_bias_residual(y, bias, residual).reshape(*lead, self.out_features)
@@ -460,15 +456,23 @@ class Int4Weight(QuantizedWeight):
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         if self.panels is not None:
-            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # [M, K]
-            y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)
-            res = None if residual is None else residual.reshape(-1, self.out_features)
-            self.kernels.int4g_gemm_amx(x2, self.panels, self.panel_scales, _as(bias, x.dtype), _as(res, x.dtype), y)
-            return y.reshape(*lead, self.out_features)
+            return _panel_gemm(self.kernels.int4g_gemm_amx, x, torch.bfloat16, self.panels, self.panel_scales, bias,
+                               residual, self.out_features)
         xc = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
         y = torch._weight_int4pack_mm_for_cpu(xc, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)  # [M, N]
         y = y.to(x.dtype)
         return _add_bias_residual(y, bias, residual).reshape(*lead, self.out_features)
+
+
+def _panel_gemm(gemm, x: torch.Tensor, x_dtype: torch.dtype, packed: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None, residual: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """The C++ panel GEMMs' call (int8g_gemm, int8g_gemm_amx, int4g_gemm_amx): x [..., K] in x_dtype times the packed
+    weight, bias and residual added in the kernel, out in x's dtype [..., N]."""
+    x2 = x.reshape(-1, x.shape[-1]).to(x_dtype).contiguous()  # [M, K]
+    y = torch.empty(x2.shape[0], out_features, dtype=x.dtype)
+    res = None if residual is None else residual.reshape(-1, out_features)
+    gemm(x2, packed, scales, _as(bias, x.dtype), _as(res, x.dtype), y)
+    return y.reshape(*x.shape[:-1], out_features)
 
 
 def _add_bias_residual(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:

@@ -14,7 +14,6 @@ from tokenmill.ops.torch_ops import TorchOps
 
 
 TILE_MIN_QUERY = 16  # new tokens a request needs in a step for its prefill tokens to be attended in tiles
-AMX_MIN_QUERY = TILE_MIN_QUERY
 
 
 class CpuKernelAttention:
