@@ -1,10 +1,11 @@
-"""Scoring throughput: the log-probability of every prompt token of workload W's prompts (SmolLM2, float32),
+"""Scoring throughput: the log-probability of every prompt token of workload W's prompts (SmolLM2, float32 or
+``--dtype bfloat16`` on both sides),
 tokenmill (``LLMEngine.score_batch``: the machinery of ``tokenmill run --task score``) against transformers
 computing the same log-probabilities in right-padded batches (its best batch size of a ladder), side by side,
-alternating, in one process; and tokenmill's rate as a share of this machine's float32 GEMM roofline (the best
-1024^3 GEMM rate measured in the rounds).
+alternating, in one process; and tokenmill's rate as a share of this machine's GEMM roofline in that dtype (the
+best 1024^3 GEMM rate measured in the rounds).
 
-    python benchmarks/score_bench.py [--num-prompts 128] [--hf-batch-sizes 8,16,32] [--rounds 2]
+    python benchmarks/score_bench.py [--num-prompts 128] [--hf-batch-sizes 8,16,32] [--rounds 2] [--dtype bfloat16]
 
 Scoring is pure prefill plus the LM head on every token, so its FLOPs are 2 x (non-embedding parameters + the LM
 head) per token plus causal attention.
@@ -56,20 +57,21 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=128)
     ap.add_argument("--hf-batch-sizes", default="8,16,32")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = ap.parse_args()
     from tokenmill import LLM
 
-    llm = LLM(dtype="float32")
+    llm = LLM(dtype=args.dtype)
     wl = workload_w(llm.tokenizer, num_prompts=args.num_prompts)
     prompts = wl.prompts
     tokens = sum(len(p) for p in prompts)
-    hf = load_hf_model(None)
+    hf = load_hf_model(None, args.dtype)
     sizes = [int(x) for x in args.hf_batch_sizes.split(",")]
     best: dict[str, float] = {}
     ours = ref = None
     roofs = []
     for _ in range(args.rounds):  # alternate; the GEMM rate is measured in every round (the host is noisy)
-        roofs.append(gemm_rate(torch.float32, seconds=1.0) * 1e9)
+        roofs.append(gemm_rate(getattr(torch, args.dtype), seconds=1.0) * 1e9)
         t0 = time.perf_counter()
         ours = llm.engine.score_batch(prompts)
         best["tokenmill"] = min(best.get("tokenmill", 1e9), time.perf_counter() - t0)
@@ -81,11 +83,11 @@ def main() -> None:
     flops = score_flops(llm.engine.model_config, prompts)
     roof = max(roofs)
     hf_best = min(v for k, v in best.items() if k.startswith("hf"))
-    result = {"machine": machine_info(), "prompts": len(prompts), "tokens": tokens,
+    result = {"machine": machine_info(), "dtype": args.dtype, "prompts": len(prompts), "tokens": tokens,
               "tok_s": {k: round(tokens / v, 1) for k, v in best.items()},
               "tokenmill_over_hf_best": round(hf_best / best["tokenmill"], 2),
               "tokenmill_roofline_share": round(flops / best["tokenmill"] / roof, 3),
-              "gemm_fp32_gflops": [round(r / 1e9, 1) for r in roofs], "max_abs_logprob_diff": diff}
+              "gemm_gflops": [round(r / 1e9, 1) for r in roofs], "max_abs_logprob_diff": diff}
     print(json.dumps(result))
 
 

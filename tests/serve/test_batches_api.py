@@ -113,7 +113,7 @@ def test_a_batch_equals_a_run_job_with_error_lines_and_online_requests_served_me
         with pytest.raises(openai.NotFoundError):
             c.batches.retrieve("batch_nope")
         for kw, match in [(dict(endpoint="/v1/responses"), "endpoint must be one of"),
-                          (dict(endpoint="/v1/embeddings"), "not served yet"),
+                          (dict(endpoint="/v1/embeddings"), "no embedding model"),
                           (dict(completion_window="1h"), "completion_window must be"),
                           (dict(input_file_id="file-nope"), "no such file"),
                           (dict(input_file_id=b.output_file_id), "has purpose 'batch_output'")]:
@@ -173,5 +173,49 @@ def test_a_killed_server_resumes_exactly_once_expires_the_overdue_and_cancels_ke
         assert len({r["custom_id"] for r in kept}) == len(kept)
         assert {k: v for k, v in contents(kept).items()} == {k: ref[k] for k in contents(kept)}
         c.files.delete(big.input_file_id)  # no unfinished batch reads it any more
+    finally:
+        s.stop()
+
+
+def embed_line(cid: str, text, **body) -> dict:
+    return {"custom_id": cid, "method": "POST", "url": "/v1/embeddings", "body": {"input": text, **body}}
+
+
+def test_an_embeddings_batch_equals_online_embeddings_and_limits_are_clear_400s(cli_env, smollm2, tmp_path):
+    texts = [f"Passage {i}: the quick brown fox jumps over {i} lazy dogs." for i in range(5)]
+    lines = [json.dumps(embed_line(f"e{i}", t, model="all-MiniLM-L6-v2")) for i, t in enumerate(texts)]
+    lines.insert(2, json.dumps(chat_line("c0", "not an embedding")))
+    lines.append(json.dumps(embed_line("e-other", "hi", model="text-embedding-3-small")))
+    lines.append(json.dumps(embed_line("e-b64", texts[0], encoding_format="base64")))
+    src = write_jsonl(tmp_path / "embed.jsonl", lines)
+    s = Server(cli_env, "--api-key", KEY, "--state-dir", tmp_path / "state", "--max-model-len", 256,
+               "--embedding-model", "default", "--max-file-mb", 1, "--max-batch-requests", 8)
+    try:
+        c = s.client()
+        f = c.files.create(file=("embed.jsonl", src.read_bytes()), purpose="batch")
+        b = wait_final(c, c.batches.create(input_file_id=f.id, endpoint="/v1/embeddings",
+                                           completion_window="24h").id)
+        assert b.status == "completed", b.errors
+        assert (b.request_counts.total, b.request_counts.completed, b.request_counts.failed) == (8, 6, 2)
+        out = jsonl(c.files.content(b.output_file_id).text)
+        assert [r["custom_id"] for r in out] == [f"e{i}" for i in range(5)] + ["e-b64"]
+        online = c.embeddings.create(model="all-MiniLM-L6-v2", input=texts)
+        for r, want in zip(out, online.data):
+            got = r["response"]["body"]["data"][0]["embedding"]
+            assert max(abs(x - y) for x, y in zip(got, want.embedding)) < 1e-5
+        assert isinstance(out[-1]["response"]["body"]["data"][0]["embedding"], str)  # base64, as asked
+        tokens = sum(r["response"]["body"]["usage"]["prompt_tokens"] for r in out)
+        assert b.usage.input_tokens == tokens > 0 and b.usage.output_tokens == 0 and b.usage.total_tokens == tokens
+        errors = jsonl(c.files.content(b.error_file_id).text)
+        assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("c0", "mismatched_endpoint"),
+                                                                          ("e-other", "model_not_found")]
+        # the limits: a file over --max-file-mb, a batch over --max-batch-requests
+        with pytest.raises(openai.BadRequestError, match="larger than this server's limit") as e:
+            c.files.create(file=("big.jsonl", b"x" * (3 << 20)), purpose="batch")
+        assert e.value.code == "file_too_large"
+        many = c.files.create(file=("many.jsonl", src.read_bytes() + src.read_bytes()), purpose="batch")
+        with pytest.raises(openai.BadRequestError, match="more than 8 lines") as e:
+            c.batches.create(input_file_id=many.id, endpoint="/v1/embeddings", completion_window="24h")
+        assert e.value.code == "too_many_requests"
     finally:
         s.stop()

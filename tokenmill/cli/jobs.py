@@ -96,14 +96,34 @@ def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k
 @click.command()
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw state as JSON.")
-def status(output, as_json):
-    """State of the job writing OUTPUT: running / completed / interrupted / failed, progress, rates, ETA."""
+@click.option("--web", is_flag=True, help="Serve a live page of the job (progress, tokens/s over time, ETA, cost) "
+                                          "until Ctrl-C, instead of printing once.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="--web: the address to bind.")
+@click.option("--port", type=int, default=8080, show_default=True, help="--web: the port.")
+@click.option("--gpu-hourly-rate", type=float, default=None, help="--web: USD per GPU-hour, for the page's cost.")
+@click.option("--num-gpus", type=int, default=1, show_default=True, help="--web: GPUs the job runs on (cost).")
+def status(output, as_json, web, host, port, gpu_hourly_rate, num_gpus):
+    """State of the job writing OUTPUT: running / completed / interrupted / failed, progress, rates, ETA.
+    With --web, the same as a live page on http://HOST:PORT/."""
     from tokenmill.jobs.files import JobPaths
     from tokenmill.jobs.state import format_status, read_status
 
     path = JobPaths(output).state
     if not path.exists():
         raise UserError(f"no job state for {output} (expected {path})")
+    if web:
+        if gpu_hourly_rate is not None and gpu_hourly_rate < 0:
+            raise UserError(f"--gpu-hourly-rate must be >= 0, got {gpu_hourly_rate}")
+        import socket
+
+        from tokenmill.serve.page import serve_status
+
+        try:
+            with socket.create_server((host, port)):
+                pass
+        except OSError as e:
+            raise UserError(f"--web cannot listen on {host}:{port}: {e.strerror or e}") from None
+        return serve_status(output, host, port, gpu_hourly_rate, num_gpus)
     try:
         data = read_status(path)
     except (ValueError, KeyError, TypeError) as e:

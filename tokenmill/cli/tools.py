@@ -71,12 +71,19 @@ def eval_cmd(model, dtype, quantization, kv_cache_dtype, text_path, context, lim
 @click.option("--state-dir", default=None, type=click.Path(file_okay=False),
               help="Where uploaded files (/v1/files) and their database live (default: "
                    "$XDG_DATA_HOME/tokenmill/serve, else ~/.local/share/tokenmill/serve).")
+@click.option("--max-file-mb", type=int, default=10240, show_default=True,
+              help="The largest file /v1/files accepts, in MiB.")
+@click.option("--max-batch-requests", type=int, default=5_000_000, show_default=True,
+              help="The most lines a batch's input file may have.")
+@click.option("--gpu-hourly-rate", type=float, default=None,
+              help="USD per machine-hour: the live page shows each batch's cost at this rate.")
 def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, max_num_batched_tokens, max_wait_ms,
           max_queued_requests, shutdown_timeout, preemption_mode, prefix_caching, device, dtype, quantization,
           max_model_len, kv_cache_memory, kv_cache_dtype, attention_backend, enforce_eager, tensor_parallel_size,
-          gpu_memory_utilization, embedding_model, state_dir):
+          gpu_memory_utilization, embedding_model, state_dir, max_file_mb, max_batch_requests, gpu_hourly_rate):
     """An OpenAI-compatible HTTP server on the same engine: /v1/chat/completions, /v1/completions (streaming or
-    not), /v1/embeddings, /v1/files, /v1/models, /health, /metrics."""
+    not), /v1/embeddings, the Batch API (/v1/files, /v1/batches), /v1/models, /health, /metrics, and a live page
+    of the batches at /."""
     from tokenmill.serve.app import ServeSettings
     from tokenmill.serve.app import serve as run_server
 
@@ -84,6 +91,10 @@ def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, m
         raise UserError(f"--max-queued-requests must be >= 1, got {max_queued_requests}")
     if max_wait_ms < 0 or shutdown_timeout < 0:
         raise UserError("--max-wait-ms and --shutdown-timeout must be >= 0")
+    if max_file_mb < 1 or max_batch_requests < 1:
+        raise UserError("--max-file-mb and --max-batch-requests must be >= 1")
+    if gpu_hourly_rate is not None and gpu_hourly_rate < 0:
+        raise UserError(f"--gpu-hourly-rate must be >= 0, got {gpu_hourly_rate}")
     model, engine, _ = engine_and_sampling(
         config, model, dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             preemption_mode=preemption_mode, enable_prefix_caching=prefix_caching, device=device,
@@ -105,7 +116,8 @@ def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, m
         raise UserError(f"--state-dir {state_dir or default_state_dir()}: {e.strerror or e}") from None
     settings = ServeSettings(engine_options={"model": model, **engine}, served_model_name=served_model_name,
                              api_key=api_key, max_wait_ms=max_wait_ms, max_queued_requests=max_queued_requests,
-                             embedding_model=embedding_model, state_dir=state_dir)
+                             embedding_model=embedding_model, state_dir=state_dir, gpu_hourly_rate=gpu_hourly_rate,
+                             max_file_bytes=max_file_mb << 20, max_batch_requests=max_batch_requests)
     return run_server(settings, host, port, shutdown_timeout)
 
 

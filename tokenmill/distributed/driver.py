@@ -439,6 +439,7 @@ class _Driver:
                 "failed": self.errors.count if self.errors else 0, "prompt_tok_s": rate if self.job.name == "embed"
                 else self.run_prompt / elapsed if elapsed > 0 else 0.0,
                 "gen_tok_s": self.run_gen / elapsed if elapsed > 0 else 0.0,
+                "prompt_tokens": self.run_prompt, "gen_tokens": self.run_gen,
                 "elapsed_s": time.perf_counter() - self.t_start,
                 "eta_s": (self.total - self.done) / rows_s if rows_s > 0 else None, "message": None,
                 "ray": {"shards_total": self.shards_total, "shards_done": self.shards_done,

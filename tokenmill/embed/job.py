@@ -13,7 +13,10 @@ across any number of kills and restarts; at most one window of texts is held in 
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,10 +68,25 @@ class EmbedOptions(JobIO):
         return 16 * self.max_batch_tokens
 
 
-def embed_batches(emb: Embedder, todo, window_tokens: int, should_stop=lambda: False):
+@dataclass
+class ServedEmbedder:
+    """An embedding job on an embedder that already runs: a Batch API batch for ``/v1/embeddings`` on the server
+    (``serve/batches.py``). ``lock`` is held for each forward pass (the server's online ``/v1/embeddings`` requests
+    take it too, so they wait at most one pass); ``models``: the names a line's ``body.model`` may have;
+    ``on_validated(valid rows, bad rows)`` is called after the validation pass."""
+
+    embedder: Embedder
+    lock: threading.Lock
+    models: set[str]
+    on_validated: Callable[[int, int], None] | None = None
+
+
+def embed_batches(emb: Embedder, todo, window_tokens: int, should_stop=lambda: False, lock=None):
     """The embedding loop as a library: reads ``todo`` (EmbedPrepared) a window of ``window_tokens`` tokens at a
     time, sorts each window by length into packed forward passes, and yields (items, vectors [len(items), dim]
-    float32) per pass until ``todo`` is exhausted or ``should_stop()`` (checked before each pass)."""
+    float32) per pass until ``todo`` is exhausted or ``should_stop()`` (checked before each pass). ``lock``: held
+    around each pass (an embedder shared with a server)."""
+    lock = lock or contextlib.nullcontext()
     todo = iter(todo)
     exhausted = False
     while not exhausted and not should_stop():
@@ -85,18 +103,21 @@ def embed_batches(emb: Embedder, todo, window_tokens: int, should_stop=lambda: F
             if should_stop():
                 return
             items = [window[i] for i in batch]
-            yield items, emb.forward_packed([it.token_ids for it in items]).cpu().numpy()
+            with lock:
+                vectors = emb.forward_packed([it.token_ids for it in items]).cpu().numpy()
+            yield items, vectors
 
 
-def run_embed_job(opts: EmbedOptions, stop: StopFlag | None = None) -> int:
+def run_embed_job(opts: EmbedOptions, stop: StopFlag | None = None, served: ServedEmbedder | None = None) -> int:
     """Runs (or resumes) an embedding job; returns the exit code (0 / 1 rows failed / 130 / 143 when ``stop`` was
-    set). Raises JobSetupError (exit 2) before anything runs, JobFault (exit 3) for a fault part way."""
+    set). Raises JobSetupError (exit 2) before anything runs, JobFault (exit 3) for a fault part way. ``served``: run
+    on an embedder that exists already (else the job loads the model)."""
     opts.output = Path(opts.output)
     if opts.format not in FORMATS:
         raise JobSetupError(f"--format must be one of {', '.join(FORMATS)}")
     check_output(opts.output)
-    emb = load_embedder(opts)
-    return run_locked(opts.output, lambda paths: _run_locked(opts, emb, paths, stop or StopFlag()))
+    emb = served.embedder if served is not None else load_embedder(opts)
+    return run_locked(opts.output, lambda paths: _run_locked(opts, emb, paths, stop or StopFlag(), served))
 
 
 def load_embedder(opts: EmbedOptions) -> Embedder:
@@ -117,18 +138,21 @@ def embed_manifest(opts: EmbedOptions, emb: Embedder, input_identity: dict) -> d
     return build_manifest("embed", input_identity, settings, {"max_batch_tokens": opts.max_batch_tokens})
 
 
-def _run_locked(opts: EmbedOptions, emb: Embedder, paths: JobPaths, stop: StopFlag) -> int:
-    # the job's clock includes loading the model, not a one-off build of the C++ kernels
-    t_start = time.perf_counter() - (emb.load_seconds - build_seconds_so_far())
+def _run_locked(opts: EmbedOptions, emb: Embedder, paths: JobPaths, stop: StopFlag,
+                served: ServedEmbedder | None) -> int:
+    # the job's clock includes loading the model (not for an embedder that was loaded already), not a one-off build
+    # of the C++ kernels
+    t_start = time.perf_counter() - (0.0 if served else emb.load_seconds - build_seconds_so_far())
     with job_input(opts, paths, EMBED_FIELDS, lambda identity: embed_manifest(opts, emb, identity),
                    (parts_dir(opts.output),)) as source:
-        return _EmbedRun(opts, emb, paths, source, t_start, stop).run()
+        return _EmbedRun(opts, emb, paths, source, t_start, stop, served).run()
 
 
 class _EmbedRun:
     def __init__(self, opts: EmbedOptions, emb: Embedder, paths: JobPaths, source, t_start: float,
-                 stop: StopFlag) -> None:
+                 stop: StopFlag, served: ServedEmbedder | None = None) -> None:
         self.opts, self.emb, self.paths, self.source, self.t_start, self.stop = opts, emb, paths, source, t_start, stop
+        self.served = served
         if opts.format == "parquet":
             self.sink = ParquetVectorSink(opts.output, emb.dim, emb.describe())
         else:
@@ -150,6 +174,7 @@ class _EmbedRun:
         tok_s = self.run_tokens / elapsed if elapsed > 0 else 0.0
         return {"kind": "embed", "state": "running", "output": str(self.opts.output), "total": self.total,
                 "done": self.done, "failed": self.errors.count, "prompt_tok_s": tok_s, "gen_tok_s": 0.0,
+                "prompt_tokens": self.run_tokens,
                 "texts_s": self.run_texts / elapsed if elapsed > 0 else 0.0,
                 "elapsed_s": time.perf_counter() - self.t_start,
                 "eta_s": self.remaining_tokens / tok_s if tok_s > 0 else None, "message": None}
@@ -162,10 +187,12 @@ class _EmbedRun:
         opts = self.opts
         with faults_as_job_fault(opts.output, self.state, self.snapshot, [self.sink, self.errors.appender]):
             self.state.write({**self.snapshot(), "message": "validating input"}, force=True)
-            pre = EmbedPreprocessor(self.emb)
+            pre = EmbedPreprocessor(self.emb, self.served.models if self.served else None)
             scanned = scan(self.source, pre, self.errors)
             self.errors.appender.sync()
             self.total = scanned.num_valid
+            if self.served is not None and self.served.on_validated is not None:
+                self.served.on_validated(self.total, self.errors.count)
             self.remaining_tokens = int(np.frombuffer(scanned.prompt_tokens, dtype=np.uint32).sum(dtype=np.int64))
             note(opts.quiet, f"model {self.emb.model_name} loaded in {self.emb.load_seconds:.1f} s "
                              f"({self.emb.pooling.describe()}, dim {self.emb.dim}, max {self.emb.max_seq_length} "
@@ -191,7 +218,8 @@ class _EmbedRun:
                             self.opts.progress_interval)
         try:
             for items, vectors in embed_batches(self.emb, todo, self.opts.window_tokens,
-                                                lambda: stop.received is not None):
+                                                lambda: stop.received is not None,
+                                                self.served.lock if self.served else None):
                 for it, vec in zip(items, vectors):
                     if isinstance(sink, ParquetVectorSink):
                         sink.write(it.request.id_key, vec)

@@ -6,10 +6,11 @@ embedding jobs unchanged.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from tokenmill.embed.embedder import Embedder
-from tokenmill.embed.records import EmbedRequest, embed_id_key, parse_embed_line
+from tokenmill.embed.records import EMBEDDINGS_URL, EmbedRequest, embed_id_key, parse_embed_line
 from tokenmill.jobs.records import JobError
 
 
@@ -22,8 +23,12 @@ class EmbedPrepared:
 
 
 class EmbedPreprocessor:
-    def __init__(self, embedder: Embedder) -> None:
+    """``models``: set for a Batch API batch on the server (``serve/batches.py``): every line must be an OpenAI
+    ``/v1/embeddings`` request, and its ``body.model``, if given, one of these names."""
+
+    def __init__(self, embedder: Embedder, models: set[str] | None = None) -> None:
         self.embedder = embedder
+        self.models = models
         self.vocab_size = embedder.net.word_embeddings.weight.shape[0] if not embedder.is_decoder else \
             embedder.net.embed_tokens.weight.shape[0]
 
@@ -35,8 +40,11 @@ class EmbedPreprocessor:
         parsed: list[tuple[int, EmbedRequest | JobError]] = []
         for line_no, raw in lines:
             try:
-                parsed.append((line_no, parse_embed_line(raw, line_no)))
+                parsed.append((line_no, self._batch_check(parse_embed_line(raw, line_no))))
             except JobError as e:
+                if self.models is not None and e.code == "unsupported_url":
+                    e = JobError("mismatched_endpoint", f"line {line_no}: url does not match the batch's endpoint "
+                                                        f"{EMBEDDINGS_URL}", e.record_id, True)
                 parsed.append((line_no, e))
         texts = [(n, r) for n, r in parsed if isinstance(r, EmbedRequest) and isinstance(r.text, str)]
         tokenized = dict(zip((n for n, _ in texts), self.embedder.tokenize([r.text for _, r in texts])))
@@ -58,3 +66,14 @@ class EmbedPreprocessor:
                 continue
             out.append((line_no, EmbedPrepared(r, tok.token_ids, tok.truncated)))
         return out
+
+    def _batch_check(self, r: EmbedRequest) -> EmbedRequest:
+        if self.models is None:
+            return r
+        if r.kind == "plain":
+            raise JobError("not_a_batch_request", f"line {r.line_no}: a batch's lines are OpenAI Batch requests "
+                           f"({{custom_id, method, url, body}}); this one is a plain row", r.record_id, True)
+        if r.model is not None and r.model not in self.models:
+            raise JobError("model_not_found", f"line {r.line_no}: model {json.dumps(r.model)[:60]} does not exist; "
+                           f"this server embeds with {', '.join(sorted(self.models))}", r.record_id, True)
+        return r

@@ -33,6 +33,7 @@ class EmbedRequest:
     text: str | list[int]
     encoding_format: str = "float"
     dimensions: int | None = None  # OpenAI ``dimensions``: must equal the model's (no Matryoshka cut)
+    model: str | None = None  # OpenAI ``body.model``, as given
 
     @property
     def id_key(self) -> str:
@@ -79,7 +80,9 @@ def _parse_openai(obj: dict, line_no: int) -> EmbedRequest:
     dims = body.get("dimensions")
     if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or dims < 1):
         raise JobError("invalid_body", f"line {line_no}: dimensions must be a positive integer", rid, True)
-    return EmbedRequest(line_no, rid, "openai", _check_text(inp, "input", line_no, rid, True), fmt, dims)
+    model = body.get("model")
+    return EmbedRequest(line_no, rid, "openai", _check_text(inp, "input", line_no, rid, True), fmt, dims,
+                        model if isinstance(model, str) else None)
 
 
 def _check_text(value: Any, name: str, line_no: int, rid: Any, openai: bool) -> str | list[int]:

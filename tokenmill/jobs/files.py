@@ -202,12 +202,12 @@ class JsonlAppender:
                 pass
 
 
-def write_json_atomic(path: Path, data: dict, durable: bool = False) -> None:
+def write_json_atomic(path: Path, data: dict, durable: bool = False, indent: int | None = 1) -> None:
     """Writes JSON to ``path`` by rename, so a reader never sees half a file; ``durable`` also fsyncs it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as f:
-            f.write(json.dumps(data, indent=1))
+            f.write(json.dumps(data, indent=indent))
             if durable:
                 f.flush()
                 os.fsync(f.fileno())

@@ -245,6 +245,7 @@ class _Run:
         work_left = self.remaining_prompt + self.remaining_max * ratio
         snap = {"state": "running", "output": str(self.opts.output), "total": self.total, "done": self.done,
                 "failed": self.errors.count, "prompt_tok_s": p_rate, "gen_tok_s": g_rate,
+                "prompt_tokens": e.num_prompt_tokens_done if e else 0, "gen_tokens": e.num_generated_tokens if e else 0,
                 "elapsed_s": time.perf_counter() - self.t_start, "eta_s": work_left / rate if rate > 0 else None,
                 "message": None}
         if e is not None and e.config.enable_prefix_caching:

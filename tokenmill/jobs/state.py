@@ -77,17 +77,56 @@ def format_status(d: dict) -> str:
     return "\n".join(lines)
 
 
+HISTORY_POINTS = 240  # at most this many points in a state file's history (older ones thinned as it grows)
+
+
 class StateFile:
+    """The job's state file, replaced atomically at most every ``interval`` seconds.
+
+    Besides the job's snapshot it carries, for the live page (``serve/page.py``), what outlives one run of the job:
+    ``history``, points ``[unix time, rows done, tokens processed, run]`` (tokens counted over every run of the job;
+    ``run`` counts the job's runs, so no rate is drawn across a restart), thinned to every other point when it reaches
+    ``HISTORY_POINTS`` (a day-long job keeps a day-long chart); and ``elapsed_total_s``, the seconds every run of the
+    job has taken (what a machine-hour rate is charged for). A snapshot gives ``prompt_tokens`` / ``gen_tokens``, its
+    run's token counts so far. Both carry over from the file an earlier run left (a resume), unless it is unreadable.
+    """
+
     def __init__(self, path: Path, interval: float = 2.0) -> None:
         self.path = path
         self.interval = interval
         self._last = 0.0
+        self.history: list[list] = []
+        self._base_tokens = 0
+        self._base_elapsed = 0.0
+        self._run = 0
+        try:
+            old = json.loads(path.read_text())
+            history = old.get("history") or []
+            if history:
+                self._base_tokens, self._run = int(history[-1][2]), int(history[-1][3]) + 1
+                self.history = [list(p) for p in history]
+            self._base_elapsed = float(old.get("elapsed_total_s") or old.get("elapsed_s") or 0.0)
+        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+            pass
+
+    def _with_history(self, data: dict) -> dict:
+        now = time.time()
+        tokens = self._base_tokens + int(data.get("prompt_tokens") or 0) + int(data.get("gen_tokens") or 0)
+        point = [round(now, 2), int(data.get("done") or 0), tokens, self._run]
+        if self.history and self.history[-1][3] == self._run and now - self.history[-1][0] < 0.5:
+            self.history[-1] = point  # a forced write right after a timed one: one point, not two
+        else:
+            self.history.append(point)
+        if len(self.history) >= HISTORY_POINTS:
+            self.history = self.history[::2] + ([self.history[-1]] if len(self.history) % 2 == 0 else [])
+        return {**data, "elapsed_total_s": self._base_elapsed + float(data.get("elapsed_s") or 0.0),
+                "history": self.history}
 
     def write(self, data: dict, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self._last >= self.interval:
-            write_json_atomic(self.path, {**data, "pid": os.getpid(), "host": socket.gethostname(),
-                                          "updated_at": time.time()})
+            write_json_atomic(self.path, {**self._with_history(data), "pid": os.getpid(), "host": socket.gethostname(),
+                                          "updated_at": time.time()}, indent=None)
             self._last = now
 
     def write_due(self, snapshot) -> None:

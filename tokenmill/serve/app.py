@@ -54,6 +54,9 @@ class ServeSettings:
     max_queued_requests: int = 1024
     embedding_model: str | None = None  # a directory, "default", or None
     state_dir: str | None = None  # the Batch API's files and database (None: state_store.default_state_dir())
+    gpu_hourly_rate: float | None = None  # USD per machine-hour: the live page's cost of each batch
+    max_file_bytes: int = 10 << 30  # the largest upload to /v1/files
+    max_batch_requests: int = 5_000_000  # the most lines a batch's input file may have
 
 
 class ServerState:
@@ -92,7 +95,8 @@ class ServerState:
                                       self.settings.max_queued_requests)
             from tokenmill.serve.batches import BatchRunner
 
-            self.batches = BatchRunner(self.store, self.engine, self.model_name)
+            self.batches = BatchRunner(self.store, self.engine, self.model_name,
+                                       (self.embedder, self.embedder_lock) if self.embedder is not None else None)
             self.batches.start()  # unfinished batches of an earlier run resume first
             self.ready = True
             log.info("model %s ready (loaded in %.1f s)", self.model_name, engine.load_seconds)
@@ -118,7 +122,7 @@ class ServerState:
 
 
 class ApiKeyMiddleware:
-    """401 for a /v1/ request without ``Authorization: Bearer KEY``. A plain ASGI middleware: Starlette's
+    """401 for a /v1/ or /api/ request without ``Authorization: Bearer KEY``. A plain ASGI middleware: Starlette's
     ``BaseHTTPMiddleware`` would pass every streamed chunk through an extra task and memory stream, which measured as
     most of the event loop's time per token at saturation."""
 
@@ -127,7 +131,7 @@ class ApiKeyMiddleware:
         self.expected = f"Bearer {key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"].startswith(("/v1/", "/api/")):
             given = next((v for k, v in scope["headers"] if k == b"authorization"), None)
             if given != self.expected:
                 e = ApiError(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error",
@@ -140,6 +144,7 @@ class ApiKeyMiddleware:
 def build_app(settings: ServeSettings) -> FastAPI:
     from tokenmill.serve.batches_api import add_batch_routes
     from tokenmill.serve.files_api import add_file_routes
+    from tokenmill.serve.page import add_page_routes, server_status
     from tokenmill.serve.state_store import StateStore, default_state_dir
 
     store = StateStore(Path(settings.state_dir) if settings.state_dir else default_state_dir())
@@ -163,8 +168,10 @@ def build_app(settings: ServeSettings) -> FastAPI:
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key)
 
-    add_file_routes(app, store)
-    add_batch_routes(app, store, lambda: state.batches, lambda: state.model_name)
+    add_file_routes(app, store, settings.max_file_bytes)
+    add_batch_routes(app, store, lambda: state.batches, lambda: state.model_name,
+                     settings.embedding_model is not None, settings.max_batch_requests)
+    add_page_routes(app, lambda batch: server_status(state, batch, settings.gpu_hourly_rate))
 
     @app.get("/health")
     async def health():
@@ -178,7 +185,6 @@ def build_app(settings: ServeSettings) -> FastAPI:
     async def metrics():
         if state.metrics is None:
             return Response(b"", media_type=CONTENT_TYPE_LATEST)
-        state.engine._update_gauges()
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -328,7 +334,7 @@ def serve(settings: ServeSettings, host: str, port: int, shutdown_timeout: float
     config = uvicorn.Config(build_app(settings), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=shutdown_timeout, access_log=False)
     server = uvicorn.Server(config)
-    log.info("serving on http://%s:%d (OpenAI API under /v1; /health, /metrics)", host, port)
+    log.info("serving on http://%s:%d (OpenAI API under /v1; the live page at /; /health, /metrics)", host, port)
     t0 = time.monotonic()
     # uvicorn handles SIGTERM (graceful shutdown), then re-raises it to the handler it found: make that one a no-op,
     # so a SIGTERM'd server exits 0 once its in-flight requests are done.

@@ -84,6 +84,7 @@ class AsyncEngine:
         self._sinks: dict[str, queue.Queue] = {}  # submitted batch rows: where their outputs go
         self._last_arrival = 0.0
         self._stopping = False
+        self.load: dict = {}  # the engine's load, published by the engine thread (``_update_gauges``)
         self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
         self._thread.start()
 
@@ -153,6 +154,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
+            self._update_gauges()
             while (work := self._take_work()) is not None:
                 new, aborts = work
                 aborted = set(aborts)
@@ -241,7 +243,15 @@ class AsyncEngine:
             loop.call_soon_threadsafe(_deliver, items)
 
     def _update_gauges(self) -> None:
-        m, name = self.metrics, self.metrics.model_name
-        m.running.labels(name).set(self.engine.num_running_requests)
-        m.waiting.labels(name).set(self.num_waiting)
-        m.kv_usage.labels(name).set(self.engine.kv_cache_usage)
+        """On the engine thread, after each step: the gauges, and ``load`` (one new dict each time, so a reader on
+        another thread sees one consistent snapshot without touching the engine)."""
+        m, name, e = self.metrics, self.metrics.model_name, self.engine
+        running, waiting, kv = e.num_running_requests, self.num_waiting, e.kv_cache_usage
+        m.running.labels(name).set(running)
+        m.waiting.labels(name).set(waiting)
+        m.kv_usage.labels(name).set(kv)
+        with self._cv:
+            batch_rows = len(self._sinks)
+        self.load = {"running": running, "waiting": waiting, "batch_rows": batch_rows, "kv_usage": kv,
+                     "prompt_tokens": e.num_prompt_tokens_done, "generation_tokens": e.num_generated_tokens,
+                     "updated_at": time.time()}

@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from tokenmill.embed.job import EmbedOptions, ServedEmbedder, run_embed_job
+from tokenmill.embed.records import EMBEDDINGS_URL
 from tokenmill.jobs.errors import JobFault, JobSetupError
 from tokenmill.jobs.files import JobPaths, read_keys
 from tokenmill.jobs.inputs import RUN_FIELDS, InputSource, InputSpec
@@ -40,10 +42,15 @@ _EXPIRED = "This request could not be executed before the completion window expi
 
 
 class BatchRunner:
-    def __init__(self, store: StateStore, served: AsyncEngine, model_name: str) -> None:
+    """``embedder``: the server's embedding model and the lock its online requests take (``/v1/embeddings``
+    batches run on it, a forward pass at a time), or None when the server has none."""
+
+    def __init__(self, store: StateStore, served: AsyncEngine, model_name: str,
+                 embedder: tuple[object, threading.Lock] | None = None) -> None:
         self.store = store
         self.served = served
         self.model_name = model_name  # what a line's body.model may say (or nothing)
+        self.embedder = embedder
         self._cv = threading.Condition()
         self._stopping = False
         self._current: tuple[str, StopFlag] | None = None  # the batch running now and its stop flag
@@ -86,7 +93,7 @@ class BatchRunner:
         if batch["status"] not in ("in_progress", "finalizing", "cancelling"):
             return batch
         try:
-            st = read_status(JobPaths(self._output(batch["id"])).state)
+            st = read_status(JobPaths(self.output_path(batch["id"])).state)
         except (OSError, ValueError):
             return batch
         failed = int(st.get("failed") or 0)
@@ -112,7 +119,8 @@ class BatchRunner:
             if self.served.dead:  # the engine is gone: the batch stays unfinished; a restarted server resumes it
                 return
 
-    def _output(self, batch_id: str) -> Path:
+    def output_path(self, batch_id: str) -> Path:
+        """Where the batch's job writes its results (its state file, errors and manifest beside it)."""
         return self.store.batch_dir(batch_id) / "output.jsonl"
 
     def _run(self, batch: dict) -> None:
@@ -126,7 +134,7 @@ class BatchRunner:
         if time.time() >= batch["expires_at"]:
             self._end_stopped(batch, "expire")
             return
-        output = self._output(bid)
+        output = self.output_path(bid)
         output.parent.mkdir(parents=True, exist_ok=True)
         stop = StopFlag()
         with self._cv:
@@ -140,12 +148,7 @@ class BatchRunner:
         timer.daemon = True
         timer.start()
         try:
-            ctx = JobContext.served(engine, {"max_tokens": engine.config.max_model_len}, batch["endpoint"],
-                                    {self.model_name})
-            ctx.on_validated = lambda total, failed: self._validated(bid, total, failed)
-            opts = JobOptions(input=self.store.file_path(batch["input_file_id"]), output=output,
-                              input_format="jsonl", quiet=True)
-            run_job(opts, stop, ctx)
+            self._run_job(batch, engine, output, stop)
         except (JobSetupError, JobFault) as e:
             if self.served.dead:
                 return
@@ -161,6 +164,24 @@ class BatchRunner:
             self._end_stopped(self.store.get_batch(bid), self._why_stop)
         # else: the server is stopping; the batch stays in_progress and resumes on the next start
 
+    def _run_job(self, batch: dict, engine: ServedEngine, output: Path, stop: StopFlag) -> None:
+        """The batch as a ``tokenmill run`` job on the server's engine, or (``/v1/embeddings``) a ``tokenmill embed``
+        job with OpenAI output on its embedder."""
+        bid, source = batch["id"], self.store.file_path(batch["input_file_id"])
+        on_validated = lambda total, failed: self._validated(bid, total, failed)  # noqa: E731
+        if batch["endpoint"] == EMBEDDINGS_URL:
+            if self.embedder is None:
+                raise JobSetupError("this server has no embedding model (start it with --embedding-model)")
+            emb, lock = self.embedder
+            served = ServedEmbedder(emb, lock, {emb.model_name}, on_validated)
+            run_embed_job(EmbedOptions(input=source, output=output, input_format="jsonl", format="openai",
+                                       quiet=True), stop, served)
+            return
+        ctx = JobContext.served(engine, {"max_tokens": engine.config.max_model_len}, batch["endpoint"],
+                                {self.model_name})
+        ctx.on_validated = on_validated
+        run_job(JobOptions(input=source, output=output, input_format="jsonl", quiet=True), stop, ctx)
+
     def _validated(self, bid: str, total: int, failed: int) -> None:
         self.store.set_batch_counts(bid, total + failed, 0, failed)
         if total == 0:
@@ -174,14 +195,14 @@ class BatchRunner:
                 stop.set()
 
     def _counts(self, bid: str) -> tuple[int, int, int]:
-        st = read_status(JobPaths(self._output(bid)).state)
+        st = read_status(JobPaths(self.output_path(bid)).state)
         failed = int(st.get("failed") or 0)
         return int(st.get("total") or 0) + failed, int(st.get("done") or 0), failed
 
     def _files(self, bid: str) -> dict:
         """The output and error files to register (those with records). Every error-file line is in OpenAI's shape
         (``custom_id``, ``response``, ``error``), a line that was not even JSON included (its custom_id null)."""
-        paths = JobPaths(self._output(bid))
+        paths = JobPaths(self.output_path(bid))
         files = {}
         if paths.output.exists() and paths.output.stat().st_size > 0:
             files["output_file_id"] = (paths.output, f"{bid}_output.jsonl")
@@ -200,20 +221,20 @@ class BatchRunner:
         bid = batch["id"]
         total, completed, failed = self._counts(bid)
         if completed == 0:  # no line could run: the batch fails, as OpenAI's does in validation
-            first = next(iter_json(JobPaths(self._output(bid)).errors), None)
+            first = next(iter_json(JobPaths(self.output_path(bid)).errors), None)
             why = f"{failed} errors; the first: {first.get('message')}" if first else "the file has no requests"
             self._fail(bid, "invalid_file", f"no line of the input file is a valid request ({why})",
                        counts=(total, completed, failed))
             return
         self.store.set_batch_status(bid, "finalizing", ("validating", "in_progress"))
         self.store.set_batch_status(bid, "completed", ("finalizing",), files=self._files(bid), total=total,
-                                    completed=completed, failed=failed)
+                                    completed=completed, failed=failed, usage=batch_usage(self.output_path(bid)))
 
     def _end_stopped(self, batch: dict, why: str) -> None:
         """A cancelled or expired batch: what finished is kept (its output file), the rest is dropped; for expiry
         each unfinished request is listed in the error file with code ``batch_expired``."""
         bid = batch["id"]
-        output = self._output(bid)
+        output = self.output_path(bid)
         if why == "expire":
             expired = self._list_expired(batch)
             status, only_from = "expired", ("validating", "in_progress")
@@ -226,11 +247,11 @@ class BatchRunner:
             total, completed, failed = batch["request_counts"].values()
         files = self._files(bid) if output.parent.exists() else {}
         self.store.set_batch_status(bid, status, only_from, files=files, total=max(total, completed + failed + expired),
-                                    completed=completed, failed=failed + expired)
+                                    completed=completed, failed=failed + expired, usage=batch_usage(output))
 
     def _list_expired(self, batch: dict) -> int:
         """Appends a ``batch_expired`` error record for each request of the input that has no record yet."""
-        paths = JobPaths(self._output(batch["id"]))
+        paths = JobPaths(self.output_path(batch["id"]))
         paths.output.parent.mkdir(parents=True, exist_ok=True)
         done = read_keys(paths.output, lambda r: r.get("custom_id")) if paths.output.exists() else set()
         errored = read_keys(paths.errors, lambda r: r.get("line")) if paths.errors.exists() else set()
@@ -256,10 +277,24 @@ class BatchRunner:
         fields = {"errors": [{"code": code, "message": message, "param": None, "line": None}]}
         if counts is not None:
             fields.update(total=counts[0], completed=counts[1], failed=counts[2])
-        if counts is not None and self._output(bid).parent.exists():
+        if counts is not None and self.output_path(bid).parent.exists():
             fields["files"] = self._files(bid)
+            fields["usage"] = batch_usage(self.output_path(bid))
         self.store.set_batch_status(bid, "failed", ("validating", "in_progress", "finalizing"), **fields)
         log.warning("batch %s failed: %s", bid, message)
+
+
+def batch_usage(output: Path) -> dict:
+    """The batch object's ``usage``: the tokens of every request in its output (chat and completions: prompt and
+    completion tokens; embeddings: input tokens). Prefix-cache hits are not counted per request, so
+    ``cached_tokens`` is 0."""
+    inp = out = 0
+    for rec in iter_json(output):
+        usage = ((rec.get("response") or {}).get("body") or {}).get("usage") or {}
+        inp += int(usage.get("prompt_tokens") or 0)
+        out += int(usage.get("completion_tokens") or 0)
+    return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": out,
+            "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": inp + out}
 
 
 def iter_json(path: Path):

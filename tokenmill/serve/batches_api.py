@@ -21,8 +21,20 @@ def _no_such_batch(batch_id: str) -> ApiError:
     return ApiError(404, f"No such Batch object: {batch_id}", param="id")
 
 
-def check_batch_body(body, store: StateStore) -> tuple[str, str, str, dict | None]:
-    """(input_file_id, endpoint, completion_window, metadata) of a create request, or a 400 naming the field."""
+def count_lines(path, limit: int) -> int:
+    """The lines of a file (a last line without a newline counts), read in pieces; stops counting past ``limit``."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while n <= limit and (piece := f.read(1 << 20)):
+            n += piece.count(b"\n")
+            last = piece[-1:]
+    return n + (last != b"\n")
+
+
+def check_batch_body(body, store: StateStore, embeddings: bool = True,
+                     max_requests: int = 5_000_000) -> tuple[str, str, str, dict | None]:
+    """(input_file_id, endpoint, completion_window, metadata) of a create request, or a 400 naming the field.
+    ``embeddings``: whether the server has an embedding model; ``max_requests``: the most lines the file may have."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     file_id = body.get("input_file_id")
@@ -33,9 +45,9 @@ def check_batch_body(body, store: StateStore) -> tuple[str, str, str, dict | Non
     if endpoint not in BATCH_ENDPOINTS:
         raise ApiError(400, f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}, got {str(endpoint)[:60]!r}",
                        param="endpoint")
-    if endpoint == "/v1/embeddings":
-        raise ApiError(400, "batches for /v1/embeddings are not served yet; run them with `tokenmill embed`",
-                       param="endpoint")
+    if endpoint == "/v1/embeddings" and not embeddings:
+        raise ApiError(400, "this server has no embedding model for /v1/embeddings batches (start it with "
+                            "--embedding-model)", param="endpoint")
     window = body.get("completion_window")
     if window not in COMPLETION_WINDOW_S:
         raise ApiError(400, f"completion_window must be one of {', '.join(COMPLETION_WINDOW_S)}, got "
@@ -57,12 +69,18 @@ def check_batch_body(body, store: StateStore) -> tuple[str, str, str, dict | Non
     if f["purpose"] != "batch":
         raise ApiError(400, f"input_file_id {file_id!r} has purpose {f['purpose']!r}; a batch reads a file uploaded "
                             f"with purpose batch", param="input_file_id")
+    lines = count_lines(store.file_path(file_id), max_requests)
+    if lines > max_requests:
+        raise ApiError(400, f"input_file_id {file_id!r} has more than {max_requests:,} lines; a batch takes at most "
+                            f"{max_requests:,} requests (split the file, or start the server with a higher "
+                            f"--max-batch-requests)", param="input_file_id", code="too_many_requests")
     return file_id, endpoint, window, metadata or None
 
 
 def add_batch_routes(app: FastAPI, store: StateStore, runner: Callable[[], BatchRunner | None],
-                     model_name: Callable[[], str]) -> None:
-    """``runner()``: the server's BatchRunner once the model is loaded, else None."""
+                     model_name: Callable[[], str], embeddings: bool = False, max_requests: int = 5_000_000) -> None:
+    """``runner()``: the server's BatchRunner once the model is loaded, else None; ``embeddings``: whether the server
+    has an embedding model (``/v1/embeddings`` batches run on it)."""
 
     @app.post("/v1/batches")
     async def create_batch(request: Request):
@@ -70,7 +88,8 @@ def add_batch_routes(app: FastAPI, store: StateStore, runner: Callable[[], Batch
             body = await request.json()
         except Exception:
             raise ApiError(400, "the request body is not valid JSON") from None
-        file_id, endpoint, window, metadata = await asyncio.to_thread(check_batch_body, body, store)
+        file_id, endpoint, window, metadata = await asyncio.to_thread(check_batch_body, body, store, embeddings,
+                                                                      max_requests)
         batch = await asyncio.to_thread(store.add_batch, file_id, endpoint, window, metadata, model_name())
         r = runner()
         if r is not None:

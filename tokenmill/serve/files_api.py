@@ -23,9 +23,20 @@ def _no_such_file(file_id: str) -> ApiError:
     return ApiError(404, f"No such File object: {file_id}", param="id")
 
 
-def add_file_routes(app: FastAPI, store: StateStore) -> None:
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(400, f"the file is larger than this server's limit of {max_bytes:,} bytes (start it with a higher "
+                         f"--max-file-mb)", param="file", code="file_too_large")
+
+
+def add_file_routes(app: FastAPI, store: StateStore, max_bytes: int = 10 << 30) -> None:
+    """``max_bytes``: the largest file an upload may carry (checked on Content-Length before the body is read, and
+    on the file itself)."""
+
     @app.post("/v1/files")
     async def upload(request: Request):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_bytes + (1 << 20):  # (+ the form's fields)
+            raise _too_large(max_bytes)
         try:
             form = await request.form()
         except Exception as e:  # not multipart, malformed, or broken off
@@ -38,6 +49,8 @@ def add_file_routes(app: FastAPI, store: StateStore) -> None:
             if purpose not in FILE_PURPOSES:
                 raise ApiError(400, f"purpose must be one of {', '.join(FILE_PURPOSES)}, got "
                                     f"{str(purpose)[:40]!r}", param="purpose")
+            if upload.size is not None and upload.size > max_bytes:
+                raise _too_large(max_bytes)
             return await asyncio.to_thread(store.add_file, upload.file, upload.filename or "upload.jsonl", purpose)
         finally:
             await form.close()

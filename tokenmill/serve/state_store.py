@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS batches (
     output_file_id TEXT,
     error_file_id TEXT,
     errors TEXT,
+    usage TEXT,
     created_at INTEGER NOT NULL,
     expires_at INTEGER NOT NULL,
     in_progress_at INTEGER, finalizing_at INTEGER, completed_at INTEGER, failed_at INTEGER, expired_at INTEGER,
@@ -91,6 +92,7 @@ def batch_object(row: sqlite3.Row) -> dict:
     obj["request_counts"] = {"total": row["total"], "completed": row["completed"], "failed": row["failed"]}
     obj["metadata"] = json.loads(row["metadata"]) if row["metadata"] else None
     obj["model"] = row["model"]
+    obj["usage"] = json.loads(row["usage"]) if row["usage"] else None
     return obj
 
 
@@ -107,6 +109,9 @@ class StateStore:
         with closing(self._connect()) as db, db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            columns = {r["name"] for r in db.execute("PRAGMA table_info(batches)")}
+            if "usage" not in columns:  # a state dir from before batches had usage
+                db.execute("ALTER TABLE batches ADD COLUMN usage TEXT")
         for leftover in self.files_dir.glob(f"{_TMP_PREFIX}*"):  # an upload a crash broke off
             leftover.unlink(missing_ok=True)
 
@@ -245,8 +250,9 @@ class StateStore:
                 return False
             for column, (path, filename) in files.items():
                 fields[column] = self.register_file(path, filename, OUTPUT_PURPOSE, db)
-            if "errors" in fields:
-                fields["errors"] = json.dumps(fields["errors"]) if fields["errors"] else None
+            for column in ("errors", "usage"):
+                if column in fields:
+                    fields[column] = json.dumps(fields[column]) if fields[column] else None
             if status in _STATUS_TIME:
                 fields[_STATUS_TIME[status]] = int(time.time())
             sets = ", ".join(f"{k} = ?" for k in ["status", *fields])
