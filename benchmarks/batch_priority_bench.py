@@ -1,10 +1,12 @@
 """Online requests beside a Batch API batch on one ``tokenmill serve`` (issue 30's two priorities), in one run:
 
-1. online alone: closed-loop streamed completions at concurrency 8 on W's prompts (128 output tokens, ignore_eos):
-   TTFT p50 / p99 and output tokens/s;
-2. the batch alone: a large ``/v1/completions`` batch on the same prompts; its tokens/s over a window as long as
-   phase 1 took, from the live page's ``/api/status`` (the batch's tokens, counted as its rows finish);
-3. both: the same online load while the batch runs: TTFT again, and the batch's tokens/s over the load's window;
+1. the batch alone, on a server of its own that never sees online traffic: a large ``/v1/completions`` batch on W's
+   prompts (128 output tokens, ignore_eos); its tokens/s over ``--batch-window`` seconds, from the live page's
+   ``/api/status`` (the batch's tokens, counted as its rows finish);
+2. on a second server, online alone: closed-loop streamed completions at concurrency 8 on other W prompts: TTFT p50
+   / p99 and output tokens/s;
+3. both: the same batch started on that server, then the same online load while it runs: TTFT again, and the
+   batch's tokens/s over the load's window;
 4. online alone once more (the machine's drift), after the batch is cancelled.
 
 Targets (issue 30): online p50 / p99 TTFT with the batch within 1.5x of alone; the batch >= 70% of its rate alone.
@@ -17,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from benchmarks.__main__ import machine_info
 from benchmarks.serve_bench import OUTPUT_LEN, Proc, free_port, prompts_w
 from benchmarks.serve_load import run_load
 
@@ -52,6 +55,31 @@ def upload(base: str, path: Path) -> str:
     return client.files.create(file=path.open("rb"), purpose="batch").id
 
 
+@contextlib.contextmanager
+def served(state_dir: Path, serve_args: list[str]):
+    port = free_port()
+    server = Proc([sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(port), "--api-key", KEY,
+                   "--state-dir", str(state_dir), *serve_args], "/health", port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def start_batch(base: str, rows: Path) -> str:
+    """Creates the batch; returns its id once it runs, has finished some rows, and had 5 s more to fill the
+    engine."""
+    batch = call(base, "POST", "/v1/batches", {"input_file_id": upload(base, rows), "endpoint": "/v1/completions",
+                                               "completion_window": "24h"})["id"]
+    while True:
+        _, tokens, status = batch_tokens(base, batch)
+        if status == "in_progress" and tokens > 0:
+            break
+        time.sleep(0.5)
+    time.sleep(5)
+    return batch
+
+
 def online(base: str, model: str, prompts: list[dict], concurrency: int) -> dict:
     return asyncio.run(run_load(base + "/v1", model, prompts, concurrency=concurrency, api_key=KEY,
                                 extra={"ignore_eos": True}))
@@ -67,69 +95,60 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/runs")
     ap.add_argument("--requests", type=int, default=48, help="online requests per online phase")
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--batch-rows", type=int, default=2048, help="rows in the batch (it is cancelled at the end)")
+    ap.add_argument("--batch-rows", type=int, default=4096, help="rows in the batch (it is cancelled at the end)")
     ap.add_argument("--serve-args", default="", help="extra `tokenmill serve` flags, space-separated")
+    ap.add_argument("--batch-window", type=float, default=60.0, help="seconds the batch alone is measured over")
     args = ap.parse_args()
-    prompts = prompts_w(max(args.requests, 256))
-    online_prompts = prompts[: args.requests]
+    prompts = prompts_w(args.requests + args.batch_rows)  # all distinct: none deduplicated, none a cache hit
+    online_prompts, batch_prompts = prompts[: args.requests], prompts[args.requests:]
     tmp = Path(tempfile.mkdtemp(prefix="tokenmill-batch-bench-"))
     rows = tmp / "batch.jsonl"
     with rows.open("w") as f:
-        for i in range(args.batch_rows):
-            p = prompts[i % len(prompts)]
+        for i, p in enumerate(batch_prompts):
             f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
                                 "body": {"prompt": p["prompt"], "max_tokens": OUTPUT_LEN, "temperature": 0,
                                          "ignore_eos": True}}) + "\n")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = Proc([sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(port), "--api-key", KEY,
-                   "--state-dir", str(tmp / "state"), *args.serve_args.split()], "/health", port)
-    result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+    serve_args = args.serve_args.split()
+    result: dict = {"machine": machine_info(),
                     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                              text=True).stdout.strip(),
-                    "requests": args.requests, "concurrency": args.concurrency, "output_len": OUTPUT_LEN}
-    try:
+                    "requests": args.requests, "concurrency": args.concurrency, "output_len": OUTPUT_LEN,
+                    "serve_args": serve_args, "batch_window_s": args.batch_window}
+
+    # 1. the batch alone, on a server that never saw online traffic (the whole step budget is the batch's)
+    with served(tmp / "alone", serve_args) as base:
+        batch = start_batch(base, rows)
+        t0, k0, _ = batch_tokens(base, batch)
+        time.sleep(args.batch_window)
+        t1, k1, _ = batch_tokens(base, batch)
+        result["batch_alone_tok_s"] = (k1 - k0) / (t1 - t0)
+        print(f"batch alone: {result['batch_alone_tok_s']:.1f} tok/s over {t1 - t0:.0f} s", flush=True)
+
+    # 2-4. online alone, online beside the batch, online alone again: one server
+    with served(tmp / "both", serve_args) as base:
         model = call(base, "GET", "/v1/models")["data"][0]["id"]
         online(base, model, online_prompts[: args.concurrency], args.concurrency)  # warm-up (kernels, caches)
         alone = online(base, model, online_prompts, args.concurrency)
         result["online_alone"] = brief(alone)
         print(f"online alone: TTFT p50 {alone['ttft_ms']['p50']:.0f} p99 {alone['ttft_ms']['p99']:.0f} ms, "
               f"{alone['output_tok_s']:.1f} out tok/s", flush=True)
-
-        batch = call(base, "POST", "/v1/batches", {"input_file_id": upload(base, rows),
-                                                   "endpoint": "/v1/completions", "completion_window": "24h"})
-        while True:  # until the batch runs and has finished some rows, then a few seconds to fill the engine
-            t, tok, status = batch_tokens(base, batch["id"])
-            if status == "in_progress" and tok > 0:
-                break
-            time.sleep(0.5)
-        time.sleep(5)
-        t0, k0, _ = batch_tokens(base, batch["id"])
-        time.sleep(alone["wall_s"])
-        t1, k1, status = batch_tokens(base, batch["id"])
-        batch_alone = (k1 - k0) / (t1 - t0)
-        result["batch_alone_tok_s"] = batch_alone
-        print(f"batch alone: {batch_alone:.1f} tok/s over {t1 - t0:.0f} s", flush=True)
-
-        t0, k0, _ = batch_tokens(base, batch["id"])
+        batch = start_batch(base, rows)
+        t0, k0, _ = batch_tokens(base, batch)
         both = online(base, model, online_prompts, args.concurrency)
-        t1, k1, status = batch_tokens(base, batch["id"])
+        t1, k1, status = batch_tokens(base, batch)
         assert status == "in_progress", f"the batch ended ({status}) before the online load did: use more rows"
-        batch_both = (k1 - k0) / (t1 - t0)
         result["online_with_batch"] = brief(both)
-        result["batch_with_online_tok_s"] = batch_both
+        result["batch_with_online_tok_s"] = (k1 - k0) / (t1 - t0)
         print(f"with the batch: TTFT p50 {both['ttft_ms']['p50']:.0f} p99 {both['ttft_ms']['p99']:.0f} ms, "
-              f"{both['output_tok_s']:.1f} out tok/s; the batch {batch_both:.1f} tok/s", flush=True)
-
-        call(base, "POST", f"/v1/batches/{batch['id']}/cancel")
-        while call(base, "GET", f"/v1/batches/{batch['id']}")["status"] not in ("cancelled", "completed"):
+              f"{both['output_tok_s']:.1f} out tok/s; the batch {result['batch_with_online_tok_s']:.1f} tok/s",
+              flush=True)
+        call(base, "POST", f"/v1/batches/{batch}/cancel")
+        while call(base, "GET", f"/v1/batches/{batch}")["status"] not in ("cancelled", "completed"):
             time.sleep(0.5)
         again = online(base, model, online_prompts, args.concurrency)
         result["online_alone_after"] = brief(again)
         print(f"online alone again: TTFT p50 {again['ttft_ms']['p50']:.0f} p99 {again['ttft_ms']['p99']:.0f} ms, "
               f"{again['output_tok_s']:.1f} out tok/s", flush=True)
-    finally:
-        server.stop()
     ref50 = max(result["online_alone"]["ttft_p50_ms"], result["online_alone_after"]["ttft_p50_ms"])
     ref99 = max(result["online_alone"]["ttft_p99_ms"], result["online_alone_after"]["ttft_p99_ms"])
     result["ratios"] = {

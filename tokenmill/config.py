@@ -46,6 +46,9 @@ class EngineConfig:
     # Scheduler
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # token budget of one step
+    # of a step's budget, what batch-priority rows (a server's Batch API batches) may take while online requests run
+    # or wait, so online steps stay short (core/priority.py); None = max_num_batched_tokens // 8
+    batch_token_budget: int | None = None
     enable_chunked_prefill: bool = True
     prefill_chunk_size: int | None = None  # most prompt tokens of one request in one step; None = the budget
     preemption_mode: str = "none"
@@ -88,7 +91,7 @@ class EngineConfig:
 
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             positive_int(name)
-        for name in ("max_model_len", "num_kv_blocks", "prefill_chunk_size", "num_threads"):
+        for name in ("max_model_len", "num_kv_blocks", "prefill_chunk_size", "num_threads", "batch_token_budget"):
             positive_int(name, allow_none=True)
         if self.preemption_mode not in PREEMPTION_MODES:
             problems.append(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
@@ -134,6 +137,12 @@ class EngineConfig:
                 f"lower max_model_len"
             )
         return self.replace(max_model_len=max_model_len)
+
+    @property
+    def resolved_batch_token_budget(self) -> int:
+        """Tokens of a step batch-priority rows may take while online requests run or wait."""
+        budget = self.batch_token_budget or max(1, self.max_num_batched_tokens // 8)
+        return min(budget, self.max_num_batched_tokens)
 
     @property
     def chunk_limit(self) -> int:

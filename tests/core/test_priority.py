@@ -76,12 +76,40 @@ def test_an_online_request_that_does_not_fit_blocks_batch_admission():
 
 def test_online_prefill_chunks_go_before_a_running_batch_prefill():
     sched = make_scheduler(num_blocks=200, block_size=4, max_model_len=256, max_num_batched_tokens=16,
-                           prefill_chunk_size=16, enable_chunked_prefill=True)
+                           prefill_chunk_size=16, enable_chunked_prefill=True, batch_token_budget=8)
     sched.add_request(req("b0", 100, 4, BATCH))
     step(sched)  # b0 takes the whole budget
     sched.add_request(req("o0", 10, 4, ONLINE))
     out = step(sched)
     assert [(s.request_id, s.num_scheduled_tokens) for s in out.scheduled] == [("o0", 10), ("b0", 6)]
+
+
+def test_beside_online_requests_batch_rows_share_the_batch_token_budget_in_turn():
+    sched = make_scheduler(num_blocks=400, block_size=4, max_model_len=256, max_num_seqs=16,
+                           max_num_batched_tokens=64)  # batch_token_budget: 64 // 8 = 8
+    for i in range(12):
+        sched.add_request(req(f"b{i}", 4, 50, BATCH))
+    out = step(sched)
+    assert sum(s.num_scheduled_tokens for s in out.scheduled) == 48  # alone, a batch takes the whole budget
+    step(sched)
+    sched.add_request(req("o0", 30, 50, ONLINE))
+    counts: dict[str, int] = {}
+    for i in range(6):
+        out = step(sched)
+        batch = [s for s in out.scheduled if s.request.priority == BATCH]
+        assert sum(s.num_scheduled_tokens for s in batch) <= 8  # every step while o0 runs
+        if i == 0:  # the online prompt whole in the step, beside 8 batch decodes
+            assert {s.request_id: s.num_scheduled_tokens for s in out.scheduled}["o0"] == 30
+        for s in batch:
+            counts[s.request_id] = counts.get(s.request_id, 0) + 1
+    assert sorted(counts) == sorted(f"b{i}" for i in range(12))  # in turn: none waits for ever
+    while any(r.priority == ONLINE for r in sched.running):
+        step(sched)
+    out = step(sched)
+    assert len(out.scheduled) == 8  # online traffic ran lately: steps stay short for the next arrival
+    sched.headroom.steps_since_online = OnlineHeadroom.IDLE_STEPS  # ... until a quiet spell
+    out = step(sched)
+    assert len(out.scheduled) == 12  # every batch row decodes again
 
 
 def test_a_full_pool_preempts_a_batch_row_before_an_online_request():
@@ -103,7 +131,7 @@ def test_a_full_pool_preempts_a_batch_row_before_an_online_request():
 
 def test_the_headroom_follows_online_load_and_shrinks_when_it_stops():
     h = OnlineHeadroom(num_blocks=1000, block_size=16, max_num_seqs=32, max_model_len=4096)
-    assert not h.active and h.requests == 1 and h.per_request_blocks == 256  # before any online request
+    assert not h.active and h.seqs == 2 and h.blocks == 256  # before any online request: one max_model_len's blocks
     for n in [100] * 60 + [800] * 4:
         h.observe(n)
     assert h.active and h.requests == 8
@@ -111,7 +139,7 @@ def test_the_headroom_follows_online_load_and_shrinks_when_it_stops():
     assert h.blocks == 400 and h.seqs == 8
     for _ in range(OnlineHeadroom.IDLE_STEPS):
         h.tick()
-    assert not h.active and h.blocks == 50 and h.seqs == 1
+    assert not h.active and h.blocks == 100 and h.seqs == 2  # a quiet spell: max_num_seqs // 16 requests
 
 
 @pytest.mark.parametrize("preemption_mode", ["none", "recompute"])

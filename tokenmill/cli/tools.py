@@ -77,10 +77,14 @@ def eval_cmd(model, dtype, quantization, kv_cache_dtype, text_path, context, lim
               help="The most lines a batch's input file may have.")
 @click.option("--gpu-hourly-rate", type=float, default=None,
               help="USD per machine-hour: the live page shows each batch's cost at this rate.")
+@click.option("--batch-token-budget", type=int, default=None,
+              help="Tokens of a step Batch API rows may take while online requests run or wait "
+                   "(default: --max-num-batched-tokens / 8): smaller keeps online latency lower.")
 def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, max_num_batched_tokens, max_wait_ms,
           max_queued_requests, shutdown_timeout, preemption_mode, prefix_caching, device, dtype, quantization,
           max_model_len, kv_cache_memory, kv_cache_dtype, attention_backend, enforce_eager, tensor_parallel_size,
-          gpu_memory_utilization, embedding_model, state_dir, max_file_mb, max_batch_requests, gpu_hourly_rate):
+          gpu_memory_utilization, embedding_model, state_dir, max_file_mb, max_batch_requests, gpu_hourly_rate,
+          batch_token_budget):
     """An OpenAI-compatible HTTP server on the same engine: /v1/chat/completions, /v1/completions (streaming or
     not), /v1/embeddings, the Batch API (/v1/files, /v1/batches), /v1/models, /health, /metrics, and a live page
     of the batches at /."""
@@ -101,7 +105,8 @@ def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, m
                             dtype=dtype, quantization=quantization, max_model_len=max_model_len,
                             kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
                             attention_backend=attention_backend, enforce_eager=enforce_eager or None,
-                            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization), {})
+                            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                            batch_token_budget=batch_token_budget), {})
     engine.setdefault("gpu_memory_utilization", 0.90)  # a server leaves headroom (the seeds: 0.90 serve, 0.95 run)
     from tokenmill.config import EngineConfig
     from tokenmill.model.loader import resolve_model_path

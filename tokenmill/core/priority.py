@@ -9,10 +9,19 @@ A request's ``priority`` is ``ONLINE`` (0: a server's interactive requests, and 
   stay open, so an online burst finds room at once without preempting a batch row.
 
 The headroom follows the online load it has seen (deterministically, counted in scheduler steps, not seconds): it
-is ``k`` online requests of the p95 reservation among the last ``WINDOW`` online admissions (before any: one request
-of ``max_model_len``), with ``k = max(1, max_num_seqs // 4)`` while online requests were admitted within the last
-``IDLE_STEPS`` steps and ``k = 1`` after that; never more than half the pool's blocks nor ``max_num_seqs - 1``
-sequence slots, so a batch always progresses. With no batch rows waiting it costs nothing: it only gates class 1.
+is ``k`` online requests of the p95 reservation among the last ``WINDOW`` online admissions, with
+``k = max(1, max_num_seqs // 4)`` while online requests were admitted within the last ``IDLE_STEPS`` steps
+(``active``) and ``k = max(1, max_num_seqs // 16)`` after that (before any online request: the blocks of one
+request of ``max_model_len``, and the same ``max_num_seqs // 16`` slots), so the first burst after a quiet spell
+still finds sequence slots (without them it would wait for batch rows to finish: no preemption). Never more than
+half the pool's blocks nor ``max_num_seqs - 1`` sequence slots, so a batch always progresses. With no batch rows
+waiting it costs nothing: it only gates class 1.
+
+Steps stay short beside online work: while online requests run or wait, or the headroom is ``active``, batch rows
+get at most ``EngineConfig.batch_token_budget`` tokens of a step (decodes in turn, then prefill chunks and
+admissions), so an online request that arrives waits for a short step, and its prefill is not queued behind a full
+budget of batch prefill. Online inter-token latency still grows with the batch rows decoding beside it (on a CPU a
+step's time follows its tokens): a smaller ``batch_token_budget`` keeps it lower, at the batch's expense.
 """
 
 from __future__ import annotations
@@ -95,11 +104,12 @@ class OnlineHeadroom:
 
     @property
     def requests(self) -> int:
-        return max(1, self.max_num_seqs // 4) if self.active else 1
+        return max(1, self.max_num_seqs // (4 if self.active else 16))
 
     @property
     def blocks(self) -> int:
-        return min(self.num_blocks // 2, self.requests * self.per_request_blocks)
+        requests = self.requests if self.recent else 1  # none seen yet: one request of max_model_len
+        return min(self.num_blocks // 2, requests * self.per_request_blocks)
 
     @property
     def seqs(self) -> int:

@@ -10,7 +10,8 @@ Invariants (tested in tests/core):
   except that with prefix caching one whose next prompt block a running request is computing waits for it (then a
   hit) while those behind it go ahead;
 - priority classes (``core/priority.py``): a batch row is admitted only after the step's online admissions, and
-  only while the online headroom of blocks and sequence slots stays free; a full pool preempts a batch row first;
+  only while the online headroom of blocks and sequence slots stays free; while online requests run or wait, batch
+  rows get at most ``batch_token_budget`` tokens of a step; a full pool preempts a batch row first;
 - under ``preemption_mode="none"`` a request is admitted only when blocks for its prompt plus ``max_tokens`` (capped
   at ``max_model_len``) are free, and they are taken at admission, so a running request is never preempted;
 - under ``"recompute"`` blocks are taken as tokens are scheduled; when they run out the most recently admitted
@@ -75,12 +76,27 @@ class _Step:
     """What one ``schedule()`` has decided so far."""
 
     budget: int  # tokens left under max_num_batched_tokens
+    batch_budget: int  # of those, what batch-priority rows may still take (``batch_token_budget`` beside online work)
     scheduled: dict[str, ScheduledRequest] = field(default_factory=dict)
     preempted: list[str] = field(default_factory=list)
+
+    def room(self, priority: int) -> int:
+        """Tokens a request of this class may still be given in this step."""
+        return self.budget if priority == ONLINE else min(self.budget, self.batch_budget)
 
     def add(self, req: Request, n: int, block_ids: list[int]) -> None:
         self.scheduled[req.request_id] = ScheduledRequest(req, req.num_computed_tokens, n, block_ids)
         self.budget -= n
+        if req.priority != ONLINE:
+            self.batch_budget -= n
+
+    def undo(self, request_id: str) -> None:
+        """Takes back a request's chunk (its request was preempted later in the step)."""
+        sr = self.scheduled.pop(request_id, None)
+        if sr is not None:
+            self.budget += sr.num_scheduled_tokens
+            if sr.request.priority != ONLINE:
+                self.batch_budget += sr.num_scheduled_tokens
 
 
 @dataclass
@@ -195,10 +211,15 @@ class Scheduler:
         return next(r for r in reversed(self.running) if r.priority == lowest)
 
     def schedule(self) -> SchedulerOutput:
-        """Order within a step: decode tokens; running prefill chunks of online requests; online admissions; running
-        prefill chunks of batch rows; batch admissions (under the online headroom, ``core/priority.py``)."""
+        """Order within a step: decode tokens (online, then batch rows in turn); running prefill chunks of online
+        requests; online admissions; running prefill chunks of batch rows; batch admissions (under the online
+        headroom, ``core/priority.py``). While online requests run or wait, or ran lately, batch rows share
+        ``batch_token_budget`` tokens of the step."""
         cfg = self.config
-        step = _Step(cfg.max_num_batched_tokens)
+        online = (self.headroom.active or self.waiting.count(ONLINE) > 0
+                  or any(r.priority == ONLINE for r in self.running))
+        step = _Step(cfg.max_num_batched_tokens,
+                     cfg.resolved_batch_token_budget if online else cfg.max_num_batched_tokens)
         self.headroom.tick()
 
         prefill_first = cfg.scheduling_strategy == "prefill_first"
@@ -209,7 +230,7 @@ class Scheduler:
             self._run_chunks(step, [r for r in self.running if r.is_prefilling != self._decode_phase])
             admit = self._wave_open and not self._decode_phase
         else:
-            self._run_chunks(step, [r for r in self.running if not r.is_prefilling])
+            self._run_chunks(step, self._decodes())
             self._run_chunks(step, [r for r in self.running if r.is_prefilling and r.priority == ONLINE])
             admit = not step.preempted or not step.scheduled  # after a preemption admitting would only thrash
         blocked = admit and self._admit(step, ONLINE)
@@ -239,6 +260,16 @@ class Scheduler:
         self._record(out)
         return out
 
+    def _decodes(self) -> list[Request]:
+        """The running requests past their prompts, online first, then batch rows starting at a place that moves by
+        one each step (when ``batch_token_budget`` cannot take every batch decode, each waits its turn)."""
+        online = [r for r in self.running if not r.is_prefilling and r.priority == ONLINE]
+        batch = [r for r in self.running if not r.is_prefilling and r.priority != ONLINE]
+        if batch:
+            k = self.stats.num_steps % len(batch)
+            batch = batch[k:] + batch[:k]
+        return online + batch
+
     def _run_chunks(self, step: _Step, candidates: list[Request]) -> None:
         """Schedules the next chunk of each running candidate, in order, while budget lasts; under
         ``recompute`` a full pool preempts (``_victim``) until the chunk fits."""
@@ -247,16 +278,14 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING:  # preempted earlier in this step
                 continue
-            n = self._chunk(req, step.budget)
+            n = self._chunk(req, step.room(req.priority))
             if n == 0:
                 continue
             while not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
                 if self.config.preemption_mode == "none":
                     raise RuntimeError(f"{req} ran out of reserved blocks under preemption_mode=none")
                 victim = self._victim()
-                undone = step.scheduled.pop(victim.request_id, None)
-                if undone is not None:
-                    step.budget += undone.num_scheduled_tokens
+                step.undo(victim.request_id)
                 self._preempt(victim)
                 step.preempted.append(victim.request_id)
                 self._wave_open = False  # memory is full: this wave takes no more requests
@@ -275,7 +304,7 @@ class Scheduler:
         queue = self.waiting.queues[priority]
         deferred: list[Request] = []
         blocked = False
-        while queue and step.budget > 0:
+        while queue and step.room(priority) > 0:
             gated = priority != ONLINE and bool(self.running)
             keep_free = self.headroom.blocks if gated else 0
             if len(self.running) >= cfg.max_num_seqs - (self.headroom.seqs if gated else 0):
@@ -290,7 +319,7 @@ class Scheduler:
                 deferred.append(queue.popleft())  # its next block is being computed: a hit in a step or two
                 continue
             req.num_computed_tokens = len(hits) * self.kv.block_size
-            n = self._chunk(req, step.budget)
+            n = self._chunk(req, step.room(priority))
             # preemption_mode=none reserves all the request can use (the hits are part of it)
             slots = self._reservation(req) if cfg.preemption_mode == "none" else req.num_computed_tokens + n
             if n == 0 or not self.kv.allocate_slots(req.request_id, slots, hits, keep_free):
