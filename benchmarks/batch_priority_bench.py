@@ -96,7 +96,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=48, help="online requests per online phase")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--batch-rows", type=int, default=4096, help="rows in the batch (it is cancelled at the end)")
-    ap.add_argument("--serve-args", default="", help="extra `tokenmill serve` flags, space-separated")
+    ap.add_argument("--serve-args", default="--no-prefix-caching",
+                    help="`tokenmill serve` flags, space-separated (default: no prefix caching, so every online phase "
+                         "computes the same prompts cold, none a hit left by an earlier phase)")
     ap.add_argument("--batch-window", type=float, default=60.0, help="seconds the batch alone is measured over")
     args = ap.parse_args()
     prompts = prompts_w(args.requests + args.batch_rows)  # all distinct: none deduplicated, none a cache hit

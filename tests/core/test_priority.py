@@ -23,7 +23,7 @@ def step(sched):
 
 
 def test_online_requests_are_admitted_before_batch_rows_that_came_first():
-    sched = make_scheduler(num_blocks=200, max_num_seqs=8, max_num_batched_tokens=512)
+    sched = make_scheduler(num_blocks=200, max_num_seqs=8, max_num_batched_tokens=512, batch_token_budget=512)
     for i in range(10):
         sched.add_request(req(f"b{i}", 8, 4, BATCH))
     sched.add_request(req("o0", 8, 4, ONLINE))
@@ -76,12 +76,12 @@ def test_an_online_request_that_does_not_fit_blocks_batch_admission():
 
 def test_online_prefill_chunks_go_before_a_running_batch_prefill():
     sched = make_scheduler(num_blocks=200, block_size=4, max_model_len=256, max_num_batched_tokens=16,
-                           prefill_chunk_size=16, enable_chunked_prefill=True, batch_token_budget=8)
+                           prefill_chunk_size=16, enable_chunked_prefill=True)
     sched.add_request(req("b0", 100, 4, BATCH))
     step(sched)  # b0 takes the whole budget
     sched.add_request(req("o0", 10, 4, ONLINE))
-    out = step(sched)
-    assert [(s.request_id, s.num_scheduled_tokens) for s in out.scheduled] == [("o0", 10), ("b0", 6)]
+    out = step(sched)  # o0 prefills first; beside it the batch gets an eighth of its budget (16 // 8 // 8 -> 1)
+    assert [(s.request_id, s.num_scheduled_tokens) for s in out.scheduled] == [("o0", 10), ("b0", 1)]
 
 
 def test_beside_online_requests_batch_rows_share_the_batch_token_budget_in_turn():
@@ -97,9 +97,10 @@ def test_beside_online_requests_batch_rows_share_the_batch_token_budget_in_turn(
     for i in range(6):
         out = step(sched)
         batch = [s for s in out.scheduled if s.request.priority == BATCH]
-        assert sum(s.num_scheduled_tokens for s in batch) <= 8  # every step while o0 runs
-        if i == 0:  # the online prompt whole in the step, beside 8 batch decodes
+        if i == 0:  # the online prompt whole in the step, beside an eighth of the batch's budget: 1 decode
             assert {s.request_id: s.num_scheduled_tokens for s in out.scheduled}["o0"] == 30
+            assert sum(s.num_scheduled_tokens for s in batch) == 1
+        assert sum(s.num_scheduled_tokens for s in batch) <= 8  # every step while o0 runs
         for s in batch:
             counts[s.request_id] = counts.get(s.request_id, 0) + 1
     assert sorted(counts) == sorted(f"b{i}" for i in range(12))  # in turn: none waits for ever

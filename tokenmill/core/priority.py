@@ -17,11 +17,12 @@ still finds sequence slots (without them it would wait for batch rows to finish:
 half the pool's blocks nor ``max_num_seqs - 1`` sequence slots, so a batch always progresses. With no batch rows
 waiting it costs nothing: it only gates class 1.
 
-Steps stay short beside online work: while online requests run or wait, or the headroom is ``active``, batch rows
-get at most ``EngineConfig.batch_token_budget`` tokens of a step (decodes in turn, then prefill chunks and
-admissions), so an online request that arrives waits for a short step, and its prefill is not queued behind a full
-budget of batch prefill. Online inter-token latency still grows with the batch rows decoding beside it (on a CPU a
-step's time follows its tokens): a smaller ``batch_token_budget`` keeps it lower, at the batch's expense.
+Steps stay short beside online work: while online requests decode, or the headroom is ``active``, batch rows get at
+most ``EngineConfig.batch_token_budget`` tokens of a step (decodes in turn, then prefill chunks and admissions), so
+an online request that arrives waits for a short step; while an online request waits or prefills, batch rows get an
+eighth of that, so its prompt runs in a step almost its own (time to first token close to an idle server's). Online
+inter-token latency still grows with the batch rows decoding beside it (on a CPU a step's time follows its tokens):
+a smaller ``batch_token_budget`` keeps it lower, at the batch's expense.
 """
 
 from __future__ import annotations

@@ -213,13 +213,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Order within a step: decode tokens (online, then batch rows in turn); running prefill chunks of online
         requests; online admissions; running prefill chunks of batch rows; batch admissions (under the online
-        headroom, ``core/priority.py``). While online requests run or wait, or ran lately, batch rows share
-        ``batch_token_budget`` tokens of the step."""
+        headroom, ``core/priority.py``). Beside online work, batch rows share a smaller budget (``_batch_budget``)."""
         cfg = self.config
-        online = (self.headroom.active or self.waiting.count(ONLINE) > 0
-                  or any(r.priority == ONLINE for r in self.running))
-        step = _Step(cfg.max_num_batched_tokens,
-                     cfg.resolved_batch_token_budget if online else cfg.max_num_batched_tokens)
+        step = _Step(cfg.max_num_batched_tokens, self._batch_budget())
         self.headroom.tick()
 
         prefill_first = cfg.scheduling_strategy == "prefill_first"
@@ -259,6 +255,19 @@ class Scheduler:
         self._finished_since_last_step = []
         self._record(out)
         return out
+
+    def _batch_budget(self) -> int:
+        """Tokens batch rows may take in this step: the whole budget with no online work; ``batch_token_budget``
+        while online requests decode or ran lately (the headroom is active); an eighth of that while an online
+        request waits or prefills, so its first token comes from a step almost its own."""
+        cfg = self.config
+        prefilling = self.waiting.count(ONLINE) > 0 or any(r.priority == ONLINE and r.is_prefilling
+                                                            for r in self.running)
+        if prefilling:
+            return max(1, cfg.resolved_batch_token_budget // 8)
+        if self.headroom.active or any(r.priority == ONLINE for r in self.running):
+            return cfg.resolved_batch_token_budget
+        return cfg.max_num_batched_tokens
 
     def _decodes(self) -> list[Request]:
         """The running requests past their prompts, online first, then batch rows starting at a place that moves by

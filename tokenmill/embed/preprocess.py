@@ -6,12 +6,11 @@ embedding jobs unchanged.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from tokenmill.embed.embedder import Embedder
 from tokenmill.embed.records import EMBEDDINGS_URL, EmbedRequest, embed_id_key, parse_embed_line
-from tokenmill.jobs.records import JobError
+from tokenmill.jobs.records import JobError, check_batch_line
 
 
 @dataclass
@@ -68,12 +67,6 @@ class EmbedPreprocessor:
         return out
 
     def _batch_check(self, r: EmbedRequest) -> EmbedRequest:
-        if self.models is None:
-            return r
-        if r.kind == "plain":
-            raise JobError("not_a_batch_request", f"line {r.line_no}: a batch's lines are OpenAI Batch requests "
-                           f"({{custom_id, method, url, body}}); this one is a plain row", r.record_id, True)
-        if r.model is not None and r.model not in self.models:
-            raise JobError("model_not_found", f"line {r.line_no}: model {json.dumps(r.model)[:60]} does not exist; "
-                           f"this server embeds with {', '.join(sorted(self.models))}", r.record_id, True)
+        if self.models is not None:  # (the url was checked by the parser)
+            check_batch_line(r.line_no, r.record_id, r.kind == "plain", None, EMBEDDINGS_URL, r.model, self.models)
         return r

@@ -12,10 +12,10 @@ schema, regex or grammar is an ``invalid_structured_output`` error record of the
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
-from tokenmill.jobs.records import CHAT_URL, COMPLETIONS_URL, JobError, JobRequest, id_key, parse_line
+from tokenmill.jobs.records import (CHAT_URL, COMPLETIONS_URL, JobError, JobRequest, check_batch_line, id_key,
+                                    parse_line)
 from tokenmill.sampling_params import SCORE_PARAMS, SamplingParams
 
 CONTEXT_OVERFLOW = ("error", "cap")
@@ -111,16 +111,8 @@ class Preprocessor:
     def _check_endpoint(self, r: JobRequest) -> JobRequest:
         if self.endpoint is None:
             return r
-        if r.kind == "plain":
-            raise JobError("not_a_batch_request", f"line {r.line_no}: a batch's lines are OpenAI Batch requests "
-                           f"({{custom_id, method, url, body}}); this one is a plain row", r.record_id, True)
         url = CHAT_URL if r.kind == "openai_chat" else COMPLETIONS_URL
-        if url != self.endpoint:
-            raise JobError("mismatched_endpoint", f"line {r.line_no}: url {url} does not match the batch's endpoint "
-                           f"{self.endpoint}", r.record_id, True)
-        if self.models is not None and r.model is not None and r.model not in self.models:
-            raise JobError("model_not_found", f"line {r.line_no}: model {json.dumps(r.model)[:60]} does not exist; "
-                           f"this server serves {', '.join(sorted(self.models))}", r.record_id, True)
+        check_batch_line(r.line_no, r.record_id, r.kind == "plain", url, self.endpoint, r.model, self.models)
         return r
 
     def _finish_score(self, r: JobRequest, token_ids: list[int], continuation: list[int] | None) -> Prepared:

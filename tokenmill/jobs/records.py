@@ -77,6 +77,21 @@ class JobError(Exception):
         return rec
 
 
+def check_batch_line(line_no: int, record_id: Any, plain: bool, url: str | None, endpoint: str, model: str | None,
+                     models: set[str] | None) -> None:
+    """A Batch API batch's line must be an OpenAI request (not a plain row) for the batch's endpoint (``url``: the
+    line's, None when already checked) naming, if anything, a model the server serves; raises JobError."""
+    if plain:
+        raise JobError("not_a_batch_request", f"line {line_no}: a batch's lines are OpenAI Batch requests "
+                       f"({{custom_id, method, url, body}}); this one is a plain row", record_id, True)
+    if url is not None and url != endpoint:
+        raise JobError("mismatched_endpoint", f"line {line_no}: url {url} does not match the batch's endpoint "
+                       f"{endpoint}", record_id, True)
+    if models is not None and model is not None and model not in models:
+        raise JobError("model_not_found", f"line {line_no}: model {json.dumps(model)[:60]} does not exist; this "
+                       f"server serves {', '.join(sorted(models))}", record_id, True)
+
+
 @dataclass
 class JobRequest:
     """A validated line, before tokenisation. ``prompt`` is text (template applied for chat) or token ids."""
