@@ -88,19 +88,23 @@ class StateFile:
     ``run`` counts the job's runs, so no rate is drawn across a restart), thinned to every other point when it reaches
     ``HISTORY_POINTS`` (a day-long job keeps a day-long chart); and ``elapsed_total_s``, the seconds every run of the
     job has taken (what a machine-hour rate is charged for). A snapshot gives ``prompt_tokens`` / ``gen_tokens``, its
-    run's token counts so far. Both carry over from the file an earlier run left (a resume), unless it is unreadable.
+    run's token counts so far. Both carry over from the file an earlier run left (a resume), read at the first write
+    (after ``--overwrite`` removed it), unless it is unreadable.
     """
 
     def __init__(self, path: Path, interval: float = 2.0) -> None:
         self.path = path
         self.interval = interval
         self._last = 0.0
-        self.history: list[list] = []
+        self.history: list[list] | None = None  # None until the first write reads what an earlier run left
         self._base_tokens = 0
         self._base_elapsed = 0.0
         self._run = 0
+
+    def _carry_over(self) -> None:
+        self.history = []
         try:
-            old = json.loads(path.read_text())
+            old = json.loads(self.path.read_text())
             history = old.get("history") or []
             if history:
                 self._base_tokens, self._run = int(history[-1][2]), int(history[-1][3]) + 1
@@ -110,6 +114,8 @@ class StateFile:
             pass
 
     def _with_history(self, data: dict) -> dict:
+        if self.history is None:
+            self._carry_over()
         now = time.time()
         tokens = self._base_tokens + int(data.get("prompt_tokens") or 0) + int(data.get("gen_tokens") or 0)
         point = [round(now, 2), int(data.get("done") or 0), tokens, self._run]

@@ -120,8 +120,7 @@ class BatchRunner:
                 return
 
     def output_path(self, batch_id: str) -> Path:
-        """Where the batch's job writes its results (its state file, errors and manifest beside it)."""
-        return self.store.batch_dir(batch_id) / "output.jsonl"
+        return self.store.batch_output(batch_id)
 
     def _run(self, batch: dict) -> None:
         bid = batch["id"]

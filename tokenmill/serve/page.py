@@ -92,7 +92,7 @@ def server_status(state, batch_id: str | None, hourly_rate: float | None) -> dic
     for b in batches:
         if runner is not None:
             b = runner.live_counts(b)
-        st = read_state(JobPaths(store.batch_dir(b["id"]) / "output.jsonl").state)
+        st = read_state(JobPaths(store.batch_output(b["id"])).state)
         jobs.append({"id": b["id"], "title": b["id"], "status": b["status"], "endpoint": b["endpoint"],
                      "created_at": b["created_at"], "request_counts": b["request_counts"],
                      "progress": job_progress(st, hourly_rate),

@@ -202,6 +202,10 @@ class StateStore:
     def batch_dir(self, batch_id: str) -> Path:
         return self.dir / "batches" / batch_id
 
+    def batch_output(self, batch_id: str) -> Path:
+        """Where a batch's job writes its results (its state file, errors and manifest beside it)."""
+        return self.batch_dir(batch_id) / "output.jsonl"
+
     def add_batch(self, input_file_id: str, endpoint: str, completion_window: str, metadata: dict | None,
                   model: str | None) -> dict:
         batch_id = f"batch_{uuid.uuid4().hex[:24]}"
