@@ -10,8 +10,9 @@ Invariants (tested in tests/core):
   except that with prefix caching one whose next prompt block a running request is computing waits for it (then a
   hit) while those behind it go ahead;
 - priority classes (``core/priority.py``): a batch row is admitted only after the step's online admissions, and
-  only while the online headroom of blocks and sequence slots stays free; while online requests run or wait, batch
-  rows get at most ``batch_token_budget`` tokens of a step; a full pool preempts a batch row first;
+  only while the online headroom of blocks and sequence slots stays free; while online requests run or ran lately,
+  batch rows get at most ``batch_token_budget`` tokens of a step (an eighth of it while one waits or prefills); a
+  full pool preempts a batch row first;
 - under ``preemption_mode="none"`` a request is admitted only when blocks for its prompt plus ``max_tokens`` (capped
   at ``max_model_len``) are free, and they are taken at admission, so a running request is never preempted;
 - under ``"recompute"`` blocks are taken as tokens are scheduled; when they run out the most recently admitted
@@ -261,11 +262,10 @@ class Scheduler:
         while online requests decode or ran lately (the headroom is active); an eighth of that while an online
         request waits or prefills, so its first token comes from a step almost its own."""
         cfg = self.config
-        prefilling = self.waiting.count(ONLINE) > 0 or any(r.priority == ONLINE and r.is_prefilling
-                                                            for r in self.running)
-        if prefilling:
+        online = [r for r in self.running if r.priority == ONLINE]  # (one pass over the running requests a step)
+        if self.waiting.count(ONLINE) or any(r.is_prefilling for r in online):
             return max(1, cfg.resolved_batch_token_budget // 8)
-        if self.headroom.active or any(r.priority == ONLINE for r in self.running):
+        if online or self.headroom.active:
             return cfg.resolved_batch_token_budget
         return cfg.max_num_batched_tokens
 

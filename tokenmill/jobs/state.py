@@ -31,6 +31,20 @@ def read_status(path: Path) -> dict:
     return data
 
 
+def try_read_status(path: Path) -> dict | None:
+    """``read_status``, or None when there is no state file (yet) or it cannot be read."""
+    try:
+        return read_status(path)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def request_counts(st: dict) -> dict:
+    """A job's state as the Batch API counts requests: every line (valid rows and bad lines), done, failed."""
+    failed = int(st.get("failed") or 0)
+    return {"total": int(st.get("total") or 0) + failed, "completed": int(st.get("done") or 0), "failed": failed}
+
+
 def format_duration(seconds: float | None) -> str:
     if seconds is None or seconds != seconds or seconds == float("inf"):
         return "unknown"

@@ -31,7 +31,7 @@ from tokenmill.jobs.files import JobPaths, read_keys
 from tokenmill.jobs.inputs import RUN_FIELDS, InputSource, InputSpec
 from tokenmill.jobs.progress import StopFlag
 from tokenmill.jobs.runner import JobContext, JobOptions, run_job
-from tokenmill.jobs.state import read_status
+from tokenmill.jobs.state import read_status, request_counts
 from tokenmill.serve.async_engine import AsyncEngine
 from tokenmill.serve.engine_port import ServedEngine
 from tokenmill.serve.state_store import StateStore
@@ -88,20 +88,6 @@ class BatchRunner:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def live_counts(self, batch: dict) -> dict:
-        """A running batch's request counts from its job's state file (the store has them once it ends)."""
-        if batch["status"] not in ("in_progress", "finalizing", "cancelling"):
-            return batch
-        try:
-            st = read_status(JobPaths(self.output_path(batch["id"])).state)
-        except (OSError, ValueError):
-            return batch
-        failed = int(st.get("failed") or 0)
-        total = max(batch["request_counts"]["total"], int(st.get("total") or 0) + failed)  # (a resume: the store's
-        # total, from the first validation pass, until this run's pass is done)
-        batch["request_counts"] = {"total": total, "completed": int(st.get("done") or 0), "failed": failed}
-        return batch
-
     # ---------------------------------------------------------------- the runner thread
     def _loop(self) -> None:
         while True:
@@ -119,9 +105,6 @@ class BatchRunner:
             if self.served.dead:  # the engine is gone: the batch stays unfinished; a restarted server resumes it
                 return
 
-    def output_path(self, batch_id: str) -> Path:
-        return self.store.batch_output(batch_id)
-
     def _run(self, batch: dict) -> None:
         bid = batch["id"]
         if batch["status"] == "cancelling":  # cancelled before it ran (or by a server that then stopped)
@@ -133,7 +116,7 @@ class BatchRunner:
         if time.time() >= batch["expires_at"]:
             self._end_stopped(batch, "expire")
             return
-        output = self.output_path(bid)
+        output = self.store.batch_output(bid)
         output.parent.mkdir(parents=True, exist_ok=True)
         stop = StopFlag()
         with self._cv:
@@ -194,14 +177,13 @@ class BatchRunner:
                 stop.set()
 
     def _counts(self, bid: str) -> tuple[int, int, int]:
-        st = read_status(JobPaths(self.output_path(bid)).state)
-        failed = int(st.get("failed") or 0)
-        return int(st.get("total") or 0) + failed, int(st.get("done") or 0), failed
+        c = request_counts(read_status(JobPaths(self.store.batch_output(bid)).state))
+        return c["total"], c["completed"], c["failed"]
 
     def _files(self, bid: str) -> dict:
         """The output and error files to register (those with records). Every error-file line is in OpenAI's shape
         (``custom_id``, ``response``, ``error``), a line that was not even JSON included (its custom_id null)."""
-        paths = JobPaths(self.output_path(bid))
+        paths = JobPaths(self.store.batch_output(bid))
         files = {}
         if paths.output.exists() and paths.output.stat().st_size > 0:
             files["output_file_id"] = (paths.output, f"{bid}_output.jsonl")
@@ -220,20 +202,20 @@ class BatchRunner:
         bid = batch["id"]
         total, completed, failed = self._counts(bid)
         if completed == 0:  # no line could run: the batch fails, as OpenAI's does in validation
-            first = next(iter_json(JobPaths(self.output_path(bid)).errors), None)
+            first = next(iter_json(JobPaths(self.store.batch_output(bid)).errors), None)
             why = f"{failed} errors; the first: {first.get('message')}" if first else "the file has no requests"
             self._fail(bid, "invalid_file", f"no line of the input file is a valid request ({why})",
                        counts=(total, completed, failed))
             return
         self.store.set_batch_status(bid, "finalizing", ("validating", "in_progress"))
         self.store.set_batch_status(bid, "completed", ("finalizing",), files=self._files(bid), total=total,
-                                    completed=completed, failed=failed, usage=batch_usage(self.output_path(bid)))
+                                    completed=completed, failed=failed, usage=batch_usage(self.store.batch_output(bid)))
 
     def _end_stopped(self, batch: dict, why: str) -> None:
         """A cancelled or expired batch: what finished is kept (its output file), the rest is dropped; for expiry
         each unfinished request is listed in the error file with code ``batch_expired``."""
         bid = batch["id"]
-        output = self.output_path(bid)
+        output = self.store.batch_output(bid)
         if why == "expire":
             expired = self._list_expired(batch)
             status, only_from = "expired", ("validating", "in_progress")
@@ -250,7 +232,7 @@ class BatchRunner:
 
     def _list_expired(self, batch: dict) -> int:
         """Appends a ``batch_expired`` error record for each request of the input that has no record yet."""
-        paths = JobPaths(self.output_path(batch["id"]))
+        paths = JobPaths(self.store.batch_output(batch["id"]))
         paths.output.parent.mkdir(parents=True, exist_ok=True)
         done = read_keys(paths.output, lambda r: r.get("custom_id")) if paths.output.exists() else set()
         errored = read_keys(paths.errors, lambda r: r.get("line")) if paths.errors.exists() else set()
@@ -276,9 +258,9 @@ class BatchRunner:
         fields = {"errors": [{"code": code, "message": message, "param": None, "line": None}]}
         if counts is not None:
             fields.update(total=counts[0], completed=counts[1], failed=counts[2])
-        if counts is not None and self.output_path(bid).parent.exists():
+        if counts is not None and self.store.batch_output(bid).parent.exists():
             fields["files"] = self._files(bid)
-            fields["usage"] = batch_usage(self.output_path(bid))
+            fields["usage"] = batch_usage(self.store.batch_output(bid))
         self.store.set_batch_status(bid, "failed", ("validating", "in_progress", "finalizing"), **fields)
         log.warning("batch %s failed: %s", bid, message)
 

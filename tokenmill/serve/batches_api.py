@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 
 from tokenmill.serve.batches import BatchRunner
 from tokenmill.serve.protocol import ApiError, list_page
-from tokenmill.serve.state_store import BATCH_ENDPOINTS, COMPLETION_WINDOW_S, StateStore
+from tokenmill.serve.state_store import BATCH_ENDPOINTS, COMPLETION_WINDOW_S, StateStore, with_live_counts
 
 MAX_METADATA = 16  # pairs, as OpenAI's: keys up to 64 characters, values up to 512
 
@@ -101,8 +101,7 @@ def add_batch_routes(app: FastAPI, store: StateStore, runner: Callable[[], Batch
         batch = await asyncio.to_thread(store.get_batch, batch_id)
         if batch is None:
             raise _no_such_batch(batch_id)
-        r = runner()
-        return await asyncio.to_thread(r.live_counts, batch) if r is not None else batch
+        return with_live_counts(batch, await asyncio.to_thread(store.batch_state, batch_id))
 
     @app.get("/v1/batches")
     async def list_batches(after: str | None = None, limit: int = 20):
@@ -112,10 +111,8 @@ def add_batch_routes(app: FastAPI, store: StateStore, runner: Callable[[], Batch
             data, more = await asyncio.to_thread(store.list_batches, after, limit)
         except KeyError:
             raise _no_such_batch(str(after)) from None
-        r = runner()
-        if r is not None:
-            data = [r.live_counts(b) for b in data]
-        return list_page(data, more)
+        states = await asyncio.to_thread(lambda: [store.batch_state(b["id"]) for b in data])
+        return list_page([with_live_counts(b, st) for b, st in zip(data, states)], more)
 
     @app.post("/v1/batches/{batch_id}/cancel")
     async def cancel_batch(batch_id: str):

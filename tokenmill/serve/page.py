@@ -23,18 +23,10 @@ from fastapi.responses import HTMLResponse
 
 from tokenmill.jobs.cost import job_cost
 from tokenmill.jobs.files import JobPaths
-from tokenmill.jobs.state import read_status
+from tokenmill.jobs.state import request_counts, try_read_status
 
 PAGE_FILE = Path(__file__).parent / "static" / "page.html"
 LISTED_BATCHES = 50  # the newest batches the list page shows
-
-
-def read_state(path: Path) -> dict | None:
-    """A job's state file, or None when there is none (yet) or it cannot be read."""
-    try:
-        return read_status(path)
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
 
 
 def job_progress(st: dict | None, hourly_rate: float | None, num_gpus: int = 1) -> dict | None:
@@ -79,8 +71,9 @@ def add_page_routes(app: FastAPI, status) -> None:
 def server_status(state, batch_id: str | None, hourly_rate: float | None) -> dict:
     """``/api/status`` of ``tokenmill serve``: the engine's load and the newest batches (or the one asked for)."""
     from tokenmill.serve.protocol import ApiError
+    from tokenmill.serve.state_store import with_live_counts
 
-    store, runner = state.store, state.batches
+    store = state.store
     if batch_id is not None:
         b = store.get_batch(batch_id)
         if b is None:
@@ -90,9 +83,8 @@ def server_status(state, batch_id: str | None, hourly_rate: float | None) -> dic
         batches = store.list_batches(None, LISTED_BATCHES)[0]
     jobs = []
     for b in batches:
-        if runner is not None:
-            b = runner.live_counts(b)
-        st = read_state(JobPaths(store.batch_output(b["id"])).state)
+        st = store.batch_state(b["id"])  # read once: the live counts and the progress
+        b = with_live_counts(b, st)
         jobs.append({"id": b["id"], "title": b["id"], "status": b["status"], "endpoint": b["endpoint"],
                      "created_at": b["created_at"], "request_counts": b["request_counts"],
                      "progress": job_progress(st, hourly_rate),
@@ -113,11 +105,9 @@ def server_status(state, batch_id: str | None, hourly_rate: float | None) -> dic
 def job_status(output: Path, hourly_rate: float | None, num_gpus: int = 1) -> dict:
     """``/api/status`` of ``tokenmill status --web OUTPUT``: that job, from its state file."""
     paths = JobPaths(output)
-    st = read_state(paths.state)
+    st = try_read_status(paths.state)
     job = {"id": output.name, "title": str(output), "status": st["state"] if st else "unknown", "endpoint": None,
-           "created_at": None, "request_counts": {"total": (st or {}).get("total", 0) + (st or {}).get("failed", 0),
-                                                  "completed": (st or {}).get("done", 0),
-                                                  "failed": (st or {}).get("failed", 0)},
+           "created_at": None, "request_counts": request_counts(st or {}),
            "progress": job_progress(st, hourly_rate, num_gpus), "files": {"output": str(paths.output),
                                                                           "errors": str(paths.errors)},
            "errors": [], "metadata": None, "usage": None}

@@ -26,6 +26,9 @@ from contextlib import closing
 from pathlib import Path
 from typing import BinaryIO
 
+from tokenmill.jobs.files import JobPaths
+from tokenmill.jobs.state import request_counts, try_read_status
+
 FILE_PURPOSES = ("batch",)  # what a client may upload: batch input (a batch's output files are the server's own)
 OUTPUT_PURPOSE = "batch_output"
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -94,6 +97,17 @@ def batch_object(row: sqlite3.Row) -> dict:
     obj["model"] = row["model"]
     obj["usage"] = json.loads(row["usage"]) if row["usage"] else None
     return obj
+
+
+def with_live_counts(batch: dict, state: dict | None) -> dict:
+    """A running batch with the request counts of its job's state file (``state``; the store has them once it
+    ends)."""
+    if state is None or batch["status"] not in ("in_progress", "finalizing", "cancelling"):
+        return batch
+    counts = request_counts(state)
+    counts["total"] = max(batch["request_counts"]["total"], counts["total"])  # (a resume: the store's total, from the
+    # first validation pass, until this run's pass is done)
+    return {**batch, "request_counts": counts}
 
 
 class FileInUse(Exception):
@@ -205,6 +219,10 @@ class StateStore:
     def batch_output(self, batch_id: str) -> Path:
         """Where a batch's job writes its results (its state file, errors and manifest beside it)."""
         return self.batch_dir(batch_id) / "output.jsonl"
+
+    def batch_state(self, batch_id: str) -> dict | None:
+        """The state file of the batch's job, or None before it has one."""
+        return try_read_status(JobPaths(self.batch_output(batch_id)).state)
 
     def add_batch(self, input_file_id: str, endpoint: str, completion_window: str, metadata: dict | None,
                   model: str | None) -> dict:
