@@ -47,7 +47,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # token budget of one step
     # of a step's budget, what batch-priority rows (a server's Batch API batches) may take while online requests run
-    # or wait, so online steps stay short (core/priority.py); None = max_num_batched_tokens // 8
+    # or ran lately (an eighth of it while one waits or prefills), so online steps stay short (core/priority.py);
+    # None = max_num_batched_tokens // 8
     batch_token_budget: int | None = None
     enable_chunked_prefill: bool = True
     prefill_chunk_size: int | None = None  # most prompt tokens of one request in one step; None = the budget
@@ -140,7 +141,7 @@ class EngineConfig:
 
     @property
     def resolved_batch_token_budget(self) -> int:
-        """Tokens of a step batch-priority rows may take while online requests run or wait."""
+        """``batch_token_budget``, resolved (at most the step's budget)."""
         budget = self.batch_token_budget or max(1, self.max_num_batched_tokens // 8)
         return min(budget, self.max_num_batched_tokens)
 

@@ -78,8 +78,9 @@ def eval_cmd(model, dtype, quantization, kv_cache_dtype, text_path, context, lim
 @click.option("--gpu-hourly-rate", type=float, default=None,
               help="USD per machine-hour: the live page shows each batch's cost at this rate.")
 @click.option("--batch-token-budget", type=int, default=None,
-              help="Tokens of a step Batch API rows may take while online requests run or wait "
-                   "(default: --max-num-batched-tokens / 8): smaller keeps online latency lower.")
+              help="Tokens of a step Batch API rows may take while online requests run or ran lately (an eighth "
+                   "of it while one waits or prefills; default: --max-num-batched-tokens / 8): smaller keeps online "
+                   "latency lower, at the batch's expense.")
 def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, max_num_batched_tokens, max_wait_ms,
           max_queued_requests, shutdown_timeout, preemption_mode, prefix_caching, device, dtype, quantization,
           max_model_len, kv_cache_memory, kv_cache_dtype, attention_backend, enforce_eager, tensor_parallel_size,
