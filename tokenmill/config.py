@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-PREEMPTION_MODES = ("none", "recompute")
+PREEMPTION_MODES = ("none", "recompute", "swap")
 SCHEDULING_STRATEGIES = ("continuous", "prefill_first")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -52,7 +52,8 @@ class EngineConfig:
     batch_token_budget: int | None = None
     enable_chunked_prefill: bool = True
     prefill_chunk_size: int | None = None  # most prompt tokens of one request in one step; None = the budget
-    preemption_mode: str = "none"
+    preemption_mode: str = "none"  # none | recompute | swap (a victim's K/V waits in swap_space, core/scheduler.py)
+    swap_space: float = 4.0  # GiB of host memory (pinned on CUDA) for swapped-out K/V under preemption_mode="swap"
     scheduling_strategy: str = "continuous"
     sort_by_length: bool = False
     enable_prefix_caching: bool = True  # share the KV blocks of common prompt prefixes (core/kv_cache_manager.py)
@@ -118,6 +119,10 @@ class EngineConfig:
             problems.append(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if not isinstance(self.kv_cache_memory, (int, float)) or self.kv_cache_memory <= 0:
             problems.append(f"kv_cache_memory must be a positive number of GiB, got {self.kv_cache_memory!r}")
+        if not isinstance(self.swap_space, (int, float)) or isinstance(self.swap_space, bool) or self.swap_space < 0:
+            problems.append(f"swap_space must be a number of GiB >= 0, got {self.swap_space!r}")
+        elif self.preemption_mode == "swap" and self.swap_space == 0:
+            problems.append("preemption_mode='swap' needs swap_space > 0 GiB")
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
             problems.append(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if problems:

@@ -14,9 +14,10 @@ from tokenmill.sampling_params import SamplingParams
 EOS = 0
 
 
-def make_scheduler(num_blocks=64, block_size=4, max_model_len=128, **kw):
+def make_scheduler(num_blocks=64, block_size=4, max_model_len=128, num_swap_blocks=16, **kw):
     cfg = EngineConfig.from_dict({"block_size": block_size, **kw}).resolve(max_model_len)
-    return Scheduler(cfg, KVCacheManager(num_blocks, block_size))
+    swap = num_swap_blocks if cfg.preemption_mode == "swap" else 0
+    return Scheduler(cfg, KVCacheManager(num_blocks, block_size, num_swap_blocks=swap))
 
 
 def make_requests(n, seed=0, min_len=1, max_len=40, min_out=1, max_out=20, ignore_eos=True):
@@ -66,8 +67,9 @@ def assert_step_invariants(sched, out):
         assert len(s.block_ids) * cfg.block_size >= s.num_computed_tokens + s.num_scheduled_tokens
         if cfg.enable_chunked_prefill and s.num_computed_tokens < s.request.num_prompt_tokens:
             assert s.num_scheduled_tokens <= cfg.chunk_limit
-    # decodes of running requests come before any prefill chunk
-    kinds = [is_decode(s) for s in out.scheduled]
+    # decodes of running requests come before any prefill chunk (a swapped-out request resumes at admission)
+    swapped_in = {d for _, d in out.blocks_to_swap_in}
+    kinds = [is_decode(s) for s in out.scheduled if not swapped_in & set(s.block_ids)]
     first_prefill = kinds.index(False) if False in kinds else len(kinds)
     assert all(not k for k in kinds[first_prefill:]) or cfg.scheduling_strategy == "prefill_first"
     # block accounting: free + held == total, no block held twice
@@ -76,7 +78,7 @@ def assert_step_invariants(sched, out):
     assert sched.kv.num_free_blocks + len(held) == sched.kv.num_blocks
 
 
-@pytest.mark.parametrize("preemption_mode", ["none", "recompute"])
+@pytest.mark.parametrize("preemption_mode", ["none", "recompute", "swap"])
 @pytest.mark.parametrize("chunked", [True, False])
 @pytest.mark.parametrize("strategy", ["continuous", "prefill_first"])
 def test_every_request_finishes_within_budgets_without_leaks(preemption_mode, chunked, strategy):
@@ -261,7 +263,7 @@ def test_unknown_engine_option_is_named():
     with pytest.raises(ValueError, match="max_num_seq\\b"):
         EngineConfig.from_dict({"max_num_seq": 4})
     with pytest.raises(ValueError, match="preemption_mode"):
-        EngineConfig.from_dict({"preemption_mode": "swap"})
+        EngineConfig.from_dict({"preemption_mode": "evict"})
 
 
 def test_sampling_params_name_every_bad_field():

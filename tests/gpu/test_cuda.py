@@ -1,7 +1,8 @@
 """The CUDA path on a real device: skipped where there is none (every run on the project's CPU machines), run as is
 on a GPU machine (``pytest tests/gpu``). What the interpreter tests cannot show: the kernels compiled for the device,
 ``device="auto"`` choosing CUDA and Triton, dummy weights made on the device, the KV pool under
-``gpu_memory_utilization``, the sampler on device tensors, and two ranks over NCCL."""
+``gpu_memory_utilization``, the sampler on device tensors, swap space in pinned host memory, and two ranks over
+NCCL."""
 
 from __future__ import annotations
 
@@ -39,6 +40,21 @@ def test_auto_picks_cuda_and_triton_and_equals_transformers(tiny):
     for p, o in zip(prompts, outs):
         ref, ref_logits = hf_greedy(hf, p, 16)
         assert_greedy_equal(o.token_ids, ref, ref_logits, "cuda triton busy batch")
+
+
+def test_swap_preemption_through_pinned_host_memory_equals_transformers(tiny):
+    from tokenmill import LLM, SamplingParams
+
+    path, hf = tiny
+    llm = LLM(str(path), dtype="float32", block_size=4, num_kv_blocks=48, max_model_len=128, max_num_seqs=32,
+              max_num_batched_tokens=64, preemption_mode="swap", swap_space=1e-3)
+    assert llm.engine.runner.swap_caches[0][0].is_pinned()
+    prompts = _prompts(hf.config.vocab_size, n=24)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert llm.engine.stats.num_swap_outs > 0
+    for p, o in zip(prompts, outs):
+        ref, ref_logits = hf_greedy(hf, p, 16)
+        assert_greedy_equal(o.token_ids, ref, ref_logits, "cuda swap preemption")
 
 
 def test_bfloat16_default_and_the_kv_pool_stays_under_the_utilization(tiny):

@@ -54,6 +54,22 @@ def test_tiny_in_busy_batch_with_chunks_and_preemption(tiny, backend):
         assert_greedy_equal(out.token_ids, ref, ref_logits, f"{arch}/{backend} prompt {i} in batch")
 
 
+@pytest.mark.parametrize("swap_space", [1e-3, 6e-5])  # every victim fits; only some do (the rest recompute)
+def test_tiny_in_busy_batch_with_swap_preemption(tiny, swap_space):
+    """preemption_mode="swap": victims' K/V copied to host blocks and back; greedy tokens still transformers'."""
+    arch, path, prompts, refs = tiny
+    llm = LLM(path, block_size=4, num_kv_blocks=48, max_model_len=128, max_num_seqs=32, max_num_batched_tokens=64,
+              prefill_chunk_size=7, preemption_mode="swap", swap_space=swap_space)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    st = llm.engine.stats
+    assert st.num_swap_outs > 0, "the pool was meant to be small enough to swap"
+    if swap_space < 1e-4:
+        assert st.num_preemptions > st.num_swap_outs, "a swap space this small recomputes some victims"
+    assert llm.engine.kv_cache_manager.swap_pool.num_free_blocks == llm.engine.num_swap_blocks
+    for i, (out, (ref, ref_logits)) in enumerate(zip(outs, refs)):
+        assert_greedy_equal(out.token_ids, ref, ref_logits, f"{arch} prompt {i} in batch (swap {swap_space} GiB)")
+
+
 def test_tiny_batch_without_preemption(tiny):
     arch, path, prompts, refs = tiny
     llm = LLM(path, block_size=4, num_kv_blocks=48, max_model_len=128, max_num_batched_tokens=64, prefill_chunk_size=7)

@@ -113,3 +113,21 @@ def test_a_job_runs_with_two_ranks_from_the_command_line(tmp_path):
 
     two = run("tp2.jsonl", "--tensor-parallel-size", "2")
     assert len(two) == 8 and all(two.values()) and two == run("tp1.jsonl")
+
+
+def test_swap_preemption_with_two_ranks_equals_one(tmp_path):
+    """Rank 0 sends the step's swap pairs; every rank copies its own heads' blocks out and back in."""
+    save_tiny_model("llama", tmp_path / "m")
+    prompts = _prompts(256, n=16)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    options = dict(max_num_batched_tokens=48, max_num_seqs=12, num_kv_blocks=24, block_size=4, max_model_len=64,
+                   preemption_mode="swap", swap_space=1e-3)
+    one = [o.token_ids for o in LLM(str(tmp_path / "m"), **options).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(str(tmp_path / "m"), tensor_parallel_size=2, **options)
+    try:
+        two = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        swaps = llm.engine.stats.num_swap_outs
+    finally:
+        llm.close()
+    assert swaps > 0, "the pool was meant to be small enough to swap"
+    assert two == one

@@ -143,6 +143,21 @@ columns_option = click.option("--columns", default=None, metavar="FIELD=COL,..."
                                    "fields, e.g. id, prompt, messages, text, max_tokens).")
 
 
+def preemption_options(f):
+    """--preemption-mode and --swap-space, for run and serve."""
+    for opt in reversed([
+        click.option("--preemption-mode", type=click.Choice(["none", "recompute", "swap"]), default=None,
+                     help="none (default): a request is admitted only with blocks for all it can use, never "
+                          "evicted; recompute: blocks as needed, the newest request evicted and redone when they "
+                          "run out; swap: the same, its K/V kept in --swap-space host memory and copied back."),
+        click.option("--swap-space", type=float, default=None,
+                     help="GiB of host memory (pinned on CUDA) for swapped-out K/V with --preemption-mode swap "
+                          "(default 4)."),
+    ]):
+        f = opt(f)
+    return f
+
+
 def model_memory_options(f):
     """--device, --dtype, --quantization, --max-model-len, --kv-cache-memory, --kv-cache-dtype,
     --attention-backend, --enforce-eager and --tensor-parallel-size, for run and serve."""

@@ -9,8 +9,8 @@ import click
 
 from tokenmill.cli.common import (EXIT_CODES_HELP, UserError, columns_of, columns_option, config_option,
                                   engine_and_sampling, input_format_option, job_context, job_options,
-                                  kv_cache_dtype_option, model_memory_options, model_option, run_job, scan_input,
-                                  structured_flags, structured_options)
+                                  kv_cache_dtype_option, model_memory_options, model_option, preemption_options,
+                                  run_job, scan_input, structured_flags, structured_options)
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -29,8 +29,7 @@ from tokenmill.cli.common import (EXIT_CODES_HELP, UserError, columns_of, column
 @click.option("--max-num-seqs", type=int, default=None, help="Most running requests (default: from the memory plan).")
 @click.option("--max-num-batched-tokens", type=int, default=None,
               help="Token budget of one step (default: from the memory plan).")
-@click.option("--preemption-mode", type=click.Choice(["none", "recompute"]), default=None,
-              help="none (default): never evict a running request; recompute: evict the newest and redo it later.")
+@preemption_options
 @click.option("--scheduling-strategy", type=click.Choice(["continuous", "prefill_first"]), default=None,
               help="continuous (default) or prefill_first.")
 @click.option("--sort-by-length/--no-sort-by-length", default=None, help="Admit longer prompts first within a window.")
@@ -55,8 +54,8 @@ from tokenmill.cli.common import (EXIT_CODES_HELP, UserError, columns_of, column
 @structured_options
 @job_options
 def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k, seed, stop, max_num_seqs,
-        max_num_batched_tokens, preemption_mode, scheduling_strategy, sort_by_length, prefix_caching, dataset_order,
-        task, score_tokens, dedupe, device, dtype, quantization, max_model_len, kv_cache_memory, kv_cache_dtype, attention_backend,
+        max_num_batched_tokens, preemption_mode, swap_space, scheduling_strategy, sort_by_length, prefix_caching,
+        dataset_order, task, score_tokens, dedupe, device, dtype, quantization, max_model_len, kv_cache_memory, kv_cache_dtype, attention_backend,
         enforce_eager, tensor_parallel_size, gpu_memory_utilization, partition,
         total_partitions, gpu_hourly_rate, num_gpus,
         context_overflow, json_schema, choices, regex, grammar, input_format, columns, progress_interval, ray_address,
@@ -73,7 +72,7 @@ def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k
     model, engine, sampling = engine_and_sampling(
         config, model,
         dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, preemption_mode=preemption_mode,
-             scheduling_strategy=scheduling_strategy, sort_by_length=sort_by_length,
+             swap_space=swap_space, scheduling_strategy=scheduling_strategy, sort_by_length=sort_by_length,
              enable_prefix_caching=prefix_caching, device=device, dtype=dtype, quantization=quantization,
              max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
              attention_backend=attention_backend, enforce_eager=enforce_eager or None,

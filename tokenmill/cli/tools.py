@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from tokenmill.cli.common import (UserError, config_option, engine_and_sampling, kv_cache_dtype_option,
-                                  model_memory_options, model_option, quantization_option)
+                                  model_memory_options, model_option, preemption_options, quantization_option)
 
 
 @click.command("eval")
@@ -61,7 +61,7 @@ def eval_cmd(model, dtype, quantization, kv_cache_dtype, text_path, context, lim
               help="Waiting requests beyond the running batch; past it, HTTP 429 with Retry-After.")
 @click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
               help="On SIGTERM: seconds in-flight requests get to finish before they are aborted.")
-@click.option("--preemption-mode", type=click.Choice(["none", "recompute"]), default=None)
+@preemption_options
 @click.option("--prefix-caching/--no-prefix-caching", "prefix_caching", default=None,
               help="Share the KV cache of common prompt prefixes (default: on).")
 @model_memory_options
@@ -82,10 +82,10 @@ def eval_cmd(model, dtype, quantization, kv_cache_dtype, text_path, context, lim
                    "of it while one waits or prefills; default: --max-num-batched-tokens / 8): smaller keeps online "
                    "latency lower, at the batch's expense.")
 def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, max_num_batched_tokens, max_wait_ms,
-          max_queued_requests, shutdown_timeout, preemption_mode, prefix_caching, device, dtype, quantization,
-          max_model_len, kv_cache_memory, kv_cache_dtype, attention_backend, enforce_eager, tensor_parallel_size,
-          gpu_memory_utilization, embedding_model, state_dir, max_file_mb, max_batch_requests, gpu_hourly_rate,
-          batch_token_budget):
+          max_queued_requests, shutdown_timeout, preemption_mode, swap_space, prefix_caching, device, dtype,
+          quantization, max_model_len, kv_cache_memory, kv_cache_dtype, attention_backend, enforce_eager,
+          tensor_parallel_size, gpu_memory_utilization, embedding_model, state_dir, max_file_mb, max_batch_requests,
+          gpu_hourly_rate, batch_token_budget):
     """An OpenAI-compatible HTTP server on the same engine: /v1/chat/completions, /v1/completions (streaming or
     not), /v1/embeddings, the Batch API (/v1/files, /v1/batches), /v1/models, /health, /metrics, and a live page
     of the batches at /."""
@@ -102,8 +102,9 @@ def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, m
         raise UserError(f"--gpu-hourly-rate must be >= 0, got {gpu_hourly_rate}")
     model, engine, _ = engine_and_sampling(
         config, model, dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                            preemption_mode=preemption_mode, enable_prefix_caching=prefix_caching, device=device,
-                            dtype=dtype, quantization=quantization, max_model_len=max_model_len,
+                            preemption_mode=preemption_mode, swap_space=swap_space,
+                            enable_prefix_caching=prefix_caching, device=device, dtype=dtype,
+                            quantization=quantization, max_model_len=max_model_len,
                             kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
                             attention_backend=attention_backend, enforce_eager=enforce_eager or None,
                             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,

@@ -15,6 +15,11 @@ Cached blocks outlive their requests as free blocks, evicted least recently free
 Blocks being computed: the prompt blocks a request was admitted without (not hits) are ``pending`` until computed
 and cached. ``next_block_pending`` tells the scheduler that a waiting request's next block is one of them, so it can
 wait a step for a hit instead of computing the same block a second time in parallel.
+
+Swap space (``preemption_mode="swap"``): a second, smaller pool of blocks in host memory. ``swap_out`` moves a
+preempted request's computed blocks there (the pairs tell the runner what to copy; its device blocks are freed at
+once, so the runner copies them out before the step's forward pass writes anything), ``swap_in`` gives it device
+blocks again and frees its host ones. A request is either in device blocks or in host blocks, never in both.
 """
 
 from __future__ import annotations
@@ -33,10 +38,13 @@ def block_hash(parent: Hashable | None, token_ids: Sequence[int], extra: Hashabl
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False,
+                 num_swap_blocks: int = 0) -> None:
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks)
+        self.swap_pool = BlockPool(num_swap_blocks) if num_swap_blocks > 0 else None
+        self._swapped: dict[str, list[int]] = {}  # request -> its host blocks (in order), while swapped out
         self._blocks: dict[str, list[int]] = {}
         self._hashes: dict[str, list[int]] = {}  # request -> hashes of its full blocks, computed so far
         self._num_cached: dict[str, int] = {}  # request -> how many of its leading blocks are registered
@@ -138,7 +146,11 @@ class KVCacheManager:
         return num_hits < len(hashes) and hashes[num_hits] in self._pending
 
     def free(self, request_id: str) -> None:
-        """Gives a request's blocks back, tail first (no-op if it holds none); cached ones stay hittable."""
+        """Gives a request's blocks back, tail first (no-op if it holds none); cached ones stay hittable. A swapped-out
+        request's host blocks go back too."""
+        host = self._swapped.pop(request_id, None)
+        if host:
+            self.swap_pool.free(host[::-1])
         pending = self._pending_of.pop(request_id, None)
         hashes = self._hashes.pop(request_id, None)
         if pending is not None and hashes is not None:
@@ -147,6 +159,32 @@ class KVCacheManager:
         blocks = self._blocks.pop(request_id, None)
         if blocks:
             self.pool.free(blocks[::-1])
+
+    def swap_out(self, request_id: str, num_computed_tokens: int) -> list[tuple[int, int]] | None:
+        """Moves the blocks holding a request's first ``num_computed_tokens`` tokens to host blocks and frees all its
+        device blocks. Returns the (device block, host block) pairs to copy, or None, changing nothing, when there is
+        no swap space, nothing to keep, or too few free host blocks (the caller recomputes instead)."""
+        n = self.blocks_needed(num_computed_tokens)
+        if self.swap_pool is None or n == 0 or n > self.swap_pool.num_free_blocks:
+            return None
+        device = self._blocks[request_id][:n]
+        self.free(request_id)
+        self._swapped[request_id] = self.swap_pool.allocate(n)
+        return list(zip(device, self._swapped[request_id]))
+
+    def swap_in(self, request_id: str, num_tokens: int, keep_free: int = 0) -> list[tuple[int, int]] | None:
+        """Gives a swapped-out request device blocks for ``num_tokens`` slots (its swapped tokens and the chunk it is
+        about to run) and frees its host blocks. Returns the (host block, device block) pairs to copy, or None,
+        changing nothing, when too few device blocks are free (``keep_free`` as in ``allocate_slots``)."""
+        host = self._swapped.pop(request_id)
+        if not self.allocate_slots(request_id, max(num_tokens, len(host) * self.block_size), keep_free=keep_free):
+            self._swapped[request_id] = host
+            return None
+        self.swap_pool.free(host[::-1])
+        return list(zip(host, self._blocks[request_id]))
+
+    def is_swapped(self, request_id: str) -> bool:
+        return request_id in self._swapped
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached block (only while no request holds blocks)."""

@@ -3,7 +3,8 @@
 A request holds its token ids (prompt, then outputs) and ``num_computed_tokens``, the number of those tokens whose
 K/V sit in the cache. There is no prefill or decode phase stored anywhere: a request is "prefilling" exactly while
 more than one of its tokens is still uncomputed. The scheduler only ever moves ``num_computed_tokens`` towards
-``num_tokens``; preemption (recompute) resets it to 0 and keeps the outputs, so they are recomputed as a prompt.
+``num_tokens``; preemption (recompute) resets it to 0 and keeps the outputs, so they are recomputed as a prompt;
+preemption by swapping keeps it (the K/V wait in host memory).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"  # waiting again, its KV freed; recomputed when readmitted
+    SWAPPED = "swapped"  # waiting again, its computed KV in host swap blocks; copied back when readmitted
     FINISHED_STOPPED = "finished_stopped"
     FINISHED_LENGTH = "finished_length"
     FINISHED_ABORTED = "finished_aborted"

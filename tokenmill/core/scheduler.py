@@ -17,6 +17,9 @@ Invariants (tested in tests/core):
   at ``max_model_len``) are free, and they are taken at admission, so a running request is never preempted;
 - under ``"recompute"`` blocks are taken as tokens are scheduled; when they run out the most recently admitted
   running request gives its blocks back and is recomputed later (its outputs kept);
+- under ``"swap"`` the same, except that the victim's computed blocks move to host swap blocks (when they fit there)
+  and are copied back when it is readmitted, at the head of its class; a step either swaps out or swaps in, never
+  both (a block one frees could be the block the other fills);
 - a finished request's blocks return to the pool in the step that finishes it;
 - with prefix caching, a request is admitted with the cached blocks of its leading tokens as a head start on
   ``num_computed_tokens`` (never its last token); blocks are registered in the cache once full and computed.
@@ -58,6 +61,10 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     preempted_request_ids: list[str] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)  # finished since the previous step
+    # preemption_mode="swap": (device block, host block) pairs to copy out and (host block, device block) pairs to
+    # copy in, before the step's forward pass; at most one of the two is non-empty
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -80,6 +87,8 @@ class _Step:
     batch_budget: int  # of those, what batch-priority rows may still take (``batch_token_budget`` beside online work)
     scheduled: dict[str, ScheduledRequest] = field(default_factory=dict)
     preempted: list[str] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # request -> its pairs
 
     def room(self, priority: int) -> int:
         """Tokens a request of this class may still be given in this step."""
@@ -93,6 +102,7 @@ class _Step:
 
     def undo(self, request_id: str) -> None:
         """Takes back a request's chunk (its request was preempted later in the step)."""
+        self.swap_in.pop(request_id, None)  # (it is recomputed: what was copied in is not needed)
         sr = self.scheduled.pop(request_id, None)
         if sr is not None:
             self.budget += sr.num_scheduled_tokens
@@ -104,6 +114,7 @@ class _Step:
 class SchedulerStats:
     num_steps: int = 0
     num_preemptions: int = 0
+    num_swap_outs: int = 0  # preemptions that kept the victim's K/V in swap space (the rest recompute)
     num_scheduled_tokens: int = 0
     num_prefill_tokens: int = 0  # tokens scheduled in chunks that did not sample (or the last prompt chunk)
     num_decode_tokens: int = 0
@@ -197,11 +208,23 @@ class Scheduler:
             return remaining if remaining <= budget else 0
         return min(remaining, budget, self.config.chunk_limit)
 
-    def _preempt(self, victim: Request) -> None:
+    def _preempt(self, victim: Request, step: _Step) -> None:
+        """Takes ``victim`` off the running list: swapped out (``"swap"``, where the swap space holds it, not in a
+        step that swaps in) or recomputed later."""
         self.running.remove(victim)
-        self.kv.free(victim.request_id)
-        victim.num_computed_tokens = 0
-        victim.status = RequestStatus.PREEMPTED
+        step.undo(victim.request_id)
+        step.preempted.append(victim.request_id)
+        pairs = None
+        if self.config.preemption_mode == "swap" and not step.swap_in:
+            pairs = self.kv.swap_out(victim.request_id, victim.num_computed_tokens)
+        if pairs is not None:
+            step.swap_out.extend(pairs)
+            victim.status = RequestStatus.SWAPPED
+            self.stats.num_swap_outs += 1
+        else:
+            self.kv.free(victim.request_id)
+            victim.num_computed_tokens = 0
+            victim.status = RequestStatus.PREEMPTED
         victim.num_preemptions += 1
         self.stats.num_preemptions += 1
         self.waiting.appendleft(victim)
@@ -252,6 +275,8 @@ class Scheduler:
             total_num_scheduled_tokens=cfg.max_num_batched_tokens - step.budget,
             preempted_request_ids=step.preempted,
             finished_request_ids=self._finished_since_last_step,
+            blocks_to_swap_out=step.swap_out,
+            blocks_to_swap_in=[p for pairs in step.swap_in.values() for p in pairs],
         )
         self._finished_since_last_step = []
         self._record(out)
@@ -294,9 +319,7 @@ class Scheduler:
                 if self.config.preemption_mode == "none":
                     raise RuntimeError(f"{req} ran out of reserved blocks under preemption_mode=none")
                 victim = self._victim()
-                step.undo(victim.request_id)
-                self._preempt(victim)
-                step.preempted.append(victim.request_id)
+                self._preempt(victim, step)
                 self._wave_open = False  # memory is full: this wave takes no more requests
                 if victim is req:
                     break
@@ -319,6 +342,12 @@ class Scheduler:
             if len(self.running) >= cfg.max_num_seqs - (self.headroom.seqs if gated else 0):
                 break
             req = queue[0]
+            if req.status == RequestStatus.SWAPPED:
+                if not self._swap_in(step, req, keep_free):
+                    blocked = True  # it resumes first: those behind it wait
+                    break
+                queue.popleft()
+                continue
             # a cached prefix is a head start, except for a request that wants its prompt's logprobs: a hit's logits
             # were never computed, so it computes its whole prompt (its blocks are still cached for others)
             wants_prompt = req.prompt_logprobs is not None
@@ -346,6 +375,21 @@ class Scheduler:
             step.add(req, n, self.kv.block_ids(req.request_id))
         queue.extendleft(reversed(deferred))
         return blocked
+
+    def _swap_in(self, step: _Step, req: Request, keep_free: int) -> bool:
+        """Readmits a swapped-out request with its next chunk: device blocks for it, its host blocks to copy back.
+        False when it cannot run in this step (no budget, a step that swaps out, too few free blocks)."""
+        n = self._chunk(req, step.room(req.priority))
+        if n == 0 or step.swap_out:
+            return False
+        pairs = self.kv.swap_in(req.request_id, req.num_computed_tokens + n, keep_free)
+        if pairs is None:
+            return False
+        step.swap_in[req.request_id] = pairs
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        step.add(req, n, self.kv.block_ids(req.request_id))
+        return True
 
     def _record(self, out: SchedulerOutput) -> None:
         s = self.stats

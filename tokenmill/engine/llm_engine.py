@@ -31,7 +31,7 @@ from tokenmill.ops import Ops, make_ops
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SCORE_PARAMS, SamplingParams
 from tokenmill.structured.backend import GrammarBackend
-from tokenmill.worker.memory import plan_num_blocks
+from tokenmill.worker.memory import plan_num_blocks, plan_num_swap_blocks
 from tokenmill.worker.model_runner import ModelRunner
 
 
@@ -113,13 +113,15 @@ class LLMEngine:
         if self.device.type == "cuda" and self.config.num_kv_blocks is None:
             activations = _profiled_activations(loaded.model, self.config, dtype, self.device)
         self.num_kv_blocks = plan_num_blocks(self.config, rank_mc, dtype, self.device, activations)
+        self.num_swap_blocks = plan_num_swap_blocks(self.config, rank_mc, dtype)
         if self.tp_workers is not None:
-            self.tp_workers.send_num_blocks(self.num_kv_blocks, self.device)
+            self.tp_workers.send_num_blocks(self.num_kv_blocks, self.num_swap_blocks, self.device)
         self.kv_cache_manager = KVCacheManager(self.num_kv_blocks, self.config.block_size,
-                                               self.config.enable_prefix_caching)
+                                               self.config.enable_prefix_caching, self.num_swap_blocks)
         self.scheduler = Scheduler(self.config, self.kv_cache_manager, self._stop_string_of)
         self.grammars = grammars or GrammarBackend(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
-        self.runner = ModelRunner(self.config, loaded.model, self.num_kv_blocks, self.device, self.grammars)
+        self.runner = ModelRunner(self.config, loaded.model, self.num_kv_blocks, self.device, self.grammars,
+                                  self.num_swap_blocks)
         if self.tp_workers is not None:
             self.tp_workers.runner = self.runner
         self.weight_bytes = weight_bytes(loaded.model)

@@ -4,7 +4,7 @@
 model: path/to/model          # optional
 scheduler: {max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, prefill_chunk_size, enable_prefix_caching,
             preemption_mode, scheduling_strategy, sort_by_length}
-memory:    {gpu_memory_utilization, kv_cache_memory, kv_cache_dtype, num_kv_blocks, block_size}
+memory:    {gpu_memory_utilization, kv_cache_memory, kv_cache_dtype, num_kv_blocks, block_size, swap_space}
 engine:    {dtype, quantization, device, max_model_len, attention_backend, cpu_gemm, num_threads, seed, cache_dir,
             load_format}
 sampling:  {max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos,
@@ -24,7 +24,8 @@ from tokenmill.config import ConfigError
 SECTIONS = {
     "scheduler": {"max_num_seqs", "max_num_batched_tokens", "enable_chunked_prefill", "prefill_chunk_size",
                   "preemption_mode", "scheduling_strategy", "sort_by_length", "enable_prefix_caching"},
-    "memory": {"gpu_memory_utilization", "kv_cache_memory", "kv_cache_dtype", "num_kv_blocks", "block_size"},
+    "memory": {"gpu_memory_utilization", "kv_cache_memory", "kv_cache_dtype", "num_kv_blocks", "block_size",
+               "swap_space"},
     "engine": {"dtype", "quantization", "device", "max_model_len", "attention_backend", "cpu_gemm", "num_threads",
                "seed", "cache_dir", "load_format"},
     "sampling": {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",

@@ -54,8 +54,8 @@ class TPWorkers:
     runner: object | None = None  # rank 0's ModelRunner, once built
     closed: bool = False
 
-    def send_num_blocks(self, num_blocks: int, device: torch.device) -> None:
-        self.tp.broadcast(torch.tensor([num_blocks], dtype=torch.int64, device=device))
+    def send_num_blocks(self, num_blocks: int, num_swap_blocks: int, device: torch.device) -> None:
+        self.tp.broadcast(torch.tensor([num_blocks, num_swap_blocks], dtype=torch.int64, device=device))
 
     def close(self) -> None:
         """STOP to every worker, wait for them, leave the group. Idempotent."""
@@ -116,9 +116,9 @@ def worker_main(config: EngineConfig, rank: int, size: int, device_type: str, re
         loaded = load_model(config.model, config.dtype, device, config.max_model_len, cache_dir, config.quantization,
                             config.load_format, config.cpu_gemm, ops, tp)
         resolved = config.resolve(loaded.model_config.max_position_embeddings)
-        num_blocks = torch.zeros(1, dtype=torch.int64, device=device)
+        num_blocks = torch.zeros(2, dtype=torch.int64, device=device)  # the KV pool's blocks, the swap space's
         tp.broadcast(num_blocks)
-        runner = ModelRunner(resolved, loaded.model, int(num_blocks.item()), device)
+        runner = ModelRunner(resolved, loaded.model, int(num_blocks[0]), device, num_swap_blocks=int(num_blocks[1]))
         runner.follow()
     finally:
         dist.destroy_process_group()

@@ -44,6 +44,14 @@ def kv_budget_bytes(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, d
     return int(total * config.gpu_memory_utilization - used - activations)
 
 
+def plan_num_swap_blocks(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype) -> int:
+    """Host blocks for swapped-out K/V: ``swap_space`` GiB of blocks shaped like the device's (0 unless
+    ``preemption_mode="swap"``)."""
+    if config.preemption_mode != "swap":
+        return 0
+    return int(config.swap_space * GIB) // kv_bytes_per_block(mc, config.block_size, kv_cache_dtype(config, dtype))
+
+
 def plan_num_blocks(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device,
                     activation_bytes: int | None = None) -> int:
     """Number of KV blocks; raises ConfigError when they cannot hold one request of ``max_model_len`` tokens.

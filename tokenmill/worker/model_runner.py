@@ -3,7 +3,9 @@
 It owns the KV cache tensors and the sampler. Each step it lays the scheduled chunks out as one flat, unpadded batch
 (decodes first), runs the model once, runs the LM head only on the last token of each chunk that samples, and
 samples those rows. The rows of requests with structured outputs are first masked to what their grammar allows
-(``structured/backend.py``: one batched operation; the matchers advance by the sampled tokens).
+(``structured/backend.py``: one batched operation; the matchers advance by the sampled tokens). Before the forward
+pass it copies the blocks the scheduler swaps out to host memory or in from it (``preemption_mode="swap"``;
+``swap_caches``, pinned on CUDA).
 
 Under tensor parallelism every rank has a runner over its slice of the model and of the KV cache (its KV heads).
 Rank 0's ``execute`` broadcasts each step's shape and integer inputs (the StepBuffers prefix, as it lies) before its
@@ -32,7 +34,7 @@ STOP, STEP = 0, 1  # the commands rank 0 broadcasts to tensor-parallel workers
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: LlamaForCausalLM, num_blocks: int, device: torch.device,
-                 grammars: GrammarBackend | None = None) -> None:
+                 grammars: GrammarBackend | None = None, num_swap_blocks: int = 0) -> None:
         """The kernels are the model's (``model.ops``, chosen when it was built)."""
         self.config = config
         self.model = model
@@ -54,6 +56,12 @@ class ModelRunner:
             for _ in range(mc.num_hidden_layers)
         ]  # per layer: (k, v), each [num_blocks, block_size, num_kv_heads, head_dim]
         self._block_zeroed = np.zeros(num_blocks, dtype=bool)
+        swap_shape = (num_swap_blocks, *shape[1:])
+        pin = device.type == "cuda"  # host memory the copies can run from asynchronously
+        self.swap_caches = [
+            (torch.empty(swap_shape, dtype=dtype, pin_memory=pin), torch.empty(swap_shape, dtype=dtype, pin_memory=pin))
+            for _ in range(mc.num_hidden_layers if num_swap_blocks else 0)
+        ]  # per layer: (k, v) in host memory, each [num_swap_blocks, block_size, num_kv_heads, head_dim]
         max_blocks = -(-config.max_model_len // self.block_size) if config.max_model_len else 1
         self.buffers = StepBuffers(config.max_num_batched_tokens, config.max_num_seqs, max_blocks, device)
         self.graphs = self._capture_graphs(max_blocks)  # None: every step eager
@@ -84,7 +92,8 @@ class ModelRunner:
         step = self.buffers.fill(chunks, self.block_size)  # one host-to-device copy (none on CPU)
         wanted = wanted_rows(chunks, step.query_start_loc_list)  # rows whose prompt logprobs a request asked for
         if self.tp.size > 1:
-            self._send_step(self.buffers.shape, num_decodes, flat_rows(wanted))
+            self._send_step(self.buffers.shape, num_decodes, flat_rows(wanted), out)
+        self._swap(out.blocks_to_swap_out, out.blocks_to_swap_in)
         sampling = [(i, s) for i, s in enumerate(chunks) if s.samples]
         ids = [s.request_id for _, s in sampling]
         params = [s.request.sampling_params for _, s in sampling]
@@ -131,20 +140,41 @@ class ModelRunner:
         return choose_num_splits(num_decodes, self.kv_caches[0][0].shape[2], max(step.seq_lens_list),
                                  b.num_programs_target, b.min_keys_per_split) == 1
 
+    def _swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Copies whole blocks, every layer: device -> host for ``swap_out`` (device, host) pairs, host -> device for
+        ``swap_in`` (host, device) pairs (the scheduler never gives both in one step)."""
+        if swap_out:
+            src, dst = (torch.tensor(c, dtype=torch.int64) for c in zip(*swap_out))
+            src = src.to(self.device)
+            for (k, v), (hk, hv) in zip(self.kv_caches, self.swap_caches):
+                hk.index_copy_(0, dst, k.index_select(0, src).to("cpu"))
+                hv.index_copy_(0, dst, v.index_select(0, src).to("cpu"))
+        if swap_in:
+            src, dst = (torch.tensor(c, dtype=torch.int64) for c in zip(*swap_in))
+            self._block_zeroed[dst.numpy()] = True  # every slot written
+            dst = dst.to(self.device)
+            for (k, v), (hk, hv) in zip(self.kv_caches, self.swap_caches):
+                k.index_copy_(0, dst, hk.index_select(0, src).to(self.device, non_blocking=True))
+                v.index_copy_(0, dst, hv.index_select(0, src).to(self.device, non_blocking=True))
+
     # ---------------------------------------------------------------- tensor parallel
     def _header(self) -> torch.Tensor:
-        return torch.empty(10, dtype=torch.int64, device=self.buffers.dev.device)
+        return torch.empty(12, dtype=torch.int64, device=self.buffers.dev.device)
 
-    def _send_step(self, shape: StepShape, num_decodes: int, prompt_rows: list[int]) -> None:
-        """The step's header (shape, decodes, buffer capacity, how many prompt-logprob rows), its integer inputs,
-        then the prompt-logprob rows, if any."""
+    def _send_step(self, shape: StepShape, num_decodes: int, prompt_rows: list[int], out: SchedulerOutput) -> None:
+        """The step's header (shape, decodes, how many prompt-logprob rows and swapped block pairs, buffer capacity),
+        its integer inputs, then the prompt-logprob rows and the swap pairs, if any."""
         header = self._header()
+        swaps = out.blocks_to_swap_out or out.blocks_to_swap_in
         header.copy_(torch.tensor([STEP, shape.num_tokens, shape.num_reqs, shape.width, shape.num_sampled,
-                                   num_decodes, len(prompt_rows), *self.buffers.capacity()]))
+                                   num_decodes, len(prompt_rows), len(out.blocks_to_swap_out),
+                                   len(out.blocks_to_swap_in), *self.buffers.capacity()]))
         self.tp.broadcast(header)
         self.tp.broadcast(self.buffers.dev[: self.buffers.used(shape)])
         if prompt_rows:
             self.tp.broadcast(torch.tensor(prompt_rows, dtype=torch.int64, device=self.buffers.dev.device))
+        if swaps:
+            self.tp.broadcast(torch.tensor(swaps, dtype=torch.int64, device=self.buffers.dev.device))
 
     def stop_followers(self) -> None:
         """Ends the ``follow`` loops of ranks 1..N-1 (rank 0, once, when the engine closes)."""
@@ -158,7 +188,7 @@ class ModelRunner:
         while True:
             header = self._header()
             self.tp.broadcast(header)
-            cmd, t, r, w, n_sampled, num_decodes, n_prompt_rows, *capacity = header.tolist()
+            cmd, t, r, w, n_sampled, num_decodes, n_prompt_rows, n_out, n_in, *capacity = header.tolist()
             if cmd == STOP:
                 return
             buffers.ensure_capacity(tuple(capacity))
@@ -172,6 +202,11 @@ class ModelRunner:
             if n_prompt_rows:
                 prompt_rows = torch.empty(n_prompt_rows, dtype=torch.int64, device=buffers.dev.device)
                 self.tp.broadcast(prompt_rows)
+            if n_out or n_in:
+                pairs = torch.empty((n_out + n_in, 2), dtype=torch.int64, device=buffers.dev.device)
+                self.tp.broadcast(pairs)
+                pairs = [tuple(p) for p in pairs.tolist()]
+                self._swap(pairs if n_out else [], pairs if n_in else [])
             hidden = self._forward(step, num_decodes)
             if prompt_rows is not None:
                 follow_rows(self.model, hidden, prompt_rows)
