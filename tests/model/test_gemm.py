@@ -123,3 +123,16 @@ def test_backend_names_are_checked():
 
     with pytest.raises(ConfigError, match="cpu_gemm"):
         EngineConfig.from_dict({"cpu_gemm": "fast"})
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_addmm_residual_equals_the_separate_add(bias):
+    """CUDA's residual add in the GEMM (cuBLAS's beta = 1), checked here with the CPU's addmm."""
+    from tokenmill.model.gemm import addmm_residual
+
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 5, 48, generator=g), torch.randn(40, 48, generator=g)
+    res, b = torch.randn(2, 5, 40, generator=g), torch.randn(40, generator=g) if bias else None
+    got = addmm_residual(x, w, b, res)
+    assert got.shape == (2, 5, 40)
+    torch.testing.assert_close(got, res + torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)

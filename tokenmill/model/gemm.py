@@ -108,9 +108,23 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
                backend: str = "onednn") -> torch.Tensor:
-    """residual + x W^T + b; one GEMM with an add epilogue on CPU (in bf16 the sum is rounded once, not twice).
-    ``residual`` [..., out] has x's leading shape (a packed weight takes it made contiguous, in x's dtype)."""
+    """residual + x W^T + b; one GEMM with an add epilogue on CPU (in bf16 the sum is rounded once, not twice), and
+    on CUDA (``addmm_residual``: cuBLAS's beta = 1, so the residual stream needs no kernel of its own, and no fused
+    add + RMSNorm either). ``residual`` [..., out] has x's leading shape (a packed weight takes it made contiguous,
+    in x's dtype)."""
     if weight.is_mkldnn or (_use_onednn(x, weight, backend) and residual.dtype == x.dtype
                             and residual.is_contiguous()):
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual.to(x.dtype).contiguous(), weight, bias, "add")
+    if x.is_cuda:
+        return addmm_residual(x, weight, bias, residual)
     return residual + F.linear(x, weight, bias)
+
+
+def addmm_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   residual: torch.Tensor) -> torch.Tensor:
+    """residual + x W^T + b as one ``addmm`` (the GEMM accumulates onto the residual); [..., in] -> [..., out]."""
+    out = weight.shape[0]
+    c = residual.reshape(-1, out).to(x.dtype)  # [M, out]
+    if bias is not None:
+        c = c + bias
+    return torch.addmm(c, x.reshape(-1, x.shape[-1]), weight.t()).view(*x.shape[:-1], out)
