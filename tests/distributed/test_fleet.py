@@ -69,3 +69,21 @@ def test_plan_deadline_cli(tmp_path, run_cli):
                       (["--tok-per-s", "5"], "only with --deadline"), (["--deadline", "soon"], "not a duration")]:
         p = run_cli("plan", src, "-m", tmp_path / "model", *args, check=2)
         assert msg in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("tp,device,workers,resources", [
+    (1, "auto", 8, {"num_gpus": 1, "num_cpus": 1}),
+    (2, "auto", 4, {"num_gpus": 2, "num_cpus": 1}),  # a worker per tensor-parallel group of GPUs
+    (2, "cpu", 2, {"num_cpus": 16}),  # on CPUs a worker per node; its engine's ranks share the node's threads
+])
+def test_a_ray_worker_takes_its_tensor_parallel_group(tp, device, workers, resources):
+    from types import SimpleNamespace
+
+    from tokenmill.distributed.driver import _Driver
+
+    driver = _Driver.__new__(_Driver)
+    node = {"Alive": True, "Resources": {"CPU": 16, "GPU": 4}}
+    driver.ray = SimpleNamespace(nodes=lambda: [node, dict(node)])
+    driver.job = SimpleNamespace(device=device, tp_size=tp)
+    driver.ray_opts = SimpleNamespace(num_workers=None)
+    assert driver._cluster_shape() == (workers, resources)

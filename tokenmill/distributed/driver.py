@@ -194,12 +194,12 @@ class _Driver:
         self.num_nodes = len(nodes)
         if not nodes:
             raise JobSetupError("the Ray cluster has no node with CPUs")
-        device = self.job.device
+        device, tp = self.job.device, self.job.tp_size
         gpus = int(sum(n["Resources"].get("GPU", 0) for n in nodes))
-        if gpus and device != "cpu":
-            n = self.ray_opts.num_workers or gpus
+        if gpus and device != "cpu":  # a worker per tensor-parallel group of GPUs
+            n = self.ray_opts.num_workers or max(1, gpus // tp)
             self.num_threads = 1
-            return n, {"num_gpus": 1, "num_cpus": 1}
+            return n, {"num_gpus": tp, "num_cpus": 1}
         min_cpus = int(min(n["Resources"]["CPU"] for n in nodes))
         n = self.ray_opts.num_workers or len(nodes)
         per_node = math.ceil(n / len(nodes))

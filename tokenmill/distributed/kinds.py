@@ -27,6 +27,7 @@ class GenerationKind:
         self.pre = self.ctx.pre
         self.model_name = self.ctx.model_name
         self.device = self.ctx.config.device
+        self.tp_size = self.ctx.config.tensor_parallel_size  # each worker's engine: a TP group of this many ranks
 
     def manifest(self, identity: dict) -> dict:
         from tokenmill.jobs.runner import manifest_for
@@ -93,6 +94,7 @@ class EmbedKind:
         self.pre = EmbedPreprocessor(self.emb)
         self.model_name = self.emb.model_name
         self.device = opts.device
+        self.tp_size = 1
 
     @staticmethod
     def key(r: dict) -> str:
