@@ -17,7 +17,7 @@ SCHEDULING_STRATEGIES = ("continuous", "prefill_first")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "cpu_kernel", "triton", "torch", "reference")  # kernel families: ops/__init__.py
-QUANTIZATIONS = ("none", "w8a8", "int8", "int4")  # model/quant.py
+QUANTIZATIONS = ("none", "w8a8", "int8", "int4", "fp8")  # model/quant.py, model/fp8.py
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto = the model's dtype; fp8 = float8 e4m3 (worker/memory.py)
 LOAD_FORMATS = ("auto", "dummy")
 CPU_GEMMS = ("onednn", "aten")  # model/gemm.py
@@ -35,7 +35,7 @@ class EngineConfig:
     device: str = "auto"
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     cache_dir: str | None = None  # where converted GGUF models are kept; None = ~/.cache/tokenmill
-    quantization: str = "none"  # none | w8a8 | int8 | int4 (weight-only); CPU (model/quant.py)
+    quantization: str = "none"  # none | w8a8 | int8 | int4 (weight-only; CPU, model/quant.py) | fp8 (model/fp8.py)
     load_format: str = "auto"  # auto = the checkpoint; dummy = random weights of the config's shapes (benchmarks)
     # KV cache
     block_size: int = 16

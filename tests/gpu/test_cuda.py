@@ -1,8 +1,8 @@
 """The CUDA path on a real device: skipped where there is none (every run on the project's CPU machines), run as is
 on a GPU machine (``pytest tests/gpu``). What the interpreter tests cannot show: the kernels compiled for the device,
 ``device="auto"`` choosing CUDA and Triton, dummy weights made on the device, the KV pool under
-``gpu_memory_utilization``, the sampler on device tensors, swap space in pinned host memory, and two ranks over
-NCCL."""
+``gpu_memory_utilization``, the sampler on device tensors, swap space in pinned host memory, fp8 GEMMs, and two
+ranks over NCCL."""
 
 from __future__ import annotations
 
@@ -55,6 +55,20 @@ def test_swap_preemption_through_pinned_host_memory_equals_transformers(tiny):
     for p, o in zip(prompts, outs):
         ref, ref_logits = hf_greedy(hf, p, 16)
         assert_greedy_equal(o.token_ids, ref, ref_logits, "cuda swap preemption")
+
+
+def test_fp8_runs_scaled_mm_on_the_device_and_stays_close_to_float(tiny):
+    from tokenmill import LLM
+    from tokenmill.model.fp8 import FP8Weight
+
+    path, _ = tiny
+    ids = [(5 * i + 1) % 200 + 3 for i in range(40)]
+    ref = torch.tensor(LLM(str(path), gpu_memory_utilization=0.3).engine.score(ids))
+    llm = LLM(str(path), quantization="fp8", gpu_memory_utilization=0.3)
+    layer = llm.engine.runner.model.layers[0].mlp.down_proj.quantized
+    assert isinstance(layer, FP8Weight) and layer.qweight.is_cuda and layer.scaled_mm
+    ours = torch.tensor(llm.engine.score(ids))
+    assert (ours - ref).abs().mean() < 0.1
 
 
 def test_bfloat16_default_and_the_kv_pool_stays_under_the_utilization(tiny):

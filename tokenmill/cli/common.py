@@ -213,9 +213,10 @@ def ray_options(f):
 
 
 quantization_option = click.option(
-    "--quantization", type=click.Choice(["none", "w8a8", "int8", "int4"]), default=None,
+    "--quantization", type=click.Choice(["none", "w8a8", "int8", "int4", "fp8"]), default=None,
     help="CPU: w8a8 = int8 GEMMs (fastest), int8 / int4 = weights only (least memory; a GGUF's Q8_0 / Q4 blocks "
-         "load as they are). Default none. See `tokenmill eval` for what each costs in quality.")
+         "load as they are). GPU: fp8 = float8 weights and activations (Hopper's fp8 GEMMs; also runs, slowly, on "
+         "a CPU). Default none. See `tokenmill eval` for what each costs in quality.")
 kv_cache_dtype_option = click.option(
     "--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default=None,
     help="auto (default): the model's dtype; fp8: float8 e4m3, half of bfloat16's KV bytes (twice the tokens in "

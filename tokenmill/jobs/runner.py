@@ -53,7 +53,7 @@ from tokenmill.model.loader import (eos_token_ids, load_tokenizer, read_model_co
                                     tokenizer_dir)
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.backend import GrammarBackend
-from tokenmill.worker.memory import kv_budget_bytes, kv_bytes_per_block, kv_cache_dtype
+from tokenmill.worker.memory import kv_budget_bytes, kv_bytes_per_block, kv_cache_dtype, planned_weight_bytes
 
 __all__ = ["JobOptions", "JobContext", "JobSetupError", "run_job"]
 
@@ -133,7 +133,10 @@ class JobContext:
         if self.config.num_kv_blocks:
             num_blocks = self.config.num_kv_blocks
         else:
-            num_blocks = max(0, kv_budget_bytes(self.config, self.model_config, self.dtype, self.device)) // per_block
+            # on CUDA the budget is what the device leaves: before the engine exists, its weights are not in use yet
+            weights = planned_weight_bytes(self.config, self.model_config, self.dtype) if self.engine is None else 0
+            budget = kv_budget_bytes(self.config, self.model_config, self.dtype, self.device, weights_to_load=weights)
+            num_blocks = max(0, budget) // per_block
         return plan_memory(prompt_lens, max_tokens, self.config.max_model_len, self.config.block_size, per_block,
                            num_blocks)
 

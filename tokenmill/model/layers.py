@@ -128,7 +128,7 @@ class Linear(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.quantized = make_quantized_weight(build.quantization, out_features, in_features, build.ops.kernels,
-                                                   getattr(build.ops, "amx", False))
+                                                   getattr(build.ops, "amx", False), build.device)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
 
     def load_rows(self, offset: int, tensor: torch.Tensor | Int4Groups | Int8Groups, name: str) -> None:

@@ -99,8 +99,9 @@ def read_model_config(path: Path, cache_dir: Path | None = None,
 def check_quantization(quantization: str, device: torch.device) -> None:
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
-    if quantization != "none" and device.type != "cpu":
-        raise ValueError(f"quantization {quantization!r} runs on CPU only (its kernels are CPU kernels)")
+    if quantization not in ("none", "fp8") and device.type != "cpu":
+        raise ValueError(f"quantization {quantization!r} runs on CPU only (its kernels are CPU kernels); on CUDA "
+                         f"use fp8")
 
 
 def load_model(

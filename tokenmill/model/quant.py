@@ -487,7 +487,11 @@ _WEIGHTS = {"w8a8": W8A8Weight, "int8": Int8Weight, "int4": Int4Weight}
 
 
 def make_quantized_weight(quantization: str, out_features: int, in_features: int, kernels=None,
-                          amx: bool = False) -> QuantizedWeight:
+                          amx: bool = False, device: torch.device | None = None) -> QuantizedWeight:
     """``kernels``: the C++ module, or None for the torch paths; ``amx``: use its AMX kernels where a format has one
-    (int8 weight-only's GEMM)."""
+    (int8 weight-only's GEMM); ``device``: where ``fp8`` (model/fp8.py, the one format that runs on CUDA) lives."""
+    if quantization == "fp8":
+        from tokenmill.model.fp8 import FP8Weight
+
+        return FP8Weight(out_features, in_features, kernels, amx, device)
     return _WEIGHTS[quantization](out_features, in_features, kernels, amx)

@@ -26,15 +26,32 @@ def kv_bytes_per_block(mc: ModelConfig, block_size: int, dtype: torch.dtype) -> 
     return 2 * mc.num_hidden_layers * block_size * mc.num_key_value_heads * mc.head_dim * elem
 
 
+def planned_weight_bytes(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype) -> int:
+    """The weights' bytes on the device once loaded, from the config (for a plan made before they are): under fp8 one
+    byte a linear weight plus a float32 scale per output row, the model's dtype otherwise (the embeddings, the LM
+    head and the norms stay float)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    total = mc.num_parameters() * elem
+    if config.quantization == "fp8":
+        embeddings = mc.vocab_size * mc.hidden_size * (1 if mc.tie_word_embeddings else 2)
+        h, d = mc.hidden_size, mc.head_dim
+        rows = (mc.num_attention_heads + 2 * mc.num_key_value_heads) * d + h + 2 * mc.intermediate_size + h
+        norms = (2 * mc.num_hidden_layers + 1) * h
+        linears = mc.num_parameters() - embeddings - norms
+        total = (embeddings + norms) * elem + linears + 4 * rows * mc.num_hidden_layers
+    return total // config.tensor_parallel_size
+
+
 def kv_budget_bytes(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device,
-                    activation_bytes: int | None = None) -> int:
+                    activation_bytes: int | None = None, weights_to_load: int = 0) -> int:
     """Bytes the KV cache may take: ``kv_cache_memory`` GiB on CPU; on CUDA, what ``gpu_memory_utilization`` of the
-    device leaves after what is in use (the weights, other processes) and the activations of one full step: as the
-    profiling pass measured them (``worker/profile.py``), or else an estimate from the model's shapes."""
+    device leaves after what is in use (the weights, other processes), ``weights_to_load`` (a plan made before the
+    model is loaded: ``planned_weight_bytes``) and the activations of one full step: as the profiling pass measured
+    them (``worker/profile.py``), or else an estimate from the model's shapes."""
     if device.type != "cuda":
         return int(config.kv_cache_memory * GIB)
     free, total = torch.cuda.mem_get_info(device)
-    used = total - free
+    used = total - free + weights_to_load
     if activation_bytes is not None:
         activations = activation_bytes
     else:
