@@ -62,10 +62,6 @@ class Agreement:
     identical: int
     prefix_share: float  # mean share of the reference's output tokens matched before the first divergence
 
-    @property
-    def identical_share(self) -> float:
-        return self.identical / self.prompts if self.prompts else 0.0
-
 
 def greedy_agreement(outputs: list[list[int]], reference: list[list[int]]) -> Agreement:
     """Compares greedy token outputs with a reference's, prompt by prompt."""

@@ -128,10 +128,6 @@ class ParquetVectorSink:
         if len(self._ids) >= self.part_rows or time.monotonic() - self._last >= self.sync_interval:
             self.flush()
 
-    def write_many(self, ids: list[str], vectors: np.ndarray) -> None:  # vectors [n, dim]
-        for i, rid in enumerate(ids):
-            self.write(rid, vectors[i])
-
     def flush(self) -> None:
         self._last = time.monotonic()
         if not self._ids:

@@ -54,9 +54,6 @@ class JobPaths:
         """Where a job reading ``-`` keeps its copy of stdin until it completes."""
         return self._beside(".stdin")
 
-    def all_files(self) -> list[Path]:
-        return [self.output, self.errors, self.manifest, self.state, self.stdin]
-
 
 class JobLockedError(RuntimeError):
     pass
@@ -204,10 +201,17 @@ class JsonlAppender:
 
 def write_json_atomic(path: Path, data: dict, durable: bool = False, indent: int | None = 1) -> None:
     """Writes JSON to ``path`` by rename, so a reader never sees half a file; ``durable`` also fsyncs it."""
+    write_lines_atomic(path, [json.dumps(data, indent=indent).encode()], durable, newline=False)
+
+
+def write_lines_atomic(path: Path, lines, durable: bool = False, newline: bool = True) -> None:
+    """Writes byte strings (each followed by a newline, unless ``newline`` is False) to ``path`` by rename, so a
+    reader never sees half a file and a crash leaves the old file whole; ``durable`` also fsyncs it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(data, indent=indent))
+        with open(tmp, "wb") as f:
+            for line in lines:
+                f.write(line + b"\n" if newline else line)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())

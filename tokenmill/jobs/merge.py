@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenmill.jobs.files import JobPaths
+from tokenmill.jobs.files import JobPaths, write_lines_atomic
 from tokenmill.jobs.records import id_key
 from tokenmill.jobs.results import output_id_key
 
@@ -67,27 +67,24 @@ def merge_parts(parts: list[Path], output: Path, input_path: Path | None) -> lis
                 errors[rec["line"]] = raw
 
     if input_path is not None:
-        order = []
+        order, placed = [], set()
         for line_no, key in _input_keys(input_path):
-            in_results = key is not None and key in results and key not in order
+            in_results = key is not None and key in results and key not in placed
             if in_results and line_no in errors:
                 problems.append(f"line {line_no} (id {key}) has both a result and an error record")
             if in_results:
                 order.append(key)
+                placed.add(key)
             elif line_no not in errors:
                 problems.append(f"line {line_no}{f' (id {key})' if key else ''} has neither a result nor an error")
-        extra = set(results) - set(order)
+        extra = set(results) - placed
         problems.extend(f"id {k} is in the parts but not (once) in the input" for k in sorted(extra)[:20])
         order.extend(k for k in results if k in extra)
 
-    with open(output, "wb") as f:
-        for key in order:
-            f.write(results[key] + b"\n")
+    write_lines_atomic(output, (results[key] for key in order))
     err_path = JobPaths(output).errors
     if errors:
-        with open(err_path, "wb") as f:
-            for line_no in sorted(errors):
-                f.write(errors[line_no] + b"\n")
+        write_lines_atomic(err_path, (errors[line_no] for line_no in sorted(errors)))
     else:
         err_path.unlink(missing_ok=True)
     return problems

@@ -86,11 +86,6 @@ class ModelConfig:
             eos_token_ids=eos_ids,
         )
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """K and V of one token across all layers, in float32 units (multiply by dtype size / 4 for others)."""
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * 4
-
     def num_parameters(self) -> int:
         h, i, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
         qkv = h * (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim

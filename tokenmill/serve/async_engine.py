@@ -14,7 +14,8 @@ the ``queue.Queue`` the job gave (``serve/engine_port.py``). Batch rows count ne
 nor in the online metrics.
 
 Invariants: every stream gets exactly one end event (a final output, or an error when the engine dies); the engine
-is only touched by the engine thread.
+is only touched by the engine thread (the event loop's 429 bound reads the online waiting count the engine thread
+publishes under the lock).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._sinks: dict[str, queue.Queue] = {}  # submitted batch rows: where their outputs go
         self._last_arrival = 0.0
+        self._engine_waiting = 0  # online requests in the engine not admitted yet, as the engine thread last saw
         self._stopping = False
         self.load: dict = {}  # the engine's load, published by the engine thread (``_update_gauges``)
         self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
@@ -129,8 +131,10 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        """Online requests not admitted yet (batch rows wait at their own priority and count here not at all)."""
-        return sum(p[3] == ONLINE for p in self._pending) + self.engine.num_waiting_at(ONLINE)
+        """Online requests not admitted yet (batch rows wait at their own priority and count here not at all):
+        those handed in and not taken yet, and those the engine thread last counted in the engine (the caller holds
+        ``_cv``; the engine itself is never read here)."""
+        return sum(p[3] == ONLINE for p in self._pending) + self._engine_waiting
 
     # ---------------------------------------------------------------- engine thread
     def _take_work(self) -> tuple[list, list[str]] | None:
@@ -150,6 +154,7 @@ class AsyncEngine:
                     self._cv.wait(left)
             new, self._pending = self._pending, []
             aborts, self._aborts = self._aborts, []
+            self._engine_waiting += sum(p[3] == ONLINE for p in new)  # in the engine from now on
         return new, aborts
 
     def _run(self) -> None:
@@ -246,7 +251,10 @@ class AsyncEngine:
         """On the engine thread, after each step: the gauges, and ``load`` (one new dict each time, so a reader on
         another thread sees one consistent snapshot without touching the engine)."""
         m, name, e = self.metrics, self.metrics.model_name, self.engine
-        running, waiting, kv = e.num_running_requests, self.num_waiting, e.kv_cache_usage
+        with self._cv:
+            self._engine_waiting = e.num_waiting_at(ONLINE)
+            waiting = self.num_waiting
+        running, kv = e.num_running_requests, e.kv_cache_usage
         m.running.labels(name).set(running)
         m.waiting.labels(name).set(waiting)
         m.kv_usage.labels(name).set(kv)

@@ -24,7 +24,7 @@ def files_beside(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.stem))
 
 
-def test_1_resume_against_a_different_input_is_refused_not_silently_skipped(tmp_path, run_cli):
+def test_resume_against_a_different_input_is_refused_not_silently_skipped(tmp_path, run_cli):
     out = tmp_path / "out.jsonl"
     v1 = write_jsonl(tmp_path / "big.jsonl", ROWS)
     v2 = write_jsonl(tmp_path / "big_v2.jsonl", [{**r, "prompt": r["prompt"] + " Again."} for r in ROWS])
@@ -43,7 +43,7 @@ def test_1_resume_against_a_different_input_is_refused_not_silently_skipped(tmp_
     assert "different settings" in other.stderr and "sampling_defaults" in other.stderr
 
 
-def test_2_3_deep_nesting_and_a_bom_in_a_real_run(tmp_path, run_cli):
+def test_deep_nesting_and_a_bom_in_a_real_run(tmp_path, run_cli):
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS[0]).encode() + b"\n" + b"[" * 5000 + b"]" * 5000 + b"\n"
                     + json.dumps(ROWS[1]).encode() + b"\n")
@@ -54,7 +54,7 @@ def test_2_3_deep_nesting_and_a_bom_in_a_real_run(tmp_path, run_cli):
     assert err["line"] == 2 and err["code"] == "invalid_json" and "nested too deeply" in err["message"]
 
 
-def test_4_output_naming_a_directory_is_one_line_and_leaves_nothing(tmp_path, run_cli):
+def test_output_naming_a_directory_is_one_line_and_leaves_nothing(tmp_path, run_cli):
     inp = write_jsonl(tmp_path / "in.jsonl", ROWS[:1])
     d = tmp_path / "outdir"
     d.mkdir()
@@ -64,7 +64,7 @@ def test_4_output_naming_a_directory_is_one_line_and_leaves_nothing(tmp_path, ru
     assert list(d.iterdir()) == [] and files_beside(d) == ["outdir"]
 
 
-def test_6_inputs_users_have_and_exit_codes(tmp_path, run_cli, cli_env):
+def test_inputs_users_have_and_exit_codes(tmp_path, run_cli, cli_env):
     # .jsonl.gz, CSV with a column mapping, Parquet, stdin: the same rows, the same results
     ref_out = tmp_path / "ref.jsonl"
     ref_in = write_jsonl(tmp_path / "in.jsonl", ROWS)
@@ -103,7 +103,7 @@ def test_6_inputs_users_have_and_exit_codes(tmp_path, run_cli, cli_env):
     assert "Exit codes" in run_cli("run", "--help", check=0).stdout
 
 
-def test_7_results_are_in_input_order_once_complete(tmp_path, run_cli):
+def test_results_are_in_input_order_once_complete(tmp_path, run_cli):
     rows = [{"id": f"o{i}", "prompt": "Count: " + "one two three " * (12 - i), "max_tokens": 1 + (i * 7) % 9}
             for i in range(12)]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -111,7 +111,7 @@ def test_7_results_are_in_input_order_once_complete(tmp_path, run_cli):
     assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == [r["id"] for r in rows]
 
 
-def test_8_openai_fields_logprobs_and_max_tokens_beyond_the_context(tmp_path, run_cli):
+def test_openai_fields_logprobs_and_max_tokens_beyond_the_context(tmp_path, run_cli):
     from openai.types import Completion
     from openai.types.chat import ChatCompletion
 
@@ -158,7 +158,7 @@ def test_8_openai_fields_logprobs_and_max_tokens_beyond_the_context(tmp_path, ru
     assert capped.returncode == 0
 
 
-def test_9_housekeeping(tmp_path, run_cli, cli_env):
+def test_rejected_flags_leave_nothing_and_progress_and_messages_are_plain(tmp_path, run_cli, cli_env):
     inp = write_jsonl(tmp_path / "in.jsonl", ROWS[:3])
     out = tmp_path / "out.jsonl"
     # a rejected flag leaves nothing behind; a completed job leaves no lock and no empty errors file
@@ -185,7 +185,7 @@ def test_9_housekeeping(tmp_path, run_cli, cli_env):
     assert "missing.jsonl" in proc.stderr and not merged.exists() and files_beside(merged) == []
 
 
-def test_9_the_model_runner_takes_a_step_with_nothing_scheduled(smollm2):
+def test_the_model_runner_takes_a_step_with_nothing_scheduled(smollm2):
     from tokenmill import SamplingParams
     from tokenmill.core.scheduler import SchedulerOutput
 
@@ -196,7 +196,7 @@ def test_9_the_model_runner_takes_a_step_with_nothing_scheduled(smollm2):
     assert engine.step() == [] and not engine.has_unfinished_requests()
 
 
-def test_5_kernels_load_from_the_cache_whatever_ninja_is_on_path(tmp_path, cli_env):
+def test_kernels_load_from_the_cache_whatever_ninja_is_on_path(tmp_path, cli_env):
     """A cached build is loaded directly: a different (here: broken) ninja first on PATH plays no part."""
     fake = tmp_path / "bin"
     fake.mkdir()
@@ -214,7 +214,7 @@ def test_5_kernels_load_from_the_cache_whatever_ninja_is_on_path(tmp_path, cli_e
     assert again.returncode == 0 and "already built" in again.stderr
 
 
-def test_5_without_a_compiler_one_warning_and_the_torch_path(tmp_path):
+def test_without_a_compiler_one_warning_and_the_torch_path(tmp_path):
     """A fresh machine with no C++ compiler: the job still runs (the torch path), and says once what it costs."""
     from helpers import save_tiny_model
 
@@ -234,7 +234,7 @@ def test_5_without_a_compiler_one_warning_and_the_torch_path(tmp_path):
     assert proc.returncode == 2 and "could not be built" in proc.stderr
 
 
-def test_5_a_kernel_build_is_left_out_of_throughput_and_cost(tmp_path, cli_env):
+def test_a_kernel_build_is_left_out_of_throughput_and_cost(tmp_path, cli_env):
     """The child reports a 30 s kernel build for its engine (a fresh machine's first job): the summary leaves it
     out of the wall time, tok/s and cost, and says so."""
     inp = write_jsonl(tmp_path / "in.jsonl", ROWS[:2])
