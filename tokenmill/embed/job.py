@@ -30,7 +30,8 @@ from tokenmill.embed.vectors import OpenAIVectorSink, ParquetVectorSink, parts_d
 from tokenmill.jobs.errors import JobSetupError
 from tokenmill.jobs.files import JobPaths, rewrite_in_order
 from tokenmill.jobs.inputs import EMBED_FIELDS
-from tokenmill.jobs.manifest import build_manifest, model_fingerprint
+from tokenmill.jobs.manifest import build_manifest
+from tokenmill.model.fingerprint import model_fingerprint
 from tokenmill.jobs.progress import Progress, StopFlag, say
 from tokenmill.jobs.scan import iter_todo, scan
 from tokenmill.jobs.skeleton import (

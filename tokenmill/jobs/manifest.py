@@ -13,7 +13,6 @@ A refused resume says what differs and what to do (the original input or setting
 
 from __future__ import annotations
 
-import hashlib
 import json
 from importlib import metadata
 from pathlib import Path
@@ -26,7 +25,6 @@ SPEED_OPTIONS = {"max_num_seqs", "max_num_batched_tokens", "num_threads", "kv_ca
                  "num_kv_blocks", "block_size", "enable_chunked_prefill", "prefill_chunk_size", "preemption_mode",
                  "scheduling_strategy", "sort_by_length", "attention_backend", "device", "cache_dir",
                  "max_batch_tokens", "enable_prefix_caching", "batch_token_budget", "swap_space"}
-FINGERPRINT_SAMPLE = 1 << 20  # bytes hashed at each end of a large model file
 
 
 def tokenmill_version() -> str:
@@ -36,24 +34,6 @@ def tokenmill_version() -> str:
         from tokenmill import __version__
 
         return __version__
-
-
-def model_fingerprint(path: Path) -> str:
-    """A SHA-256 over the model's files: small files (config, tokenizer, chat template) whole; weight files by size
-    and their first and last MiB, so fingerprinting a 10 GB model costs milliseconds, not a minute."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            if size <= 4 * FINGERPRINT_SAMPLE:
-                h.update(fh.read())
-            else:
-                h.update(fh.read(FINGERPRINT_SAMPLE))
-                fh.seek(size - FINGERPRINT_SAMPLE)
-                h.update(fh.read(FINGERPRINT_SAMPLE))
-    return h.hexdigest()
 
 
 def build_manifest(kind: str, input_identity: dict, settings: dict, speed: dict) -> dict:

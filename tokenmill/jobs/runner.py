@@ -26,7 +26,8 @@ from tokenmill.engine.llm_engine import LLMEngine, resolve_device
 from tokenmill.jobs.errors import JobSetupError
 from tokenmill.jobs.files import JobPaths, JsonlAppender, rewrite_in_order
 from tokenmill.jobs.inputs import RUN_FIELDS
-from tokenmill.jobs.manifest import build_manifest, model_fingerprint, split_engine_options
+from tokenmill.jobs.manifest import build_manifest, split_engine_options
+from tokenmill.model.fingerprint import model_fingerprint
 from tokenmill.jobs.ordering import DatasetOrder, PrefixSignatures, choose_order, iter_in_order
 from tokenmill.jobs.planner import MemoryPlan, plan_memory
 from tokenmill.jobs.preprocess import Prepared, Preprocessor

@@ -121,7 +121,7 @@ def smooth(weights: Iterable[tuple[str, torch.Tensor]], factors: Factors
 
 
 def cache_path(model_path: Path, cache_root: Path) -> Path:
-    from tokenmill.jobs.manifest import model_fingerprint
+    from tokenmill.model.fingerprint import model_fingerprint
 
     key = hashlib.sha256(f"{model_fingerprint(model_path)}|{ALPHA}|v{VERSION}|".encode()
                          + CALIBRATION_TEXT.read_bytes()).hexdigest()[:16]
