@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-peers bench-cpu-peers bench-serve clean
+.PHONY: setup demo test test-fast bench bench-peers bench-cpu-peers bench-serve clean
 LLAMA_CPP_PY := 0.3.36
 
 $(STAMP): pyproject.toml
@@ -33,6 +33,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The edit loop: everything but the slow tests (Ray, the server, job commands, tensor parallel, AMX builds, the
+# real-model oracle runs; tests/conftest.py lists them). CI runs `make test`, the whole suite.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # Peers for the benchmark harness. llama-cpp-python compiles llama.cpp (minutes): never part of `make test`. Then
 # llama.cpp's own llama-server (the online peer), built from the llama.cpp tree vendored in the same sdist.
