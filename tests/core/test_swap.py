@@ -98,7 +98,7 @@ def test_a_swapped_request_keeps_its_computed_tokens_and_an_abort_frees_its_host
     assert b.num_computed_tokens > 8 and b.num_output_tokens > 0  # its K/V kept, not to be recomputed
     assert sched.kv.swap_pool.num_free_blocks < 8
     sched.finish_requests(["b"], RequestStatus.FINISHED_ABORTED)
-    assert sched.kv.swap_pool.num_free_blocks == 8 and not sched.kv.is_swapped("b")
+    assert sched.kv.swap_pool.num_free_blocks == 8 and not sched.kv.block_ids("b")
     while sched.has_unfinished_requests():
         out = sched.schedule()
         kv.step(out)

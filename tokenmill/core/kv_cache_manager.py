@@ -183,9 +183,6 @@ class KVCacheManager:
         self.swap_pool.free(host[::-1])
         return list(zip(host, self._blocks[request_id]))
 
-    def is_swapped(self, request_id: str) -> bool:
-        return request_id in self._swapped
-
     def reset_prefix_cache(self) -> None:
         """Forgets every cached block (only while no request holds blocks)."""
         if self._blocks:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.model.quant import Int4Groups, Int8Groups, QuantizedWeight, _to_float
+from tokenmill.model.quant import Int4Groups, Int8Groups, QuantizedWeight, _add_bias_residual, _to_float
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -68,8 +68,4 @@ class FP8Weight(QuantizedWeight):
                                  out_dtype=out_dtype).to(dtype)  # [M, N]
         else:
             y = ((xq.float() * xs[:, None]) @ self.dequantize().t()).to(dtype)  # [M, N]
-        if bias is not None:
-            y += bias
-        if residual is not None:
-            y += residual.reshape(y.shape)
-        return y.reshape(*lead, self.out_features)
+        return _add_bias_residual(y, bias, residual).reshape(*lead, self.out_features)

@@ -32,6 +32,14 @@ from tokenmill.worker.step_inputs import StepBuffers, StepInputs, StepShape
 STOP, STEP = 0, 1  # the commands rank 0 broadcasts to tensor-parallel workers
 
 
+def _copy_blocks(src_caches: list, dst_caches: list, pairs: list[tuple[int, int]]) -> None:
+    """Block ``s`` of every layer's K and V in ``src_caches`` -> block ``d`` in ``dst_caches``, for each (s, d)."""
+    src, dst = (torch.tensor(c, dtype=torch.int64) for c in zip(*pairs))
+    for layer_src, layer_dst in zip(src_caches, dst_caches):
+        for s, d in zip(layer_src, layer_dst):  # K, then V
+            d.index_copy_(0, dst.to(d.device), s.index_select(0, src.to(s.device)).to(d.device))
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: LlamaForCausalLM, num_blocks: int, device: torch.device,
                  grammars: GrammarBackend | None = None, num_swap_blocks: int = 0) -> None:
@@ -144,18 +152,10 @@ class ModelRunner:
         """Copies whole blocks, every layer: device -> host for ``swap_out`` (device, host) pairs, host -> device for
         ``swap_in`` (host, device) pairs (the scheduler never gives both in one step)."""
         if swap_out:
-            src, dst = (torch.tensor(c, dtype=torch.int64) for c in zip(*swap_out))
-            src = src.to(self.device)
-            for (k, v), (hk, hv) in zip(self.kv_caches, self.swap_caches):
-                hk.index_copy_(0, dst, k.index_select(0, src).to("cpu"))
-                hv.index_copy_(0, dst, v.index_select(0, src).to("cpu"))
+            _copy_blocks(self.kv_caches, self.swap_caches, swap_out)
         if swap_in:
-            src, dst = (torch.tensor(c, dtype=torch.int64) for c in zip(*swap_in))
-            self._block_zeroed[dst.numpy()] = True  # every slot written
-            dst = dst.to(self.device)
-            for (k, v), (hk, hv) in zip(self.kv_caches, self.swap_caches):
-                k.index_copy_(0, dst, hk.index_select(0, src).to(self.device, non_blocking=True))
-                v.index_copy_(0, dst, hv.index_select(0, src).to(self.device, non_blocking=True))
+            _copy_blocks(self.swap_caches, self.kv_caches, swap_in)
+            self._block_zeroed[[d for _, d in swap_in]] = True  # every slot written
 
     # ---------------------------------------------------------------- tensor parallel
     def _header(self) -> torch.Tensor:
