@@ -95,13 +95,16 @@ def test_fp8_weights_take_under_half_of_float32s_bytes(tmp_path):
     assert sizes["fp8"] < 0.5 * sizes["none"]  # the linears dominate this shape (a quarter, plus the float rest)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "olmoe"])
 @pytest.mark.parametrize("quantization", ["none", "fp8"])
-def test_a_plan_counts_the_weights_it_will_load(tmp_path, quantization):
+def test_a_plan_counts_the_weights_it_will_load(tmp_path, quantization, arch):
     """``tokenmill plan`` on CUDA subtracts the weights before they are loaded (worker/memory.planned_weight_bytes):
-    the count equals what the loaded model holds, up to the RoPE tables and fp8's per-row scales."""
+    the count equals what the loaded model holds, the RoPE tables aside (biases, q/k norms, every expert, the
+    routers kept float, fp8's per-row scales included)."""
     from tokenmill.worker.memory import planned_weight_bytes
 
-    save_tiny_model("llama", tmp_path / "m", hidden_size=128, intermediate_size=512)
+    sizes = dict(hidden_size=128, intermediate_size=512) if arch in ("llama", "qwen2", "qwen3") else {}
+    save_tiny_model(arch, tmp_path / "m", **sizes)
     engine = LLM(str(tmp_path / "m"), quantization=quantization, kv_cache_memory=0.01).engine
     planned = planned_weight_bytes(engine.config, engine.model_config, engine.dtype)
     rope = sum(b.numel() * b.element_size() for n, b in engine.runner.model.named_buffers() if n.endswith(("cos", "sin")))

@@ -40,3 +40,51 @@ def test_unsupported_rope_and_architecture_are_named():
         ModelConfig.from_hf_dict({**BASE, "rope_scaling": {"type": "yarn", "factor": 2.0}})
     with pytest.raises(UnsupportedModelError, match="Qwen3ForCausalLM"):
         ModelConfig.from_hf_dict({**BASE, "architectures": ["FalconForCausalLM"]})
+
+
+# ------------------------------------------------------------------ mixtures of experts: hand-computed counts
+MIXTRAL_8X7B = {"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+                "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+                "tie_word_embeddings": False}
+QWEN15_MOE_A27B = {"architectures": ["Qwen2MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048,
+                   "intermediate_size": 5632, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+                   "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 60,
+                   "num_experts_per_tok": 4, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                   "tie_word_embeddings": False}
+
+
+def test_mixtral_8x7b_counts_its_published_parameters():
+    """Per layer: attention 4096 x (4096 + 2 x 1024) + 4096 x 4096 = 41,943,040; experts 8 x 3 x 4096 x 14336 =
+    1,409,286,144; router 8 x 4096; two norms 2 x 4096. Times 32 layers, plus 2 x 32000 x 4096 embeddings and the
+    final norm: 46,702,792,704 (Mistral's "46.7B"); with 2 of 8 experts a token: 12,879,925,248 ("12.9B")."""
+    from tokenmill.worker.memory import kv_bytes_per_block
+
+    cfg = ModelConfig.from_hf_dict(MIXTRAL_8X7B)
+    assert cfg.moe_layers == tuple(range(32)) and cfg.norm_topk_prob and cfg.moe_intermediate_size == 14336
+    assert cfg.num_parameters() == 46_702_792_704
+    assert cfg.num_parameters(active=True) == 12_879_925_248
+    assert cfg.mlp_width() == 2 * 14336
+    # K and V: 2 x 32 layers x 16 tokens x 8 heads x 128 x 2 bytes = 2 MiB a bfloat16 block, as for a dense model
+    assert kv_bytes_per_block(cfg, 16, torch.bfloat16) == 2 * 2**20
+
+
+def test_qwen15_moe_counts_its_published_parameters():
+    """Per layer: qkv 2048 x 6144 + its bias 6144, o 2048 x 2048, 60 experts x 3 x 2048 x 1408, router 60 x 2048,
+    shared expert 3 x 2048 x 5632 and its gate 2048, two norms: 570,560,512; times 24 plus 2 x 151936 x 2048 and the
+    final norm: 14,315,784,192 ("14.3B"); 4 experts a token: 2,689,173,504 ("2.7B activated")."""
+    cfg = ModelConfig.from_hf_dict(QWEN15_MOE_A27B)
+    assert cfg.attention_bias and cfg.shared_expert_intermediate_size == 5632 and not cfg.norm_topk_prob
+    assert cfg.num_parameters() == 14_315_784_192
+    assert cfg.num_parameters(active=True) == 2_689_173_504
+
+
+def test_moe_sparse_layers_and_bad_routing_are_read_or_named():
+    cfg = ModelConfig.from_hf_dict({**QWEN15_MOE_A27B, "mlp_only_layers": [0, 5], "decoder_sparse_step": 2})
+    assert cfg.moe_layers == tuple(i for i in range(24) if i % 2 == 1 and i != 5)
+    dense = ModelConfig.from_hf_dict({**BASE})
+    assert not dense.is_moe and dense.num_parameters(active=True) == dense.num_parameters()
+    with pytest.raises(UnsupportedModelError, match="num_experts_per_tok=9"):
+        ModelConfig.from_hf_dict({**MIXTRAL_8X7B, "num_experts_per_tok": 9})
+    with pytest.raises(UnsupportedModelError, match="hidden_act 'gelu'"):
+        ModelConfig.from_hf_dict({**MIXTRAL_8X7B, "hidden_act": "gelu"})

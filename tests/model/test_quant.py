@@ -309,9 +309,10 @@ def test_int4_needs_groups_of_32():
 
 
 # ------------------------------------------------------------------ whole models
-@pytest.mark.parametrize("arch", ["llama", "llama3_tied", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama3_tied", "qwen2", "qwen3", "mixtral", "qwen2_moe"])
 def test_tiny_models_in_every_mode_stay_close_to_float(tmp_path, arch):
-    """w8a8 also runs the LM head as an int8 GEMM (a tied one from its own copy of the embeddings)."""
+    """w8a8 also runs the LM head as an int8 GEMM (a tied one from its own copy of the embeddings). A MoE model's
+    experts (and shared expert) are quantized like the dense layers; its routers stay float."""
     save_tiny_model(arch, tmp_path / arch)
     ids = [(5 * i + 1) % 200 + 3 for i in range(40)]
     ref = torch.tensor(LLM(str(tmp_path / arch), kv_cache_memory=0.05, cache_dir=str(tmp_path)).engine.score(ids))
@@ -321,6 +322,10 @@ def test_tiny_models_in_every_mode_stay_close_to_float(tmp_path, arch):
         assert (ours - ref).abs().mean() < tol, (q, (ours - ref).abs().mean())
         head = llm.engine.runner.model.lm_head
         assert (head is not None and head.quantized is not None) == (q == "w8a8")
+        for layer in llm.engine.runner.model.layers:
+            if hasattr(layer.mlp, "experts"):
+                assert all(e.gate_up_proj.quantized is not None and e.down_proj.quantized is not None
+                           for e in layer.mlp.experts) and layer.mlp.gate.quantized is None
         out = llm.generate([ids[:10]], SamplingParams(max_tokens=5, temperature=0), use_tqdm=False)[0]
         assert len(out.token_ids) == 5
 

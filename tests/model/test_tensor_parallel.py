@@ -19,6 +19,8 @@ CASES = {
     "qwen2": {},  # qkv bias
     "qwen3": {},  # q/k norms
     "llama3_tied": {"vocab_size": 251},  # tied head, vocabulary not a multiple of 2
+    "mixtral": {},  # every expert's intermediate channels split, the router replicated
+    "qwen2_moe": {},  # a dense layer, a sparse one with a gated shared expert
 }
 
 
@@ -79,7 +81,10 @@ def test_a_split_that_does_not_divide_is_one_clear_error(tmp_path):
     save_tiny_model("llama", tmp_path / "m", num_attention_heads=6, num_key_value_heads=3, hidden_size=48)
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2 must divide num_key_value_heads \(3\)"):
         LLM(str(tmp_path / "m"), tensor_parallel_size=2, num_kv_blocks=16)
-    # the failed engine left no group behind: a good one starts in the same process
+    save_tiny_model("olmoe", tmp_path / "olmoe")  # q/k norms over all heads at once: no split of the heads
+    with pytest.raises(ValueError, match="normalises q and k over all heads"):
+        LLM(str(tmp_path / "olmoe"), tensor_parallel_size=2, num_kv_blocks=16)
+    # the failed engines left no group behind: a good one starts in the same process
     save_tiny_model("llama", tmp_path / "ok")
     llm = LLM(str(tmp_path / "ok"), tensor_parallel_size=2, num_kv_blocks=16)
     llm.close()

@@ -83,6 +83,10 @@ def open_gguf(path: Path) -> GGUFModel:
         raise ValueError(
             f"unsupported GGUF architecture {arch!r}; tokenmill supports {', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
+    experts = reader.fields.get(f"{arch}.expert_count")
+    if experts is not None and int(experts.contents()) > 0:
+        raise ValueError(f"GGUF mixture-of-experts files ({arch} with {int(experts.contents())} experts) are not "
+                         f"loaded yet; point tokenmill at the model's HF directory (safetensors) instead")
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise ValueError("GGUF files with a rope_freqs tensor (llama3 RoPE scaling) are not supported yet")
     hf_arch, permuted = GGUF_ARCHITECTURES[arch]

@@ -1,5 +1,5 @@
 """The layers the models are made of: RMSNorm, rotary position embeddings (HF "rotate half" layout), Linear (float or
-quantized) and Embedding, each built from a ``Build`` (the kernels, dtype and device, passed in: nothing is read
+quantized), the gated MLP and Embedding, each built from a ``Build`` (the kernels, dtype and device, passed in: nothing is read
 from torch's global defaults)."""
 
 from __future__ import annotations
@@ -205,6 +205,29 @@ class Linear(nn.Module):
         if self.quantized is None:
             return linear_act(x, self.weight, self.bias, act, self.gemm_backend)
         return ACTIVATIONS[act][2](self.quantized(x, self.bias))
+
+
+class MLP(nn.Module):
+    """A gated (SiLU) MLP: down(silu(gate(x)) * up(x)), gate and up fused into one GEMM. Under tensor parallelism
+    this rank's slice of the intermediate channels."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, build: Build) -> None:
+        super().__init__()
+        self.tp = build.tp
+        self.intermediate_size = build.tp.split(intermediate_size, "intermediate_size")  # this rank's
+        self.gate_up_proj = Linear(hidden_size, 2 * self.intermediate_size, False, build)
+        self.down_proj = Linear(self.intermediate_size, hidden_size, False, build)
+
+    def partial(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, hidden] -> [n, hidden]: this rank's part of the MLP's output (+ ``residual``, in the down GEMM's
+        epilogue)."""
+        return self.down_proj.forward_gated(self.gate_up_proj(x), residual)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + MLP(x), the add in the down projection's epilogue (under TP: rank 0's, then the sum)."""
+        if self.tp.size == 1:
+            return self.partial(x, residual)
+        return self.tp.all_reduce(self.partial(x, residual if self.tp.rank == 0 else None))
 
 
 class Embedding(nn.Module):

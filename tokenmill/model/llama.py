@@ -1,4 +1,6 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3) over a flat, unpadded batch and a paged KV cache.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, and the mixture-of-experts decoders Mixtral, Qwen2-MoE,
+Qwen3-MoE and OLMoE, whose sparse layers' MLPs are ``moe.SparseMoE``) over a flat, unpadded batch and a paged KV
+cache.
 
 One forward pass takes the tokens of many requests at once (prefill chunks and decodes mixed), their positions and
 the attention metadata; it returns hidden states for every token. ``compute_logits`` runs the LM head only on the
@@ -22,8 +24,9 @@ from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
 from tokenmill.model.gemm import linear, pack
-from tokenmill.model.layers import Build, Embedding, Linear, RMSNorm, RotaryEmbedding
+from tokenmill.model.layers import MLP, Build, Embedding, Linear, RMSNorm, RotaryEmbedding
 from tokenmill.model.model_config import ModelConfig
+from tokenmill.model.moe import SparseMoE
 from tokenmill.model.weights import WeightPlacer
 
 
@@ -41,6 +44,13 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size, False, build)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, build) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, build) if cfg.qk_norm else None
+        if cfg.qk_norm_whole:  # OLMoE: over all heads at once, so every rank would need every head
+            if build.tp.size > 1:
+                raise ValueError(f"{cfg.architecture} normalises q and k over all heads: no tensor parallelism")
+            self.q_norm = RMSNorm(self.q_size, cfg.rms_norm_eps, build)
+            self.k_norm = RMSNorm(self.kv_size, cfg.rms_norm_eps, build)
+        self.whole_qk_norm = cfg.qk_norm_whole
+        self.clip_qkv = cfg.clip_qkv
         self.rotary = rotary
 
     def forward(
@@ -54,10 +64,15 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.whole_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:  # after the norms, as OLMoE does
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        q = q.reshape(n, self.num_heads, self.head_dim)
+        k = k.reshape(n, self.num_kv_heads, self.head_dim)
+        v = v.reshape(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and not self.whole_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [num_tokens, heads, head_dim]
@@ -67,29 +82,13 @@ class Attention(nn.Module):
         return self.tp.all_reduce(partial)
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, build: Build) -> None:
-        super().__init__()
-        self.tp = build.tp
-        self.intermediate_size = build.tp.split(cfg.intermediate_size, "intermediate_size")  # this rank's
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * self.intermediate_size, False, build)
-        self.down_proj = Linear(self.intermediate_size, cfg.hidden_size, False, build)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + MLP(x), the add in the down projection's epilogue (under TP: rank 0's, then the sum)."""
-        if self.tp.size == 1:
-            return self.down_proj.forward_gated(self.gate_up_proj(x), residual)
-        partial = self.down_proj.forward_gated(self.gate_up_proj(x), residual if self.tp.rank == 0 else None)
-        return self.tp.all_reduce(partial)
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, build: Build) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, build: Build, sparse: bool = False) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build)
         self.self_attn = Attention(cfg, rotary, build)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build)
-        self.mlp = MLP(cfg, build)
+        self.mlp = SparseMoE(cfg, build) if sparse else MLP(cfg.hidden_size, cfg.intermediate_size, build)
 
     def forward(self, positions, x, kv_cache, meta, backend) -> torch.Tensor:
         """The residual adds run in the o_proj and down_proj GEMMs' epilogues (one rounding in bfloat16; in float32
@@ -121,7 +120,8 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, floats)
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope, floats)
         self.rotary = rotary
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, build) for _ in range(cfg.num_hidden_layers))
+        sparse = set(cfg.moe_layers)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, build, i in sparse) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, floats)
         self.gemm_backend = "onednn"  # of the LM head when it is the embeddings (model/gemm.py)
         self.with_lm_head = with_lm_head
@@ -179,19 +179,22 @@ class LlamaForCausalLM(nn.Module):
         ".v_proj.": (".qkv_proj.", 2),
         ".gate_proj.": (".gate_up_proj.", 0),
         ".up_proj.": (".gate_up_proj.", 1),
+        ".w1.": (".gate_up_proj.", 0),  # Mixtral's experts
+        ".w3.": (".gate_up_proj.", 1),
     }
+    _RENAMED = {".block_sparse_moe.": ".mlp.", ".w2.": ".down_proj."}  # Mixtral's names -> ours
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies HF-named tensors in (float tensors, or Int4Groups / Int8Groups from a GGUF file); each linear layer is
         finalized (quantized weights packed) as soon as all its rows are in. Raises if any weight is left unloaded or a
         name is unknown."""
         placer = WeightPlacer(self)
-        shard_sizes = {
-            ".qkv_proj.": [self.layers[0].self_attn.q_size] + [self.layers[0].self_attn.kv_size] * 2,
-            ".gate_up_proj.": [self.layers[0].mlp.intermediate_size] * 2,
-        }
+        attn = self.layers[0].self_attn
+        qkv_sizes = [attn.q_size, attn.kv_size, attn.kv_size]
         for hf_name, tensor in weights:
             name = hf_name.removeprefix("model.")
+            for piece, ours in self._RENAMED.items():
+                name = name.replace(piece, ours)
             if "rotary_emb.inv_freq" in name:
                 continue
             if name == "lm_head.weight" and (self.lm_head is None or self.config.tie_word_embeddings):
@@ -200,9 +203,10 @@ class LlamaForCausalLM(nn.Module):
                 tensor = self._tp_slice(name, tensor)
             for piece, (fused, shard) in self._STACKED.items():
                 if piece in name:
-                    sizes = shard_sizes[fused]
-                    placer.put(name.replace(piece, fused), tensor, hf_name, shard, len(sizes), sum(sizes[:shard]),
-                               sizes[shard])
+                    target = name.replace(piece, fused)
+                    layer = placer.linears.get(target.replace(".bias", ".weight"))
+                    sizes = qkv_sizes if fused == ".qkv_proj." else [layer.out_features // 2] * 2 if layer else [0, 0]
+                    placer.put(target, tensor, hf_name, shard, len(sizes), sum(sizes[:shard]), sizes[shard])
                     break
             else:
                 placer.put(name, tensor, hf_name)
@@ -216,8 +220,8 @@ class LlamaForCausalLM(nn.Module):
 
     # HF name piece -> the dimension split over the ranks: 0 = rows (a column-parallel layer's outputs, the
     # vocabulary), 1 = columns (a row-parallel layer's inputs). Norms are not split.
-    _TP_SPLIT = {".q_proj.": 0, ".k_proj.": 0, ".v_proj.": 0, ".gate_proj.": 0, ".up_proj.": 0,
-                 ".o_proj.weight": 1, ".down_proj.weight": 1}
+    _TP_SPLIT = {".q_proj.": 0, ".k_proj.": 0, ".v_proj.": 0, ".gate_proj.": 0, ".up_proj.": 0, ".w1.": 0, ".w3.": 0,
+                 ".o_proj.weight": 1, ".down_proj.weight": 1}  # a router (".mlp.gate.", ".shared_expert_gate.") is not
 
     def _tp_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's part of a full checkpoint tensor (equal slices; the vocabulary's last one zero-padded)."""

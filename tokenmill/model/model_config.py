@@ -8,7 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+DENSE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Mixture-of-experts decoders (model/moe.py): top-k routed experts in place of (some of) the layers' MLPs.
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
+SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # Bare decoder stacks (no LM head), as embedding models such as Qwen3-Embedding ship them.
 BASE_MODEL_ALIASES = {"LlamaModel": "LlamaForCausalLM", "MistralModel": "MistralForCausalLM",
@@ -47,6 +50,19 @@ class ModelConfig:
     qk_norm: bool  # RMSNorm on q and k per head before RoPE (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    qk_norm_whole: bool = False  # RMSNorm over all of q's (k's) heads at once, before the split (OLMoE)
+    clip_qkv: float | None = None  # q, k, v clamped to +-clip_qkv after the projection (OLMoE's option)
+    # Mixture of experts (0 experts: a dense model). ``moe_layers``: the layers whose MLP is the routed experts (the
+    # others keep a dense MLP of ``intermediate_size``); each token goes to its ``num_experts_per_tok`` most probable
+    # experts (softmax over the router's logits), weighted by those probabilities, renormalised to sum to 1 when
+    # ``norm_topk_prob``. Qwen2-MoE adds a shared expert of ``shared_expert_intermediate_size`` to every token,
+    # scaled by sigmoid(its own gate).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0
+    moe_layers: tuple[int, ...] = ()
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -61,8 +77,12 @@ class ModelConfig:
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or hidden // heads
         rope = _rope_config(d)
+        if d.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"unsupported hidden_act {d['hidden_act']!r} for {arch}; tokenmill runs silu")
         if arch == "Qwen2ForCausalLM":
             attention_bias = True
+        elif arch == "Qwen2MoeForCausalLM":
+            attention_bias = bool(d.get("qkv_bias", True))
         else:
             attention_bias = bool(d.get("attention_bias", False))
         eos = d.get("eos_token_id")
@@ -81,18 +101,94 @@ class ModelConfig:
             rope=rope,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            qk_norm_whole=arch == "OlmoeForCausalLM",
+            clip_qkv=float(d["clip_qkv"]) if d.get("clip_qkv") is not None else None,
+            **_moe_fields(arch, d),
         )
 
-    def num_parameters(self) -> int:
-        h, i, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
-        qkv = h * (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
-        o = self.num_attention_heads * self.head_dim * h
-        per_layer = qkv + o + 3 * h * i + 2 * h
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    FLOAT_LINEARS = ("moe_gate", "shared_expert_gate")  # the routers: never quantized (model/moe.py)
+
+    def linear_shapes(self) -> list[tuple[str, int, int, int]]:
+        """(name, out_features, in_features, count) of every linear layer in the decoder layers, over the whole
+        model (count = how many such layers it has): what ``num_parameters``, the memory plan and fp8's per-row
+        scales are counted from. The routers (``moe_gate``) are linears too; the LM head and embeddings are not."""
+        h, d, L = self.hidden_size, self.head_dim, self.num_hidden_layers
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        shapes = [("qkv_proj", (heads + 2 * kv) * d, h, L), ("o_proj", h, heads * d, L)]
+        sparse = len(self.moe_layers)
+        if L - sparse:
+            shapes += [("gate_up_proj", 2 * self.intermediate_size, h, L - sparse),
+                       ("down_proj", h, self.intermediate_size, L - sparse)]
+        if sparse:
+            e, i = self.num_experts, self.moe_intermediate_size
+            shapes += [("moe_gate", e, h, sparse), ("expert_gate_up_proj", 2 * i, h, e * sparse),
+                       ("expert_down_proj", h, i, e * sparse)]
+            if self.shared_expert_intermediate_size:
+                s = self.shared_expert_intermediate_size
+                shapes += [("shared_expert_gate", 1, h, sparse), ("shared_expert_gate_up_proj", 2 * s, h, sparse),
+                           ("shared_expert_down_proj", h, s, sparse)]
+        return shapes
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Every parameter: linears, their biases, norms, embeddings (and a separate LM head). ``active``: those
+        one token uses (of a MoE layer's experts only ``num_experts_per_tok``), the figure FLOPs per token follow."""
+        h, d, L = self.hidden_size, self.head_dim, self.num_hidden_layers
+        total = 0
+        for name, out, inp, count in self.linear_shapes():
+            if active and name.startswith("expert_"):
+                count = count // self.num_experts * self.num_experts_per_tok
+            total += out * inp * count
+        if self.attention_bias:
+            total += (self.num_attention_heads + 2 * self.num_key_value_heads) * d * L
+        norms = 2 * h + (2 * d if self.qk_norm else 0)
+        if self.qk_norm_whole:
+            norms += (self.num_attention_heads + self.num_key_value_heads) * d
         emb = self.vocab_size * h
-        return L * per_layer + emb * (1 if self.tie_word_embeddings else 2) + h
+        return total + L * norms + emb * (1 if self.tie_word_embeddings else 2) + h
+
+    def mlp_width(self) -> int:
+        """The widest gate|up activation one token makes in a layer (half of it): the dense MLP's intermediate size,
+        or the routed experts' together (plus the shared expert's)."""
+        routed = self.num_experts_per_tok * self.moe_intermediate_size + self.shared_expert_intermediate_size
+        return max(self.intermediate_size if len(self.moe_layers) < self.num_hidden_layers else 0, routed)
+
+
+def _moe_fields(arch: str, d: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields from an HF config of ``arch`` (none for a dense architecture)."""
+    if arch not in MOE_ARCHITECTURES:
+        return {}
+    num_layers = d["num_hidden_layers"]
+    experts = d.get("num_experts") or d.get("num_local_experts") or 0  # transformers 5 writes the latter for all
+    if experts <= 0:
+        raise UnsupportedModelError(f"{arch} config has no num_experts / num_local_experts")
+    if arch == "MixtralForCausalLM":  # every layer sparse; the experts' size is intermediate_size
+        inter, norm_topk, layers = d["intermediate_size"], True, range(num_layers)
+    elif arch == "OlmoeForCausalLM":
+        inter, norm_topk, layers = d["intermediate_size"], False, range(num_layers)
+    else:  # Qwen2-MoE / Qwen3-MoE: mlp_only_layers and decoder_sparse_step pick the sparse layers
+        inter, norm_topk = d.get("moe_intermediate_size") or d["intermediate_size"], False
+        step, dense = d.get("decoder_sparse_step", 1) or 1, set(d.get("mlp_only_layers") or ())
+        layers = [i for i in range(num_layers) if i not in dense and (i + 1) % step == 0]
+    top_k = d.get("num_experts_per_tok", 2)
+    if not 0 < top_k <= experts:
+        raise UnsupportedModelError(f"{arch}: num_experts_per_tok={top_k} must be in 1..num_experts={experts}")
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=inter,
+        norm_topk_prob=norm_topk or bool(d.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0)
+        if arch == "Qwen2MoeForCausalLM" else 0,
+        moe_layers=tuple(layers),
+    )
+
 
 
 def _rope_config(d: dict[str, Any]) -> RopeConfig:

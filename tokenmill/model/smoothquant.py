@@ -10,6 +10,8 @@ produces the input, so it costs nothing at run time:
 - gate/up projections: ``post_attention_layernorm``'s weight;
 - down projection: its input is ``silu(gate) * up``, linear in up, so up's rows are divided by s.
 
+A mixture-of-experts layer (model/moe.py) smooths only q/k/v: its post-attention norm also feeds the float router,
+whose choice of experts must not move, and each expert would want factors of its own.
 (The attention output projection is left alone: its input channels are shared across a GQA group and it is the
 least sensitive layer, measured.) ``max|X_j|`` comes from one forward pass over a calibration text shipped with
 tokenmill (``data/calibration.txt``, not the eval text), run on the model with int8 weight-only layers (activations
@@ -85,6 +87,8 @@ def smoothing_factors(net, stats: dict[str, torch.Tensor], alpha: float = ALPHA)
         per_layer = {}
         for key, suffix in zip(("qkv", "gate_up", "down"), _SMOOTHED):
             name = f"layers.{i}.{suffix}"
+            if name not in stats:  # a MoE layer's experts: not smoothed
+                continue
             layer = net.get_submodule(name)
             x = stats[name].clamp(min=1e-5)
             w = weight_column_absmax(layer).clamp(min=1e-5)
@@ -115,7 +119,7 @@ def smooth(weights: Iterable[tuple[str, torch.Tensor]], factors: Factors
             w = w * f["down"]
         elif rest == "input_layernorm.weight":
             w = w / f["qkv"]
-        elif rest == "post_attention_layernorm.weight":
+        elif rest == "post_attention_layernorm.weight" and "gate_up" in f:
             w = w / f["gate_up"]
         yield hf_name, w
 

@@ -33,12 +33,10 @@ def planned_weight_bytes(config: EngineConfig, mc: ModelConfig, dtype: torch.dty
     elem = torch.empty((), dtype=dtype).element_size()
     total = mc.num_parameters() * elem
     if config.quantization == "fp8":
-        embeddings = mc.vocab_size * mc.hidden_size * (1 if mc.tie_word_embeddings else 2)
-        h, d = mc.hidden_size, mc.head_dim
-        rows = (mc.num_attention_heads + 2 * mc.num_key_value_heads) * d + h + 2 * mc.intermediate_size + h
-        norms = (2 * mc.num_hidden_layers + 1) * h
-        linears = mc.num_parameters() - embeddings - norms
-        total = (embeddings + norms) * elem + linears + 4 * rows * mc.num_hidden_layers
+        for name, out, inp, count in mc.linear_shapes():
+            if name not in mc.FLOAT_LINEARS:
+                total -= out * inp * count * (elem - 1)  # one byte a weight
+                total += 4 * out * count  # a float32 scale a row
     return total // config.tensor_parallel_size
 
 
@@ -56,7 +54,7 @@ def kv_budget_bytes(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, d
         activations = activation_bytes
     else:
         elem = torch.empty((), dtype=dtype).element_size()
-        activations = config.max_num_batched_tokens * (2 * mc.intermediate_size + 6 * mc.hidden_size) * elem * 2
+        activations = config.max_num_batched_tokens * (2 * mc.mlp_width() + 6 * mc.hidden_size) * elem * 2
         activations += config.max_num_seqs * mc.vocab_size * 4 * 2  # logits of the sampled rows, float32
     return int(total * config.gpu_memory_utilization - used - activations)
 

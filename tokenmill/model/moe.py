@@ -1,0 +1,90 @@
+"""Mixture-of-experts layers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): a router, top-k routing, the experts as a
+grouped GEMM, and Qwen2-MoE's gated shared expert.
+
+A MoE layer spends, per token, only its ``num_experts_per_tok`` experts' FLOPs of all ``num_experts``: seed 003's
+lever. The experts run grouped (vLLM's fused-MoE shape): the (token, expert) pairs of a step are sorted by expert
+(``group_by_expert``), the tokens gathered once into that order, so each expert's tokens are one contiguous run of
+rows; each expert then runs one gate|up GEMM, SiLU-and-mul and one down GEMM over its run (experts no token chose
+are skipped), the rows are scaled by their routing weights and summed back onto their tokens in one scatter-add.
+Each expert is a dense ``MLP`` of ``Linear`` layers, so its weights are prepacked for oneDNN on the float path and
+quantized exactly as the dense layers' are (int8, int4, w8a8, fp8: model/quant.py, model/fp8.py); the routers stay
+in the model's float dtype (a few thousand weights a layer, and the choice of experts should not move with the
+weights' rounding).
+
+Under tensor parallelism every rank holds every expert's slice of the intermediate channels (as for a dense MLP):
+the routing is the same on every rank (replicated router, same input), each rank's down GEMMs give partial sums, and
+one all-reduce per layer adds them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tokenmill.model.layers import MLP, Build, Linear
+from tokenmill.model.model_config import ModelConfig
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, num_experts] router logits -> (weights [n, top_k] float32, expert ids [n, top_k] int64): the softmax's
+    ``top_k`` largest probabilities (in float32, as transformers computes them), rescaled to sum to 1 when
+    ``renormalize``."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def group_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
+    """[n, top_k] expert ids -> (order [n * top_k]: the flat (token, slot) pairs sorted by expert, stably, so each
+    expert's pairs keep token order; counts: pairs per expert, ``num_experts`` ints summing to n * top_k).
+    Pair ``order[j]`` belongs to token ``order[j] // top_k``; expert e's pairs are ``order[sum(counts[:e]):][:counts[e]]``.
+    """
+    flat = expert_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()  # the one host read: how long each run is
+    return order, counts
+
+
+class SparseMoE(nn.Module):
+    """The routed experts of one layer (+ the shared expert where the model has one), in place of its MLP."""
+
+    def __init__(self, cfg: ModelConfig, build: Build) -> None:
+        super().__init__()
+        self.tp = build.tp
+        self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
+        self.renormalize = cfg.norm_topk_prob
+        floats = build.with_quantization("none")
+        h = cfg.hidden_size
+        self.gate = Linear(h, cfg.num_experts, False, floats)  # the router
+        self.experts = nn.ModuleList(MLP(h, cfg.moe_intermediate_size, build) for _ in range(cfg.num_experts))
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size, build)
+            self.shared_expert_gate = Linear(h, 1, False, floats)
+        else:
+            self.shared_expert = self.shared_expert_gate = None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + MoE(x) for x, residual [n, hidden] (under TP: rank 0 adds the residual, then the ranks' sum).
+        The experts' contributions are summed in float32."""
+        n, hidden = x.shape
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize)  # [n, top_k] each
+        order, counts = group_by_expert(ids, self.num_experts)
+        token_of = order // self.top_k  # [n * top_k]: each sorted pair's token
+        xs = x.index_select(0, token_of)  # [n * top_k, hidden]: each expert's tokens one contiguous run
+        ys = torch.empty_like(xs)
+        start = 0
+        for expert, count in zip(self.experts, counts):
+            if count:
+                ys[start:start + count] = expert.partial(xs[start:start + count])
+                start += count
+        scaled = ys.float().mul_(weights.reshape(-1).index_select(0, order)[:, None])  # [n * top_k, hidden]
+        out = torch.zeros(n, hidden, dtype=torch.float32, device=x.device).index_add_(0, token_of, scaled)
+        if self.shared_expert is not None:
+            shared = self.shared_expert.partial(x).float()
+            out += torch.sigmoid(self.shared_expert_gate(x).float()) * shared
+        if self.tp.size == 1:
+            return residual + out.to(x.dtype)
+        partial = (out + residual.float()).to(x.dtype) if self.tp.rank == 0 else out.to(x.dtype)
+        return self.tp.all_reduce(partial)
