@@ -100,6 +100,8 @@ class LLMEngine:
         loaded = load_model(config.model, config.dtype, self.device, config.max_model_len, cache_dir,
                             config.quantization, config.load_format, config.cpu_gemm, self.ops, tp)
         self.config = config.resolve(loaded.model_config.max_position_embeddings)
+        if loaded.quantization != self.config.quantization:  # a GPTQ/AWQ checkpoint's int4: the config says so
+            self.config = dataclasses.replace(self.config, quantization=loaded.quantization)
         self.model_config = loaded.model_config
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids

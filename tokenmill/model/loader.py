@@ -20,6 +20,7 @@ from tokenmill.model import smoothquant
 from tokenmill.model.gemm import check_backend, set_gemm_backend
 from tokenmill.model.gguf_convert import cached_hf_dir, default_cache_dir
 from tokenmill.model.gguf_weights import iter_gguf_weights, open_gguf
+from tokenmill.model.int4_checkpoints import iter_int4_checkpoint, quantization_config
 from tokenmill.model.layers import Build
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.model_config import ModelConfig
@@ -77,6 +78,7 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     path: Path
     load_seconds: float
+    quantization: str = "none"  # as loaded: a GPTQ/AWQ checkpoint's is int4 whatever was asked
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -125,9 +127,18 @@ def load_model(
     t0 = time.perf_counter()
     device = torch.device(device)
     check_quantization(quantization, device)
-    ops = ops if ops is not None else make_ops("auto", device)
     path = resolve_model_path(model)
     dummy = load_format == "dummy"
+    int4_checkpoint = quantization_config(path) if path.is_dir() and not dummy else None
+    if int4_checkpoint is not None:  # its 4-bit codes load as they are: int4, never a float copy
+        method = int4_checkpoint["method"].upper()
+        if quantization not in ("none", "int4"):
+            raise ValueError(f"{path} is a 4-bit {method} checkpoint: it runs as quantization int4 (the default for "
+                             f"it), not {quantization}")
+        quantization = "int4"
+        if device.type != "cpu":
+            raise ValueError(f"{path} is a 4-bit {method} checkpoint: tokenmill's int4 kernels run on CPU only")
+    ops = ops if ops is not None else make_ops("auto", device)
     # A quantized model reads a GGUF file's tensors directly: never a float copy of the whole model.
     hf_dir, cfg = read_model_config(path, cache_dir, with_weights=quantization == "none" and not dummy)
     torch_dtype = resolve_dtype(dtype, device)
@@ -150,11 +161,14 @@ def load_model(
 
         factors = smoothquant.load_or_calibrate(path, cache_dir or default_cache_dir(), calibration_model, tokenizer)
         net.load_weights(smoothquant.smooth(checkpoint_weights(path, hf_dir, quantization), factors))
+    elif int4_checkpoint is not None:
+        net.load_weights(iter_int4_checkpoint(safetensors_files(hf_dir), int4_checkpoint))
     else:
         net.load_weights(checkpoint_weights(path, hf_dir, quantization))
     set_gemm_backend(net, gemm)
     net.eval()
-    return LoadedModel(net, cfg, tokenizer, eos_token_ids(hf_dir, cfg, tokenizer), path, time.perf_counter() - t0)
+    return LoadedModel(net, cfg, tokenizer, eos_token_ids(hf_dir, cfg, tokenizer), path, time.perf_counter() - t0,
+                       quantization)
 
 
 def tokenizer_dir(hf_dir: Path, load_format: str = "auto", cache_dir: Path | None = None) -> Path:
@@ -198,9 +212,8 @@ def checkpoint_weights(path: Path, hf_dir: Path, quantization: str):
     return iter_safetensors(hf_dir)
 
 
-def iter_safetensors(hf_dir: Path):
-    from safetensors import safe_open
-
+def safetensors_files(hf_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files (the index's, when sharded)."""
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -208,7 +221,13 @@ def iter_safetensors(hf_dir: Path):
         files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
     if not files:
         raise ModelNotFoundError(f"model directory {hf_dir} has no *.safetensors weights")
-    for name in files:
-        with safe_open(str(hf_dir / name), framework="pt") as f:
+    return [hf_dir / name for name in files]
+
+
+def iter_safetensors(hf_dir: Path):
+    from safetensors import safe_open
+
+    for path in safetensors_files(hf_dir):
+        with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)

@@ -48,20 +48,27 @@ INT8_GROUP_SIZE = 32  # GGUF Q8_0's block size
 
 @dataclass
 class Int4Groups:
-    """A weight already in 4-bit groups (a GGUF Q4 tensor): ``w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g]``
-    with ``g = k // INT4_GROUP_SIZE``."""
+    """A weight already in 4-bit groups (a GGUF Q4 tensor, a GPTQ/AWQ layer): ``w[n, k] = (q[n, k] - 8) *
+    scale[n, g] + zero[n, g]`` with ``g = k // INT4_GROUP_SIZE``. With ``perm`` (GPTQ's act-order) the columns are
+    the input channels in that order: column j holds input channel ``perm[j]`` (the layer permutes its input so)."""
 
     q: torch.Tensor  # [N, K] uint8 in 0..15
     scale: torch.Tensor  # [N, K // 32] float32
     zero: torch.Tensor  # [N, K // 32] float32
+    perm: torch.Tensor | None = None  # [K] int64, a permutation of 0..K-1
 
     @property
     def shape(self) -> torch.Size:
         return self.q.shape
 
-    def dequantize(self) -> torch.Tensor:  # [N, K] float32
+    def dequantize(self) -> torch.Tensor:  # [N, K] float32, columns in input-channel order
         g = INT4_GROUP_SIZE
-        return (self.q.float() - 8) * self.scale.repeat_interleave(g, 1) + self.zero.repeat_interleave(g, 1)
+        w = (self.q.float() - 8) * self.scale.repeat_interleave(g, 1) + self.zero.repeat_interleave(g, 1)
+        if self.perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.perm] = w
+        return out
 
 
 @dataclass
@@ -423,11 +430,22 @@ class Int4Weight(QuantizedWeight):
         self.register_buffer("scales_and_zeros", None)  # [K / 32, N, 2] in the kernel's dtype once final
         self.register_buffer("panels", None)  # [ceil(N / 32), K / 2, 32] uint8 (two codes a byte), on the AMX path
         self.register_buffer("panel_scales", None)  # [ceil(N / 32), K / 32, 2, 32] float16, on the AMX path
+        self.register_buffer("perm", None)  # [K] int64: the input's columns in the weight's order (GPTQ act-order)
+        self._rows_loaded = 0
 
     def load_rows(self, offset: int, w: torch.Tensor | Int4Groups | Int8Groups) -> None:
+        """Rows of the weight; Int4Groups load as they are. Every shard of a fused layer must have the same input
+        permutation (none, or GPTQ act-order's: they share one input)."""
         groups = w if isinstance(w, Int4Groups) else quantize_int4_groups(_to_float(w))
+        perm = groups.perm
+        if self._rows_loaded and ((perm is None) != (self.perm is None)
+                                  or (perm is not None and not torch.equal(perm, self.perm))):
+            raise ValueError("the checkpoint tensors fused into one layer have different input channel orders "
+                             "(act-order g_idx): they cannot share one input")
+        self.perm = perm
         rows = slice(offset, offset + groups.q.shape[0])
         self._q[rows], self._scale[rows], self._zero[rows] = groups.q, groups.scale, groups.zero
+        self._rows_loaded += groups.q.shape[0]
 
     def _float16_holds(self) -> bool:
         """Whether float16 holds the groups at least as well as bfloat16: every scale 0 or a normal float16 (11
@@ -455,6 +473,8 @@ class Int4Weight(QuantizedWeight):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
         if self.panels is not None:
             return _panel_gemm(self.kernels.int4g_gemm_amx, x, torch.bfloat16, self.panels, self.panel_scales, bias,
                                residual, self.out_features)
