@@ -42,11 +42,14 @@ def tiny_config(arch: str, **overrides):
         }
         return tf.LlamaConfig(**TINY, tie_word_embeddings=True, rope_parameters=rope)
     if arch == "mistral":
-        return tf.MistralConfig(**TINY, sliding_window=None, tie_word_embeddings=False)
+        return tf.MistralConfig(**{"sliding_window": None, **TINY}, tie_word_embeddings=False)
     if arch == "qwen2":
         return tf.Qwen2Config(**TINY, tie_word_embeddings=False)
     if arch == "qwen3":
         return tf.Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=False)
+    if arch == "phi3":  # fused qkv / gate_up in the checkpoint, RoPE on half of each head
+        return tf.Phi3Config(**{"sliding_window": None, **TINY}, pad_token_id=0, partial_rotary_factor=0.5,
+                             tie_word_embeddings=False)
     # mixtures of experts: 4 experts, top-2 (MoE shapes smaller than the dense MLP's, as real ones are)
     if arch == "mixtral":
         return tf.MixtralConfig(**{**TINY, "intermediate_size": 64}, num_local_experts=4, num_experts_per_tok=2,

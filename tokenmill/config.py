@@ -128,13 +128,14 @@ class EngineConfig:
         if problems:
             raise ConfigError("; ".join(problems))
 
-    def resolve(self, model_max_len: int) -> "EngineConfig":
-        """Fills in model-dependent values and checks the options against each other."""
+    def resolve(self, model_max_len: int, why: str | None = None) -> "EngineConfig":
+        """Fills in model-dependent values and checks the options against each other. ``model_max_len``: the longest
+        sequence the model runs (``why``: what limits it, for the error)."""
         self.check()
         max_model_len = self.max_model_len or model_max_len
         if max_model_len > model_max_len:
             raise ConfigError(
-                f"max_model_len={max_model_len} is longer than the model supports ({model_max_len} positions)"
+                f"max_model_len={max_model_len} is longer than the model supports ({why or f'{model_max_len} positions'})"
             )
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < max_model_len:
             raise ConfigError(

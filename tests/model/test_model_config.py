@@ -88,3 +88,23 @@ def test_moe_sparse_layers_and_bad_routing_are_read_or_named():
         ModelConfig.from_hf_dict({**MIXTRAL_8X7B, "num_experts_per_tok": 9})
     with pytest.raises(UnsupportedModelError, match="hidden_act 'gelu'"):
         ModelConfig.from_hf_dict({**MIXTRAL_8X7B, "hidden_act": "gelu"})
+
+
+def test_a_sliding_window_limits_the_length_to_the_window(tmp_path):
+    """tokenmill's attention does not slide: a model with a window shorter than its positions runs sequences up to the
+    window (where sliding changes nothing), and a longer max_model_len is refused naming the window. Qwen configs
+    carry a window they do not use (use_sliding_window false)."""
+    from helpers import save_tiny_model
+
+    from tokenmill import LLM
+    from tokenmill.config import ConfigError
+
+    cfg = ModelConfig.from_hf_dict({**BASE, "architectures": ["MistralForCausalLM"], "sliding_window": 32,
+                                    "max_position_embeddings": 256})
+    assert cfg.max_len == 32
+    assert ModelConfig.from_hf_dict({**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 32,
+                                     "max_position_embeddings": 256}).max_len == 256
+    save_tiny_model("mistral", tmp_path / "m", sliding_window=32)
+    assert LLM(str(tmp_path / "m"), kv_cache_memory=0.01).engine.config.max_model_len == 32
+    with pytest.raises(ConfigError, match="32 positions: its sliding window"):
+        LLM(str(tmp_path / "m"), kv_cache_memory=0.01, max_model_len=64)

@@ -19,6 +19,7 @@ CASES = {
     "qwen2": {},  # qkv bias
     "qwen3": {},  # q/k norms
     "llama3_tied": {"vocab_size": 251},  # tied head, vocabulary not a multiple of 2
+    "phi3": {},  # q|k|v and gate|up fused in the checkpoint: each part sliced; RoPE on half of each head
     "mixtral": {},  # every expert's intermediate channels split, the router replicated
     "qwen2_moe": {},  # a dense layer, a sparse one with a gated shared expert
 }

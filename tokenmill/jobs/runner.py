@@ -92,7 +92,7 @@ class JobContext:
             self.model_path = resolve_model_path(model)
             cache_dir = Path(self.config.cache_dir) if self.config.cache_dir else None
             hf_dir, self.model_config = read_model_config(self.model_path, cache_dir)
-            self.config = self.config.resolve(self.model_config.max_position_embeddings)
+            self.config = self.config.resolve(self.model_config.max_len, self.model_config.max_len_reason())
             defaults = SamplingParams.from_dict(sampling)
             self.tokenizer = load_tokenizer(tokenizer_dir(hf_dir, self.config.load_format, cache_dir))
             self.grammars = GrammarBackend(self.tokenizer, self.model_config.vocab_size,

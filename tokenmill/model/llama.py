@@ -1,4 +1,5 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3, and the mixture-of-experts decoders Mixtral, Qwen2-MoE,
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3: fused qkv and gate_up in its checkpoints, partial
+rotary; and the mixture-of-experts decoders Mixtral, Qwen2-MoE,
 Qwen3-MoE and OLMoE, whose sparse layers' MLPs are ``moe.SparseMoE``) over a flat, unpadded batch and a paged KV
 cache.
 
@@ -49,6 +50,7 @@ class Attention(nn.Module):
                 raise ValueError(f"{cfg.architecture} normalises q and k over all heads: no tensor parallelism")
             self.q_norm = RMSNorm(self.q_size, cfg.rms_norm_eps, build)
             self.k_norm = RMSNorm(self.kv_size, cfg.rms_norm_eps, build)
+        self.rotary_dim = cfg.rotary_dim or cfg.head_dim
         self.whole_qk_norm = cfg.qk_norm_whole
         self.clip_qkv = cfg.clip_qkv
         self.rotary = rotary
@@ -74,7 +76,12 @@ class Attention(nn.Module):
         v = v.reshape(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and not self.whole_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if self.rotary_dim < self.head_dim:  # partial rotary: the first rotary_dim channels of each head turn
+            r = self.rotary_dim
+            q_rot, k_rot = self.rotary(positions, q[..., :r].contiguous(), k[..., :r].contiguous())
+            q, k = torch.cat([q_rot, q[..., r:]], dim=-1), torch.cat([k_rot, k[..., r:]], dim=-1)
+        else:
+            q, k = self.rotary(positions, q, k)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [num_tokens, heads, head_dim]
         if self.tp.size == 1:
             return self.o_proj.forward_add(out.reshape(n, self.q_size), residual)
@@ -118,7 +125,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"tensor parallelism runs float weights only, not quantization={quantization!r}")
         floats = build.with_quantization("none")
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, floats)
-        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope, floats)
+        rotary = RotaryEmbedding(cfg.rotary_dim or cfg.head_dim, max_positions, cfg.rope, floats)
         self.rotary = rotary
         sparse = set(cfg.moe_layers)
         self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, build, i in sparse) for i in range(cfg.num_hidden_layers))
@@ -234,6 +241,12 @@ class LlamaForCausalLM(nn.Module):
             if part.shape[0] < per:
                 part = torch.cat([part, part.new_zeros(per - part.shape[0], *part.shape[1:])])
             return part
+        if ".qkv_proj." in name or ".gate_up_proj." in name:  # fused in the checkpoint (Phi-3): each part's slice
+            attn = self.layers[0].self_attn
+            sizes = ([attn.q_size * tp.size] + [attn.kv_size * tp.size] * 2 if ".qkv_proj." in name
+                     else [tensor.shape[0] // 2] * 2)
+            return torch.cat([part.narrow(0, tp.rank * (n // tp.size), n // tp.size)
+                              for part, n in zip(tensor.split(sizes), sizes)])
         dim = next((d for piece, d in self._TP_SPLIT.items() if piece in name), None)
         if dim is None:
             return tensor

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-DENSE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+DENSE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                       "Phi3ForCausalLM")
 # Mixture-of-experts decoders (model/moe.py): top-k routed experts in place of (some of) the layers' MLPs.
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
@@ -50,6 +51,10 @@ class ModelConfig:
     qk_norm: bool  # RMSNorm on q and k per head before RoPE (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    rotary_dim: int = 0  # RoPE on the first rotary_dim channels of each head (partial_rotary_factor); 0 = all
+    # Attention over the last ``sliding_window`` positions only (Mistral, Phi-3; Qwen2's when use_sliding_window).
+    # tokenmill's attention does not slide, so ``max_len`` stops sequences at the window, where sliding is a no-op.
+    sliding_window: int | None = None
     qk_norm_whole: bool = False  # RMSNorm over all of q's (k's) heads at once, before the split (OLMoE)
     clip_qkv: float | None = None  # q, k, v clamped to +-clip_qkv after the projection (OLMoE's option)
     # Mixture of experts (0 experts: a dense model). ``moe_layers``: the layers whose MLP is the routed experts (the
@@ -104,6 +109,8 @@ class ModelConfig:
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            rotary_dim=int(head_dim * _partial_rotary_factor(d)),
+            sliding_window=_sliding_window(arch, d),
             qk_norm_whole=arch == "OlmoeForCausalLM",
             clip_qkv=float(d["clip_qkv"]) if d.get("clip_qkv") is not None else None,
             **_moe_fields(arch, d),
@@ -112,6 +119,20 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def max_len(self) -> int:
+        """The longest sequence tokenmill runs exactly: the model's positions, or its sliding window if shorter."""
+        if self.sliding_window is not None and self.sliding_window < self.max_position_embeddings:
+            return self.sliding_window
+        return self.max_position_embeddings
+
+    def max_len_reason(self) -> str:
+        """Why ``max_len`` is what it is, for an error message."""
+        if self.max_len < self.max_position_embeddings:
+            return (f"{self.max_len} positions: its sliding window, beyond which tokenmill's attention, which does not "
+                    f"slide, would differ from the model's")
+        return f"{self.max_len} positions"
 
     FLOAT_LINEARS = ("moe_gate", "shared_expert_gate")  # the routers: never quantized (model/moe.py)
 
@@ -158,6 +179,21 @@ class ModelConfig:
         or the routed experts' together (plus the shared expert's)."""
         routed = self.num_experts_per_tok * self.moe_intermediate_size + self.shared_expert_intermediate_size
         return max(self.intermediate_size if len(self.moe_layers) < self.num_hidden_layers else 0, routed)
+
+
+def _partial_rotary_factor(d: dict[str, Any]) -> float:
+    params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    factor = float(params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
+    if not 0 < factor <= 1:
+        raise UnsupportedModelError(f"partial_rotary_factor={factor} must be in (0, 1]")
+    return factor
+
+
+def _sliding_window(arch: str, d: dict[str, Any]) -> int | None:
+    window = d.get("sliding_window")
+    if arch.startswith("Qwen") and not d.get("use_sliding_window", False):
+        return None  # Qwen configs carry a window they do not use
+    return int(window) if window else None
 
 
 def _moe_fields(arch: str, d: dict[str, Any]) -> dict[str, Any]:
