@@ -41,6 +41,7 @@ SLOW_TESTS = {
     "tests/embed/test_index.py::test_index_builds_and_reports_recall",
     "tests/embed/test_embed_parity.py::test_minilm_matches_sentence_transformers",
     "tests/model/test_eval.py::test_the_eval_command",
+    "tests/model/test_lora.py::test_a_job_picks_each_rows_adapter_and_reports_an_unknown_one",
     "tests/model/test_kv_cache_dtype.py::test_the_eval_command_measures_the_fp8_cache_on_smollm2",
     "tests/model/test_kv_cache_dtype.py::test_a_resume_with_another_kv_cache_dtype_is_refused",
     "tests/structured/test_structured.py::test_recompute_preemption_and_prefix_caching_give_the_same_outputs",

@@ -118,6 +118,23 @@ def assert_greedy_equal(ours: list[int], ref: list[int], ref_logits: list[torch.
     warnings.warn(f"{label}: diverged at token {j} at a near-tie of the top two logits (gap {gap:.2e})")
 
 
+def save_lora_adapter(base_path, out, rank: int, alpha: float, targets: list[str], rslora: bool, seed: int):
+    """A PEFT LoRA adapter of the HF model at ``base_path`` with random factors, saved to ``out``; returns the PEFT
+    model (the reference)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, lora_dropout=0.0)
+    peft_model = get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(seed)
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:  # PEFT starts B at zero (no effect): random factors make every adapter matter
+            p.data = torch.randn(p.shape, generator=g) * 0.15
+    peft_model.save_pretrained(str(out))
+    return peft_model.eval()
+
+
 def tokenmill_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "tokenmill.cli", *map(str, args)]
 

@@ -64,6 +64,18 @@ class EngineConfig:
     cpu_gemm: str = "onednn"  # the float linears' CPU GEMMs: onednn, or aten (MKL on this CPU; model/gemm.py)
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default (physical cores)
     seed: int = 0  # seeds the shared generator of requests that have no seed of their own
+    # LoRA (model/lora.py): PEFT adapter directories loaded with the model, ((name, path), ...); a dict or
+    # "NAME=PATH" strings are accepted. A request picks one by name (SamplingParams.lora); at most max_loras.
+    lora_adapters: tuple[tuple[str, str], ...] = ()
+    max_loras: int = 8
+
+    def __post_init__(self) -> None:
+        adapters = self.lora_adapters
+        if isinstance(adapters, dict):
+            adapters = tuple((str(k), str(v)) for k, v in adapters.items())
+        elif isinstance(adapters, (list, tuple)):
+            adapters = tuple(tuple(str(a).partition("=")[::2]) if isinstance(a, str) else tuple(a) for a in adapters)
+        object.__setattr__(self, "lora_adapters", adapters)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "EngineConfig":
@@ -123,6 +135,16 @@ class EngineConfig:
             problems.append(f"swap_space must be a number of GiB >= 0, got {self.swap_space!r}")
         elif self.preemption_mode == "swap" and self.swap_space == 0:
             problems.append("preemption_mode='swap' needs swap_space > 0 GiB")
+        positive_int("max_loras")
+        names = [a[0] if len(a) == 2 else "" for a in self.lora_adapters]
+        if not all(len(a) == 2 and a[0] and a[1] for a in self.lora_adapters):
+            problems.append(f"lora_adapters must be NAME=PATH pairs, got {list(self.lora_adapters)!r}")
+        elif len(set(names)) < len(names):
+            problems.append(f"lora_adapters names must be distinct, got {names}")
+        elif isinstance(self.max_loras, int) and len(names) > self.max_loras:
+            problems.append(f"{len(names)} LoRA adapters given but max_loras={self.max_loras}")
+        if self.lora_adapters and isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size > 1:
+            problems.append("LoRA adapters do not run with tensor_parallel_size > 1 yet")
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
             problems.append(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if problems:

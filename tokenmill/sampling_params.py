@@ -40,6 +40,7 @@ class SamplingParams:
     structured: StructuredOutputs | None = None  # what the output must match (None: free text)
     n: int = 1  # samples returned
     best_of: int | None = None  # samples drawn (None: n); the best n by mean logprob per token are returned
+    lora: str | None = None  # the LoRA adapter this request runs with (a name the engine loaded); None = base model
 
     def __post_init__(self) -> None:
         # Accept a single string / lists for convenience; store tuples so the object stays hashable and frozen.
@@ -100,6 +101,8 @@ class SamplingParams:
             p.append(f"n must be an integer in [1, {MAX_SAMPLES}], got {_shown(self.n)}")
         elif self.best_of is not None and (not is_int(self.best_of) or not self.n <= self.best_of <= MAX_SAMPLES):
             p.append(f"best_of must be an integer in [n, {MAX_SAMPLES}] (n = {self.n}), got {_shown(self.best_of)}")
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora):
+            p.append(f"lora must be an adapter's name (a non-empty string), got {_shown(self.lora)}")
         return p
 
     @property

@@ -143,6 +143,30 @@ columns_option = click.option("--columns", default=None, metavar="FIELD=COL,..."
                                    "fields, e.g. id, prompt, messages, text, max_tokens).")
 
 
+def lora_options(f):
+    """--lora NAME=PATH (repeatable) and --max-loras, for run and serve."""
+    for opt in reversed([
+        click.option("--lora", "lora", multiple=True, metavar="NAME=PATH",
+                     help="Load a PEFT LoRA adapter directory under NAME (repeatable). A row picks it with "
+                          "\"lora\": NAME (an OpenAI line or request with \"model\": NAME); rows of different "
+                          "adapters and of the base model batch together."),
+        click.option("--max-loras", type=int, default=None, help="Most adapters loaded at once (default 8)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def lora_engine_options(lora: tuple[str, ...], max_loras: int | None) -> dict:
+    """The engine options of --lora / --max-loras; a malformed NAME=PATH is one line, exit 2."""
+    from tokenmill.model.lora import LoraError, parse_lora_specs
+
+    try:
+        specs = parse_lora_specs(lora)
+    except LoraError as e:
+        raise UserError(str(e)) from None
+    return {"lora_adapters": [f"{n}={p}" for n, p in specs.items()] or None, "max_loras": max_loras}
+
+
 def preemption_options(f):
     """--preemption-mode and --swap-space, for run and serve."""
     for opt in reversed([

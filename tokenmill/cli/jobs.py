@@ -9,7 +9,8 @@ import click
 
 from tokenmill.cli.common import (EXIT_CODES_HELP, UserError, columns_of, columns_option, config_option,
                                   engine_and_sampling, input_format_option, job_context, job_options,
-                                  kv_cache_dtype_option, model_memory_options, model_option, preemption_options,
+                                  kv_cache_dtype_option, lora_engine_options, lora_options, model_memory_options,
+                                  model_option, preemption_options,
                                   run_job, scan_input, structured_flags, structured_options)
 
 
@@ -30,6 +31,7 @@ from tokenmill.cli.common import (EXIT_CODES_HELP, UserError, columns_of, column
 @click.option("--max-num-batched-tokens", type=int, default=None,
               help="Token budget of one step (default: from the memory plan).")
 @preemption_options
+@lora_options
 @click.option("--scheduling-strategy", type=click.Choice(["continuous", "prefill_first"]), default=None,
               help="continuous (default) or prefill_first.")
 @click.option("--sort-by-length/--no-sort-by-length", default=None, help="Admit longer prompts first within a window.")
@@ -54,7 +56,8 @@ from tokenmill.cli.common import (EXIT_CODES_HELP, UserError, columns_of, column
 @structured_options
 @job_options
 def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k, seed, stop, max_num_seqs,
-        max_num_batched_tokens, preemption_mode, swap_space, scheduling_strategy, sort_by_length, prefix_caching,
+        max_num_batched_tokens, preemption_mode, swap_space, lora, max_loras, scheduling_strategy, sort_by_length,
+        prefix_caching,
         dataset_order, task, score_tokens, dedupe, device, dtype, quantization, max_model_len, kv_cache_memory, kv_cache_dtype, attention_backend,
         enforce_eager, tensor_parallel_size, gpu_memory_utilization, partition,
         total_partitions, gpu_hourly_rate, num_gpus,
@@ -62,7 +65,7 @@ def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k
         num_workers, shard_size, max_shard_retries, overwrite, quiet):
     """Run a dataset through the model into OUTPUT; the same command resumes an interrupted job.
 
-    Rows: {"id", "prompt"} or {"id", "messages"} (optional max_tokens, temperature, top_p, seed, stop), or OpenAI
+    Rows: {"id", "prompt"} or {"id", "messages"} (optional max_tokens, temperature, top_p, seed, stop, lora), or OpenAI
     Batch lines for /v1/chat/completions and /v1/completions. Bad rows go to OUTPUT.errors.jsonl and the job goes on.
     INPUT: JSON Lines (.jsonl, optionally .gz / .zst / .bz2 / .xz), CSV / TSV, Parquet, or - for stdin.
     """
@@ -77,7 +80,7 @@ def run(input_path, output, model, config, max_tokens, temperature, top_p, top_k
              max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
              attention_backend=attention_backend, enforce_eager=enforce_eager or None,
              tensor_parallel_size=tensor_parallel_size,
-             gpu_memory_utilization=gpu_memory_utilization),
+             gpu_memory_utilization=gpu_memory_utilization, **lora_engine_options(lora, max_loras)),
         dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
              structured=structured_flags(json_schema, choices, regex, grammar)),
     )

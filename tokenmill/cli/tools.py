@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from tokenmill.cli.common import (UserError, config_option, engine_and_sampling, kv_cache_dtype_option,
-                                  model_memory_options, model_option, preemption_options, quantization_option)
+                                  lora_engine_options, lora_options, model_memory_options, model_option,
+                                  preemption_options, quantization_option)
 
 
 @click.command("eval")
@@ -62,6 +63,7 @@ def eval_cmd(model, dtype, quantization, kv_cache_dtype, text_path, context, lim
 @click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
               help="On SIGTERM: seconds in-flight requests get to finish before they are aborted.")
 @preemption_options
+@lora_options
 @click.option("--prefix-caching/--no-prefix-caching", "prefix_caching", default=None,
               help="Share the KV cache of common prompt prefixes (default: on).")
 @model_memory_options
@@ -82,7 +84,8 @@ def eval_cmd(model, dtype, quantization, kv_cache_dtype, text_path, context, lim
                    "of it while one waits or prefills; default: --max-num-batched-tokens / 8): smaller keeps online "
                    "latency lower, at the batch's expense.")
 def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, max_num_batched_tokens, max_wait_ms,
-          max_queued_requests, shutdown_timeout, preemption_mode, swap_space, prefix_caching, device, dtype,
+          max_queued_requests, shutdown_timeout, preemption_mode, swap_space, lora, max_loras, prefix_caching, device,
+          dtype,
           quantization, max_model_len, kv_cache_memory, kv_cache_dtype, attention_backend, enforce_eager,
           tensor_parallel_size, gpu_memory_utilization, embedding_model, state_dir, max_file_mb, max_batch_requests,
           gpu_hourly_rate, batch_token_budget):
@@ -108,7 +111,7 @@ def serve(model, config, host, port, api_key, served_model_name, max_num_seqs, m
                             kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
                             attention_backend=attention_backend, enforce_eager=enforce_eager or None,
                             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                            batch_token_budget=batch_token_budget), {})
+                            batch_token_budget=batch_token_budget, **lora_engine_options(lora, max_loras)), {})
     engine.setdefault("gpu_memory_utilization", 0.90)  # a server leaves headroom (the seeds: 0.90 serve, 0.95 run)
     from tokenmill.config import EngineConfig
     from tokenmill.model.loader import resolve_model_path

@@ -6,7 +6,7 @@ the largest ``num_tokens`` passed to ``allocate_slots`` for it. Token ``i`` of a
 ``block_ids[i // block_size] * block_size + i % block_size``.
 
 Prefix caching: block ``i`` of a request is identified by a hash chained from block ``i - 1``'s hash and block
-``i``'s token ids (``block_hash``; ``extra`` leaves room for keys such as LoRA or multimodal inputs). A full block
+``i``'s token ids (``block_hash``); a request's ``salt`` (its LoRA adapter) keys its first block. A full block
 whose K/V has been computed is registered under its hash (``cache_full_blocks``); a new request's leading blocks
 found in the cache are shared (reference counted) instead of computed (``lookup`` + ``allocate_slots(hits=...)``):
 a head start on ``num_computed_tokens``. The last known token of a request is never a hit (its logits are needed).
@@ -62,20 +62,24 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
 
-    def _hashes_upto(self, request_id: str, token_ids: Sequence[int], num_blocks: int) -> list[int]:
+    def _hashes_upto(self, request_id: str, token_ids: Sequence[int], num_blocks: int,
+                     salt: Hashable | None = None) -> list[int]:
+        """``salt`` (a LoRA adapter's name) keys the first block, so requests of different adapters, whose K/V
+        differ for the same tokens, never share a block."""
         hashes = self._hashes.setdefault(request_id, [])
         bs = self.block_size
         for i in range(len(hashes), num_blocks):
-            hashes.append(block_hash(hashes[-1] if hashes else None, token_ids[i * bs:(i + 1) * bs]))
+            parent = hashes[-1] if hashes else (None if salt is None else ("salt", salt))
+            hashes.append(block_hash(parent, token_ids[i * bs:(i + 1) * bs]))
         return hashes
 
-    def lookup(self, request_id: str, token_ids: Sequence[int]) -> list[int]:
+    def lookup(self, request_id: str, token_ids: Sequence[int], salt: Hashable | None = None) -> list[int]:
         """The cached blocks that hold the request's leading tokens (all but its last token at most), in order."""
         if not self.enable_caching:
             return []
         max_blocks = (len(token_ids) - 1) // self.block_size
         hits: list[int] = []
-        for h in self._hashes_upto(request_id, token_ids, max_blocks):
+        for h in self._hashes_upto(request_id, token_ids, max_blocks, salt):
             b = self.pool.lookup(h)
             if b is None:
                 break
@@ -112,8 +116,10 @@ class KVCacheManager:
         held.extend(self.pool.allocate(extra))
         return True
 
-    def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
-        """Registers the request's blocks that are full and computed (``num_computed_tokens`` of ``token_ids``)."""
+    def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
+                          salt: Hashable | None = None) -> None:
+        """Registers the request's blocks that are full and computed (``num_computed_tokens`` of ``token_ids``);
+        ``salt`` as for ``lookup``."""
         if not self.enable_caching:
             return
         blocks = self._blocks.get(request_id)
@@ -123,7 +129,7 @@ class KVCacheManager:
         start = self._num_cached.get(request_id, 0)
         if full <= start:
             return
-        hashes = self._hashes_upto(request_id, token_ids, full)
+        hashes = self._hashes_upto(request_id, token_ids, full, salt)
         for i in range(start, full):
             self.pool.cache(blocks[i], hashes[i])
         self._num_cached[request_id] = full

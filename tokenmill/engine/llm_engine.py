@@ -98,7 +98,8 @@ class LLMEngine:
         tp = self.tp_workers.tp if self.tp_workers is not None else SINGLE
         self.ops = ops if ops is not None else make_ops(config.attention_backend, self.device)  # chosen once
         loaded = load_model(config.model, config.dtype, self.device, config.max_model_len, cache_dir,
-                            config.quantization, config.load_format, config.cpu_gemm, self.ops, tp)
+                            config.quantization, config.load_format, config.cpu_gemm, self.ops, tp,
+                            config.lora_adapters)
         self.config = config.resolve(loaded.model_config.max_len, loaded.model_config.max_len_reason())
         if loaded.quantization != self.config.quantization:  # a GPTQ/AWQ checkpoint's int4: the config says so
             self.config = dataclasses.replace(self.config, quantization=loaded.quantization)
@@ -150,6 +151,11 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r}: {problem}")
         if request_id in self.scheduler.requests or request_id in self._parents:
             raise ValueError(f"request {request_id!r} is already in the engine")
+        lora = sampling_params.lora
+        if lora is not None and (self.runner.model.loras is None or lora not in self.runner.model.loras.slots):
+            loaded = sorted(self.runner.model.loras.slots) if self.runner.model.loras is not None else []
+            raise ValueError(f"request {request_id!r}: unknown LoRA adapter {lora!r}; loaded: "
+                             f"{', '.join(loaded) or 'none (start the engine with lora_adapters / --lora)'}")
         if sampling_params.structured is not None:
             try:
                 self.grammars.compile(sampling_params.structured)

@@ -6,8 +6,8 @@ scheduler: {max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, prefil
             preemption_mode, scheduling_strategy, sort_by_length}
 memory:    {gpu_memory_utilization, kv_cache_memory, kv_cache_dtype, num_kv_blocks, block_size, swap_space}
 engine:    {dtype, quantization, device, max_model_len, attention_backend, cpu_gemm, num_threads, seed, cache_dir,
-            load_format}
-sampling:  {max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos,
+            load_format, lora_adapters: {NAME: PATH}, max_loras}
+sampling:  {max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos, lora,
             structured: {json: SCHEMA | json_object: true | regex: R | choice: [A, B] | grammar: GBNF}}
 ```
 An unknown section or key is an error naming it.
@@ -27,9 +27,9 @@ SECTIONS = {
     "memory": {"gpu_memory_utilization", "kv_cache_memory", "kv_cache_dtype", "num_kv_blocks", "block_size",
                "swap_space"},
     "engine": {"dtype", "quantization", "device", "max_model_len", "attention_backend", "cpu_gemm", "num_threads",
-               "seed", "cache_dir", "load_format"},
+               "seed", "cache_dir", "load_format", "lora_adapters", "max_loras"},
     "sampling": {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
-                 "structured"},
+                 "structured", "lora"},
 }
 
 

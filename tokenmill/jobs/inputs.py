@@ -38,7 +38,8 @@ INPUT_FORMATS = ("auto", "jsonl", "csv", "parquet")
 MAX_LINE_BYTES = 64 << 20  # a longer line is an error record (no prompt that long fits any model)
 BLOCK = 1 << 20
 
-RUN_FIELDS = ("id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "continuation")
+RUN_FIELDS = ("id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "continuation",
+              "lora")
 EMBED_FIELDS = ("id", "text")
 _INT_FIELDS = ("max_tokens", "seed")
 _FLOAT_FIELDS = ("temperature", "top_p")

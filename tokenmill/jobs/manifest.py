@@ -24,7 +24,7 @@ from tokenmill.jobs.files import JobPaths, write_json_atomic
 SPEED_OPTIONS = {"max_num_seqs", "max_num_batched_tokens", "num_threads", "kv_cache_memory", "gpu_memory_utilization",
                  "num_kv_blocks", "block_size", "enable_chunked_prefill", "prefill_chunk_size", "preemption_mode",
                  "scheduling_strategy", "sort_by_length", "attention_backend", "device", "cache_dir",
-                 "max_batch_tokens", "enable_prefix_caching", "batch_token_budget", "swap_space"}
+                 "max_batch_tokens", "enable_prefix_caching", "batch_token_budget", "swap_space", "max_loras"}
 
 
 def tokenmill_version() -> str:

@@ -12,7 +12,7 @@ schema, regex or grammar is an ``invalid_structured_output`` error record of the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tokenmill.jobs.records import (CHAT_URL, COMPLETIONS_URL, JobError, JobRequest, check_batch_line, id_key,
                                     parse_line)
@@ -41,12 +41,15 @@ class Preprocessor:
     def __init__(self, tokenizer, max_model_len: int, vocab_size: int, sampling_defaults: dict,
                  context_overflow: str = "error", grammars=None, task: str = "generate",
                  max_num_seqs: int | None = None, endpoint: str | None = None,
-                 models: set[str] | None = None) -> None:
+                 models: set[str] | None = None, loras: frozenset[str] = frozenset()) -> None:
         """``task``: "generate", or "score" (``tokenmill run --task score``: each row's prompt, or its continuation
         after the prompt, is scored by the model; the rows' sampling fields do not apply). ``max_num_seqs``: when
         given (the server's), a request whose samples (n, best_of) cannot all run at once is refused; a job runs
         them as room allows. ``endpoint`` (a Batch API batch's): every line must be an OpenAI Batch request for that
-        url, and name one of ``models`` (or none); any other line is an error record."""
+        url, and name one of ``models`` (or none); any other line is an error record. ``loras``: the LoRA adapters
+        the engine loaded; a plain row's ``lora`` must name one, and an OpenAI line whose ``model`` names one runs
+        with it (as vLLM serves adapters under their names)."""
+        self.loras = frozenset(loras)
         self.max_num_seqs = max_num_seqs
         self.endpoint = endpoint
         self.models = models
@@ -137,7 +140,20 @@ class Preprocessor:
         if any(t < 0 or t >= self.vocab_size for t in ids):
             raise JobError("invalid_prompt", f"line {r.line_no}: token ids must be in [0, {self.vocab_size})",
                            r.record_id)
-        return Prepared(r, ids, SCORE_PARAMS, score_from)
+        lora = self._lora_of(r)
+        return Prepared(r, ids, SCORE_PARAMS if lora is None else replace(SCORE_PARAMS, lora=lora), score_from)
+
+    def _lora_of(self, r: JobRequest) -> str | None:
+        """The row's LoRA adapter: a plain row's ``lora`` (which must be loaded), an OpenAI line's ``model`` when it
+        names a loaded adapter; else None (the base model)."""
+        if r.kind != "plain":
+            return r.model if isinstance(r.model, str) and r.model in self.loras else None
+        lora = r.sampling.get("lora")
+        if lora is not None and lora not in self.loras:
+            loaded = ", ".join(sorted(self.loras)) or "none"
+            raise JobError("unknown_lora", f"line {r.line_no}: lora {str(lora)[:60]!r} is not a loaded adapter "
+                           f"(loaded: {loaded}; load one with --lora NAME=PATH)", r.record_id)
+        return lora
 
     def _finish(self, r: JobRequest, token_ids: list[int]) -> Prepared:
         openai = r.kind != "plain"
@@ -154,6 +170,9 @@ class Preprocessor:
                 "invalid_prompt", f"line {r.line_no}: token ids must be in [0, {self.vocab_size})", r.record_id, openai
             )
         values = {**self.defaults, **r.sampling}
+        lora = self._lora_of(r)
+        if lora is not None:
+            values["lora"] = lora
         room = self.max_model_len - len(token_ids)
         asked = values.get("max_tokens")
         if isinstance(asked, int) and asked > room:

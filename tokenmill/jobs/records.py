@@ -47,6 +47,8 @@ ERROR_CODES = {
                                  "does not compile",
     "context_length_exceeded": "the prompt plus the line's max_tokens do not fit the model's max_model_len",
     "invalid_continuation": "a score row's continuation is not a non-empty string",
+    "unknown_lora": "the row names a LoRA adapter (a plain row's lora, an OpenAI line's model) the job did not load "
+                    "(--lora NAME=PATH)",
     "not_a_score_row": "a score job (--task score) got an OpenAI Batch line; it takes {id, prompt[, continuation]}",
     "invalid_text": "text (or input) is not a string or a list of token ids",
     "empty_text": "the text to embed is empty",
@@ -202,7 +204,7 @@ def _parse_plain(obj: dict, line_no: int, apply_chat_template) -> JobRequest:
     if has_prompt == has_messages:
         which = "both prompt and messages" if has_prompt else "neither prompt nor messages"
         raise JobError("missing_input", f"line {line_no}: has {which}; give exactly one", rid)
-    sampling = {k: obj[k] for k in SAMPLING_KEYS + ("best_of",) if k in obj}
+    sampling = {k: obj[k] for k in SAMPLING_KEYS + ("best_of", "lora") if k in obj}
     _structured(obj, sampling, line_no, rid, openai=False)
     _check_sampling(sampling, line_no, rid, openai=False)
     if has_messages:

@@ -28,6 +28,7 @@ from tokenmill.jobs.files import JobPaths, JsonlAppender, rewrite_in_order
 from tokenmill.jobs.inputs import RUN_FIELDS
 from tokenmill.jobs.manifest import build_manifest, split_engine_options
 from tokenmill.model.fingerprint import model_fingerprint
+from tokenmill.model.lora import read_adapter
 from tokenmill.jobs.ordering import DatasetOrder, PrefixSignatures, choose_order, iter_in_order
 from tokenmill.jobs.planner import MemoryPlan, plan_memory
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
@@ -94,11 +95,16 @@ class JobContext:
             hf_dir, self.model_config = read_model_config(self.model_path, cache_dir)
             self.config = self.config.resolve(self.model_config.max_len, self.model_config.max_len_reason())
             defaults = SamplingParams.from_dict(sampling)
+            for name, path in self.config.lora_adapters:  # a bad adapter: one line before anything runs
+                read_adapter(name, path, self.model_config.hidden_size, self.model_config.num_hidden_layers)
+            if defaults.lora is not None and defaults.lora not in {n for n, _ in self.config.lora_adapters}:
+                raise ValueError(f"the job's default lora {defaults.lora!r} is not a loaded adapter (--lora NAME=PATH)")
             self.tokenizer = load_tokenizer(tokenizer_dir(hf_dir, self.config.load_format, cache_dir))
             self.grammars = GrammarBackend(self.tokenizer, self.model_config.vocab_size,
                                            eos_token_ids(hf_dir, self.model_config, self.tokenizer))
             self.pre = Preprocessor(self.tokenizer, self.config.max_model_len, self.model_config.vocab_size, sampling,
-                                    context_overflow, self.grammars, task)
+                                    context_overflow, self.grammars, task,
+                                    loras=frozenset(n for n, _ in self.config.lora_adapters))
             if defaults.structured is not None:  # the job's own default must compile (else: one line, exit 2)
                 self.grammars.compile(defaults.structured)
         except (ValueError, TypeError) as e:
@@ -118,7 +124,8 @@ class JobContext:
         ctx.device, ctx.dtype = engine.device, engine.dtype
         try:
             ctx.pre = Preprocessor(engine.tokenizer, engine.config.max_model_len, engine.model_config.vocab_size,
-                                   sampling, grammars=engine.grammars, endpoint=endpoint, models=models)
+                                   sampling, grammars=engine.grammars, endpoint=endpoint, models=models,
+                                   loras=frozenset(n for n, _ in engine.config.lora_adapters))
         except (ValueError, TypeError) as e:
             raise JobSetupError(str(e)) from None
         return ctx
@@ -144,8 +151,9 @@ class JobContext:
 
 def output_record(item: Prepared, out, model_name: str, tokenizer, score_tokens: bool = False) -> dict:
     """The OUTPUT line of one finished request (plain or OpenAI Batch shape, with logprobs when asked; a score
-    row's scores)."""
+    row's scores). A row run with a LoRA adapter names the adapter as its model."""
     req = item.request
+    model_name = item.params.lora or model_name
     if item.score_from is not None:
         return score_record(item, out, score_tokens)
     if req.kind == "plain":
@@ -190,6 +198,9 @@ def manifest_for(opts: JobOptions, ctx: JobContext, input_identity: dict) -> dic
         "task": opts.task,
         "score_tokens": opts.score_tokens,
     }
+    if ctx.config.lora_adapters:  # an adapter is part of what the results answer: its files, not only its path
+        settings["lora_fingerprints"] = {n: model_fingerprint(Path(p).expanduser())
+                                         for n, p in ctx.config.lora_adapters}
     return build_manifest("run", input_identity, settings, speed)
 
 

@@ -1,6 +1,6 @@
 """The layers the models are made of: RMSNorm, rotary position embeddings (HF "rotate half" layout), Linear (float or
-quantized), the gated MLP and Embedding, each built from a ``Build`` (the kernels, dtype and device, passed in: nothing is read
-from torch's global defaults)."""
+quantized; with LoRA adapters' updates where model/lora.py attached them), the gated MLP and Embedding, each built
+from a ``Build`` (the kernels, dtype and device, passed in: nothing is read from torch's global defaults)."""
 
 from __future__ import annotations
 
@@ -130,6 +130,7 @@ class Linear(nn.Module):
             self.quantized = make_quantized_weight(build.quantization, out_features, in_features, build.ops.kernels,
                                                    getattr(build.ops, "amx", False), build.device)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        self.lora = None  # LoRA adapters' stacked factors (model/lora.py), added to the output of a step's rows
 
     def load_rows(self, offset: int, tensor: torch.Tensor | Int4Groups | Int8Groups, name: str) -> None:
         """Rows ``offset:offset + len(tensor)`` of the weight from checkpoint tensor ``name`` ([rows, in])."""
@@ -182,15 +183,21 @@ class Linear(nn.Module):
         path and under w8a8)."""
         if self.quantized is None:
             if residual is None:
-                return linear(x, self.weight, self.bias, self.gemm_backend)
-            return linear_add(x, self.weight, self.bias, residual, self.gemm_backend)
-        return self.quantized(x, self.bias, residual)
+                y = linear(x, self.weight, self.bias, self.gemm_backend)
+            else:
+                y = linear_add(x, self.weight, self.bias, residual, self.gemm_backend)
+        else:
+            y = self.quantized(x, self.bias, residual)
+        if self.lora is not None and self.lora.active:
+            self.lora.add_to(x, y)
+        return y
 
     def forward_gated(self, gate_up: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + (silu(gate) * up) W^T (+ b) for gate_up [M, 2 * in] = [gate | up]: a gated MLP's down
         projection. Under w8a8 in bfloat16 on the C++ kernels the activation and the quantization of its result are
-        one pass; otherwise ``ops.silu_mul``, then this layer through the module call."""
-        if isinstance(self.quantized, W8A8Weight):
+        one pass (not while LoRA adapters need the activation); otherwise ``ops.silu_mul``, then this layer through
+        the module call."""
+        if isinstance(self.quantized, W8A8Weight) and not (self.lora is not None and self.lora.active):
             y = self.quantized.forward_silu_mul(gate_up, self.bias, residual)
             if y is not None:
                 return y

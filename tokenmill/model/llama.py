@@ -133,6 +133,7 @@ class LlamaForCausalLM(nn.Module):
         self.gemm_backend = "onednn"  # of the LM head when it is the embeddings (model/gemm.py)
         self.with_lm_head = with_lm_head
         self.register_buffer("tied_head", None, persistent=False)  # the embeddings packed for the head's GEMM
+        self.loras = None  # the LoRA adapters (model/lora.py: attach_loras), or None
         head_quantization = "w8a8" if quantization == "w8a8" else "none"
         if not with_lm_head or (cfg.tie_word_embeddings and head_quantization == "none"):
             self.lm_head = None  # embedding models need no LM head; a float tied head is the embeddings themselves

@@ -117,11 +117,13 @@ def load_model(
     cpu_gemm: str = "onednn",
     ops: Ops | None = None,
     tp: TPGroup = SINGLE,
+    lora_adapters: tuple[tuple[str, str], ...] = (),
 ) -> LoadedModel:
     """``quantization``: model/quant.py. ``load_format="dummy"``: random weights of the config's shapes (the model
     path may then be a directory holding only config.json; without a tokenizer there, the default model's is used).
     ``ops``: the kernel family the model is built with (default: ``make_ops("auto", device)``). ``tp``: the
-    tensor-parallel group; this process builds and loads its rank's slice only. The parameters are
+    tensor-parallel group; this process builds and loads its rank's slice only. ``lora_adapters``: (name, PEFT
+    directory) pairs whose factors every targeted layer holds (model/lora.py). The parameters are
     made on the device in their dtype directly and left uninitialised until the checkpoint fills them: no float32
     copy of a bfloat16 model is ever made."""
     t0 = time.perf_counter()
@@ -165,6 +167,10 @@ def load_model(
         net.load_weights(iter_int4_checkpoint(safetensors_files(hf_dir), int4_checkpoint))
     else:
         net.load_weights(checkpoint_weights(path, hf_dir, quantization))
+    if lora_adapters:
+        from tokenmill.model.lora import attach_loras
+
+        attach_loras(net, dict(lora_adapters))
     set_gemm_backend(net, gemm)
     net.eval()
     return LoadedModel(net, cfg, tokenizer, eos_token_ids(hf_dir, cfg, tokenizer), path, time.perf_counter() - t0,

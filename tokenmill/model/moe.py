@@ -39,8 +39,8 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
 def group_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
     """[n, top_k] expert ids -> (order [n * top_k]: the flat (token, slot) pairs sorted by expert, stably, so each
     expert's pairs keep token order; counts: pairs per expert, ``num_experts`` ints summing to n * top_k).
-    Pair ``order[j]`` belongs to token ``order[j] // top_k``; expert e's pairs are ``order[sum(counts[:e]):][:counts[e]]``.
-    """
+    Pair ``order[j]`` belongs to token ``order[j] // top_k``; expert e's pairs are
+    ``order[sum(counts[:e]):][:counts[e]]``."""
     flat = expert_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts).tolist()  # the one host read: how long each run is

@@ -73,6 +73,7 @@ class ServerState:
         self.model_name = settings.served_model_name or "tokenmill"
         self.metrics: ServerMetrics | None = None
         self.embedder = None
+        self.loras: frozenset[str] = frozenset()  # the LoRA adapters the engine loaded (requests name them as model)
         self.embedder_lock = threading.Lock()
 
     def load(self) -> None:
@@ -82,9 +83,10 @@ class ServerState:
             engine = LLMEngine(EngineConfig.from_dict(self.settings.engine_options))
             p = engine.model_path
             self.model_name = self.settings.served_model_name or (p.stem if p.suffix == ".gguf" else p.name)
+            self.loras = frozenset(n for n, _ in engine.config.lora_adapters)
             self.pre = Preprocessor(engine.tokenizer, engine.config.max_model_len, engine.model_config.vocab_size,
                                     {"max_tokens": engine.config.max_model_len}, grammars=engine.grammars,
-                                    max_num_seqs=engine.config.max_num_seqs)
+                                    max_num_seqs=engine.config.max_num_seqs, loras=self.loras)
             if self.settings.embedding_model:
                 from tokenmill.embed.embedder import Embedder
 
@@ -106,7 +108,7 @@ class ServerState:
 
     @property
     def model_names(self) -> set[str]:
-        names = {self.model_name}
+        names = {self.model_name, *self.loras}  # a request's model may name a LoRA adapter (it runs with it)
         if self.embedder is not None:
             names.add(self.embedder.model_name)
         return names
@@ -201,7 +203,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
 
     async def generate(request: Request, url: str):
         engine = state.require_ready()
-        reqs = parse_generations(await json_body(request), url, state.pre, {state.model_name})
+        reqs = parse_generations(await json_body(request), url, state.pre, {state.model_name, *state.loras})
         streams = []
         try:
             for req in reqs:

@@ -160,7 +160,7 @@ class BatchRunner:
                                        quiet=True), stop, served)
             return
         ctx = JobContext.served(engine, {"max_tokens": engine.config.max_model_len}, batch["endpoint"],
-                                {self.model_name})
+                                {self.model_name, *(n for n, _ in engine.config.lora_adapters)})
         ctx.on_validated = on_validated
         run_job(JobOptions(input=source, output=output, input_format="jsonl", quiet=True), stop, ctx)
 

@@ -119,7 +119,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def final_body(req: GenerationRequest, out, model_name: str, tokenizer) -> dict:
-    """The non-streamed response: the same body a `tokenmill run` OpenAI line gets (echo and logprobs included)."""
+    """The non-streamed response: the same body a `tokenmill run` OpenAI line gets (echo and logprobs included); a
+    request run with a LoRA adapter names the adapter as its model."""
+    model_name = req.prepared.params.lora or model_name
     choices, completion_tokens = choice_contents(req.prepared, out, tokenizer)
     record = result_record(req.prepared.request, choices, out.num_prompt_tokens, completion_tokens, model_name,
                            vllm_prompt_logprobs(req.prepared, out, tokenizer))
@@ -153,6 +155,7 @@ def chunk(req: GenerationRequest, model_name: str, text: str | None, finish_reas
     else:
         choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
+    model_name = req.prepared.params.lora or model_name
     return {"id": req.request_id, "object": obj, "created": req.created, "model": model_name, "choices": [choice]}
 
 
@@ -194,6 +197,7 @@ class StreamLogprobs:
 
 def usage_chunk(req: GenerationRequest, model_name: str, out) -> dict:
     obj = "chat.completion.chunk" if req.is_chat else "text_completion"
+    model_name = req.prepared.params.lora or model_name
     return {"id": req.request_id, "object": obj, "created": req.created, "model": model_name, "choices": [],
             "usage": usage(out.num_prompt_tokens, out.num_completion_tokens)}
 

@@ -76,9 +76,9 @@ class ModelRunner:
 
     def _capture_graphs(self, max_blocks: int):
         """CUDA graphs of decode steps (worker/cuda_graphs.py) where they can serve: CUDA, the Triton family, one
-        rank, and not ``enforce_eager``."""
+        rank, no LoRA adapters (their rows change every step), and not ``enforce_eager``."""
         if (self.device.type != "cuda" or self.config.enforce_eager or self.ops.name != "triton"
-                or self.tp.size > 1):
+                or self.tp.size > 1 or self.model.loras is not None):
             return None
         from tokenmill.worker.cuda_graphs import DecodeGraphs
 
@@ -93,8 +93,13 @@ class ModelRunner:
             self.structured.forget(out.finished_request_ids)
         if out.is_empty:  # nothing scheduled (e.g. every request was aborted): nothing to run
             return ModelRunnerOutput({})
-        # Decodes (one new token) first: the attention backend batches them.
-        chunks = sorted(out.scheduled, key=lambda s: s.num_scheduled_tokens != 1)
+        # Decodes (one new token) first: the attention backend batches them. With LoRA adapters, each part ordered
+        # by adapter, so an adapter's rows are contiguous runs (model/lora.py).
+        if self.model.loras is None:
+            chunks = sorted(out.scheduled, key=lambda s: s.num_scheduled_tokens != 1)
+        else:
+            chunks = sorted(out.scheduled, key=lambda s: (s.num_scheduled_tokens != 1, s.request.sampling_params.lora
+                                                          or ""))
         num_decodes = sum(1 for s in chunks if s.num_scheduled_tokens == 1)
 
         step = self.buffers.fill(chunks, self.block_size)  # one host-to-device copy (none on CPU)
@@ -107,6 +112,8 @@ class ModelRunner:
         params = [s.request.sampling_params for _, s in sampling]
         # the grammar masks of this step's constrained rows are filled while the model runs
         masks = self.structured.start_masks(ids, params) if self.structured is not None else None
+        if self.model.loras is not None:  # each request's rows to its adapter, for every adapted layer
+            self.model.loras.set_step([s.request.sampling_params.lora for s in chunks], step.query_start_loc_list)
         hidden = self._forward(step, num_decodes)  # [num_tokens, hidden]
         prompt_lp = prompt_logprobs(self.model, wanted, hidden)
         if not sampling:

@@ -1,0 +1,147 @@
+"""LoRA adapters per request: PEFT builds and saves the adapters and is the reference; a batch mixing three adapters
+and the base model equals each adapter's PEFT model token for token (float32), and each run alone."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from helpers import assert_greedy_equal, hf_greedy, save_lora_adapter, save_tiny_model
+from tokenmill import LLM, SamplingParams
+
+ADAPTERS = {  # name -> (rank, alpha, targets, rslora)
+    "qv": (4, 8, ["q_proj", "v_proj"], False),
+    "all": (8, 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], False),
+    "mlp": (16, 8, ["gate_proj", "up_proj", "down_proj"], True),
+}
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def lora_case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    save_tiny_model("llama", root / "base")
+    refs_models = {None: None}
+    for i, (name, spec) in enumerate(ADAPTERS.items()):
+        refs_models[name] = save_lora_adapter(root / "base", root / name, *spec, seed=10 + i)
+    from transformers import AutoModelForCausalLM
+
+    refs_models[None] = AutoModelForCausalLM.from_pretrained(str(root / "base"), dtype=torch.float32).eval()
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(2, 40))] for _ in range(6)]
+    names = [None, *ADAPTERS]
+    cases = [(p, n) for p in prompts for n in names]  # every prompt under every adapter: prefix-cache neighbours
+    refs = {(tuple(p), n): hf_greedy(refs_models[n], p, NEW) for p, n in cases}
+    return root, cases, refs
+
+
+def _llm(root, **kw):
+    return LLM(str(root / "base"), lora_adapters={n: str(root / n) for n in ADAPTERS}, block_size=4,
+               num_kv_blocks=96, max_num_batched_tokens=48, prefill_chunk_size=7, max_num_seqs=16, **kw)
+
+
+def test_a_batch_mixing_three_adapters_and_the_base_equals_peft(lora_case):
+    root, cases, refs = lora_case
+    llm = _llm(root)
+    params = [SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, lora=n) for _, n in cases]
+    outs = llm.generate([p for p, _ in cases], params, use_tqdm=False)
+    for (p, n), out in zip(cases, outs):
+        assert_greedy_equal(out.token_ids, *refs[(tuple(p), n)], f"adapter {n} prompt {p[:3]}")
+    # the same prompt under different adapters continues differently (the adapters matter, the cache is per adapter)
+    by_prompt = {}
+    for (p, n), out in zip(cases, outs):
+        by_prompt.setdefault(tuple(p), set()).add(tuple(out.token_ids))
+    assert sum(len(v) > 1 for v in by_prompt.values()) >= len(by_prompt) - 1
+    # each adapter's requests alone give the same tokens as inside the mixed batch
+    for name in ("all", None):
+        mine = [(p, o) for (p, n), o in zip(cases, outs) if n == name]
+        alone = llm.generate([p for p, _ in mine], SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True,
+                                                                  lora=name), use_tqdm=False)
+        assert [o.token_ids for o in alone] == [o.token_ids for _, o in mine]
+
+
+def test_lora_over_a_quantized_base_stays_close_to_the_float_one(lora_case):
+    """The update is added to whatever the base GEMM gives: int8 weights under an adapter score like the float
+    model under it (within int8's rounding), and differently from the bare int8 model."""
+    root, cases, _ = lora_case
+    ids = [(5 * i + 1) % 200 + 3 for i in range(40)]
+    float_llm, int8_llm = _llm(root), _llm(root, quantization="int8", cache_dir=str(root))
+    got = {}
+    for label, llm in (("float", float_llm), ("int8", int8_llm)):
+        for name in ("all", None):
+            out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, lora=name),
+                               use_tqdm=False)[0]
+            got[(label, name)] = torch.tensor([lp[t] for lp, t in zip(out.prompt_logprobs[1:], ids[1:])])
+    assert (got[("int8", "all")] - got[("float", "all")]).abs().mean() < 0.02
+    assert (got[("float", "all")] - got[("float", None)]).abs().mean() > 0.1
+
+
+def test_bad_adapters_and_requests_are_one_clear_error(lora_case, tmp_path):
+    import shutil
+
+    root, _, _ = lora_case
+    llm = _llm(root)
+    with pytest.raises(ValueError, match="unknown LoRA adapter 'nope'; loaded: all, mlp, qv"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, lora="nope"), use_tqdm=False)
+    bad = tmp_path / "bad"
+    shutil.copytree(root / "qv", bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "r": 6}))
+    with pytest.raises(ValueError, match=r"adapter 'bad': layer 0 q_proj has lora_A \(4, 64\).*says r=6"):
+        LLM(str(root / "base"), lora_adapters={"bad": str(bad)}, kv_cache_memory=0.01)
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["q_proj", "c_attn"]}))
+    with pytest.raises(ValueError, match="adapter 'bad' targets c_attn, which this model does not have"):
+        LLM(str(root / "base"), lora_adapters={"bad": str(bad)}, kv_cache_memory=0.01)
+    with pytest.raises(ValueError, match="has no adapter_config.json"):
+        LLM(str(root / "base"), lora_adapters={"x": str(tmp_path)}, kv_cache_memory=0.01)
+    from tokenmill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="3 LoRA adapters given but max_loras=2"):
+        LLM(str(root / "base"), lora_adapters={n: str(root / n) for n in ADAPTERS}, max_loras=2)
+
+
+def test_a_job_picks_each_rows_adapter_and_reports_an_unknown_one(lora_case, run_cli, tmp_path):
+    """``tokenmill run --lora``: a plain row's ``lora``, an OpenAI line's ``model`` naming an adapter; a row naming
+    an adapter the job did not load is an error record and the job goes on; the manifest holds the adapters'
+    fingerprints, so a resume with a changed adapter is refused."""
+    from helpers import read_jsonl, write_jsonl
+
+    root, cases, refs = lora_case
+    (p0, _), (p1, _) = cases[0], cases[len(ADAPTERS) + 1]
+    rows = [{"id": "base", "prompt": p0, "max_tokens": NEW},
+            {"id": "qv", "prompt": p0, "lora": "qv", "max_tokens": NEW},
+            {"id": "bad", "prompt": p0, "lora": "nope"},
+            {"custom_id": "all", "method": "POST", "url": "/v1/completions",
+             "body": {"model": "all", "prompt": p1, "max_tokens": NEW}}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    import shutil
+
+    shutil.copytree(root / "qv", tmp_path / "qv")  # a copy this test may change
+    lora_flags = ["--lora", f"qv={tmp_path / 'qv'}", "--lora", f"all={root / 'all'}"]
+    run_cli("run", inp, "-o", out, "--model", root / "base", "--temperature", "0", "--kv-cache-memory", "0.05",
+            *lora_flags, check=1)  # 1: a row failed
+    recs = {r.get("custom_id", r.get("id")): r for r in read_jsonl(out)}
+    tok = LLM(str(root / "base"), kv_cache_memory=0.01).engine.tokenizer
+
+    def text(ids):
+        return tok.decode(ids, skip_special_tokens=True)
+
+    assert recs["base"]["completion"] == text(refs[(tuple(p0), None)][0])
+    assert recs["qv"]["completion"] == text(refs[(tuple(p0), "qv")][0])
+    body = recs["all"]["response"]["body"]
+    assert body["choices"][0]["text"] == text(refs[(tuple(p1), "all")][0]) and body["model"] == "all"
+    errors = read_jsonl(tmp_path / "out.errors.jsonl")
+    assert [e["id"] for e in errors] == ["bad"] and errors[0]["code"] == "unknown_lora"
+    manifest = json.loads((tmp_path / "out.manifest.json").read_text())
+    assert set(manifest["settings"]["lora_fingerprints"]) == {"qv", "all"}
+    cfg = json.loads((tmp_path / "qv" / "adapter_config.json").read_text())  # the adapter changes: no resume
+    (tmp_path / "qv" / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": 2 * cfg["lora_alpha"]}))
+    proc = run_cli("run", inp, "-o", out, "--model", root / "base", "--temperature", "0", "--kv-cache-memory", "0.05",
+                   *lora_flags, check=2)
+    assert "lora_fingerprints" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("run", inp, "-o", out, "--model", root / "base", "--lora", "qv", check=2)
+    assert "NAME=PATH" in proc.stderr and "Traceback" not in proc.stderr
