@@ -50,6 +50,18 @@ def tiny_config(arch: str, **overrides):
     if arch == "phi3":  # fused qkv / gate_up in the checkpoint, RoPE on half of each head
         return tf.Phi3Config(**{"sliding_window": None, **TINY}, pad_token_id=0, partial_rotary_factor=0.5,
                              tie_word_embeddings=False)
+    if arch == "mistral_window":  # a sliding window shorter than the prompts: the window bites
+        return tf.MistralConfig(**{"sliding_window": 16, **TINY}, tie_word_embeddings=False)
+    if arch == "gemma2":  # sandwich norms, GeGLU, softcapped scores and logits, alternating 16-token windows
+        return tf.Gemma2Config(**TINY, head_dim=32, query_pre_attn_scalar=24, sliding_window=16,
+                               attn_logit_softcapping=1.0, final_logit_softcapping=1.0, pad_token_id=0)
+    if arch == "gemma3":  # q/k norms, every 2nd layer global with its own RoPE theta and linear scaling
+        return tf.Gemma3TextConfig(**TINY, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
+                                   sliding_window_pattern=2, pad_token_id=0,
+                                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                       "rope_theta": 100000.0},
+                                                    "sliding_attention": {"rope_type": "default",
+                                                                          "rope_theta": 10000.0}})
     # mixtures of experts: 4 experts, top-2 (MoE shapes smaller than the dense MLP's, as real ones are)
     if arch == "mixtral":
         return tf.MixtralConfig(**{**TINY, "intermediate_size": 64}, num_local_experts=4, num_experts_per_tok=2,

@@ -90,21 +90,19 @@ def test_moe_sparse_layers_and_bad_routing_are_read_or_named():
         ModelConfig.from_hf_dict({**MIXTRAL_8X7B, "hidden_act": "gelu"})
 
 
-def test_a_sliding_window_limits_the_length_to_the_window(tmp_path):
-    """tokenmill's attention does not slide: a model with a window shorter than its positions runs sequences up to the
-    window (where sliding changes nothing), and a longer max_model_len is refused naming the window. Qwen configs
-    carry a window they do not use (use_sliding_window false)."""
-    from helpers import save_tiny_model
-
-    from tokenmill import LLM
-    from tokenmill.config import ConfigError
-
+def test_sliding_windows_per_layer():
+    """Mistral's window is every layer's; Gemma's alternate (its layer_types, or the pattern of older configs);
+    Qwen configs carry a window they do not use (use_sliding_window false)."""
     cfg = ModelConfig.from_hf_dict({**BASE, "architectures": ["MistralForCausalLM"], "sliding_window": 32,
                                     "max_position_embeddings": 256})
-    assert cfg.max_len == 32
-    assert ModelConfig.from_hf_dict({**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 32,
-                                     "max_position_embeddings": 256}).max_len == 256
-    save_tiny_model("mistral", tmp_path / "m", sliding_window=32)
-    assert LLM(str(tmp_path / "m"), kv_cache_memory=0.01).engine.config.max_model_len == 32
-    with pytest.raises(ConfigError, match="32 positions: its sliding window"):
-        LLM(str(tmp_path / "m"), kv_cache_memory=0.01, max_model_len=64)
+    assert [cfg.window_of(i) for i in range(2)] == [32, 32] and cfg.max_len == 256
+    qwen = ModelConfig.from_hf_dict({**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 32})
+    assert qwen.window_of(0) is None
+    gemma = {**BASE, "architectures": ["Gemma3ForCausalLM"], "num_hidden_layers": 12, "sliding_window": 512,
+             "hidden_activation": "gelu_pytorch_tanh", "head_dim": 16, "query_pre_attn_scalar": 256}
+    g3 = ModelConfig.from_hf_dict(gemma)
+    assert [g3.window_of(i) for i in range(12)] == [512] * 5 + [None] + [512] * 5 + [None]
+    assert g3.tie_word_embeddings and g3.attn_scale == 256**-0.5 and g3.local_rope.theta == 10000.0
+    assert g3.embedding_scale == 64**0.5 and g3.norm_plus_one and g3.sandwich_norms and g3.qk_norm
+    with pytest.raises(UnsupportedModelError, match="hidden_act 'silu'"):
+        ModelConfig.from_hf_dict({**gemma, "hidden_activation": "silu"})

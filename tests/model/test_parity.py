@@ -9,7 +9,7 @@ import torch
 from helpers import assert_greedy_equal, hf_greedy, save_tiny_model
 from tokenmill import LLM, SamplingParams
 
-ARCHS = ["llama", "llama3_tied", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+ARCHS = ["llama", "llama3_tied", "mistral", "mistral_window", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 NEW_TOKENS = 12
 
 
@@ -171,3 +171,14 @@ def test_tiny_prefix_caching_equals_transformers(tiny, preemption):
     assert st.prefix_cache_hits > 0.3 * st.prefix_cache_queries, (st.prefix_cache_hits, st.prefix_cache_queries)
     if preemption == "recompute":
         assert llm.engine.stats.num_preemptions > 0
+
+
+def test_gemma2_log_probabilities_follow_its_softcapped_logits(tmp_path):
+    """Greedy tokens cannot see a final softcap (tanh is monotonic): the prompt's log-probabilities do."""
+    hf = save_tiny_model("gemma2", tmp_path / "g")
+    ids = [(7 * i + 3) % 250 + 3 for i in range(30)]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    ref = ref.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    ours = torch.tensor(LLM(str(tmp_path / "g"), kv_cache_memory=0.05).engine.score(ids))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)

@@ -309,7 +309,7 @@ def test_int4_needs_groups_of_32():
 
 
 # ------------------------------------------------------------------ whole models
-@pytest.mark.parametrize("arch", ["llama", "llama3_tied", "qwen2", "qwen3", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["llama", "llama3_tied", "qwen2", "qwen3", "gemma2", "mixtral", "qwen2_moe"])
 def test_tiny_models_in_every_mode_stay_close_to_float(tmp_path, arch):
     """w8a8 also runs the LM head as an int8 GEMM (a tied one from its own copy of the embeddings). A MoE model's
     experts (and shared expert) are quantized like the dense layers; its routers stay float."""

@@ -20,6 +20,7 @@ CASES = {
     "qwen3": {},  # q/k norms
     "llama3_tied": {"vocab_size": 251},  # tied head, vocabulary not a multiple of 2
     "phi3": {},  # q|k|v and gate|up fused in the checkpoint: each part sliced; RoPE on half of each head
+    "gemma2": {},  # sandwich norms (o_proj / down_proj without the residual), softcaps, sliding layers
     "mixtral": {},  # every expert's intermediate channels split, the router replicated
     "qwen2_moe": {},  # a dense layer, a sparse one with a gated shared expert
 }

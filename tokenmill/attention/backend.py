@@ -60,8 +60,15 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,  # a query at position i sees keys i - window < j <= i (sliding window)
+        softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap) before the softmax (Gemma 2)
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
+
+
+def needs_window(meta: AttentionMetadata, window: int | None) -> bool:
+    """Whether a sliding window changes this step: only a sequence longer than the window has keys outside it."""
+    return window is not None and max(meta.seq_lens, default=0) > window
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor):
@@ -89,57 +96,77 @@ def _read_as(cache_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cache_rows if cache_rows.dtype == dtype else cache_rows.to(dtype)
 
 
-def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of q's tokens (the last len(q) of the sequence) over k/v. Shapes as in forward()."""
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
+    """Causal attention of q's tokens (the last len(q) of the sequence) over k/v (within ``window``, scores capped by
+    ``softcap``). Shapes as in forward()."""
     q_len, seq_len = q.shape[0], k.shape[0]
     qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, len, head_dim]
-    if q_len == seq_len:
+    if q_len == seq_len and window is None and softcap is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
-    else:
-        context = seq_len - q_len
-        # key j is visible to query i when j <= context + i
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= (
-            context + torch.arange(q_len, device=q.device)[:, None]
-        )  # [q_len, seq_len]
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out.transpose(0, 1)
+    context = seq_len - q_len
+    keys = torch.arange(seq_len, device=q.device)[None, :]
+    pos = context + torch.arange(q_len, device=q.device)[:, None]  # each query's position
+    mask = keys <= pos  # [q_len, seq_len]: key j is visible to query i when j <= its position
+    if window is not None:
+        mask &= keys > pos - window
+    out = masked_attention(qt, kt, vt, mask, scale, softcap)
     return out.transpose(0, 1)  # [q_len, heads, head_dim]
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                     softcap: float | None) -> torch.Tensor:
+    """q [..., heads, q_len, D], k / v [..., kv_heads, len, D], mask broadcastable to [..., heads, q_len, len].
+    SDPA when no softcap; else the scores, capped, then the softmax (as transformers' eager path computes them)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    group = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class ReferenceAttention:
     """One request at a time. Simple, slow, the oracle for every other backend."""
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         for i in range(meta.num_reqs):
-            self._prefill_one(i, q, k_cache, v_cache, meta, scale, out)
+            self._prefill_one(i, q, k_cache, v_cache, meta, scale, out, window, softcap)
         return out
 
     @staticmethod
-    def _prefill_one(i, q, k_cache, v_cache, meta, scale, out) -> None:
+    def _prefill_one(i, q, k_cache, v_cache, meta, scale, out, window=None, softcap=None) -> None:
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         seq_len = meta.seq_lens[i]
         keys = _read_as(_gather_seq(k_cache, meta.block_tables[i], seq_len), q.dtype)
         values = _read_as(_gather_seq(v_cache, meta.block_tables[i], seq_len), q.dtype)
-        out[start:end] = _attend_one(q[start:end], keys, values, scale)
+        out[start:end] = _attend_one(q[start:end], keys, values, scale, window, softcap)
 
 
 class TorchPagedAttention(ReferenceAttention):
     """Decodes batched into one masked attention over a gathered view of the cache; prefill chunks one request at a
     time (the reference path)."""
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale)
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale, window, softcap)
         for i in range(nd, meta.num_reqs):
-            self._prefill_one(i, q, k_cache, v_cache, meta, scale, out)
+            self._prefill_one(i, q, k_cache, v_cache, meta, scale, out, window, softcap)
         return out
 
     @staticmethod
-    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
         nd = q.shape[0]
         block_size = k_cache.shape[1]
         max_len = max(meta.seq_lens[:nd])
@@ -147,13 +174,9 @@ class TorchPagedAttention(ReferenceAttention):
         tables = meta.block_tables[:nd, :num_blocks]  # [nd, num_blocks]
         keys = _read_as(k_cache[tables].flatten(1, 2)[:, :max_len], q.dtype).transpose(1, 2)  # [nd, kv_heads, len, D]
         values = _read_as(v_cache[tables].flatten(1, 2)[:, :max_len], q.dtype).transpose(1, 2)
-        valid = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens_tensor[:nd, None]  # [nd, max_len]
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [nd, heads, 1, head_dim]
-            keys,
-            values,
-            attn_mask=valid[:, None, None, :],
-            scale=scale,
-            enable_gqa=True,
-        )
+        keys_at = torch.arange(max_len, device=q.device)[None, :]
+        valid = keys_at < meta.seq_lens_tensor[:nd, None]  # [nd, max_len]
+        if window is not None:  # the decode token sits at seq_len - 1
+            valid &= keys_at > meta.seq_lens_tensor[:nd, None] - 1 - window
+        out = masked_attention(q.unsqueeze(2), keys, values, valid[:, None, None, :], scale, softcap)
         return out.squeeze(2)  # [nd, heads, head_dim]

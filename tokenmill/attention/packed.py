@@ -83,5 +83,9 @@ class PackedAttention:
     def __init__(self, ops) -> None:
         self.ops = ops
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale: float, window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
+        if softcap is not None or (window is not None and max(meta.seq_lens, default=0) > window):
+            raise ValueError("embedding with a decoder that has attention softcapping or a sliding window shorter "
+                             "than the text is not supported")
         return self.ops.packed_attention(q, k, v, meta.seq_lens, scale, causal=True)

@@ -192,11 +192,14 @@ class Linear(nn.Module):
             self.lora.add_to(x, y)
         return y
 
-    def forward_gated(self, gate_up: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def forward_gated(self, gate_up: torch.Tensor, residual: torch.Tensor | None, act: str = "silu") -> torch.Tensor:
         """residual + (silu(gate) * up) W^T (+ b) for gate_up [M, 2 * in] = [gate | up]: a gated MLP's down
         projection. Under w8a8 in bfloat16 on the C++ kernels the activation and the quantization of its result are
         one pass (not while LoRA adapters need the activation); otherwise ``ops.silu_mul``, then this layer through
         the module call."""
+        if act != "silu":  # GeGLU: gelu(gate) with tanh's approximation, times up
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self(F.gelu(gate, approximate="tanh") * up, residual)
         if isinstance(self.quantized, W8A8Weight) and not (self.lora is not None and self.lora.active):
             y = self.quantized.forward_silu_mul(gate_up, self.bias, residual)
             if y is not None:
@@ -218,8 +221,9 @@ class MLP(nn.Module):
     """A gated (SiLU) MLP: down(silu(gate(x)) * up(x)), gate and up fused into one GEMM. Under tensor parallelism
     this rank's slice of the intermediate channels."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, build: Build) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, build: Build, act: str = "silu") -> None:
         super().__init__()
+        self.act = act  # silu, or gelu_pytorch_tanh (Gemma's GeGLU)
         self.tp = build.tp
         self.intermediate_size = build.tp.split(intermediate_size, "intermediate_size")  # this rank's
         self.gate_up_proj = Linear(hidden_size, 2 * self.intermediate_size, False, build)
@@ -228,7 +232,7 @@ class MLP(nn.Module):
     def partial(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """[n, hidden] -> [n, hidden]: this rank's part of the MLP's output (+ ``residual``, in the down GEMM's
         epilogue)."""
-        return self.down_proj.forward_gated(self.gate_up_proj(x), residual)
+        return self.down_proj.forward_gated(self.gate_up_proj(x), residual, self.act)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + MLP(x), the add in the down projection's epilogue (under TP: rank 0's, then the sum)."""

@@ -32,7 +32,7 @@ from tokenmill.model.weights import WeightPlacer
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, build: Build) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, build: Build, layer: int = 0) -> None:
         super().__init__()
         self.tp = build.tp
         self.num_heads = build.tp.split(cfg.num_attention_heads, "num_attention_heads")  # this rank's
@@ -40,7 +40,9 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale = cfg.attn_scale or self.head_dim**-0.5
+        self.window = cfg.window_of(layer)  # sliding window (None: every earlier key)
+        self.softcap = cfg.attn_softcap
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, build)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, False, build)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, build) if cfg.qk_norm else None
@@ -62,7 +64,7 @@ class Attention(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],  # 2 x [num_blocks, block_size, kv_heads, head_dim]
         meta: AttentionMetadata,
         backend: AttentionBackend,
-        residual: torch.Tensor,  # [num_tokens, hidden]: added to the output in the o_proj GEMM's epilogue
+        residual: torch.Tensor | None,  # [num_tokens, hidden]: added in the o_proj GEMM's epilogue (None: not)
     ) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -82,7 +84,11 @@ class Attention(nn.Module):
             q, k = torch.cat([q_rot, q[..., r:]], dim=-1), torch.cat([k_rot, k[..., r:]], dim=-1)
         else:
             q, k = self.rotary(positions, q, k)
-        out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [num_tokens, heads, head_dim]
+        out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window,
+                              self.softcap)  # [num_tokens, heads, head_dim]
+        if residual is None:  # Gemma: the output is normalised before the residual add
+            partial = self.o_proj(out.reshape(n, self.q_size))
+            return partial if self.tp.size == 1 else self.tp.all_reduce(partial)
         if self.tp.size == 1:
             return self.o_proj.forward_add(out.reshape(n, self.q_size), residual)
         partial = self.o_proj(out.reshape(n, self.q_size), residual if self.tp.rank == 0 else None)
@@ -90,22 +96,33 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, build: Build, sparse: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, build: Build, sparse: bool = False,
+                 layer: int = 0) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build)
-        self.self_attn = Attention(cfg, rotary, build)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build)
-        self.mlp = SparseMoE(cfg, build) if sparse else MLP(cfg.hidden_size, cfg.intermediate_size, build)
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(h, eps, build)
+        self.self_attn = Attention(cfg, rotary, build, layer)
+        self.post_attention_layernorm = RMSNorm(h, eps, build)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:  # Gemma: post_attention_layernorm normalises attention's output; these wrap the MLP
+            self.pre_feedforward_layernorm = RMSNorm(h, eps, build)
+            self.post_feedforward_layernorm = RMSNorm(h, eps, build)
+        self.mlp = SparseMoE(cfg, build) if sparse else MLP(h, cfg.intermediate_size, build, cfg.hidden_act)
 
     def forward(self, positions, x, kv_cache, meta, backend) -> torch.Tensor:
         """The residual adds run in the o_proj and down_proj GEMMs' epilogues (one rounding in bfloat16; in float32
-        the same single addition as x + out)."""
+        the same single addition as x + out). Gemma's sandwich: x + norm(attn(norm(x))), then the same for the MLP."""
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(
+                self.self_attn(positions, self.input_layernorm(x), kv_cache, meta, backend, residual=None))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), residual=None))
         x = self.self_attn(positions, self.input_layernorm(x), kv_cache, meta, backend, residual=x)
         return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 class LlamaForCausalLM(nn.Module):
-    """Also Mistral, Qwen2 (qkv bias) and Qwen3 (q/k norm): the differences live in ModelConfig flags.
+    """Also Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm), Phi-3, Gemma 2 / 3 (sandwich norms, GeGLU, scaled
+    embeddings, sliding layers, softcaps) and the MoE decoders: the differences live in ModelConfig flags.
 
     ``quantization`` (model/quant.py) applies to the decoder layers' linears. The embeddings stay in the model's float
     dtype; so does the LM head, except with w8a8, where it runs as an int8 GEMM too (measured: ~6% of a decode step
@@ -127,8 +144,14 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, floats)
         rotary = RotaryEmbedding(cfg.rotary_dim or cfg.head_dim, max_positions, cfg.rope, floats)
         self.rotary = rotary
+        # Gemma 3's sliding layers turn q and k by a RoPE of their own
+        local = (RotaryEmbedding(cfg.rotary_dim or cfg.head_dim, max_positions, cfg.local_rope, floats)
+                 if cfg.local_rope is not None else rotary)
+        self.local_rotary = local if local is not rotary else None
         sparse = set(cfg.moe_layers)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, build, i in sparse) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, local if cfg.window_of(i) is not None else rotary, build, i in sparse, i)
+            for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, floats)
         self.gemm_backend = "onednn"  # of the LM head when it is the embeddings (model/gemm.py)
         self.with_lm_head = with_lm_head
@@ -150,6 +173,8 @@ class LlamaForCausalLM(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:  # [num_tokens, hidden]
         x = self.embed_tokens(input_ids)
+        if self.config.embedding_scale is not None:  # Gemma: sqrt(hidden), rounded to the model's dtype first
+            x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(positions, x, kv_cache, meta, backend)
         return self.norm(x)
@@ -159,7 +184,9 @@ class LlamaForCausalLM(nn.Module):
         computes them (the model's dtype; float32 for w8a8's int8 head): greedy sampling reads bfloat16 logits
         directly, where widening a decode step's 128 x 49k of them cost 1.5-4 ms."""
         if self.lm_head is not None and self.lm_head.quantized is not None:
-            return self.lm_head.quantized(hidden, None, out_dtype=torch.float32)
+            logits = self.lm_head.quantized(hidden, None, out_dtype=torch.float32)
+            cap = self.config.final_softcap
+            return logits if cap is None else torch.tanh(logits / cap) * cap
         if self.lm_head is not None:
             logits = self.lm_head(hidden)
         else:
@@ -167,6 +194,9 @@ class LlamaForCausalLM(nn.Module):
             logits = linear(hidden, head, None, self.gemm_backend)
         if self.tp.size > 1:  # [num_sampled, vocab / N] on each rank -> the whole vocabulary
             logits = self.tp.all_gather_last(logits)[:, : self.config.vocab_size]
+        cap = self.config.final_softcap
+        if cap is not None:  # Gemma 2: cap * tanh(logits / cap), in float32
+            return torch.tanh(logits.float() / cap) * cap
         return logits.float() if as_float32 else logits
 
     def use_gemm_backend(self, name: str) -> None:
@@ -207,6 +237,8 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and (self.lm_head is None or self.config.tie_word_embeddings):
                 continue  # tied: some checkpoints store the copy anyway
+            if self.config.norm_plus_one and "norm" in name and name.endswith(".weight"):
+                tensor = tensor.float() + 1.0  # Gemma's RMSNorm multiplies by (1 + w): held as 1 + w
             if self.tp.size > 1:
                 tensor = self._tp_slice(name, tensor)
             for piece, (fused, shard) in self._STACKED.items():

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 DENSE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                       "Phi3ForCausalLM")
+                       "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 # Mixture-of-experts decoders (model/moe.py): top-k routed experts in place of (some of) the layers' MLPs.
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
@@ -52,9 +53,21 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     rotary_dim: int = 0  # RoPE on the first rotary_dim channels of each head (partial_rotary_factor); 0 = all
-    # Attention over the last ``sliding_window`` positions only (Mistral, Phi-3; Qwen2's when use_sliding_window).
-    # tokenmill's attention does not slide, so ``max_len`` stops sequences at the window, where sliding is a no-op.
+    # Attention over the last ``sliding_window`` positions only (Mistral, Phi-3; Gemma's sliding layers), in the
+    # layers ``layer_windows`` gives one (all layers when it is empty).
     sliding_window: int | None = None
+    layer_windows: tuple[int | None, ...] = ()
+    # Gemma: GeGLU MLPs, embeddings scaled by sqrt(hidden), RMSNorm weights applied as (1 + w), norms before and
+    # after attention and MLP ("sandwich"), the attention scale from query_pre_attn_scalar, capped attention scores
+    # (Gemma 2) and capped logits; Gemma 3's sliding layers use their own RoPE (``local_rope``).
+    hidden_act: str = "silu"
+    embedding_scale: float | None = None
+    norm_plus_one: bool = False
+    sandwich_norms: bool = False
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    local_rope: RopeConfig | None = None
     qk_norm_whole: bool = False  # RMSNorm over all of q's (k's) heads at once, before the split (OLMoE)
     clip_qkv: float | None = None  # q, k, v clamped to +-clip_qkv after the projection (OLMoE's option)
     # Mixture of experts (0 experts: a dense model). ``moe_layers``: the layers whose MLP is the routed experts (the
@@ -82,8 +95,9 @@ class ModelConfig:
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or hidden // heads
         rope = _rope_config(d)
-        if d.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"unsupported hidden_act {d['hidden_act']!r} for {arch}; tokenmill runs silu")
+        act = d.get("hidden_activation") or d.get("hidden_act") or "silu"
+        if act != ("gelu_pytorch_tanh" if arch in GEMMA else "silu"):
+            raise UnsupportedModelError(f"unsupported hidden_act {act!r} for {arch}")
         if arch == "Qwen2ForCausalLM":
             attention_bias = True
         elif arch == "Qwen2MoeForCausalLM":
@@ -104,13 +118,14 @@ class ModelConfig:
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             rope=rope,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", arch in GEMMA)),
             attention_bias=attention_bias,
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             rotary_dim=int(head_dim * _partial_rotary_factor(d)),
             sliding_window=_sliding_window(arch, d),
+            **_gemma_fields(arch, d, head_dim),
             qk_norm_whole=arch == "OlmoeForCausalLM",
             clip_qkv=float(d["clip_qkv"]) if d.get("clip_qkv") is not None else None,
             **_moe_fields(arch, d),
@@ -122,17 +137,16 @@ class ModelConfig:
 
     @property
     def max_len(self) -> int:
-        """The longest sequence tokenmill runs exactly: the model's positions, or its sliding window if shorter."""
-        if self.sliding_window is not None and self.sliding_window < self.max_position_embeddings:
-            return self.sliding_window
+        """The longest sequence the model runs: its positions."""
         return self.max_position_embeddings
 
     def max_len_reason(self) -> str:
         """Why ``max_len`` is what it is, for an error message."""
-        if self.max_len < self.max_position_embeddings:
-            return (f"{self.max_len} positions: its sliding window, beyond which tokenmill's attention, which does not "
-                    f"slide, would differ from the model's")
         return f"{self.max_len} positions"
+
+    def window_of(self, layer: int) -> int | None:
+        """Layer ``layer``'s sliding window (None: it attends to everything before)."""
+        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
 
     FLOAT_LINEARS = ("moe_gate", "shared_expert_gate")  # the routers: never quantized (model/moe.py)
 
@@ -168,7 +182,7 @@ class ModelConfig:
             total += out * inp * count
         if self.attention_bias:
             total += (self.num_attention_heads + 2 * self.num_key_value_heads) * d * L
-        norms = 2 * h + (2 * d if self.qk_norm else 0)
+        norms = (4 if self.sandwich_norms else 2) * h + (2 * d if self.qk_norm else 0)
         if self.qk_norm_whole:
             norms += (self.num_attention_heads + self.num_key_value_heads) * d
         emb = self.vocab_size * h
@@ -187,6 +201,31 @@ def _partial_rotary_factor(d: dict[str, Any]) -> float:
     if not 0 < factor <= 1:
         raise UnsupportedModelError(f"partial_rotary_factor={factor} must be in (0, 1]")
     return factor
+
+
+def _gemma_fields(arch: str, d: dict[str, Any], head_dim: int) -> dict[str, Any]:
+    """ModelConfig's Gemma fields (none for other architectures)."""
+    if arch not in GEMMA:
+        return {}
+    layers = d["num_hidden_layers"]
+    types = d.get("layer_types")
+    if not types:  # older configs: Gemma 2 alternates (sliding first), Gemma 3 every sliding_window_pattern-th global
+        pattern = 2 if arch == "Gemma2ForCausalLM" else int(d.get("sliding_window_pattern", 6))
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    window = d.get("sliding_window")
+    fields: dict[str, Any] = dict(
+        layer_windows=tuple(int(window) if t == "sliding_attention" and window else None for t in types),
+        hidden_act="gelu_pytorch_tanh", embedding_scale=float(d["hidden_size"]) ** 0.5, norm_plus_one=True,
+        sandwich_norms=True, attn_scale=float(d.get("query_pre_attn_scalar") or head_dim) ** -0.5,
+        attn_softcap=d.get("attn_logit_softcapping"), final_softcap=d.get("final_logit_softcapping"))
+    params = d.get("rope_parameters")
+    if arch == "Gemma3ForCausalLM":
+        if isinstance(params, dict) and isinstance(params.get("sliding_attention"), dict):
+            local = params["sliding_attention"]
+            fields["local_rope"] = _rope_config({"rope_parameters": local})
+        else:
+            fields["local_rope"] = RopeConfig(theta=float(d.get("rope_local_base_freq", 10000.0)))
+    return fields
 
 
 def _sliding_window(arch: str, d: dict[str, Any]) -> int | None:
@@ -229,6 +268,8 @@ def _moe_fields(arch: str, d: dict[str, Any]) -> dict[str, Any]:
 
 def _rope_config(d: dict[str, Any]) -> RopeConfig:
     params = d.get("rope_parameters")
+    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):  # per layer type (Gemma 3)
+        params = params["full_attention"]
     if isinstance(params, dict) and "rope_theta" in params:
         scaling = params
         theta = params["rope_theta"]

@@ -10,7 +10,7 @@ produces the input, so it costs nothing at run time:
 - gate/up projections: ``post_attention_layernorm``'s weight;
 - down projection: its input is ``silu(gate) * up``, linear in up, so up's rows are divided by s.
 
-A mixture-of-experts layer (model/moe.py) smooths only q/k/v: its post-attention norm also feeds the float router,
+Gemma (norms applied as 1 + w) is not smoothed. A mixture-of-experts layer (model/moe.py) smooths only q/k/v: its post-attention norm also feeds the float router,
 whose choice of experts must not move, and each expert would want factors of its own.
 (The attention output projection is left alone: its input channels are shared across a GQA group and it is the
 least sensitive layer, measured.) ``max|X_j|`` comes from one forward pass over a calibration text shipped with
@@ -83,6 +83,8 @@ def weight_column_absmax(layer: Linear) -> torch.Tensor:
 
 def smoothing_factors(net, stats: dict[str, torch.Tensor], alpha: float = ALPHA) -> Factors:
     factors: Factors = {}
+    if net.config.norm_plus_one:  # Gemma's norms multiply by (1 + w): a factor cannot fold into the file's w
+        return factors
     for i in range(len(net.layers)):
         per_layer = {}
         for key, suffix in zip(("qkv", "gate_up", "down"), _SMOOTHED):
