@@ -144,23 +144,3 @@ def test_smollm2_int4_loads_its_q4_blocks_without_rounding(cache_dir):
             seen += 1
     assert seen == 30 * 7  # every projection of the 30 layers
 
-
-def test_a_gguf_mixture_of_experts_is_one_clear_error(tmp_path):
-    """Mixtral-style GGUF files (llama with an expert count, stacked expert tensors) are not mapped yet: the error says
-    so and names the way that works (the HF directory)."""
-    import gguf
-
-    from tokenmill.model.gguf_weights import open_gguf
-
-    path = tmp_path / "moe.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_head_count(2)
-    writer.add_expert_count(8)
-    writer.add_expert_used_count(2)
-    writer.add_tensor("blk.0.ffn_gate_inp.weight", np.zeros((8, 16), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with pytest.raises(ValueError, match="mixture-of-experts files .*8 experts.* HF directory"):
-        open_gguf(path)

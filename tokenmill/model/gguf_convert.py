@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tokenmill.model.gguf_weights import GGUFModel, iter_gguf_weights, open_gguf
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: mixture-of-experts keys
 
 
 def default_cache_dir() -> Path:
@@ -72,7 +72,7 @@ def write_config(model: GGUFModel, out_dir: Path) -> None:
         "model_type": arch,
         "vocab_size": vocab_size,
         "hidden_size": hidden,
-        "intermediate_size": int(meta(f"{arch}.feed_forward_length")),
+        "intermediate_size": int(meta(f"{arch}.feed_forward_length", 0) or meta(f"{arch}.expert_feed_forward_length")),
         "num_hidden_layers": int(meta(f"{arch}.block_count")),
         "num_attention_heads": model.num_heads,
         "num_key_value_heads": model.num_kv_heads,
@@ -85,6 +85,18 @@ def write_config(model: GGUFModel, out_dir: Path) -> None:
         "eos_token_id": meta("tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
     }
+    experts = int(meta(f"{arch}.expert_count", 0) or 0)
+    if experts:  # a mixture of experts (ModelConfig reads these keys as transformers writes them)
+        config["num_local_experts"] = config["num_experts"] = experts
+        config["num_experts_per_tok"] = int(meta(f"{arch}.expert_used_count", 2))
+        expert_ffn = meta(f"{arch}.expert_feed_forward_length")
+        if expert_ffn:
+            config["moe_intermediate_size"] = int(expert_ffn)
+        shared = meta(f"{arch}.expert_shared_feed_forward_length")
+        if shared:
+            config["shared_expert_intermediate_size"] = int(shared)
+        norm = meta(f"{arch}.expert_weights_norm")
+        config["norm_topk_prob"] = bool(norm) if norm is not None else arch == "qwen3moe"
     scaling_type = meta(f"{arch}.rope.scaling.type")
     if scaling_type and scaling_type != "none":
         config["rope_scaling"] = {"type": scaling_type, "factor": float(meta(f"{arch}.rope.scaling.factor", 1.0))}

@@ -35,7 +35,12 @@ GGUF_ARCHITECTURES = {
     "mistral": ("MistralForCausalLM", True),
     "qwen2": ("Qwen2ForCausalLM", False),
     "qwen3": ("Qwen3ForCausalLM", False),
+    "qwen2moe": ("Qwen2MoeForCausalLM", False),
+    "qwen3moe": ("Qwen3MoeForCausalLM", False),
 }
+# "llama" with an expert count is Mixtral; its experts' tensors are stacked [experts, rows, cols]
+_MOE_OF = {"llama": "MixtralForCausalLM"}
+_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -49,6 +54,11 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # a MoE layer's router
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -83,13 +93,12 @@ def open_gguf(path: Path) -> GGUFModel:
         raise ValueError(
             f"unsupported GGUF architecture {arch!r}; tokenmill supports {', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
-    experts = reader.fields.get(f"{arch}.expert_count")
-    if experts is not None and int(experts.contents()) > 0:
-        raise ValueError(f"GGUF mixture-of-experts files ({arch} with {int(experts.contents())} experts) are not "
-                         f"loaded yet; point tokenmill at the model's HF directory (safetensors) instead")
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise ValueError("GGUF files with a rope_freqs tensor (llama3 RoPE scaling) are not supported yet")
     hf_arch, permuted = GGUF_ARCHITECTURES[arch]
+    experts = reader.fields.get(f"{arch}.expert_count")
+    if experts is not None and int(experts.contents()) > 0 and arch in _MOE_OF:
+        hf_arch = _MOE_OF[arch]
     heads = int(reader.fields[f"{arch}.attention.head_count"].contents())
     kv_field = reader.fields.get(f"{arch}.attention.head_count_kv")
     return GGUFModel(reader, arch, hf_arch, permuted, heads, heads if kv_field is None else int(kv_field.contents()))
@@ -103,8 +112,14 @@ def iter_gguf_weights(model: GGUFModel, groups: str | None = None
     import gguf
 
     for t in model.reader.tensors:
+        parts = t.name.split(".")
+        if len(parts) == 4 and parts[2] in _EXPERT_NAMES:  # stacked experts: one tensor each
+            yield from _iter_experts(model, t, parts, groups)
+            continue
         hf_name = hf_name_of(t.name)
         shape = [int(d) for d in reversed(t.shape)]  # GGUF lists dims fastest-first
+        if t.name.endswith("ffn_gate_inp_shexp.weight") and len(shape) == 1:
+            shape = [1, shape[0]]  # the shared expert's gate: one output
         kind = t.tensor_type.name
         matrix = len(shape) == 2 and t.name != "token_embd.weight"
         w: torch.Tensor | Int4Groups | Int8Groups
@@ -120,6 +135,25 @@ def iter_gguf_weights(model: GGUFModel, groups: str | None = None
         elif model.permuted and t.name.endswith("attn_k.weight"):
             w = _unpermute(w, model.num_kv_heads)
         yield hf_name, w
+
+
+def _iter_experts(model: GGUFModel, t, parts: list[str], groups: str | None):
+    """A stacked [experts, N, K] tensor (``blk.L.ffn_{gate,up,down}_exps``) as each expert's [N, K] weight, under
+    ``model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight``; quantized blocks split per expert as they are."""
+    import gguf
+
+    e, n, k = (int(d) for d in reversed(t.shape))
+    kind = t.tensor_type.name
+    raw = np.asarray(t.data)
+    for i in range(e):
+        name = f"model.layers.{parts[1]}.mlp.experts.{i}.{_EXPERT_NAMES[parts[2]]}.{parts[3]}"
+        if groups == "int4" and kind in _UNPACK:
+            yield name, unpack_int4(raw.reshape(e, -1)[i], kind, [n, k])
+        elif groups == "int8" and kind == "Q8_0":
+            yield name, unpack_q8_0(raw.reshape(e, -1)[i], [n, k])
+        else:
+            arr = gguf.dequantize(raw.reshape(e, -1)[i], t.tensor_type).astype(np.float32, copy=False)
+            yield name, torch.from_numpy(np.array(arr.reshape(n, k)))
 
 
 def hf_name_of(gguf_name: str) -> str:

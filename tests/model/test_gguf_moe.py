@@ -1,0 +1,135 @@
+"""Mixture-of-experts GGUF files (Mixtral as llama with experts, Qwen2-MoE): written here from a tiny transformers
+model in llama.cpp's layout (stacked [experts, rows, cols] expert tensors, Q/K rows permuted for llama), with the
+default model's tokenizer metadata; loaded by tokenmill and held to the transformers model they were written from."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import assert_greedy_equal, hf_greedy
+from tokenmill import LLM, SamplingParams
+
+VOCAB = 49152  # the default model's tokenizer, whose metadata the files borrow
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:  # llama.cpp's convert: rotate-half rows -> interleaved
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tiny(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False, bos_token_id=1,
+                  eos_token_id=2)
+    if arch == "mixtral":
+        cfg = tf.MixtralConfig(**common, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                               sliding_window=None)
+    else:
+        cfg = tf.Qwen2MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64,
+                                shared_expert_intermediate_size=96, num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def write_moe_gguf(model, path, arch: str, qtype: str = "F32") -> None:
+    import gguf
+
+    from tokenmill.model.loader import default_model_path
+
+    cfg = model.config
+    g_arch = "llama" if arch == "mixtral" else "qwen2moe"
+    src = gguf.GGUFReader(str(default_model_path()))
+    w = gguf.GGUFWriter(str(path), g_arch)
+    for field in src.fields.values():  # the tokenizer
+        if field.name.startswith("tokenizer."):
+            kind = field.types[0]
+            w.add_key_value(field.name, field.contents(), kind,
+                            sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(float((getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    w.add_expert_count(4)
+    w.add_expert_used_count(2)
+    if arch == "mixtral":
+        w.add_feed_forward_length(cfg.intermediate_size)
+    else:
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    tensors = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"],
+               "output.weight": sd["lm_head.weight"]}
+    q = gguf.GGMLQuantizationType[qtype]
+    for i in range(cfg.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        qw, kw = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
+        if arch == "mixtral":
+            qw, kw = _permute(qw, heads), _permute(kw, kv)
+        tensors.update({b + "attn_norm.weight": sd[p + "input_layernorm.weight"],
+                        b + "ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
+                        b + "attn_q.weight": qw, b + "attn_k.weight": kw, b + "attn_v.weight": sd[p + "self_attn.v_proj.weight"],
+                        b + "attn_output.weight": sd[p + "self_attn.o_proj.weight"]})
+        if arch != "mixtral":
+            for t in "qkv":
+                tensors[b + f"attn_{t}.bias"] = sd[p + f"self_attn.{t}_proj.bias"]
+        moe = "mlp."
+        gu, down = sd[p + moe + "experts.gate_up_proj"], sd[p + moe + "experts.down_proj"]  # [E, 2I, h], [E, h, I]
+        half = gu.shape[1] // 2
+        tensors.update({b + "ffn_gate_inp.weight": sd[p + moe + "gate.weight"],
+                        b + "ffn_gate_exps.weight": np.ascontiguousarray(gu[:, :half]),
+                        b + "ffn_up_exps.weight": np.ascontiguousarray(gu[:, half:]),
+                        b + "ffn_down_exps.weight": down})
+        if arch != "mixtral":
+            tensors.update({b + "ffn_gate_shexp.weight": sd[p + moe + "shared_expert.gate_proj.weight"],
+                            b + "ffn_up_shexp.weight": sd[p + moe + "shared_expert.up_proj.weight"],
+                            b + "ffn_down_shexp.weight": sd[p + moe + "shared_expert.down_proj.weight"],
+                            b + "ffn_gate_inp_shexp.weight": sd[p + moe + "shared_expert_gate.weight"][0]})
+    for name, t in tensors.items():
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        if qtype != "F32" and name.startswith("blk.") and t.ndim >= 2:  # the layers' matrices in 4-bit blocks
+            data = gguf.quantize(t, q)
+            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=q)
+        else:
+            w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_a_moe_gguf_equals_the_model_it_was_written_from(tmp_path, arch, cache_dir):
+    hf = _tiny(arch)
+    write_moe_gguf(hf, tmp_path / "m.gguf", arch)
+    llm = LLM(str(tmp_path / "m.gguf"), kv_cache_memory=0.05, cache_dir=cache_dir, block_size=4,
+              max_num_batched_tokens=48, prefill_chunk_size=7)
+    assert llm.engine.model_config.num_experts == 4 and llm.engine.model_config.is_moe
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(6)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for i, (out, p) in enumerate(zip(llm.generate(prompts, params, use_tqdm=False), prompts)):
+        assert_greedy_equal(out.token_ids, *hf_greedy(hf, p, 8), f"{arch} GGUF prompt {i}")
+
+
+def test_q4_0_experts_load_as_their_blocks(tmp_path, cache_dir):
+    """Under int4 each expert (and every other layer matrix) holds the file's Q4_0 blocks, no rounding on top: the
+    log-probabilities follow the float model of the same file within the int4 kernels' bfloat16 inputs."""
+    write_moe_gguf(_tiny("mixtral"), tmp_path / "q.gguf", "mixtral", "Q4_0")
+    ids = [(7 * i + 3) % 5000 + 100 for i in range(40)]
+    ref = torch.tensor(LLM(str(tmp_path / "q.gguf"), kv_cache_memory=0.05, cache_dir=cache_dir).engine.score(ids))
+    llm = LLM(str(tmp_path / "q.gguf"), quantization="int4", kv_cache_memory=0.05, cache_dir=cache_dir)
+    from tokenmill.model.quant import Int4Weight
+
+    assert isinstance(llm.engine.runner.model.layers[0].mlp.experts[3].down_proj.quantized, Int4Weight)
+    ours = torch.tensor(llm.engine.score(ids))
+    assert (ours - ref).abs().mean() < 0.02, (ours - ref).abs().mean()
