@@ -96,7 +96,7 @@ class JobContext:
             self.config = self.config.resolve(self.model_config.max_len, self.model_config.max_len_reason())
             defaults = SamplingParams.from_dict(sampling)
             for name, path in self.config.lora_adapters:  # a bad adapter: one line before anything runs
-                read_adapter(name, path, self.model_config.hidden_size, self.model_config.num_hidden_layers)
+                read_adapter(name, path, self.model_config.num_hidden_layers)
             if defaults.lora is not None and defaults.lora not in {n for n, _ in self.config.lora_adapters}:
                 raise ValueError(f"the job's default lora {defaults.lora!r} is not a loaded adapter (--lora NAME=PATH)")
             self.tokenizer = load_tokenizer(tokenizer_dir(hf_dir, self.config.load_format, cache_dir))

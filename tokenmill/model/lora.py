@@ -65,7 +65,7 @@ def parse_lora_specs(specs) -> dict[str, str]:
     return out
 
 
-def read_adapter(name: str, path: str | Path, hidden: int, num_layers: int) -> LoraAdapter:
+def read_adapter(name: str, path: str | Path, num_layers: int) -> LoraAdapter:
     """Reads and checks one PEFT adapter directory (its rank, its targets, every tensor's shape)."""
     path = Path(path).expanduser()
     cfg_file = path / "adapter_config.json"
@@ -143,9 +143,6 @@ class LoraSet:
             else:
                 self.groups.append((slot, a, b))
 
-    def clear(self) -> None:
-        self.groups = []
-
 
 class LoraWeights(torch.nn.Module):
     """One layer's stacked factors: ``a`` [num_adapters, R, in], ``b`` [num_adapters, out, R] (model dtype)."""
@@ -173,7 +170,7 @@ def attach_loras(model, adapters: dict[str, str]) -> LoraSet:
     cfg = model.config
     if cfg.is_moe:
         raise LoraError("LoRA adapters on mixture-of-experts models are not supported yet")
-    read = [read_adapter(n, p, cfg.hidden_size, cfg.num_hidden_layers) for n, p in adapters.items()]
+    read = [read_adapter(n, p, cfg.num_hidden_layers) for n, p in adapters.items()]
     loras = LoraSet([a.name for a in read])
     dtype = model.embed_tokens.weight.dtype
     device = model.embed_tokens.weight.device
