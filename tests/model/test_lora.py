@@ -145,3 +145,19 @@ def test_a_job_picks_each_rows_adapter_and_reports_an_unknown_one(lora_case, run
     assert "lora_fingerprints" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("run", inp, "-o", out, "--model", root / "base", "--lora", "qv", check=2)
     assert "NAME=PATH" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_phi3_adapters_of_its_fused_layers_equal_peft(tmp_path):
+    """Phi-3 checkpoints fuse q|k|v and gate|up, so its adapters target qkv_proj and gate_up_proj as a whole."""
+    save_tiny_model("phi3", tmp_path / "base")
+    peft = save_lora_adapter(tmp_path / "base", tmp_path / "a", 8, 16, ["qkv_proj", "gate_up_proj", "o_proj"],
+                             False, seed=7)
+    llm = LLM(str(tmp_path / "base"), lora_adapters={"a": str(tmp_path / "a")}, kv_cache_memory=0.05)
+    rng = random.Random(9)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(2, 30))] for _ in range(4)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, lora="a"),
+                        use_tqdm=False)
+    for p, out in zip(prompts, outs):
+        assert_greedy_equal(out.token_ids, *hf_greedy(peft, p, NEW), "phi3 adapter")
+    base = llm.generate(prompts, SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert [o.token_ids for o in base] != [o.token_ids for o in outs]  # the adapter matters

@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# PEFT target name -> (our layer, shard index, shards in it)
-_FUSED = {"q_proj": ("self_attn.qkv_proj", 0, 3), "k_proj": ("self_attn.qkv_proj", 1, 3),
-          "v_proj": ("self_attn.qkv_proj", 2, 3), "o_proj": ("self_attn.o_proj", 0, 1),
-          "gate_proj": ("mlp.gate_up_proj", 0, 2), "up_proj": ("mlp.gate_up_proj", 1, 2),
-          "down_proj": ("mlp.down_proj", 0, 1)}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "qkv_proj", "gate_up_proj")  # the last two: Phi-3's fused layers, adapted as a whole
+# PEFT target name -> (our layer, shard index: the rows it adapts; -1 = all of the layer's rows)
+_FUSED = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1),
+          "v_proj": ("self_attn.qkv_proj", 2), "qkv_proj": ("self_attn.qkv_proj", -1),
+          "o_proj": ("self_attn.o_proj", 0), "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1),
+          "gate_up_proj": ("mlp.gate_up_proj", -1), "down_proj": ("mlp.down_proj", 0)}
 _KEY = re.compile(r"(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])"
                   r"(?:\.[\w-]+)?\.weight")
 
@@ -177,12 +178,13 @@ def attach_loras(model, adapters: dict[str, str]) -> LoraSet:
     for li, layer in enumerate(model.layers):
         for ours in sorted({v[0] for v in _FUSED.values()}):
             lin = layer.get_submodule(ours)
-            shards = [(t, s, k) for t, (o, s, k) in _FUSED.items() if o == ours]
+            shards = [(t, s) for t, (o, s) in _FUSED.items() if o == ours]
             sizes = _shard_sizes(layer, ours, lin.out_features)
             offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+            rows = {s: (0, lin.out_features) if s < 0 else (offsets[s], sizes[s]) for _, s in shards}
             per_adapter = []
             for ad in read:
-                blocks = [(s, ad.factors[(li, t)]) for t, s, _ in shards if (li, t) in ad.factors]
+                blocks = [(s, ad.factors[(li, t)]) for t, s in shards if (li, t) in ad.factors]
                 per_adapter.append(blocks)
             if not any(per_adapter):
                 continue
@@ -192,14 +194,14 @@ def attach_loras(model, adapters: dict[str, str]) -> LoraSet:
             for i, (ad, blocks) in enumerate(zip(read, per_adapter)):
                 col = 0
                 for s, (fa, fb) in blocks:
-                    r = fa.shape[0]
-                    if fa.shape[1] != lin.in_features or fb.shape[0] != sizes[s]:
-                        target = next(t for t, s2, _ in shards if s2 == s)
+                    r, (first, size) = fa.shape[0], rows[s]
+                    if fa.shape[1] != lin.in_features or fb.shape[0] != size:
+                        target = next(t for t, s2 in shards if s2 == s)
                         raise LoraError(f"LoRA adapter {ad.name!r}: layer {li} {target} has lora_A {tuple(fa.shape)} "
                                         f"and lora_B {tuple(fb.shape)}; this model's {target} takes "
-                                        f"{lin.in_features} inputs and gives {sizes[s]} outputs")
+                                        f"{lin.in_features} inputs and gives {size} outputs")
                     a[i, col:col + r] = fa
-                    b[i, offsets[s]:offsets[s] + sizes[s], col:col + r] = fb
+                    b[i, first:first + size, col:col + r] = fb
                     col += r
             lin.lora = LoraWeights(a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device), loras)
     model.loras = loras
