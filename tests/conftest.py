@@ -25,7 +25,7 @@ SLOW_FILES = {
     "tests/distributed/test_ray_jobs.py", "tests/model/test_tensor_parallel.py", "tests/model/test_amx.py",
     "tests/jobs/test_run_job.py", "tests/jobs/test_new_user_report.py", "tests/jobs/test_faults.py",
     "tests/jobs/test_score_job.py", "tests/jobs/test_samples_job.py", "tests/embed/test_embed_job.py",
-    "tests/structured/test_structured_job.py", "tests/test_bench_smoke.py", "tests/model/test_gguf_moe.py",
+    "tests/structured/test_structured_job.py", "tests/test_bench_smoke.py", "tests/model/test_gguf_archs.py",
 }
 SLOW_DIRS = ("tests/serve/",)
 SLOW_TESTS = {

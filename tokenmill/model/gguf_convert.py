@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tokenmill.model.gguf_weights import GGUFModel, iter_gguf_weights, open_gguf
 
-CONVERTER_VERSION = 2  # 2: mixture-of-experts keys
+CONVERTER_VERSION = 3  # 2: mixture-of-experts keys; 3: Gemma
 
 
 def default_cache_dir() -> Path:
@@ -97,10 +97,35 @@ def write_config(model: GGUFModel, out_dir: Path) -> None:
             config["shared_expert_intermediate_size"] = int(shared)
         norm = meta(f"{arch}.expert_weights_norm")
         config["norm_topk_prob"] = bool(norm) if norm is not None else arch == "qwen3moe"
+    if arch.startswith("gemma"):
+        _gemma_config(config, model, arch)
     scaling_type = meta(f"{arch}.rope.scaling.type")
     if scaling_type and scaling_type != "none":
         config["rope_scaling"] = {"type": scaling_type, "factor": float(meta(f"{arch}.rope.scaling.factor", 1.0))}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _gemma_config(config: dict, model: GGUFModel, arch: str) -> None:
+    """Gemma's keys, as llama.cpp reads them: the softcaps, the window and its layer pattern (Gemma 2 alternates,
+    Gemma 3 has every 6th layer global, its sliding layers' RoPE at theta 10,000), and the attention scale, which
+    llama.cpp derives from the model's size: 1 / sqrt(hidden / heads) for the 27B models (Gemma 2: 46 layers,
+    Gemma 3: 62), else 1 / sqrt(head_dim)."""
+    meta = model.meta
+    config["hidden_activation"] = "gelu_pytorch_tanh"
+    config["tie_word_embeddings"] = True
+    for key, name in (("attn_logit_softcapping", "attn_logit_softcapping"),
+                      ("final_logit_softcapping", "final_logit_softcapping")):
+        value = meta(f"{arch}.{key}")
+        config[name] = float(value) if value is not None else None
+    window = meta(f"{arch}.attention.sliding_window")
+    config["sliding_window"] = int(window) if window else None
+    layers, pattern = config["num_hidden_layers"], 2 if arch == "gemma2" else 6
+    config["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    big = layers == (46 if arch == "gemma2" else 62)
+    config["query_pre_attn_scalar"] = (config["hidden_size"] // config["num_attention_heads"] if big
+                                       else config["head_dim"])
+    if arch == "gemma3":
+        config["rope_local_base_freq"] = 10000.0
 
 
 def _convert_tokenizer(gguf_path: Path, out_dir: Path) -> None:

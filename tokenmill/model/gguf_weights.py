@@ -37,7 +37,13 @@ GGUF_ARCHITECTURES = {
     "qwen3": ("Qwen3ForCausalLM", False),
     "qwen2moe": ("Qwen2MoeForCausalLM", False),
     "qwen3moe": ("Qwen3MoeForCausalLM", False),
+    "gemma2": ("Gemma2ForCausalLM", False),
+    "gemma3": ("Gemma3ForCausalLM", False),
 }
+# Gemma's names where they differ from the table below (it has four norms a layer), and its norms: llama.cpp's
+# converter stores Gemma's RMSNorm weights as 1 + w (the HF checkpoint's w), so 1 comes off here
+_GEMMA_NAMES = {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                "post_ffw_norm": "post_feedforward_layernorm"}
 # "llama" with an expert count is Mixtral; its experts' tensors are stacked [experts, rows, cols]
 _MOE_OF = {"llama": "MixtralForCausalLM"}
 _EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
@@ -116,7 +122,8 @@ def iter_gguf_weights(model: GGUFModel, groups: str | None = None
         if len(parts) == 4 and parts[2] in _EXPERT_NAMES:  # stacked experts: one tensor each
             yield from _iter_experts(model, t, parts, groups)
             continue
-        hf_name = hf_name_of(t.name)
+        gemma = model.arch.startswith("gemma")
+        hf_name = hf_name_of(t.name, gemma)
         shape = [int(d) for d in reversed(t.shape)]  # GGUF lists dims fastest-first
         if t.name.endswith("ffn_gate_inp_shexp.weight") and len(shape) == 1:
             shape = [1, shape[0]]  # the shared expert's gate: one output
@@ -130,6 +137,8 @@ def iter_gguf_weights(model: GGUFModel, groups: str | None = None
         else:
             arr = gguf.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
             w = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # F32 tensors: read-only views of the file
+        if gemma and t.name.endswith("norm.weight"):
+            w = w - 1.0
         if model.permuted and t.name.endswith("attn_q.weight"):
             w = _unpermute(w, model.num_heads)
         elif model.permuted and t.name.endswith("attn_k.weight"):
@@ -156,10 +165,12 @@ def _iter_experts(model: GGUFModel, t, parts: list[str], groups: str | None):
             yield name, torch.from_numpy(np.array(arr.reshape(n, k)))
 
 
-def hf_name_of(gguf_name: str) -> str:
+def hf_name_of(gguf_name: str, gemma: bool = False) -> str:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")  # blk.N.kind.weight|bias
+    if len(parts) == 4 and parts[0] == "blk" and gemma and parts[2] in _GEMMA_NAMES:
+        return f"model.layers.{parts[1]}.{_GEMMA_NAMES[parts[2]]}.{parts[3]}"
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
         return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
     raise ValueError(f"unexpected tensor {gguf_name!r} in GGUF file")

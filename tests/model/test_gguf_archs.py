@@ -1,6 +1,7 @@
-"""Mixture-of-experts GGUF files (Mixtral as llama with experts, Qwen2-MoE): written here from a tiny transformers
-model in llama.cpp's layout (stacked [experts, rows, cols] expert tensors, Q/K rows permuted for llama), with the
-default model's tokenizer metadata; loaded by tokenmill and held to the transformers model they were written from."""
+"""GGUF files of the mixtures of experts (Mixtral as llama with experts, Qwen2-MoE) and of Gemma 2 / 3: written here
+from a tiny transformers model in llama.cpp's layout (stacked [experts, rows, cols] expert tensors, Q/K rows
+permuted for llama, Gemma's norms stored as 1 + w), with the default model's tokenizer metadata; loaded by tokenmill
+and held to the transformers model they were written from."""
 
 from __future__ import annotations
 
@@ -133,3 +134,87 @@ def test_q4_0_experts_load_as_their_blocks(tmp_path, cache_dir):
     assert isinstance(llm.engine.runner.model.layers[0].mlp.experts[3].down_proj.quantized, Int4Weight)
     ours = torch.tensor(llm.engine.score(ids))
     assert (ours - ref).abs().mean() < 0.02, (ours - ref).abs().mean()
+
+
+def _tiny_gemma(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, max_position_embeddings=256,
+                  initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0, sliding_window=8)
+    if arch == "gemma2":  # llama.cpp's pattern: sliding layers alternate
+        cfg = tf.Gemma2Config(**common, num_hidden_layers=2, attn_logit_softcapping=2.0, final_logit_softcapping=5.0)
+    else:  # every 6th layer global; sliding layers' RoPE theta 10,000
+        cfg = tf.Gemma3TextConfig(**common, num_hidden_layers=6, sliding_window_pattern=6)
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def write_gemma_gguf(model, path, arch: str) -> None:
+    import gguf
+
+    from tokenmill.model.loader import default_model_path
+
+    cfg = model.config
+    src = gguf.GGUFReader(str(default_model_path()))
+    w = gguf.GGUFWriter(str(path), arch)
+    for field in src.fields.values():
+        if field.name.startswith("tokenizer."):
+            kind = field.types[0]
+            w.add_key_value(field.name, field.contents(), kind,
+                            sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_sliding_window(cfg.sliding_window)
+    rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+             "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    tensors = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"] + 1}
+    for i in range(cfg.num_hidden_layers):
+        for ours, theirs in names.items():
+            key = f"model.layers.{i}.{ours}.weight"
+            if key in sd:
+                tensors[f"blk.{i}.{theirs}.weight"] = sd[key] + 1 if "norm" in ours else sd[key]
+    for name, t in tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(t, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_a_gemma_gguf_equals_the_model_it_was_written_from(tmp_path, arch, cache_dir):
+    """Norms back from 1 + w, the softcaps, the window and its layer pattern, the attention scale and Gemma 3's
+    local RoPE all come from the file's metadata as llama.cpp reads them; prompts longer than the 8-token window."""
+    hf = _tiny_gemma(arch)
+    write_gemma_gguf(hf, tmp_path / "g.gguf", arch)
+    llm = LLM(str(tmp_path / "g.gguf"), kv_cache_memory=0.05, cache_dir=cache_dir, block_size=4,
+              max_num_batched_tokens=48, prefill_chunk_size=7)
+    mc = llm.engine.model_config
+    assert mc.norm_plus_one and mc.window_of(0) == 8 and mc.window_of(mc.num_hidden_layers - 1) is None
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(6)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for i, (out, p) in enumerate(zip(llm.generate(prompts, params, use_tqdm=False), prompts)):
+        assert_greedy_equal(out.token_ids, *hf_greedy(hf, p, 8), f"{arch} GGUF prompt {i}")
+    ids = [(7 * i + 3) % 5000 + 100 for i in range(30)]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    ref = ref.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(llm.engine.score(ids)), ref, rtol=0, atol=1e-4)
