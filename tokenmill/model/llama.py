@@ -1,7 +1,7 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3: fused qkv and gate_up in its checkpoints, partial
-rotary; and the mixture-of-experts decoders Mixtral, Qwen2-MoE,
-Qwen3-MoE and OLMoE, whose sparse layers' MLPs are ``moe.SparseMoE``) over a flat, unpadded batch and a paged KV
-cache.
+"""The Llama family over a flat, unpadded batch and a paged KV cache: Llama, Mistral, Qwen2, Qwen3, Phi-3 (fused
+qkv and gate_up in its checkpoints, partial rotary), Gemma 2 / 3 (sandwich norms, GeGLU, sliding layers, softcaps)
+and the mixture-of-experts decoders Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (sparse layers' MLPs are
+``moe.SparseMoE``).
 
 One forward pass takes the tokens of many requests at once (prefill chunks and decodes mixed), their positions and
 the attention metadata; it returns hidden states for every token. ``compute_logits`` runs the LM head only on the
