@@ -62,6 +62,13 @@ def tiny_config(arch: str, **overrides):
                                                                        "rope_theta": 100000.0},
                                                     "sliding_attention": {"rope_type": "default",
                                                                           "rope_theta": 10000.0}})
+    if arch == "gemma3_mm":  # Gemma 3 as 4B-27B ship: image+text, the language model under language_model.*
+        text = {**TINY, "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 16, "sliding_window_pattern": 2,
+                "pad_token_id": 0}
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
+        return tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, bos_token_id=2,
+                               eos_token_id=1)
     # mixtures of experts: 4 experts, top-2 (MoE shapes smaller than the dense MLP's, as real ones are)
     if arch == "mixtral":
         return tf.MixtralConfig(**{**TINY, "intermediate_size": 64}, num_local_experts=4, num_experts_per_tok=2,
@@ -86,9 +93,12 @@ def save_tiny_model(arch: str, path: Path, seed: int = 0, **overrides):
 
     cfg = tiny_config(arch, **overrides)
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    if isinstance(cfg, tf.Gemma3Config):  # image+text: its own class
+        model = tf.Gemma3ForConditionalGeneration(cfg).float().eval()
+    else:
+        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     model.save_pretrained(str(path))
-    vocab = {f"w{i}": i for i in range(cfg.vocab_size)}
+    vocab = {f"w{i}": i for i in range(getattr(cfg, "text_config", cfg).vocab_size)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", eos_token="w1", bos_token="w2")

@@ -120,6 +120,19 @@ class DecoderLayer(nn.Module):
         return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
+_OTHER_MODALITIES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+# an image+text checkpoint's language model (Gemma 3 4B-27B): its names under the text model's
+_LANGUAGE_MODEL_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                            ("language_model.lm_head.", "lm_head."))
+
+
+def _language_model_name(hf_name: str) -> str:
+    for prefix, ours in _LANGUAGE_MODEL_PREFIXES:
+        if hf_name.startswith(prefix):
+            return ours + hf_name[len(prefix):]
+    return hf_name
+
+
 class LlamaForCausalLM(nn.Module):
     """Also Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm), Phi-3, Gemma 2 / 3 (sandwich norms, GeGLU, scaled
     embeddings, sliding layers, softcaps) and the MoE decoders: the differences live in ModelConfig flags.
@@ -230,7 +243,9 @@ class LlamaForCausalLM(nn.Module):
         attn = self.layers[0].self_attn
         qkv_sizes = [attn.q_size, attn.kv_size, attn.kv_size]
         for hf_name, tensor in weights:
-            name = hf_name.removeprefix("model.")
+            if hf_name.startswith(_OTHER_MODALITIES):
+                continue  # an image+text checkpoint's vision tower and projector: not the language model's
+            name = _language_model_name(hf_name).removeprefix("model.")
             for piece, ours in self._RENAMED.items():
                 name = name.replace(piece, ours)
             if "rotary_emb.inv_freq" in name:

@@ -84,6 +84,10 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        if "Gemma3ForConditionalGeneration" in (d.get("architectures") or []) and isinstance(d.get("text_config"), dict):
+            # Gemma 3 4B-27B ship as image+text models: tokenmill runs their language model (text in, text out)
+            top = {k: d[k] for k in ("bos_token_id", "eos_token_id", "tie_word_embeddings") if d.get(k) is not None}
+            d = {**top, **d["text_config"], "architectures": ["Gemma3ForCausalLM"]}
         archs = [BASE_MODEL_ALIASES.get(a, a) for a in d.get("architectures") or []]
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
