@@ -53,6 +53,7 @@ class SparseMoE(nn.Module):
     def __init__(self, cfg: ModelConfig, build: Build) -> None:
         super().__init__()
         self.tp = build.tp
+        self.ops = build.ops
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
         self.renormalize = cfg.norm_topk_prob
         floats = build.with_quantization("none")
@@ -65,6 +66,23 @@ class SparseMoE(nn.Module):
         else:
             self.shared_expert = self.shared_expert_gate = None
 
+    def _experts(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Each expert's MLP over its run of ``xs`` (rows grouped by expert, ``counts`` a expert). Float experts on the
+        C++ kernels: one ``moe_experts`` call (the loop in C++, each GEMM the same oneDNN call the Linear makes);
+        otherwise each expert's MLP in turn (quantized experts, other devices and dtypes)."""
+        kernels = self.ops.kernels
+        if (kernels is not None and hasattr(kernels, "moe_experts") and xs.dtype in (torch.float32, torch.bfloat16)
+                and all(e.gate_up_proj.quantized is None and e.gate_up_proj.lora is None for e in self.experts)):
+            return kernels.moe_experts(xs.contiguous(), counts, [e.gate_up_proj.weight for e in self.experts],
+                                       [e.down_proj.weight for e in self.experts])
+        ys = torch.empty_like(xs)
+        start = 0
+        for expert, count in zip(self.experts, counts):
+            if count:
+                ys[start:start + count] = expert.partial(xs[start:start + count])
+                start += count
+        return ys
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + MoE(x) for x, residual [n, hidden] (under TP: rank 0 adds the residual, then the ranks' sum).
         The experts' contributions are summed in float32."""
@@ -73,12 +91,7 @@ class SparseMoE(nn.Module):
         order, counts = group_by_expert(ids, self.num_experts)
         token_of = order // self.top_k  # [n * top_k]: each sorted pair's token
         xs = x.index_select(0, token_of)  # [n * top_k, hidden]: each expert's tokens one contiguous run
-        ys = torch.empty_like(xs)
-        start = 0
-        for expert, count in zip(self.experts, counts):
-            if count:
-                ys[start:start + count] = expert.partial(xs[start:start + count])
-                start += count
+        ys = self._experts(xs, counts)  # [n * top_k, hidden]
         scaled = ys.float().mul_(weights.reshape(-1).index_select(0, order)[:, None])  # [n * top_k, hidden]
         out = torch.zeros(n, hidden, dtype=torch.float32, device=x.device).index_add_(0, token_of, scaled)
         if self.shared_expert is not None:
