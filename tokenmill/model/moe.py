@@ -5,7 +5,9 @@ A MoE layer spends, per token, only its ``num_experts_per_tok`` experts' FLOPs o
 lever. The experts run grouped (vLLM's fused-MoE shape): the (token, expert) pairs of a step are sorted by expert
 (``group_by_expert``), the tokens gathered once into that order, so each expert's tokens are one contiguous run of
 rows; each expert then runs one gate|up GEMM, SiLU-and-mul and one down GEMM over its run (experts no token chose
-are skipped), the rows are scaled by their routing weights and summed back onto their tokens in one scatter-add.
+are skipped), the rows are scaled by their routing weights and summed back onto their tokens in one scatter-add. On a
+CPU with the C++ kernels, float experts run that loop in one call (``moe_experts``: the same oneDNN GEMMs on the
+prepacked weights, 7-11% faster a decode-sized layer than driving it from Python).
 Each expert is a dense ``MLP`` of ``Linear`` layers, so its weights are prepacked for oneDNN on the float path and
 quantized exactly as the dense layers' are (int8, int4, w8a8, fp8: model/quant.py, model/fp8.py); the routers stay
 in the model's float dtype (a few thousand weights a layer, and the choice of experts should not move with the
