@@ -97,6 +97,11 @@ def test_missing_file_and_directory(tmp_path):
         InputSource(InputSpec(str(tmp_path / "nope.jsonl")))
     with pytest.raises(JobSetupError, match="is a directory"):
         InputSource(InputSpec(str(tmp_path)))
+    import os
+
+    os.mkfifo(tmp_path / "pipe")  # what `tokenmill run <(...)` passes: refused before it is opened (no hang)
+    with pytest.raises(JobSetupError, match="not a regular file .* pipe it to -"):
+        InputSource(InputSpec(str(tmp_path / "pipe")))
 
 
 def test_csv_with_column_mapping_types_and_bad_records(tmp_path):

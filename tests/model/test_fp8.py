@@ -109,3 +109,15 @@ def test_a_plan_counts_the_weights_it_will_load(tmp_path, quantization, arch):
     planned = planned_weight_bytes(engine.config, engine.model_config, engine.dtype)
     rope = sum(b.numel() * b.element_size() for n, b in engine.runner.model.named_buffers() if n.endswith(("cos", "sin")))
     assert engine.weight_bytes - rope == planned
+
+
+def test_the_plan_shows_a_moe_models_total_and_active_parameters(tmp_path):
+    from tokenmill.jobs.runner import JobContext
+
+    hf = save_tiny_model("mixtral", tmp_path / "m")
+    ctx = JobContext(str(tmp_path / "m"), {"kv_cache_memory": 0.01}, {"max_tokens": 8})
+    p = ctx.plan([10, 20, 30], [8, 8, 8])
+    assert p.parameters == sum(t.numel() for t in hf.parameters())
+    experts = 2 * 4 * 3 * 64 * 64  # 2 layers x 4 experts x gate / up / down of 64 x 64; 2 of the 4 a token
+    assert p.parameters - p.active_parameters == experts // 2
+    assert "B active per token" in p.render() and p.weight_gib == p.parameters * 4 / 2**30

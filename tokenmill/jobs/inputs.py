@@ -140,6 +140,9 @@ class InputSource:
                 raise JobSetupError(f"input {spec.path} is a directory, expected a file")
             if not self.path.exists():
                 raise JobSetupError(f"input file {spec.path} does not exist")
+            if not self.path.is_file():  # a pipe (shell process substitution, /dev/stdin): read once, never resumed
+                raise JobSetupError(f"input {spec.path} is not a regular file (a pipe?); a job reads its input more "
+                                    f"than once: pipe it to - (… | tokenmill run - -o …) or write it to a file")
         try:
             self._file = open(self.path, "rb")
         except OSError as e:

@@ -37,13 +37,22 @@ class MemoryPlan:
     safe_concurrent: int
     recommended_max_num_seqs: int
     recommended_max_num_batched_tokens: int
+    parameters: int = 0  # the model's (every expert of a MoE)
+    active_parameters: int = 0  # those one token uses (a MoE: its top-k experts)
+    weight_gib: float = 0.0  # the weights as loaded (dtype / quantization)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def render(self) -> str:
         gib = self.kv_budget_gib
-        return "\n".join([
+        model = []
+        if self.parameters:
+            active = (f" ({self.active_parameters / 1e9:.2f} B active per token)"
+                      if self.active_parameters != self.parameters else "")
+            model = [f"model:                    {self.parameters / 1e9:.2f} B parameters{active}, weights "
+                     f"{self.weight_gib:.2f} GiB"]
+        return "\n".join(model + [
             f"requests:                 {self.num_requests}",
             f"prompt tokens:            avg {self.prompt_avg:.1f}  p50 {self.prompt_p50:.0f}  p95 {self.prompt_p95:.0f}  "
             f"max {self.prompt_max}",

@@ -145,8 +145,12 @@ class JobContext:
             weights = planned_weight_bytes(self.config, self.model_config, self.dtype) if self.engine is None else 0
             budget = kv_budget_bytes(self.config, self.model_config, self.dtype, self.device, weights_to_load=weights)
             num_blocks = max(0, budget) // per_block
-        return plan_memory(prompt_lens, max_tokens, self.config.max_model_len, self.config.block_size, per_block,
-                           num_blocks)
+        p = plan_memory(prompt_lens, max_tokens, self.config.max_model_len, self.config.block_size, per_block,
+                        num_blocks)
+        mc = self.model_config
+        p.parameters, p.active_parameters = mc.num_parameters(), mc.num_parameters(active=True)
+        p.weight_gib = planned_weight_bytes(self.config, mc, self.dtype) / 2**30
+        return p
 
 
 def output_record(item: Prepared, out, model_name: str, tokenizer, score_tokens: bool = False) -> dict:
