@@ -30,6 +30,9 @@ def _tiny(arch: str):
     if arch == "mixtral":
         cfg = tf.MixtralConfig(**common, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
                                sliding_window=None)
+    elif arch == "qwen3_moe":  # q/k norms per head, no shared expert, top-k renormalised (as llama.cpp runs it)
+        cfg = tf.Qwen3MoeConfig(**common, head_dim=16, intermediate_size=128, moe_intermediate_size=64, num_experts=4,
+                                num_experts_per_tok=2, norm_topk_prob=True)
     else:
         cfg = tf.Qwen2MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64,
                                 shared_expert_intermediate_size=96, num_experts=4, num_experts_per_tok=2)
@@ -43,7 +46,7 @@ def write_moe_gguf(model, path, arch: str, qtype: str = "F32") -> None:
     from tokenmill.model.loader import default_model_path
 
     cfg = model.config
-    g_arch = "llama" if arch == "mixtral" else "qwen2moe"
+    g_arch = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}.get(arch, "qwen2moe")
     src = gguf.GGUFReader(str(default_model_path()))
     w = gguf.GGUFWriter(str(path), g_arch)
     for field in src.fields.values():  # the tokenizer
@@ -65,7 +68,11 @@ def write_moe_gguf(model, path, arch: str, qtype: str = "F32") -> None:
     else:
         w.add_feed_forward_length(cfg.intermediate_size)
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+        if arch == "qwen2_moe":
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+        else:
+            w.add_key_length(cfg.head_dim)
+            w.add_value_length(cfg.head_dim)
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     tensors = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"],
@@ -80,9 +87,12 @@ def write_moe_gguf(model, path, arch: str, qtype: str = "F32") -> None:
                         b + "ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
                         b + "attn_q.weight": qw, b + "attn_k.weight": kw, b + "attn_v.weight": sd[p + "self_attn.v_proj.weight"],
                         b + "attn_output.weight": sd[p + "self_attn.o_proj.weight"]})
-        if arch != "mixtral":
+        if arch == "qwen2_moe":
             for t in "qkv":
                 tensors[b + f"attn_{t}.bias"] = sd[p + f"self_attn.{t}_proj.bias"]
+        if arch == "qwen3_moe":
+            tensors[b + "attn_q_norm.weight"] = sd[p + "self_attn.q_norm.weight"]
+            tensors[b + "attn_k_norm.weight"] = sd[p + "self_attn.k_norm.weight"]
         moe = "mlp."
         gu, down = sd[p + moe + "experts.gate_up_proj"], sd[p + moe + "experts.down_proj"]  # [E, 2I, h], [E, h, I]
         half = gu.shape[1] // 2
@@ -90,7 +100,7 @@ def write_moe_gguf(model, path, arch: str, qtype: str = "F32") -> None:
                         b + "ffn_gate_exps.weight": np.ascontiguousarray(gu[:, :half]),
                         b + "ffn_up_exps.weight": np.ascontiguousarray(gu[:, half:]),
                         b + "ffn_down_exps.weight": down})
-        if arch != "mixtral":
+        if arch == "qwen2_moe":
             tensors.update({b + "ffn_gate_shexp.weight": sd[p + moe + "shared_expert.gate_proj.weight"],
                             b + "ffn_up_shexp.weight": sd[p + moe + "shared_expert.up_proj.weight"],
                             b + "ffn_down_shexp.weight": sd[p + moe + "shared_expert.down_proj.weight"],
@@ -108,7 +118,7 @@ def write_moe_gguf(model, path, arch: str, qtype: str = "F32") -> None:
     w.close()
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_a_moe_gguf_equals_the_model_it_was_written_from(tmp_path, arch, cache_dir):
     hf = _tiny(arch)
     write_moe_gguf(hf, tmp_path / "m.gguf", arch)
