@@ -138,7 +138,8 @@ class EngineConfig:
         positive_int("max_loras")
         names = [a[0] if len(a) == 2 else "" for a in self.lora_adapters]
         if not all(len(a) == 2 and a[0] and a[1] for a in self.lora_adapters):
-            problems.append(f"lora_adapters must be NAME=PATH pairs, got {list(self.lora_adapters)!r}")
+            problems.append(f"lora_adapters (--lora) must be NAME=PATH pairs, a PEFT adapter directory each, got "
+                            f"{['='.join(a) for a in self.lora_adapters]}")
         elif len(set(names)) < len(names):
             problems.append(f"lora_adapters names must be distinct, got {names}")
         elif isinstance(self.max_loras, int) and len(names) > self.max_loras:
@@ -150,14 +151,13 @@ class EngineConfig:
         if problems:
             raise ConfigError("; ".join(problems))
 
-    def resolve(self, model_max_len: int, why: str | None = None) -> "EngineConfig":
-        """Fills in model-dependent values and checks the options against each other. ``model_max_len``: the longest
-        sequence the model runs (``why``: what limits it, for the error)."""
+    def resolve(self, model_max_len: int) -> "EngineConfig":
+        """Fills in model-dependent values and checks the options against each other."""
         self.check()
         max_model_len = self.max_model_len or model_max_len
         if max_model_len > model_max_len:
             raise ConfigError(
-                f"max_model_len={max_model_len} is longer than the model supports ({why or f'{model_max_len} positions'})"
+                f"max_model_len={max_model_len} is longer than the model supports ({model_max_len} positions)"
             )
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < max_model_len:
             raise ConfigError(

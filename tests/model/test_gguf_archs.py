@@ -40,15 +40,14 @@ def _tiny(arch: str):
     return tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 
-def write_moe_gguf(model, path, arch: str, qtype: str = "F32") -> None:
+def _writer(path, arch: str, cfg):
+    """A GGUF writer for ``arch`` with the default model's tokenizer metadata and the keys every file here has."""
     import gguf
 
     from tokenmill.model.loader import default_model_path
 
-    cfg = model.config
-    g_arch = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}.get(arch, "qwen2moe")
     src = gguf.GGUFReader(str(default_model_path()))
-    w = gguf.GGUFWriter(str(path), g_arch)
+    w = gguf.GGUFWriter(str(path), arch)
     for field in src.fields.values():  # the tokenizer
         if field.name.startswith("tokenizer."):
             kind = field.types[0]
@@ -56,17 +55,39 @@ def write_moe_gguf(model, path, arch: str, qtype: str = "F32") -> None:
                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    return w
+
+
+def _finish(w, tensors: dict, qtype: str = "F32") -> None:
+    """Writes ``tensors`` (float, or the layers' matrices in ``qtype`` blocks) and closes the file."""
+    import gguf
+
+    q = gguf.GGMLQuantizationType[qtype]
+    for name, t in tensors.items():
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        if qtype != "F32" and name.startswith("blk.") and t.ndim >= 2:
+            data = gguf.quantize(t, q)
+            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=q)
+        else:
+            w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_moe_gguf(model, path, arch: str, qtype: str = "F32") -> None:
+    cfg = model.config
+    w = _writer(path, {"mixtral": "llama", "qwen3_moe": "qwen3moe"}.get(arch, "qwen2moe"), cfg)
     w.add_rope_freq_base(float((getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
     w.add_expert_count(4)
     w.add_expert_used_count(2)
-    if arch == "mixtral":
-        w.add_feed_forward_length(cfg.intermediate_size)
-    else:
-        w.add_feed_forward_length(cfg.intermediate_size)
+    if arch != "mixtral":
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         if arch == "qwen2_moe":
             w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
@@ -77,7 +98,6 @@ def write_moe_gguf(model, path, arch: str, qtype: str = "F32") -> None:
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     tensors = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"],
                "output.weight": sd["lm_head.weight"]}
-    q = gguf.GGMLQuantizationType[qtype]
     for i in range(cfg.num_hidden_layers):
         p, b = f"model.layers.{i}.", f"blk.{i}."
         qw, kw = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
@@ -105,17 +125,7 @@ def write_moe_gguf(model, path, arch: str, qtype: str = "F32") -> None:
                             b + "ffn_up_shexp.weight": sd[p + moe + "shared_expert.up_proj.weight"],
                             b + "ffn_down_shexp.weight": sd[p + moe + "shared_expert.down_proj.weight"],
                             b + "ffn_gate_inp_shexp.weight": sd[p + moe + "shared_expert_gate.weight"][0]})
-    for name, t in tensors.items():
-        t = np.ascontiguousarray(t, dtype=np.float32)
-        if qtype != "F32" and name.startswith("blk.") and t.ndim >= 2:  # the layers' matrices in 4-bit blocks
-            data = gguf.quantize(t, q)
-            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=q)
-        else:
-            w.add_tensor(name, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w, tensors, qtype)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
@@ -161,27 +171,10 @@ def _tiny_gemma(arch: str):
 
 
 def write_gemma_gguf(model, path, arch: str) -> None:
-    import gguf
-
-    from tokenmill.model.loader import default_model_path
-
     cfg = model.config
-    src = gguf.GGUFReader(str(default_model_path()))
-    w = gguf.GGUFWriter(str(path), arch)
-    for field in src.fields.values():
-        if field.name.startswith("tokenizer."):
-            kind = field.types[0]
-            w.add_key_value(field.name, field.contents(), kind,
-                            sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    w = _writer(path, arch, cfg)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_sliding_window(cfg.sliding_window)
     rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
     w.add_rope_freq_base(float(rope["rope_theta"]))
@@ -200,12 +193,7 @@ def write_gemma_gguf(model, path, arch: str) -> None:
             key = f"model.layers.{i}.{ours}.weight"
             if key in sd:
                 tensors[f"blk.{i}.{theirs}.weight"] = sd[key] + 1 if "norm" in ours else sd[key]
-    for name, t in tensors.items():
-        w.add_tensor(name, np.ascontiguousarray(t, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w, tensors)
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])

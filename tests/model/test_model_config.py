@@ -95,7 +95,7 @@ def test_sliding_windows_per_layer():
     Qwen configs carry a window they do not use (use_sliding_window false)."""
     cfg = ModelConfig.from_hf_dict({**BASE, "architectures": ["MistralForCausalLM"], "sliding_window": 32,
                                     "max_position_embeddings": 256})
-    assert [cfg.window_of(i) for i in range(2)] == [32, 32] and cfg.max_len == 256
+    assert [cfg.window_of(i) for i in range(2)] == [32, 32] and cfg.max_position_embeddings == 256
     qwen = ModelConfig.from_hf_dict({**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 32})
     assert qwen.window_of(0) is None
     gemma = {**BASE, "architectures": ["Gemma3ForCausalLM"], "num_hidden_layers": 12, "sliding_window": 512,

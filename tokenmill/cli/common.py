@@ -157,14 +157,9 @@ def lora_options(f):
 
 
 def lora_engine_options(lora: tuple[str, ...], max_loras: int | None) -> dict:
-    """The engine options of --lora / --max-loras; a malformed NAME=PATH is one line, exit 2."""
-    from tokenmill.model.lora import LoraError, parse_lora_specs
-
-    try:
-        specs = parse_lora_specs(lora)
-    except LoraError as e:
-        raise UserError(str(e)) from None
-    return {"lora_adapters": [f"{n}={p}" for n, p in specs.items()] or None, "max_loras": max_loras}
+    """The engine options of --lora / --max-loras (EngineConfig parses and checks the NAME=PATH strings: a malformed
+    or repeated one is one line, exit 2)."""
+    return {"lora_adapters": list(lora) or None, "max_loras": max_loras}
 
 
 def preemption_options(f):

@@ -34,6 +34,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 def block_hash(parent: Hashable | None, token_ids: Sequence[int], extra: Hashable | None = None) -> int:
+    """``extra``: what else decides the block's K/V (a request's LoRA adapter, on its first block)."""
     return hash((parent, tuple(token_ids), extra))
 
 
@@ -69,8 +70,9 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(request_id, [])
         bs = self.block_size
         for i in range(len(hashes), num_blocks):
-            parent = hashes[-1] if hashes else (None if salt is None else ("salt", salt))
-            hashes.append(block_hash(parent, token_ids[i * bs:(i + 1) * bs]))
+            first = not hashes  # the salt keys the first block; the others chain from it
+            hashes.append(block_hash(None if first else hashes[-1], token_ids[i * bs:(i + 1) * bs],
+                                     salt if first else None))
         return hashes
 
     def lookup(self, request_id: str, token_ids: Sequence[int], salt: Hashable | None = None) -> list[int]:

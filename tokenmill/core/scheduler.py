@@ -417,7 +417,7 @@ class Scheduler:
                 continue
             req.num_computed_tokens = sr.num_computed_tokens + sr.num_scheduled_tokens
             self.kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens,
-                                         req.sampling_params.lora)
+                                      req.sampling_params.lora)
             prompt_lp = runner_out.prompt_logprobs.get(req.request_id)
             if prompt_lp is not None:
                 req.add_prompt_logprobs(*prompt_lp)

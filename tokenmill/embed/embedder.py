@@ -93,7 +93,7 @@ class Embedder:
             hf_dir, mcfg = read_model_config(self.path, Path(cache_dir) if cache_dir else None,
                                              with_weights=quantization == "none")
             self.net = LlamaForCausalLM(mcfg, mcfg.max_position_embeddings, build, with_lm_head=False)
-            limit = mcfg.max_len
+            limit = mcfg.max_position_embeddings
             self.hidden_size = mcfg.hidden_size
             self.num_parameters = mcfg.num_parameters() - mcfg.vocab_size * mcfg.hidden_size * (
                 0 if mcfg.tie_word_embeddings else 1)

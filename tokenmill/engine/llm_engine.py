@@ -100,7 +100,7 @@ class LLMEngine:
         loaded = load_model(config.model, config.dtype, self.device, config.max_model_len, cache_dir,
                             config.quantization, config.load_format, config.cpu_gemm, self.ops, tp,
                             config.lora_adapters)
-        self.config = config.resolve(loaded.model_config.max_len, loaded.model_config.max_len_reason())
+        self.config = config.resolve(loaded.model_config.max_position_embeddings)
         if loaded.quantization != self.config.quantization:  # a GPTQ/AWQ checkpoint's int4: the config says so
             self.config = dataclasses.replace(self.config, quantization=loaded.quantization)
         self.model_config = loaded.model_config

@@ -93,7 +93,7 @@ class JobContext:
             self.model_path = resolve_model_path(model)
             cache_dir = Path(self.config.cache_dir) if self.config.cache_dir else None
             hf_dir, self.model_config = read_model_config(self.model_path, cache_dir)
-            self.config = self.config.resolve(self.model_config.max_len, self.model_config.max_len_reason())
+            self.config = self.config.resolve(self.model_config.max_position_embeddings)
             defaults = SamplingParams.from_dict(sampling)
             for name, path in self.config.lora_adapters:  # a bad adapter: one line before anything runs
                 read_adapter(name, path, self.model_config.num_hidden_layers)

@@ -197,9 +197,8 @@ class Linear(nn.Module):
         projection. Under w8a8 in bfloat16 on the C++ kernels the activation and the quantization of its result are
         one pass (not while LoRA adapters need the activation); otherwise ``ops.silu_mul``, then this layer through
         the module call."""
-        if act != "silu":  # GeGLU: gelu(gate) with tanh's approximation, times up
-            gate, up = gate_up.chunk(2, dim=-1)
-            return self(F.gelu(gate, approximate="tanh") * up, residual)
+        if act != "silu":  # Gemma's GeGLU
+            return self(self.ops.gelu_tanh_mul(gate_up), residual)
         if isinstance(self.quantized, W8A8Weight) and not (self.lora is not None and self.lora.active):
             y = self.quantized.forward_silu_mul(gate_up, self.bias, residual)
             if y is not None:

@@ -51,21 +51,6 @@ class LoraAdapter:
     factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def parse_lora_specs(specs) -> dict[str, str]:
-    """``NAME=PATH`` strings (the CLI's ``--lora``) or a dict -> {name: path}; a bad spec is a LoraError."""
-    if isinstance(specs, dict):
-        return {str(k): str(v) for k, v in specs.items()}
-    out: dict[str, str] = {}
-    for spec in specs or ():
-        name, sep, path = str(spec).partition("=")
-        if not sep or not name or not path:
-            raise LoraError(f"--lora takes NAME=PATH (a PEFT adapter directory), got {spec!r}")
-        if name in out:
-            raise LoraError(f"LoRA adapter name {name!r} given twice")
-        out[name] = path
-    return out
-
-
 def read_adapter(name: str, path: str | Path, num_layers: int) -> LoraAdapter:
     """Reads and checks one PEFT adapter directory (its rank, its targets, every tensor's shape)."""
     path = Path(path).expanduser()

@@ -139,15 +139,6 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
-    @property
-    def max_len(self) -> int:
-        """The longest sequence the model runs: its positions."""
-        return self.max_position_embeddings
-
-    def max_len_reason(self) -> str:
-        """Why ``max_len`` is what it is, for an error message."""
-        return f"{self.max_len} positions"
-
     def window_of(self, layer: int) -> int | None:
         """Layer ``layer``'s sliding window (None: it attends to everything before)."""
         return self.layer_windows[layer] if self.layer_windows else self.sliding_window

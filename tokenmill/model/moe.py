@@ -56,6 +56,8 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.tp = build.tp
         self.ops = build.ops
+        # float experts on the C++ kernels run in one moe_experts call (LoRA never adapts experts: model/lora.py)
+        self.one_call = build.quantization == "none" and hasattr(build.ops.kernels, "moe_experts")
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
         self.renormalize = cfg.norm_topk_prob
         floats = build.with_quantization("none")
@@ -72,11 +74,9 @@ class SparseMoE(nn.Module):
         """Each expert's MLP over its run of ``xs`` (rows grouped by expert, ``counts`` a expert). Float experts on the
         C++ kernels: one ``moe_experts`` call (the loop in C++, each GEMM the same oneDNN call the Linear makes);
         otherwise each expert's MLP in turn (quantized experts, other devices and dtypes)."""
-        kernels = self.ops.kernels
-        if (kernels is not None and hasattr(kernels, "moe_experts") and xs.dtype in (torch.float32, torch.bfloat16)
-                and all(e.gate_up_proj.quantized is None and e.gate_up_proj.lora is None for e in self.experts)):
-            return kernels.moe_experts(xs.contiguous(), counts, [e.gate_up_proj.weight for e in self.experts],
-                                       [e.down_proj.weight for e in self.experts])
+        if self.one_call and xs.dtype in (torch.float32, torch.bfloat16):
+            return self.ops.kernels.moe_experts(xs.contiguous(), counts, [e.gate_up_proj.weight for e in self.experts],
+                                                [e.down_proj.weight for e in self.experts])
         ys = torch.empty_like(xs)
         start = 0
         for expert, count in zip(self.experts, counts):

@@ -9,14 +9,12 @@ import itertools
 
 import torch
 
-from tokenmill.attention.backend import AttentionMetadata, TorchPagedAttention, needs_window
+from tokenmill.attention.backend import TORCH_FALLBACK, AttentionMetadata, needs_window
 from tokenmill.ops.torch_ops import TorchOps
 
 
 TILE_MIN_QUERY = 16  # new tokens a request needs in a step for its prefill tokens to be attended in tiles
 
-
-_TORCH_ATTENTION = TorchPagedAttention()  # for what the C++ kernels do not do (windows that bite, softcaps)
 
 
 class CpuKernelAttention:
@@ -33,7 +31,7 @@ class CpuKernelAttention:
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
                 softcap: float | None = None) -> torch.Tensor:
         if softcap is not None or needs_window(meta, window):  # not in the C++ kernels: torch's batched path
-            return _TORCH_ATTENTION.forward(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
+            return TORCH_FALLBACK.forward(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
         if k_cache.dtype != k.dtype:
             k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
         self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)

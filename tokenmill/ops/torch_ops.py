@@ -47,6 +47,11 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def gelu_tanh_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[..., 2I] = [gate | up] -> [..., I] gelu(gate, tanh approximation) * up (Gemma's GeGLU)."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """[rows, vocab] -> [rows] int64: the first maximum (the first NaN), as torch.argmax."""
         return x.argmax(dim=-1)

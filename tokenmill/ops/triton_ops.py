@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.attention.backend import AttentionMetadata, TorchPagedAttention, needs_window
+from tokenmill.attention.backend import TORCH_FALLBACK, AttentionMetadata, needs_window
 from tokenmill.kernels.triton.activation import silu_mul
 from tokenmill.kernels.triton.kv_store import store_kv
 from tokenmill.kernels.triton.norm import rms_norm
@@ -30,7 +30,7 @@ class TritonAttention:
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
                 softcap: float | None = None) -> torch.Tensor:
         if softcap is not None or needs_window(meta, window):  # not in these kernels yet: torch's batched path
-            return TorchPagedAttention().forward(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
+            return TORCH_FALLBACK.forward(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         qsl = meta.query_start_loc
         if meta.num_decodes == meta.num_reqs:

@@ -115,7 +115,7 @@ def worker_main(config: EngineConfig, rank: int, size: int, device_type: str, re
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
         loaded = load_model(config.model, config.dtype, device, config.max_model_len, cache_dir, config.quantization,
                             config.load_format, config.cpu_gemm, ops, tp)
-        resolved = config.resolve(loaded.model_config.max_len, loaded.model_config.max_len_reason())
+        resolved = config.resolve(loaded.model_config.max_position_embeddings)
         num_blocks = torch.zeros(2, dtype=torch.int64, device=device)  # the KV pool's blocks, the swap space's
         tp.broadcast(num_blocks)
         runner = ModelRunner(resolved, loaded.model, int(num_blocks[0]), device, num_swap_blocks=int(num_blocks[1]))
