@@ -139,13 +139,13 @@ def test_smollm2_on_three_nodes_equals_a_single_machine_run(ray_scenario, tmp_pa
 
 def test_a_score_job_on_three_nodes_equals_a_single_machine_run(ray_scenario, tmp_path, cli_env):
     """`--task score` over Ray: each row's logprobs (prompts, and continuations after a context) as a single run's;
-    identical rows in a shard are computed once (the worker's dedupe)."""
+    identical rows are computed once (the driver keeps them in one shard, the worker's loop dedupes them)."""
     rng = random.Random(4)
     words = "the sea river stone bread violin moon rain falcon harbour".split()
     rows = [{"id": i, "prompt": " ".join(rng.choice(words) for _ in range(rng.randint(2, 30)))} for i in range(60)]
     rows += [{"id": f"c{i}", "prompt": "The capital of France is", "continuation": f" {w}"}
              for i, w in enumerate(words)]
-    for i in range(0, 10, 2):  # identical rows next to each other: a shard computes each pair once
+    for i in range(0, 10, 2):  # five pairs of identical rows: each pair computed once, whatever the shard cuts
         rows[i + 1]["prompt"] = rows[i]["prompt"]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     single = tmp_path / "single.jsonl"
@@ -163,8 +163,8 @@ def test_a_score_job_on_three_nodes_equals_a_single_machine_run(ray_scenario, tm
         assert x["num_tokens"] == y["num_tokens"] and x["is_greedy"] == y["is_greedy"]
         assert abs(x["logprob"] - y["logprob"]) < 1e-3 and len(x["token_logprobs"]) == x["num_tokens"]
     assert "per million input tokens" in r["stderr"][-1]  # a score job buys scored tokens
-    found = re.search(r"deduplicated: (\d+) rows", r["stderr"][-1])  # a pair a shard boundary splits runs twice
-    assert found and 3 <= int(found.group(1)) <= 5, r["stderr"][-1]
+    found = re.search(r"deduplicated: (\d+) rows", r["stderr"][-1])
+    assert found and int(found.group(1)) == 5, r["stderr"][-1]
 
 
 def test_embed_on_three_nodes_equals_a_single_machine_run(ray_scenario, tmp_path, cli_env):

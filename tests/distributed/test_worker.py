@@ -63,10 +63,12 @@ def test_shards_through_one_engine_loop_commit_once(worker_env):
             r = json.loads(line)
             recs[r["id"]] = r["completion"]
     assert sorted(recs) == list(range(1, 23))
-    # the same requests one at a time through the engine alone: the same completions
-    from tokenmill.jobs.pump import RequestPump
+    # the same requests through an engine loop of their own: the same completions
+    from tokenmill.engine.loop import EngineLoop
 
-    alone = {it.request.record_id: out.text for it, out in RequestPump(w.engine, iter(items(w, range(1, 23)))).run()}
+    loop = EngineLoop(w.engine)
+    loop.open_feed("alone", (it.submission() for it in items(w, range(1, 23))))
+    alone = {sub.payload.request.record_id: out.text for sub, out in loop.run()}
     assert alone == recs
     # a second copy of a committed shard finds the name taken and commits nothing
     again = w.run_shard("s-000001", batches["s-000001"])

@@ -224,6 +224,7 @@ class _Driver:
 
     # ------------------------------------------------------------------ the loop
     def _shard_source(self, todo: Iterator, shard_size: int) -> Iterator[Shard]:
+        """Shards of ``shard_size`` rows (longer where a run of identical rows would straddle the cut)."""
         batch: list = []
         next_id = 0
 
@@ -237,12 +238,14 @@ class _Driver:
             return shard
 
         for item in todo:
-            batch.append(item)
-            if len(batch) >= shard_size:
+            # a full shard is cut before the next row, unless that row repeats the last one (computed once)
+            if len(batch) >= shard_size and not self.job.same_work(batch[-1], item):
                 yield make(batch)
                 batch = []
+            batch.append(item)
         if batch:
             yield make(batch)
+        self.shards_total = next_id  # runs of identical rows may have made shards longer, and fewer
 
     def _distribute(self, scanned, todo: Iterator, num_done: int) -> int:
         ray, ro = self.ray, self.ray_opts

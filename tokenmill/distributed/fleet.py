@@ -131,7 +131,7 @@ def calibrate(ctx, engine_options: dict, scanned, source, sample_rows: int = 64)
 
     from tokenmill.config import EngineConfig
     from tokenmill.engine.llm_engine import LLMEngine
-    from tokenmill.jobs.pump import RequestPump
+    from tokenmill.engine.loop import EngineLoop
     from tokenmill.jobs.scan import iter_todo
 
     valid = np.flatnonzero(np.frombuffer(scanned.valid, dtype=np.uint8))
@@ -149,7 +149,10 @@ def calibrate(ctx, engine_options: dict, scanned, source, sample_rows: int = 64)
     items = list(iter_todo(source, members, set(), ctx.pre))
     t0 = time.perf_counter()
     tokens = generated = asked = 0
-    for item, out in RequestPump(engine, iter(items)).run():
+    loop = EngineLoop(engine)
+    loop.open_feed("calibrate", (it.submission() for it in items), sort_by_length=engine.config.sort_by_length)
+    for sub, out in loop.run():
+        item = sub.payload
         tokens += out.num_prompt_tokens + out.num_generated_tokens
         generated += out.num_generated_tokens
         asked += item.max_tokens

@@ -60,6 +60,16 @@ class GenerationKind:
     def done_ids(self, paths: JobPaths) -> set[str]:
         return done_keys(paths.output, output_id_key)
 
+    def same_work(self, a, b) -> bool:
+        """Whether two prepared rows would be computed once (the worker's dedupe): the driver never cuts a shard
+        between them, so with the grouped order every distinct row of the job is computed once."""
+        from tokenmill.engine.loop import dedupe_key
+
+        if not self.opts.dedupe:
+            return False
+        key = dedupe_key(a.token_ids, a.params)
+        return key is not None and key == dedupe_key(b.token_ids, b.params)
+
     key = staticmethod(output_id_key)
 
     def worker_spec(self, scanned, threads: int) -> dict:
@@ -104,6 +114,10 @@ class EmbedKind:
 
     def signatures(self):
         return None  # texts to embed share no KV cache: input order
+
+    @staticmethod
+    def same_work(a, b) -> bool:
+        return False  # each text is embedded (no dedupe)
 
     def todo(self, source, scanned, signatures, done: set[str]):
         from tokenmill.jobs.scan import iter_todo

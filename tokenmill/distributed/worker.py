@@ -4,7 +4,7 @@ installs a signal handler, so it is a plain library class that a test can also d
 
 The driver keeps several shards in a worker at once (``slots``: enough that their requests fill ``max_num_seqs``,
 at least two), so its engine never runs dry between shards and small shards still make full batches: for
-generation one engine thread (``_EngineLoop``) serves every shard, admitting the next shard's requests while the
+generation one engine thread (``_ShardLoop``, around the engine's ``EngineLoop``) serves every shard, admitting the next shard's requests while the
 previous ones drain; for embeddings the shards run one after the other.
 
 ``run_shard`` blocks until its shard is done and returns a dict (``status`` "committed", "lost_race" or
@@ -24,6 +24,7 @@ from collections import deque
 from pathlib import Path
 
 from tokenmill.distributed.store import ShardStore, write_jsonl
+from tokenmill.engine.loop import EngineLoop
 
 MIN_SLOTS, MAX_SLOTS = 2, 8  # shards a worker holds at once
 
@@ -60,7 +61,7 @@ class ShardWorker:
             score_tokens = options.pop("score_tokens", False)
             dedupe = options.pop("dedupe", True)
             self.engine = LLMEngine(EngineConfig.from_dict(options))
-            self.loop = _EngineLoop(self.engine, self.model_name, score_tokens, dedupe)
+            self.loop = _ShardLoop(self.engine, self.model_name, score_tokens, dedupe)
         else:
             import torch
 
@@ -180,8 +181,6 @@ class _Shard:
 
     def __init__(self, name: str, items: list, final: Path, cancelled) -> None:
         self.name, self.items, self.final, self.cancelled = name, items, final, cancelled
-        self.pending = deque(items)  # not yet admitted into the engine
-        self.in_engine: dict[str, object] = {}  # request id -> item
         self.records: list[dict] = []
         self.prompt = self.gen = 0
         self.deduplicated = 0  # rows written with an identical row's output
@@ -192,22 +191,20 @@ class _Shard:
         self.last_check = time.monotonic()
 
 
-class _EngineLoop:
-    """One thread owns the engine and runs every shard of the worker through it: requests are admitted from the
-    shards in arrival order into a window of ``2 * max_num_seqs + 64``, so the next shard's requests fill the
-    batch while the previous shard's last requests finish. A row identical to one of its shard in flight
-    (``jobs/pump.Duplicates``) waits on it and is written with its output, as in a single-machine run. Invariant: a
-    request id is ``<shard>/<line>``, and every admitted request (and every row waiting on one) is either finished
-    into its shard or aborted with it."""
+class _ShardLoop:
+    """One thread owns the engine and runs every shard of the worker through one ``EngineLoop``: each shard is a
+    feed, admitted in arrival order into the loop's window, so the next shard's requests fill the batch while the
+    previous shard's last requests finish. A row identical to one of its shard in flight waits on it and is written
+    with its output, as in a single-machine run (the driver keeps identical rows in one shard). Only the engine
+    thread touches the engine and the loop; ``progress`` reads what that thread publishes after each step.
+    Invariant: every shard handed in ends exactly once: done (every row has its record), cancelled or failed."""
 
     def __init__(self, engine, model_name: str, score_tokens: bool = False, dedupe: bool = True) -> None:
-        from tokenmill.jobs.pump import Duplicates
-
         self.engine, self.model_name, self.score_tokens, self.dedupe = engine, model_name, score_tokens, dedupe
-        self.duplicates = Duplicates()
-        self.window = 2 * engine.config.max_num_seqs + 64
+        self.loop = EngineLoop(engine)
         self.inbox: queue.Queue = queue.Queue()
-        self.shards: dict[str, _Shard] = {}  # in arrival order
+        self.shards: dict[str, _Shard] = {}  # engine thread only
+        self._progress: dict[str, float] = {}  # shard -> work done, as the engine thread last published it
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -216,7 +213,7 @@ class _EngineLoop:
         shard = _Shard(name, items, final, cancelled)
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="tokenmill-engine", daemon=True)
+                self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
                 self._thread.start()
         self.inbox.put(shard)
         shard.event.wait()
@@ -230,74 +227,64 @@ class _EngineLoop:
 
     def progress(self) -> dict[str, float]:
         with self._lock:
-            shards = list(self.shards.values())
-        out = {}
-        for s in shards:
-            try:
-                rids = list(s.in_engine)
-            except RuntimeError:  # the engine thread changed it meanwhile: report the finished part only
-                rids = []
-            out[s.name] = s.finished_work + sum(self.engine.num_computed_tokens(rid) for rid in rids)
-        return out
+            return dict(self._progress)
 
-    def _loop(self) -> None:
-        engine = self.engine
+    def _run(self) -> None:
+        loop = self.loop
         while True:
-            block = not engine.has_unfinished_requests()
+            block = not loop.busy
             try:
                 while True:
-                    shard = self.inbox.get(block=block)
+                    self._open(self.inbox.get(block=block))
                     block = False
-                    with self._lock:
-                        self.shards[shard.name] = shard
             except queue.Empty:
                 pass
             try:
                 self._drop_cancelled()
-                self._admit()
-                if not engine.has_unfinished_requests():
-                    continue
-                for out in engine.step():
-                    self._finish(out)
+                for sub, out in loop.step().finished:
+                    self._finish(sub, out)
+                for s in [s for name, s in self.shards.items() if name not in loop.feeds]:
+                    self._close(s, "done")  # its feed is read and every request of it finished
+                self._publish()
             except BaseException as e:  # an engine fault fails every shard in the worker; the driver re-runs them
-                shards = list(self.shards.values())
                 try:
-                    engine.abort_request([rid for s in shards for rid in s.in_engine])
+                    loop.close_all()
                 except BaseException:
                     pass
-                self.duplicates.clear()
-                for s in shards:
+                for s in list(self.shards.values()):
                     self._close(s, "failed", e)
+                self._publish()
 
-    def _admit(self) -> None:
-        engine = self.engine
-        for s in list(self.shards.values()):
-            while s.pending and engine.num_unfinished_requests < self.window:
-                item = s.pending.popleft()
-                rid = f"{s.name}/{item.request.line_no}"
-                if self.dedupe and self.duplicates.follow(item, rid, s.name):
-                    continue
-                s.in_engine[rid] = item
-                engine.add_request(rid, item.token_ids, item.params)
+    def _open(self, shard: _Shard) -> None:
+        if shard.name in self.shards:  # the driver never gives one worker two copies of a shard at once
+            shard.outcome, shard.error = "failed", RuntimeError(f"shard {shard.name} is already running here")
+            shard.event.set()
+            return
+        self.shards[shard.name] = shard
+        self.loop.open_feed(shard.name, (it.submission() for it in shard.items), dedupe=self.dedupe)
 
-    def _finish(self, out) -> None:
+    def _finish(self, sub, out) -> None:
         from tokenmill.jobs.runner import output_record
 
-        name = out.request_id.rpartition("/")[0]
-        s = self.shards.get(name)
-        if s is None:
-            return
-        item = s.in_engine.pop(out.request_id)
+        s = self.shards[sub.feed]
+        item = sub.payload
         s.records.append(output_record(item, out, self.model_name, self.engine.tokenizer, self.score_tokens))
+        s.finished_work += out.num_prompt_tokens + item.max_tokens
+        if sub.follows:  # written with an identical row's output: no work of its own
+            s.deduplicated += 1
+            return
         s.prompt += out.num_prompt_tokens
         s.gen += out.num_generated_tokens if item.score_from is None else 0  # a score row's token is unused
-        s.finished_work += out.num_prompt_tokens + item.max_tokens
-        for twin in self.duplicates.finished(out.request_id):
-            s.records.append(output_record(twin, out, self.model_name, self.engine.tokenizer, self.score_tokens))
-            s.finished_work += out.num_prompt_tokens + twin.max_tokens
-            s.deduplicated += 1
-        if not s.pending and not s.in_engine:
-            self._close(s, "done")
+
+    def _publish(self) -> None:
+        """Each shard's work done (finished rows whole, running ones by their computed tokens), for ``progress``."""
+        out = {}
+        for name, s in self.shards.items():
+            feed = self.loop.feeds.get(name)
+            running = feed.in_engine if feed is not None else {}
+            out[name] = s.finished_work + sum(self.engine.num_computed_tokens(rid) for rid in running)
+        with self._lock:
+            self._progress = out
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
@@ -307,14 +294,10 @@ class _EngineLoop:
                 s.last_check = now
                 stop = s.final.exists()  # another copy committed it
             if stop:
-                if s.in_engine:
-                    self.engine.abort_request(list(s.in_engine))
-                    for rid in s.in_engine:
-                        self.duplicates.finished(rid)  # the rows that waited on them go with the shard
+                self.loop.close_feed(s.name)  # the rows that waited on its requests go with it
                 self._close(s, "cancelled")
 
     def _close(self, s: _Shard, outcome: str, error: BaseException | None = None) -> None:
-        with self._lock:
-            self.shards.pop(s.name, None)
+        self.shards.pop(s.name, None)
         s.outcome, s.error = outcome, error
         s.event.set()

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.engine.loop import EngineLoop, Submission
 from tokenmill.ops import Ops
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -28,7 +29,7 @@ class LLM:
         ``attention_backend`` names (tests, benchmarks of another build)."""
         self.engine = LLMEngine(EngineConfig.from_dict({"model": model, **engine_options}), ops=ops)
         self.tokenizer = self.engine.tokenizer
-        self._next_id = 0
+        self._next_batch = 0
 
     @property
     def config(self) -> EngineConfig:
@@ -95,23 +96,20 @@ class LLM:
         order = range(len(token_ids))
         if engine.config.sort_by_length:
             order = sorted(order, key=lambda i: -len(token_ids[i]))
-        index_of = {}
-        for i in order:
-            rid = f"{self._next_id}"
-            self._next_id += 1
-            index_of[rid] = i
-            engine.add_request(rid, token_ids[i], params[i])
-
+        loop = EngineLoop(engine)
+        batch = f"generate{self._next_batch}"
+        self._next_batch += 1
+        # every prompt is computed (no dedupe: LLM.generate keeps vLLM's meaning of a list of prompts)
+        loop.open_feed(batch, (Submission(str(i), token_ids[i], params[i], payload=i) for i in order), dedupe=False)
         results: list[RequestOutput | None] = [None] * len(token_ids)
         bar = tqdm(total=len(token_ids), desc="generate", unit="req", disable=not use_tqdm, dynamic_ncols=True)
         t0 = time.perf_counter()
         gen0 = engine.num_generated_tokens
         with bar:
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    i = index_of[out.request_id]
-                    out.prompt = texts[i]
-                    results[i] = out
+            while loop.busy:
+                for sub, out in loop.step().finished:
+                    out.prompt = texts[sub.payload]
+                    results[sub.payload] = out
                     bar.update(1)
                 if use_tqdm:
                     rate = (engine.num_generated_tokens - gen0) / max(time.perf_counter() - t0, 1e-9)

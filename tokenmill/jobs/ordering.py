@@ -18,10 +18,11 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
+from tokenmill.engine.loop import dedupe_key
 from tokenmill.jobs.errors import JobFault
 from tokenmill.jobs.inputs import InputSource
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
@@ -32,16 +33,6 @@ LEVELS = (16, 32, 64, 128, 256, 512, 1024, 2048)  # prompt prefix lengths (token
 ROUND_TOKENS = 16 << 20  # prompt tokens per ordered round (~80 MB of raw JSON held at most)
 MIN_SHARED_FRACTION = 0.05  # ordering is used when at least this share of prompt tokens could hit the cache
 PROCESS_CHUNK = 256
-
-
-def dedupe_key(token_ids, params: SamplingParams) -> tuple | None:
-    """Two requests with equal keys give equal outputs: same prompt and the same sampling, greedy (seed and top-k/p
-    are then irrelevant) or with the same seed. None for requests that sample freely (each copy must differ)."""
-    if params.greedy:
-        params = replace(params, seed=None, top_k=0, top_p=1.0, temperature=0.0)
-    elif params.seed is None:
-        return None
-    return tuple(token_ids), params
 
 
 def _hash32(token_ids) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from tokenmill.engine.loop import Submission
 from tokenmill.jobs.records import (CHAT_URL, COMPLETIONS_URL, JobError, JobRequest, check_batch_line, id_key,
                                     parse_line)
 from tokenmill.sampling_params import SCORE_PARAMS, SamplingParams
@@ -32,6 +33,10 @@ class Prepared:
     def max_tokens(self) -> int:
         """The most tokens the row can generate: max_tokens for each of its samples (n, or best_of)."""
         return self.params.max_tokens * self.params.num_samples
+
+    def submission(self) -> Submission:
+        """This row as the engine loop takes it (id ``L<line>``: unique in a job, since a line is one row)."""
+        return Submission(f"L{self.request.line_no}", self.token_ids, self.params, payload=self)
 
 
 TASKS = ("generate", "score")

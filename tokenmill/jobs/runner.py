@@ -23,6 +23,7 @@ import numpy as np
 
 from tokenmill.config import ConfigError, EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine, resolve_device
+from tokenmill.engine.loop import EngineLoop
 from tokenmill.jobs.errors import JobSetupError
 from tokenmill.jobs.files import JobPaths, JsonlAppender, rewrite_in_order
 from tokenmill.jobs.inputs import RUN_FIELDS
@@ -33,7 +34,6 @@ from tokenmill.jobs.ordering import DatasetOrder, PrefixSignatures, choose_order
 from tokenmill.jobs.planner import MemoryPlan, plan_memory
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
 from tokenmill.jobs.progress import Progress, StopFlag
-from tokenmill.jobs.pump import RequestPump
 from tokenmill.jobs.results import choice_contents, output_id_key, result_record, vllm_prompt_logprobs
 from tokenmill.jobs.scan import error_in_partition, iter_todo, partition_members, scan
 from tokenmill.jobs.skeleton import (
@@ -246,7 +246,7 @@ class _Run:
         self.results = JsonlAppender(paths.output)
         self.state = StateFile(paths.state)
         self.engine: LLMEngine | None = None
-        self.pump: RequestPump | None = None
+        self.loop: EngineLoop | None = None
         self.order: DatasetOrder | None = None  # None: input order
         self.total = self.done = len(self.done_ids)
         self.run_prompt = self.run_gen = self.run_max = 0
@@ -269,8 +269,8 @@ class _Run:
                 "message": None}
         if e is not None and e.config.enable_prefix_caching:
             snap["prefix_cache_hit_rate"] = e.stats.prefix_cache_hit_rate
-        if self.pump is not None:
-            snap["deduplicated"] = self.pump.num_deduplicated
+        if self.loop is not None:
+            snap["deduplicated"] = self.loop.num_deduplicated
         return snap
 
     def postfix(self) -> str:
@@ -354,19 +354,23 @@ class _Run:
         else:
             todo = iter_in_order(self.source, self.order.lines, scanned.prompt_tokens, self.done_ids, self.ctx.pre,
                                  on_skip=skip_done)
-        pump = self.pump = RequestPump(engine, todo, sort_by_length=False if self.order is not None else None,
-                                       dedupe=self.opts.dedupe)
+        loop = self.loop = EngineLoop(engine)
+        # a dataset order is kept as it is; else each admission runs longest prompt first (the engine's setting)
+        sort = self.order is None and engine.config.sort_by_length
+        loop.open_feed("job", (item.submission() for item in todo), sort_by_length=sort, dedupe=self.opts.dedupe)
         progress = Progress(self.total, self.done, "tokenmill", "request", self.opts.quiet, self.opts.progress_interval)
         stop = self.stop
         try:
-            for item, out in pump.run(lambda: stop.received is not None, lambda: self.state.write_due(self.snapshot)):
-                self._write(item, out)
+            for sub, out in loop.run(lambda: stop.received is not None, lambda: self.state.write_due(self.snapshot)):
+                self._write(sub.payload, out)
                 progress.update(1, self.postfix)
         finally:
             progress.close(self.postfix)
         if stop.received is None:
             return 0
-        running, queued = pump.abort()
+        running = engine.num_running_requests
+        dropped, followers = loop.close_feed("job")
+        queued = max(0, dropped - running) + followers
         return stop_interrupted(stop.received, self.state, self.snapshot(), [self.results, self.errors.appender],
                                 f"stopped by signal after {self.done}/{self.total} requests; {running} running and "
                                 f"{queued} queued requests will run on resume.")
@@ -407,8 +411,8 @@ class _Run:
             st = engine.stats
             lines.append(f"  prefix cache: {st.prefix_cache_hits:,} of {st.prefix_cache_queries:,} prompt tokens "
                          f"({100 * st.prefix_cache_hit_rate:.1f}%) came from the cache")
-        if self.pump is not None and self.pump.num_deduplicated:
-            lines.append(f"  deduplicated: {self.pump.num_deduplicated:,} rows repeated another row's prompt and "
+        if self.loop is not None and self.loop.num_deduplicated:
+            lines.append(f"  deduplicated: {self.loop.num_deduplicated:,} rows repeated another row's prompt and "
                          f"sampling and were computed once")
         if self.structured_cut:
             lines.append(f"  structured outputs: {self.structured_cut:,} rows reached max_tokens before their schema "

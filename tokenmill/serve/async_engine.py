@@ -13,6 +13,9 @@ A job on the server (a Batch API batch) hands its rows in from its own thread th
 the ``queue.Queue`` the job gave (``serve/engine_port.py``). Batch rows count neither in the waiting queue's bound
 nor in the online metrics.
 
+The engine is driven through ``engine/loop.EngineLoop`` like every other caller (requests ``add``-ed straight in;
+the job behind a Batch API batch keeps its own loop's window and dedupe over ``ServedEngine``).
+
 Invariants: every stream gets exactly one end event (a final output, or an error when the engine dies); the engine
 is only touched by the engine thread (the event loop's 429 bound reads the online waiting count the engine thread
 publishes under the lock).
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 
 from tokenmill.core.priority import BATCH, ONLINE
 from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.engine.loop import EngineLoop, Submission
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.serve.metrics import ServerMetrics
@@ -74,6 +78,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_wait_ms: float = 0.0,
                  max_queued: int = 1024) -> None:
         self.engine = engine
+        self.loop = EngineLoop(engine)  # requests go straight in (add): the server bounds its own queue
         self.metrics = metrics
         self.max_wait = max_wait_ms / 1000.0
         self.max_queued = max_queued
@@ -165,16 +170,16 @@ class AsyncEngine:
                 aborted = set(aborts)
                 for rid, ids, params, priority in new:
                     if rid not in aborted:
-                        self.engine.add_request(rid, ids, params, priority)
+                        self.loop.add(Submission(rid, ids, params, priority=priority))
                 if aborts:
-                    self.engine.abort_request(aborts)
+                    self.loop.abort(aborts)
                     for rid in aborts:
                         stream = self._pop(rid)
                         if stream is not None:
                             self.metrics.success.labels(self.metrics.model_name, "abort").inc()
                         with self._cv:
                             self._sinks.pop(rid, None)
-                if self.engine.has_unfinished_requests():
+                if self.loop.busy:
                     self._step()
                 self._update_gauges()
         except Exception as e:  # the engine is broken: every stream ends with the error, /health turns 503
@@ -197,7 +202,8 @@ class AsyncEngine:
         st = self.engine.stats
         before_prompt, before_pre = self.engine.num_prompt_tokens_done, st.num_preemptions
         before_q, before_h = st.prefix_cache_queries, st.prefix_cache_hits
-        result = self.engine.step_with_deltas()
+        step = self.loop.step(deltas=True)
+        result = step.deltas
         now = time.monotonic()
         m.iteration_tokens.labels(name).observe(result.num_scheduled_tokens)
         m.prompt_tokens.labels(name).inc(self.engine.num_prompt_tokens_done - before_prompt)
@@ -213,7 +219,7 @@ class AsyncEngine:
             if s is not None and s.scheduled is None:
                 s.scheduled = now
                 m.queue_time.labels(name).observe(now - s.arrival)
-        finished = {out.request_id: out for out in result.finished}
+        finished = {out.request_id: out for _, out in step.finished}
         deliveries: dict[asyncio.AbstractEventLoop, list] = {}  # one wake-up of each event loop per step
         stepped: set[str] = set()
         for rid, token in result.new_token_ids.items():

@@ -1,5 +1,5 @@
-"""The server's engine as a job sees it: what ``RequestPump`` and the job runner call on an ``LLMEngine``, answered
-by the ``AsyncEngine`` that owns the engine thread.
+"""The server's engine as a job sees it: what the job's ``EngineLoop`` and the job runner call on an ``LLMEngine``,
+answered by the ``AsyncEngine`` that owns the engine thread.
 
 A Batch API batch runs through the same job runner as ``tokenmill run`` (``jobs/runner.py``), in a thread of its
 own; the runner is built with a ``ServedEngine`` instead of loading a model. ``add_request`` hands a row to the
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import queue
 
+from tokenmill.core.priority import BATCH
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.serve.async_engine import AsyncEngine, EngineDead
@@ -47,7 +48,9 @@ class ServedEngine:
         engine's)."""
         return self.served.engine.stats
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
+                    priority: int = BATCH) -> None:
+        """Hands a row to the engine thread, always at priority ``BATCH`` (``priority`` is the engine API's)."""
         self.served.submit(self.prefix + request_id, prompt_token_ids, sampling_params, self._done)
         self._in_flight.add(request_id)
 
