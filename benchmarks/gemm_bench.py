@@ -40,7 +40,7 @@ def rate(fn, flops: float, min_s: float = 0.3) -> float:
 def int8_paths(rows_list: list[int]) -> list[dict]:
     """w8a8's layer on each shape: quantize + torch._int_mm + int8_epilogue against quantize + the fused int8_gemm."""
     from tokenmill.kernels import cpu_kernel
-    from tokenmill.model.quant import quantize_per_token, scaled_int8_epilogue
+    from tokenmill.model.w8a8 import quantize_per_token, scaled_int8_epilogue
 
     kernels = cpu_kernel.load()
     results = []
@@ -76,7 +76,8 @@ def int8_weight_only_paths(rows_list: list[int]) -> list[dict]:
     (the portable path, any CPU) | torch._weight_int8pack_mm (per channel) | packed bfloat16 (the float model's GEMM,
     for scale)."""
     from tokenmill.kernels import cpu_kernel
-    from tokenmill.model.quant import Int8Groups, pack_int8_groups
+    from tokenmill.model.quant import Int8Groups
+    from tokenmill.model.weight_only import pack_int8_groups
 
     kernels = cpu_kernel.load()
     bf16_ok = kernels.int8g_bf16_available()

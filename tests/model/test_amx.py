@@ -164,7 +164,7 @@ def test_amx_model_logits_match_the_per_token_kernel():
 
 
 def _int8_weight(n, k, kernels, amx, seed=0):
-    from tokenmill.model.quant import Int8Weight
+    from tokenmill.model.weight_only import Int8Weight
 
     torch.manual_seed(seed)
     w = Int8Weight(n, k, kernels, amx=amx)
@@ -211,7 +211,8 @@ def test_int4_takes_the_int8_amx_gemm_where_amx_is_on(m, n, k, kernels):
     """int4 weights with amx: on an AMX build, held as int8 groups (codes q - 8) in int8g_gemm's panels and
     multiplied on AMX, equal to x times the 4-bit weights rounded once to bfloat16, and to torch's int4 kernel within
     bfloat16 rounding; elsewhere torch's kernel. A scale float16 cannot hold keeps torch's kernel on any build."""
-    from tokenmill.model.quant import Int4Weight, quantize_int4_groups
+    from tokenmill.model.quant import quantize_int4_groups
+    from tokenmill.model.weight_only import Int4Weight
 
     torch.manual_seed(m + n + k)
     w = torch.randn(n, k) * 0.05

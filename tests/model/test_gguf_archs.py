@@ -149,7 +149,7 @@ def test_q4_0_experts_load_as_their_blocks(tmp_path, cache_dir):
     ids = [(7 * i + 3) % 5000 + 100 for i in range(40)]
     ref = torch.tensor(LLM(str(tmp_path / "q.gguf"), kv_cache_memory=0.05, cache_dir=cache_dir).engine.score(ids))
     llm = LLM(str(tmp_path / "q.gguf"), quantization="int4", kv_cache_memory=0.05, cache_dir=cache_dir)
-    from tokenmill.model.quant import Int4Weight
+    from tokenmill.model.weight_only import Int4Weight
 
     assert isinstance(llm.engine.runner.model.layers[0].mlp.experts[3].down_proj.quantized, Int4Weight)
     ours = torch.tensor(llm.engine.score(ids))

@@ -15,7 +15,7 @@ import torch
 from helpers import assert_greedy_equal, hf_greedy, save_tiny_model
 from tokenmill import LLM, SamplingParams
 from tokenmill.model.int4_checkpoints import Int4CheckpointError, to_groups
-from tokenmill.model.quant import Int4Weight
+from tokenmill.model.weight_only import Int4Weight
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's packer: code i of each int32 holds column AWQ_ORDER[i] of its 8
 

@@ -13,9 +13,10 @@ import torch
 from helpers import save_tiny_model
 from tokenmill import LLM, SamplingParams
 from tokenmill.kernels import cpu_kernel
-from tokenmill.model.quant import (INT4_GROUP_SIZE, INT8_GROUP_SIZE, Int4Weight, Int8Groups, Int8Weight, W8A8Weight,
-                                   pack_int8_groups, quantize_int4_groups, quantize_int8_groups, quantize_int8_rows,
-                                   quantize_per_token, scaled_int8_epilogue)
+from tokenmill.model.quant import (INT4_GROUP_SIZE, INT8_GROUP_SIZE, Int8Groups, quantize_int4_groups,
+                                   quantize_int8_groups, quantize_int8_rows)
+from tokenmill.model.w8a8 import W8A8Weight, quantize_per_token, scaled_int8_epilogue
+from tokenmill.model.weight_only import Int4Weight, Int8Weight, pack_int8_groups
 
 needs_kernels = pytest.mark.skipif(cpu_kernel.load() is None, reason="the C++ CPU kernels do not build here")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.model.quant import Int4Groups, Int8Groups, QuantizedWeight, _add_bias_residual, _to_float
+from tokenmill.model.quant import Int4Groups, Int8Groups, QuantizedWeight, add_bias_residual, to_float
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -41,7 +41,7 @@ class FP8Weight(QuantizedWeight):
         self.scaled_mm = in_features % 16 == 0 and out_features % 16 == 0  # what _scaled_mm's shapes allow
 
     def load_rows(self, offset: int, w: torch.Tensor | Int4Groups | Int8Groups) -> None:
-        q, s = quantize_fp8_rows(_to_float(w).to(self.qweight.device))
+        q, s = quantize_fp8_rows(to_float(w).to(self.qweight.device))
         self.qweight[offset:offset + q.shape[0]] = q
         self.scale[offset:offset + q.shape[0]] = s
 
@@ -68,4 +68,4 @@ class FP8Weight(QuantizedWeight):
                                  out_dtype=out_dtype).to(dtype)  # [M, N]
         else:
             y = ((xq.float() * xs[:, None]) @ self.dequantize().t()).to(dtype)  # [M, N]
-        return _add_bias_residual(y, bias, residual).reshape(*lead, self.out_features)
+        return add_bias_residual(y, bias, residual).reshape(*lead, self.out_features)

@@ -14,7 +14,8 @@ from torch import nn
 
 from tokenmill.model.gemm import ACTIVATIONS, linear, linear_act, linear_add, pack, unpack
 from tokenmill.model.model_config import RopeConfig
-from tokenmill.model.quant import Int4Groups, Int8Groups, W8A8Weight, make_quantized_weight
+from tokenmill.model.quant import Int4Groups, Int8Groups, make_quantized_weight
+from tokenmill.model.w8a8 import W8A8Weight
 from tokenmill.ops import Ops
 from tokenmill.parallel.group import SINGLE, TPGroup
 
