@@ -63,10 +63,13 @@ def run_simulated(sched, reqs, seed=0, shared_blocks=False):
 
 @pytest.mark.parametrize("num_swap_blocks", [64, 6])  # room for every victim; room for some (the rest recompute)
 @pytest.mark.parametrize("prefix_caching", [False, True])
-def test_swapped_requests_resume_with_their_kv(num_swap_blocks, prefix_caching):
+@pytest.mark.parametrize("strategy", ["continuous", "prefill_first"])
+def test_swapped_requests_resume_with_their_kv(num_swap_blocks, prefix_caching, strategy):
+    """(prefill_first: a wave's last prefill preempted in the step that completes the wave keeps its swap pairs;
+    they were lost while that step was scheduled again from scratch.)"""
     sched = make_scheduler(num_blocks=16, max_num_batched_tokens=32, max_num_seqs=8, prefill_chunk_size=8,
                            max_model_len=60, preemption_mode="swap", num_swap_blocks=num_swap_blocks,
-                           enable_prefix_caching=prefix_caching)
+                           enable_prefix_caching=prefix_caching, scheduling_strategy=strategy)
     sched.kv.enable_caching = prefix_caching
     reqs = make_requests(24, seed=5, max_len=20, min_out=10, max_out=30)
     if prefix_caching:  # shared heads, so swapped blocks are sometimes shared blocks too

@@ -237,33 +237,16 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Order within a step: decode tokens (online, then batch rows in turn); running prefill chunks of online
         requests; online admissions; running prefill chunks of batch rows; batch admissions (under the online
-        headroom, ``core/priority.py``). Beside online work, batch rows share a smaller budget (``_batch_budget``)."""
+        headroom, ``core/priority.py``). Beside online work, batch rows share a smaller budget (``_batch_budget``).
+        ``prefill_first`` runs waves instead (``_schedule_wave``)."""
         cfg = self.config
         step = _Step(cfg.max_num_batched_tokens, self._batch_budget())
         self.headroom.tick()
 
-        prefill_first = cfg.scheduling_strategy == "prefill_first"
-        if prefill_first and not self.running:
-            self._wave_open, self._decode_phase = True, False
-        if prefill_first:
-            # a wave: its prefills (every class, admission order), or, once complete, its decodes
-            self._run_chunks(step, [r for r in self.running if r.is_prefilling != self._decode_phase])
-            admit = self._wave_open and not self._decode_phase
+        if cfg.scheduling_strategy == "prefill_first":
+            self._schedule_wave(step)
         else:
-            self._run_chunks(step, self._decodes())
-            self._run_chunks(step, [r for r in self.running if r.is_prefilling and r.priority == ONLINE])
-            admit = not step.preempted or not step.scheduled  # after a preemption admitting would only thrash
-        blocked = admit and self._admit(step, ONLINE)
-        if not prefill_first:
-            self._run_chunks(step, [r for r in self.running if r.is_prefilling and r.priority == BATCH])
-            admit = admit and (not step.preempted or not step.scheduled)  # (the same rule, after the batch chunks)
-        if admit and not blocked:
-            self._admit(step, BATCH)
-
-        if prefill_first and not self._decode_phase and not step.scheduled and self.running:
-            # Nothing more to prefill or admit: the wave is complete; decode it until it drains.
-            self._wave_open, self._decode_phase = False, True
-            return self.schedule()
+            self._schedule_continuous(step)
 
         if not step.scheduled and self.has_unfinished_requests():
             raise RuntimeError(
@@ -281,6 +264,33 @@ class Scheduler:
         self._finished_since_last_step = []
         self._record(out)
         return out
+
+    def _schedule_continuous(self, step: _Step) -> None:
+        """Decodes first, then prefill chunks and admissions by class (``schedule``'s order)."""
+        self._run_chunks(step, self._decodes())
+        self._run_chunks(step, [r for r in self.running if r.is_prefilling and r.priority == ONLINE])
+        admit = not step.preempted or not step.scheduled  # after a preemption admitting would only thrash
+        blocked = admit and self._admit(step, ONLINE)
+        self._run_chunks(step, [r for r in self.running if r.is_prefilling and r.priority == BATCH])
+        admit = admit and (not step.preempted or not step.scheduled)  # (the same rule, after the batch chunks)
+        if admit and not blocked:
+            self._admit(step, BATCH)
+
+    def _schedule_wave(self, step: _Step) -> None:
+        """``prefill_first``: requests run in waves. A wave opens when nothing runs; its prefills run (every class,
+        admission order) and it admits while it is open; a step that can neither prefill nor admit completes the
+        wave, and from that same step on the wave only decodes until it drains. A full pool closes the wave to
+        admissions. One pass, one ``step``: what the prefill attempt did (a preemption, swap pairs) stays in it."""
+        if not self.running:
+            self._wave_open, self._decode_phase = True, False
+        if not self._decode_phase:
+            self._run_chunks(step, [r for r in self.running if r.is_prefilling])
+            if self._wave_open and not self._admit(step, ONLINE):
+                self._admit(step, BATCH)
+            if not step.scheduled and self.running:
+                self._wave_open, self._decode_phase = False, True
+        if self._decode_phase:
+            self._run_chunks(step, [r for r in self.running if not r.is_prefilling])
 
     def _batch_budget(self) -> int:
         """Tokens batch rows may take in this step: the whole budget with no online work; ``batch_token_budget``

@@ -93,9 +93,9 @@ class EngineLoop:
         self.feeds: dict[str, Feed] = {}  # in the order they were opened
         self.direct: dict[str, Submission] = {}  # added with add(): request id -> submission
         self._owner: dict[str, Feed] = {}  # engine id -> the feed of a request admitted from one
-        self._leader: dict[tuple, str] = {}  # (feed, dedupe key) -> the request id computing it
-        self._key_of: dict[str, tuple] = {}  # request id -> its (feed, dedupe key)
-        self._followers: dict[str, list[Submission]] = {}  # request id -> identical submissions waiting on it
+        self._leader: dict[tuple, str] = {}  # (feed, dedupe key) -> the engine id computing it
+        self._key_of: dict[str, tuple] = {}  # engine id -> its (feed, dedupe key)
+        self._followers: dict[str, list[Submission]] = {}  # engine id -> identical submissions waiting on it
         self.num_followers = 0  # waiting now
         self.num_deduplicated = 0  # ever
 
