@@ -1,6 +1,6 @@
-// The kernels on AMX tiles (Intel Advanced Matrix Extensions, AMX-BF16), compiled after cpu_kernels.cpp into the
-// same module (kernels/cpu_kernel.py joins the sources): prefill attention, and int8 weight-only's GEMM. See the
-// loader's docstring.
+// The kernels on AMX tiles (Intel Advanced Matrix Extensions, AMX-BF16), compiled last into the module the other
+// cpu_*.cpp files make (kernels/cpu_kernel.py joins the sources): prefill attention, and int8 weight-only's GEMM. See
+// the loader's docstring.
 //
 // ---- Prefill attention ----
 //

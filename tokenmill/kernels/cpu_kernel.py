@@ -54,7 +54,9 @@ bfloat16 before P V, as flash attention does on GPUs). ``amx_available()`` says 
 AMX and the OS granted the process the tile state; elsewhere the function is ``paged_attention_tiled``. The ops object
 decides once whether to call it (``ops/cpu_ops.py``).
 
-The C++ sources are ``cpu_kernels.cpp``, ``cpu_prefill.cpp`` and ``cpu_amx.cpp`` beside this file, compiled as one module. It is compiled (``-march=native``, needs a C++ compiler and
+The C++ sources beside this file, one kernel family each (``cpu_common.cpp``: the shared vector helpers;
+``cpu_attention.cpp``, ``cpu_layers.cpp``: norms, RoPE, argmax, the MLP activation, the MoE loop; ``cpu_int8.cpp``;
+``cpu_prefill.cpp``; ``cpu_amx.cpp``), are joined in that order and compiled as one module. It is compiled (``-march=native``, needs a C++ compiler and
 ninja) once per machine and the shared library is kept under ``~/.cache/tokenmill/kernels/`` (``XDG_CACHE_HOME``
 honoured), keyed on what decides the binary: the source, the flags, the CPU model and features, torch and Python
 (the outer directory) and the compiler's version (the inner one). Later processes load the cached library directly:
@@ -80,7 +82,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # the C++ sources, shipped as package data; compiled as one module, in this order (later files use earlier ones)
-_SOURCE_FILES = [Path(__file__).with_name(n) for n in ("cpu_kernels.cpp", "cpu_prefill.cpp", "cpu_amx.cpp")]
+_SOURCE_FILES = [Path(__file__).with_name(n) for n in ("cpu_common.cpp", "cpu_attention.cpp", "cpu_layers.cpp",
+                                                      "cpu_int8.cpp", "cpu_prefill.cpp", "cpu_amx.cpp")]
 _MODULE = "tokenmill_cpu_kernels"
 _FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention", "quantize_rows_int8", "int8_epilogue",
               "quantize_rows_uint8", "int8_gemm_available", "int8_pack_weight", "int8_gemm", "write_kv",

@@ -1,5 +1,5 @@
 // Prefill attention over the paged cache in tiles of query tokens, on the vector units (any CPU, any cache dtype),
-// compiled after cpu_kernels.cpp into the same module (kernels/cpu_kernel.py joins the sources).
+// compiled after cpu_common/attention/layers/int8.cpp into the same module (kernels/cpu_kernel.py joins the sources).
 //
 // The per-token kernel (paged_impl) gives each query token its own pass over the keys it sees: right for decodes,
 // but a prompt of L tokens then reads ~L^2/2 key rows per head, each score a dot product summed across the lanes.

@@ -1,0 +1,265 @@
+// tokenmill's C++ CPU kernels: what the kernel files share (headers, the 16-float vector type, conversions,
+// the softmax pieces, dot products). Compiled on first use by tokenmill/kernels/cpu_kernel.py as one module with the
+// other cpu_*.cpp files, in the order it lists them (later files use earlier ones): see its docstring.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+// 16 floats: one AVX-512 register where the machine has it (a GCC/Clang vector extension type), elsewhere a struct
+// of 2 AVX or 4 SSE / NEON vectors of the machine's width with the same operators, so the code stays portable. (A
+// 64-byte vector extension type without AVX-512 measured 10-40x slower with GCC 12: it is split through memory;
+// the struct's parts stay in registers.) Loads and stores go through memcpy: no alignment assumed. Comparisons go
+// through vmax16 / vmin16 / nan_lanes16.
+#if defined(__AVX512F__)
+typedef float vec16 __attribute__((vector_size(64)));
+static inline vec16 load16(const float* p) { vec16 v; std::memcpy(&v, p, sizeof(v)); return v; }
+static inline void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+static inline vec16 vmax16(vec16 a, vec16 b) { return a > b ? a : b; }
+static inline vec16 vmin16(vec16 a, vec16 b) { return a < b ? a : b; }
+// 1 in the lanes where v is NaN, else `seen`'s lane
+static inline vec16 nan_lanes16(vec16 v, vec16 seen) { return v != v ? vec16{} + 1.f : seen; }
+#else
+#if defined(__AVX__)
+constexpr int VEC_BYTES = 32;
+#else
+constexpr int VEC_BYTES = 16;
+#endif
+typedef float vec_native __attribute__((vector_size(VEC_BYTES)));
+constexpr int VEC_PARTS = 64 / VEC_BYTES, VEC_LANES = 16 / VEC_PARTS;
+struct vec16 {
+  vec_native p[VEC_PARTS];
+  float operator[](int i) const { return p[i / VEC_LANES][i % VEC_LANES]; }
+};
+#define TM_AI __attribute__((always_inline)) inline
+#define TM_VEC16_OP(op)                                                                             \
+  static TM_AI vec16 operator op(vec16 a, vec16 b) {                                                 \
+    for (int i = 0; i < VEC_PARTS; ++i) a.p[i] = a.p[i] op b.p[i];                                  \
+    return a;                                                                                        \
+  }                                                                                                  \
+  static TM_AI vec16 operator op(vec16 a, float b) {                                                 \
+    for (int i = 0; i < VEC_PARTS; ++i) a.p[i] = a.p[i] op b;                                       \
+    return a;                                                                                        \
+  }                                                                                                  \
+  static TM_AI vec16 operator op(float a, vec16 b) {                                                 \
+    for (int i = 0; i < VEC_PARTS; ++i) b.p[i] = a op b.p[i];                                       \
+    return b;                                                                                        \
+  }                                                                                                  \
+  static TM_AI vec16& operator op##=(vec16& a, vec16 b) {                                            \
+    for (int i = 0; i < VEC_PARTS; ++i) a.p[i] op##= b.p[i];                                        \
+    return a;                                                                                        \
+  }
+TM_VEC16_OP(+)
+TM_VEC16_OP(-)
+TM_VEC16_OP(*)
+#undef TM_VEC16_OP
+static TM_AI vec16 load16(const float* p) {
+  vec16 v;
+  for (int i = 0; i < VEC_PARTS; ++i) std::memcpy(&v.p[i], p + i * VEC_LANES, VEC_BYTES);
+  return v;
+}
+static TM_AI void store16(float* p, vec16 v) {
+  for (int i = 0; i < VEC_PARTS; ++i) std::memcpy(p + i * VEC_LANES, &v.p[i], VEC_BYTES);
+}
+static TM_AI vec16 vmax16(vec16 a, vec16 b) {
+  for (int i = 0; i < VEC_PARTS; ++i) a.p[i] = a.p[i] > b.p[i] ? a.p[i] : b.p[i];
+  return a;
+}
+static TM_AI vec16 vmin16(vec16 a, vec16 b) {
+  for (int i = 0; i < VEC_PARTS; ++i) a.p[i] = a.p[i] < b.p[i] ? a.p[i] : b.p[i];
+  return a;
+}
+static TM_AI vec16 nan_lanes16(vec16 v, vec16 seen) {
+  for (int i = 0; i < VEC_PARTS; ++i) seen.p[i] = v.p[i] != v.p[i] ? vec_native{} + 1.f : seen.p[i];
+  return seen;
+}
+#undef TM_AI
+#endif
+static inline float hsum16(vec16 v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];  // a shuffle tree under -fassociative-math
+  return s;
+}
+
+// Row conversion to float: a copy for float, a shift for bfloat16 (vectorises), a cast otherwise.
+static inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+static inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+}
+// float8 e4m3 (the fp8 KV cache) -> float, exact: the byte's exponent and mantissa bits, moved to bits 20-26 of a
+// float, read as the value times 2^-120 (the exponent biases are 127 and 7) for normal and subnormal codes alike, so
+// one multiply by 2^120 scales both; the sign moves to bit 31. (Leaving the 2^-120 in and taking it out of the
+// scores instead measured 1.8x slower: the rows are then float subnormals.) Code 0x7f (NaN) reads as 480: the cache
+// never holds it (torch's cast saturates).
+static inline float fp8_to_float(uint8_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b & 0x7f) << 20;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return (b & 0x80) ? -(f * 0x1p120f) : f * 0x1p120f;
+}
+static inline void to_float(const c10::Float8_e4m3fn* src, float* dst, int64_t n) {
+  const uint8_t* s = reinterpret_cast<const uint8_t*>(src);
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+    const __m512i mag = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x7f)), 20);
+    const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+    const __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(mag), _mm512_set1_ps(0x1p120f));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = fp8_to_float(s[i]);
+}
+template <typename T>  // half (F16C), double
+static inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// float -> storage dtype, round to nearest even like torch's casts (branch-free for bfloat16, so it vectorises).
+template <typename T>
+static inline T from_float(float f) { return static_cast<T>(f); }
+template <>
+inline c10::BFloat16 from_float<c10::BFloat16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t bits = static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);  // NaN stays NaN
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
+
+// exp(x) for x <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp). Branch-free so that the
+// softmax loop vectorises; std::exp does not.
+static inline float exp_nonpos(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  return p * scale;
+}
+
+// Items 0..n-1 with prefix costs cost[0..n] (cost[0] = 0) cut into one contiguous range per thread (at most n) of
+// about equal cost: range p is bounds[p] .. bounds[p + 1].
+static std::vector<int64_t> split_by_cost(const std::vector<int64_t>& cost) {
+  const int64_t n = static_cast<int64_t>(cost.size()) - 1;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  std::vector<int64_t> bounds(parts + 1, n);
+  bounds[0] = 0;
+  for (int64_t p = 1, i = 0; p < parts; ++p) {
+    const int64_t target = cost[n] * p / parts;
+    while (i < n && cost[i] < target) ++i;
+    bounds[p] = i;
+  }
+  return bounds;
+}
+
+// max(s[0:n]), 16 lanes at a time: GCC vectorises a max reduction only under -ffinite-math-only, and the scalar
+// loop (a chain of dependent maxss) was half of a long prompt's attention time.
+static inline float max_of(const float* s, int64_t n) {
+  vec16 mv = vec16{} - INFINITY;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) mv = vmax16(load16(s + j), mv);
+  float m = -INFINITY;
+  for (int i = 0; i < 16; ++i) m = std::max(m, mv[i]);
+  for (; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+// s[0:n] <- exp(scale * (s - max(s))) in place (scale > 0); returns 1 / their sum (applied to the output instead of
+// dividing n scores).
+static inline float softmax_numerators(float* s, int64_t n, float scale = 1.f) {
+  const float m = max_of(s, n);
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = exp_nonpos(scale == 1.f ? s[j] - m : scale * (s[j] - m));
+    s[j] = e;
+    sum += e;
+  }
+  return 1.f / sum;
+}
+
+// Ask for a block's rows before they are needed: blocks sit anywhere in the cache, so the hardware prefetcher loses
+// the stream at every block boundary. Decode attention is bound by these reads, so pass 1 asks for the K and the V
+// rows of the next PREFETCH_BLOCKS blocks (the V pass then finds its rows in cache), and each query's first blocks
+// are asked for while the previous query computes. (Written as plain loops at each call site: the same requests
+// through a shared helper measured 50% slower with GCC 12, which compiled them differently.)
+constexpr int64_t PREFETCH_BLOCKS = 2;
+
+template <typename scalar_t>
+static inline void prefetch_block(const scalar_t* p, int64_t count) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < count * static_cast<int64_t>(sizeof(scalar_t)); off += 64) __builtin_prefetch(c + off);
+}
+
+// q . k over D = 16 * NV floats (NV > 0), or over any D with NV == 0.
+template <int NV>
+static inline float dot(const float* q, const float* k, int64_t D) {
+  if constexpr (NV == 0) {
+    float s = 0.f;
+    for (int64_t d = 0; d < D; ++d) s += q[d] * k[d];
+    return s;
+  } else {
+    vec16 a = load16(q) * load16(k);
+    for (int i = 1; i < NV; ++i) a += load16(q + 16 * i) * load16(k + 16 * i);
+    return hsum16(a);
+  }
+}
+
+// q . k of two bfloat16 rows, D a multiple of 32, with AVX512-BF16 (vdpbf16ps): the products of two bfloat16 values
+// are exact in float32 and accumulate in float32, so this equals converting both rows to float first (up to the
+// summation order) at half the multiplies and no conversion. Where the CPU lacks AVX512-BF16, bf16_dot_ok is false.
+#if defined(__AVX512BF16__)
+static constexpr bool bf16_dot_ok = true;
+static inline float dot_bf16(const uint16_t* q, const uint16_t* k, int64_t D) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(k + d));
+  return _mm512_reduce_add_ps(acc);
+}
+#else
+static constexpr bool bf16_dot_ok = false;
+static inline float dot_bf16(const uint16_t*, const uint16_t*, int64_t) { return 0.f; }
+#endif
+
+// acc[0:D] += sum_t p[t] * rows[t * stride : t * stride + D] for t < n.
+template <int NV>
+static inline void axpy_rows(float* acc, const float* p, const float* rows, int64_t stride, int64_t n, int64_t D) {
+  if constexpr (NV == 0) {
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t d = 0; d < D; ++d) acc[d] += p[t] * rows[t * stride + d];
+  } else {
+    vec16 a[NV], b[NV];  // two accumulator sets: even and odd t, to halve the FMA dependency chains
+    for (int i = 0; i < NV; ++i) { a[i] = load16(acc + 16 * i); b[i] = vec16{}; }
+    int64_t t = 0;
+    for (; t + 1 < n; t += 2) {
+      const float* r0 = rows + t * stride;
+      const float* r1 = r0 + stride;
+      for (int i = 0; i < NV; ++i) {
+        a[i] += p[t] * load16(r0 + 16 * i);
+        b[i] += p[t + 1] * load16(r1 + 16 * i);
+      }
+    }
+    if (t < n)
+      for (int i = 0; i < NV; ++i) a[i] += p[t] * load16(rows + t * stride + 16 * i);
+    for (int i = 0; i < NV; ++i) store16(acc + 16 * i, a[i] + b[i]);
+  }
+}
+
