@@ -103,3 +103,20 @@ def test_iter_in_order_refuses_a_changed_input(pre, tmp_path):
     path.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(JobFault, match="changed while the job ran"):
         list(iter_in_order(InputSource(InputSpec(str(path))), o.lines, s.prompt_tokens, set(), pre))
+
+
+def test_rows_of_different_lora_adapters_group_apart():
+    """Rows sharing a long prompt head but run with different adapters share no cached block (the cache salts each
+    adapter's blocks): the order groups each adapter's rows and counts sharing only within an adapter."""
+    head = list(range(100, 400))
+    sig = PrefixSignatures()
+    sig.grow(12)
+    adapters = [None, "a", "b"]
+    for line in range(1, 13):
+        sig.record(line, head + [1000 + line], SamplingParams(max_tokens=4, temperature=0.0,
+                                                              lora=adapters[line % 3]))
+    lines = np.arange(1, 13)
+    o = dataset_order(sig, lines, np.full(12, len(head) + 1))
+    runs = [adapters[n % 3] for n in o.lines.tolist()]
+    assert sum(1 for i in range(1, 12) if runs[i] != runs[i - 1]) == 2, runs  # three runs, one per adapter
+    assert o.shared_tokens == 3 * 3 * 300  # in each group the 3 rows after the first share all 300 head tokens

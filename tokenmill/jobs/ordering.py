@@ -16,6 +16,7 @@ the single streaming pass.
 from __future__ import annotations
 
 import hashlib
+import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,8 +57,11 @@ class PrefixSignatures:
 
     def record(self, line_no: int, token_ids: list[int], params: SamplingParams) -> None:
         n = len(token_ids) - 1
+        # a LoRA adapter's rows share no cached block with other adapters' (the cache salts them), so the adapter is
+        # part of every level's key: same-adapter rows group, and sharing is counted only where the cache can hit
+        salt = (zlib.crc32(params.lora.encode()),) if params.lora is not None else ()
         for a, length in zip(self.levels, LEVELS):
-            a[line_no] = _hash32(token_ids[:min(length, n)])
+            a[line_no] = _hash32(salt + tuple(token_ids[:min(length, n)]))
         key = dedupe_key(token_ids, params)
         if key is not None:
             digest = hashlib.blake2b(np.asarray(token_ids, dtype=np.uint32).tobytes() + repr(key[1]).encode(),
