@@ -40,17 +40,15 @@ from tokenmill.jobs.records import JobError
 from tokenmill.jobs.scan import scan
 from tokenmill.jobs.skeleton import (
     ErrorRecords,
+    JobRun,
     check_output,
     complete_outputs,
-    faults_as_job_fault,
-    finish,
     job_input,
     note,
     run_locked,
-    stop_interrupted,
     summary_tail,
 )
-from tokenmill.jobs.state import StateFile, format_duration
+from tokenmill.jobs.state import format_duration
 
 SHARDS_PER_WORKER = 8  # default shard size: about this many shards per worker (a lost one re-runs 1/8 of a share)
 MAX_SHARD_WORK = 2_000_000  # ... and at most this many tokens (prompt + max_tokens) in one shard
@@ -108,8 +106,7 @@ def run_distributed(kind: str, opts, ray_opts: RayOptions, stop: StopFlag | None
     job = GenerationKind(opts) if kind == "run" else EmbedKind(opts)
     ray = connect(ray_opts.address)
     try:
-        return run_locked(opts.output, lambda paths: _Driver(job, opts, ray_opts, paths, ray,
-                                                             stop or StopFlag()).run())
+        return run_locked(opts.output, lambda paths: _drive(job, opts, ray_opts, paths, ray, stop or StopFlag()))
     finally:
         ray.shutdown()
 
@@ -129,12 +126,18 @@ def _drop_shard_failed(paths: JobPaths) -> int:
     return len(lines) - len(keep)
 
 
-class _Driver:
-    def __init__(self, job, opts, ray_opts: RayOptions, paths: JobPaths, ray, stop: StopFlag) -> None:
-        self.job, self.opts, self.ray_opts, self.paths, self.ray, self.stop = job, opts, ray_opts, paths, ray, stop
-        self.t_start = time.perf_counter()
+def _drive(job, opts, ray_opts: RayOptions, paths: JobPaths, ray, stop: StopFlag) -> int:
+    with job_input(opts, paths, job.fields, job.manifest, job.extra_files(), ray=True) as source:
+        return _Driver(job, opts, ray_opts, paths, ray, stop, source).run()
+
+
+class _Driver(JobRun):
+    """A job over a Ray cluster: ``JobRun``'s steps with the work done by workers, shard by shard."""
+
+    def __init__(self, job, opts, ray_opts: RayOptions, paths: JobPaths, ray, stop: StopFlag, source) -> None:
+        super().__init__(opts, paths, source, stop)
+        self.job, self.ray_opts, self.ray = job, ray_opts, ray
         self.store = ShardStore(paths.output)
-        self.state = StateFile(paths.state)
         self.run_token = f"{int(time.time()):x}{os.getpid():x}"
         self.workers: dict[str, _Worker] = {}
         self.num_started = 0
@@ -152,41 +155,45 @@ class _Driver:
         self.num_threads = 1
         self.num_slots = 2
         self.num_nodes = 0
-        self.errors: ErrorRecords | None = None
+        self.num_workers = 0
+        self.shard_size = 0
+        retried = _drop_shard_failed(paths)  # resume: what earlier starts committed, and their error records
+        self.store.prepare()
+        self.done_ids = job.done_ids(paths)
+        for shard in self.store.committed():
+            self.done_ids.update(shard_ids(shard, job.key))
+        self.errors = ErrorRecords(paths)
+        if self.done_ids or self.errors.done_lines:
+            note(opts.quiet, f"resuming: {len(self.done_ids)} rows done and {len(self.errors.done_lines)} error "
+                             f"records already written" + (f"; {retried} rows of failed shards run again" if retried
+                                                           else ""))
+        self.done = len(self.done_ids)
+
+    # ------------------------------------------------------------------ JobRun's steps
+    def closers(self) -> list:
+        return [self.errors.appender]
+
+    def validate(self):
+        job = self.job
+        signatures = job.signatures()
+        scanned = scan(self.source, job.pre, self.errors, signatures)
+        self.errors.appender.sync()
+        self.total = scanned.num_valid
+        return scanned, job.todo(self.source, scanned, signatures, self.done_ids)
+
+    def work(self, validated) -> int:
+        scanned, todo = validated
+        return self._distribute(scanned, todo, len(self.done_ids))
+
+    def complete(self, validated) -> tuple[int, int]:
+        scanned, _ = validated
+        self.state.write({**self.snapshot(), "message": "merging the shards into the output"}, force=True)
+        rows, dropped = self.job.finalize(self.paths, self.store, scanned)
+        complete_outputs(self.paths, self.errors, self.source)
+        self.store.remove()
+        return rows, dropped
 
     # ------------------------------------------------------------------ set-up
-    def run(self) -> int:
-        job, opts, paths = self.job, self.opts, self.paths
-        with job_input(opts, paths, job.fields, job.manifest, job.extra_files(), ray=True) as source:
-            retried = _drop_shard_failed(paths)
-            self.store.prepare()
-            done = job.done_ids(paths)
-            for shard in self.store.committed():
-                done.update(shard_ids(shard, job.key))
-            self.errors = ErrorRecords(paths)
-            if done or self.errors.done_lines:
-                note(opts.quiet, f"resuming: {len(done)} rows done and {len(self.errors.done_lines)} error records "
-                                 f"already written" + (f"; {retried} rows of failed shards run again" if retried
-                                                       else ""))
-            self.done = len(done)
-            closers = [self.errors.appender]
-            with faults_as_job_fault(opts.output, self.state, self.snapshot, closers):
-                self.state.write({**self.snapshot(), "message": "validating input"}, force=True)
-                signatures = job.signatures()
-                scanned = scan(source, job.pre, self.errors, signatures)
-                self.errors.appender.sync()
-                self.total = scanned.num_valid
-                todo = job.todo(source, scanned, signatures, done)
-                del signatures
-                code = self._distribute(scanned, todo, len(done))
-                if code:
-                    return code
-                self.state.write({**self.snapshot(), "message": "merging the shards into the output"}, force=True)
-                rows, dropped = job.finalize(paths, self.store, scanned)
-                complete_outputs(paths, self.errors, source)
-                self.store.remove()
-            return self._summary(rows, dropped)
-
     def _cluster_shape(self) -> tuple[int, dict]:
         """(workers to start, Ray resources of one) from the cluster and the options."""
         ray = self.ray
@@ -286,9 +293,8 @@ class _Driver:
         if self.stop.received is None:
             return 0
         running = len(self.queue.running)
-        return stop_interrupted(self.stop.received, self.state, self.snapshot(), [self.errors.appender],
-                                f"stopped by signal after {self.done}/{self.total} rows; {running} shards in flight "
-                                f"will run again on resume ({self.shards_done} committed).")
+        return self.stopped(f"stopped by signal after {self.done}/{self.total} rows; {running} shards in flight "
+                            f"will run again on resume ({self.shards_done} committed).")
 
     def _step(self, resources: dict, spec: dict, probe: str, progress: Progress) -> None:
         ray, queue = self.ray, self.queue
@@ -459,7 +465,8 @@ class _Driver:
         return (f"shards {self.shards_done}/{self.shards_total}, "
                 f"{s['prompt_tok_s'] + s['gen_tok_s']:.0f} tok/s, ETA {format_duration(s['eta_s'])}")
 
-    def _summary(self, rows: int, dropped: int) -> int:
+    def summary_lines(self, result: tuple[int, int]) -> list[str]:
+        rows, dropped = result
         opts, q = self.opts, self.queue
         wall = time.perf_counter() - self.t_start
         tokens = self.run_prompt + self.run_gen
@@ -482,11 +489,14 @@ class _Driver:
         # what a generation job buys is output tokens; an embed or score job's, its input tokens
         per_output = self.job.name == "run" and getattr(opts, "task", "generate") != "score"
         throughput = (self.run_gen if per_output else self.run_prompt) / wall if wall > 0 else 0.0
-        billed = opts.num_gpus * max(1, getattr(self, "num_workers", 1))  # every worker, for the whole run
+        billed = opts.num_gpus * max(1, self.num_workers)  # every worker, for the whole run
         lines += summary_tail(opts, self.paths, failed, billed, throughput, wall, "output" if per_output else "input")
+        return lines
+
+    def final_snapshot(self) -> dict:
         final = self.snapshot()
         final["ray"]["shard_seconds"] = self.shard_seconds[:100_000]
-        return finish(self.state, final, lines, opts.quiet, failed)
+        return final
 
 
 def _cause(e: BaseException) -> BaseException:

@@ -37,17 +37,15 @@ from tokenmill.jobs.scan import iter_todo, scan
 from tokenmill.jobs.skeleton import (
     ErrorRecords,
     JobIO,
+    JobRun,
     check_output,
     complete_outputs,
-    faults_as_job_fault,
-    finish,
     job_input,
     note,
     run_locked,
-    stop_interrupted,
     summary_tail,
 )
-from tokenmill.jobs.state import StateFile, format_duration
+from tokenmill.jobs.state import format_duration
 
 FORMATS = ("parquet", "openai")
 
@@ -149,11 +147,13 @@ def _run_locked(opts: EmbedOptions, emb: Embedder, paths: JobPaths, stop: StopFl
         return _EmbedRun(opts, emb, paths, source, t_start, stop, served).run()
 
 
-class _EmbedRun:
+class _EmbedRun(JobRun):
+    """An embedding job on one machine: ``JobRun``'s steps with an embedder and a vector sink."""
+
     def __init__(self, opts: EmbedOptions, emb: Embedder, paths: JobPaths, source, t_start: float,
                  stop: StopFlag, served: ServedEmbedder | None = None) -> None:
-        self.opts, self.emb, self.paths, self.source, self.t_start, self.stop = opts, emb, paths, source, t_start, stop
-        self.served = served
+        super().__init__(opts, paths, source, stop, t_start)
+        self.emb, self.served = emb, served
         if opts.format == "parquet":
             self.sink = ParquetVectorSink(opts.output, emb.dim, emb.describe())
         else:
@@ -164,7 +164,6 @@ class _EmbedRun:
             say(f"resuming: {len(self.done_ids)} vectors and {len(self.errors.done_lines)} error records already "
                 f"written" + (f"; {self.sink.dropped} damaged parts removed (their rows run again)"
                               if getattr(self.sink, "dropped", 0) else ""))
-        self.state = StateFile(paths.state)
         self.total = self.done = len(self.done_ids)
         self.run_texts = self.run_tokens = self.run_truncated = 0
         self.remaining_tokens = 0
@@ -184,32 +183,36 @@ class _EmbedRun:
         s = self.snapshot()
         return f"{s['texts_s']:.1f} texts/s, {s['prompt_tok_s']:.0f} tok/s, ETA {format_duration(s['eta_s'])}"
 
-    def run(self) -> int:
-        opts = self.opts
-        with faults_as_job_fault(opts.output, self.state, self.snapshot, [self.sink, self.errors.appender]):
-            self.state.write({**self.snapshot(), "message": "validating input"}, force=True)
-            pre = EmbedPreprocessor(self.emb, self.served.models if self.served else None)
-            scanned = scan(self.source, pre, self.errors)
-            self.errors.appender.sync()
-            self.total = scanned.num_valid
-            if self.served is not None and self.served.on_validated is not None:
-                self.served.on_validated(self.total, self.errors.count)
-            self.remaining_tokens = int(np.frombuffer(scanned.prompt_tokens, dtype=np.uint32).sum(dtype=np.int64))
-            note(opts.quiet, f"model {self.emb.model_name} loaded in {self.emb.load_seconds:.1f} s "
-                             f"({self.emb.pooling.describe()}, dim {self.emb.dim}, max {self.emb.max_seq_length} "
-                             f"tokens); {self.total} texts, max_batch_tokens={self.emb.max_batch_tokens}")
-            self.t_engine = time.perf_counter()
-            code = self._loop(scanned, pre)
-            if code:
-                return code
-            self.state.write({**self.snapshot(), "message": "writing the output file"}, force=True)
-            rows = self.sink.finalize()
-            if opts.format == "openai":
-                rewrite_in_order(opts.output, lambda r: scanned.line_of(embed_id_key(r["custom_id"])) or 0)
-            complete_outputs(self.paths, self.errors, self.source)
-        return self._summary(rows)
+    def closers(self) -> list:
+        return [self.sink, self.errors.appender]
 
-    def _loop(self, scanned, pre) -> int:
+    def validate(self):
+        opts = self.opts
+        pre = EmbedPreprocessor(self.emb, self.served.models if self.served else None)
+        scanned = scan(self.source, pre, self.errors)
+        self.errors.appender.sync()
+        self.total = scanned.num_valid
+        if self.served is not None and self.served.on_validated is not None:
+            self.served.on_validated(self.total, self.errors.count)
+        self.remaining_tokens = int(np.frombuffer(scanned.prompt_tokens, dtype=np.uint32).sum(dtype=np.int64))
+        note(opts.quiet, f"model {self.emb.model_name} loaded in {self.emb.load_seconds:.1f} s "
+                         f"({self.emb.pooling.describe()}, dim {self.emb.dim}, max {self.emb.max_seq_length} "
+                         f"tokens); {self.total} texts, max_batch_tokens={self.emb.max_batch_tokens}")
+        self.t_engine = time.perf_counter()
+        return scanned, pre
+
+    def complete(self, validated) -> int:
+        scanned, _ = validated
+        self.state.write({**self.snapshot(), "message": "writing the output file"}, force=True)
+        rows = self.sink.finalize()
+        if self.opts.format == "openai":
+            rewrite_in_order(self.opts.output, lambda r: scanned.line_of(embed_id_key(r["custom_id"])) or 0)
+        complete_outputs(self.paths, self.errors, self.source)
+        return rows
+
+    def work(self, validated) -> int:
+        scanned, pre = validated
+
         def skip_done(line_no: int) -> None:
             self.remaining_tokens -= scanned.prompt_tokens[line_no]
 
@@ -238,10 +241,9 @@ class _EmbedRun:
             progress.close(self.postfix)
         if stop.received is None:
             return 0
-        return stop_interrupted(stop.received, self.state, self.snapshot(), [sink, self.errors.appender],
-                                f"stopped by signal after {self.done}/{self.total} texts (all of them saved).")
+        return self.stopped(f"stopped by signal after {self.done}/{self.total} texts (all of them saved).")
 
-    def _summary(self, rows: int) -> int:
+    def summary_lines(self, rows: int) -> list[str]:
         opts, emb = self.opts, self.emb
         wall = time.perf_counter() - self.t_start
         texts, tokens, failed = self.run_texts, self.run_tokens, self.errors.count
@@ -255,4 +257,4 @@ class _EmbedRun:
             f"(sentence-transformers truncation: the end is cut, special tokens kept)",
         ]
         lines += summary_tail(opts, self.paths, failed, opts.num_gpus, tok_s, wall, "input")
-        return finish(self.state, self.snapshot(), lines, opts.quiet, failed)
+        return lines

@@ -24,6 +24,7 @@ from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.priority import ONLINE
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
+from tokenmill.engine.model_info import ModelInfo, resolve_device
 from tokenmill.engine.parallel_sampling import CHILD_SEP, ParentRequest
 from tokenmill.model.loader import load_model
 from tokenmill.model.weights import weight_bytes
@@ -60,19 +61,14 @@ def _profiled_activations(model, config: EngineConfig, dtype: torch.dtype, devic
         return None
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but no CUDA device is available")
-    return torch.device(device)
-
-
 class LLMEngine:
-    def __init__(self, config: EngineConfig, grammars: GrammarBackend | None = None, ops: Ops | None = None) -> None:
+    def __init__(self, config: EngineConfig, grammars: GrammarBackend | None = None, ops: Ops | None = None,
+                 info: ModelInfo | None = None) -> None:
         """``grammars``: a GrammarBackend made for this model's tokenizer (a job's, already holding the constraints
         its validation pass compiled); by default the engine makes its own. ``ops``: the kernel family
-        (``tokenmill/ops/``); by default the one ``config.attention_backend`` names on the device."""
+        (``tokenmill/ops/``); by default the one ``config.attention_backend`` names on the device. ``info``: the
+        model as a job already read it (``ModelInfo.read``: tokenizer, config, adapters), so nothing is read twice;
+        it must describe ``config.model``."""
         config.check()
         t0 = time.perf_counter()
         self.device = resolve_device(config.device)
@@ -86,20 +82,24 @@ class LLMEngine:
             self.device = rank_device(self.device, 0)
             self.tp_workers = start_workers(config, self.device)
         try:
-            self._build(config, cache_dir, ops, grammars, t0)
+            self._build(config, cache_dir, ops, grammars, info, t0)
         except BaseException:
             self.close()
             raise
 
     def _build(self, config: EngineConfig, cache_dir: Path | None, ops: Ops | None, grammars: GrammarBackend | None,
-               t0: float) -> None:
+               info: ModelInfo | None, t0: float) -> None:
+        from tokenmill.model.loader import resolve_model_path
         from tokenmill.parallel.group import SINGLE
 
+        if info is not None and info.path != resolve_model_path(config.model):
+            raise ValueError(f"the ModelInfo given describes {info.path}, not the engine's model {config.model}")
         tp = self.tp_workers.tp if self.tp_workers is not None else SINGLE
         self.ops = ops if ops is not None else make_ops(config.attention_backend, self.device)  # chosen once
         loaded = load_model(config.model, config.dtype, self.device, config.max_model_len, cache_dir,
                             config.quantization, config.load_format, config.cpu_gemm, self.ops, tp,
-                            config.lora_adapters)
+                            config.lora_adapters, tokenizer=info.tokenizer if info is not None else None,
+                            adapters=info.adapters if info is not None else None)
         self.config = config.resolve(loaded.model_config.max_position_embeddings)
         if loaded.quantization != self.config.quantization:  # a GPTQ/AWQ checkpoint's int4: the config says so
             self.config = dataclasses.replace(self.config, quantization=loaded.quantization)
@@ -123,6 +123,8 @@ class LLMEngine:
                                                self.config.enable_prefix_caching, self.num_swap_blocks)
         self.scheduler = Scheduler(self.config, self.kv_cache_manager, self._stop_string_of)
         self.grammars = grammars or GrammarBackend(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self.info = ModelInfo(self.config, loaded.path, loaded.hf_dir, self.model_config, self.tokenizer,
+                              self.eos_token_ids, self.device, dtype, list(loaded.adapters))
         self.runner = ModelRunner(self.config, loaded.model, self.num_kv_blocks, self.device, self.grammars,
                                   self.num_swap_blocks)
         if self.tp_workers is not None:

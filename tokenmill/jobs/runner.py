@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from tokenmill.config import ConfigError, EngineConfig
-from tokenmill.engine.llm_engine import LLMEngine, resolve_device
+from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.loop import EngineLoop
+from tokenmill.engine.model_info import ModelInfo
 from tokenmill.jobs.errors import JobSetupError
 from tokenmill.jobs.files import JobPaths, JsonlAppender, rewrite_in_order
 from tokenmill.jobs.inputs import RUN_FIELDS
 from tokenmill.jobs.manifest import build_manifest, split_engine_options
 from tokenmill.model.fingerprint import model_fingerprint
-from tokenmill.model.lora import read_adapter
 from tokenmill.jobs.ordering import DatasetOrder, PrefixSignatures, choose_order, iter_in_order
 from tokenmill.jobs.planner import MemoryPlan, plan_memory
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
@@ -39,23 +39,18 @@ from tokenmill.jobs.scan import error_in_partition, iter_todo, partition_members
 from tokenmill.jobs.skeleton import (
     ErrorRecords,
     JobIO,
+    JobRun,
     check_output,
     complete_outputs,
     done_keys,
-    faults_as_job_fault,
-    finish,
     job_input,
     note,
     run_locked,
-    stop_interrupted,
     summary_tail,
 )
-from tokenmill.jobs.state import StateFile, format_duration
-from tokenmill.model.loader import (eos_token_ids, load_tokenizer, read_model_config, resolve_dtype, resolve_model_path,
-                                    tokenizer_dir)
+from tokenmill.jobs.state import format_duration
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.backend import GrammarBackend
-from tokenmill.worker.memory import kv_budget_bytes, kv_bytes_per_block, kv_cache_dtype, planned_weight_bytes
 
 __all__ = ["JobOptions", "JobContext", "JobSetupError", "run_job"]
 
@@ -80,8 +75,9 @@ class JobOptions(JobIO):
 
 
 class JobContext:
-    """Model facts needed before the engine exists: tokenizer, resolved config, preprocessor. ``engine``: set when
-    the job runs on an engine that exists already (``served``), None when the job loads its own."""
+    """Model facts needed before the engine exists: the model as ``ModelInfo.read`` gives it (resolved config,
+    tokenizer, adapters), the grammars and the preprocessor. ``engine``: set when the job runs on an engine that
+    exists already (``served``), None when the job loads its own (from the same ModelInfo: nothing read twice)."""
 
     engine = None
     on_validated = None  # served jobs: called with (valid rows, bad rows) after the validation pass
@@ -89,67 +85,52 @@ class JobContext:
     def __init__(self, model: str | None, engine_options: dict, sampling: dict, context_overflow: str = "error",
                  task: str = "generate") -> None:
         try:
-            self.config = EngineConfig.from_dict({"model": model, **engine_options})
-            self.model_path = resolve_model_path(model)
-            cache_dir = Path(self.config.cache_dir) if self.config.cache_dir else None
-            hf_dir, self.model_config = read_model_config(self.model_path, cache_dir)
-            self.config = self.config.resolve(self.model_config.max_position_embeddings)
+            self.info = ModelInfo.read(EngineConfig.from_dict({"model": model, **engine_options}))
             defaults = SamplingParams.from_dict(sampling)
-            for name, path in self.config.lora_adapters:  # a bad adapter: one line before anything runs
-                read_adapter(name, path, self.model_config.num_hidden_layers)
-            if defaults.lora is not None and defaults.lora not in {n for n, _ in self.config.lora_adapters}:
+            if defaults.lora is not None and defaults.lora not in self.info.lora_names:
                 raise ValueError(f"the job's default lora {defaults.lora!r} is not a loaded adapter (--lora NAME=PATH)")
-            self.tokenizer = load_tokenizer(tokenizer_dir(hf_dir, self.config.load_format, cache_dir))
-            self.grammars = GrammarBackend(self.tokenizer, self.model_config.vocab_size,
-                                           eos_token_ids(hf_dir, self.model_config, self.tokenizer))
-            self.pre = Preprocessor(self.tokenizer, self.config.max_model_len, self.model_config.vocab_size, sampling,
-                                    context_overflow, self.grammars, task,
-                                    loras=frozenset(n for n, _ in self.config.lora_adapters))
+            info = self.info
+            self.grammars = GrammarBackend(info.tokenizer, info.model_config.vocab_size, info.eos_token_ids)
+            self.pre = Preprocessor(info.tokenizer, info.config.max_model_len, info.model_config.vocab_size, sampling,
+                                    context_overflow, self.grammars, task, loras=info.lora_names)
             if defaults.structured is not None:  # the job's own default must compile (else: one line, exit 2)
                 self.grammars.compile(defaults.structured)
         except (ValueError, TypeError) as e:
             raise JobSetupError(str(e)) from None
-        self.device = resolve_device(self.config.device)
-        self.dtype = resolve_dtype(self.config.dtype, self.device)
 
     @classmethod
     def served(cls, engine, sampling: dict, endpoint: str | None = None, models: set[str] | None = None) -> JobContext:
         """A job on an engine that already runs (a Batch API batch on the server: ``serve/engine_port.py``):
-        its config, tokenizer and grammars, nothing loaded again. ``endpoint``: the url every line must have;
+        its ModelInfo and grammars, nothing loaded again. ``endpoint``: the url every line must have;
         ``models``: the names a line's model may have."""
         ctx = cls.__new__(cls)
         ctx.engine = engine
-        ctx.config, ctx.model_path, ctx.model_config = engine.config, engine.model_path, engine.model_config
-        ctx.tokenizer, ctx.grammars = engine.tokenizer, engine.grammars
-        ctx.device, ctx.dtype = engine.device, engine.dtype
+        ctx.info, ctx.grammars = engine.info, engine.grammars
+        info = ctx.info
         try:
-            ctx.pre = Preprocessor(engine.tokenizer, engine.config.max_model_len, engine.model_config.vocab_size,
+            ctx.pre = Preprocessor(info.tokenizer, engine.config.max_model_len, info.model_config.vocab_size,
                                    sampling, grammars=engine.grammars, endpoint=endpoint, models=models,
-                                   loras=frozenset(n for n, _ in engine.config.lora_adapters))
+                                   loras=info.lora_names)
         except (ValueError, TypeError) as e:
             raise JobSetupError(str(e)) from None
         return ctx
 
-    @property
-    def model_name(self) -> str:
-        p = self.model_path
-        return p.stem if p.suffix == ".gguf" else p.name
+    # the model facts the job reads, by the names the runner has always used
+    config = property(lambda self: self.info.config)
+    model_path = property(lambda self: self.info.path)
+    model_config = property(lambda self: self.info.model_config)
+    tokenizer = property(lambda self: self.info.tokenizer)
+    device = property(lambda self: self.info.device)
+    dtype = property(lambda self: self.info.dtype)
+    model_name = property(lambda self: self.info.model_name)
 
     def plan(self, prompt_lens, max_tokens) -> MemoryPlan:
-        per_block = kv_bytes_per_block(self.model_config, self.config.block_size,
-                                       kv_cache_dtype(self.config, self.dtype))
-        if self.config.num_kv_blocks:
-            num_blocks = self.config.num_kv_blocks
-        else:
-            # on CUDA the budget is what the device leaves: before the engine exists, its weights are not in use yet
-            weights = planned_weight_bytes(self.config, self.model_config, self.dtype) if self.engine is None else 0
-            budget = kv_budget_bytes(self.config, self.model_config, self.dtype, self.device, weights_to_load=weights)
-            num_blocks = max(0, budget) // per_block
-        p = plan_memory(prompt_lens, max_tokens, self.config.max_model_len, self.config.block_size, per_block,
-                        num_blocks)
+        per_block, num_blocks = self.info.kv_blocks(weights_loaded=self.engine is not None)
+        config = self.config
+        p = plan_memory(prompt_lens, max_tokens, config.max_model_len, config.block_size, per_block, num_blocks)
         mc = self.model_config
         p.parameters, p.active_parameters = mc.num_parameters(), mc.num_parameters(active=True)
-        p.weight_gib = planned_weight_bytes(self.config, mc, self.dtype) / 2**30
+        p.weight_gib = self.info.planned_weight_bytes() / 2**30
         return p
 
 
@@ -231,12 +212,12 @@ def _run_locked(opts: JobOptions, ctx: JobContext, paths: JobPaths, stop: StopFl
         return _Run(opts, ctx, paths, source, stop).run()
 
 
-class _Run:
-    """One run of a job, from the validation pass to the summary."""
+class _Run(JobRun):
+    """A generation (or score) job on one machine: ``JobRun``'s steps with an engine and its loop."""
 
     def __init__(self, opts: JobOptions, ctx: JobContext, paths: JobPaths, source, stop: StopFlag) -> None:
-        self.opts, self.ctx, self.paths, self.source, self.stop = opts, ctx, paths, source, stop
-        self.t_start = time.perf_counter()
+        super().__init__(opts, paths, source, stop)
+        self.ctx = ctx
         self.done_ids = done_keys(paths.output, output_id_key)
         part, nparts = opts.partition, opts.total_partitions
         self.errors = ErrorRecords(paths, lambda line_no: error_in_partition(line_no, part, nparts))
@@ -244,7 +225,6 @@ class _Run:
             note(opts.quiet, f"resuming: {len(self.done_ids)} results and {len(self.errors.done_lines)} error records "
                              f"already written")
         self.results = JsonlAppender(paths.output)
-        self.state = StateFile(paths.state)
         self.engine: LLMEngine | None = None
         self.loop: EngineLoop | None = None
         self.order: DatasetOrder | None = None  # None: input order
@@ -278,39 +258,32 @@ class _Run:
         return (f"{s['prompt_tok_s']:.0f} prompt tok/s, {s['gen_tok_s']:.0f} gen tok/s, "
                 f"ETA {format_duration(s['eta_s'])}")
 
-    def run(self) -> int:
-        try:
-            return self._run()
-        finally:
-            if self.engine is not None:
-                self.engine.close()  # a tensor-parallel engine's worker processes
+    def closers(self) -> list:
+        return [self.results, self.errors.appender]
 
-    def _run(self) -> int:
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()  # a tensor-parallel engine's worker processes (a served job's rows still in flight)
+
+    def validate(self):
         opts = self.opts
-        with faults_as_job_fault(opts.output, self.state, self.snapshot, [self.results, self.errors.appender]):
-            self.state.write({**self.snapshot(), "message": "validating input"}, force=True)
-            signatures = PrefixSignatures()
-            scanned = scan(self.source, self.ctx.pre, self.errors, signatures)
-            self.errors.appender.sync()
-            members = partition_members(scanned, opts.partition, opts.total_partitions)
-            member_lines = np.flatnonzero(np.frombuffer(members, dtype=np.uint8))
-            member_prompt = np.frombuffer(scanned.prompt_tokens, dtype=np.uint32)[member_lines]
-            member_max = np.frombuffer(scanned.max_tokens, dtype=np.uint32)[member_lines]
-            self.total = len(member_lines)
-            self.remaining_prompt = int(member_prompt.sum(dtype=np.int64))
-            self.remaining_max = int(member_max.sum(dtype=np.int64))
-            if self.ctx.on_validated is not None:
-                self.ctx.on_validated(self.total, self.errors.count)
-            if self.done < self.total:
-                self.order = self._order(signatures, member_lines, member_prompt)
-                self.engine = self.ctx.engine or self._engine(self.ctx.plan(member_prompt, member_max))
-                self.t_engine = time.perf_counter()
-            del member_lines, member_prompt, member_max, signatures
-            code = self._loop(scanned, members)
-            if code:
-                return code
-            self._complete(scanned)
-        return self._summary()
+        signatures = PrefixSignatures()
+        scanned = scan(self.source, self.ctx.pre, self.errors, signatures)
+        self.errors.appender.sync()
+        members = partition_members(scanned, opts.partition, opts.total_partitions)
+        member_lines = np.flatnonzero(np.frombuffer(members, dtype=np.uint8))
+        member_prompt = np.frombuffer(scanned.prompt_tokens, dtype=np.uint32)[member_lines]
+        member_max = np.frombuffer(scanned.max_tokens, dtype=np.uint32)[member_lines]
+        self.total = len(member_lines)
+        self.remaining_prompt = int(member_prompt.sum(dtype=np.int64))
+        self.remaining_max = int(member_max.sum(dtype=np.int64))
+        if self.ctx.on_validated is not None:
+            self.ctx.on_validated(self.total, self.errors.count)
+        if self.done < self.total:
+            self.order = self._order(signatures, member_lines, member_prompt)
+            self.engine = self.ctx.engine or self._engine(self.ctx.plan(member_prompt, member_max))
+            self.t_engine = time.perf_counter()
+        return scanned, members
 
     def _order(self, signatures: PrefixSignatures, lines: np.ndarray, prompt: np.ndarray) -> DatasetOrder | None:
         """The dataset order when it pays (rows share prefixes the cache can reuse, or repeat), else None."""
@@ -329,7 +302,8 @@ class _Run:
         options.setdefault("max_num_batched_tokens", plan.recommended_max_num_batched_tokens)
         self.state.write({**self.snapshot(), "message": "loading the model"}, force=True)
         try:
-            engine = LLMEngine(EngineConfig.from_dict({"model": self.opts.model, **options}), self.ctx.grammars)
+            engine = LLMEngine(EngineConfig.from_dict({"model": self.opts.model, **options}), self.ctx.grammars,
+                               info=self.ctx.info)
         except ConfigError as e:
             raise JobSetupError(str(e)) from None
         note(self.opts.quiet, f"model {self.ctx.model_name} loaded in {engine.load_seconds:.1f} s; {self.total} "
@@ -338,9 +312,10 @@ class _Run:
         self.t_engine = time.perf_counter()
         return engine
 
-    def _loop(self, scanned, members) -> int:
+    def work(self, validated) -> int:
         """Pass 2: feeds the engine through a bounded window and writes each result; returns a signal's exit code
         or 0 when every request of the partition is done."""
+        scanned, members = validated
         engine = self.engine
         if engine is None:
             return 0
@@ -371,9 +346,8 @@ class _Run:
         running = engine.num_running_requests
         dropped, followers = loop.close_feed("job")
         queued = max(0, dropped - running) + followers
-        return stop_interrupted(stop.received, self.state, self.snapshot(), [self.results, self.errors.appender],
-                                f"stopped by signal after {self.done}/{self.total} requests; {running} running and "
-                                f"{queued} queued requests will run on resume.")
+        return self.stopped(f"stopped by signal after {self.done}/{self.total} requests; {running} running and "
+                            f"{queued} queued requests will run on resume.")
 
     def _write(self, item: Prepared, out) -> None:
         self.results.write(output_record(item, out, self.ctx.model_name, self.engine.tokenizer, self.opts.score_tokens))
@@ -386,15 +360,16 @@ class _Run:
         self.remaining_prompt -= out.num_prompt_tokens
         self.remaining_max -= item.max_tokens
 
-    def _complete(self, scanned) -> None:
+    def complete(self, validated) -> None:
         """Results in input order (rewritten once, atomically), errors in line order, no empty errors file."""
+        scanned, _ = validated
         self.results.close()
         self.state.write({**self.snapshot(), "message": "writing the results in input order"}, force=True)
         self.paths.output.touch()
         rewrite_in_order(self.paths.output, lambda r: scanned.line_of(output_id_key(r)) or 0)
         complete_outputs(self.paths, self.errors, self.source)
 
-    def _summary(self) -> int:
+    def summary_lines(self, result: None) -> list[str]:
         opts, engine = self.opts, self.engine
         build = engine.kernel_build_seconds if engine else 0.0
         wall = time.perf_counter() - self.t_start - build  # a one-off kernel build is not the job's cost
@@ -423,4 +398,4 @@ class _Run:
             lines += summary_tail(opts, self.paths, failed, opts.num_gpus, tok_s, wall, "input")
         else:
             lines += summary_tail(opts, self.paths, failed, opts.num_gpus, gen_s, wall, "output")
-        return finish(self.state, self.snapshot(), lines, opts.quiet, failed)
+        return lines

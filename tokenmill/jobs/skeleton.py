@@ -1,5 +1,6 @@
-"""The job skeleton ``tokenmill run`` and ``tokenmill embed`` share: output checks and lock, the input, the manifest,
-resume bookkeeping, error records, faults, and the completion steps.
+"""The job skeleton every job kind shares (``tokenmill run``, ``tokenmill embed``, a ``--ray`` driver of either):
+output checks and lock, the input, the manifest, resume bookkeeping, error records, faults, the completion steps, and
+``JobRun``, the run every kind plugs its own steps into.
 
 Order of a job: check OUTPUT (before anything is created) -> lock -> open the input -> (--overwrite: delete the old
 files) -> check / write the manifest -> repair torn tails, collect what is done -> pass 1 (error records) -> the
@@ -13,8 +14,10 @@ details when it can still be written, and the same command resumes.
 
 from __future__ import annotations
 
+import abc
 import errno
 import shutil
+import time
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -253,3 +256,78 @@ def failed_line(num_failed: int, paths: JobPaths) -> str:
 def note(quiet: bool, msg: str) -> None:
     if not quiet:
         say(msg)
+
+
+class JobRun(abc.ABC):
+    """One run of a job, whatever its kind: ``run()`` is the template, a kind fills the steps.
+
+    Under ``faults_as_job_fault`` (any exception: one JobFault, the state file "failed"): the state says "validating
+    input" -> ``validate()`` (pass 1 and its error records; returns the scan) -> ``work(scanned)`` (the kind's loop
+    over the rows not done: 0, or a signal's exit code after ``stopped``) -> ``complete(scanned)`` (OUTPUT whole and
+    in order; returns what the summary reports) -> ``summary_lines(result)`` printed and the state "completed".
+    ``close()`` runs at the end whatever happened (an engine's worker processes, a cluster's actors).
+
+    Shared state: ``opts``, ``paths``, ``source`` (the open input), ``stop``, ``state``, ``errors`` (the kind makes
+    it: a partition filters it), ``t_start`` (the job's clock), ``total`` / ``done`` (rows of the job, and done).
+    """
+
+    def __init__(self, opts: JobIO, paths: JobPaths, source: InputSource, stop, t_start: float | None = None) -> None:
+        self.opts, self.paths, self.source, self.stop = opts, paths, source, stop
+        self.t_start = time.perf_counter() if t_start is None else t_start
+        self.state = StateFile(paths.state)
+        self.errors: ErrorRecords | None = None
+        self.total = self.done = 0
+
+    def run(self) -> int:
+        try:
+            with faults_as_job_fault(self.opts.output, self.state, self.snapshot, self.closers()):
+                self.state.write({**self.snapshot(), "message": "validating input"}, force=True)
+                scanned = self.validate()
+                code = self.work(scanned)
+                if code:
+                    return code
+                result = self.complete(scanned)
+            return finish(self.state, self.final_snapshot(), self.summary_lines(result), self.opts.quiet,
+                          self.errors.count)
+        finally:
+            self.close()
+
+    # ---------------------------------------------------------------- the kind's steps
+    @abc.abstractmethod
+    def snapshot(self) -> dict:
+        """The state file's content now (``jobs/state.py``)."""
+
+    @abc.abstractmethod
+    def postfix(self) -> str:
+        """The progress bar's rates and ETA."""
+
+    @abc.abstractmethod
+    def closers(self) -> list:
+        """The appenders a fault abandons and a signal closes (durable)."""
+
+    @abc.abstractmethod
+    def validate(self):
+        """Pass 1: every line checked, error records written; returns the scan."""
+
+    @abc.abstractmethod
+    def work(self, scanned) -> int:
+        """The rows not done yet, computed and written; 0, or a signal's exit code (``stopped``)."""
+
+    @abc.abstractmethod
+    def complete(self, scanned):
+        """OUTPUT (and the errors file) made whole; returns what ``summary_lines`` reports."""
+
+    @abc.abstractmethod
+    def summary_lines(self, result) -> list[str]:
+        """The summary, first line first (it becomes the final state's message)."""
+
+    def final_snapshot(self) -> dict:
+        return self.snapshot()
+
+    def close(self) -> None:
+        pass
+
+    # ---------------------------------------------------------------- helpers for the steps
+    def stopped(self, message: str) -> int:
+        """After a signal: the outputs closed (durable), the state "interrupted", ``message`` said; the exit code."""
+        return stop_interrupted(self.stop.received, self.state, self.snapshot(), self.closers(), message)

@@ -116,9 +116,14 @@ class Linear(nn.Module):
     quantized weight runs on ``build.ops.kernels`` (the C++ module) where the family has them, else on torch's ops.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, build: Build) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, build: Build,
+                 shard_sizes: tuple[int, ...] | None = None) -> None:
+        """``shard_sizes``: a fused layer's output rows per checkpoint tensor, in order (q, k, v / gate, up); the one
+        statement of the split that loading, tensor parallel slicing and LoRA read."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.shard_sizes = shard_sizes or (out_features,)
+        assert sum(self.shard_sizes) == out_features
         self.dtype = build.dtype
         self.ops = build.ops
         self.gemm_backend = "onednn"  # the float path's CPU GEMMs (model/gemm.py; set_gemm_backend switches it)
@@ -226,7 +231,8 @@ class MLP(nn.Module):
         self.act = act  # silu, or gelu_pytorch_tanh (Gemma's GeGLU)
         self.tp = build.tp
         self.intermediate_size = build.tp.split(intermediate_size, "intermediate_size")  # this rank's
-        self.gate_up_proj = Linear(hidden_size, 2 * self.intermediate_size, False, build)
+        self.gate_up_proj = Linear(hidden_size, 2 * self.intermediate_size, False, build,
+                                   shard_sizes=(self.intermediate_size,) * 2)
         self.down_proj = Linear(self.intermediate_size, hidden_size, False, build)
 
     def partial(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -43,7 +43,8 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale or self.head_dim**-0.5
         self.window = cfg.window_of(layer)  # sliding window (None: every earlier key)
         self.softcap = cfg.attn_softcap
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, build)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, build,
+                               shard_sizes=(self.q_size, self.kv_size, self.kv_size))
         self.o_proj = Linear(self.q_size, cfg.hidden_size, False, build)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, build) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, build) if cfg.qk_norm else None
@@ -240,8 +241,6 @@ class LlamaForCausalLM(nn.Module):
         finalized (quantized weights packed) as soon as all its rows are in. Raises if any weight is left unloaded or a
         name is unknown."""
         placer = WeightPlacer(self)
-        attn = self.layers[0].self_attn
-        qkv_sizes = [attn.q_size, attn.kv_size, attn.kv_size]
         for hf_name, tensor in weights:
             if hf_name.startswith(_OTHER_MODALITIES):
                 continue  # an image+text checkpoint's vision tower and projector: not the language model's
@@ -260,7 +259,7 @@ class LlamaForCausalLM(nn.Module):
                 if piece in name:
                     target = name.replace(piece, fused)
                     layer = placer.linears.get(target.replace(".bias", ".weight"))
-                    sizes = qkv_sizes if fused == ".qkv_proj." else [layer.out_features // 2] * 2 if layer else [0, 0]
+                    sizes = layer.shard_sizes if layer is not None else (0, 0)
                     placer.put(target, tensor, hf_name, shard, len(sizes), sum(sizes[:shard]), sizes[shard])
                     break
             else:
@@ -290,9 +289,8 @@ class LlamaForCausalLM(nn.Module):
                 part = torch.cat([part, part.new_zeros(per - part.shape[0], *part.shape[1:])])
             return part
         if ".qkv_proj." in name or ".gate_up_proj." in name:  # fused in the checkpoint (Phi-3): each part's slice
-            attn = self.layers[0].self_attn
-            sizes = ([attn.q_size * tp.size] + [attn.kv_size * tp.size] * 2 if ".qkv_proj." in name
-                     else [tensor.shape[0] // 2] * 2)
+            fused = self.layers[0].self_attn.qkv_proj if ".qkv_proj." in name else None
+            sizes = ([n * tp.size for n in fused.shard_sizes] if fused is not None else [tensor.shape[0] // 2] * 2)
             return torch.cat([part.narrow(0, tp.rank * (n // tp.size), n // tp.size)
                               for part, n in zip(tensor.split(sizes), sizes)])
         dim = next((d for piece, d in self._TP_SPLIT.items() if piece in name), None)

@@ -79,6 +79,8 @@ class LoadedModel:
     path: Path
     load_seconds: float
     quantization: str = "none"  # as loaded: a GPTQ/AWQ checkpoint's is int4 whatever was asked
+    hf_dir: Path | None = None  # the HF directory (a GGUF file's cached conversion)
+    adapters: tuple = ()  # the LoRA adapters attached (model/lora.LoraAdapter), as read
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -118,12 +120,15 @@ def load_model(
     ops: Ops | None = None,
     tp: TPGroup = SINGLE,
     lora_adapters: tuple[tuple[str, str], ...] = (),
+    tokenizer: Any = None,
+    adapters: list | None = None,
 ) -> LoadedModel:
     """``quantization``: model/quant.py. ``load_format="dummy"``: random weights of the config's shapes (the model
     path may then be a directory holding only config.json; without a tokenizer there, the default model's is used).
     ``ops``: the kernel family the model is built with (default: ``make_ops("auto", device)``). ``tp``: the
     tensor-parallel group; this process builds and loads its rank's slice only. ``lora_adapters``: (name, PEFT
-    directory) pairs whose factors every targeted layer holds (model/lora.py). The parameters are
+    directory) pairs whose factors every targeted layer holds (model/lora.py); ``adapters``: the same, already read
+    (``read_adapter``; then they are not read again). ``tokenizer``: the model's, already loaded. The parameters are
     made on the device in their dtype directly and left uninitialised until the checkpoint fills them: no float32
     copy of a bfloat16 model is ever made."""
     t0 = time.perf_counter()
@@ -146,7 +151,8 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)
     gemm = check_backend(cpu_gemm)  # a bad name fails here, before any weights are read
 
-    tokenizer = load_tokenizer(tokenizer_dir(hf_dir, load_format, cache_dir))
+    if tokenizer is None:
+        tokenizer = load_tokenizer(tokenizer_dir(hf_dir, load_format, cache_dir))
     positions = max_positions or cfg.max_position_embeddings
 
     def build(q: str) -> LlamaForCausalLM:
@@ -168,13 +174,19 @@ def load_model(
     else:
         net.load_weights(checkpoint_weights(path, hf_dir, quantization))
     if lora_adapters:
-        from tokenmill.model.lora import attach_loras
+        from tokenmill.model.lora import attach_loras, read_adapter
 
-        attach_loras(net, dict(lora_adapters))
+        if adapters is None:
+            adapters = [read_adapter(name, p, cfg.num_hidden_layers) for name, p in lora_adapters]
+        elif [a.name for a in adapters] != [name for name, _ in lora_adapters]:
+            raise ValueError("the LoRA adapters given read are not the ones lora_adapters names")
+        attach_loras(net, adapters)
+    else:
+        adapters = []
     set_gemm_backend(net, gemm)
     net.eval()
     return LoadedModel(net, cfg, tokenizer, eos_token_ids(hf_dir, cfg, tokenizer), path, time.perf_counter() - t0,
-                       quantization)
+                       quantization, hf_dir, tuple(adapters))
 
 
 def tokenizer_dir(hf_dir: Path, load_format: str = "auto", cache_dir: Path | None = None) -> Path:

@@ -151,12 +151,12 @@ class LoraWeights(torch.nn.Module):
         return y
 
 
-def attach_loras(model, adapters: dict[str, str]) -> LoraSet:
-    """Reads the adapters and gives every targeted layer of ``model`` its stacked factors (``Linear.lora``)."""
+def attach_loras(model, read: list[LoraAdapter]) -> LoraSet:
+    """Gives every targeted layer of ``model`` the adapters' stacked factors (``Linear.lora``); ``read``: the
+    adapters as ``read_adapter`` returns them."""
     cfg = model.config
     if cfg.is_moe:
         raise LoraError("LoRA adapters on mixture-of-experts models are not supported yet")
-    read = [read_adapter(n, p, cfg.num_hidden_layers) for n, p in adapters.items()]
     loras = LoraSet([a.name for a in read])
     dtype = model.embed_tokens.weight.dtype
     device = model.embed_tokens.weight.device
@@ -164,7 +164,7 @@ def attach_loras(model, adapters: dict[str, str]) -> LoraSet:
         for ours in sorted({v[0] for v in _FUSED.values()}):
             lin = layer.get_submodule(ours)
             shards = [(t, s) for t, (o, s) in _FUSED.items() if o == ours]
-            sizes = _shard_sizes(layer, ours, lin.out_features)
+            sizes = lin.shard_sizes
             offsets = [sum(sizes[:i]) for i in range(len(sizes))]
             rows = {s: (0, lin.out_features) if s < 0 else (offsets[s], sizes[s]) for _, s in shards}
             per_adapter = []
@@ -191,12 +191,3 @@ def attach_loras(model, adapters: dict[str, str]) -> LoraSet:
             lin.lora = LoraWeights(a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device), loras)
     model.loras = loras
     return loras
-
-
-def _shard_sizes(layer, ours: str, out_features: int) -> list[int]:
-    if ours == "self_attn.qkv_proj":
-        attn = layer.self_attn
-        return [attn.q_size, attn.kv_size, attn.kv_size]
-    if ours == "mlp.gate_up_proj":
-        return [out_features // 2] * 2
-    return [out_features]

@@ -27,6 +27,7 @@ class ServedEngine:
         self.served = served
         engine = served.engine
         self.config = engine.config
+        self.info = engine.info
         self.tokenizer = engine.tokenizer
         self.model_path = engine.model_path
         self.model_config = engine.model_config
