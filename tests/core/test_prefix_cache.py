@@ -124,10 +124,12 @@ def test_no_block_is_ever_both_free_and_in_use(ops):
         in_use = [b for rid in tokens for b in kv.block_ids(rid)]
         assert all(kv.pool.ref_cnt[b] >= 1 for b in in_use)
         assert sum(kv.pool.ref_cnt) == len(in_use)
-        assert sum(kv._pending.values()) == sum(hi - lo for lo, hi in kv._pending_of.values())
+        assert sum(kv._pending.values()) == sum(r.pending[1] - r.pending[0] for r in kv._requests.values()
+                                                if r.pending is not None)
+        assert kv.num_records == len(tokens)  # a request refused or freed leaves no record behind
     for rid in list(tokens):
         kv.free(rid)
-    assert not kv._pending and not kv._pending_of  # nothing is left "being computed"
+    assert not kv._pending and kv.num_records == 0  # nothing is left "being computed", nothing of any request
 
 
 def test_a_block_being_computed_is_pending_until_cached():
@@ -171,4 +173,4 @@ def test_blocks_allocated_without_a_lookup_are_freed_cleanly():
     assert kv.allocate_slots("x", 10)  # no lookup first (LLMEngine.score does this)
     kv.cache_full_blocks("x", list(range(10)), 10)
     kv.free("x")
-    assert kv.num_free_blocks == 6 and not kv._pending and not kv._pending_of
+    assert kv.num_free_blocks == 6 and not kv._pending and kv.num_records == 0

@@ -84,6 +84,7 @@ def test_swapped_requests_resume_with_their_kv(num_swap_blocks, prefix_caching, 
         assert r.status == RequestStatus.FINISHED_LENGTH and r.num_output_tokens == r.max_tokens
     assert sched.kv.num_free_blocks == sched.kv.num_blocks
     assert sched.kv.swap_pool.num_free_blocks == num_swap_blocks, "every host block given back"
+    assert sched.kv.num_records == 0, "nothing of a finished request is left in the KV manager"
 
 
 def test_a_swapped_request_keeps_its_computed_tokens_and_an_abort_frees_its_host_blocks():
