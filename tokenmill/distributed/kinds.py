@@ -41,21 +41,18 @@ class GenerationKind:
         return PrefixSignatures() if self.opts.dataset_order == "auto" else None
 
     def todo(self, source, scanned, signatures, done: set[str]):
-        """The rows to cut into shards: grouped by shared prefix when that pays (as ``tokenmill run`` orders them),
-        so a shard holds a group and its worker's cache computes the group's prefix once; else in input order."""
+        """The rows to cut into shards, in the order ``tokenmill run`` would run them (``ordering.job_order``):
+        grouped by shared prefix when that pays, so a shard holds a group and its worker's cache computes the
+        group's prefix once, and identical rows are adjacent (the driver keeps them in one shard)."""
         import numpy as np
 
-        from tokenmill.jobs.ordering import choose_order, iter_in_order
-        from tokenmill.jobs.scan import iter_todo
+        from tokenmill.jobs.ordering import iter_job_rows, job_order
 
-        if signatures is not None:
-            lines = np.flatnonzero(np.frombuffer(scanned.valid, dtype=np.uint8))
-            prompt = np.frombuffer(scanned.prompt_tokens, dtype=np.uint32)[lines]
-            # duplicates grouped together land in one shard, where the worker computes them once
-            order = choose_order(signatures, lines, prompt, self.ctx.config.enable_prefix_caching, self.opts.dedupe)
-            if order is not None:
-                return iter_in_order(source, order.lines, scanned.prompt_tokens, done, self.pre)
-        return iter_todo(source, scanned.valid, done, self.pre)
+        lines = np.flatnonzero(np.frombuffer(scanned.valid, dtype=np.uint8))
+        prompt = np.frombuffer(scanned.prompt_tokens, dtype=np.uint32)[lines]
+        order = job_order(self.opts.dataset_order, signatures, lines, prompt, self.ctx.config.enable_prefix_caching,
+                          self.opts.dedupe)
+        return iter_job_rows(source, scanned.valid, order, scanned.prompt_tokens, done, self.pre)
 
     def done_ids(self, paths: JobPaths) -> set[str]:
         return done_keys(paths.output, output_id_key)

@@ -27,7 +27,7 @@ from tokenmill.engine.loop import dedupe_key
 from tokenmill.jobs.errors import JobFault
 from tokenmill.jobs.inputs import InputSource
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
-from tokenmill.jobs.scan import iter_line_chunks, prepare_again
+from tokenmill.jobs.scan import iter_line_chunks, iter_todo, prepare_again
 from tokenmill.sampling_params import SamplingParams
 
 LEVELS = (16, 32, 64, 128, 256, 512, 1024, 2048)  # prompt prefix lengths (tokens) hashed into a signature
@@ -105,6 +105,25 @@ def choose_order(sig: PrefixSignatures, lines: np.ndarray, prompt_tokens: np.nda
     if (dedupe and order.duplicates) or (prefix_caching and order.shared_tokens >= MIN_SHARED_FRACTION * max(1, total)):
         return order
     return None
+
+
+def job_order(dataset_order: str, sig: PrefixSignatures | None, lines: np.ndarray, prompt_tokens: np.ndarray,
+              prefix_caching: bool, dedupe: bool) -> DatasetOrder | None:
+    """The order a generation job (``tokenmill run``, a ``--ray`` driver's shards) runs ``lines`` in: grouped
+    (``choose_order``) unless ``dataset_order`` is "input" or nothing pays; None keeps input order."""
+    if dataset_order == "input" or sig is None:
+        return None
+    return choose_order(sig, lines, prompt_tokens, prefix_caching, dedupe)
+
+
+def iter_job_rows(source: InputSource, members: bytearray, order: DatasetOrder | None, prompt_tokens: array,
+                  done_ids: set[str], pre: Preprocessor,
+                  on_skip: Callable[[int], None] = lambda line_no: None) -> Iterator[Prepared]:
+    """The prepared rows of ``members`` not in ``done_ids``: in ``order`` (``iter_in_order``) or, with None, in
+    input order (``scan.iter_todo``)."""
+    if order is None:
+        return iter_todo(source, members, done_ids, pre, on_skip=on_skip)
+    return iter_in_order(source, order.lines, prompt_tokens, done_ids, pre, on_skip=on_skip)
 
 
 def iter_in_order(source: InputSource, order: np.ndarray, prompt_tokens: array, done_ids: set[str],

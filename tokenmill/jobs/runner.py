@@ -30,12 +30,12 @@ from tokenmill.jobs.files import JobPaths, JsonlAppender, rewrite_in_order
 from tokenmill.jobs.inputs import RUN_FIELDS
 from tokenmill.jobs.manifest import build_manifest, split_engine_options
 from tokenmill.model.fingerprint import model_fingerprint
-from tokenmill.jobs.ordering import DatasetOrder, PrefixSignatures, choose_order, iter_in_order
+from tokenmill.jobs.ordering import DatasetOrder, PrefixSignatures, iter_job_rows, job_order
 from tokenmill.jobs.planner import MemoryPlan, plan_memory
 from tokenmill.jobs.preprocess import Prepared, Preprocessor
 from tokenmill.jobs.progress import Progress, StopFlag
 from tokenmill.jobs.results import choice_contents, output_id_key, result_record, vllm_prompt_logprobs
-from tokenmill.jobs.scan import error_in_partition, iter_todo, partition_members, scan
+from tokenmill.jobs.scan import error_in_partition, partition_members, scan
 from tokenmill.jobs.skeleton import (
     ErrorRecords,
     JobIO,
@@ -287,9 +287,8 @@ class _Run(JobRun):
 
     def _order(self, signatures: PrefixSignatures, lines: np.ndarray, prompt: np.ndarray) -> DatasetOrder | None:
         """The dataset order when it pays (rows share prefixes the cache can reuse, or repeat), else None."""
-        if self.opts.dataset_order == "input":
-            return None
-        order = choose_order(signatures, lines, prompt, self.ctx.config.enable_prefix_caching, self.opts.dedupe)
+        order = job_order(self.opts.dataset_order, signatures, lines, prompt, self.ctx.config.enable_prefix_caching,
+                          self.opts.dedupe)
         if order is not None:
             note(self.opts.quiet, f"dataset order: rows grouped by shared prefix (about {order.shared_tokens:,} of "
                                   f"{self.remaining_prompt:,} prompt tokens shared, {order.duplicates:,} duplicate "
@@ -324,11 +323,8 @@ class _Run(JobRun):
             self.remaining_prompt -= scanned.prompt_tokens[line_no]
             self.remaining_max -= scanned.max_tokens[line_no]
 
-        if self.order is None:
-            todo = iter_todo(self.source, members, self.done_ids, self.ctx.pre, on_skip=skip_done)
-        else:
-            todo = iter_in_order(self.source, self.order.lines, scanned.prompt_tokens, self.done_ids, self.ctx.pre,
-                                 on_skip=skip_done)
+        todo = iter_job_rows(self.source, members, self.order, scanned.prompt_tokens, self.done_ids, self.ctx.pre,
+                             on_skip=skip_done)
         loop = self.loop = EngineLoop(engine)
         # a dataset order is kept as it is; else each admission runs longest prompt first (the engine's setting)
         sort = self.order is None and engine.config.sort_by_length
