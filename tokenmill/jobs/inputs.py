@@ -12,6 +12,9 @@ Formats:
 
 UTF-16/32 and known binary formats (zip, PDF, SQLite, ...) are refused up front in one line.
 
+The formats' readers live beside this module: ``input_jsonl.py`` (JSON Lines), ``input_tables.py`` (CSV / TSV and
+Parquet: the header check and each row as the JSON line it stands for).
+
 Invariant: an ``InputSource`` holds its file open for its whole life and every pass reads that open file, so an
 input deleted (or replaced by rename) while the job runs does not change what the job reads.
 """
@@ -19,13 +22,10 @@ input deleted (or replaced by rename) while the job runs does not change what th
 from __future__ import annotations
 
 import bz2
-import csv
 import gzip
 import hashlib
 import io
-import json
 import lzma
-import math
 import os
 import sys
 from collections.abc import Iterator
@@ -41,9 +41,6 @@ BLOCK = 1 << 20
 RUN_FIELDS = ("id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "continuation",
               "lora")
 EMBED_FIELDS = ("id", "text")
-_INT_FIELDS = ("max_tokens", "seed")
-_FLOAT_FIELDS = ("temperature", "top_p")
-_TEXT_FIELDS = ("prompt", "text")
 
 _COMPRESSION_MAGIC = [(b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"BZh", "bzip2"),
                       (b"\xfd7zXZ\x00", "xz")]
@@ -157,13 +154,17 @@ class InputSource:
         if self.format == "parquet" and self.compression:
             raise JobSetupError(f"input {self.display}: a compressed Parquet file; Parquet compresses itself, "
                                 f"decompress the file first")
-        head = self._open_stream().read(4096)
+        head = self.open_stream().read(4096)
         if self.format != "parquet":
             reason = _sniff(head)
             if reason:
                 raise JobSetupError(f"input {self.display} is {reason}; tokenmill reads UTF-8 JSON Lines (optionally "
                                     f"gzip/zstd/bzip2/xz compressed), CSV or Parquet")
-        self._header = self._table_columns() if self.format != "jsonl" else None
+        self.header = None  # a table's column names
+        if self.format != "jsonl":
+            from tokenmill.jobs.input_tables import table_columns  # (the format modules import this one)
+
+            self.header = table_columns(self)
 
     # ---------------------------------------------------------------- identity and format
     def identity(self) -> dict:
@@ -182,16 +183,16 @@ class InputSource:
         self._file.seek(0)
         if self._file.read(4) == b"PAR1":
             return "parquet"
-        return "csv" if self._base_name().endswith((".csv", ".tsv")) else "jsonl"
+        return "csv" if self.base_name().endswith((".csv", ".tsv")) else "jsonl"
 
-    def _base_name(self) -> str:
+    def base_name(self) -> str:
         """The input's name without a compression suffix, lower case ("" for stdin)."""
         name = "" if self.spec.is_stdin else self.path.name.lower()
         for suffix in _COMPRESSION_SUFFIXES:
             name = name.removesuffix(suffix)
         return name
 
-    def _open_stream(self):
+    def open_stream(self):
         """A fresh binary stream of the (decompressed) content from the start of the held-open file."""
         self._file.seek(0)
         f = self._file
@@ -213,7 +214,10 @@ class InputSource:
     # ---------------------------------------------------------------- rows
     def iter_lines(self) -> Iterator[tuple[int, RawRow]]:
         """Every row as (line number, raw JSON bytes or BadRow), blank lines included (as b""); sets num_lines."""
-        rows = {"jsonl": self._jsonl_lines, "csv": self._csv_rows, "parquet": self._parquet_rows}[self.format]()
+        from tokenmill.jobs.input_jsonl import jsonl_lines
+        from tokenmill.jobs.input_tables import csv_rows, parquet_rows
+
+        rows = {"jsonl": jsonl_lines, "csv": csv_rows, "parquet": parquet_rows}[self.format](self)
         n = 0
         try:
             for n, row in rows:
@@ -222,123 +226,14 @@ class InputSource:
             raise JobFault(f"input {self.display} could not be read past line {n}: {e}") from None
         self.num_lines = n
 
-    def _jsonl_lines(self) -> Iterator[tuple[int, RawRow]]:
-        stream = self._open_stream()
-        line_no = 0
-        rest = b""
-        first = True
-        skipping = False  # inside an over-long line, dropping bytes until its end
-        while True:
-            block = stream.read(BLOCK)
-            if os.fstat(self._file.fileno()).st_size < self.size:
-                raise JobFault(f"input {self.display} shrank while the job was reading it (it was changed in place); "
-                               f"restore it and run the same command to resume")
-            if first:
-                block = block.removeprefix(b"\xef\xbb\xbf")
-                first = False
-            if not block:
-                break
-            data = rest + block
-            # keep a trailing \r: it may be the first half of \r\n
-            cut = max(data.rfind(b"\n"), data.rfind(b"\r", 0, len(data) - 1))
-            if cut < 0:
-                rest = data
-                if len(rest) > MAX_LINE_BYTES and not skipping:
-                    line_no += 1
-                    yield line_no, _too_long(line_no)
-                    skipping = True
-                if skipping:
-                    rest = rest[-1:] if rest.endswith(b"\r") else b""
-                continue
-            complete, rest = data[: cut + 1], data[cut + 1:]
-            lines = complete.splitlines()
-            if skipping:
-                lines = lines[1:]  # the tail of the over-long line
-                skipping = False
-            for line in lines:
-                line_no += 1
-                yield line_no, line
-        if rest and not skipping:
-            for line in rest.splitlines():
-                line_no += 1
-                yield line_no, line
-
-    def _table_columns(self) -> list[str]:
-        if self.format == "parquet":
-            import pyarrow.parquet as pq
-
-            try:
-                names = pq.ParquetFile(self._parquet_handle()).schema_arrow.names
-            except Exception as e:  # pyarrow raises ArrowInvalid & co for a broken file
-                raise JobSetupError(f"input {self.display} is not a readable Parquet file: {e}") from None
-        else:
-            reader = csv.reader(self._csv_text(), dialect=self._dialect())
-            try:
-                names = next(reader, [])
-            except csv.Error as e:
-                raise JobSetupError(f"input {self.display}: cannot read the CSV header: {e}") from None
-        mapping = dict(self.spec.columns)
-        for field, column in mapping.items():
-            if column not in names:
-                raise JobSetupError(f"--columns {field}={column}: input {self.display} has no column {column!r} "
-                                    f"(columns: {', '.join(names[:20])})")
-        present = {f for f in self.fields if mapping.get(f, f) in names}
-        needs = "text" if "text" in self.fields else "prompt or messages"
-        if "id" not in present or not present & {"prompt", "messages", "text"}:
-            raise JobSetupError(f"input {self.display} has columns {', '.join(names[:20])}; it needs an id column and "
-                                f"a {needs} column: name them so or map them with --columns id=COL,...")
-        return names
-
-    def _column_of(self) -> dict[str, str]:
-        mapping = dict(self.spec.columns)
-        return {f: mapping.get(f, f) for f in self.fields if mapping.get(f, f) in self._header}
-
-    def _dialect(self):
-        return csv.excel_tab if self._base_name().endswith(".tsv") else csv.excel
-
-    def _csv_text(self):
-        return io.TextIOWrapper(self._open_stream(), encoding="utf-8-sig", errors="surrogateescape", newline="")
-
-    def _csv_rows(self) -> Iterator[tuple[int, RawRow]]:
-        csv.field_size_limit(MAX_LINE_BYTES)
-        cols = self._column_of()
-        reader = csv.reader(self._csv_text(), dialect=self._dialect())
-        header = next(reader, None)
-        if header is None:
-            return
-        index = {name: i for i, name in enumerate(header)}
-        row_no = 0
-        while True:
-            try:
-                values = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                row_no += 1
-                yield row_no, BadRow("invalid_csv", f"line {row_no}: not a valid CSV record: {e}")
-                continue
-            row_no += 1
-            if not any(v.strip() for v in values):
-                yield row_no, b""
-                continue
-            row = {f: values[index[c]] for f, c in cols.items() if index[c] < len(values)}
-            yield row_no, _encode_row(row, from_text=True, line_no=row_no)
-
-    def _parquet_handle(self):
+    def raw_file(self):
+        """The held-open file itself, at its start (Parquet reads it by offsets)."""
         self._file.seek(0)
         return self._file
 
-    def _parquet_rows(self) -> Iterator[tuple[int, RawRow]]:
-        import pyarrow.parquet as pq
-
-        cols = self._column_of()
-        f = pq.ParquetFile(self._parquet_handle())
-        row_no = 0
-        for batch in f.iter_batches(batch_size=1024, columns=sorted(set(cols.values()))):
-            data = {f: batch.column(c).to_pylist() for f, c in cols.items()}
-            for i in range(batch.num_rows):
-                row_no += 1
-                yield row_no, _encode_row({f: v[i] for f, v in data.items()}, from_text=False, line_no=row_no)
+    def shrank(self) -> bool:
+        """Whether the file is now shorter than when it was opened (changed in place under the job)."""
+        return os.fstat(self._file.fileno()).st_size < self.size
 
     def close(self) -> None:
         self._file.close()
@@ -364,52 +259,3 @@ class _Uncloseable(io.RawIOBase):
 
     def read(self, n: int = -1) -> bytes:
         return self._f.read(n)
-
-
-def _too_long(line_no: int) -> BadRow:
-    return BadRow("line_too_long", f"line {line_no} is longer than {MAX_LINE_BYTES >> 20} MiB")
-
-
-def _encode_row(row: dict, from_text: bool, line_no: int) -> RawRow:
-    """A table row -> the JSON line it stands for. Missing values (None, NaN, empty cells of non-text fields) are left
-    out; CSV cells are strings, so numbers and JSON values (messages, a stop list) are parsed from them."""
-    out = {}
-    for field, value in row.items():
-        if value is None or (isinstance(value, float) and math.isnan(value) and field not in _FLOAT_FIELDS):
-            continue
-        if from_text and field not in _TEXT_FIELDS and field != "id":
-            if value.strip() == "":
-                continue
-            value = _parse_cell(field, value)
-        elif not from_text and field in ("messages", "stop") and isinstance(value, str) and value.lstrip()[:1] in "[{":
-            value = _json_or_text(value)
-        out[field] = value
-    try:
-        return json.dumps(out, ensure_ascii=False, default=str, allow_nan=False).encode("utf-8", "surrogateescape")
-    except ValueError:  # a NaN / infinite float left in a sampling field
-        bad = next(f for f, v in out.items() if isinstance(v, float) and not math.isfinite(v))
-        return BadRow("invalid_sampling", f"line {line_no}: {bad} must be a finite number, got {out[bad]!r}")
-
-
-def _parse_cell(field: str, text: str):
-    s = text.strip()
-    if field in _INT_FIELDS:
-        try:
-            return int(s)
-        except ValueError:
-            return text
-    if field in _FLOAT_FIELDS:
-        try:
-            return float(s)
-        except ValueError:
-            return text
-    if field in ("messages", "stop") and s[:1] in "[{\"":
-        return _json_or_text(s)
-    return text
-
-
-def _json_or_text(s: str):
-    try:
-        return json.loads(s)
-    except ValueError:
-        return s
