@@ -2,8 +2,9 @@
 
 The driver does what a single-machine job does up to the engine (lock, manifest, resume bookkeeping, the
 validation pass and its error records, the memory plan), then cuts the remaining valid requests into shards and
-hands them to Ray actors (``distributed/worker.py``), one engine each, through the shard queue
-(``distributed/queue.py``): free workers pull, lost workers' shards go back, stragglers get a second copy. Each
+hands them to Ray actors (``distributed/worker.py``, started and replaced by ``distributed/pool.py``), one engine
+each, through the shard queue (``distributed/queue.py``): free workers pull, lost workers' shards go back, stragglers
+get a second copy. Each
 shard is committed by its worker under ``OUTPUT.shards/`` (``distributed/store.py``). When every shard is in, the
 driver merges them into OUTPUT (input order for JSONL; Parquet in commit order, as a single-machine job leaves
 it), writes the summary and the state file, and removes the shards.
@@ -24,16 +25,17 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tokenmill.distributed.cluster import connect
 from tokenmill.distributed.kinds import EmbedKind, GenerationKind
+from tokenmill.distributed.pool import WorkerPool, cluster_shape, ray_cause
 from tokenmill.distributed.queue import Shard, ShardQueue
 from tokenmill.distributed.store import ShardStore, shard_ids
-from tokenmill.jobs.errors import JobFault, JobSetupError
+from tokenmill.jobs.errors import JobSetupError
 from tokenmill.jobs.files import JobPaths, fsync_path
 from tokenmill.jobs.progress import Progress, StopFlag
 from tokenmill.jobs.records import JobError
@@ -54,8 +56,6 @@ SHARDS_PER_WORKER = 8  # default shard size: about this many shards per worker (
 MAX_SHARD_WORK = 2_000_000  # ... and at most this many tokens (prompt + max_tokens) in one shard
 MIN_SHARD_ROWS = 8
 POLL_SECONDS = 0.5
-PROGRESS_POLL_SECONDS = 1.0
-NO_WORKER_TIMEOUT = 300.0  # no worker alive or starting for this long: the job stops (exit 3)
 
 
 @dataclass
@@ -72,24 +72,6 @@ def default_shard_size(num_rows: int, num_workers: int, work_per_row: float) -> 
     size = math.ceil(num_rows / max(1, num_workers * SHARDS_PER_WORKER))
     size = min(size, max(1, int(MAX_SHARD_WORK / max(work_per_row, 1.0))))
     return max(MIN_SHARD_ROWS, size)
-
-
-@dataclass
-class _Worker:
-    """A Ray actor and its shard slots (queue worker ids ``<wid>.<k>``)."""
-
-    wid: str
-    actor: object
-    ready_ref: object | None
-    info: dict = field(default_factory=dict)
-    tasks: dict = field(default_factory=dict)  # slot -> run_shard ObjectRef
-    names: dict = field(default_factory=dict)  # slot -> shard name
-    progress_ref: object | None = None
-    polled_at: float = 0.0
-    num_slots: int = 2
-
-    def slots(self) -> list[str]:
-        return [f"{self.wid}.{k}" for k in range(self.num_slots)]
 
 
 def run_distributed(kind: str, opts, ray_opts: RayOptions, stop: StopFlag | None = None) -> int:
@@ -139,8 +121,7 @@ class _Driver(JobRun):
         self.job, self.ray_opts, self.ray = job, ray_opts, ray
         self.store = ShardStore(paths.output)
         self.run_token = f"{int(time.time()):x}{os.getpid():x}"
-        self.workers: dict[str, _Worker] = {}
-        self.num_started = 0
+        self.pool = WorkerPool(ray, job.name, self.store.dir, self.run_token, ray_opts.max_shard_retries + 2)
         self.items: dict[int, list] = {}  # shard id -> its prepared requests, until committed or given up
         self.refs: dict[int, object] = {}  # shard id -> the requests in Ray's object store
         self.total = self.done = 0
@@ -150,12 +131,8 @@ class _Driver(JobRun):
         self.shard_seconds: list[float] = []  # committed shards' times (the fleet simulator's input)
         self.queue: ShardQueue | None = None
         self.t_loop = time.perf_counter()
-        self.last_worker_seen = time.monotonic()
-        self.first_worker_error: str | None = None
-        self.num_threads = 1
-        self.num_slots = 2
+        self.num_threads = 1  # each worker's
         self.num_nodes = 0
-        self.num_workers = 0
         self.shard_size = 0
         retried = _drop_shard_failed(paths)  # resume: what earlier starts committed, and their error records
         self.store.prepare()
@@ -195,39 +172,10 @@ class _Driver(JobRun):
 
     # ------------------------------------------------------------------ set-up
     def _cluster_shape(self) -> tuple[int, dict]:
-        """(workers to start, Ray resources of one) from the cluster and the options."""
-        ray = self.ray
-        nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
-        self.num_nodes = len(nodes)
-        if not nodes:
-            raise JobSetupError("the Ray cluster has no node with CPUs")
-        device, tp = self.job.device, self.job.tp_size
-        gpus = int(sum(n["Resources"].get("GPU", 0) for n in nodes))
-        if gpus and device != "cpu":  # a worker per tensor-parallel group of GPUs
-            n = self.ray_opts.num_workers or max(1, gpus // tp)
-            self.num_threads = 1
-            return n, {"num_gpus": tp, "num_cpus": 1}
-        min_cpus = int(min(n["Resources"]["CPU"] for n in nodes))
-        n = self.ray_opts.num_workers or len(nodes)
-        per_node = math.ceil(n / len(nodes))
-        cpus = max(1, min_cpus // per_node)
-        self.num_threads = cpus
-        return n, {"num_cpus": cpus}
-
-    def _probe(self) -> str:
-        name = f".probe-{self.run_token}"
-        (self.store.dir / name).write_bytes(b"")
-        return name
-
-    def _start_worker(self, resources: dict, spec: dict, probe: str) -> None:
-        from tokenmill.distributed.worker import ShardWorker
-
-        remote = self.ray.remote(ShardWorker).options(max_concurrency=self.num_slots + 2, max_restarts=0,
-                                                      scheduling_strategy="SPREAD", **resources)
-        actor = remote.remote(self.job.name, spec, str(self.store.dir), probe)
-        wid = f"w{self.num_started}"
-        self.num_started += 1
-        self.workers[wid] = _Worker(wid, actor, actor.ready.remote(), num_slots=self.num_slots)
+        """(workers to start, Ray resources of one) from the cluster and the options (``pool.cluster_shape``)."""
+        n, resources, self.num_threads, self.num_nodes = cluster_shape(self.ray, self.job.device, self.job.tp_size,
+                                                                       self.ray_opts.num_workers)
+        return n, resources
 
     # ------------------------------------------------------------------ the loop
     def _shard_source(self, todo: Iterator, shard_size: int) -> Iterator[Shard]:
@@ -265,18 +213,15 @@ class _Driver(JobRun):
         shard_size = ro.shard_size or default_shard_size(todo_rows, num_workers, work_per_row)
         self.shard_size = shard_size
         self.shards_total = math.ceil(todo_rows / shard_size)
-        self.num_workers = num_workers
         spec = self.job.worker_spec(scanned, self.num_threads)
         from tokenmill.distributed.worker import MIN_SLOTS, slots_for
 
-        self.num_slots = slots_for(spec["max_num_seqs"], shard_size) if self.job.name == "run" else MIN_SLOTS
-        probe = self._probe()
+        num_slots = slots_for(spec["max_num_seqs"], shard_size) if self.job.name == "run" else MIN_SLOTS
         self.state.write({**self.snapshot(), "message": f"starting {num_workers} workers"}, force=True)
-        for _ in range(num_workers):
-            self._start_worker(resources, spec, probe)
+        self.pool.start(num_workers, resources, spec, num_slots)
         note(self.opts.quiet, f"Ray: {num_workers} workers ({self.num_threads} threads each) on {self.num_nodes} "
                               f"nodes; {todo_rows} rows to run in {self.shards_total} shards of up to {shard_size}, "
-                              f"{self.num_slots} at a time per worker")
+                              f"{num_slots} at a time per worker")
         self.queue = ShardQueue(self._shard_source(todo, shard_size), ro.max_shard_retries, ro.reissue,
                                 machine_of=lambda slot: slot.partition(".")[0])
         progress = Progress(self.total, self.done, f"tokenmill {self.job.name} (ray)", self.job.unit, self.opts.quiet,
@@ -284,76 +229,45 @@ class _Driver(JobRun):
         self.t_loop = time.perf_counter()
         try:
             while not self.queue.finished and self.stop.received is None:
-                self._step(resources, spec, probe, progress)
+                self._step(progress)
                 self.state.write_due(self.snapshot)
         finally:
             progress.close(self.postfix)
-            for w in self.workers.values():
-                ray.kill(w.actor, no_restart=True)
+            self.pool.kill_all()
         if self.stop.received is None:
             return 0
         running = len(self.queue.running)
         return self.stopped(f"stopped by signal after {self.done}/{self.total} rows; {running} shards in flight "
                             f"will run again on resume ({self.shards_done} committed).")
 
-    def _step(self, resources: dict, spec: dict, probe: str, progress: Progress) -> None:
-        ray, queue = self.ray, self.queue
+    def _step(self, progress: Progress) -> None:
+        ray, queue, pool = self.ray, self.queue, self.pool
         now = time.monotonic()
-        for w in list(self.workers.values()):  # free slots of ready workers take work
-            if w.ready_ref is not None:
+        for w, slot in pool.free_slots():  # free slots of ready workers take work
+            attempt = queue.assign(slot, now)
+            if attempt is None:
                 continue
-            for slot in w.slots():
-                if slot in w.tasks:
-                    continue
-                attempt = queue.assign(slot, now)
-                if attempt is None:
-                    break
-                sid = attempt.shard.shard_id
-                w.names[slot] = f"{self.run_token}-{sid:06d}"
-                w.tasks[slot] = w.actor.run_shard.remote(w.names[slot], self.refs[sid])
-        waiting = {}
-        for w in self.workers.values():
-            if w.ready_ref is not None:
-                waiting[w.ready_ref] = (w, None)
-            for slot, ref in w.tasks.items():
-                waiting[ref] = (w, slot)
+            sid = attempt.shard.shard_id
+            w.names[slot] = f"{self.run_token}-{sid:06d}"
+            w.tasks[slot] = w.actor.run_shard.remote(w.names[slot], self.refs[sid])
+        waiting = pool.waiting()
         if not waiting:
-            if time.monotonic() - self.last_worker_seen > NO_WORKER_TIMEOUT:
-                raise JobFault(f"no Ray worker alive or starting for {NO_WORKER_TIMEOUT:.0f} s"
-                               + (f" (last worker error: {self.first_worker_error})" if self.first_worker_error
-                                  else "") + "; committed shards are kept: run the same command again to resume")
             time.sleep(POLL_SECONDS)
             return
-        self.last_worker_seen = time.monotonic()
         ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=POLL_SECONDS)
         for ref in ready:
             w, slot = waiting[ref]
-            if w.wid not in self.workers:
+            if w.wid not in pool.workers:
                 continue  # lost with another of its slots in this round
             if slot is None:
-                self._on_ready(w, ref, resources, spec, probe)
+                pool.on_ready(w, ref)
             else:
-                self._on_task(w, slot, ref, resources, spec, probe, progress)
-        self._poll_progress()
+                self._on_task(w, slot, ref, progress)
+        now = time.monotonic()
+        for slot, work in pool.poll_progress():
+            queue.progress(slot, work, now)
 
-    def _on_ready(self, w: _Worker, ref, resources, spec, probe) -> None:
-        from tokenmill.distributed.worker import OutputNotShared
-
-        w.ready_ref = None
-        try:
-            w.info = self.ray.get(ref)
-        except Exception as e:  # the actor could not start (model load failed, node gone, output not shared)
-            cause = _cause(e)
-            if isinstance(cause, OutputNotShared):
-                raise JobSetupError(str(cause)) from None
-            self.first_worker_error = self.first_worker_error or f"{type(cause).__name__}: {cause}"
-            del self.workers[w.wid]
-            if not any(x.info for x in self.workers.values()) and not any(
-                    x.ready_ref is not None for x in self.workers.values()) and self.num_started >= self.num_workers:
-                raise JobFault(f"no Ray worker could start: {self.first_worker_error}") from None
-            self._replace(resources, spec, probe)
-
-    def _on_task(self, w: _Worker, slot: str, ref, resources, spec, probe, progress: Progress) -> None:
+    def _on_task(self, w, slot: str, ref, progress: Progress) -> None:
         queue = self.queue
         now = time.monotonic()
         del w.tasks[slot]
@@ -361,21 +275,19 @@ class _Driver(JobRun):
         try:
             result = self.ray.get(ref)
         except Exception as e:  # the worker died (or its engine failed): every shard in it is lost
-            cause = _cause(e)
+            cause = ray_cause(e)
             reason = f"{type(cause).__name__}: {cause}"
-            self.first_worker_error = self.first_worker_error or reason
-            self.ray.kill(w.actor, no_restart=True)
-            del self.workers[w.wid]
+            self.pool.lose(w, reason)
             for i, s in enumerate([slot, *w.tasks]):
                 given_up = queue.lost(s, count=i == 0)
                 if given_up is not None:
                     self._give_up(given_up, reason)
-            self._replace(resources, spec, probe)
+            self.pool.replace()
             return
         if result["status"] == "committed":
             sid = queue.running[slot].shard.shard_id
             for loser in queue.committed(slot, now):
-                other = self.workers.get(loser.partition(".")[0])
+                other = self.pool.workers.get(loser.partition(".")[0])
                 if other is not None and other.names.get(loser) == name:
                     other.actor.cancel.remote(name)
             self.items.pop(sid, None)
@@ -391,12 +303,6 @@ class _Driver(JobRun):
         else:  # cancelled, or lost the commit race to another copy
             queue.cancelled(slot)
 
-    def _replace(self, resources, spec, probe) -> None:
-        """Starts a worker in place of a lost one (Ray places it wherever resources are free), within a budget."""
-        alive = len(self.workers)
-        if alive < self.num_workers and self.num_started < 2 * self.num_workers + self.ray_opts.max_shard_retries + 2:
-            self._start_worker(resources, spec, probe)
-
     def _give_up(self, shard: Shard, reason: str) -> None:
         items = self.items.pop(shard.shard_id)
         self.refs.pop(shard.shard_id, None)
@@ -410,40 +316,13 @@ class _Driver(JobRun):
         self.errors.appender.sync()
         self.shards_done += 1
 
-    def _poll_progress(self) -> None:
-        ray, queue = self.ray, self.queue
-        now = time.monotonic()
-        refs = {w.progress_ref: w for w in self.workers.values() if w.progress_ref is not None}
-        if refs:
-            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
-            for ref in ready:
-                w = refs[ref]
-                w.progress_ref = None
-                try:
-                    work = ray.get(ref)
-                except Exception:
-                    continue
-                for slot, name in w.names.items():
-                    if name in work:
-                        queue.progress(slot, work[name], now)
-        for w in self.workers.values():
-            if w.tasks and w.progress_ref is None and now - w.polled_at >= PROGRESS_POLL_SECONDS:
-                w.progress_ref = w.actor.progress.remote()
-                w.polled_at = now
-
     # ------------------------------------------------------------------ reporting
     def snapshot(self) -> dict:
         elapsed = time.perf_counter() - self.t_loop
         rate = (self.run_prompt + self.run_gen) / elapsed if elapsed > 0 else 0.0
         rows_s = self.run_rows / elapsed if elapsed > 0 else 0.0
         q = self.queue
-        workers = []
-        if q is not None:
-            for w in self.workers.values():
-                workers.append({"id": w.wid, "pid": w.info.get("pid"), "host": w.info.get("host"),
-                                "node_id": w.info.get("node_id"), "state": "starting" if w.ready_ref is not None else
-                                ("busy" if w.tasks else "idle"), "shards": sorted(w.names.values()),
-                                "shard": min(w.names.values(), default=None)})
+        workers = self.pool.describe() if q is not None else []
         snap = {"state": "running", "output": str(self.opts.output), "total": self.total, "done": self.done,
                 "failed": self.errors.count if self.errors else 0, "prompt_tok_s": rate if self.job.name == "embed"
                 else self.run_prompt / elapsed if elapsed > 0 else 0.0,
@@ -476,7 +355,7 @@ class _Driver(JobRun):
                  f"{format_duration(wall)} ({wall:.1f} s); {rows} rows in {opts.output}"]
         if q is not None:
             s = q.stats
-            lines.append(f"  Ray: {self.num_workers} workers on {self.num_nodes} nodes, {self.shards_total} shards of up "
+            lines.append(f"  Ray: {self.pool.num_workers} workers on {self.num_nodes} nodes, {self.shards_total} shards of up "
                          f"to {self.shard_size} rows; {s.reissued} straggler shards re-issued ({s.copies_won} copies "
                          f"won), {s.retried} re-run after {s.workers_lost} lost workers, {s.given_up} given up")
         lines.append(f"  this run: {self.run_prompt:,} input + {self.run_gen:,} output tokens, "
@@ -489,7 +368,7 @@ class _Driver(JobRun):
         # what a generation job buys is output tokens; an embed or score job's, its input tokens
         per_output = self.job.name == "run" and getattr(opts, "task", "generate") != "score"
         throughput = (self.run_gen if per_output else self.run_prompt) / wall if wall > 0 else 0.0
-        billed = opts.num_gpus * max(1, self.num_workers)  # every worker, for the whole run
+        billed = opts.num_gpus * max(1, self.pool.num_workers)  # every worker, for the whole run
         lines += summary_tail(opts, self.paths, failed, billed, throughput, wall, "output" if per_output else "input")
         return lines
 
@@ -497,9 +376,3 @@ class _Driver(JobRun):
         final = self.snapshot()
         final["ray"]["shard_seconds"] = self.shard_seconds[:100_000]
         return final
-
-
-def _cause(e: BaseException) -> BaseException:
-    """The user-level exception inside a Ray error (RayTaskError wraps it as ``cause``)."""
-    cause = getattr(e, "cause", None)
-    return cause if isinstance(cause, BaseException) else e
