@@ -4,9 +4,8 @@ The driver does what a single-machine job does up to the engine (lock, manifest,
 validation pass and its error records, the memory plan), then cuts the remaining valid requests into shards and
 hands them to Ray actors (``distributed/worker.py``, started and replaced by ``distributed/pool.py``), one engine
 each, through the shard queue (``distributed/queue.py``): free workers pull, lost workers' shards go back, stragglers
-get a second copy. Each
-shard is committed by its worker under ``OUTPUT.shards/`` (``distributed/store.py``). When every shard is in, the
-driver merges them into OUTPUT (input order for JSONL; Parquet in commit order, as a single-machine job leaves
+get a second copy. Each shard is committed by its worker under ``OUTPUT.shards/`` (``distributed/store.py``). When
+every shard is in, the driver merges them into OUTPUT (input order for JSONL; Parquet in commit order, as a single-machine job leaves
 it), writes the summary and the state file, and removes the shards.
 
 Requests travel to the workers already tokenised (``Prepared`` / ``EmbedPrepared``), so a worker needs the model
