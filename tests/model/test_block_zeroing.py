@@ -28,7 +28,8 @@ def run(engine, prompts, params):
 @pytest.mark.parametrize("swap", [False, True])
 def test_a_cache_full_of_nan_gives_the_clean_caches_outputs(tmp_path, swap):
     save_tiny_model("llama", tmp_path / "m")
-    options = {"model": str(tmp_path / "m"), "num_threads": 1, "block_size": 4, "num_kv_blocks": 24, "max_model_len": 64,
+    options = {"model": str(tmp_path / "m"), "num_threads": 1, "block_size": 4, "num_kv_blocks": 24,
+               "max_model_len": 64,
                "max_num_seqs": 6, "max_num_batched_tokens": 64}
     if swap:
         options.update(preemption_mode="swap", swap_space=0.001)

@@ -5,8 +5,8 @@ validation pass and its error records, the memory plan), then cuts the remaining
 hands them to Ray actors (``distributed/worker.py``, started and replaced by ``distributed/pool.py``), one engine
 each, through the shard queue (``distributed/queue.py``): free workers pull, lost workers' shards go back, stragglers
 get a second copy. Each shard is committed by its worker under ``OUTPUT.shards/`` (``distributed/store.py``). When
-every shard is in, the driver merges them into OUTPUT (input order for JSONL; Parquet in commit order, as a single-machine job leaves
-it), writes the summary and the state file, and removes the shards.
+every shard is in, the driver merges them into OUTPUT (input order for JSONL; Parquet in commit order, as a
+single-machine job leaves it), writes the summary and the state file, and removes the shards.
 
 Requests travel to the workers already tokenised (``Prepared`` / ``EmbedPrepared``), so a worker needs the model
 and the shared output directory, not the input file. A driver killed at any point resumes with the same command:
@@ -354,8 +354,8 @@ class _Driver(JobRun):
                  f"{format_duration(wall)} ({wall:.1f} s); {rows} rows in {opts.output}"]
         if q is not None:
             s = q.stats
-            lines.append(f"  Ray: {self.pool.num_workers} workers on {self.num_nodes} nodes, {self.shards_total} shards of up "
-                         f"to {self.shard_size} rows; {s.reissued} straggler shards re-issued ({s.copies_won} copies "
+            lines.append(f"  Ray: {self.pool.num_workers} workers on {self.num_nodes} nodes, {self.shards_total} "
+                         f"shards of up to {self.shard_size} rows; {s.reissued} straggler shards re-issued ({s.copies_won} copies "
                          f"won), {s.retried} re-run after {s.workers_lost} lost workers, {s.given_up} given up")
         lines.append(f"  this run: {self.run_prompt:,} input + {self.run_gen:,} output tokens, "
                      f"{tokens / wall if wall > 0 else 0:.1f} tok/s total over the cluster")

@@ -4,8 +4,8 @@ installs a signal handler, so it is a plain library class that a test can also d
 
 The driver keeps several shards in a worker at once (``slots``: enough that their requests fill ``max_num_seqs``,
 at least two), so its engine never runs dry between shards and small shards still make full batches: for
-generation one engine thread (``_ShardLoop``, around the engine's ``EngineLoop``) serves every shard, admitting the next shard's requests while the
-previous ones drain; for embeddings the shards run one after the other.
+generation one engine thread (``_ShardLoop``, around the engine's ``EngineLoop``) serves every shard, admitting the
+next shard's requests while the previous ones drain; for embeddings the shards run one after the other.
 
 ``run_shard`` blocks until its shard is done and returns a dict (``status`` "committed", "lost_race" or
 "cancelled", rows, tokens, seconds) or raises. ``progress`` and ``cancel`` are called from other actor threads while

@@ -56,13 +56,14 @@ decides once whether to call it (``ops/cpu_ops.py``).
 
 The C++ sources beside this file, one kernel family each (``cpu_common.cpp``: the shared vector helpers;
 ``cpu_attention.cpp``, ``cpu_layers.cpp``: norms, RoPE, argmax, the MLP activation, the MoE loop; ``cpu_int8.cpp``;
-``cpu_prefill.cpp``; ``cpu_amx.cpp``), are joined in that order and compiled as one module. It is compiled (``-march=native``, needs a C++ compiler and
-ninja) once per machine and the shared library is kept under ``~/.cache/tokenmill/kernels/`` (``XDG_CACHE_HOME``
-honoured), keyed on what decides the binary: the source, the flags, the CPU model and features, torch and Python
-(the outer directory) and the compiler's version (the inner one). Later processes load the cached library directly:
-which ninja is on PATH plays no part. The first build is announced on stderr; a failed build is reported once as a
-warning saying what is missing and what it costs, and the torch path is used (``tests/model/test_cpu_kernel.py``
-holds the two equal). ``tokenmill build-kernels`` builds ahead of time (for images and CI).
+``cpu_prefill.cpp``; ``cpu_amx.cpp``), are joined in that order and compiled as one module. It is compiled
+(``-march=native``, needs a C++ compiler and ninja) once per machine and the shared library is kept under
+``~/.cache/tokenmill/kernels/`` (``XDG_CACHE_HOME`` honoured), keyed on what decides the binary: the source, the
+flags, the CPU model and features, torch and Python (the outer directory) and the compiler's version (the inner one).
+Later processes load the cached library directly: which ninja is on PATH plays no part. The first build is announced
+on stderr; a failed build is reported once as a warning saying what is missing and what it costs, and the torch path
+is used (``tests/model/test_cpu_kernel.py`` holds the two equal). ``tokenmill build-kernels`` builds ahead of time
+(for images and CI).
 """
 
 from __future__ import annotations
