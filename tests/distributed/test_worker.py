@@ -11,7 +11,6 @@ import pytest
 from helpers import save_tiny_model
 from tokenmill.distributed.worker import OutputNotShared, ShardWorker, slots_for
 from tokenmill.jobs.preprocess import Preprocessor
-from tokenmill.jobs.records import JobRequest
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import queue
 import socket
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 from tokenmill.distributed.store import ShardStore, write_jsonl
