@@ -31,7 +31,8 @@ MIN_SLOTS, MAX_SLOTS = 2, 8  # shards a worker holds at once
 def slots_for(max_num_seqs: int, shard_size: int) -> int:
     """Shards a worker holds at once: enough for ``max_num_seqs`` requests plus one shard ready to start."""
     return max(MIN_SLOTS, min(MAX_SLOTS, -(-max_num_seqs // shard_size) + 1))
-CANCEL_CHECK_SECONDS = 1.0  # how often a running shard also looks for a copy committed by another worker
+CANCEL_CHECK_SECONDS = 1.0
+PUBLISH_SECONDS = 0.25  # the engine thread refreshes the progress it publishes this often (the driver polls ~1 s)  # how often a running shard also looks for a copy committed by another worker
 
 
 class OutputNotShared(RuntimeError):
@@ -204,6 +205,7 @@ class _ShardLoop:
         self.inbox: queue.Queue = queue.Queue()
         self.shards: dict[str, _Shard] = {}  # engine thread only
         self._progress: dict[str, float] = {}  # shard -> work done, as the engine thread last published it
+        self._published_at = 0.0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -252,7 +254,6 @@ class _ShardLoop:
                     pass
                 for s in list(self.shards.values()):
                     self._close(s, "failed", e)
-                self._publish()
 
     def _open(self, shard: _Shard) -> None:
         if shard.name in self.shards:  # the driver never gives one worker two copies of a shard at once
@@ -276,7 +277,12 @@ class _ShardLoop:
         s.gen += out.num_generated_tokens if item.score_from is None else 0  # a score row's token is unused
 
     def _publish(self) -> None:
-        """Each shard's work done (finished rows whole, running ones by their computed tokens), for ``progress``."""
+        """Each shard's work done (finished rows whole, running ones by their computed tokens), for ``progress``:
+        a pass over every running request, so between two steps only every PUBLISH_SECONDS."""
+        now = time.monotonic()
+        if now - self._published_at < PUBLISH_SECONDS:
+            return
+        self._published_at = now
         out = {}
         for name, s in self.shards.items():
             feed = self.loop.feeds.get(name)
@@ -298,5 +304,7 @@ class _ShardLoop:
 
     def _close(self, s: _Shard, outcome: str, error: BaseException | None = None) -> None:
         self.shards.pop(s.name, None)
+        with self._lock:  # no progress reported for a shard that has ended
+            self._progress.pop(s.name, None)
         s.outcome, s.error = outcome, error
         s.event.set()
