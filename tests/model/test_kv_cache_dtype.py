@@ -89,3 +89,21 @@ def test_the_fp8_cache_is_written_alike_without_the_kernels():
     for with_kernels, without in ((caches[0], caches[2]), (caches[1], caches[3])):
         assert torch.equal(with_kernels.view(torch.uint8), without.view(torch.uint8))
     assert torch.equal(caches[2].view(-1, 2, 16)[slots].float(), k.to(torch.float8_e4m3fn).float())
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+def test_the_kernels_read_every_fp8_code_exactly(kernels, q_dtype):
+    """Each of the 254 finite e4m3 codes, subnormals (|x| < 2^-6) included, read back by the decode kernel equals
+    torch's cast: one key per request, so the output is its V row times a softmax weight of exactly 1."""
+    codes = torch.tensor([c for c in range(256) if c not in (0x7F, 0xFF)] + [0, 0], dtype=torch.uint8)  # 256
+    v_rows = codes.view(4, 64)  # 4 requests, head_dim 64, one KV head
+    v_cache = torch.zeros(4, 16, 1, 64, dtype=torch.uint8)
+    v_cache[:, 0, 0] = v_rows  # request r's only token is slot 0 of block r
+    v_cache = v_cache.view(torch.float8_e4m3fn)
+    k_cache = torch.zeros_like(v_cache)
+    q = torch.ones(4, 1, 64, dtype=q_dtype)
+    out = kernels.paged_attention(q, k_cache, v_cache, torch.arange(4).view(4, 1), torch.ones(4, dtype=torch.int64),
+                                  torch.arange(5), 0.125)
+    want = v_rows.contiguous().view(torch.float8_e4m3fn).float().view(4, 1, 64)
+    assert want.abs().min() == 0 and 0 < want[want != 0].abs().min() < 2**-6  # zero and subnormals are in it
+    assert torch.equal(out.float(), want.to(q_dtype).float())

@@ -153,19 +153,24 @@ static void attend_avx512(const float* qf, const scalar_t* qb, float scale, cons
                           std::vector<float>& scores, std::vector<float>& acc, std::vector<float>& tile,
                           std::vector<float>& inv, scalar_t* out) {
   constexpr int64_t D = 16 * NV;
-  constexpr bool raw = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<cache_t, c10::BFloat16> &&
+  constexpr bool convert = std::is_same_v<cache_t, c10::Float8_e4m3fn>;
+  // A float8 block is converted into `tile` once (each row then feeds G heads): into bfloat16 (exact: e4m3's 3
+  // mantissa bits fit) when q is bfloat16 and the CPU multiplies bfloat16 pairs, so K rows take the raw path below,
+  // else into float. Float and bfloat16 rows are read in place (bfloat16 widened in registers: a shift).
+  constexpr bool to_bf16 = convert && std::is_same_v<scalar_t, c10::BFloat16> && bf16_dot_ok;
+  using row_t = std::conditional_t<convert, std::conditional_t<to_bf16, c10::BFloat16, float>, cache_t>;
+  constexpr bool raw = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<row_t, c10::BFloat16> &&
                        bf16_dot_ok;
   const int64_t G = H / Hkv;
   const int64_t row = Hkv * D;
   const int64_t nblocks = (L + bs - 1) / bs;
   if (static_cast<int64_t>(scores.size()) < H * L) scores.resize(H * L);
   const uint16_t* q16 = reinterpret_cast<const uint16_t*>(qb);
-  // A float8 block is converted into `tile` once (each row then feeds G heads); float and bfloat16 rows are read in
-  // place (bfloat16 widened in registers: a shift).
-  constexpr bool convert = std::is_same_v<cache_t, c10::Float8_e4m3fn>;
-  using row_t = std::conditional_t<convert, float, cache_t>;
   auto block_rows = [&](const cache_t* cache, int64_t j, int64_t n) -> const row_t* {
-    if constexpr (convert) {
+    if constexpr (to_bf16) {
+      fp8_to_bf16(cache + table[j] * bs * row, reinterpret_cast<c10::BFloat16*>(tile.data()), n * row);
+      return reinterpret_cast<const c10::BFloat16*>(tile.data());
+    } else if constexpr (convert) {
       to_float(cache + table[j] * bs * row, tile.data(), n * row);
       return tile.data();
     } else {
