@@ -6,15 +6,17 @@
 // and shared by the G = H / Hkv query heads of each KV group. Two passes: scores then softmax, then P.V.
 // With a bfloat16 cache on a CPU with AVX512-BF16 (and D % 32 == 0), pass 1 multiplies the raw bfloat16 q (``qb``)
 // and K rows (dot_bf16) and applies ``scale`` to the scores, instead of converting K to float first.
+// Only keys first .. L - 1 are attended (a sliding window: first = L - window); softcap > 0 caps the scores
+// (softcap * tanh(score / softcap), Gemma 2) before the softmax. Scores stay indexed by key position.
 template <typename scalar_t, typename cache_t, int NV>
 static void attend(const float* qf, const scalar_t* qb, float scale, const cache_t* kp, const cache_t* vp,
-                   const int64_t* table, int64_t L, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
-                   std::vector<float>& scores, std::vector<float>& acc, std::vector<float>& tile,
+                   const int64_t* table, int64_t first, int64_t L, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
+                   float softcap, std::vector<float>& scores, std::vector<float>& acc, std::vector<float>& tile,
                    std::vector<float>& inv, scalar_t* out) {
   constexpr bool is_float = std::is_same_v<cache_t, float>;
   const int64_t G = H / Hkv;
   const int64_t row = Hkv * D;  // one token's K (or V) for all KV heads; rows of a block are contiguous
-  const int64_t nblocks = (L + bs - 1) / bs;
+  const int64_t nblocks = (L + bs - 1) / bs, j0 = first / bs;
   if (static_cast<int64_t>(scores.size()) < H * L) scores.resize(H * L);
   // The n float rows of block j of `cache` (converted into `tile` unless the cache is float); block j + 1 prefetched.
   auto block_rows = [&](const cache_t* cache, int64_t j, int64_t n) -> const float* {
@@ -29,41 +31,45 @@ static void attend(const float* qf, const scalar_t* qb, float scale, const cache
   // pass 1: scores[h][t] = q_h . k_t
   if (qb != nullptr) {
     const uint16_t* q16 = reinterpret_cast<const uint16_t*>(qb);
-    for (int64_t j = 0; j < nblocks; ++j) {
-      const int64_t n = std::min(bs, L - j * bs);
+    for (int64_t j = j0; j < nblocks; ++j) {
+      const int64_t n = std::min(bs, L - j * bs), t1 = std::max<int64_t>(0, first - j * bs);
       for (int64_t a = 1; a <= PREFETCH_BLOCKS; ++a)
         if (j + a < nblocks) {
           prefetch_block(kp + table[j + a] * bs * row, std::min(bs, L - (j + a) * bs) * row);
           prefetch_block(vp + table[j + a] * bs * row, std::min(bs, L - (j + a) * bs) * row);
         }
       const uint16_t* rows = reinterpret_cast<const uint16_t*>(kp + table[j] * bs * row);
-      for (int64_t t = 0; t < n; ++t)
+      for (int64_t t = t1; t < n; ++t)
         for (int64_t h = 0; h < H; ++h)
           scores[h * L + j * bs + t] = scale * dot_bf16(q16 + h * D, rows + t * row + (h / G) * D, D);
     }
   } else {
-    for (int64_t j = 0; j < nblocks; ++j) {
-      const int64_t n = std::min(bs, L - j * bs);
+    for (int64_t j = j0; j < nblocks; ++j) {
+      const int64_t n = std::min(bs, L - j * bs), t1 = std::max<int64_t>(0, first - j * bs);
       for (int64_t a = 1; a <= PREFETCH_BLOCKS; ++a)
         if (j + a < nblocks) {
           prefetch_block(kp + table[j + a] * bs * row, std::min(bs, L - (j + a) * bs) * row);
           prefetch_block(vp + table[j + a] * bs * row, std::min(bs, L - (j + a) * bs) * row);
         }
       const float* rows = block_rows(kp, j, n);
-      for (int64_t t = 0; t < n; ++t)
+      for (int64_t t = t1; t < n; ++t)
         for (int64_t h = 0; h < H; ++h)
           scores[h * L + j * bs + t] = dot<NV>(qf + h * D, rows + t * row + (h / G) * D, D);
     }
   }
   // softmax numerators; 1/sum is applied to the output
-  for (int64_t h = 0; h < H; ++h) inv[h] = softmax_numerators(scores.data() + h * L, L);
+  for (int64_t h = 0; h < H; ++h) {
+    if (softcap > 0.f) cap_scores(scores.data() + h * L + first, L - first, softcap);
+    inv[h] = softmax_numerators(scores.data() + h * L + first, L - first);
+  }
   // pass 2: acc_h = sum_t p[h][t] v_t
   std::fill(acc.begin(), acc.end(), 0.f);
-  for (int64_t j = 0; j < nblocks; ++j) {
-    const int64_t n = std::min(bs, L - j * bs);
+  for (int64_t j = j0; j < nblocks; ++j) {
+    const int64_t n = std::min(bs, L - j * bs), t1 = std::max<int64_t>(0, first - j * bs);
     const float* rows = block_rows(vp, j, n);
     for (int64_t h = 0; h < H; ++h)
-      axpy_rows<NV>(acc.data() + h * D, scores.data() + h * L + j * bs, rows + (h / G) * D, row, n, D);
+      axpy_rows<NV>(acc.data() + h * D, scores.data() + h * L + j * bs + t1, rows + t1 * row + (h / G) * D, row,
+                    n - t1, D);
   }
   for (int64_t h = 0; h < H; ++h)
     for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<scalar_t>(acc[h * D + d] * inv[h]);
@@ -149,9 +155,9 @@ static inline void pv_block(float* const* acc, const float* const* p, const cach
 // block repeats its last head, whose duplicate sums are stored twice, identically).
 template <typename scalar_t, typename cache_t, int NV, int HB>
 static void attend_avx512(const float* qf, const scalar_t* qb, float scale, const cache_t* kp, const cache_t* vp,
-                          const int64_t* table, int64_t L, int64_t H, int64_t Hkv, int64_t bs,
-                          std::vector<float>& scores, std::vector<float>& acc, std::vector<float>& tile,
-                          std::vector<float>& inv, scalar_t* out) {
+                          const int64_t* table, int64_t first, int64_t L, int64_t H, int64_t Hkv, int64_t bs,
+                          float softcap, std::vector<float>& scores, std::vector<float>& acc,
+                          std::vector<float>& tile, std::vector<float>& inv, scalar_t* out) {
   constexpr int64_t D = 16 * NV;
   constexpr bool convert = std::is_same_v<cache_t, c10::Float8_e4m3fn>;
   // A float8 block is converted into `tile` once (each row then feeds G heads): into bfloat16 (exact: e4m3's 3
@@ -163,7 +169,7 @@ static void attend_avx512(const float* qf, const scalar_t* qb, float scale, cons
                        bf16_dot_ok;
   const int64_t G = H / Hkv;
   const int64_t row = Hkv * D;
-  const int64_t nblocks = (L + bs - 1) / bs;
+  const int64_t nblocks = (L + bs - 1) / bs, j0 = first / bs;
   if (static_cast<int64_t>(scores.size()) < H * L) scores.resize(H * L);
   const uint16_t* q16 = reinterpret_cast<const uint16_t*>(qb);
   auto block_rows = [&](const cache_t* cache, int64_t j, int64_t n) -> const row_t* {
@@ -177,8 +183,8 @@ static void attend_avx512(const float* qf, const scalar_t* qb, float scale, cons
       return cache + table[j] * bs * row;
     }
   };
-  for (int64_t j = 0; j < nblocks; ++j) {  // pass 1: scores[h][t] = q_h . k_t
-    const int64_t n = std::min(bs, L - j * bs);
+  for (int64_t j = j0; j < nblocks; ++j) {  // pass 1: scores[h][t] = q_h . k_t
+    const int64_t n = std::min(bs, L - j * bs), t1 = std::max<int64_t>(0, first - j * bs);
     for (int64_t a = 1; a <= PREFETCH_BLOCKS; ++a)
       if (j + a < nblocks) {
         prefetch_block(kp + table[j + a] * bs * row, std::min(bs, L - (j + a) * bs) * row);
@@ -186,14 +192,17 @@ static void attend_avx512(const float* qf, const scalar_t* qb, float scale, cons
       }
     const auto* rows = block_rows(kp, j, n);
     for (int64_t h = 0; h < H; ++h)
-      for (int64_t t0 = 0; t0 < n; t0 += 16)
+      for (int64_t t0 = t1; t0 < n; t0 += 16)
         score_rows16<row_t, NV, raw>(qf + h * D, q16 + h * D, scale, rows + t0 * row + (h / G) * D, row,
                                      std::min<int64_t>(16, n - t0), scores.data() + h * L + j * bs + t0);
   }
-  for (int64_t h = 0; h < H; ++h) inv[h] = softmax_numerators(scores.data() + h * L, L);
+  for (int64_t h = 0; h < H; ++h) {
+    if (softcap > 0.f) cap_scores(scores.data() + h * L + first, L - first, softcap);
+    inv[h] = softmax_numerators(scores.data() + h * L + first, L - first);
+  }
   std::fill(acc.begin(), acc.end(), 0.f);
-  for (int64_t j = 0; j < nblocks; ++j) {  // pass 2: acc_h = sum_t p[h][t] v_t
-    const int64_t n = std::min(bs, L - j * bs);
+  for (int64_t j = j0; j < nblocks; ++j) {  // pass 2: acc_h = sum_t p[h][t] v_t
+    const int64_t n = std::min(bs, L - j * bs), t1 = std::max<int64_t>(0, first - j * bs);
     const auto* rows = block_rows(vp, j, n);
     for (int64_t g = 0; g < Hkv; ++g)
       for (int64_t h0 = g * G; h0 < (g + 1) * G; h0 += HB) {
@@ -202,9 +211,9 @@ static void attend_avx512(const float* qf, const scalar_t* qb, float scale, cons
         for (int b = 0; b < HB; ++b) {
           const int64_t h = std::min(h0 + b, (g + 1) * G - 1);
           accs[b] = acc.data() + h * D;
-          ps[b] = scores.data() + h * L + j * bs;
+          ps[b] = scores.data() + h * L + j * bs + t1;
         }
-        pv_block<row_t, NV, HB>(accs, ps, rows + g * D, row, n);
+        pv_block<row_t, NV, HB>(accs, ps, rows + t1 * row + g * D, row, n - t1);
       }
   }
   for (int64_t h = 0; h < H; ++h)
@@ -215,10 +224,12 @@ static void attend_avx512(const float* qf, const scalar_t* qb, float scale, cons
 // Every token of the flat batch attends causally: token j (0-based) of request r's q_len new tokens sees the first
 // seq_lens[r] - q_len + j + 1 cached tokens. Decodes (q_len 1) and prefill chunks alike; one task per token, and the
 // tokens are split between threads by their cost (the number of keys they read), not by their count.
+// window > 0: a token sees only its last `window` keys (a sliding window); softcap > 0: scores are capped.
 template <typename scalar_t, typename cache_t, int NV>
 static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                        const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
-                       const torch::Tensor& query_start_loc, double scale, torch::Tensor& out, int64_t skip_q) {
+                       const torch::Tensor& query_start_loc, double scale, torch::Tensor& out, int64_t skip_q,
+                       int64_t window, float softcap) {
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t R = seq_lens.size(0);
@@ -245,17 +256,21 @@ static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
       len[i] = skip_q > 0 && q_len >= skip_q ? 0 : lp[r] - q_len + (i - qs[r]) + 1;
     }
   }
-  for (int64_t i = 0; i < T; ++i) cost[i + 1] = cost[i] + (len[i] > 0 ? len[i] + 16 : 0);  // + a fixed per-token cost
+  std::vector<int64_t> first(T, 0);  // each token's first visible key
+  if (window > 0)
+    for (int64_t i = 0; i < T; ++i) first[i] = std::max<int64_t>(0, len[i] - window);
+  for (int64_t i = 0; i < T; ++i)  // + a fixed per-token cost
+    cost[i + 1] = cost[i] + (len[i] > 0 ? len[i] - first[i] + 16 : 0);
   const std::vector<int64_t> bounds = split_by_cost(cost);
   const int64_t parts = static_cast<int64_t>(bounds.size()) - 1;
   using attend_fn = void (*)(const float*, const scalar_t*, float, const cache_t*, const cache_t*, const int64_t*,
-                             int64_t, int64_t, int64_t, int64_t, std::vector<float>&, std::vector<float>&,
-                             std::vector<float>&, std::vector<float>&, scalar_t*);
+                             int64_t, int64_t, int64_t, int64_t, int64_t, float, std::vector<float>&,
+                             std::vector<float>&, std::vector<float>&, std::vector<float>&, scalar_t*);
   attend_fn fast = nullptr;  // attend_avx512 for this head count per KV group, where it applies
 #if defined(__AVX512F__)
   if constexpr (NV > 0 && (std::is_same_v<cache_t, float> || std::is_same_v<cache_t, c10::BFloat16> ||
                            std::is_same_v<cache_t, c10::Float8_e4m3fn>)) {
-    switch (std::min<int64_t>(H / Hkv, NV <= 4 ? 4 : 2)) {
+    switch (std::min<int64_t>(H / Hkv, NV <= 4 ? 4 : NV <= 8 ? 2 : 1)) {
       case 1: fast = attend_avx512<scalar_t, cache_t, NV, 1>; break;
       case 2: fast = attend_avx512<scalar_t, cache_t, NV, 2>; break;
       case 3: fast = attend_avx512<scalar_t, cache_t, NV, 3>; break;
@@ -270,7 +285,8 @@ static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
         if (len[i] == 0) continue;  // skipped (skip_q)
         if (i + 1 < bounds[p + 1]) {  // the next query's first blocks, read while this one computes
           const int64_t* next = tp + req[i + 1] * max_blocks;
-          for (int64_t a = 0; a < std::min(PREFETCH_BLOCKS, (len[i + 1] + bs - 1) / bs); ++a) {
+          const int64_t a0 = first[i + 1] / bs, a1 = std::min(a0 + PREFETCH_BLOCKS, (len[i + 1] + bs - 1) / bs);
+          for (int64_t a = a0; a < a1; ++a) {
             prefetch_block(kp + next[a] * bs * Hkv * D, bs * Hkv * D);
             prefetch_block(vp + next[a] * bs * Hkv * D, bs * Hkv * D);
           }
@@ -278,13 +294,13 @@ static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
         to_float(qp + i * H * D, qf.data(), H * D);
         for (int64_t e = 0; e < H * D; ++e) qf[e] *= fscale;
         if (fast != nullptr) {
-          fast(qf.data(), qp + i * H * D, fscale, kp, vp, tp + req[i] * max_blocks, len[i], H, Hkv, bs, scores, acc,
-               tile, inv, op + i * H * D);
+          fast(qf.data(), qp + i * H * D, fscale, kp, vp, tp + req[i] * max_blocks, first[i], len[i], H, Hkv, bs,
+               softcap, scores, acc, tile, inv, op + i * H * D);
           continue;
         }
         attend<scalar_t, cache_t, NV>(qf.data(), raw_bf16 ? qp + i * H * D : nullptr, fscale, kp, vp,
-                                      tp + req[i] * max_blocks, len[i], H, Hkv, D, bs, scores, acc, tile, inv,
-                                      op + i * H * D);
+                                      tp + req[i] * max_blocks, first[i], len[i], H, Hkv, D, bs, softcap, scores,
+                                      acc, tile, inv, op + i * H * D);
       }
   });
 }
@@ -293,15 +309,16 @@ template <typename scalar_t, typename cache_t>
 static void paged_dispatch(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                            const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
                            const torch::Tensor& query_start_loc, double scale, torch::Tensor& out,
-                           int64_t skip_q = 0) {
+                           int64_t skip_q = 0, int64_t window = 0, double softcap = 0.0) {
   auto run = [&](auto nv) {
     paged_impl<scalar_t, cache_t, decltype(nv)::value>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                                       scale, out, skip_q);
+                                                       scale, out, skip_q, window, static_cast<float>(softcap));
   };
   switch (q.size(2)) {  // head_dim: unrolled for the common sizes
     case 32: return run(std::integral_constant<int, 2>{});
     case 64: return run(std::integral_constant<int, 4>{});
     case 128: return run(std::integral_constant<int, 8>{});
+    case 256: return run(std::integral_constant<int, 16>{});
     default: return run(std::integral_constant<int, 0>{});
   }
 }
@@ -540,6 +557,22 @@ static void with_paged_types(const torch::Tensor& q, const torch::Tensor& k_cach
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "the cache must be in q's dtype or float8_e4m3fn");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, q.scalar_type(), "paged_attention",
                                   [&] { fn(scalar_t{}, scalar_t{}); });
+}
+
+// paged_attention with a sliding window (window > 0: each token sees its last `window` keys; 0: all) and capped
+// scores (softcap > 0: softcap * tanh(score / softcap) before the softmax; 0: none), every token per token (Gemma 2
+// / 3's layers; the tiled prefill kernels take neither).
+torch::Tensor paged_attention_windowed(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                       torch::Tensor block_tables, torch::Tensor seq_lens,
+                                       torch::Tensor query_start_loc, double scale, int64_t window, double softcap) {
+  check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc);
+  TORCH_CHECK(window >= 0 && softcap >= 0.0, "window and softcap must be >= 0 (0: none)");
+  auto out = torch::empty_like(q);
+  with_paged_types(q, k_cache, [&](auto scalar_tag, auto cache_tag) {
+    paged_dispatch<decltype(scalar_tag), decltype(cache_tag)>(q, k_cache, v_cache, block_tables, seq_lens,
+                                                              query_start_loc, scale, out, 0, window, softcap);
+  });
+  return out;
 }
 
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,

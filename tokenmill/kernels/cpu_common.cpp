@@ -90,10 +90,21 @@ static inline float hsum16(vec16 v) {
 
 // Row conversion to float: a copy for float, a shift for bfloat16 (vectorises), a cast otherwise.
 static inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+// (The bits go through memcpy, not a uint32_t* view of dst: a float read of dst after the call could otherwise be
+// ordered before these writes under strict aliasing, and was: a logit read back as 0.)
 static inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+#endif
+  for (; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(s[i]) << 16;
+    std::memcpy(dst + i, &bits, sizeof(float));
+  }
 }
 // float8 e4m3 (the fp8 KV cache) -> float, exact, and no step ever holds a float subnormal (an earlier form read the
 // byte's bits as a float subnormal for the codes with exponent 0, |x| < 2^-6, common in V, and each multiply of one
@@ -214,6 +225,21 @@ static inline float softmax_numerators(float* s, int64_t n, float scale = 1.f) {
     sum += e;
   }
   return 1.f / sum;
+}
+
+// Gemma 2's score cap in place: s <- cap * tanh(s / cap), branch-free so it vectorises. tanh(x) for |x| >= 0.3 is
+// (1 - e) / (1 + e) with e = exp(-2|x|) (no cancellation there), below it the odd Taylor polynomial to x^9 (error
+// < 2e-8 relative), so small scores keep their relative precision.
+static inline void cap_scores(float* s, int64_t n, float cap) {
+  const float inv_cap = 1.f / cap;
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = s[j] * inv_cap, a = std::fabs(x), x2 = x * x;
+    const float e = exp_nonpos(-2.f * a);
+    const float big = (1.f - e) / (1.f + e);
+    const float small = a * (1.f + x2 * (-1.f / 3 + x2 * (2.f / 15 + x2 * (-17.f / 315 + x2 * (62.f / 2835)))));
+    const float t = a < 0.3f ? small : big;
+    s[j] = cap * (x < 0.f ? -t : t);
+  }
 }
 
 // Ask for a block's rows before they are needed: blocks sit anywhere in the cache, so the hardware prefetcher loses

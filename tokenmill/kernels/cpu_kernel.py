@@ -90,7 +90,8 @@ _FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention", "quantize_rows_
               "quantize_rows_uint8", "int8_gemm_available", "int8_pack_weight", "int8_gemm", "write_kv",
               "argmax_rows", "rope", "silu_mul_quantize_uint8", "silu_mul", "int8g_bf16_available",
               "int8g_gemm", "amx_available", "paged_attention_amx",
-              "int8g_gemm_amx", "paged_attention_tiled", "int4g_gemm_amx", "moe_experts"]
+              "int8g_gemm_amx", "paged_attention_tiled", "int4g_gemm_amx", "moe_experts", "logprob_rows",
+              "paged_attention_windowed"]
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
            "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

@@ -81,6 +81,58 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   return out;
 }
 
+// Prompt logprobs' reduction of the LM head's rows: x [R, V] logits (float32, or bfloat16 as the head left them:
+// widening is exact) contiguous, targets [R] int64 -> {logprob [R] float32 (x[target] - logsumexp(x)), rank [R] int64
+// (1 + the number of logits above the target's: 1 = the most likely), logsumexp [R] float32}. Each row is widened
+// once into a float buffer (196 KB for a 49k vocabulary: it stays in L2), then a max-and-count pass and an exp-sum
+// pass, both vectorised; rows split between threads. torch took ~90 ms for 256 x 49k rows (log_softmax, then a
+// comparison tensor and its sum) where the bfloat16 head GEMM itself takes ~20.
+template <typename T>
+static void logprob_rows_impl(const T* xp, const int64_t* tp, int64_t R, int64_t V, float* lp, int64_t* rank,
+                              float* lse) {
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(V);
+    float* b = buf.data();
+    for (int64_t r = begin; r < end; ++r) {
+      to_float(xp + r * V, b, V);
+      const float t = b[tp[r]];
+      float m = -INFINITY;
+      int64_t above = 0;
+      for (int64_t j = 0; j < V; ++j) {
+        m = std::max(m, b[j]);
+        above += b[j] > t;
+      }
+      float sum = 0.f;
+      for (int64_t j = 0; j < V; ++j) sum += exp_nonpos(b[j] - m);
+      const float l = m + std::log(sum);
+      lp[r] = t - l;
+      rank[r] = above + 1;
+      lse[r] = l;
+    }
+  });
+}
+
+std::vector<torch::Tensor> logprob_rows(torch::Tensor x, torch::Tensor targets) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) > 0 &&
+                  (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "x must be a contiguous, non-empty [R, V] float32 or bfloat16 tensor");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == x.size(0) && targets.scalar_type() == torch::kInt64 &&
+                  targets.is_contiguous(), "targets must be a contiguous [R] int64 tensor");
+  const int64_t R = x.size(0), V = x.size(1);
+  const int64_t* tp = targets.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(tp[r] >= 0 && tp[r] < V, "a target id is outside the vocabulary");
+  auto lp = torch::empty({R}, x.options().dtype(torch::kFloat32));
+  auto lse = torch::empty({R}, x.options().dtype(torch::kFloat32));
+  auto rank = torch::empty({R}, x.options().dtype(torch::kInt64));
+  if (x.scalar_type() == torch::kFloat32)
+    logprob_rows_impl(x.data_ptr<float>(), tp, R, V, lp.data_ptr<float>(), rank.data_ptr<int64_t>(),
+                      lse.data_ptr<float>());
+  else
+    logprob_rows_impl(x.data_ptr<c10::BFloat16>(), tp, R, V, lp.data_ptr<float>(), rank.data_ptr<int64_t>(),
+                      lse.data_ptr<float>());
+  return {lp, rank, lse};
+}
+
 // Rotary embeddings (HF's "rotate half" layout) on q and k in one pass: x [T, heads, D] (rows may be strided, each
 // head's D contiguous), cos / sin [T, D] in x's dtype -> a new contiguous [T, heads, D]:
 //   out[d] = x[d] * cos[d] + (d < D/2 ? -x[d + D/2] : x[d - D/2]) * sin[d],

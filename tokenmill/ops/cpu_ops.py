@@ -9,7 +9,7 @@ import itertools
 
 import torch
 
-from tokenmill.attention.backend import TORCH_FALLBACK, AttentionMetadata, needs_window
+from tokenmill.attention.backend import AttentionMetadata, needs_window
 from tokenmill.ops.torch_ops import TorchOps
 
 
@@ -21,7 +21,9 @@ class CpuKernelAttention:
     """Every token of the step (decodes and prefill chunks) in one call of the C++ kernels over the paged cache; K/V
     written by the C++ ``write_kv``. The prefill tokens of requests with at least ``min_q`` (TILE_MIN_QUERY; 0: none)
     new tokens are attended in tiles of 16 query tokens: on AMX (``cpu_amx.cpp``) with ``amx`` for bfloat16, on the
-    vector units otherwise (``cpu_prefill.cpp``); decodes and short chunks take the per-token kernel."""
+    vector units otherwise (``cpu_prefill.cpp``); decodes and short chunks take the per-token kernel. A layer with
+    a sliding window that bites or capped scores (Gemma 2 / 3) runs every token through the per-token kernel's
+    windowed form (``paged_attention_windowed``; the tiles take neither)."""
 
     def __init__(self, kernels, amx: bool = False, tiled: bool = True) -> None:
         self.kernels = kernels  # the compiled module from cpu_kernel.load()
@@ -30,11 +32,13 @@ class CpuKernelAttention:
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
                 softcap: float | None = None) -> torch.Tensor:
-        if softcap is not None or needs_window(meta, window):  # not in the C++ kernels: torch's batched path
-            return TORCH_FALLBACK.forward(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
         if k_cache.dtype != k.dtype:
             k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
         self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if softcap is not None or needs_window(meta, window):  # Gemma 2 / 3: every token in the per-token kernel
+            return self.kernels.paged_attention_windowed(
+                q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc_t(),
+                scale, window if needs_window(meta, window) else 0, softcap or 0.0)
         attend = self.kernels.paged_attention_amx if self.amx else self.kernels.paged_attention_tiled
         return attend(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor,
                       meta.query_start_loc_t(), scale, self.min_q)
@@ -76,6 +80,14 @@ class CpuOps(TorchOps):
         if x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous() and x.shape[1] > 0:
             return self.kernels.argmax_rows(x)
         return super().argmax(x)
+
+    def token_logprobs(self, logits, targets):
+        """One pass per row over float32 / bfloat16 logits (torch's log_softmax and comparison took ~4x the bfloat16
+        LM head GEMM's time for the same rows)."""
+        if logits.dtype in (torch.float32, torch.bfloat16) and logits.is_contiguous() and logits.shape[1] > 0:
+            lp, rank, lse = self.kernels.logprob_rows(logits, targets.contiguous())
+            return lp, rank, lse
+        return super().token_logprobs(logits, targets)
 
     def packed_attention(self, q, k, v, seq_lens, scale, causal):
         """The whole packed batch in one call (rows of q, k, v contiguous)."""

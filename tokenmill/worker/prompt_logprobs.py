@@ -3,9 +3,10 @@
 
 The row of position p predicts token p + 1, so a chunk covering positions [s, s + n) gives the logprobs of tokens
 s + 1 .. min(s + n, prompt_len - 1) (the last prompt token's row samples the first output token, as for any
-request). The LM head runs on those rows 256 at a time in float32: each token's logprob, its rank among the whole
-vocabulary (1 = the most likely) and the top K. The scheduler appends them to the request (``Request.
-add_prompt_logprobs`` skips positions already recorded, so a recomputed chunk adds nothing twice).
+request). The LM head runs on those rows 256 at a time and the ops object's ``token_logprobs`` reduces its logits
+(in the head's dtype, widened exactly): each token's logprob, its rank among the whole vocabulary (1 = the most
+likely) and the log-normaliser the top K are taken against. The scheduler appends them to the request
+(``Request.add_prompt_logprobs`` skips positions already recorded, so a recomputed chunk adds nothing twice).
 
 Under tensor parallelism the LM head's all-gather needs every rank: rank 0 sends the rows (``wanted_rows``) with
 the step, and ranks 1..N-1 run the same head passes over them (``follow_rows``).
@@ -43,7 +44,7 @@ def flat_rows(wanted: list[tuple]) -> list[int]:
 def follow_rows(model, hidden: torch.Tensor, rows: torch.Tensor) -> None:
     """A tensor-parallel worker's share: the LM head over ``rows`` in rank 0's passes (their all-gathers meet)."""
     for a in range(0, rows.numel(), ROWS_PER_PASS):
-        model.compute_logits(hidden[rows[a:a + ROWS_PER_PASS]])
+        model.compute_logits(hidden[rows[a:a + ROWS_PER_PASS]], as_float32=False)
 
 
 @torch.inference_mode()
@@ -58,13 +59,13 @@ def prompt_logprobs(model, wanted: list[tuple], hidden: torch.Tensor) -> dict:
     k_max = max(w[4] for w in wanted)
     chosen, ranks, top_v, top_i = [], [], [], []
     for a in range(0, rows.numel(), ROWS_PER_PASS):
-        lp = torch.log_softmax(model.compute_logits(hidden[rows[a:a + ROWS_PER_PASS]]), dim=-1)  # [<=256, vocab]
-        c = lp.gather(1, targets[a:a + ROWS_PER_PASS, None])  # [<=256, 1]
-        chosen.append(c.squeeze(1))
-        ranks.append((lp > c).sum(dim=1) + 1)
+        logits = model.compute_logits(hidden[rows[a:a + ROWS_PER_PASS]], as_float32=False)  # [<=256, vocab]
+        lp, rank, lse = model.ops.token_logprobs(logits, targets[a:a + ROWS_PER_PASS])
+        chosen.append(lp)
+        ranks.append(rank)
         if k_max:
-            top = lp.topk(k_max, dim=1)
-            top_v.append(top.values)
+            top = logits.topk(k_max, dim=1)
+            top_v.append(top.values.float() - lse[:, None])
             top_i.append(top.indices)
     chosen_l, ranks_l = torch.cat(chosen).tolist(), torch.cat(ranks).tolist()  # one read back for the step
     top_vl = torch.cat(top_v).tolist() if k_max else None
