@@ -50,6 +50,13 @@ def tiny_config(arch: str, **overrides):
     if arch == "phi3":  # fused qkv / gate_up in the checkpoint, RoPE on half of each head
         return tf.Phi3Config(**{"sliding_window": None, **TINY}, pad_token_id=0, partial_rotary_factor=0.5,
                              tie_word_embeddings=False)
+    if arch == "phi3_longrope":  # Phi-3.5 / Phi-4-mini's LongRoPE: prompts and outputs on both sides of 32 tokens
+        half = 8 // 2  # rotary dim (head_dim 16, partial 0.5) / 2 frequencies
+        return tf.Phi3Config(**{"sliding_window": None, **TINY}, pad_token_id=0, partial_rotary_factor=0.5,
+                             tie_word_embeddings=False, original_max_position_embeddings=32,
+                             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                              "short_factor": [1.0 + 0.3 * i for i in range(half)],
+                                              "long_factor": [1.0 + 2.5 * i for i in range(half)]})
     if arch == "mistral_window":  # a sliding window shorter than the prompts: the window bites
         return tf.MistralConfig(**{"sliding_window": 16, **TINY}, tie_word_embeddings=False)
     if arch == "gemma2":  # sandwich norms, GeGLU, softcapped scores and logits, alternating 16-token windows

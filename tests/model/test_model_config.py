@@ -35,6 +35,36 @@ def test_llama3_rope_matches_transformers():
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
 
 
+# Phi-3.5-mini-instruct's config.json, as published (classic keys: the original length at the top level, no factor)
+PHI35_MINI = {"architectures": ["Phi3ForCausalLM"], "vocab_size": 32064, "hidden_size": 3072,
+              "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 32, "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+              "rope_theta": 10000.0,
+              "rope_scaling": {"type": "longrope", "short_factor": [1.0 + i / 100 for i in range(48)],
+                               "long_factor": [1.0 + i for i in range(48)]}}
+
+
+@pytest.mark.parametrize("long", [False, True])
+def test_longrope_reads_phi35s_config_and_matches_transformers(long):
+    """The original length from the top level, the attention factor sqrt(1 + ln(32) / ln(4096)) from 131072 / 4096,
+    and each factor set's inverse frequencies equal to transformers' (its long set is what a sequence past 4,096
+    tokens gets)."""
+    import math
+
+    from transformers import Phi3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = ModelConfig.from_hf_dict(PHI35_MINI).rope
+    assert rope.rope_type == "longrope" and rope.long_rope_from() == 4096 and len(rope.short_factor) == 48
+    assert rope.attention_factor == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
+    hf_cfg = Phi3Config(**{k: v for k, v in PHI35_MINI.items() if k != "architectures"})
+    ref, attention = ROPE_INIT_FUNCTIONS["longrope"](hf_cfg, "cpu", seq_len=4097 if long else 100)
+    torch.testing.assert_close(rope_inv_freq(96, rope, long), ref, rtol=0, atol=0)
+    assert attention == pytest.approx(rope.attention_factor)
+    with pytest.raises(UnsupportedModelError, match="short_factor and long_factor"):
+        ModelConfig.from_hf_dict({**PHI35_MINI, "rope_scaling": {"type": "longrope", "short_factor": [1.0]}})
+
+
 def test_unsupported_rope_and_architecture_are_named():
     with pytest.raises(UnsupportedModelError, match="yarn"):
         ModelConfig.from_hf_dict({**BASE, "rope_scaling": {"type": "yarn", "factor": 2.0}})

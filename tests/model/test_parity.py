@@ -9,7 +9,7 @@ import torch
 from helpers import assert_greedy_equal, hf_greedy, save_tiny_model
 from tokenmill import LLM, SamplingParams
 
-ARCHS = ["llama", "llama3_tied", "mistral", "mistral_window", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gemma3_mm", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+ARCHS = ["llama", "llama3_tied", "mistral", "mistral_window", "qwen2", "qwen3", "phi3", "phi3_longrope", "gemma2", "gemma3", "gemma3_mm", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 NEW_TOKENS = 12
 
 

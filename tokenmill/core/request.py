@@ -49,13 +49,21 @@ class Request:
         sampling_params: SamplingParams,
         eos_token_ids: frozenset[int] = frozenset(),
         priority: int = 0,
+        long_rope_from: int | None = None,
     ) -> None:
+        """``long_rope_from``: a LongRoPE model's switch (``RopeConfig.long_rope_from``), which keys the prefix
+        cache of a request whose prompt is longer than it (all its tokens take the long factors, so its blocks hold
+        other K/V than the same tokens of a shorter prompt)."""
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r} has an empty prompt")
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.priority = priority  # core/priority.py: 0 online (first), 1 a batch row (in what online leaves)
+        # what keys the first cached block besides the tokens: the LoRA adapter (blocks never shared across
+        # adapters), and LongRoPE's long set where the prompt takes it
+        long = long_rope_from is not None and len(prompt_token_ids) > long_rope_from
+        self.cache_salt = (sampling_params.lora, "long-rope") if long else sampling_params.lora
         # Token ids that end the request: EOS (unless ignore_eos) and the request's own stop tokens.
         stop_ids = set(sampling_params.stop_token_ids)
         if not sampling_params.ignore_eos:

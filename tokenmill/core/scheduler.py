@@ -361,7 +361,7 @@ class Scheduler:
             # a cached prefix is a head start, except for a request that wants its prompt's logprobs: a hit's logits
             # were never computed, so it computes its whole prompt (its blocks are still cached for others)
             wants_prompt = req.prompt_logprobs is not None
-            hits = [] if wants_prompt else self.kv.lookup(req.request_id, req.all_token_ids, req.sampling_params.lora)
+            hits = [] if wants_prompt else self.kv.lookup(req.request_id, req.all_token_ids, req.cache_salt)
             if (not wants_prompt and len(deferred) < cfg.max_num_seqs
                     and self.kv.next_block_pending(req.request_id, len(hits))):
                 deferred.append(queue.popleft())  # its next block is being computed: a hit in a step or two
@@ -426,8 +426,7 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:  # aborted while the step ran
                 continue
             req.num_computed_tokens = sr.num_computed_tokens + sr.num_scheduled_tokens
-            self.kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens,
-                                      req.sampling_params.lora)
+            self.kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens, req.cache_salt)
             prompt_lp = runner_out.prompt_logprobs.get(req.request_id)
             if prompt_lp is not None:
                 req.add_prompt_logprobs(*prompt_lp)

@@ -106,6 +106,7 @@ class LLMEngine:
         self.model_config = loaded.model_config
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
+        self._long_rope_from = loaded.model_config.rope.long_rope_from()  # keys long prompts' cached blocks
         self.model_path = loaded.path
         dtype = next(loaded.model.parameters()).dtype
         self.dtype = dtype
@@ -165,7 +166,7 @@ class LLMEngine:
                 raise ValueError(f"request {request_id!r}: {e}") from None
         if sampling_params.num_samples == 1:
             self.scheduler.add_request(Request(request_id, prompt_token_ids, sampling_params, self.eos_token_ids,
-                                               priority))
+                                               priority, self._long_rope_from))
             return
         parent = ParentRequest(request_id, sampling_params)
         clash = [c for c in parent.child_ids if c in self.scheduler.requests]
@@ -174,7 +175,7 @@ class LLMEngine:
         self._parents[request_id] = parent
         for i, cid in enumerate(parent.child_ids):
             self.scheduler.add_request(Request(cid, prompt_token_ids, parent.child_params(i), self.eos_token_ids,
-                                               priority))
+                                               priority, self._long_rope_from))
 
     def parent_of(self, request_id: str) -> tuple[str, int]:
         """(the request, the sample's index) a StepResult id stands for: a child id's parent, else (the id, 0)."""

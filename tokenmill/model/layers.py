@@ -50,9 +50,16 @@ class RMSNorm(nn.Module):
         return self.ops.rms_norm(x, self.weight, self.eps)
 
 
-def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
-    """Inverse frequencies [head_dim // 2], with linear or llama3 scaling applied."""
+def rope_inv_freq(head_dim: int, rope: RopeConfig, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2], with linear, llama3 or longrope scaling applied (``long``: LongRoPE's
+    long factors, else its short ones)."""
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.rope_type == "longrope":
+        factors = torch.tensor(rope.long_factor if long else rope.short_factor, dtype=torch.float32)
+        if factors.numel() != inv_freq.numel():
+            raise ValueError(f"longrope factors have {factors.numel()} entries; the rotary dimension needs "
+                             f"{inv_freq.numel()}")
+        return 1.0 / (factors * rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if rope.rope_type == "linear":
         inv_freq = inv_freq / rope.factor
     elif rope.rope_type == "llama3":
@@ -70,11 +77,17 @@ def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin for every position; applied to q and k of a flat batch by position (``ops.rope``)."""
+    """Precomputed cos/sin for every position; applied to q and k of a flat batch by position (``ops.rope``).
+
+    LongRoPE keeps two tables in one: rows [0, max_positions) with the short factors, rows [max_positions,
+    2 * max_positions) with the long ones, both scaled by the attention factor; the step's positions carry
+    ``long_offset`` (= max_positions) on the tokens that take the long set (``StepBuffers.fill``), so the lookup
+    stays one gather. ``long_offset`` is None for every other RoPE."""
 
     def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig, build: Build) -> None:
         super().__init__()
         self.head_dim, self.max_positions, self.rope = head_dim, max_positions, rope
+        self.long_offset = max_positions if rope.rope_type == "longrope" else None
         self.ops = build.ops
         self.build(build.device)
 
@@ -82,12 +95,14 @@ class RotaryEmbedding(nn.Module):
         """(Re)computes the cos/sin tables on ``device`` in float32."""
         self._cached = None
         with torch.device(device):
-            inv_freq = rope_inv_freq(self.head_dim, self.rope)
             positions = torch.arange(self.max_positions, dtype=torch.float32)
-            freqs = torch.outer(positions, inv_freq)  # [max_pos, head_dim/2]
-            emb = torch.cat((freqs, freqs), dim=-1)  # [max_pos, head_dim]
-            self.register_buffer("cos", emb.cos(), persistent=False)
-            self.register_buffer("sin", emb.sin(), persistent=False)
+            sets = [False, True] if self.long_offset is not None else [False]
+            freqs = torch.cat([torch.outer(positions, rope_inv_freq(self.head_dim, self.rope, long))
+                               for long in sets])  # [sets * max_pos, head_dim/2]
+            emb = torch.cat((freqs, freqs), dim=-1)  # [sets * max_pos, head_dim]
+            scale = self.rope.attention_factor
+            self.register_buffer("cos", emb.cos() * scale, persistent=False)
+            self.register_buffer("sin", emb.sin() * scale, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """positions [num_tokens]; q [num_tokens, heads, head_dim]; k [num_tokens, kv_heads, head_dim]."""

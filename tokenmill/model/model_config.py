@@ -5,6 +5,7 @@ Supports both the classic keys (``rope_theta`` + ``rope_scaling``) and transform
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 # Mixture-of-experts decoders (model/moe.py): top-k routed experts in place of (some of) the layers' MLPs.
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 # Bare decoder stacks (no LM head), as embedding models such as Qwen3-Embedding ship them.
 BASE_MODEL_ALIASES = {"LlamaModel": "LlamaForCausalLM", "MistralModel": "MistralForCausalLM",
                       "Qwen2Model": "Qwen2ForCausalLM", "Qwen3Model": "Qwen3ForCausalLM"}
@@ -32,6 +33,17 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini): per-frequency divisors for sequences within
+    # original_max_position_embeddings (short) and beyond it (long), and the scale on cos / sin
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
+
+    def long_rope_from(self) -> int | None:
+        """LongRoPE's switch: a token takes the long factors when its request's prompt is longer than this, or when
+        it sits at this position or later (transformers picks the set per forward pass by its longest position: the
+        whole prompt in one pass, then one token per pass). None for the other RoPE types."""
+        return self.original_max_position_embeddings if self.rope_type == "longrope" else None
 
 
 @dataclass(frozen=True)
@@ -276,6 +288,8 @@ def _rope_config(d: dict[str, Any]) -> RopeConfig:
         raise UnsupportedModelError(
             f"unsupported rope_scaling type {rope_type!r}; tokenmill supports {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
+    if rope_type == "longrope":
+        return _longrope_config(d, scaling, float(theta))
     return RopeConfig(
         theta=float(theta),
         rope_type=rope_type,
@@ -284,3 +298,22 @@ def _rope_config(d: dict[str, Any]) -> RopeConfig:
         high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
     )
+
+
+def _longrope_config(d: dict[str, Any], scaling: dict[str, Any], theta: float) -> RopeConfig:
+    """transformers' rules: the original length from the scaling dict or the config's top level; ``factor`` (if
+    absent, max_position_embeddings over the original length) sets the default attention factor
+    sqrt(1 + ln(factor) / ln(original)) (1 when factor <= 1)."""
+    original = scaling.get("original_max_position_embeddings") or d.get("original_max_position_embeddings") \
+        or d.get("max_position_embeddings")
+    short, long = scaling.get("short_factor"), scaling.get("long_factor")
+    if not original or not short or not long or len(short) != len(long):
+        raise UnsupportedModelError("a longrope rope_scaling needs short_factor and long_factor of one length and "
+                                    "original_max_position_embeddings")
+    factor = scaling.get("factor") or d.get("max_position_embeddings", original) / original
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeConfig(theta=theta, rope_type="longrope", factor=float(factor),
+                      original_max_position_embeddings=int(original), short_factor=tuple(map(float, short)),
+                      long_factor=tuple(map(float, long)), attention_factor=float(attention))

@@ -77,7 +77,10 @@ class ModelRunner:
             for _ in range(mc.num_hidden_layers if num_swap_blocks else 0)
         ]  # per layer: (k, v) in host memory, each [num_swap_blocks, block_size, num_kv_heads, head_dim]
         max_blocks = -(-config.max_model_len // self.block_size) if config.max_model_len else 1
-        self.buffers = StepBuffers(config.max_num_batched_tokens, config.max_num_seqs, max_blocks, device)
+        rotary = getattr(model, "rotary", None)
+        long_from = mc.rope.long_rope_from()
+        self.buffers = StepBuffers(config.max_num_batched_tokens, config.max_num_seqs, max_blocks, device,
+                                   None if long_from is None or rotary is None else (long_from, rotary.long_offset))
         self.graphs = self._capture_graphs(max_blocks)  # None: every step eager
 
     def _capture_graphs(self, max_blocks: int):

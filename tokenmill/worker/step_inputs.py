@@ -43,8 +43,13 @@ class StepInputs:
 
 
 class StepBuffers:
-    def __init__(self, max_tokens: int, max_reqs: int, max_blocks: int, device: torch.device) -> None:
+    def __init__(self, max_tokens: int, max_reqs: int, max_blocks: int, device: torch.device,
+                 long_rope: tuple[int, int] | None = None) -> None:
+        """``long_rope``: (from, offset) for a LongRoPE model: a token's position is written plus ``offset`` (the
+        rotary table's long half, ``RotaryEmbedding.long_offset``) when its request's prompt is longer than
+        ``from`` or the token sits at ``from`` or later (``RopeConfig.long_rope_from``)."""
         self.device = torch.device(device)
+        self.long_rope = long_rope
         self._allocate(max_tokens, max_reqs, max_blocks)
 
     def _allocate(self, max_tokens: int, max_reqs: int, max_blocks: int) -> None:
@@ -87,6 +92,9 @@ class StepBuffers:
             ids[t:t + n] = s.request.all_token_ids[start:start + n]
             p = np.arange(start, start + n, dtype=np.int64)
             pos[t:t + n] = p
+            if self.long_rope is not None:
+                first, offset = self.long_rope
+                pos[t:t + n] += offset * ((p >= first) | (s.request.num_prompt_tokens > first))
             blocks = np.asarray(s.block_ids, dtype=np.int64)
             table[i, :len(blocks)] = blocks
             slots[t:t + n] = blocks[p // block_size] * block_size + p % block_size
