@@ -30,6 +30,8 @@ def _tiny(arch: str):
     if arch == "mixtral":
         cfg = tf.MixtralConfig(**common, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
                                sliding_window=None)
+    elif arch == "olmoe":  # q/k norms over all heads, clipped q/k/v, top-k weights not renormalised
+        cfg = tf.OlmoeConfig(**common, intermediate_size=64, num_experts=4, num_experts_per_tok=2, clip_qkv=0.4)
     elif arch == "qwen3_moe":  # q/k norms per head, no shared expert, top-k renormalised (as llama.cpp runs it)
         cfg = tf.Qwen3MoeConfig(**common, head_dim=16, intermediate_size=128, moe_intermediate_size=64, num_experts=4,
                                 num_experts_per_tok=2, norm_topk_prob=True)
@@ -83,11 +85,13 @@ def _finish(w, tensors: dict, qtype: str = "F32") -> None:
 
 def write_moe_gguf(model, path, arch: str, qtype: str = "F32") -> None:
     cfg = model.config
-    w = _writer(path, {"mixtral": "llama", "qwen3_moe": "qwen3moe"}.get(arch, "qwen2moe"), cfg)
+    w = _writer(path, {"mixtral": "llama", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}.get(arch, "qwen2moe"), cfg)
     w.add_rope_freq_base(float((getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
     w.add_expert_count(4)
     w.add_expert_used_count(2)
-    if arch != "mixtral":
+    if arch == "olmoe":
+        w.add_clamp_kqv(cfg.clip_qkv)
+    elif arch != "mixtral":
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         if arch == "qwen2_moe":
             w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
@@ -110,7 +114,7 @@ def write_moe_gguf(model, path, arch: str, qtype: str = "F32") -> None:
         if arch == "qwen2_moe":
             for t in "qkv":
                 tensors[b + f"attn_{t}.bias"] = sd[p + f"self_attn.{t}_proj.bias"]
-        if arch == "qwen3_moe":
+        if arch in ("qwen3_moe", "olmoe"):
             tensors[b + "attn_q_norm.weight"] = sd[p + "self_attn.q_norm.weight"]
             tensors[b + "attn_k_norm.weight"] = sd[p + "self_attn.k_norm.weight"]
         moe = "mlp."
@@ -128,13 +132,23 @@ def write_moe_gguf(model, path, arch: str, qtype: str = "F32") -> None:
     _finish(w, tensors, qtype)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
 def test_a_moe_gguf_equals_the_model_it_was_written_from(tmp_path, arch, cache_dir):
     hf = _tiny(arch)
     write_moe_gguf(hf, tmp_path / "m.gguf", arch)
     llm = LLM(str(tmp_path / "m.gguf"), kv_cache_memory=0.05, cache_dir=cache_dir, block_size=4,
               max_num_batched_tokens=48, prefill_chunk_size=7)
     assert llm.engine.model_config.num_experts == 4 and llm.engine.model_config.is_moe
+    if arch == "olmoe":  # transformers has no GGUF mapping for OLMoE: its tokenizer came through a stand-in file
+        from transformers import AutoTokenizer
+
+        from tokenmill.model.loader import default_model_path
+
+        src = default_model_path()
+        ref = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        text = "Summarise: the mill grinds 1,000 rows an hour."
+        assert llm.engine.tokenizer.encode(text) == ref.encode(text)
+        assert llm.engine.model_config.clip_qkv == pytest.approx(0.4)  # a float32 in the file
     rng = random.Random(2)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(6)]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)

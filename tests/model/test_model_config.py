@@ -63,6 +63,9 @@ def test_longrope_reads_phi35s_config_and_matches_transformers(long):
     assert attention == pytest.approx(rope.attention_factor)
     with pytest.raises(UnsupportedModelError, match="short_factor and long_factor"):
         ModelConfig.from_hf_dict({**PHI35_MINI, "rope_scaling": {"type": "longrope", "short_factor": [1.0]}})
+    with pytest.raises(UnsupportedModelError, match="a rotary dimension of 96 needs 48"):
+        ModelConfig.from_hf_dict({**PHI35_MINI, "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 32,
+                                                                 "long_factor": [1.0] * 32}})
 
 
 def test_unsupported_rope_and_architecture_are_named():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tokenmill.model.gguf_weights import GGUFModel, iter_gguf_weights, open_gguf
 
-CONVERTER_VERSION = 3  # 2: mixture-of-experts keys; 3: Gemma
+CONVERTER_VERSION = 4  # 2: mixture-of-experts keys; 3: Gemma; 4: OLMoE's clip_qkv
 
 
 def default_cache_dir() -> Path:
@@ -97,6 +97,9 @@ def write_config(model: GGUFModel, out_dir: Path) -> None:
             config["shared_expert_intermediate_size"] = int(shared)
         norm = meta(f"{arch}.expert_weights_norm")
         config["norm_topk_prob"] = bool(norm) if norm is not None else arch == "qwen3moe"
+    clamp = meta(f"{arch}.attention.clamp_kqv")
+    if clamp:  # OLMoE's clip_qkv
+        config["clip_qkv"] = float(clamp)
     if arch.startswith("gemma"):
         _gemma_config(config, model, arch)
     scaling_type = meta(f"{arch}.rope.scaling.type")
@@ -129,7 +132,34 @@ def _gemma_config(config: dict, model: GGUFModel, arch: str) -> None:
 
 
 def _convert_tokenizer(gguf_path: Path, out_dir: Path) -> None:
+    """transformers' GGUF tokenizer conversion, which refuses an architecture it has no model mapping for (OLMoE)
+    even though the tokenizer is plain metadata: then it reads a stand-in file holding only the tokenizer's fields
+    under architecture "llama"."""
     from transformers import AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    arch = open_gguf(gguf_path).arch
+    if arch in GGUF_SUPPORTED_ARCHITECTURES or arch.replace("moe", "_moe") in GGUF_SUPPORTED_ARCHITECTURES:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    else:
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            _tokenizer_only_gguf(gguf_path, Path(tmp) / "tokenizer.gguf")
+            tok = AutoTokenizer.from_pretrained(tmp, gguf_file="tokenizer.gguf")
     tok.save_pretrained(str(out_dir))
+
+
+def _tokenizer_only_gguf(src: Path, dst: Path) -> None:
+    """A GGUF file with ``src``'s ``tokenizer.*`` fields, no tensors, architecture "llama"."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("tokenizer."):
+            kind = field.types[0]
+            w.add_key_value(field.name, field.contents(), kind,
+                            sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

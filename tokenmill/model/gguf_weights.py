@@ -37,6 +37,7 @@ GGUF_ARCHITECTURES = {
     "qwen3": ("Qwen3ForCausalLM", False),
     "qwen2moe": ("Qwen2MoeForCausalLM", False),
     "qwen3moe": ("Qwen3MoeForCausalLM", False),
+    "olmoe": ("OlmoeForCausalLM", False),  # NeoX RoPE in llama.cpp: rows as HF has them; q/k norms over all heads
     "gemma2": ("Gemma2ForCausalLM", False),
     "gemma3": ("Gemma3ForCausalLM", False),
 }

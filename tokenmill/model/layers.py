@@ -53,13 +53,14 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(head_dim: int, rope: RopeConfig, long: bool = False) -> torch.Tensor:
     """Inverse frequencies [head_dim // 2], with linear, llama3 or longrope scaling applied (``long``: LongRoPE's
     long factors, else its short ones)."""
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if rope.rope_type == "longrope":
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    if rope.rope_type == "longrope":  # each frequency divided by its factor, in transformers' order of operations
         factors = torch.tensor(rope.long_factor if long else rope.short_factor, dtype=torch.float32)
-        if factors.numel() != inv_freq.numel():
+        if factors.numel() != exponents.numel():
             raise ValueError(f"longrope factors have {factors.numel()} entries; the rotary dimension needs "
-                             f"{inv_freq.numel()}")
-        return 1.0 / (factors * rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+                             f"{exponents.numel()}")
+        return 1.0 / (factors * rope.theta**exponents)
+    inv_freq = 1.0 / (rope.theta**exponents)
     if rope.rope_type == "linear":
         inv_freq = inv_freq / rope.factor
     elif rope.rope_type == "llama3":

@@ -111,6 +111,10 @@ class ModelConfig:
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or hidden // heads
         rope = _rope_config(d)
+        rotary_dim = int(head_dim * _partial_rotary_factor(d))
+        if rope.rope_type == "longrope" and len(rope.short_factor) != rotary_dim // 2:
+            raise UnsupportedModelError(f"longrope factors have {len(rope.short_factor)} entries; a rotary dimension "
+                                        f"of {rotary_dim} needs {rotary_dim // 2}")
         act = d.get("hidden_activation") or d.get("hidden_act") or "silu"
         if act != ("gelu_pytorch_tanh" if arch in GEMMA else "silu"):
             raise UnsupportedModelError(f"unsupported hidden_act {act!r} for {arch}")
@@ -139,7 +143,7 @@ class ModelConfig:
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            rotary_dim=int(head_dim * _partial_rotary_factor(d)),
+            rotary_dim=rotary_dim,
             sliding_window=_sliding_window(arch, d),
             **_gemma_fields(arch, d, head_dim),
             qk_norm_whole=arch == "OlmoeForCausalLM",
