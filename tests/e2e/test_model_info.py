@@ -27,7 +27,7 @@ def test_the_engine_built_from_a_jobs_model_info_reads_nothing_again(tiny_with_a
     ctx = JobContext(str(d / "model"), {k: v for k, v in options.items() if k != "model"}, {"max_tokens": 4})
     info = ctx.info
     assert info.config.max_model_len and [a.name for a in info.adapters] == ["ad"] and info.lora_names == {"ad"}
-    assert ctx.tokenizer is info.tokenizer and ctx.model_name == "model"
+    assert info.model_name == "model"
     import tokenmill.model.loader as loader
     import tokenmill.model.lora as lora
 

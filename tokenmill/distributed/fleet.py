@@ -142,7 +142,7 @@ def calibrate(ctx, engine_options: dict, scanned, source, sample_rows: int = 64)
     for n in pick:
         members[n] = 1
     plan = ctx.plan(*scanned.valid_lengths())
-    engine = LLMEngine(EngineConfig.from_dict({"model": str(ctx.model_path),
+    engine = LLMEngine(EngineConfig.from_dict({"model": str(ctx.info.path),
                                                "max_num_seqs": plan.recommended_max_num_seqs,
                                                "max_num_batched_tokens": plan.recommended_max_num_batched_tokens,
                                                **engine_options}))

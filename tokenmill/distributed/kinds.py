@@ -25,9 +25,9 @@ class GenerationKind:
         self.opts, self.fields = opts, RUN_FIELDS
         self.ctx = JobContext(opts.model, opts.engine_options, opts.sampling(), opts.context_overflow, opts.task)
         self.pre = self.ctx.pre
-        self.model_name = self.ctx.model_name
-        self.device = self.ctx.config.device
-        self.tp_size = self.ctx.config.tensor_parallel_size  # each worker's engine: a TP group of this many ranks
+        self.model_name = self.ctx.info.model_name
+        self.device = self.ctx.info.config.device
+        self.tp_size = self.ctx.info.config.tensor_parallel_size  # each worker's engine: a TP group of this many ranks
 
     def manifest(self, identity: dict) -> dict:
         from tokenmill.jobs.runner import manifest_for
@@ -50,7 +50,7 @@ class GenerationKind:
 
         lines = np.flatnonzero(np.frombuffer(scanned.valid, dtype=np.uint8))
         prompt = np.frombuffer(scanned.prompt_tokens, dtype=np.uint32)[lines]
-        order = job_order(self.opts.dataset_order, signatures, lines, prompt, self.ctx.config.enable_prefix_caching,
+        order = job_order(self.opts.dataset_order, signatures, lines, prompt, self.ctx.info.config.enable_prefix_caching,
                           self.opts.dedupe)
         return iter_job_rows(source, scanned.valid, order, scanned.prompt_tokens, done, self.pre)
 
@@ -71,7 +71,7 @@ class GenerationKind:
 
     def worker_spec(self, scanned, threads: int) -> dict:
         plan = self.ctx.plan(*scanned.valid_lengths())
-        options = {"model": str(self.ctx.model_path), **self.opts.engine_options}
+        options = {"model": str(self.ctx.info.path), **self.opts.engine_options}
         options.setdefault("max_num_seqs", plan.recommended_max_num_seqs)
         options.setdefault("max_num_batched_tokens", plan.recommended_max_num_batched_tokens)
         options.setdefault("num_threads", threads)

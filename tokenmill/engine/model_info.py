@@ -20,7 +20,7 @@ from tokenmill.model.loader import (eos_token_ids, load_tokenizer, read_model_co
                                     tokenizer_dir)
 from tokenmill.model.lora import LoraAdapter, read_adapter
 from tokenmill.model.model_config import ModelConfig
-from tokenmill.worker.memory import kv_budget_bytes, kv_bytes_per_block, kv_cache_dtype, planned_weight_bytes
+from tokenmill.worker.memory import kv_blocks, planned_weight_bytes
 
 
 def resolve_device(device: str) -> torch.device:
@@ -73,10 +73,7 @@ class ModelInfo:
         """(bytes per KV block, the blocks the memory budget holds) as the engine will size its pool:
         ``num_kv_blocks`` if set, else ``kv_cache_memory`` on CPU / what ``gpu_memory_utilization`` leaves on
         CUDA (before the engine exists, less the weights it will load: ``weights_loaded`` False)."""
-        cfg = self.config
-        per_block = kv_bytes_per_block(self.model_config, cfg.block_size, kv_cache_dtype(cfg, self.dtype))
-        if cfg.num_kv_blocks:
-            return per_block, cfg.num_kv_blocks
         weights = 0 if weights_loaded else self.planned_weight_bytes()
-        budget = kv_budget_bytes(cfg, self.model_config, self.dtype, self.device, weights_to_load=weights)
-        return per_block, max(0, budget) // per_block
+        per_block, num_blocks, _ = kv_blocks(self.config, self.model_config, self.dtype, self.device,
+                                             weights_to_load=weights)
+        return per_block, num_blocks

@@ -115,20 +115,11 @@ class JobContext:
             raise JobSetupError(str(e)) from None
         return ctx
 
-    # the model facts the job reads, by the names the runner has always used
-    config = property(lambda self: self.info.config)
-    model_path = property(lambda self: self.info.path)
-    model_config = property(lambda self: self.info.model_config)
-    tokenizer = property(lambda self: self.info.tokenizer)
-    device = property(lambda self: self.info.device)
-    dtype = property(lambda self: self.info.dtype)
-    model_name = property(lambda self: self.info.model_name)
-
     def plan(self, prompt_lens, max_tokens) -> MemoryPlan:
         per_block, num_blocks = self.info.kv_blocks(weights_loaded=self.engine is not None)
-        config = self.config
+        config = self.info.config
         p = plan_memory(prompt_lens, max_tokens, config.max_model_len, config.block_size, per_block, num_blocks)
-        mc = self.model_config
+        mc = self.info.model_config
         p.parameters, p.active_parameters = mc.num_parameters(), mc.num_parameters(active=True)
         p.weight_gib = self.info.planned_weight_bytes() / 2**30
         return p
@@ -169,11 +160,11 @@ def manifest_for(opts: JobOptions, ctx: JobContext, input_identity: dict) -> dic
     for key in ("dtype", "quantization", "max_model_len", "model"):
         decides.pop(key, None)
     settings = {
-        "model": str(ctx.model_path.resolve()),
-        "model_fingerprint": model_fingerprint(ctx.model_path),
-        "dtype": str(ctx.dtype).removeprefix("torch."),
-        "quantization": ctx.config.quantization,
-        "max_model_len": ctx.config.max_model_len,
+        "model": str(ctx.info.path.resolve()),
+        "model_fingerprint": model_fingerprint(ctx.info.path),
+        "dtype": str(ctx.info.dtype).removeprefix("torch."),
+        "quantization": ctx.info.config.quantization,
+        "max_model_len": ctx.info.config.max_model_len,
         "sampling_defaults": opts.sampling(),
         "context_overflow": opts.context_overflow,
         "engine_options": dict(sorted(decides.items())),
@@ -183,9 +174,9 @@ def manifest_for(opts: JobOptions, ctx: JobContext, input_identity: dict) -> dic
         "task": opts.task,
         "score_tokens": opts.score_tokens,
     }
-    if ctx.config.lora_adapters:  # an adapter is part of what the results answer: its files, not only its path
+    if ctx.info.config.lora_adapters:  # an adapter is part of what the results answer: its files, not only its path
         settings["lora_fingerprints"] = {n: model_fingerprint(Path(p).expanduser())
-                                         for n, p in ctx.config.lora_adapters}
+                                         for n, p in ctx.info.config.lora_adapters}
     return build_manifest("run", input_identity, settings, speed)
 
 
@@ -287,7 +278,7 @@ class _Run(JobRun):
 
     def _order(self, signatures: PrefixSignatures, lines: np.ndarray, prompt: np.ndarray) -> DatasetOrder | None:
         """The dataset order when it pays (rows share prefixes the cache can reuse, or repeat), else None."""
-        order = job_order(self.opts.dataset_order, signatures, lines, prompt, self.ctx.config.enable_prefix_caching,
+        order = job_order(self.opts.dataset_order, signatures, lines, prompt, self.ctx.info.config.enable_prefix_caching,
                           self.opts.dedupe)
         if order is not None:
             note(self.opts.quiet, f"dataset order: rows grouped by shared prefix (about {order.shared_tokens:,} of "
@@ -305,7 +296,7 @@ class _Run(JobRun):
                                info=self.ctx.info)
         except ConfigError as e:
             raise JobSetupError(str(e)) from None
-        note(self.opts.quiet, f"model {self.ctx.model_name} loaded in {engine.load_seconds:.1f} s; {self.total} "
+        note(self.opts.quiet, f"model {self.ctx.info.model_name} loaded in {engine.load_seconds:.1f} s; {self.total} "
                               f"requests in this partition, max_num_seqs={engine.config.max_num_seqs}, "
                               f"max_num_batched_tokens={engine.config.max_num_batched_tokens}")
         self.t_engine = time.perf_counter()
@@ -346,7 +337,7 @@ class _Run(JobRun):
                             f"{queued} queued requests will run on resume.")
 
     def _write(self, item: Prepared, out) -> None:
-        self.results.write(output_record(item, out, self.ctx.model_name, self.engine.tokenizer, self.opts.score_tokens))
+        self.results.write(output_record(item, out, self.ctx.info.model_name, self.engine.tokenizer, self.opts.score_tokens))
         self.done += 1
         self.run_prompt += out.num_prompt_tokens
         self.run_gen += out.num_generated_tokens if item.score_from is None else 0  # a score row's token is unused

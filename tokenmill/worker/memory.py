@@ -67,23 +67,25 @@ def plan_num_swap_blocks(config: EngineConfig, mc: ModelConfig, dtype: torch.dty
     return int(config.swap_space * GIB) // kv_bytes_per_block(mc, config.block_size, kv_cache_dtype(config, dtype))
 
 
+def kv_blocks(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device,
+              activation_bytes: int | None = None, weights_to_load: int = 0) -> tuple[int, int, str]:
+    """(bytes per KV block, the blocks the budget holds, what set the budget): ``num_kv_blocks`` if set, else
+    ``kv_budget_bytes`` over the bytes per block. Never raises (``plan_num_blocks`` checks the result)."""
+    per_block = kv_bytes_per_block(mc, config.block_size, kv_cache_dtype(config, dtype))
+    if config.num_kv_blocks is not None:
+        return per_block, config.num_kv_blocks, f"num_kv_blocks={config.num_kv_blocks}"
+    budget = kv_budget_bytes(config, mc, dtype, device, activation_bytes, weights_to_load)
+    source = (f"kv_cache_memory={config.kv_cache_memory} GiB" if device.type != "cuda"
+              else f"gpu_memory_utilization={config.gpu_memory_utilization}")
+    return per_block, max(budget, 0) // per_block, source
+
+
 def plan_num_blocks(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device,
                     activation_bytes: int | None = None) -> int:
     """Number of KV blocks; raises ConfigError when they cannot hold one request of ``max_model_len`` tokens.
     ``activation_bytes``: the profiling pass's measure of one step (CUDA), else estimated."""
-    per_block = kv_bytes_per_block(mc, config.block_size, kv_cache_dtype(config, dtype))
+    per_block, num_blocks, source = kv_blocks(config, mc, dtype, device, activation_bytes)
     needed = -(-config.max_model_len // config.block_size)
-    if config.num_kv_blocks is not None:
-        num_blocks = config.num_kv_blocks
-        source = f"num_kv_blocks={num_blocks}"
-    else:
-        budget = kv_budget_bytes(config, mc, dtype, device, activation_bytes)
-        num_blocks = max(budget, 0) // per_block
-        source = (
-            f"kv_cache_memory={config.kv_cache_memory} GiB"
-            if device.type != "cuda"
-            else f"gpu_memory_utilization={config.gpu_memory_utilization}"
-        )
     if num_blocks < needed:
         raise ConfigError(
             f"the KV cache budget ({source}) holds {num_blocks} blocks of {config.block_size} tokens, but one request "
