@@ -158,6 +158,26 @@ def test_logprobs_are_the_rows_log_softmax():
     assert out.logprobs[1] == want
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_through_the_kernel_familys_reduction_equal_log_softmax(dtype):
+    """With ``ops.token_logprobs`` (the engine's sampler: C++ on CPU) the same tokens and top-K ids as torch's
+    log_softmax path, values within float32 rounding; bfloat16 logits as the head leaves them."""
+    from tokenmill.kernels import cpu_kernel
+    from tokenmill.ops.cpu_ops import CpuOps
+
+    torch.manual_seed(7)
+    logits = (torch.randn(4, 3001) * 3).to(dtype)
+    params = [SamplingParams(temperature=0.0, logprobs=5), SamplingParams(temperature=1.0, seed=2, logprobs=0),
+              SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, seed=9, logprobs=2)]
+    fast = Sampler(seed=0, device=CPU, token_logprobs=CpuOps(cpu_kernel.load()).token_logprobs)(logits, params, [3] * 4)
+    ref = Sampler(seed=0, device=CPU)(logits, params, [3] * 4)
+    assert fast.token_ids == ref.token_ids and fast.logprobs[2] is None
+    for a, b in zip(fast.logprobs, ref.logprobs):
+        if b is not None:
+            assert list(a) == list(b)
+            assert all(abs(a[t] - b[t]) < 1e-5 for t in b)
+
+
 def test_drawing_from_the_top_candidates_equals_the_full_sort():
     """The CPU's shortcut (the best 16 tokens first, the rest only where they do not hold the filtered set) draws
     the very token the full sort draws, row by row, for the same seeds."""

@@ -55,13 +55,18 @@ def seeded_uniforms(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
 
 
 class Sampler:
-    def __init__(self, seed: int, device: torch.device, argmax=None, top_candidates: int | None = None) -> None:
+    def __init__(self, seed: int, device: torch.device, argmax=None, top_candidates: int | None = None,
+                 token_logprobs=None) -> None:
         """``argmax``: the kernel family's row argmax (``ops.argmax``); torch.argmax by default.
+        ``token_logprobs``: the family's reduction for the logprobs a request asks for (``ops.token_logprobs``: the
+        chosen token's log-softmax and the row's logsumexp, the top K taken from the logits minus it); by default
+        torch's log_softmax over the widened rows.
         ``top_candidates``: how many best tokens a top-k / top-p row is first drawn from before a full sort is needed
         (``_draw_filtered``); default 256 on a CPU, 0 (always the full sort) elsewhere."""
         self.device = device
         self.top_candidates = (256 if device.type == "cpu" else 0) if top_candidates is None else top_candidates
         self._argmax = argmax or (lambda x: x.argmax(dim=-1))
+        self._token_logprobs = token_logprobs
         self._rng = np.random.Generator(np.random.PCG64(seed))  # the uniforms of rows without a seed
 
     def __call__(
@@ -84,16 +89,25 @@ class Sampler:
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         if wanted:  # computed before the one read of the ids: still no sync of its own
             w = torch.tensor(wanted, dtype=torch.int64).to(logits.device, non_blocking=True)
-            lp = torch.log_softmax(logits[w].float(), dim=-1)  # [num_wanted, vocab]
-            chosen = lp.gather(1, token_ids[w][:, None]).squeeze(1)  # [num_wanted]
             k_max = max(params[i].logprobs for i in wanted)
-            top = lp.topk(k_max) if k_max else None
+            top_v = top_i = None  # [num_wanted, k_max] each, when a row asks for alternatives
+            if self._token_logprobs is not None:  # one pass per row over the logits as the head left them
+                rows = logits[w]  # [num_wanted, vocab], contiguous
+                chosen, _, lse = self._token_logprobs(rows, token_ids[w])
+                if k_max:
+                    top_v, top_i = rows.topk(k_max)
+                    top_v = top_v.float() - lse[:, None]
+            else:
+                lp = torch.log_softmax(logits[w].float(), dim=-1)  # [num_wanted, vocab]
+                chosen = lp.gather(1, token_ids[w][:, None]).squeeze(1)  # [num_wanted]
+                if k_max:
+                    top_v, top_i = lp.topk(k_max)
         ids = token_ids.tolist()  # the step's host sync
         logprobs: list[dict[int, float] | None] = [None] * num_rows
         if wanted:
             chosen_l = chosen.tolist()
-            top_i = top.indices.tolist() if top is not None else None
-            top_v = top.values.tolist() if top is not None else None
+            top_i = top_i.tolist() if top_i is not None else None
+            top_v = top_v.tolist() if top_v is not None else None
             for j, i in enumerate(wanted):
                 entry = {ids[i]: chosen_l[j]}
                 k = params[i].logprobs

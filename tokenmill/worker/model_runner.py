@@ -55,7 +55,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.ops = model.ops
         self.backend = model.ops.attention
-        self.sampler = Sampler(config.seed, device, model.ops.argmax)
+        self.sampler = Sampler(config.seed, device, model.ops.argmax, token_logprobs=model.ops.token_logprobs)
         self.structured = StructuredState(grammars) if grammars is not None else None
         self.tp: TPGroup = model.tp
         mc = model.config
