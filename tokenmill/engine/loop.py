@@ -17,6 +17,9 @@ copy of its output under its own request id.
 their leader. The loop is single-threaded: the caller that owns the engine calls it (the Ray worker and the server
 put their cross-thread inboxes in front of it).
 
+What the loop holds of a request lives on its ``Submission`` (its engine id, the dedupe key it leads, the identical
+submissions waiting on it); ``held`` maps engine ids to them, and a feed's ``in_engine`` is its share of ``held``.
+
 Invariants: every submission admitted (or waiting on one admitted) is returned by ``step`` exactly once, or dropped
 by ``abort`` / ``close_feed`` / ``close_all``; a feed's followers never outlive their leader (a dropped leader takes
 them with it, and they share its feed).
@@ -55,8 +58,11 @@ class Submission:
     payload: Any = None
     priority: int = ONLINE
     feed: str = ""
-    engine_id: str = ""  # the id the engine knows it by (set by the loop)
-    follows: str = ""  # set by the loop: the engine id of the identical request this one waits on (dedupe)
+    # set by the loop (its per-request record is the submission itself):
+    engine_id: str = ""  # the id the engine knows it by
+    follows: str = ""  # the engine id of the identical request this one waits on (dedupe)
+    key: tuple | None = None  # while it leads: its (feed, dedupe key)
+    followers: list["Submission"] = field(default_factory=list)  # while it leads: the identical ones waiting on it
 
 
 @dataclass(eq=False)
@@ -91,11 +97,8 @@ class EngineLoop:
         self.engine = engine
         self.window = window or 2 * engine.config.max_num_seqs + 64
         self.feeds: dict[str, Feed] = {}  # in the order they were opened
-        self.direct: dict[str, Submission] = {}  # added with add(): request id -> submission
-        self._owner: dict[str, Feed] = {}  # engine id -> the feed of a request admitted from one
+        self.held: dict[str, Submission] = {}  # engine id -> the submission computed under it (feeds' and add()'s)
         self._leader: dict[tuple, str] = {}  # (feed, dedupe key) -> the engine id computing it
-        self._key_of: dict[str, tuple] = {}  # engine id -> its (feed, dedupe key)
-        self._followers: dict[str, list[Submission]] = {}  # engine id -> identical submissions waiting on it
         self.num_followers = 0  # waiting now
         self.num_deduplicated = 0  # ever
 
@@ -112,7 +115,7 @@ class EngineLoop:
         bad request."""
         sub.feed, sub.engine_id = "", sub.request_id
         self.engine.add_request(sub.request_id, sub.token_ids, sub.params, sub.priority)
-        self.direct[sub.request_id] = sub
+        self.held[sub.request_id] = sub
 
     @property
     def num_held(self) -> int:
@@ -141,15 +144,14 @@ class EngineLoop:
         finished = []
         for out in outs:
             rid = out.request_id
-            sub = self.direct.pop(rid, None)
-            if sub is None:
-                feed = self._owner.pop(rid, None)
-                if feed is None:  # a request the loop does not own (dropped meanwhile)
-                    continue
-                sub = feed.in_engine.pop(rid)
+            sub = self.held.pop(rid, None)
+            if sub is None:  # a request the loop does not own (dropped meanwhile)
+                continue
+            if sub.feed:
+                self.feeds[sub.feed].in_engine.pop(rid)
             out.request_id = sub.request_id
             finished.append((sub, out))
-            for twin in self._release(rid):
+            for twin in self._release(sub):
                 finished.append((twin, replace(out, request_id=twin.request_id)))
         self._drop_done_feeds()
         return LoopStep(finished, result)
@@ -164,7 +166,9 @@ class EngineLoop:
     # ---------------------------------------------------------------- dropping work
     def abort(self, request_ids: list[str]) -> None:
         """Drops requests added with ``add`` (by their ids); nothing is returned for them."""
-        ids = [rid for rid in request_ids if self.direct.pop(rid, None) is not None]
+        ids = [rid for rid in request_ids if rid in self.held and not self.held[rid].feed]
+        for rid in ids:
+            del self.held[rid]
         if ids:
             self.engine.abort_request(ids)
 
@@ -177,18 +181,18 @@ class EngineLoop:
         followers = 0
         if feed.in_engine:
             self.engine.abort_request(list(feed.in_engine))
-            for rid in feed.in_engine:
-                del self._owner[rid]
-                followers += len(self._release(rid))
+            for rid, sub in feed.in_engine.items():
+                del self.held[rid]
+                followers += len(self._release(sub))
         return len(feed.in_engine), followers
 
     def close_all(self) -> None:
         """Drops everything in hand (an engine fault, a stop)."""
         for name in list(self.feeds):
             self.close_feed(name)
-        if self.direct:
-            self.engine.abort_request(list(self.direct))
-            self.direct.clear()
+        if self.held:  # what add() put in
+            self.engine.abort_request(list(self.held))
+            self.held.clear()
 
     # ---------------------------------------------------------------- internals
     def _admit(self) -> None:
@@ -210,8 +214,7 @@ class EngineLoop:
                 if feed.dedupe and self._follow(sub, feed.name):
                     continue
                 self.engine.add_request(rid, sub.token_ids, sub.params, sub.priority)
-                feed.in_engine[rid] = sub
-                self._owner[rid] = feed
+                feed.in_engine[rid] = self.held[rid] = sub
             if self.num_held >= self.window:
                 return
 
@@ -225,20 +228,20 @@ class EngineLoop:
         leader = self._leader.get(key)
         if leader is not None:
             sub.follows = leader
-            self._followers.setdefault(leader, []).append(sub)
+            self.held[leader].followers.append(sub)
             self.num_followers += 1
             self.num_deduplicated += 1
             return True
         self._leader[key] = sub.engine_id
-        self._key_of[sub.engine_id] = key
+        sub.key = key
         return False
 
-    def _release(self, rid: str) -> list[Submission]:
-        """The submissions that waited on ``rid`` (finished or dropped); its key has no leader any more."""
-        key = self._key_of.pop(rid, None)
-        if key is not None:
-            del self._leader[key]
-        twins = self._followers.pop(rid, [])
+    def _release(self, sub: Submission) -> list[Submission]:
+        """The submissions that waited on ``sub`` (finished or dropped); its key has no leader any more."""
+        if sub.key is not None:
+            del self._leader[sub.key]
+            sub.key = None
+        twins, sub.followers = sub.followers, []
         self.num_followers -= len(twins)
         return twins
 
