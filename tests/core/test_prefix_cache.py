@@ -150,7 +150,8 @@ def test_a_block_being_computed_is_pending_until_cached():
 def test_the_scheduler_waits_a_step_for_a_prefix_being_computed_and_lets_others_pass():
     from tokenmill.config import EngineConfig
     from tokenmill.core.request import Request
-    from tokenmill.core.scheduler import ModelRunnerOutput, Scheduler
+    from tokenmill.core.scheduler import Scheduler
+    from tokenmill.core.step import ModelRunnerOutput
     from tokenmill.sampling_params import SamplingParams
 
     cfg = EngineConfig.from_dict({"block_size": 4, "max_num_batched_tokens": 256}).resolve(128)

@@ -8,7 +8,8 @@ from tokenmill.config import EngineConfig
 from tokenmill.core.block_pool import BlockPool
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
-from tokenmill.core.scheduler import ModelRunnerOutput, Scheduler
+from tokenmill.core.scheduler import Scheduler
+from tokenmill.core.step import ModelRunnerOutput
 from tokenmill.sampling_params import SamplingParams
 
 EOS = 0

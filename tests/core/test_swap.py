@@ -7,7 +7,7 @@ import random
 import pytest
 
 from tokenmill.core.request import Request, RequestStatus
-from tokenmill.core.scheduler import ModelRunnerOutput
+from tokenmill.core.step import ModelRunnerOutput
 from tokenmill.sampling_params import SamplingParams
 
 from test_scheduler import assert_step_invariants, fake_runner_output, make_requests, make_scheduler

@@ -187,7 +187,7 @@ def test_rejected_flags_leave_nothing_and_progress_and_messages_are_plain(tmp_pa
 
 def test_the_model_runner_takes_a_step_with_nothing_scheduled(smollm2):
     from tokenmill import SamplingParams
-    from tokenmill.core.scheduler import SchedulerOutput
+    from tokenmill.core.step import SchedulerOutput
 
     engine = smollm2.engine
     assert engine.runner.execute(SchedulerOutput([], 0)).sampled_token_ids == {}

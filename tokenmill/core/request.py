@@ -79,6 +79,9 @@ class Request:
         wants = sampling_params.prompt_logprobs is not None
         self.prompt_logprobs: list[dict[int, float] | None] | None = [None] if wants else None
         self.prompt_ranks: list[int | None] | None = [None] if wants else None
+        # what the model runner keeps for this request (worker/block_table.RequestState: its block-table row, its
+        # grammar matcher); opaque here, and released by the runner when the request finishes
+        self.worker_state = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -106,7 +106,8 @@ def _short(message: str) -> str:
 
 
 class StructuredState:
-    """The matchers of a runner's constrained requests and the step's batched mask.
+    """The step's batched mask of a runner's constrained requests. Each request's matcher lives in its runner record
+    (``worker/block_table.RequestState.matcher``, made on its first sampling step), so it goes with the request.
 
     A step's masks depend only on tokens already sampled, so ``start_masks`` fills them in a background thread
     (llguidance releases the GIL, as torch does) while the model runs; ``apply_masks`` waits for them and masks the
@@ -114,16 +115,12 @@ class StructuredState:
 
     def __init__(self, backend: GrammarBackend) -> None:
         self.backend = backend
-        self.matchers: dict[str, object] = {}
         self._executor = None  # llguidance's thread pool: the masks of a step are filled in parallel
         self._thread = None  # a one-thread pool: the fill overlaps the model's forward pass
 
-    def forget(self, request_ids) -> None:
-        for rid in request_ids:
-            self.matchers.pop(rid, None)
-
-    def start_masks(self, request_ids: list[str], params) -> "PendingMasks | None":
-        """Starts filling the masks of the constrained requests among those about to sample (None: none is)."""
+    def start_masks(self, states: list, params) -> "PendingMasks | None":
+        """Starts filling the masks of the constrained requests among those about to sample (None: none is).
+        ``states``: their records (anything with a ``matcher`` attribute), ``params``: their sampling params."""
         rows = [i for i, p in enumerate(params) if p.structured is not None]
         if not rows:
             return None
@@ -131,9 +128,9 @@ class StructuredState:
         bitmask = np.full((len(rows), words), -1, dtype=np.int32)  # [rows, vocab / 32], bit set = allowed
         live = []
         for j, i in enumerate(rows):
-            m = self.matchers.get(request_ids[i])
+            m = states[i].matcher
             if m is None:
-                m = self.matchers[request_ids[i]] = self.backend.matcher(params[i].structured)
+                m = states[i].matcher = self.backend.matcher(params[i].structured)
             if not m.is_stopped():
                 live.append((m, j))
             else:  # the grammar is complete: only its end (EOS) may follow
@@ -173,10 +170,10 @@ class StructuredState:
             logits[idx] = logits[idx].masked_fill_(blocked, float("-inf"))
         return rows
 
-    def accept(self, request_ids: list[str], rows: list[int], token_ids: list[int]) -> None:
+    def accept(self, states: list, rows: list[int], token_ids: list[int]) -> None:
         """Advances the matchers of the constrained rows by the tokens just sampled."""
         for i in rows:
-            m = self.matchers[request_ids[i]]
+            m = states[i].matcher
             if not m.is_stopped():
                 m.consume_token(token_ids[i])
 

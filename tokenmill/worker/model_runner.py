@@ -20,7 +20,7 @@ import torch
 
 from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.config import EngineConfig
-from tokenmill.core.scheduler import ModelRunnerOutput, SchedulerOutput
+from tokenmill.core.step import ModelRunnerOutput, SchedulerOutput
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.sampler import Sampler
 from tokenmill.parallel.group import TPGroup
@@ -99,8 +99,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        if self.structured is not None:
-            self.structured.forget(out.finished_request_ids)
+        for req in out.finished:  # its block-table row and grammar matcher go with it
+            if req.worker_state is not None:
+                self.buffers.block_table.release(req.worker_state)
+                req.worker_state = None
         if out.is_empty:  # nothing scheduled (e.g. every request was aborted): nothing to run
             return ModelRunnerOutput({})
         # Decodes (one new token) first: the attention backend batches them. With LoRA adapters, each part ordered
@@ -121,7 +123,8 @@ class ModelRunner:
         ids = [s.request_id for _, s in sampling]
         params = [s.request.sampling_params for _, s in sampling]
         # the grammar masks of this step's constrained rows are filled while the model runs
-        masks = self.structured.start_masks(ids, params) if self.structured is not None else None
+        states = [s.request.worker_state for _, s in sampling]  # made by the fill above
+        masks = self.structured.start_masks(states, params) if self.structured is not None else None
         if self.model.loras is not None:  # each request's rows to its adapter, for every adapted layer
             self.model.loras.set_step([s.request.sampling_params.lora for s in chunks], step.query_start_loc_list)
         hidden = self._forward(step, num_decodes)  # [num_tokens, hidden]
@@ -132,7 +135,7 @@ class ModelRunner:
         constrained = self.structured.apply_masks(logits, masks) if masks is not None else []
         result = self.sampler(logits, params, [s.request.num_output_tokens for _, s in sampling])
         if constrained:
-            self.structured.accept(ids, constrained, result.token_ids)
+            self.structured.accept(states, constrained, result.token_ids)
         logprobs = {rid: lp for rid, lp in zip(ids, result.logprobs) if lp is not None}
         return ModelRunnerOutput(dict(zip(ids, result.token_ids)), logprobs, prompt_lp)
 

@@ -8,7 +8,8 @@ Every int64 input of a forward pass lives in a fixed region of one host buffer (
 A step fills the host regions in numpy and copies the used prefix (everything up to the end of this step's block
 table) to the device once, non-blocking; the tensors the model gets are views of the device twin. On CPU the twin is
 the host buffer itself: no copy at all. The step's block table is packed [num_reqs, width] at the start of its
-region (width = the step's widest request), so kernels see a contiguous table.
+region (width = the step's widest request), so kernels see a contiguous table: a gather of the requests' rows of the
+persistent ``BlockTable`` (worker/block_table.py), where only new blocks are written.
 
 Invariants: regions never move while the capacity suffices (a capacity change reallocates, before the step's
 fill); each ``fill`` returns new view objects (``RotaryEmbedding`` caches by the positions tensor's identity); the
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tokenmill.core.scheduler import ScheduledRequest
+from tokenmill.core.step import ScheduledRequest
+from tokenmill.worker.block_table import BlockTable
 
 
 @dataclass
@@ -50,6 +52,7 @@ class StepBuffers:
         ``from`` or the token sits at ``from`` or later (``RopeConfig.long_rope_from``)."""
         self.device = torch.device(device)
         self.long_rope = long_rope
+        self.block_table = BlockTable(max_reqs, max_blocks)  # rank 0's requests' rows (a TP follower never fills)
         self._allocate(max_tokens, max_reqs, max_blocks)
 
     def _allocate(self, max_tokens: int, max_reqs: int, max_blocks: int) -> None:
@@ -72,10 +75,16 @@ class StepBuffers:
         return self.dev[start:start + n]
 
     def fill(self, chunks: list[ScheduledRequest], block_size: int) -> StepInputs:
-        """Lays out ``chunks`` (decodes first, as the runner orders them) and copies them to the device."""
+        """Lays out ``chunks`` (decodes first, as the runner orders them) and copies them to the device. Per chunk
+        only its token ids and a few ints are read in Python; positions, slots, lengths and the table are array
+        operations over the whole step (the rows come from the persistent ``block_table``)."""
         num_reqs = len(chunks)
-        num_tokens = sum(s.num_scheduled_tokens for s in chunks)
-        width = max(len(s.block_ids) for s in chunks)
+        rows, width = self.block_table.sync(chunks)
+        # per chunk: first new position, new tokens, tokens the request has (it samples when the chunk ends there)
+        meta = np.array([(s.num_computed_tokens, s.num_scheduled_tokens, s.request.num_tokens) for s in chunks],
+                        dtype=np.int64).reshape(num_reqs, 3)
+        starts, counts = meta[:, 0], meta[:, 1]
+        num_tokens = int(counts.sum())
         if num_tokens > self.max_tokens or num_reqs > self.max_reqs or width > self.max_blocks:
             self._allocate(max(num_tokens, self.max_tokens), max(num_reqs, self.max_reqs),
                            max(width, self.max_blocks))
@@ -83,28 +92,29 @@ class StepBuffers:
         qsl = self._host("query_start_loc", num_reqs + 1)
         seq_lens = self._host("seq_lens", num_reqs)
         table = self._host("block_tables", num_reqs * width).reshape(num_reqs, width)
-        table.fill(0)
-        rows = []
-        t = 0
+        np.take(self.block_table.table[:, :width], rows, axis=0, out=table)
         qsl[0] = 0
-        for i, s in enumerate(chunks):
-            start, n = s.num_computed_tokens, s.num_scheduled_tokens
-            ids[t:t + n] = s.request.all_token_ids[start:start + n]
-            p = np.arange(start, start + n, dtype=np.int64)
-            pos[t:t + n] = p
-            if self.long_rope is not None:
-                first, offset = self.long_rope
-                pos[t:t + n] += offset * ((p >= first) | (s.request.num_prompt_tokens > first))
-            blocks = np.asarray(s.block_ids, dtype=np.int64)
-            table[i, :len(blocks)] = blocks
-            slots[t:t + n] = blocks[p // block_size] * block_size + p % block_size
-            t += n
-            qsl[i + 1] = t
-            seq_lens[i] = start + n
-            if s.samples:
-                rows.append(t - 1)
-        self._host("sample_rows", len(rows))[:] = rows
-        self.shape = StepShape(num_tokens, num_reqs, width, len(rows))
+        np.cumsum(counts, out=qsl[1:])
+        np.add(starts, counts, out=seq_lens)
+        req = np.repeat(np.arange(num_reqs), counts)  # [num_tokens]: each token's chunk
+        p = np.arange(num_tokens, dtype=np.int64) + (starts - qsl[:-1])[req]  # [num_tokens]: positions
+        pos[:] = p
+        if self.long_rope is not None:
+            first, offset = self.long_rope
+            prompt_long = np.array([s.request.num_prompt_tokens > first for s in chunks], dtype=bool)
+            pos += offset * ((p >= first) | prompt_long[req])
+        slots[:] = table[req, p // block_size] * block_size + p % block_size
+        if num_tokens == num_reqs:  # decodes only (or one-token chunks): one id each
+            ids[:] = [s.request.all_token_ids[s.num_computed_tokens] for s in chunks]
+        else:
+            flat = []
+            for s in chunks:
+                start = s.num_computed_tokens
+                flat.extend(s.request.all_token_ids[start:start + s.num_scheduled_tokens])
+            ids[:] = flat
+        sample_rows = (qsl[1:] - 1)[seq_lens == meta[:, 2]]
+        self._host("sample_rows", len(sample_rows))[:] = sample_rows
+        self.shape = StepShape(num_tokens, num_reqs, width, len(sample_rows))
         used = self.used(self.shape)
         if self.dev is not self.host:
             self.dev[:used].copy_(self.host[:used], non_blocking=True)
