@@ -100,16 +100,14 @@ class LLMEngine:
                             config.quantization, config.load_format, config.cpu_gemm, self.ops, tp,
                             config.lora_adapters, tokenizer=info.tokenizer if info is not None else None,
                             adapters=info.adapters if info is not None else None)
-        self.config = config.resolve(loaded.model_config.max_position_embeddings)
-        if loaded.quantization != self.config.quantization:  # a GPTQ/AWQ checkpoint's int4: the config says so
-            self.config = dataclasses.replace(self.config, quantization=loaded.quantization)
-        self.model_config = loaded.model_config
-        self.tokenizer = loaded.tokenizer
-        self.eos_token_ids = loaded.eos_token_ids
-        self._long_rope_from = loaded.model_config.rope.long_rope_from()  # keys long prompts' cached blocks
-        self.model_path = loaded.path
+        config = config.resolve(loaded.model_config.max_position_embeddings)
+        if loaded.quantization != config.quantization:  # a GPTQ/AWQ checkpoint's int4: the config says so
+            config = dataclasses.replace(config, quantization=loaded.quantization)
         dtype = next(loaded.model.parameters()).dtype
-        self.dtype = dtype
+        # what the engine is running, in one place (engine.config, .tokenizer, ... are views of it)
+        self.info = ModelInfo(config, loaded.path, loaded.hf_dir, loaded.model_config, loaded.tokenizer,
+                              loaded.eos_token_ids, self.device, dtype, list(loaded.adapters))
+        self._long_rope_from = loaded.model_config.rope.long_rope_from()  # keys long prompts' cached blocks
         # one rank's share of the KV cache: its KV heads (every rank holds every block, for its heads)
         rank_mc = dataclasses.replace(self.model_config,
                                       num_key_value_heads=self.model_config.num_key_value_heads // tp.size)
@@ -124,8 +122,6 @@ class LLMEngine:
                                                self.config.enable_prefix_caching, self.num_swap_blocks)
         self.scheduler = Scheduler(self.config, self.kv_cache_manager, self._stop_string_of)
         self.grammars = grammars or GrammarBackend(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
-        self.info = ModelInfo(self.config, loaded.path, loaded.hf_dir, self.model_config, self.tokenizer,
-                              self.eos_token_ids, self.device, dtype, list(loaded.adapters))
         self.runner = ModelRunner(self.config, loaded.model, self.num_kv_blocks, self.device, self.grammars,
                                   self.num_swap_blocks)
         if self.tp_workers is not None:
@@ -136,6 +132,32 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_prompt_tokens_done = 0
         self._parents: dict[str, ParentRequest] = {}  # requests with several samples, by id (parallel_sampling.py)
+
+    # ---------------------------------------------------------------- the model, as ``info`` holds it
+    @property
+    def config(self) -> EngineConfig:
+        """The configuration, resolved against the model."""
+        return self.info.config
+
+    @property
+    def model_config(self):
+        return self.info.model_config
+
+    @property
+    def tokenizer(self):
+        return self.info.tokenizer
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.info.eos_token_ids
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.info.dtype
+
+    @property
+    def model_path(self) -> Path:
+        return self.info.path
 
     def close(self) -> None:
         """Stops the tensor-parallel workers (nothing to do with one rank). The engine cannot step afterwards."""
