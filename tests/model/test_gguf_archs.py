@@ -46,15 +46,11 @@ def _writer(path, arch: str, cfg):
     """A GGUF writer for ``arch`` with the default model's tokenizer metadata and the keys every file here has."""
     import gguf
 
+    from tokenmill.model.gguf_convert import copy_tokenizer_fields
     from tokenmill.model.loader import default_model_path
 
-    src = gguf.GGUFReader(str(default_model_path()))
     w = gguf.GGUFWriter(str(path), arch)
-    for field in src.fields.values():  # the tokenizer
-        if field.name.startswith("tokenizer."):
-            kind = field.types[0]
-            w.add_key_value(field.name, field.contents(), kind,
-                            sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    copy_tokenizer_fields(gguf.GGUFReader(str(default_model_path())), w)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_feed_forward_length(cfg.intermediate_size)

@@ -178,6 +178,30 @@ def test_logprobs_through_the_kernel_familys_reduction_equal_log_softmax(dtype):
             assert all(abs(a[t] - b[t]) < 1e-5 for t in b)
 
 
+@pytest.mark.parametrize("family", ["torch", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_rows_top_1_is_their_own_token(family, dtype):
+    """Greedy rows asking for logprobs=1 (lm-eval's and most clients' form) take their argmax and its logprob as the
+    top alternative instead of a topk over the row: the same entries as torch's log_softmax path."""
+    from tokenmill.ops.torch_ops import TorchOps
+
+    if family == "cpu":
+        from tokenmill.kernels import cpu_kernel
+        from tokenmill.ops.cpu_ops import CpuOps
+
+        reduction = CpuOps(cpu_kernel.load()).token_logprobs
+    else:
+        reduction = TorchOps(CPU).token_logprobs
+    torch.manual_seed(9)
+    logits = (torch.randn(6, 2001) * 4).to(dtype)
+    params = [SamplingParams(temperature=0.0, logprobs=[1, 0][i % 2]) for i in range(6)]
+    fast = Sampler(seed=0, device=CPU, token_logprobs=reduction)(logits, params, [1] * 6)
+    ref = Sampler(seed=0, device=CPU)(logits, params, [1] * 6)
+    assert fast.token_ids == ref.token_ids == logits.float().argmax(dim=-1).tolist()
+    for a, b in zip(fast.logprobs, ref.logprobs):
+        assert list(a) == list(b) and all(abs(a[t] - b[t]) < 1e-5 for t in b)
+
+
 def test_drawing_from_the_top_candidates_equals_the_full_sort():
     """The CPU's shortcut (the best 16 tokens first, the rest only where they do not hold the filtered set) draws
     the very token the full sort draws, row by row, for the same seeds."""

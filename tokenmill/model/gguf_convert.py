@@ -148,17 +148,23 @@ def _convert_tokenizer(gguf_path: Path, out_dir: Path) -> None:
     tok.save_pretrained(str(out_dir))
 
 
+def copy_tokenizer_fields(reader, writer) -> None:
+    """Every ``tokenizer.*`` field of a GGUFReader's file into a GGUFWriter, as it is."""
+    import gguf
+
+    for field in reader.fields.values():
+        if field.name.startswith("tokenizer."):
+            kind = field.types[0]
+            writer.add_key_value(field.name, field.contents(), kind,
+                                 sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+
+
 def _tokenizer_only_gguf(src: Path, dst: Path) -> None:
     """A GGUF file with ``src``'s ``tokenizer.*`` fields, no tensors, architecture "llama"."""
     import gguf
 
-    reader = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), "llama")
-    for field in reader.fields.values():
-        if field.name.startswith("tokenizer."):
-            kind = field.types[0]
-            w.add_key_value(field.name, field.contents(), kind,
-                            sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    copy_tokenizer_fields(gguf.GGUFReader(str(src)), w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -55,10 +55,8 @@ def rope_inv_freq(head_dim: int, rope: RopeConfig, long: bool = False) -> torch.
     long factors, else its short ones)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     if rope.rope_type == "longrope":  # each frequency divided by its factor, in transformers' order of operations
+        # (one factor per frequency: ModelConfig.from_hf_dict refuses a config where the count differs)
         factors = torch.tensor(rope.long_factor if long else rope.short_factor, dtype=torch.float32)
-        if factors.numel() != exponents.numel():
-            raise ValueError(f"longrope factors have {factors.numel()} entries; the rotary dimension needs "
-                             f"{exponents.numel()}")
         return 1.0 / (factors * rope.theta**exponents)
     inv_freq = 1.0 / (rope.theta**exponents)
     if rope.rope_type == "linear":

@@ -93,8 +93,10 @@ class Sampler:
             top_v = top_i = None  # [num_wanted, k_max] each, when a row asks for alternatives
             if self._token_logprobs is not None:  # one pass per row over the logits as the head left them
                 rows = logits[w]  # [num_wanted, vocab], contiguous
-                chosen, _, lse = self._token_logprobs(rows, token_ids[w])
-                if k_max:
+                chosen, _, lse = self._token_logprobs(rows, token_ids[w], with_rank=False)
+                if k_max == 1 and all(params[i].greedy for i in wanted):  # a greedy row's top 1 is its own token
+                    top_i, top_v = token_ids[w][:, None], chosen[:, None]
+                elif k_max:
                     top_v, top_i = rows.topk(k_max)
                     top_v = top_v.float() - lse[:, None]
             else:

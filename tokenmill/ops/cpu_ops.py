@@ -81,13 +81,13 @@ class CpuOps(TorchOps):
             return self.kernels.argmax_rows(x)
         return super().argmax(x)
 
-    def token_logprobs(self, logits, targets):
+    def token_logprobs(self, logits, targets, with_rank: bool = True):
         """One pass per row over float32 / bfloat16 logits (torch's log_softmax and comparison took ~4x the bfloat16
-        LM head GEMM's time for the same rows)."""
+        LM head GEMM's time for the same rows); the rank comes with it."""
         if logits.dtype in (torch.float32, torch.bfloat16) and logits.is_contiguous() and logits.shape[1] > 0:
             lp, rank, lse = self.kernels.logprob_rows(logits, targets.contiguous())
             return lp, rank, lse
-        return super().token_logprobs(logits, targets)
+        return super().token_logprobs(logits, targets, with_rank)
 
     def packed_attention(self, q, k, v, seq_lens, scale, causal):
         """The whole packed batch in one call (rows of q, k, v contiguous)."""

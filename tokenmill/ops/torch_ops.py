@@ -56,13 +56,15 @@ class TorchOps:
         """[rows, vocab] -> [rows] int64: the first maximum (the first NaN), as torch.argmax."""
         return x.argmax(dim=-1)
 
-    def token_logprobs(self, logits: torch.Tensor, targets: torch.Tensor):
+    def token_logprobs(self, logits: torch.Tensor, targets: torch.Tensor, with_rank: bool = True):
         """logits [rows, vocab] (any float dtype), targets [rows] int64 -> (logprob [rows] float32: the target's
-        log-softmax, rank [rows] int64: 1 + the number of logits above the target's, logsumexp [rows] float32)."""
+        log-softmax, rank [rows] int64: 1 + the number of logits above the target's, logsumexp [rows] float32).
+        ``with_rank`` False: the rank may be None (here it is a pass of its own over the logits)."""
         x = logits.float()
         lse = torch.logsumexp(x, dim=-1)
         chosen = x.gather(1, targets[:, None]).squeeze(1)
-        return chosen - lse, (x > chosen[:, None]).sum(dim=1) + 1, lse
+        rank = (x > chosen[:, None]).sum(dim=1) + 1 if with_rank else None
+        return chosen - lse, rank, lse
 
     def packed_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int], scale: float,
                          causal: bool) -> torch.Tensor:
