@@ -42,69 +42,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.host_facts import gemm_rates, host_info
+
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "build" / "peers"
 PEER_PYTHON = PEERS / "venv" / "bin" / "python"
 MODELS = PEERS / "models"
 TIERS = ("float32", "bfloat16", "int8", "int4", "w8a8")
 CT2_BATCH_SIZES = (16, 32)  # 64 and 128 were slower on W (BENCHMARKS.md)
-
-
-# ---------------------------------------------------------------- host facts
-def host_info() -> dict:
-    """CPU model, the ISA levels that decide the kernels, threads."""
-    import platform
-
-    import torch
-
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"),
-                                   ("AVX512-VNNI", "avx512_vnni"), ("AMX-BF16", "amx_bf16"),
-                                   ("AMX-INT8", "amx_int8")) if flag in flags]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
-    return {"cpu": model, "isa": isa, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M")}
-
-
-def _rate(fn, flops: float, seconds: float) -> float:
-    for _ in range(3):
-        fn()
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        fn()
-        reps += 1
-    return flops * reps / (time.perf_counter() - t0) / 1e9
-
-
-def gemm_rates(seconds: float) -> dict:
-    """GFLOP/s (GOP/s for int8) of a 1024^3 GEMM as the model layers run it: float32 and bfloat16 through oneDNN with
-    the weight prepacked (model/gemm.py; AMX for bfloat16 where the CPU has it), int8 through torch._int_mm (the
-    host's int8 rate as oneDNN reaches it). Measured in the run: the rooflines of its tables."""
-    import torch
-
-    from tokenmill.model import gemm
-
-    rates = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, w = torch.randn(1024, 1024, dtype=dtype), gemm.pack(torch.randn(1024, 1024, dtype=dtype), "onednn")
-        rates[str(dtype).removeprefix("torch.")] = _rate(lambda: gemm.linear(a, w, None), 2 * 1024**3, seconds)
-    a = torch.randint(-128, 127, (1024, 1024), dtype=torch.int8)
-    b = torch.randint(-128, 127, (1024, 1024), dtype=torch.int8)
-    try:
-        rates["int8"] = _rate(lambda: torch._int_mm(a, b), 2 * 1024**3, seconds)
-    except RuntimeError:  # a torch build without it
-        pass
-    return rates
 
 
 # ---------------------------------------------------------------- workloads

@@ -1,5 +1,5 @@
 """Where an engine step's time goes, by kind of work: GEMMs, attention, the K/V write, norms / RoPE / activation, the
-LM head, sampling, and the rest (Python, the scheduler, building the step's inputs).
+LM head, sampling, building the step's inputs, the scheduler, and the rest (Python).
 
     python benchmarks/step_profile.py '{"dtype": "bfloat16"}' [NUM_SEQS] [--prefill] [--prompt-len LO,HI]
 
@@ -81,11 +81,14 @@ def instrument(eng, timer: Timer) -> None:
     model = eng.runner.model
     model.compute_logits = timer.wrap("LM head", model.compute_logits)
     eng.runner.sampler = timer.wrap("sampling", eng.runner.sampler)
+    eng.runner.buffers.fill = timer.wrap("step inputs", eng.runner.buffers.fill)
+    for name in ("schedule", "update_from_output"):
+        setattr(eng.scheduler, name, timer.wrap("scheduler", getattr(eng.scheduler, name)))
 
 
 def report(label: str, timer: Timer, wall: float, steps: int) -> dict:
     parts = {k: round(1000 * v / steps, 2) for k, v in sorted(timer.spent.items(), key=lambda kv: -kv[1])}
-    parts["rest (Python, scheduler, inputs)"] = round(1000 * (wall - sum(timer.spent.values())) / steps, 2)
+    parts["rest (Python)"] = round(1000 * (wall - sum(timer.spent.values())) / steps, 2)
     return {"phase": label, "steps": steps, "step_ms": round(1000 * wall / steps, 2), "ms_per_step": parts}
 
 
