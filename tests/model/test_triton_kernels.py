@@ -54,10 +54,11 @@ def paged_case(seed: int, heads: int, kv_heads: int, head_dim: int, block_size: 
     return q, k_cache, v_cache, meta
 
 
-def reference_attention(q, k_cache, v_cache, meta, scale):
+def reference_attention(q, k_cache, v_cache, meta, scale, window=None, softcap=None):
     out = torch.empty_like(q)
     for i in range(meta.num_reqs):
-        ReferenceAttention._prefill_one(i, q.cpu(), k_cache.cpu(), v_cache.cpu(), _on_cpu(meta), scale, out)
+        ReferenceAttention._prefill_one(i, q.cpu(), k_cache.cpu(), v_cache.cpu(), _on_cpu(meta), scale, out, window,
+                                        softcap)
     return out
 
 
@@ -103,6 +104,32 @@ def test_split_kv_also_serves_prefill_chunks():
     q, kc, vc, meta = paged_case(5, 4, 2, 32, 8, [1, 19, 6], [50, 0, 40], torch.float32)
     args = (q, kc, vc, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc_t(), 32**-0.5, 19)
     torch.testing.assert_close(paged_attention(*args, num_splits=4), paged_attention(*args), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("window,softcap", [(17, None), (1, None), (None, 2.0), (40, 1.5)],
+                         ids=["window", "window-1", "softcap", "both"])
+def test_sliding_windows_and_capped_scores_match_the_reference(window, softcap, dtype):
+    """Gemma's local layers and Mistral's window in the kernel itself: decodes past the window, a 70-token chunk
+    whose later rows start past its first tile (the program skips tiles no row sees), a chunk after cached context,
+    a short prompt the window does not reach; scores capped before the softmax (both sides of tanh's bend)."""
+    q, kc, vc, meta = paged_case(23, 9, 3, 32, 16, [1, 1, 70, 9, 4], [100, 3, 40, 130, 0], dtype)
+    q = q * 3  # scores well past the cap
+    scale = 32**-0.5
+    ref = reference_attention(q, kc, vc, meta, scale, window, softcap)
+    out = paged_attention(q, kc, vc, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc_t(), scale, 70,
+                          window=window, softcap=softcap)
+    torch.testing.assert_close(out.cpu(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("num_splits", [2, 8])
+def test_split_kv_decode_with_a_window(num_splits):
+    """Split-KV shares out only the tiles inside the window; splits left without a visible key weigh nothing."""
+    q, kc, vc, meta = paged_case(num_splits + 40, 8, 2, 64, 16, [1, 1, 1], [300, 17, 129], torch.float32)
+    ref = reference_attention(q, kc, vc, meta, 0.125, 100, 5.0)
+    out = paged_attention(q, kc, vc, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc_t(), 0.125, 1,
+                          num_splits, window=100, softcap=5.0)
+    torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
@@ -219,7 +246,7 @@ def test_make_ops_names_the_triton_family_and_why_it_cannot_run(monkeypatch):
 
 
 # ---------------------------------------------------------------- end to end
-@pytest.mark.parametrize("arch", ["llama3_tied", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama3_tied", "qwen3", "gemma2"])
 def test_tiny_models_through_the_triton_path_equal_transformers_and_the_cpu_path(arch, tmp_path):
     """Chunked prefill (7-token chunks), decodes and prefill in the same steps, recompute preemption: every kernel of
     the Triton family (interpreted here) in a busy batch. Tokens equal transformers' greedy ones in float32 and the

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.attention.backend import TORCH_FALLBACK, AttentionMetadata, needs_window
+from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.kernels.triton.activation import silu_mul
 from tokenmill.kernels.triton.kv_store import store_kv
 from tokenmill.kernels.triton.norm import rms_norm
@@ -21,7 +21,9 @@ from tokenmill.ops.torch_ops import TorchOps
 class TritonAttention:
     """The step's K/V stored and every token attended in one launch each (``kernels/triton/paged_attention.py``).
     Decode-only steps over long contexts split the keys (flash-decoding): ``num_programs_target`` and
-    ``min_keys_per_split`` say when (``choose_num_splits``)."""
+    ``min_keys_per_split`` say when (``choose_num_splits``). Sliding windows and capped scores are the kernel's
+    own, passed whether or not they bite in this step (a CUDA graph captured on short sequences replays on long
+    ones)."""
 
     def __init__(self, num_programs_target: int = 256, min_keys_per_split: int = 256) -> None:
         self.num_programs_target = num_programs_target
@@ -29,8 +31,6 @@ class TritonAttention:
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
                 softcap: float | None = None) -> torch.Tensor:
-        if softcap is not None or needs_window(meta, window):  # not in these kernels yet: torch's batched path
-            return TORCH_FALLBACK.forward(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         qsl = meta.query_start_loc
         if meta.num_decodes == meta.num_reqs:
@@ -41,7 +41,7 @@ class TritonAttention:
             max_query_len = max(b - a for a, b in zip(qsl, qsl[1:]))
             num_splits = 1
         return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc_t(),
-                               scale, max_query_len, num_splits)
+                               scale, max_query_len, num_splits, window=window, softcap=softcap)
 
 
 class TritonOps(TorchOps):

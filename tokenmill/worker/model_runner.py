@@ -40,11 +40,6 @@ def _copy_blocks(src_caches: list, dst_caches: list, pairs: list[tuple[int, int]
             d.index_copy_(0, dst.to(d.device), s.index_select(0, src.to(s.device)).to(d.device))
 
 
-def _attention_has_extras(mc) -> bool:
-    """Sliding windows or capped scores: attention the captured kernels do not run (their steps run eagerly)."""
-    return mc.attn_softcap is not None or mc.sliding_window is not None or any(w is not None for w in mc.layer_windows)
-
-
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: LlamaForCausalLM, num_blocks: int, device: torch.device,
                  grammars: GrammarBackend | None = None, num_swap_blocks: int = 0) -> None:
@@ -85,10 +80,11 @@ class ModelRunner:
 
     def _capture_graphs(self, max_blocks: int):
         """CUDA graphs of decode steps (worker/cuda_graphs.py) where they can serve: CUDA, the Triton family, one
-        rank, no LoRA adapters (their rows change every step), no sliding windows or softcaps, and not
-        ``enforce_eager``."""
+        rank, no LoRA adapters (their rows change every step), and not ``enforce_eager``. Sliding windows and capped
+        scores are the Triton kernel's own (passed whether or not they bite), so Gemma and Mistral decode through
+        graphs too."""
         if (self.device.type != "cuda" or self.config.enforce_eager or self.ops.name != "triton"
-                or self.tp.size > 1 or self.model.loras is not None or _attention_has_extras(self.model.config)):
+                or self.tp.size > 1 or self.model.loras is not None):
             return None
         from tokenmill.worker.cuda_graphs import DecodeGraphs
 

@@ -15,7 +15,9 @@ blocks: host ints, no per-step host work (and a fixed grid for a CUDA graph).
 
 Each program walks its keys in tiles of TILE_N tokens, gathering every token's slot from the block table (so TILE_N
 is free of the cache's block size), with an online softmax in float32. Query at position p (context + its index in
-the chunk) sees keys 0..p. A program visits only the keys its last query row can see.
+the chunk) sees keys 0..p; with a sliding window (``window`` > 0, Mistral, Gemma's local layers) only keys
+p - window < j <= p. A program visits only the tiles between the first key its first row sees and the last key its
+last row sees. Capped scores (``softcap`` > 0, Gemma 2): s -> softcap * tanh(s / softcap) before the softmax.
 
 Split-KV (NUM_SPLITS > 1; decodes over long contexts, where one program per (request, KV head) leaves most of a GPU
 idle): split s walks its share of the tiles and stores its unnormalised accumulator with the running max and sum
@@ -50,20 +52,28 @@ def _find_request(query_start_loc_ptr, q_block, num_reqs, BLOCK_Q: tl.constexpr)
 
 
 @triton.jit
+def _tanh(x):
+    """tanh in float32 from one exp of a non-positive argument (no overflow; the interpreter has no tanh)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _paged_attention(
     out_ptr,  # [num_tokens, num_heads, head_dim]; or, split: [NUM_SPLITS, num_tokens, num_heads, HEAD_DIM_P] fp32
     max_ptr,  # split only: [NUM_SPLITS, num_tokens, num_heads] fp32 running max (else unused)
     sum_ptr,  # split only: [NUM_SPLITS, num_tokens, num_heads] fp32 running sum
     q_ptr, k_cache_ptr, v_cache_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    num_reqs, num_tokens, num_heads, scale,
+    num_reqs, num_tokens, num_heads, scale, window, softcap,
     stride_qt, stride_qh,  # q: token, head (head_dim contiguous)
     stride_ot, stride_oh,  # out: token, head
     stride_cb, stride_cs, stride_ch,  # caches: block, slot in block, kv head
     stride_bt,  # block tables: request
     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    KV_FP8: tl.constexpr, IEEE: tl.constexpr,
+    KV_FP8: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -91,8 +101,11 @@ def _paged_attention(
     last_q = tl.minimum(first_q + BLOCK_Q, q_len) - 1
     num_keys = context + last_q + 1  # keys any row of this program sees
     num_tiles = tl.cdiv(num_keys, TILE_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    tile_lo = split * tiles_per_split
+    first_tile = 0
+    if HAS_WINDOW:  # the tile of the first key this program's first row sees
+        first_tile = tl.maximum(context + first_q - window + 1, 0) // TILE_N
+    tiles_per_split = tl.cdiv(num_tiles - first_tile, NUM_SPLITS)
+    tile_lo = first_tile + split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -116,7 +129,11 @@ def _paged_attention(
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * scale
+        if HAS_SOFTCAP:
+            s = softcap * _tanh(s / softcap)
         visible = (key[None, :] <= q_pos[:, None]) & key_ok[None, :]
+        if HAS_WINDOW:
+            visible = visible & (key[None, :] > q_pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see no key yet
@@ -131,7 +148,7 @@ def _paged_attention(
         m_i = m_new
 
     if NUM_SPLITS == 1:
-        out = acc / l_i[:, None]
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # (l_i is 0 only on padding rows, which are not stored)
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     else:
@@ -174,16 +191,20 @@ def paged_attention(
     max_query_len: int,
     num_splits: int = 1,
     out: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """The step's attention (module docstring). ``max_query_len`` (a host int) picks the query tile: decode-only steps
     use one query token per program. ``num_splits`` (a power of two) splits every program's keys. ``out`` may be
-    given (a persistent buffer); its rows beyond query_start_loc[-1] (padding) are undefined."""
+    given (a persistent buffer); its rows beyond query_start_loc[-1] (padding) are undefined. ``window``: a query at
+    position p sees keys p - window < j <= p; ``softcap``: scores capped as softcap * tanh(s / softcap)."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_reqs = seq_lens.shape[0]
     assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     assert num_heads % num_kv_heads == 0 and num_splits & (num_splits - 1) == 0
     assert k_cache.dtype in (q.dtype, torch.float8_e4m3fn), (k_cache.dtype, q.dtype)
+    assert window is None or window >= 1, window
     group = num_heads // num_kv_heads
     if out is None:
         out = torch.empty_like(q)
@@ -203,12 +224,13 @@ def paged_attention(
         sum_ = torch.empty_like(max_)
     _paged_attention[grid](
         partial, max_, sum_, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        num_reqs, num_tokens, num_heads, scale,
+        num_reqs, num_tokens, num_heads, scale, window or 0, float(softcap or 0.0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
         BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n, NUM_SPLITS=num_splits,
         KV_FP8=k_cache.element_size() == 1, IEEE=q.dtype == torch.float32,
+        HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
     )
     if num_splits > 1:
         _reduce_splits[(num_tokens, num_heads)](
