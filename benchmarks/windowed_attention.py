@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from tokenmill.attention.backend import TORCH_FALLBACK, AttentionMetadata
+from tokenmill.attention.backend import AttentionMetadata, TorchPagedAttention
 from tokenmill.kernels import cpu_kernel
 from tokenmill.ops.cpu_ops import CpuKernelAttention
 
@@ -43,8 +43,9 @@ def main() -> None:
     meta = AttentionMetadata(list(range(a.seqs + 1)), seq_lens, a.seqs, slots, tables, torch.tensor(seq_lens))
     kernel = CpuKernelAttention(cpu_kernel.load())
     scale = a.head_dim**-0.5
+    reference = TorchPagedAttention()
     paths = {"cpu_kernel": lambda: kernel.forward(q, k, v, k_cache, v_cache, meta, scale, a.window, a.softcap),
-             "torch": lambda: TORCH_FALLBACK.forward(q, k, v, k_cache, v_cache, meta, scale, a.window, a.softcap)}
+             "torch": lambda: reference.forward(q, k, v, k_cache, v_cache, meta, scale, a.window, a.softcap)}
     best = {name: float("inf") for name in paths}
     for _ in range(a.rounds):
         for name, fn in paths.items():

@@ -180,7 +180,3 @@ class TorchPagedAttention(ReferenceAttention):
             valid &= keys_at > meta.seq_lens_tensor[:nd, None] - 1 - window
         out = masked_attention(q.unsqueeze(2), keys, values, valid[:, None, None, :], scale, softcap)
         return out.squeeze(2)  # [nd, heads, head_dim]
-
-
-# what the compiled families (C++, Triton) hand a step to where a window bites or scores are capped
-TORCH_FALLBACK = TorchPagedAttention()
