@@ -144,6 +144,24 @@ def test_tiled_prefill_matches_the_per_token_kernel(heads, kv_heads, head_dim, b
     assert torch.equal(kernels.paged_attention_tiled(*args, 0), per_token)
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [SHAPES[0], SHAPES[2], SHAPES[-1]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,softcap", [(1, 0.0), (23, 0.0), (100, 0.0), (0, 3.0), (40, 0.7)])
+def test_windowed_tiles_match_the_windowed_per_token_kernel(heads, kv_heads, head_dim, block_size, dtype, window,
+                                                           softcap, kernels):
+    """paged_attention_windowed with tiles (min_q 16) against itself per token (min_q 0, the form the mixed-batch test
+    holds to the reference): windows of one key, shorter than a tile, and longer than some prompts; rows whose windows
+    start in different 16-key steps of one register block; caps alone and with a window."""
+    args = _paged_step(TILED_REQS, heads, kv_heads, head_dim, block_size, dtype, dtype, seed=window + head_dim)
+    per_token = kernels.paged_attention_windowed(*args, window, softcap, 0)
+    tiled = kernels.paged_attention_windowed(*args, window, softcap, 16)
+    tol = {torch.float32: 4e-6 * max(1, head_dim // 128), torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(tiled.float(), per_token.float(), atol=tol, rtol=tol)
+    qsl = args[5].tolist()
+    short = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i, (_, n) in enumerate(TILED_REQS) if n < 16])
+    assert torch.equal(tiled[short], per_token[short])
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_tiled_prefill_matches_the_reference_whatever_the_threads(threads, kernels):
     """float32, GQA: the tiles equal the reference attention (float64 on the same inputs) to float32 accuracy

@@ -327,17 +327,20 @@ static void paged_dispatch(const torch::Tensor& q, const torch::Tensor& k_cache,
 // A register block of RB query rows against keys held as float K^T [D][ldk] and V [nk][D] (the tiled kernels: the
 // embedding path's varlen_attention, and paged prefill in cpu_prefill.cpp): scores as broadcast-FMAs over 16 keys at
 // a time, each K^T vector shared by the RB rows, the softmax per row, then P.V as broadcast-FMAs over D, each V row
-// shared by the RB rows. qf [RB][D]: the queries, already times the scale. Row r sees keys 0 .. lens[r] - 1
-// (lens[r] <= nk; ldk a multiple of KEY_PAD >= nk: K^T columns past nk up to the next multiple of KEY_PAD are read
-// but their scores never used).
+// shared by the RB rows. qf [RB][D]: the queries, already times the scale. Row r sees keys firsts[r] .. lens[r] - 1
+// (firsts nullptr: from 0; lens[r] <= nk; ldk a multiple of KEY_PAD >= nk: K^T columns past nk up to the next
+// multiple of KEY_PAD are read but their scores never used); scores are computed from the rows' first key (rounded
+// down to the step of 16 * KB keys), so a sliding window skips the keys no row sees. softcap > 0: scores capped
+// (cap_scores) before the softmax.
 // of [RB][D] <- the unnormalised outputs, inv[r] <- 1 / row r's softmax sum; sc: RB rows of ldk floats of scratch.
-// RB (8 for head_dim <= 32, 4 for 64, 2 for 128) and NV = head_dim / 16 (0: any head_dim, scalar P.V): enough
+// RB (8 for head_dim <= 32, 4 for 64, 2 for 128 and 256) and NV = head_dim / 16 (0: any head_dim, scalar P.V): enough
 // independent FMA chains to cover the FMA latency, few enough accumulators to stay in registers.
 constexpr int64_t KEY_PAD = 64;  // attend_rows' K^T row length (ldk) is a multiple of this
 
 template <int NV, int RB>
 static inline void attend_rows(const float* qf, const float* kt, int64_t ldk, const float* vf, int64_t nk,
-                               const int64_t* lens, int64_t D, float* sc, float* of, float* inv) {
+                               const int64_t* lens, int64_t D, float* sc, float* of, float* inv,
+                               const int64_t* firsts = nullptr, float softcap = 0.f) {
   // K^T vectors per step: with AVX-512 (one register per vec16, 32 registers) RB * KB >= 8 independent FMA chains;
   // narrower vec16s are already 2 or 4 chains each, and KB > 1 would spill their 16 registers
 #if defined(__AVX512F__)
@@ -346,7 +349,13 @@ static inline void attend_rows(const float* qf, const float* kt, int64_t ldk, co
   constexpr int KB = 1;
 #endif
   const int64_t nkp = (nk + 16 * KB - 1) / (16 * KB) * (16 * KB);
-  for (int64_t j = 0; j < nkp; j += 16 * KB) {  // sc[r][j] = q_r . k_j
+  int64_t k0 = 0;  // the first key any row sees, down to a step boundary (so k0 + steps never pass nkp <= ldk)
+  if (firsts != nullptr) {
+    k0 = firsts[0];
+    for (int r = 1; r < RB; ++r) k0 = std::min(k0, firsts[r]);
+    k0 = k0 / (16 * KB) * (16 * KB);
+  }
+  for (int64_t j = k0; j < nkp; j += 16 * KB) {  // sc[r][j] = q_r . k_j
     vec16 a[RB][KB] = {};
     for (int64_t d = 0; d < D; ++d) {
       vec16 kv[KB];
@@ -361,24 +370,30 @@ static inline void attend_rows(const float* qf, const float* kt, int64_t ldk, co
   }
   for (int r = 0; r < RB; ++r) {
     float* sr = sc + r * ldk;
-    inv[r] = softmax_numerators(sr, lens[r]);
+    const int64_t f = firsts != nullptr ? firsts[r] : 0;
+    if (softcap > 0.f) cap_scores(sr + f, lens[r] - f, softcap);
+    inv[r] = softmax_numerators(sr + f, lens[r] - f);
+    for (int64_t j = k0; j < f; ++j) sr[j] = 0.f;  // before the window: no weight
     for (int64_t j = lens[r]; j < nk; ++j) sr[j] = 0.f;  // causal: later keys get no weight
   }
-  if constexpr (NV > 0) {  // of_r = sum_j p_r[j] v_j
-    vec16 a[RB][NV] = {};
-    for (int64_t j = 0; j < nk; ++j) {
-      vec16 vv[NV];
-      for (int i = 0; i < NV; ++i) vv[i] = load16(vf + j * D + 16 * i);
-      for (int r = 0; r < RB; ++r) {
-        const float pr = sc[r * ldk + j];
-        for (int i = 0; i < NV; ++i) a[r][i] += pr * vv[i];
+  if constexpr (NV > 0) {  // of_r = sum_j p_r[j] v_j, CH vec16 columns per pass (RB * CH accumulators in registers)
+    constexpr int CH = NV > 8 ? 8 : NV;
+    for (int c0 = 0; c0 < NV; c0 += CH) {
+      vec16 a[RB][CH] = {};
+      for (int64_t j = k0; j < nk; ++j) {
+        vec16 vv[CH];
+        for (int i = 0; i < CH; ++i) vv[i] = load16(vf + j * D + 16 * (c0 + i));
+        for (int r = 0; r < RB; ++r) {
+          const float pr = sc[r * ldk + j];
+          for (int i = 0; i < CH; ++i) a[r][i] += pr * vv[i];
+        }
       }
+      for (int r = 0; r < RB; ++r)
+        for (int i = 0; i < CH; ++i) store16(of + r * D + 16 * (c0 + i), a[r][i]);
     }
-    for (int r = 0; r < RB; ++r)
-      for (int i = 0; i < NV; ++i) store16(of + r * D + 16 * i, a[r][i]);
   } else {
     std::fill(of, of + RB * D, 0.f);
-    for (int64_t j = 0; j < nk; ++j)
+    for (int64_t j = k0; j < nk; ++j)
       for (int r = 0; r < RB; ++r)
         for (int64_t d = 0; d < D; ++d) of[r * D + d] += sc[r * ldk + j] * vf[j * D + d];
   }
@@ -394,6 +409,7 @@ static void with_attend_shape(int64_t D, F&& fn) {
     case 32: return fn(integral_constant<int, 2>{}, integral_constant<int, 8>{});
     case 64: return fn(integral_constant<int, 4>{}, integral_constant<int, 4>{});
     case 128: return fn(integral_constant<int, 8>{}, integral_constant<int, 2>{});
+    case 256: return fn(integral_constant<int, 16>{}, integral_constant<int, 2>{});  // Gemma
     default: return fn(integral_constant<int, 0>{}, integral_constant<int, 4>{});
   }
 }
@@ -557,22 +573,6 @@ static void with_paged_types(const torch::Tensor& q, const torch::Tensor& k_cach
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "the cache must be in q's dtype or float8_e4m3fn");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, q.scalar_type(), "paged_attention",
                                   [&] { fn(scalar_t{}, scalar_t{}); });
-}
-
-// paged_attention with a sliding window (window > 0: each token sees its last `window` keys; 0: all) and capped
-// scores (softcap > 0: softcap * tanh(score / softcap) before the softmax; 0: none), every token per token (Gemma 2
-// / 3's layers; the tiled prefill kernels take neither).
-torch::Tensor paged_attention_windowed(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                       torch::Tensor block_tables, torch::Tensor seq_lens,
-                                       torch::Tensor query_start_loc, double scale, int64_t window, double softcap) {
-  check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc);
-  TORCH_CHECK(window >= 0 && softcap >= 0.0, "window and softcap must be >= 0 (0: none)");
-  auto out = torch::empty_like(q);
-  with_paged_types(q, k_cache, [&](auto scalar_tag, auto cache_tag) {
-    paged_dispatch<decltype(scalar_tag), decltype(cache_tag)>(q, k_cache, v_cache, block_tables, seq_lens,
-                                                              query_start_loc, scale, out, 0, window, softcap);
-  });
-  return out;
 }
 
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,

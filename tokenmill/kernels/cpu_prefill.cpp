@@ -12,6 +12,10 @@
 //
 // The tiles (prefill_tiles) are also the AMX kernel's (cpu_amx.cpp), which takes them for bfloat16 where the CPU has
 // AMX-BF16.
+//
+// Sliding windows and capped scores (Gemma 2 / 3, Mistral; paged_attention_windowed): a row's scores start at its
+// first visible key and are capped before its softmax (attend_rows); K^T / V are still built from key 0 (once per
+// request and KV head, linear in the length), the scores, the softmax and P.V only over the window.
 
 // 16 query tokens (n <= 16) of request r starting at flat token i0, KV head g; token i0 + t sees the first
 // ctx + t + 1 keys.
@@ -20,9 +24,11 @@ struct PrefillTile {
 };
 
 // The tiles of the requests with at least min_q new tokens (min_q > 0), in (request, KV head, tokens) order, with
-// prefix costs (cost[0] = 0; a tile costs the keys it reads plus a fixed part) for split_by_cost.
+// prefix costs (cost[0] = 0; a tile costs the keys it reads plus a fixed part; window > 0: at most window + 16 keys)
+// for split_by_cost.
 static void prefill_tiles(const torch::Tensor& seq_lens, const torch::Tensor& query_start_loc, int64_t Hkv,
-                          int64_t min_q, std::vector<PrefillTile>& tiles, std::vector<int64_t>& cost) {
+                          int64_t min_q, std::vector<PrefillTile>& tiles, std::vector<int64_t>& cost,
+                          int64_t window = 0) {
   const int64_t R = seq_lens.size(0);
   const int64_t* lp = seq_lens.data_ptr<int64_t>();
   const int64_t* qs = query_start_loc.data_ptr<int64_t>();
@@ -36,7 +42,8 @@ static void prefill_tiles(const torch::Tensor& seq_lens, const torch::Tensor& qu
         const int64_t n = std::min<int64_t>(16, qs[r + 1] - i0);
         const int64_t ctx = lp[r] - q_len + (i0 - qs[r]);
         tiles.push_back({r, i0, n, ctx, g});
-        cost.push_back(cost.back() + ctx + n + 64);
+        const int64_t keys = window > 0 ? std::min(ctx + n, window + 16) : ctx + n;
+        cost.push_back(cost.back() + keys + 64);
       }
   }
 }
@@ -51,7 +58,7 @@ struct TiledScratch {
 template <typename scalar_t, typename cache_t, int NV, int RB>
 static void tiled_prefill_task(const scalar_t* qp, const cache_t* kp, const cache_t* vp, const int64_t* table,
                                const PrefillTile& t, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale,
-                               scalar_t* op, TiledScratch& s) {
+                               int64_t window, float softcap, scalar_t* op, TiledScratch& s) {
   const int64_t G = H / Hkv, row = Hkv * D, L = t.ctx + t.n;
   const int64_t first = s.r == t.r && s.g == t.g && s.built <= L ? s.built : 0;
   for (int64_t key = first; key < L; ++key) {
@@ -67,16 +74,17 @@ static void tiled_prefill_task(const scalar_t* qp, const cache_t* kp, const cach
   for (int64_t h = t.g * G; h < (t.g + 1) * G; ++h)
     for (int64_t a = 0; a < t.n; a += RB) {
       const int64_t nr = std::min<int64_t>(RB, t.n - a);
-      int64_t lens[RB];
+      int64_t lens[RB], firsts[RB];
       for (int64_t r = 0; r < RB; ++r) {  // rows past the tile repeat its last row: computed, never stored
         const int64_t i = a + std::min<int64_t>(r, nr - 1);
         to_float(qp + ((t.i0 + i) * H + h) * D, qf + r * D, D);
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] *= scale;
         lens[r] = t.ctx + i + 1;
+        firsts[r] = window > 0 ? std::max<int64_t>(0, lens[r] - window) : 0;
       }
       float inv[RB];
       attend_rows<NV, RB>(qf, s.kt.data(), s.ldk, s.vf.data(), t.ctx + a + nr, lens, D, s.sc.data(), s.of.data(),
-                          inv);
+                          inv, window > 0 ? firsts : nullptr, softcap);
       for (int64_t r = 0; r < nr; ++r) {
         scalar_t* o = op + ((t.i0 + a + r) * H + h) * D;
         for (int64_t d = 0; d < D; ++d) o[d] = from_float<scalar_t>(s.of[r * D + d] * inv[r]);
@@ -87,7 +95,8 @@ static void tiled_prefill_task(const scalar_t* qp, const cache_t* kp, const cach
 template <typename scalar_t, typename cache_t, int NV, int RB>
 static void tiled_prefill_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                const torch::Tensor& block_tables, const std::vector<PrefillTile>& tiles,
-                               const std::vector<int64_t>& cost, double scale, torch::Tensor& out) {
+                               const std::vector<int64_t>& cost, double scale, int64_t window, float softcap,
+                               torch::Tensor& out) {
   const int64_t H = q.size(1), D = q.size(2), bs = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t max_blocks = block_tables.size(1);
   int64_t max_len = 0;
@@ -113,7 +122,7 @@ static void tiled_prefill_impl(const torch::Tensor& q, const torch::Tensor& k_ca
       for (int64_t i = bounds[part]; i < bounds[part + 1]; ++i) {
         const PrefillTile& t = tiles[i];
         tiled_prefill_task<scalar_t, cache_t, NV, RB>(qp, kp, vp, tp + t.r * max_blocks, t, H, Hkv, D, bs, fscale,
-                                                      op, s);
+                                                      window, softcap, op, s);
       }
   });
 }
@@ -122,11 +131,13 @@ static void tiled_prefill_impl(const torch::Tensor& q, const torch::Tensor& k_ca
 template <typename scalar_t, typename cache_t>
 static void tiled_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                           const torch::Tensor& block_tables, const std::vector<PrefillTile>& tiles,
-                          const std::vector<int64_t>& cost, double scale, torch::Tensor& out) {
+                          const std::vector<int64_t>& cost, double scale, torch::Tensor& out, int64_t window = 0,
+                          float softcap = 0.f) {
   if (tiles.empty()) return;
   with_attend_shape(q.size(2), [&](auto nv, auto rb) {
     tiled_prefill_impl<scalar_t, cache_t, decltype(nv)::value, decltype(rb)::value>(q, k_cache, v_cache, block_tables,
-                                                                                     tiles, cost, scale, out);
+                                                                                     tiles, cost, scale, window,
+                                                                                     softcap, out);
   });
 }
 
@@ -146,6 +157,30 @@ torch::Tensor paged_attention_tiled(torch::Tensor q, torch::Tensor k_cache, torc
     using cache_t = decltype(cache_tag);
     tiled_prefill<scalar_t, cache_t>(q, k_cache, v_cache, block_tables, tiles, cost, scale, out);
     paged_dispatch<scalar_t, cache_t>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, min_q);
+  });
+  return out;
+}
+
+// paged_attention with a sliding window (window > 0: each token sees its last `window` keys; 0: all) and capped
+// scores (softcap > 0: softcap * tanh(score / softcap) before the softmax; 0: none), for Gemma 2 / 3 and Mistral's
+// layers: the prefill tokens of requests with at least min_q new tokens in tiles (min_q 0: none), the rest per token.
+torch::Tensor paged_attention_windowed(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                       torch::Tensor block_tables, torch::Tensor seq_lens,
+                                       torch::Tensor query_start_loc, double scale, int64_t window, double softcap,
+                                       int64_t min_q) {
+  check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc);
+  TORCH_CHECK(window >= 0 && softcap >= 0.0, "window and softcap must be >= 0 (0: none)");
+  auto out = torch::empty_like(q);
+  std::vector<PrefillTile> tiles;
+  std::vector<int64_t> cost;
+  if (min_q > 0) prefill_tiles(seq_lens, query_start_loc, k_cache.size(2), min_q, tiles, cost, window);
+  with_paged_types(q, k_cache, [&](auto scalar_tag, auto cache_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using cache_t = decltype(cache_tag);
+    tiled_prefill<scalar_t, cache_t>(q, k_cache, v_cache, block_tables, tiles, cost, scale, out, window,
+                                     static_cast<float>(softcap));
+    paged_dispatch<scalar_t, cache_t>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out,
+                                      std::max<int64_t>(min_q, 0), window, softcap);
   });
   return out;
 }
