@@ -133,6 +133,30 @@ def test_split_kv_decode_with_a_window(num_splits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("counts", [[5, 0, 17, 1, 40], [0, 0, 3, 0], [1, 1, 1, 1, 1, 1, 1, 1], [130]],
+                         ids=["mixed", "one-of-four", "decode", "one-expert-many-blocks"])
+def test_grouped_expert_gemms_match_each_experts_matmul(counts, dtype):
+    """The fused-MoE shape: rows grouped by expert, one launch per projection; experts no row chose, runs shorter
+    than a block, runs of several blocks, widths that are not multiples of the tiles."""
+    from tokenmill.kernels.triton.moe import fused_experts, grouped_linear
+
+    g = torch.Generator().manual_seed(len(counts))
+    xs = (torch.randn(sum(counts), 40, generator=g) / 4).to(dtype).to(DEVICE)
+    w13 = (torch.randn(len(counts), 2 * 36, 40, generator=g) / 4).to(dtype).to(DEVICE)
+    w2 = (torch.randn(len(counts), 40, 36, generator=g) / 4).to(dtype).to(DEVICE)
+    ops = TorchOps(DEVICE)
+    want_h, want_y, start = [], [], 0
+    for e, c in enumerate(counts):  # each expert's rows through torch's matmul and silu_mul
+        x = xs[start:start + c]
+        h = (x.float() @ w13[e].float().T).to(dtype)
+        want_h.append(h)
+        want_y.append((ops.silu_mul(h).float() @ w2[e].float().T).to(dtype))
+        start += c
+    torch.testing.assert_close(grouped_linear(xs, counts, w13).cpu(), torch.cat(want_h).cpu(), **TOL[dtype])
+    torch.testing.assert_close(fused_experts(xs, counts, w13, w2).cpu(), torch.cat(want_y).cpu(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
 def test_paged_attention_reads_the_fp8_cache_exactly(dtype):
     q, kc, vc, meta = paged_case(11, 4, 2, 32, 16, [1, 7, 1], [30, 20, 45], dtype, torch.float8_e4m3fn)
     ref = reference_attention(q, kc, vc, meta, 32**-0.5)  # reads the float8 values back exactly, then attends
@@ -246,7 +270,7 @@ def test_make_ops_names_the_triton_family_and_why_it_cannot_run(monkeypatch):
 
 
 # ---------------------------------------------------------------- end to end
-@pytest.mark.parametrize("arch", ["llama3_tied", "qwen3", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama3_tied", "qwen3", "gemma2", "qwen2_moe"])
 def test_tiny_models_through_the_triton_path_equal_transformers_and_the_cpu_path(arch, tmp_path):
     """Chunked prefill (7-token chunks), decodes and prefill in the same steps, recompute preemption: every kernel of
     the Triton family (interpreted here) in a busy batch. Tokens equal transformers' greedy ones in float32 and the
@@ -260,6 +284,8 @@ def test_tiny_models_through_the_triton_path_equal_transformers_and_the_cpu_path
                    prefill_chunk_size=7, preemption_mode="recompute")
     llm = LLM(str(tmp_path), attention_backend="triton", **options)
     assert llm.engine.ops.name == "triton"
+    moe = [m for m in llm.engine.runner.model.modules() if hasattr(m, "stacked")]
+    assert all(m.stacked is not None for m in moe) and (len(moe) > 0) == arch.endswith("moe")  # grouped GEMMs
     outs = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert llm.engine.stats.num_preemptions > 0
     cpu = [o.token_ids for o in LLM(str(tmp_path), **options).generate(prompts, params, use_tqdm=False)]

@@ -7,7 +7,9 @@ lever. The experts run grouped (vLLM's fused-MoE shape): the (token, expert) pai
 rows; each expert then runs one gate|up GEMM, SiLU-and-mul and one down GEMM over its run (experts no token chose
 are skipped), the rows are scaled by their routing weights and summed back onto their tokens in one scatter-add. On a
 CPU with the C++ kernels, float experts run that loop in one call (``moe_experts``: the same oneDNN GEMMs on the
-prepacked weights, 7-11% faster a decode-sized layer than driving it from Python).
+prepacked weights, 7-11% faster a decode-sized layer than driving it from Python); with the Triton family, float
+experts run as two grouped GEMM launches and one SiLU-and-mul (``kernels/triton/moe.py``), their weights built as
+views of one stacked [num_experts, out, in] tensor per projection, so nothing is copied.
 Each expert is a dense ``MLP`` of ``Linear`` layers, so its weights are prepacked for oneDNN on the float path and
 quantized exactly as the dense layers' are (int8, int4, w8a8, fp8: model/quant.py, model/fp8.py); the routers stay
 in the model's float dtype (a few thousand weights a layer, and the choice of experts should not move with the
@@ -49,6 +51,18 @@ def group_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.T
     return order, counts
 
 
+def _stack(linears: list[Linear]) -> torch.Tensor:
+    """One [len(linears), out, in] tensor whose rows the float Linears' weights become views of: loading writes through
+    them. (On a GPU the loader's oneDNN repack leaves them alone; under the CPU interpreter it repacks copies the
+    experts then never use: tests only.)"""
+    first = linears[0]
+    stacked = torch.empty(len(linears), first.out_features, first.in_features, dtype=first.weight.dtype,
+                          device=first.weight.device)
+    for i, lin in enumerate(linears):
+        lin.weight = nn.Parameter(stacked[i], requires_grad=False)
+    return stacked
+
+
 class SparseMoE(nn.Module):
     """The routed experts of one layer (+ the shared expert where the model has one), in place of its MLP."""
 
@@ -64,6 +78,9 @@ class SparseMoE(nn.Module):
         h = cfg.hidden_size
         self.gate = Linear(h, cfg.num_experts, False, floats)  # the router
         self.experts = nn.ModuleList(MLP(h, cfg.moe_intermediate_size, build) for _ in range(cfg.num_experts))
+        self.stacked = None  # Triton family, float experts: (gate|up [E, 2I, h], down [E, h, I]) the experts' views
+        if build.ops.name == "triton" and build.quantization == "none" and self.experts[0].act == "silu":
+            self.stacked = (_stack([e.gate_up_proj for e in self.experts]), _stack([e.down_proj for e in self.experts]))
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size, build)
             self.shared_expert_gate = Linear(h, 1, False, floats)
@@ -72,8 +89,13 @@ class SparseMoE(nn.Module):
 
     def _experts(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Each expert's MLP over its run of ``xs`` (rows grouped by expert, ``counts`` a expert). Float experts on the
-        C++ kernels: one ``moe_experts`` call (the loop in C++, each GEMM the same oneDNN call the Linear makes);
-        otherwise each expert's MLP in turn (quantized experts, other devices and dtypes)."""
+        C++ kernels: one ``moe_experts`` call (the loop in C++, each GEMM the same oneDNN call the Linear makes); on
+        the Triton family: grouped GEMMs over the stacked weights; otherwise each expert's MLP in turn (quantized
+        experts, other devices and dtypes)."""
+        if self.stacked is not None:
+            from tokenmill.kernels.triton.moe import fused_experts
+
+            return fused_experts(xs.contiguous(), counts, *self.stacked)
         if self.one_call and xs.dtype in (torch.float32, torch.bfloat16):
             return self.ops.kernels.moe_experts(xs.contiguous(), counts, [e.gate_up_proj.weight for e in self.experts],
                                                 [e.down_proj.weight for e in self.experts])
