@@ -161,3 +161,44 @@ def test_phi3_adapters_of_its_fused_layers_equal_peft(tmp_path):
         assert_greedy_equal(out.token_ids, *hf_greedy(peft, p, NEW), "phi3 adapter")
     base = llm.generate(prompts, SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True), use_tqdm=False)
     assert [o.token_ids for o in base] != [o.token_ids for o in outs]  # the adapter matters
+
+
+def test_adapters_on_a_mixture_of_experts_model_equal_peft_and_experts_are_refused(tmp_path):
+    """Qwen2-MoE (a dense first layer, then a sparse one with a shared expert): adapters of its attention, and of the
+    dense layer's MLP, run beside the base in one batch and equal PEFT; an adapter of the experts is one clear error."""
+    from tokenmill.model.lora import LoraError
+
+    hf = save_tiny_model("qwen2_moe", tmp_path / "base")
+    assert hf.config.mlp_only_layers == [0]
+    peft = {"attn": save_lora_adapter(tmp_path / "base", tmp_path / "attn", 4, 8, ["q_proj", "k_proj", "v_proj",
+                                                                                    "o_proj"], False, seed=1)}
+    rng = random.Random(9)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(2, 30))] for _ in range(4)]
+    cases = [(p, n) for p in prompts for n in (None, "attn")]
+    llm = LLM(str(tmp_path / "base"), lora_adapters={"attn": str(tmp_path / "attn")}, block_size=4,
+              max_num_batched_tokens=48, prefill_chunk_size=7)
+    outs = llm.generate([p for p, _ in cases], [SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True,
+                                                               lora=n) for _, n in cases], use_tqdm=False)
+    for (p, n), out in zip(cases, outs):
+        ref = hf_greedy(peft[n] if n else hf, p, NEW)
+        assert_greedy_equal(out.token_ids, *ref, f"moe adapter {n} prompt {p[:3]}")
+    assert any(a.token_ids != b.token_ids for a, b in zip(outs[::2], outs[1::2]))  # the adapter matters
+    save_lora_adapter(tmp_path / "base", tmp_path / "mlp", 4, 8, ["gate_proj", "up_proj"], False, seed=2)
+    with pytest.raises(LoraError, match="mixture-of-experts layer's experts"):
+        LLM(str(tmp_path / "base"), lora_adapters={"mlp": str(tmp_path / "mlp")})
+    # factors for the MLP of a layer that is sparse (no PEFT run writes them; a hand-made file could)
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tmp_path / "attn", tmp_path / "odd")
+    cfg = json.loads((tmp_path / "odd" / "adapter_config.json").read_text())
+    cfg["target_modules"] = [*cfg["target_modules"], "gate_proj"]
+    (tmp_path / "odd" / "adapter_config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(tmp_path / "odd" / "adapter_model.safetensors"))
+    prefix = "base_model.model.model.layers.1.mlp.gate_proj"
+    tensors[f"{prefix}.lora_A.weight"] = torch.zeros(4, hf.config.hidden_size)
+    tensors[f"{prefix}.lora_B.weight"] = torch.zeros(hf.config.moe_intermediate_size, 4)
+    save_file(tensors, str(tmp_path / "odd" / "adapter_model.safetensors"))
+    with pytest.raises(LoraError, match="layer 1's MLP, which is a mixture of experts there"):
+        LLM(str(tmp_path / "base"), lora_adapters={"odd": str(tmp_path / "odd")})

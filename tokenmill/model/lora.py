@@ -2,7 +2,8 @@
 then each adapter's low-rank update over its own tokens.
 
 An adapter is a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``) whose targets are the
-decoder's linear layers (q/k/v/o, gate/up/down projections). ``attach_loras`` stacks every adapter's factors into
+decoder's linear layers (q/k/v/o, gate/up/down projections; on a mixture-of-experts model its attention and its
+dense MLP layers: an adapter of the experts is refused). ``attach_loras`` stacks every adapter's factors into
 each targeted layer (``LoraWeights``): for a layer with output shards (q|k|v, gate|up) an adapter's ``A`` is its
 shards' A factors one under the other and its ``B`` block-diagonal, so a fused layer's update is still two GEMMs; the
 PEFT scaling (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA) is folded into B; adapters of lower rank are
@@ -86,6 +87,9 @@ def read_adapter(name: str, path: str | Path, num_layers: int) -> LoraAdapter:
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.fullmatch(key)
+        if m is None and "expert" in key:  # experts.N.*, shared_expert.*, block_sparse_moe.experts.N.*
+            raise LoraError(f"LoRA adapter {name!r}: tensor {key!r} adapts a mixture-of-experts layer's experts; "
+                            f"tokenmill adapts attention and dense MLP layers only (target those modules)")
         if m is None:
             raise LoraError(f"LoRA adapter {name!r}: tensor {key!r} is not a decoder layer's lora_A / lora_B "
                             f"(tokenmill adapts {', '.join(LORA_TARGETS)})")
@@ -154,16 +158,20 @@ class LoraWeights(torch.nn.Module):
 def attach_loras(model, read: list[LoraAdapter]) -> LoraSet:
     """Gives every targeted layer of ``model`` the adapters' stacked factors (``Linear.lora``); ``read``: the
     adapters as ``read_adapter`` returns them."""
-    cfg = model.config
-    if cfg.is_moe:
-        raise LoraError("LoRA adapters on mixture-of-experts models are not supported yet")
     loras = LoraSet([a.name for a in read])
     dtype = model.embed_tokens.weight.dtype
     device = model.embed_tokens.weight.device
     for li, layer in enumerate(model.layers):
         for ours in sorted({v[0] for v in _FUSED.values()}):
-            lin = layer.get_submodule(ours)
             shards = [(t, s) for t, (o, s) in _FUSED.items() if o == ours]
+            try:
+                lin = layer.get_submodule(ours)
+            except AttributeError:  # a mixture-of-experts layer has no dense MLP
+                wanted = [f"{ad.name!r} ({t})" for ad in read for t, _ in shards if (li, t) in ad.factors]
+                if wanted:
+                    raise LoraError(f"LoRA adapter {wanted[0]} targets layer {li}'s MLP, which is a mixture of "
+                                    f"experts there; tokenmill adapts attention and dense MLP layers only") from None
+                continue
             sizes = lin.shard_sizes
             offsets = [sum(sizes[:i]) for i in range(len(sizes))]
             rows = {s: (0, lin.out_features) if s < 0 else (offsets[s], sizes[s]) for _, s in shards}
