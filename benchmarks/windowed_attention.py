@@ -7,8 +7,8 @@ alternating.
 Gemma 2 2B's shape by default: 8 query heads, 4 KV heads, head_dim 256, bfloat16, softcap 50, and a window shorter
 than the context so the window bites. A decode step by default (each sequence's last token after ``context``
 cached ones); with ``--prefill`` each sequence is a prompt of ``context`` tokens in one chunk, and the C++ kernel runs
-twice: in prefill tiles (``cpu_kernel``, the engine's choice) and every token on its own (``per_token``). Prints ms per
-step of one layer for each path and the ratios.
+twice: as the engine runs it (``cpu_kernel``: prefill tiles, on AMX where the machine has it) and every token on its
+own (``per_token``). Prints ms per step of one layer for each path and the ratios.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
                              tables, torch.tensor(seq_lens))
     kernels = cpu_kernel.load()
     scale = a.head_dim**-0.5
-    paths = {"cpu_kernel": CpuKernelAttention(kernels), "torch": TorchPagedAttention()}
+    paths = {"cpu_kernel": CpuKernelAttention(kernels, amx=kernels.amx_available()), "torch": TorchPagedAttention()}
     if a.prefill:
         paths["per_token"] = CpuKernelAttention(kernels, tiled=False)
     paths = {name: (lambda b=b: b.forward(q, k, v, k_cache, v_cache, meta, scale, a.window, a.softcap))

@@ -66,9 +66,9 @@ def test_amx_entry_is_the_tiled_kernel_where_amx_is_off(kernels):
     q, k, v, k_cache, v_cache, meta = _batch(REQS, 6, 2, 64, 16, torch.bfloat16, seed=1)
     CpuKernelAttention(kernels).forward(q, k, v, k_cache, v_cache, meta, 0.125)  # writes the step's K/V
     args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc_t(), 0.125)
-    assert torch.equal(kernels.paged_attention_amx(*args, 0), kernels.paged_attention(*args))
+    assert torch.equal(kernels.paged_attention_amx(*args, 0, 0, 0.0), kernels.paged_attention(*args))
     if not kernels.amx_available():
-        assert torch.equal(kernels.paged_attention_amx(*args, TILE_MIN_QUERY),
+        assert torch.equal(kernels.paged_attention_amx(*args, TILE_MIN_QUERY, 0, 0.0),
                            kernels.paged_attention_tiled(*args, TILE_MIN_QUERY))
 
 
@@ -114,25 +114,31 @@ needs_amx = pytest.mark.skipif(not HOST_AMX, reason="runs on a CPU with AMX-BF16
 
 @needs_amx
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 32, 16), (8, 2, 128, 16),
-                                                                 (6, 2, 64, 32), (6, 1, 64, 8), (4, 2, 128, 4)])
-def test_amx_attention_matches_reference(heads, kv_heads, head_dim, block_size):
+                                                                 (6, 2, 64, 32), (6, 1, 64, 8), (4, 2, 128, 4),
+                                                                 (8, 4, 256, 16)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (9, None), (40, 2.0), (None, 0.7)],
+                         ids=["plain", "window", "window+cap", "cap"])
+def test_amx_attention_matches_reference(heads, kv_heads, head_dim, block_size, window, softcap):
     """Decodes, short and long prefill chunks with and without cached context, in one step: the AMX tiles and the
     per-token kernel both equal the reference (float32 math on the bfloat16 inputs) within bfloat16 rounding, and
-    the K/V the backend wrote equal the reference backend's byte for byte."""
+    the K/V the backend wrote equal the reference backend's byte for byte. Gemma's head_dim 256 (Q tiles reloaded),
+    sliding windows shorter than most chunks (rows of one tile starting in different 32-key chunks) and capped
+    scores on both sides of tanh's bend."""
     kernels = cpu_kernel.load()
     q, k, v, k_cache, v_cache, meta = _batch(REQS, heads, kv_heads, head_dim, block_size, torch.bfloat16,
                                              seed=heads + head_dim)
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
-    ref = ReferenceAttention().forward(q.float(), k.float(), v.float(), ref_k.float(), ref_v.float(), meta,
-                                       head_dim**-0.5)
-    ReferenceAttention().forward(q, k, v, ref_k, ref_v, meta, head_dim**-0.5)
-    out = CpuKernelAttention(kernels, amx=True).forward(q, k, v, k_cache, v_cache, meta, head_dim**-0.5)
+    scale = head_dim**-0.5
+    ref = ReferenceAttention().forward(q.float(), k.float(), v.float(), ref_k.float(), ref_v.float(), meta, scale,
+                                       window, softcap)
+    ReferenceAttention().forward(q, k, v, ref_k, ref_v, meta, scale, window, softcap)
+    out = CpuKernelAttention(kernels, amx=True).forward(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
     assert torch.equal(k_cache.view(torch.uint8), ref_k.view(torch.uint8))
     assert torch.equal(v_cache.view(torch.uint8), ref_v.view(torch.uint8))
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     # the decodes and short chunks took the per-token kernel: identical to it
-    per_token = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor,
-                                        meta.query_start_loc_t(), head_dim**-0.5)
+    per_token = kernels.paged_attention_windowed(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor,
+                                                 meta.query_start_loc_t(), scale, window or 0, softcap or 0.0, 0)
     short = torch.cat([torch.arange(meta.query_start_loc[i], meta.query_start_loc[i + 1])
                        for i, (_, n) in enumerate(REQS) if n < TILE_MIN_QUERY])
     assert torch.equal(out[short], per_token[short])

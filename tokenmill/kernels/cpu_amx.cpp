@@ -20,6 +20,11 @@
 // - V, per 32 keys and 16 dims: a B tile of 16 rows (key pairs) x 16 dims x 2: B[p][2 d + b] = V[2 p + b][d], two V
 //   rows interleaved (one two-source permute per 32 values).
 // - O, per head: D / 16 tiles of 16 x 16 float32, at most 4 live at once (D = 128 takes two sweeps over the keys).
+// - D = 256 (Gemma): the 8 Q tiles do not fit beside S and the B tiles, so one Q tile is reloaded (from L1) per 32
+//   dims and 32 keys.
+//
+// Sliding windows and capped scores (Gemma 2 / 3, Mistral): S is computed for every key as above, and each row's
+// softmax covers only its window (keys before it get P = 0), its scores scaled and capped first where a cap applies.
 //
 // Numerics: the scores are exact sums of exact bfloat16 products in float32, like the per-token kernel's vdpbf16ps
 // path; P is rounded to bfloat16 before P.V (flash attention's rounding on GPUs), where the per-token kernel keeps
@@ -130,16 +135,27 @@ static inline __m512 exp_nonpos16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// One row of P: pr[0:Lp] = bfloat16(exp(scale * (sr[k] - max))) for k < len, 0 past it; returns 1 / the sum (of
-// the float32 values). Lp % 32 == 0, len <= Lp.
-static inline float softmax_row_bf16(const float* sr, uint16_t* pr, int64_t len, int64_t Lp, float scale) {
-  const __m512 m = _mm512_set1_ps(max_of(sr, len));
+// The lanes k .. k + 15 that lie in [first, len), as a mask.
+static inline __mmask16 lanes_in(int64_t k, int64_t first, int64_t len) {
+  const int64_t lo = std::clamp<int64_t>(first - k, 0, 16), hi = std::clamp<int64_t>(len - k, 0, 16);
+  return static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+}
+
+// One row of P: pr[0:Lp] = bfloat16(exp(scale * (sr[k] - max))) for first <= k < len, 0 elsewhere; returns 1 / the
+// sum (of the float32 values). Lp % 32 == 0, first < len <= Lp. softcap > 0: the row's scores in [first, len) are
+// first scaled and capped in place (cap_scores), then taken as they are.
+static inline float softmax_row_bf16(float* sr, uint16_t* pr, int64_t first, int64_t len, int64_t Lp, float scale,
+                                     float softcap = 0.f) {
+  if (softcap > 0.f) {
+    for (int64_t k = first; k < len; ++k) sr[k] *= scale;
+    cap_scores(sr + first, len - first, softcap);
+    scale = 1.f;
+  }
+  const __m512 m = _mm512_set1_ps(max_of(sr + first, len - first));
   const __m512 sc = _mm512_set1_ps(scale);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t k = 0; k < Lp; k += 32) {
-    const int64_t left = len - k;
-    const __mmask16 m0 = left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
-    const __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : static_cast<__mmask16>((1u << (left - 16)) - 1);
+    const __mmask16 m0 = lanes_in(k, first, len), m1 = lanes_in(k + 16, first, len);
     const __m512 e0 = _mm512_maskz_mov_ps(m0, exp_nonpos16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + k), m), sc)));
     const __m512 e1 = _mm512_maskz_mov_ps(
         m1, exp_nonpos16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + k + 16), m), sc)));
@@ -151,10 +167,28 @@ static inline float softmax_row_bf16(const float* sr, uint16_t* pr, int64_t len,
 
 // The tile products of one head over Lp keys (Lp % 32 == 0): S = Q K^T into sc.s, then (after the caller's softmax)
 // O = P V into sc.o. QT = D / 32 query tiles (tiles 0..QT-1), scores in tiles 4 and 5, K^T / V B tiles in 6 and 7,
-// O accumulators in tiles 0..3 (the Q tiles are dead by then).
+// O accumulators in tiles 0..3 (the Q tiles are dead by then). QT = 8 (D = 256): Q reloaded into tile 0 per 32 dims.
 template <int QT>
 static void amx_scores(AmxScratch& sc, int64_t Lp, int64_t Ls) {
   constexpr int64_t D = 32 * QT;
+  if constexpr (QT > 4) {
+    for (int64_t c = 0; c < Lp / 16; c += 2) {
+      const uint32_t* b0 = sc.kt.data() + c * QT * 256;
+      const uint32_t* b1 = b0 + QT * 256;
+      _tile_zero(4);
+      _tile_zero(5);
+      for (int dc = 0; dc < QT; ++dc) {
+        _tile_loadd(0, sc.q.data() + 32 * dc, D * 2);
+        _tile_loadd(6, b0 + dc * 256, 64);
+        _tile_loadd(7, b1 + dc * 256, 64);
+        _tile_dpbf16ps(4, 0, 6);
+        _tile_dpbf16ps(5, 0, 7);
+      }
+      _tile_stored(4, sc.s.data() + c * 16, Ls * 4);
+      _tile_stored(5, sc.s.data() + c * 16 + 16, Ls * 4);
+    }
+    return;
+  }
   _tile_loadd(0, sc.q.data(), D * 2);
   if constexpr (QT > 1) _tile_loadd(1, sc.q.data() + 32, D * 2);
   if constexpr (QT > 2) _tile_loadd(2, sc.q.data() + 64, D * 2);
@@ -228,8 +262,8 @@ static void amx_pv(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t fi
 // ctx + t + 1 keys. kp / vp: the caches; table: the request's block table.
 static void amx_prefill_task(const c10::BFloat16* qp, const c10::BFloat16* kp, const c10::BFloat16* vp,
                              const int64_t* table, int64_t r, int64_t i0, int64_t n, int64_t ctx, int64_t g,
-                             int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale, c10::BFloat16* op,
-                             AmxScratch& sc) {
+                             int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale, int64_t window,
+                             float softcap, c10::BFloat16* op, AmxScratch& sc) {
   const int64_t G = H / Hkv, row = Hkv * D;
   const int64_t L = ctx + n, Lp = (L + 31) / 32 * 32;
   // rows of S and P: Lp plus a cache line, so that the 16 rows of a tile do not share L1 sets (a stride of a multiple
@@ -286,10 +320,13 @@ static void amx_prefill_task(const c10::BFloat16* qp, const c10::BFloat16* kp, c
     switch (D / 32) {
       case 1: amx_scores<1>(sc, Lp, Ls); break;
       case 2: amx_scores<2>(sc, Lp, Ls); break;
-      default: amx_scores<4>(sc, Lp, Ls); break;
+      case 4: amx_scores<4>(sc, Lp, Ls); break;
+      default: amx_scores<8>(sc, Lp, Ls); break;
     }
-    for (int64_t t = 0; t < n; ++t)  // softmax of each token's visible keys (the first ctx + t + 1)
-      inv[t] = softmax_row_bf16(sc.s.data() + t * Ls, sc.p.data() + t * Ls, ctx + t + 1, Lp, scale);
+    for (int64_t t = 0; t < n; ++t) {  // softmax of each token's visible keys (the first ctx + t + 1, or its window)
+      const int64_t len = ctx + t + 1, first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      inv[t] = softmax_row_bf16(sc.s.data() + t * Ls, sc.p.data() + t * Ls, first, len, Lp, scale, softcap);
+    }
     for (int64_t f = 0; f < slices; f += 4) {
       switch (std::min<int64_t>(4, slices - f)) {
         case 2: amx_pv<2>(sc, Lp, Ls, D, f); break;
@@ -308,12 +345,13 @@ static void amx_prefill_task(const c10::BFloat16* qp, const c10::BFloat16* kp, c
 // threads by cost (keys read); the other tokens are left to the per-token kernel.
 static void amx_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                         const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
-                        const torch::Tensor& query_start_loc, double scale, int64_t min_q, torch::Tensor& out) {
+                        const torch::Tensor& query_start_loc, double scale, int64_t min_q, torch::Tensor& out,
+                        int64_t window = 0, float softcap = 0.f) {
   const int64_t H = q.size(1), D = q.size(2), bs = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t max_blocks = block_tables.size(1);
   std::vector<PrefillTile> tasks;
   std::vector<int64_t> cost;
-  prefill_tiles(seq_lens, query_start_loc, Hkv, min_q, tasks, cost);
+  prefill_tiles(seq_lens, query_start_loc, Hkv, min_q, tasks, cost, window);
   if (tasks.empty()) return;
   const std::vector<int64_t> bounds = split_by_cost(cost);
   const auto* qp = q.data_ptr<c10::BFloat16>();
@@ -328,8 +366,8 @@ static void amx_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, co
     for (int64_t part = pbegin; part < pend; ++part)
       for (int64_t i = bounds[part]; i < bounds[part + 1]; ++i) {
         const PrefillTile& t = tasks[i];
-        amx_prefill_task(qp, kp, vp, tp + t.r * max_blocks, t.r, t.i0, t.n, t.ctx, t.g, H, Hkv, D, bs, fscale, op,
-                         sc);
+        amx_prefill_task(qp, kp, vp, tp + t.r * max_blocks, t.r, t.i0, t.n, t.ctx, t.g, H, Hkv, D, bs, fscale, window,
+                         softcap, op, sc);
       }
     _tile_release();
   });
@@ -454,24 +492,28 @@ bool amx_available() {
 }
 
 // paged_attention with the prefill tokens of requests of at least amx_min_q new tokens (0: none) on AMX tiles, where
-// this machine has them (amx_available()), for bfloat16 queries and cache with head_dim 32, 64 or 128; the other
-// tokens go through the per-token kernel. Where AMX does not apply, paged_attention_tiled (vector-unit tiles).
+// this machine has them (amx_available()), for bfloat16 queries and cache with head_dim 32, 64, 128 or 256; the other
+// tokens go through the per-token kernel. window / softcap as for paged_attention_windowed (0: none). Where AMX does
+// not apply, paged_attention_windowed with the same arguments (the vector-unit tiles).
 torch::Tensor paged_attention_amx(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                   torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start_loc,
-                                  double scale, int64_t amx_min_q) {
+                                  double scale, int64_t amx_min_q, int64_t window, double softcap) {
+  TORCH_CHECK(window >= 0 && softcap >= 0.0, "window and softcap must be >= 0 (0: none)");
 #if TM_AMX
   const int64_t D = q.size(2);
   if (amx_min_q > 0 && amx_ok() && q.scalar_type() == torch::kBFloat16 &&
-      k_cache.scalar_type() == torch::kBFloat16 && (D == 32 || D == 64 || D == 128)) {
+      k_cache.scalar_type() == torch::kBFloat16 && (D == 32 || D == 64 || D == 128 || D == 256)) {
     check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc);
     auto out = torch::empty_like(q);
-    amx_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, amx_min_q, out);
+    amx_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, amx_min_q, out, window,
+                static_cast<float>(softcap));
     paged_dispatch<c10::BFloat16, c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                                                 out, amx_min_q);
+                                                 out, amx_min_q, window, softcap);
     return out;
   }
 #endif
-  return paged_attention_tiled(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, amx_min_q);
+  return paged_attention_windowed(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, window,
+                                  softcap, amx_min_q);
 }
 
 // int8g_gemm with bfloat16 x on AMX tiles where this machine has them (amx_available()); int8g_gemm elsewhere. Same

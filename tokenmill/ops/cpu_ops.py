@@ -22,10 +22,10 @@ class CpuKernelAttention:
     written by the C++ ``write_kv``. The prefill tokens of requests with at least ``min_q`` (TILE_MIN_QUERY; 0: none)
     new tokens are attended in tiles of 16 query tokens: on AMX (``cpu_amx.cpp``) with ``amx`` for bfloat16, on the
     vector units otherwise (``cpu_prefill.cpp``); decodes and short chunks take the per-token kernel. A layer with
-    a sliding window that bites or capped scores (Gemma 2 / 3, Mistral) takes ``paged_attention_windowed``: in
-    float32 / float16 the same split with the vector-unit tiles (2.7x the per-token kernel at Gemma's head_dim 256,
-    1.2x at 128); bfloat16 every token per token (its bfloat16 dot products beat the float tiles there, and the AMX
-    tiles take no window or cap)."""
+    a sliding window that bites or capped scores (Gemma 2 / 3, Mistral) takes the same split: on AMX the tiles take
+    the window and the cap; otherwise ``paged_attention_windowed``, in float32 / float16 with the vector-unit tiles
+    (2.7x the per-token kernel at Gemma's head_dim 256, 1.2x at 128), in bfloat16 every token per token (its bfloat16
+    dot products beat the float tiles there)."""
 
     def __init__(self, kernels, amx: bool = False, tiled: bool = True) -> None:
         self.kernels = kernels  # the compiled module from cpu_kernel.load()
@@ -37,14 +37,15 @@ class CpuKernelAttention:
         if k_cache.dtype != k.dtype:
             k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
         self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if softcap is not None or needs_window(meta, window):  # Gemma 2 / 3: every token in the per-token kernel
-            return self.kernels.paged_attention_windowed(
-                q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc_t(),
-                scale, window if needs_window(meta, window) else 0, softcap or 0.0,
-                self.min_q if q.dtype != torch.bfloat16 else 0)
-        attend = self.kernels.paged_attention_amx if self.amx else self.kernels.paged_attention_tiled
-        return attend(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor,
-                      meta.query_start_loc_t(), scale, self.min_q)
+        w = window if needs_window(meta, window) else 0
+        cap = softcap or 0.0
+        args = (q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc_t(),
+                scale)
+        if self.amx:  # bfloat16 prefill tiles on AMX (windows and caps included); the other tokens per token
+            return self.kernels.paged_attention_amx(*args, self.min_q, w, cap)
+        if w or cap:  # Gemma 2 / 3, Mistral: float32 / float16 in the vector tiles, bfloat16 per token
+            return self.kernels.paged_attention_windowed(*args, w, cap, self.min_q if q.dtype != torch.bfloat16 else 0)
+        return self.kernels.paged_attention_tiled(*args, self.min_q)
 
 
 class CpuOps(TorchOps):
