@@ -144,8 +144,6 @@ class EngineConfig:
             problems.append(f"lora_adapters names must be distinct, got {names}")
         elif isinstance(self.max_loras, int) and len(names) > self.max_loras:
             problems.append(f"{len(names)} LoRA adapters given but max_loras={self.max_loras}")
-        if self.lora_adapters and isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size > 1:
-            problems.append("LoRA adapters do not run with tensor_parallel_size > 1 yet")
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
             problems.append(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if problems:

@@ -161,6 +161,15 @@ def test_phi3_adapters_of_its_fused_layers_equal_peft(tmp_path):
         assert_greedy_equal(out.token_ids, *hf_greedy(peft, p, NEW), "phi3 adapter")
     base = llm.generate(prompts, SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True), use_tqdm=False)
     assert [o.token_ids for o in base] != [o.token_ids for o in outs]  # the adapter matters
+    # two ranks: each cuts every fused part of the factors' rows as the weights are cut
+    two = LLM(str(tmp_path / "base"), lora_adapters={"a": str(tmp_path / "a")}, kv_cache_memory=0.05,
+              tensor_parallel_size=2)
+    try:
+        got = two.generate(prompts, SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, lora="a"),
+                           use_tqdm=False)
+    finally:
+        two.close()
+    assert [o.token_ids for o in got] == [o.token_ids for o in outs]
 
 
 def test_adapters_on_a_mixture_of_experts_model_equal_peft_and_experts_are_refused(tmp_path):
@@ -202,3 +211,20 @@ def test_adapters_on_a_mixture_of_experts_model_equal_peft_and_experts_are_refus
     save_file(tensors, str(tmp_path / "odd" / "adapter_model.safetensors"))
     with pytest.raises(LoraError, match="layer 1's MLP, which is a mixture of experts there"):
         LLM(str(tmp_path / "base"), lora_adapters={"odd": str(tmp_path / "odd")})
+
+
+def test_adapters_with_two_ranks_equal_one(lora_case):
+    """Tensor parallelism over gloo: each rank holds its part of every adapter (column-parallel layers' B rows,
+    row-parallel layers' A columns, whose partial updates the layer's all-reduce adds up) and follows rank 0's
+    adapter per request; a batch mixing three adapters and the base gives the single rank's tokens."""
+    root, cases, refs = lora_case
+    params = [SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, lora=n) for _, n in cases]
+    one = [o.token_ids for o in _llm(root).generate([p for p, _ in cases], params, use_tqdm=False)]
+    llm = _llm(root, tensor_parallel_size=2)
+    try:
+        two = [o.token_ids for o in llm.generate([p for p, _ in cases], params, use_tqdm=False)]
+    finally:
+        llm.close()
+    assert two == one
+    for (p, n), out in zip(cases, two):
+        assert_greedy_equal(out, *refs[(tuple(p), n)], f"tp=2 adapter {n} prompt {p[:3]}")

@@ -117,6 +117,7 @@ class LoraSet:
     """The engine's adapters (name -> slot) and the current step's token groups, shared by every targeted layer."""
 
     def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
         self.slots = {n: i for i, n in enumerate(names)}
         self.groups: list[tuple[int, int, int]] = []  # (slot, first row, end row): runs of one adapter's rows
 
@@ -155,9 +156,29 @@ class LoraWeights(torch.nn.Module):
         return y
 
 
+_ROW_PARALLEL = ("o_proj", "down_proj")  # under tensor parallelism: inputs split (the rest: outputs split)
+
+
+def rank_factors(fa: torch.Tensor, fb: torch.Tensor, target: str, tp, shard_sizes: tuple[int, ...]):
+    """This rank's part of one target's factors (A [r, in], B [out, r], full): a row-parallel layer's A by its input
+    columns (each rank's (x_r A_r^T) B^T is a partial sum, added up by the layer's all-reduce with the base output),
+    a column-parallel layer's B by its output rows (each fused part of Phi-3's qkv / gate_up its own slice, as the
+    weights are cut: ``shard_sizes`` are the rank's sizes of the layer's parts)."""
+    if tp.size == 1:
+        return fa, fb
+    if target in _ROW_PARALLEL:
+        per = tp.split(fa.shape[1], f"{target}'s LoRA inputs")
+        return fa.narrow(1, tp.rank * per, per), fb
+    if target in ("qkv_proj", "gate_up_proj"):
+        parts = fb.split([n * tp.size for n in shard_sizes])
+        return fa, torch.cat([p.narrow(0, tp.rank * n, n) for p, n in zip(parts, shard_sizes)])
+    per = tp.split(fb.shape[0], f"{target}'s LoRA outputs")
+    return fa, fb.narrow(0, tp.rank * per, per)
+
+
 def attach_loras(model, read: list[LoraAdapter]) -> LoraSet:
     """Gives every targeted layer of ``model`` the adapters' stacked factors (``Linear.lora``); ``read``: the
-    adapters as ``read_adapter`` returns them."""
+    adapters as ``read_adapter`` returns them. Under tensor parallelism each rank takes its part (``rank_factors``)."""
     loras = LoraSet([a.name for a in read])
     dtype = model.embed_tokens.weight.dtype
     device = model.embed_tokens.weight.device
@@ -177,7 +198,8 @@ def attach_loras(model, read: list[LoraAdapter]) -> LoraSet:
             rows = {s: (0, lin.out_features) if s < 0 else (offsets[s], sizes[s]) for _, s in shards}
             per_adapter = []
             for ad in read:
-                blocks = [(s, ad.factors[(li, t)]) for t, s in shards if (li, t) in ad.factors]
+                blocks = [(s, rank_factors(*ad.factors[(li, t)], t, model.tp, sizes)) for t, s in shards
+                          if (li, t) in ad.factors]
                 per_adapter.append(blocks)
             if not any(per_adapter):
                 continue

@@ -112,8 +112,9 @@ class ModelRunner:
 
         step = self.buffers.fill(chunks, self.block_size)  # one host-to-device copy (none on CPU)
         wanted = wanted_rows(chunks, step.query_start_loc_list)  # rows whose prompt logprobs a request asked for
+        adapters = [s.request.sampling_params.lora for s in chunks] if self.model.loras is not None else None
         if self.tp.size > 1:
-            self._send_step(self.buffers.shape, num_decodes, flat_rows(wanted), out)
+            self._send_step(self.buffers.shape, num_decodes, flat_rows(wanted), out, adapters)
         self._swap(out.blocks_to_swap_out, out.blocks_to_swap_in)
         sampling = [(i, s) for i, s in enumerate(chunks) if s.samples]
         ids = [s.request_id for _, s in sampling]
@@ -121,8 +122,8 @@ class ModelRunner:
         # the grammar masks of this step's constrained rows are filled while the model runs
         states = [s.request.worker_state for _, s in sampling]  # made by the fill above
         masks = self.structured.start_masks(states, params) if self.structured is not None else None
-        if self.model.loras is not None:  # each request's rows to its adapter, for every adapted layer
-            self.model.loras.set_step([s.request.sampling_params.lora for s in chunks], step.query_start_loc_list)
+        if adapters is not None:  # each request's rows to its adapter, for every adapted layer
+            self.model.loras.set_step(adapters, step.query_start_loc_list)
         hidden = self._forward(step, num_decodes)  # [num_tokens, hidden]
         prompt_lp = prompt_logprobs(self.model, wanted, hidden)
         if not sampling:
@@ -177,9 +178,11 @@ class ModelRunner:
     def _header(self) -> torch.Tensor:
         return torch.empty(12, dtype=torch.int64, device=self.buffers.dev.device)
 
-    def _send_step(self, shape: StepShape, num_decodes: int, prompt_rows: list[int], out: SchedulerOutput) -> None:
+    def _send_step(self, shape: StepShape, num_decodes: int, prompt_rows: list[int], out: SchedulerOutput,
+                   adapters: list[str | None] | None = None) -> None:
         """The step's header (shape, decodes, how many prompt-logprob rows and swapped block pairs, buffer capacity),
-        its integer inputs, then the prompt-logprob rows and the swap pairs, if any."""
+        its integer inputs, then the prompt-logprob rows and the swap pairs, if any, then (with LoRA adapters) each
+        request's adapter slot (-1: the base model)."""
         header = self._header()
         swaps = out.blocks_to_swap_out or out.blocks_to_swap_in
         header.copy_(torch.tensor([STEP, shape.num_tokens, shape.num_reqs, shape.width, shape.num_sampled,
@@ -191,6 +194,9 @@ class ModelRunner:
             self.tp.broadcast(torch.tensor(prompt_rows, dtype=torch.int64, device=self.buffers.dev.device))
         if swaps:
             self.tp.broadcast(torch.tensor(swaps, dtype=torch.int64, device=self.buffers.dev.device))
+        if adapters is not None:
+            slots = [-1 if a is None else self.model.loras.slots[a] for a in adapters]
+            self.tp.broadcast(torch.tensor(slots, dtype=torch.int64, device=self.buffers.dev.device))
 
     def stop_followers(self) -> None:
         """Ends the ``follow`` loops of ranks 1..N-1 (rank 0, once, when the engine closes)."""
@@ -223,6 +229,12 @@ class ModelRunner:
                 self.tp.broadcast(pairs)
                 pairs = [tuple(p) for p in pairs.tolist()]
                 self._swap(pairs if n_out else [], pairs if n_in else [])
+            if self.model.loras is not None:  # rank 0's adapter per request, for this rank's slice of each update
+                slots = torch.empty(r, dtype=torch.int64, device=buffers.dev.device)
+                self.tp.broadcast(slots)
+                names = self.model.loras.names
+                self.model.loras.set_step([None if i < 0 else names[i] for i in slots.tolist()],
+                                          step.query_start_loc_list)
             hidden = self._forward(step, num_decodes)
             if prompt_rows is not None:
                 follow_rows(self.model, hidden, prompt_rows)
