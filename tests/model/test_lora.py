@@ -228,3 +228,17 @@ def test_adapters_with_two_ranks_equal_one(lora_case):
     assert two == one
     for (p, n), out in zip(cases, two):
         assert_greedy_equal(out, *refs[(tuple(p), n)], f"tp=2 adapter {n} prompt {p[:3]}")
+
+
+def test_adapters_through_the_triton_family_equal_peft(lora_case):
+    """The Triton family (interpreted here) runs every layer's updates as two grouped GEMM launches over the step's
+    runs of adapter rows; a batch mixing three adapters and the base equals PEFT and the CPU path."""
+    root, cases, refs = lora_case
+    cases = cases[:8]  # two prompts under every adapter and the base
+    params = [SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, lora=n) for _, n in cases]
+    llm = _llm(root, attention_backend="triton")
+    assert llm.engine.runner.model.loras.grouped_device is not None
+    outs = [o.token_ids for o in llm.generate([p for p, _ in cases], params, use_tqdm=False)]
+    for (p, n), out in zip(cases, outs):
+        assert_greedy_equal(out, *refs[(tuple(p), n)], f"triton adapter {n} prompt {p[:3]}")
+    assert outs == [o.token_ids for o in _llm(root).generate([p for p, _ in cases], params, use_tqdm=False)]

@@ -138,7 +138,8 @@ def test_split_kv_decode_with_a_window(num_splits):
 def test_grouped_expert_gemms_match_each_experts_matmul(counts, dtype):
     """The fused-MoE shape: rows grouped by expert, one launch per projection; experts no row chose, runs shorter
     than a block, runs of several blocks, widths that are not multiples of the tiles."""
-    from tokenmill.kernels.triton.moe import fused_experts, grouped_linear
+    from tokenmill.kernels.triton.grouped import grouped_linear
+    from tokenmill.kernels.triton.moe import fused_experts
 
     g = torch.Generator().manual_seed(len(counts))
     xs = (torch.randn(sum(counts), 40, generator=g) / 4).to(dtype).to(DEVICE)
@@ -154,6 +155,33 @@ def test_grouped_expert_gemms_match_each_experts_matmul(counts, dtype):
         start += c
     torch.testing.assert_close(grouped_linear(xs, counts, w13).cpu(), torch.cat(want_h).cpu(), **TOL[dtype])
     torch.testing.assert_close(fused_experts(xs, counts, w13, w2).cpu(), torch.cat(want_y).cpu(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_lora_updates_as_grouped_gemms_equal_the_per_run_matmuls(dtype):
+    """The Triton family's LoRA update: every adapter's run of rows shrunk in one launch and expanded, added to the
+    layer's output, in another; rows of the base model (between and after the runs) untouched. Against the torch
+    path (two matmuls per run) on the same factors: adapters of different ranks (zero-padded), one adapter in two
+    runs (decodes, then prefills), a run longer than a block."""
+    from tokenmill.model.lora import LoraSet, LoraWeights
+
+    g = torch.Generator().manual_seed(3)
+    a = (torch.randn(3, 8, 40, generator=g) / 4).to(dtype).to(DEVICE)  # [adapters, R, in]
+    a[1, 4:] = 0  # a rank-4 adapter padded to 8
+    b = (torch.randn(3, 56, 8, generator=g) / 4).to(dtype).to(DEVICE)  # [adapters, out, R]
+    x = (torch.randn(45, 40, generator=g) / 4).to(dtype).to(DEVICE)
+    y0 = torch.randn(45, 56, generator=g).to(dtype).to(DEVICE)
+    adapters = ["p", None, "q", "p", "r", None]
+    qsl = [0, 3, 5, 9, 30, 44, 45]  # request i: rows qsl[i]:qsl[i + 1]
+    outs = {}
+    for grouped in (False, True):
+        loras = LoraSet(["p", "q", "r"], DEVICE if grouped else None)
+        loras.set_step(adapters, qsl)
+        assert (loras.blocks is not None) == grouped and len(loras.groups) == 4
+        outs[grouped] = LoraWeights(a, b, loras).add_to(x, y0.clone())
+    torch.testing.assert_close(outs[True].cpu(), outs[False].cpu(), **TOL[dtype])
+    base_rows = [3, 4, 44]
+    assert torch.equal(outs[True][base_rows].cpu(), y0[base_rows].cpu())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])

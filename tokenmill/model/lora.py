@@ -11,7 +11,8 @@ zero-padded to the widest (zeros add nothing). The runner orders a step's reques
 and within its prefills), so each adapter's tokens are at most two contiguous runs of rows (``LoraSet.set_step``);
 every targeted layer then adds ``(x[a:b] A^T) B^T`` to its output rows ``a:b`` for each run (views: no gather or
 scatter; measured 1.9x faster than gathering each adapter's rows and adding them back), base-model rows get
-nothing. The base weights may be quantized: the update is added to whatever the base GEMM produced.
+nothing. On the Triton family the runs are one grouped GEMM launch for the shrink and one for the expand (added to
+the output in the kernel), whatever the number of adapters (``kernels/triton/grouped.py``). The base weights may be quantized: the update is added to whatever the base GEMM produced.
 
 Invariants: slot 0 is the first adapter; a request without an adapter has no rows in any group; the adapter set is
 fixed when the model is built (``max_loras`` bounds it), so the stacked tensors never change during a run.
@@ -113,13 +114,20 @@ def read_adapter(name: str, path: str | Path, num_layers: int) -> LoraAdapter:
     return adapter
 
 
+GROUPED_BLOCK_M = 16  # rows per program of the Triton family's grouped updates
+
+
 class LoraSet:
     """The engine's adapters (name -> slot) and the current step's token groups, shared by every targeted layer."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], grouped_device: torch.device | None = None) -> None:
+        """``grouped_device``: the Triton family's device, where every layer's updates run as grouped GEMMs over the
+        step's runs (``kernels/triton/grouped.py``), two launches a layer whatever the adapters."""
         self.names = list(names)
         self.slots = {n: i for i, n in enumerate(names)}
         self.groups: list[tuple[int, int, int]] = []  # (slot, first row, end row): runs of one adapter's rows
+        self.grouped_device = grouped_device
+        self.blocks = None  # with grouped_device: the step's runs cut into the kernel's blocks, on the device
 
     def set_step(self, adapters: list[str | None], query_start_loc: list[int]) -> None:
         """The step's runs from each request's adapter (None: the base model) and its rows in the flat batch
@@ -133,6 +141,10 @@ class LoraSet:
                 self.groups[-1] = (slot, self.groups[-1][1], b)
             else:
                 self.groups.append((slot, a, b))
+        if self.grouped_device is not None:
+            from tokenmill.kernels.triton.grouped import run_blocks
+
+            self.blocks = run_blocks(self.groups, GROUPED_BLOCK_M, self.grouped_device) if self.groups else None
 
 
 class LoraWeights(torch.nn.Module):
@@ -151,6 +163,13 @@ class LoraWeights(torch.nn.Module):
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [n, out] += (x[a:b] A^T) B^T over each run a:b of an adapter's rows; x [n, in]. Returns y."""
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        if self.loras.blocks is not None:  # Triton: the shrink over every run in one launch, the expand in another
+            from tokenmill.kernels.triton.grouped import grouped_linear
+
+            blocks = self.loras.blocks
+            mid = grouped_linear(x2.contiguous(), None, self.a, blocks, GROUPED_BLOCK_M)  # [n, R]: runs' rows only
+            grouped_linear(mid, None, self.b, blocks, GROUPED_BLOCK_M, out=y2, accumulate=True)
+            return y
         for slot, a, b in self.loras.groups:
             y2[a:b].addmm_(x2[a:b] @ self.a[slot].t(), self.b[slot].t())
         return y
@@ -179,9 +198,9 @@ def rank_factors(fa: torch.Tensor, fb: torch.Tensor, target: str, tp, shard_size
 def attach_loras(model, read: list[LoraAdapter]) -> LoraSet:
     """Gives every targeted layer of ``model`` the adapters' stacked factors (``Linear.lora``); ``read``: the
     adapters as ``read_adapter`` returns them. Under tensor parallelism each rank takes its part (``rank_factors``)."""
-    loras = LoraSet([a.name for a in read])
     dtype = model.embed_tokens.weight.dtype
     device = model.embed_tokens.weight.device
+    loras = LoraSet([a.name for a in read], device if model.ops.name == "triton" else None)
     for li, layer in enumerate(model.layers):
         for ours in sorted({v[0] for v in _FUSED.values()}):
             shards = [(t, s) for t, (o, s) in _FUSED.items() if o == ours]
