@@ -141,26 +141,6 @@ static void tiled_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, 
   });
 }
 
-// paged_attention with the prefill tokens of requests of at least min_q new tokens in a step attended in tiles
-// (min_q 0: paged_attention). Same arguments, dtypes and result up to float32 summation order.
-torch::Tensor paged_attention_tiled(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                    torch::Tensor block_tables, torch::Tensor seq_lens,
-                                    torch::Tensor query_start_loc, double scale, int64_t min_q) {
-  if (min_q <= 0) return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale);
-  check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc);
-  auto out = torch::empty_like(q);
-  std::vector<PrefillTile> tiles;
-  std::vector<int64_t> cost;
-  prefill_tiles(seq_lens, query_start_loc, k_cache.size(2), min_q, tiles, cost);
-  with_paged_types(q, k_cache, [&](auto scalar_tag, auto cache_tag) {
-    using scalar_t = decltype(scalar_tag);
-    using cache_t = decltype(cache_tag);
-    tiled_prefill<scalar_t, cache_t>(q, k_cache, v_cache, block_tables, tiles, cost, scale, out);
-    paged_dispatch<scalar_t, cache_t>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, min_q);
-  });
-  return out;
-}
-
 // paged_attention with a sliding window (window > 0: each token sees its last `window` keys; 0: all) and capped
 // scores (softcap > 0: softcap * tanh(score / softcap) before the softmax; 0: none), for Gemma 2 / 3 and Mistral's
 // layers: the prefill tokens of requests with at least min_q new tokens in tiles (min_q 0: none), the rest per token.
@@ -183,4 +163,14 @@ torch::Tensor paged_attention_windowed(torch::Tensor q, torch::Tensor k_cache, t
                                       std::max<int64_t>(min_q, 0), window, softcap);
   });
   return out;
+}
+
+// paged_attention with the prefill tokens of requests of at least min_q new tokens in a step attended in tiles
+// (min_q 0: paged_attention): paged_attention_windowed without a window or a cap. Same arguments, dtypes and result
+// up to float32 summation order.
+torch::Tensor paged_attention_tiled(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                    torch::Tensor block_tables, torch::Tensor seq_lens,
+                                    torch::Tensor query_start_loc, double scale, int64_t min_q) {
+  return paged_attention_windowed(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, 0, 0.0,
+                                  min_q);
 }

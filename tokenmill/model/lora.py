@@ -123,7 +123,6 @@ class LoraSet:
     def __init__(self, names: list[str], grouped_device: torch.device | None = None) -> None:
         """``grouped_device``: the Triton family's device, where every layer's updates run as grouped GEMMs over the
         step's runs (``kernels/triton/grouped.py``), two launches a layer whatever the adapters."""
-        self.names = list(names)
         self.slots = {n: i for i, n in enumerate(names)}
         self.groups: list[tuple[int, int, int]] = []  # (slot, first row, end row): runs of one adapter's rows
         self.grouped_device = grouped_device

@@ -232,7 +232,7 @@ class ModelRunner:
             if self.model.loras is not None:  # rank 0's adapter per request, for this rank's slice of each update
                 slots = torch.empty(r, dtype=torch.int64, device=buffers.dev.device)
                 self.tp.broadcast(slots)
-                names = self.model.loras.names
+                names = list(self.model.loras.slots)  # in slot order
                 self.model.loras.set_step([None if i < 0 else names[i] for i in slots.tolist()],
                                           step.query_start_loc_list)
             hidden = self._forward(step, num_decodes)
