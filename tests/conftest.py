@@ -50,6 +50,10 @@ SLOW_TESTS = {
     "tests/structured/test_structured.py::test_seeded_sampling_is_constrained_and_reproducible",
     "tests/e2e/test_llm_api.py::test_sort_by_length_and_prefill_first_give_the_same_greedy_tokens",
     "tests/model/test_triton_kernels.py::test_tiny_models_through_the_triton_path_equal_transformers_and_the_cpu_path",
+    # 2026-12-06 (over 5 s, or tensor-parallel ranks): LoRA through the interpreted Triton family and with two ranks
+    "tests/model/test_lora.py::test_adapters_through_the_triton_family_equal_peft",
+    "tests/model/test_lora.py::test_adapters_with_two_ranks_equal_one",
+    "tests/model/test_lora.py::test_phi3_adapters_of_its_fused_layers_equal_peft",
 }
 
 
