@@ -3,11 +3,12 @@
 bfloat16, at the row counts a batch engine runs (1 row: a lone decode; 32-256: decode batches; 2048: a prefill chunk).
 
     python -m benchmarks.gemm_bench [--rows 1,8,32,128,512,2048] [--json OUT]
-    python -m benchmarks.gemm_bench --int8 [--rows ...]   # w8a8: torch._int_mm + epilogue against int8_gemm
+    python -m benchmarks.gemm_bench --int8 [--rows ...]   # w8a8: torch._int_mm + epilogue, int8_gemm, int8_gemm_amx
     python -m benchmarks.gemm_bench --int8-weight-only [--rows ...]   # int8: int8g_gemm against torch's and bf16
 
 Prints GFLOP/s per (dtype, shape, rows, path) and checks that the packed result equals the plain one bit for bit.
-With --int8: GOP/s of w8a8's two CPU paths (the activations' quantization included in both), bfloat16 output.
+With --int8: GOP/s of w8a8's CPU paths (the activations' quantization included in each; int8_gemm_amx is int8_gemm
+where the host has no AMX-INT8), bfloat16 output, and the bfloat16 model's prepacked GEMM for scale.
 With --int8-weight-only: GFLOP/s of int8's grouped C++ GEMM (``int8g_gemm``, bfloat16 input and float32 input),
 torch's per-channel int8 kernel and the bfloat16 model's prepacked oneDNN GEMM, bfloat16 output.
 """
@@ -44,11 +45,13 @@ def int8_paths(rows_list: list[int]) -> list[dict]:
 
     kernels = cpu_kernel.load()
     results = []
-    print(f"threads {torch.get_num_threads()}; GOP/s: _int_mm + epilogue | int8_gemm (ratio)")
+    print(f"threads {torch.get_num_threads()}; GOP/s: _int_mm + epilogue | int8_gemm | int8_gemm_amx | bf16 packed "
+          "(int8_gemm / _int_mm, int8_gemm_amx / bf16 packed)")
     for name, n, k in SHAPES:
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         w_kn, ws, w_sum = w.t().contiguous(), torch.rand(n) / 100, w.sum(1, dtype=torch.int32).float()
         packed, comp = kernels.int8_pack_weight(w)
+        bf16_w = gemm.pack(torch.randn(n, k).bfloat16(), "onednn")
         for m in rows_list:
             x = torch.randn(m, k).bfloat16()
             out = torch.empty(m, n, dtype=torch.bfloat16)
@@ -58,16 +61,19 @@ def int8_paths(rows_list: list[int]) -> list[dict]:
                 return scaled_int8_epilogue(torch._int_mm(q, w_kn), xs, xlo, ws, w_sum, None, None, torch.bfloat16,
                                             kernels)
 
-            def fused():
+            def fused(gemm_fn=kernels.int8_gemm):
                 u, xs, xlo = kernels.quantize_rows_uint8(x)
-                kernels.int8_gemm(u, packed, comp, xs, xlo, ws, None, None, out)
+                gemm_fn(u, packed, comp, xs, xlo, ws, None, None, out)
 
             ops = 2.0 * m * n * k
             r = {"shape": name, "out": n, "in": k, "rows": m,
-                 "int_mm": rate(int_mm, ops), "int8_gemm": rate(fused, ops)}
+                 "int_mm": rate(int_mm, ops), "int8_gemm": rate(fused, ops),
+                 "int8_gemm_amx": rate(lambda: fused(kernels.int8_gemm_amx), ops),
+                 "bf16_packed": rate(lambda: gemm.linear(x, bf16_w), ops)}
             results.append(r)
-            print(f"{name:>7} {n:>5}x{k:<4} rows {m:>4}: {r['int_mm']:6.0f} | {r['int8_gemm']:6.0f} "
-                  f"({r['int8_gemm'] / r['int_mm']:.2f}x)", flush=True)
+            print(f"{name:>7} {n:>5}x{k:<4} rows {m:>4}: {r['int_mm']:6.0f} | {r['int8_gemm']:6.0f} | "
+                  f"{r['int8_gemm_amx']:6.0f} | {r['bf16_packed']:6.0f} ({r['int8_gemm'] / r['int_mm']:.2f}x, "
+                  f"{r['int8_gemm_amx'] / r['bf16_packed']:.2f}x)", flush=True)
     return results
 
 

@@ -239,3 +239,65 @@ def test_int4_takes_the_int8_amx_gemm_where_amx_is_on(m, n, k, kernels):
     tiny.load_rows(0, w * 1e-5)  # scales below float16's normal range
     tiny.finalize(torch.bfloat16)
     assert tiny.panels is None and tiny.packed is not None
+
+
+HOST_AMX_INT8 = HOST_AMX and "amx_int8" in CPU_FLAGS
+
+
+@pytest.mark.parametrize("m", [1, 7, 8, 16, 17, 31, 32, 33, 64, 65, 100, 130])
+@pytest.mark.parametrize("n,k,dtype", [(960, 576, torch.bfloat16), (100, 64, torch.float32), (200, 640, torch.bfloat16),
+                                       (64, 1540, torch.bfloat16)])
+def test_w8a8_amx_gemm_equals_the_vnni_gemm(m, n, k, dtype, kernels):
+    """int8_gemm_amx equals int8_gemm bit for bit on every machine: on AMX-INT8 tiles (rows 8 and up, K a multiple of
+    64: whole and partial row tiles, two row tiles and one, channels past a panel's 64 and past 32 in it, bias and
+    residual) the int32 sums are the same integers and the epilogue is the same code; elsewhere (this CPU without
+    AMX, fewer rows, K = 1540) it is int8_gemm itself. Channels 960: 15 panels over the threads."""
+    if not kernels.int8_gemm_available():
+        pytest.skip("this build has no AVX512-VNNI int8_gemm")
+    g = torch.Generator().manual_seed(m * 7 + n + k)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    packed, comp = kernels.int8_pack_weight(w)
+    ws = torch.rand(n, generator=g) / 100
+    x = torch.randn(m, k, generator=g).to(dtype)
+    u, xs, xlo = kernels.quantize_rows_uint8(x)
+    bias, res = torch.randn(n, generator=g).to(dtype), torch.randn(m, n, generator=g).to(dtype)
+    for b, r in ((None, None), (bias, res)):
+        vnni, amx = torch.empty(m, n, dtype=dtype), torch.empty(m, n, dtype=dtype)
+        kernels.int8_gemm(u, packed, comp, xs, xlo, ws, b, r, vnni)
+        kernels.int8_gemm_amx(u, packed, comp, xs, xlo, ws, b, r, amx)
+        assert torch.equal(vnni, amx)
+
+
+def test_w8a8_takes_the_amx_gemm_where_the_ops_chose_amx(kernels, monkeypatch):
+    """A w8a8 layer calls int8_gemm_amx exactly when it was built with amx (the ops object's choice), int8_gemm
+    otherwise; both give the same output."""
+    from tokenmill.model.w8a8 import W8A8Weight
+
+    if not kernels.int8_gemm_available():
+        pytest.skip("this build has no AVX512-VNNI int8_gemm")
+    torch.manual_seed(3)
+    w = torch.randn(96, 128) * 0.05
+    x = torch.randn(20, 128).bfloat16()
+    outs, called = {}, []
+    for amx in (False, True):
+        layer = W8A8Weight(96, 128, kernels, amx=amx)
+        layer.load_rows(0, w)
+        layer.finalize(torch.bfloat16)
+
+        class Spy:  # the module's functions, recording which GEMM the layer calls
+            def __getattr__(self, name):
+                if name.startswith("int8_gemm"):
+                    called.append(name)
+                return getattr(kernels, name)
+
+        layer.kernels = Spy()
+        outs[amx] = layer(x, None)
+    assert called == ["int8_gemm", "int8_gemm_amx"]
+    assert torch.equal(outs[False], outs[True])
+
+
+@pytest.mark.skipif(not HOST_AMX_INT8, reason="runs on a CPU with AMX-INT8 (this one has none)")
+def test_w8a8_amx_gemm_is_built_on_an_amx_int8_host():
+    """On an AMX-INT8 host the native build has the tile path (so the bit-equality above compares two kernels there,
+    not int8_gemm with itself)."""
+    assert cpu_kernel.load().amx_int8_available()

@@ -1,6 +1,6 @@
-// The kernels on AMX tiles (Intel Advanced Matrix Extensions, AMX-BF16), compiled last into the module the other
-// cpu_*.cpp files make (kernels/cpu_kernel.py joins the sources): prefill attention, and int8 weight-only's GEMM. See
-// the loader's docstring.
+// The kernels on AMX tiles (Intel Advanced Matrix Extensions: AMX-BF16, and AMX-INT8 for w8a8), compiled last into
+// the module the other cpu_*.cpp files make (kernels/cpu_kernel.py joins the sources): prefill attention, int8 and
+// int4 weight-only's GEMMs, and w8a8's int8 GEMM. See the loader's docstring.
 //
 // ---- Prefill attention ----
 //
@@ -481,10 +481,113 @@ static void int8g_amx_impl(const torch::Tensor& x, const torch::Tensor& packed, 
       }
     });
 }
+
+// ---- w8a8's int8 GEMM on AMX-INT8 tiles (int8_gemm's operands as they are) ----
+// int8_pack_weight's panels [N/64][K/4][64][4] are already tdpbusd's B tiles: per 16 channels and 64 along K, 16 rows
+// of k-quads x 16 channels x 4 codes (64 bytes), rows 256 bytes apart; the activations' uint8 codes [M, K] are A
+// tiles as they lie (16 rows x 64 codes, K bytes apart). tdpbusd multiplies unsigned by signed bytes into int32, as
+// VNNI's vpdpbusd does, so the sums are int8_gemm's exactly, and the epilogue is its own (int8_store16): the two
+// kernels' results are equal bit for bit. A task is a panel of 64 channels and a block of AMX8_MB rows; per 32 rows
+// and 32 channels, 2 x 2 accumulator tiles walk K (each A and B tile used twice); a last block of 16 rows or fewer
+// runs 1 x 2. K must be a multiple of 64 (int8_gemm_amx hands other K to int8_gemm).
+#if defined(__AMX_INT8__) && defined(__AVX512VNNI__)
+#define TM_AMX_INT8 1
+constexpr int64_t AMX8_MB = 64;  // rows per task
+
+template <typename scalar_t>
+static void int8_amx_impl(const torch::Tensor& a, const torch::Tensor& packed, const torch::Tensor& comp,
+                          const torch::Tensor& xs, const torch::Tensor& xlo, const torch::Tensor& ws,
+                          const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
+                          torch::Tensor& out) {
+  const int64_t M = a.size(0), K = a.size(1), N = out.size(1), panels = packed.size(0);
+  const uint8_t* ap = a.data_ptr<uint8_t>();
+  const int8_t* pp = packed.data_ptr<int8_t>();
+  const int32_t* cp = comp.data_ptr<int32_t>();
+  const float* xsp = xs.data_ptr<float>();
+  const float* xlp = xlo.data_ptr<float>();
+  const float* wsp = ws.data_ptr<float>();
+  const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t blocks = (M + AMX8_MB - 1) / AMX8_MB;
+  at::parallel_for(0, panels * blocks, 1, [&](int64_t begin, int64_t end) {
+    amx_configure();
+    alignas(64) int32_t acc[32 * 32];  // [32 rows][32 channels]
+    std::vector<uint8_t> pad;          // a last block of rows that fills no whole tile, zero-padded
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p = t / blocks, mb = t % blocks, n0 = p * GEMM_NR, ncols = std::min(GEMM_NR, N - n0);
+      const int8_t* panel = pp + p * K * GEMM_NR;
+      const int64_t m1 = std::min(M, (mb + 1) * AMX8_MB);
+      for (int64_t m = mb * AMX8_MB; m < m1; m += 32) {
+        const int64_t rows = std::min<int64_t>(32, m1 - m);
+        const bool two = rows > 16;  // two row tiles
+        const int64_t tile_rows = two ? 32 : 16;
+        const uint8_t* x = ap + m * K;
+        if (rows < tile_rows) {
+          pad.assign(tile_rows * K, 0);
+          std::memcpy(pad.data(), x, rows * K);
+          x = pad.data();
+        }
+        for (int64_t h = 0; h < 2 && 32 * h < ncols; ++h) {  // channels 32 h .. 32 h + 31
+          const int8_t* b = panel + 128 * h;
+          _tile_zero(0);
+          _tile_zero(1);
+          if (two) {
+            _tile_zero(2);
+            _tile_zero(3);
+          }
+          for (int64_t k = 0; k < K; k += 64) {
+            _tile_loadd(4, x + k, K);
+            _tile_loadd(6, b + k * GEMM_NR, 4 * GEMM_NR);
+            _tile_loadd(7, b + k * GEMM_NR + 64, 4 * GEMM_NR);
+            _tile_dpbusd(0, 4, 6);
+            _tile_dpbusd(1, 4, 7);
+            if (two) {
+              _tile_loadd(5, x + 16 * K + k, K);
+              _tile_dpbusd(2, 5, 6);
+              _tile_dpbusd(3, 5, 7);
+            }
+          }
+          _tile_stored(0, acc, 128);
+          _tile_stored(1, acc + 16, 128);
+          if (two) {
+            _tile_stored(2, acc + 16 * 32, 128);
+            _tile_stored(3, acc + 16 * 32 + 16, 128);
+          }
+          for (int64_t j = 0; j < 2; ++j) {
+            const int64_t c = 32 * h + 16 * j, left = ncols - c;  // the panel's channels c .. c + 15
+            if (left <= 0) break;
+            const __mmask16 mk = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+            const __m512i cj = _mm512_loadu_si512(cp + n0 + c);
+            const __m512 sumj = _mm512_cvtepi32_ps(_mm512_srai_epi32(cj, 7));
+            const __m512 wj = _mm512_maskz_loadu_ps(mk, wsp + n0 + c);
+            const __m512 bj = bp ? load16_as_float(bp + n0 + c, mk) : _mm512_setzero_ps();
+            for (int64_t i = 0; i < rows; ++i)
+              int8_store16(_mm512_load_si512(acc + i * 32 + 16 * j), cj, sumj, wj, bj, xsp[m + i], xlp[m + i],
+                           rp ? rp + (m + i) * N + n0 + c : nullptr, op + (m + i) * N + n0 + c, mk);
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#else
+#define TM_AMX_INT8 0
+#endif
 #endif  // TM_AMX
 
 bool amx_available() {
 #if TM_AMX
+  return amx_ok();
+#else
+  return false;
+#endif
+}
+
+// Whether int8_gemm_amx runs on tiles here: AMX-INT8 in this build and the OS's tile permission (amx_available()).
+bool amx_int8_available() {
+#if TM_AMX && TM_AMX_INT8
   return amx_ok();
 #else
   return false;
@@ -552,4 +655,25 @@ void int4g_gemm_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
 #else
   TORCH_CHECK(false, "int4g_gemm_amx needs AMX (check amx_available()): this build has none");
 #endif
+}
+
+// int8_gemm on AMX-INT8 tiles where this machine has them (amx_available() and AMX-INT8 in this build), K is a
+// multiple of 64 and there are at least AMX8_MIN_ROWS rows; int8_gemm elsewhere. Same operands, and the same result
+// bit for bit (int8_amx_impl). Below 8 rows a tile product is mostly padding and VNNI's register tiles are as fast
+// (`python -m benchmarks.gemm_bench --int8`: about equal at 4 rows and 8, AMX 1.6-2.1x from 16).
+void int8_gemm_amx(torch::Tensor a, torch::Tensor packed, torch::Tensor comp, torch::Tensor x_scale,
+                   torch::Tensor x_min, torch::Tensor w_scale, std::optional<torch::Tensor> bias,
+                   std::optional<torch::Tensor> residual, torch::Tensor out) {
+#if TM_AMX && TM_AMX_INT8
+  constexpr int64_t AMX8_MIN_ROWS = 8;
+  if (amx_ok() && a.dim() == 2 && a.size(1) % 64 == 0 && a.size(0) >= AMX8_MIN_ROWS) {
+    check_int8_gemm_args(a, packed, x_scale, x_min, w_scale, bias, residual, out);
+    if (out.scalar_type() == torch::kFloat32)
+      int8_amx_impl<float>(a, packed, comp, x_scale, x_min, w_scale, bias, residual, out);
+    else
+      int8_amx_impl<c10::BFloat16>(a, packed, comp, x_scale, x_min, w_scale, bias, residual, out);
+    return;
+  }
+#endif
+  int8_gemm(a, packed, comp, x_scale, x_min, w_scale, bias, residual, out);
 }

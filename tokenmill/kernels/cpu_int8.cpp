@@ -247,6 +247,20 @@ static inline void store16_masked(scalar_t* p, __m512 f, __mmask16 m) {
   }
 }
 
+// int8_gemm's epilogue for one row's 16 channels (lanes m): acc = sum_k u[k] q_w[n, k] (int32), cj = 128 * sum_k
+// q_w[n, k], sumj = sum_k q_w[n, k], wj = w_scale, bj = bias (or 0) -> out (+ res), rounded once. The one body that
+// int8_gemm (VNNI) and int8_gemm_amx (AMX tiles) share, so their results are equal bit for bit.
+template <typename scalar_t>
+static inline void int8_store16(__m512i acc, __m512i cj, __m512 sumj, __m512 wj, __m512 bj, float xs, float xlo,
+                                const scalar_t* res, scalar_t* out, __mmask16 m) {
+  const float z = xlo + 128.f * xs;
+  __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, cj));
+  f = _mm512_add_ps(_mm512_mul_ps(f, _mm512_set1_ps(xs)), _mm512_mul_ps(_mm512_set1_ps(z), sumj));
+  f = _mm512_add_ps(_mm512_mul_ps(f, wj), bj);
+  if (res) f = _mm512_add_ps(f, load16_as_float(res, m));
+  store16_masked(out, f, m);
+}
+
 // rows m0 .. m0 + MR - 1 of the output's columns n0 .. n0 + ncols - 1 (ncols <= 64; the panel is zero-padded).
 template <typename scalar_t, int MR>
 static inline void int8_tile(const uint8_t* a, int64_t K, const int8_t* panel, const int32_t* comp, const float* xs,
@@ -278,14 +292,9 @@ static inline void int8_tile(const uint8_t* a, int64_t K, const int8_t* panel, c
     const __m512 sumj = _mm512_cvtepi32_ps(_mm512_srai_epi32(cj, 7));  // sum_k q_w[n, k], exact
     const __m512 wj = _mm512_maskz_loadu_ps(m, ws + 16 * j);
     const __m512 bj = bias ? load16_as_float(bias + 16 * j, m) : _mm512_setzero_ps();
-    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
-      const float z = xlo[i] + 128.f * xs[i];
-      __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], cj));
-      f = _mm512_add_ps(_mm512_mul_ps(f, _mm512_set1_ps(xs[i])), _mm512_mul_ps(_mm512_set1_ps(z), sumj));
-      f = _mm512_add_ps(_mm512_mul_ps(f, wj), bj);
-      if (res) f = _mm512_add_ps(f, load16_as_float(res + i * N + 16 * j, m));
-      store16_masked(out + i * N + 16 * j, f, m);
-    }
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+      int8_store16(acc[i][j], cj, sumj, wj, bj, xs[i], xlo[i], res ? res + i * N + 16 * j : nullptr,
+                   out + i * N + 16 * j, m);
   }
 }
 
@@ -353,13 +362,13 @@ std::vector<torch::Tensor> int8_pack_weight(torch::Tensor w) {
   return {packed, comp};
 }
 
-// a [M, K] uint8 with x_scale / x_min [M] float32 (quantize_rows_uint8), packed / comp from int8_pack_weight,
-// w_scale [N] float32, bias [N] and residual [M, N] (optional) of out's dtype, out [M, N] float32 or bfloat16
-// contiguous, written in place.
-void int8_gemm(torch::Tensor a, torch::Tensor packed, torch::Tensor comp, torch::Tensor x_scale, torch::Tensor x_min,
-               torch::Tensor w_scale, std::optional<torch::Tensor> bias, std::optional<torch::Tensor> residual,
-               torch::Tensor out) {
-  TORCH_CHECK(int8_gemm_ok, "int8_gemm needs AVX512-VNNI (check int8_gemm_available())");
+// int8_gemm's operands (int8_gemm_amx's too): a [M, K] uint8 with x_scale / x_min [M] float32 (quantize_rows_uint8),
+// packed / comp from int8_pack_weight, w_scale [N] float32, bias [N] and residual [M, N] (optional) of out's dtype,
+// out [M, N] float32 or bfloat16 contiguous, written in place.
+static void check_int8_gemm_args(const torch::Tensor& a, const torch::Tensor& packed, const torch::Tensor& x_scale,
+                                 const torch::Tensor& x_min, const torch::Tensor& w_scale,
+                                 const std::optional<torch::Tensor>& bias,
+                                 const std::optional<torch::Tensor>& residual, const torch::Tensor& out) {
   TORCH_CHECK(a.dim() == 2 && a.is_contiguous() && a.scalar_type() == torch::kUInt8, "a must be [M, K] uint8");
   TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 4 == a.size(1) && packed.size(2) == GEMM_NR,
               "packed does not match a's K (int8_pack_weight)");
@@ -369,13 +378,20 @@ void int8_gemm(torch::Tensor a, torch::Tensor packed, torch::Tensor comp, torch:
               x_scale.numel() == a.size(0) && w_scale.numel() == out.size(1), "scales: float32 [M] and [N]");
   TORCH_CHECK(x_min.scalar_type() == torch::kFloat32 && x_min.numel() == a.size(0), "x_min: float32 [M]");
   check_bias_residual(bias, residual, out);
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 || out.scalar_type() == torch::kBFloat16,
+              "out must be float32 or bfloat16");
+}
+
+void int8_gemm(torch::Tensor a, torch::Tensor packed, torch::Tensor comp, torch::Tensor x_scale, torch::Tensor x_min,
+               torch::Tensor w_scale, std::optional<torch::Tensor> bias, std::optional<torch::Tensor> residual,
+               torch::Tensor out) {
+  TORCH_CHECK(int8_gemm_ok, "int8_gemm needs AVX512-VNNI (check int8_gemm_available())");
+  check_int8_gemm_args(a, packed, x_scale, x_min, w_scale, bias, residual, out);
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
   if (out.scalar_type() == torch::kFloat32)
     int8_gemm_impl<float>(a, packed, comp, x_scale, x_min, w_scale, bias, residual, out);
-  else if (out.scalar_type() == torch::kBFloat16)
-    int8_gemm_impl<c10::BFloat16>(a, packed, comp, x_scale, x_min, w_scale, bias, residual, out);
   else
-    TORCH_CHECK(false, "out must be float32 or bfloat16");
+    int8_gemm_impl<c10::BFloat16>(a, packed, comp, x_scale, x_min, w_scale, bias, residual, out);
 #endif
 }
 
