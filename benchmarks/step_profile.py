@@ -80,6 +80,7 @@ def instrument(eng, timer: Timer) -> None:
             m.forward = timer.wrap("embedding", m.forward)
     model = eng.runner.model
     model.compute_logits = timer.wrap("LM head", model.compute_logits)
+    model.greedy_tokens = timer.wrap("LM head", model.greedy_tokens)  # the fused greedy head, where it runs
     eng.runner.sampler = timer.wrap("sampling", eng.runner.sampler)
     eng.runner.buffers.fill = timer.wrap("step inputs", eng.runner.buffers.fill)
     for name in ("schedule", "update_from_output"):

@@ -301,3 +301,78 @@ def test_w8a8_amx_gemm_is_built_on_an_amx_int8_host():
     """On an AMX-INT8 host the native build has the tile path (so the bit-equality above compares two kernels there,
     not int8_gemm with itself)."""
     assert cpu_kernel.load().amx_int8_available()
+
+
+needs_amx_int8 = pytest.mark.skipif(not HOST_AMX_INT8, reason="runs on a CPU with AMX-INT8 (this one has none)")
+
+
+@needs_amx_int8
+@pytest.mark.parametrize("m", [1, 5, 16, 33, 128])
+@pytest.mark.parametrize("n", [49152, 1000, 64, 70])
+def test_int8_gemm_argmax_is_the_argmax_of_the_float32_output(m, n):
+    """int8_gemm_argmax gives torch.argmax of int8_gemm's float32 output (the logits it never writes), rows of any
+    count, channels past a panel's end; ties keep the first channel: rows made of one repeated weight row tie
+    everywhere (argmax 0), and a row whose maximum sits in two panels takes the earlier."""
+    kernels = cpu_kernel.load()
+    g = torch.Generator().manual_seed(m + n)
+    k = 576
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    w[n // 2] = w[n // 3]  # the same channel twice, in two panels when n > 192
+    ws = torch.rand(n, generator=g) / 100
+    ws[n // 2] = ws[n // 3]
+    packed, comp = kernels.int8_pack_weight(w)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    u, xs, xlo = kernels.quantize_rows_uint8(x)
+    logits = torch.empty(m, n)
+    kernels.int8_gemm_amx(u, packed, comp, xs, xlo, ws, None, None, logits)
+    assert torch.equal(kernels.int8_gemm_argmax(u, packed, comp, xs, xlo, ws, n), logits.argmax(dim=1))
+    flat = torch.randint(-127, 128, (1, k), dtype=torch.int8, generator=g).expand(n, k).contiguous()
+    p2, c2 = kernels.int8_pack_weight(flat)
+    assert torch.equal(kernels.int8_gemm_argmax(u, p2, c2, xs, xlo, torch.full((n,), 0.01), n),
+                       torch.zeros(m, dtype=torch.int64))
+    # the tied pair: boost it so it is every row's maximum; the first of the two wins
+    w2 = w.clone()
+    w2[n // 3] = w2[n // 2] = 127
+    ws2 = ws.clone()
+    ws2[n // 3] = ws2[n // 2] = 10.0
+    p3, c3 = kernels.int8_pack_weight(w2)
+    x_pos = torch.rand(m, k, generator=g).bfloat16() + 0.5  # positive inputs: the all-127 rows win
+    u3, xs3, xlo3 = kernels.quantize_rows_uint8(x_pos)
+    top = kernels.int8_gemm_argmax(u3, p3, c3, xs3, xlo3, ws2, n)
+    assert torch.equal(top, torch.full((m,), min(n // 3, n // 2), dtype=torch.int64))
+
+
+def test_greedy_steps_of_a_w8a8_model_skip_the_logits_and_keep_their_tokens(tmp_path, monkeypatch):
+    """A w8a8 model's all-greedy steps take the fused head where it runs (AMX-INT8; elsewhere greedy_tokens says
+    None and the logits path runs): the same tokens as the logits path (the fused head switched off) over a busy
+    batch with chunked prefill; a step holding a request that asks for logprobs or samples keeps the logits path."""
+    from helpers import save_tiny_model
+    from tokenmill import LLM, SamplingParams
+    from tokenmill.model.llama import LlamaForCausalLM
+
+    save_tiny_model("llama", tmp_path / "m")
+    prompts = [[(7 * i + j) % 250 + 3 for j in range(5 + 9 * i)] for i in range(12)]
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    calls = []
+    fused_head = LlamaForCausalLM.greedy_tokens
+
+    def spy(self, hidden):
+        out = fused_head(self, hidden)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "greedy_tokens", spy)
+    llm = LLM(str(tmp_path / "m"), dtype="bfloat16", quantization="w8a8", kv_cache_memory=0.05,
+              cache_dir=str(tmp_path), max_num_batched_tokens=64)
+    fused = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    kernels = cpu_kernel.load()
+    assert calls and set(calls) == {kernels is not None and kernels.amx_int8_available()}
+    mixed_params = [greedy] * 11 + [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)]
+    mixed = llm.generate(prompts, mixed_params, use_tqdm=False)
+    # every token of the logprobs request has its entry: no step holding it took the fused head (which returns none)
+    lps = mixed[-1].outputs[0].logprobs
+    assert len(lps) == 12 and all(len(e) >= 2 for e in lps)
+    monkeypatch.setattr(LlamaForCausalLM, "greedy_tokens", lambda self, hidden: None)
+    plain = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    assert fused == plain
+    assert [o.outputs[0].token_ids for o in mixed] == plain

@@ -494,12 +494,15 @@ static void int8g_amx_impl(const torch::Tensor& x, const torch::Tensor& packed, 
 #define TM_AMX_INT8 1
 constexpr int64_t AMX8_MB = 64;  // rows per task
 
-template <typename scalar_t>
+// ARGMAX: nothing is stored; each row's largest value over the task's channels (the first of equals) goes to
+// best_v / best_i [M][panels] instead (int8_gemm_argmax reduces them over the panels); out is unused, N given.
+template <typename scalar_t, bool ARGMAX = false>
 static void int8_amx_impl(const torch::Tensor& a, const torch::Tensor& packed, const torch::Tensor& comp,
                           const torch::Tensor& xs, const torch::Tensor& xlo, const torch::Tensor& ws,
                           const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
-                          torch::Tensor& out) {
-  const int64_t M = a.size(0), K = a.size(1), N = out.size(1), panels = packed.size(0);
+                          torch::Tensor& out, int64_t N = 0, float* best_v = nullptr, int64_t* best_i = nullptr) {
+  const int64_t M = a.size(0), K = a.size(1), panels = packed.size(0);
+  if constexpr (!ARGMAX) N = out.size(1);
   const uint8_t* ap = a.data_ptr<uint8_t>();
   const int8_t* pp = packed.data_ptr<int8_t>();
   const int32_t* cp = comp.data_ptr<int32_t>();
@@ -508,11 +511,13 @@ static void int8_amx_impl(const torch::Tensor& a, const torch::Tensor& packed, c
   const float* wsp = ws.data_ptr<float>();
   const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
   const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
-  scalar_t* op = out.data_ptr<scalar_t>();
+  scalar_t* op = ARGMAX ? nullptr : out.data_ptr<scalar_t>();
   const int64_t blocks = (M + AMX8_MB - 1) / AMX8_MB;
   at::parallel_for(0, panels * blocks, 1, [&](int64_t begin, int64_t end) {
     amx_configure();
     alignas(64) int32_t acc[32 * 32];  // [32 rows][32 channels]
+    float row_v[32];                   // ARGMAX: each row's best value and channel so far in this panel
+    int64_t row_i[32];
     std::vector<uint8_t> pad;          // a last block of rows that fills no whole tile, zero-padded
     for (int64_t t = begin; t < end; ++t) {
       const int64_t p = t / blocks, mb = t % blocks, n0 = p * GEMM_NR, ncols = std::min(GEMM_NR, N - n0);
@@ -528,6 +533,7 @@ static void int8_amx_impl(const torch::Tensor& a, const torch::Tensor& packed, c
           std::memcpy(pad.data(), x, rows * K);
           x = pad.data();
         }
+        if constexpr (ARGMAX) std::fill(row_v, row_v + 32, -std::numeric_limits<float>::infinity());
         for (int64_t h = 0; h < 2 && 32 * h < ncols; ++h) {  // channels 32 h .. 32 h + 31
           const int8_t* b = panel + 128 * h;
           _tile_zero(0);
@@ -562,11 +568,28 @@ static void int8_amx_impl(const torch::Tensor& a, const torch::Tensor& packed, c
             const __m512 sumj = _mm512_cvtepi32_ps(_mm512_srai_epi32(cj, 7));
             const __m512 wj = _mm512_maskz_loadu_ps(mk, wsp + n0 + c);
             const __m512 bj = bp ? load16_as_float(bp + n0 + c, mk) : _mm512_setzero_ps();
-            for (int64_t i = 0; i < rows; ++i)
-              int8_store16(_mm512_load_si512(acc + i * 32 + 16 * j), cj, sumj, wj, bj, xsp[m + i], xlp[m + i],
-                           rp ? rp + (m + i) * N + n0 + c : nullptr, op + (m + i) * N + n0 + c, mk);
+            for (int64_t i = 0; i < rows; ++i) {
+              const __m512i ai = _mm512_load_si512(acc + i * 32 + 16 * j);
+              if constexpr (ARGMAX) {  // channels in increasing order: only a strictly larger value replaces
+                const __m512 f = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), mk,
+                                                    int8_value16(ai, cj, sumj, wj, bj, xsp[m + i], xlp[m + i]));
+                const float mx = _mm512_reduce_max_ps(f);
+                if (mx > row_v[i]) {
+                  row_v[i] = mx;
+                  row_i[i] = n0 + c + __builtin_ctz(_mm512_cmpeq_ps_mask(f, _mm512_set1_ps(mx)));
+                }
+              } else {
+                int8_store16(ai, cj, sumj, wj, bj, xsp[m + i], xlp[m + i], rp ? rp + (m + i) * N + n0 + c : nullptr,
+                             op + (m + i) * N + n0 + c, mk);
+              }
+            }
           }
         }
+        if constexpr (ARGMAX)
+          for (int64_t i = 0; i < rows; ++i) {
+            best_v[(m + i) * panels + p] = row_v[i];
+            best_i[(m + i) * panels + p] = row_v[i] == -std::numeric_limits<float>::infinity() ? n0 : row_i[i];
+          }
       }
     }
     _tile_release();
@@ -676,4 +699,41 @@ void int8_gemm_amx(torch::Tensor a, torch::Tensor packed, torch::Tensor comp, to
   }
 #endif
   int8_gemm(a, packed, comp, x_scale, x_min, w_scale, bias, residual, out);
+}
+
+// The row argmax of int8_gemm's float32 result, without the result: a [M, K] uint8 codes, packed / comp / x_scale /
+// x_min / w_scale as int8_gemm's (no bias), N the output's channels -> [M] int64, the first channel of each row's
+// largest value, as torch.argmax over int8_gemm's float32 output gives it (the same values: int8_value16). A greedy
+// LM head: the logits are never written (128 rows x 49k vocabulary: 25 MB stored and read again a step). AMX-INT8
+// only (amx_int8_available()), K a multiple of 64; any number of rows.
+torch::Tensor int8_gemm_argmax(torch::Tensor a, torch::Tensor packed, torch::Tensor comp, torch::Tensor x_scale,
+                               torch::Tensor x_min, torch::Tensor w_scale, int64_t N) {
+#if TM_AMX && TM_AMX_INT8
+  TORCH_CHECK(amx_ok(), "int8_gemm_argmax needs AMX (check amx_int8_available())");
+  TORCH_CHECK(a.dim() == 2 && a.is_contiguous() && a.scalar_type() == torch::kUInt8 && a.size(1) % 64 == 0,
+              "a must be [M, K] uint8 with K a multiple of 64");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 4 == a.size(1) && packed.size(2) == GEMM_NR &&
+              (N + GEMM_NR - 1) / GEMM_NR == packed.size(0), "packed does not match a's K and N (int8_pack_weight)");
+  TORCH_CHECK(x_scale.scalar_type() == torch::kFloat32 && x_min.scalar_type() == torch::kFloat32 &&
+              w_scale.scalar_type() == torch::kFloat32 && x_scale.numel() == a.size(0) &&
+              x_min.numel() == a.size(0) && w_scale.numel() == N, "scales: float32 [M], [M] and [N]");
+  const int64_t M = a.size(0), panels = packed.size(0);
+  std::vector<float> best_v(M * panels);
+  std::vector<int64_t> best_i(M * panels);
+  torch::Tensor unused;
+  int8_amx_impl<float, true>(a, packed, comp, x_scale, x_min, w_scale, std::nullopt, std::nullopt, unused, N,
+                             best_v.data(), best_i.data());
+  auto ids = torch::empty({M}, torch::kInt64);
+  int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m) {  // panels in increasing order: the first of equal maxima stays
+    int64_t best = 0;
+    for (int64_t p = 1; p < panels; ++p)
+      if (best_v[m * panels + p] > best_v[m * panels + best]) best = p;
+    ip[m] = best_i[m * panels + best];
+  }
+  return ids;
+#else
+  TORCH_CHECK(false, "int8_gemm_argmax needs AMX-INT8 (check amx_int8_available()): this build has none");
+  return {};
+#endif
 }

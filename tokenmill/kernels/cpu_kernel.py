@@ -31,6 +31,8 @@ with VNNI's u8 x s8 dot products, takes off 128 x each channel's code sum, and a
 before its one store (``int8_gemm_available()`` says whether this build has it). ``int8_gemm_amx`` takes the same
 operands to AMX-INT8 tiles (the packed panels are already tdpbusd's B tiles; 8 rows or more, K a multiple of 64;
 ``int8_gemm`` otherwise), equal to it bit for bit (``cpu_amx.cpp``; ``amx_int8_available()`` says whether it can).
+``int8_gemm_argmax`` is the same GEMM reduced to each row's argmax on the way out: a greedy step's w8a8 LM head,
+whose float32 logits are then never written.
 
 ``int8g_gemm`` is int8 weight-only's GEMM: int8 codes with a float16 scale and offset per 32 weights along K (``w = q *
 scale + offset``; GGUF's Q8_0 blocks have offset 0), in panels of 32 channels (packed as the rows load:
@@ -93,7 +95,8 @@ _FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention", "quantize_rows_
               "argmax_rows", "rope", "silu_mul_quantize_uint8", "silu_mul", "int8g_bf16_available",
               "int8g_gemm", "amx_available", "paged_attention_amx",
               "int8g_gemm_amx", "paged_attention_tiled", "int4g_gemm_amx", "moe_experts", "logprob_rows",
-              "paged_attention_windowed", "int8_gemm_amx", "amx_int8_available"]
+              "paged_attention_windowed", "int8_gemm_amx", "amx_int8_available",
+              "int8_gemm_argmax"]
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
            "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

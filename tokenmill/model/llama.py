@@ -213,6 +213,16 @@ class LlamaForCausalLM(nn.Module):
             return torch.tanh(logits.float() / cap) * cap
         return logits.float() if as_float32 else logits
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[num_sampled, hidden] -> [num_sampled] int64: the argmax of ``compute_logits(hidden)`` per row (the first of
+        equal maxima, as the sampler's argmax takes it), fused into the LM head's GEMM where the head can (w8a8's int8
+        head on AMX-INT8: ``W8A8Weight.argmax``), so a greedy step never writes its logits; None elsewhere (the caller
+        computes the logits). Not with a final softcap (tanh can make distinct logits equal)."""
+        if (self.lm_head is None or self.lm_head.quantized is None or self.config.final_softcap is not None
+                or self.tp.size > 1 or not hasattr(self.lm_head.quantized, "argmax")):
+            return None
+        return self.lm_head.quantized.argmax(hidden)
+
     def use_gemm_backend(self, name: str) -> None:
         """The tied float head's GEMM path (the Linear layers switch themselves): packed embeddings on "onednn"."""
         if name != self.gemm_backend or self.tied_head is None:

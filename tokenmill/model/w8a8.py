@@ -103,6 +103,17 @@ class W8A8Weight(QuantizedWeight):
         y = scaled_int8_epilogue(acc, xs, xlo, self.scale, self.w_sum, bias, res, dtype, self.kernels)
         return y.reshape(*lead, self.out_features)
 
+    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[M, K] -> [M] int64: each row's argmax over ``forward(x, None, out_dtype=float32)``, the first of equal
+        maxima, without writing that output (``int8_gemm_argmax``: a greedy LM head). None where the fused kernel
+        does not run (no AMX-INT8 here, the layer not on the AMX path, K not a multiple of 64): the caller computes
+        the logits."""
+        if (self.packed is None or not self.amx or self.in_features % 64 or x.dim() != 2
+                or not self.kernels.amx_int8_available()):
+            return None
+        xu, xs, xlo = self.kernels.quantize_rows_uint8(x.contiguous())  # [M, K] uint8, [M], [M]
+        return self.kernels.int8_gemm_argmax(xu, self.packed, self.comp, xs, xlo, self.scale, self.out_features)
+
     def forward_silu_mul(self, gate_up: torch.Tensor, bias: torch.Tensor | None,
                          residual: torch.Tensor | None) -> torch.Tensor | None:
         """(silu(gate) * up) W^T (+ bias) (+ residual) for gate_up [M, 2K] = [gate | up], the activation and its

@@ -128,6 +128,10 @@ class ModelRunner:
         prompt_lp = prompt_logprobs(self.model, wanted, hidden)
         if not sampling:
             return ModelRunnerOutput({}, prompt_logprobs=prompt_lp)
+        if masks is None and all(p.greedy and p.logprobs is None for p in params):  # tokens alone are wanted
+            token_ids = self.model.greedy_tokens(hidden[step.sample_rows])  # [num_sampled], or None: no fused head
+            if token_ids is not None:
+                return ModelRunnerOutput(dict(zip(ids, token_ids.tolist())), {}, prompt_lp)
         logits = self.model.compute_logits(hidden[step.sample_rows], as_float32=False)  # [num_sampled, vocab]
         constrained = self.structured.apply_masks(logits, masks) if masks is not None else []
         result = self.sampler(logits, params, [s.request.num_output_tokens for _, s in sampling])
