@@ -1,6 +1,7 @@
 """A mixture of experts against a dense model of the same total size (dummy weights), on a W-like workload.
 
     python benchmarks/moe_bench.py [--num-prompts 32] [--output-len 64] [--rounds 2] [--dtype float32]
+                                   [--quantization none|w8a8|int8|int4]
                                    [--out benchmarks/runs]
 
 Two config-only model directories are written: a Mixtral-style MoE (8 experts of intermediate size I, top-2) and a
@@ -55,9 +56,10 @@ def workload_flops(mc, wl) -> int:
     return decoder * (wl.prompt_tokens + wl.output_tokens) + head * wl.output_tokens
 
 
-def layer_split(llms: dict, dtype, rounds: int = 5) -> list[dict]:
-    """Milliseconds of one layer's MLP part: the MoE layer, the dense MLP of the same total, and a dense MLP of the
-    active size built from the MoE's first top_k experts' shapes (what a perfect grouped GEMM would cost)."""
+def layer_split(llms: dict, dtype, rounds: int = 5, quantization: str = "none") -> list[dict]:
+    """Milliseconds of one layer's MLP part: the MoE layer, the same layer with its experts driven from Python (not
+    in one C++ call), the dense MLP of the same total, and a dense MLP of the active size built from the MoE's first
+    top_k experts' shapes (what a perfect grouped GEMM would cost)."""
     import torch
 
     from tokenmill.model.layers import MLP, Build
@@ -68,24 +70,34 @@ def layer_split(llms: dict, dtype, rounds: int = 5) -> list[dict]:
     dense = dense_model.layers[0].mlp
     cfg = moe_model.config
     active = MLP(cfg.hidden_size, cfg.num_experts_per_tok * cfg.moe_intermediate_size,
-                 Build(moe_model.ops, moe_model.embed_tokens.weight.dtype))
-    init_dummy_weights(active)
-    for lin in (active.gate_up_proj, active.down_proj):
-        lin.finalize()
+                 Build(moe_model.ops, moe_model.embed_tokens.weight.dtype, quantization=quantization))
+    init_dummy_weights(active)  # quantized weights are final after their dummy codes
+    if quantization == "none":
+        for lin in (active.gate_up_proj, active.down_proj):
+            lin.finalize()
+
+    def python_loop():
+        calls = moe.one_call, moe.w8a8_call
+        moe.one_call = moe.w8a8_call = False
+        try:
+            return moe(x, x)
+        finally:
+            moe.one_call, moe.w8a8_call = calls
+
     out = []
     for n in (256, 32):
         x = torch.randn(n, cfg.hidden_size, generator=torch.Generator().manual_seed(n)).to(dtype)
-        row = {"tokens": n}
-        for name, fn in (("moe_layer_ms", lambda: moe(x, x)), ("dense_same_total_ms", lambda: dense(x, x)),
-                         ("dense_active_size_ms", lambda: active(x, x))):
-            fn()
-            times = []
-            for _ in range(rounds):
+        fns = {"moe_layer_ms": lambda: moe(x, x), "moe_layer_python_loop_ms": python_loop,
+               "dense_same_total_ms": lambda: dense(x, x), "dense_active_size_ms": lambda: active(x, x)}
+        times = {name: [] for name in fns}
+        for fn in fns.values():
+            fn()  # warm-up (oneDNN primitives for new shapes)
+        for _ in range(rounds):  # alternating: a change in the machine's load touches every variant alike
+            for name, fn in fns.items():
                 t0 = time.perf_counter()
                 fn()
-                times.append(time.perf_counter() - t0)
-            row[name] = round(1000 * min(times), 3)
-        out.append(row)
+                times[name].append(time.perf_counter() - t0)
+        out.append({"tokens": n} | {name: round(1000 * min(t), 3) for name, t in times.items()})
     return out
 
 
@@ -95,6 +107,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quantization", default="none", help="both models' (none, w8a8, int8, int4)")
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--heads", type=int, default=12)
@@ -115,7 +128,7 @@ def main() -> None:
         (root / name).mkdir()
         (root / name / "config.json").write_text(json.dumps(cfg))
         llms[name] = LLM(str(root / name), load_format="dummy", dtype=args.dtype, kv_cache_memory=2.0,
-                         max_model_len=512)
+                         max_model_len=512, quantization=args.quantization)
     wl = workload_w(llms["dense"].engine.tokenizer, num_prompts=args.num_prompts, output_len=args.output_len)
     mcs = {n: llm.engine.model_config for n, llm in llms.items()}
     params = {n: {"total": mc.num_parameters(), "active": mc.num_parameters(active=True),
@@ -136,7 +149,7 @@ def main() -> None:
     report = {"machine": machine_info(), "args": vars(args) | {"out": str(args.out)}, "parameters": params,
               "best_total_tok_s": {n: round(v, 1) for n, v in best.items()}, "speedup": round(speedup, 3),
               "flop_ratio": round(flop_ratio, 3), "share_of_flop_ratio": round(speedup / flop_ratio, 3),
-              "layer_split": layer_split(llms, dtype), "runs": runs}
+              "layer_split": layer_split(llms, dtype, quantization=args.quantization), "runs": runs}
     print(json.dumps({k: report[k] for k in ("best_total_tok_s", "speedup", "flop_ratio", "share_of_flop_ratio",
                                              "layer_split")}))
     if args.out:

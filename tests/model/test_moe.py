@@ -53,3 +53,61 @@ def test_cpp_experts_loop_equals_the_python_one(kernels, dtype, packed):
                               [e.down_proj.weight for e in experts])
     ref = torch.cat([e.partial(x) for e, x in zip(experts, xs.split(counts)) if x.shape[0]])
     assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_cpp_w8a8_experts_loop_equals_the_python_one(kernels, amx):
+    """moe_experts_w8a8 (the rows quantized once, then each expert's int8 GEMMs and fused SiLU-and-mul
+    quantization) equals each w8a8 expert's MLP run alone, bit for bit: runs of 1 to 40 rows (tile and VNNI sizes),
+    an expert with no tokens, on the AMX tiles and on VNNI."""
+    from tokenmill.model.layers import MLP, Build
+    from tokenmill.model.weights import init_dummy_weights
+    from tokenmill.ops.cpu_ops import CpuOps
+
+    if not kernels.int8_gemm_available():
+        pytest.skip("this build has no AVX512-VNNI int8_gemm (w8a8 experts loop in Python)")
+    build = Build(CpuOps(kernels, amx=amx), torch.bfloat16, quantization="w8a8")
+    experts = [MLP(128, 96, build) for _ in range(5)]
+    g = torch.Generator().manual_seed(2)
+    for i, e in enumerate(experts):
+        for lin in (e.gate_up_proj, e.down_proj):
+            lin.load_rows(0, torch.randn(lin.out_features, lin.in_features, generator=g) * 0.05, "w")
+            lin.finalize()
+        assert e.gate_up_proj.quantized.packed is not None
+    counts = [5, 0, 40, 1, 17]
+    xs = torch.randn(sum(counts), 128, generator=g).bfloat16()
+    gu = [e.gate_up_proj.quantized for e in experts]
+    down = [e.down_proj.quantized for e in experts]
+    got = kernels.moe_experts_w8a8(xs, counts, [w.packed for w in gu], [w.comp for w in gu], [w.scale for w in gu],
+                                   [w.packed for w in down], [w.comp for w in down], [w.scale for w in down],
+                                   gu[0].amx)
+    ref = torch.cat([e.partial(x) for e, x in zip(experts, xs.split(counts)) if x.shape[0]])
+    assert torch.equal(got, ref)
+
+
+def test_w8a8_moe_model_takes_the_one_call_experts_and_keeps_its_tokens(tmp_path, monkeypatch):
+    """A tiny Mixtral in bfloat16 under w8a8: its experts run in one moe_experts_w8a8 call per layer where the
+    kernels have int8_gemm, and a busy batch's greedy tokens equal those of the Python loop over the experts."""
+    from helpers import save_tiny_model
+    from tokenmill import LLM, SamplingParams
+    from tokenmill.kernels import cpu_kernel
+    from tokenmill.model.moe import SparseMoE
+
+    kernels = cpu_kernel.load()
+    if kernels is None or not kernels.int8_gemm_available():
+        pytest.skip("no VNNI int8_gemm here: w8a8 experts loop in Python")
+    save_tiny_model("mixtral", tmp_path / "m")
+    calls = []
+    real = kernels.moe_experts_w8a8
+    monkeypatch.setattr(kernels, "moe_experts_w8a8", lambda *a: calls.append(1) or real(*a))
+    llm = LLM(str(tmp_path / "m"), dtype="bfloat16", quantization="w8a8", kv_cache_memory=0.05,
+              cache_dir=str(tmp_path), max_num_batched_tokens=48)
+    prompts = [[(5 * i + j) % 250 + 3 for j in range(4 + 7 * i)] for i in range(8)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    one_call = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert calls
+    for m in llm.engine.runner.model.modules():
+        if isinstance(m, SparseMoE):
+            m.w8a8_call = False
+    loop = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert one_call == loop

@@ -737,3 +737,38 @@ torch::Tensor int8_gemm_argmax(torch::Tensor a, torch::Tensor packed, torch::Ten
   return {};
 #endif
 }
+
+// The experts of a w8a8 mixture-of-experts layer in one call (moe_experts' loop, for int8 experts): xs [T, h]
+// bfloat16 rows grouped by expert (counts[e] each, summing to at most T); expert e's gate|up weight as
+// int8_pack_weight and W8A8Weight hold it (gu_packed[e], gu_comp[e], gu_scale[e]: [2I] channels) and its down weight
+// likewise (d_*: [h] channels). The rows' codes are computed once for all experts (quantize_rows_uint8 is per row, so
+// a run's codes are the ones quantizing it alone gives), then per expert: gate|up = int8 GEMM, silu_mul_quantize_uint8,
+// down = int8 GEMM into its rows of ys. On AMX-INT8 tiles with amx (int8_gemm_amx), VNNI without. The same kernels in
+// the same order as W8A8Weight's Python path (forward, then forward_silu_mul): equal to it bit for bit.
+torch::Tensor moe_experts_w8a8(torch::Tensor xs, std::vector<int64_t> counts, std::vector<torch::Tensor> gu_packed,
+                               std::vector<torch::Tensor> gu_comp, std::vector<torch::Tensor> gu_scale,
+                               std::vector<torch::Tensor> d_packed, std::vector<torch::Tensor> d_comp,
+                               std::vector<torch::Tensor> d_scale, bool amx) {
+  TORCH_CHECK(xs.dim() == 2 && xs.is_contiguous() && xs.scalar_type() == torch::kBFloat16,
+              "xs must be a contiguous [T, h] bfloat16 tensor");
+  const size_t E = counts.size();
+  TORCH_CHECK(gu_packed.size() == E && gu_comp.size() == E && gu_scale.size() == E && d_packed.size() == E &&
+                  d_comp.size() == E && d_scale.size() == E, "one count and six weight tensors per expert");
+  auto gemm = amx ? int8_gemm_amx : int8_gemm;
+  auto ys = torch::empty_like(xs);
+  const std::vector<torch::Tensor> codes = quantize_rows_uint8(xs);  // {u [T, h] uint8, scale [T], min [T]}
+  int64_t start = 0;
+  for (size_t e = 0; e < E; ++e) {
+    const int64_t n = counts[e];
+    if (n == 0) continue;
+    TORCH_CHECK(n > 0 && start + n <= xs.size(0), "counts must be >= 0 and sum to at most T");
+    auto gate_up = torch::empty({n, gu_scale[e].size(0)}, xs.options());
+    gemm(codes[0].narrow(0, start, n), gu_packed[e], gu_comp[e], codes[1].narrow(0, start, n),
+         codes[2].narrow(0, start, n), gu_scale[e], std::nullopt, std::nullopt, gate_up);
+    const std::vector<torch::Tensor> act = silu_mul_quantize_uint8(gate_up);
+    gemm(act[0], d_packed[e], d_comp[e], act[1], act[2], d_scale[e], std::nullopt, std::nullopt,
+         ys.narrow(0, start, n));
+    start += n;
+  }
+  return ys;
+}

@@ -32,7 +32,8 @@ before its one store (``int8_gemm_available()`` says whether this build has it).
 operands to AMX-INT8 tiles (the packed panels are already tdpbusd's B tiles; 8 rows or more, K a multiple of 64;
 ``int8_gemm`` otherwise), equal to it bit for bit (``cpu_amx.cpp``; ``amx_int8_available()`` says whether it can).
 ``int8_gemm_argmax`` is the same GEMM reduced to each row's argmax on the way out: a greedy step's w8a8 LM head,
-whose float32 logits are then never written.
+whose float32 logits are then never written. ``moe_experts_w8a8`` is ``moe_experts``' loop for w8a8 experts (the
+rows' codes computed once, then per expert the int8 GEMMs and the fused SiLU-and-mul quantization).
 
 ``int8g_gemm`` is int8 weight-only's GEMM: int8 codes with a float16 scale and offset per 32 weights along K (``w = q *
 scale + offset``; GGUF's Q8_0 blocks have offset 0), in panels of 32 channels (packed as the rows load:
@@ -96,7 +97,7 @@ _FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention", "quantize_rows_
               "int8g_gemm", "amx_available", "paged_attention_amx",
               "int8g_gemm_amx", "paged_attention_tiled", "int4g_gemm_amx", "moe_experts", "logprob_rows",
               "paged_attention_windowed", "int8_gemm_amx", "amx_int8_available",
-              "int8_gemm_argmax"]
+              "int8_gemm_argmax", "moe_experts_w8a8"]
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
            "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

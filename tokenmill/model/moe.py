@@ -7,8 +7,9 @@ lever. The experts run grouped (vLLM's fused-MoE shape): the (token, expert) pai
 rows; each expert then runs one gate|up GEMM, SiLU-and-mul and one down GEMM over its run (experts no token chose
 are skipped), the rows are scaled by their routing weights and summed back onto their tokens in one scatter-add. On a
 CPU with the C++ kernels, float experts run that loop in one call (``moe_experts``: the same oneDNN GEMMs on the
-prepacked weights, 7-11% faster a decode-sized layer than driving it from Python); with the Triton family, float
-experts run as two grouped GEMM launches and one SiLU-and-mul (``kernels/triton/moe.py``), their weights built as
+prepacked weights, 7-11% faster a decode-sized layer than driving it from Python), and so do w8a8 experts in
+bfloat16 (``moe_experts_w8a8``: the rows quantized once, the same int8 GEMMs as the Linears); with the Triton
+family, float experts run as two grouped GEMM launches and one SiLU-and-mul (``kernels/triton/moe.py``), their weights built as
 views of one stacked [num_experts, out, in] tensor per projection, so nothing is copied.
 Each expert is a dense ``MLP`` of ``Linear`` layers, so its weights are prepacked for oneDNN on the float path and
 quantized exactly as the dense layers' are (int8, int4, w8a8, fp8: model/quant.py, model/fp8.py); the routers stay
@@ -70,8 +71,10 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.tp = build.tp
         self.ops = build.ops
-        # float experts on the C++ kernels run in one moe_experts call (LoRA never adapts experts: model/lora.py)
+        # float experts on the C++ kernels run in one moe_experts call, w8a8 experts in one moe_experts_w8a8 call
+        # (LoRA never adapts experts: model/lora.py)
         self.one_call = build.quantization == "none" and hasattr(build.ops.kernels, "moe_experts")
+        self.w8a8_call = build.quantization == "w8a8" and hasattr(build.ops.kernels, "moe_experts_w8a8")
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
         self.renormalize = cfg.norm_topk_prob
         floats = build.with_quantization("none")
@@ -89,9 +92,10 @@ class SparseMoE(nn.Module):
 
     def _experts(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Each expert's MLP over its run of ``xs`` (rows grouped by expert, ``counts`` a expert). Float experts on the
-        C++ kernels: one ``moe_experts`` call (the loop in C++, each GEMM the same oneDNN call the Linear makes); on
-        the Triton family: grouped GEMMs over the stacked weights; otherwise each expert's MLP in turn (quantized
-        experts, other devices and dtypes)."""
+        C++ kernels: one ``moe_experts`` call (the loop in C++, each GEMM the same oneDNN call the Linear makes); w8a8
+        experts in bfloat16 there: one ``moe_experts_w8a8`` call (the same int8 kernels as the Linears); on the
+        Triton family: grouped GEMMs over the stacked weights; otherwise each expert's MLP in turn (weight-only
+        quantized experts, other devices and dtypes)."""
         if self.stacked is not None:
             from tokenmill.kernels.triton.moe import fused_experts
 
@@ -99,6 +103,13 @@ class SparseMoE(nn.Module):
         if self.one_call and xs.dtype in (torch.float32, torch.bfloat16):
             return self.ops.kernels.moe_experts(xs.contiguous(), counts, [e.gate_up_proj.weight for e in self.experts],
                                                 [e.down_proj.weight for e in self.experts])
+        if self.w8a8_call and xs.dtype == torch.bfloat16 and self.experts[0].act == "silu":
+            gu = [e.gate_up_proj.quantized for e in self.experts]
+            down = [e.down_proj.quantized for e in self.experts]
+            if all(w.packed is not None for w in gu + down):  # the C++ kernels' layout (else the loop below)
+                return self.ops.kernels.moe_experts_w8a8(
+                    xs.contiguous(), counts, [w.packed for w in gu], [w.comp for w in gu], [w.scale for w in gu],
+                    [w.packed for w in down], [w.comp for w in down], [w.scale for w in down], gu[0].amx)
         ys = torch.empty_like(xs)
         start = 0
         for expert, count in zip(self.experts, counts):

@@ -3,6 +3,8 @@ check that every weight was loaded, and random weights (``load_format="dummy"``)
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -78,7 +80,7 @@ def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Random weights of the checkpoint's sizes, for speed and memory measurements at shapes no checkpoint here has:
     linear layers uniform in +-1e-3 (or random codes of that size), norms 1, embeddings N(0, 1)."""
-    device = next(model.parameters()).device
+    device = next(itertools.chain(model.parameters(), model.buffers())).device  # a quantized MLP has buffers only
     g = torch.Generator(device=device).manual_seed(seed)  # a generator must live on the tensors' device (CUDA)
     linears = linear_weights(model)
     for m in linears.values():
