@@ -503,15 +503,7 @@ static void int8_amx_impl(const torch::Tensor& a, const torch::Tensor& packed, c
                           torch::Tensor& out, int64_t N = 0, float* best_v = nullptr, int64_t* best_i = nullptr) {
   const int64_t M = a.size(0), K = a.size(1), panels = packed.size(0);
   if constexpr (!ARGMAX) N = out.size(1);
-  const uint8_t* ap = a.data_ptr<uint8_t>();
-  const int8_t* pp = packed.data_ptr<int8_t>();
-  const int32_t* cp = comp.data_ptr<int32_t>();
-  const float* xsp = xs.data_ptr<float>();
-  const float* xlp = xlo.data_ptr<float>();
-  const float* wsp = ws.data_ptr<float>();
-  const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
-  const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
-  scalar_t* op = ARGMAX ? nullptr : out.data_ptr<scalar_t>();
+  const Int8GemmPtrs<scalar_t> P(a, packed, comp, xs, xlo, ws, bias, residual, out);
   const int64_t blocks = (M + AMX8_MB - 1) / AMX8_MB;
   at::parallel_for(0, panels * blocks, 1, [&](int64_t begin, int64_t end) {
     amx_configure();
@@ -521,13 +513,13 @@ static void int8_amx_impl(const torch::Tensor& a, const torch::Tensor& packed, c
     std::vector<uint8_t> pad;          // a last block of rows that fills no whole tile, zero-padded
     for (int64_t t = begin; t < end; ++t) {
       const int64_t p = t / blocks, mb = t % blocks, n0 = p * GEMM_NR, ncols = std::min(GEMM_NR, N - n0);
-      const int8_t* panel = pp + p * K * GEMM_NR;
+      const int8_t* panel = P.pp + p * K * GEMM_NR;
       const int64_t m1 = std::min(M, (mb + 1) * AMX8_MB);
       for (int64_t m = mb * AMX8_MB; m < m1; m += 32) {
         const int64_t rows = std::min<int64_t>(32, m1 - m);
         const bool two = rows > 16;  // two row tiles
         const int64_t tile_rows = two ? 32 : 16;
-        const uint8_t* x = ap + m * K;
+        const uint8_t* x = P.ap + m * K;
         if (rows < tile_rows) {
           pad.assign(tile_rows * K, 0);
           std::memcpy(pad.data(), x, rows * K);
@@ -564,23 +556,23 @@ static void int8_amx_impl(const torch::Tensor& a, const torch::Tensor& packed, c
             const int64_t c = 32 * h + 16 * j, left = ncols - c;  // the panel's channels c .. c + 15
             if (left <= 0) break;
             const __mmask16 mk = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-            const __m512i cj = _mm512_loadu_si512(cp + n0 + c);
+            const __m512i cj = _mm512_loadu_si512(P.cp + n0 + c);
             const __m512 sumj = _mm512_cvtepi32_ps(_mm512_srai_epi32(cj, 7));
-            const __m512 wj = _mm512_maskz_loadu_ps(mk, wsp + n0 + c);
-            const __m512 bj = bp ? load16_as_float(bp + n0 + c, mk) : _mm512_setzero_ps();
+            const __m512 wj = _mm512_maskz_loadu_ps(mk, P.wsp + n0 + c);
+            const __m512 bj = P.bp ? load16_as_float(P.bp + n0 + c, mk) : _mm512_setzero_ps();
             for (int64_t i = 0; i < rows; ++i) {
               const __m512i ai = _mm512_load_si512(acc + i * 32 + 16 * j);
               if constexpr (ARGMAX) {  // channels in increasing order: only a strictly larger value replaces
                 const __m512 f = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), mk,
-                                                    int8_value16(ai, cj, sumj, wj, bj, xsp[m + i], xlp[m + i]));
+                                                    int8_value16(ai, cj, sumj, wj, bj, P.xsp[m + i], P.xlp[m + i]));
                 const float mx = _mm512_reduce_max_ps(f);
                 if (mx > row_v[i]) {
                   row_v[i] = mx;
                   row_i[i] = n0 + c + __builtin_ctz(_mm512_cmpeq_ps_mask(f, _mm512_set1_ps(mx)));
                 }
               } else {
-                int8_store16(ai, cj, sumj, wj, bj, xsp[m + i], xlp[m + i], rp ? rp + (m + i) * N + n0 + c : nullptr,
-                             op + (m + i) * N + n0 + c, mk);
+                int8_store16(ai, cj, sumj, wj, bj, P.xsp[m + i], P.xlp[m + i],
+                             P.rp ? P.rp + (m + i) * N + n0 + c : nullptr, P.op + (m + i) * N + n0 + c, mk);
               }
             }
           }

@@ -304,32 +304,42 @@ static inline void int8_tile(const uint8_t* a, int64_t K, const int8_t* panel, c
   }
 }
 
+// int8_gemm's operands as pointers (int8_gemm_amx's too); out may be undefined (int8_gemm_argmax writes none).
+template <typename scalar_t>
+struct Int8GemmPtrs {
+  const uint8_t* ap;
+  const int8_t* pp;
+  const int32_t* cp;
+  const float *xsp, *xlp, *wsp;
+  const scalar_t *bp, *rp;
+  scalar_t* op;
+  Int8GemmPtrs(const torch::Tensor& a, const torch::Tensor& packed, const torch::Tensor& comp, const torch::Tensor& xs,
+               const torch::Tensor& xlo, const torch::Tensor& ws, const std::optional<torch::Tensor>& bias,
+               const std::optional<torch::Tensor>& residual, const torch::Tensor& out)
+      : ap(a.data_ptr<uint8_t>()), pp(packed.data_ptr<int8_t>()), cp(comp.data_ptr<int32_t>()),
+        xsp(xs.data_ptr<float>()), xlp(xlo.data_ptr<float>()), wsp(ws.data_ptr<float>()),
+        bp(bias ? bias->data_ptr<scalar_t>() : nullptr), rp(residual ? residual->data_ptr<scalar_t>() : nullptr),
+        op(out.defined() ? out.data_ptr<scalar_t>() : nullptr) {}
+};
+
 template <typename scalar_t>
 static void int8_gemm_impl(const torch::Tensor& a, const torch::Tensor& packed, const torch::Tensor& comp,
                            const torch::Tensor& xs, const torch::Tensor& xlo, const torch::Tensor& ws,
                            const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& residual,
                            torch::Tensor& out) {
   const int64_t M = a.size(0), K = a.size(1), N = out.size(1), panels = packed.size(0);
-  const uint8_t* ap = a.data_ptr<uint8_t>();
-  const int8_t* pp = packed.data_ptr<int8_t>();
-  const int32_t* cp = comp.data_ptr<int32_t>();
-  const float* xsp = xs.data_ptr<float>();
-  const float* xlp = xlo.data_ptr<float>();
-  const float* wsp = ws.data_ptr<float>();
-  const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
-  const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
-  scalar_t* op = out.data_ptr<scalar_t>();
+  const Int8GemmPtrs<scalar_t> P(a, packed, comp, xs, xlo, ws, bias, residual, out);
   const int64_t blocks = (M + GEMM_MB - 1) / GEMM_MB;
   at::parallel_for(0, panels * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t p = t / blocks, mb = t % blocks, n0 = p * GEMM_NR;
       const int64_t ncols = std::min(GEMM_NR, N - n0);
-      const int8_t* panel = pp + p * K * GEMM_NR;
+      const int8_t* panel = P.pp + p * K * GEMM_NR;
       for (int64_t m = mb * GEMM_MB; m < std::min(M, (mb + 1) * GEMM_MB); m += 6) {
         with_tile_rows(M - m, [&](auto mr) {
-          int8_tile<scalar_t, decltype(mr)::value>(ap + m * K, K, panel, cp + n0, xsp + m, xlp + m, wsp + n0,
-                                                    bp ? bp + n0 : nullptr, rp ? rp + m * N + n0 : nullptr,
-                                                    op + m * N + n0, N, ncols);
+          int8_tile<scalar_t, decltype(mr)::value>(P.ap + m * K, K, panel, P.cp + n0, P.xsp + m, P.xlp + m, P.wsp + n0,
+                                                    P.bp ? P.bp + n0 : nullptr, P.rp ? P.rp + m * N + n0 : nullptr,
+                                                    P.op + m * N + n0, N, ncols);
         });
       }
     }
