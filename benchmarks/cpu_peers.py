@@ -154,7 +154,7 @@ class Contender:
 
 
 def contenders(tiers: list[str], models: dict[str, Path] | None, quick: bool,
-               ct2_sizes: list[int] | None = None) -> list[Contender]:
+               ct2_sizes: list[int] | None = None, skip_ct2: bool = False) -> list[Contender]:
     ct2_types = _ct2_compute_types() if models else set()
     budgets = [2048] if quick else [512, 2048]  # 4096 was never better (BENCHMARKS.md)
     out = []
@@ -176,7 +176,9 @@ def contenders(tiers: list[str], models: dict[str, Path] | None, quick: bool,
                                                   "budget": b, "dyn_quant": dyn} for kv in kvs for b in budgets]))
         ct2_type = {"float32": "float32", "bfloat16": "bfloat16", "int8": "int8_bfloat16", "int4": None,
                     "w8a8": "int8_float32"}[tier]
-        if ct2_type is None:
+        if skip_ct2:
+            out.append(Contender(tier, "ct2", [], missing="skipped (--skip-ct2)"))
+        elif ct2_type is None:
             out.append(Contender(tier, "ct2", [], missing="CTranslate2 has no 4-bit weights"))
         elif ct2_type not in ct2_types:
             out.append(Contender(tier, "ct2", [], missing=f"this CTranslate2 build has no {ct2_type} on CPU "
@@ -256,9 +258,10 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def run_section(model: str | None, tokenizer, workload_names: list[str], tiers: list[str], rounds: int, quick: bool,
-                threads: int = 2, peers: bool = True, ct2_sizes: list[int] | None = None) -> dict:
+                threads: int = 2, peers: bool = True, ct2_sizes: list[int] | None = None,
+                skip_ct2: bool = False) -> dict:
     """The side-by-side runs; ``peers=False`` runs tokenmill alone (the harness's own smoke test); ``ct2_sizes``:
-    CTranslate2's batch sizes to search (default 16 and 32)."""
+    CTranslate2's batch sizes to search (default 16 and 32); ``skip_ct2``: OpenVINO alone beside tokenmill."""
     models = None
     notes = []
     if not peers:
@@ -272,7 +275,7 @@ def run_section(model: str | None, tokenizer, workload_names: list[str], tiers: 
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump({"prompts": wl.prompts, "output_lens": wl.output_lens}, f)
         wl_file = Path(f.name)
-        cs = contenders(tiers, models, quick, ct2_sizes)
+        cs = contenders(tiers, models, quick, ct2_sizes, skip_ct2)
         try:
             for r in range(rounds):
                 for c in cs:
@@ -374,6 +377,9 @@ def main() -> None:
     ap.add_argument("--no-peers", action="store_true", help="tokenmill alone (a smoke test of the harness)")
     ap.add_argument("--ct2-batch-sizes", default=",".join(map(str, CT2_BATCH_SIZES)),
                     help="CTranslate2's batch sizes to search (on the long workload one float32 run takes ~10 min)")
+    ap.add_argument("--skip-ct2", action="store_true",
+                    help="OpenVINO alone beside tokenmill (CTranslate2 pads each batch to its longest prompt: slow on "
+                         "the long workload)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tokenmill-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -396,7 +402,7 @@ def main() -> None:
     except ValueError:
         ap.error(f"--ct2-batch-sizes takes integers separated by commas, got {args.ct2_batch_sizes!r}")
     result = run_section(args.model, tok, args.workloads.split(","), tiers, args.rounds, args.quick, args.threads,
-                         peers=not args.no_peers, ct2_sizes=ct2_sizes)
+                         peers=not args.no_peers, ct2_sizes=ct2_sizes, skip_ct2=args.skip_ct2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
