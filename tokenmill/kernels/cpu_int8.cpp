@@ -247,11 +247,9 @@ static inline void store16_masked(scalar_t* p, __m512 f, __mmask16 m) {
   }
 }
 
-// int8_gemm's epilogue for one row's 16 channels (lanes m): acc = sum_k u[k] q_w[n, k] (int32), cj = 128 * sum_k
-// q_w[n, k], sumj = sum_k q_w[n, k], wj = w_scale, bj = bias (or 0) -> out (+ res), rounded once. The one body that
-// int8_gemm (VNNI) and int8_gemm_amx (AMX tiles) share, so their results are equal bit for bit.
-// The value before the residual and the store (int8_gemm_argmax compares these float32 values: the logits an
-// unfused float32 head would store).
+// int8_gemm's epilogue value for one row's 16 channels: acc = sum_k u[k] q_w[n, k] (int32), cj = 128 * sum_k q_w[n, k],
+// sumj = sum_k q_w[n, k], wj = w_scale, bj = bias (or 0) -> float32, before the residual and the store
+// (int8_gemm_argmax compares these values: the logits an unfused float32 head stores).
 static inline __m512 int8_value16(__m512i acc, __m512i cj, __m512 sumj, __m512 wj, __m512 bj, float xs, float xlo) {
   const float z = xlo + 128.f * xs;
   __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, cj));
@@ -259,6 +257,8 @@ static inline __m512 int8_value16(__m512i acc, __m512i cj, __m512 sumj, __m512 w
   return _mm512_add_ps(_mm512_mul_ps(f, wj), bj);
 }
 
+// The epilogue's store (lanes m), the residual added first, rounded once to out's dtype: the one body that int8_gemm
+// (VNNI) and int8_gemm_amx (AMX tiles) share, so their results are equal bit for bit.
 template <typename scalar_t>
 static inline void int8_store16(__m512i acc, __m512i cj, __m512 sumj, __m512 wj, __m512 bj, float xs, float xlo,
                                 const scalar_t* res, scalar_t* out, __mmask16 m) {

@@ -9,8 +9,8 @@ are skipped), the rows are scaled by their routing weights and summed back onto 
 CPU with the C++ kernels, float experts run that loop in one call (``moe_experts``: the same oneDNN GEMMs on the
 prepacked weights, 7-11% faster a decode-sized layer than driving it from Python), and so do w8a8 experts in
 bfloat16 (``moe_experts_w8a8``: the rows quantized once, the same int8 GEMMs as the Linears); with the Triton
-family, float experts run as two grouped GEMM launches and one SiLU-and-mul (``kernels/triton/moe.py``), their weights built as
-views of one stacked [num_experts, out, in] tensor per projection, so nothing is copied.
+family, float experts run as two grouped GEMM launches and one SiLU-and-mul (``kernels/triton/moe.py``), their
+weights built as views of one stacked [num_experts, out, in] tensor per projection, so nothing is copied.
 Each expert is a dense ``MLP`` of ``Linear`` layers, so its weights are prepacked for oneDNN on the float path and
 quantized exactly as the dense layers' are (int8, int4, w8a8, fp8: model/quant.py, model/fp8.py); the routers stay
 in the model's float dtype (a few thousand weights a layer, and the choice of experts should not move with the
