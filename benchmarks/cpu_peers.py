@@ -19,9 +19,9 @@ Tiers (a precision tier is what the weights and the GEMMs run in):
 | int4 | int4 weights, bf16 activations | int4 IR, no dynamic activation quantization | (none) |
 | w8a8 | w8a8 | int8 IR, activations quantized on the fly | int8 / int8_float32 |
 
-Best mode: each peer's settings are searched on the workload at its tier (OpenVINO: the token budget and the KV-cache
-precision; CTranslate2: the batch size), one pass over the grid in the first round, and the best setting is the one
-that runs in the later rounds. The figure kept for an engine is its best round. A peer that is not installed is
+Best mode: each engine's settings are searched on the workload at its tier (tokenmill: the KV-cache dtype, the
+model's or fp8; OpenVINO: the token budget and the KV-cache precision; CTranslate2: the batch size), one pass over the
+grid in the first round, and the best setting is the one that runs in the later rounds. The figure kept for an engine is its best round. A peer that is not installed is
 reported as missing, never silently dropped. The host's CPU model, ISA (AVX2 / AVX-512 / AMX) and GEMM rates measured
 in the same run head the report.
 
@@ -163,7 +163,9 @@ def contenders(tiers: list[str], models: dict[str, Path] | None, quick: bool,
               "int8": {"dtype": "bfloat16", "quantization": "int8"},
               "int4": {"dtype": "bfloat16", "quantization": "int4"},
               "w8a8": {"dtype": "bfloat16", "quantization": "w8a8"}}[tier]
-        out.append(Contender(tier, "tokenmill", [tm]))
+        kv_dtypes = ["auto"] if quick else ["auto", "fp8"]  # like OpenVINO's KV precision: both searched
+        out.append(Contender(tier, "tokenmill", [tm if kv == "auto" else tm | {"kv_cache_dtype": kv}
+                                                 for kv in kv_dtypes]))
         if models is None:
             out.append(Contender(tier, "openvino", [], missing="peers not installed or not asked for"))
             out.append(Contender(tier, "ct2", [], missing="peers not installed or not asked for"))
@@ -243,7 +245,8 @@ def tokenmill_child(spec_file: str) -> None:
     wall = time.perf_counter() - t0
     gen = sum(len(o.token_ids) for o in outs)
     prompt_tokens = sum(len(p) for p in spec["prompts"])
-    label = spec["dtype"] + (f", {spec['quantization']}" if spec.get("quantization") else "")
+    label = (spec["dtype"] + (f", {spec['quantization']}" if spec.get("quantization") else "")
+             + (f", KV {spec['kv_cache_dtype']}" if spec.get("kv_cache_dtype") else ""))
     print(json.dumps({"engine": f"tokenmill ({label})", "wall_s": wall, "load_s": load_s,
                       "prompt_tokens": prompt_tokens, "output_tokens": gen, "output_tok_s": gen / wall,
                       "total_tok_s": (prompt_tokens + gen) / wall,

@@ -141,7 +141,53 @@ static inline void to_float(const c10::Float8_e4m3fn* src, float* dst, int64_t n
 #endif
   for (; i < n; ++i) dst[i] = fp8_to_float(s[i]);
 }
-// float8 e4m3 -> bfloat16, exact (n a multiple of 16; used where AVX512-BF16 is present).
+// float8 e4m3 -> bfloat16, exact (the cache rows of a kv_cache_dtype="fp8" cache, converted once per block). With
+// AVX512-VBMI, 64 codes at a time by table lookups: the code's 7-bit magnitude indexes two 128-entry byte tables (the
+// bfloat16's high and low bytes, vpermi2b), the sign bit is ORed into the high byte, and the bytes are interleaved
+// into words (the input pre-permuted so that unpacking within 128-bit lanes leaves the words in order): ~10
+// instructions per 64 codes, against ~6 per 16 through half precision.
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+struct Fp8Bf16Tables {
+  alignas(64) uint8_t hi[128], lo[128], perm[64];
+  Fp8Bf16Tables() {
+    for (int m = 0; m < 128; ++m) {
+      const float f = fp8_to_float(static_cast<uint8_t>(m));
+      uint32_t u;
+      std::memcpy(&u, &f, sizeof(u));
+      const uint16_t b = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : static_cast<uint16_t>(u >> 16);  // exact
+      hi[m] = static_cast<uint8_t>(b >> 8);
+      lo[m] = static_cast<uint8_t>(b & 0xFF);
+    }
+    for (int L = 0; L < 4; ++L)
+      for (int j = 0; j < 8; ++j) {
+        perm[16 * L + j] = static_cast<uint8_t>(8 * L + j);           // unpacklo: words 0..31
+        perm[16 * L + 8 + j] = static_cast<uint8_t>(32 + 8 * L + j);  // unpackhi: words 32..63
+      }
+  }
+};
+
+static inline void fp8_to_bf16(const c10::Float8_e4m3fn* src, c10::BFloat16* dst, int64_t n) {
+  static const Fp8Bf16Tables t;
+  const __m512i hi0 = _mm512_load_si512(t.hi), hi1 = _mm512_load_si512(t.hi + 64);
+  const __m512i lo0 = _mm512_load_si512(t.lo), lo1 = _mm512_load_si512(t.lo + 64);
+  const __m512i perm = _mm512_load_si512(t.perm), low7 = _mm512_set1_epi8(0x7F), sign = _mm512_set1_epi8(-128);
+  const uint8_t* s = reinterpret_cast<const uint8_t*>(src);
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; i += 64) {
+    const int64_t left = n - i;
+    const __mmask64 m = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+    const __m512i v = _mm512_permutexvar_epi8(perm, _mm512_maskz_loadu_epi8(m, s + i));
+    const __m512i mag = _mm512_and_si512(v, low7);
+    const __m512i h = _mm512_or_si512(_mm512_permutex2var_epi8(hi0, mag, hi1), _mm512_and_si512(v, sign));
+    const __m512i l = _mm512_permutex2var_epi8(lo0, mag, lo1);
+    const __mmask32 m0 = left >= 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
+    const __mmask32 m1 = left >= 64 ? ~__mmask32(0) : left > 32 ? (__mmask32(1) << (left - 32)) - 1 : 0;
+    _mm512_mask_storeu_epi16(d + i, m0, _mm512_unpacklo_epi8(l, h));
+    if (m1) _mm512_mask_storeu_epi16(d + i + 32, m1, _mm512_unpackhi_epi8(l, h));
+  }
+}
+#else
+// Without VBMI: through half precision, 16 codes at a time (n a multiple of 16; used where AVX512-BF16 is present).
 static inline void fp8_to_bf16(const c10::Float8_e4m3fn* src, c10::BFloat16* dst, int64_t n) {
 #if defined(__AVX512BF16__)
   const uint8_t* s = reinterpret_cast<const uint8_t*>(src);
@@ -151,6 +197,7 @@ static inline void fp8_to_bf16(const c10::Float8_e4m3fn* src, c10::BFloat16* dst
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(static_cast<float>(src[i]));
 #endif
 }
+#endif
 template <typename T>  // half (F16C), double
 static inline void to_float(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
