@@ -75,6 +75,7 @@ class SparseMoE(nn.Module):
         # (LoRA never adapts experts: model/lora.py)
         self.one_call = build.quantization == "none" and hasattr(build.ops.kernels, "moe_experts")
         self.w8a8_call = build.quantization == "w8a8" and hasattr(build.ops.kernels, "moe_experts_w8a8")
+        self._w8a8 = None  # moe_experts_w8a8's weight operands, gathered on the first call (_w8a8_operands)
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
         self.renormalize = cfg.norm_topk_prob
         floats = build.with_quantization("none")
@@ -104,12 +105,9 @@ class SparseMoE(nn.Module):
             return self.ops.kernels.moe_experts(xs.contiguous(), counts, [e.gate_up_proj.weight for e in self.experts],
                                                 [e.down_proj.weight for e in self.experts])
         if self.w8a8_call and xs.dtype == torch.bfloat16 and self.experts[0].act == "silu":
-            gu = [e.gate_up_proj.quantized for e in self.experts]
-            down = [e.down_proj.quantized for e in self.experts]
-            if all(w.packed is not None for w in gu + down):  # the C++ kernels' layout (else the loop below)
-                return self.ops.kernels.moe_experts_w8a8(
-                    xs.contiguous(), counts, [w.packed for w in gu], [w.comp for w in gu], [w.scale for w in gu],
-                    [w.packed for w in down], [w.comp for w in down], [w.scale for w in down], gu[0].amx)
+            operands = self._w8a8_operands()
+            if operands is not None:
+                return self.ops.kernels.moe_experts_w8a8(xs.contiguous(), counts, *operands)
         ys = torch.empty_like(xs)
         start = 0
         for expert, count in zip(self.experts, counts):
@@ -117,6 +115,19 @@ class SparseMoE(nn.Module):
                 ys[start:start + count] = expert.partial(xs[start:start + count])
                 start += count
         return ys
+
+    def _w8a8_operands(self) -> tuple | None:
+        """moe_experts_w8a8's weight operands (each expert's packed gate|up and down weights, their code sums and
+        scales, and whether to use AMX), gathered once: the weights never change after loading. None where the
+        experts are not in the C++ kernels' layout (the Python loop then runs)."""
+        if self._w8a8 is None:
+            gu = [e.gate_up_proj.quantized for e in self.experts]
+            down = [e.down_proj.quantized for e in self.experts]
+            if not all(w.packed is not None for w in gu + down):
+                return None
+            self._w8a8 = ([w.packed for w in gu], [w.comp for w in gu], [w.scale for w in gu],
+                          [w.packed for w in down], [w.comp for w in down], [w.scale for w in down], gu[0].amx)
+        return self._w8a8
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + MoE(x) for x, residual [n, hidden] (under TP: rank 0 adds the residual, then the ranks' sum).

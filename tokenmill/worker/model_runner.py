@@ -128,11 +128,12 @@ class ModelRunner:
         prompt_lp = prompt_logprobs(self.model, wanted, hidden)
         if not sampling:
             return ModelRunnerOutput({}, prompt_logprobs=prompt_lp)
+        sampled = hidden[step.sample_rows]  # [num_sampled, hidden]
         if masks is None and all(p.greedy and p.logprobs is None for p in params):  # tokens alone are wanted
-            token_ids = self.model.greedy_tokens(hidden[step.sample_rows])  # [num_sampled], or None: no fused head
+            token_ids = self.model.greedy_tokens(sampled)  # [num_sampled], or None: no fused head here
             if token_ids is not None:
                 return ModelRunnerOutput(dict(zip(ids, token_ids.tolist())), {}, prompt_lp)
-        logits = self.model.compute_logits(hidden[step.sample_rows], as_float32=False)  # [num_sampled, vocab]
+        logits = self.model.compute_logits(sampled, as_float32=False)  # [num_sampled, vocab]
         constrained = self.structured.apply_masks(logits, masks) if masks is not None else []
         result = self.sampler(logits, params, [s.request.num_output_tokens for _, s in sampling])
         if constrained:
