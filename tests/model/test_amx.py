@@ -145,6 +145,30 @@ def test_amx_attention_matches_reference(heads, kv_heads, head_dim, block_size, 
 
 
 @needs_amx
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (8, 2, 128, 16), (8, 4, 256, 8)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (40, 2.0)], ids=["plain", "window+cap"])
+def test_amx_attention_over_an_fp8_cache(heads, kv_heads, head_dim, block_size, window, softcap):
+    """A float8 e4m3 cache (kv_cache_dtype="fp8") takes the AMX tiles too, its rows converted to bfloat16 exactly as
+    the tiles are built: the tile tokens equal, bit for bit, the AMX result over a bfloat16 cache holding the same
+    values; every token equals the reference over those values within bfloat16 rounding."""
+    kernels = cpu_kernel.load()
+    q, k, v, k_cache, v_cache, meta = _batch(REQS, heads, kv_heads, head_dim, block_size, torch.float8_e4m3fn,
+                                             seed=heads + head_dim + 7)
+    q, k, v = q.float().to(torch.bfloat16), k.float().to(torch.bfloat16), v.float().to(torch.bfloat16)
+    scale = head_dim**-0.5
+    out = CpuKernelAttention(kernels, amx=True).forward(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
+    kb, vb = k_cache.to(torch.bfloat16), v_cache.to(torch.bfloat16)  # the step's K/V included; exact
+    args = (q, kb, vb, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc_t(), scale)
+    same = kernels.paged_attention_amx(*args, TILE_MIN_QUERY, window or 0, softcap or 0.0)
+    tiles = torch.cat([torch.arange(meta.query_start_loc[i], meta.query_start_loc[i + 1])
+                       for i, (_, n) in enumerate(REQS) if n >= TILE_MIN_QUERY])
+    assert torch.equal(out[tiles], same[tiles])
+    ref = ReferenceAttention().forward(q.float(), k.float(), v.float(), kb.float(), vb.float(), meta, scale, window,
+                                       softcap)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@needs_amx
 def test_amx_model_logits_match_the_per_token_kernel():
     """A tiny bfloat16 Llama (head_dim 32, GQA) prefilled through the AMX tiles gives the greedy tokens of the
     per-token kernel, with their logprobs within bfloat16 noise."""

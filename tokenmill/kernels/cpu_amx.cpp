@@ -116,6 +116,7 @@ struct AmxScratch {
   std::vector<uint16_t> q;   // [16][D] one head's queries, bfloat16
   std::vector<float> o;      // [16][D]
   std::vector<uint16_t> zero;  // a zero K/V row
+  std::vector<uint16_t> conv;  // [16][D]: rows of a float8 cache converted to bfloat16
   int64_t r = -1, g = -1, built = 0;  // the request and KV group the tiles hold, and how many keys
 };
 
@@ -260,8 +261,10 @@ static void amx_pv(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t fi
 
 // One task: query tokens i0 .. i0 + n - 1 (n <= 16) of one request, the G heads of KV head g. Token t sees the first
 // ctx + t + 1 keys. kp / vp: the caches; table: the request's block table.
-static void amx_prefill_task(const c10::BFloat16* qp, const c10::BFloat16* kp, const c10::BFloat16* vp,
-                             const int64_t* table, int64_t r, int64_t i0, int64_t n, int64_t ctx, int64_t g,
+// cache_t: bfloat16, or float8 e4m3 (kv_cache_dtype="fp8"), whose rows are converted to bfloat16 (exactly) as the
+// tiles are built, once per key per request and KV group while the tasks of one (r, g) follow each other.
+template <typename cache_t>
+static void amx_prefill_task(const c10::BFloat16* qp, const cache_t* kp, const cache_t* vp, const int64_t* table, int64_t r, int64_t i0, int64_t n, int64_t ctx, int64_t g,
                              int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale, int64_t window,
                              float softcap, c10::BFloat16* op, AmxScratch& sc) {
   const int64_t G = H / Hkv, row = Hkv * D;
@@ -280,16 +283,27 @@ static void amx_prefill_task(const c10::BFloat16* qp, const c10::BFloat16* kp, c
   sc.q.assign(16 * D, 0);
   sc.o.resize(16 * D);
   sc.zero.assign(D, 0);
-  auto key_row = [&](int64_t key, const c10::BFloat16* cache) -> const uint16_t* {
+  sc.conv.resize(16 * D);
+  // key's row of cache (zeros past L); a float8 row is converted into conversion slot `slot` (0 .. 15)
+  auto key_row = [&](int64_t key, const cache_t* cache, int slot) -> const uint16_t* {
     if (key >= L) return sc.zero.data();
-    return reinterpret_cast<const uint16_t*>(cache + (table[key / bs] * bs + key % bs) * row + g * D);
+    const cache_t* src = cache + (table[key / bs] * bs + key % bs) * row + g * D;
+    if constexpr (std::is_same_v<cache_t, c10::Float8_e4m3fn>) {
+      uint16_t* dst = sc.conv.data() + slot * D;
+      fp8_to_bf16(src, reinterpret_cast<c10::BFloat16*>(dst), D);
+      return dst;
+    } else {
+      return reinterpret_cast<const uint16_t*>(src);
+    }
   };
   const int64_t first = sc.r == r && sc.g == g && sc.built <= L ? sc.built / 32 * 32 : 0;  // first key to build
   // K^T tiles: per 16 keys and 32 dims, a transposition of 32-bit dim pairs
   for (int64_t c = first / 16; c < Lp / 16; ++c) {
+    const uint32_t* base[16];
     const uint32_t* rows[16];
+    for (int k = 0; k < 16; ++k) base[k] = reinterpret_cast<const uint32_t*>(key_row(c * 16 + k, kp, k));
     for (int64_t dc = 0; dc < D / 32; ++dc) {
-      for (int k = 0; k < 16; ++k) rows[k] = reinterpret_cast<const uint32_t*>(key_row(c * 16 + k, kp)) + dc * 16;
+      for (int k = 0; k < 16; ++k) rows[k] = base[k] + dc * 16;
       transpose16x16_32(rows, sc.kt.data() + (c * (D / 32) + dc) * 256);
     }
   }
@@ -300,8 +314,8 @@ static void amx_prefill_task(const c10::BFloat16* qp, const c10::BFloat16* kp, c
   const int64_t slices = D / 16;
   for (int64_t c = first / 32; c < Lp / 32; ++c)
     for (int64_t p = 0; p < 16; ++p) {
-      const uint16_t* r0 = key_row(c * 32 + 2 * p, vp);
-      const uint16_t* r1 = key_row(c * 32 + 2 * p + 1, vp);
+      const uint16_t* r0 = key_row(c * 32 + 2 * p, vp, 0);
+      const uint16_t* r1 = key_row(c * 32 + 2 * p + 1, vp, 1);
       for (int64_t d = 0; d < D; d += 32) {  // two slices at a time
         const __m512i a = _mm512_loadu_si512(r0 + d), b = _mm512_loadu_si512(r1 + d);
         uint16_t* dst = sc.vv.data() + (c * slices + d / 16) * 512 + p * 32;
@@ -343,6 +357,7 @@ static void amx_prefill_task(const c10::BFloat16* qp, const c10::BFloat16* kp, c
 
 // The tokens of requests with at least min_q new tokens, in tiles of 16 (per request and KV head), split between
 // threads by cost (keys read); the other tokens are left to the per-token kernel.
+template <typename cache_t>
 static void amx_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                         const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
                         const torch::Tensor& query_start_loc, double scale, int64_t min_q, torch::Tensor& out,
@@ -355,8 +370,8 @@ static void amx_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, co
   if (tasks.empty()) return;
   const std::vector<int64_t> bounds = split_by_cost(cost);
   const auto* qp = q.data_ptr<c10::BFloat16>();
-  const auto* kp = k_cache.data_ptr<c10::BFloat16>();
-  const auto* vp = v_cache.data_ptr<c10::BFloat16>();
+  const auto* kp = k_cache.data_ptr<cache_t>();
+  const auto* vp = v_cache.data_ptr<cache_t>();
   const int64_t* tp = block_tables.data_ptr<int64_t>();
   auto* op = out.data_ptr<c10::BFloat16>();
   const float fscale = static_cast<float>(scale);
@@ -610,8 +625,9 @@ bool amx_int8_available() {
 }
 
 // paged_attention with the prefill tokens of requests of at least amx_min_q new tokens (0: none) on AMX tiles, where
-// this machine has them (amx_available()), for bfloat16 queries and cache with head_dim 32, 64, 128 or 256; the other
-// tokens go through the per-token kernel. window / softcap as for paged_attention_windowed (0: none). Where AMX does
+// this machine has them (amx_available()), for bfloat16 queries, a bfloat16 or float8 e4m3 cache (its rows converted
+// to bfloat16 as the tiles are built, exactly) and head_dim 32, 64, 128 or 256; the other tokens go through the
+// per-token kernel. window / softcap as for paged_attention_windowed (0: none). Where AMX does
 // not apply, paged_attention_windowed with the same arguments (the vector-unit tiles).
 torch::Tensor paged_attention_amx(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                   torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start_loc,
@@ -619,14 +635,20 @@ torch::Tensor paged_attention_amx(torch::Tensor q, torch::Tensor k_cache, torch:
   TORCH_CHECK(window >= 0 && softcap >= 0.0, "window and softcap must be >= 0 (0: none)");
 #if TM_AMX
   const int64_t D = q.size(2);
+  const bool fp8 = k_cache.scalar_type() == at::ScalarType::Float8_e4m3fn;
   if (amx_min_q > 0 && amx_ok() && q.scalar_type() == torch::kBFloat16 &&
-      k_cache.scalar_type() == torch::kBFloat16 && (D == 32 || D == 64 || D == 128 || D == 256)) {
+      (k_cache.scalar_type() == torch::kBFloat16 || fp8) && (D == 32 || D == 64 || D == 128 || D == 256)) {
     check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc);
     auto out = torch::empty_like(q);
-    amx_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, amx_min_q, out, window,
-                static_cast<float>(softcap));
-    paged_dispatch<c10::BFloat16, c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                                                 out, amx_min_q, window, softcap);
+    auto run = [&](auto cache_tag) {
+      using cache_t = decltype(cache_tag);
+      amx_prefill<cache_t>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, amx_min_q, out,
+                           window, static_cast<float>(softcap));
+      paged_dispatch<c10::BFloat16, cache_t>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out,
+                                             amx_min_q, window, softcap);
+    };
+    if (fp8) run(c10::Float8_e4m3fn{});
+    else run(c10::BFloat16{});
     return out;
   }
 #endif
