@@ -68,6 +68,7 @@ class W8A8Weight(QuantizedWeight):
         self.register_buffer("packed", None)  # [ceil(N / 64), K / 4, 64, 4] int8 once final, on the kernel path
         self.register_buffer("comp", None)  # [ceil(N / 64) * 64] int32: 128 * each channel's sum of codes
         self.register_buffer("w_sum", None)  # [N] float32: each channel's sum of codes (the torch._int_mm path)
+        self.fused_argmax = False  # whether argmax() runs (set by finalize)
 
     def finalize(self, dtype: torch.dtype) -> None:
         kernels = self.kernels
@@ -75,6 +76,8 @@ class W8A8Weight(QuantizedWeight):
                 and dtype in (torch.float32, torch.bfloat16)):
             self.packed, self.comp = kernels.int8_pack_weight(self.qweight.contiguous())
             self.qweight = None
+            # the fused greedy head (argmax) runs: AMX-INT8 tiles here and on the layer's path, K in whole tiles
+            self.fused_argmax = self.amx and self.in_features % 64 == 0 and kernels.amx_int8_available()
         else:
             self.w_sum = self.qweight.sum(dim=1, dtype=torch.int32).float()
             self.qweight = self.qweight.t().contiguous()  # [K, N]
@@ -108,8 +111,7 @@ class W8A8Weight(QuantizedWeight):
         maxima, without writing that output (``int8_gemm_argmax``: a greedy LM head). None where the fused kernel
         does not run (no AMX-INT8 here, the layer not on the AMX path, K not a multiple of 64): the caller computes
         the logits."""
-        if (self.packed is None or not self.amx or self.in_features % 64 or x.dim() != 2
-                or not self.kernels.amx_int8_available()):
+        if self.packed is None or not self.fused_argmax or x.dim() != 2:
             return None
         xu, xs, xlo = self.kernels.quantize_rows_uint8(x.contiguous())  # [M, K] uint8, [M], [M]
         return self.kernels.int8_gemm_argmax(xu, self.packed, self.comp, xs, xlo, self.scale, self.out_features)
