@@ -76,16 +76,24 @@ def _filtered(logits: torch.Tensor, p: SamplingParams) -> np.ndarray:
 ])
 @pytest.mark.parametrize("seeded", [False, True])
 @pytest.mark.parametrize("candidates", [None, 0, 4])
-def test_draws_follow_the_filtered_distribution(params, seeded, candidates):
+@pytest.mark.parametrize("family", ["torch", "cpu"])
+def test_draws_follow_the_filtered_distribution(params, seeded, candidates, family):
     """4000 draws of one 12-token row: each token's frequency within 4.5 sigma of its filtered probability, and
     tokens the filters drop never drawn. Seeded: one request per seed (each at output position 0); unseeded: the
     sampler's own generator. ``candidates``: the CPU default (256, more than the vocabulary), a full sort (CUDA's
-    way), and 4 (the top-4 path, with the rows it does not cover drawn again over the sort)."""
+    way), and 4 (the top-4 path, with the rows it does not cover drawn again over the sort). ``family``: rows
+    without top-k / top-p drawn by torch ops or by the C++ kernel (CpuOps.sample_plain)."""
     torch.manual_seed(3)
     logits = torch.randn(1, 12) * 1.5
     expected = _filtered(logits[0], params)
     n = 4000
-    sampler = Sampler(seed=11, device=CPU, top_candidates=candidates)
+    plain = None
+    if family == "cpu":
+        from tokenmill.kernels import cpu_kernel
+        from tokenmill.ops.cpu_ops import CpuOps
+
+        plain = CpuOps(cpu_kernel.load()).sample_plain
+    sampler = Sampler(seed=11, device=CPU, top_candidates=candidates, sample_plain=plain)
     if seeded:
         rows = [SamplingParams(**{**params.__dict__, "seed": s}) for s in range(n)]
         tokens = sampler(logits.expand(n, -1), rows, [0] * n).token_ids
@@ -212,3 +220,39 @@ def test_drawing_from_the_top_candidates_equals_the_full_sort():
     short = Sampler(seed=0, device=CPU, top_candidates=16)(logits, params, [2] * 300).token_ids
     full = Sampler(seed=0, device=CPU, top_candidates=0)(logits, params, [2] * 300).token_ids
     assert short == full
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_plain_draw_is_the_inverse_cdf_draw(kernels, dtype):
+    """sample_rows (CpuOps.sample_plain on a CPU) on rows of a 49k vocabulary at several temperatures: each token is
+    the one the exact (float64) CDF of softmax(x / T) gives for its uniform, up to 1e-6 of mass either side of a
+    boundary; masked tokens (-inf: a grammar's mask) are never drawn, even with u = 0 or u next to 1 and masks at
+    either end of the row; a row with one unmasked token always draws it; a row alone draws what it draws in a batch.
+    Both builds (native and portable)."""
+    g = torch.Generator().manual_seed(21)
+    rows, vocab = 48, 49152
+    x = (torch.randn(rows, vocab, generator=g) * 3).to(dtype)
+    x[::3, :5000] = float("-inf")  # masks at the start, at the end, and scattered
+    x[1::3, -7000:] = float("-inf")
+    x[2::3][torch.rand(16, vocab, generator=g) < 0.5] = float("-inf")
+    x[5] = float("-inf")
+    x[5, 777] = 1.0
+    temperature = torch.tensor([0.3, 0.7, 1.0, 1.5] * (rows // 4), dtype=torch.float32)
+    u = torch.rand(rows, dtype=torch.float64, generator=g)
+    u[:3] = 0.0
+    u[3:6] = 1.0 - 2.0**-53
+    tokens = kernels.sample_rows(x, temperature, u)
+    scaled = x.float() / temperature[:, None]
+    cdf = torch.softmax(scaled.double(), dim=-1).cumsum(dim=-1)
+    for r in range(rows):
+        j = tokens[r].item()
+        assert x[r, j] != float("-inf"), (r, j)
+        below = cdf[r, j - 1].item() if j else 0.0
+        assert below - 1e-6 <= u[r].item() < cdf[r, j].item() + 1e-6, (r, j, u[r].item(), below, cdf[r, j].item())
+    assert tokens[5].item() == 777
+    alone = kernels.sample_rows(x[7:8].contiguous(), temperature[7:8].contiguous(), u[7:8].contiguous())
+    assert alone.item() == tokens[7].item()
+    from tokenmill.model.sampler import torch_sample_plain
+
+    same = (torch_sample_plain(x, temperature, u) == tokens).float().mean().item()
+    assert same >= 0.95  # the torch draw: the same tokens but for uniforms within rounding of a boundary

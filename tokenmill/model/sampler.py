@@ -7,7 +7,8 @@ host sync but the final read of the sampled ids (and of the logprobs a request a
 - a random row draws by inverse CDF: the temperature-scaled softmax (top-k and top-p applied on the sorted row when
   any row asks for them), its cumulative sum in float64, and one uniform ``u`` in [0, 1) per row; the token is the
   first whose cumulative mass exceeds ``u`` times the row's total. That is an exact draw from the filtered
-  distribution, and a zero-probability token is never chosen.
+  distribution, and a zero-probability token is never chosen. Rows without top-k / top-p take the kernel family's
+  ``ops.sample_plain`` (on a CPU one C++ pass per row; the same draw up to the summation order).
 
 The uniforms are made on the host, one float64 per row, and travel to the device in the same copy as the rows'
 temperature, top-k and top-p:
@@ -56,8 +57,10 @@ def seeded_uniforms(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
 
 class Sampler:
     def __init__(self, seed: int, device: torch.device, argmax=None, top_candidates: int | None = None,
-                 token_logprobs=None) -> None:
+                 token_logprobs=None, sample_plain=None) -> None:
         """``argmax``: the kernel family's row argmax (``ops.argmax``); torch.argmax by default.
+        ``sample_plain``: the family's draw for rows without top-k / top-p (``ops.sample_plain``: logits,
+        temperatures, uniforms -> tokens); ``torch_sample_plain`` by default.
         ``token_logprobs``: the family's reduction for the logprobs a request asks for (``ops.token_logprobs``: the
         chosen token's log-softmax and the row's logsumexp, the top K taken from the logits minus it); by default
         torch's log_softmax over the widened rows.
@@ -67,6 +70,7 @@ class Sampler:
         self.top_candidates = (256 if device.type == "cpu" else 0) if top_candidates is None else top_candidates
         self._argmax = argmax or (lambda x: x.argmax(dim=-1))
         self._token_logprobs = token_logprobs
+        self._sample_plain = sample_plain or torch_sample_plain
         self._rng = np.random.Generator(np.random.PCG64(seed))  # the uniforms of rows without a seed
 
     def __call__(
@@ -141,19 +145,26 @@ class Sampler:
         row takes depends on its own parameters only (a uniform maps to a different token in each order), so a
         seeded row's token does not depend on whether another row in the batch asked for filtering."""
         cols = self._row_inputs(params, output_positions)  # [4, rows]
-        logits = logits.float() / cols[0].float()[:, None]  # [rows, vocab]
         filtered = [j for j, p in enumerate(params) if p.top_k or p.top_p < 1.0]
         if not filtered:
-            return _inverse_cdf(logits.softmax(dim=-1), cols[3])
+            return self._sample_plain(logits, cols[0].float(), cols[3])
+        scaled = logits.float() / cols[0].float()[:, None]  # [rows, vocab]
         if len(filtered) == len(params):
-            return _draw_filtered(logits, cols, self.top_candidates)
+            return _draw_filtered(scaled, cols, self.top_candidates)
         plain = [j for j in range(len(params)) if j not in set(filtered)]
         f = torch.tensor(filtered, dtype=torch.int64).to(logits.device, non_blocking=True)
         q = torch.tensor(plain, dtype=torch.int64).to(logits.device, non_blocking=True)
         tokens = torch.empty(len(params), dtype=torch.int64, device=logits.device)
-        tokens[f] = _draw_filtered(logits[f], cols[:, f], self.top_candidates)
-        tokens[q] = _inverse_cdf(logits[q].softmax(dim=-1), cols[3, q])
+        tokens[f] = _draw_filtered(scaled[f], cols[:, f], self.top_candidates)
+        tokens[q] = self._sample_plain(logits[q], cols[0, q].float(), cols[3, q])
         return tokens
+
+
+def torch_sample_plain(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] logits, [rows] float32 temperatures (> 0), [rows] float64 uniforms -> [rows] int64 tokens drawn
+    by inverse CDF from softmax(logits / temperature): rows without top-k / top-p, in torch ops (the oracle of
+    ``ops.sample_plain``)."""
+    return _inverse_cdf((logits.float() / temperature[:, None]).softmax(dim=-1), u)
 
 
 def _draw_filtered(logits: torch.Tensor, cols: torch.Tensor, candidates: int) -> torch.Tensor:

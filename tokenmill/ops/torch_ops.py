@@ -56,6 +56,14 @@ class TorchOps:
         """[rows, vocab] -> [rows] int64: the first maximum (the first NaN), as torch.argmax."""
         return x.argmax(dim=-1)
 
+    def sample_plain(self, logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """[rows, vocab] logits, [rows] float32 temperatures, [rows] float64 uniforms in [0, 1) -> [rows] int64: per
+        row the first token whose cumulative mass under softmax(logits / temperature) exceeds u (the sampler's draw
+        for rows without top-k / top-p; never a token of zero probability)."""
+        from tokenmill.model.sampler import torch_sample_plain
+
+        return torch_sample_plain(logits, temperature, u)
+
     def token_logprobs(self, logits: torch.Tensor, targets: torch.Tensor, with_rank: bool = True):
         """logits [rows, vocab] (any float dtype), targets [rows] int64 -> (logprob [rows] float32: the target's
         log-softmax, rank [rows] int64: 1 + the number of logits above the target's, logsumexp [rows] float32).

@@ -50,7 +50,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.ops = model.ops
         self.backend = model.ops.attention
-        self.sampler = Sampler(config.seed, device, model.ops.argmax, token_logprobs=model.ops.token_logprobs)
+        self.sampler = Sampler(config.seed, device, model.ops.argmax, token_logprobs=model.ops.token_logprobs,
+                               sample_plain=model.ops.sample_plain)
         self.structured = StructuredState(grammars) if grammars is not None else None
         self.tp: TPGroup = model.tp
         mc = model.config
