@@ -1,4 +1,5 @@
-"""The sampler alone on CPU logits: ms per call for three row mixes, this tree's sampler beside another revision's.
+"""The sampler alone on CPU logits: ms per call for four row mixes, this tree's sampler with the torch draws and with
+the C++ kernels' (``CpuOps``: ``sample_plain``, ``sample_filtered``, ``argmax``), beside another revision's.
 
     python benchmarks/sampler_bench.py [--against 1c4d7c9] [--rows 64] [--vocab 49152] [--scale 4.0]
 
@@ -52,11 +53,18 @@ def main() -> None:
     mixes = {
         "temperature 0.8": [SamplingParams(temperature=0.8)] * r,
         "top-p 0.95, seeded": [SamplingParams(temperature=0.8, top_p=0.95, seed=i) for i in range(r)],
+        "top-k 50, seeded": [SamplingParams(temperature=0.8, top_k=50, seed=i) for i in range(r)],
         "greedy + 8 seeded": [SamplingParams(temperature=0.0)] * (r - 8)
                              + [SamplingParams(temperature=1.0, seed=i) for i in range(8)],
     }
     cpu = torch.device("cpu")
-    samplers = {"this tree": lambda params: Sampler(0, cpu)(logits, params, [5] * r)}
+    from tokenmill.kernels import cpu_kernel
+    from tokenmill.ops.cpu_ops import CpuOps
+
+    ops = CpuOps(cpu_kernel.load())
+    samplers = {"this tree": lambda params: Sampler(0, cpu)(logits, params, [5] * r),
+                "this tree, C++": lambda params: Sampler(0, cpu, ops.argmax, sample_plain=ops.sample_plain,
+                                                         sample_filtered=ops.sample_filtered)(logits, params, [5] * r)}
     if args.against:
         old = sampler_at(args.against)
         ids = [str(i) for i in range(r)]

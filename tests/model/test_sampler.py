@@ -81,8 +81,8 @@ def test_draws_follow_the_filtered_distribution(params, seeded, candidates, fami
     """4000 draws of one 12-token row: each token's frequency within 4.5 sigma of its filtered probability, and
     tokens the filters drop never drawn. Seeded: one request per seed (each at output position 0); unseeded: the
     sampler's own generator. ``candidates``: the CPU default (256, more than the vocabulary), a full sort (CUDA's
-    way), and 4 (the top-4 path, with the rows it does not cover drawn again over the sort). ``family``: rows
-    without top-k / top-p drawn by torch ops or by the C++ kernel (CpuOps.sample_plain)."""
+    way), and 4 (the top-4 path, with the rows it does not cover drawn again over the sort). ``family``: drawn by
+    torch ops or by the C++ kernels (CpuOps.sample_plain / sample_filtered, which take no candidates)."""
     torch.manual_seed(3)
     logits = torch.randn(1, 12) * 1.5
     expected = _filtered(logits[0], params)
@@ -92,8 +92,11 @@ def test_draws_follow_the_filtered_distribution(params, seeded, candidates, fami
         from tokenmill.kernels import cpu_kernel
         from tokenmill.ops.cpu_ops import CpuOps
 
-        plain = CpuOps(cpu_kernel.load()).sample_plain
-    sampler = Sampler(seed=11, device=CPU, top_candidates=candidates, sample_plain=plain)
+        ops = CpuOps(cpu_kernel.load())
+        plain, filtered = ops.sample_plain, ops.sample_filtered
+    else:
+        filtered = None
+    sampler = Sampler(seed=11, device=CPU, top_candidates=candidates, sample_plain=plain, sample_filtered=filtered)
     if seeded:
         rows = [SamplingParams(**{**params.__dict__, "seed": s}) for s in range(n)]
         tokens = sampler(logits.expand(n, -1), rows, [0] * n).token_ids
@@ -256,3 +259,43 @@ def test_cpp_plain_draw_is_the_inverse_cdf_draw(kernels, dtype):
 
     same = (torch_sample_plain(x, temperature, u) == tokens).float().mean().item()
     assert same >= 0.95  # the torch draw: the same tokens but for uniforms within rounding of a boundary
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_filtered_draw_keeps_to_the_filtered_set(kernels, dtype):
+    """sample_rows_filtered (CpuOps.sample_filtered) on rows of a 49k vocabulary, broad and peaked, with top-k, top-p
+    and both: every token lies in the row's filtered set (written out plainly in float64: _filtered), masked tokens
+    (-inf) are never drawn, top-k 1 and a tiny top-p draw the argmax, a top-k above the unmasked tokens keeps them
+    all; and the tokens are the torch path's (the full sort) but for uniforms within rounding of a boundary
+    (float32), the float32 widening's (bfloat16). Both builds (native and portable)."""
+    from tokenmill.model.sampler import _draw_filtered
+
+    g = torch.Generator().manual_seed(23)
+    rows, vocab = 40, 49152
+    x = torch.randn(rows, vocab, generator=g) * torch.tensor([1.0, 3.0, 8.0, 20.0]).repeat(rows // 4)[:, None]
+    x[::5, 10000:] = float("-inf")  # masks
+    x[1::5][torch.rand(8, vocab, generator=g) < 0.7] = float("-inf")
+    x[2, 3:] = float("-inf")  # three tokens left, top-k 40 below
+    x = x.to(dtype)
+    settings = [(0, 0.9), (50, 1.0), (40, 0.8), (1, 1.0), (0, 1e-6), (0, 0.99), (1000, 0.95), (7, 0.3)]
+    params = [SamplingParams(temperature=[0.5, 1.0, 1.7][r % 3], top_k=settings[r % 8][0], top_p=settings[r % 8][1])
+              for r in range(rows)]
+    params[2] = SamplingParams(temperature=1.0, top_k=40)
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+    top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+    u = torch.rand(rows, dtype=torch.float64, generator=g)
+    u[:4] = torch.tensor([0.0, 1.0 - 2.0**-53, 0.5, 1.0 - 2.0**-53], dtype=torch.float64)
+    tokens = kernels.sample_rows_filtered(x, temperature, top_k, top_p, u).tolist()
+    for r, p in enumerate(params):
+        allowed = _filtered(x[r].float(), p)
+        assert allowed[tokens[r]] > 0, (r, p, tokens[r])
+        if p.top_k == 1 or p.top_p < 1e-3:
+            assert tokens[r] == x[r].float().argmax().item()
+    assert tokens[2] in (0, 1, 2)
+    if dtype == torch.bfloat16:  # the widening is exact: the same draws as from float32 logits
+        assert tokens == kernels.sample_rows_filtered(x.float(), temperature, top_k, top_p, u).tolist()
+    else:  # (bfloat16 rows hold many equal logits, which torch's sort orders its own way)
+        cols = torch.stack([temperature.double(), top_k.double(), top_p.double(), u])
+        ref = _draw_filtered(x.float() / temperature[:, None], cols, 0).tolist()
+        assert sum(a == b for a, b in zip(tokens, ref)) >= 0.95 * rows

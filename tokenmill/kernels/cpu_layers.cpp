@@ -133,81 +133,235 @@ std::vector<torch::Tensor> logprob_rows(torch::Tensor x, torch::Tensor targets) 
   return {lp, rank, lse};
 }
 
-// The sampler's draw for rows without top-k / top-p (model/sampler.py): x [R, V] logits (float32, or bfloat16 as the
-// head left them) contiguous, temperature [R] float32 (> 0), u [R] float64 uniforms in [0, 1) -> [R] int64: per row
-// the first token j whose cumulative mass exceeds u times the row's total mass, the masses being
-// exp(x / T - max(x / T)): an inverse-CDF draw from softmax(x / T), as the torch path (torch_sample_plain) draws it,
-// up to the summation order. A token of zero mass (a logit of -inf: a grammar's mask) is never drawn. Each row is
-// widened and scaled once into a float buffer (196 KB for a 49k vocabulary: it stays in L2), its masses summed per
-// chunk of 256 (float32, vectorised) and the chunk sums in float64; the draw walks the chunk sums, then the chunk's
-// masses in float64. torch took ~30 ms for 128 x 49k rows (the float64 cumulative sum alone ~19).
+// The sampler's draws (model/sampler.py), per row of x [R, V] logits (float32, or bfloat16 as the head left them):
+// the masses e_j = exp(x_j / T - max(x / T)) (0 for a logit of -inf: a grammar's mask, never drawn), then an
+// inverse-CDF walk: the first token whose cumulative mass exceeds u times the mass walked over. Each row is widened
+// and scaled once into a float buffer (196 KB for a 49k vocabulary: it stays in L2). The same draws as the sampler's
+// torch path (torch_sample_plain, _draw_filtered) up to the summation order: a uniform within rounding of a
+// boundary between two tokens may take the other one.
+
+// b[0:V] scaled logits -> masses in place; returns the largest scaled logit (-inf: no token has mass) and sets
+// chunk[c] to the float32 sum of chunk c's masses (chunks of SAMPLE_CHUNK), total to their float64 sum.
+constexpr int64_t SAMPLE_CHUNK = 256;
+static inline float sample_masses(float* b, int64_t V, std::vector<double>& chunk, double& total) {
+  const float m = max_of(b, V);
+  total = 0.0;
+  chunk.assign((V + SAMPLE_CHUNK - 1) / SAMPLE_CHUNK, 0.0);
+  if (!(m > -INFINITY)) return m;
+  for (int64_t c = 0; c * SAMPLE_CHUNK < V; ++c) {
+    const int64_t j1 = std::min(V, (c + 1) * SAMPLE_CHUNK);
+    float sum = 0.f;
+    for (int64_t j = c * SAMPLE_CHUNK; j < j1; ++j) {
+      const float e = b[j] == -INFINITY ? 0.f : exp_nonpos(b[j] - m);
+      b[j] = e;
+      sum += e;
+    }
+    chunk[c] = sum;
+    total += sum;
+  }
+  return m;
+}
+
+// The plain draw over the whole row (masses b, chunk sums as sample_masses left them): the walk over the chunk sums,
+// then over the chosen chunk's masses in float64.
+static inline int64_t draw_plain_row(const float* b, int64_t V, const std::vector<double>& chunk, double total,
+                                     double u) {
+  // strictly below the total, so that some token's mass takes the walk past it
+  const double target = std::min(u * total, std::nextafter(total, 0.0));
+  double cum = 0.0;
+  int64_t c = 0;
+  const int64_t chunks = static_cast<int64_t>(chunk.size());
+  while (c + 1 < chunks && cum + chunk[c] <= target) cum += chunk[c++];
+  const int64_t j1 = std::min(V, (c + 1) * SAMPLE_CHUNK);
+  for (int64_t j = c * SAMPLE_CHUNK; j < j1; ++j) {
+    cum += b[j];
+    if (cum > target) return j;  // b[j] > 0 here: cum was <= target before it
+  }
+  for (int64_t j = j1 - 1; j >= 0; --j)  // the chunk's float sum rounded above its float64 walk
+    if (b[j] > 0.f) return j;
+  return 0;
+}
+
+// x [R, V] -> the row widened and divided by its temperature into b
+template <typename T>
+static inline void scaled_row(const T* x, float t, float* b, int64_t V) {
+  to_float(x, b, V);
+  for (int64_t j = 0; j < V; ++j) b[j] = b[j] / t;
+}
+
+// Rows without top-k / top-p: temperature [R] float32 (> 0), u [R] float64 uniforms in [0, 1) -> [R] int64, the
+// inverse-CDF draw from softmax(x / T) (masses summed per chunk of 256 in float32, the chunk sums in float64). torch
+// took ~26 ms for 128 x 49k rows (its float64 cumulative sum alone ~19); this ~2.5.
 template <typename T>
 static void sample_rows_impl(const T* xp, const float* tp, const double* up, int64_t R, int64_t V, int64_t* out) {
-  constexpr int64_t C = 256;
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(V);
-    std::vector<double> chunk((V + C - 1) / C);
+    std::vector<double> chunk;
+    double total;
+    for (int64_t r = begin; r < end; ++r) {
+      scaled_row(xp + r * V, tp[r], buf.data(), V);
+      const float m = sample_masses(buf.data(), V, chunk, total);
+      out[r] = m > -INFINITY ? draw_plain_row(buf.data(), V, chunk, total, up[r]) : 0;  // no mass: as argmax would
+    }
+  });
+}
+
+// cand (token ids in increasing order, each of mass b[j] > 0) sorted by mass, largest first, ties in increasing id
+// order. Short lists (under 512) by std::sort; longer ones (a flat row's nucleus spans most of the vocabulary) by
+// three stable counting passes of 11 bits over the masses' bits (positive floats order as their bit patterns;
+// complemented, the largest first): a 128 x 49k step with top-p 0.95 on flat rows in ~30 ms, where comparison sorts
+// took ~230 (benchmarks/sampler_bench.py).
+static void sort_by_mass(const float* b, std::vector<int32_t>& cand, std::vector<int32_t>& tmp) {
+  if (cand.size() < 512) {
+    std::sort(cand.begin(), cand.end(), [&](int32_t i, int32_t j) { return b[i] > b[j] || (b[i] == b[j] && i < j); });
+    return;
+  }
+  auto key = [&](int32_t j) {
+    uint32_t u;
+    std::memcpy(&u, b + j, sizeof(u));
+    return ~u;
+  };
+  tmp.resize(cand.size());
+  std::vector<uint32_t> count(2048);
+  for (int shift = 0; shift < 32; shift += 11) {
+    std::fill(count.begin(), count.end(), 0u);
+    for (int32_t j : cand) ++count[(key(j) >> shift) & 2047];
+    uint32_t sum = 0;
+    for (uint32_t& c : count) {
+      const uint32_t n = c;
+      c = sum;
+      sum += n;
+    }
+    for (int32_t j : cand) tmp[count[(key(j) >> shift) & 2047]++] = j;
+    cand.swap(tmp);
+  }
+}
+
+// Rows with top-k and / or top-p (vLLM's order: the k most likely tokens, renormalised, then the smallest prefix of
+// them, most likely first, whose mass reaches top_p; the most likely token always stays), drawn by inverse CDF over
+// the kept tokens in that order, as the torch path draws over its sorted row. No full sort: the candidates are
+// - top-k: the k largest masses, gathered in one pass with a running threshold (the buffer cut back to its k
+//   largest by nth_element whenever it holds max(4k, 4096));
+// - top-p alone: the tokens of mass >= (1 - top_p) * total / V, a superset of the kept ones (the tokens below it
+//   hold less than 1 - top_p of the mass together, so the kept prefix ends among the others);
+// then sorted (mass descending, index ascending for ties: sort_by_mass). top_k [R] int64 (0: none), top_p [R]
+// float32 (1: none).
+template <typename T>
+static void sample_rows_filtered_impl(const T* xp, const float* tp, const int64_t* kp, const float* pp,
+                                      const double* up, int64_t R, int64_t V, int64_t* out) {
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(V);
+    std::vector<double> chunk;
+    std::vector<int32_t> cand, tmp;
+    double total;
     float* b = buf.data();
     for (int64_t r = begin; r < end; ++r) {
-      to_float(xp + r * V, b, V);
-      const float t = tp[r];
-      for (int64_t j = 0; j < V; ++j) b[j] = b[j] / t;
-      const float m = max_of(b, V);
-      if (!(m > -INFINITY)) {  // no token with mass (every logit -inf, or NaN): the first token, as argmax would
+      scaled_row(xp + r * V, tp[r], b, V);
+      const float m = sample_masses(b, V, chunk, total);
+      if (!(m > -INFINITY)) {
         out[r] = 0;
         continue;
       }
-      double total = 0.0;
-      for (int64_t c = 0; c * C < V; ++c) {
-        const int64_t j1 = std::min(V, (c + 1) * C);
-        float sum = 0.f;
-        for (int64_t j = c * C; j < j1; ++j) {
-          const float e = b[j] == -INFINITY ? 0.f : exp_nonpos(b[j] - m);
-          b[j] = e;
-          sum += e;
-        }
-        chunk[c] = sum;
-        total += sum;
+      const int64_t k = kp[r] > 0 && kp[r] < V ? kp[r] : 0;
+      const float p = pp[r];
+      if (k == 0 && !(p < 1.f)) {
+        out[r] = draw_plain_row(b, V, chunk, total, up[r]);
+        continue;
       }
-      // strictly below the total, so that some token's mass takes the walk past it
-      const double target = std::min(up[r] * total, std::nextafter(total, 0.0));
+      auto larger = [&](int32_t i, int32_t j) { return b[i] > b[j] || (b[i] == b[j] && i < j); };
+      cand.clear();
+      if (k > 0) {
+        const size_t cap = static_cast<size_t>(std::max<int64_t>(4 * k, 512));
+        float thr = 0.f;  // the k-th largest mass of the buffer's last cut: smaller ones cannot be in the top k
+        for (int64_t j0 = 0; j0 < V; j0 += SAMPLE_CHUNK) {
+          const int64_t j1 = std::min(V, j0 + SAMPLE_CHUNK);
+          if (thr > 0.f && max_of(b + j0, j1 - j0) < thr) continue;  // (most chunks, once the first cut is made)
+          for (int64_t j = j0; j < j1; ++j) {
+            if (b[j] > 0.f && b[j] >= thr) {
+              cand.push_back(static_cast<int32_t>(j));
+              if (cand.size() >= cap) {
+                std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), larger);
+                thr = b[cand[k - 1]];
+                cand.resize(k);
+              }
+            }
+          }
+        }
+        std::sort(cand.begin(), cand.end());  // ids in increasing order again (sort_by_mass's ties)
+      } else {
+        const float lo = static_cast<float>((1.0 - p) * total / static_cast<double>(V) * 0.999);
+        for (int64_t j = 0; j < V; ++j)
+          if (b[j] > 0.f && b[j] >= lo) cand.push_back(static_cast<int32_t>(j));
+      }
+      sort_by_mass(b, cand, tmp);
+      if (k > 0 && static_cast<int64_t>(cand.size()) > k) cand.resize(k);
+      double ref = total;  // top-p's whole: the row's mass, or the top k's after top-k
+      if (k > 0) {
+        ref = 0.0;
+        for (int32_t j : cand) ref += b[j];
+      }
+      const double reach = static_cast<double>(p) * ref;
+      double kept = 0.0;
+      size_t n = 0;
+      while (n < cand.size() && (n == 0 || kept < reach)) kept += b[cand[n++]];
+      const double target = std::min(up[r] * kept, std::nextafter(kept, 0.0));
       double cum = 0.0;
-      int64_t c = 0;
-      const int64_t chunks = static_cast<int64_t>(chunk.size());
-      while (c + 1 < chunks && cum + chunk[c] <= target) cum += chunk[c++];
-      int64_t pick = -1;
-      for (int64_t j = c * C; j < std::min(V, (c + 1) * C); ++j) {
-        cum += b[j];
-        if (cum > target) {  // b[j] > 0 here: cum was <= target before it
-          pick = j;
+      int64_t pick = cand[n - 1];
+      for (size_t i = 0; i < n; ++i) {
+        cum += b[cand[i]];
+        if (cum > target) {
+          pick = cand[i];
           break;
         }
-      }
-      if (pick < 0) {  // the chunk's float sum rounded above its float64 walk: its last token with mass
-        for (int64_t j = std::min(V, (c + 1) * C) - 1; j >= 0 && pick < 0; --j)
-          if (b[j] > 0.f) pick = j;
       }
       out[r] = pick;
     }
   });
 }
 
-torch::Tensor sample_rows(torch::Tensor x, torch::Tensor temperature, torch::Tensor u) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) > 0 &&
+static void check_sample_args(const torch::Tensor& x, const torch::Tensor& temperature, const torch::Tensor& u) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) > 0 && x.size(1) < (int64_t(1) << 31) &&
                   (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
               "x must be a contiguous, non-empty [R, V] float32 or bfloat16 tensor");
-  const int64_t R = x.size(0), V = x.size(1);
+  const int64_t R = x.size(0);
   TORCH_CHECK(temperature.dim() == 1 && temperature.size(0) == R && temperature.scalar_type() == torch::kFloat32 &&
                   temperature.is_contiguous(), "temperature must be a contiguous [R] float32 tensor");
   TORCH_CHECK(u.dim() == 1 && u.size(0) == R && u.scalar_type() == torch::kFloat64 && u.is_contiguous(),
               "u must be a contiguous [R] float64 tensor");
   const float* tp = temperature.data_ptr<float>();
   for (int64_t r = 0; r < R; ++r) TORCH_CHECK(tp[r] > 0.f, "temperatures must be > 0");
+}
+
+torch::Tensor sample_rows(torch::Tensor x, torch::Tensor temperature, torch::Tensor u) {
+  check_sample_args(x, temperature, u);
+  const int64_t R = x.size(0), V = x.size(1);
   auto out = torch::empty({R}, x.options().dtype(torch::kInt64));
+  const float* tp = temperature.data_ptr<float>();
   if (x.scalar_type() == torch::kFloat32)
     sample_rows_impl(x.data_ptr<float>(), tp, u.data_ptr<double>(), R, V, out.data_ptr<int64_t>());
   else
     sample_rows_impl(x.data_ptr<c10::BFloat16>(), tp, u.data_ptr<double>(), R, V, out.data_ptr<int64_t>());
+  return out;
+}
+
+torch::Tensor sample_rows_filtered(torch::Tensor x, torch::Tensor temperature, torch::Tensor top_k,
+                                   torch::Tensor top_p, torch::Tensor u) {
+  check_sample_args(x, temperature, u);
+  const int64_t R = x.size(0), V = x.size(1);
+  TORCH_CHECK(top_k.dim() == 1 && top_k.size(0) == R && top_k.scalar_type() == torch::kInt64 && top_k.is_contiguous(),
+              "top_k must be a contiguous [R] int64 tensor");
+  TORCH_CHECK(top_p.dim() == 1 && top_p.size(0) == R && top_p.scalar_type() == torch::kFloat32 && top_p.is_contiguous(),
+              "top_p must be a contiguous [R] float32 tensor");
+  const float* pp = top_p.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(pp[r] > 0.f, "top_p must be > 0");
+  auto out = torch::empty({R}, x.options().dtype(torch::kInt64));
+  const float* tp = temperature.data_ptr<float>();
+  const int64_t* kp = top_k.data_ptr<int64_t>();
+  if (x.scalar_type() == torch::kFloat32)
+    sample_rows_filtered_impl(x.data_ptr<float>(), tp, kp, pp, u.data_ptr<double>(), R, V, out.data_ptr<int64_t>());
+  else
+    sample_rows_filtered_impl(x.data_ptr<c10::BFloat16>(), tp, kp, pp, u.data_ptr<double>(), R, V,
+                              out.data_ptr<int64_t>());
   return out;
 }
 

@@ -7,8 +7,9 @@ host sync but the final read of the sampled ids (and of the logprobs a request a
 - a random row draws by inverse CDF: the temperature-scaled softmax (top-k and top-p applied on the sorted row when
   any row asks for them), its cumulative sum in float64, and one uniform ``u`` in [0, 1) per row; the token is the
   first whose cumulative mass exceeds ``u`` times the row's total. That is an exact draw from the filtered
-  distribution, and a zero-probability token is never chosen. Rows without top-k / top-p take the kernel family's
-  ``ops.sample_plain`` (on a CPU one C++ pass per row; the same draw up to the summation order).
+  distribution, and a zero-probability token is never chosen. The kernel family draws (``ops.sample_plain`` for rows
+  without top-k / top-p, ``ops.sample_filtered`` for the others: on a CPU one C++ pass per row, no full sort; the
+  same draws up to the summation order); the torch path below is the oracle and the other devices' path.
 
 The uniforms are made on the host, one float64 per row, and travel to the device in the same copy as the rows'
 temperature, top-k and top-p:
@@ -57,10 +58,12 @@ def seeded_uniforms(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
 
 class Sampler:
     def __init__(self, seed: int, device: torch.device, argmax=None, top_candidates: int | None = None,
-                 token_logprobs=None, sample_plain=None) -> None:
+                 token_logprobs=None, sample_plain=None, sample_filtered=None) -> None:
         """``argmax``: the kernel family's row argmax (``ops.argmax``); torch.argmax by default.
         ``sample_plain``: the family's draw for rows without top-k / top-p (``ops.sample_plain``: logits,
-        temperatures, uniforms -> tokens); ``torch_sample_plain`` by default.
+        temperatures, uniforms -> tokens); ``torch_sample_plain`` by default. ``sample_filtered``: the family's draw
+        for rows with top-k / top-p (``ops.sample_filtered``: also top-k and top-p per row; None where it does not
+        apply); by default, and where it returns None, the torch path below (``_draw_filtered``).
         ``token_logprobs``: the family's reduction for the logprobs a request asks for (``ops.token_logprobs``: the
         chosen token's log-softmax and the row's logsumexp, the top K taken from the logits minus it); by default
         torch's log_softmax over the widened rows.
@@ -71,6 +74,7 @@ class Sampler:
         self._argmax = argmax or (lambda x: x.argmax(dim=-1))
         self._token_logprobs = token_logprobs
         self._sample_plain = sample_plain or torch_sample_plain
+        self._sample_filtered = sample_filtered
         self._rng = np.random.Generator(np.random.PCG64(seed))  # the uniforms of rows without a seed
 
     def __call__(
@@ -148,16 +152,24 @@ class Sampler:
         filtered = [j for j, p in enumerate(params) if p.top_k or p.top_p < 1.0]
         if not filtered:
             return self._sample_plain(logits, cols[0].float(), cols[3])
-        scaled = logits.float() / cols[0].float()[:, None]  # [rows, vocab]
         if len(filtered) == len(params):
-            return _draw_filtered(scaled, cols, self.top_candidates)
+            return self._draw_filtered_rows(logits, cols)
         plain = [j for j in range(len(params)) if j not in set(filtered)]
         f = torch.tensor(filtered, dtype=torch.int64).to(logits.device, non_blocking=True)
         q = torch.tensor(plain, dtype=torch.int64).to(logits.device, non_blocking=True)
         tokens = torch.empty(len(params), dtype=torch.int64, device=logits.device)
-        tokens[f] = _draw_filtered(scaled[f], cols[:, f], self.top_candidates)
+        tokens[f] = self._draw_filtered_rows(logits[f], cols[:, f])
         tokens[q] = self._sample_plain(logits[q], cols[0, q].float(), cols[3, q])
         return tokens
+
+    def _draw_filtered_rows(self, logits: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """[rows, vocab] logits of rows with top-k / top-p, their [4, rows] inputs -> [rows] int64 tokens: the kernel
+        family's draw where it has one, else the torch path."""
+        if self._sample_filtered is not None:
+            tokens = self._sample_filtered(logits, cols[0].float(), cols[1].to(torch.int64), cols[2].float(), cols[3])
+            if tokens is not None:
+                return tokens
+        return _draw_filtered(logits.float() / cols[0].float()[:, None], cols, self.top_candidates)
 
 
 def torch_sample_plain(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,15 @@ class CpuOps(TorchOps):
             return self.kernels.sample_rows(logits, temperature.contiguous(), u.contiguous())
         return super().sample_plain(logits, temperature, u)
 
+    def sample_filtered(self, logits, temperature, top_k, top_p, u):
+        """One C++ pass per row (``sample_rows_filtered``): the top-k / top-p candidates gathered without a full sort,
+        then sorted and walked. torch's path (the best 256, a full sort for the rows they do not cover) took 32 ms a
+        step for 128 x 49k rows with top-k 50 and 260 ms with top-p 0.9 on broad rows."""
+        if logits.dtype in (torch.float32, torch.bfloat16) and logits.is_contiguous() and logits.shape[1] > 0:
+            return self.kernels.sample_rows_filtered(logits, temperature.contiguous(), top_k.contiguous(),
+                                                     top_p.contiguous(), u.contiguous())
+        return None
+
     def token_logprobs(self, logits, targets, with_rank: bool = True):
         """One pass per row over float32 / bfloat16 logits (torch's log_softmax and comparison took ~4x the bfloat16
         LM head GEMM's time for the same rows); the rank comes with it."""

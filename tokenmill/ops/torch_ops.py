@@ -64,6 +64,12 @@ class TorchOps:
 
         return torch_sample_plain(logits, temperature, u)
 
+    def sample_filtered(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                        top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
+        """Rows with top-k ([rows] int64, 0: none) and / or top-p ([rows] float32, 1: none): [rows] int64 tokens, or
+        None: the sampler's own torch path (``model/sampler.py``'s ``_draw_filtered``) draws them."""
+        return None
+
     def token_logprobs(self, logits: torch.Tensor, targets: torch.Tensor, with_rank: bool = True):
         """logits [rows, vocab] (any float dtype), targets [rows] int64 -> (logprob [rows] float32: the target's
         log-softmax, rank [rows] int64: 1 + the number of logits above the target's, logsumexp [rows] float32).

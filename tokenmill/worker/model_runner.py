@@ -51,7 +51,7 @@ class ModelRunner:
         self.ops = model.ops
         self.backend = model.ops.attention
         self.sampler = Sampler(config.seed, device, model.ops.argmax, token_logprobs=model.ops.token_logprobs,
-                               sample_plain=model.ops.sample_plain)
+                               sample_plain=model.ops.sample_plain, sample_filtered=model.ops.sample_filtered)
         self.structured = StructuredState(grammars) if grammars is not None else None
         self.tp: TPGroup = model.tp
         mc = model.config
