@@ -289,6 +289,8 @@ def main() -> None:
     ap.add_argument("--hf-batch-sizes", default="16,64,128")
     ap.add_argument("--dtypes", default="float32,bfloat16",
                     help="dtypes for tokenmill and transformers in section w (llama.cpp runs its GGUF weights)")
+    ap.add_argument("--kv-cache-dtypes", default="auto",
+                    help="tokenmill's KV-cache dtypes in section w (auto,fp8: each dtype's row with either cache)")
     ap.add_argument("--quick", action="store_true", help="tiny workloads: a smoke run, not a measurement")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -322,6 +324,11 @@ def main() -> None:
             if dt != default_dt:
                 rows.append({**run_tokenmill(LLM(args.model, dtype=dt), w, f"tokenmill ({dt}; continuous + chunked)"),
                              "dtype": dt})
+        for kv in args.kv_cache_dtypes.split(","):
+            if kv != "auto":
+                rows += [{**run_tokenmill(LLM(args.model, dtype=dt, kv_cache_dtype=kv), w,
+                                          f"tokenmill ({dt}, KV {kv}; continuous + chunked)"), "dtype": dt}
+                         for dt in dtypes]
         cb = None
         hf_rows = []
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

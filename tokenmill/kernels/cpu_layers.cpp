@@ -241,7 +241,7 @@ static void sort_by_mass(const float* b, std::vector<int32_t>& cand, std::vector
 // them, most likely first, whose mass reaches top_p; the most likely token always stays), drawn by inverse CDF over
 // the kept tokens in that order, as the torch path draws over its sorted row. No full sort: the candidates are
 // - top-k: the k largest masses, gathered in one pass with a running threshold (the buffer cut back to its k
-//   largest by nth_element whenever it holds max(4k, 4096));
+//   largest by nth_element whenever it holds max(4k, 512));
 // - top-p alone: the tokens of mass >= (1 - top_p) * total / V, a superset of the kept ones (the tokens below it
 //   hold less than 1 - top_p of the mass together, so the kept prefix ends among the others);
 // then sorted (mass descending, index ascending for ties: sort_by_mass). top_k [R] int64 (0: none), top_p [R]
