@@ -264,9 +264,10 @@ static void amx_pv(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t fi
 // cache_t: bfloat16, or float8 e4m3 (kv_cache_dtype="fp8"), whose rows are converted to bfloat16 (exactly) as the
 // tiles are built, once per key per request and KV group while the tasks of one (r, g) follow each other.
 template <typename cache_t>
-static void amx_prefill_task(const c10::BFloat16* qp, const cache_t* kp, const cache_t* vp, const int64_t* table, int64_t r, int64_t i0, int64_t n, int64_t ctx, int64_t g,
-                             int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale, int64_t window,
-                             float softcap, c10::BFloat16* op, AmxScratch& sc) {
+static void amx_prefill_task(const c10::BFloat16* qp, const cache_t* kp, const cache_t* vp, const int64_t* table,
+                             int64_t r, int64_t i0, int64_t n, int64_t ctx, int64_t g, int64_t H, int64_t Hkv,
+                             int64_t D, int64_t bs, float scale, int64_t window, float softcap, c10::BFloat16* op,
+                             AmxScratch& sc) {
   const int64_t G = H / Hkv, row = Hkv * D;
   const int64_t L = ctx + n, Lp = (L + 31) / 32 * 32;
   // rows of S and P: Lp plus a cache line, so that the 16 rows of a tile do not share L1 sets (a stride of a multiple
