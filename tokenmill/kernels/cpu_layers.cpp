@@ -211,9 +211,12 @@ static void sample_rows_impl(const T* xp, const float* tp, const double* up, int
 // three stable counting passes of 11 bits over the masses' bits (positive floats order as their bit patterns;
 // complemented, the largest first): a 128 x 49k step with top-p 0.95 on flat rows in ~30 ms, where comparison sorts
 // took ~230 (benchmarks/sampler_bench.py).
+// Whether token i comes before token j in that order.
+static inline bool heavier(const float* b, int32_t i, int32_t j) { return b[i] > b[j] || (b[i] == b[j] && i < j); }
+
 static void sort_by_mass(const float* b, std::vector<int32_t>& cand, std::vector<int32_t>& tmp) {
   if (cand.size() < 512) {
-    std::sort(cand.begin(), cand.end(), [&](int32_t i, int32_t j) { return b[i] > b[j] || (b[i] == b[j] && i < j); });
+    std::sort(cand.begin(), cand.end(), [&](int32_t i, int32_t j) { return heavier(b, i, j); });
     return;
   }
   auto key = [&](int32_t j) {
@@ -268,7 +271,6 @@ static void sample_rows_filtered_impl(const T* xp, const float* tp, const int64_
         out[r] = draw_plain_row(b, V, chunk, total, up[r]);
         continue;
       }
-      auto larger = [&](int32_t i, int32_t j) { return b[i] > b[j] || (b[i] == b[j] && i < j); };
       cand.clear();
       if (k > 0) {
         const size_t cap = static_cast<size_t>(std::max<int64_t>(4 * k, 512));
@@ -280,7 +282,8 @@ static void sample_rows_filtered_impl(const T* xp, const float* tp, const int64_
             if (b[j] > 0.f && b[j] >= thr) {
               cand.push_back(static_cast<int32_t>(j));
               if (cand.size() >= cap) {
-                std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), larger);
+                std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(),
+                                 [&](int32_t i, int32_t j) { return heavier(b, i, j); });
                 thr = b[cand[k - 1]];
                 cand.resize(k);
               }

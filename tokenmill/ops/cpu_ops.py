@@ -21,11 +21,11 @@ class CpuKernelAttention:
     """Every token of the step (decodes and prefill chunks) in one call of the C++ kernels over the paged cache; K/V
     written by the C++ ``write_kv``. The prefill tokens of requests with at least ``min_q`` (TILE_MIN_QUERY; 0: none)
     new tokens are attended in tiles of 16 query tokens: on AMX (``cpu_amx.cpp``) with ``amx`` for bfloat16 queries
-    over a bfloat16 or fp8 cache, on the vector units otherwise (``cpu_prefill.cpp``); decodes and short chunks take the per-token kernel. A layer with
-    a sliding window that bites or capped scores (Gemma 2 / 3, Mistral) takes the same split: on AMX the tiles take
-    the window and the cap; otherwise ``paged_attention_windowed``, in float32 / float16 with the vector-unit tiles
-    (2.7x the per-token kernel at Gemma's head_dim 256, 1.2x at 128), in bfloat16 every token per token (its bfloat16
-    dot products beat the float tiles there)."""
+    over a bfloat16 or fp8 cache, on the vector units otherwise (``cpu_prefill.cpp``); decodes and short chunks take
+    the per-token kernel. A layer with a sliding window that bites or capped scores (Gemma 2 / 3, Mistral) takes the
+    same split: on AMX the tiles take the window and the cap; otherwise ``paged_attention_windowed``, in float32 /
+    float16 with the vector-unit tiles (2.7x the per-token kernel at Gemma's head_dim 256, 1.2x at 128), in bfloat16
+    every token per token (its bfloat16 dot products beat the float tiles there)."""
 
     def __init__(self, kernels, amx: bool = False, tiled: bool = True) -> None:
         self.kernels = kernels  # the compiled module from cpu_kernel.load()
