@@ -339,8 +339,10 @@ constexpr int64_t KEY_PAD = 64;  // attend_rows' K^T row length (ldk) is a multi
 
 template <int NV, int RB>
 static inline void attend_rows(const float* qf, const float* kt, int64_t ldk, const float* vf, int64_t nk,
-                               const int64_t* lens, int64_t D, float* sc, float* of, float* inv,
+                               const int64_t* lens, int64_t head_dim, float* sc, float* of, float* inv,
                                const int64_t* firsts = nullptr, float softcap = 0.f) {
+  // a compile-time head_dim where NV fixes it: the rows' query and output offsets are then immediates, not registers
+  const int64_t D = NV > 0 ? 16 * NV : head_dim;
   // K^T vectors per step: with AVX-512 (one register per vec16, 32 registers) RB * KB >= 8 independent FMA chains;
   // narrower vec16s are already 2 or 4 chains each, and KB > 1 would spill their 16 registers
 #if defined(__AVX512F__)

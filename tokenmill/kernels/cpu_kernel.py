@@ -50,7 +50,9 @@ scale + offset``), AMX hosts only (``cpu_amx.cpp``).
 tokens in the step attended in tiles of 16 query tokens per request and KV head (``cpu_prefill.cpp``): the keys a tile
 sees converted once to float K^T and V (kept by a thread across a request's successive tiles), the scores and P V as
 register-blocked broadcast-FMAs shared by several query rows (``varlen_attention``'s inner loops), where the per-token
-kernel reads every key row once per query token and sums each score across the lanes. Any CPU, any cache dtype.
+kernel reads every key row once per query token and sums each score across the lanes; with AVX-512 at head_dim 16 /
+32 / 64 / 128 / 256 the tile's 16 query rows are a vector's 16 lanes (scores, softmax and P V down the lanes, K and V
+broadcast from float rows). Any CPU, any cache dtype.
 
 ``paged_attention_amx`` is ``paged_attention`` with the prefill tokens of long-enough requests attended on AMX tiles
 (AMX-BF16: bfloat16 queries, a bfloat16 or fp8 cache, head_dim 32 / 64 / 128 / 256), in tiles of 16 query tokens per
