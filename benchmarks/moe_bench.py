@@ -77,12 +77,12 @@ def layer_split(llms: dict, dtype, rounds: int = 5, quantization: str = "none") 
             lin.finalize()
 
     def python_loop():
-        calls = moe.one_call, moe.w8a8_call
-        moe.one_call = moe.w8a8_call = False
+        calls = moe.one_call, moe.w8a8_call, moe.panels_call
+        moe.one_call = moe.w8a8_call = moe.panels_call = False
         try:
             return moe(x, x)
         finally:
-            moe.one_call, moe.w8a8_call = calls
+            moe.one_call, moe.w8a8_call, moe.panels_call = calls
 
     out = []
     for n in (256, 32):

@@ -85,6 +85,72 @@ def test_cpp_w8a8_experts_loop_equals_the_python_one(kernels, amx):
     assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("amx", [False, True])
+def test_cpp_weight_only_experts_loop_equals_the_python_one(kernels, quantization, dtype, amx):
+    """moe_experts_panels (the rows converted once, then each expert's panel GEMMs and SiLU-and-mul) equals each
+    int8 / int4 weight-only expert's MLP run alone, bit for bit: runs of 1 to 40 rows, an expert with no tokens, in
+    float32 and bfloat16 models, on AMX tiles and without (int4's panels exist only on AMX)."""
+    from tokenmill.model.layers import MLP, Build
+    from tokenmill.model.moe import SparseMoE
+    from tokenmill.ops.cpu_ops import CpuOps
+
+    ops = CpuOps(kernels, amx=amx)
+    if quantization == "int4" and not ops.amx:
+        pytest.skip("int4 weight-only experts are in the kernels' panels only with AMX (torch's int4 kernel otherwise)")
+    build = Build(ops, dtype, quantization=quantization)
+    experts = [MLP(128, 96, build) for _ in range(5)]
+    g = torch.Generator().manual_seed(3)
+    for e in experts:
+        for lin in (e.gate_up_proj, e.down_proj):
+            lin.load_rows(0, torch.randn(lin.out_features, lin.in_features, generator=g) * 0.05, "w")
+            lin.finalize()
+    holder = SparseMoE.__new__(SparseMoE)  # only the experts and the operand cache: _panel_operands' inputs
+    torch.nn.Module.__init__(holder)
+    holder.experts, holder._panels = torch.nn.ModuleList(experts), None
+    operands = holder._panel_operands()
+    assert operands, "the experts should be in the kernels' panels"
+    assert operands[-1] == (2 if quantization == "int4" else int(ops.amx))
+    counts = [5, 0, 40, 1, 17]
+    xs = torch.randn(sum(counts), 128, generator=g).to(dtype)
+    got = kernels.moe_experts_panels(xs, counts, *operands)
+    ref = torch.cat([e.partial(x) for e, x in zip(experts, xs.split(counts)) if x.shape[0]])
+    assert got.dtype == dtype and torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_weight_only_moe_model_takes_the_one_call_experts_and_keeps_its_tokens(tmp_path, monkeypatch, quantization):
+    """A tiny Mixtral in float32 with int8 / int4 weight-only experts: one moe_experts_panels call per MoE layer where
+    the experts are in the kernels' panels, and a busy chunked batch's greedy tokens equal the Python loop's."""
+    from helpers import save_tiny_model
+    from tokenmill import LLM, SamplingParams
+    from tokenmill.kernels import cpu_kernel
+    from tokenmill.model.moe import SparseMoE
+
+    kernels = cpu_kernel.load()
+    if kernels is None:
+        pytest.skip("no C++ kernels: the experts loop in Python")
+    if quantization == "int4" and not kernels.amx_available():
+        pytest.skip("int4 weight-only experts are in the kernels' panels only with AMX")
+    save_tiny_model("mixtral", tmp_path / "m")
+    calls = []
+    real = kernels.moe_experts_panels
+    monkeypatch.setattr(kernels, "moe_experts_panels", lambda *a: calls.append(1) or real(*a))
+    llm = LLM(str(tmp_path / "m"), dtype="float32", quantization=quantization, kv_cache_memory=0.05,
+              cache_dir=str(tmp_path), max_num_batched_tokens=48)
+    prompts = [[(5 * i + j) % 250 + 3 for j in range(4 + 7 * i)] for i in range(8)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    one_call = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert calls
+    for m in llm.engine.runner.model.modules():
+        if isinstance(m, SparseMoE):
+            m.panels_call = False
+    calls.clear()
+    loop = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert not calls and one_call == loop
+
+
 def test_w8a8_moe_model_takes_the_one_call_experts_and_keeps_its_tokens(tmp_path, monkeypatch):
     """A tiny Mixtral in bfloat16 under w8a8: its experts run in one moe_experts_w8a8 call per layer where the
     kernels have int8_gemm, and a busy batch's greedy tokens equal those of the Python loop over the experts."""

@@ -695,6 +695,45 @@ void int4g_gemm_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
 #endif
 }
 
+// The experts of an int8 / int4 weight-only mixture-of-experts layer in one call (moe_experts' loop for the panel
+// GEMMs): xs [T, h] float32 or bfloat16 rows grouped by expert (counts[e] each, summing to at most T); expert e's
+// gate|up weight [2I, h] in int8g_gemm's panels (gu_packed[e], gu_scales[e]; int4's two codes a byte for kind 2) and
+// its down weight [h, I] likewise (d_*). x_bf16: the GEMMs take bfloat16 input (Int8Weight.x_dtype; always for int4's
+// AMX panels), else float32. kind: 0 int8g_gemm, 1 int8g_gemm_amx, 2 int4g_gemm_amx. The rows go to the GEMMs' input
+// dtype once for all experts (a per-element conversion: the values each run's own conversion gives), then per expert
+// gate|up in xs's dtype, silu_mul, its result converted, and down into the expert's rows of ys: the kernels and
+// conversions of Int8Weight / Int4Weight's Python path (Linear, then ops.silu_mul), in its order, equal bit for bit.
+torch::Tensor moe_experts_panels(torch::Tensor xs, std::vector<int64_t> counts, std::vector<torch::Tensor> gu_packed,
+                                 std::vector<torch::Tensor> gu_scales, std::vector<torch::Tensor> d_packed,
+                                 std::vector<torch::Tensor> d_scales, bool x_bf16, int64_t kind) {
+  TORCH_CHECK(xs.dim() == 2 && xs.is_contiguous() &&
+                  (xs.scalar_type() == torch::kFloat32 || xs.scalar_type() == torch::kBFloat16),
+              "xs must be a contiguous [T, h] float32 or bfloat16 tensor");
+  const size_t E = counts.size();
+  TORCH_CHECK(gu_packed.size() == E && gu_scales.size() == E && d_packed.size() == E && d_scales.size() == E,
+              "one count and four weight tensors per expert");
+  TORCH_CHECK(kind >= 0 && kind <= 2, "kind must be 0 (int8g_gemm), 1 (int8g_gemm_amx) or 2 (int4g_gemm_amx)");
+  TORCH_CHECK(kind != 2 || x_bf16, "int4g_gemm_amx takes bfloat16 input");
+  auto gemm = kind == 0 ? int8g_gemm : kind == 1 ? int8g_gemm_amx : int4g_gemm_amx;
+  const auto in_dtype = x_bf16 ? torch::kBFloat16 : torch::kFloat32;
+  const torch::Tensor xin = xs.to(in_dtype).contiguous();  // [T, h]
+  auto ys = torch::empty_like(xs);
+  int64_t start = 0;
+  for (size_t e = 0; e < E; ++e) {
+    const int64_t n = counts[e];
+    if (n == 0) continue;
+    TORCH_CHECK(n > 0 && start + n <= xs.size(0), "counts must be >= 0 and sum to at most T");
+    const int64_t inter = d_packed[e].size(1) * 2;  // the down weight's K (both layouts hold K / 2 per panel row)
+    auto gate_up = torch::empty({n, 2 * inter}, xs.options());
+    gemm(xin.narrow(0, start, n), gu_packed[e], gu_scales[e], std::nullopt, std::nullopt, gate_up);
+    torch::Tensor act = silu_mul(gate_up);  // [n, I] in xs's dtype, as ops.silu_mul gives it
+    if (act.scalar_type() != in_dtype) act = act.to(in_dtype).contiguous();
+    gemm(act, d_packed[e], d_scales[e], std::nullopt, std::nullopt, ys.narrow(0, start, n));
+    start += n;
+  }
+  return ys;
+}
+
 // int8_gemm on AMX-INT8 tiles where this machine has them (amx_available() and AMX-INT8 in this build), K is a
 // multiple of 64 and there are at least AMX8_MIN_ROWS rows; int8_gemm elsewhere. Same operands, and the same result
 // bit for bit (int8_amx_impl). Below 8 rows a tile product is mostly padding and VNNI's register tiles are as fast

@@ -44,7 +44,8 @@ dequantizes its panel to float32 and runs a float GEMM. Bias and residual are ad
 
 ``int8g_gemm_amx`` is ``int8g_gemm`` on AMX tiles (each panel dequantized to bfloat16 weights once per task, then
 tile products over K), and ``int4g_gemm_amx`` the same over int4 panels (two 4-bit codes a byte, ``w = (q - 8) *
-scale + offset``), AMX hosts only (``cpu_amx.cpp``).
+scale + offset``), AMX hosts only (``cpu_amx.cpp``). ``moe_experts_panels`` is ``moe_experts``' loop for int8 / int4
+weight-only experts over these panel GEMMs.
 
 ``paged_attention_tiled`` is ``paged_attention`` with the prefill tokens of requests with at least ``min_q`` new
 tokens in the step attended in tiles of 16 query tokens per request and KV head (``cpu_prefill.cpp``): the keys a tile
@@ -100,7 +101,7 @@ _FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention", "quantize_rows_
               "int8g_gemm", "amx_available", "paged_attention_amx",
               "int8g_gemm_amx", "paged_attention_tiled", "int4g_gemm_amx", "moe_experts", "logprob_rows",
               "paged_attention_windowed", "int8_gemm_amx", "amx_int8_available",
-              "int8_gemm_argmax", "moe_experts_w8a8", "sample_rows",
+              "int8_gemm_argmax", "moe_experts_w8a8", "moe_experts_panels", "sample_rows",
               "sample_rows_filtered"]
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
            "-fopenmp"]

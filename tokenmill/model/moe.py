@@ -8,7 +8,8 @@ rows; each expert then runs one gate|up GEMM, SiLU-and-mul and one down GEMM ove
 are skipped), the rows are scaled by their routing weights and summed back onto their tokens in one scatter-add. On a
 CPU with the C++ kernels, float experts run that loop in one call (``moe_experts``: the same oneDNN GEMMs on the
 prepacked weights, 7-11% faster a decode-sized layer than driving it from Python), and so do w8a8 experts in
-bfloat16 (``moe_experts_w8a8``: the rows quantized once, the same int8 GEMMs as the Linears); with the Triton
+bfloat16 (``moe_experts_w8a8``: the rows quantized once, the same int8 GEMMs as the Linears) and int8 / int4
+weight-only experts in the kernels' panels (``moe_experts_panels``: the panel GEMMs the Linears call); with the Triton
 family, float experts run as two grouped GEMM launches and one SiLU-and-mul (``kernels/triton/moe.py``), their
 weights built as views of one stacked [num_experts, out, in] tensor per projection, so nothing is copied.
 Each expert is a dense ``MLP`` of ``Linear`` layers, so its weights are prepacked for oneDNN on the float path and
@@ -28,6 +29,7 @@ from torch import nn
 
 from tokenmill.model.layers import MLP, Build, Linear
 from tokenmill.model.model_config import ModelConfig
+from tokenmill.model.weight_only import Int4Weight, Int8Weight
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +78,9 @@ class SparseMoE(nn.Module):
         self.one_call = build.quantization == "none" and hasattr(build.ops.kernels, "moe_experts")
         self.w8a8_call = build.quantization == "w8a8" and hasattr(build.ops.kernels, "moe_experts_w8a8")
         self._w8a8 = None  # moe_experts_w8a8's weight operands, gathered on the first call (_w8a8_operands)
+        # int8 / int4 weight-only experts in the C++ kernels' panels: one moe_experts_panels call
+        self.panels_call = build.quantization in ("int8", "int4") and hasattr(build.ops.kernels, "moe_experts_panels")
+        self._panels = None  # its weight operands, or False where the experts are not in panels (_panel_operands)
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
         self.renormalize = cfg.norm_topk_prob
         floats = build.with_quantization("none")
@@ -94,9 +99,9 @@ class SparseMoE(nn.Module):
     def _experts(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Each expert's MLP over its run of ``xs`` (rows grouped by expert, ``counts`` a expert). Float experts on the
         C++ kernels: one ``moe_experts`` call (the loop in C++, each GEMM the same oneDNN call the Linear makes); w8a8
-        experts in bfloat16 there: one ``moe_experts_w8a8`` call (the same int8 kernels as the Linears); on the
-        Triton family: grouped GEMMs over the stacked weights; otherwise each expert's MLP in turn (weight-only
-        quantized experts, other devices and dtypes)."""
+        experts in bfloat16 there: one ``moe_experts_w8a8`` call (the same int8 kernels as the Linears); int8 / int4
+        weight-only experts in the kernels' panels: one ``moe_experts_panels`` call; on the Triton family: grouped
+        GEMMs over the stacked weights; otherwise each expert's MLP in turn (other devices, dtypes and layouts)."""
         if self.stacked is not None:
             from tokenmill.kernels.triton.moe import fused_experts
 
@@ -108,6 +113,10 @@ class SparseMoE(nn.Module):
             operands = self._w8a8_operands()
             if operands is not None:
                 return self.ops.kernels.moe_experts_w8a8(xs.contiguous(), counts, *operands)
+        if self.panels_call and xs.dtype in (torch.float32, torch.bfloat16) and self.experts[0].act == "silu":
+            operands = self._panel_operands()
+            if operands:
+                return self.ops.kernels.moe_experts_panels(xs.contiguous(), counts, *operands)
         ys = torch.empty_like(xs)
         start = 0
         for expert, count in zip(self.experts, counts):
@@ -128,6 +137,26 @@ class SparseMoE(nn.Module):
             self._w8a8 = ([w.packed for w in gu], [w.comp for w in gu], [w.scale for w in gu],
                           [w.packed for w in down], [w.comp for w in down], [w.scale for w in down], gu[0].amx)
         return self._w8a8
+
+    def _panel_operands(self) -> tuple | bool:
+        """moe_experts_panels' operands (each expert's gate|up and down panels and their scales, whether the GEMMs
+        take bfloat16 input, and the kernel: 0 int8g_gemm, 1 its AMX form, 2 int4g_gemm_amx), gathered once. False
+        where some expert is not in the panels (the torch kernels' layouts, GPTQ act-order's input permutation,
+        int8 experts of different input dtypes): the Python loop then runs."""
+        if self._panels is None:
+            ws = [w for e in self.experts for w in (e.gate_up_proj.quantized, e.down_proj.quantized)]
+            self._panels = False
+            if all(isinstance(w, Int8Weight) and w.packed is not None and w.x_dtype == ws[0].x_dtype for w in ws):
+                packed, scales = [w.packed for w in ws], [w.scales for w in ws]
+                kind = 1 if ws[0].amx else 0
+                x_bf16 = ws[0].x_dtype == torch.bfloat16
+            elif all(isinstance(w, Int4Weight) and w.panels is not None and w.perm is None for w in ws):
+                packed, scales = [w.panels for w in ws], [w.panel_scales for w in ws]
+                kind, x_bf16 = 2, True
+            else:
+                return self._panels
+            self._panels = (packed[0::2], scales[0::2], packed[1::2], scales[1::2], x_bf16, kind)
+        return self._panels
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + MoE(x) for x, residual [n, hidden] (under TP: rank 0 adds the residual, then the ranks' sum).
