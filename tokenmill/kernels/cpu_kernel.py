@@ -19,8 +19,8 @@ horizontal sum per row) and V rows are widened in registers once per KV group fo
 transposed so the scores are broadcast-FMAs over 16 keys, RB query rows sharing every K/V load; the whole batch is
 one call instead of one SDPA call per distinct length.
 
-``rms_norm`` is one pass per row instead of ~7 torch ops, bit-equal to them in bf16/fp16 (float32 keeps the torch
-ops, in transformers' order).
+``rms_norm`` is one pass per row instead of ~7 torch ops, bit-equal to them in bf16/fp16 (in float32 within a few
+ulps: the sum of squares is added in another order).
 
 ``quantize_rows_int8`` (per-token asymmetric 8-bit activations, bit-equal to the torch ops) and ``int8_epilogue``
 (int32 GEMM result times the token and channel scales, plus the activations' zero-point term, bias and residual,
