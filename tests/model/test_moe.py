@@ -119,61 +119,53 @@ def test_cpp_weight_only_experts_loop_equals_the_python_one(kernels, quantizatio
     assert got.dtype == dtype and torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_weight_only_moe_model_takes_the_one_call_experts_and_keeps_its_tokens(tmp_path, monkeypatch, quantization):
-    """A tiny Mixtral in float32 with int8 / int4 weight-only experts: one moe_experts_panels call per MoE layer where
-    the experts are in the kernels' panels, and a busy chunked batch's greedy tokens equal the Python loop's."""
+def _one_call_matches_the_loop(tmp_path, monkeypatch, kernels, call: str, flag: str, dtype: str, quantization: str):
+    """A tiny Mixtral's greedy tokens over a busy chunked batch with its experts in one ``call`` per MoE layer, then
+    with ``flag`` off on every SparseMoE (the Python loop over the experts): equal, and the call used only the first
+    time."""
     from helpers import save_tiny_model
     from tokenmill import LLM, SamplingParams
-    from tokenmill.kernels import cpu_kernel
     from tokenmill.model.moe import SparseMoE
+
+    save_tiny_model("mixtral", tmp_path / "m")
+    calls = []
+    real = getattr(kernels, call)
+    monkeypatch.setattr(kernels, call, lambda *a: calls.append(1) or real(*a))
+    llm = LLM(str(tmp_path / "m"), dtype=dtype, quantization=quantization, kv_cache_memory=0.05,
+              cache_dir=str(tmp_path), max_num_batched_tokens=48)
+    prompts = [[(5 * i + j) % 250 + 3 for j in range(4 + 7 * i)] for i in range(8)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    one_call = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert calls
+    for m in llm.engine.runner.model.modules():
+        if isinstance(m, SparseMoE):
+            setattr(m, flag, False)
+    calls.clear()
+    loop = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert not calls and one_call == loop
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_weight_only_moe_model_takes_the_one_call_experts_and_keeps_its_tokens(tmp_path, monkeypatch, quantization):
+    """float32 with int8 / int4 weight-only experts: one moe_experts_panels call per MoE layer where the experts are
+    in the kernels' panels, the Python loop's tokens."""
+    from tokenmill.kernels import cpu_kernel
 
     kernels = cpu_kernel.load()
     if kernels is None:
         pytest.skip("no C++ kernels: the experts loop in Python")
     if quantization == "int4" and not kernels.amx_available():
         pytest.skip("int4 weight-only experts are in the kernels' panels only with AMX")
-    save_tiny_model("mixtral", tmp_path / "m")
-    calls = []
-    real = kernels.moe_experts_panels
-    monkeypatch.setattr(kernels, "moe_experts_panels", lambda *a: calls.append(1) or real(*a))
-    llm = LLM(str(tmp_path / "m"), dtype="float32", quantization=quantization, kv_cache_memory=0.05,
-              cache_dir=str(tmp_path), max_num_batched_tokens=48)
-    prompts = [[(5 * i + j) % 250 + 3 for j in range(4 + 7 * i)] for i in range(8)]
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    one_call = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert calls
-    for m in llm.engine.runner.model.modules():
-        if isinstance(m, SparseMoE):
-            m.panels_call = False
-    calls.clear()
-    loop = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert not calls and one_call == loop
+    _one_call_matches_the_loop(tmp_path, monkeypatch, kernels, "moe_experts_panels", "panels_call", "float32",
+                               quantization)
 
 
 def test_w8a8_moe_model_takes_the_one_call_experts_and_keeps_its_tokens(tmp_path, monkeypatch):
-    """A tiny Mixtral in bfloat16 under w8a8: its experts run in one moe_experts_w8a8 call per layer where the
-    kernels have int8_gemm, and a busy batch's greedy tokens equal those of the Python loop over the experts."""
-    from helpers import save_tiny_model
-    from tokenmill import LLM, SamplingParams
+    """bfloat16 under w8a8: one moe_experts_w8a8 call per MoE layer where the kernels have int8_gemm, the Python
+    loop's tokens."""
     from tokenmill.kernels import cpu_kernel
-    from tokenmill.model.moe import SparseMoE
 
     kernels = cpu_kernel.load()
     if kernels is None or not kernels.int8_gemm_available():
         pytest.skip("no VNNI int8_gemm here: w8a8 experts loop in Python")
-    save_tiny_model("mixtral", tmp_path / "m")
-    calls = []
-    real = kernels.moe_experts_w8a8
-    monkeypatch.setattr(kernels, "moe_experts_w8a8", lambda *a: calls.append(1) or real(*a))
-    llm = LLM(str(tmp_path / "m"), dtype="bfloat16", quantization="w8a8", kv_cache_memory=0.05,
-              cache_dir=str(tmp_path), max_num_batched_tokens=48)
-    prompts = [[(5 * i + j) % 250 + 3 for j in range(4 + 7 * i)] for i in range(8)]
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    one_call = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert calls
-    for m in llm.engine.runner.model.modules():
-        if isinstance(m, SparseMoE):
-            m.w8a8_call = False
-    loop = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert one_call == loop
+    _one_call_matches_the_loop(tmp_path, monkeypatch, kernels, "moe_experts_w8a8", "w8a8_call", "bfloat16", "w8a8")
