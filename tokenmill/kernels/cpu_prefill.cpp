@@ -61,16 +61,6 @@ struct TiledScratch {
 };
 
 #if defined(__AVX512F__)
-// A tile's 16 query rows of one head as the 16 lanes of a vector (AVX-512, head_dim D = 16 * NV): qt [D][16] the
-// queries times the scale, transposed; kf and vf [>= roundup(nk, 16)][D] the keys and values as float rows (rows
-// past nk finite: read, never weighted). Row r sees keys firsts[r] (nullptr: 0) .. lens[r] - 1 (lens[r] <= nk).
-// Scores st [nk][16] = K Q^T 16 keys a step: each Q^T vector loaded once feeds 16 FMAs whose key values are
-// broadcast from the rows of K at fixed offsets; softcap > 0 caps them (cap_scores); the softmax runs down the lanes
-// (a row's masked keys -inf, then weight 0); P.V the same way, 16 output columns a pass: ot [D][16] <- the
-// unnormalised outputs, inv[r] <- 1 / row r's softmax sum. Every load in the inner loops is a vector of Q^T or st
-// or a broadcast of one float of K / V at a compile-time offset: no per-row address registers (attend_rows' rows
-// need one each) and every K / V row is read from L2 once per tile and head, then from L1. 1.2x attend_rows with
-// RB = 16 in a single-thread harness (head_dim 64, 2k-token prompt).
 // exp_nonpos on 16 lanes, to float32 precision (its reduction and degree-6 polynomial; 2^n by vscalefps), where
 // cpu_amx.cpp's exp_nonpos16 is a degree-5 polynomial for probabilities rounded to bfloat16
 static inline vec16 exp_nonpos_lanes(vec16 xv) {
@@ -89,6 +79,15 @@ static inline vec16 exp_nonpos_lanes(vec16 xv) {
   return (vec16)_mm512_scalef_ps(p, n);
 }
 
+// A tile's 16 query rows of one head as the 16 lanes of a vector (AVX-512, head_dim D = 16 * NV): qt [D][16] the
+// queries times the scale, transposed; kf and vf [>= roundup(nk, 16)][D] the keys and values as float rows (rows
+// past nk finite: read, never weighted). Row r sees keys firsts[r] (nullptr: 0) .. lens[r] - 1 (lens[r] <= nk).
+// Scores st [nk][16] = K Q^T 16 keys a step: each Q^T vector loaded once feeds 16 FMAs whose key values are
+// broadcast from the rows of K at fixed offsets; softcap > 0 caps them (cap_scores); the softmax runs down the lanes
+// (a row's masked keys -inf, then weight 0); P.V the same way, 16 output columns a pass: ot [D][16] <- the
+// unnormalised outputs, inv[r] <- 1 / row r's softmax sum. Every load in the inner loops is a vector of Q^T or st
+// or a broadcast of one float of K / V at a compile-time offset: no per-row address registers (attend_rows' rows
+// need one each) and every K / V row is read from L2 once per tile and head, then from L1.
 template <int NV>
 static void attend_lanes16(const float* qt, const float* kf, const float* vf, int64_t nk, const int64_t* lens,
                            const int64_t* firsts, float softcap, float* st, float* ot, float* inv) {
@@ -152,7 +151,7 @@ template <typename scalar_t, typename cache_t, int NV, int RB>
 static void tiled_prefill_task(const scalar_t* qp, const cache_t* kp, const cache_t* vp, const int64_t* table,
                                const PrefillTile& t, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale,
                                int64_t window, float softcap, scalar_t* op, TiledScratch& s) {
-  // the 16 rows as vector lanes (attend_lanes16): AVX-512, a head_dim of 16 * NV (scratch sized by tile_rows)
+  // the 16 rows as vector lanes (attend_lanes16): AVX-512, a head_dim of 16 * NV (scratch: tiled_prefill_impl)
   constexpr bool lanes = LANES16_OK && NV > 0;
   const int64_t G = H / Hkv, row = Hkv * D, L = t.ctx + t.n;
   const int64_t first = s.r == t.r && s.g == t.g && s.built <= L ? s.built : 0;
