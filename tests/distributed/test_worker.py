@@ -34,8 +34,14 @@ def items(worker: ShardWorker, lines: range) -> list:
 
 
 def test_ready_checks_the_shared_output(worker_env, tmp_path):
+    """ready() names the worker's process and checks the driver's probe file; outside Ray it starts no Ray cluster
+    (ray.get_runtime_context() would start one, on the machine's external interface)."""
+    import sys
+
     d, shards, w = worker_env
-    assert w.ready()["pid"] > 0
+    info = w.ready()
+    assert info["pid"] > 0 and info["node_id"] is None
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     w2 = ShardWorker.__new__(ShardWorker)
     w2.shard_dir, w2.probe = tmp_path, ".probe-x"  # a directory where the driver's probe is not
     with pytest.raises(OutputNotShared, match="must be on a filesystem every node shares"):

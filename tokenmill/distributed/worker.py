@@ -88,11 +88,14 @@ class ShardWorker:
         except OSError as e:
             raise OutputNotShared(f"the worker on {socket.gethostname()} cannot write to {self.shard_dir}: "
                                   f"{e.strerror}") from None
+        node = None  # not under Ray (a test driving the class directly)
         try:
             import ray
 
-            node = ray.get_runtime_context().get_node_id()
-        except Exception:  # not under Ray (a test driving the class directly)
+            # ray.get_runtime_context() starts a local Ray cluster in a process that has none: ask only under Ray
+            if ray.is_initialized():
+                node = ray.get_runtime_context().get_node_id()
+        except Exception:
             node = None
         return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": node}
 
