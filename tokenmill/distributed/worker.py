@@ -95,8 +95,8 @@ class ShardWorker:
             # ray.get_runtime_context() starts a local Ray cluster in a process that has none: ask only under Ray
             if ray.is_initialized():
                 node = ray.get_runtime_context().get_node_id()
-        except Exception:
-            node = None
+        except Exception:  # Ray not installed, or its runtime context unavailable
+            pass
         return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": node}
 
     def progress(self) -> dict[str, float]:

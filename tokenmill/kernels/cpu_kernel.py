@@ -58,9 +58,9 @@ broadcast from float rows). Any CPU, any cache dtype.
 ``paged_attention_amx`` is ``paged_attention`` with the prefill tokens of long-enough requests attended on AMX tiles
 (AMX-BF16: bfloat16 queries, a bfloat16 or fp8 cache, head_dim 32 / 64 / 128 / 256), in tiles of 16 query tokens per
 request and KV group: S = Q K^T and P V as tile products, the softmax on AVX-512 between them (``cpu_amx.cpp``; P
-rounded to bfloat16 before P V, as flash attention does on GPUs). ``amx_available()`` says whether this build targets a CPU with
-AMX and the OS granted the process the tile state; elsewhere the function is ``paged_attention_tiled``. The ops object
-decides once whether to call it (``ops/cpu_ops.py``).
+rounded to bfloat16 before P V, as flash attention does on GPUs). ``amx_available()`` says whether this build targets a
+CPU with AMX and the OS granted the process the tile state; elsewhere the function is ``paged_attention_tiled``. The
+ops object decides once whether to call it (``ops/cpu_ops.py``).
 
 The C++ sources beside this file, one kernel family each (``cpu_common.cpp``: the shared vector helpers;
 ``cpu_attention.cpp``, ``cpu_layers.cpp``: norms, RoPE, argmax, the MLP activation, the MoE loop, the sampler's

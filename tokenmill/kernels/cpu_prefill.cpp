@@ -146,13 +146,16 @@ template <int NV>
 static void attend_lanes16(const float*, const float*, const float*, int64_t, const int64_t*, const int64_t*, float,
                            float*, float*, float*) {}
 #endif
+// Whether the tiles of head_dim 16 * NV (NV 0: another head_dim) take attend_lanes16 (16 query rows at once) or
+// attend_rows (RB rows at once).
+template <int NV>
+constexpr bool tile_lanes = LANES16_OK && NV > 0;
 
 template <typename scalar_t, typename cache_t, int NV, int RB>
 static void tiled_prefill_task(const scalar_t* qp, const cache_t* kp, const cache_t* vp, const int64_t* table,
                                const PrefillTile& t, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale,
                                int64_t window, float softcap, scalar_t* op, TiledScratch& s) {
-  // the 16 rows as vector lanes (attend_lanes16): AVX-512, a head_dim of 16 * NV (scratch: tiled_prefill_impl)
-  constexpr bool lanes = LANES16_OK && NV > 0;
+  constexpr bool lanes = tile_lanes<NV>;
   const int64_t G = H / Hkv, row = Hkv * D, L = t.ctx + t.n;
   const int64_t first = s.r == t.r && s.g == t.g && s.built <= L ? s.built : 0;
   for (int64_t key = first; key < L; ++key) {
@@ -232,7 +235,7 @@ static void tiled_prefill_impl(const torch::Tensor& q, const torch::Tensor& k_ca
     s.ldk = ldk;
     s.kt.assign(D * ldk, 0.f);
     s.vf.assign(ldk * D, 0.f);
-    constexpr int64_t rows = LANES16_OK && NV > 0 ? 16 : RB;  // query rows attended at once (attend_lanes16: 16)
+    constexpr int64_t rows = tile_lanes<NV> ? 16 : RB;  // query rows attended at once
     s.sc.resize(rows * ldk);
     s.qf.resize(rows * D);
     s.of.resize(rows * D);
