@@ -147,14 +147,17 @@ def assert_greedy_equal(ours: list[int], ref: list[int], ref_logits: list[torch.
     warnings.warn(f"{label}: diverged at token {j} at a near-tie of the top two logits (gap {gap:.2e})")
 
 
-def save_lora_adapter(base_path, out, rank: int, alpha: float, targets: list[str], rslora: bool, seed: int):
+def save_lora_adapter(base_path, out, rank: int, alpha: float, targets: list[str], rslora: bool, seed: int,
+                      target_parameters: list[str] | None = None):
     """A PEFT LoRA adapter of the HF model at ``base_path`` with random factors, saved to ``out``; returns the PEFT
-    model (the reference)."""
+    model (the reference). ``target_parameters``: PEFT's adapters of parameters (a mixture of experts' fused
+    experts)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, lora_dropout=0.0)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, lora_dropout=0.0,
+                     target_parameters=target_parameters)
     peft_model = get_peft_model(base, cfg)
     g = torch.Generator().manual_seed(seed)
     for name, p in peft_model.named_parameters():

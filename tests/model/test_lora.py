@@ -172,45 +172,149 @@ def test_phi3_adapters_of_its_fused_layers_equal_peft(tmp_path):
     assert [o.token_ids for o in got] == [o.token_ids for o in outs]
 
 
-def test_adapters_on_a_mixture_of_experts_model_equal_peft_and_experts_are_refused(tmp_path):
-    """Qwen2-MoE (a dense first layer, then a sparse one with a shared expert): adapters of its attention, and of the
-    dense layer's MLP, run beside the base in one batch and equal PEFT; an adapter of the experts is one clear error."""
-    from tokenmill.model.lora import LoraError
+_EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # PEFT's target_parameters (transformers 5)
 
-    hf = save_tiny_model("qwen2_moe", tmp_path / "base")
-    assert hf.config.mlp_only_layers == [0]
-    peft = {"attn": save_lora_adapter(tmp_path / "base", tmp_path / "attn", 4, 8, ["q_proj", "k_proj", "v_proj",
-                                                                                    "o_proj"], False, seed=1)}
-    rng = random.Random(9)
-    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(2, 30))] for _ in range(4)]
-    cases = [(p, n) for p in prompts for n in (None, "attn")]
-    llm = LLM(str(tmp_path / "base"), lora_adapters={"attn": str(tmp_path / "attn")}, block_size=4,
-              max_num_batched_tokens=48, prefill_chunk_size=7)
-    outs = llm.generate([p for p, _ in cases], [SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True,
-                                                               lora=n) for _, n in cases], use_tqdm=False)
-    for (p, n), out in zip(cases, outs):
-        ref = hf_greedy(peft[n] if n else hf, p, NEW)
-        assert_greedy_equal(out.token_ids, *ref, f"moe adapter {n} prompt {p[:3]}")
-    assert any(a.token_ids != b.token_ids for a, b in zip(outs[::2], outs[1::2]))  # the adapter matters
-    save_lora_adapter(tmp_path / "base", tmp_path / "mlp", 4, 8, ["gate_proj", "up_proj"], False, seed=2)
-    with pytest.raises(LoraError, match="mixture-of-experts layer's experts"):
-        LLM(str(tmp_path / "base"), lora_adapters={"mlp": str(tmp_path / "mlp")})
-    # factors for the MLP of a layer that is sparse (no PEFT run writes them; a hand-made file could)
+
+def _split_per_expert(src, dst, arch: str, hf_config, rank: int) -> None:
+    """Rewrites an adapter of the fused experts (PEFT target_parameters: lora_A [r * E, in] expert-major, lora_B
+    [out, r * E] rank-major) in the per-expert layout of adapters trained on transformers 4.x (Mixtral:
+    ``block_sparse_moe.experts.N.w1 / w3 / w2``; the others: ``mlp.experts.N.gate_proj / up_proj / down_proj``), a
+    fused gate|up factor as gate's and up's (one A, B's two halves): the same update, another file layout."""
+    import re
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    shutil.copytree(tmp_path / "attn", tmp_path / "odd")
-    cfg = json.loads((tmp_path / "odd" / "adapter_config.json").read_text())
-    cfg["target_modules"] = [*cfg["target_modules"], "gate_proj"]
-    (tmp_path / "odd" / "adapter_config.json").write_text(json.dumps(cfg))
-    tensors = load_file(str(tmp_path / "odd" / "adapter_model.safetensors"))
-    prefix = "base_model.model.model.layers.1.mlp.gate_proj"
-    tensors[f"{prefix}.lora_A.weight"] = torch.zeros(4, hf.config.hidden_size)
-    tensors[f"{prefix}.lora_B.weight"] = torch.zeros(hf.config.moe_intermediate_size, 4)
-    save_file(tensors, str(tmp_path / "odd" / "adapter_model.safetensors"))
-    with pytest.raises(LoraError, match="layer 1's MLP, which is a mixture of experts there"):
-        LLM(str(tmp_path / "base"), lora_adapters={"odd": str(tmp_path / "odd")})
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    names = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    group = "block_sparse_moe" if arch == "mixtral" else "mlp"
+    cfg["target_modules"], cfg["target_parameters"] = [*cfg["target_modules"], *names], None
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    experts = hf_config.num_local_experts if arch == "mixtral" else hf_config.num_experts
+    intermediate = hf_config.intermediate_size if arch == "mixtral" else hf_config.moe_intermediate_size
+    out, fused = {}, {}
+    for key, t in load_file(str(src / "adapter_model.safetensors")).items():
+        m = re.fullmatch(r"(.*layers\.\d+)\.mlp\.experts((?:\.base_layer)*)\.lora_([AB])\.weight", key)
+        if m is None:
+            out[key] = t
+        else:
+            fused.setdefault(m.group(1, 2), {})[m.group(3)] = t
+    for (prefix, _), f in fused.items():
+        a3, b3 = f["A"].reshape(experts, rank, -1), f["B"].reshape(f["B"].shape[0], rank, experts)
+        gate_up = f["B"].shape[0] == 2 * intermediate
+        for e in range(experts):
+            for name, b in zip(names[:2], b3[:, :, e].chunk(2)) if gate_up else [(names[2], b3[:, :, e])]:
+                out[f"{prefix}.{group}.experts.{e}.{name}.lora_A.weight"] = a3[e].clone()
+                out[f"{prefix}.{group}.experts.{e}.{name}.lora_B.weight"] = b.contiguous()
+    save_file(out, str(dst / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_adapters_of_a_mixture_of_experts_equal_peft(arch, tmp_path):
+    """Adapters of a MoE model's experts (PEFT's target_parameters over transformers 5's fused expert parameters, and
+    the same factors in the per-expert layout of older adapters), its attention, and on Qwen2-MoE (a dense first
+    layer, then a sparse one with a shared expert) its dense MLP and shared expert: a busy chunked batch mixing them
+    and the base model equals each one's PEFT model, each expert adding its update over its own rows."""
+    hf = save_tiny_model(arch, tmp_path / "base")
+    mlp = ["gate_proj", "up_proj", "down_proj"] if arch == "qwen2_moe" else []
+    peft = {"experts": save_lora_adapter(tmp_path / "base", tmp_path / "experts", 4, 8, [], False, seed=1,
+                                         target_parameters=_EXPERT_PARAMS),
+            "all": save_lora_adapter(tmp_path / "base", tmp_path / "all", 8, 16, ["q_proj", "v_proj", *mlp], True,
+                                     seed=2, target_parameters=_EXPERT_PARAMS)}
+    _split_per_expert(tmp_path / "experts", tmp_path / "split", arch, hf.config, 4)
+    peft["split"], peft[None] = peft["experts"], hf
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(2, 30))] for _ in range(4)]
+    cases = [(p, n) for p in prompts for n in peft]
+    llm = LLM(str(tmp_path / "base"), lora_adapters={n: str(tmp_path / n) for n in ("experts", "all", "split")},
+              block_size=4, max_num_batched_tokens=48, prefill_chunk_size=7, max_num_seqs=16)
+    assert llm.engine.runner.model.layers[1].mlp.expert_loras is not None
+    outs = llm.generate([p for p, _ in cases], [SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True,
+                                                               lora=n) for _, n in cases], use_tqdm=False)
+    for (p, n), out in zip(cases, outs):
+        assert_greedy_equal(out.token_ids, *hf_greedy(peft[n], p, NEW), f"{arch} adapter {n} prompt {p[:3]}")
+    by_prompt = [{n: o.token_ids for (_, n), o in zip(cases[i:i + len(peft)], outs[i:i + len(peft)])}
+                 for i in range(0, len(cases), len(peft))]
+    assert sum(d["experts"] != d[None] for d in by_prompt) >= 3  # the experts' updates matter
+    if arch == "mixtral":  # two ranks: the experts' factors cut as their weights are (gate|up's B rows, down's A)
+        two = LLM(str(tmp_path / "base"), lora_adapters={n: str(tmp_path / n) for n in ("experts", "all")},
+                  block_size=4, max_num_batched_tokens=48, prefill_chunk_size=7, tensor_parallel_size=2)
+        try:
+            mine = [(p, n) for p, n in cases if n != "split"]
+            got = two.generate([p for p, _ in mine], [SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True,
+                                                                     lora=n) for _, n in mine], use_tqdm=False)
+        finally:
+            two.close()
+        assert [o.token_ids for o in got] == [o.token_ids for (_, n), o in zip(cases, outs) if n != "split"]
+
+
+def test_adapters_of_quantized_experts_stay_close_to_the_float_ones(tmp_path):
+    """The experts' updates are added to whatever their quantized GEMMs give (the experts then run one by one, not in
+    the one-call kernels): int8 experts under an adapter score like the float model under it."""
+    save_tiny_model("mixtral", tmp_path / "base")
+    save_lora_adapter(tmp_path / "base", tmp_path / "experts", 4, 8, [], False, seed=1,
+                      target_parameters=_EXPERT_PARAMS)
+    ids = [(7 * i + 2) % 200 + 3 for i in range(40)]
+    got = {}
+    for q in ("none", "int8"):
+        llm = LLM(str(tmp_path / "base"), lora_adapters={"experts": str(tmp_path / "experts")}, quantization=q,
+                  cache_dir=str(tmp_path), kv_cache_memory=0.05)
+        for name in ("experts", None):
+            out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, lora=name),
+                               use_tqdm=False)[0]
+            got[(q, name)] = torch.tensor([lp[t] for lp, t in zip(out.prompt_logprobs[1:], ids[1:])])
+    assert (got[("int8", "experts")] - got[("none", "experts")]).abs().mean() < 0.02
+    assert (got[("none", "experts")] - got[("none", None)]).abs().mean() > 0.1
+
+
+def test_bad_adapters_of_a_mixture_of_experts_are_one_clear_error(tmp_path):
+    """Factors for a dense MLP the layer does not have, an expert it does not have, fused factors of the wrong rank,
+    a router in target_parameters: one clear LoraError each."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tokenmill.model.lora import LoraError
+
+    hf = save_tiny_model("qwen2_moe", tmp_path / "base")
+    assert hf.config.mlp_only_layers == [0]
+    save_lora_adapter(tmp_path / "base", tmp_path / "ok", 4, 8, ["q_proj"], False, seed=1,
+                      target_parameters=_EXPERT_PARAMS)
+
+    def variant(name, cfg_change=None, add=None, drop=()):
+        shutil.copytree(tmp_path / "ok", tmp_path / name)
+        cfg = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({**cfg, **(cfg_change or {})}))
+        tensors = {k: v for k, v in load_file(str(tmp_path / "ok" / "adapter_model.safetensors")).items()
+                   if not any(d in k for d in drop)}
+        save_file({**tensors, **(add or {})}, str(tmp_path / name / "adapter_model.safetensors"))
+        return str(tmp_path / name)
+
+    h, i = hf.config.hidden_size, hf.config.moe_intermediate_size
+    prefix = "base_model.model.model.layers.1.mlp"
+    cases = {  # hand-made files (no PEFT run writes them)
+        "dense": ({"target_modules": ["q_proj", "gate_proj"]},
+                  {f"{prefix}.gate_proj.lora_A.weight": torch.zeros(4, h),
+                   f"{prefix}.gate_proj.lora_B.weight": torch.zeros(i, 4)}, (),
+                  "layer 1's MLP \\(gate_proj\\), which is a mixture of experts there"),
+        "expert9": ({"target_modules": ["q_proj", "up_proj"]},
+                    {f"{prefix}.experts.9.up_proj.lora_A.weight": torch.zeros(4, h),
+                     f"{prefix}.experts.9.up_proj.lora_B.weight": torch.zeros(i, 4)}, (),
+                    "adapts an expert this model does not have \\(4 experts a layer\\)"),
+        "shared0": ({"target_modules": ["q_proj", "up_proj"]},
+                    {"base_model.model.model.layers.0.mlp.shared_expert.up_proj.lora_A.weight": torch.zeros(4, h),
+                     "base_model.model.model.layers.0.mlp.shared_expert.up_proj.lora_B.weight": torch.zeros(i, 4)},
+                    (), "layer 0's shared_expert.up_proj, which this model does not have \\(a dense MLP there\\)"),
+        "rank": ({"r": 2}, None, ("q_proj",), "fused experts have lora_A \\(16, 64\\).*with r=2 and 4 experts"),
+        "router": ({"target_parameters": ["mlp.gate.weight", *_EXPERT_PARAMS]}, None, (),
+                   "target_parameters mlp.gate.weight: tokenmill adapts the fused experts' gate_up_proj and "
+                   "down_proj parameters only"),
+    }
+    for name, (cfg_change, add, drop, message) in cases.items():
+        with pytest.raises(LoraError, match=message):
+            LLM(str(tmp_path / "base"), lora_adapters={name: variant(name, cfg_change, add, drop)},
+                kv_cache_memory=0.01)
 
 
 def test_adapters_with_two_ranks_equal_one(lora_case):
@@ -242,3 +346,21 @@ def test_adapters_through_the_triton_family_equal_peft(lora_case):
     for (p, n), out in zip(cases, outs):
         assert_greedy_equal(out, *refs[(tuple(p), n)], f"triton adapter {n} prompt {p[:3]}")
     assert outs == [o.token_ids for o in _llm(root).generate([p for p, _ in cases], params, use_tqdm=False)]
+
+
+def test_adapters_of_experts_through_the_triton_family_equal_peft(tmp_path):
+    """On the Triton family float experts run as grouped launches over stacked weights; a step with an adapter's rows
+    runs them one by one instead (each adding its update): equal to PEFT beside the base model."""
+    hf = save_tiny_model("mixtral", tmp_path / "base")
+    peft = save_lora_adapter(tmp_path / "base", tmp_path / "experts", 4, 8, ["q_proj"], False, seed=1,
+                             target_parameters=_EXPERT_PARAMS)
+    llm = LLM(str(tmp_path / "base"), lora_adapters={"experts": str(tmp_path / "experts")}, block_size=4,
+              max_num_batched_tokens=48, prefill_chunk_size=7, attention_backend="triton")
+    assert llm.engine.runner.model.layers[0].mlp.stacked is not None
+    rng = random.Random(6)
+    cases = [(p, n) for p in ([rng.randrange(3, 256) for _ in range(12)], [9, 8, 7]) for n in (None, "experts")]
+    outs = llm.generate([p for p, _ in cases], [SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True,
+                                                               lora=n) for _, n in cases], use_tqdm=False)
+    for (p, n), out in zip(cases, outs):
+        assert_greedy_equal(out.token_ids, *hf_greedy(peft if n else hf, p, NEW), f"triton experts {n} {p[:3]}")
+    assert outs[0].token_ids != outs[1].token_ids

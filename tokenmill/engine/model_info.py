@@ -50,7 +50,7 @@ class ModelInfo:
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
         hf_dir, mc = read_model_config(path, cache_dir)
         config = config.resolve(mc.max_position_embeddings)
-        adapters = [read_adapter(name, p, mc.num_hidden_layers) for name, p in config.lora_adapters]
+        adapters = [read_adapter(name, p, mc) for name, p in config.lora_adapters]
         tokenizer = load_tokenizer(tokenizer_dir(hf_dir, config.load_format, cache_dir))
         device = resolve_device(config.device)
         return cls(config, path, hf_dir, mc, tokenizer, eos_token_ids(hf_dir, mc, tokenizer), device,

@@ -177,7 +177,7 @@ def load_model(
         from tokenmill.model.lora import attach_loras, read_adapter
 
         if adapters is None:
-            adapters = [read_adapter(name, p, cfg.num_hidden_layers) for name, p in lora_adapters]
+            adapters = [read_adapter(name, p, cfg) for name, p in lora_adapters]
         elif [a.name for a in adapters] != [name for name, _ in lora_adapters]:
             raise ValueError("the LoRA adapters given read are not the ones lora_adapters names")
         attach_loras(net, adapters)

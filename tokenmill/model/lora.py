@@ -2,17 +2,26 @@
 then each adapter's low-rank update over its own tokens.
 
 An adapter is a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``) whose targets are the
-decoder's linear layers (q/k/v/o, gate/up/down projections; on a mixture-of-experts model its attention and its
-dense MLP layers: an adapter of the experts is refused). ``attach_loras`` stacks every adapter's factors into
-each targeted layer (``LoraWeights``): for a layer with output shards (q|k|v, gate|up) an adapter's ``A`` is its
-shards' A factors one under the other and its ``B`` block-diagonal, so a fused layer's update is still two GEMMs; the
-PEFT scaling (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA) is folded into B; adapters of lower rank are
-zero-padded to the widest (zeros add nothing). The runner orders a step's requests by adapter (within its decodes
-and within its prefills), so each adapter's tokens are at most two contiguous runs of rows (``LoraSet.set_step``);
-every targeted layer then adds ``(x[a:b] A^T) B^T`` to its output rows ``a:b`` for each run (views: no gather or
-scatter; measured 1.9x faster than gathering each adapter's rows and adding them back), base-model rows get
-nothing. On the Triton family the runs are one grouped GEMM launch for the shrink and one for the expand (added to
-the output in the kernel), whatever the number of adapters (``kernels/triton/grouped.py``). The base weights may be quantized: the update is added to whatever the base GEMM produced.
+decoder's linear layers (q/k/v/o, gate/up/down projections). On a mixture-of-experts model they may also be the
+shared expert's projections and the routed experts': per-expert keys (``experts.N.gate_proj``, Mixtral's
+``experts.N.w1`` / ``w3`` / ``w2``: adapters trained on transformers 4.x) or PEFT's ``target_parameters`` over the
+fused 3-D expert parameters of transformers 5 (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I];
+lora_A [r * E, in] expert-major, lora_B [out, r * E] rank-major, the keys nested as ``experts(.base_layer)*.lora_X``
+without the parameter's name, so each is told apart by its shapes). Both read into per-expert factors, and each
+expert's update runs over its own rows (``ExpertLoraWeights``: the layer's rows are regrouped by expert, so its
+runs of an adapter's rows are cut again per expert by ``SparseMoE``). The router is never adapted.
+
+``attach_loras`` stacks every adapter's factors into each targeted layer (``LoraWeights``): for a layer with output
+shards (q|k|v, gate|up) an adapter's ``A`` is its shards' A factors one under the other and its ``B``
+block-diagonal, so a fused layer's update is still two GEMMs; the PEFT scaling (``lora_alpha / r``, or ``/ sqrt(r)``
+with rsLoRA) is folded into B; adapters of lower rank are zero-padded to the widest (zeros add nothing). The runner
+orders a step's requests by adapter (within its decodes and within its prefills), so each adapter's tokens are at
+most two contiguous runs of rows (``LoraSet.set_step``); every targeted layer then adds ``(x[a:b] A^T) B^T`` to its
+output rows ``a:b`` for each run (views: no gather or scatter; measured 1.9x faster than gathering each adapter's
+rows and adding them back), base-model rows get nothing. On the Triton family the runs are one grouped GEMM launch
+for the shrink and one for the expand (added to the output in the kernel), whatever the number of adapters
+(``kernels/triton/grouped.py``); routed experts' updates run per expert there too. The base weights may be
+quantized: the update is added to whatever the base GEMM produced.
 
 Invariants: slot 0 is the first adapter; a request without an adapter has no rows in any group; the adapter set is
 fixed when the model is built (``max_loras`` bounds it), so the stacked tensors never change during a run.
@@ -30,13 +39,19 @@ import torch
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                 "qkv_proj", "gate_up_proj")  # the last two: Phi-3's fused layers, adapted as a whole
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+_MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # transformers 4.x Mixtral experts' names
 # PEFT target name -> (our layer, shard index: the rows it adapts; -1 = all of the layer's rows)
 _FUSED = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1),
           "v_proj": ("self_attn.qkv_proj", 2), "qkv_proj": ("self_attn.qkv_proj", -1),
           "o_proj": ("self_attn.o_proj", 0), "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1),
           "gate_up_proj": ("mlp.gate_up_proj", -1), "down_proj": ("mlp.down_proj", 0)}
-_KEY = re.compile(r"(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])"
-                  r"(?:\.[\w-]+)?\.weight")
+_PREFIX = r"(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\."
+_SUFFIX = r"\.lora_([AB])(?:\.[\w-]+)?\.weight"
+# layer, module group, the shared or routed expert (None: attention or a dense MLP), target, A or B
+_KEY = re.compile(_PREFIX + r"(self_attn|mlp|block_sparse_moe)\.(?:(shared_expert|experts\.\d+)\.)?(\w+)" + _SUFFIX)
+# PEFT target_parameters over the fused experts: layer, the nesting (one wrapper per parameter), A or B
+_FUSED_EXPERTS_KEY = re.compile(_PREFIX + r"(?:mlp|block_sparse_moe)\.experts((?:\.base_layer)*)" + _SUFFIX)
 
 
 class LoraError(ValueError):
@@ -53,51 +68,77 @@ class LoraAdapter:
     factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def read_adapter(name: str, path: str | Path, num_layers: int) -> LoraAdapter:
-    """Reads and checks one PEFT adapter directory (its rank, its targets, every tensor's shape)."""
+def read_adapter(name: str, path: str | Path, cfg) -> LoraAdapter:
+    """Reads and checks one PEFT adapter directory (its rank, its targets, every tensor's shape) against the model's
+    ``cfg`` (a ModelConfig: its layers, and on a mixture of experts the experts' count and shapes). The factors of
+    experts are keyed ``experts.N.<target>`` and ``shared_expert.<target>``, Mixtral's w1 / w3 / w2 by their
+    gate / up / down names."""
     path = Path(path).expanduser()
     cfg_file = path / "adapter_config.json"
     if not cfg_file.is_file():
         raise LoraError(f"LoRA adapter {name!r}: {path} has no adapter_config.json (a PEFT adapter directory)")
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise LoraError(f"LoRA adapter {name!r}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    acfg = json.loads(cfg_file.read_text())
+    if acfg.get("peft_type", "LORA") != "LORA":
+        raise LoraError(f"LoRA adapter {name!r}: peft_type {acfg.get('peft_type')!r} is not LORA")
     for key, bad, what in (("use_dora", True, "DoRA"), ("fan_in_fan_out", True, "fan_in_fan_out weights")):
-        if cfg.get(key) == bad:
+        if acfg.get(key) == bad:
             raise LoraError(f"LoRA adapter {name!r}: {what} is not supported")
-    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
+    if acfg.get("bias", "none") != "none" or acfg.get("modules_to_save"):
         raise LoraError(f"LoRA adapter {name!r}: trained biases or modules_to_save are not supported (only the "
                         f"low-rank factors)")
-    rank, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+    rank, alpha = int(acfg.get("r", 8)), float(acfg.get("lora_alpha", 8))
+    if acfg.get("rank_pattern") or acfg.get("alpha_pattern"):
         raise LoraError(f"LoRA adapter {name!r}: per-module ranks (rank_pattern / alpha_pattern) are not supported")
-    targets = cfg.get("target_modules") or []
+    known = (*LORA_TARGETS, *_MIXTRAL_EXPERT)
+    targets = acfg.get("target_modules") or []
     if isinstance(targets, str):
-        targets = [t for t in LORA_TARGETS if re.fullmatch(targets, t) or re.search(rf"\b{t}$", targets)]
-    unknown = sorted(set(targets) - set(LORA_TARGETS))
+        targets = [t for t in known if re.fullmatch(targets, t) or re.search(rf"\b{t}$", targets)]
+    unknown = sorted(set(targets) - set(known))
     if unknown:
         raise LoraError(f"LoRA adapter {name!r} targets {', '.join(unknown)}, which this model does not have as "
                         f"adaptable layers; tokenmill adapts {', '.join(LORA_TARGETS)}")
-    scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    params = acfg.get("target_parameters") or []
+    odd = sorted(p for p in params if p.rsplit(".", 1)[-1] not in ("gate_up_proj", "down_proj")
+                 or "experts" not in p)
+    if odd:
+        raise LoraError(f"LoRA adapter {name!r}: target_parameters {', '.join(odd)}: tokenmill adapts the fused "
+                        f"experts' gate_up_proj and down_proj parameters only")
+    scaling = alpha / math.sqrt(rank) if acfg.get("use_rslora") else alpha / rank
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise LoraError(f"LoRA adapter {name!r}: {path} has no adapter_model.safetensors")
     from safetensors.torch import load_file
 
     tensors = load_file(str(weights))
-    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}  # (layer, target) -> {"A": ..., "B": ...}
     for key, t in tensors.items():
-        m = _KEY.fullmatch(key)
-        if m is None and "expert" in key:  # experts.N.*, shared_expert.*, block_sparse_moe.experts.N.*
-            raise LoraError(f"LoRA adapter {name!r}: tensor {key!r} adapts a mixture-of-experts layer's experts; "
-                            f"tokenmill adapts attention and dense MLP layers only (target those modules)")
-        if m is None:
-            raise LoraError(f"LoRA adapter {name!r}: tensor {key!r} is not a decoder layer's lora_A / lora_B "
-                            f"(tokenmill adapts {', '.join(LORA_TARGETS)})")
-        layer, target = int(m.group(1)), m.group(3)
-        if target not in LORA_TARGETS or layer >= num_layers:
+        m = _FUSED_EXPERTS_KEY.fullmatch(key)
+        if m is not None:
+            if not cfg.num_experts or not params:
+                raise LoraError(f"LoRA adapter {name!r}: tensor {key!r} adapts fused experts, which "
+                                f"{'target_parameters does not name' if cfg.num_experts else 'this model has not'}")
+            layer, target, ab = int(m.group(1)), f"fused{m.group(2)}", m.group(3)  # resolved by shape below
+        else:
+            m = _KEY.fullmatch(key)
+            if m is None:
+                raise LoraError(f"LoRA adapter {name!r}: tensor {key!r} is not a decoder layer's lora_A / lora_B "
+                                f"(tokenmill adapts {', '.join(LORA_TARGETS)}, and a mixture of experts' experts)")
+            layer, group, expert, target, ab = int(m.group(1)), m.group(2), m.group(3), m.group(4), m.group(5)
+            if targets and target not in targets:
+                raise LoraError(f"LoRA adapter {name!r}: factors for {target}, which target_modules does not name")
+            if expert is not None and expert.startswith("experts."):
+                target = _MIXTRAL_EXPERT.get(target, target)
+                if int(expert.split(".")[1]) >= cfg.num_experts:
+                    raise LoraError(f"LoRA adapter {name!r}: tensor {key!r} adapts an expert this model does not have "
+                                    f"({cfg.num_experts} experts a layer)")
+            attention = group == "self_attn"
+            if target not in LORA_TARGETS or attention != (target in _ATTENTION) or (attention and expert):
+                raise LoraError(f"LoRA adapter {name!r}: tensor {key!r} targets a layer this model does not have")
+            if expert is not None:
+                target = f"{expert}.{target}"
+        if layer >= cfg.num_hidden_layers:
             raise LoraError(f"LoRA adapter {name!r}: tensor {key!r} targets a layer this model does not have")
-        parts.setdefault((layer, target), {})[m.group(4)] = t.float()
+        parts.setdefault((layer, target), {})[ab] = t.float()
     if not parts:
         raise LoraError(f"LoRA adapter {name!r}: adapter_model.safetensors holds no LoRA factors")
     adapter = LoraAdapter(name, path, rank)
@@ -105,13 +146,36 @@ def read_adapter(name: str, path: str | Path, num_layers: int) -> LoraAdapter:
         if set(ab) != {"A", "B"}:
             raise LoraError(f"LoRA adapter {name!r}: layer {layer} {target} has lora_{next(iter(ab))} only")
         a, b = ab["A"], ab["B"]
+        if target.startswith("fused"):
+            for e, (target_e, a_e, b_e) in enumerate(_split_fused_experts(name, layer, a, b, rank, cfg)):
+                key = (layer, f"experts.{e}.{target_e}")
+                if key in adapter.factors:
+                    raise LoraError(f"LoRA adapter {name!r}: layer {layer}'s experts' {target_e} adapted twice")
+                adapter.factors[key] = (a_e, b_e * scaling)
+            continue
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise LoraError(f"LoRA adapter {name!r}: layer {layer} {target} has lora_A {tuple(a.shape)} and lora_B "
                             f"{tuple(b.shape)}, but its adapter_config says r={rank}")
-        if targets and target not in targets:
-            raise LoraError(f"LoRA adapter {name!r}: factors for {target}, which target_modules does not name")
         adapter.factors[(layer, target)] = (a, b * scaling)
     return adapter
+
+
+def _split_fused_experts(name: str, layer: int, a: torch.Tensor, b: torch.Tensor, rank: int, cfg):
+    """PEFT's factors of one fused expert parameter (lora_A [r * E, in]: expert e's rows ``e * r:(e + 1) * r``;
+    lora_B [out, r * E]: expert e's columns ``e, E + e, 2E + e, ...``) -> per expert (target, A [r, in], B [out, r]),
+    the target told by the shapes: gate_up_proj takes the hidden size and gives 2 x the experts' intermediate size,
+    down_proj the reverse (the two can never both fit)."""
+    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    shapes = {(h, 2 * i): "gate_up_proj", (i, h): "down_proj"}
+    target = shapes.get((a.shape[-1], b.shape[0])) if a.dim() == 2 and b.dim() == 2 else None
+    if target is None or a.shape[0] != rank * e or b.shape[1] != rank * e:
+        raise LoraError(f"LoRA adapter {name!r}: layer {layer}'s fused experts have lora_A {tuple(a.shape)} and "
+                        f"lora_B {tuple(b.shape)}; with r={rank} and {e} experts of {h} -> {i} this model expects "
+                        f"({rank * e}, {h}) and ({2 * i}, {rank * e}) for gate_up_proj, or ({rank * e}, {i}) and "
+                        f"({h}, {rank * e}) for down_proj")
+    a3 = a.reshape(e, rank, a.shape[1])  # [E, r, in]
+    b3 = b.reshape(b.shape[0], rank, e)  # [out, r, E]
+    return [(target, a3[x].contiguous(), b3[:, :, x].contiguous()) for x in range(e)]
 
 
 GROUPED_BLOCK_M = 16  # rows per program of the Triton family's grouped updates
@@ -174,6 +238,25 @@ class LoraWeights(torch.nn.Module):
         return y
 
 
+class ExpertLoraWeights(LoraWeights):
+    """A routed expert's stacked factors. The expert sees only its rows of the layer's rows regrouped by expert, so
+    its runs are not the step's: ``SparseMoE`` sets ``runs`` ((slot, first, end) rows of the expert's input) for
+    the expert's call and clears them after."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, loras: LoraSet) -> None:
+        super().__init__(a, b, loras)
+        self.runs: list[tuple[int, int, int]] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self.runs)
+
+    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for slot, a, b in self.runs:
+            y[a:b].addmm_(x[a:b] @ self.a[slot].t(), self.b[slot].t())
+        return y
+
+
 _ROW_PARALLEL = ("o_proj", "down_proj")  # under tensor parallelism: inputs split (the rest: outputs split)
 
 
@@ -194,31 +277,47 @@ def rank_factors(fa: torch.Tensor, fb: torch.Tensor, target: str, tp, shard_size
     return fa, fb.narrow(0, tp.rank * per, per)
 
 
+def _sites(layer) -> list[tuple[str, list[tuple[str, int]], bool]]:
+    """One decoder layer's adaptable Linears: (module path, [(adapter target, shard index)], is a routed expert).
+    A dense MLP's targets are bare (gate_proj); a mixture of experts' are ``shared_expert.gate_proj`` and
+    ``experts.N.gate_proj`` (its router is not adaptable)."""
+    out = []
+    for ours in ("self_attn.qkv_proj", "self_attn.o_proj"):
+        out.append((ours, [(t, s) for t, (o, s) in _FUSED.items() if o == ours], False))
+    mlp = layer.mlp
+    subs = [("", False)]
+    if hasattr(mlp, "experts"):  # model/moe.SparseMoE
+        subs = [(f"experts.{e}.", True) for e in range(len(mlp.experts))]
+        if mlp.shared_expert is not None:
+            subs.insert(0, ("shared_expert.", False))
+    for sub, routed in subs:
+        for ours in ("mlp.gate_up_proj", "mlp.down_proj"):
+            out.append((f"mlp.{sub}{ours[4:]}", [(sub + t, s) for t, (o, s) in _FUSED.items() if o == ours], routed))
+    return out
+
+
 def attach_loras(model, read: list[LoraAdapter]) -> LoraSet:
-    """Gives every targeted layer of ``model`` the adapters' stacked factors (``Linear.lora``); ``read``: the
-    adapters as ``read_adapter`` returns them. Under tensor parallelism each rank takes its part (``rank_factors``)."""
+    """Gives every targeted layer of ``model`` the adapters' stacked factors (``Linear.lora``; a routed expert's
+    Linears ``ExpertLoraWeights``, and its ``SparseMoE`` the flag that makes it cut the step's runs per expert);
+    ``read``: the adapters as ``read_adapter`` returns them. Under tensor parallelism each rank takes its part
+    (``rank_factors``). Factors for a layer the model does not have there (an MLP that is a mixture of experts, an
+    expert of a dense layer) are one clear error."""
     dtype = model.embed_tokens.weight.dtype
     device = model.embed_tokens.weight.device
     loras = LoraSet([a.name for a in read], device if model.ops.name == "triton" else None)
+    used: set[tuple[int, str]] = set()
     for li, layer in enumerate(model.layers):
-        for ours in sorted({v[0] for v in _FUSED.values()}):
-            shards = [(t, s) for t, (o, s) in _FUSED.items() if o == ours]
-            try:
-                lin = layer.get_submodule(ours)
-            except AttributeError:  # a mixture-of-experts layer has no dense MLP
-                wanted = [f"{ad.name!r} ({t})" for ad in read for t, _ in shards if (li, t) in ad.factors]
-                if wanted:
-                    raise LoraError(f"LoRA adapter {wanted[0]} targets layer {li}'s MLP, which is a mixture of "
-                                    f"experts there; tokenmill adapts attention and dense MLP layers only") from None
-                continue
+        for ours, shards, routed in _sites(layer):
+            lin = layer.get_submodule(ours)
             sizes = lin.shard_sizes
             offsets = [sum(sizes[:i]) for i in range(len(sizes))]
             rows = {s: (0, lin.out_features) if s < 0 else (offsets[s], sizes[s]) for _, s in shards}
             per_adapter = []
             for ad in read:
-                blocks = [(s, rank_factors(*ad.factors[(li, t)], t, model.tp, sizes)) for t, s in shards
-                          if (li, t) in ad.factors]
+                blocks = [(s, rank_factors(*ad.factors[(li, t)], t.rsplit(".", 1)[-1], model.tp, sizes))
+                          for t, s in shards if (li, t) in ad.factors]
                 per_adapter.append(blocks)
+            used.update((li, t) for t, _ in shards)
             if not any(per_adapter):
                 continue
             width = max(sum(ab[0].shape[0] for _, ab in blocks) for blocks in per_adapter)
@@ -236,6 +335,17 @@ def attach_loras(model, read: list[LoraAdapter]) -> LoraSet:
                     a[i, col:col + r] = fa
                     b[i, first:first + size, col:col + r] = fb
                     col += r
-            lin.lora = LoraWeights(a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device), loras)
+            kind = ExpertLoraWeights if routed else LoraWeights
+            lin.lora = kind(a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device), loras)
+            if routed:
+                layer.mlp.expert_loras = loras
+    for ad in read:
+        for li, target in sorted(set(ad.factors) - used):
+            sparse = hasattr(model.layers[li].mlp, "experts")
+            if sparse and target in LORA_TARGETS:
+                raise LoraError(f"LoRA adapter {ad.name!r} targets layer {li}'s MLP ({target}), which is a mixture "
+                                f"of experts there: adapt its experts (experts.N.{target}, or target_parameters)")
+            raise LoraError(f"LoRA adapter {ad.name!r} targets layer {li}'s {target}, which this model does not "
+                            f"have ({'no shared expert' if sparse else 'a dense MLP there'})")
     model.loras = loras
     return loras

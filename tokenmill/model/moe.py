@@ -12,6 +12,9 @@ bfloat16 (``moe_experts_w8a8``: the rows quantized once, the same int8 GEMMs as 
 weight-only experts in the kernels' panels (``moe_experts_panels``: the panel GEMMs the Linears call); with the Triton
 family, float experts run as two grouped GEMM launches and one SiLU-and-mul (``kernels/triton/moe.py``), their
 weights built as views of one stacked [num_experts, out, in] tensor per projection, so nothing is copied.
+LoRA adapters of the experts (model/lora.py) hang on each expert's Linears: a step holding adapter rows runs the
+experts one by one, each told its runs of an adapter's rows among its own (``_lora_runs``), its Linears adding the
+updates after their GEMMs; steps without adapter rows take the paths above.
 Each expert is a dense ``MLP`` of ``Linear`` layers, so its weights are prepacked for oneDNN on the float path and
 quantized exactly as the dense layers' are (int8, int4, w8a8, fp8: model/quant.py, model/fp8.py); the routers stay
 in the model's float dtype (a few thousand weights a layer, and the choice of experts should not move with the
@@ -74,13 +77,13 @@ class SparseMoE(nn.Module):
         self.tp = build.tp
         self.ops = build.ops
         # float experts on the C++ kernels run in one moe_experts call, w8a8 experts in one moe_experts_w8a8 call
-        # (LoRA never adapts experts: model/lora.py)
         self.one_call = build.quantization == "none" and hasattr(build.ops.kernels, "moe_experts")
         self.w8a8_call = build.quantization == "w8a8" and hasattr(build.ops.kernels, "moe_experts_w8a8")
         self._w8a8 = None  # moe_experts_w8a8's weight operands, gathered on the first call (_w8a8_operands)
         # int8 / int4 weight-only experts in the C++ kernels' panels: one moe_experts_panels call
         self.panels_call = build.quantization in ("int8", "int4") and hasattr(build.ops.kernels, "moe_experts_panels")
         self._panels = None  # its weight operands, or False where the experts are not in panels (_panel_operands)
+        self.expert_loras = None  # the LoraSet, where LoRA adapters adapt some expert (model/lora.attach_loras)
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
         self.renormalize = cfg.norm_topk_prob
         floats = build.with_quantization("none")
@@ -96,12 +99,16 @@ class SparseMoE(nn.Module):
         else:
             self.shared_expert = self.shared_expert_gate = None
 
-    def _experts(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _experts(self, xs: torch.Tensor, counts: list[int], lora_runs: list | None = None) -> torch.Tensor:
         """Each expert's MLP over its run of ``xs`` (rows grouped by expert, ``counts`` a expert). Float experts on the
         C++ kernels: one ``moe_experts`` call (the loop in C++, each GEMM the same oneDNN call the Linear makes); w8a8
         experts in bfloat16 there: one ``moe_experts_w8a8`` call (the same int8 kernels as the Linears); int8 / int4
         weight-only experts in the kernels' panels: one ``moe_experts_panels`` call; on the Triton family: grouped
-        GEMMs over the stacked weights; otherwise each expert's MLP in turn (other devices, dtypes and layouts)."""
+        GEMMs over the stacked weights; otherwise, and whenever LoRA adapters' rows are in the step (``lora_runs``:
+        each expert's runs of an adapter's rows, ``_lora_runs``), each expert's MLP in turn, its Linears adding the
+        updates."""
+        if lora_runs is not None:
+            return self._experts_loop(xs, counts, lora_runs)
         if self.stacked is not None:
             from tokenmill.kernels.triton.moe import fused_experts
 
@@ -117,13 +124,51 @@ class SparseMoE(nn.Module):
             operands = self._panel_operands()
             if operands:
                 return self.ops.kernels.moe_experts_panels(xs.contiguous(), counts, *operands)
+        return self._experts_loop(xs, counts)
+
+    def _experts_loop(self, xs: torch.Tensor, counts: list[int], lora_runs: list | None = None) -> torch.Tensor:
         ys = torch.empty_like(xs)
         start = 0
-        for expert, count in zip(self.experts, counts):
-            if count:
+        for e, (expert, count) in enumerate(zip(self.experts, counts)):
+            if not count:
+                continue
+            adapted = [lin.lora for lin in (expert.gate_up_proj, expert.down_proj) if lin.lora is not None]
+            for lora in adapted if lora_runs else ():
+                lora.runs = lora_runs[e]
+            try:
                 ys[start:start + count] = expert.partial(xs[start:start + count])
-                start += count
+            finally:
+                for lora in adapted:
+                    lora.runs = []
+            start += count
         return ys
+
+    def _lora_runs(self, token_of: torch.Tensor, counts: list[int], n: int) -> list[list[tuple[int, int, int]]] | None:
+        """Each expert's runs of one adapter's rows, (slot, first, end) in the expert's own rows, from the step's runs
+        (``LoraSet.groups``: rows of the flat batch) and each grouped row's token; None when no adapter is in the
+        step. An expert's rows keep token order, so a run of the step stays one run within each expert."""
+        if self.expert_loras is None or not self.expert_loras.groups:
+            return None
+        slot_of = torch.full((n,), -1, dtype=torch.int64)
+        for slot, a, b in self.expert_loras.groups:
+            slot_of[a:b] = slot
+        rows = slot_of.index_select(0, token_of.cpu())  # [n * top_k]: each grouped row's adapter slot
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        cut = torch.ones(len(rows), dtype=torch.bool)
+        cut[1:] = rows[1:] != rows[:-1]
+        cut[[s for s, c in zip(starts, counts) if c]] = True  # every expert's first row starts a run
+        firsts = cut.nonzero().flatten().tolist()
+        slots = rows[firsts].tolist()
+        runs: list[list[tuple[int, int, int]]] = [[] for _ in counts]
+        e = 0
+        for first, end, slot in zip(firsts, [*firsts[1:], len(rows)], slots):
+            while first >= starts[e + 1]:
+                e += 1
+            if slot >= 0:
+                runs[e].append((slot, first - starts[e], end - starts[e]))
+        return runs
 
     def _w8a8_operands(self) -> tuple | None:
         """moe_experts_w8a8's weight operands (each expert's packed gate|up and down weights, their code sums and
@@ -166,7 +211,7 @@ class SparseMoE(nn.Module):
         order, counts = group_by_expert(ids, self.num_experts)
         token_of = order // self.top_k  # [n * top_k]: each sorted pair's token
         xs = x.index_select(0, token_of)  # [n * top_k, hidden]: each expert's tokens one contiguous run
-        ys = self._experts(xs, counts)  # [n * top_k, hidden]
+        ys = self._experts(xs, counts, self._lora_runs(token_of, counts, n))  # [n * top_k, hidden]
         scaled = ys.float().mul_(weights.reshape(-1).index_select(0, order)[:, None])  # [n * top_k, hidden]
         out = torch.zeros(n, hidden, dtype=torch.float32, device=x.device).index_add_(0, token_of, scaled)
         if self.shared_expert is not None:
