@@ -3,9 +3,11 @@ adapters (rank 16 on q/k/v/o/gate/up/down), alternating in one process (SmolLM2 
 
     python benchmarks/lora_bench.py [--num-prompts 64] [--output-len 64] [--rounds 2] [--dtype float32]
                                     [--adapters 4] [--rank 16] [--out benchmarks/runs]
+                                    [--model DIR --load-format dummy]  # e.g. moe_bench.py's MoE config
 
 The adapters are written here in PEFT's layout (adapter_config.json + adapter_model.safetensors, random factors
-of the model's shapes). Reported: total tok/s of the base run and of the mixed run (rows round-robin over the
+of the model's shapes); on a mixture of experts the sparse layers' experts are adapted instead of a dense MLP, in
+PEFT's target_parameters layout over the fused expert parameters. Reported: total tok/s of the base run and of the mixed run (rows round-robin over the
 adapters, so every step holds all of them: the grouped low-rank updates' worst case), their best-vs-best ratio and
 each round's ratio (this host's speed drifts between rounds); the issue's target is a cost of at most 25%.
 """
@@ -38,8 +40,15 @@ def write_adapter(out: Path, mc, rank: int, seed: int) -> None:
               "down_proj": (h, mc.intermediate_size)}
     g = torch.Generator().manual_seed(seed)
     tensors = {}
+    e, i = mc.num_experts, mc.moe_intermediate_size
     for layer in range(mc.num_hidden_layers):
-        for t in TARGETS:
+        sparse = layer in mc.moe_layers
+        if sparse:  # PEFT's nesting: gate_up_proj's wrapper inside, down_proj's outside
+            for key, n_in, n_out in ((".base_layer", h, 2 * i), ("", i, h)):
+                key = f"base_model.model.model.layers.{layer}.mlp.experts{key}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank * e, n_in, generator=g) * 0.01
+                tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, rank * e, generator=g) * 0.01
+        for t in TARGETS[:4] if sparse else TARGETS:
             n_out, n_in = shapes[t]
             part = "self_attn" if t.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
             key = f"base_model.model.model.layers.{layer}.{part}.{t}"
@@ -47,8 +56,10 @@ def write_adapter(out: Path, mc, rank: int, seed: int) -> None:
             tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, rank, generator=g) * 0.01
     out.mkdir(parents=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if mc.moe_layers else None
     (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
-                                                         "target_modules": list(TARGETS), "bias": "none"}))
+                                                         "target_modules": list(TARGETS), "bias": "none",
+                                                         "target_parameters": experts}))
 
 
 def run(llm, wl, loras: list[str | None]) -> dict:
@@ -73,23 +84,25 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--load-format", default="auto", help="dummy: random weights (a config-only --model directory)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     from tokenmill import LLM
 
-    base = LLM(args.model, dtype=args.dtype, kv_cache_memory=2.0)
+    base = LLM(args.model, dtype=args.dtype, kv_cache_memory=2.0, load_format=args.load_format)
     mc = base.engine.model_config
     del base
     root = Path(tempfile.mkdtemp(prefix="lora-bench-"))
     names = [f"a{i}" for i in range(args.adapters)]
     for i, n in enumerate(names):
         write_adapter(root / n, mc, args.rank, seed=i)
-    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=2.0, lora_adapters={n: str(root / n) for n in names})
+    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=2.0, load_format=args.load_format,
+              lora_adapters={n: str(root / n) for n in names})
     wl = workload_w(llm.engine.tokenizer, num_prompts=args.num_prompts, output_len=args.output_len)
     from benchmarks.workloads import Workload
 
-    warm = Workload("warmup", wl.prompts[:16], [8] * 16)
+    warm = Workload("warmup", wl.prompts[:16], [8] * len(wl.prompts[:16]))
     for loras in ([None], names):  # the first steps of each kind build their GEMM primitives: not measured
         run(llm, warm, loras)
     runs = []

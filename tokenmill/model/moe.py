@@ -13,8 +13,8 @@ weight-only experts in the kernels' panels (``moe_experts_panels``: the panel GE
 family, float experts run as two grouped GEMM launches and one SiLU-and-mul (``kernels/triton/moe.py``), their
 weights built as views of one stacked [num_experts, out, in] tensor per projection, so nothing is copied.
 LoRA adapters of the experts (model/lora.py) hang on each expert's Linears: a step holding adapter rows runs the
-experts one by one, each told its runs of an adapter's rows among its own (``_lora_runs``), its Linears adding the
-updates after their GEMMs; steps without adapter rows take the paths above.
+experts one by one, each given a mask of its rows' adapters (``_lora_rows``), its Linears adding the updates after
+their GEMMs; steps without adapter rows take the paths above.
 Each expert is a dense ``MLP`` of ``Linear`` layers, so its weights are prepacked for oneDNN on the float path and
 quantized exactly as the dense layers' are (int8, int4, w8a8, fp8: model/quant.py, model/fp8.py); the routers stay
 in the model's float dtype (a few thousand weights a layer, and the choice of experts should not move with the
@@ -99,16 +99,15 @@ class SparseMoE(nn.Module):
         else:
             self.shared_expert = self.shared_expert_gate = None
 
-    def _experts(self, xs: torch.Tensor, counts: list[int], lora_runs: list | None = None) -> torch.Tensor:
+    def _experts(self, xs: torch.Tensor, counts: list[int], lora_rows: tuple | None = None) -> torch.Tensor:
         """Each expert's MLP over its run of ``xs`` (rows grouped by expert, ``counts`` a expert). Float experts on the
         C++ kernels: one ``moe_experts`` call (the loop in C++, each GEMM the same oneDNN call the Linear makes); w8a8
         experts in bfloat16 there: one ``moe_experts_w8a8`` call (the same int8 kernels as the Linears); int8 / int4
         weight-only experts in the kernels' panels: one ``moe_experts_panels`` call; on the Triton family: grouped
-        GEMMs over the stacked weights; otherwise, and whenever LoRA adapters' rows are in the step (``lora_runs``:
-        each expert's runs of an adapter's rows, ``_lora_runs``), each expert's MLP in turn, its Linears adding the
-        updates."""
-        if lora_runs is not None:
-            return self._experts_loop(xs, counts, lora_runs)
+        GEMMs over the stacked weights; otherwise, and whenever LoRA adapters' rows are in the step (``lora_rows``:
+        ``_lora_rows``), each expert's MLP in turn, its Linears adding the updates."""
+        if lora_rows is not None:
+            return self._experts_loop(xs, counts, lora_rows)
         if self.stacked is not None:
             from tokenmill.kernels.triton.moe import fused_experts
 
@@ -126,49 +125,47 @@ class SparseMoE(nn.Module):
                 return self.ops.kernels.moe_experts_panels(xs.contiguous(), counts, *operands)
         return self._experts_loop(xs, counts)
 
-    def _experts_loop(self, xs: torch.Tensor, counts: list[int], lora_runs: list | None = None) -> torch.Tensor:
+    def _experts_loop(self, xs: torch.Tensor, counts: list[int], lora_rows: tuple | None = None) -> torch.Tensor:
         ys = torch.empty_like(xs)
         start = 0
         for e, (expert, count) in enumerate(zip(self.experts, counts)):
             if not count:
                 continue
             adapted = [lin.lora for lin in (expert.gate_up_proj, expert.down_proj) if lin.lora is not None]
-            for lora in adapted if lora_runs else ():
-                lora.runs = lora_runs[e]
+            if lora_rows is not None and lora_rows[1][e]:
+                for lora in adapted:
+                    lora.mask = lora_rows[0][lora.a.shape[1]][start:start + count]
             try:
                 ys[start:start + count] = expert.partial(xs[start:start + count])
             finally:
                 for lora in adapted:
-                    lora.runs = []
+                    lora.mask = None
             start += count
         return ys
 
-    def _lora_runs(self, token_of: torch.Tensor, counts: list[int], n: int) -> list[list[tuple[int, int, int]]] | None:
-        """Each expert's runs of one adapter's rows, (slot, first, end) in the expert's own rows, from the step's runs
-        (``LoraSet.groups``: rows of the flat batch) and each grouped row's token; None when no adapter is in the
-        step. An expert's rows keep token order, so a run of the step stays one run within each expert."""
+    def _lora_rows(self, token_of: torch.Tensor, counts: list[int], n: int, dtype: torch.dtype) -> tuple | None:
+        """For the experts' LoRA updates (``lora.ExpertLoraWeights``): the masks of the layer's grouped rows (a dict
+        factor width R -> [n * top_k, S * R], row i's slot's R columns 1, the rest 0; base-model rows all 0) and
+        whether each expert has any adapter row; None when no adapter is in the step."""
         if self.expert_loras is None or not self.expert_loras.groups:
             return None
-        slot_of = torch.full((n,), -1, dtype=torch.int64)
+        slot_of = torch.full((n,), -1, dtype=torch.int64, device=token_of.device)
         for slot, a, b in self.expert_loras.groups:
             slot_of[a:b] = slot
-        rows = slot_of.index_select(0, token_of.cpu())  # [n * top_k]: each grouped row's adapter slot
-        starts = [0]
-        for c in counts:
-            starts.append(starts[-1] + c)
-        cut = torch.ones(len(rows), dtype=torch.bool)
-        cut[1:] = rows[1:] != rows[:-1]
-        cut[[s for s, c in zip(starts, counts) if c]] = True  # every expert's first row starts a run
-        firsts = cut.nonzero().flatten().tolist()
-        slots = rows[firsts].tolist()
-        runs: list[list[tuple[int, int, int]]] = [[] for _ in counts]
-        e = 0
-        for first, end, slot in zip(firsts, [*firsts[1:], len(rows)], slots):
-            while first >= starts[e + 1]:
-                e += 1
-            if slot >= 0:
-                runs[e].append((slot, first - starts[e], end - starts[e]))
-        return runs
+        rows = slot_of.index_select(0, token_of)  # [n * top_k]: each grouped row's adapter slot
+        seen = torch.zeros(len(rows) + 1, dtype=torch.int64, device=rows.device)
+        torch.cumsum(rows >= 0, 0, out=seen[1:])  # seen[i]: adapter rows among the first i
+        ends = torch.tensor(counts, device=rows.device).cumsum(0)
+        any_row = (seen[ends] > seen[ends - torch.tensor(counts, device=rows.device)]).tolist()
+        slots = len(self.expert_loras.slots)
+        masks = {}
+        for expert in self.experts:
+            for lin in (expert.gate_up_proj, expert.down_proj):
+                width = lin.lora.a.shape[1] if lin.lora is not None else None
+                if width is not None and width not in masks:
+                    cols = torch.arange(slots * width, device=rows.device) // width  # [S * R]: each column's slot
+                    masks[width] = (rows[:, None] == cols[None, :]).to(dtype)
+        return masks, any_row
 
     def _w8a8_operands(self) -> tuple | None:
         """moe_experts_w8a8's weight operands (each expert's packed gate|up and down weights, their code sums and
@@ -211,7 +208,7 @@ class SparseMoE(nn.Module):
         order, counts = group_by_expert(ids, self.num_experts)
         token_of = order // self.top_k  # [n * top_k]: each sorted pair's token
         xs = x.index_select(0, token_of)  # [n * top_k, hidden]: each expert's tokens one contiguous run
-        ys = self._experts(xs, counts, self._lora_runs(token_of, counts, n))  # [n * top_k, hidden]
+        ys = self._experts(xs, counts, self._lora_rows(token_of, counts, n, x.dtype))  # [n * top_k, hidden]
         scaled = ys.float().mul_(weights.reshape(-1).index_select(0, order)[:, None])  # [n * top_k, hidden]
         out = torch.zeros(n, hidden, dtype=torch.float32, device=x.device).index_add_(0, token_of, scaled)
         if self.shared_expert is not None:
