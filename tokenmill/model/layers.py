@@ -209,7 +209,7 @@ class Linear(nn.Module):
         else:
             y = self.quantized(x, self.bias, residual)
         if self.lora is not None and self.lora.active:
-            y = self.lora.add_to(x, y)
+            self.lora.add_to(x, y)
         return y
 
     def forward_gated(self, gate_up: torch.Tensor, residual: torch.Tensor | None, act: str = "silu") -> torch.Tensor:

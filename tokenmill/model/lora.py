@@ -7,9 +7,10 @@ shared expert's projections and the routed experts': per-expert keys (``experts.
 ``experts.N.w1`` / ``w3`` / ``w2``: adapters trained on transformers 4.x) or PEFT's ``target_parameters`` over the
 fused 3-D expert parameters of transformers 5 (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I];
 lora_A [r * E, in] expert-major, lora_B [out, r * E] rank-major, the keys nested as ``experts(.base_layer)*.lora_X``
-without the parameter's name, so each is told apart by its shapes). Both read into per-expert factors, and each
-expert's update runs over its own rows (``ExpertLoraWeights``: the layer's rows are regrouped by expert, so its
-runs of an adapter's rows are cut again per expert by ``SparseMoE``). The router is never adapted.
+without the parameter's name, so each is told apart by its shapes). Both read into per-expert factors; each expert
+adds every adapter's update over its own rows in two GEMMs, masked to each row's adapter (``ExpertLoraWeights``:
+the layer's rows are regrouped by expert, so the step's runs of an adapter's rows do not apply there). The router
+is never adapted.
 
 ``attach_loras`` stacks every adapter's factors into each targeted layer (``LoraWeights``): for a layer with output
 shards (q|k|v, gate|up) an adapter's ``A`` is its shards' A factors one under the other and its ``B``
@@ -116,7 +117,7 @@ def read_adapter(name: str, path: str | Path, cfg) -> LoraAdapter:
         if m is not None:
             if not cfg.num_experts or not params:
                 raise LoraError(f"LoRA adapter {name!r}: tensor {key!r} adapts fused experts, which "
-                                f"{'target_parameters does not name' if cfg.num_experts else 'this model has not'}")
+                                f"{'target_parameters does not name' if cfg.num_experts else 'this model does not have'}")
             layer, target, ab = int(m.group(1)), f"fused{m.group(2)}", m.group(3)  # resolved by shape below
         else:
             m = _KEY.fullmatch(key)
@@ -238,7 +239,7 @@ class LoraWeights(torch.nn.Module):
         return y
 
 
-class ExpertLoraWeights(LoraWeights):
+class ExpertLoraWeights(torch.nn.Module):
     """A routed expert's stacked factors. The expert sees only its rows of the layer's rows regrouped by expert, in
     token order, so its rows of one adapter are not the step's runs; and with many experts a layer, an update per run
     of rows would be many small GEMMs. Instead every adapter's update is two GEMMs over the expert's rows: the shrink
@@ -246,17 +247,19 @@ class ExpertLoraWeights(LoraWeights):
     (``mask`` [rows, S * R], one-hot blocks, zero rows for base-model rows), the expand against all adapters' B
     (``b_all`` [out, S * R]) accumulated onto the expert's output; on CPU ``a_all`` is prepacked for oneDNN like the
     base weights. One MoE layer (8 experts of 768 -> 2,048, bfloat16, 4 adapters of rank 16) measured 4 ms of
-    updates at 64 tokens against 9 ms with an update per run of rows.
-    ``SparseMoE`` sets ``mask`` for the expert's call (a view of one mask built for the layer's rows) and clears it
-    after; the extra shrink columns cost S x R per row, a few % of the expert's GEMMs."""
+    updates at 64 tokens against 9 ms with an update per run of rows. ``SparseMoE`` sets ``mask`` for the expert's
+    call (a view of one mask built for the layer's rows, ``width`` = R columns an adapter) and clears it after; the
+    extra shrink columns cost S x R per row, a few % of the expert's GEMMs. Only the flattened factors are kept (an
+    adapter of a large MoE's experts is hundreds of MB)."""
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, loras: LoraSet) -> None:
-        super().__init__(a, b, loras)
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``a`` [S, R, in], ``b`` [S, out, R]: the stacked factors as ``LoraWeights`` takes them."""
+        super().__init__()
         from tokenmill.model.gemm import pack
 
-        s, r = a.shape[0], a.shape[1]
-        self.a_all = pack(a.reshape(s * r, a.shape[2]), "onednn")  # [S * R, in]
-        self.b_all = b.permute(1, 0, 2).reshape(b.shape[1], s * r).contiguous()  # [out, S * R]
+        s, self.width = a.shape[0], a.shape[1]
+        self.a_all = pack(a.reshape(s * self.width, a.shape[2]), "onednn")  # [S * R, in]
+        self.b_all = b.permute(1, 0, 2).reshape(b.shape[1], s * self.width).contiguous()  # [out, S * R]
         self.mask: torch.Tensor | None = None
 
     @property
@@ -264,7 +267,7 @@ class ExpertLoraWeights(LoraWeights):
         return self.mask is not None
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y [n, out] + ((x A_all^T) * mask) B_all^T for the expert's rows x [n, in]: a new tensor."""
+        """y [n, out] += ((x A_all^T) * mask) B_all^T for the expert's rows x [n, in]. Returns y."""
         from tokenmill.model.gemm import linear
 
         return y.addmm_(linear(x, self.a_all).mul_(self.mask), self.b_all.t())
@@ -311,7 +314,7 @@ def _sites(layer) -> list[tuple[str, list[tuple[str, int]], bool]]:
 
 def attach_loras(model, read: list[LoraAdapter]) -> LoraSet:
     """Gives every targeted layer of ``model`` the adapters' stacked factors (``Linear.lora``; a routed expert's
-    Linears ``ExpertLoraWeights``, and its ``SparseMoE`` the flag that makes it cut the step's runs per expert);
+    Linears ``ExpertLoraWeights``, and its ``SparseMoE`` the LoraSet, by which it masks its rows per adapter);
     ``read``: the adapters as ``read_adapter`` returns them. Under tensor parallelism each rank takes its part
     (``rank_factors``). Factors for a layer the model does not have there (an MLP that is a mixture of experts, an
     expert of a dense layer) are one clear error."""
@@ -348,8 +351,8 @@ def attach_loras(model, read: list[LoraAdapter]) -> LoraSet:
                     a[i, col:col + r] = fa
                     b[i, first:first + size, col:col + r] = fb
                     col += r
-            kind = ExpertLoraWeights if routed else LoraWeights
-            lin.lora = kind(a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device), loras)
+            a, b = a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device)
+            lin.lora = ExpertLoraWeights(a, b) if routed else LoraWeights(a, b, loras)
             if routed:
                 layer.mlp.expert_loras = loras
     for ad in read:

@@ -134,7 +134,7 @@ class SparseMoE(nn.Module):
             adapted = [lin.lora for lin in (expert.gate_up_proj, expert.down_proj) if lin.lora is not None]
             if lora_rows is not None and lora_rows[1][e]:
                 for lora in adapted:
-                    lora.mask = lora_rows[0][lora.a.shape[1]][start:start + count]
+                    lora.mask = lora_rows[0][lora.width][start:start + count]
             try:
                 ys[start:start + count] = expert.partial(xs[start:start + count])
             finally:
@@ -161,7 +161,7 @@ class SparseMoE(nn.Module):
         masks = {}
         for expert in self.experts:
             for lin in (expert.gate_up_proj, expert.down_proj):
-                width = lin.lora.a.shape[1] if lin.lora is not None else None
+                width = lin.lora.width if lin.lora is not None else None
                 if width is not None and width not in masks:
                     cols = torch.arange(slots * width, device=rows.device) // width  # [S * R]: each column's slot
                     masks[width] = (rows[:, None] == cols[None, :]).to(dtype)
