@@ -191,8 +191,8 @@ def _split_per_expert(src, dst, arch: str, hf_config, rank: int) -> None:
     group = "block_sparse_moe" if arch == "mixtral" else "mlp"
     cfg["target_modules"], cfg["target_parameters"] = [*cfg["target_modules"], *names], None
     (dst / "adapter_config.json").write_text(json.dumps(cfg))
-    experts = hf_config.num_local_experts if arch == "mixtral" else hf_config.num_experts
-    intermediate = hf_config.intermediate_size if arch == "mixtral" else hf_config.moe_intermediate_size
+    experts = getattr(hf_config, "num_local_experts", None) or hf_config.num_experts
+    intermediate = getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size
     out, fused = {}, {}
     for key, t in load_file(str(src / "adapter_model.safetensors")).items():
         m = re.fullmatch(r"(.*layers\.\d+)\.mlp\.experts((?:\.base_layer)*)\.lora_([AB])\.weight", key)
@@ -210,7 +210,7 @@ def _split_per_expert(src, dst, arch: str, hf_config, rank: int) -> None:
     save_file(out, str(dst / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
 def test_adapters_of_a_mixture_of_experts_equal_peft(arch, tmp_path):
     """Adapters of a MoE model's experts (PEFT's target_parameters over transformers 5's fused expert parameters, and
     the same factors in the per-expert layout of older adapters), its attention, and on Qwen2-MoE (a dense first
