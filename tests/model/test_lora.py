@@ -63,6 +63,13 @@ def test_a_batch_mixing_three_adapters_and_the_base_equals_peft(lora_case):
         assert [o.token_ids for o in alone] == [o.token_ids for _, o in mine]
 
 
+def _prompt_logprobs(llm, ids: list[int], lora: str | None) -> torch.Tensor:
+    """Each prompt token's log-probability (after the first) under adapter ``lora``."""
+    out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, lora=lora),
+                       use_tqdm=False)[0]
+    return torch.tensor([lp[t] for lp, t in zip(out.prompt_logprobs[1:], ids[1:])])
+
+
 def test_lora_over_a_quantized_base_stays_close_to_the_float_one(lora_case):
     """The update is added to whatever the base GEMM gives: int8 weights under an adapter score like the float
     model under it (within int8's rounding), and differently from the bare int8 model."""
@@ -72,9 +79,7 @@ def test_lora_over_a_quantized_base_stays_close_to_the_float_one(lora_case):
     got = {}
     for label, llm in (("float", float_llm), ("int8", int8_llm)):
         for name in ("all", None):
-            out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, lora=name),
-                               use_tqdm=False)[0]
-            got[(label, name)] = torch.tensor([lp[t] for lp, t in zip(out.prompt_logprobs[1:], ids[1:])])
+            got[(label, name)] = _prompt_logprobs(llm, ids, name)
     assert (got[("int8", "all")] - got[("float", "all")]).abs().mean() < 0.02
     assert (got[("float", "all")] - got[("float", None)]).abs().mean() > 0.1
 
@@ -261,9 +266,7 @@ def test_adapters_of_quantized_experts_stay_close_to_the_float_ones(tmp_path):
         llm = LLM(str(tmp_path / "base"), lora_adapters={"experts": str(tmp_path / "experts")}, quantization=q,
                   cache_dir=str(tmp_path), kv_cache_memory=0.05)
         for name in ("experts", None):
-            out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, lora=name),
-                               use_tqdm=False)[0]
-            got[(q, name)] = torch.tensor([lp[t] for lp, t in zip(out.prompt_logprobs[1:], ids[1:])])
+            got[(q, name)] = _prompt_logprobs(llm, ids, name)
     assert (got[("int8", "experts")] - got[("none", "experts")]).abs().mean() < 0.02
     assert (got[("none", "experts")] - got[("none", None)]).abs().mean() > 0.1
 
