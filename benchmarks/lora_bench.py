@@ -7,9 +7,10 @@ adapters (rank 16 on q/k/v/o/gate/up/down), alternating in one process (SmolLM2 
 
 The adapters are written here in PEFT's layout (adapter_config.json + adapter_model.safetensors, random factors
 of the model's shapes); on a mixture of experts the sparse layers' experts are adapted instead of a dense MLP, in
-PEFT's target_parameters layout over the fused expert parameters. Reported: total tok/s of the base run and of the mixed run (rows round-robin over the
-adapters, so every step holds all of them: the grouped low-rank updates' worst case), their best-vs-best ratio and
-each round's ratio (this host's speed drifts between rounds); the issue's target is a cost of at most 25%.
+PEFT's target_parameters layout over the fused expert parameters. Reported: total tok/s of the base run and of the
+mixed run (rows round-robin over the adapters, so every step holds all of them: the grouped low-rank updates' worst
+case), their best-vs-best ratio and each round's ratio (this host's speed drifts between rounds); the issue's target
+is a cost of at most 25%.
 """
 
 from __future__ import annotations
