@@ -63,6 +63,20 @@ def test_a_batch_mixing_three_adapters_and_the_base_equals_peft(lora_case):
         assert [o.token_ids for o in alone] == [o.token_ids for _, o in mine]
 
 
+def test_runs_through_gemms_equal_peft_too(lora_case, monkeypatch):
+    """Runs longer than SHORT_RUN rows (prefill chunks) take two GEMMs a run instead of the C++ row loop: with every
+    run sent there, the mixed batch still equals PEFT."""
+    import tokenmill.model.lora as lora
+
+    monkeypatch.setattr(lora, "SHORT_RUN", 0)
+    root, cases, refs = lora_case
+    llm = _llm(root)
+    outs = llm.generate([p for p, _ in cases], [SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True,
+                                                               lora=n) for _, n in cases], use_tqdm=False)
+    for (p, n), out in zip(cases, outs):
+        assert_greedy_equal(out.token_ids, *refs[(tuple(p), n)], f"GEMM runs adapter {n} prompt {p[:3]}")
+
+
 def _prompt_logprobs(llm, ids: list[int], lora: str | None) -> torch.Tensor:
     """Each prompt token's log-probability (after the first) under adapter ``lora``."""
     out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, lora=lora),
@@ -367,3 +381,30 @@ def test_adapters_of_experts_through_the_triton_family_equal_peft(tmp_path):
     for (p, n), out in zip(cases, outs):
         assert_greedy_equal(out.token_ids, *hf_greedy(peft if n else hf, p, NEW), f"triton experts {n} {p[:3]}")
     assert outs[0].token_ids != outs[1].token_ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_out", [(64, 128), (40, 70)])
+def test_the_cpp_row_loop_equals_two_gemms_a_run(kernels, dtype, in_out):
+    """lora_rows (the C++ kernel short runs take: rows in blocks of 8, outputs 64 at a time, dot products 16 lanes
+    wide, tails past each) equals (x A_s^T) B_s^T added to each run's rows in float32 (bfloat16: the sum rounded once,
+    so within one rounding); rows outside every run are left as they were, bit for bit."""
+    n_in, n_out = in_out
+    g = torch.Generator().manual_seed(3)
+    slots, width, n = 3, 11, 60
+    x = torch.randn(n, n_in, generator=g).to(dtype)
+    y = torch.randn(n, n_out, generator=g).to(dtype)
+    af = torch.randn(slots, width, n_in, generator=g) * 0.1
+    btf = torch.randn(slots, width, n_out, generator=g) * 0.1
+    runs = [(0, 0, 1), (2, 1, 9), (1, 9, 26), (0, 30, 31), (2, 31, 59)]  # 1, 8, 17 rows...; rows 26-29 and 59 not
+    ref = y.float().clone()
+    for s, a, b in runs:
+        ref[a:b] += (x[a:b].float() @ af[s].t()) @ btf[s]
+    got = y.clone()
+    kernels.lora_rows(x, got, af, btf, [v for run in runs for v in run])
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)
+    torch.testing.assert_close(got.float(), ref.to(dtype).float(), **tol)
+    untouched = [r for r in range(n) if not any(a <= r < b for _, a, b in runs)]
+    assert untouched == [26, 27, 28, 29, 59] and torch.equal(got[untouched], y[untouched])
+    with pytest.raises(RuntimeError, match="a run's rows must lie in x"):
+        kernels.lora_rows(x, got, af, btf, [0, 50, 61])
