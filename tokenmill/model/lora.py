@@ -257,36 +257,51 @@ class LoraWeights(torch.nn.Module):
 
 
 class ExpertLoraWeights(torch.nn.Module):
-    """A routed expert's stacked factors. The expert sees only its rows of the layer's rows regrouped by expert, in
-    token order, so its rows of one adapter are not the step's runs; and with many experts a layer, an update per run
-    of rows would be many small GEMMs. Instead every adapter's update is two GEMMs over the expert's rows: the shrink
-    against all adapters' A at once (``a_all`` [S * R, in]), the result masked to each row's own adapter's R columns
-    (``mask`` [rows, S * R], one-hot blocks, zero rows for base-model rows), the expand against all adapters' B
-    (``b_all`` [out, S * R]) accumulated onto the expert's output; on CPU ``a_all`` is prepacked for oneDNN like the
-    base weights. One MoE layer (8 experts of 768 -> 2,048, bfloat16, 4 adapters of rank 16) measured 4 ms of
-    updates at 64 tokens against 9 ms with an update per run of rows. ``SparseMoE`` sets ``mask`` for the expert's
-    call (a view of one mask built for the layer's rows, ``width`` = R columns an adapter) and clears it after. Both
-    GEMMs run over all S adapters' R columns, S x R (in + out) multiply-adds a row: a few % of the expert's own at 4
-    adapters of rank 16 and in 768 -> 2 x 2,048, about 2/3 of it at 8 of rank 64 (there an update per run of an
-    adapter's rows would be cheaper at prefill-sized runs). Only the flattened factors are kept (an adapter of a
-    large MoE's experts is hundreds of MB)."""
+    """A routed expert's stacked factors. The expert sees only its rows of the layer's rows regrouped by expert (in
+    token order), so the step's runs of an adapter's rows do not apply; ``SparseMoE`` gives each expert's call its
+    own (and clears them after). With the C++ kernels (``kernels``): ``runs`` (slot, first, end) in the expert's
+    rows, all updated in one ``lora_rows`` call from float32 factors ``af`` [S, R, in] and ``btf`` [S, R, out], R x
+    (in + out) multiply-adds a row whatever the number of adapters. Elsewhere (the Triton family; no C++ kernels):
+    every adapter's update as two GEMMs over the expert's rows, the shrink against all adapters' A at once
+    (``a_all`` [S * R, in]) masked to each row's adapter's R columns (``mask`` [rows, S * R], a view of one mask
+    built for the layer's rows; zero rows for base-model rows), the expand against all adapters' B (``b_all`` [out,
+    S * R]): a few launches a layer, S x R (in + out) multiply-adds a row. One MoE layer (8 experts of 768 -> 2,048,
+    bfloat16, 4 adapters of rank 16, 64 tokens) measured 9 ms of updates as two GEMMs a run of rows, 4 masked, ...
+    with ``lora_rows``. Only these factors are kept (an adapter of a large MoE's experts is hundreds of MB)."""
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, kernels=None) -> None:
         """``a`` [S, R, in], ``b`` [S, out, R]: the stacked factors as ``LoraWeights`` takes them."""
         super().__init__()
-        from tokenmill.model.gemm import pack
-
         s, self.width = a.shape[0], a.shape[1]
-        self.a_all = pack(a.reshape(s * self.width, a.shape[2]), "onednn")  # [S * R, in]
-        self.b_all = b.permute(1, 0, 2).reshape(b.shape[1], s * self.width).contiguous()  # [out, S * R]
-        self.mask: torch.Tensor | None = None
+        self.kernels = kernels if kernels is not None and hasattr(kernels, "lora_rows") else None
+        self.runs: list[int] = []  # with kernels: the expert's runs, flat (slot, first, end) triples
+        self.mask: torch.Tensor | None = None  # without: the mask of the expert's rows
+        if self.kernels is not None:
+            self.af = a.float().contiguous()  # [S, R, in]
+            self.btf = b.float().transpose(1, 2).contiguous()  # [S, R, out]
+        else:
+            from tokenmill.model.gemm import pack
+
+            self.a_all = pack(a.reshape(s * self.width, a.shape[2]), "onednn")  # [S * R, in]
+            self.b_all = b.permute(1, 0, 2).reshape(b.shape[1], s * self.width).contiguous()  # [out, S * R]
 
     @property
     def active(self) -> bool:
-        return self.mask is not None
+        return bool(self.runs) or self.mask is not None
+
+    def set_rows(self, given) -> None:
+        """This step's rows for the expert's call (``SparseMoE._lora_rows``: its runs, or its masks by width); None
+        after the call."""
+        if self.kernels is not None:
+            self.runs = given or []
+        else:
+            self.mask = None if given is None else given[self.width]
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y [n, out] += ((x A_all^T) * mask) B_all^T for the expert's rows x [n, in]. Returns y."""
+        """y [n, out] += each row's adapter's (x A^T) B^T for the expert's rows x [n, in]. Returns y."""
+        if self.kernels is not None:
+            self.kernels.lora_rows(x.contiguous(), y, self.af, self.btf, self.runs)
+            return y
         from tokenmill.model.gemm import linear
 
         return y.addmm_(linear(x, self.a_all).mul_(self.mask), self.b_all.t())
@@ -372,7 +387,7 @@ def attach_loras(model, read: list[LoraAdapter]) -> LoraSet:
                     col += r
             a, b = a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device)
             kernels = getattr(model.ops, "kernels", None) if device.type == "cpu" else None
-            lin.lora = ExpertLoraWeights(a, b) if routed else LoraWeights(a, b, loras, kernels)
+            lin.lora = ExpertLoraWeights(a, b, kernels) if routed else LoraWeights(a, b, loras, kernels)
             if routed:
                 layer.mlp.expert_loras = loras
     for ad in read:

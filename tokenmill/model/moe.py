@@ -125,47 +125,64 @@ class SparseMoE(nn.Module):
                 return self.ops.kernels.moe_experts_panels(xs.contiguous(), counts, *operands)
         return self._experts_loop(xs, counts)
 
-    def _experts_loop(self, xs: torch.Tensor, counts: list[int], lora_rows: tuple | None = None) -> torch.Tensor:
+    def _experts_loop(self, xs: torch.Tensor, counts: list[int], lora_rows: list | None = None) -> torch.Tensor:
         ys = torch.empty_like(xs)
         start = 0
         for e, (expert, count) in enumerate(zip(self.experts, counts)):
             if not count:
                 continue
             adapted = [lin.lora for lin in (expert.gate_up_proj, expert.down_proj) if lin.lora is not None]
-            if lora_rows is not None and lora_rows[1][e]:
+            if lora_rows is not None and lora_rows[e] is not None:
                 for lora in adapted:
-                    lora.mask = lora_rows[0][lora.width][start:start + count]
+                    lora.set_rows(lora_rows[e])
             try:
                 ys[start:start + count] = expert.partial(xs[start:start + count])
             finally:
                 for lora in adapted:
-                    lora.mask = None
+                    lora.set_rows(None)
             start += count
         return ys
 
-    def _lora_rows(self, token_of: torch.Tensor, counts: list[int], n: int, dtype: torch.dtype) -> tuple | None:
-        """For the experts' LoRA updates (``lora.ExpertLoraWeights``): the masks of the layer's grouped rows (a dict
-        factor width R -> [n * top_k, S * R], row i's slot's R columns 1, the rest 0; base-model rows all 0) and
-        whether each expert has any adapter row; None when no adapter is in the step."""
+    def _lora_rows(self, token_of: torch.Tensor, counts: list[int], n: int, dtype: torch.dtype) -> list | None:
+        """For the experts' LoRA updates (``lora.ExpertLoraWeights.set_rows``), per expert: with the C++ kernels
+        its runs of one adapter's rows, flat (slot, first, end) triples in its own rows (the step's runs cut at the
+        experts' boundaries: an expert's rows keep token order); without, a dict factor width R -> the mask of its
+        rows [count, S * R] (row i's slot's R columns 1, the rest 0); None for an expert with no adapter row. None
+        when no adapter is in the step."""
         if self.expert_loras is None or not self.expert_loras.groups:
             return None
         slot_of = torch.full((n,), -1, dtype=torch.int64, device=token_of.device)
         for slot, a, b in self.expert_loras.groups:
             slot_of[a:b] = slot
         rows = slot_of.index_select(0, token_of)  # [n * top_k]: each grouped row's adapter slot
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        loras = [lin.lora for ex in self.experts for lin in (ex.gate_up_proj, ex.down_proj) if lin.lora is not None]
+        if loras[0].kernels is not None:
+            rows = rows.cpu()
+            cut = torch.ones(len(rows), dtype=torch.bool)
+            cut[1:] = rows[1:] != rows[:-1]
+            cut[[st for st, c in zip(starts, counts) if c]] = True  # every expert's first row starts a run
+            firsts = cut.nonzero().flatten().tolist()
+            runs: list[list[int]] = [[] for _ in counts]
+            e = 0
+            for first, end, slot in zip(firsts, [*firsts[1:], len(rows)], rows[firsts].tolist()):
+                while first >= starts[e + 1]:
+                    e += 1
+                if slot >= 0:
+                    runs[e] += (slot, first - starts[e], end - starts[e])
+            return [r or None for r in runs]
         seen = torch.zeros(len(rows) + 1, dtype=torch.int64, device=rows.device)
         torch.cumsum(rows >= 0, 0, out=seen[1:])  # seen[i]: adapter rows among the first i
-        ends = torch.tensor(counts, device=rows.device).cumsum(0)
-        any_row = (seen[ends] > seen[ends - torch.tensor(counts, device=rows.device)]).tolist()
-        slots = len(self.expert_loras.slots)
+        bounds = torch.tensor(starts, device=rows.device)
+        any_row = (seen[bounds[1:]] > seen[bounds[:-1]]).tolist()  # one host read
         masks = {}
-        for expert in self.experts:
-            for lin in (expert.gate_up_proj, expert.down_proj):
-                width = lin.lora.width if lin.lora is not None else None
-                if width is not None and width not in masks:
-                    cols = torch.arange(slots * width, device=rows.device) // width  # [S * R]: each column's slot
-                    masks[width] = (rows[:, None] == cols[None, :]).to(dtype)
-        return masks, any_row
+        for width in {lora.width for lora in loras}:
+            cols = torch.arange(len(self.expert_loras.slots) * width, device=rows.device) // width  # column -> slot
+            masks[width] = (rows[:, None] == cols[None, :]).to(dtype)
+        return [{w: m[a:b] for w, m in masks.items()} if hit else None
+                for a, b, hit in zip(starts, starts[1:], any_row)]
 
     def _w8a8_operands(self) -> tuple | None:
         """moe_experts_w8a8's weight operands (each expert's packed gate|up and down weights, their code sums and
