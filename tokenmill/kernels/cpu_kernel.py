@@ -35,6 +35,11 @@ operands to AMX-INT8 tiles (the packed panels are already tdpbusd's B tiles; 8 r
 whose float32 logits are then never written. ``moe_experts_w8a8`` is ``moe_experts``' loop for w8a8 experts (the
 rows' codes computed once, then per expert the int8 GEMMs and the fused SiLU-and-mul quantization).
 
+``lora_rows`` adds LoRA adapters' updates to short runs of rows, each run's rows under its own adapter, in one call
+(model/lora.py: a step's decode rows of each adapter, each expert's runs in a mixture of experts), from float32 copies
+of the stacked factors: rows in blocks of 8, their dot products with A 16 lanes wide, then 4 rows x 64 outputs held
+in registers while B's rows stream past; where two small GEMMs a run cost ~25 us each in bfloat16.
+
 ``int8g_gemm`` is int8 weight-only's GEMM: int8 codes with a float16 scale and offset per 32 weights along K (``w = q *
 scale + offset``; GGUF's Q8_0 blocks have offset 0), in panels of 32 channels (packed as the rows load:
 ``model/quant.py``). With bfloat16 input (AVX512-BF16; ``int8g_bf16_available()``) each task widens its panel's codes

@@ -472,8 +472,8 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 // for each row r of each run (slot s, first, end) in the flat int64 list runs (3 a run). x [n, in] and y in
 // float32 or bfloat16 (y rounded once, after the add); af [S, W, in] and btf [S, W, out] the stacked factors in
 // float32, B transposed, so both halves run down contiguous float rows. A task is up to LORA_RB rows of one run:
-// mid[r][w] = x_r . af[s][w] with each A row read once for the block, then y_r += sum_w mid[r][w] * btf[s][w] in
-// chunks of LORA_OC outputs held in L1 for the block's rows, each B row chunk read once for the block.
+// mid[r][w] = x_r . af[s][w] with each A row read once for the block (the rows' sums independent chains), then
+// y_r += sum_w mid[r][w] * btf[s][w] with 4 rows x 64 outputs in registers, each B vector feeding the 4 rows.
 constexpr int64_t LORA_RB = 8;
 template <typename scalar_t>
 static void lora_rows_impl(const scalar_t* x, scalar_t* y, const float* af, const float* btf, const int64_t* runs,
@@ -481,7 +481,8 @@ static void lora_rows_impl(const scalar_t* x, scalar_t* y, const float* af, cons
   std::vector<std::array<int64_t, 3>> tasks;  // (slot, first row, end row): blocks of up to LORA_RB rows of one run
   for (int64_t k = 0; k < nruns; ++k) {
     const int64_t s = runs[3 * k];
-    TORCH_CHECK(s >= 0 && s < S && runs[3 * k + 1] <= runs[3 * k + 2], "a run is (slot, first, end) with 0 <= slot < S");
+    TORCH_CHECK(s >= 0 && s < S && runs[3 * k + 1] <= runs[3 * k + 2],
+                "a run is (slot, first, end) with 0 <= slot < S and first <= end");
     for (int64_t r = runs[3 * k + 1]; r < runs[3 * k + 2]; r += LORA_RB)
       tasks.push_back({s, r, std::min(r + LORA_RB, runs[3 * k + 2])});
   }

@@ -8,9 +8,8 @@ shared expert's projections and the routed experts': per-expert keys (``experts.
 fused 3-D expert parameters of transformers 5 (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I];
 lora_A [r * E, in] expert-major, lora_B [out, r * E] rank-major, the keys nested as ``experts(.base_layer)*.lora_X``
 without the parameter's name, so each is told apart by its shapes). Both read into per-expert factors; each expert
-adds every adapter's update over its own rows in two GEMMs, masked to each row's adapter (``ExpertLoraWeights``:
-the layer's rows are regrouped by expert, so the step's runs of an adapter's rows do not apply there). The router
-is never adapted.
+adds its rows' adapters' updates over its own rows (``ExpertLoraWeights``: the layer's rows are regrouped by expert,
+so the step's runs of an adapter's rows are cut again per expert). The router is never adapted.
 
 ``attach_loras`` stacks every adapter's factors into each targeted layer (``LoraWeights``): for a layer with output
 shards (q|k|v, gate|up) an adapter's ``A`` is its shards' A factors one under the other and its ``B``
@@ -21,8 +20,9 @@ most two contiguous runs of rows (``LoraSet.set_step``); every targeted layer th
 output rows ``a:b`` for each run (views: no gather or scatter; measured 1.9x faster than gathering each adapter's
 rows and adding them back), base-model rows get nothing. On the Triton family the runs are one grouped GEMM launch
 for the shrink and one for the expand (added to the output in the kernel), whatever the number of adapters
-(``kernels/triton/grouped.py``); routed experts' updates run per expert there too. The base weights may be
-quantized: the update is added to whatever the base GEMM produced.
+(``kernels/triton/grouped.py``); routed experts' updates run per expert there too. On CPU runs of up to
+``SHORT_RUN`` rows take one C++ call a layer instead (``LoraWeights``). The base weights may be quantized: the
+update is added to whatever the base GEMM produced.
 
 Invariants: slot 0 is the first adapter; a request without an adapter has no rows in any group; the adapter set is
 fixed when the model is built (``max_loras`` bounds it), so the stacked tensors never change during a run.
@@ -266,8 +266,8 @@ class ExpertLoraWeights(torch.nn.Module):
     (``a_all`` [S * R, in]) masked to each row's adapter's R columns (``mask`` [rows, S * R], a view of one mask
     built for the layer's rows; zero rows for base-model rows), the expand against all adapters' B (``b_all`` [out,
     S * R]): a few launches a layer, S x R (in + out) multiply-adds a row. One MoE layer (8 experts of 768 -> 2,048,
-    bfloat16, 4 adapters of rank 16, 64 tokens) measured 9 ms of updates as two GEMMs a run of rows, 4 masked, ...
-    with ``lora_rows``. Only these factors are kept (an adapter of a large MoE's experts is hundreds of MB)."""
+    bfloat16, 4 adapters of rank 16, 64 tokens) measured 9 ms of updates as two GEMMs a run of rows, 3.9 masked,
+    2.5 with ``lora_rows``. Only these factors are kept (an adapter of a large MoE's experts is hundreds of MB)."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, kernels=None) -> None:
         """``a`` [S, R, in], ``b`` [S, out, R]: the stacked factors as ``LoraWeights`` takes them."""

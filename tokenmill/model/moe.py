@@ -13,8 +13,8 @@ weight-only experts in the kernels' panels (``moe_experts_panels``: the panel GE
 family, float experts run as two grouped GEMM launches and one SiLU-and-mul (``kernels/triton/moe.py``), their
 weights built as views of one stacked [num_experts, out, in] tensor per projection, so nothing is copied.
 LoRA adapters of the experts (model/lora.py) hang on each expert's Linears: a step holding adapter rows runs the
-experts one by one, each given a mask of its rows' adapters (``_lora_rows``), its Linears adding the updates after
-their GEMMs; steps without adapter rows take the paths above.
+experts one by one, each given its rows' adapters (``_lora_rows``: its runs of one adapter's rows, or masks), its
+Linears adding the updates after their GEMMs; steps without adapter rows take the paths above.
 Each expert is a dense ``MLP`` of ``Linear`` layers, so its weights are prepacked for oneDNN on the float path and
 quantized exactly as the dense layers' are (int8, int4, w8a8, fp8: model/quant.py, model/fp8.py); the routers stay
 in the model's float dtype (a few thousand weights a layer, and the choice of experts should not move with the
