@@ -408,3 +408,26 @@ def test_the_cpp_row_loop_equals_two_gemms_a_run(kernels, dtype, in_out):
     assert untouched == [26, 27, 28, 29, 59] and torch.equal(got[untouched], y[untouched])
     with pytest.raises(RuntimeError, match="a run's rows must lie in x"):
         kernels.lora_rows(x, got, af, btf, [0, 50, 61])
+
+
+def test_rows_of_an_adapter_without_expert_factors_keep_the_experts_usual_path(tmp_path):
+    """On a layer whose experts some adapter adapts, the rows of an adapter of the attention only need no expert
+    updates: such a step takes the experts' usual (one-call) path, and still equals PEFT."""
+    save_tiny_model("mixtral", tmp_path / "base")
+    peft = {"attn": save_lora_adapter(tmp_path / "base", tmp_path / "attn", 4, 8, ["q_proj", "o_proj"], False, seed=4),
+            "experts": save_lora_adapter(tmp_path / "base", tmp_path / "experts", 4, 8, [], False, seed=5,
+                                         target_parameters=_EXPERT_PARAMS)}
+    llm = LLM(str(tmp_path / "base"), lora_adapters={n: str(tmp_path / n) for n in peft}, kv_cache_memory=0.05)
+    moe = llm.engine.runner.model.layers[0].mlp
+    assert moe.expert_slots == {1}
+    token_of, counts = torch.arange(6) // 2, [2, 1, 3, 0]  # grouped rows 0-1: expert 0, 2: 1, 3-5: 2
+    for groups, expected in (([(0, 0, 3)], None), ([(0, 0, 1), (1, 1, 3)], [None, [1, 0, 1], [1, 0, 3], None])):
+        moe.expert_loras.groups = groups
+        assert moe._lora_rows(token_of, counts, 3, torch.float32) == expected
+    moe.expert_loras.groups = []
+    prompts = [[7, 8, 9, 10, 11], [12, 13, 14]]
+    for name in peft:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, lora=name),
+                            use_tqdm=False)
+        for p, out in zip(prompts, outs):
+            assert_greedy_equal(out.token_ids, *hf_greedy(peft[name], p, NEW), f"mixtral {name} {p[:3]}")

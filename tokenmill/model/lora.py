@@ -390,6 +390,7 @@ def attach_loras(model, read: list[LoraAdapter]) -> LoraSet:
             lin.lora = ExpertLoraWeights(a, b, kernels) if routed else LoraWeights(a, b, loras, kernels)
             if routed:
                 layer.mlp.expert_loras = loras
+                layer.mlp.expert_slots.update(i for i, blocks in enumerate(per_adapter) if blocks)
     for ad in read:
         for li, target in sorted(set(ad.factors) - used):
             sparse = hasattr(model.layers[li].mlp, "experts")

@@ -84,6 +84,7 @@ class SparseMoE(nn.Module):
         self.panels_call = build.quantization in ("int8", "int4") and hasattr(build.ops.kernels, "moe_experts_panels")
         self._panels = None  # its weight operands, or False where the experts are not in panels (_panel_operands)
         self.expert_loras = None  # the LoraSet, where LoRA adapters adapt some expert (model/lora.attach_loras)
+        self.expert_slots: set[int] = set()  # the adapters (slots) that adapt some expert of this layer
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
         self.renormalize = cfg.norm_topk_prob
         floats = build.with_quantization("none")
@@ -99,7 +100,7 @@ class SparseMoE(nn.Module):
         else:
             self.shared_expert = self.shared_expert_gate = None
 
-    def _experts(self, xs: torch.Tensor, counts: list[int], lora_rows: tuple | None = None) -> torch.Tensor:
+    def _experts(self, xs: torch.Tensor, counts: list[int], lora_rows: list | None = None) -> torch.Tensor:
         """Each expert's MLP over its run of ``xs`` (rows grouped by expert, ``counts`` a expert). Float experts on the
         C++ kernels: one ``moe_experts`` call (the loop in C++, each GEMM the same oneDNN call the Linear makes); w8a8
         experts in bfloat16 there: one ``moe_experts_w8a8`` call (the same int8 kernels as the Linears); int8 / int4
@@ -148,11 +149,12 @@ class SparseMoE(nn.Module):
         its runs of one adapter's rows, flat (slot, first, end) triples in its own rows (the step's runs cut at the
         experts' boundaries: an expert's rows keep token order); without, a dict factor width R -> the mask of its
         rows [count, S * R] (row i's slot's R columns 1, the rest 0); None for an expert with no adapter row. None
-        when no adapter is in the step."""
-        if self.expert_loras is None or not self.expert_loras.groups:
+        when no adapter of these experts is in the step."""
+        groups = [g for g in self.expert_loras.groups if g[0] in self.expert_slots] if self.expert_loras else []
+        if not groups:  # no row of an adapter of these experts: the experts' usual path
             return None
         slot_of = torch.full((n,), -1, dtype=torch.int64, device=token_of.device)
-        for slot, a, b in self.expert_loras.groups:
+        for slot, a, b in groups:
             slot_of[a:b] = slot
         rows = slot_of.index_select(0, token_of)  # [n * top_k]: each grouped row's adapter slot
         starts = [0]
