@@ -180,6 +180,7 @@ def _split_fused_experts(name: str, layer: int, a: torch.Tensor, b: torch.Tensor
 
 
 GROUPED_BLOCK_M = 16  # rows per program of the Triton family's grouped updates
+SHORT_RUN = 64  # runs of at most this many rows take the C++ kernel's row loop (lora_rows), longer ones two GEMMs
 
 
 class LoraSet:
@@ -190,6 +191,10 @@ class LoraSet:
         step's runs (``kernels/triton/grouped.py``), two launches a layer whatever the adapters."""
         self.slots = {n: i for i, n in enumerate(names)}
         self.groups: list[tuple[int, int, int]] = []  # (slot, first row, end row): runs of one adapter's rows
+        # the same runs split for the C++ kernels, once a step: runs of at most SHORT_RUN rows as one flat
+        # (slot, first, end) list for lora_rows, the longer ones (prefill chunks) for two GEMMs each
+        self.short_runs: list[int] = []
+        self.long_runs: list[tuple[int, int, int]] = []
         self.grouped_device = grouped_device
         self.blocks = None  # with grouped_device: the step's runs cut into the kernel's blocks, on the device
 
@@ -205,13 +210,12 @@ class LoraSet:
                 self.groups[-1] = (slot, self.groups[-1][1], b)
             else:
                 self.groups.append((slot, a, b))
+        self.short_runs = [v for run in self.groups if run[2] - run[1] <= SHORT_RUN for v in run]
+        self.long_runs = [run for run in self.groups if run[2] - run[1] > SHORT_RUN]
         if self.grouped_device is not None:
             from tokenmill.kernels.triton.grouped import run_blocks
 
             self.blocks = run_blocks(self.groups, GROUPED_BLOCK_M, self.grouped_device) if self.groups else None
-
-
-SHORT_RUN = 64  # runs of at most this many rows take the C++ kernel's row loop (lora_rows), longer ones two GEMMs
 
 
 class LoraWeights(torch.nn.Module):
@@ -226,7 +230,7 @@ class LoraWeights(torch.nn.Module):
         self.register_buffer("a", a)
         self.register_buffer("b", b)
         self.loras = loras
-        self.kernels = kernels if kernels is not None and hasattr(kernels, "lora_rows") else None
+        self.kernels = kernels  # the C++ module with lora_rows, or None
         if self.kernels is not None:
             self.register_buffer("af", a.float().contiguous())
             self.register_buffer("btf", b.float().transpose(1, 2).contiguous())
@@ -247,10 +251,9 @@ class LoraWeights(torch.nn.Module):
             return y
         groups = self.loras.groups
         if self.kernels is not None and y2.is_contiguous() and x2.dtype in (torch.float32, torch.bfloat16):
-            short = [v for run in groups if run[2] - run[1] <= SHORT_RUN for v in run]
-            if short:
-                self.kernels.lora_rows(x2.contiguous(), y2, self.af, self.btf, short)
-            groups = [run for run in groups if run[2] - run[1] > SHORT_RUN]
+            if self.loras.short_runs:
+                self.kernels.lora_rows(x2.contiguous(), y2, self.af, self.btf, self.loras.short_runs)
+            groups = self.loras.long_runs
         for slot, a, b in groups:
             y2[a:b].addmm_(x2[a:b] @ self.a[slot].t(), self.b[slot].t())
         return y
@@ -273,7 +276,7 @@ class ExpertLoraWeights(torch.nn.Module):
         """``a`` [S, R, in], ``b`` [S, out, R]: the stacked factors as ``LoraWeights`` takes them."""
         super().__init__()
         s, self.width = a.shape[0], a.shape[1]
-        self.kernels = kernels if kernels is not None and hasattr(kernels, "lora_rows") else None
+        self.kernels = kernels  # the C++ module with lora_rows, or None
         self.runs: list[int] = []  # with kernels: the expert's runs, flat (slot, first, end) triples
         self.mask: torch.Tensor | None = None  # without: the mask of the expert's rows
         if self.kernels is not None:
@@ -355,6 +358,8 @@ def attach_loras(model, read: list[LoraAdapter]) -> LoraSet:
     dtype = model.embed_tokens.weight.dtype
     device = model.embed_tokens.weight.device
     loras = LoraSet([a.name for a in read], device if model.ops.name == "triton" else None)
+    kernels = getattr(model.ops, "kernels", None) if device.type == "cpu" else None
+    kernels = kernels if hasattr(kernels, "lora_rows") else None  # the C++ row loop for short runs
     used: set[tuple[int, str]] = set()
     for li, layer in enumerate(model.layers):
         for ours, shards, routed in _sites(layer):
@@ -386,11 +391,11 @@ def attach_loras(model, read: list[LoraAdapter]) -> LoraSet:
                     b[i, first:first + size, col:col + r] = fb
                     col += r
             a, b = a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device)
-            kernels = getattr(model.ops, "kernels", None) if device.type == "cpu" else None
             lin.lora = ExpertLoraWeights(a, b, kernels) if routed else LoraWeights(a, b, loras, kernels)
             if routed:
                 layer.mlp.expert_loras = loras
                 layer.mlp.expert_slots.update(i for i, blocks in enumerate(per_adapter) if blocks)
+                layer.mlp.expert_lora_modules.append(lin.lora)
     for ad in read:
         for li, target in sorted(set(ad.factors) - used):
             sparse = hasattr(model.layers[li].mlp, "experts")

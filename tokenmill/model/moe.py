@@ -85,6 +85,7 @@ class SparseMoE(nn.Module):
         self._panels = None  # its weight operands, or False where the experts are not in panels (_panel_operands)
         self.expert_loras = None  # the LoraSet, where LoRA adapters adapt some expert (model/lora.attach_loras)
         self.expert_slots: set[int] = set()  # the adapters (slots) that adapt some expert of this layer
+        self.expert_lora_modules: list = []  # the experts' lora.ExpertLoraWeights
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
         self.renormalize = cfg.norm_topk_prob
         floats = build.with_quantization("none")
@@ -160,8 +161,7 @@ class SparseMoE(nn.Module):
         starts = [0]
         for c in counts:
             starts.append(starts[-1] + c)
-        loras = [lin.lora for ex in self.experts for lin in (ex.gate_up_proj, ex.down_proj) if lin.lora is not None]
-        if loras[0].kernels is not None:
+        if self.expert_lora_modules[0].kernels is not None:
             rows = rows.cpu()
             cut = torch.ones(len(rows), dtype=torch.bool)
             cut[1:] = rows[1:] != rows[:-1]
@@ -180,7 +180,7 @@ class SparseMoE(nn.Module):
         bounds = torch.tensor(starts, device=rows.device)
         any_row = (seen[bounds[1:]] > seen[bounds[:-1]]).tolist()  # one host read
         masks = {}
-        for width in {lora.width for lora in loras}:
+        for width in {lora.width for lora in self.expert_lora_modules}:
             cols = torch.arange(len(self.expert_loras.slots) * width, device=rows.device) // width  # column -> slot
             masks[width] = (rows[:, None] == cols[None, :]).to(dtype)
         return [{w: m[a:b] for w, m in masks.items()} if hit else None
