@@ -169,9 +169,45 @@ def test_amx_attention_over_an_fp8_cache(heads, kv_heads, head_dim, block_size, 
 
 
 @needs_amx
-def test_amx_model_logits_match_the_per_token_kernel():
-    """A tiny bfloat16 Llama (head_dim 32, GQA) prefilled through the AMX tiles gives the greedy tokens of the
-    per-token kernel, with their logprobs within bfloat16 noise."""
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (4, 4, 32, 16), (8, 2, 128, 16),
+                                                                 (6, 1, 64, 8), (8, 4, 256, 8)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (9, None), (40, 2.0), (None, 0.7)],
+                         ids=["plain", "window", "window+cap", "cap"])
+def test_amx_float32_queries_over_an_fp8_cache(heads, kv_heads, head_dim, block_size, window, softcap):
+    """Float32 queries over an fp8 cache take the AMX tiles as three bfloat16 parts each (and the probabilities too):
+    the products are exact, so the tile tokens equal the vector units' float32 tiles (paged_attention_windowed)
+    within float32 summation-order noise, far below bfloat16's rounding; the decodes and short chunks took the
+    per-token kernel, bit for bit; every token equals the float64 reference over the cache's values."""
+    kernels = cpu_kernel.load()
+    q, k, v, k_cache, v_cache, meta = _batch(REQS, heads, kv_heads, head_dim, block_size, torch.float8_e4m3fn,
+                                             seed=heads + head_dim + 11)
+    q = torch.randn(q.shape, generator=torch.Generator().manual_seed(head_dim)) * 2  # float32, not fp8 values
+    k, v = k.float(), v.float()
+    scale = head_dim**-0.5
+    out = CpuKernelAttention(kernels, amx=True).forward(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
+    assert out.dtype == torch.float32
+    args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc_t(), scale,
+            window or 0, softcap or 0.0)
+    vector_tiles = kernels.paged_attention_windowed(*args, TILE_MIN_QUERY)
+    per_token = kernels.paged_attention_windowed(*args, 0)
+    tiles = torch.cat([torch.arange(meta.query_start_loc[i], meta.query_start_loc[i + 1])
+                       for i, (_, n) in enumerate(REQS) if n >= TILE_MIN_QUERY])
+    short = torch.cat([torch.arange(meta.query_start_loc[i], meta.query_start_loc[i + 1])
+                       for i, (_, n) in enumerate(REQS) if n < TILE_MIN_QUERY])
+    torch.testing.assert_close(out[tiles], vector_tiles[tiles], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(out[tiles], out[tiles].bfloat16().float())  # float32 outputs, not bfloat16 ones
+    assert torch.equal(out[short], per_token[short])
+    kd, vd = k_cache.double(), v_cache.double()
+    ref = ReferenceAttention().forward(q.double(), k.double(), v.double(), kd, vd, meta, scale, window, softcap)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+@needs_amx
+@pytest.mark.parametrize("dtype,kv_cache_dtype,tol", [("bfloat16", "auto", 0.05), ("float32", "fp8", 1e-4)])
+def test_amx_model_logits_match_the_per_token_kernel(dtype, kv_cache_dtype, tol):
+    """A tiny Llama (head_dim 32, GQA) prefilled through the AMX tiles gives the greedy tokens of the per-token
+    kernel, with their logprobs within bfloat16 noise in bfloat16, and within float32 noise for a float32 model over
+    an fp8 cache (its queries and probabilities in three bfloat16 parts: exact products)."""
     import tempfile
 
     from helpers import save_tiny_model
@@ -184,13 +220,13 @@ def test_amx_model_logits_match_the_per_token_kernel():
         params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
         outs = {}
         for amx in (False, True):
-            llm = LLM(d, dtype="bfloat16", ops=CpuOps(cpu_kernel.load(), amx=amx))
+            llm = LLM(d, dtype=dtype, kv_cache_dtype=kv_cache_dtype, ops=CpuOps(cpu_kernel.load(), amx=amx))
             assert llm.engine.ops.amx == amx
             outs[amx] = llm.generate(prompts, params, use_tqdm=False)
         for a, b in zip(outs[False], outs[True]):
             assert a.token_ids == b.token_ids
             for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids):
-                assert abs(la[t] - lb[t]) < 0.05
+                assert abs(la[t] - lb[t]) < tol
 
 
 def _int8_weight(n, k, kernels, amx, seed=0):

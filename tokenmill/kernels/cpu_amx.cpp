@@ -30,6 +30,12 @@
 // path; P is rounded to bfloat16 before P.V (flash attention's rounding on GPUs), where the per-token kernel keeps
 // it in float32: outputs differ from it by bfloat16 rounding (tests/model/test_cpu_kernel.py bounds it).
 //
+// Float32 queries (a float32 model over an fp8 cache, whose rows are bfloat16 values): each query row and each row of
+// P is split into three bfloat16 parts that sum to it exactly (split3_bf16), and each part goes through the same tile
+// products, added into the same float32 accumulators: every product is exact, so S and P.V are float32 attention in
+// another summation order (tests/model/test_amx.py: within 1e-5 of the vector units' float32 tiles). Three times
+// the tile products of bfloat16; 1.5-1.7x the vector-unit tiles' speed on 1-2k-token prompts.
+//
 // AMX needs the OS's permission for the tile state once per process (arch_prctl ARCH_REQ_XCOMP_PERM), and each
 // thread loads the tile configuration before its first tile instruction; amx_available() says whether both hold on
 // this machine. Where the compiler target has no AMX (another CPU: -march=native), none of this is compiled and
@@ -112,8 +118,8 @@ struct AmxScratch {
   std::vector<uint32_t> kt;  // [Lp / 16][D / 32][16 x 16] K^T B tiles
   std::vector<uint16_t> vv;  // [Lp / 32][D / 16][16 x 32] V B tiles
   std::vector<float> s;      // [16][Ls] scores
-  std::vector<uint16_t> p;   // [16][Ls] probabilities, bfloat16
-  std::vector<uint16_t> q;   // [16][D] one head's queries, bfloat16
+  std::vector<uint16_t> p;   // [PARTS][16][Ls] probabilities, bfloat16 (float32 queries: three parts, below)
+  std::vector<uint16_t> q;   // [PARTS][16][D] one head's queries, bfloat16
   std::vector<float> o;      // [16][D]
   std::vector<uint16_t> zero;  // a zero K/V row
   std::vector<uint16_t> conv;  // [16][D]: rows of a float8 cache converted to bfloat16
@@ -166,24 +172,82 @@ static inline float softmax_row_bf16(float* sr, uint16_t* pr, int64_t first, int
   return 1.f / _mm512_reduce_add_ps(sum);
 }
 
+// Float32 values as the sum of three bfloat16 parts, exactly: hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi -
+// mid) (each difference is exact in float32, and 3 x 8 significand bits hold float32's 24). A bfloat16 cache row times
+// each part is exact in float32 too, so three tile products give a float32 query's scores, and three give P.V for
+// float32 probabilities, with only the float32 sums' order differing from the vector units' float32 math (parts so
+// small they would be bfloat16 subnormals, which the tiles read as 0, are below 2^-126 of their row's largest).
+// n % 16 == 0; the parts go to hi, hi + stride, hi + 2 stride.
+static inline void split3_16(__m512 v, uint16_t* hi, int64_t stride) {
+  const __m256bh h = _mm512_cvtneps_pbh(v);
+  const __m512 r = _mm512_sub_ps(v, _mm512_cvtpbh_ps(h));
+  const __m256bh m = _mm512_cvtneps_pbh(r);
+  const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(r, _mm512_cvtpbh_ps(m)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), (__m256i)h);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + stride), (__m256i)m);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + 2 * stride), (__m256i)l);
+}
+
+static inline void split3_bf16(const float* x, uint16_t* hi, int64_t stride, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) split3_16(_mm512_loadu_ps(x + i), hi + i, stride);
+}
+
+// softmax_row_bf16 for float32 queries: the probabilities to float32 precision (cpu_prefill.cpp's exp_nonpos_lanes),
+// stored as three bfloat16 parts (split3_16) at pr, pr + stride, pr + 2 stride.
+static inline float softmax_row_split3(float* sr, uint16_t* pr, int64_t stride, int64_t first, int64_t len,
+                                       int64_t Lp, float scale, float softcap = 0.f) {
+  if (softcap > 0.f) {
+    for (int64_t k = first; k < len; ++k) sr[k] *= scale;
+    cap_scores(sr + first, len - first, softcap);
+    scale = 1.f;
+  }
+  const __m512 m = _mm512_set1_ps(max_of(sr + first, len - first));
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+  for (int64_t k = 0; k < Lp; k += 32) {
+    const __mmask16 m0 = lanes_in(k, first, len), m1 = lanes_in(k + 16, first, len);
+    const __m512 e0 = _mm512_maskz_mov_ps(
+        m0, (__m512)exp_nonpos_lanes((vec16)_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + k), m), sc)));
+    const __m512 e1 = _mm512_maskz_mov_ps(
+        m1, (__m512)exp_nonpos_lanes((vec16)_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + k + 16), m), sc)));
+    sum0 = _mm512_add_ps(sum0, e0);
+    sum1 = _mm512_add_ps(sum1, e1);
+    split3_16(e0, pr + k, stride);
+    split3_16(e1, pr + k + 16, stride);
+  }
+  return 1.f / _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+}
+
 // The tile products of one head over Lp keys (Lp % 32 == 0): S = Q K^T into sc.s, then (after the caller's softmax)
-// O = P V into sc.o. QT = D / 32 query tiles (tiles 0..QT-1), scores in tiles 4 and 5, K^T / V B tiles in 6 and 7,
-// O accumulators in tiles 0..3 (the Q tiles are dead by then). QT = 8 (D = 256): Q reloaded into tile 0 per 32 dims.
-template <int QT>
+// O = P V into sc.o. PARTS = 1 (bfloat16 queries) or 3 (float32 queries as three bfloat16 parts, split3_bf16, each
+// part's products added into the same scores). QT = D / 32 query tiles per part; scores in tiles 4 and 5, K^T / V B
+// tiles in 6 and 7, O accumulators in tiles 0..3 (the Q tiles are dead by then). Where the QT x PARTS query tiles do
+// not fit in tiles 0..3 (D = 256, or float32 queries), each is reloaded (from L1) per 32 keys, into tiles 0 and 1 in
+// turn.
+template <int QT, int PARTS>
 static void amx_scores(AmxScratch& sc, int64_t Lp, int64_t Ls) {
   constexpr int64_t D = 32 * QT;
-  if constexpr (QT > 4) {
+  if constexpr (QT > 4 || PARTS > 1) {
     for (int64_t c = 0; c < Lp / 16; c += 2) {
       const uint32_t* b0 = sc.kt.data() + c * QT * 256;
       const uint32_t* b1 = b0 + QT * 256;
       _tile_zero(4);
       _tile_zero(5);
       for (int dc = 0; dc < QT; ++dc) {
-        _tile_loadd(0, sc.q.data() + 32 * dc, D * 2);
         _tile_loadd(6, b0 + dc * 256, 64);
         _tile_loadd(7, b1 + dc * 256, 64);
-        _tile_dpbf16ps(4, 0, 6);
-        _tile_dpbf16ps(5, 0, 7);
+        for (int part = 0; part < PARTS; ++part) {
+          const uint16_t* qa = sc.q.data() + part * 16 * D + 32 * dc;
+          if ((dc * PARTS + part) % 2 == 0) {
+            _tile_loadd(0, qa, D * 2);
+            _tile_dpbf16ps(4, 0, 6);
+            _tile_dpbf16ps(5, 0, 7);
+          } else {
+            _tile_loadd(1, qa, D * 2);
+            _tile_dpbf16ps(4, 1, 6);
+            _tile_dpbf16ps(5, 1, 7);
+          }
+        }
       }
       _tile_stored(4, sc.s.data() + c * 16, Ls * 4);
       _tile_stored(5, sc.s.data() + c * 16 + 16, Ls * 4);
@@ -226,32 +290,34 @@ static void amx_scores(AmxScratch& sc, int64_t Lp, int64_t Ls) {
   }
 }
 
-// O[:, 16 * first .. 16 * (first + n)) = P V for n <= 4 dim slices of 16.
-template <int N>
+// O[:, 16 * first .. 16 * (first + n)) = P V for n <= 4 dim slices of 16; P in PARTS bfloat16 parts (16 x Ls apart),
+// each part's products added into the same accumulators (V's tiles reloaded per part, from L1).
+template <int N, int PARTS>
 static void amx_pv(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t first) {
   const int64_t slices = D / 16;
   _tile_zero(0);
   if constexpr (N > 1) _tile_zero(1);
   if constexpr (N > 2) _tile_zero(2);
   if constexpr (N > 3) _tile_zero(3);
-  for (int64_t c = 0; c < Lp / 32; ++c) {
-    _tile_loadd(4, sc.p.data() + c * 32, Ls * 2);
-    const uint16_t* b = sc.vv.data() + (c * slices + first) * 512;
-    _tile_loadd(6, b, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (N > 1) {
-      _tile_loadd(7, b + 512, 64);
-      _tile_dpbf16ps(1, 4, 7);
+  for (int64_t c = 0; c < Lp / 32; ++c)
+    for (int part = 0; part < PARTS; ++part) {
+      _tile_loadd(4, sc.p.data() + part * 16 * Ls + c * 32, Ls * 2);
+      const uint16_t* b = sc.vv.data() + (c * slices + first) * 512;
+      _tile_loadd(6, b, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (N > 1) {
+        _tile_loadd(7, b + 512, 64);
+        _tile_dpbf16ps(1, 4, 7);
+      }
+      if constexpr (N > 2) {
+        _tile_loadd(6, b + 1024, 64);
+        _tile_dpbf16ps(2, 4, 6);
+      }
+      if constexpr (N > 3) {
+        _tile_loadd(7, b + 1536, 64);
+        _tile_dpbf16ps(3, 4, 7);
+      }
     }
-    if constexpr (N > 2) {
-      _tile_loadd(6, b + 1024, 64);
-      _tile_dpbf16ps(2, 4, 6);
-    }
-    if constexpr (N > 3) {
-      _tile_loadd(7, b + 1536, 64);
-      _tile_dpbf16ps(3, 4, 7);
-    }
-  }
   float* o = sc.o.data() + first * 16;
   _tile_stored(0, o, D * 4);
   if constexpr (N > 1) _tile_stored(1, o + 16, D * 4);
@@ -259,29 +325,55 @@ static void amx_pv(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t fi
   if constexpr (N > 3) _tile_stored(3, o + 48, D * 4);
 }
 
+// amx_pv for three parts of P, two dim slices (first, first + 1): the parts stay in tiles 2..4 while both slices'
+// V tiles (5, 6) take them, the two accumulators (0, 1) in turn.
+static void amx_pv_split3(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t first) {
+  const int64_t slices = D / 16, stride = 16 * Ls;
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t c = 0; c < Lp / 32; ++c) {
+    const uint16_t* pp = sc.p.data() + c * 32;
+    const uint16_t* b = sc.vv.data() + (c * slices + first) * 512;
+    _tile_loadd(5, b, 64);
+    _tile_loadd(6, b + 512, 64);
+    _tile_loadd(2, pp, Ls * 2);
+    _tile_dpbf16ps(0, 2, 5);
+    _tile_dpbf16ps(1, 2, 6);
+    _tile_loadd(3, pp + stride, Ls * 2);
+    _tile_dpbf16ps(0, 3, 5);
+    _tile_dpbf16ps(1, 3, 6);
+    _tile_loadd(4, pp + 2 * stride, Ls * 2);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_dpbf16ps(1, 4, 6);
+  }
+  float* o = sc.o.data() + first * 16;
+  _tile_stored(0, o, D * 4);
+  _tile_stored(1, o + 16, D * 4);
+}
+
 // One task: query tokens i0 .. i0 + n - 1 (n <= 16) of one request, the G heads of KV head g. Token t sees the first
 // ctx + t + 1 keys. kp / vp: the caches; table: the request's block table.
 // cache_t: bfloat16, or float8 e4m3 (kv_cache_dtype="fp8"), whose rows are converted to bfloat16 (exactly) as the
 // tiles are built, once per key per request and KV group while the tasks of one (r, g) follow each other.
-template <typename cache_t>
-static void amx_prefill_task(const c10::BFloat16* qp, const cache_t* kp, const cache_t* vp, const int64_t* table,
-                             int64_t r, int64_t i0, int64_t n, int64_t ctx, int64_t g, int64_t H, int64_t Hkv,
-                             int64_t D, int64_t bs, float scale, int64_t window, float softcap, c10::BFloat16* op,
-                             AmxScratch& sc) {
+// q_t: bfloat16, or float (over a float8 cache: its rows are bfloat16 values): queries and probabilities then go
+// through the tiles as three bfloat16 parts each (split3_bf16), the probabilities and the output in float32.
+template <typename q_t, typename cache_t>
+static void amx_prefill_task(const q_t* qp, const cache_t* kp, const cache_t* vp, const int64_t* table, int64_t r,
+                             int64_t i0, int64_t n, int64_t ctx, int64_t g, int64_t H, int64_t Hkv, int64_t D,
+                             int64_t bs, float scale, int64_t window, float softcap, q_t* op, AmxScratch& sc) {
+  constexpr int PARTS = std::is_same_v<q_t, float> ? 3 : 1;
   const int64_t G = H / Hkv, row = Hkv * D;
   const int64_t L = ctx + n, Lp = (L + 31) / 32 * 32;
   // rows of S and P: Lp plus a cache line, so that the 16 rows of a tile do not share L1 sets (a stride of a multiple
   // of 4 KiB puts them all in one set)
   const int64_t Ls = Lp + 16;
-  if (static_cast<int64_t>(sc.s.size()) < 16 * Ls) {
-    sc.s.resize(16 * Ls);
-    sc.p.resize(16 * Ls);
-  }
+  if (static_cast<int64_t>(sc.s.size()) < 16 * Ls) sc.s.resize(16 * Ls);
+  if (static_cast<int64_t>(sc.p.size()) < PARTS * 16 * Ls) sc.p.resize(PARTS * 16 * Ls);
   if (static_cast<int64_t>(sc.vv.size()) < Lp * D) {  // resize keeps the tiles built so far
     sc.kt.resize(Lp * D / 2);
     sc.vv.resize(Lp * D);
   }
-  sc.q.assign(16 * D, 0);
+  sc.q.assign(PARTS * 16 * D, 0);
   sc.o.resize(16 * D);
   sc.zero.assign(D, 0);
   sc.conv.resize(16 * D);
@@ -328,37 +420,48 @@ static void amx_prefill_task(const c10::BFloat16* qp, const cache_t* kp, const c
   sc.g = g;
   sc.built = L;
   float inv[16];
-  for (int64_t t = n; t < 16; ++t) std::memset(sc.p.data() + t * Ls, 0, Lp * 2);  // padding rows: P = 0
+  for (int part = 0; part < PARTS; ++part)  // padding rows: P = 0
+    for (int64_t t = n; t < 16; ++t) std::memset(sc.p.data() + (part * 16 + t) * Ls, 0, Lp * 2);
   for (int64_t h = g * G; h < (g + 1) * G; ++h) {
-    for (int64_t t = 0; t < n; ++t)
-      std::memcpy(sc.q.data() + t * D, qp + ((i0 + t) * H + h) * D, D * 2);
+    for (int64_t t = 0; t < n; ++t) {
+      const q_t* src = qp + ((i0 + t) * H + h) * D;
+      if constexpr (PARTS == 1) std::memcpy(sc.q.data() + t * D, src, D * 2);
+      else split3_bf16(src, sc.q.data() + t * D, 16 * D, D);
+    }
     switch (D / 32) {
-      case 1: amx_scores<1>(sc, Lp, Ls); break;
-      case 2: amx_scores<2>(sc, Lp, Ls); break;
-      case 4: amx_scores<4>(sc, Lp, Ls); break;
-      default: amx_scores<8>(sc, Lp, Ls); break;
+      case 1: amx_scores<1, PARTS>(sc, Lp, Ls); break;
+      case 2: amx_scores<2, PARTS>(sc, Lp, Ls); break;
+      case 4: amx_scores<4, PARTS>(sc, Lp, Ls); break;
+      default: amx_scores<8, PARTS>(sc, Lp, Ls); break;
     }
     for (int64_t t = 0; t < n; ++t) {  // softmax of each token's visible keys (the first ctx + t + 1, or its window)
       const int64_t len = ctx + t + 1, first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      inv[t] = softmax_row_bf16(sc.s.data() + t * Ls, sc.p.data() + t * Ls, first, len, Lp, scale, softcap);
+      float* sr = sc.s.data() + t * Ls;
+      uint16_t* pr = sc.p.data() + t * Ls;
+      if constexpr (PARTS == 1) inv[t] = softmax_row_bf16(sr, pr, first, len, Lp, scale, softcap);
+      else inv[t] = softmax_row_split3(sr, pr, 16 * Ls, first, len, Lp, scale, softcap);
     }
-    for (int64_t f = 0; f < slices; f += 4) {
-      switch (std::min<int64_t>(4, slices - f)) {
-        case 2: amx_pv<2>(sc, Lp, Ls, D, f); break;
-        default: amx_pv<4>(sc, Lp, Ls, D, f); break;
+    if constexpr (PARTS == 3) {
+      for (int64_t f = 0; f < slices; f += 2) amx_pv_split3(sc, Lp, Ls, D, f);
+    } else {
+      for (int64_t f = 0; f < slices; f += 4) {
+        switch (std::min<int64_t>(4, slices - f)) {
+          case 2: amx_pv<2, PARTS>(sc, Lp, Ls, D, f); break;
+          default: amx_pv<4, PARTS>(sc, Lp, Ls, D, f); break;
+        }
       }
     }
     for (int64_t t = 0; t < n; ++t) {
-      c10::BFloat16* dst = op + ((i0 + t) * H + h) * D;
+      q_t* dst = op + ((i0 + t) * H + h) * D;
       const float* src = sc.o.data() + t * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = from_float<c10::BFloat16>(src[d] * inv[t]);
+      for (int64_t d = 0; d < D; ++d) dst[d] = from_float<q_t>(src[d] * inv[t]);
     }
   }
 }
 
 // The tokens of requests with at least min_q new tokens, in tiles of 16 (per request and KV head), split between
 // threads by cost (keys read); the other tokens are left to the per-token kernel.
-template <typename cache_t>
+template <typename q_t, typename cache_t>
 static void amx_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                         const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
                         const torch::Tensor& query_start_loc, double scale, int64_t min_q, torch::Tensor& out,
@@ -370,11 +473,11 @@ static void amx_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, co
   prefill_tiles(seq_lens, query_start_loc, Hkv, min_q, tasks, cost, window);
   if (tasks.empty()) return;
   const std::vector<int64_t> bounds = split_by_cost(cost);
-  const auto* qp = q.data_ptr<c10::BFloat16>();
+  const auto* qp = q.data_ptr<q_t>();
   const auto* kp = k_cache.data_ptr<cache_t>();
   const auto* vp = v_cache.data_ptr<cache_t>();
   const int64_t* tp = block_tables.data_ptr<int64_t>();
-  auto* op = out.data_ptr<c10::BFloat16>();
+  auto* op = out.data_ptr<q_t>();
   const float fscale = static_cast<float>(scale);
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t pbegin, int64_t pend) {
     amx_configure();
@@ -382,8 +485,8 @@ static void amx_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, co
     for (int64_t part = pbegin; part < pend; ++part)
       for (int64_t i = bounds[part]; i < bounds[part + 1]; ++i) {
         const PrefillTile& t = tasks[i];
-        amx_prefill_task(qp, kp, vp, tp + t.r * max_blocks, t.r, t.i0, t.n, t.ctx, t.g, H, Hkv, D, bs, fscale, window,
-                         softcap, op, sc);
+        amx_prefill_task<q_t, cache_t>(qp, kp, vp, tp + t.r * max_blocks, t.r, t.i0, t.n, t.ctx, t.g, H, Hkv, D,
+                                       bs, fscale, window, softcap, op, sc);
       }
     _tile_release();
   });
@@ -626,9 +729,10 @@ bool amx_int8_available() {
 }
 
 // paged_attention with the prefill tokens of requests of at least amx_min_q new tokens (0: none) on AMX tiles, where
-// this machine has them (amx_available()), for bfloat16 queries, a bfloat16 or float8 e4m3 cache (its rows converted
-// to bfloat16 as the tiles are built, exactly) and head_dim 32, 64, 128 or 256; the other tokens go through the
-// per-token kernel. window / softcap as for paged_attention_windowed (0: none). Where AMX does
+// this machine has them (amx_available()), for bfloat16 queries over a bfloat16 or float8 e4m3 cache (its rows
+// converted to bfloat16 as the tiles are built, exactly), or float32 queries over a float8 e4m3 cache (queries and
+// probabilities as three bfloat16 parts: float32 products, split3_bf16), head_dim 32, 64, 128 or 256; the other
+// tokens go through the per-token kernel. window / softcap as for paged_attention_windowed (0: none). Where AMX does
 // not apply, paged_attention_windowed with the same arguments (the vector-unit tiles).
 torch::Tensor paged_attention_amx(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                   torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start_loc,
@@ -637,19 +741,22 @@ torch::Tensor paged_attention_amx(torch::Tensor q, torch::Tensor k_cache, torch:
 #if TM_AMX
   const int64_t D = q.size(2);
   const bool fp8 = k_cache.scalar_type() == at::ScalarType::Float8_e4m3fn;
-  if (amx_min_q > 0 && amx_ok() && q.scalar_type() == torch::kBFloat16 &&
-      (k_cache.scalar_type() == torch::kBFloat16 || fp8) && (D == 32 || D == 64 || D == 128 || D == 256)) {
+  const bool bf16q = q.scalar_type() == torch::kBFloat16 && (k_cache.scalar_type() == torch::kBFloat16 || fp8);
+  const bool f32q = q.scalar_type() == torch::kFloat && fp8;
+  if (amx_min_q > 0 && amx_ok() && (bf16q || f32q) && (D == 32 || D == 64 || D == 128 || D == 256)) {
     check_paged_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc);
     auto out = torch::empty_like(q);
-    auto run = [&](auto cache_tag) {
+    auto run = [&](auto q_tag, auto cache_tag) {
+      using q_t = decltype(q_tag);
       using cache_t = decltype(cache_tag);
-      amx_prefill<cache_t>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, amx_min_q, out,
-                           window, static_cast<float>(softcap));
-      paged_dispatch<c10::BFloat16, cache_t>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out,
-                                             amx_min_q, window, softcap);
+      amx_prefill<q_t, cache_t>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, amx_min_q, out,
+                                window, static_cast<float>(softcap));
+      paged_dispatch<q_t, cache_t>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out,
+                                   amx_min_q, window, softcap);
     };
-    if (fp8) run(c10::Float8_e4m3fn{});
-    else run(c10::BFloat16{});
+    if (f32q) run(float{}, c10::Float8_e4m3fn{});
+    else if (fp8) run(c10::BFloat16{}, c10::Float8_e4m3fn{});
+    else run(c10::BFloat16{}, c10::BFloat16{});
     return out;
   }
 #endif

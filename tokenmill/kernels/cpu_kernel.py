@@ -61,9 +61,11 @@ kernel reads every key row once per query token and sums each score across the l
 broadcast from float rows). Any CPU, any cache dtype.
 
 ``paged_attention_amx`` is ``paged_attention`` with the prefill tokens of long-enough requests attended on AMX tiles
-(AMX-BF16: bfloat16 queries, a bfloat16 or fp8 cache, head_dim 32 / 64 / 128 / 256), in tiles of 16 query tokens per
-request and KV group: S = Q K^T and P V as tile products, the softmax on AVX-512 between them (``cpu_amx.cpp``; P
-rounded to bfloat16 before P V, as flash attention does on GPUs). ``amx_available()`` says whether this build targets a
+(AMX-BF16: bfloat16 queries over a bfloat16 or fp8 cache, or float32 queries over an fp8 cache; head_dim 32 / 64 / 128
+/ 256), in tiles of 16 query tokens per request and KV group: S = Q K^T and P V as tile products, the softmax on
+AVX-512 between them (``cpu_amx.cpp``; with bfloat16 queries P is rounded to bfloat16 before P V, as flash attention
+does on GPUs; float32 queries and probabilities go through the tiles as three bfloat16 parts each, exact products
+with the fp8 cache's bfloat16-exact rows, so float32 attention in another summation order). ``amx_available()`` says whether this build targets a
 CPU with AMX and the OS granted the process the tile state; elsewhere the function is ``paged_attention_tiled``. The
 ops object decides once whether to call it (``ops/cpu_ops.py``).
 

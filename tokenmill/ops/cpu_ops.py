@@ -21,7 +21,8 @@ class CpuKernelAttention:
     """Every token of the step (decodes and prefill chunks) in one call of the C++ kernels over the paged cache; K/V
     written by the C++ ``write_kv``. The prefill tokens of requests with at least ``min_q`` (TILE_MIN_QUERY; 0: none)
     new tokens are attended in tiles of 16 query tokens: on AMX (``cpu_amx.cpp``) with ``amx`` for bfloat16 queries
-    over a bfloat16 or fp8 cache, on the vector units otherwise (``cpu_prefill.cpp``); decodes and short chunks take
+    over a bfloat16 or fp8 cache and float32 queries over an fp8 cache (three bfloat16 parts each: exact products),
+    on the vector units otherwise (``cpu_prefill.cpp``); decodes and short chunks take
     the per-token kernel. A layer with a sliding window that bites or capped scores (Gemma 2 / 3, Mistral) takes the
     same split: on AMX the tiles take the window and the cap; otherwise ``paged_attention_windowed``, in float32 /
     float16 with the vector-unit tiles (2.7x the per-token kernel at Gemma's head_dim 256, 1.2x at 128), in bfloat16
@@ -41,7 +42,7 @@ class CpuKernelAttention:
         cap = softcap or 0.0
         args = (q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc_t(),
                 scale)
-        if self.amx:  # bfloat16 prefill tiles on AMX (windows and caps included); the other tokens per token
+        if self.amx:  # prefill tiles on AMX (bfloat16; float32 over fp8), windows and caps included; the rest per token
             return self.kernels.paged_attention_amx(*args, self.min_q, w, cap)
         if w or cap:  # Gemma 2 / 3, Mistral: float32 / float16 in the vector tiles, bfloat16 per token
             return self.kernels.paged_attention_windowed(*args, w, cap, self.min_q if q.dtype != torch.bfloat16 else 0)
