@@ -172,20 +172,33 @@ static inline float softmax_row_bf16(float* sr, uint16_t* pr, int64_t first, int
   return 1.f / _mm512_reduce_add_ps(sum);
 }
 
-// Float32 values as the sum of three bfloat16 parts, exactly: hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi -
-// mid) (each difference is exact in float32, and 3 x 8 significand bits hold float32's 24). A bfloat16 cache row times
+// Float32 values as the sum of three bfloat16 parts, exactly: hi = x truncated to bfloat16, mid = (x - hi)
+// truncated, lo = x - hi - mid (each difference is exact in float32, and 3 x 8 significand bits hold float32's 24). A bfloat16 cache row times
 // each part is exact in float32 too, so three tile products give a float32 query's scores, and three give P.V for
 // float32 probabilities, with only the float32 sums' order differing from the vector units' float32 math (parts so
 // small they would be bfloat16 subnormals, which the tiles read as 0, are below 2^-126 of their row's largest).
 // n % 16 == 0; the parts go to hi, hi + stride, hi + 2 stride.
 static inline void split3_16(__m512 v, uint16_t* hi, int64_t stride) {
-  const __m256bh h = _mm512_cvtneps_pbh(v);
-  const __m512 r = _mm512_sub_ps(v, _mm512_cvtpbh_ps(h));
-  const __m256bh m = _mm512_cvtneps_pbh(r);
-  const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(r, _mm512_cvtpbh_ps(m)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), (__m256i)h);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + stride), (__m256i)m);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + 2 * stride), (__m256i)l);
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512 h = (__m512)_mm512_and_si512((__m512i)v, top);  // v's sign, exponent and first 7 significand bits
+  const __m512 r = _mm512_sub_ps(v, h);                        // exact: the bits h left out
+  const __m512 m = (__m512)_mm512_and_si512((__m512i)r, top);
+  const __m512 l = _mm512_sub_ps(r, m);  // exact, and a bfloat16 value: at most 8 significand bits are left
+  // each part is a bfloat16 value already: the conversions are exact
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), (__m256i)_mm512_cvtneps_pbh(h));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + stride), (__m256i)_mm512_cvtneps_pbh(m));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + 2 * stride), (__m256i)_mm512_cvtneps_pbh(l));
+}
+
+// split3_16 of 32 values (v0: the first 16), each part packed by one conversion and stored by one 64-byte store.
+static inline void split3_32(__m512 v0, __m512 v1, uint16_t* hi, int64_t stride) {
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512 h0 = (__m512)_mm512_and_si512((__m512i)v0, top), h1 = (__m512)_mm512_and_si512((__m512i)v1, top);
+  const __m512 r0 = _mm512_sub_ps(v0, h0), r1 = _mm512_sub_ps(v1, h1);
+  const __m512 m0 = (__m512)_mm512_and_si512((__m512i)r0, top), m1 = (__m512)_mm512_and_si512((__m512i)r1, top);
+  _mm512_storeu_si512(hi, (__m512i)_mm512_cvtne2ps_pbh(h1, h0));
+  _mm512_storeu_si512(hi + stride, (__m512i)_mm512_cvtne2ps_pbh(m1, m0));
+  _mm512_storeu_si512(hi + 2 * stride, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(r1, m1), _mm512_sub_ps(r0, m0)));
 }
 
 static inline void split3_bf16(const float* x, uint16_t* hi, int64_t stride, int64_t n) {
@@ -201,19 +214,18 @@ static inline float softmax_row_split3(float* sr, uint16_t* pr, int64_t stride, 
     cap_scores(sr + first, len - first, softcap);
     scale = 1.f;
   }
-  const __m512 m = _mm512_set1_ps(max_of(sr + first, len - first));
   const __m512 sc = _mm512_set1_ps(scale);
+  const __m512 msc = _mm512_set1_ps(-max_of(sr + first, len - first) * scale);  // scale * (s - max) as one fma
   __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
   for (int64_t k = 0; k < Lp; k += 32) {
     const __mmask16 m0 = lanes_in(k, first, len), m1 = lanes_in(k + 16, first, len);
-    const __m512 e0 = _mm512_maskz_mov_ps(
-        m0, (__m512)exp_nonpos_lanes((vec16)_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + k), m), sc)));
-    const __m512 e1 = _mm512_maskz_mov_ps(
-        m1, (__m512)exp_nonpos_lanes((vec16)_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + k + 16), m), sc)));
+    const __m512 x0 = _mm512_min_ps(_mm512_fmadd_ps(_mm512_loadu_ps(sr + k), sc, msc), _mm512_setzero_ps());
+    const __m512 x1 = _mm512_min_ps(_mm512_fmadd_ps(_mm512_loadu_ps(sr + k + 16), sc, msc), _mm512_setzero_ps());
+    const __m512 e0 = _mm512_maskz_mov_ps(m0, (__m512)exp_nonpos_lanes((vec16)x0));
+    const __m512 e1 = _mm512_maskz_mov_ps(m1, (__m512)exp_nonpos_lanes((vec16)x1));
     sum0 = _mm512_add_ps(sum0, e0);
     sum1 = _mm512_add_ps(sum1, e1);
-    split3_16(e0, pr + k, stride);
-    split3_16(e1, pr + k + 16, stride);
+    split3_32(e0, e1, pr + k, stride);
   }
   return 1.f / _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
 }

@@ -160,10 +160,10 @@ def _compiler() -> tuple[str | None, str]:
     return path, (out.splitlines() or [""])[0]
 
 
-def _base_dir() -> Path:
+def _base_dir(source: str) -> Path:
     import torch
 
-    key = _digest(_source(), " ".join(_CFLAGS + _LDFLAGS), _cpu_facts(), torch.__version__,
+    key = _digest(source, " ".join(_CFLAGS + _LDFLAGS), _cpu_facts(), torch.__version__,
                   sys.version.split()[0])
     return kernel_cache_root() / key
 
@@ -183,8 +183,11 @@ def _import(path: Path):
 
 @functools.cache
 def load_kernels() -> KernelLoad:
-    """Loads the cached build, or builds it (once per machine). Never raises: a failure is in ``error``."""
-    base = _base_dir()
+    """Loads the cached build, or builds it (once per machine). Never raises: a failure is in ``error``. The sources
+    are read once, so the build compiles the text its cache key names (an edit during a build cannot land in a
+    directory keyed by the text before it)."""
+    source = _source()
+    base = _base_dir(source)
     cxx, version = _compiler()
     if cxx is None:  # no compiler now: a build made earlier by any compiler for this source and CPU still serves
         cached = sorted(base.glob(f"*/{_MODULE}.so"), key=lambda p: p.stat().st_mtime)
@@ -197,7 +200,7 @@ def load_kernels() -> KernelLoad:
     log.info("building the C++ CPU kernels for this machine (once; about a minute; cached in %s)", target.parent)
     t0 = time.perf_counter()
     try:
-        module = _build(target)
+        module = _build(target, source)
     except Exception as e:  # no ninja, a compile error, ...: fall back to the torch path
         return _failed(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
     seconds = time.perf_counter() - t0
@@ -212,13 +215,13 @@ def _load_cached(path: Path) -> KernelLoad:
         return _failed(f"the cached build {path} does not load ({type(e).__name__}: {e}); delete it to rebuild")
 
 
-def _build(target: Path):
+def _build(target: Path, source: str):
     from torch.utils.cpp_extension import load_inline
 
     _put_ninja_on_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as build_dir:
-        module = load_inline(name=_MODULE, cpp_sources=_source(), functions=_FUNCTIONS,
+        module = load_inline(name=_MODULE, cpp_sources=source, functions=_FUNCTIONS,
                              extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, build_directory=build_dir, verbose=False)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         shutil.copyfile(Path(build_dir) / f"{_MODULE}.so", tmp)
