@@ -148,6 +148,17 @@ static inline __mmask16 lanes_in(int64_t k, int64_t first, int64_t len) {
   return static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
 }
 
+// chunk(k, lanes k..k+15 in [first, len), lanes k+16..k+31 in it) for k = 0, 32, .. < Lp: the masks (lanes_in's
+// dozen scalar ops a call) only where a chunk straddles first or len, all-ones in between.
+template <typename F>
+static inline void for_chunks(int64_t first, int64_t len, int64_t Lp, F&& chunk) {
+  const int64_t lo = std::min(Lp, (first + 31) / 32 * 32), hi = std::max(lo, len / 32 * 32);
+  auto masked = [&](int64_t k) { chunk(k, lanes_in(k, first, len), lanes_in(k + 16, first, len)); };
+  for (int64_t k = 0; k < lo; k += 32) masked(k);
+  for (int64_t k = lo; k < hi; k += 32) chunk(k, static_cast<__mmask16>(0xFFFF), static_cast<__mmask16>(0xFFFF));
+  for (int64_t k = hi; k < Lp; k += 32) masked(k);
+}
+
 // One row of P: pr[0:Lp] = bfloat16(exp(scale * (sr[k] - max))) for first <= k < len, 0 elsewhere; returns 1 / the
 // sum (of the float32 values). Lp % 32 == 0, first < len <= Lp. softcap > 0: the row's scores in [first, len) are
 // first scaled and capped in place (cap_scores), then taken as they are.
@@ -161,22 +172,24 @@ static inline float softmax_row_bf16(float* sr, uint16_t* pr, int64_t first, int
   const __m512 m = _mm512_set1_ps(max_of(sr + first, len - first));
   const __m512 sc = _mm512_set1_ps(scale);
   __m512 sum = _mm512_setzero_ps();
-  for (int64_t k = 0; k < Lp; k += 32) {
-    const __mmask16 m0 = lanes_in(k, first, len), m1 = lanes_in(k + 16, first, len);
-    const __m512 e0 = _mm512_maskz_mov_ps(m0, exp_nonpos16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + k), m), sc)));
+  auto chunk = [&](int64_t k, __mmask16 m0, __mmask16 m1) __attribute__((always_inline)) {
+    const __m512 e0 = _mm512_maskz_mov_ps(
+        m0, exp_nonpos16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + k), m), sc)));
     const __m512 e1 = _mm512_maskz_mov_ps(
         m1, exp_nonpos16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + k + 16), m), sc)));
     sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
     _mm512_storeu_si512(pr + k, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-  }
+  };
+  for_chunks(first, len, Lp, chunk);
   return 1.f / _mm512_reduce_add_ps(sum);
 }
 
 // Float32 values as the sum of three bfloat16 parts, exactly: hi = x truncated to bfloat16, mid = (x - hi)
-// truncated, lo = x - hi - mid (each difference is exact in float32, and 3 x 8 significand bits hold float32's 24). A bfloat16 cache row times
-// each part is exact in float32 too, so three tile products give a float32 query's scores, and three give P.V for
-// float32 probabilities, with only the float32 sums' order differing from the vector units' float32 math (parts so
-// small they would be bfloat16 subnormals, which the tiles read as 0, are below 2^-126 of their row's largest).
+// truncated, lo = x - hi - mid (each difference is exact in float32, and 3 x 8 significand bits hold float32's 24).
+// A bfloat16 cache row times each part is exact in float32 too, so three tile products give a float32 query's
+// scores, and three give P.V for float32 probabilities, with only the float32 sums' order differing from the vector
+// units' float32 math (parts so small they would be bfloat16 subnormals, which the tiles read as 0, are below 2^-126
+// of their row's largest).
 // n % 16 == 0; the parts go to hi, hi + stride, hi + 2 stride.
 static inline void split3_16(__m512 v, uint16_t* hi, int64_t stride) {
   const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -217,8 +230,7 @@ static inline float softmax_row_split3(float* sr, uint16_t* pr, int64_t stride, 
   const __m512 sc = _mm512_set1_ps(scale);
   const __m512 msc = _mm512_set1_ps(-max_of(sr + first, len - first) * scale);  // scale * (s - max) as one fma
   __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-  for (int64_t k = 0; k < Lp; k += 32) {
-    const __mmask16 m0 = lanes_in(k, first, len), m1 = lanes_in(k + 16, first, len);
+  auto chunk = [&](int64_t k, __mmask16 m0, __mmask16 m1) __attribute__((always_inline)) {
     const __m512 x0 = _mm512_min_ps(_mm512_fmadd_ps(_mm512_loadu_ps(sr + k), sc, msc), _mm512_setzero_ps());
     const __m512 x1 = _mm512_min_ps(_mm512_fmadd_ps(_mm512_loadu_ps(sr + k + 16), sc, msc), _mm512_setzero_ps());
     const __m512 e0 = _mm512_maskz_mov_ps(m0, (__m512)exp_nonpos_lanes((vec16)x0));
@@ -226,7 +238,8 @@ static inline float softmax_row_split3(float* sr, uint16_t* pr, int64_t stride, 
     sum0 = _mm512_add_ps(sum0, e0);
     sum1 = _mm512_add_ps(sum1, e1);
     split3_32(e0, e1, pr + k, stride);
-  }
+  };
+  for_chunks(first, len, Lp, chunk);
   return 1.f / _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
 }
 
