@@ -235,6 +235,27 @@ static inline float exp_nonpos(float x) {
   return p * scale;
 }
 
+#if defined(__AVX512F__)
+// exp_nonpos on 16 lanes, to float32 precision (its reduction and degree-6 polynomial; 2^n by vscalefps), where
+// cpu_amx.cpp's exp_nonpos16 is a degree-5 polynomial for probabilities rounded to bfloat16 (the prefill tiles, the
+// AMX float32 softmax and the bfloat16 SiLU use it)
+static inline vec16 exp_nonpos_lanes(vec16 xv) {
+  const __m512 x = _mm512_max_ps((__m512)xv, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return (vec16)_mm512_scalef_ps(p, n);
+}
+#endif
+
 // Items 0..n-1 with prefix costs cost[0..n] (cost[0] = 0) cut into one contiguous range per thread (at most n) of
 // about equal cost: range p is bounds[p] .. bounds[p + 1].
 static std::vector<int64_t> split_by_cost(const std::vector<int64_t>& cost) {

@@ -61,24 +61,6 @@ struct TiledScratch {
 };
 
 #if defined(__AVX512F__)
-// exp_nonpos on 16 lanes, to float32 precision (its reduction and degree-6 polynomial; 2^n by vscalefps), where
-// cpu_amx.cpp's exp_nonpos16 is a degree-5 polynomial for probabilities rounded to bfloat16
-static inline vec16 exp_nonpos_lanes(vec16 xv) {
-  const __m512 x = _mm512_max_ps((__m512)xv, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
-                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  return (vec16)_mm512_scalef_ps(p, n);
-}
-
 // A tile's 16 query rows of one head as the 16 lanes of a vector (AVX-512, head_dim D = 16 * NV): qt [D][16] the
 // queries times the scale, transposed; kf and vf [>= roundup(nk, 16)][D] the keys and values as float rows (rows
 // past nk finite: read, never weighted). Row r sees keys firsts[r] (nullptr: 0) .. lens[r] - 1 (lens[r] <= nk).
