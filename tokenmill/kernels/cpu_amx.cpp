@@ -315,34 +315,32 @@ static void amx_scores(AmxScratch& sc, int64_t Lp, int64_t Ls) {
   }
 }
 
-// O[:, 16 * first .. 16 * (first + n)) = P V for n <= 4 dim slices of 16; P in PARTS bfloat16 parts (16 x Ls apart),
-// each part's products added into the same accumulators (V's tiles reloaded per part, from L1).
-template <int N, int PARTS>
+// O[:, 16 * first .. 16 * (first + n)) = P V for n <= 4 dim slices of 16 (bfloat16 P; three parts: amx_pv_split3).
+template <int N>
 static void amx_pv(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t first) {
   const int64_t slices = D / 16;
   _tile_zero(0);
   if constexpr (N > 1) _tile_zero(1);
   if constexpr (N > 2) _tile_zero(2);
   if constexpr (N > 3) _tile_zero(3);
-  for (int64_t c = 0; c < Lp / 32; ++c)
-    for (int part = 0; part < PARTS; ++part) {
-      _tile_loadd(4, sc.p.data() + part * 16 * Ls + c * 32, Ls * 2);
-      const uint16_t* b = sc.vv.data() + (c * slices + first) * 512;
-      _tile_loadd(6, b, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      if constexpr (N > 1) {
-        _tile_loadd(7, b + 512, 64);
-        _tile_dpbf16ps(1, 4, 7);
-      }
-      if constexpr (N > 2) {
-        _tile_loadd(6, b + 1024, 64);
-        _tile_dpbf16ps(2, 4, 6);
-      }
-      if constexpr (N > 3) {
-        _tile_loadd(7, b + 1536, 64);
-        _tile_dpbf16ps(3, 4, 7);
-      }
+  for (int64_t c = 0; c < Lp / 32; ++c) {
+    _tile_loadd(4, sc.p.data() + c * 32, Ls * 2);
+    const uint16_t* b = sc.vv.data() + (c * slices + first) * 512;
+    _tile_loadd(6, b, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (N > 1) {
+      _tile_loadd(7, b + 512, 64);
+      _tile_dpbf16ps(1, 4, 7);
     }
+    if constexpr (N > 2) {
+      _tile_loadd(6, b + 1024, 64);
+      _tile_dpbf16ps(2, 4, 6);
+    }
+    if constexpr (N > 3) {
+      _tile_loadd(7, b + 1536, 64);
+      _tile_dpbf16ps(3, 4, 7);
+    }
+  }
   float* o = sc.o.data() + first * 16;
   _tile_stored(0, o, D * 4);
   if constexpr (N > 1) _tile_stored(1, o + 16, D * 4);
@@ -471,8 +469,8 @@ static void amx_prefill_task(const q_t* qp, const cache_t* kp, const cache_t* vp
     } else {
       for (int64_t f = 0; f < slices; f += 4) {
         switch (std::min<int64_t>(4, slices - f)) {
-          case 2: amx_pv<2, PARTS>(sc, Lp, Ls, D, f); break;
-          default: amx_pv<4, PARTS>(sc, Lp, Ls, D, f); break;
+          case 2: amx_pv<2>(sc, Lp, Ls, D, f); break;
+          default: amx_pv<4>(sc, Lp, Ls, D, f); break;
         }
       }
     }
