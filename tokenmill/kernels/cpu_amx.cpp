@@ -315,6 +315,39 @@ static void amx_scores(AmxScratch& sc, int64_t Lp, int64_t Ls) {
   }
 }
 
+// amx_scores for two heads of bfloat16 queries (QT = D / 32 <= 2): Q of head j at sc.q + 16 j D, its scores to
+// sc.s + 16 j Ls. Each K^T B tile, loaded once per 16 keys, feeds both heads' products (per head, one product per B
+// tile loaded: the B tiles, 256 KB per 2k keys at D = 64, come from L2, and their loads held the products back).
+template <int QT>
+static void amx_scores_pair(AmxScratch& sc, int64_t Lp, int64_t Ls) {
+  constexpr int64_t D = 32 * QT;
+  const uint16_t* q0 = sc.q.data();
+  const uint16_t* q1 = q0 + 16 * D;
+  float* s0 = sc.s.data();
+  float* s1 = s0 + 16 * Ls;
+  _tile_loadd(0, q0, D * 2);
+  _tile_loadd(1, q1, D * 2);
+  if constexpr (QT > 1) {
+    _tile_loadd(2, q0 + 32, D * 2);
+    _tile_loadd(3, q1 + 32, D * 2);
+  }
+  for (int64_t c = 0; c < Lp / 16; ++c) {
+    const uint32_t* b = sc.kt.data() + c * QT * 256;
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_loadd(6, b, 64);
+    _tile_dpbf16ps(4, 0, 6);
+    _tile_dpbf16ps(5, 1, 6);
+    if constexpr (QT > 1) {
+      _tile_loadd(7, b + 256, 64);
+      _tile_dpbf16ps(4, 2, 7);
+      _tile_dpbf16ps(5, 3, 7);
+    }
+    _tile_stored(4, s0 + c * 16, Ls * 4);
+    _tile_stored(5, s1 + c * 16, Ls * 4);
+  }
+}
+
 // O[:, 16 * first .. 16 * (first + n)) = P V for n <= 4 dim slices of 16 (bfloat16 P; three parts: amx_pv_split3).
 template <int N>
 static void amx_pv(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t first) {
@@ -390,13 +423,13 @@ static void amx_prefill_task(const q_t* qp, const cache_t* kp, const cache_t* vp
   // rows of S and P: Lp plus a cache line, so that the 16 rows of a tile do not share L1 sets (a stride of a multiple
   // of 4 KiB puts them all in one set)
   const int64_t Ls = Lp + 16;
-  if (static_cast<int64_t>(sc.s.size()) < 16 * Ls) sc.s.resize(16 * Ls);
+  if (static_cast<int64_t>(sc.s.size()) < 2 * 16 * Ls) sc.s.resize(2 * 16 * Ls);  // two heads' (amx_scores_pair)
   if (static_cast<int64_t>(sc.p.size()) < PARTS * 16 * Ls) sc.p.resize(PARTS * 16 * Ls);
   if (static_cast<int64_t>(sc.vv.size()) < Lp * D) {  // resize keeps the tiles built so far
     sc.kt.resize(Lp * D / 2);
     sc.vv.resize(Lp * D);
   }
-  sc.q.assign(PARTS * 16 * D, 0);
+  sc.q.assign(std::max(PARTS, 2) * 16 * D, 0);
   sc.o.resize(16 * D);
   sc.zero.assign(D, 0);
   sc.conv.resize(16 * D);
@@ -445,39 +478,49 @@ static void amx_prefill_task(const q_t* qp, const cache_t* kp, const cache_t* vp
   float inv[16];
   for (int part = 0; part < PARTS; ++part)  // padding rows: P = 0
     for (int64_t t = n; t < 16; ++t) std::memset(sc.p.data() + (part * 16 + t) * Ls, 0, Lp * 2);
-  for (int64_t h = g * G; h < (g + 1) * G; ++h) {
-    for (int64_t t = 0; t < n; ++t) {
-      const q_t* src = qp + ((i0 + t) * H + h) * D;
-      if constexpr (PARTS == 1) std::memcpy(sc.q.data() + t * D, src, D * 2);
-      else split3_bf16(src, sc.q.data() + t * D, 16 * D, D);
-    }
-    switch (D / 32) {
-      case 1: amx_scores<1, PARTS>(sc, Lp, Ls); break;
-      case 2: amx_scores<2, PARTS>(sc, Lp, Ls); break;
-      case 4: amx_scores<4, PARTS>(sc, Lp, Ls); break;
-      default: amx_scores<8, PARTS>(sc, Lp, Ls); break;
-    }
-    for (int64_t t = 0; t < n; ++t) {  // softmax of each token's visible keys (the first ctx + t + 1, or its window)
-      const int64_t len = ctx + t + 1, first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      float* sr = sc.s.data() + t * Ls;
-      uint16_t* pr = sc.p.data() + t * Ls;
-      if constexpr (PARTS == 1) inv[t] = softmax_row_bf16(sr, pr, first, len, Lp, scale, softcap);
-      else inv[t] = softmax_row_split3(sr, pr, 16 * Ls, first, len, Lp, scale, softcap);
-    }
-    if constexpr (PARTS == 3) {
-      for (int64_t f = 0; f < slices; f += 2) amx_pv_split3(sc, Lp, Ls, D, f);
+  for (int64_t h = g * G; h < (g + 1) * G;) {
+    // bfloat16 queries at head_dim <= 64: two heads' scores in one pass over K^T (amx_scores_pair)
+    const int nh = PARTS == 1 && D <= 64 && h + 1 < (g + 1) * G ? 2 : 1;
+    for (int j = 0; j < nh; ++j)
+      for (int64_t t = 0; t < n; ++t) {
+        const q_t* src = qp + ((i0 + t) * H + h + j) * D;
+        if constexpr (PARTS == 1) std::memcpy(sc.q.data() + (j * 16 + t) * D, src, D * 2);
+        else split3_bf16(src, sc.q.data() + t * D, 16 * D, D);
+      }
+    if (nh == 2) {
+      if (D == 32) amx_scores_pair<1>(sc, Lp, Ls);
+      else amx_scores_pair<2>(sc, Lp, Ls);
     } else {
-      for (int64_t f = 0; f < slices; f += 4) {
-        switch (std::min<int64_t>(4, slices - f)) {
-          case 2: amx_pv<2>(sc, Lp, Ls, D, f); break;
-          default: amx_pv<4>(sc, Lp, Ls, D, f); break;
-        }
+      switch (D / 32) {
+        case 1: amx_scores<1, PARTS>(sc, Lp, Ls); break;
+        case 2: amx_scores<2, PARTS>(sc, Lp, Ls); break;
+        case 4: amx_scores<4, PARTS>(sc, Lp, Ls); break;
+        default: amx_scores<8, PARTS>(sc, Lp, Ls); break;
       }
     }
-    for (int64_t t = 0; t < n; ++t) {
-      q_t* dst = op + ((i0 + t) * H + h) * D;
-      const float* src = sc.o.data() + t * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = from_float<q_t>(src[d] * inv[t]);
+    for (int j = 0; j < nh; ++j, ++h) {
+      for (int64_t t = 0; t < n; ++t) {  // softmax of each token's visible keys (the first ctx + t + 1, or its window)
+        const int64_t len = ctx + t + 1, first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+        float* sr = sc.s.data() + (j * 16 + t) * Ls;
+        uint16_t* pr = sc.p.data() + t * Ls;
+        if constexpr (PARTS == 1) inv[t] = softmax_row_bf16(sr, pr, first, len, Lp, scale, softcap);
+        else inv[t] = softmax_row_split3(sr, pr, 16 * Ls, first, len, Lp, scale, softcap);
+      }
+      if constexpr (PARTS == 3) {
+        for (int64_t f = 0; f < slices; f += 2) amx_pv_split3(sc, Lp, Ls, D, f);
+      } else {
+        for (int64_t f = 0; f < slices; f += 4) {
+          switch (std::min<int64_t>(4, slices - f)) {
+            case 2: amx_pv<2>(sc, Lp, Ls, D, f); break;
+            default: amx_pv<4>(sc, Lp, Ls, D, f); break;
+          }
+        }
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        q_t* dst = op + ((i0 + t) * H + h) * D;
+        const float* src = sc.o.data() + t * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<q_t>(src[d] * inv[t]);
+      }
     }
   }
 }
