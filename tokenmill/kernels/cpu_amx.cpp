@@ -34,7 +34,7 @@
 // P is split into three bfloat16 parts that sum to it exactly (split3_bf16), and each part goes through the same tile
 // products, added into the same float32 accumulators: every product is exact, so S and P.V are float32 attention in
 // another summation order (tests/model/test_amx.py: within 1e-5 of the vector units' float32 tiles). Three times
-// the tile products of bfloat16; 1.5-1.7x the vector-unit tiles' speed on 1-2k-token prompts.
+// the tile products of bfloat16; 1.7-1.9x the vector-unit tiles' speed on 1-2k-token prompts.
 //
 // AMX needs the OS's permission for the tile state once per process (arch_prctl ARCH_REQ_XCOMP_PERM), and each
 // thread loads the tile configuration before its first tile instruction; amx_available() says whether both hold on
