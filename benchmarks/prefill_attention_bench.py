@@ -20,14 +20,10 @@ import torch
 from tokenmill.kernels import cpu_kernel
 
 
-def _best_ms(fn, rounds: int) -> float:
+def _ms(fn) -> float:
+    t = time.perf_counter()
     fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+    return (time.perf_counter() - t) * 1e3
 
 
 def main() -> None:
@@ -57,10 +53,12 @@ def main() -> None:
             "amx_float32": lambda: k.paged_attention_amx(q, kc, vc, *meta, scale, min_q, 0, 0.0),
             "vector_tiles_float32": lambda: k.paged_attention_tiled(q, kc, vc, *meta, scale, min_q),
         }
+        for fn in paths.values():  # warm-up: scratch buffers, pages
+            fn()
         best = {name: float("inf") for name in paths}
         for _ in range(a.rounds):  # alternating: a drift of the machine touches every path alike
             for name, fn in paths.items():
-                best[name] = min(best[name], _best_ms(fn, 1))
+                best[name] = min(best[name], _ms(fn))
         diff = (paths["amx_float32"]() - paths["vector_tiles_float32"]()).abs().max().item()
         rows.append({"new": new, "cached": cached, **{f"{n}_ms": round(v, 2) for n, v in best.items()},
                      "float32_max_diff": diff})

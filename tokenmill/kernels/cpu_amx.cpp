@@ -159,51 +159,14 @@ static inline void for_chunks(int64_t first, int64_t len, int64_t Lp, F&& chunk)
   for (int64_t k = hi; k < Lp; k += 32) masked(k);
 }
 
-// One row of P: pr[0:Lp] = bfloat16(exp(scale * (sr[k] - max))) for first <= k < len, 0 elsewhere; returns 1 / the
-// sum (of the float32 values). Lp % 32 == 0, first < len <= Lp. softcap > 0: the row's scores in [first, len) are
-// first scaled and capped in place (cap_scores), then taken as they are.
-static inline float softmax_row_bf16(float* sr, uint16_t* pr, int64_t first, int64_t len, int64_t Lp, float scale,
-                                     float softcap = 0.f) {
-  if (softcap > 0.f) {
-    for (int64_t k = first; k < len; ++k) sr[k] *= scale;
-    cap_scores(sr + first, len - first, softcap);
-    scale = 1.f;
-  }
-  const __m512 m = _mm512_set1_ps(max_of(sr + first, len - first));
-  const __m512 sc = _mm512_set1_ps(scale);
-  __m512 sum = _mm512_setzero_ps();
-  auto chunk = [&](int64_t k, __mmask16 m0, __mmask16 m1) __attribute__((always_inline)) {
-    const __m512 e0 = _mm512_maskz_mov_ps(
-        m0, exp_nonpos16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + k), m), sc)));
-    const __m512 e1 = _mm512_maskz_mov_ps(
-        m1, exp_nonpos16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + k + 16), m), sc)));
-    sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-    _mm512_storeu_si512(pr + k, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-  };
-  for_chunks(first, len, Lp, chunk);
-  return 1.f / _mm512_reduce_add_ps(sum);
-}
-
 // Float32 values as the sum of three bfloat16 parts, exactly: hi = x truncated to bfloat16, mid = (x - hi)
 // truncated, lo = x - hi - mid (each difference is exact in float32, and 3 x 8 significand bits hold float32's 24).
 // A bfloat16 cache row times each part is exact in float32 too, so three tile products give a float32 query's
 // scores, and three give P.V for float32 probabilities, with only the float32 sums' order differing from the vector
 // units' float32 math (parts so small they would be bfloat16 subnormals, which the tiles read as 0, are below 2^-126
 // of their row's largest).
-// n % 16 == 0; the parts go to hi, hi + stride, hi + 2 stride.
-static inline void split3_16(__m512 v, uint16_t* hi, int64_t stride) {
-  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const __m512 h = (__m512)_mm512_and_si512((__m512i)v, top);  // v's sign, exponent and first 7 significand bits
-  const __m512 r = _mm512_sub_ps(v, h);                        // exact: the bits h left out
-  const __m512 m = (__m512)_mm512_and_si512((__m512i)r, top);
-  const __m512 l = _mm512_sub_ps(r, m);  // exact, and a bfloat16 value: at most 8 significand bits are left
-  // each part is a bfloat16 value already: the conversions are exact
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), (__m256i)_mm512_cvtneps_pbh(h));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + stride), (__m256i)_mm512_cvtneps_pbh(m));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + 2 * stride), (__m256i)_mm512_cvtneps_pbh(l));
-}
-
-// split3_16 of 32 values (v0: the first 16), each part packed by one conversion and stored by one 64-byte store.
+// 32 values (v0: the first 16) split so, each part packed by one conversion and stored by one 64-byte store; the
+// parts go to hi, hi + stride, hi + 2 stride.
 static inline void split3_32(__m512 v0, __m512 v1, uint16_t* hi, int64_t stride) {
   const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   const __m512 h0 = (__m512)_mm512_and_si512((__m512i)v0, top), h1 = (__m512)_mm512_and_si512((__m512i)v1, top);
@@ -214,32 +177,49 @@ static inline void split3_32(__m512 v0, __m512 v1, uint16_t* hi, int64_t stride)
   _mm512_storeu_si512(hi + 2 * stride, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(r1, m1), _mm512_sub_ps(r0, m0)));
 }
 
+// n % 32 == 0.
 static inline void split3_bf16(const float* x, uint16_t* hi, int64_t stride, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) split3_16(_mm512_loadu_ps(x + i), hi + i, stride);
+  for (int64_t i = 0; i < n; i += 32) split3_32(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i + 16), hi + i, stride);
 }
 
-// softmax_row_bf16 for float32 queries: the probabilities to float32 precision (cpu_prefill.cpp's exp_nonpos_lanes),
-// stored as three bfloat16 parts (split3_16) at pr, pr + stride, pr + 2 stride.
-static inline float softmax_row_split3(float* sr, uint16_t* pr, int64_t stride, int64_t first, int64_t len,
-                                       int64_t Lp, float scale, float softcap = 0.f) {
+// One row of P from its scores sr[0:Lp]: p[k] = exp(scale * (sr[k] - max)) for first <= k < len, 0 elsewhere;
+// returns 1 / the sum (of the float32 values). Lp % 32 == 0, first < len <= Lp. softcap > 0: the row's scores in
+// [first, len) are first scaled and capped in place (cap_scores), then taken as they are. PARTS = 1: p rounded to
+// bfloat16 into pr[0:Lp] (exp_nonpos16: its error far below that rounding). PARTS = 3 (float32 queries): p to float32
+// precision (exp_nonpos_lanes), stored as three bfloat16 parts (split3_32) at pr, pr + stride, pr + 2 stride.
+template <int PARTS>
+static inline float softmax_row(float* sr, uint16_t* pr, int64_t stride, int64_t first, int64_t len, int64_t Lp,
+                                float scale, float softcap) {
   if (softcap > 0.f) {
     for (int64_t k = first; k < len; ++k) sr[k] *= scale;
     cap_scores(sr + first, len - first, softcap);
     scale = 1.f;
   }
+  const float m = max_of(sr + first, len - first);
   const __m512 sc = _mm512_set1_ps(scale);
-  const __m512 msc = _mm512_set1_ps(-max_of(sr + first, len - first) * scale);  // scale * (s - max) as one fma
   __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-  auto chunk = [&](int64_t k, __mmask16 m0, __mmask16 m1) __attribute__((always_inline)) {
-    const __m512 x0 = _mm512_min_ps(_mm512_fmadd_ps(_mm512_loadu_ps(sr + k), sc, msc), _mm512_setzero_ps());
-    const __m512 x1 = _mm512_min_ps(_mm512_fmadd_ps(_mm512_loadu_ps(sr + k + 16), sc, msc), _mm512_setzero_ps());
-    const __m512 e0 = _mm512_maskz_mov_ps(m0, (__m512)exp_nonpos_lanes((vec16)x0));
-    const __m512 e1 = _mm512_maskz_mov_ps(m1, (__m512)exp_nonpos_lanes((vec16)x1));
-    sum0 = _mm512_add_ps(sum0, e0);
-    sum1 = _mm512_add_ps(sum1, e1);
-    split3_32(e0, e1, pr + k, stride);
-  };
-  for_chunks(first, len, Lp, chunk);
+  if constexpr (PARTS == 1) {
+    const __m512 mv = _mm512_set1_ps(m);
+    for_chunks(first, len, Lp, [&](int64_t k, __mmask16 m0, __mmask16 m1) __attribute__((always_inline)) {
+      const __m512 e0 = _mm512_maskz_mov_ps(
+          m0, exp_nonpos16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + k), mv), sc)));
+      const __m512 e1 = _mm512_maskz_mov_ps(
+          m1, exp_nonpos16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + k + 16), mv), sc)));
+      sum0 = _mm512_add_ps(sum0, _mm512_add_ps(e0, e1));
+      _mm512_storeu_si512(pr + k, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    });
+  } else {
+    const __m512 msc = _mm512_set1_ps(-m * scale);  // scale * (s - max) as one fma
+    for_chunks(first, len, Lp, [&](int64_t k, __mmask16 m0, __mmask16 m1) __attribute__((always_inline)) {
+      const __m512 x0 = _mm512_min_ps(_mm512_fmadd_ps(_mm512_loadu_ps(sr + k), sc, msc), _mm512_setzero_ps());
+      const __m512 x1 = _mm512_min_ps(_mm512_fmadd_ps(_mm512_loadu_ps(sr + k + 16), sc, msc), _mm512_setzero_ps());
+      const __m512 e0 = _mm512_maskz_mov_ps(m0, (__m512)exp_nonpos_lanes((vec16)x0));
+      const __m512 e1 = _mm512_maskz_mov_ps(m1, (__m512)exp_nonpos_lanes((vec16)x1));
+      sum0 = _mm512_add_ps(sum0, e0);
+      sum1 = _mm512_add_ps(sum1, e1);
+      split3_32(e0, e1, pr + k, stride);
+    });
+  }
   return 1.f / _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
 }
 
@@ -502,9 +482,7 @@ static void amx_prefill_task(const q_t* qp, const cache_t* kp, const cache_t* vp
       for (int64_t t = 0; t < n; ++t) {  // softmax of each token's visible keys (the first ctx + t + 1, or its window)
         const int64_t len = ctx + t + 1, first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
         float* sr = sc.s.data() + (j * 16 + t) * Ls;
-        uint16_t* pr = sc.p.data() + t * Ls;
-        if constexpr (PARTS == 1) inv[t] = softmax_row_bf16(sr, pr, first, len, Lp, scale, softcap);
-        else inv[t] = softmax_row_split3(sr, pr, 16 * Ls, first, len, Lp, scale, softcap);
+        inv[t] = softmax_row<PARTS>(sr, sc.p.data() + t * Ls, 16 * Ls, first, len, Lp, scale, softcap);
       }
       if constexpr (PARTS == 3) {
         for (int64_t f = 0; f < slices; f += 2) amx_pv_split3(sc, Lp, Ls, D, f);
