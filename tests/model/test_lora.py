@@ -388,7 +388,9 @@ def test_adapters_of_experts_through_the_triton_family_equal_peft(tmp_path):
 def test_the_cpp_row_loop_equals_two_gemms_a_run(kernels, dtype, in_out):
     """lora_rows (the C++ kernel short runs take: rows in blocks of 8, outputs 64 at a time, dot products 16 lanes
     wide, tails past each) equals (x A_s^T) B_s^T added to each run's rows in float32 (bfloat16: the sum rounded once,
-    so within one rounding); rows outside every run are left as they were, bit for bit."""
+    so within one rounding); rows outside every run are left as they were, bit for bit. Factors in bfloat16 (a
+    bfloat16 model's, as LoraWeights holds them) give their float32 widening's result (the same float32 arithmetic;
+    the compiler may sum a tail in another order)."""
     n_in, n_out = in_out
     g = torch.Generator().manual_seed(3)
     slots, width, n = 3, 11, 60
@@ -408,6 +410,13 @@ def test_the_cpp_row_loop_equals_two_gemms_a_run(kernels, dtype, in_out):
     assert untouched == [26, 27, 28, 29, 59] and torch.equal(got[untouched], y[untouched])
     with pytest.raises(RuntimeError, match="a run's rows must lie in x"):
         kernels.lora_rows(x, got, af, btf, [0, 50, 61])
+    af16, btf16 = af.bfloat16(), btf.bfloat16()
+    wide, narrow = y.clone(), y.clone()
+    kernels.lora_rows(x, wide, af16.float(), btf16.float(), [v for run in runs for v in run])
+    kernels.lora_rows(x, narrow, af16, btf16, [v for run in runs for v in run])
+    torch.testing.assert_close(narrow, wide, atol=1e-6, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="of one dtype"):
+        kernels.lora_rows(x, got, af16, btf, [0, 0, 1])
 
 
 def test_rows_of_an_adapter_without_expert_factors_keep_the_experts_usual_path(tmp_path):

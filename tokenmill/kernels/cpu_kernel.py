@@ -36,8 +36,8 @@ whose float32 logits are then never written. ``moe_experts_w8a8`` is ``moe_exper
 rows' codes computed once, then per expert the int8 GEMMs and the fused SiLU-and-mul quantization).
 
 ``lora_rows`` adds LoRA adapters' updates to short runs of rows, each run's rows under its own adapter, in one call
-(model/lora.py: a step's decode rows of each adapter, each expert's runs in a mixture of experts), from float32 copies
-of the stacked factors: rows in blocks of 8, their dot products with A 16 lanes wide, then 4 rows x 64 outputs held
+(model/lora.py: a step's decode rows of each adapter, each expert's runs in a mixture of experts), from the stacked
+factors in the model's dtype (bfloat16 widened exactly as it loads): rows in blocks of 8, their dot products with A 16 lanes wide, then 4 rows x 64 outputs held
 in registers while B's rows stream past; where two small GEMMs a run cost ~25 us each in bfloat16.
 
 ``int8g_gemm`` is int8 weight-only's GEMM: int8 codes with a float16 scale and offset per 32 weights along K (``w = q *

@@ -576,13 +576,27 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 // per run as two small GEMMs costs ~25 us a GEMM in bfloat16, mostly the call): y [n, out] += (x[r] A_s^T) B_s^T
 // for each row r of each run (slot s, first, end) in the flat int64 list runs (3 a run). x [n, in] and y in
 // float32 or bfloat16 (y rounded once, after the add); af [S, W, in] and btf [S, W, out] the stacked factors in
-// float32, B transposed, so both halves run down contiguous float rows. A task is up to LORA_RB rows of one run:
+// float32 or bfloat16 (both alike: the model's dtype, widened exactly as they load, so the sums are the same as from
+// float32 copies), B transposed, so both halves run down contiguous rows. A task is up to LORA_RB rows of one run:
 // mid[r][w] = x_r . af[s][w] with each A row read once for the block (the rows' sums independent chains), then
 // y_r += sum_w mid[r][w] * btf[s][w] with 4 rows x 64 outputs in registers, each B vector feeding the 4 rows.
 constexpr int64_t LORA_RB = 8;
-template <typename scalar_t>
-static void lora_rows_impl(const scalar_t* x, scalar_t* y, const float* af, const float* btf, const int64_t* runs,
-                           int64_t nruns, int64_t in, int64_t out, int64_t W, int64_t S) {
+
+// 16 factors from p as floats: float32 as they are, bfloat16 widened (exact).
+static inline vec16 load16_factor(const float* p) { return load16(p); }
+static inline vec16 load16_factor(const c10::BFloat16* p) {
+#if TM_BF16_LANES
+  return (vec16)bf16_load16(p);
+#else
+  float f[16];
+  to_float(p, f, 16);
+  return load16(f);
+#endif
+}
+
+template <typename scalar_t, typename factor_t>
+static void lora_rows_impl(const scalar_t* x, scalar_t* y, const factor_t* af, const factor_t* btf,
+                           const int64_t* runs, int64_t nruns, int64_t in, int64_t out, int64_t W, int64_t S) {
   std::vector<std::array<int64_t, 3>> tasks;  // (slot, first row, end row): blocks of up to LORA_RB rows of one run
   for (int64_t k = 0; k < nruns; ++k) {
     const int64_t s = runs[3 * k];
@@ -597,22 +611,22 @@ static void lora_rows_impl(const scalar_t* x, scalar_t* y, const float* af, cons
       const auto [s, r0, r1] = tasks[k];
       const int64_t nr = r1 - r0;
       for (int64_t r = 0; r < nr; ++r) to_float(x + (r0 + r) * in, xf.data() + r * in, in);
-      const float* a = af + s * W * in;
+      const factor_t* a = af + s * W * in;
       const int64_t in16 = in / 16 * 16;
       for (int64_t w = 0; w < W; ++w) {  // the block's rows' dot products with A row w as independent chains
-        const float* aw = a + w * in;
+        const factor_t* aw = a + w * in;
         vec16 acc[LORA_RB] = {};
         for (int64_t i = 0; i < in16; i += 16) {
-          const vec16 av = load16(aw + i);
+          const vec16 av = load16_factor(aw + i);
           for (int64_t r = 0; r < LORA_RB; ++r) acc[r] += load16(xf.data() + std::min(r, nr - 1) * in + i) * av;
         }
         for (int64_t r = 0; r < nr; ++r) {
           float sum = hsum16(acc[r]);
-          for (int64_t i = in16; i < in; ++i) sum += xf[r * in + i] * aw[i];
+          for (int64_t i = in16; i < in; ++i) sum += xf[r * in + i] * static_cast<float>(aw[i]);
           mid[r * W + w] = sum;
         }
       }
-      const float* bt = btf + s * W * out;
+      const factor_t* bt = btf + s * W * out;
       for (int64_t r = 0; r < nr; ++r) to_float(y + (r0 + r) * out, yf.data() + r * out, out);
       const int64_t out64 = out / 64 * 64;
       for (int64_t o = 0; o < out64; o += 64)  // 4 rows x 64 outputs in registers, each B vector feeds 4 rows
@@ -622,7 +636,7 @@ static void lora_rows_impl(const scalar_t* x, scalar_t* y, const float* af, cons
             for (int j = 0; j < 4; ++j) acc[r][j] = load16(yf.data() + std::min(rb + r, nr - 1) * out + o + 16 * j);
           for (int64_t w = 0; w < W; ++w) {
             vec16 b[4];
-            for (int j = 0; j < 4; ++j) b[j] = load16(bt + w * out + o + 16 * j);
+            for (int j = 0; j < 4; ++j) b[j] = load16_factor(bt + w * out + o + 16 * j);
             for (int64_t r = 0; r < 4; ++r) {
               const float m = mid[std::min(rb + r, nr - 1) * W + w];
               for (int j = 0; j < 4; ++j) acc[r][j] += m * b[j];
@@ -634,7 +648,7 @@ static void lora_rows_impl(const scalar_t* x, scalar_t* y, const float* af, cons
       for (int64_t r = 0; r < nr; ++r) {
         float* yr = yf.data() + r * out;
         for (int64_t w = 0; w < W; ++w)
-          for (int64_t o = out64; o < out; ++o) yr[o] += mid[r * W + w] * bt[w * out + o];
+          for (int64_t o = out64; o < out; ++o) yr[o] += mid[r * W + w] * static_cast<float>(bt[w * out + o]);
         scalar_t* dst = y + (r0 + r) * out;
         for (int64_t o = 0; o < out; ++o) dst[o] = from_float<scalar_t>(yr[o]);
       }
@@ -648,20 +662,28 @@ void lora_rows(torch::Tensor x, torch::Tensor y, torch::Tensor af, torch::Tensor
                   (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
               "x [n, in] and y [n, out] must be contiguous float32 or bfloat16 tensors of one dtype");
   TORCH_CHECK(af.dim() == 3 && btf.dim() == 3 && af.is_contiguous() && btf.is_contiguous() &&
-                  af.scalar_type() == torch::kFloat32 && btf.scalar_type() == torch::kFloat32 &&
+                  af.scalar_type() == btf.scalar_type() &&
+                  (af.scalar_type() == torch::kFloat32 || af.scalar_type() == torch::kBFloat16) &&
                   af.size(0) == btf.size(0) && af.size(1) == btf.size(1) && af.size(2) == x.size(1) &&
                   btf.size(2) == y.size(1),
-              "af [S, W, in] and btf [S, W, out] must be contiguous float32 tensors matching x and y");
+              "af [S, W, in] and btf [S, W, out] must be contiguous float32 or bfloat16 tensors of one dtype "
+              "matching x and y");
   TORCH_CHECK(runs.size() % 3 == 0, "runs: (slot, first, end) triples");
   for (size_t k = 0; k < runs.size(); k += 3)
     TORCH_CHECK(runs[k + 1] >= 0 && runs[k + 2] <= x.size(0), "a run's rows must lie in x");
   const int64_t nruns = static_cast<int64_t>(runs.size()) / 3;
+  auto with_factors = [&](auto* xp, auto* yp) {
+    if (af.scalar_type() == torch::kFloat32)
+      lora_rows_impl(xp, yp, af.data_ptr<float>(), btf.data_ptr<float>(), runs.data(), nruns, x.size(1), y.size(1),
+                     af.size(1), af.size(0));
+    else
+      lora_rows_impl(xp, yp, af.data_ptr<c10::BFloat16>(), btf.data_ptr<c10::BFloat16>(), runs.data(), nruns,
+                     x.size(1), y.size(1), af.size(1), af.size(0));
+  };
   if (x.scalar_type() == torch::kFloat32)
-    lora_rows_impl(x.data_ptr<float>(), y.data_ptr<float>(), af.data_ptr<float>(), btf.data_ptr<float>(),
-                   runs.data(), nruns, x.size(1), y.size(1), af.size(1), af.size(0));
+    with_factors(x.data_ptr<float>(), y.data_ptr<float>());
   else
-    lora_rows_impl(x.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(), af.data_ptr<float>(),
-                   btf.data_ptr<float>(), runs.data(), nruns, x.size(1), y.size(1), af.size(1), af.size(0));
+    with_factors(x.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>());
 }
 
 // y = x W^T for a float linear's weight as the layers hold it: prepacked for oneDNN (an opaque mkldnn tensor, through

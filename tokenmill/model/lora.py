@@ -221,19 +221,20 @@ class LoraSet:
 class LoraWeights(torch.nn.Module):
     """One layer's stacked factors: ``a`` [num_adapters, R, in], ``b`` [num_adapters, out, R] (model dtype). With
     the C++ kernels (``kernels``), runs of at most ``SHORT_RUN`` rows (a step's decode rows of an adapter, small
-    chunks) are updated in one ``lora_rows`` call for the layer, from float32 copies ``af`` [S, R, in] and ``btf``
-    [S, R, out] (B transposed): two small GEMMs a run cost ~25 us each in bfloat16, mostly the call, which made four
+    chunks) are updated in one ``lora_rows`` call for the layer, from ``a`` itself and ``btf`` [S, R, out] (B
+    transposed, in the model's dtype: the kernel widens bfloat16 exactly as it loads, the float32 arithmetic of float32
+    copies without holding them): two small GEMMs a run cost ~25 us each in bfloat16, mostly the call, which made four
     adapters' decode steps 1.7x slower than the base model's; longer runs (prefill chunks) stay GEMMs."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, loras: LoraSet, kernels=None) -> None:
         super().__init__()
-        self.register_buffer("a", a)
+        self.register_buffer("a", a.contiguous())
         self.register_buffer("b", b)
         self.loras = loras
         self.kernels = kernels  # the C++ module with lora_rows, or None
         if self.kernels is not None:
-            self.register_buffer("af", a.float().contiguous())
-            self.register_buffer("btf", b.float().transpose(1, 2).contiguous())
+            self.af = self.a  # [S, R, in]: lora_rows reads A as it is (a view, not a copy)
+            self.register_buffer("btf", b.transpose(1, 2).contiguous())
 
     @property
     def active(self) -> bool:
@@ -263,8 +264,8 @@ class ExpertLoraWeights(torch.nn.Module):
     """A routed expert's stacked factors. The expert sees only its rows of the layer's rows regrouped by expert (in
     token order), so the step's runs of an adapter's rows do not apply; ``SparseMoE`` gives each expert's call its
     own (and clears them after). With the C++ kernels (``kernels``): ``runs`` (slot, first, end) in the expert's
-    rows, all updated in one ``lora_rows`` call from float32 factors ``af`` [S, R, in] and ``btf`` [S, R, out], R x
-    (in + out) multiply-adds a row whatever the number of adapters. Elsewhere (the Triton family; no C++ kernels):
+    rows, all updated in one ``lora_rows`` call from the factors ``af`` [S, R, in] and ``btf`` [S, R, out] in the
+    model's dtype, R x (in + out) multiply-adds a row whatever the number of adapters. Elsewhere (the Triton family; no C++ kernels):
     every adapter's update as two GEMMs over the expert's rows, the shrink against all adapters' A at once
     (``a_all`` [S * R, in]) masked to each row's adapter's R columns (``mask`` [rows, S * R], a view of one mask
     built for the layer's rows; zero rows for base-model rows), the expand against all adapters' B (``b_all`` [out,
@@ -280,8 +281,8 @@ class ExpertLoraWeights(torch.nn.Module):
         self.runs: list[int] = []  # with kernels: the expert's runs, flat (slot, first, end) triples
         self.mask: torch.Tensor | None = None  # without: the mask of the expert's rows
         if self.kernels is not None:
-            self.af = a.float().contiguous()  # [S, R, in]
-            self.btf = b.float().transpose(1, 2).contiguous()  # [S, R, out]
+            self.af = a.contiguous()  # [S, R, in]
+            self.btf = b.transpose(1, 2).contiguous()  # [S, R, out]
         else:
             from tokenmill.model.gemm import pack
 
