@@ -109,7 +109,7 @@ _FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention", "quantize_rows_
               "int8g_gemm_amx", "paged_attention_tiled", "int4g_gemm_amx", "moe_experts", "logprob_rows",
               "paged_attention_windowed", "int8_gemm_amx", "amx_int8_available",
               "int8_gemm_argmax", "moe_experts_w8a8", "moe_experts_panels", "sample_rows",
-              "sample_rows_filtered", "lora_rows"]
+              "sample_rows_filtered", "lora_rows", "moe_experts_lora"]
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
            "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

@@ -83,6 +83,7 @@ class SparseMoE(nn.Module):
         # int8 / int4 weight-only experts in the C++ kernels' panels: one moe_experts_panels call
         self.panels_call = build.quantization in ("int8", "int4") and hasattr(build.ops.kernels, "moe_experts_panels")
         self._panels = None  # its weight operands, or False where the experts are not in panels (_panel_operands)
+        self._lora_operands = None  # moe_experts_lora's factors, or False where they are not for it (_lora_factors)
         self.expert_loras = None  # the LoraSet, where LoRA adapters adapt some expert (model/lora.attach_loras)
         self.expert_slots: set[int] = set()  # the adapters (slots) that adapt some expert of this layer
         self.expert_lora_modules: list = []  # the experts' lora.ExpertLoraWeights
@@ -106,9 +107,16 @@ class SparseMoE(nn.Module):
         C++ kernels: one ``moe_experts`` call (the loop in C++, each GEMM the same oneDNN call the Linear makes); w8a8
         experts in bfloat16 there: one ``moe_experts_w8a8`` call (the same int8 kernels as the Linears); int8 / int4
         weight-only experts in the kernels' panels: one ``moe_experts_panels`` call; on the Triton family: grouped
-        GEMMs over the stacked weights; otherwise, and whenever LoRA adapters' rows are in the step (``lora_rows``:
-        ``_lora_rows``), each expert's MLP in turn, its Linears adding the updates."""
+        GEMMs over the stacked weights; otherwise each expert's MLP in turn. With LoRA adapters' rows in the step
+        (``lora_rows``: ``_lora_rows``): float experts on the C++ kernels in one ``moe_experts_lora`` call (each
+        expert's updates added in the same loop, as its Linears add them), else each expert's MLP in turn, its
+        Linears adding the updates."""
         if lora_rows is not None:
+            if self.one_call and xs.dtype in (torch.float32, torch.bfloat16) and self._lora_factors() is not None:
+                return self.ops.kernels.moe_experts_lora(
+                    xs.contiguous(), counts, [e.gate_up_proj.weight for e in self.experts],
+                    [e.down_proj.weight for e in self.experts], *self._lora_factors(),
+                    [r or [] for r in lora_rows])
             return self._experts_loop(xs, counts, lora_rows)
         if self.stacked is not None:
             from tokenmill.kernels.triton.moe import fused_experts
@@ -126,6 +134,25 @@ class SparseMoE(nn.Module):
             if operands:
                 return self.ops.kernels.moe_experts_panels(xs.contiguous(), counts, *operands)
         return self._experts_loop(xs, counts)
+
+    def _lora_factors(self) -> tuple | None:
+        """moe_experts_lora's factor operands: per expert its gate|up and down layers' (af, btf) (an empty tensor
+        where no adapter adapts the layer), gathered once; None where the experts' adapters do not run on the C++
+        kernels (the Triton family, no kernels)."""
+        if self._lora_operands is None:
+            empty = torch.empty(0)
+            gate_up = [e.gate_up_proj.lora for e in self.experts]
+            down = [e.down_proj.lora for e in self.experts]
+            present = [lora for lora in gate_up + down if lora is not None]
+            if not present or any(lora.kernels is None for lora in present):
+                self._lora_operands = False
+            else:
+                def side(loras, name):
+                    return [getattr(lora, name) if lora is not None else empty for lora in loras]
+
+                self._lora_operands = (side(gate_up, "af"), side(gate_up, "btf"), side(down, "af"),
+                                       side(down, "btf"))
+        return self._lora_operands or None
 
     def _experts_loop(self, xs: torch.Tensor, counts: list[int], lora_rows: list | None = None) -> torch.Tensor:
         ys = torch.empty_like(xs)
