@@ -37,8 +37,10 @@ rows' codes computed once, then per expert the int8 GEMMs and the fused SiLU-and
 
 ``lora_rows`` adds LoRA adapters' updates to short runs of rows, each run's rows under its own adapter, in one call
 (model/lora.py: a step's decode rows of each adapter, each expert's runs in a mixture of experts), from the stacked
-factors in the model's dtype (bfloat16 widened exactly as it loads): rows in blocks of 8, their dot products with A 16 lanes wide, then 4 rows x 64 outputs held
-in registers while B's rows stream past; where two small GEMMs a run cost ~25 us each in bfloat16.
+factors in the model's dtype (bfloat16 widened exactly as it loads): rows in blocks of 8, their dot products with A
+16 lanes wide, then 4 rows x 64 outputs held in registers while B's rows stream past; where two small GEMMs a run
+cost ~25 us each in bfloat16. ``moe_experts_lora`` is ``moe_experts`` with each expert's ``lora_rows`` updates in
+its loop (a step with adapter rows keeps one call a layer).
 
 ``int8g_gemm`` is int8 weight-only's GEMM: int8 codes with a float16 scale and offset per 32 weights along K (``w = q *
 scale + offset``; GGUF's Q8_0 blocks have offset 0), in panels of 32 channels (packed as the rows load:
