@@ -697,12 +697,24 @@ static torch::Tensor float_linear(const torch::Tensor& x, const torch::Tensor& w
   return stack[0].toTensor();
 }
 
+// A mixture of experts' LoRA factors for moe_experts' loop: per expert e, gu_af[e] / gu_btf[e] and d_af[e] /
+// d_btf[e] its gate|up and down layers' stacked factors (lora_rows' af [S, W, in] and btf [S, W, out]; an empty
+// tensor where no adapter adapts that layer) and runs[e] its rows' runs (lora_rows' flat (slot, first, end) triples in
+// the expert's own rows; empty: no adapter row).
+struct MoeLora {
+  const std::vector<torch::Tensor> &gu_af, &gu_btf, &d_af, &d_btf;
+  const std::vector<std::vector<int64_t>>& runs;
+};
+
 // The experts of a mixture-of-experts layer over its tokens grouped by expert (the fused-MoE shape): xs [T, h] holds
 // the (token, expert) pairs' rows sorted by expert, counts[e] of them for expert e (summing to T); w13[e] is expert
 // e's gate|up weight [2I, h] and w2[e] its down weight [h, I], float (prepacked or plain), of xs's dtype. Returns ys
-// [T, h]: each run's down(silu(gate) * up), one loop in C++ instead of three calls a expert from Python.
-torch::Tensor moe_experts(torch::Tensor xs, std::vector<int64_t> counts, std::vector<torch::Tensor> w13,
-                          std::vector<torch::Tensor> w2) {
+// [T, h]: each run's down(silu(gate) * up), one loop in C++ instead of three calls a expert from Python. With
+// ``lora``, each expert's updates are added to its gate|up output before the activation and to its down output, as
+// its Linears would add them.
+static torch::Tensor moe_loop(const torch::Tensor& xs, const std::vector<int64_t>& counts,
+                              const std::vector<torch::Tensor>& w13, const std::vector<torch::Tensor>& w2,
+                              const MoeLora* lora) {
   TORCH_CHECK(xs.dim() == 2 && xs.is_contiguous() &&
                   (xs.scalar_type() == torch::kFloat32 || xs.scalar_type() == torch::kBFloat16),
               "xs must be a contiguous [T, h] float32 or bfloat16 tensor");
@@ -713,45 +725,37 @@ torch::Tensor moe_experts(torch::Tensor xs, std::vector<int64_t> counts, std::ve
     const int64_t n = counts[e];
     if (n == 0) continue;
     TORCH_CHECK(n > 0 && start + n <= xs.size(0), "counts must be >= 0 and sum to at most T");
-    const torch::Tensor gate_up = float_linear(xs.narrow(0, start, n), w13[e]);
-    ys.narrow(0, start, n).copy_(float_linear(silu_mul(gate_up.contiguous()), w2[e]));
+    const torch::Tensor x = xs.narrow(0, start, n);
+    const bool adapted = lora != nullptr && !lora->runs[e].empty();
+    torch::Tensor gate_up = float_linear(x, w13[e]).contiguous();
+    if (adapted && lora->gu_af[e].numel() > 0) lora_rows(x, gate_up, lora->gu_af[e], lora->gu_btf[e], lora->runs[e]);
+    const torch::Tensor h = silu_mul(gate_up);
+    torch::Tensor y = float_linear(h, w2[e]);
+    if (adapted && lora->d_af[e].numel() > 0) {
+      y = y.contiguous();
+      lora_rows(h, y, lora->d_af[e], lora->d_btf[e], lora->runs[e]);
+    }
+    ys.narrow(0, start, n).copy_(y);
     start += n;
   }
   return ys;
 }
 
-// moe_experts with LoRA adapters on the experts (the rows of a step with adapter rows): per expert e, gu_af[e] /
-// gu_btf[e] and d_af[e] / d_btf[e] its gate|up and down layers' stacked factors (lora_rows' af [S, W, in] and btf
-// [S, W, out]; an empty tensor where an adapter set does not adapt that layer) and runs[e] its rows' runs (lora_rows'
-// flat (slot, first, end) triples in the expert's own rows; empty: no adapter row). Each expert's update is added
-// to its gate|up output before the activation and to its down output, as its Linears would, in the same loop: the
-// experts keep one call a layer instead of one Python round a expert (model/moe.py).
+torch::Tensor moe_experts(torch::Tensor xs, std::vector<int64_t> counts, std::vector<torch::Tensor> w13,
+                          std::vector<torch::Tensor> w2) {
+  return moe_loop(xs, counts, w13, w2, nullptr);
+}
+
+// moe_experts for a step with adapter rows (MoeLora's operands): the experts keep one call a layer instead of one
+// Python round a expert (model/moe.py).
 torch::Tensor moe_experts_lora(torch::Tensor xs, std::vector<int64_t> counts, std::vector<torch::Tensor> w13,
                                std::vector<torch::Tensor> w2, std::vector<torch::Tensor> gu_af,
                                std::vector<torch::Tensor> gu_btf, std::vector<torch::Tensor> d_af,
                                std::vector<torch::Tensor> d_btf, std::vector<std::vector<int64_t>> runs) {
-  TORCH_CHECK(xs.dim() == 2 && xs.is_contiguous() &&
-                  (xs.scalar_type() == torch::kFloat32 || xs.scalar_type() == torch::kBFloat16),
-              "xs must be a contiguous [T, h] float32 or bfloat16 tensor");
   const size_t E = counts.size();
-  TORCH_CHECK(w13.size() == E && w2.size() == E && gu_af.size() == E && gu_btf.size() == E && d_af.size() == E &&
-                  d_btf.size() == E && runs.size() == E,
-              "one count, two weights, four factor tensors and one run list per expert");
-  auto ys = torch::empty_like(xs);
-  int64_t start = 0;
-  for (size_t e = 0; e < E; ++e) {
-    const int64_t n = counts[e];
-    if (n == 0) continue;
-    TORCH_CHECK(n > 0 && start + n <= xs.size(0), "counts must be >= 0 and sum to at most T");
-    const torch::Tensor x = xs.narrow(0, start, n);
-    torch::Tensor gate_up = float_linear(x, w13[e]).contiguous();
-    if (!runs[e].empty() && gu_af[e].numel() > 0) lora_rows(x, gate_up, gu_af[e], gu_btf[e], runs[e]);
-    const torch::Tensor h = silu_mul(gate_up);
-    torch::Tensor y = float_linear(h, w2[e]).contiguous();
-    if (!runs[e].empty() && d_af[e].numel() > 0) lora_rows(h, y, d_af[e], d_btf[e], runs[e]);
-    ys.narrow(0, start, n).copy_(y);
-    start += n;
-  }
-  return ys;
+  TORCH_CHECK(gu_af.size() == E && gu_btf.size() == E && d_af.size() == E && d_btf.size() == E && runs.size() == E,
+              "four factor tensors and one run list per expert");
+  const MoeLora lora{gu_af, gu_btf, d_af, d_btf, runs};
+  return moe_loop(xs, counts, w13, w2, &lora);
 }
 
