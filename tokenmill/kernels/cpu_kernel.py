@@ -67,9 +67,9 @@ broadcast from float rows). Any CPU, any cache dtype.
 / 256), in tiles of 16 query tokens per request and KV group: S = Q K^T and P V as tile products, the softmax on
 AVX-512 between them (``cpu_amx.cpp``; with bfloat16 queries P is rounded to bfloat16 before P V, as flash attention
 does on GPUs; float32 queries and probabilities go through the tiles as three bfloat16 parts each, exact products
-with the fp8 cache's bfloat16-exact rows, so float32 attention in another summation order). ``amx_available()`` says whether this build targets a
-CPU with AMX and the OS granted the process the tile state; elsewhere the function is ``paged_attention_tiled``. The
-ops object decides once whether to call it (``ops/cpu_ops.py``).
+with the fp8 cache's bfloat16-exact rows, so float32 attention in another summation order). ``amx_available()`` says
+whether this build targets a CPU with AMX and the OS granted the process the tile state; elsewhere the function is
+``paged_attention_tiled``. The ops object decides once whether to call it (``ops/cpu_ops.py``).
 
 The C++ sources beside this file, one kernel family each (``cpu_common.cpp``: the shared vector helpers;
 ``cpu_attention.cpp``, ``cpu_layers.cpp``: norms, RoPE, argmax, the MLP activation, the MoE loop, the sampler's

@@ -576,8 +576,8 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 // per run as two small GEMMs costs ~25 us a GEMM in bfloat16, mostly the call): y [n, out] += (x[r] A_s^T) B_s^T
 // for each row r of each run (slot s, first, end) in the flat int64 list runs (3 a run). x [n, in] and y in
 // float32 or bfloat16 (y rounded once, after the add); af [S, W, in] and btf [S, W, out] the stacked factors in
-// float32 or bfloat16 (both alike: the model's dtype, widened exactly as they load, so the sums are the same as from
-// float32 copies), B transposed, so both halves run down contiguous rows. A task is up to LORA_RB rows of one run:
+// float32 or bfloat16 (both alike: the model's dtype, widened exactly as they load: the float32 arithmetic of float32
+// copies), B transposed, so both halves run down contiguous rows. A task is up to LORA_RB rows of one run:
 // mid[r][w] = x_r . af[s][w] with each A row read once for the block (the rows' sums independent chains), then
 // y_r += sum_w mid[r][w] * btf[s][w] with 4 rows x 64 outputs in registers, each B vector feeding the 4 rows.
 constexpr int64_t LORA_RB = 8;

@@ -265,7 +265,8 @@ class ExpertLoraWeights(torch.nn.Module):
     token order), so the step's runs of an adapter's rows do not apply; ``SparseMoE`` gives each expert's call its
     own (and clears them after). With the C++ kernels (``kernels``): ``runs`` (slot, first, end) in the expert's
     rows, all updated in one ``lora_rows`` call from the factors ``af`` [S, R, in] and ``btf`` [S, R, out] in the
-    model's dtype, R x (in + out) multiply-adds a row whatever the number of adapters. Elsewhere (the Triton family; no C++ kernels):
+    model's dtype, R x (in + out) multiply-adds a row whatever the number of adapters (``SparseMoE`` passes them to
+    ``moe_experts_lora``, which makes those calls in its loop). Elsewhere (the Triton family; no C++ kernels):
     every adapter's update as two GEMMs over the expert's rows, the shrink against all adapters' A at once
     (``a_all`` [S * R, in]) masked to each row's adapter's R columns (``mask`` [rows, S * R], a view of one mask
     built for the layer's rows; zero rows for base-model rows), the expand against all adapters' B (``b_all`` [out,
