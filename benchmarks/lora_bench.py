@@ -2,7 +2,7 @@
 adapters (rank 16 on q/k/v/o/gate/up/down), alternating in one process (SmolLM2 by default).
 
     python benchmarks/lora_bench.py [--num-prompts 64] [--output-len 64] [--rounds 2] [--dtype float32]
-                                    [--adapters 4] [--rank 16] [--out benchmarks/runs]
+                                    [--adapters 4] [--rank 16] [--quantization int8] [--out benchmarks/runs]
                                     [--model DIR --load-format dummy]  # e.g. moe_bench.py's MoE config
 
 The adapters are written here in PEFT's layout (adapter_config.json + adapter_model.safetensors, random factors
@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--load-format", default="auto", help="dummy: random weights (a config-only --model directory)")
+    ap.add_argument("--quantization", default="none", help="the base model's weights (none, int8, int4, w8a8, ...)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -99,7 +100,7 @@ def main() -> None:
     for i, n in enumerate(names):
         write_adapter(root / n, mc, args.rank, seed=i)
     llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=2.0, load_format=args.load_format,
-              lora_adapters={n: str(root / n) for n in names})
+              quantization=args.quantization, lora_adapters={n: str(root / n) for n in names})
     wl = workload_w(llm.engine.tokenizer, num_prompts=args.num_prompts, output_len=args.output_len)
     from benchmarks.workloads import Workload
 
