@@ -442,32 +442,37 @@ def test_rows_of_an_adapter_without_expert_factors_keep_the_experts_usual_path(t
             assert_greedy_equal(out.token_ids, *hf_greedy(peft[name], p, NEW), f"mixtral {name} {p[:3]}")
 
 
-def test_the_experts_updates_in_one_call_equal_the_loop(tmp_path):
-    """With adapter rows in the step, float experts on the C++ kernels take one moe_experts_lora call (each expert's
-    updates added in the C++ loop) that equals the experts' Python loop, their Linears adding the updates, bit for
-    bit: runs of two adapters, base-model rows, an expert without rows."""
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
+def test_the_experts_updates_in_one_call_equal_the_loop(tmp_path, quantization):
+    """With adapter rows in the step, the experts on the C++ kernels take one call (float: moe_experts_lora; int8 /
+    int4 weight-only panels: moe_experts_panels_lora), each expert's updates added in the C++ loop, equal to the
+    experts' Python loop, their Linears adding the updates, bit for bit: runs of two adapters, base-model rows, an
+    expert without rows."""
     save_tiny_model("mixtral", tmp_path / "base")
     names = {"e1": 5, "e2": 6}
     for name, seed in names.items():
         save_lora_adapter(tmp_path / "base", tmp_path / name, 4, 8, ["q_proj"], False, seed=seed,
                           target_parameters=_EXPERT_PARAMS)
-    llm = LLM(str(tmp_path / "base"), lora_adapters={n: str(tmp_path / n) for n in names}, kv_cache_memory=0.05)
+    llm = LLM(str(tmp_path / "base"), lora_adapters={n: str(tmp_path / n) for n in names}, kv_cache_memory=0.05,
+              quantization=quantization, dtype="bfloat16" if quantization == "int4" else "float32")
     moe = llm.engine.runner.model.layers[0].mlp
-    if not moe.one_call or moe._lora_factors() is None:
-        pytest.skip("the experts' one-call path needs the C++ kernels")
+    call = "moe_experts_lora" if quantization == "none" else "moe_experts_panels_lora"
+    ready = moe.one_call if quantization == "none" else moe.panels_call and bool(moe._panel_operands())
+    if not ready or moe._lora_factors() is None:
+        pytest.skip(f"{call} needs the C++ kernels (int4's panels: AMX)")
     g = torch.Generator().manual_seed(0)
     token_of = torch.tensor([0, 1, 2, 3, 0, 4, 5, 1, 2, 3, 4, 5])  # grouped rows -> tokens (6 tokens, top-2)
     counts = [4, 3, 5, 0]
-    xs = torch.randn(12, llm.engine.model_config.hidden_size, generator=g)
+    dtype = llm.engine.runner.model.embed_tokens.weight.dtype
+    xs = torch.randn(12, llm.engine.model_config.hidden_size, generator=g).to(dtype)
     moe.expert_loras.groups = [(0, 0, 2), (1, 2, 5)]  # tokens 0-1: adapter 0, 2-4: adapter 1, 5: the base model
     try:
-        rows = moe._lora_rows(token_of, counts, 6, torch.float32)
+        rows = moe._lora_rows(token_of, counts, 6, dtype)
         assert rows[3] is None and all(rows[:3])
         loop = moe._experts_loop(xs, counts, rows)
         called = []
         kernels = moe.ops.kernels
-        moe.ops.kernels = type("Spy", (), {"moe_experts_lora": lambda self, *a: called.append(1) or
-                                           kernels.moe_experts_lora(*a)})()
+        moe.ops.kernels = type("Spy", (), {call: lambda self, *a: called.append(1) or getattr(kernels, call)(*a)})()
         try:
             one = moe._experts(xs, counts, rows)
         finally:

@@ -854,9 +854,13 @@ void int4g_gemm_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
 // dtype once for all experts (a per-element conversion: the values each run's own conversion gives), then per expert
 // gate|up in xs's dtype, silu_mul, its result converted, and down into the expert's rows of ys: the kernels and
 // conversions of Int8Weight / Int4Weight's Python path (Linear, then ops.silu_mul), in its order, equal bit for bit.
-torch::Tensor moe_experts_panels(torch::Tensor xs, std::vector<int64_t> counts, std::vector<torch::Tensor> gu_packed,
-                                 std::vector<torch::Tensor> gu_scales, std::vector<torch::Tensor> d_packed,
-                                 std::vector<torch::Tensor> d_scales, bool x_bf16, int64_t kind) {
+// With ``lora`` (moe_experts_panels_lora), each expert's LoRA updates are added to its gate|up and down outputs from
+// the layers' inputs in xs's dtype, as its Linears add them.
+static torch::Tensor panels_loop(const torch::Tensor& xs, const std::vector<int64_t>& counts,
+                                 const std::vector<torch::Tensor>& gu_packed,
+                                 const std::vector<torch::Tensor>& gu_scales,
+                                 const std::vector<torch::Tensor>& d_packed, const std::vector<torch::Tensor>& d_scales,
+                                 bool x_bf16, int64_t kind, const MoeLora* lora) {
   TORCH_CHECK(xs.dim() == 2 && xs.is_contiguous() &&
                   (xs.scalar_type() == torch::kFloat32 || xs.scalar_type() == torch::kBFloat16),
               "xs must be a contiguous [T, h] float32 or bfloat16 tensor");
@@ -874,15 +878,37 @@ torch::Tensor moe_experts_panels(torch::Tensor xs, std::vector<int64_t> counts, 
     const int64_t n = counts[e];
     if (n == 0) continue;
     TORCH_CHECK(n > 0 && start + n <= xs.size(0), "counts must be >= 0 and sum to at most T");
+    const bool adapted = lora != nullptr && !lora->runs[e].empty();
     const int64_t inter = d_packed[e].size(1) * 2;  // the down weight's K (both layouts hold K / 2 per panel row)
     auto gate_up = torch::empty({n, 2 * inter}, xs.options());
     gemm(xin.narrow(0, start, n), gu_packed[e], gu_scales[e], std::nullopt, std::nullopt, gate_up);
-    torch::Tensor act = silu_mul(gate_up);  // [n, I] in xs's dtype, as ops.silu_mul gives it
-    if (act.scalar_type() != in_dtype) act = act.to(in_dtype).contiguous();
-    gemm(act, d_packed[e], d_scales[e], std::nullopt, std::nullopt, ys.narrow(0, start, n));
+    if (adapted && lora->gu_af[e].numel() > 0)
+      lora_rows(xs.narrow(0, start, n), gate_up, lora->gu_af[e], lora->gu_btf[e], lora->runs[e]);
+    const torch::Tensor act = silu_mul(gate_up);  // [n, I] in xs's dtype, as ops.silu_mul gives it
+    torch::Tensor y = ys.narrow(0, start, n);
+    gemm(act.scalar_type() != in_dtype ? act.to(in_dtype).contiguous() : act, d_packed[e], d_scales[e], std::nullopt,
+         std::nullopt, y);
+    if (adapted && lora->d_af[e].numel() > 0) lora_rows(act, y, lora->d_af[e], lora->d_btf[e], lora->runs[e]);
     start += n;
   }
   return ys;
+}
+
+torch::Tensor moe_experts_panels(torch::Tensor xs, std::vector<int64_t> counts, std::vector<torch::Tensor> gu_packed,
+                                 std::vector<torch::Tensor> gu_scales, std::vector<torch::Tensor> d_packed,
+                                 std::vector<torch::Tensor> d_scales, bool x_bf16, int64_t kind) {
+  return panels_loop(xs, counts, gu_packed, gu_scales, d_packed, d_scales, x_bf16, kind, nullptr);
+}
+
+// moe_experts_panels for a step with adapter rows (MoeLora's operands, as moe_experts_lora takes them).
+torch::Tensor moe_experts_panels_lora(torch::Tensor xs, std::vector<int64_t> counts,
+                                      std::vector<torch::Tensor> gu_packed, std::vector<torch::Tensor> gu_scales,
+                                      std::vector<torch::Tensor> d_packed, std::vector<torch::Tensor> d_scales,
+                                      bool x_bf16, int64_t kind, std::vector<torch::Tensor> gu_af,
+                                      std::vector<torch::Tensor> gu_btf, std::vector<torch::Tensor> d_af,
+                                      std::vector<torch::Tensor> d_btf, std::vector<std::vector<int64_t>> runs) {
+  const MoeLora lora = moe_lora_operands(counts.size(), gu_af, gu_btf, d_af, d_btf, runs);
+  return panels_loop(xs, counts, gu_packed, gu_scales, d_packed, d_scales, x_bf16, kind, &lora);
 }
 
 // int8_gemm on AMX-INT8 tiles where this machine has them (amx_available() and AMX-INT8 in this build), K is a

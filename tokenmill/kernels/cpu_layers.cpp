@@ -706,6 +706,15 @@ struct MoeLora {
   const std::vector<std::vector<int64_t>>& runs;
 };
 
+static MoeLora moe_lora_operands(size_t E, const std::vector<torch::Tensor>& gu_af,
+                                 const std::vector<torch::Tensor>& gu_btf, const std::vector<torch::Tensor>& d_af,
+                                 const std::vector<torch::Tensor>& d_btf,
+                                 const std::vector<std::vector<int64_t>>& runs) {
+  TORCH_CHECK(gu_af.size() == E && gu_btf.size() == E && d_af.size() == E && d_btf.size() == E && runs.size() == E,
+              "four factor tensors and one run list per expert");
+  return MoeLora{gu_af, gu_btf, d_af, d_btf, runs};
+}
+
 // The experts of a mixture-of-experts layer over its tokens grouped by expert (the fused-MoE shape): xs [T, h] holds
 // the (token, expert) pairs' rows sorted by expert, counts[e] of them for expert e (summing to T); w13[e] is expert
 // e's gate|up weight [2I, h] and w2[e] its down weight [h, I], float (prepacked or plain), of xs's dtype. Returns ys
@@ -752,10 +761,7 @@ torch::Tensor moe_experts_lora(torch::Tensor xs, std::vector<int64_t> counts, st
                                std::vector<torch::Tensor> w2, std::vector<torch::Tensor> gu_af,
                                std::vector<torch::Tensor> gu_btf, std::vector<torch::Tensor> d_af,
                                std::vector<torch::Tensor> d_btf, std::vector<std::vector<int64_t>> runs) {
-  const size_t E = counts.size();
-  TORCH_CHECK(gu_af.size() == E && gu_btf.size() == E && d_af.size() == E && d_btf.size() == E && runs.size() == E,
-              "four factor tensors and one run list per expert");
-  const MoeLora lora{gu_af, gu_btf, d_af, d_btf, runs};
+  const MoeLora lora = moe_lora_operands(counts.size(), gu_af, gu_btf, d_af, d_btf, runs);
   return moe_loop(xs, counts, w13, w2, &lora);
 }
 

@@ -108,15 +108,21 @@ class SparseMoE(nn.Module):
         experts in bfloat16 there: one ``moe_experts_w8a8`` call (the same int8 kernels as the Linears); int8 / int4
         weight-only experts in the kernels' panels: one ``moe_experts_panels`` call; on the Triton family: grouped
         GEMMs over the stacked weights; otherwise each expert's MLP in turn. With LoRA adapters' rows in the step
-        (``lora_rows``: ``_lora_rows``): float experts on the C++ kernels in one ``moe_experts_lora`` call (each
-        expert's updates added in the same loop, as its Linears add them), else each expert's MLP in turn, its
-        Linears adding the updates."""
+        (``lora_rows``: ``_lora_rows``): float experts on the C++ kernels in one ``moe_experts_lora`` call, int8 / int4
+        weight-only ones in one ``moe_experts_panels_lora`` call (each expert's updates added in the loop, as its
+        Linears add them), else (w8a8, the Triton family) each expert's MLP in turn, its Linears adding the
+        updates."""
         if lora_rows is not None:
-            if self.one_call and xs.dtype in (torch.float32, torch.bfloat16) and self._lora_factors() is not None:
+            factors = self._lora_factors() if xs.dtype in (torch.float32, torch.bfloat16) else None
+            runs = [r or [] for r in lora_rows]
+            if factors is not None and self.one_call:
                 return self.ops.kernels.moe_experts_lora(
                     xs.contiguous(), counts, [e.gate_up_proj.weight for e in self.experts],
-                    [e.down_proj.weight for e in self.experts], *self._lora_factors(),
-                    [r or [] for r in lora_rows])
+                    [e.down_proj.weight for e in self.experts], *factors, runs)
+            if factors is not None and self.panels_call and self.experts[0].act == "silu":
+                operands = self._panel_operands()
+                if operands:
+                    return self.ops.kernels.moe_experts_panels_lora(xs.contiguous(), counts, *operands, *factors, runs)
             return self._experts_loop(xs, counts, lora_rows)
         if self.stacked is not None:
             from tokenmill.kernels.triton.moe import fused_experts
