@@ -221,7 +221,7 @@ class LoraSet:
 class LoraWeights(torch.nn.Module):
     """One layer's stacked factors: ``a`` [num_adapters, R, in], ``b`` [num_adapters, out, R] (model dtype). With
     the C++ kernels (``kernels``), runs of at most ``SHORT_RUN`` rows (a step's decode rows of an adapter, small
-    chunks) are updated in one ``lora_rows`` call for the layer, from ``a`` itself and ``btf`` [S, R, out] (B
+    chunks) are updated in one ``lora_rows`` call for the layer, from ``a`` itself and ``bt`` [S, R, out] (B
     transposed, in the model's dtype: the kernel widens bfloat16 exactly as it loads, the float32 arithmetic of float32
     copies without holding them): two small GEMMs a run cost ~25 us each in bfloat16, mostly the call, which made four
     adapters' decode steps 1.7x slower than the base model's; longer runs (prefill chunks) stay GEMMs."""
@@ -233,8 +233,7 @@ class LoraWeights(torch.nn.Module):
         self.loras = loras
         self.kernels = kernels  # the C++ module with lora_rows, or None
         if self.kernels is not None:
-            self.af = self.a  # [S, R, in]: lora_rows reads A as it is (a view, not a copy)
-            self.register_buffer("btf", b.transpose(1, 2).contiguous())
+            self.register_buffer("bt", b.transpose(1, 2).contiguous())  # [S, R, out]; lora_rows reads A as it is
 
     @property
     def active(self) -> bool:
@@ -253,7 +252,7 @@ class LoraWeights(torch.nn.Module):
         groups = self.loras.groups
         if self.kernels is not None and y2.is_contiguous() and x2.dtype in (torch.float32, torch.bfloat16):
             if self.loras.short_runs:
-                self.kernels.lora_rows(x2.contiguous(), y2, self.af, self.btf, self.loras.short_runs)
+                self.kernels.lora_rows(x2.contiguous(), y2, self.a, self.bt, self.loras.short_runs)
             groups = self.loras.long_runs
         for slot, a, b in groups:
             y2[a:b].addmm_(x2[a:b] @ self.a[slot].t(), self.b[slot].t())
@@ -264,7 +263,7 @@ class ExpertLoraWeights(torch.nn.Module):
     """A routed expert's stacked factors. The expert sees only its rows of the layer's rows regrouped by expert (in
     token order), so the step's runs of an adapter's rows do not apply; ``SparseMoE`` gives each expert's call its
     own (and clears them after). With the C++ kernels (``kernels``): ``runs`` (slot, first, end) in the expert's
-    rows, all updated in one ``lora_rows`` call from the factors ``af`` [S, R, in] and ``btf`` [S, R, out] in the
+    rows, all updated in one ``lora_rows`` call from the factors ``a`` [S, R, in] and ``bt`` [S, R, out] in the
     model's dtype, R x (in + out) multiply-adds a row whatever the number of adapters (``SparseMoE`` passes them to
     ``moe_experts_lora``, which makes those calls in its loop). Elsewhere (the Triton family; no C++ kernels):
     every adapter's update as two GEMMs over the expert's rows, the shrink against all adapters' A at once
@@ -282,8 +281,8 @@ class ExpertLoraWeights(torch.nn.Module):
         self.runs: list[int] = []  # with kernels: the expert's runs, flat (slot, first, end) triples
         self.mask: torch.Tensor | None = None  # without: the mask of the expert's rows
         if self.kernels is not None:
-            self.af = a.contiguous()  # [S, R, in]
-            self.btf = b.transpose(1, 2).contiguous()  # [S, R, out]
+            self.a = a.contiguous()  # [S, R, in]
+            self.bt = b.transpose(1, 2).contiguous()  # [S, R, out]
         else:
             from tokenmill.model.gemm import pack
 
@@ -305,7 +304,7 @@ class ExpertLoraWeights(torch.nn.Module):
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [n, out] += each row's adapter's (x A^T) B^T for the expert's rows x [n, in]. Returns y."""
         if self.kernels is not None:
-            self.kernels.lora_rows(x.contiguous(), y, self.af, self.btf, self.runs)
+            self.kernels.lora_rows(x.contiguous(), y, self.a, self.bt, self.runs)
             return y
         from tokenmill.model.gemm import linear
 

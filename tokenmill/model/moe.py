@@ -142,7 +142,7 @@ class SparseMoE(nn.Module):
         return self._experts_loop(xs, counts)
 
     def _lora_factors(self) -> tuple | None:
-        """moe_experts_lora's factor operands: per expert its gate|up and down layers' (af, btf) (an empty tensor
+        """moe_experts_lora's factor operands: per expert its gate|up and down layers' (a, bt) (an empty tensor
         where no adapter adapts the layer), gathered once; None where the experts' adapters do not run on the C++
         kernels (the Triton family, no kernels)."""
         if self._lora_operands is None:
@@ -156,8 +156,7 @@ class SparseMoE(nn.Module):
                 def side(loras, name):
                     return [getattr(lora, name) if lora is not None else empty for lora in loras]
 
-                self._lora_operands = (side(gate_up, "af"), side(gate_up, "btf"), side(down, "af"),
-                                       side(down, "btf"))
+                self._lora_operands = (side(gate_up, "a"), side(gate_up, "bt"), side(down, "a"), side(down, "bt"))
         return self._lora_operands or None
 
     def _experts_loop(self, xs: torch.Tensor, counts: list[int], lora_rows: list | None = None) -> torch.Tensor:
