@@ -207,7 +207,9 @@ def test_amx_float32_queries_over_an_fp8_cache(heads, kv_heads, head_dim, block_
 def test_amx_model_logits_match_the_per_token_kernel(dtype, kv_cache_dtype, tol):
     """A tiny Llama (head_dim 32, GQA) prefilled through the AMX tiles gives the greedy tokens of the per-token
     kernel, with their logprobs within bfloat16 noise in bfloat16, and within float32 noise for a float32 model over
-    an fp8 cache (its queries and probabilities in three bfloat16 parts: exact products)."""
+    an fp8 cache (its queries and probabilities in three bfloat16 parts: exact products). Where the two runs pick
+    different tokens, both runs must see the two as a tie within that noise (a random tiny model's bfloat16 logits
+    tie often: they are 2^-6 apart at its logprobs), and the rest of the sequence is not compared."""
     import tempfile
 
     from helpers import save_tiny_model
@@ -217,16 +219,22 @@ def test_amx_model_logits_match_the_per_token_kernel(dtype, kv_cache_dtype, tol)
     with tempfile.TemporaryDirectory() as d:
         save_tiny_model("llama", Path(d), head_dim=32)
         prompts = [[(7 * i + 3 * j) % 250 + 3 for j in range(40 + 13 * i)] for i in range(4)]
-        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)
         outs = {}
         for amx in (False, True):
             llm = LLM(d, dtype=dtype, kv_cache_dtype=kv_cache_dtype, ops=CpuOps(cpu_kernel.load(), amx=amx))
             assert llm.engine.ops.amx == amx
             outs[amx] = llm.generate(prompts, params, use_tqdm=False)
+        diverged = 0
         for a, b in zip(outs[False], outs[True]):
-            assert a.token_ids == b.token_ids
-            for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids):
-                assert abs(la[t] - lb[t]) < tol
+            for ta, tb, la, lb in zip(a.token_ids, b.token_ids, a.logprobs, b.logprobs):
+                if ta != tb:  # a near tie, seen as one by both runs
+                    assert tb in la and ta in lb, (la, lb)
+                    assert abs(la[ta] - la[tb]) < tol and abs(lb[ta] - lb[tb]) < tol, (la, lb)
+                    diverged += 1
+                    break
+                assert abs(la[ta] - lb[ta]) < tol
+        assert diverged <= 1  # a tie now and then, not a habit
 
 
 def _int8_weight(n, k, kernels, amx, seed=0):

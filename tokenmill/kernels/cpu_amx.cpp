@@ -126,19 +126,19 @@ struct AmxScratch {
   int64_t r = -1, g = -1, built = 0;  // the request and KV group the tiles hold, and how many keys
 };
 
-// exp(x) for x <= 0, 16 lanes: range reduction by ln 2 and a degree-5 Taylor polynomial, relative error < 3e-6
-// (the probabilities are rounded to bfloat16, 4e-3, right after).
-static inline __m512 exp_nonpos16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945f), x);
-  __m512 p = _mm512_set1_ps(1.f / 120.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+// 2^t for t <= 0, 16 lanes (t below -125 taken as -125, so that no subnormal float is formed): t = n + r with n an
+// integer and |r| <= 1/2, 2^n by the exponent (scalef) and 2^r by a degree-4 polynomial (a relative minimax fit,
+// error < 3.5e-6; the probabilities are rounded to bfloat16, 4e-3, right after). The caller folds log2(e) into the
+// scale, so the softmax's exponent is one fma from a score.
+static inline __m512 exp2_nonpos16(__m512 t) {
+  t = _mm512_max_ps(t, _mm512_set1_ps(-125.f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(0.009584358893334866f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.05596013739705086f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.24024765193462372f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.6931158900260925f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.9999991059303284f));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -185,7 +185,7 @@ static inline void split3_bf16(const float* x, uint16_t* hi, int64_t stride, int
 // One row of P from its scores sr[0:Lp]: p[k] = exp(scale * (sr[k] - max)) for first <= k < len, 0 elsewhere;
 // returns 1 / the sum (of the float32 values). Lp % 32 == 0, first < len <= Lp. softcap > 0: the row's scores in
 // [first, len) are first scaled and capped in place (cap_scores), then taken as they are. PARTS = 1: p rounded to
-// bfloat16 into pr[0:Lp] (exp_nonpos16: its error far below that rounding). PARTS = 3 (float32 queries): p to float32
+// bfloat16 into pr[0:Lp] (exp2_nonpos16: its error far below that rounding). PARTS = 3 (float32 queries): p to float32
 // precision (exp_nonpos_lanes), stored as three bfloat16 parts (split3_32) at pr, pr + stride, pr + 2 stride.
 template <int PARTS>
 static inline float softmax_row(float* sr, uint16_t* pr, int64_t stride, int64_t first, int64_t len, int64_t Lp,
@@ -196,20 +196,18 @@ static inline float softmax_row(float* sr, uint16_t* pr, int64_t stride, int64_t
     scale = 1.f;
   }
   const float m = max_of(sr + first, len - first);
-  const __m512 sc = _mm512_set1_ps(scale);
   __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
   if constexpr (PARTS == 1) {
-    const __m512 mv = _mm512_set1_ps(m);
+    const float c = scale * 1.44269504088896341f;  // exp(scale (s - max)) = 2^(c s - c max)
+    const __m512 cv = _mm512_set1_ps(c), mc = _mm512_set1_ps(-c * m);
     for_chunks(first, len, Lp, [&](int64_t k, __mmask16 m0, __mmask16 m1) __attribute__((always_inline)) {
-      const __m512 e0 = _mm512_maskz_mov_ps(
-          m0, exp_nonpos16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + k), mv), sc)));
-      const __m512 e1 = _mm512_maskz_mov_ps(
-          m1, exp_nonpos16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + k + 16), mv), sc)));
+      const __m512 e0 = _mm512_maskz_mov_ps(m0, exp2_nonpos16(_mm512_fmadd_ps(_mm512_loadu_ps(sr + k), cv, mc)));
+      const __m512 e1 = _mm512_maskz_mov_ps(m1, exp2_nonpos16(_mm512_fmadd_ps(_mm512_loadu_ps(sr + k + 16), cv, mc)));
       sum0 = _mm512_add_ps(sum0, _mm512_add_ps(e0, e1));
       _mm512_storeu_si512(pr + k, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
     });
   } else {
-    const __m512 msc = _mm512_set1_ps(-m * scale);  // scale * (s - max) as one fma
+    const __m512 sc = _mm512_set1_ps(scale), msc = _mm512_set1_ps(-m * scale);  // scale * (s - max) as one fma
     for_chunks(first, len, Lp, [&](int64_t k, __mmask16 m0, __mmask16 m1) __attribute__((always_inline)) {
       const __m512 x0 = _mm512_min_ps(_mm512_fmadd_ps(_mm512_loadu_ps(sr + k), sc, msc), _mm512_setzero_ps());
       const __m512 x1 = _mm512_min_ps(_mm512_fmadd_ps(_mm512_loadu_ps(sr + k + 16), sc, msc), _mm512_setzero_ps());
