@@ -167,6 +167,28 @@ def save_lora_adapter(base_path, out, rank: int, alpha: float, targets: list[str
     return peft_model.eval()
 
 
+def prompt_logprobs(llm, ids: list[int], lora: str | None = None) -> torch.Tensor:
+    """Each prompt token's log-probability (after the first) under adapter ``lora`` (None: the base model)."""
+    from tokenmill import SamplingParams
+
+    out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, lora=lora),
+                       use_tqdm=False)[0]
+    return torch.tensor([lp[t] for lp, t in zip(out.prompt_logprobs[1:], ids[1:])])
+
+
+def held_lora_bytes(model) -> int:
+    """The bytes a built model's LoRA modules hold (every stacked factor, as attached)."""
+    from tokenmill.model.lora import ExpertLoraWeights, LoraWeights
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, LoraWeights):
+            total += sum(t.nbytes for t in m.buffers(recurse=False))
+        elif isinstance(m, ExpertLoraWeights):
+            total += sum(getattr(m, k).nbytes for k in ("a", "bt", "a_all", "b_all") if hasattr(m, k))
+    return total
+
+
 def tokenmill_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "tokenmill.cli", *map(str, args)]
 

@@ -156,9 +156,11 @@ def status(output, as_json, web, host, port, gpu_hourly_rate, num_gpus):
 @click.option("--calibrate", is_flag=True,
               help="Fleet plan: measure one worker's tok/s (and the share of max_tokens generated) on a sample of "
                    "the dataset here.")
+@lora_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, kv_cache_dtype, gpu_memory_utilization,
-         input_format, columns, deadline, gpu_hourly_rate, spot_discount, tok_per_s, calibrate, as_json):
+         input_format, columns, deadline, gpu_hourly_rate, spot_discount, tok_per_s, calibrate, lora, max_loras,
+         as_json):
     """Memory plan from the dataset's length statistics: KV blocks, concurrency, recommended settings. With
     --deadline: the fleet plan (workers, shard size, cost on demand and on spot) for a `run --ray` job."""
     import tempfile
@@ -185,7 +187,8 @@ def plan(input_path, model, config, max_tokens, max_model_len, kv_cache_memory, 
             raise UserError("--deadline needs one of --tok-per-s N or --calibrate")
     model, engine, sampling = engine_and_sampling(
         config, model, dict(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
-                            gpu_memory_utilization=gpu_memory_utilization), dict(max_tokens=max_tokens))
+                            gpu_memory_utilization=gpu_memory_utilization, **lora_engine_options(lora, max_loras)),
+        dict(max_tokens=max_tokens))
     ctx = job_context(model, engine, sampling)
     with tempfile.TemporaryDirectory(prefix="tokenmill-") as tmp:
         spec = InputSpec(input_path, input_format, columns_of(columns, RUN_FIELDS))

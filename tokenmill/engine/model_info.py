@@ -18,7 +18,7 @@ import torch
 from tokenmill.config import EngineConfig
 from tokenmill.model.loader import (eos_token_ids, load_tokenizer, read_model_config, resolve_dtype, resolve_model_path,
                                     tokenizer_dir)
-from tokenmill.model.lora import LoraAdapter, read_adapter
+from tokenmill.model.lora import LoraAdapter, planned_lora_bytes, read_adapter
 from tokenmill.model.model_config import ModelConfig
 from tokenmill.worker.memory import kv_blocks, planned_weight_bytes
 
@@ -66,8 +66,14 @@ class ModelInfo:
         return frozenset(a.name for a in self.adapters)
 
     def planned_weight_bytes(self) -> int:
-        """The weights' bytes once loaded (``worker/memory.planned_weight_bytes``)."""
-        return planned_weight_bytes(self.config, self.model_config, self.dtype)
+        """The weights' bytes once loaded (``worker/memory.planned_weight_bytes``), the LoRA adapters' stacked
+        factors included (``planned_lora_bytes``)."""
+        return planned_weight_bytes(self.config, self.model_config, self.dtype) + self.planned_lora_bytes()
+
+    def planned_lora_bytes(self) -> int:
+        """The adapters' factors once attached (on a CPU with B^T beside them for the C++ row loop)."""
+        return planned_lora_bytes(self.adapters, self.model_config, self.dtype, self.config.tensor_parallel_size,
+                                  transposed=self.device.type == "cpu")
 
     def kv_blocks(self, weights_loaded: bool) -> tuple[int, int]:
         """(bytes per KV block, the blocks the memory budget holds) as the engine will size its pool:

@@ -39,7 +39,9 @@ class MemoryPlan:
     recommended_max_num_batched_tokens: int
     parameters: int = 0  # the model's (every expert of a MoE)
     active_parameters: int = 0  # those one token uses (a MoE: its top-k experts)
-    weight_gib: float = 0.0  # the weights as loaded (dtype / quantization)
+    weight_gib: float = 0.0  # the weights as loaded (dtype / quantization), LoRA adapters' factors included
+    lora_gib: float = 0.0  # of which the LoRA adapters' stacked factors
+    num_loras: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -50,8 +52,10 @@ class MemoryPlan:
         if self.parameters:
             active = (f" ({self.active_parameters / 1e9:.2f} B active per token)"
                       if self.active_parameters != self.parameters else "")
+            loras = (f" (of which {self.num_loras} LoRA adapter{'s' * (self.num_loras > 1)}: "
+                     f"{self.lora_gib:.3f} GiB)" if self.num_loras else "")
             model = [f"model:                    {self.parameters / 1e9:.2f} B parameters{active}, weights "
-                     f"{self.weight_gib:.2f} GiB"]
+                     f"{self.weight_gib:.2f} GiB{loras}"]
         return "\n".join(model + [
             f"requests:                 {self.num_requests}",
             f"prompt tokens:            avg {self.prompt_avg:.1f}  p50 {self.prompt_p50:.0f}  p95 {self.prompt_p95:.0f}  "

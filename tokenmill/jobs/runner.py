@@ -122,6 +122,7 @@ class JobContext:
         mc = self.info.model_config
         p.parameters, p.active_parameters = mc.num_parameters(), mc.num_parameters(active=True)
         p.weight_gib = self.info.planned_weight_bytes() / 2**30
+        p.lora_gib, p.num_loras = self.info.planned_lora_bytes() / 2**30, len(self.info.adapters)
         return p
 
 

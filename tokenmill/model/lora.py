@@ -314,6 +314,47 @@ class ExpertLoraWeights(torch.nn.Module):
 _ROW_PARALLEL = ("o_proj", "down_proj")  # under tensor parallelism: inputs split (the rest: outputs split)
 
 
+def _site_shape(target: str, mc) -> tuple[str, int, int, bool]:
+    """The layer an adapter target lands on (``attach_loras``' site: q/k/v -> qkv_proj, gate/up -> gate_up_proj,
+    under its expert prefix), with that layer's (in, out) over all its shards and whether it is row-parallel."""
+    prefix, _, base = target.rpartition(".")
+    ours = _FUSED[base][0].split(".")[-1]
+    site = f"{prefix}.{ours}" if prefix else ours
+    h, d = mc.hidden_size, mc.head_dim
+    if ours == "qkv_proj":
+        return site, h, (mc.num_attention_heads + 2 * mc.num_key_value_heads) * d, False
+    if ours == "o_proj":
+        return site, mc.num_attention_heads * d, h, True
+    inter = (mc.intermediate_size if not prefix else mc.shared_expert_intermediate_size
+             if prefix == "shared_expert" else mc.moe_intermediate_size)
+    return (site, h, 2 * inter, False) if ours == "gate_up_proj" else (site, inter, h, True)
+
+
+def planned_lora_bytes(adapters: list[LoraAdapter], mc, dtype: torch.dtype, tp_size: int = 1,
+                       transposed: bool = False) -> int:
+    """The bytes ``attach_loras`` will hold for ``adapters`` (as ``read_adapter`` returns them), for a memory plan
+    made before the model is built: per adapted layer S x R x (in + out) in the model's dtype (S adapters; R the
+    widest adapter's total rank on the layer, the others zero-padded to it), and B^T [S, R, out] more beside a dense
+    layer's factors where the C++ row loop reads it (``transposed``: on a CPU with the kernels). Under tensor
+    parallelism each rank holds its part: a row-parallel layer's inputs, a column-parallel layer's outputs."""
+    width: dict[tuple[int, str], int] = {}  # (layer, site) -> R
+    shape: dict[tuple[int, str], tuple[int, int]] = {}  # (layer, site) -> this rank's (in, out)
+    for ad in adapters:
+        mine: dict[tuple[int, str], int] = {}
+        for (layer, target), (fa, _) in ad.factors.items():
+            site, inp, out, row = _site_shape(target, mc)
+            mine[(layer, site)] = mine.get((layer, site), 0) + fa.shape[0]
+            shape[(layer, site)] = (inp // tp_size, out) if row else (inp, out // tp_size)
+        for key, r in mine.items():
+            width[key] = max(r, width.get(key, 0))
+    elem = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for (layer, site), r in width.items():
+        inp, out = shape[(layer, site)]
+        total += r * (inp + out * (2 if transposed and not site.startswith("experts.") else 1))
+    return total * len(adapters) * elem
+
+
 def rank_factors(fa: torch.Tensor, fb: torch.Tensor, target: str, tp, shard_sizes: tuple[int, ...]):
     """This rank's part of one target's factors (A [r, in], B [out, r], full): a row-parallel layer's A by its input
     columns (each rank's (x_r A_r^T) B^T is a partial sum, added up by the layer's all-reduce with the base output),
