@@ -201,24 +201,30 @@ def test_rows_of_an_adapter_without_expert_factors_keep_the_experts_usual_path(t
             assert_greedy_equal(out.token_ids, *hf_greedy(peft[name], p, NEW), f"mixtral {name} {p[:3]}")
 
 
-@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
-def test_the_experts_updates_in_one_call_equal_the_loop(tmp_path, quantization):
+@pytest.mark.parametrize("quantization,params", [("none", _EXPERT_PARAMS), ("int8", _EXPERT_PARAMS),
+                                                  ("int4", _EXPERT_PARAMS), ("w8a8", _EXPERT_PARAMS),
+                                                  ("w8a8", _EXPERT_PARAMS[:1])], ids=["none", "int8", "int4", "w8a8",
+                                                                                      "w8a8-gate-up-only"])
+def test_the_experts_updates_in_one_call_equal_the_loop(tmp_path, quantization, params):
     """With adapter rows in the step, the experts on the C++ kernels take one call (float: moe_experts_lora; int8 /
-    int4 weight-only panels: moe_experts_panels_lora), each expert's updates added in the C++ loop, equal to the
-    experts' Python loop, their Linears adding the updates, bit for bit: runs of two adapters, base-model rows, an
-    expert without rows."""
+    int4 weight-only panels: moe_experts_panels_lora; w8a8: moe_experts_w8a8_lora), each expert's updates added in
+    the C++ loop, equal to the experts' Python loop, their Linears adding the updates, bit for bit: runs of two
+    adapters, base-model rows, an expert without rows; w8a8 with the down layers adapted (the activation made on its
+    own for the update) and not (the fused SiLU-and-quantize)."""
     save_tiny_model("mixtral", tmp_path / "base")
     names = {"e1": 5, "e2": 6}
     for name, seed in names.items():
         save_lora_adapter(tmp_path / "base", tmp_path / name, 4, 8, ["q_proj"], False, seed=seed,
-                          target_parameters=_EXPERT_PARAMS)
+                          target_parameters=params)
     llm = LLM(str(tmp_path / "base"), lora_adapters={n: str(tmp_path / n) for n in names}, kv_cache_memory=0.05,
-              quantization=quantization, dtype="bfloat16" if quantization == "int4" else "float32")
+              quantization=quantization, dtype="bfloat16" if quantization in ("int4", "w8a8") else "float32")
     moe = llm.engine.runner.model.layers[0].mlp
-    call = "moe_experts_lora" if quantization == "none" else "moe_experts_panels_lora"
-    ready = moe.one_call if quantization == "none" else moe.panels_call and bool(moe._panel_operands())
+    assert (moe.experts[0].down_proj.lora is not None) == (len(params) == 2)
+    call, ready = {"none": ("moe_experts_lora", moe.one_call),
+                   "w8a8": ("moe_experts_w8a8_lora", moe.w8a8_call and moe._w8a8_operands() is not None)}.get(
+        quantization) or ("moe_experts_panels_lora", moe.panels_call and bool(moe._panel_operands()))
     if not ready or moe._lora_factors() is None:
-        pytest.skip(f"{call} needs the C++ kernels (int4's panels: AMX)")
+        pytest.skip(f"{call} needs the C++ kernels (int4's panels: AMX; w8a8's: VNNI)")
     g = torch.Generator().manual_seed(0)
     token_of = torch.tensor([0, 1, 2, 3, 0, 4, 5, 1, 2, 3, 4, 5])  # grouped rows -> tokens (6 tokens, top-2)
     counts = [4, 3, 5, 0]

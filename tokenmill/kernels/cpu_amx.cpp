@@ -973,11 +973,15 @@ torch::Tensor int8_gemm_argmax(torch::Tensor a, torch::Tensor packed, torch::Ten
 // likewise (d_*: [h] channels). The rows' codes are computed once for all experts (quantize_rows_uint8 is per row, so
 // a run's codes are the ones quantizing it alone gives), then per expert: gate|up = int8 GEMM, silu_mul_quantize_uint8,
 // down = int8 GEMM into its rows of ys. On AMX-INT8 tiles with amx (int8_gemm_amx), VNNI without. The same kernels in
-// the same order as W8A8Weight's Python path (forward, then forward_silu_mul): equal to it bit for bit.
-torch::Tensor moe_experts_w8a8(torch::Tensor xs, std::vector<int64_t> counts, std::vector<torch::Tensor> gu_packed,
-                               std::vector<torch::Tensor> gu_comp, std::vector<torch::Tensor> gu_scale,
-                               std::vector<torch::Tensor> d_packed, std::vector<torch::Tensor> d_comp,
-                               std::vector<torch::Tensor> d_scale, bool amx) {
+// the same order as W8A8Weight's Python path (forward, then forward_silu_mul): equal to it bit for bit. With lora
+// (moe_experts_w8a8_lora), an expert with adapter rows adds its gate|up update before the activation, and where its
+// down layer is adapted too, the activation is made on its own (silu_mul, then quantize_rows_uint8: the update reads
+// it), as the Linears do when an update needs the activation.
+static torch::Tensor w8a8_loop(const torch::Tensor& xs, const std::vector<int64_t>& counts,
+                               const std::vector<torch::Tensor>& gu_packed, const std::vector<torch::Tensor>& gu_comp,
+                               const std::vector<torch::Tensor>& gu_scale, const std::vector<torch::Tensor>& d_packed,
+                               const std::vector<torch::Tensor>& d_comp, const std::vector<torch::Tensor>& d_scale,
+                               bool amx, const MoeLora* lora) {
   TORCH_CHECK(xs.dim() == 2 && xs.is_contiguous() && xs.scalar_type() == torch::kBFloat16,
               "xs must be a contiguous [T, h] bfloat16 tensor");
   const size_t E = counts.size();
@@ -991,13 +995,42 @@ torch::Tensor moe_experts_w8a8(torch::Tensor xs, std::vector<int64_t> counts, st
     const int64_t n = counts[e];
     if (n == 0) continue;
     TORCH_CHECK(n > 0 && start + n <= xs.size(0), "counts must be >= 0 and sum to at most T");
+    const bool adapted = lora != nullptr && !lora->runs[e].empty();
     auto gate_up = torch::empty({n, gu_scale[e].size(0)}, xs.options());
     gemm(codes[0].narrow(0, start, n), gu_packed[e], gu_comp[e], codes[1].narrow(0, start, n),
          codes[2].narrow(0, start, n), gu_scale[e], std::nullopt, std::nullopt, gate_up);
-    const std::vector<torch::Tensor> act = silu_mul_quantize_uint8(gate_up);
-    gemm(act[0], d_packed[e], d_comp[e], act[1], act[2], d_scale[e], std::nullopt, std::nullopt,
-         ys.narrow(0, start, n));
+    if (adapted && lora->gu_af[e].numel() > 0)
+      lora_rows(xs.narrow(0, start, n), gate_up, lora->gu_af[e], lora->gu_btf[e], lora->runs[e]);
+    torch::Tensor y = ys.narrow(0, start, n);
+    if (adapted && lora->d_af[e].numel() > 0) {
+      const torch::Tensor h = silu_mul(gate_up);
+      const std::vector<torch::Tensor> act = quantize_rows_uint8(h);
+      gemm(act[0], d_packed[e], d_comp[e], act[1], act[2], d_scale[e], std::nullopt, std::nullopt, y);
+      lora_rows(h, y, lora->d_af[e], lora->d_btf[e], lora->runs[e]);
+    } else {
+      const std::vector<torch::Tensor> act = silu_mul_quantize_uint8(gate_up);
+      gemm(act[0], d_packed[e], d_comp[e], act[1], act[2], d_scale[e], std::nullopt, std::nullopt, y);
+    }
     start += n;
   }
   return ys;
+}
+
+torch::Tensor moe_experts_w8a8(torch::Tensor xs, std::vector<int64_t> counts, std::vector<torch::Tensor> gu_packed,
+                               std::vector<torch::Tensor> gu_comp, std::vector<torch::Tensor> gu_scale,
+                               std::vector<torch::Tensor> d_packed, std::vector<torch::Tensor> d_comp,
+                               std::vector<torch::Tensor> d_scale, bool amx) {
+  return w8a8_loop(xs, counts, gu_packed, gu_comp, gu_scale, d_packed, d_comp, d_scale, amx, nullptr);
+}
+
+// moe_experts_w8a8 for a step with adapter rows (MoeLora's operands, as moe_experts_lora takes them).
+torch::Tensor moe_experts_w8a8_lora(torch::Tensor xs, std::vector<int64_t> counts,
+                                    std::vector<torch::Tensor> gu_packed, std::vector<torch::Tensor> gu_comp,
+                                    std::vector<torch::Tensor> gu_scale, std::vector<torch::Tensor> d_packed,
+                                    std::vector<torch::Tensor> d_comp, std::vector<torch::Tensor> d_scale, bool amx,
+                                    std::vector<torch::Tensor> gu_af, std::vector<torch::Tensor> gu_btf,
+                                    std::vector<torch::Tensor> d_af, std::vector<torch::Tensor> d_btf,
+                                    std::vector<std::vector<int64_t>> runs) {
+  const MoeLora lora = moe_lora_operands(counts.size(), gu_af, gu_btf, d_af, d_btf, runs);
+  return w8a8_loop(xs, counts, gu_packed, gu_comp, gu_scale, d_packed, d_comp, d_scale, amx, &lora);
 }

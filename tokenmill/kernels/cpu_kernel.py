@@ -39,9 +39,9 @@ rows' codes computed once, then per expert the int8 GEMMs and the fused SiLU-and
 (model/lora.py: a step's decode rows of each adapter, each expert's runs in a mixture of experts), from the stacked
 factors in the model's dtype (bfloat16 widened exactly as it loads): rows in blocks of 8, their dot products with A
 16 lanes wide, then 4 rows x 64 outputs held in registers while B's rows stream past; where two small GEMMs a run
-cost ~25 us each in bfloat16. ``moe_experts_lora`` and ``moe_experts_panels_lora`` are ``moe_experts`` and
-``moe_experts_panels`` with each expert's ``lora_rows`` updates in their loops (a step with adapter rows keeps one
-call a layer).
+cost ~25 us each in bfloat16. ``moe_experts_lora``, ``moe_experts_panels_lora`` and ``moe_experts_w8a8_lora`` are
+``moe_experts``, ``moe_experts_panels`` and ``moe_experts_w8a8`` with each expert's ``lora_rows`` updates in their
+loops (a step with adapter rows keeps one call a layer).
 
 ``int8g_gemm`` is int8 weight-only's GEMM: int8 codes with a float16 scale and offset per 32 weights along K (``w = q *
 scale + offset``; GGUF's Q8_0 blocks have offset 0), in panels of 32 channels (packed as the rows load:
@@ -112,7 +112,8 @@ _FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention", "quantize_rows_
               "int8g_gemm_amx", "paged_attention_tiled", "int4g_gemm_amx", "moe_experts", "logprob_rows",
               "paged_attention_windowed", "int8_gemm_amx", "amx_int8_available",
               "int8_gemm_argmax", "moe_experts_w8a8", "moe_experts_panels", "sample_rows",
-              "sample_rows_filtered", "lora_rows", "moe_experts_lora", "moe_experts_panels_lora"]
+              "sample_rows_filtered", "lora_rows", "moe_experts_lora", "moe_experts_panels_lora",
+              "moe_experts_w8a8_lora"]
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
            "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

@@ -12,9 +12,11 @@ bfloat16 (``moe_experts_w8a8``: the rows quantized once, the same int8 GEMMs as 
 weight-only experts in the kernels' panels (``moe_experts_panels``: the panel GEMMs the Linears call); with the Triton
 family, float experts run as two grouped GEMM launches and one SiLU-and-mul (``kernels/triton/moe.py``), their
 weights built as views of one stacked [num_experts, out, in] tensor per projection, so nothing is copied.
-LoRA adapters of the experts (model/lora.py) hang on each expert's Linears: a step holding adapter rows runs the
-experts one by one, each given its rows' adapters (``_lora_rows``: its runs of one adapter's rows, or masks), its
-Linears adding the updates after their GEMMs; steps without adapter rows take the paths above.
+LoRA adapters of the experts (model/lora.py) hang on each expert's Linears, each expert given its rows' adapters
+(``_lora_rows``: its runs of one adapter's rows, or masks): on the C++ kernels a step holding adapter rows keeps one
+call (``moe_experts_lora``, ``moe_experts_panels_lora``, ``moe_experts_w8a8_lora``: each expert's updates added in the
+loop); elsewhere (the Triton family) it runs the experts one by one, their Linears adding the updates after their
+GEMMs. Steps without adapter rows take the paths above.
 Each expert is a dense ``MLP`` of ``Linear`` layers, so its weights are prepacked for oneDNN on the float path and
 quantized exactly as the dense layers' are (int8, int4, w8a8, fp8: model/quant.py, model/fp8.py); the routers stay
 in the model's float dtype (a few thousand weights a layer, and the choice of experts should not move with the
@@ -109,9 +111,9 @@ class SparseMoE(nn.Module):
         weight-only experts in the kernels' panels: one ``moe_experts_panels`` call; on the Triton family: grouped
         GEMMs over the stacked weights; otherwise each expert's MLP in turn. With LoRA adapters' rows in the step
         (``lora_rows``: ``_lora_rows``): float experts on the C++ kernels in one ``moe_experts_lora`` call, int8 / int4
-        weight-only ones in one ``moe_experts_panels_lora`` call (each expert's updates added in the loop, as its
-        Linears add them), else (w8a8, the Triton family) each expert's MLP in turn, its Linears adding the
-        updates."""
+        weight-only ones in one ``moe_experts_panels_lora`` call, w8a8 ones in one ``moe_experts_w8a8_lora`` call
+        (each expert's updates added in the loop, as its Linears add them), else (the Triton family) each expert's
+        MLP in turn, its Linears adding the updates."""
         if lora_rows is not None:
             factors = self._lora_factors() if xs.dtype in (torch.float32, torch.bfloat16) else None
             runs = [r or [] for r in lora_rows]
@@ -123,6 +125,11 @@ class SparseMoE(nn.Module):
                 operands = self._panel_operands()
                 if operands:
                     return self.ops.kernels.moe_experts_panels_lora(xs.contiguous(), counts, *operands, *factors, runs)
+            if (factors is not None and self.w8a8_call and xs.dtype == torch.bfloat16
+                    and self.experts[0].act == "silu"):
+                operands = self._w8a8_operands()
+                if operands is not None:
+                    return self.ops.kernels.moe_experts_w8a8_lora(xs.contiguous(), counts, *operands, *factors, runs)
             return self._experts_loop(xs, counts, lora_rows)
         if self.stacked is not None:
             from tokenmill.kernels.triton.moe import fused_experts
