@@ -359,6 +359,36 @@ static void amx_pv(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t fi
   if constexpr (N > 3) _tile_stored(3, o + 48, D * 4);
 }
 
+// amx_pv for two heads of bfloat16 P (head j's at sc.p + 16 j Ls, its output at sc.o + 16 j D), dim slices first and
+// first + 1: each V tile, loaded once per 32 keys, feeds both heads' products (accumulators 0, 1: head 0; 2, 3: head
+// 1), where amx_pv loads every V tile once per head.
+static void amx_pv_pair(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t first) {
+  const int64_t slices = D / 16;
+  const uint16_t* p0 = sc.p.data();
+  const uint16_t* p1 = p0 + 16 * Ls;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t c = 0; c < Lp / 32; ++c) {
+    const uint16_t* b = sc.vv.data() + (c * slices + first) * 512;
+    _tile_loadd(4, p0 + c * 32, Ls * 2);
+    _tile_loadd(6, b, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, b + 512, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, p1 + c * 32, Ls * 2);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  float* o0 = sc.o.data() + first * 16;
+  float* o1 = o0 + 16 * D;
+  _tile_stored(0, o0, D * 4);
+  _tile_stored(1, o0 + 16, D * 4);
+  _tile_stored(2, o1, D * 4);
+  _tile_stored(3, o1 + 16, D * 4);
+}
+
 // amx_pv for three parts of P, two dim slices (first, first + 1): the parts stay in tiles 2..4 while both slices'
 // V tiles (5, 6) take them, the two accumulators (0, 1) in turn.
 static void amx_pv_split3(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t first) {
@@ -402,13 +432,14 @@ static void amx_prefill_task(const q_t* qp, const cache_t* kp, const cache_t* vp
   // of 4 KiB puts them all in one set)
   const int64_t Ls = Lp + 16;
   if (static_cast<int64_t>(sc.s.size()) < 2 * 16 * Ls) sc.s.resize(2 * 16 * Ls);  // two heads' (amx_scores_pair)
-  if (static_cast<int64_t>(sc.p.size()) < PARTS * 16 * Ls) sc.p.resize(PARTS * 16 * Ls);
+  constexpr int PBLOCKS = std::max(PARTS, 2);  // P's blocks of 16 rows: two heads' (amx_pv_pair), or three parts
+  if (static_cast<int64_t>(sc.p.size()) < PBLOCKS * 16 * Ls) sc.p.resize(PBLOCKS * 16 * Ls);
   if (static_cast<int64_t>(sc.vv.size()) < Lp * D) {  // resize keeps the tiles built so far
     sc.kt.resize(Lp * D / 2);
     sc.vv.resize(Lp * D);
   }
   sc.q.assign(std::max(PARTS, 2) * 16 * D, 0);
-  sc.o.resize(16 * D);
+  sc.o.resize(2 * 16 * D);
   sc.zero.assign(D, 0);
   sc.conv.resize(16 * D);
   // key's row of cache (zeros past L); a float8 row is converted into conversion slot `slot` (0 .. 15)
@@ -453,8 +484,8 @@ static void amx_prefill_task(const q_t* qp, const cache_t* kp, const cache_t* vp
   sc.r = r;
   sc.g = g;
   sc.built = L;
-  float inv[16];
-  for (int part = 0; part < PARTS; ++part)  // padding rows: P = 0
+  float inv[2][16];
+  for (int part = 0; part < PBLOCKS; ++part)  // padding rows: P = 0
     for (int64_t t = n; t < 16; ++t) std::memset(sc.p.data() + (part * 16 + t) * Ls, 0, Lp * 2);
   for (int64_t h = g * G; h < (g + 1) * G;) {
     // bfloat16 queries at head_dim <= 64: two heads' scores in one pass over K^T (amx_scores_pair)
@@ -476,28 +507,30 @@ static void amx_prefill_task(const q_t* qp, const cache_t* kp, const cache_t* vp
         default: amx_scores<8, PARTS>(sc, Lp, Ls); break;
       }
     }
-    for (int j = 0; j < nh; ++j, ++h) {
+    for (int j = 0; j < nh; ++j)
       for (int64_t t = 0; t < n; ++t) {  // softmax of each token's visible keys (the first ctx + t + 1, or its window)
         const int64_t len = ctx + t + 1, first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
         float* sr = sc.s.data() + (j * 16 + t) * Ls;
-        inv[t] = softmax_row<PARTS>(sr, sc.p.data() + t * Ls, 16 * Ls, first, len, Lp, scale, softcap);
+        inv[j][t] = softmax_row<PARTS>(sr, sc.p.data() + (j * 16 + t) * Ls, 16 * Ls, first, len, Lp, scale, softcap);
       }
-      if constexpr (PARTS == 3) {
-        for (int64_t f = 0; f < slices; f += 2) amx_pv_split3(sc, Lp, Ls, D, f);
-      } else {
-        for (int64_t f = 0; f < slices; f += 4) {
-          switch (std::min<int64_t>(4, slices - f)) {
-            case 2: amx_pv<2>(sc, Lp, Ls, D, f); break;
-            default: amx_pv<4>(sc, Lp, Ls, D, f); break;
-          }
+    if constexpr (PARTS == 3) {
+      for (int64_t f = 0; f < slices; f += 2) amx_pv_split3(sc, Lp, Ls, D, f);
+    } else if (nh == 2) {
+      for (int64_t f = 0; f < slices; f += 2) amx_pv_pair(sc, Lp, Ls, D, f);
+    } else {
+      for (int64_t f = 0; f < slices; f += 4) {
+        switch (std::min<int64_t>(4, slices - f)) {
+          case 2: amx_pv<2>(sc, Lp, Ls, D, f); break;
+          default: amx_pv<4>(sc, Lp, Ls, D, f); break;
         }
       }
+    }
+    for (int j = 0; j < nh; ++j, ++h)
       for (int64_t t = 0; t < n; ++t) {
         q_t* dst = op + ((i0 + t) * H + h) * D;
-        const float* src = sc.o.data() + t * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<q_t>(src[d] * inv[t]);
+        const float* src = sc.o.data() + (j * 16 + t) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<q_t>(src[d] * inv[j][t]);
       }
-    }
   }
 }
 
