@@ -231,6 +231,30 @@ def test_write_kv_kernel_equals_index_copy(dtype, kernels):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_casts_rows_into_an_fp8_cache_as_torch_does(dtype, kernels):
+    """float32 / bfloat16 K and V rows into an fp8 cache: write_kv's cast equals torch's ``.to(float8_e4m3fn)`` bit
+    for bit: normal and subnormal codes, ties to even in both ranges, saturation at +-448 (inf too), NaN, -0, values
+    far below 2^-9; rows of 48 (three 16-lane groups) and of 20 (the scalar tail)."""
+    g = torch.Generator().manual_seed(5)
+    special = torch.tensor([0.0, -0.0, 448.0, 464.0, 479.9, 480.0, 1e6, float("inf"), -float("inf"), float("nan"),
+                            2.0**-6, 2.0**-7, 2.0**-9, 2.0**-10, 1.5 * 2.0**-10, 2.5 * 2.0**-9, 2.0**-11, 2.0**-30,
+                            1.0625, 1.1875, -1.0625, 432.0, 440.0, 15.5 * 2.0**-10, 2.0**-6 - 2.0**-20, -3e-3])
+    for row in (48, 20):
+        n = 40 * row
+        x = torch.cat([special, torch.randn(n, generator=g) * 3,  # and magnitudes from 2^-30 to 2^12 and beyond
+                       torch.randn(n, generator=g).mul_(12).exp2_().mul_(torch.randn(n, generator=g))])[: 2 * n]
+        x = x.to(dtype)  # bfloat16: the values it holds
+        k, v = x[:n].view(40, 1, row), x[n:].view(40, 1, row)
+        slots = torch.randperm(48, generator=g)[:40]
+        mine = [torch.zeros(12, 4, 1, row, dtype=FP8) for _ in range(2)]
+        ref = [torch.zeros(12, 4, 1, row, dtype=FP8) for _ in range(2)]
+        kernels.write_kv(k, v, mine[0], mine[1], slots)
+        kernels.write_kv(k.to(FP8), v.to(FP8), ref[0], ref[1], slots)
+        for a, b in zip(mine, ref):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_kernel_is_bit_equal_to_the_torch_ops(dtype, kernels):
     """q and k as views of a fused qkv output (strided rows), llama3-scaled frequencies, far positions: the kernel
     rounds as torch's mul, mul, add do (no fused multiply-add), so the results are identical."""

@@ -134,6 +134,59 @@ static inline __m512 fp8x16_to_float(const uint8_t* s) {
   return _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f));
 }
 #endif
+// float -> float8 e4m3 as torch's cast gives it: round to nearest even, saturating at +-448 (inf included), NaN to
+// 0x7f with its sign, the sign kept (-0 too). A magnitude of at least 2^-6 (a normal code) rounds on its float bits:
+// mantissa bits 20-22 kept, the 20 below rounded off to even (a carry runs on into the exponent), the exponent rebiased
+// (127 -> 7: 120 << 3 off the code); a smaller one is its count of 2^-9 rounded to even (a subnormal code; 8 is the
+// smallest normal, code 0x08, so the two ranges meet).
+static inline uint8_t float_to_fp8(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80);
+  uint32_t a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return 0x7F | sign;  // NaN
+  if (a >= 0x43E00000u) return 0x7E | sign;  // >= 448
+  if (a < 0x3C800000u) {                     // < 2^-6
+    float mag;
+    std::memcpy(&mag, &a, sizeof(mag));
+    return static_cast<uint8_t>(std::nearbyint(mag * 512.f)) | sign;
+  }
+  a += 0x7FFFFu + ((a >> 20) & 1u);
+  return static_cast<uint8_t>((a >> 20) - (120u << 3)) | sign;
+}
+#if defined(__AVX512F__)
+static inline __m128i floatx16_to_fp8(__m512 x) {  // float_to_fp8 on 16 lanes
+  const __m512i u = _mm512_castps_si512(x), a = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(u, 24), _mm512_set1_epi32(0x80));
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(a, 20), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(a, _mm512_add_epi32(_mm512_set1_epi32(0x7FFFF), odd)), 20);
+  r = _mm512_sub_epi32(r, _mm512_set1_epi32(120 << 3));
+  const __m512i sub = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(512.f)),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  r = _mm512_mask_blend_epi32(_mm512_cmplt_epi32_mask(a, _mm512_set1_epi32(0x3C800000)), r, sub);
+  r = _mm512_mask_blend_epi32(_mm512_cmpge_epi32_mask(a, _mm512_set1_epi32(0x43E00000)), r, _mm512_set1_epi32(0x7E));
+  r = _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(a, _mm512_set1_epi32(0x7F800000)), r, _mm512_set1_epi32(0x7F));
+  return _mm512_cvtepi32_epi8(_mm512_or_si512(r, sign));
+}
+#endif
+// n float or bfloat16 values -> float8 e4m3 codes (float_to_fp8).
+template <typename T>
+static inline void to_fp8(const T* src, uint8_t* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    __m512 x;
+    if constexpr (std::is_same_v<T, float>) {
+      x = _mm512_loadu_ps(src + i);
+    } else {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+      x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), floatx16_to_fp8(x));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = float_to_fp8(static_cast<float>(src[i]));
+}
 static inline void to_float(const c10::Float8_e4m3fn* src, float* dst, int64_t n) {
   const uint8_t* s = reinterpret_cast<const uint8_t*>(src);
   int64_t i = 0;

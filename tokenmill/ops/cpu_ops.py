@@ -14,6 +14,7 @@ from tokenmill.ops.torch_ops import TorchOps
 
 
 TILE_MIN_QUERY = 16  # new tokens a request needs in a step for its prefill tokens to be attended in tiles
+_CASTS_TO_FP8 = (torch.float32, torch.bfloat16)  # rows write_kv casts into an fp8 cache itself
 
 
 
@@ -35,9 +36,9 @@ class CpuKernelAttention:
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None,
                 softcap: float | None = None) -> torch.Tensor:
-        if k_cache.dtype != k.dtype:
+        if k_cache.dtype != k.dtype and not (k_cache.dtype == torch.float8_e4m3fn and k.dtype in _CASTS_TO_FP8):
             k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
-        self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # casts float32 / bfloat16 rows to fp8
         w = window if needs_window(meta, window) else 0
         cap = softcap or 0.0
         args = (q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc_t(),
