@@ -114,7 +114,9 @@ def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     in x's dtype)."""
     if weight.is_mkldnn or (_use_onednn(x, weight, backend) and residual.dtype == x.dtype
                             and residual.is_contiguous()):
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual.to(x.dtype).contiguous(), weight, bias, "add")
+        if residual.dtype != x.dtype or not residual.is_contiguous():  # (a call each, ~1 us, when it is a no-op)
+            residual = residual.to(x.dtype).contiguous()
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
     if x.is_cuda:
         return addmm_residual(x, weight, bias, residual)
     return residual + F.linear(x, weight, bias)
