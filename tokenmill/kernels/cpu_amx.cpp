@@ -127,34 +127,22 @@ struct AmxScratch {
 };
 
 // 2^t for t <= 0, 16 lanes (t below -125 taken as -125, so that no subnormal float is formed): t = n + r with n an
-// integer and |r| <= 1/2, 2^n by the exponent (scalef) and 2^r by a degree-4 polynomial (a relative minimax fit,
-// error < 3.5e-6; the probabilities are rounded to bfloat16, 4e-3, right after). The caller folds log2(e) into the
-// scale, so the softmax's exponent is one fma from a score.
+// integer and |r| <= 1/2, 2^n by the exponent (scalef) and 2^r by a relative minimax polynomial: of degree 4 for
+// bfloat16 probabilities (error 3.4e-6, against bfloat16's rounding of 4e-3 right after), of degree 6 for float32 ones
+// (F32: 1.1e-7, evaluated in float32). The caller folds log2(e) into the scale, so the softmax's exponent is one fma
+// from a score.
+template <bool F32>
 static inline __m512 exp2_nonpos16(__m512 t) {
+  static constexpr float C4[] = {0.009584358893334866f, 0.05596013739705086f, 0.24024765193462372f,
+                                 0.6931158900260925f, 0.9999991059303284f};  // highest degree first
+  static constexpr float C6[] = {0.0001535658084321767f, 0.0013404160272330046f, 0.0096184853464365f,
+                                 0.05550317466259003f, 0.24022646248340607f, 0.6931471824645996f, 1.f};
   t = _mm512_max_ps(t, _mm512_set1_ps(-125.f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(0.009584358893334866f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.05596013739705086f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.24024765193462372f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.6931158900260925f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.9999991059303284f));
-  return _mm512_scalef_ps(p, n);
-}
-
-// exp2_nonpos16 to float32 precision (float32 queries' probabilities): 2^r by a degree-6 polynomial, relative error
-// 1.1e-7 evaluated in float32 (a relative minimax fit).
-static inline __m512 exp2_nonpos16_f32(__m512 t) {
-  t = _mm512_max_ps(t, _mm512_set1_ps(-125.f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(0.0001535658084321767f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.0013404160272330046f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.0096184853464365f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.05550317466259003f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.24022646248340607f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.6931471824645996f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  const float* c = F32 ? C6 : C4;
+  __m512 p = _mm512_set1_ps(c[0]);
+  for (int i = 1; i <= (F32 ? 6 : 4); ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -201,8 +189,8 @@ static inline void split3_bf16(const float* x, uint16_t* hi, int64_t stride, int
 // One row of P from its scores sr[0:Lp]: p[k] = exp(scale * (sr[k] - max)) for first <= k < len, 0 elsewhere;
 // returns 1 / the sum (of the float32 values). Lp % 32 == 0, first < len <= Lp. softcap > 0: the row's scores in
 // [first, len) are first scaled and capped in place (cap_scores), then taken as they are. PARTS = 1: p rounded to
-// bfloat16 into pr[0:Lp] (exp2_nonpos16: its error far below that rounding). PARTS = 3 (float32 queries): p to float32
-// precision (exp2_nonpos16_f32), stored as three bfloat16 parts (split3_32) at pr, pr + stride, pr + 2 stride.
+// bfloat16 into pr[0:Lp] (exp2_nonpos16's error far below that rounding). PARTS = 3 (float32 queries): p to float32
+// precision (exp2_nonpos16<true>), stored as three bfloat16 parts (split3_32) at pr, pr + stride, pr + 2 stride.
 template <int PARTS>
 static inline float softmax_row(float* sr, uint16_t* pr, int64_t stride, int64_t first, int64_t len, int64_t Lp,
                                 float scale, float softcap) {
@@ -215,23 +203,16 @@ static inline float softmax_row(float* sr, uint16_t* pr, int64_t stride, int64_t
   __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
   const float c = scale * 1.44269504088896341f;  // exp(scale (s - max)) = 2^(c s - c max)
   const __m512 cv = _mm512_set1_ps(c), mc = _mm512_set1_ps(-c * m);
-  if constexpr (PARTS == 1) {
-    for_chunks(first, len, Lp, [&](int64_t k, __mmask16 m0, __mmask16 m1) __attribute__((always_inline)) {
-      const __m512 e0 = _mm512_maskz_mov_ps(m0, exp2_nonpos16(_mm512_fmadd_ps(_mm512_loadu_ps(sr + k), cv, mc)));
-      const __m512 e1 = _mm512_maskz_mov_ps(m1, exp2_nonpos16(_mm512_fmadd_ps(_mm512_loadu_ps(sr + k + 16), cv, mc)));
-      sum0 = _mm512_add_ps(sum0, _mm512_add_ps(e0, e1));
-      _mm512_storeu_si512(pr + k, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-    });
-  } else {
-    for_chunks(first, len, Lp, [&](int64_t k, __mmask16 m0, __mmask16 m1) __attribute__((always_inline)) {
-      const __m512 e0 = _mm512_maskz_mov_ps(m0, exp2_nonpos16_f32(_mm512_fmadd_ps(_mm512_loadu_ps(sr + k), cv, mc)));
-      const __m512 e1 = _mm512_maskz_mov_ps(
-          m1, exp2_nonpos16_f32(_mm512_fmadd_ps(_mm512_loadu_ps(sr + k + 16), cv, mc)));
-      sum0 = _mm512_add_ps(sum0, e0);
-      sum1 = _mm512_add_ps(sum1, e1);
-      split3_32(e0, e1, pr + k, stride);
-    });
-  }
+  auto p16 = [&](int64_t k, __mmask16 lanes) __attribute__((always_inline)) {  // p[k .. k + 15], 0 off the lanes
+    return _mm512_maskz_mov_ps(lanes, exp2_nonpos16<PARTS == 3>(_mm512_fmadd_ps(_mm512_loadu_ps(sr + k), cv, mc)));
+  };
+  for_chunks(first, len, Lp, [&](int64_t k, __mmask16 m0, __mmask16 m1) __attribute__((always_inline)) {
+    const __m512 e0 = p16(k, m0), e1 = p16(k + 16, m1);
+    sum0 = _mm512_add_ps(sum0, e0);
+    sum1 = _mm512_add_ps(sum1, e1);
+    if constexpr (PARTS == 1) _mm512_storeu_si512(pr + k, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    else split3_32(e0, e1, pr + k, stride);
+  });
   return 1.f / _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
 }
 
