@@ -321,6 +321,40 @@ static void amx_scores_pair(AmxScratch& sc, int64_t Lp, int64_t Ls) {
   }
 }
 
+// amx_scores for two heads of float32 queries as three bfloat16 parts (head j's part k at sc.q + 16 (3 j + k) D, its
+// scores to sc.s + 16 j Ls), QT = D / 32: per 32 keys and 32 dims the two K^T B tiles, loaded once, feed both heads'
+// parts (accumulators 2..5: head x 16 keys; the query parts reloaded from L1 into tiles 0 and 1).
+template <int QT>
+static void amx_scores_pair3(AmxScratch& sc, int64_t Lp, int64_t Ls) {
+  constexpr int64_t D = 32 * QT;
+  float* s0 = sc.s.data();
+  float* s1 = s0 + 16 * Ls;
+  for (int64_t c = 0; c < Lp / 16; c += 2) {
+    const uint32_t* b0 = sc.kt.data() + c * QT * 256;
+    const uint32_t* b1 = b0 + QT * 256;
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_zero(4);
+    _tile_zero(5);
+    for (int dc = 0; dc < QT; ++dc) {
+      _tile_loadd(6, b0 + dc * 256, 64);
+      _tile_loadd(7, b1 + dc * 256, 64);
+      for (int part = 0; part < 3; ++part) {
+        _tile_loadd(0, sc.q.data() + part * 16 * D + 32 * dc, D * 2);
+        _tile_dpbf16ps(2, 0, 6);
+        _tile_dpbf16ps(3, 0, 7);
+        _tile_loadd(1, sc.q.data() + (3 + part) * 16 * D + 32 * dc, D * 2);
+        _tile_dpbf16ps(4, 1, 6);
+        _tile_dpbf16ps(5, 1, 7);
+      }
+    }
+    _tile_stored(2, s0 + c * 16, Ls * 4);
+    _tile_stored(3, s0 + c * 16 + 16, Ls * 4);
+    _tile_stored(4, s1 + c * 16, Ls * 4);
+    _tile_stored(5, s1 + c * 16 + 16, Ls * 4);
+  }
+}
+
 // O[:, 16 * first .. 16 * (first + n)) = P V for n <= 4 dim slices of 16 (bfloat16 P; three parts: amx_pv_split3).
 template <int N>
 static void amx_pv(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t first) {
@@ -384,6 +418,37 @@ static void amx_pv_pair(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64
   _tile_stored(3, o1 + 16, D * 4);
 }
 
+// amx_pv_split3 for two heads (head j's part k of P at sc.p + 16 (3 j + k) Ls, its output at sc.o + 16 j D), dim
+// slices first and first + 1: both slices' V tiles (6, 7), loaded once per 32 keys, take both heads' parts (reloaded
+// into tiles 4 and 5), accumulators 0, 1 (head 0) and 2, 3 (head 1).
+static void amx_pv_pair3(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t first) {
+  const int64_t slices = D / 16, stride = 16 * Ls;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t c = 0; c < Lp / 32; ++c) {
+    const uint16_t* pp = sc.p.data() + c * 32;
+    const uint16_t* b = sc.vv.data() + (c * slices + first) * 512;
+    _tile_loadd(6, b, 64);
+    _tile_loadd(7, b + 512, 64);
+    for (int part = 0; part < 3; ++part) {
+      _tile_loadd(4, pp + part * stride, Ls * 2);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_loadd(5, pp + (3 + part) * stride, Ls * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  float* o0 = sc.o.data() + first * 16;
+  float* o1 = o0 + 16 * D;
+  _tile_stored(0, o0, D * 4);
+  _tile_stored(1, o0 + 16, D * 4);
+  _tile_stored(2, o1, D * 4);
+  _tile_stored(3, o1 + 16, D * 4);
+}
+
 // amx_pv for three parts of P, two dim slices (first, first + 1): the parts stay in tiles 2..4 while both slices'
 // V tiles (5, 6) take them, the two accumulators (0, 1) in turn.
 static void amx_pv_split3(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t first) {
@@ -427,13 +492,13 @@ static void amx_prefill_task(const q_t* qp, const cache_t* kp, const cache_t* vp
   // of 4 KiB puts them all in one set)
   const int64_t Ls = Lp + 16;
   if (static_cast<int64_t>(sc.s.size()) < 2 * 16 * Ls) sc.s.resize(2 * 16 * Ls);  // two heads' (amx_scores_pair)
-  constexpr int PBLOCKS = std::max(PARTS, 2);  // P's blocks of 16 rows: two heads' (amx_pv_pair), or three parts
+  constexpr int PBLOCKS = 2 * PARTS;  // P's blocks of 16 rows: two heads' (amx_pv_pair), or their three parts
   if (static_cast<int64_t>(sc.p.size()) < PBLOCKS * 16 * Ls) sc.p.resize(PBLOCKS * 16 * Ls);
   if (static_cast<int64_t>(sc.vv.size()) < Lp * D) {  // resize keeps the tiles built so far
     sc.kt.resize(Lp * D / 2);
     sc.vv.resize(Lp * D);
   }
-  sc.q.assign(std::max(PARTS, 2) * 16 * D, 0);
+  sc.q.assign(2 * PARTS * 16 * D, 0);  // two heads' queries (or their three parts each)
   sc.o.resize(2 * 16 * D);
   sc.zero.assign(D, 0);
   sc.conv.resize(16 * D);
@@ -483,15 +548,23 @@ static void amx_prefill_task(const q_t* qp, const cache_t* kp, const cache_t* vp
   for (int part = 0; part < PBLOCKS; ++part)  // padding rows: P = 0
     for (int64_t t = n; t < 16; ++t) std::memset(sc.p.data() + (part * 16 + t) * Ls, 0, Lp * 2);
   for (int64_t h = g * G; h < (g + 1) * G;) {
-    // bfloat16 queries at head_dim <= 64: two heads' scores in one pass over K^T (amx_scores_pair)
-    const int nh = PARTS == 1 && D <= 64 && h + 1 < (g + 1) * G ? 2 : 1;
+    // two heads in one pass over K^T and V: bfloat16 queries at head_dim <= 64 (amx_scores_pair, their Q tiles held),
+    // float32 queries' parts at any head_dim (amx_scores_pair3, the parts reloaded from L1)
+    const int nh = (PARTS == 3 || D <= 64) && h + 1 < (g + 1) * G ? 2 : 1;
     for (int j = 0; j < nh; ++j)
       for (int64_t t = 0; t < n; ++t) {
         const q_t* src = qp + ((i0 + t) * H + h + j) * D;
         if constexpr (PARTS == 1) std::memcpy(sc.q.data() + (j * 16 + t) * D, src, D * 2);
-        else split3_bf16(src, sc.q.data() + t * D, 16 * D, D);
+        else split3_bf16(src, sc.q.data() + (3 * j * 16 + t) * D, 16 * D, D);
       }
-    if (nh == 2) {
+    if (nh == 2 && PARTS == 3) {
+      switch (D / 32) {
+        case 1: amx_scores_pair3<1>(sc, Lp, Ls); break;
+        case 2: amx_scores_pair3<2>(sc, Lp, Ls); break;
+        case 4: amx_scores_pair3<4>(sc, Lp, Ls); break;
+        default: amx_scores_pair3<8>(sc, Lp, Ls); break;
+      }
+    } else if (nh == 2) {
       if (D == 32) amx_scores_pair<1>(sc, Lp, Ls);
       else amx_scores_pair<2>(sc, Lp, Ls);
     } else {
@@ -506,9 +579,12 @@ static void amx_prefill_task(const q_t* qp, const cache_t* kp, const cache_t* vp
       for (int64_t t = 0; t < n; ++t) {  // softmax of each token's visible keys (the first ctx + t + 1, or its window)
         const int64_t len = ctx + t + 1, first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
         float* sr = sc.s.data() + (j * 16 + t) * Ls;
-        inv[j][t] = softmax_row<PARTS>(sr, sc.p.data() + (j * 16 + t) * Ls, 16 * Ls, first, len, Lp, scale, softcap);
+        inv[j][t] = softmax_row<PARTS>(sr, sc.p.data() + (PARTS * j * 16 + t) * Ls, 16 * Ls, first, len, Lp, scale,
+                                       softcap);
       }
-    if constexpr (PARTS == 3) {
+    if (PARTS == 3 && nh == 2) {
+      for (int64_t f = 0; f < slices; f += 2) amx_pv_pair3(sc, Lp, Ls, D, f);
+    } else if (PARTS == 3) {
       for (int64_t f = 0; f < slices; f += 2) amx_pv_split3(sc, Lp, Ls, D, f);
     } else if (nh == 2) {
       for (int64_t f = 0; f < slices; f += 2) amx_pv_pair(sc, Lp, Ls, D, f);
