@@ -321,11 +321,12 @@ static void amx_scores_pair(AmxScratch& sc, int64_t Lp, int64_t Ls) {
   }
 }
 
-// amx_scores for two heads of float32 queries as three bfloat16 parts (head j's part k at sc.q + 16 (3 j + k) D, its
-// scores to sc.s + 16 j Ls), QT = D / 32: per 32 keys and 32 dims the two K^T B tiles, loaded once, feed both heads'
-// parts (accumulators 2..5: head x 16 keys; the query parts reloaded from L1 into tiles 0 and 1).
-template <int QT>
-static void amx_scores_pair3(AmxScratch& sc, int64_t Lp, int64_t Ls) {
+// amx_scores for two heads whose query tiles do not stay in tiles 0..3 (float32 queries as three bfloat16 parts, or
+// head_dim > 64): head j's part k at sc.q + 16 (PARTS j + k) D, its scores to sc.s + 16 j Ls, QT = D / 32. Per 32 keys
+// and 32 dims the two K^T B tiles, loaded once, feed both heads' parts (accumulators 2..5: head x 16 keys; the query
+// tiles reloaded from L1 into tiles 0 and 1).
+template <int QT, int PARTS>
+static void amx_scores_pair_reload(AmxScratch& sc, int64_t Lp, int64_t Ls) {
   constexpr int64_t D = 32 * QT;
   float* s0 = sc.s.data();
   float* s1 = s0 + 16 * Ls;
@@ -339,11 +340,11 @@ static void amx_scores_pair3(AmxScratch& sc, int64_t Lp, int64_t Ls) {
     for (int dc = 0; dc < QT; ++dc) {
       _tile_loadd(6, b0 + dc * 256, 64);
       _tile_loadd(7, b1 + dc * 256, 64);
-      for (int part = 0; part < 3; ++part) {
+      for (int part = 0; part < PARTS; ++part) {
         _tile_loadd(0, sc.q.data() + part * 16 * D + 32 * dc, D * 2);
         _tile_dpbf16ps(2, 0, 6);
         _tile_dpbf16ps(3, 0, 7);
-        _tile_loadd(1, sc.q.data() + (3 + part) * 16 * D + 32 * dc, D * 2);
+        _tile_loadd(1, sc.q.data() + (PARTS + part) * 16 * D + 32 * dc, D * 2);
         _tile_dpbf16ps(4, 1, 6);
         _tile_dpbf16ps(5, 1, 7);
       }
@@ -548,21 +549,21 @@ static void amx_prefill_task(const q_t* qp, const cache_t* kp, const cache_t* vp
   for (int part = 0; part < PBLOCKS; ++part)  // padding rows: P = 0
     for (int64_t t = n; t < 16; ++t) std::memset(sc.p.data() + (part * 16 + t) * Ls, 0, Lp * 2);
   for (int64_t h = g * G; h < (g + 1) * G;) {
-    // two heads in one pass over K^T and V: bfloat16 queries at head_dim <= 64 (amx_scores_pair, their Q tiles held),
-    // float32 queries' parts at any head_dim (amx_scores_pair3, the parts reloaded from L1)
-    const int nh = (PARTS == 3 || D <= 64) && h + 1 < (g + 1) * G ? 2 : 1;
+    // two heads a pass over K^T and V (amx_scores_pair: bfloat16 queries at head_dim <= 64, their Q tiles held;
+    // amx_scores_pair_reload: the rest, their tiles reloaded from L1)
+    const int nh = h + 1 < (g + 1) * G ? 2 : 1;
     for (int j = 0; j < nh; ++j)
       for (int64_t t = 0; t < n; ++t) {
         const q_t* src = qp + ((i0 + t) * H + h + j) * D;
         if constexpr (PARTS == 1) std::memcpy(sc.q.data() + (j * 16 + t) * D, src, D * 2);
         else split3_bf16(src, sc.q.data() + (3 * j * 16 + t) * D, 16 * D, D);
       }
-    if (nh == 2 && PARTS == 3) {
+    if (nh == 2 && (PARTS == 3 || D > 64)) {
       switch (D / 32) {
-        case 1: amx_scores_pair3<1>(sc, Lp, Ls); break;
-        case 2: amx_scores_pair3<2>(sc, Lp, Ls); break;
-        case 4: amx_scores_pair3<4>(sc, Lp, Ls); break;
-        default: amx_scores_pair3<8>(sc, Lp, Ls); break;
+        case 1: amx_scores_pair_reload<1, PARTS>(sc, Lp, Ls); break;
+        case 2: amx_scores_pair_reload<2, PARTS>(sc, Lp, Ls); break;
+        case 4: amx_scores_pair_reload<4, PARTS>(sc, Lp, Ls); break;
+        default: amx_scores_pair_reload<8, PARTS>(sc, Lp, Ls); break;
       }
     } else if (nh == 2) {
       if (D == 32) amx_scores_pair<1>(sc, Lp, Ls);
