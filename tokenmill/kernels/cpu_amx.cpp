@@ -216,40 +216,62 @@ static inline float softmax_row(float* sr, uint16_t* pr, int64_t stride, int64_t
   return 1.f / _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
 }
 
-// The tile products of one head over Lp keys (Lp % 32 == 0): S = Q K^T into sc.s, then (after the caller's softmax)
-// O = P V into sc.o. PARTS = 1 (bfloat16 queries) or 3 (float32 queries as three bfloat16 parts, split3_bf16, each
-// part's products added into the same scores). QT = D / 32 query tiles per part; scores in tiles 4 and 5, K^T / V B
-// tiles in 6 and 7, O accumulators in tiles 0..3 (the Q tiles are dead by then). Where the QT x PARTS query tiles do
-// not fit in tiles 0..3 (D = 256, or float32 queries), each is reloaded (from L1) per 32 keys, into tiles 0 and 1 in
-// turn.
+// S = Q K^T for NH heads (1 or 2) whose query tiles do not stay in tiles 0..3 (float32 queries as three bfloat16 parts,
+// head_dim > 128, or two heads at head_dim > 64): head j's part k at sc.q + 16 (PARTS j + k) D, its scores to sc.s +
+// 16 j Ls, QT = D / 32. Per 32 keys and 32 dims the two K^T B tiles (6, 7), loaded once, take every head's parts, each
+// reloaded from L1 (tiles 0 and 1 in turn); accumulators 2, 3 (head 0) and 4, 5 (head 1), 16 keys each.
+template <int QT, int PARTS, int NH>
+static void amx_scores_reload(AmxScratch& sc, int64_t Lp, int64_t Ls) {
+  constexpr int64_t D = 32 * QT;
+  float* s0 = sc.s.data();
+  for (int64_t c = 0; c < Lp / 16; c += 2) {
+    const uint32_t* b0 = sc.kt.data() + c * QT * 256;
+    const uint32_t* b1 = b0 + QT * 256;
+    _tile_zero(2);
+    _tile_zero(3);
+    if constexpr (NH == 2) {
+      _tile_zero(4);
+      _tile_zero(5);
+    }
+    for (int dc = 0; dc < QT; ++dc) {
+      _tile_loadd(6, b0 + dc * 256, 64);
+      _tile_loadd(7, b1 + dc * 256, 64);
+      for (int part = 0; part < PARTS; ++part) {
+        const uint16_t* qa = sc.q.data() + part * 16 * D + 32 * dc;
+        if (NH == 2 || (dc * PARTS + part) % 2 == 0) {
+          _tile_loadd(0, qa, D * 2);
+          _tile_dpbf16ps(2, 0, 6);
+          _tile_dpbf16ps(3, 0, 7);
+        } else {
+          _tile_loadd(1, qa, D * 2);
+          _tile_dpbf16ps(2, 1, 6);
+          _tile_dpbf16ps(3, 1, 7);
+        }
+        if constexpr (NH == 2) {
+          _tile_loadd(1, qa + PARTS * 16 * D, D * 2);
+          _tile_dpbf16ps(4, 1, 6);
+          _tile_dpbf16ps(5, 1, 7);
+        }
+      }
+    }
+    _tile_stored(2, s0 + c * 16, Ls * 4);
+    _tile_stored(3, s0 + c * 16 + 16, Ls * 4);
+    if constexpr (NH == 2) {
+      _tile_stored(4, s0 + 16 * Ls + c * 16, Ls * 4);
+      _tile_stored(5, s0 + 16 * Ls + c * 16 + 16, Ls * 4);
+    }
+  }
+}
+
+// S = Q K^T for one head over Lp keys (Lp % 32 == 0) into sc.s. PARTS = 1 (bfloat16 queries) or 3 (float32 queries
+// as three bfloat16 parts, split3_bf16, each part's products added into the same scores). QT = D / 32 query tiles per
+// part, held in tiles 0..3; scores in tiles 4 and 5, K^T B tiles in 6 and 7. Where the QT x PARTS query tiles do not
+// fit there (D = 256, or float32 queries): amx_scores_reload.
 template <int QT, int PARTS>
 static void amx_scores(AmxScratch& sc, int64_t Lp, int64_t Ls) {
   constexpr int64_t D = 32 * QT;
   if constexpr (QT > 4 || PARTS > 1) {
-    for (int64_t c = 0; c < Lp / 16; c += 2) {
-      const uint32_t* b0 = sc.kt.data() + c * QT * 256;
-      const uint32_t* b1 = b0 + QT * 256;
-      _tile_zero(4);
-      _tile_zero(5);
-      for (int dc = 0; dc < QT; ++dc) {
-        _tile_loadd(6, b0 + dc * 256, 64);
-        _tile_loadd(7, b1 + dc * 256, 64);
-        for (int part = 0; part < PARTS; ++part) {
-          const uint16_t* qa = sc.q.data() + part * 16 * D + 32 * dc;
-          if ((dc * PARTS + part) % 2 == 0) {
-            _tile_loadd(0, qa, D * 2);
-            _tile_dpbf16ps(4, 0, 6);
-            _tile_dpbf16ps(5, 0, 7);
-          } else {
-            _tile_loadd(1, qa, D * 2);
-            _tile_dpbf16ps(4, 1, 6);
-            _tile_dpbf16ps(5, 1, 7);
-          }
-        }
-      }
-      _tile_stored(4, sc.s.data() + c * 16, Ls * 4);
-      _tile_stored(5, sc.s.data() + c * 16 + 16, Ls * 4);
-    }
+    amx_scores_reload<QT, PARTS, 1>(sc, Lp, Ls);
     return;
   }
   _tile_loadd(0, sc.q.data(), D * 2);
@@ -321,42 +343,8 @@ static void amx_scores_pair(AmxScratch& sc, int64_t Lp, int64_t Ls) {
   }
 }
 
-// amx_scores for two heads whose query tiles do not stay in tiles 0..3 (float32 queries as three bfloat16 parts, or
-// head_dim > 64): head j's part k at sc.q + 16 (PARTS j + k) D, its scores to sc.s + 16 j Ls, QT = D / 32. Per 32 keys
-// and 32 dims the two K^T B tiles, loaded once, feed both heads' parts (accumulators 2..5: head x 16 keys; the query
-// tiles reloaded from L1 into tiles 0 and 1).
-template <int QT, int PARTS>
-static void amx_scores_pair_reload(AmxScratch& sc, int64_t Lp, int64_t Ls) {
-  constexpr int64_t D = 32 * QT;
-  float* s0 = sc.s.data();
-  float* s1 = s0 + 16 * Ls;
-  for (int64_t c = 0; c < Lp / 16; c += 2) {
-    const uint32_t* b0 = sc.kt.data() + c * QT * 256;
-    const uint32_t* b1 = b0 + QT * 256;
-    _tile_zero(2);
-    _tile_zero(3);
-    _tile_zero(4);
-    _tile_zero(5);
-    for (int dc = 0; dc < QT; ++dc) {
-      _tile_loadd(6, b0 + dc * 256, 64);
-      _tile_loadd(7, b1 + dc * 256, 64);
-      for (int part = 0; part < PARTS; ++part) {
-        _tile_loadd(0, sc.q.data() + part * 16 * D + 32 * dc, D * 2);
-        _tile_dpbf16ps(2, 0, 6);
-        _tile_dpbf16ps(3, 0, 7);
-        _tile_loadd(1, sc.q.data() + (PARTS + part) * 16 * D + 32 * dc, D * 2);
-        _tile_dpbf16ps(4, 1, 6);
-        _tile_dpbf16ps(5, 1, 7);
-      }
-    }
-    _tile_stored(2, s0 + c * 16, Ls * 4);
-    _tile_stored(3, s0 + c * 16 + 16, Ls * 4);
-    _tile_stored(4, s1 + c * 16, Ls * 4);
-    _tile_stored(5, s1 + c * 16 + 16, Ls * 4);
-  }
-}
-
-// O[:, 16 * first .. 16 * (first + n)) = P V for n <= 4 dim slices of 16 (bfloat16 P; three parts: amx_pv_split3).
+// O[:, 16 * first .. 16 * (first + n)) = P V for n <= 4 dim slices of 16, one head's bfloat16 P (two heads, or three
+// parts: amx_pv_two_slices).
 template <int N>
 static void amx_pv(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t first) {
   const int64_t slices = D / 16;
@@ -389,91 +377,42 @@ static void amx_pv(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t fi
   if constexpr (N > 3) _tile_stored(3, o + 48, D * 4);
 }
 
-// amx_pv for two heads of bfloat16 P (head j's at sc.p + 16 j Ls, its output at sc.o + 16 j D), dim slices first and
-// first + 1: each V tile, loaded once per 32 keys, feeds both heads' products (accumulators 0, 1: head 0; 2, 3: head
-// 1), where amx_pv loads every V tile once per head.
-static void amx_pv_pair(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t first) {
-  const int64_t slices = D / 16;
-  const uint16_t* p0 = sc.p.data();
-  const uint16_t* p1 = p0 + 16 * Ls;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t c = 0; c < Lp / 32; ++c) {
-    const uint16_t* b = sc.vv.data() + (c * slices + first) * 512;
-    _tile_loadd(4, p0 + c * 32, Ls * 2);
-    _tile_loadd(6, b, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_loadd(7, b + 512, 64);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_loadd(5, p1 + c * 32, Ls * 2);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
-  }
-  float* o0 = sc.o.data() + first * 16;
-  float* o1 = o0 + 16 * D;
-  _tile_stored(0, o0, D * 4);
-  _tile_stored(1, o0 + 16, D * 4);
-  _tile_stored(2, o1, D * 4);
-  _tile_stored(3, o1 + 16, D * 4);
-}
-
-// amx_pv_split3 for two heads (head j's part k of P at sc.p + 16 (3 j + k) Ls, its output at sc.o + 16 j D), dim
-// slices first and first + 1: both slices' V tiles (6, 7), loaded once per 32 keys, take both heads' parts (reloaded
-// into tiles 4 and 5), accumulators 0, 1 (head 0) and 2, 3 (head 1).
-static void amx_pv_pair3(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t first) {
+// O[:, 16 * first .. 16 * (first + 2)) = P V for two dim slices, of NH heads at once (head j's part k of P at sc.p +
+// 16 (PARTS j + k) Ls: bfloat16 P, PARTS = 1, or float32 P as three bfloat16 parts; its output at sc.o + 16 j D): both
+// slices' V tiles (6, 7), loaded once per 32 keys, take every head's P (tiles 4 and 5), accumulators 0, 1 (head 0)
+// and 2, 3 (head 1). Two heads a pass load each V tile once where a head at a time loaded it per head.
+template <int PARTS, int NH>
+static void amx_pv_two_slices(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t first) {
   const int64_t slices = D / 16, stride = 16 * Ls;
   _tile_zero(0);
   _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  if constexpr (NH == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
   for (int64_t c = 0; c < Lp / 32; ++c) {
     const uint16_t* pp = sc.p.data() + c * 32;
     const uint16_t* b = sc.vv.data() + (c * slices + first) * 512;
     _tile_loadd(6, b, 64);
     _tile_loadd(7, b + 512, 64);
-    for (int part = 0; part < 3; ++part) {
+    for (int part = 0; part < PARTS; ++part) {
       _tile_loadd(4, pp + part * stride, Ls * 2);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
-      _tile_loadd(5, pp + (3 + part) * stride, Ls * 2);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
+      if constexpr (NH == 2) {
+        _tile_loadd(5, pp + (PARTS + part) * stride, Ls * 2);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
     }
   }
   float* o0 = sc.o.data() + first * 16;
-  float* o1 = o0 + 16 * D;
   _tile_stored(0, o0, D * 4);
   _tile_stored(1, o0 + 16, D * 4);
-  _tile_stored(2, o1, D * 4);
-  _tile_stored(3, o1 + 16, D * 4);
-}
-
-// amx_pv for three parts of P, two dim slices (first, first + 1): the parts stay in tiles 2..4 while both slices'
-// V tiles (5, 6) take them, the two accumulators (0, 1) in turn.
-static void amx_pv_split3(AmxScratch& sc, int64_t Lp, int64_t Ls, int64_t D, int64_t first) {
-  const int64_t slices = D / 16, stride = 16 * Ls;
-  _tile_zero(0);
-  _tile_zero(1);
-  for (int64_t c = 0; c < Lp / 32; ++c) {
-    const uint16_t* pp = sc.p.data() + c * 32;
-    const uint16_t* b = sc.vv.data() + (c * slices + first) * 512;
-    _tile_loadd(5, b, 64);
-    _tile_loadd(6, b + 512, 64);
-    _tile_loadd(2, pp, Ls * 2);
-    _tile_dpbf16ps(0, 2, 5);
-    _tile_dpbf16ps(1, 2, 6);
-    _tile_loadd(3, pp + stride, Ls * 2);
-    _tile_dpbf16ps(0, 3, 5);
-    _tile_dpbf16ps(1, 3, 6);
-    _tile_loadd(4, pp + 2 * stride, Ls * 2);
-    _tile_dpbf16ps(0, 4, 5);
-    _tile_dpbf16ps(1, 4, 6);
+  if constexpr (NH == 2) {
+    _tile_stored(2, o0 + 16 * D, D * 4);
+    _tile_stored(3, o0 + 16 * D + 16, D * 4);
   }
-  float* o = sc.o.data() + first * 16;
-  _tile_stored(0, o, D * 4);
-  _tile_stored(1, o + 16, D * 4);
 }
 
 // One task: query tokens i0 .. i0 + n - 1 (n <= 16) of one request, the G heads of KV head g. Token t sees the first
@@ -493,7 +432,7 @@ static void amx_prefill_task(const q_t* qp, const cache_t* kp, const cache_t* vp
   // of 4 KiB puts them all in one set)
   const int64_t Ls = Lp + 16;
   if (static_cast<int64_t>(sc.s.size()) < 2 * 16 * Ls) sc.s.resize(2 * 16 * Ls);  // two heads' (amx_scores_pair)
-  constexpr int PBLOCKS = 2 * PARTS;  // P's blocks of 16 rows: two heads' (amx_pv_pair), or their three parts
+  constexpr int PBLOCKS = 2 * PARTS;  // P's blocks of 16 rows: two heads' (amx_pv_two_slices), or their three parts
   if (static_cast<int64_t>(sc.p.size()) < PBLOCKS * 16 * Ls) sc.p.resize(PBLOCKS * 16 * Ls);
   if (static_cast<int64_t>(sc.vv.size()) < Lp * D) {  // resize keeps the tiles built so far
     sc.kt.resize(Lp * D / 2);
@@ -550,7 +489,7 @@ static void amx_prefill_task(const q_t* qp, const cache_t* kp, const cache_t* vp
     for (int64_t t = n; t < 16; ++t) std::memset(sc.p.data() + (part * 16 + t) * Ls, 0, Lp * 2);
   for (int64_t h = g * G; h < (g + 1) * G;) {
     // two heads a pass over K^T and V (amx_scores_pair: bfloat16 queries at head_dim <= 64, their Q tiles held;
-    // amx_scores_pair_reload: the rest, their tiles reloaded from L1)
+    // amx_scores_reload: the rest, their tiles reloaded from L1)
     const int nh = h + 1 < (g + 1) * G ? 2 : 1;
     for (int j = 0; j < nh; ++j)
       for (int64_t t = 0; t < n; ++t) {
@@ -560,10 +499,10 @@ static void amx_prefill_task(const q_t* qp, const cache_t* kp, const cache_t* vp
       }
     if (nh == 2 && (PARTS == 3 || D > 64)) {
       switch (D / 32) {
-        case 1: amx_scores_pair_reload<1, PARTS>(sc, Lp, Ls); break;
-        case 2: amx_scores_pair_reload<2, PARTS>(sc, Lp, Ls); break;
-        case 4: amx_scores_pair_reload<4, PARTS>(sc, Lp, Ls); break;
-        default: amx_scores_pair_reload<8, PARTS>(sc, Lp, Ls); break;
+        case 1: amx_scores_reload<1, PARTS, 2>(sc, Lp, Ls); break;
+        case 2: amx_scores_reload<2, PARTS, 2>(sc, Lp, Ls); break;
+        case 4: amx_scores_reload<4, PARTS, 2>(sc, Lp, Ls); break;
+        default: amx_scores_reload<8, PARTS, 2>(sc, Lp, Ls); break;
       }
     } else if (nh == 2) {
       if (D == 32) amx_scores_pair<1>(sc, Lp, Ls);
@@ -583,12 +522,10 @@ static void amx_prefill_task(const q_t* qp, const cache_t* kp, const cache_t* vp
         inv[j][t] = softmax_row<PARTS>(sr, sc.p.data() + (PARTS * j * 16 + t) * Ls, 16 * Ls, first, len, Lp, scale,
                                        softcap);
       }
-    if (PARTS == 3 && nh == 2) {
-      for (int64_t f = 0; f < slices; f += 2) amx_pv_pair3(sc, Lp, Ls, D, f);
+    if (nh == 2) {
+      for (int64_t f = 0; f < slices; f += 2) amx_pv_two_slices<PARTS, 2>(sc, Lp, Ls, D, f);
     } else if (PARTS == 3) {
-      for (int64_t f = 0; f < slices; f += 2) amx_pv_split3(sc, Lp, Ls, D, f);
-    } else if (nh == 2) {
-      for (int64_t f = 0; f < slices; f += 2) amx_pv_pair(sc, Lp, Ls, D, f);
+      for (int64_t f = 0; f < slices; f += 2) amx_pv_two_slices<PARTS, 1>(sc, Lp, Ls, D, f);
     } else {
       for (int64_t f = 0; f < slices; f += 4) {
         switch (std::min<int64_t>(4, slices - f)) {
