@@ -54,7 +54,7 @@ SLOW_TESTS = {
     "tests/model/test_lora.py::test_adapters_through_the_triton_family_equal_peft",
     "tests/model/test_lora.py::test_adapters_with_two_ranks_equal_one",
     "tests/model/test_lora.py::test_phi3_adapters_of_its_fused_layers_equal_peft",
-    "tests/model/test_lora.py::test_the_plan_command_takes_adapters",  # four `tokenmill plan` processes
+    "tests/model/test_lora.py::test_the_plan_command_takes_adapters",  # three `tokenmill plan` processes
 }
 
 

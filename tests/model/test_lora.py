@@ -188,10 +188,10 @@ def test_the_plan_command_takes_adapters(lora_case, run_cli, tmp_path):
     llm = LLM(str(root / "base"), lora_adapters={n: str(root / n) for n in ("qv", "mlp")}, kv_cache_memory=0.01)
     assert plan["num_requests"] == 2 and plan["num_loras"] == 2 and "invalid" not in proc.stderr
     assert plan["lora_gib"] * 2**30 == pytest.approx(held_lora_bytes(llm.engine.runner.model))
-    base = json.loads(run_cli("plan", inp, *flags, check=0).stdout)
+    proc = run_cli("plan", inp, *flags, check=0)  # without the adapters
+    base = json.loads(proc.stdout)
+    assert base["num_requests"] == 1 and "1 invalid lines" in proc.stderr
     assert plan["weight_gib"] - base["weight_gib"] == pytest.approx(plan["lora_gib"])
-    proc = run_cli("plan", inp, *flags, check=0)
-    assert json.loads(proc.stdout)["num_requests"] == 1 and "1 invalid lines" in proc.stderr
     assert "of which 2 LoRA adapters" in run_cli("plan", inp, *flags[:-1], "--lora", f"qv={root / 'qv'}", "--lora",
                                                  f"mlp={root / 'mlp'}", check=0).stdout
 
