@@ -314,45 +314,42 @@ class ExpertLoraWeights(torch.nn.Module):
 _ROW_PARALLEL = ("o_proj", "down_proj")  # under tensor parallelism: inputs split (the rest: outputs split)
 
 
-def _site_shape(target: str, mc) -> tuple[str, int, int, bool]:
-    """The layer an adapter target lands on (``attach_loras``' site: q/k/v -> qkv_proj, gate/up -> gate_up_proj,
-    under its expert prefix), with that layer's (in, out) over all its shards and whether it is row-parallel."""
+def _site(target: str) -> tuple[str, str]:
+    """The layer an adapter target lands on (``attach_loras``' site: q/k/v -> qkv_proj, gate/up -> gate_up_proj, under
+    its expert prefix) and that layer's name in ``ModelConfig.linear_shapes``."""
     prefix, _, base = target.rpartition(".")
     ours = _FUSED[base][0].split(".")[-1]
-    site = f"{prefix}.{ours}" if prefix else ours
-    h, d = mc.hidden_size, mc.head_dim
-    if ours == "qkv_proj":
-        return site, h, (mc.num_attention_heads + 2 * mc.num_key_value_heads) * d, False
-    if ours == "o_proj":
-        return site, mc.num_attention_heads * d, h, True
-    inter = (mc.intermediate_size if not prefix else mc.shared_expert_intermediate_size
-             if prefix == "shared_expert" else mc.moe_intermediate_size)
-    return (site, h, 2 * inter, False) if ours == "gate_up_proj" else (site, inter, h, True)
+    if not prefix:
+        return ours, ours
+    return f"{prefix}.{ours}", ("shared_expert_" if prefix == "shared_expert" else "expert_") + ours
 
 
 def planned_lora_bytes(adapters: list[LoraAdapter], mc, dtype: torch.dtype, tp_size: int = 1,
                        transposed: bool = False) -> int:
     """The bytes ``attach_loras`` will hold for ``adapters`` (as ``read_adapter`` returns them), for a memory plan
     made before the model is built: per adapted layer S x R x (in + out) in the model's dtype (S adapters; R the
-    widest adapter's total rank on the layer, the others zero-padded to it), and B^T [S, R, out] more beside a dense
-    layer's factors where the C++ row loop reads it (``transposed``: on a CPU with the kernels). Under tensor
-    parallelism each rank holds its part: a row-parallel layer's inputs, a column-parallel layer's outputs."""
-    width: dict[tuple[int, str], int] = {}  # (layer, site) -> R
-    shape: dict[tuple[int, str], tuple[int, int]] = {}  # (layer, site) -> this rank's (in, out)
+    widest adapter's total rank on the layer, the others zero-padded to it; in / out the layer's as
+    ``ModelConfig.linear_shapes`` gives them), and B^T [S, R, out] more beside a dense layer's factors where the C++
+    row loop reads it (``transposed``: on a CPU with the kernels). Under tensor parallelism each rank holds its part:
+    a row-parallel layer's inputs, a column-parallel layer's outputs (``rank_factors``' cut)."""
+    shapes = {name: (inp, out) for name, out, inp, _ in mc.linear_shapes()}
+    width: dict[tuple[int, str, str], int] = {}  # (layer, site, its linear_shapes name) -> R
     for ad in adapters:
-        mine: dict[tuple[int, str], int] = {}
+        mine: dict[tuple[int, str, str], int] = {}
         for (layer, target), (fa, _) in ad.factors.items():
-            site, inp, out, row = _site_shape(target, mc)
-            mine[(layer, site)] = mine.get((layer, site), 0) + fa.shape[0]
-            shape[(layer, site)] = (inp // tp_size, out) if row else (inp, out // tp_size)
+            key = (layer, *_site(target))
+            mine[key] = mine.get(key, 0) + fa.shape[0]
         for key, r in mine.items():
             width[key] = max(r, width.get(key, 0))
-    elem = torch.empty((), dtype=dtype).element_size()
     total = 0
-    for (layer, site), r in width.items():
-        inp, out = shape[(layer, site)]
+    for (_, site, name), r in width.items():
+        inp, out = shapes[name]
+        if site.endswith(_ROW_PARALLEL):
+            inp //= tp_size
+        else:
+            out //= tp_size
         total += r * (inp + out * (2 if transposed and not site.startswith("experts.") else 1))
-    return total * len(adapters) * elem
+    return total * len(adapters) * torch.empty((), dtype=dtype).element_size()
 
 
 def rank_factors(fa: torch.Tensor, fb: torch.Tensor, target: str, tp, shard_sizes: tuple[int, ...]):

@@ -85,7 +85,7 @@ class SparseMoE(nn.Module):
         # int8 / int4 weight-only experts in the C++ kernels' panels: one moe_experts_panels call
         self.panels_call = build.quantization in ("int8", "int4") and hasattr(build.ops.kernels, "moe_experts_panels")
         self._panels = None  # its weight operands, or False where the experts are not in panels (_panel_operands)
-        self._lora_operands = None  # moe_experts_lora's factors, or False where they are not for it (_lora_factors)
+        self._lora_operands = None  # the *_lora expert calls' factors, or False where there are none (_lora_factors)
         self.expert_loras = None  # the LoraSet, where LoRA adapters adapt some expert (model/lora.attach_loras)
         self.expert_slots: set[int] = set()  # the adapters (slots) that adapt some expert of this layer
         self.expert_lora_modules: list = []  # the experts' lora.ExpertLoraWeights
@@ -149,7 +149,8 @@ class SparseMoE(nn.Module):
         return self._experts_loop(xs, counts)
 
     def _lora_factors(self) -> tuple | None:
-        """moe_experts_lora's factor operands: per expert its gate|up and down layers' (a, bt) (an empty tensor
+        """The factor operands of the *_lora expert calls (moe_experts_lora, moe_experts_panels_lora,
+        moe_experts_w8a8_lora): per expert its gate|up and down layers' (a, bt) (an empty tensor
         where no adapter adapts the layer), gathered once; None where the experts' adapters do not run on the C++
         kernels (the Triton family, no kernels)."""
         if self._lora_operands is None:
