@@ -99,7 +99,7 @@ def _write_q8_0_copy(src, dst) -> None:
     writer.close()
 
 
-def test_a_q8_0_model_loads_its_blocks_without_rounding(tmp_path, cache_dir):
+def test_a_q8_0_model_loads_its_blocks_without_rounding(tmp_path):
     """A real Q8_0 GGUF (SmolLM2's weights re-encoded): under int8 each projection holds the file's own codes and
     scales, and its log-probabilities follow the float32 model of the same file more closely than bfloat16's do."""
     from tokenmill.model.gguf_weights import open_gguf, unpack_q8_0
@@ -107,6 +107,7 @@ def test_a_q8_0_model_loads_its_blocks_without_rounding(tmp_path, cache_dir):
 
     path = tmp_path / "smollm2-q8_0.gguf"
     _write_q8_0_copy(default_model_path(), path)
+    cache_dir = str(tmp_path / "cache")  # this file's float32 conversion (0.5 GB) goes with the test's directory
     llm = LLM(str(path), quantization="int8", kv_cache_memory=0.1, max_model_len=256, cache_dir=cache_dir)
     mlp = llm.engine.runner.model.layers[3].mlp
     tensors = {t.name: t for t in open_gguf(path).reader.tensors}

@@ -8,6 +8,8 @@ not divide by the ranks (the last slice padded)."""
 from __future__ import annotations
 
 import random
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -80,6 +82,7 @@ def test_prompt_logprobs_with_two_ranks_equal_one(tmp_path):
 
 
 def test_a_split_that_does_not_divide_is_one_clear_error(tmp_path):
+    rendezvous = set(Path(tempfile.gettempdir()).glob("tokenmill-tp-*"))
     save_tiny_model("llama", tmp_path / "m", num_attention_heads=6, num_key_value_heads=3, hidden_size=48)
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2 must divide num_key_value_heads \(3\)"):
         LLM(str(tmp_path / "m"), tensor_parallel_size=2, num_kv_blocks=16)
@@ -90,6 +93,8 @@ def test_a_split_that_does_not_divide_is_one_clear_error(tmp_path):
     save_tiny_model("llama", tmp_path / "ok")
     llm = LLM(str(tmp_path / "ok"), tensor_parallel_size=2, num_kv_blocks=16)
     llm.close()
+    # and every group's rendezvous directory is gone with it, the failed ones' too
+    assert set(Path(tempfile.gettempdir()).glob("tokenmill-tp-*")) <= rendezvous
 
 
 def test_quantization_with_tensor_parallel_is_refused_before_any_process_starts():

@@ -18,7 +18,8 @@ weight is an opaque ``torch._mkldnn`` tensor: only these functions read it (``un
 The path is a property of each model, not of the process: every ``Linear`` (and a Llama model's LM head) holds its
 ``gemm_backend``, "onednn" by default, "aten" (plain ``F.linear`` and separate epilogue ops, plain weights) when asked
 through the engine option ``cpu_gemm`` (or ``set_gemm_backend(model, name)``); float16, other devices and torch builds
-without oneDNN always take the aten path.
+without oneDNN always take the aten path, and so does bfloat16 on a CPU without oneDNN's bf16 kernels (AVX2 only,
+e.g. AMD Zen 3: oneDNN refuses a bf16 weight there).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from torch import nn
 
 from tokenmill.config import CPU_GEMMS, ConfigError
 
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def check_backend(name: str) -> str:
@@ -54,6 +54,19 @@ def _onednn_available() -> bool:
 
 
 _HAVE_ONEDNN = _onednn_available()  # a fact about this torch build
+
+
+def _onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes oneDNN's linears take on this CPU: float32 everywhere; bfloat16 only where its bf16 kernels run
+    (AVX-512 BW/VL/DQ or AVX-NE-CONVERT: on an AVX2-only CPU such as AMD Zen 3, oneDNN refuses a bf16 weight and
+    aten's bf16 F.linear takes its own path)."""
+    if not _HAVE_ONEDNN:
+        return ()
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return (torch.float32, torch.bfloat16) if bf16 is not None and bf16() else (torch.float32,)
+
+
+_ONEDNN_DTYPES = _onednn_dtypes()  # a fact about this CPU and torch build
 
 
 PACK_BATCH_HINT = 128  # the row count oneDNN picks the packed layout for; measured as good from 8 to 2048 rows

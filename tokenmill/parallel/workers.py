@@ -5,7 +5,7 @@ process per other rank (``spawn``, daemonic: they end with the engine's process)
 (over loopback: ``GLOO_SOCKET_IFNAME=lo`` unless set), NCCL on CUDA (rank r on ``cuda:r``). A worker loads its slice
 of the model, receives the KV pool's size from rank 0 (one plan for all ranks), allocates its slice of the cache and
 runs ``ModelRunner.follow`` until rank 0 broadcasts STOP (``TPWorkers.close``). The group rendezvous through a file in
-a fresh temporary directory, so no port is opened for it.
+a fresh temporary directory (removed by ``close``), so no port is opened for it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing as mp
 from datetime import timedelta
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ class TPWorkers:
     processes: list
     runner: object | None = None  # rank 0's ModelRunner, once built
     closed: bool = False
+    rendezvous_dir: str | None = None  # the group's temporary directory, removed by close
 
     def send_num_blocks(self, num_blocks: int, num_swap_blocks: int, device: torch.device) -> None:
         self.tp.broadcast(torch.tensor([num_blocks, num_swap_blocks], dtype=torch.int64, device=device))
@@ -75,6 +77,8 @@ class TPWorkers:
                     p.terminate()
             if dist.is_initialized():
                 dist.destroy_process_group()
+            if self.rendezvous_dir is not None:
+                shutil.rmtree(self.rendezvous_dir, ignore_errors=True)
 
 
 def start_workers(config: EngineConfig, device: torch.device) -> TPWorkers:
@@ -83,7 +87,8 @@ def start_workers(config: EngineConfig, device: torch.device) -> TPWorkers:
     if device.type == "cuda" and torch.cuda.device_count() < size:
         raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs, this machine has {torch.cuda.device_count()}")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    rendezvous = str(Path(tempfile.mkdtemp(prefix="tokenmill-tp-")) / "group")
+    rendezvous_dir = tempfile.mkdtemp(prefix="tokenmill-tp-")
+    rendezvous = str(Path(rendezvous_dir) / "group")
     threads = rank_threads(size)
     ctx = mp.get_context("spawn")
     processes = [ctx.Process(target=worker_main, args=(config, rank, size, device.type, rendezvous, threads),
@@ -92,8 +97,14 @@ def start_workers(config: EngineConfig, device: torch.device) -> TPWorkers:
         p.start()
     if device.type == "cpu":
         torch.set_num_threads(threads)
-    tp = _init_group(0, size, rank_device(device, 0), rendezvous)
-    return TPWorkers(tp, processes)
+    try:
+        tp = _init_group(0, size, rank_device(device, 0), rendezvous)
+    except BaseException:
+        for p in processes:
+            p.terminate()
+        shutil.rmtree(rendezvous_dir, ignore_errors=True)
+        raise
+    return TPWorkers(tp, processes, rendezvous_dir=rendezvous_dir)
 
 
 def worker_main(config: EngineConfig, rank: int, size: int, device_type: str, rendezvous: str, threads: int) -> None:
