@@ -102,6 +102,45 @@ def test_int8_gemm_kernel_equals_int_mm_and_the_epilogue(dtype, m, k, n):
 
 
 @needs_kernels
+@pytest.mark.parametrize("m,k,n", [(1, 8, 5), (6, 64, 16), (13, 576, 130), (70, 1536, 48)])
+def test_int8_mm_equals_int_mm(kernels, m, k, n):
+    """The AVX2 int8 GEMM (w8a8's int32 sums where VNNI is not built): torch._int_mm's sums exactly, the extreme
+    codes included (activations at -128, weights at +-127: the products vpmaddubsw could saturate on), over row tiles
+    of 1-4 and partial 16-channel panels; a weight code of -128 is refused (its sign cannot flip in int8)."""
+    if not kernels.int8_mm_available():
+        pytest.skip("int8_mm needs AVX2")
+    g = torch.Generator().manual_seed(m * 100 + k + n)
+    q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    q[0, : k // 2], w[0, : k // 2], w[-1, : k // 2] = -128, -127, 127  # the largest pairs, both signs
+    got = kernels.int8_mm(q, kernels.int8_mm_pack(w), n)
+    assert got.dtype == torch.int32 and torch.equal(got, q.int() @ w.int().T)
+    assert got[0, 0] == 128 * 127 * (k // 2) + int(q[0, k // 2:].int() @ w[0, k // 2:].int())
+    w[0, 0] = -128
+    with pytest.raises(RuntimeError, match="-127..127"):
+        kernels.int8_mm_pack(w)
+
+
+@needs_kernels
+def test_w8a8_takes_int8_mm_where_vnni_is_not_built(kernels):
+    """A w8a8 layer on a build without AVX512-VNNI (the x86-64-v3 build here, or an AVX2-only CPU's own) holds the
+    int8_mm panels and gives what torch._int_mm's sums and the same epilogue give, bit for bit."""
+    if kernels.int8_gemm_available() or not kernels.int8_mm_available():
+        pytest.skip("this build takes int8_gemm (VNNI), or has no AVX2")
+    w, x, res = _rand(48, 64, seed=9, scale=0.05), _rand(5, 64, seed=10).bfloat16(), _rand(5, 48, seed=11).bfloat16()
+    lin = W8A8Weight(48, 64, kernels)
+    lin.load_rows(0, w)
+    qw, ws = lin.qweight.clone(), lin.scale.clone()
+    lin.finalize(torch.bfloat16)
+    assert lin.mm_packed is not None and lin.qweight is None and lin.packed is None
+    xq, xs, xlo = quantize_per_token(x, kernels)
+    acc = torch._int_mm(xq, qw.t().contiguous())
+    want = scaled_int8_epilogue(acc, xs, xlo, ws, qw.sum(1, dtype=torch.int32).float(), None, res, torch.bfloat16,
+                                kernels)
+    assert torch.equal(lin(x, None, res), want)
+
+
+@needs_kernels
 def test_w8a8_gated_down_projection_fuses_the_activation():
     """Linear.forward_gated under w8a8 in bfloat16: silu(gate) * up and its quantization in one C++ pass give the
     codes quantize_rows_uint8 gives for the torch ops' product (exp's last bit aside), so the layer's output equals

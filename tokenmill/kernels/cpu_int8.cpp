@@ -411,6 +411,118 @@ void int8_gemm(torch::Tensor a, torch::Tensor packed, torch::Tensor comp, torch:
 #endif
 }
 
+// ------------------------------------------------------------ int8 x int8 -> int32 GEMM on AVX2 (no AVX512-VNNI)
+// acc[m, n] = sum_k q_x[m, k] q_w[n, k]: torch._int_mm's int32 sums exactly, for w8a8 where int8_gemm (VNNI) is not
+// built (torch's own _int_mm runs at ~2 GOPS on an AVX2-only CPU such as AMD Zen 3: w8a8 ran 25x slower than
+// float32 there). AVX2 has no signed x signed byte product: vpmaddubsw multiplies unsigned by signed bytes and adds
+// adjacent pairs into saturating int16. So each product is taken as |q_x| * (sign(q_x) q_w) (vpabsb, vpsignb):
+// |q_x| <= 128 and |q_w| <= 127 bound a pair's sum by 32,512, never saturating (the weight's codes must lie in
+// -127..127, quantize_int8_rows' symmetric ones: int8_mm_pack checks), and vpmaddwd against ones widens pairs of pairs
+// into int32 lanes. The weight is packed once into panels of 16 channels, [N/16][K/4][16][4]: one k-step of 4 bytes
+// for 16 channels is two 32-byte loads; a register tile of MR rows x 16 channels (8 accumulators at MR = 4) walks K.
+constexpr int64_t MM_NR = 16;  // output channels per panel (2 x 8 int32 lanes)
+constexpr int64_t MM_MB = 32;  // rows per task
+#if defined(__AVX2__)
+static constexpr bool int8_mm_ok = true;
+
+template <int MR>
+static inline void int8_mm_tile(const int8_t* q, const uint8_t* qa, int64_t K, const int8_t* panel, int32_t* out,
+                                int64_t N, int64_t ncols) {
+  __m256i acc[MR][2];
+  _Pragma("GCC unroll 4") for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t K4 = K / 4;
+  for (int64_t k = 0; k < K4; ++k) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + k * 4 * MM_NR));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + k * 4 * MM_NR + 32));
+    _Pragma("GCC unroll 4") for (int i = 0; i < MR; ++i) {
+      int32_t s4, a4;
+      std::memcpy(&s4, q + i * K + 4 * k, sizeof(s4));
+      std::memcpy(&a4, qa + i * K + 4 * k, sizeof(a4));
+      const __m256i vs = _mm256_set1_epi32(s4), va = _mm256_set1_epi32(a4);
+      acc[i][0] = _mm256_add_epi32(acc[i][0],
+                                   _mm256_madd_epi16(_mm256_maddubs_epi16(va, _mm256_sign_epi8(b0, vs)), ones));
+      acc[i][1] = _mm256_add_epi32(acc[i][1],
+                                   _mm256_madd_epi16(_mm256_maddubs_epi16(va, _mm256_sign_epi8(b1, vs)), ones));
+    }
+  }
+  _Pragma("GCC unroll 4") for (int i = 0; i < MR; ++i) {
+    int32_t* o = out + i * N;
+    if (ncols == MM_NR) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), acc[i][0]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 8), acc[i][1]);
+    } else {
+      alignas(32) int32_t tmp[MM_NR];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), acc[i][0]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + 8), acc[i][1]);
+      std::memcpy(o, tmp, ncols * sizeof(int32_t));
+    }
+  }
+}
+#else
+static constexpr bool int8_mm_ok = false;
+#endif
+
+bool int8_mm_available() { return int8_mm_ok; }
+
+// w [N, K] int8 contiguous, codes in -127..127, K % 4 == 0 -> packed [ceil(N / 16), K / 4, 16, 4] int8 (channels
+// past N are zero).
+torch::Tensor int8_mm_pack(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == torch::kInt8, "w must be a contiguous [N, K] "
+              "int8 tensor");
+  const int64_t N = w.size(0), K = w.size(1), panels = (N + MM_NR - 1) / MM_NR;
+  TORCH_CHECK(K % 4 == 0, "K must be a multiple of 4");
+  TORCH_CHECK(N == 0 || K == 0 || w.min().item<int>() >= -127, "int8_mm needs weight codes in -127..127");
+  auto packed = torch::zeros({panels, K / 4, MM_NR, 4}, w.options());
+  const int8_t* wp = w.data_ptr<int8_t>();
+  int8_t* pp = packed.data_ptr<int8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      int8_t* dst = pp + (n / MM_NR) * K * MM_NR + (n % MM_NR) * 4;
+      for (int64_t k = 0; k < K; ++k) dst[(k / 4) * 4 * MM_NR + k % 4] = wp[n * K + k];
+    }
+  });
+  return packed;
+}
+
+// q [M, K] int8 contiguous (quantize_rows_int8's codes), packed from int8_mm_pack, N its channels -> [M, N] int32,
+// equal to torch._int_mm(q, w.t()).
+torch::Tensor int8_mm(torch::Tensor q, torch::Tensor packed, int64_t N) {
+  TORCH_CHECK(int8_mm_ok, "int8_mm needs AVX2 (check int8_mm_available())");
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8, "q must be [M, K] int8");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 4 == q.size(1) && packed.size(2) == MM_NR &&
+              (N + MM_NR - 1) / MM_NR == packed.size(0), "packed does not match q's K and N (int8_mm_pack)");
+  const int64_t M = q.size(0), K = q.size(1), panels = packed.size(0);
+  auto out = torch::empty({M, N}, q.options().dtype(torch::kInt32));
+#if defined(__AVX2__)
+  auto absq = torch::empty({M, K}, q.options().dtype(torch::kUInt8));  // |q| (128 for -128: vpabsb's byte)
+  const int8_t* qp = q.data_ptr<int8_t>();
+  uint8_t* ap = absq.data_ptr<uint8_t>();
+  at::parallel_for(0, M * K, 4096, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + 32 <= end; i += 32)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ap + i),
+                          _mm256_abs_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp + i))));
+    for (; i < end; ++i) ap[i] = static_cast<uint8_t>(qp[i] < 0 ? -int(qp[i]) : int(qp[i]));
+  });
+  const int8_t* pp = packed.data_ptr<int8_t>();
+  int32_t* op = out.data_ptr<int32_t>();
+  const int64_t blocks = (M + MM_MB - 1) / MM_MB;
+  at::parallel_for(0, panels * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p = t / blocks, mb = t % blocks, n0 = p * MM_NR, ncols = std::min(MM_NR, N - n0);
+      const int8_t* panel = pp + p * K * MM_NR;
+      for (int64_t m = mb * MM_MB; m < std::min(M, (mb + 1) * MM_MB); m += 4) {
+        with_tile_rows<4>(M - m, [&](auto mr) {
+          int8_mm_tile<decltype(mr)::value>(qp + m * K, ap + m * K, K, panel, op + m * N + n0, N, ncols);
+        });
+      }
+    }
+  });
+#endif
+  return out;
+}
+
 // ------------------------------------------------------- int8 weights in groups of 32, bf16 or float32 activations
 // The int8 weight-only GEMM: y[m, n] = sum_g (s[n, g] * sum_{k in g} x[m, k] * q[n, k] + o[n, g] * X[m, g])
 // (+ bias) (+ residual), with int8 codes q, a float16 scale s and offset o per 32 weights along K (w = q * s + o:

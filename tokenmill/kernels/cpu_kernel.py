@@ -113,7 +113,7 @@ _FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention", "quantize_rows_
               "paged_attention_windowed", "int8_gemm_amx", "amx_int8_available",
               "int8_gemm_argmax", "moe_experts_w8a8", "moe_experts_panels", "sample_rows",
               "sample_rows_filtered", "lora_rows", "moe_experts_lora", "moe_experts_panels_lora",
-              "moe_experts_w8a8_lora"]
+              "moe_experts_w8a8_lora", "int8_mm_available", "int8_mm_pack", "int8_mm"]
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
            "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

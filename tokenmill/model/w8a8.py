@@ -7,8 +7,9 @@
   w_sum[channel]) * w_scale[channel]``, where ``z`` is the value of code 0 and ``w_sum`` each channel's sum of codes.
   On a CPU with AVX512-VNNI the weight is packed once for the C++ kernels' ``int8_gemm`` (VNNI tiles, the scales,
   zero points, bias and residual fused into its stores), and with AMX (``amx``) ``int8_gemm_amx`` runs the same
-  operands on AMX-INT8 tiles (the same result bit for bit; 2-3x VNNI's rate from 16 rows); elsewhere
-  ``torch._int_mm`` (oneDNN) and a separate epilogue pass. The throughput mode.
+  operands on AMX-INT8 tiles (the same result bit for bit; 2-3x VNNI's rate from 16 rows); elsewhere the int32
+  sums come from the C++ kernels' ``int8_mm`` on AVX2 (torch._int_mm's sums exactly, ~50x its rate on an AVX2-only
+  CPU) or ``torch._int_mm``, then a separate epilogue pass. The throughput mode.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def scaled_int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, x_min: torch.
 class W8A8Weight(QuantizedWeight):
     """``qweight`` is [N, K] while loading. Once final, where the C++ kernels run ``int8_gemm`` (a CPU with
     AVX512-VNNI, K a multiple of 4, float32 or bfloat16 activations): ``packed`` / ``comp`` (``int8_pack_weight``)
-    and no ``qweight``; elsewhere ``qweight`` is [K, N] contiguous (``torch._int_mm``'s faster layout) and ``w_sum``
-    its channels' sums of codes (the epilogue's term for the activations' zero point)."""
+    and no ``qweight``; elsewhere ``w_sum`` holds the channels' sums of codes (the epilogue's term for the
+    activations' zero point) and the weight is ``mm_packed`` (``int8_mm_pack``: AVX2, K a multiple of 4) or else
+    ``qweight`` [K, N] contiguous (``torch._int_mm``'s faster layout)."""
 
     def __init__(self, out_features: int, in_features: int, kernels=None, amx: bool = False) -> None:
         super().__init__(out_features, in_features, kernels, amx)
@@ -67,7 +69,8 @@ class W8A8Weight(QuantizedWeight):
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))  # [N]
         self.register_buffer("packed", None)  # [ceil(N / 64), K / 4, 64, 4] int8 once final, on the kernel path
         self.register_buffer("comp", None)  # [ceil(N / 64) * 64] int32: 128 * each channel's sum of codes
-        self.register_buffer("w_sum", None)  # [N] float32: each channel's sum of codes (the torch._int_mm path)
+        self.register_buffer("w_sum", None)  # [N] float32: each channel's sum of codes (the int32-sums path)
+        self.register_buffer("mm_packed", None)  # [ceil(N / 16), K / 4, 16, 4] int8: int8_mm's panels (AVX2)
         self.fused_argmax = False  # whether argmax() runs (set by finalize)
 
     def finalize(self, dtype: torch.dtype) -> None:
@@ -80,7 +83,11 @@ class W8A8Weight(QuantizedWeight):
             self.fused_argmax = self.amx and self.in_features % 64 == 0 and kernels.amx_int8_available()
         else:
             self.w_sum = self.qweight.sum(dim=1, dtype=torch.int32).float()
-            self.qweight = self.qweight.t().contiguous()  # [K, N]
+            if kernels is not None and kernels.int8_mm_available() and self.in_features % 4 == 0:
+                self.mm_packed = kernels.int8_mm_pack(self.qweight.contiguous())
+                self.qweight = None
+            else:
+                self.qweight = self.qweight.t().contiguous()  # [K, N]
 
     def load_rows(self, offset: int, w: torch.Tensor | Int4Groups | Int8Groups) -> None:
         q, s = quantize_int8_rows(to_float(w))
@@ -102,7 +109,10 @@ class W8A8Weight(QuantizedWeight):
             xu, xs, xlo = self.kernels.quantize_rows_uint8(x2.contiguous())  # [M, K] uint8 codes, [M], [M]
             return self._gemm(xu, xs, xlo, bias, res, dtype).reshape(*lead, self.out_features)
         xq, xs, xlo = quantize_per_token(x2, self.kernels)  # [M, K] int8, [M], [M]
-        acc = torch._int_mm(xq, self.qweight)  # [M, K] x [K, N] -> [M, N] int32
+        if self.mm_packed is not None:
+            acc = self.kernels.int8_mm(xq, self.mm_packed, self.out_features)  # [M, N] int32, torch._int_mm's sums
+        else:
+            acc = torch._int_mm(xq, self.qweight)  # [M, K] x [K, N] -> [M, N] int32
         y = scaled_int8_epilogue(acc, xs, xlo, self.scale, self.w_sum, bias, res, dtype, self.kernels)
         return y.reshape(*lead, self.out_features)
 
