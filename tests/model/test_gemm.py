@@ -69,13 +69,17 @@ def test_prepacked_weights_give_the_plain_weights_results(dtype):
                 torch.testing.assert_close(got.float(), want.float(), atol=1e-4, rtol=1e-2)
 
 
-def test_bf16_linears_run_in_float32_where_onednn_has_no_bf16_kernels(monkeypatch):
+@pytest.mark.parametrize("chunk", [None, 96 * 40 + 5])
+def test_bf16_linears_run_in_float32_where_onednn_has_no_bf16_kernels(monkeypatch, chunk):
     """On a CPU whose oneDNN has no bf16 kernels (AVX2 only: the case is forced here on any CPU) a bf16 weight stays
     plain and each bf16 linear runs oneDNN's float32 GEMM on the widened operands, never aten's bf16 one (7x slower
-    there), rounded once: within half a bf16 step of float64 math, every epilogue included."""
+    there), rounded once: within half a bf16 step of float64 math, every epilogue included; a weight larger than
+    WIDEN_CHUNK (here 40 channels a chunk) widened chunk by chunk."""
     if not gemm._onednn_available():
         pytest.skip("this torch build has no oneDNN")
     monkeypatch.setattr(gemm, "_ONEDNN_DTYPES", (torch.float32,))
+    if chunk is not None:
+        monkeypatch.setattr(gemm, "WIDEN_CHUNK", chunk)
     torch.manual_seed(3)
     x, w, b = torch.randn(33, 96).bfloat16(), torch.randn(160, 96).bfloat16(), torch.randn(160).bfloat16()
     res = torch.randn(33, 160).bfloat16()
@@ -87,6 +91,7 @@ def test_bf16_linears_run_in_float32_where_onednn_has_no_bf16_kernels(monkeypatc
     for run, want in cases:
         ops = _ops_run(run)
         assert "mkldnn::_linear_pointwise" in ops and not {"aten::mm", "aten::addmm"} & ops, ops
+        assert ("aten::slice" in ops) == (chunk is not None)  # the chunks: slices of the weight
         got = run()
         assert got.dtype == torch.bfloat16 and got.shape == want.shape
         assert ((got.double() - want).abs() <= 2.0 ** -8 * want.abs() + 1e-4).all()
