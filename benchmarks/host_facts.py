@@ -49,7 +49,8 @@ def _rate(fn, flops: float, seconds: float) -> float:
 def gemm_rates(seconds: float) -> dict:
     """GFLOP/s (GOP/s for int8) of a 1024^3 GEMM as the model layers run it: float32 and bfloat16 through oneDNN with
     the weight prepacked (model/gemm.py; AMX for bfloat16 where the CPU has it), int8 through torch._int_mm (the
-    host's int8 rate as oneDNN reaches it). Measured in the run: the rooflines of its tables."""
+    host's int8 rate as oneDNN reaches it), or through the C++ kernels' int8_mm where w8a8 takes it (a CPU without
+    AVX512-VNNI: torch._int_mm runs at ~2 GOP/s there). Measured in the run: the rooflines of its tables."""
     import torch
 
     from tokenmill.model import gemm
@@ -60,6 +61,13 @@ def gemm_rates(seconds: float) -> dict:
         rates[str(dtype).removeprefix("torch.")] = _rate(lambda: gemm.linear(a, w, None), 2 * 1024**3, seconds)
     a = torch.randint(-128, 127, (1024, 1024), dtype=torch.int8)
     b = torch.randint(-128, 127, (1024, 1024), dtype=torch.int8)
+    from tokenmill.kernels import cpu_kernel
+
+    kernels = cpu_kernel.load()
+    if kernels is not None and not kernels.int8_gemm_available() and kernels.int8_mm_available():
+        packed = kernels.int8_mm_pack(b.clamp(min=-127))
+        rates["int8"] = _rate(lambda: kernels.int8_mm(a, packed, 1024), 2 * 1024**3, seconds)
+        return rates
     try:
         rates["int8"] = _rate(lambda: torch._int_mm(a, b), 2 * 1024**3, seconds)
     except RuntimeError:  # a torch build without it
