@@ -32,7 +32,6 @@ from torch import nn
 from tokenmill.config import CPU_GEMMS, ConfigError
 
 
-
 def check_backend(name: str) -> str:
     """The backend a model gets for ``name``: "onednn" falls back to "aten" where this torch build lacks oneDNN.
     Raises ConfigError for any other name."""

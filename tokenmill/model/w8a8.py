@@ -8,7 +8,7 @@
   On a CPU with AVX512-VNNI the weight is packed once for the C++ kernels' ``int8_gemm`` (VNNI tiles, the scales,
   zero points, bias and residual fused into its stores), and with AMX (``amx``) ``int8_gemm_amx`` runs the same
   operands on AMX-INT8 tiles (the same result bit for bit; 2-3x VNNI's rate from 16 rows); elsewhere the int32
-  sums come from the C++ kernels' ``int8_mm`` on AVX2 (torch._int_mm's sums exactly, ~50x its rate on an AVX2-only
+  sums come from the C++ kernels' ``int8_mm`` on AVX2 (torch._int_mm's sums exactly, ~100x its rate on an AVX2-only
   CPU) or ``torch._int_mm``, then a separate epilogue pass. The throughput mode.
 """
 
