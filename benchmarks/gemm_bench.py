@@ -3,7 +3,7 @@
 bfloat16, at the row counts a batch engine runs (1 row: a lone decode; 32-256: decode batches; 2048: a prefill chunk).
 
     python -m benchmarks.gemm_bench [--rows 1,8,32,128,512,2048] [--json OUT]
-    python -m benchmarks.gemm_bench --int8 [--rows ...]   # w8a8: torch._int_mm + epilogue, int8_gemm, int8_gemm_amx
+    python -m benchmarks.gemm_bench --int8 [--rows ...]   # w8a8: _int_mm / int8_mm + epilogue, int8_gemm(_amx)
     python -m benchmarks.gemm_bench --int8-weight-only [--rows ...]   # int8: int8g_gemm against torch's and bf16
 
 Prints GFLOP/s per (dtype, shape, rows, path) and checks that the packed result equals the plain one bit for bit.
@@ -39,41 +39,45 @@ def rate(fn, flops: float, min_s: float = 0.3) -> float:
 
 
 def int8_paths(rows_list: list[int]) -> list[dict]:
-    """w8a8's layer on each shape: quantize + torch._int_mm + int8_epilogue against quantize + the fused int8_gemm."""
+    """w8a8's layer on each shape: quantize + torch._int_mm + int8_epilogue | quantize + int8_mm (AVX2) +
+    int8_epilogue | quantize + the fused int8_gemm (AVX512-VNNI) | int8_gemm_amx; a path this build lacks is nan."""
     from tokenmill.kernels import cpu_kernel
     from tokenmill.model.w8a8 import quantize_per_token, scaled_int8_epilogue
 
     kernels = cpu_kernel.load()
+    vnni, avx2 = kernels.int8_gemm_available(), kernels.int8_mm_available()
     results = []
-    print(f"threads {torch.get_num_threads()}; GOP/s: _int_mm + epilogue | int8_gemm | int8_gemm_amx | bf16 packed "
-          "(int8_gemm / _int_mm, int8_gemm_amx / bf16 packed)")
+    print(f"threads {torch.get_num_threads()}; GOP/s: _int_mm + epilogue | int8_mm + epilogue | int8_gemm | "
+          "int8_gemm_amx | bf16 packed (best int8 path / _int_mm, int8_gemm_amx / bf16 packed)")
     for name, n, k in SHAPES:
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         w_kn, ws, w_sum = w.t().contiguous(), torch.rand(n) / 100, w.sum(1, dtype=torch.int32).float()
         packed, comp = kernels.int8_pack_weight(w)
+        mm_packed = kernels.int8_mm_pack(w) if avx2 else None
         bf16_w = gemm.pack(torch.randn(n, k).bfloat16(), "onednn")
         for m in rows_list:
             x = torch.randn(m, k).bfloat16()
             out = torch.empty(m, n, dtype=torch.bfloat16)
 
-            def int_mm():
+            def int_mm(mm=lambda q: torch._int_mm(q, w_kn)):
                 q, xs, xlo = quantize_per_token(x, kernels)
-                return scaled_int8_epilogue(torch._int_mm(q, w_kn), xs, xlo, ws, w_sum, None, None, torch.bfloat16,
-                                            kernels)
+                return scaled_int8_epilogue(mm(q), xs, xlo, ws, w_sum, None, None, torch.bfloat16, kernels)
 
             def fused(gemm_fn=kernels.int8_gemm):
                 u, xs, xlo = kernels.quantize_rows_uint8(x)
                 gemm_fn(u, packed, comp, xs, xlo, ws, None, None, out)
 
-            ops = 2.0 * m * n * k
-            r = {"shape": name, "out": n, "in": k, "rows": m,
-                 "int_mm": rate(int_mm, ops), "int8_gemm": rate(fused, ops),
-                 "int8_gemm_amx": rate(lambda: fused(kernels.int8_gemm_amx), ops),
+            ops, nan = 2.0 * m * n * k, float("nan")
+            r = {"shape": name, "out": n, "in": k, "rows": m, "int_mm": rate(int_mm, ops),
+                 "int8_mm": rate(lambda: int_mm(lambda q: kernels.int8_mm(q, mm_packed, n)), ops) if avx2 else nan,
+                 "int8_gemm": rate(fused, ops) if vnni else nan,
+                 "int8_gemm_amx": rate(lambda: fused(kernels.int8_gemm_amx), ops) if vnni else nan,
                  "bf16_packed": rate(lambda: gemm.linear(x, bf16_w), ops)}
             results.append(r)
-            print(f"{name:>7} {n:>5}x{k:<4} rows {m:>4}: {r['int_mm']:6.0f} | {r['int8_gemm']:6.0f} | "
-                  f"{r['int8_gemm_amx']:6.0f} | {r['bf16_packed']:6.0f} ({r['int8_gemm'] / r['int_mm']:.2f}x, "
-                  f"{r['int8_gemm_amx'] / r['bf16_packed']:.2f}x)", flush=True)
+            best = r["int8_gemm"] if vnni else r["int8_mm"]
+            print(f"{name:>7} {n:>5}x{k:<4} rows {m:>4}: {r['int_mm']:6.0f} | {r['int8_mm']:6.0f} | "
+                  f"{r['int8_gemm']:6.0f} | {r['int8_gemm_amx']:6.0f} | {r['bf16_packed']:6.0f} "
+                  f"({best / r['int_mm']:.2f}x, {r['int8_gemm_amx'] / r['bf16_packed']:.2f}x)", flush=True)
     return results
 
 
