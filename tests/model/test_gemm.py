@@ -78,6 +78,7 @@ def test_bf16_linears_run_in_float32_where_onednn_has_no_bf16_kernels(monkeypatc
     if not gemm._onednn_available():
         pytest.skip("this torch build has no oneDNN")
     monkeypatch.setattr(gemm, "_ONEDNN_DTYPES", (torch.float32,))
+    monkeypatch.setattr(gemm, "_WIDEN_BF16", True)
     if chunk is not None:
         monkeypatch.setattr(gemm, "WIDEN_CHUNK", chunk)
     torch.manual_seed(3)

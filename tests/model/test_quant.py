@@ -122,6 +122,24 @@ def test_int8_mm_equals_int_mm(kernels, m, k, n):
 
 
 @needs_kernels
+def test_int8_packings_lay_the_weight_out_in_k4_panels(kernels):
+    """int8_pack_weight (VNNI's panels of 64 channels, with 128 x each channel's sum) and int8_mm_pack (AVX2's panels
+    of 16) share one packing: [panels, K / 4, NR, 4], channels past N zero. Checked on every build, VNNI or not."""
+    g = torch.Generator().manual_seed(1)
+    for n, k in [(5, 8), (64, 64), (130, 576)]:
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        packed, comp = kernels.int8_pack_weight(w)
+        for nr, got in [(64, packed), (16, kernels.int8_mm_pack(w))]:
+            panels = -(-n // nr)
+            want = torch.zeros(panels * nr, k, dtype=torch.int8)
+            want[:n] = w
+            assert torch.equal(got, want.view(panels, nr, k // 4, 4).permute(0, 2, 1, 3)), (n, k, nr)
+        sums = torch.zeros(comp.shape, dtype=torch.int32)
+        sums[:n] = 128 * w.sum(1, dtype=torch.int32)
+        assert torch.equal(comp, sums)
+
+
+@needs_kernels
 def test_w8a8_takes_int8_mm_where_vnni_is_not_built(kernels):
     """A w8a8 layer on a build without AVX512-VNNI (the x86-64-v3 build here, or an AVX2-only CPU's own) holds the
     int8_mm panels and gives what torch._int_mm's sums and the same epilogue give, bit for bit."""

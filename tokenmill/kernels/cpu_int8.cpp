@@ -352,29 +352,37 @@ constexpr int64_t GEMM_NR = 64;
 
 bool int8_gemm_available() { return int8_gemm_ok; }
 
+// w [N, K] int8 contiguous, K % 4 == 0 -> [ceil(N / NR), K / 4, NR, 4] int8: panels of NR channels, each k-step's 4
+// bytes per channel together (channels past N are zero); and, where comp is given, comp[n] = 128 * sum_k w[n, k]
+// (comp holds ceil(N / NR) * NR zeroed int32). int8_gemm's packing (NR = 64) and int8_mm's (NR = 16).
+static torch::Tensor pack_k4_panels(const torch::Tensor& w, int64_t nr, int32_t* comp) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == torch::kInt8, "w must be a contiguous [N, K] "
+              "int8 tensor");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(K % 4 == 0, "K must be a multiple of 4");
+  auto packed = torch::zeros({(N + nr - 1) / nr, K / 4, nr, 4}, w.options());
+  const int8_t* wp = w.data_ptr<int8_t>();
+  int8_t* pp = packed.data_ptr<int8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      int8_t* dst = pp + (n / nr) * K * nr + (n % nr) * 4;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        dst[(k / 4) * 4 * nr + k % 4] = wp[n * K + k];
+        sum += wp[n * K + k];
+      }
+      if (comp) comp[n] = 128 * sum;
+    }
+  });
+  return packed;
+}
+
 // w [N, K] int8 contiguous, K % 4 == 0 -> {packed [ceil(N / 64), K / 4, 64, 4] int8 (channels past N are zero),
 // comp [ceil(N / 64) * 64] int32 = 128 * sum_k w[n, k]}.
 std::vector<torch::Tensor> int8_pack_weight(torch::Tensor w) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == torch::kInt8, "w must be a contiguous [N, K] "
-              "int8 tensor");
-  const int64_t N = w.size(0), K = w.size(1), panels = (N + GEMM_NR - 1) / GEMM_NR;
-  TORCH_CHECK(K % 4 == 0, "K must be a multiple of 4");
-  auto packed = torch::zeros({panels, K / 4, GEMM_NR, 4}, w.options());
-  auto comp = torch::zeros({panels * GEMM_NR}, w.options().dtype(torch::kInt32));
-  const int8_t* wp = w.data_ptr<int8_t>();
-  int8_t* pp = packed.data_ptr<int8_t>();
-  int32_t* cp = comp.data_ptr<int32_t>();
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      int8_t* dst = pp + (n / GEMM_NR) * K * GEMM_NR + (n % GEMM_NR) * 4;
-      int32_t sum = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        dst[(k / 4) * 4 * GEMM_NR + k % 4] = wp[n * K + k];
-        sum += wp[n * K + k];
-      }
-      cp[n] = 128 * sum;
-    }
-  });
+  TORCH_CHECK(w.dim() == 2, "w must be a contiguous [N, K] int8 tensor");
+  auto comp = torch::zeros({(w.size(0) + GEMM_NR - 1) / GEMM_NR * GEMM_NR}, w.options().dtype(torch::kInt32));
+  auto packed = pack_k4_panels(w, GEMM_NR, comp.data_ptr<int32_t>());
   return {packed, comp};
 }
 
@@ -468,21 +476,9 @@ bool int8_mm_available() { return int8_mm_ok; }
 // w [N, K] int8 contiguous, codes in -127..127, K % 4 == 0 -> packed [ceil(N / 16), K / 4, 16, 4] int8 (channels
 // past N are zero).
 torch::Tensor int8_mm_pack(torch::Tensor w) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == torch::kInt8, "w must be a contiguous [N, K] "
-              "int8 tensor");
-  const int64_t N = w.size(0), K = w.size(1), panels = (N + MM_NR - 1) / MM_NR;
-  TORCH_CHECK(K % 4 == 0, "K must be a multiple of 4");
-  TORCH_CHECK(N == 0 || K == 0 || w.min().item<int>() >= -127, "int8_mm needs weight codes in -127..127");
-  auto packed = torch::zeros({panels, K / 4, MM_NR, 4}, w.options());
-  const int8_t* wp = w.data_ptr<int8_t>();
-  int8_t* pp = packed.data_ptr<int8_t>();
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      int8_t* dst = pp + (n / MM_NR) * K * MM_NR + (n % MM_NR) * 4;
-      for (int64_t k = 0; k < K; ++k) dst[(k / 4) * 4 * MM_NR + k % 4] = wp[n * K + k];
-    }
-  });
-  return packed;
+  TORCH_CHECK(w.scalar_type() != torch::kInt8 || w.numel() == 0 || w.min().item<int>() >= -127,
+              "int8_mm needs weight codes in -127..127");
+  return pack_k4_panels(w, MM_NR, nullptr);
 }
 
 // q [M, K] int8 contiguous (quantize_rows_int8's codes), packed from int8_mm_pack, N its channels -> [M, N] int32,

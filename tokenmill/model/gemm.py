@@ -67,6 +67,8 @@ def _onednn_dtypes() -> tuple[torch.dtype, ...]:
 
 
 _ONEDNN_DTYPES = _onednn_dtypes()  # a fact about this CPU and torch build
+# bf16 linears run as float32 ones on widened operands (_bf16_in_float32): oneDNN here has float32 kernels, not bf16
+_WIDEN_BF16 = torch.float32 in _ONEDNN_DTYPES and torch.bfloat16 not in _ONEDNN_DTYPES
 
 
 PACK_BATCH_HINT = 128  # the row count oneDNN picks the packed layout for; measured as good from 8 to 2048 rows
@@ -98,9 +100,8 @@ def _bf16_in_float32(x: torch.Tensor, weight: torch.Tensor, backend: str) -> boo
     ~15 GFLOP/s, 7x below oneDNN's float32 one, so the operands are widened to float32 for the call (exactly: every
     bf16 is a float32; ``_widened_linear``) and the result rounded once to bf16, the arithmetic of oneDNN's bf16
     kernels (float32 products and sums). The weight stays bf16 in memory."""
-    return (backend == "onednn" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and torch.bfloat16 not in _ONEDNN_DTYPES and torch.float32 in _ONEDNN_DTYPES and x.device.type == "cpu"
-            and not weight.is_mkldnn)
+    return (_WIDEN_BF16 and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and backend == "onednn"
+            and x.device.type == "cpu" and not weight.is_mkldnn)
 
 
 WIDEN_CHUNK = 1 << 20  # weight elements widened at a time: 4 MB of float32, still in cache for its GEMM
@@ -159,7 +160,7 @@ def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     on CUDA (``addmm_residual``: cuBLAS's beta = 1, so the residual stream needs no kernel of its own, and no fused
     add + RMSNorm either). ``residual`` [..., out] has x's leading shape (a packed weight takes it made contiguous,
     in x's dtype)."""
-    if _bf16_in_float32(x, weight, backend) and residual.dtype == torch.bfloat16:
+    if _bf16_in_float32(x, weight, backend):
         return _widened_linear(x, weight, bias, backend).add_(residual).to(torch.bfloat16)
     if weight.is_mkldnn or (_use_onednn(x, weight, backend) and residual.dtype == x.dtype
                             and residual.is_contiguous()):
