@@ -148,16 +148,16 @@ def assert_greedy_equal(ours: list[int], ref: list[int], ref_logits: list[torch.
 
 
 def save_lora_adapter(base_path, out, rank: int, alpha: float, targets: list[str], rslora: bool, seed: int,
-                      target_parameters: list[str] | None = None):
+                      target_parameters: list[str] | None = None, **lora_kw):
     """A PEFT LoRA adapter of the HF model at ``base_path`` with random factors, saved to ``out``; returns the PEFT
     model (the reference). ``target_parameters``: PEFT's adapters of parameters (a mixture of experts' fused
-    experts)."""
+    experts); ``lora_kw``: more LoraConfig fields (rank_pattern, alpha_pattern)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, lora_dropout=0.0,
-                     target_parameters=target_parameters)
+                     target_parameters=target_parameters, **lora_kw)
     peft_model = get_peft_model(base, cfg)
     g = torch.Generator().manual_seed(seed)
     for name, p in peft_model.named_parameters():

@@ -221,6 +221,42 @@ def test_phi3_adapters_of_its_fused_layers_equal_peft(tmp_path):
     assert [o.token_ids for o in got] == [o.token_ids for o in outs]
 
 
+@pytest.mark.filterwarnings("ignore:The following alpha_pattern keys:RuntimeWarning")  # "proj", on purpose
+@pytest.mark.parametrize("rslora", [False, True])
+def test_per_module_ranks_and_alphas_equal_peft(lora_case, tmp_path, rslora):
+    """PEFT's rank_pattern / alpha_pattern give modules their own rank and alpha (keys matched against the end of the
+    module's name from a dot on, the first in the config's order winning): each module's factors have its rank and its
+    own scaling, and a batch mixing the adapter with the base equals PEFT."""
+    from tokenmill.model.lora import read_adapter
+    from tokenmill.model.model_config import ModelConfig
+
+    root, cases, refs = lora_case
+    ranks = {r"layers\.1\.self_attn\.q_proj": 2, "q_proj": 6, "down_proj": 12}
+    alphas = {"v_proj": 3, r"model\.layers\.0\.mlp\.down_proj": 40, "proj": 99}  # "proj" matches no module
+    peft = save_lora_adapter(root / "base", tmp_path / "p", 4, 8, ["q_proj", "v_proj", "down_proj"], rslora, seed=21,
+                             rank_pattern=ranks, alpha_pattern=alphas)
+    ad = read_adapter("p", tmp_path / "p", ModelConfig.from_hf_dict(json.loads((root / "base" / "config.json").read_text())))
+    want_rank = {(0, "q_proj"): 6, (1, "q_proj"): 2, (0, "v_proj"): 4, (0, "down_proj"): 12}
+    assert {k: fa.shape[0] for k, (fa, _) in ad.factors.items() if k in want_rank} == want_rank
+    assert ad.rank == 12
+    from safetensors.torch import load_file
+
+    raw = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
+    for (layer, target), alpha in (((0, "v_proj"), 3), ((0, "down_proj"), 40), ((1, "down_proj"), 8)):
+        group = "self_attn" if target == "v_proj" else "mlp"
+        b = raw[f"base_model.model.model.layers.{layer}.{group}.{target}.lora_B.weight"]
+        r = b.shape[1]
+        torch.testing.assert_close(ad.factors[(layer, target)][1], b * (alpha / (r ** 0.5 if rslora else r)))
+    llm = LLM(str(root / "base"), lora_adapters={"p": str(tmp_path / "p")}, block_size=4, num_kv_blocks=96,
+              max_num_batched_tokens=48, prefill_chunk_size=7, max_num_seqs=16)
+    mine = [(p, "p" if i % 2 else None) for i, p in enumerate(dict.fromkeys(tuple(p) for p, _ in cases))]
+    outs = llm.generate([list(p) for p, _ in mine], [SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True,
+                                                                    lora=n) for _, n in mine], use_tqdm=False)
+    for (p, n), out in zip(mine, outs):
+        want = hf_greedy(peft, list(p), NEW) if n else refs[(p, None)]
+        assert_greedy_equal(out.token_ids, *want, f"pattern adapter {n} prompt {p[:3]}")
+
+
 def test_adapters_with_two_ranks_equal_one(lora_case):
     """Tensor parallelism over gloo: each rank holds its part of every adapter (column-parallel layers' B rows,
     row-parallel layers' A columns, whose partial updates the layer's all-reduce adds up) and follows rank 0's

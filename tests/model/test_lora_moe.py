@@ -149,7 +149,11 @@ def test_bad_adapters_of_a_mixture_of_experts_are_one_clear_error(tmp_path):
                     {"base_model.model.model.layers.0.mlp.shared_expert.up_proj.lora_A.weight": torch.zeros(4, h),
                      "base_model.model.model.layers.0.mlp.shared_expert.up_proj.lora_B.weight": torch.zeros(i, 4)},
                     (), "layer 0's shared_expert.up_proj, which this model does not have \\(a dense MLP there\\)"),
-        "rank": ({"r": 2}, None, ("q_proj",), "fused experts have lora_A \\(16, 64\\).*with r=2 and 4 experts"),
+        "rank": ({"r": 2}, None, ("q_proj",), "fused experts have lora_A \\(16, 64\\).*with 4 experts.*"
+                                              "\\(8, 64\\) and \\(128, 8\\) for gate_up_proj \\(r=2\\)"),
+        "pattern": ({"rank_pattern": {"experts\\.down_proj": 2}}, None, ("q_proj",),
+                    "lora_A \\(16, 64\\) and lora_B \\(64, 16\\).*\\(16, 64\\) and \\(128, 16\\) for gate_up_proj "
+                    "\\(r=4\\), or \\(8, 64\\) and \\(64, 8\\) for down_proj \\(r=2\\)"),
         "router": ({"target_parameters": ["mlp.gate.weight", *_EXPERT_PARAMS]}, None, (),
                    "target_parameters mlp.gate.weight: tokenmill adapts the fused experts' gate_up_proj and "
                    "down_proj parameters only"),
@@ -158,6 +162,13 @@ def test_bad_adapters_of_a_mixture_of_experts_are_one_clear_error(tmp_path):
         with pytest.raises(LoraError, match=message):
             LLM(str(tmp_path / "base"), lora_adapters={name: variant(name, cfg_change, add, drop)},
                 kv_cache_memory=0.01)
+    # the fused experts' rank from rank_pattern, named as PEFT names the parameter: r=2 elsewhere, 4 there
+    from tokenmill.model.lora import read_adapter
+    from tokenmill.model.model_config import ModelConfig
+
+    ok = variant("patterned", {"r": 2, "rank_pattern": {r"experts\.(gate_up|down)_proj": 4}}, None, ("q_proj",))
+    ad = read_adapter("patterned", ok, ModelConfig.from_hf_dict(hf.config.to_dict()))
+    assert {fa.shape[0] for fa, _ in ad.factors.values()} == {4} and len(ad.factors) == 2 * 4
 
 
 def test_adapters_of_experts_through_the_triton_family_equal_peft(tmp_path):

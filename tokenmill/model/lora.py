@@ -14,7 +14,7 @@ so the step's runs of an adapter's rows are cut again per expert). The router is
 ``attach_loras`` stacks every adapter's factors into each targeted layer (``LoraWeights``): for a layer with output
 shards (q|k|v, gate|up) an adapter's ``A`` is its shards' A factors one under the other and its ``B``
 block-diagonal, so a fused layer's update is still two GEMMs; the PEFT scaling (``lora_alpha / r``, or ``/ sqrt(r)``
-with rsLoRA) is folded into B; adapters of lower rank are zero-padded to the widest (zeros add nothing). The runner
+with rsLoRA; per module where ``rank_pattern`` / ``alpha_pattern`` name it) is folded into B; adapters of lower rank are zero-padded to the widest (zeros add nothing). The runner
 orders a step's requests by adapter (within its decodes and within its prefills), so each adapter's tokens are at
 most two contiguous runs of rows (``LoraSet.set_step``); every targeted layer then adds ``(x[a:b] A^T) B^T`` to its
 output rows ``a:b`` for each run (views: no gather or scatter; measured 1.9x faster than gathering each adapter's
@@ -61,7 +61,8 @@ class LoraError(ValueError):
 
 @dataclass
 class LoraAdapter:
-    """One PEFT adapter as read: ``factors[(layer, target)] = (A [r, in], B [out, r] with the scaling folded in)``."""
+    """One PEFT adapter as read: ``factors[(layer, target)] = (A [r, in], B [out, r] with the scaling folded in)``;
+    ``rank``: the widest of its modules' ranks (``rank_pattern`` may give modules their own)."""
 
     name: str
     path: Path
@@ -88,8 +89,15 @@ def read_adapter(name: str, path: str | Path, cfg) -> LoraAdapter:
         raise LoraError(f"LoRA adapter {name!r}: trained biases or modules_to_save are not supported (only the "
                         f"low-rank factors)")
     rank, alpha = int(acfg.get("r", 8)), float(acfg.get("lora_alpha", 8))
-    if acfg.get("rank_pattern") or acfg.get("alpha_pattern"):
-        raise LoraError(f"LoRA adapter {name!r}: per-module ranks (rank_pattern / alpha_pattern) are not supported")
+    rank_pattern, alpha_pattern = acfg.get("rank_pattern") or {}, acfg.get("alpha_pattern") or {}
+    for what, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if not isinstance(pattern, dict) or not all(isinstance(v, (int, float)) for v in pattern.values()):
+            raise LoraError(f"LoRA adapter {name!r}: {what} must map module names or patterns to numbers")
+        for key in pattern:
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise LoraError(f"LoRA adapter {name!r}: {what} key {key!r} is not a regular expression ({e})")
     known = (*LORA_TARGETS, *_MIXTRAL_EXPERT)
     targets = acfg.get("target_modules") or []
     if isinstance(targets, str):
@@ -99,26 +107,40 @@ def read_adapter(name: str, path: str | Path, cfg) -> LoraAdapter:
         raise LoraError(f"LoRA adapter {name!r} targets {', '.join(unknown)}, which this model does not have as "
                         f"adaptable layers; tokenmill adapts {', '.join(LORA_TARGETS)}")
     params = acfg.get("target_parameters") or []
+    # "mlp.experts.gate_up_proj", or the bare name (PEFT 0.22 converts target_modules gate_proj / up_proj /
+    # down_proj of a transformers 5 MoE so: it matches the experts' parameters, a Linear's are named "weight")
     odd = sorted(p for p in params if p.rsplit(".", 1)[-1] not in ("gate_up_proj", "down_proj")
-                 or "experts" not in p)
+                 or ("." in p and "experts" not in p))
     if odd:
         raise LoraError(f"LoRA adapter {name!r}: target_parameters {', '.join(odd)}: tokenmill adapts the fused "
                         f"experts' gate_up_proj and down_proj parameters only")
-    scaling = alpha / math.sqrt(rank) if acfg.get("use_rslora") else alpha / rank
+    rslora = bool(acfg.get("use_rslora"))
+
+    def shape_of(module: str) -> tuple[int, float]:
+        """(rank, scaling) of one adapted module, named as PEFT names it in the base model
+        (``model.layers.0.self_attn.q_proj``; a fused expert parameter ``model.layers.0.mlp.experts.gate_up_proj``)."""
+        r = int(_pattern_value(rank_pattern, module, rank))
+        a = float(_pattern_value(alpha_pattern, module, alpha))
+        if r <= 0:
+            raise LoraError(f"LoRA adapter {name!r}: {module} has rank {r}")
+        return r, a / math.sqrt(r) if rslora else a / r
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise LoraError(f"LoRA adapter {name!r}: {path} has no adapter_model.safetensors")
     from safetensors.torch import load_file
 
     tensors = load_file(str(weights))
-    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}  # (layer, target) -> {"A": ..., "B": ...}
+    # (layer, target) -> {"A": ..., "B": ..., "module": its name in the base model, as rank_pattern matches it}
+    parts: dict[tuple[int, str], dict] = {}
     for key, t in tensors.items():
+        module = re.sub(_SUFFIX + "$", "", key.removeprefix("base_model.model."))
         m = _FUSED_EXPERTS_KEY.fullmatch(key)
         if m is not None:
             if not cfg.num_experts or not params:
                 why = "target_parameters does not name" if cfg.num_experts else "this model does not have"
                 raise LoraError(f"LoRA adapter {name!r}: tensor {key!r} adapts fused experts, which {why}")
             layer, target, ab = int(m.group(1)), f"fused{m.group(2)}", m.group(3)  # resolved by shape below
+            module = re.sub(r"(\.base_layer)+$", "", module)  # the experts; the parameter's name comes with it
         else:
             m = _KEY.fullmatch(key)
             if m is None:
@@ -139,44 +161,64 @@ def read_adapter(name: str, path: str | Path, cfg) -> LoraAdapter:
                 target = f"{expert}.{target}"
         if layer >= cfg.num_hidden_layers:
             raise LoraError(f"LoRA adapter {name!r}: tensor {key!r} targets a layer this model does not have")
-        parts.setdefault((layer, target), {})[ab] = t.float()
+        parts.setdefault((layer, target), {"module": module})[ab] = t.float()
     if not parts:
         raise LoraError(f"LoRA adapter {name!r}: adapter_model.safetensors holds no LoRA factors")
-    adapter = LoraAdapter(name, path, rank)
+    adapter = LoraAdapter(name, path, 0)
     for (layer, target), ab in sorted(parts.items()):
-        if set(ab) != {"A", "B"}:
-            raise LoraError(f"LoRA adapter {name!r}: layer {layer} {target} has lora_{next(iter(ab))} only")
+        if "A" not in ab or "B" not in ab:
+            raise LoraError(f"LoRA adapter {name!r}: layer {layer} {target} has lora_{'A' if 'A' in ab else 'B'} "
+                            f"only")
         a, b = ab["A"], ab["B"]
         if target.startswith("fused"):
-            for e, (target_e, a_e, b_e) in enumerate(_split_fused_experts(name, layer, a, b, rank, cfg)):
-                key = (layer, f"experts.{e}.{target_e}")
+            target_f, r, per_expert = _split_fused_experts(name, layer, a, b, ab["module"], shape_of, cfg)
+            scaling = shape_of(f"{ab['module']}.{target_f}")[1]
+            for e, (a_e, b_e) in enumerate(per_expert):
+                key = (layer, f"experts.{e}.{target_f}")
                 if key in adapter.factors:
-                    raise LoraError(f"LoRA adapter {name!r}: layer {layer}'s experts' {target_e} adapted twice")
+                    raise LoraError(f"LoRA adapter {name!r}: layer {layer}'s experts' {target_f} adapted twice")
                 adapter.factors[key] = (a_e, b_e * scaling)
+            adapter.rank = max(adapter.rank, r)
             continue
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
+        r, scaling = shape_of(ab["module"])
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            says = f"r={r}" if r == rank else f"r={r} for {ab['module']} (rank_pattern)"
             raise LoraError(f"LoRA adapter {name!r}: layer {layer} {target} has lora_A {tuple(a.shape)} and lora_B "
-                            f"{tuple(b.shape)}, but its adapter_config says r={rank}")
+                            f"{tuple(b.shape)}, but its adapter_config says {says}")
         adapter.factors[(layer, target)] = (a, b * scaling)
+        adapter.rank = max(adapter.rank, r)
     return adapter
 
 
-def _split_fused_experts(name: str, layer: int, a: torch.Tensor, b: torch.Tensor, rank: int, cfg):
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule for ``rank_pattern`` / ``alpha_pattern`` (``peft.utils.other.get_pattern_key``): the value of the
+    first key, in the config's order, that matches the end of the module's name from a dot on (``q_proj`` matches
+    ``model.layers.0.self_attn.q_proj``, ``proj`` does not); ``default`` (``r`` / ``lora_alpha``) if none does."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _split_fused_experts(name: str, layer: int, a: torch.Tensor, b: torch.Tensor, module: str, shape_of, cfg):
     """PEFT's factors of one fused expert parameter (lora_A [r * E, in]: expert e's rows ``e * r:(e + 1) * r``;
-    lora_B [out, r * E]: expert e's columns ``e, E + e, 2E + e, ...``) -> per expert (target, A [r, in], B [out, r]),
-    the target told by the shapes: gate_up_proj takes the hidden size and gives 2 x the experts' intermediate size,
-    down_proj the reverse (the two can never both fit)."""
+    lora_B [out, r * E]: expert e's columns ``e, E + e, 2E + e, ...``) -> (the parameter, r, per expert (A [r, in],
+    B [out, r])). The parameter is told by the shapes: gate_up_proj takes the hidden size and gives 2 x the experts'
+    intermediate size, down_proj the reverse (the two can never both fit); its rank is ``shape_of``'s for
+    ``<module>.<parameter>`` (PEFT 0.22 gives a fused gate_up_proj converted from gate and up adapters rank 2r)."""
     e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     shapes = {(h, 2 * i): "gate_up_proj", (i, h): "down_proj"}
     target = shapes.get((a.shape[-1], b.shape[0])) if a.dim() == 2 and b.dim() == 2 else None
+    rank = shape_of(f"{module}.{target or 'gate_up_proj'}")[0]
     if target is None or a.shape[0] != rank * e or b.shape[1] != rank * e:
+        up, down = (shape_of(f"{module}.{p}")[0] for p in ("gate_up_proj", "down_proj"))
         raise LoraError(f"LoRA adapter {name!r}: layer {layer}'s fused experts have lora_A {tuple(a.shape)} and "
-                        f"lora_B {tuple(b.shape)}; with r={rank} and {e} experts of {h} -> {i} this model expects "
-                        f"({rank * e}, {h}) and ({2 * i}, {rank * e}) for gate_up_proj, or ({rank * e}, {i}) and "
-                        f"({h}, {rank * e}) for down_proj")
+                        f"lora_B {tuple(b.shape)}; with {e} experts of {h} -> {i} this model expects "
+                        f"({up * e}, {h}) and ({2 * i}, {up * e}) for gate_up_proj (r={up}), or "
+                        f"({down * e}, {i}) and ({h}, {down * e}) for down_proj (r={down})")
     a3 = a.reshape(e, rank, a.shape[1])  # [E, r, in]
     b3 = b.reshape(b.shape[0], rank, e)  # [out, r, E]
-    return [(target, a3[x].contiguous(), b3[:, :, x].contiguous()) for x in range(e)]
+    return target, rank, [(a3[x].contiguous(), b3[:, :, x].contiguous()) for x in range(e)]
 
 
 GROUPED_BLOCK_M = 16  # rows per program of the Triton family's grouped updates
