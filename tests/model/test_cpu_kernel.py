@@ -21,7 +21,7 @@ def _caches(num_blocks, block_size, kv_heads, head_dim, dtype):
     return k_cache, v_cache
 
 
-# head_dim 32/64/128/256 take the unrolled vector paths (on AVX-512 attend_avx512: 10/2 heads over blocks of 32 runs a
+# head_dim 32/64/128/256 take the unrolled vector paths (on AVX-512 or AVX2 attend_simd: 10/2 heads over blocks of 32 runs a
 # group of 5 heads as a register block of 4 plus a partial one, and each block as two 16-row chunks), 16 and 80 the
 # generic one
 SHAPES = [(9, 3, 64, 16), (10, 2, 64, 32), (4, 4, 32, 4), (8, 1, 16, 8), (4, 2, 128, 16), (6, 2, 80, 16),

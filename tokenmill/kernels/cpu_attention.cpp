@@ -75,41 +75,89 @@ static void attend(const float* qf, const scalar_t* qb, float scale, const cache
     for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<scalar_t>(acc[h * D + d] * inv[h]);
 }
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// The vector unit attend_simd runs on: L float lanes a register (AVX-512: 16 of 32 registers; AVX2: 8 of 16), loads
+// of float and bfloat16 cache rows (widened in the register: a shift), and sum_lanes: the L lane sums of L registers
+// in one register, the register holding token t's products at index row_of(t) (so the sums come out in token order).
 #if defined(__AVX512F__)
-// 16 cache values as 16 float lanes: loaded as they are, or widened from bfloat16 (a shift).
-static inline __m512 load_f32x16(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load_f32x16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+struct Simd {
+  using reg = __m512;
+  static constexpr int L = 16;
+  static constexpr int ACC = 256;  // pv_block's accumulators, in lanes: HB heads x D lanes in 16 of the 32 registers
+  static reg zero() { return _mm512_setzero_ps(); }
+  static reg set1(float x) { return _mm512_set1_ps(x); }
+  static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static reg load(const c10::BFloat16* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static void store(float* p, reg a) { _mm512_storeu_ps(p, a); }
+  static void store_first(float* p, reg a, int64_t m) {  // lanes 0 .. m - 1
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << m) - 1), a);
+  }
+  // lane l holds the sum of a[4 * (l % 4) + l / 4]'s lanes (a transposition, its own inverse). Three rounds of
+  // shuffle-and-add, 45 instructions for 16 sums where a horizontal sum each takes ~8.
+  static constexpr int row_of(int t) { return 4 * (t % 4) + t / 4; }
+  static reg sum_lanes(const reg* a) {
+    __m512 c[8], d[4];
+    for (int i = 0; i < 8; ++i)  // c[i] = [a[2i] q0+q2, q1+q3 | a[2i+1] q0+q2, q1+q3] (q: 128-bit quarters)
+      c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                           _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; ++i)  // quarter k of d[i]: 4 partial sums of a[4i + k]
+      d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                           _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+    const __m512 e0 = _mm512_add_ps(_mm512_unpacklo_ps(d[0], d[1]), _mm512_unpackhi_ps(d[0], d[1]));
+    const __m512 e1 = _mm512_add_ps(_mm512_unpacklo_ps(d[2], d[3]), _mm512_unpackhi_ps(d[2], d[3]));
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(e0), _mm512_castps_pd(e1))),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(e0), _mm512_castps_pd(e1))));
+  }
+};
+// 16 cache values as 16 float lanes (cpu_int8.cpp's bfloat16 activations use it too)
+template <typename T>
+static inline __m512 load_f32x16(const T* p) { return Simd::load(p); }
+#else
+struct Simd {
+  using reg = __m256;
+  static constexpr int L = 8;
+  static constexpr int ACC = 64;  // pv_block's accumulators, in lanes: HB heads x D lanes in 8 of the 16 registers
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg set1(float x) { return _mm256_set1_ps(x); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static reg load(const c10::BFloat16* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static void store(float* p, reg a) { _mm256_storeu_ps(p, a); }
+  static void store_first(float* p, reg a, int64_t m) {  // lanes 0 .. m - 1
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(m)), lane), a);
+  }
+  // lane l holds the sum of a[l]'s lanes: two rounds of pairwise adds within 128-bit halves (vhaddps), then the
+  // halves added across
+  static constexpr int row_of(int t) { return t; }
+  static reg sum_lanes(const reg* a) {
+    const __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));  // a0..a3 | a0..a3
+    const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));  // a4..a7 | a4..a7
+    return _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+  }
+};
+#endif
 
-// The 16 lane sums of a[0..15] in one register: lane l holds the sum of a[4 * (l % 4) + l / 4]'s lanes (a
-// transposition, its own inverse: put token t's products in a[4 * (t % 4) + t / 4] to get the sums in token order).
-// Three rounds of shuffle-and-add, 45 instructions for 16 sums where a horizontal sum each takes ~8.
-static inline __m512 sum_lanes16(const __m512* a) {
-  __m512 c[8], d[4];
-  for (int i = 0; i < 8; ++i)  // c[i] = [a[2i] q0+q2, q1+q3 | a[2i+1] q0+q2, q1+q3] (q: 128-bit quarters)
-    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; ++i)  // quarter k of d[i]: 4 partial sums of a[4i + k]
-    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
-  const __m512 e0 = _mm512_add_ps(_mm512_unpacklo_ps(d[0], d[1]), _mm512_unpackhi_ps(d[0], d[1]));
-  const __m512 e1 = _mm512_add_ps(_mm512_unpacklo_ps(d[2], d[3]), _mm512_unpackhi_ps(d[2], d[3]));
-  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(e0), _mm512_castps_pd(e1))),
-                       _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(e0), _mm512_castps_pd(e1))));
-}
-
-// scores[t0 + t] for t < m (m <= 16) of one query head against the K rows at k + (t0 + t) * row: each row's products
-// stay in a register (16 lanes) and sum_lanes16 adds all 16 rows' lanes at once. Rows past m repeat row m - 1 (their
+// scores[t0 + t] for t < m (m <= L) of one query head against the K rows at k + (t0 + t) * row: each row's products
+// stay in a register (L lanes) and Simd::sum_lanes adds all L rows' lanes at once. Rows past m repeat row m - 1 (their
 // sums are not stored). With RAW (bfloat16 cache, AVX512-BF16) the raw bfloat16 q and K rows are multiplied
 // (vdpbf16ps) and the sums scaled after; otherwise K is widened to float and multiplied by the pre-scaled float q.
 template <typename cache_t, int NV, bool RAW>
-static inline void score_rows16(const float* qf, const uint16_t* q16, float scale, const cache_t* k, int64_t row,
-                                int64_t m, float* scores) {
-  __m512 part[16];
-  for (int i = 0; i < 16; ++i) {
-    const cache_t* kr = k + std::min<int64_t>(4 * (i % 4) + i / 4, m - 1) * row;
+static inline void score_rows(const float* qf, const uint16_t* q16, float scale, const cache_t* k, int64_t row,
+                              int64_t m, float* scores) {
+  constexpr int R = 16 * NV / Simd::L;  // registers a row
+  typename Simd::reg part[Simd::L];
+  for (int i = 0; i < Simd::L; ++i) {
+    const cache_t* kr = k + std::min<int64_t>(Simd::row_of(i), m - 1) * row;
     if constexpr (RAW) {
 #if defined(__AVX512BF16__)
       const uint16_t* k16 = reinterpret_cast<const uint16_t*>(kr);
@@ -119,45 +167,50 @@ static inline void score_rows16(const float* qf, const uint16_t* q16, float scal
       part[i] = a;
 #endif
     } else {
-      __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qf), load_f32x16(kr));
-      for (int v = 1; v < NV; ++v) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + 16 * v), load_f32x16(kr + 16 * v), a);
+      auto a = Simd::mul(Simd::load(qf), Simd::load(kr));
+      for (int v = 1; v < R; ++v) a = Simd::fma(Simd::load(qf + Simd::L * v), Simd::load(kr + Simd::L * v), a);
       part[i] = a;
     }
   }
-  __m512 s = sum_lanes16(part);
-  if constexpr (RAW) s = _mm512_mul_ps(s, _mm512_set1_ps(scale));
-  _mm512_mask_storeu_ps(scores, static_cast<__mmask16>((1u << m) - 1), s);
+  auto s = Simd::sum_lanes(part);
+  if constexpr (RAW) s = Simd::mul(s, Simd::set1(scale));
+  Simd::store_first(scores, s, m);
 }
 
 // acc[b][0:D] += sum_t p[b][t] * v_t for HB query heads of one KV group over one block's n V rows (v_t at
-// v + t * row): each V row is widened once and feeds the HB heads, whose accumulators stay in registers.
+// v + t * row): each V register is widened once and feeds the HB heads, whose accumulators stay in registers; a
+// row wider than Simd::ACC / HB lanes is done in column chunks that fit (AVX2's 16 registers and D = 128).
 template <typename cache_t, int NV, int HB>
 static inline void pv_block(float* const* acc, const float* const* p, const cache_t* v, int64_t row, int64_t n) {
-  __m512 a[HB][NV];
-  for (int b = 0; b < HB; ++b)
-    for (int i = 0; i < NV; ++i) a[b][i] = _mm512_loadu_ps(acc[b] + 16 * i);
-  for (int64_t t = 0; t < n; ++t) {
-    __m512 x[NV];
-    for (int i = 0; i < NV; ++i) x[i] = load_f32x16(v + t * row + 16 * i);
-    for (int b = 0; b < HB; ++b) {
-      const __m512 pt = _mm512_set1_ps(p[b][t]);
-      for (int i = 0; i < NV; ++i) a[b][i] = _mm512_fmadd_ps(pt, x[i], a[b][i]);
+  constexpr int R = 16 * NV / Simd::L, C = std::max(1, std::min(R, Simd::ACC / (HB * Simd::L)));
+  for (int c0 = 0; c0 < R; c0 += C) {
+    const int c1 = std::min(R, c0 + C);
+    typename Simd::reg a[HB][C];
+    for (int b = 0; b < HB; ++b)
+      for (int i = c0; i < c1; ++i) a[b][i - c0] = Simd::load(acc[b] + Simd::L * i);
+    for (int64_t t = 0; t < n; ++t) {
+      typename Simd::reg pt[HB];
+      for (int b = 0; b < HB; ++b) pt[b] = Simd::set1(p[b][t]);
+      for (int i = c0; i < c1; ++i) {
+        const auto x = Simd::load(v + t * row + Simd::L * i);
+        for (int b = 0; b < HB; ++b) a[b][i - c0] = Simd::fma(pt[b], x, a[b][i - c0]);
+      }
     }
+    for (int b = 0; b < HB; ++b)
+      for (int i = c0; i < c1; ++i) Simd::store(acc[b] + Simd::L * i, a[b][i - c0]);
   }
-  for (int b = 0; b < HB; ++b)
-    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc[b] + 16 * i, a[b][i]);
 }
 
-// attend() for float, bfloat16 and fp8 caches with D = 16 * NV on AVX-512: the same two passes, with K rows scored
-// 16 at a time (score_rows16) and V rows widened in registers, once per KV group, instead of into a float tile (an
-// fp8 block still goes through the tile: converting it once beats converting each row for every head).
+// attend() for float, bfloat16 and fp8 caches with D = 16 * NV on AVX-512 or AVX2: the same two passes, with K rows
+// scored L at a time (score_rows) and V rows widened in registers, once per KV group, instead of into a float tile
+// (an fp8 block still goes through the tile: converting it once beats converting each row for every head).
 // HB: query heads per register block in pass 2 (a group of G heads runs in ceil(G / HB) blocks; a last, partial
 // block repeats its last head, whose duplicate sums are stored twice, identically).
 template <typename scalar_t, typename cache_t, int NV, int HB>
-static void attend_avx512(const float* qf, const scalar_t* qb, float scale, const cache_t* kp, const cache_t* vp,
-                          const int64_t* table, int64_t first, int64_t L, int64_t H, int64_t Hkv, int64_t bs,
-                          float softcap, std::vector<float>& scores, std::vector<float>& acc,
-                          std::vector<float>& tile, std::vector<float>& inv, scalar_t* out) {
+static void attend_simd(const float* qf, const scalar_t* qb, float scale, const cache_t* kp, const cache_t* vp,
+                        const int64_t* table, int64_t first, int64_t L, int64_t H, int64_t Hkv, int64_t bs,
+                        float softcap, std::vector<float>& scores, std::vector<float>& acc,
+                        std::vector<float>& tile, std::vector<float>& inv, scalar_t* out) {
   constexpr int64_t D = 16 * NV;
   constexpr bool convert = std::is_same_v<cache_t, c10::Float8_e4m3fn>;
   // A float8 block is converted into `tile` once (each row then feeds G heads): into bfloat16 (exact: e4m3's 3
@@ -192,9 +245,9 @@ static void attend_avx512(const float* qf, const scalar_t* qb, float scale, cons
       }
     const auto* rows = block_rows(kp, j, n);
     for (int64_t h = 0; h < H; ++h)
-      for (int64_t t0 = t1; t0 < n; t0 += 16)
-        score_rows16<row_t, NV, raw>(qf + h * D, q16 + h * D, scale, rows + t0 * row + (h / G) * D, row,
-                                     std::min<int64_t>(16, n - t0), scores.data() + h * L + j * bs + t0);
+      for (int64_t t0 = t1; t0 < n; t0 += Simd::L)
+        score_rows<row_t, NV, raw>(qf + h * D, q16 + h * D, scale, rows + t0 * row + (h / G) * D, row,
+                                   std::min<int64_t>(Simd::L, n - t0), scores.data() + h * L + j * bs + t0);
   }
   for (int64_t h = 0; h < H; ++h) {
     if (softcap > 0.f) cap_scores(scores.data() + h * L + first, L - first, softcap);
@@ -266,15 +319,16 @@ static void paged_impl(const torch::Tensor& q, const torch::Tensor& k_cache, con
   using attend_fn = void (*)(const float*, const scalar_t*, float, const cache_t*, const cache_t*, const int64_t*,
                              int64_t, int64_t, int64_t, int64_t, int64_t, float, std::vector<float>&,
                              std::vector<float>&, std::vector<float>&, std::vector<float>&, scalar_t*);
-  attend_fn fast = nullptr;  // attend_avx512 for this head count per KV group, where it applies
-#if defined(__AVX512F__)
+  attend_fn fast = nullptr;  // attend_simd for this head count per KV group, where it applies
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
   if constexpr (NV > 0 && (std::is_same_v<cache_t, float> || std::is_same_v<cache_t, c10::BFloat16> ||
                            std::is_same_v<cache_t, c10::Float8_e4m3fn>)) {
-    switch (std::min<int64_t>(H / Hkv, NV <= 4 ? 4 : NV <= 8 ? 2 : 1)) {
-      case 1: fast = attend_avx512<scalar_t, cache_t, NV, 1>; break;
-      case 2: fast = attend_avx512<scalar_t, cache_t, NV, 2>; break;
-      case 3: fast = attend_avx512<scalar_t, cache_t, NV, 3>; break;
-      default: fast = attend_avx512<scalar_t, cache_t, NV, 4>; break;
+    // heads a register block in pass 2: as many as keep HB x D accumulators in registers (D = 16 NV lanes)
+    switch (std::min<int64_t>(H / Hkv, std::max(1, Simd::ACC / (16 * NV)))) {
+      case 1: fast = attend_simd<scalar_t, cache_t, NV, 1>; break;
+      case 2: fast = attend_simd<scalar_t, cache_t, NV, 2>; break;
+      case 3: fast = attend_simd<scalar_t, cache_t, NV, 3>; break;
+      default: fast = attend_simd<scalar_t, cache_t, NV, 4>; break;
     }
   }
 #endif

@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -101,6 +101,11 @@ static inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
     _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
   }
+#elif defined(__AVX2__)
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
 #endif
   for (; i < n; ++i) {
     const uint32_t bits = static_cast<uint32_t>(s[i]) << 16;
@@ -132,6 +137,12 @@ static inline __m512 fp8x16_to_float(const uint8_t* s) {
   const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
   const __m256i h = _mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16(static_cast<int16_t>(0xBF80)));
   return _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f));
+}
+#elif defined(__AVX2__) && defined(__F16C__)
+static inline __m256 fp8x8_to_float(const uint8_t* s) {  // the same on 8 lanes (AVX2 and F16C's vcvtph2ps)
+  const __m128i w = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)));
+  const __m128i h = _mm_and_si128(_mm_slli_epi16(w, 7), _mm_set1_epi16(static_cast<int16_t>(0xBF80)));
+  return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.f));
 }
 #endif
 // float -> float8 e4m3 as torch's cast gives it: round to nearest even, saturating at +-448 (inf included), NaN to
@@ -192,6 +203,8 @@ static inline void to_float(const c10::Float8_e4m3fn* src, float* dst, int64_t n
   int64_t i = 0;
 #if defined(__AVX512F__)
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, fp8x16_to_float(s + i));
+#elif defined(__AVX2__) && defined(__F16C__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, fp8x8_to_float(s + i));
 #endif
   for (; i < n; ++i) dst[i] = fp8_to_float(s[i]);
 }

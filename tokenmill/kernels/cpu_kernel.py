@@ -9,9 +9,10 @@ one query token per task, threads split by the number of keys read. Each block's
 contiguous) are read once per pass and shared by the query heads of each KV group (GQA), with the next blocks
 prefetched (two blocks ahead, K and V together). It computes in float32 whatever the cache dtype (the model's, or
 float8 e4m3 for ``kv_cache_dtype="fp8"``, converted exactly), 16 lanes at a time (GCC/Clang vector extensions:
-AVX-512 here, narrower registers elsewhere), with a vectorisable exp in the softmax. On AVX-512 with head_dim 32, 64
-or 128 (``attend_avx512``) each head scores 16 K rows at a time (their products summed across lanes together, not one
-horizontal sum per row) and V rows are widened in registers once per KV group for a register block of its heads.
+AVX-512 here, narrower registers elsewhere), with a vectorisable exp in the softmax. On AVX-512 or AVX2 with head_dim
+32, 64 or 128 (``attend_simd``) each head scores 16 (AVX2: 8) K rows at a time (their products summed across lanes
+together, not one horizontal sum per row) and V rows are widened in registers once per KV group for a register block
+of its heads.
 (Measurements: BENCHMARKS.md.)
 
 ``varlen_attention`` is the embedding path's attention: many sequences packed end to end, each attending to itself
