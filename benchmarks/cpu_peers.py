@@ -21,8 +21,10 @@ Tiers (a precision tier is what the weights and the GEMMs run in):
 
 Best mode: each engine's settings are searched on the workload at its tier (tokenmill: the KV-cache dtype, the
 model's or fp8; OpenVINO: the token budget and the KV-cache precision; CTranslate2: the batch size), one pass over the
-grid in the first round, and the best setting is the one that runs in the later rounds. The figure kept for an engine is its best round. A peer that is not installed is
-reported as missing, never silently dropped. The host's CPU model, ISA (AVX2 / AVX-512 / AMX) and GEMM rates measured
+grid in the first round, and the best setting is the one that runs in the later rounds. The figure kept for an engine
+is its best round. On a host without bfloat16 GEMMs (AVX2 only: oneDNN has no bf16 kernels there) tokenmill's quantized
+tiers also try float32 activations, and OpenVINO's KV precision f32 instead of bf16 (which it refuses there). A peer
+that is not installed is reported as missing, never silently dropped. The host's CPU model, ISA (AVX2 / AVX-512 / AMX) and GEMM rates measured
 in the same run head the report.
 
 The peers live in their own virtual environment (``build/peers/venv``: optimum-intel, openvino-genai, ctranslate2 and
@@ -157,6 +159,7 @@ def contenders(tiers: list[str], models: dict[str, Path] | None, quick: bool,
                ct2_sizes: list[int] | None = None, skip_ct2: bool = False) -> list[Contender]:
     ct2_types = _ct2_compute_types() if models else set()
     budgets = [2048] if quick else [512, 2048]  # 4096 was never better (BENCHMARKS.md)
+    bf16_host = _bf16_gemms()
     out = []
     for tier in tiers:
         tm = {"float32": {"dtype": "float32"}, "bfloat16": {"dtype": "bfloat16"},
@@ -164,8 +167,10 @@ def contenders(tiers: list[str], models: dict[str, Path] | None, quick: bool,
               "int4": {"dtype": "bfloat16", "quantization": "int4"},
               "w8a8": {"dtype": "bfloat16", "quantization": "w8a8"}}[tier]
         kv_dtypes = ["auto"] if quick else ["auto", "fp8"]  # like OpenVINO's KV precision: both searched
-        out.append(Contender(tier, "tokenmill", [tm if kv == "auto" else tm | {"kv_cache_dtype": kv}
-                                                 for kv in kv_dtypes]))
+        # without bf16 GEMMs a bf16 activation costs a widening per linear: float32 activations are searched too
+        acts = [tm] + ([tm | {"dtype": "float32"}] if "quantization" in tm and not bf16_host and not quick else [])
+        out.append(Contender(tier, "tokenmill", [a if kv == "auto" else a | {"kv_cache_dtype": kv}
+                                                 for a in acts for kv in kv_dtypes]))
         if models is None:
             out.append(Contender(tier, "openvino", [], missing="peers not installed or not asked for"))
             out.append(Contender(tier, "ct2", [], missing="peers not installed or not asked for"))
@@ -173,7 +178,7 @@ def contenders(tiers: list[str], models: dict[str, Path] | None, quick: bool,
         ir, precision, dyn = {"float32": ("ov-fp32", "f32", 0), "bfloat16": ("ov-fp32", "bf16", 0),
                               "int8": ("ov-int8", "bf16", 0), "int4": ("ov-int4", "bf16", 0),
                               "w8a8": ("ov-int8", "bf16", 32)}[tier]
-        kvs = ["u8"] if quick else (["u8", "f32"] if tier == "float32" else ["u8", "bf16"])
+        kvs = ["u8"] if quick else (["u8", "f32"] if tier == "float32" or not bf16_host else ["u8", "bf16"])
         out.append(Contender(tier, "openvino", [{"model": str(models[ir]), "precision": precision, "kv": kv,
                                                   "budget": b, "dyn_quant": dyn} for kv in kvs for b in budgets]))
         ct2_type = {"float32": "float32", "bfloat16": "bfloat16", "int8": "int8_bfloat16", "int4": None,
@@ -191,6 +196,15 @@ def contenders(tiers: list[str], models: dict[str, Path] | None, quick: bool,
             out.append(Contender(tier, "ct2", [{"model": str(models["ct2"]), "compute_type": t, "batch_size": s}
                                                for t in types for s in sizes]))
     return out
+
+
+def _bf16_gemms() -> bool:
+    """Whether this host runs bfloat16 GEMMs natively (oneDNN's bf16 kernels: AVX-512 BW/VL/DQ or AMX)."""
+    import torch
+
+    from tokenmill.model import gemm
+
+    return torch.bfloat16 in gemm._ONEDNN_DTYPES
 
 
 def _ct2_compute_types() -> set[str]:

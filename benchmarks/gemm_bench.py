@@ -1,6 +1,8 @@
 """The CPU GEMM paths side by side on a model's linear shapes: aten ``F.linear``, oneDNN with the plain weight
 (reordered inside every call) and oneDNN with the weight prepacked once (``model/gemm.py``'s ``pack``), float32 and
 bfloat16, at the row counts a batch engine runs (1 row: a lone decode; 32-256: decode batches; 2048: a prefill chunk).
+On a CPU without oneDNN's bf16 kernels (AVX2 only) bfloat16's oneDNN columns are nan but the packed one, which is
+then the model's widened path (float32 GEMMs on widened operands).
 
     python -m benchmarks.gemm_bench [--rows 1,8,32,128,512,2048] [--json OUT]
     python -m benchmarks.gemm_bench --int8 [--rows ...]   # w8a8: _int_mm / int8_mm + epilogue, int8_gemm(_amx)
@@ -139,16 +141,21 @@ def main() -> None:
         for name, n, k in SHAPES:
             w = torch.randn(n, k).to(dtype)
             packed = gemm.pack(w, "onednn")
+            onednn = dtype in gemm._ONEDNN_DTYPES  # bf16 without AVX-512: no oneDNN bf16 linear at all
             for m in rows_list:
                 x = torch.randn(m, k).to(dtype)
                 flops = 2.0 * m * n * k
+
+                def plain():
+                    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+                # the packed column is the model's path: on a CPU without oneDNN's bf16 kernels the bf16 weight
+                # stays plain and gemm.linear runs oneDNN's float32 GEMM on widened operands
                 r = {"dtype": str(dtype).removeprefix("torch."), "shape": name, "out": n, "in": k, "rows": m,
                      "aten": rate(lambda: F.linear(x, w), flops),
-                     "onednn_plain": rate(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
-                                          flops),
+                     "onednn_plain": rate(plain, flops) if onednn else float("nan"),
                      "onednn_packed": rate(lambda: gemm.linear(x, packed), flops),
-                     "bit_equal": torch.equal(gemm.linear(x, packed),
-                                              torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))}
+                     "bit_equal": torch.equal(gemm.linear(x, packed), plain()) if onednn else True}
                 results.append(r)
                 print(f"{r['dtype']:>8} {name:>7} {n:>5}x{k:<4} rows {m:>4}: {r['aten']:6.0f} | "
                       f"{r['onednn_plain']:6.0f} | {r['onednn_packed']:6.0f} "
