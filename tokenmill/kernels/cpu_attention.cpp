@@ -84,7 +84,6 @@ struct Simd {
   using reg = __m512;
   static constexpr int L = 16;
   static constexpr int ACC = 256;  // pv_block's accumulators, in lanes: HB heads x D lanes in 16 of the 32 registers
-  static reg zero() { return _mm512_setzero_ps(); }
   static reg set1(float x) { return _mm512_set1_ps(x); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
@@ -122,7 +121,6 @@ struct Simd {
   using reg = __m256;
   static constexpr int L = 8;
   static constexpr int ACC = 64;  // pv_block's accumulators, in lanes: HB heads x D lanes in 8 of the 16 registers
-  static reg zero() { return _mm256_setzero_ps(); }
   static reg set1(float x) { return _mm256_set1_ps(x); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
