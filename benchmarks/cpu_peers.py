@@ -24,8 +24,8 @@ model's or fp8; OpenVINO: the token budget and the KV-cache precision; CTranslat
 grid in the first round, and the best setting is the one that runs in the later rounds. The figure kept for an engine
 is its best round. On a host without bfloat16 GEMMs (AVX2 only: oneDNN has no bf16 kernels there) tokenmill's quantized
 tiers also try float32 activations, and OpenVINO's KV precision f32 instead of bf16 (which it refuses there). A peer
-that is not installed is reported as missing, never silently dropped. The host's CPU model, ISA (AVX2 / AVX-512 / AMX) and GEMM rates measured
-in the same run head the report.
+that is not installed is reported as missing, never silently dropped. The host's CPU model, ISA (AVX2 / AVX-512 /
+AMX) and GEMM rates measured in the same run head the report.
 
 The peers live in their own virtual environment (``build/peers/venv``: optimum-intel, openvino-genai, ctranslate2 and
 their torch), never in the project's ``.venv``; ``benchmarks/openvino_peer.py`` and ``benchmarks/ct2_peer.py`` run

@@ -235,7 +235,8 @@ def test_per_module_ranks_and_alphas_equal_peft(lora_case, tmp_path, rslora):
     alphas = {"v_proj": 3, r"model\.layers\.0\.mlp\.down_proj": 40, "proj": 99}  # "proj" matches no module
     peft = save_lora_adapter(root / "base", tmp_path / "p", 4, 8, ["q_proj", "v_proj", "down_proj"], rslora, seed=21,
                              rank_pattern=ranks, alpha_pattern=alphas)
-    ad = read_adapter("p", tmp_path / "p", ModelConfig.from_hf_dict(json.loads((root / "base" / "config.json").read_text())))
+    mc = ModelConfig.from_hf_dict(json.loads((root / "base" / "config.json").read_text()))
+    ad = read_adapter("p", tmp_path / "p", mc)
     want_rank = {(0, "q_proj"): 6, (1, "q_proj"): 2, (0, "v_proj"): 4, (0, "down_proj"): 12}
     assert {k: fa.shape[0] for k, (fa, _) in ad.factors.items() if k in want_rank} == want_rank
     assert ad.rank == 12

@@ -14,11 +14,12 @@ so the step's runs of an adapter's rows are cut again per expert). The router is
 ``attach_loras`` stacks every adapter's factors into each targeted layer (``LoraWeights``): for a layer with output
 shards (q|k|v, gate|up) an adapter's ``A`` is its shards' A factors one under the other and its ``B``
 block-diagonal, so a fused layer's update is still two GEMMs; the PEFT scaling (``lora_alpha / r``, or ``/ sqrt(r)``
-with rsLoRA; per module where ``rank_pattern`` / ``alpha_pattern`` name it) is folded into B; adapters of lower rank are zero-padded to the widest (zeros add nothing). The runner
-orders a step's requests by adapter (within its decodes and within its prefills), so each adapter's tokens are at
-most two contiguous runs of rows (``LoraSet.set_step``); every targeted layer then adds ``(x[a:b] A^T) B^T`` to its
-output rows ``a:b`` for each run (views: no gather or scatter; measured 1.9x faster than gathering each adapter's
-rows and adding them back), base-model rows get nothing. On the Triton family the runs are one grouped GEMM launch
+with rsLoRA; per module where ``rank_pattern`` / ``alpha_pattern`` name it) is folded into B; adapters of lower rank
+are zero-padded to the widest (zeros add nothing). The runner orders a step's requests by adapter (within its
+decodes and within its prefills), so each adapter's tokens are at most two contiguous runs of rows
+(``LoraSet.set_step``); every targeted layer then adds ``(x[a:b] A^T) B^T`` to its output rows ``a:b`` for each
+run (views: no gather or scatter; measured 1.9x faster than gathering each adapter's rows and adding them back),
+base-model rows get nothing. On the Triton family the runs are one grouped GEMM launch
 for the shrink and one for the expand (added to the output in the kernel), whatever the number of adapters
 (``kernels/triton/grouped.py``); routed experts' updates run per expert there too. On CPU runs of up to
 ``SHORT_RUN`` rows take one C++ call a layer instead (``LoraWeights``). The base weights may be quantized: the
@@ -61,13 +62,16 @@ class LoraError(ValueError):
 
 @dataclass
 class LoraAdapter:
-    """One PEFT adapter as read: ``factors[(layer, target)] = (A [r, in], B [out, r] with the scaling folded in)``;
-    ``rank``: the widest of its modules' ranks (``rank_pattern`` may give modules their own)."""
+    """One PEFT adapter as read: ``factors[(layer, target)] = (A [r, in], B [out, r] with the scaling folded in)``."""
 
     name: str
     path: Path
-    rank: int
     factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        """The widest of its modules' ranks (``rank_pattern`` may give modules their own)."""
+        return max((fa.shape[0] for fa, _ in self.factors.values()), default=0)
 
 
 def read_adapter(name: str, path: str | Path, cfg) -> LoraAdapter:
@@ -164,21 +168,19 @@ def read_adapter(name: str, path: str | Path, cfg) -> LoraAdapter:
         parts.setdefault((layer, target), {"module": module})[ab] = t.float()
     if not parts:
         raise LoraError(f"LoRA adapter {name!r}: adapter_model.safetensors holds no LoRA factors")
-    adapter = LoraAdapter(name, path, 0)
+    adapter = LoraAdapter(name, path)
     for (layer, target), ab in sorted(parts.items()):
         if "A" not in ab or "B" not in ab:
             raise LoraError(f"LoRA adapter {name!r}: layer {layer} {target} has lora_{'A' if 'A' in ab else 'B'} "
                             f"only")
         a, b = ab["A"], ab["B"]
         if target.startswith("fused"):
-            target_f, r, per_expert = _split_fused_experts(name, layer, a, b, ab["module"], shape_of, cfg)
-            scaling = shape_of(f"{ab['module']}.{target_f}")[1]
+            target_f, scaling, per_expert = _split_fused_experts(name, layer, a, b, ab["module"], shape_of, cfg)
             for e, (a_e, b_e) in enumerate(per_expert):
                 key = (layer, f"experts.{e}.{target_f}")
                 if key in adapter.factors:
                     raise LoraError(f"LoRA adapter {name!r}: layer {layer}'s experts' {target_f} adapted twice")
                 adapter.factors[key] = (a_e, b_e * scaling)
-            adapter.rank = max(adapter.rank, r)
             continue
         r, scaling = shape_of(ab["module"])
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
@@ -186,7 +188,6 @@ def read_adapter(name: str, path: str | Path, cfg) -> LoraAdapter:
             raise LoraError(f"LoRA adapter {name!r}: layer {layer} {target} has lora_A {tuple(a.shape)} and lora_B "
                             f"{tuple(b.shape)}, but its adapter_config says {says}")
         adapter.factors[(layer, target)] = (a, b * scaling)
-        adapter.rank = max(adapter.rank, r)
     return adapter
 
 
@@ -202,14 +203,15 @@ def _pattern_value(patterns: dict, module: str, default):
 
 def _split_fused_experts(name: str, layer: int, a: torch.Tensor, b: torch.Tensor, module: str, shape_of, cfg):
     """PEFT's factors of one fused expert parameter (lora_A [r * E, in]: expert e's rows ``e * r:(e + 1) * r``;
-    lora_B [out, r * E]: expert e's columns ``e, E + e, 2E + e, ...``) -> (the parameter, r, per expert (A [r, in],
-    B [out, r])). The parameter is told by the shapes: gate_up_proj takes the hidden size and gives 2 x the experts'
-    intermediate size, down_proj the reverse (the two can never both fit); its rank is ``shape_of``'s for
-    ``<module>.<parameter>`` (PEFT 0.22 gives a fused gate_up_proj converted from gate and up adapters rank 2r)."""
+    lora_B [out, r * E]: expert e's columns ``e, E + e, 2E + e, ...``) -> (the parameter, its scaling, per expert
+    (A [r, in], B [out, r])). The parameter is told by the shapes: gate_up_proj takes the hidden size and gives 2 x the
+    experts' intermediate size, down_proj the reverse (the two can never both fit); its rank and scaling are
+    ``shape_of``'s for ``<module>.<parameter>`` (PEFT 0.22 gives a fused gate_up_proj converted from gate and up
+    adapters rank 2r)."""
     e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     shapes = {(h, 2 * i): "gate_up_proj", (i, h): "down_proj"}
     target = shapes.get((a.shape[-1], b.shape[0])) if a.dim() == 2 and b.dim() == 2 else None
-    rank = shape_of(f"{module}.{target or 'gate_up_proj'}")[0]
+    rank, scaling = shape_of(f"{module}.{target or 'gate_up_proj'}")
     if target is None or a.shape[0] != rank * e or b.shape[1] != rank * e:
         up, down = (shape_of(f"{module}.{p}")[0] for p in ("gate_up_proj", "down_proj"))
         raise LoraError(f"LoRA adapter {name!r}: layer {layer}'s fused experts have lora_A {tuple(a.shape)} and "
@@ -218,7 +220,7 @@ def _split_fused_experts(name: str, layer: int, a: torch.Tensor, b: torch.Tensor
                         f"({down * e}, {i}) and ({h}, {down * e}) for down_proj (r={down})")
     a3 = a.reshape(e, rank, a.shape[1])  # [E, r, in]
     b3 = b.reshape(b.shape[0], rank, e)  # [out, r, E]
-    return target, rank, [(a3[x].contiguous(), b3[:, :, x].contiguous()) for x in range(e)]
+    return target, scaling, [(a3[x].contiguous(), b3[:, :, x].contiguous()) for x in range(e)]
 
 
 GROUPED_BLOCK_M = 16  # rows per program of the Triton family's grouped updates
