@@ -20,7 +20,7 @@ ATTENTION_BACKENDS = ("auto", "cpu_kernel", "triton", "torch", "reference")  # k
 QUANTIZATIONS = ("none", "w8a8", "int8", "int4", "fp8")  # model/quant.py, model/fp8.py
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto = the model's dtype; fp8 = float8 e4m3 (worker/memory.py)
 LOAD_FORMATS = ("auto", "dummy")
-CPU_GEMMS = ("onednn", "aten")  # model/gemm.py
+CPU_GEMMS = ("auto", "onednn", "panels", "aten")  # model/gemm.py
 
 
 class ConfigError(ValueError):
@@ -61,7 +61,8 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps (worker/cuda_graphs.py)
     tensor_parallel_size: int = 1  # ranks one model is split over (tokenmill/parallel/): gloo on CPU, NCCL on CUDA
-    cpu_gemm: str = "onednn"  # the float linears' CPU GEMMs: onednn, or aten (MKL on this CPU; model/gemm.py)
+    cpu_gemm: str = "auto"  # the float linears' CPU GEMMs: auto (panels on AVX2-only CPUs, else onednn), onednn,
+    # panels, or aten (model/gemm.py)
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default (physical cores)
     seed: int = 0  # seeds the shared generator of requests that have no seed of their own
     # LoRA (model/lora.py): PEFT adapter directories loaded with the model, ((name, path), ...); a dict or

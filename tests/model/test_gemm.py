@@ -1,6 +1,8 @@
 """model/gemm.py: the oneDNN CPU linears (plain, with an activation epilogue, with a residual-add epilogue) equal
 the aten ops they replace, are really the ones that run, prepacked weights give the plain weights' results, the
-backend is a per-model choice (engine option ``cpu_gemm``), and unknown names are rejected."""
+panels path's kernel (``panel_gemm``, AVX2 without AVX-512: this CPU's build or the x86-64-v3 one) equals float64
+math, the backend is a per-model choice (engine option ``cpu_gemm``, "auto" by default), and unknown names are
+rejected."""
 
 import pytest
 import torch
@@ -111,7 +113,7 @@ def test_loaded_float_weights_are_packed_on_onednn_only(tmp_path):
     from tokenmill.model.loader import iter_safetensors, load_model
 
     save_tiny_model("llama3_tied", tmp_path / "m")
-    net = load_model(str(tmp_path / "m"), "float32").model
+    net = load_model(str(tmp_path / "m"), "float32", cpu_gemm="onednn").model
     linears = [m for m in net.modules() if isinstance(m, Linear)]
     assert linears and all(m.weight.is_mkldnn for m in linears) and net.tied_head.is_mkldnn
     before = [m.dense_weight().clone() for m in linears]
@@ -122,6 +124,14 @@ def test_loaded_float_weights_are_packed_on_onednn_only(tmp_path):
     net.load_weights(iter_safetensors(tmp_path / "m"))
     assert all(m.weight.is_mkldnn and torch.equal(m.dense_weight(), w) for m, w in zip(linears, before))
     assert torch.equal(gemm.unpack(net.tied_head), net.embed_tokens.weight)
+    if gemm.panels_available():  # panels for the weights whose output count is a multiple of 16, oneDNN's for others
+        gemm.set_gemm_backend(net, "panels")
+        for m, w in zip(linears, before):
+            assert gemm.is_panels(m.weight) == (w.shape[0] % 16 == 0) and gemm.is_packed(m.weight)
+            assert torch.equal(m.dense_weight(), w)
+        assert gemm.is_panels(net.tied_head) and torch.equal(gemm.unpack(net.tied_head), net.embed_tokens.weight)
+        net.load_weights(iter_safetensors(tmp_path / "m"))
+        assert all(gemm.is_packed(m.weight) and torch.equal(m.dense_weight(), w) for m, w in zip(linears, before))
 
 
 def test_backend_decides_which_kernel_runs():
@@ -142,7 +152,8 @@ def test_the_backend_is_a_per_model_engine_option(tmp_path):
     save_tiny_model("llama3_tied", tmp_path / "m")
     aten = LLM(str(tmp_path / "m"), cpu_gemm="aten", kv_cache_memory=0.05).engine.runner.model
     default = LLM(str(tmp_path / "m"), kv_cache_memory=0.05).engine.runner.model
-    expected = "onednn" if gemm._onednn_available() else "aten"
+    expected = "panels" if gemm.panels_available() else "onednn" if gemm._onednn_available() else "aten"
+    assert gemm.check_backend("auto") == expected
     assert aten.gemm_backend == "aten" and default.gemm_backend == expected
     assert all(m.gemm_backend == "aten" for m in aten.modules() if isinstance(m, Linear))
     assert all(m.gemm_backend == expected for m in default.modules() if isinstance(m, Linear))
@@ -154,8 +165,11 @@ def test_the_backend_is_a_per_model_engine_option(tmp_path):
 
 
 def test_backend_names_are_checked():
-    with pytest.raises(ConfigError, match="onednn, aten"):
+    with pytest.raises(ConfigError, match="auto, onednn, panels, aten"):
         gemm.check_backend("mkl")
+    if not gemm.panels_available():  # asked for by name where it cannot run: one clear error, no silent swap
+        with pytest.raises(ConfigError, match="AVX2 and FMA but no AVX-512"):
+            gemm.check_backend("panels")
     from tokenmill.config import EngineConfig
 
     with pytest.raises(ConfigError, match="cpu_gemm"):
@@ -173,3 +187,105 @@ def test_addmm_residual_equals_the_separate_add(bias):
     got = addmm_residual(x, w, b, res)
     assert got.shape == (2, 5, 40)
     torch.testing.assert_close(got, res + torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def _panel_case(kernels, m: int, n: int, k: int, wdtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    w = (torch.randn(n, k, generator=g) * 0.1).to(wdtype)
+    return x, w, kernels.panel_pack(w)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_panel_gemm_equals_float64_math(kernels, wdtype):
+    """panel_gemm over float32 and bfloat16 panels: row counts around the 6-row register tile and past a 144-row
+    block, K past a 288 block (several partial sums), bias, float32 and bfloat16 residuals, a bfloat16 result rounded
+    once; each row's result is the same bit for bit whatever the rows beside it. Builds with AVX-512 say it does not
+    run there and refuse the call."""
+    x, w, wp = _panel_case(kernels, 150, 48, 600, wdtype, 1)
+    assert wp.shape == (3, 600, 16) and wp.dtype == wdtype
+    assert torch.equal(wp.transpose(1, 2).reshape(48, 600), w)
+    if not kernels.panel_gemm_available():
+        with pytest.raises(RuntimeError, match="AVX2"):
+            kernels.panel_gemm(x, wp, None, None, False)
+        return
+    b = torch.randn(48)
+    res32, res16 = torch.randn(150, 48), torch.randn(150, 48).bfloat16()
+    ref = x.double() @ w.double().t()  # [150, 48]
+    full = kernels.panel_gemm(x, wp, None, None, False)
+    assert full.dtype == torch.float32 and full.shape == (150, 48)
+    torch.testing.assert_close(full.double(), ref, atol=2e-5, rtol=1e-5)
+    for rows in (1, 5, 6, 7, 13, 144, 149):
+        assert torch.equal(kernels.panel_gemm(x[:rows].contiguous(), wp, None, None, False), full[:rows]), rows
+    assert torch.equal(kernels.panel_gemm(x[7:20].contiguous(), wp, None, None, False), full[7:20])
+    got = kernels.panel_gemm(x, wp, b, res32, False)
+    assert torch.equal(got, full + b + res32)
+    got16 = kernels.panel_gemm(x, wp, b, res16, True)
+    assert got16.dtype == torch.bfloat16
+    assert torch.equal(got16, (full + b + res16.float()).bfloat16())  # rounded once, to nearest even
+    nan = kernels.panel_gemm(torch.full((2, 600), float("nan")), wp, None, None, True)
+    assert nan.isnan().all()
+
+
+def test_panel_gemm_rejects_bad_shapes(kernels):
+    with pytest.raises(RuntimeError, match="N % 16"):
+        kernels.panel_pack(torch.randn(40, 8))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernels.panel_pack(torch.randn(32, 8).half())
+    if not kernels.panel_gemm_available():
+        return
+    x, _, wp = _panel_case(kernels, 4, 32, 64, torch.float32, 2)
+    with pytest.raises(RuntimeError, match="x's K"):
+        kernels.panel_gemm(torch.randn(4, 63), wp, None, None, False)
+    with pytest.raises(RuntimeError, match="bias"):
+        kernels.panel_gemm(x, wp, torch.randn(31), None, False)
+    with pytest.raises(RuntimeError, match="residual"):
+        kernels.panel_gemm(x, wp, None, torch.randn(3, 32), False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_panels_linears_equal_float64_math(dtype):
+    """The "panels" path's linears (plain, bias, residual, each activation; leading dims kept) run panel_gemm and
+    equal float64 math within the dtype's rounding; a weight whose output count is not a multiple of 16 stays on
+    oneDNN's path and still runs."""
+    if not gemm.panels_available():
+        pytest.skip("the panels path runs on AVX2 CPUs without AVX-512 (its kernel is tested on the x86-64-v3 build)")
+    torch.manual_seed(5)
+    x, w, b = torch.randn(2, 17, 96).to(dtype), torch.randn(160, 96).to(dtype), torch.randn(160).to(dtype)
+    res = torch.randn(2, 17, 160).to(dtype)
+    wp = gemm.pack(w, "panels")
+    assert gemm.is_panels(wp) and gemm.pack(wp, "panels") is wp and torch.equal(gemm.unpack(wp), w)
+    ref = F.linear(x.double(), w.double(), b.double())
+    cases = [(gemm.linear(x, wp, b, "panels"), ref), (gemm.linear(x, wp, None, "panels"), ref - b.double()),
+             (gemm.linear_add(x, wp, b, res, "panels"), ref + res.double())]
+    cases += [(gemm.linear_act(x, wp, b, act, "panels"), ACT64[act](ref)) for act in gemm.ACTIVATIONS]
+    for got, want in cases:
+        assert got.dtype == dtype and got.shape == want.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+        else:  # float32 sums rounded once to bfloat16: within half a bf16 step
+            assert ((got.double() - want).abs() <= 2.0 ** -8 * want.abs() + 1e-4).all()
+    ops = _ops_run(lambda: gemm.linear(x, wp, b, "panels"))
+    assert "mkldnn::_linear_pointwise" not in ops and not {"aten::mm", "aten::addmm"} & ops
+    odd = torch.randn(40, 96).to(dtype)
+    packed = gemm.pack(odd, "panels")
+    assert not gemm.is_panels(packed)
+    torch.testing.assert_close(gemm.linear(x, packed, None, "panels").double(),
+                               F.linear(x.double(), odd.double()), atol=1e-4 if dtype == torch.float32 else 0.1,
+                               rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_panels_model_equals_onednn_model(tmp_path):
+    """A tiny Llama on "panels" scores a prompt as on "onednn" (float32, tied head in panels too)."""
+    if not gemm.panels_available():
+        pytest.skip("the panels path runs on AVX2 CPUs without AVX-512")
+    from helpers import save_tiny_model
+    from tokenmill import LLM
+
+    save_tiny_model("llama3_tied", tmp_path / "m")
+    panels = LLM(str(tmp_path / "m"), cpu_gemm="panels", kv_cache_memory=0.05)
+    assert gemm.is_panels(panels.engine.runner.model.tied_head)
+    ids = [5, 9, 13, 2, 7, 30, 11]
+    torch.testing.assert_close(torch.tensor(panels.engine.score(ids)),
+                               torch.tensor(LLM(str(tmp_path / "m"), cpu_gemm="onednn", kv_cache_memory=0.05)
+                                            .engine.score(ids)), atol=1e-4, rtol=1e-4)

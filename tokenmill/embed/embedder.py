@@ -64,7 +64,7 @@ class Embedder:
     def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "auto",
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, pooling: str | None = None,
                  normalize: bool | None = None, max_seq_length: int | None = None,
-                 cache_dir: str | None = None, quantization: str = "none", cpu_gemm: str = "onednn") -> None:
+                 cache_dir: str | None = None, quantization: str = "none", cpu_gemm: str = "auto") -> None:
         t0 = time.perf_counter()
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")

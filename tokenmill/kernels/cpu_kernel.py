@@ -76,7 +76,9 @@ whether this build targets a CPU with AMX and the OS granted the process the til
 The C++ sources beside this file, one kernel family each (``cpu_common.cpp``: the shared vector helpers;
 ``cpu_attention.cpp``, ``cpu_layers.cpp``: norms, RoPE, argmax, the MLP activation, the MoE loop, the sampler's
 draws; ``cpu_int8.cpp``;
-``cpu_prefill.cpp``; ``cpu_amx.cpp``), are joined in that order and compiled as one module. It is compiled
+``cpu_prefill.cpp``; ``cpu_amx.cpp``; ``cpu_gemm.cpp``: float GEMMs on AVX2-only CPUs, ``panel_gemm`` over weights
+in panels of 16 output channels, ``model/gemm.py``'s "panels" path), are joined in that order and compiled as one
+module. It is compiled
 (``-march=native``, needs a C++ compiler and ninja) once per machine and the shared library is kept under
 ``~/.cache/tokenmill/kernels/`` (``XDG_CACHE_HOME`` honoured), keyed on what decides the binary: the source, the
 flags, the CPU model and features, torch and Python (the outer directory) and the compiler's version (the inner one).
@@ -104,7 +106,8 @@ from pathlib import Path
 
 # the C++ sources, shipped as package data; compiled as one module, in this order (later files use earlier ones)
 _SOURCE_FILES = [Path(__file__).with_name(n) for n in ("cpu_common.cpp", "cpu_attention.cpp", "cpu_layers.cpp",
-                                                      "cpu_int8.cpp", "cpu_prefill.cpp", "cpu_amx.cpp")]
+                                                      "cpu_int8.cpp", "cpu_prefill.cpp", "cpu_amx.cpp",
+                                                      "cpu_gemm.cpp")]
 _MODULE = "tokenmill_cpu_kernels"
 _FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention", "quantize_rows_int8", "int8_epilogue",
               "quantize_rows_uint8", "int8_gemm_available", "int8_pack_weight", "int8_gemm", "write_kv",
@@ -114,7 +117,8 @@ _FUNCTIONS = ["paged_attention", "rms_norm", "varlen_attention", "quantize_rows_
               "paged_attention_windowed", "int8_gemm_amx", "amx_int8_available",
               "int8_gemm_argmax", "moe_experts_w8a8", "moe_experts_panels", "sample_rows",
               "sample_rows_filtered", "lora_rows", "moe_experts_lora", "moe_experts_panels_lora",
-              "moe_experts_w8a8_lora", "int8_mm_available", "int8_mm_pack", "int8_mm"]
+              "moe_experts_w8a8_lora", "int8_mm_available", "int8_mm_pack", "int8_mm",
+              "panel_gemm_available", "panel_pack", "panel_gemm"]
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
            "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.model.gemm import ACTIVATIONS, linear, linear_act, linear_add, pack, unpack
+from tokenmill.model.gemm import ACTIVATIONS, is_packed, linear, linear_act, linear_add, pack, unpack
 from tokenmill.model.model_config import RopeConfig
 from tokenmill.model.quant import Int4Groups, Int8Groups, make_quantized_weight
 from tokenmill.model.w8a8 import W8A8Weight
@@ -171,17 +171,18 @@ class Linear(nn.Module):
             self.use_gemm_backend(self.gemm_backend)  # packs the weight on the oneDNN path
 
     def use_gemm_backend(self, name: str) -> None:
-        """The float path's CPU GEMMs (model/gemm.py): on "onednn" the weight is prepacked, on "aten" it is plain."""
+        """The float path's CPU GEMMs (model/gemm.py): on "onednn" the weight is prepacked, on "panels" in panels (or
+        prepacked), on "aten" it is plain."""
         self.gemm_backend = name
         if self.quantized is None:
             held = self.weight.data
-            w = pack(held, name) if name == "onednn" else unpack(held)
+            w = pack(unpack(held), name) if name in ("onednn", "panels") else unpack(held)
             if w is not held:
                 self.weight = nn.Parameter(w, requires_grad=False)
 
     def _plain_weight(self) -> torch.Tensor:
         """The float weight's storage for writing rows into (unpacked first if it was packed)."""
-        if self.weight.is_mkldnn:
+        if is_packed(self.weight):
             self.weight = nn.Parameter(unpack(self.weight.data), requires_grad=False)
         return self.weight.data
 

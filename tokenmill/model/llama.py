@@ -224,15 +224,17 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head.quantized.argmax(hidden)
 
     def use_gemm_backend(self, name: str) -> None:
-        """The tied float head's GEMM path (the Linear layers switch themselves): packed embeddings on "onednn"."""
+        """The tied float head's GEMM path (the Linear layers switch themselves): packed embeddings on "onednn" and
+        "panels"."""
         if name != self.gemm_backend or self.tied_head is None:
             self.gemm_backend = name
             self._pack_tied_head()
 
     def _pack_tied_head(self) -> None:
-        packed = pack(self.embed_tokens.weight.data, self.gemm_backend)
+        plain = self.embed_tokens.weight.data
+        packed = pack(plain, self.gemm_backend)
         tied = self.with_lm_head and self.lm_head is None
-        self.tied_head = packed if tied and packed.is_mkldnn else None
+        self.tied_head = packed if tied and packed is not plain else None
 
     # ------------------------------------------------------------------ weights
     _STACKED = {  # HF name piece -> (our fused param piece, shard index)

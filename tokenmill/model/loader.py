@@ -116,7 +116,7 @@ def load_model(
     cache_dir: Path | None = None,
     quantization: str = "none",
     load_format: str = "auto",
-    cpu_gemm: str = "onednn",
+    cpu_gemm: str = "auto",
     ops: Ops | None = None,
     tp: TPGroup = SINGLE,
     lora_adapters: tuple[tuple[str, str], ...] = (),
