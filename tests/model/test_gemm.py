@@ -154,6 +154,7 @@ def test_the_backend_is_a_per_model_engine_option(tmp_path):
     default = LLM(str(tmp_path / "m"), kv_cache_memory=0.05).engine.runner.model
     expected = "panels" if gemm.panels_available() else "onednn" if gemm._onednn_available() else "aten"
     assert gemm.check_backend("auto") == expected
+    assert gemm.check_backend("auto", "cuda") == ("onednn" if gemm._onednn_available() else "aten")
     assert aten.gemm_backend == "aten" and default.gemm_backend == expected
     assert all(m.gemm_backend == "aten" for m in aten.modules() if isinstance(m, Linear))
     assert all(m.gemm_backend == expected for m in default.modules() if isinstance(m, Linear))

@@ -73,7 +73,7 @@ class Embedder:
         self.dtype = resolve_dtype(dtype, self.device)
         check_quantization(quantization, self.device)
         self.quantization = quantization
-        gemm = check_backend(cpu_gemm)  # a bad name fails here
+        gemm = check_backend(cpu_gemm, self.device)  # a bad name fails here
         self.path = default_embedding_model_path() if model is None else resolve_model_path(model)
         self.max_batch_tokens = max_batch_tokens
         hf_dir = self.path

@@ -43,14 +43,14 @@ from torch import nn
 from tokenmill.config import CPU_GEMMS, ConfigError
 
 
-def check_backend(name: str) -> str:
-    """The backend a model gets for ``name``: "auto" is "panels" where that kernel runs, else "onednn"; "onednn"
-    falls back to "aten" where this torch build lacks oneDNN. Raises ConfigError for any other name, and for
-    "panels" where its kernel does not run."""
+def check_backend(name: str, device: torch.device | str = "cpu") -> str:
+    """The backend a model on ``device`` gets for ``name``: "auto" is "panels" where that kernel runs (a CPU model;
+    off CPU the C++ kernels are not even built for it), else "onednn"; "onednn" falls back to "aten" where this torch
+    build lacks oneDNN. Raises ConfigError for any other name, and for "panels" where its kernel does not run."""
     if name not in CPU_GEMMS:
         raise ConfigError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {name!r}")
     if name == "auto":
-        name = "panels" if panels_available() else "onednn"
+        name = "panels" if torch.device(device).type == "cpu" and panels_available() else "onednn"
     if name == "panels" and not panels_available():
         raise ConfigError("cpu_gemm='panels' runs on CPUs with AVX2 and FMA but no AVX-512, with tokenmill's C++ "
                           "kernels built; this machine takes 'auto' (oneDNN) or 'aten'")

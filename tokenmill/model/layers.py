@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.model.gemm import ACTIVATIONS, is_packed, linear, linear_act, linear_add, pack, unpack
+from tokenmill.model.gemm import ACTIVATIONS, is_packed, is_panels, linear, linear_act, linear_add, pack, unpack
 from tokenmill.model.model_config import RopeConfig
 from tokenmill.model.quant import Int4Groups, Int8Groups, make_quantized_weight
 from tokenmill.model.w8a8 import W8A8Weight
@@ -176,7 +176,12 @@ class Linear(nn.Module):
         self.gemm_backend = name
         if self.quantized is None:
             held = self.weight.data
-            w = pack(unpack(held), name) if name in ("onednn", "panels") else unpack(held)
+            if name == "aten":
+                w = unpack(held)
+            elif (name == "onednn" and held.is_mkldnn) or (name == "panels" and is_panels(held)):
+                w = held  # already packed for it
+            else:
+                w = pack(unpack(held), name)
             if w is not held:
                 self.weight = nn.Parameter(w, requires_grad=False)
 

@@ -149,7 +149,7 @@ def load_model(
     # A quantized model reads a GGUF file's tensors directly: never a float copy of the whole model.
     hf_dir, cfg = read_model_config(path, cache_dir, with_weights=quantization == "none" and not dummy)
     torch_dtype = resolve_dtype(dtype, device)
-    gemm = check_backend(cpu_gemm)  # a bad name fails here, before any weights are read
+    gemm = check_backend(cpu_gemm, device)  # a bad name fails here, before any weights are read
 
     if tokenizer is None:
         tokenizer = load_tokenizer(tokenizer_dir(hf_dir, load_format, cache_dir))
