@@ -1,8 +1,9 @@
 """The CPU GEMM paths side by side on a model's linear shapes: aten ``F.linear``, oneDNN with the plain weight
-(reordered inside every call) and oneDNN with the weight prepacked once (``model/gemm.py``'s ``pack``), float32 and
-bfloat16, at the row counts a batch engine runs (1 row: a lone decode; 32-256: decode batches; 2048: a prefill chunk).
-On a CPU without oneDNN's bf16 kernels (AVX2 only) bfloat16's oneDNN columns are nan but the packed one, which is
-then the model's widened path (float32 GEMMs on widened operands).
+(reordered inside every call), oneDNN with the weight prepacked once (``model/gemm.py``'s ``pack``) and, on an
+AVX2-only CPU, tokenmill's panel GEMM (``cpu_gemm="panels"``, nan elsewhere), float32 and bfloat16, at the row counts
+a batch engine runs (1 row: a lone decode; 32-256: decode batches; 2048: a prefill chunk). On a CPU without oneDNN's
+bf16 kernels (AVX2 only) bfloat16's oneDNN columns are nan but the packed one, which is then the "onednn" path's
+widened GEMM (float32 GEMMs on widened operands).
 
     python -m benchmarks.gemm_bench [--rows 1,8,32,128,512,2048] [--json OUT]
     python -m benchmarks.gemm_bench --int8 [--rows ...]   # w8a8: _int_mm / int8_mm + epilogue, int8_gemm(_amx)
@@ -136,11 +137,13 @@ def main() -> None:
                 json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, key: results}, f, indent=1)
         return
     results = []
-    print(f"threads {torch.get_num_threads()}; GFLOP/s: aten | oneDNN plain | oneDNN packed (packed / plain)")
+    print(f"threads {torch.get_num_threads()}; GFLOP/s: aten | oneDNN plain | oneDNN packed (packed / plain) | "
+          "panels (panels / packed)")
     for dtype in (torch.float32, torch.bfloat16):
         for name, n, k in SHAPES:
             w = torch.randn(n, k).to(dtype)
             packed = gemm.pack(w, "onednn")
+            panels = gemm.pack(w, "panels") if gemm.panels_available() else None
             onednn = dtype in gemm._ONEDNN_DTYPES  # bf16 without AVX-512: no oneDNN bf16 linear at all
             for m in rows_list:
                 x = torch.randn(m, k).to(dtype)
@@ -155,11 +158,13 @@ def main() -> None:
                      "aten": rate(lambda: F.linear(x, w), flops),
                      "onednn_plain": rate(plain, flops) if onednn else float("nan"),
                      "onednn_packed": rate(lambda: gemm.linear(x, packed), flops),
-                     "bit_equal": torch.equal(gemm.linear(x, packed), plain()) if onednn else True}
+                     "bit_equal": torch.equal(gemm.linear(x, packed), plain()) if onednn else True,
+                     "panels": rate(lambda: gemm.linear(x, panels), flops) if panels is not None else float("nan")}
                 results.append(r)
                 print(f"{r['dtype']:>8} {name:>7} {n:>5}x{k:<4} rows {m:>4}: {r['aten']:6.0f} | "
                       f"{r['onednn_plain']:6.0f} | {r['onednn_packed']:6.0f} "
-                      f"({r['onednn_packed'] / r['onednn_plain']:.2f}x){'' if r['bit_equal'] else '  (last bits differ)'}",
+                      f"({r['onednn_packed'] / r['onednn_plain']:.2f}x) | {r['panels']:6.0f} "
+                      f"({r['panels'] / r['onednn_packed']:.2f}x){'' if r['bit_equal'] else '  (last bits differ)'}",
                       flush=True)
     if args.json:
         with open(args.json, "w") as f:
