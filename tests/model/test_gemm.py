@@ -276,16 +276,31 @@ def test_panels_linears_equal_float64_math(dtype):
                                rtol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
-def test_panels_model_equals_onednn_model(tmp_path):
-    """A tiny Llama on "panels" scores a prompt as on "onednn" (float32, tied head in panels too)."""
+@pytest.mark.parametrize("arch", ["llama3_tied", "mixtral"])
+def test_panels_model_equals_onednn_model(tmp_path, arch):
+    """A tiny model on "panels" scores a prompt as on "onednn" (float32; a tied head in panels too). A mixture of
+    experts keeps its experts on oneDNN (the C++ experts' loop calls oneDNN's linear on their weights), the rest in
+    panels."""
     if not gemm.panels_available():
         pytest.skip("the panels path runs on AVX2 CPUs without AVX-512")
     from helpers import save_tiny_model
     from tokenmill import LLM
+    from tokenmill.model.layers import Linear
+    from tokenmill.model.moe import SparseMoE
 
-    save_tiny_model("llama3_tied", tmp_path / "m")
+    save_tiny_model(arch, tmp_path / "m")
     panels = LLM(str(tmp_path / "m"), cpu_gemm="panels", kv_cache_memory=0.05)
-    assert gemm.is_panels(panels.engine.runner.model.tied_head)
+    net = panels.engine.runner.model
+    experts = {id(lin) for moe in net.modules() if isinstance(moe, SparseMoE)
+               for e in moe.experts for lin in (e.gate_up_proj, e.down_proj)}
+    assert (len(experts) > 0) == (arch == "mixtral")
+    for lin in (m for m in net.modules() if isinstance(m, Linear)):
+        if id(lin) in experts:
+            assert lin.gemm_backend == "onednn" and not gemm.is_panels(lin.weight)
+        else:
+            assert lin.gemm_backend == "panels" and gemm.is_panels(lin.weight) == (lin.out_features % 16 == 0)
+    if arch == "llama3_tied":
+        assert gemm.is_panels(net.tied_head)
     ids = [5, 9, 13, 2, 7, 30, 11]
     torch.testing.assert_close(torch.tensor(panels.engine.score(ids)),
                                torch.tensor(LLM(str(tmp_path / "m"), cpu_gemm="onednn", kv_cache_memory=0.05)

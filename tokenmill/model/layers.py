@@ -141,6 +141,9 @@ class Linear(nn.Module):
         self.dtype = build.dtype
         self.ops = build.ops
         self.gemm_backend = "onednn"  # the float path's CPU GEMMs (model/gemm.py; set_gemm_backend switches it)
+        # False where other code reads the weight as oneDNN's or a plain one (the MoE experts' C++ loop): "panels"
+        # then means "onednn" for this layer
+        self.panels_ok = True
         factory = dict(dtype=build.dtype, device=build.device)
         if build.quantization == "none":
             self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
@@ -173,6 +176,8 @@ class Linear(nn.Module):
     def use_gemm_backend(self, name: str) -> None:
         """The float path's CPU GEMMs (model/gemm.py): on "onednn" the weight is prepacked, on "panels" in panels (or
         prepacked), on "aten" it is plain."""
+        if name == "panels" and not self.panels_ok:
+            name = "onednn"
         self.gemm_backend = name
         if self.quantized is None:
             held = self.weight.data

@@ -95,6 +95,8 @@ class SparseMoE(nn.Module):
         h = cfg.hidden_size
         self.gate = Linear(h, cfg.num_experts, False, floats)  # the router
         self.experts = nn.ModuleList(MLP(h, cfg.moe_intermediate_size, build) for _ in range(cfg.num_experts))
+        for expert in self.experts:  # moe_experts passes their weights to oneDNN's linear: never in panels
+            expert.gate_up_proj.panels_ok = expert.down_proj.panels_ok = False
         self.stacked = None  # Triton family, float experts: (gate|up [E, 2I, h], down [E, h, I]) the experts' views
         if build.ops.name == "triton" and build.quantization == "none" and self.experts[0].act == "silu":
             self.stacked = (_stack([e.gate_up_proj for e in self.experts]), _stack([e.down_proj for e in self.experts]))
