@@ -47,8 +47,9 @@ def _rate(fn, flops: float, seconds: float) -> float:
 
 
 def gemm_rates(seconds: float) -> dict:
-    """GFLOP/s (GOP/s for int8) of a 1024^3 GEMM as the model layers run it: float32 and bfloat16 through oneDNN with
-    the weight prepacked (model/gemm.py; AMX for bfloat16 where the CPU has it), int8 through torch._int_mm (the
+    """GFLOP/s (GOP/s for int8) of a 1024^3 GEMM as the model layers run it: float32 and bfloat16 on the default
+    ``cpu_gemm`` path, the weight packed (model/gemm.py: oneDNN, with AMX for bfloat16 where the CPU has it; on an
+    AVX2-only CPU tokenmill's panel GEMM), int8 through torch._int_mm (the
     host's int8 rate as oneDNN reaches it), or through the C++ kernels' int8_mm where w8a8 takes it (a CPU without
     AVX512-VNNI: torch._int_mm runs at ~2 GOP/s there). Measured in the run: the rooflines of its tables."""
     import torch
@@ -56,9 +57,11 @@ def gemm_rates(seconds: float) -> dict:
     from tokenmill.model import gemm
 
     rates = {}
+    backend = gemm.check_backend("auto")
     for dtype in (torch.float32, torch.bfloat16):
-        a, w = torch.randn(1024, 1024, dtype=dtype), gemm.pack(torch.randn(1024, 1024, dtype=dtype), "onednn")
-        rates[str(dtype).removeprefix("torch.")] = _rate(lambda: gemm.linear(a, w, None), 2 * 1024**3, seconds)
+        a, w = torch.randn(1024, 1024, dtype=dtype), gemm.pack(torch.randn(1024, 1024, dtype=dtype), backend)
+        rates[str(dtype).removeprefix("torch.")] = _rate(lambda: gemm.linear(a, w, None, backend), 2 * 1024**3,
+                                                         seconds)
     a = torch.randint(-128, 127, (1024, 1024), dtype=torch.int8)
     b = torch.randint(-128, 127, (1024, 1024), dtype=torch.int8)
     from tokenmill.kernels import cpu_kernel
