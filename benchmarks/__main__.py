@@ -194,11 +194,12 @@ def run_scale(model: str | None, tiny_model: str, sizes: list[int], smollm2_size
 def gemm_rate(dtype: torch.dtype, m: int = 1024, k: int = 1024, n: int = 1024, seconds: float = 2.0,
               backend: str | None = None) -> float:
     """Sustained GFLOP/s of [m, k] x [n, k]^T in ``dtype`` through ``model/gemm.linear`` (the path the model layers
-    take) with the given CPU GEMM backend ("onednn" or "aten"; None: the process default)."""
+    take: the weight packed for the backend) with the given CPU GEMM backend ("onednn", "panels" or "aten"; None: the
+    engine's default, "auto")."""
     from tokenmill.model import gemm
 
-    name = gemm.check_backend(backend or "onednn")
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    name = gemm.check_backend(backend or "auto")
+    a, b = torch.randn(m, k, dtype=dtype), gemm.pack(torch.randn(n, k, dtype=dtype), name)
     for _ in range(3):
         gemm.linear(a, b, None, name)
     reps, t0 = 0, time.perf_counter()
@@ -250,7 +251,8 @@ def markdown(result: dict) -> str:
     if "roofline" in result:
         rl = result["roofline"]
         lines += ["### roofline", "", f"GEMM rate (1024^3): fp32 {rl['gemm_gflops_fp32']:.1f} GFLOP/s (aten/MKL "
-                  f"{rl.get('gemm_gflops_fp32_aten', 0):.1f}, oneDNN {rl.get('gemm_gflops_fp32_onednn', 0):.1f}), "
+                  f"{rl.get('gemm_gflops_fp32_aten', 0):.1f}, oneDNN {rl.get('gemm_gflops_fp32_onednn', 0):.1f}, "
+                  f"panels {rl.get('gemm_gflops_fp32_panels', 0):.1f}), "
                   f"bf16 {rl['gemm_gflops_bf16']:.1f} GFLOP/s; W needs {rl['w_flops'] / 1e12:.2f} TFLOP, a floor of "
                   f"{rl['w_floor_s_fp32']:.1f} s in fp32 and {rl['w_floor_s_bf16']:.1f} s in bf16.", ""]
         if rl.get("model_gemms"):
@@ -398,16 +400,21 @@ def main() -> None:
         flops = workload_flops(llm.engine.model_config, w)
         secs = 0.2 if args.quick else 2.0
         # the roofline is the faster of the two fp32 paths: the best this machine does, not only what tokenmill uses
+        from tokenmill.model import gemm
+
         rate32_aten = gemm_rate(torch.float32, seconds=secs, backend="aten")
         rate32_onednn = gemm_rate(torch.float32, seconds=secs, backend="onednn")
-        rate32 = max(rate32_aten, rate32_onednn)
+        # tokenmill's own float GEMM where it runs (AVX2-only CPUs), else 0
+        rate32_panels = gemm_rate(torch.float32, seconds=secs, backend="panels") if gemm.panels_available() else 0.0
+        rate32 = max(rate32_aten, rate32_onednn, rate32_panels)
         rate16 = gemm_rate(torch.bfloat16, seconds=secs)
         shapes = [{"what": what, "m": m, "k": k, "n": n,
                    "fp32_aten": gemm_rate(torch.float32, m, k, n, secs / 4, "aten"),
                    "fp32_onednn": gemm_rate(torch.float32, m, k, n, secs / 4, "onednn"),
                    "bf16": gemm_rate(torch.bfloat16, m, k, n, secs / 4)} for what, m, k, n in MODEL_GEMMS]
         result["roofline"] = {"gemm_gflops_fp32": rate32, "gemm_gflops_fp32_aten": rate32_aten,
-                              "gemm_gflops_fp32_onednn": rate32_onednn, "gemm_gflops_bf16": rate16,
+                              "gemm_gflops_fp32_onednn": rate32_onednn, "gemm_gflops_fp32_panels": rate32_panels,
+                              "gemm_gflops_bf16": rate16,
                               "model_gemms": shapes, "w_flops": flops,
                               "w_floor_s_fp32": flops / (rate32 * 1e9), "w_floor_s_bf16": flops / (rate16 * 1e9)}
 
