@@ -21,6 +21,7 @@ QUANTIZATIONS = ("none", "w8a8", "int8", "int4", "fp8")  # model/quant.py, model
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto = the model's dtype; fp8 = float8 e4m3 (worker/memory.py)
 LOAD_FORMATS = ("auto", "dummy")
 CPU_GEMMS = ("auto", "onednn", "panels", "aten")  # model/gemm.py
+ACTIVATION_DTYPES = ("auto", "model", "float32")  # model/loader.py: resolve_activation_dtype
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks one model is split over (tokenmill/parallel/): gloo on CPU, NCCL on CUDA
     cpu_gemm: str = "auto"  # the float linears' CPU GEMMs: auto (panels on AVX2-only CPUs, else onednn), onednn,
     # panels, or aten (model/gemm.py)
+    # what the activations are computed in: auto = the model's dtype, except a bfloat16 model (unquantized) on a CPU
+    # where cpu_gemm is panels (AVX2 without AVX-512: no bf16 arithmetic), which computes in float32 with its weights
+    # kept in bfloat16; model = always the model's dtype; float32 = float32 activations over the model's weights (CPU)
+    activation_dtype: str = "auto"
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default (physical cores)
     seed: int = 0  # seeds the shared generator of requests that have no seed of their own
     # LoRA (model/lora.py): PEFT adapter directories loaded with the model, ((name, path), ...); a dict or
@@ -118,6 +123,8 @@ class EngineConfig:
             problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.cpu_gemm not in CPU_GEMMS:
             problems.append(f"cpu_gemm must be one of {CPU_GEMMS}, got {self.cpu_gemm!r}")
+        if self.activation_dtype not in ACTIVATION_DTYPES:
+            problems.append(f"activation_dtype must be one of {ACTIVATION_DTYPES}, got {self.activation_dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         elif self.quantization != "none" and isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size > 1:

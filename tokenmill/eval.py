@@ -107,18 +107,22 @@ def run_eval(model: str | None, engine_options: dict, text_path: Path | None, co
     prompts = read_prompts(prompts_path)
     greedy = SamplingParams(max_tokens=max_tokens, temperature=0)
 
-    def measure(options: dict) -> tuple[str, int, Perplexity, list[list[int]]]:
+    def measure(options: dict) -> tuple[str, int, Perplexity, list[list[int]], str | None]:
         llm = LLM(model, **options)
         ids = llm.tokenizer(text, add_special_tokens=False).input_ids
         ctx = min(context, llm.engine.config.max_model_len)
         ppl = perplexity(llm.engine, ids, ctx, limit)
         outs = [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
-        return str(llm.engine.dtype).removeprefix("torch."), llm.engine.weight_bytes, ppl, outs
+        activations = llm.engine.info.activation_dtype  # set where it is not the model's dtype
+        return (str(llm.engine.dtype).removeprefix("torch."), llm.engine.weight_bytes, ppl, outs,
+                None if activations is None else str(activations).removeprefix("torch."))
 
-    dtype, weight_bytes, ppl, outs = measure(engine_options)
+    dtype, weight_bytes, ppl, outs, activations = measure(engine_options)
     quantization = engine_options.get("quantization") or "none"
     kv_cache_dtype = engine_options.get("kv_cache_dtype") or "auto"
     parts = [dtype]
+    if activations is not None:
+        parts.append(f"({activations} activations)")
     if quantization != "none":
         parts.append(quantization)
     if kv_cache_dtype != "auto":
@@ -128,7 +132,7 @@ def run_eval(model: str | None, engine_options: dict, text_path: Path | None, co
               "kv_cache_dtype": kv_cache_dtype, "setting": setting, "weight_bytes": weight_bytes,
               "tokens_scored": ppl.tokens_scored, "windows": ppl.windows, "mean_nll": ppl.mean_nll, "perplexity": ppl.perplexity}
     if setting != "float32":
-        _, _, ref, ref_outs = measure({**engine_options, "dtype": "float32", "quantization": "none",
+        _, _, ref, ref_outs, _ = measure({**engine_options, "dtype": "float32", "quantization": "none",
                                        "kv_cache_dtype": "auto"})
         agree = greedy_agreement(outs, ref_outs)
         result["reference"] = {"dtype": "float32", "perplexity": ref.perplexity, "mean_nll": ref.mean_nll}

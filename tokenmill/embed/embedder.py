@@ -80,7 +80,7 @@ class Embedder:
         raw = json.loads((hf_dir / "config.json").read_text()) if hf_dir.is_dir() else {}
         # the kernels, chosen once (on CPU the C++ kernels are loaded, or built once per machine, now: not mid-job)
         self.ops = make_ops("auto", self.device)
-        build = Build(self.ops, self.dtype, quantization)
+        build = Build(self.ops, self.dtype, quantization, gemm=gemm)  # each weight packed once, as it loads
         if raw.get("model_type") in BERT_MODEL_TYPES:
             self.is_decoder = False
             cfg = BertConfig.from_hf_dict(raw)

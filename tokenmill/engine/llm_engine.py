@@ -89,7 +89,7 @@ class LLMEngine:
 
     def _build(self, config: EngineConfig, cache_dir: Path | None, ops: Ops | None, grammars: GrammarBackend | None,
                info: ModelInfo | None, t0: float) -> None:
-        from tokenmill.model.loader import resolve_model_path
+        from tokenmill.model.loader import resolve_dtype, resolve_model_path
         from tokenmill.parallel.group import SINGLE
 
         if info is not None and info.path != resolve_model_path(config.model):
@@ -97,16 +97,19 @@ class LLMEngine:
         tp = self.tp_workers.tp if self.tp_workers is not None else SINGLE
         self.ops = ops if ops is not None else make_ops(config.attention_backend, self.device)  # chosen once
         loaded = load_model(config.model, config.dtype, self.device, config.max_model_len, cache_dir,
-                            config.quantization, config.load_format, config.cpu_gemm, self.ops, tp,
-                            config.lora_adapters, tokenizer=info.tokenizer if info is not None else None,
+                            config.quantization, config.load_format, config.cpu_gemm, self.ops,
+                            config.activation_dtype, tp, config.lora_adapters,
+                            tokenizer=info.tokenizer if info is not None else None,
                             adapters=info.adapters if info is not None else None)
         config = config.resolve(loaded.model_config.max_position_embeddings)
         if loaded.quantization != config.quantization:  # a GPTQ/AWQ checkpoint's int4: the config says so
             config = dataclasses.replace(config, quantization=loaded.quantization)
-        dtype = next(loaded.model.parameters()).dtype
+        model_dtype = resolve_dtype(config.dtype, self.device)
+        dtype = loaded.model.activation_dtype  # the activations' and the KV cache's
         # what the engine is running, in one place (engine.config, .tokenizer, ... are views of it)
         self.info = ModelInfo(config, loaded.path, loaded.hf_dir, loaded.model_config, loaded.tokenizer,
-                              loaded.eos_token_ids, self.device, dtype, list(loaded.adapters))
+                              loaded.eos_token_ids, self.device, model_dtype, list(loaded.adapters),
+                              dtype if dtype != model_dtype else None)
         self._long_rope_from = loaded.model_config.rope.long_rope_from()  # keys long prompts' cached blocks
         # one rank's share of the KV cache: its KV heads (every rank holds every block, for its heads)
         rank_mc = dataclasses.replace(self.model_config,

@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 
 from tokenmill.config import EngineConfig
-from tokenmill.model.loader import (eos_token_ids, load_tokenizer, read_model_config, resolve_dtype, resolve_model_path,
-                                    tokenizer_dir)
+from tokenmill.model.gemm import check_backend
+from tokenmill.model.int4_checkpoints import quantization_config
+from tokenmill.model.loader import (eos_token_ids, load_tokenizer, read_model_config, resolve_activation_dtype,
+                                    resolve_dtype, resolve_model_path, tokenizer_dir)
 from tokenmill.model.lora import LoraAdapter, planned_lora_bytes, read_adapter
 from tokenmill.model.model_config import ModelConfig
 from tokenmill.worker.memory import kv_blocks, planned_weight_bytes
@@ -40,8 +42,11 @@ class ModelInfo:
     tokenizer: object
     eos_token_ids: frozenset[int]
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # the model's: its weights'
     adapters: list[LoraAdapter] = field(default_factory=list)  # config.lora_adapters, read and checked
+    # the activations' and the KV cache's (kv_cache_dtype "auto"), where it differs from dtype (a bfloat16 model
+    # computing in float32: loader.resolve_activation_dtype); None = dtype
+    activation_dtype: torch.dtype | None = None
 
     @classmethod
     def read(cls, config: EngineConfig) -> ModelInfo:
@@ -53,8 +58,18 @@ class ModelInfo:
         adapters = [read_adapter(name, p, mc) for name, p in config.lora_adapters]
         tokenizer = load_tokenizer(tokenizer_dir(hf_dir, config.load_format, cache_dir))
         device = resolve_device(config.device)
-        return cls(config, path, hf_dir, mc, tokenizer, eos_token_ids(hf_dir, mc, tokenizer), device,
-                   resolve_dtype(config.dtype, device), adapters)
+        dtype = resolve_dtype(config.dtype, device)
+        int4_checkpoint = path.is_dir() and config.load_format != "dummy" and quantization_config(path) is not None
+        activation = resolve_activation_dtype(config.activation_dtype, dtype, device,
+                                              check_backend(config.cpu_gemm, device),
+                                              "int4" if int4_checkpoint else config.quantization)
+        return cls(config, path, hf_dir, mc, tokenizer, eos_token_ids(hf_dir, mc, tokenizer), device, dtype, adapters,
+                   activation if activation != dtype else None)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The activations' dtype (and the KV cache's, unless kv_cache_dtype says otherwise)."""
+        return self.activation_dtype or self.dtype
 
     @property
     def model_name(self) -> str:
@@ -72,7 +87,7 @@ class ModelInfo:
 
     def planned_lora_bytes(self) -> int:
         """The adapters' factors once attached (on a CPU with B^T beside them for the C++ row loop)."""
-        return planned_lora_bytes(self.adapters, self.model_config, self.dtype, self.config.tensor_parallel_size,
+        return planned_lora_bytes(self.adapters, self.model_config, self.compute_dtype, self.config.tensor_parallel_size,
                                   transposed=self.device.type == "cpu")
 
     def kv_blocks(self, weights_loaded: bool) -> tuple[int, int]:
@@ -80,6 +95,6 @@ class ModelInfo:
         ``num_kv_blocks`` if set, else ``kv_cache_memory`` on CPU / what ``gpu_memory_utilization`` leaves on
         CUDA (before the engine exists, less the weights it will load: ``weights_loaded`` False)."""
         weights = 0 if weights_loaded else self.planned_weight_bytes()
-        per_block, num_blocks, _ = kv_blocks(self.config, self.model_config, self.dtype, self.device,
+        per_block, num_blocks, _ = kv_blocks(self.config, self.model_config, self.compute_dtype, self.device,
                                              weights_to_load=weights)
         return per_block, num_blocks

@@ -5,8 +5,8 @@ model: path/to/model          # optional
 scheduler: {max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, prefill_chunk_size, enable_prefix_caching,
             preemption_mode, scheduling_strategy, sort_by_length}
 memory:    {gpu_memory_utilization, kv_cache_memory, kv_cache_dtype, num_kv_blocks, block_size, swap_space}
-engine:    {dtype, quantization, device, max_model_len, attention_backend, cpu_gemm, num_threads, seed, cache_dir,
-            load_format, lora_adapters: {NAME: PATH}, max_loras}
+engine:    {dtype, activation_dtype, quantization, device, max_model_len, attention_backend, cpu_gemm, num_threads, seed,
+            cache_dir, load_format, lora_adapters: {NAME: PATH}, max_loras}
 sampling:  {max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos, lora,
             structured: {json: SCHEMA | json_object: true | regex: R | choice: [A, B] | grammar: GBNF}}
 ```
@@ -26,8 +26,8 @@ SECTIONS = {
                   "preemption_mode", "scheduling_strategy", "sort_by_length", "enable_prefix_caching"},
     "memory": {"gpu_memory_utilization", "kv_cache_memory", "kv_cache_dtype", "num_kv_blocks", "block_size",
                "swap_space"},
-    "engine": {"dtype", "quantization", "device", "max_model_len", "attention_backend", "cpu_gemm", "num_threads",
-               "seed", "cache_dir", "load_format", "lora_adapters", "max_loras"},
+    "engine": {"dtype", "activation_dtype", "quantization", "device", "max_model_len", "attention_backend", "cpu_gemm",
+               "num_threads", "seed", "cache_dir", "load_format", "lora_adapters", "max_loras"},
     "sampling": {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
                  "structured", "lora"},
 }

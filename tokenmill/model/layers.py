@@ -22,18 +22,32 @@ from tokenmill.parallel.group import SINGLE, TPGroup
 
 @dataclass(frozen=True)
 class Build:
-    """What every layer is made with: the kernel family (``tokenmill/ops/``), the parameters' and activations' dtype,
-    the linears' quantization (model/quant.py; "none" for float) and the tensor-parallel group the model is split
-    over (``tokenmill/parallel/``; one rank by default). The device is the kernels'."""
+    """What every layer is made with: the kernel family (``tokenmill/ops/``), the activations' dtype (and the
+    parameters', unless ``weight_dtype`` says otherwise), the linears' quantization (model/quant.py; "none" for
+    float), the tensor-parallel group the model is split over (``tokenmill/parallel/``; one rank by default) and the
+    float linears' CPU GEMM path (model/gemm.py: the resolved backend, so each weight is packed once, as it loads).
+    The device is the kernels'.
+
+    ``weight_dtype``: where set (bfloat16 under float32 activations: loader.resolve_activation_dtype), the float
+    linears' weights and the embeddings are held in it; a linear whose GEMM path cannot read it beside ``dtype``
+    activations (anything but panels) gets its weight widened to ``dtype`` when it is packed (the values stay the
+    rounded ones). Biases and norms are in ``dtype``."""
 
     ops: Ops
     dtype: torch.dtype
     quantization: str = "none"
     tp: TPGroup = SINGLE
+    weight_dtype: torch.dtype | None = None
+    gemm: str = "onednn"
 
     @property
     def device(self) -> torch.device:
         return self.ops.device
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The float weights' (linears', embeddings') dtype."""
+        return self.weight_dtype or self.dtype
 
     def with_quantization(self, quantization: str) -> "Build":
         return dataclasses.replace(self, quantization=quantization)
@@ -126,7 +140,8 @@ class Linear(nn.Module):
     model/quant.py) and ``self.weight`` is None; the bias stays float. Either way checkpoint tensors arrive through
     ``load_rows`` (a fused layer gets one call per shard) and ``finalize`` runs once, when every row is in (a float
     weight is then prepacked for oneDNN: model/gemm.py).
-    Activations are in ``build.dtype`` (the model's dtype); ``build.quantization`` picks the weight's format, and a
+    Activations are in ``build.dtype``, a float weight in ``build.param_dtype``; ``build.quantization`` picks the
+    weight's format, and a
     quantized weight runs on ``build.ops.kernels`` (the C++ module) where the family has them, else on torch's ops.
     """
 
@@ -138,15 +153,16 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.shard_sizes = shard_sizes or (out_features,)
         assert sum(self.shard_sizes) == out_features
-        self.dtype = build.dtype
+        self.dtype = build.dtype  # the activations'
         self.ops = build.ops
-        self.gemm_backend = "onednn"  # the float path's CPU GEMMs (model/gemm.py; set_gemm_backend switches it)
+        self.gemm_backend = build.gemm  # the float path's CPU GEMMs (model/gemm.py; set_gemm_backend switches it)
         # False where other code reads the weight as oneDNN's or a plain one (the MoE experts' C++ loop): "panels"
         # then means "onednn" for this layer
         self.panels_ok = True
         factory = dict(dtype=build.dtype, device=build.device)
         if build.quantization == "none":
-            self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=build.param_dtype,
+                                                   device=build.device), requires_grad=False)
             self.quantized = None
         else:
             self.register_parameter("weight", None)
@@ -175,7 +191,8 @@ class Linear(nn.Module):
 
     def use_gemm_backend(self, name: str) -> None:
         """The float path's CPU GEMMs (model/gemm.py): on "onednn" the weight is prepacked, on "panels" in panels (or
-        prepacked), on "aten" it is plain."""
+        prepacked), on "aten" it is plain. A weight in another dtype than the activations (``Build.weight_dtype``)
+        stays so in panels only; elsewhere it is widened to theirs first."""
         if name == "panels" and not self.panels_ok:
             name = "onednn"
         self.gemm_backend = name
@@ -187,6 +204,8 @@ class Linear(nn.Module):
                 w = held  # already packed for it
             else:
                 w = pack(unpack(held), name)
+            if w.dtype != self.dtype and not is_panels(w):
+                w = pack(unpack(w).to(self.dtype), name)
             if w is not held:
                 self.weight = nn.Parameter(w, requires_grad=False)
 
@@ -281,13 +300,14 @@ class Embedding(nn.Module):
         super().__init__()
         self.tp = build.tp
         self.vocab_start, rows = build.tp.pad_split(num_embeddings)
-        self.weight = nn.Parameter(torch.empty(rows, dim, dtype=build.dtype, device=build.device),
+        self.dtype = build.dtype  # of the rows it returns; the table is in build.param_dtype
+        self.weight = nn.Parameter(torch.empty(rows, dim, dtype=build.param_dtype, device=build.device),
                                    requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [num_tokens] -> [num_tokens, dim]
         if self.tp.size == 1:
-            return F.embedding(ids, self.weight)
+            return F.embedding(ids, self.weight).to(self.dtype)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.weight.shape[0])  # [num_tokens]
-        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight).to(self.dtype)
         return self.tp.all_reduce(x.masked_fill_(outside[:, None], 0.0))

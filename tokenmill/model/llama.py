@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
-from tokenmill.model.gemm import linear, pack
+from tokenmill.model.gemm import is_panels, linear, pack
 from tokenmill.model.layers import MLP, Build, Embedding, Linear, RMSNorm, RotaryEmbedding
 from tokenmill.model.model_config import ModelConfig
 from tokenmill.model.moe import SparseMoE
@@ -151,6 +151,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.ops = build.ops
         self.tp = build.tp
+        self.activation_dtype = build.dtype  # the hidden states' and the KV cache's (with kv_cache_dtype "auto")
         quantization = build.quantization
         if build.tp.size > 1 and quantization != "none":
             raise ValueError(f"tensor parallelism runs float weights only, not quantization={quantization!r}")
@@ -167,7 +168,7 @@ class LlamaForCausalLM(nn.Module):
             DecoderLayer(cfg, local if cfg.window_of(i) is not None else rotary, build, i in sparse, i)
             for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, floats)
-        self.gemm_backend = "onednn"  # of the LM head when it is the embeddings (model/gemm.py)
+        self.gemm_backend = build.gemm  # of the LM head when it is the embeddings (model/gemm.py)
         self.with_lm_head = with_lm_head
         self.register_buffer("tied_head", None, persistent=False)  # the embeddings packed for the head's GEMM
         self.loras = None  # the LoRA adapters (model/lora.py: attach_loras), or None
@@ -233,6 +234,8 @@ class LlamaForCausalLM(nn.Module):
     def _pack_tied_head(self) -> None:
         plain = self.embed_tokens.weight.data
         packed = pack(plain, self.gemm_backend)
+        if packed.dtype != self.activation_dtype and not is_panels(packed):  # (bf16 weights beside float32
+            packed = pack(plain.to(self.activation_dtype), self.gemm_backend)  # activations run in panels only)
         tied = self.with_lm_head and self.lm_head is None
         self.tied_head = packed if tied and packed is not plain else None
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tokenmill.config import QUANTIZATIONS
+from tokenmill.config import ACTIVATION_DTYPES, QUANTIZATIONS
 from tokenmill.model import smoothquant
 from tokenmill.model.gemm import check_backend, set_gemm_backend
 from tokenmill.model.gguf_convert import cached_hf_dir, default_cache_dir
@@ -92,6 +92,24 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return out
 
 
+def resolve_activation_dtype(name: str, dtype: torch.dtype, device: torch.device, gemm: str,
+                             quantization: str = "none") -> torch.dtype:
+    """The dtype the activations are computed in (EngineConfig.activation_dtype), given the model's ``dtype`` and the
+    resolved CPU GEMM path ``gemm``: "model" is ``dtype``; "float32" is float32 (CPU only); "auto" is float32 for an
+    unquantized bfloat16 model on the panels path (AVX2 without AVX-512: no bf16 arithmetic, so bf16 activations
+    only add roundings and conversions; its weights stay bfloat16, half the memory and bytes read, widened in the
+    GEMM's registers), else ``dtype``. Raises ValueError for another name or float32 off CPU."""
+    if name not in ACTIVATION_DTYPES:
+        raise ValueError(f"activation_dtype must be one of {', '.join(ACTIVATION_DTYPES)}, got {name!r}")
+    if name == "float32":
+        if device.type != "cpu":
+            raise ValueError("activation_dtype 'float32' runs on CPU only; on CUDA use 'auto' or 'model'")
+        return torch.float32
+    if name == "auto" and dtype == torch.bfloat16 and gemm == "panels" and quantization == "none":
+        return torch.float32
+    return dtype
+
+
 def read_model_config(path: Path, cache_dir: Path | None = None,
                       with_weights: bool = False) -> tuple[Path, ModelConfig]:
     """(HF directory, ModelConfig) for a model path; GGUF files are converted (once) to a cached directory, with
@@ -118,6 +136,7 @@ def load_model(
     load_format: str = "auto",
     cpu_gemm: str = "auto",
     ops: Ops | None = None,
+    activation_dtype: str = "auto",
     tp: TPGroup = SINGLE,
     lora_adapters: tuple[tuple[str, str], ...] = (),
     tokenizer: Any = None,
@@ -126,7 +145,8 @@ def load_model(
     """``quantization``: model/quant.py. ``load_format="dummy"``: random weights of the config's shapes (the model
     path may then be a directory holding only config.json; without a tokenizer there, the default model's is used).
     ``ops``: the kernel family the model is built with (default: ``make_ops("auto", device)``). ``tp``: the
-    tensor-parallel group; this process builds and loads its rank's slice only. ``lora_adapters``: (name, PEFT
+    tensor-parallel group; this process builds and loads its rank's slice only. ``activation_dtype``:
+    ``resolve_activation_dtype`` (a bfloat16 model under float32 activations keeps its weights bfloat16). ``lora_adapters``: (name, PEFT
     directory) pairs whose factors every targeted layer holds (model/lora.py); ``adapters``: the same, already read
     (``read_adapter``; then they are not read again). ``tokenizer``: the model's, already loaded. The parameters are
     made on the device in their dtype directly and left uninitialised until the checkpoint fills them: no float32
@@ -150,13 +170,15 @@ def load_model(
     hf_dir, cfg = read_model_config(path, cache_dir, with_weights=quantization == "none" and not dummy)
     torch_dtype = resolve_dtype(dtype, device)
     gemm = check_backend(cpu_gemm, device)  # a bad name fails here, before any weights are read
+    compute_dtype = resolve_activation_dtype(activation_dtype, torch_dtype, device, gemm, quantization)
+    weight_dtype = torch_dtype if compute_dtype != torch_dtype else None
 
     if tokenizer is None:
         tokenizer = load_tokenizer(tokenizer_dir(hf_dir, load_format, cache_dir))
     positions = max_positions or cfg.max_position_embeddings
 
     def build(q: str) -> LlamaForCausalLM:
-        return LlamaForCausalLM(cfg, positions, Build(ops, torch_dtype, q, tp))
+        return LlamaForCausalLM(cfg, positions, Build(ops, compute_dtype, q, tp, weight_dtype, gemm))
 
     net = build(quantization)
     if dummy:

@@ -438,7 +438,7 @@ def attach_loras(model, read: list[LoraAdapter]) -> LoraSet:
     ``read``: the adapters as ``read_adapter`` returns them. Under tensor parallelism each rank takes its part
     (``rank_factors``). Factors for a layer the model does not have there (an MLP that is a mixture of experts, an
     expert of a dense layer) are one clear error."""
-    dtype = model.embed_tokens.weight.dtype
+    dtype = model.activation_dtype  # the factors run beside the activations
     device = model.embed_tokens.weight.device
     loras = LoraSet([a.name for a in read], device if model.ops.name == "triton" else None)
     kernels = getattr(model.ops, "kernels", None) if device.type == "cpu" else None

@@ -45,7 +45,7 @@ def prefill(net, token_ids: list[int]) -> torch.Tensor:
     attention (no engine needed)."""
     cfg, n, bs = net.config, len(token_ids), 16
     blocks = -(-n // bs)
-    dtype = net.embed_tokens.weight.dtype
+    dtype = net.activation_dtype
     shape = (blocks, bs, cfg.num_key_value_heads, cfg.head_dim)
     caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(cfg.num_hidden_layers)]
     meta = AttentionMetadata(query_start_loc=[0, n], seq_lens=[n], num_decodes=0,

@@ -125,7 +125,8 @@ def worker_main(config: EngineConfig, rank: int, size: int, device_type: str, re
         ops = make_ops(config.attention_backend, device)
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
         loaded = load_model(config.model, config.dtype, device, config.max_model_len, cache_dir, config.quantization,
-                            config.load_format, config.cpu_gemm, ops, tp, config.lora_adapters)
+                            config.load_format, config.cpu_gemm, ops, config.activation_dtype, tp,
+                            config.lora_adapters)
         resolved = config.resolve(loaded.model_config.max_position_embeddings)
         num_blocks = torch.zeros(2, dtype=torch.int64, device=device)  # the KV pool's blocks, the swap space's
         tp.broadcast(num_blocks)

@@ -55,7 +55,7 @@ class ModelRunner:
         self.structured = StructuredState(grammars) if grammars is not None else None
         self.tp: TPGroup = model.tp
         mc = model.config
-        dtype = kv_cache_dtype(config, next(model.parameters()).dtype)
+        dtype = kv_cache_dtype(config, model.activation_dtype)
         kv_heads = model.layers[0].self_attn.num_kv_heads  # this rank's
         shape = (num_blocks, self.block_size, kv_heads, mc.head_dim)
         # Allocated uninitialised (zeroing gigabytes costs seconds at start-up); each block is zeroed the first time
