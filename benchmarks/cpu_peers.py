@@ -14,7 +14,7 @@ Tiers (a precision tier is what the weights and the GEMMs run in):
 | tier | tokenmill | OpenVINO GenAI (continuous batching) | CTranslate2 (``generate_batch``) |
 |---|---|---|---|
 | float32 | float32 | fp32 IR, precision hint f32 | float32 |
-| bfloat16 | bfloat16 | fp32 IR, precision hint bf16 | bfloat16 where its CPU build has it |
+| bfloat16 | bfloat16 (float32 activations where the CPU has no bf16 arithmetic) | fp32 IR, precision hint bf16 | bfloat16 where its CPU build has it |
 | int8 | int8 weights, bf16 activations | int8 IR, no dynamic activation quantization | int8_bfloat16 where built |
 | int4 | int4 weights, bf16 activations | int4 IR, no dynamic activation quantization | (none) |
 | w8a8 | w8a8 | int8 IR, activations quantized on the fly | int8 / int8_float32 |
@@ -23,7 +23,9 @@ Best mode: each engine's settings are searched on the workload at its tier (toke
 model's or fp8; OpenVINO: the token budget and the KV-cache precision; CTranslate2: the batch size), one pass over the
 grid in the first round, and the best setting is the one that runs in the later rounds. The figure kept for an engine
 is its best round. On a host without bfloat16 GEMMs (AVX2 only: oneDNN has no bf16 kernels there) tokenmill's quantized
-tiers also try float32 activations, and OpenVINO's KV precision f32 instead of bf16 (which it refuses there). A peer
+tiers also try float32 activations, its bfloat16 tier bfloat16 activations (``activation_dtype="model"``; the default
+there computes in float32, as OpenVINO's bf16 hint does), and OpenVINO's KV precision f32 instead of bf16 (which it
+refuses there). A peer
 that is not installed is reported as missing, never silently dropped. The host's CPU model, ISA (AVX2 / AVX-512 /
 AMX) and GEMM rates measured in the same run head the report.
 
@@ -168,7 +170,9 @@ def contenders(tiers: list[str], models: dict[str, Path] | None, quick: bool,
               "w8a8": {"dtype": "bfloat16", "quantization": "w8a8"}}[tier]
         kv_dtypes = ["auto"] if quick else ["auto", "fp8"]  # like OpenVINO's KV precision: both searched
         # without bf16 GEMMs a bf16 activation costs a widening per linear: float32 activations are searched too
+        # (and a bfloat16 model, which computes in float32 there by default, is also run with bf16 activations)
         acts = [tm] + ([tm | {"dtype": "float32"}] if "quantization" in tm and not bf16_host and not quick else [])
+        acts += [tm | {"activation_dtype": "model"}] if tier == "bfloat16" and not bf16_host and not quick else []
         out.append(Contender(tier, "tokenmill", [a if kv == "auto" else a | {"kv_cache_dtype": kv}
                                                  for a in acts for kv in kv_dtypes]))
         if models is None:
@@ -249,7 +253,8 @@ def tokenmill_child(spec_file: str) -> None:
     torch.set_num_threads(spec["threads"])
     from tokenmill import LLM, SamplingParams
 
-    options = {k: spec[k] for k in ("dtype", "quantization", "kv_cache_dtype", "max_num_batched_tokens") if k in spec}
+    options = {k: spec[k] for k in ("dtype", "activation_dtype", "quantization", "kv_cache_dtype",
+                                    "max_num_batched_tokens") if k in spec}
     t0 = time.perf_counter()
     llm = LLM(spec["model"], num_threads=spec["threads"], **options)
     load_s = time.perf_counter() - t0
@@ -259,7 +264,9 @@ def tokenmill_child(spec_file: str) -> None:
     wall = time.perf_counter() - t0
     gen = sum(len(o.token_ids) for o in outs)
     prompt_tokens = sum(len(p) for p in spec["prompts"])
-    label = (spec["dtype"] + (f", {spec['quantization']}" if spec.get("quantization") else "")
+    activations = llm.engine.info.activation_dtype  # set where it is not the model's dtype
+    label = (spec["dtype"] + (f" ({str(activations).removeprefix('torch.')} activations)" if activations else "")
+             + (f", {spec['quantization']}" if spec.get("quantization") else "")
              + (f", KV {spec['kv_cache_dtype']}" if spec.get("kv_cache_dtype") else ""))
     print(json.dumps({"engine": f"tokenmill ({label})", "wall_s": wall, "load_s": load_s,
                       "prompt_tokens": prompt_tokens, "output_tokens": gen, "output_tok_s": gen / wall,
