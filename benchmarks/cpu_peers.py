@@ -14,7 +14,7 @@ Tiers (a precision tier is what the weights and the GEMMs run in):
 | tier | tokenmill | OpenVINO GenAI (continuous batching) | CTranslate2 (``generate_batch``) |
 |---|---|---|---|
 | float32 | float32 | fp32 IR, precision hint f32 | float32 |
-| bfloat16 | bfloat16 (float32 activations where the CPU has no bf16 arithmetic) | fp32 IR, precision hint bf16 | bfloat16 where its CPU build has it |
+| bfloat16 | bfloat16 (or bf16 weights, float32 activations) | fp32 IR, precision hint bf16 | bfloat16 where its CPU build has it |
 | int8 | int8 weights, bf16 activations | int8 IR, no dynamic activation quantization | int8_bfloat16 where built |
 | int4 | int4 weights, bf16 activations | int4 IR, no dynamic activation quantization | (none) |
 | w8a8 | w8a8 | int8 IR, activations quantized on the fly | int8 / int8_float32 |
@@ -23,9 +23,9 @@ Best mode: each engine's settings are searched on the workload at its tier (toke
 model's or fp8; OpenVINO: the token budget and the KV-cache precision; CTranslate2: the batch size), one pass over the
 grid in the first round, and the best setting is the one that runs in the later rounds. The figure kept for an engine
 is its best round. On a host without bfloat16 GEMMs (AVX2 only: oneDNN has no bf16 kernels there) tokenmill's quantized
-tiers also try float32 activations, its bfloat16 tier bfloat16 activations (``activation_dtype="model"``; the default
-there computes in float32, as OpenVINO's bf16 hint does), and OpenVINO's KV precision f32 instead of bf16 (which it
-refuses there). A peer
+tiers also try float32 activations, its bfloat16 tier float32 activations over the bf16 weights
+(``activation_dtype="float32"``, as OpenVINO's bf16 hint runs there), and OpenVINO's KV precision f32 instead of bf16
+(which it refuses there). A peer
 that is not installed is reported as missing, never silently dropped. The host's CPU model, ISA (AVX2 / AVX-512 /
 AMX) and GEMM rates measured in the same run head the report.
 
@@ -170,9 +170,9 @@ def contenders(tiers: list[str], models: dict[str, Path] | None, quick: bool,
               "w8a8": {"dtype": "bfloat16", "quantization": "w8a8"}}[tier]
         kv_dtypes = ["auto"] if quick else ["auto", "fp8"]  # like OpenVINO's KV precision: both searched
         # without bf16 GEMMs a bf16 activation costs a widening per linear: float32 activations are searched too
-        # (and a bfloat16 model, which computes in float32 there by default, is also run with bf16 activations)
+        # (a bfloat16 model's with its weights kept bfloat16: activation_dtype="float32", as OpenVINO's bf16 hint runs)
         acts = [tm] + ([tm | {"dtype": "float32"}] if "quantization" in tm and not bf16_host and not quick else [])
-        acts += [tm | {"activation_dtype": "model"}] if tier == "bfloat16" and not bf16_host and not quick else []
+        acts += [tm | {"activation_dtype": "float32"}] if tier == "bfloat16" and not bf16_host and not quick else []
         out.append(Contender(tier, "tokenmill", [a if kv == "auto" else a | {"kv_cache_dtype": kv}
                                                  for a in acts for kv in kv_dtypes]))
         if models is None:

@@ -21,7 +21,7 @@ QUANTIZATIONS = ("none", "w8a8", "int8", "int4", "fp8")  # model/quant.py, model
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto = the model's dtype; fp8 = float8 e4m3 (worker/memory.py)
 LOAD_FORMATS = ("auto", "dummy")
 CPU_GEMMS = ("auto", "onednn", "panels", "aten")  # model/gemm.py
-ACTIVATION_DTYPES = ("auto", "model", "float32")  # model/loader.py: resolve_activation_dtype
+ACTIVATION_DTYPES = ("auto", "float32")  # auto = the model's dtype (model/loader.py: resolve_activation_dtype)
 
 
 class ConfigError(ValueError):
@@ -64,9 +64,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks one model is split over (tokenmill/parallel/): gloo on CPU, NCCL on CUDA
     cpu_gemm: str = "auto"  # the float linears' CPU GEMMs: auto (panels on AVX2-only CPUs, else onednn), onednn,
     # panels, or aten (model/gemm.py)
-    # what the activations are computed in: auto = the model's dtype, except a bfloat16 model (unquantized) on a CPU
-    # where cpu_gemm is panels (AVX2 without AVX-512: no bf16 arithmetic), which computes in float32 with its weights
-    # kept in bfloat16; model = always the model's dtype; float32 = float32 activations over the model's weights (CPU)
+    # what the activations (and a kv_cache_dtype "auto" cache) are in: auto = the model's dtype; float32 = float32
+    # over the model's weights (CPU; a bfloat16 model's weights stay bfloat16 on the panels path, half the memory)
     activation_dtype: str = "auto"
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default (physical cores)
     seed: int = 0  # seeds the shared generator of requests that have no seed of their own

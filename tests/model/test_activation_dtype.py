@@ -1,7 +1,8 @@
-"""A bfloat16 model computing in float32 (engine option ``activation_dtype``; model/loader.resolve_activation_dtype):
-the weights stay bfloat16 where the GEMM path reads them beside float32 activations (panels), are widened where it
-does not (oneDNN, aten, a MoE's experts); its scores and greedy tokens are bit for bit those of a float32 model whose
-weights are the same bfloat16 values; "auto" picks it on the panels path only, and a bad value is one clear error."""
+"""Float32 activations over a bfloat16 model's weights (engine option ``activation_dtype="float32"``;
+model/loader.resolve_activation_dtype): the weights stay bfloat16 where the GEMM path reads them beside float32
+activations (panels), are widened where it does not (oneDNN, aten, a MoE's experts); the scores and greedy tokens are
+bit for bit those of a float32 model whose weights are the same bfloat16 values; "auto" is the model's dtype, and a
+bad value is one clear error."""
 
 import pytest
 import torch
@@ -15,16 +16,13 @@ CPU = torch.device("cpu")
 
 
 def test_resolution_rules():
-    assert resolve_activation_dtype("model", BF16, CPU, "panels") == BF16
-    assert resolve_activation_dtype("auto", BF16, CPU, "panels") == F32  # no bf16 arithmetic on that CPU
-    assert resolve_activation_dtype("auto", BF16, CPU, "onednn") == BF16
-    assert resolve_activation_dtype("auto", BF16, CPU, "panels", "w8a8") == BF16  # quantized kernels keep theirs
-    assert resolve_activation_dtype("auto", F32, CPU, "panels") == F32
-    assert resolve_activation_dtype("float32", BF16, CPU, "onednn") == F32
+    assert resolve_activation_dtype("auto", BF16, CPU) == BF16
+    assert resolve_activation_dtype("auto", F32, CPU) == F32
+    assert resolve_activation_dtype("float32", BF16, CPU) == F32
     with pytest.raises(ValueError, match="CPU only"):
-        resolve_activation_dtype("float32", BF16, torch.device("cuda"), "onednn")
-    with pytest.raises(ValueError, match="auto, model, float32"):
-        resolve_activation_dtype("half", BF16, CPU, "onednn")
+        resolve_activation_dtype("float32", BF16, torch.device("cuda"))
+    with pytest.raises(ValueError, match="auto, float32"):
+        resolve_activation_dtype("half", BF16, CPU)
     with pytest.raises(ConfigError, match="activation_dtype"):
         EngineConfig.from_dict({"activation_dtype": "half"})
 
@@ -80,19 +78,19 @@ def test_bf16_weights_in_float32_equal_the_float32_model(tmp_path, arch, backend
     assert got == want
 
 
-def test_auto_computes_bf16_in_float32_on_the_panels_path_only(tmp_path):
+def test_auto_is_the_models_dtype_and_plans_agree(tmp_path):
     from helpers import save_tiny_model
     from tokenmill import LLM
+    from tokenmill.engine.model_info import ModelInfo
 
     save_tiny_model("llama3_tied", tmp_path / "m")
     auto = LLM(str(tmp_path / "m"), dtype="bfloat16", kv_cache_memory=0.05).engine
-    model = LLM(str(tmp_path / "m"), dtype="bfloat16", activation_dtype="model", kv_cache_memory=0.05).engine
-    assert auto.info.activation_dtype == (F32 if gemm.panels_available() else None)
-    assert auto.runner.model.activation_dtype == (F32 if gemm.panels_available() else BF16)
-    assert model.info.activation_dtype is None and model.runner.model.activation_dtype == BF16
-    assert all(k.dtype == BF16 for k, _ in model.runner.kv_caches)
-    # the plan a job makes before loading agrees with the engine's
-    from tokenmill.engine.model_info import ModelInfo
-
-    read = ModelInfo.read(EngineConfig(model=str(tmp_path / "m"), dtype="bfloat16", kv_cache_memory=0.05))
-    assert read.compute_dtype == auto.info.compute_dtype and read.kv_blocks(True) == auto.info.kv_blocks(True)
+    assert auto.info.activation_dtype is None and auto.runner.model.activation_dtype == BF16
+    assert all(k.dtype == BF16 for k, _ in auto.runner.kv_caches)
+    f32 = LLM(str(tmp_path / "m"), dtype="bfloat16", activation_dtype="float32", kv_cache_memory=0.05).engine
+    for engine, options in ((auto, {}), (f32, {"activation_dtype": "float32"})):
+        # the plan a job makes before loading agrees with the engine's (a float32 cache: half the blocks)
+        read = ModelInfo.read(EngineConfig(model=str(tmp_path / "m"), dtype="bfloat16", kv_cache_memory=0.05,
+                                           **options))
+        assert read.compute_dtype == engine.info.compute_dtype and read.kv_blocks(True) == engine.info.kv_blocks(True)
+    assert f32.info.kv_blocks(True)[0] == 2 * auto.info.kv_blocks(True)[0]

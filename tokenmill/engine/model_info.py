@@ -16,8 +16,6 @@ from pathlib import Path
 import torch
 
 from tokenmill.config import EngineConfig
-from tokenmill.model.gemm import check_backend
-from tokenmill.model.int4_checkpoints import quantization_config
 from tokenmill.model.loader import (eos_token_ids, load_tokenizer, read_model_config, resolve_activation_dtype,
                                     resolve_dtype, resolve_model_path, tokenizer_dir)
 from tokenmill.model.lora import LoraAdapter, planned_lora_bytes, read_adapter
@@ -44,8 +42,8 @@ class ModelInfo:
     device: torch.device
     dtype: torch.dtype  # the model's: its weights'
     adapters: list[LoraAdapter] = field(default_factory=list)  # config.lora_adapters, read and checked
-    # the activations' and the KV cache's (kv_cache_dtype "auto"), where it differs from dtype (a bfloat16 model
-    # computing in float32: loader.resolve_activation_dtype); None = dtype
+    # the activations' and the KV cache's (kv_cache_dtype "auto"), where it differs from dtype (activation_dtype
+    # "float32" over a bfloat16 model: loader.resolve_activation_dtype); None = dtype
     activation_dtype: torch.dtype | None = None
 
     @classmethod
@@ -59,10 +57,7 @@ class ModelInfo:
         tokenizer = load_tokenizer(tokenizer_dir(hf_dir, config.load_format, cache_dir))
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        int4_checkpoint = path.is_dir() and config.load_format != "dummy" and quantization_config(path) is not None
-        activation = resolve_activation_dtype(config.activation_dtype, dtype, device,
-                                              check_backend(config.cpu_gemm, device),
-                                              "int4" if int4_checkpoint else config.quantization)
+        activation = resolve_activation_dtype(config.activation_dtype, dtype, device)
         return cls(config, path, hf_dir, mc, tokenizer, eos_token_ids(hf_dir, mc, tokenizer), device, dtype, adapters,
                    activation if activation != dtype else None)
 

@@ -175,8 +175,6 @@ def manifest_for(opts: JobOptions, ctx: JobContext, input_identity: dict) -> dic
         "task": opts.task,
         "score_tokens": opts.score_tokens,
     }
-    if ctx.info.activation_dtype is not None:  # "auto" resolves by CPU: a resume elsewhere must compute alike
-        settings["activation_dtype"] = str(ctx.info.activation_dtype).removeprefix("torch.")
     if ctx.info.config.lora_adapters:  # an adapter is part of what the results answer: its files, not only its path
         settings["lora_fingerprints"] = {n: model_fingerprint(Path(p).expanduser())
                                          for n, p in ctx.info.config.lora_adapters}

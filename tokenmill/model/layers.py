@@ -139,10 +139,10 @@ class Linear(nn.Module):
     With ``quantization`` other than "none" the weight lives in ``self.quantized`` (a QuantizedWeight,
     model/quant.py) and ``self.weight`` is None; the bias stays float. Either way checkpoint tensors arrive through
     ``load_rows`` (a fused layer gets one call per shard) and ``finalize`` runs once, when every row is in (a float
-    weight is then prepacked for oneDNN: model/gemm.py).
+    weight is then packed for its GEMM path, ``gemm_backend``: model/gemm.py).
     Activations are in ``build.dtype``, a float weight in ``build.param_dtype``; ``build.quantization`` picks the
-    weight's format, and a
-    quantized weight runs on ``build.ops.kernels`` (the C++ module) where the family has them, else on torch's ops.
+    weight's format, and a quantized weight runs on ``build.ops.kernels`` (the C++ module) where the family has
+    them, else on torch's ops.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, build: Build,
@@ -187,7 +187,7 @@ class Linear(nn.Module):
         if self.quantized is not None:
             self.quantized.finalize(self.dtype)
         else:
-            self.use_gemm_backend(self.gemm_backend)  # packs the weight on the oneDNN path
+            self.use_gemm_backend(self.gemm_backend)  # packs the weight for its path
 
     def use_gemm_backend(self, name: str) -> None:
         """The float path's CPU GEMMs (model/gemm.py): on "onednn" the weight is prepacked, on "panels" in panels (or

@@ -92,20 +92,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return out
 
 
-def resolve_activation_dtype(name: str, dtype: torch.dtype, device: torch.device, gemm: str,
-                             quantization: str = "none") -> torch.dtype:
-    """The dtype the activations are computed in (EngineConfig.activation_dtype), given the model's ``dtype`` and the
-    resolved CPU GEMM path ``gemm``: "model" is ``dtype``; "float32" is float32 (CPU only); "auto" is float32 for an
-    unquantized bfloat16 model on the panels path (AVX2 without AVX-512: no bf16 arithmetic, so bf16 activations
-    only add roundings and conversions; its weights stay bfloat16, half the memory and bytes read, widened in the
-    GEMM's registers), else ``dtype``. Raises ValueError for another name or float32 off CPU."""
+def resolve_activation_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the activations are computed in (EngineConfig.activation_dtype), given the model's ``dtype``: "auto"
+    is ``dtype``; "float32" is float32 (CPU only): a bfloat16 model then keeps its weights bfloat16 where the GEMM
+    path reads them beside float32 activations (panels: half the memory, float32 arithmetic; measured as fast as
+    bf16 activations and float32 weights on an AVX2-only CPU, BENCHMARKS.md) and widens them elsewhere. Raises
+    ValueError for another name or float32 off CPU."""
     if name not in ACTIVATION_DTYPES:
         raise ValueError(f"activation_dtype must be one of {', '.join(ACTIVATION_DTYPES)}, got {name!r}")
     if name == "float32":
         if device.type != "cpu":
-            raise ValueError("activation_dtype 'float32' runs on CPU only; on CUDA use 'auto' or 'model'")
-        return torch.float32
-    if name == "auto" and dtype == torch.bfloat16 and gemm == "panels" and quantization == "none":
+            raise ValueError("activation_dtype 'float32' runs on CPU only")
         return torch.float32
     return dtype
 
@@ -170,7 +167,7 @@ def load_model(
     hf_dir, cfg = read_model_config(path, cache_dir, with_weights=quantization == "none" and not dummy)
     torch_dtype = resolve_dtype(dtype, device)
     gemm = check_backend(cpu_gemm, device)  # a bad name fails here, before any weights are read
-    compute_dtype = resolve_activation_dtype(activation_dtype, torch_dtype, device, gemm, quantization)
+    compute_dtype = resolve_activation_dtype(activation_dtype, torch_dtype, device)
     weight_dtype = torch_dtype if compute_dtype != torch_dtype else None
 
     if tokenizer is None:
