@@ -278,9 +278,8 @@ def test_panels_linears_equal_float64_math(dtype):
 
 @pytest.mark.parametrize("arch", ["llama3_tied", "mixtral"])
 def test_panels_model_equals_onednn_model(tmp_path, arch):
-    """A tiny model on "panels" scores a prompt as on "onednn" (float32; a tied head in panels too). A mixture of
-    experts keeps its experts on oneDNN (the C++ experts' loop calls oneDNN's linear on their weights), the rest in
-    panels."""
+    """A tiny model on "panels" scores a prompt as on "onednn" (float32; a tied head in panels too; a mixture's
+    experts in panels too, read by the C++ experts' loop, ``moe_experts``, through the same panel GEMM)."""
     if not gemm.panels_available():
         pytest.skip("the panels path runs on AVX2 CPUs without AVX-512")
     from helpers import save_tiny_model
@@ -291,14 +290,11 @@ def test_panels_model_equals_onednn_model(tmp_path, arch):
     save_tiny_model(arch, tmp_path / "m")
     panels = LLM(str(tmp_path / "m"), cpu_gemm="panels", kv_cache_memory=0.05)
     net = panels.engine.runner.model
-    experts = {id(lin) for moe in net.modules() if isinstance(moe, SparseMoE)
-               for e in moe.experts for lin in (e.gate_up_proj, e.down_proj)}
-    assert (len(experts) > 0) == (arch == "mixtral")
+    experts = [lin for moe in net.modules() if isinstance(moe, SparseMoE)
+               for e in moe.experts for lin in (e.gate_up_proj, e.down_proj)]
+    assert (len(experts) > 0) == (arch == "mixtral") and all(gemm.is_panels(lin.weight) for lin in experts)
     for lin in (m for m in net.modules() if isinstance(m, Linear)):
-        if id(lin) in experts:
-            assert lin.gemm_backend == "onednn" and not gemm.is_panels(lin.weight)
-        else:
-            assert lin.gemm_backend == "panels" and gemm.is_panels(lin.weight) == (lin.out_features % 16 == 0)
+        assert lin.gemm_backend == "panels" and gemm.is_panels(lin.weight) == (lin.out_features % 16 == 0)
     if arch == "llama3_tied":
         assert gemm.is_panels(net.tied_head)
     ids = [5, 9, 13, 2, 7, 30, 11]

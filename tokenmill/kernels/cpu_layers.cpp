@@ -686,9 +686,17 @@ void lora_rows(torch::Tensor x, torch::Tensor y, torch::Tensor af, torch::Tensor
     with_factors(x.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>());
 }
 
-// y = x W^T for a float linear's weight as the layers hold it: prepacked for oneDNN (an opaque mkldnn tensor, through
-// the same mkldnn::_linear_pointwise op model/gemm.py calls) or plain (at::linear).
+torch::Tensor panel_gemm(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
+                         const c10::optional<torch::Tensor>& residual, bool out_bf16);  // cpu_gemm.cpp
+
+// y = x W^T for a float linear's weight as the layers hold it: in panels ([N / 16, K, 16], float32 or bfloat16: the
+// panel GEMM model/gemm.py calls on AVX2-only CPUs, float32 sums, the result in x's dtype, rounded once), prepacked
+// for oneDNN (an opaque mkldnn tensor, through the same mkldnn::_linear_pointwise op model/gemm.py calls) or plain
+// (at::linear).
 static torch::Tensor float_linear(const torch::Tensor& x, const torch::Tensor& w) {
+  if (!w.is_mkldnn() && w.dim() == 3)
+    return panel_gemm(x.to(torch::kFloat).contiguous(), w, c10::nullopt, c10::nullopt,
+                      x.scalar_type() == torch::kBFloat16);
   if (!w.is_mkldnn()) return at::linear(x, w);
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   std::vector<c10::IValue> stack{x, w, c10::IValue(), c10::IValue(std::string("none")),
@@ -717,7 +725,8 @@ static MoeLora moe_lora_operands(size_t E, const std::vector<torch::Tensor>& gu_
 
 // The experts of a mixture-of-experts layer over its tokens grouped by expert (the fused-MoE shape): xs [T, h] holds
 // the (token, expert) pairs' rows sorted by expert, counts[e] of them for expert e (summing to T); w13[e] is expert
-// e's gate|up weight [2I, h] and w2[e] its down weight [h, I], float (prepacked or plain), of xs's dtype. Returns ys
+// e's gate|up weight [2I, h] and w2[e] its down weight [h, I], float (in panels, or prepacked or plain in xs's
+// dtype). Returns ys
 // [T, h]: each run's down(silu(gate) * up), one loop in C++ instead of three calls a expert from Python. With
 // ``lora``, each expert's updates are added to its gate|up output before the activation and to its down output, as
 // its Linears would add them.

@@ -156,9 +156,6 @@ class Linear(nn.Module):
         self.dtype = build.dtype  # the activations'
         self.ops = build.ops
         self.gemm_backend = build.gemm  # the float path's CPU GEMMs (model/gemm.py; set_gemm_backend switches it)
-        # False where other code reads the weight as oneDNN's or a plain one (the MoE experts' C++ loop): "panels"
-        # then means "onednn" for this layer
-        self.panels_ok = True
         factory = dict(dtype=build.dtype, device=build.device)
         if build.quantization == "none":
             self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=build.param_dtype,
@@ -193,8 +190,6 @@ class Linear(nn.Module):
         """The float path's CPU GEMMs (model/gemm.py): on "onednn" the weight is prepacked, on "panels" in panels (or
         prepacked), on "aten" it is plain. A weight in another dtype than the activations (``Build.weight_dtype``)
         stays so in panels only; elsewhere it is widened to theirs first."""
-        if name == "panels" and not self.panels_ok:
-            name = "onednn"
         self.gemm_backend = name
         if self.quantized is None:
             held = self.weight.data

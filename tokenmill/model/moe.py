@@ -6,8 +6,9 @@ lever. The experts run grouped (vLLM's fused-MoE shape): the (token, expert) pai
 (``group_by_expert``), the tokens gathered once into that order, so each expert's tokens are one contiguous run of
 rows; each expert then runs one gate|up GEMM, SiLU-and-mul and one down GEMM over its run (experts no token chose
 are skipped), the rows are scaled by their routing weights and summed back onto their tokens in one scatter-add. On a
-CPU with the C++ kernels, float experts run that loop in one call (``moe_experts``: the same oneDNN GEMMs on the
-prepacked weights, 7-11% faster a decode-sized layer than driving it from Python), and so do w8a8 experts in
+CPU with the C++ kernels, float experts run that loop in one call (``moe_experts``: the GEMMs their Linears call,
+oneDNN's on prepacked weights or the panel GEMM on AVX2-only CPUs; 7-11% faster a decode-sized layer than driving it
+from Python), and so do w8a8 experts in
 bfloat16 (``moe_experts_w8a8``: the rows quantized once, the same int8 GEMMs as the Linears) and int8 / int4
 weight-only experts in the kernels' panels (``moe_experts_panels``: the panel GEMMs the Linears call); with the Triton
 family, float experts run as two grouped GEMM launches and one SiLU-and-mul (``kernels/triton/moe.py``), their
@@ -17,7 +18,7 @@ LoRA adapters of the experts (model/lora.py) hang on each expert's Linears, each
 call (``moe_experts_lora``, ``moe_experts_panels_lora``, ``moe_experts_w8a8_lora``: each expert's updates added in the
 loop); elsewhere (the Triton family) it runs the experts one by one, their Linears adding the updates after their
 GEMMs. Steps without adapter rows take the paths above.
-Each expert is a dense ``MLP`` of ``Linear`` layers, so its weights are prepacked for oneDNN on the float path and
+Each expert is a dense ``MLP`` of ``Linear`` layers, so its weights are packed for the float path's GEMMs and
 quantized exactly as the dense layers' are (int8, int4, w8a8, fp8: model/quant.py, model/fp8.py); the routers stay
 in the model's float dtype (a few thousand weights a layer, and the choice of experts should not move with the
 weights' rounding).
@@ -95,10 +96,9 @@ class SparseMoE(nn.Module):
         h = cfg.hidden_size
         self.gate = Linear(h, cfg.num_experts, False, floats)  # the router
         self.experts = nn.ModuleList(MLP(h, cfg.moe_intermediate_size, build) for _ in range(cfg.num_experts))
-        for expert in self.experts:  # moe_experts passes their weights to oneDNN's linear: never in panels
-            expert.gate_up_proj.panels_ok = expert.down_proj.panels_ok = False
         self.stacked = None  # Triton family, float experts: (gate|up [E, 2I, h], down [E, h, I]) the experts' views
-        if build.ops.name == "triton" and build.quantization == "none" and self.experts[0].act == "silu":
+        if (build.ops.name == "triton" and build.quantization == "none" and self.experts[0].act == "silu"
+                and build.weight_dtype is None):
             self.stacked = (_stack([e.gate_up_proj for e in self.experts]), _stack([e.down_proj for e in self.experts]))
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size, build)
