@@ -33,20 +33,24 @@ def test_grouping_keeps_each_experts_pairs_contiguous_and_in_token_order():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("packed", [True, False])
-def test_cpp_experts_loop_equals_the_python_one(kernels, dtype, packed):
-    """moe_experts runs the same GEMMs (prepacked oneDNN or plain) and the same SiLU-and-mul as each expert's MLP:
-    bit-equal results, an expert with no tokens included."""
+@pytest.mark.parametrize("backend", ["onednn", "aten", "panels"])
+def test_cpp_experts_loop_equals_the_python_one(kernels, dtype, backend):
+    """moe_experts runs the same GEMMs (prepacked oneDNN, plain, or the panel GEMM on AVX2-only CPUs) and the same
+    SiLU-and-mul as each expert's MLP: bit-equal results, an expert with no tokens included."""
+    from tokenmill.model import gemm
     from tokenmill.model.layers import MLP, Build
     from tokenmill.model.weights import init_dummy_weights
     from tokenmill.ops.cpu_ops import CpuOps
 
+    if backend == "panels" and not gemm.panels_available():
+        pytest.skip("the panels path runs on AVX2 CPUs without AVX-512")
     build = Build(CpuOps(kernels), dtype)
     experts = [MLP(64, 96, build) for _ in range(4)]
     for i, e in enumerate(experts):
         init_dummy_weights(e, seed=i)
         for lin in (e.gate_up_proj, e.down_proj):
-            lin.use_gemm_backend("onednn" if packed else "aten")
+            lin.use_gemm_backend(backend)
+            assert gemm.is_panels(lin.weight) == (backend == "panels")
     counts = [5, 0, 17, 1]
     xs = torch.randn(sum(counts), 64, generator=torch.Generator().manual_seed(1)).to(dtype)
     got = kernels.moe_experts(xs, counts, [e.gate_up_proj.weight for e in experts],
