@@ -117,10 +117,15 @@ _WIDEN_BF16 = torch.float32 in _ONEDNN_DTYPES and torch.bfloat16 not in _ONEDNN_
 PACK_BATCH_HINT = 128  # the row count oneDNN picks the packed layout for; measured as good from 8 to 2048 rows
 
 
-def pack(weight: torch.Tensor, backend: str) -> torch.Tensor:
+def pack(weight: torch.Tensor, backend: str, activations: torch.dtype | None = None) -> torch.Tensor:
     """[out, in] -> the same weight packed for ``backend``: panels on "panels" (CPU, float32 or bfloat16, out a
     multiple of 16; other weights as on "onednn"), prepacked for oneDNN on "onednn" where oneDNN takes it (CPU,
-    float32, or bfloat16 where it has bf16 kernels); otherwise the plain weight. Packing a packed weight returns it."""
+    float32, or bfloat16 where it has bf16 kernels); otherwise the plain weight. Packing a packed weight returns it.
+    ``activations``: the dtype the weight will multiply; only panels read a weight of another dtype beside them
+    (bf16 under float32), so anywhere else the weight is widened to it first (the values stay the rounded ones)."""
+    if activations is not None and weight.dtype != activations:
+        packed = pack(weight, backend)
+        return packed if is_panels(packed) else pack(unpack(weight).to(activations), backend)
     if is_packed(weight) or weight.device.type != "cpu" or weight.dim() != 2:
         return weight
     if (backend == "panels" and weight.dtype in (torch.float32, torch.bfloat16) and weight.shape[0] % PANEL == 0

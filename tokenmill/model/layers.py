@@ -194,13 +194,11 @@ class Linear(nn.Module):
         if self.quantized is None:
             held = self.weight.data
             if name == "aten":
-                w = unpack(held)
+                w = unpack(held).to(self.dtype)
             elif (name == "onednn" and held.is_mkldnn) or (name == "panels" and is_panels(held)):
                 w = held  # already packed for it
             else:
-                w = pack(unpack(held), name)
-            if w.dtype != self.dtype and not is_panels(w):
-                w = pack(unpack(w).to(self.dtype), name)
+                w = pack(unpack(held), name, self.dtype)
             if w is not held:
                 self.weight = nn.Parameter(w, requires_grad=False)
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
-from tokenmill.model.gemm import is_panels, linear, pack
+from tokenmill.model.gemm import linear, pack
 from tokenmill.model.layers import MLP, Build, Embedding, Linear, RMSNorm, RotaryEmbedding
 from tokenmill.model.model_config import ModelConfig
 from tokenmill.model.moe import SparseMoE
@@ -233,9 +233,7 @@ class LlamaForCausalLM(nn.Module):
 
     def _pack_tied_head(self) -> None:
         plain = self.embed_tokens.weight.data
-        packed = pack(plain, self.gemm_backend)
-        if packed.dtype != self.activation_dtype and not is_panels(packed):  # (bf16 weights beside float32
-            packed = pack(plain.to(self.activation_dtype), self.gemm_backend)  # activations run in panels only)
+        packed = pack(plain, self.gemm_backend, self.activation_dtype)
         tied = self.with_lm_head and self.lm_head is None
         self.tied_head = packed if tied and packed is not plain else None
 
